@@ -1,0 +1,153 @@
+//! A set of piece indices in the wire protocol's layout: one bit per piece, high bit first.
+
+use crate::error::Error;
+
+/// Which pieces a peer (or we) have.
+#[derive(Clone, PartialEq, Eq, Default)]
+pub struct Bitfield {
+    bytes: Vec<u8>,
+    len: u32,
+    ones: u32,
+}
+
+impl std::fmt::Debug for Bitfield {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Bitfield({}/{})", self.ones, self.len)
+    }
+}
+
+impl Bitfield {
+    /// All clear.
+    pub fn new(len: u32) -> Self {
+        Self {
+            bytes: vec![0; len.div_ceil(8) as usize],
+            len,
+            ones: 0,
+        }
+    }
+
+    /// All set.
+    pub fn full(len: u32) -> Self {
+        let mut b = Self::new(len);
+        for i in 0..len {
+            b.set(i);
+        }
+        b
+    }
+
+    /// From a peer's `bitfield` message: exactly `ceil(len/8)` bytes, spare bits zero.
+    pub fn from_wire(bytes: &[u8], len: u32) -> Result<Self, Error> {
+        if bytes.len() != len.div_ceil(8) as usize {
+            return Err(Error::BadMessage {
+                id: 5,
+                why: "bitfield length does not match the piece count",
+            });
+        }
+        let spare = (8 - len % 8) % 8;
+        if spare > 0 {
+            let mask = (1u8 << spare) - 1;
+            if bytes.last().is_some_and(|b| b & mask != 0) {
+                return Err(Error::BadMessage {
+                    id: 5,
+                    why: "bitfield has spare bits set",
+                });
+            }
+        }
+        let ones = bytes.iter().map(|b| b.count_ones()).sum();
+        Ok(Self {
+            bytes: bytes.to_vec(),
+            len,
+            ones,
+        })
+    }
+
+    /// Number of pieces covered.
+    pub fn len(&self) -> u32 {
+        self.len
+    }
+
+    /// No pieces covered at all.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Is piece `i` set? False past the end.
+    pub fn get(&self, i: u32) -> bool {
+        i < self.len && self.bytes[(i / 8) as usize] & (0x80 >> (i % 8)) != 0
+    }
+
+    /// Set piece `i`; returns whether it was newly set. Ignored past the end.
+    pub fn set(&mut self, i: u32) -> bool {
+        if i >= self.len || self.get(i) {
+            return false;
+        }
+        self.bytes[(i / 8) as usize] |= 0x80 >> (i % 8);
+        self.ones += 1;
+        true
+    }
+
+    /// Clear piece `i`; returns whether it was set.
+    pub fn clear(&mut self, i: u32) -> bool {
+        if !self.get(i) {
+            return false;
+        }
+        self.bytes[(i / 8) as usize] &= !(0x80 >> (i % 8));
+        self.ones -= 1;
+        true
+    }
+
+    /// Pieces set.
+    pub fn count(&self) -> u32 {
+        self.ones
+    }
+
+    /// Every piece set.
+    pub fn is_complete(&self) -> bool {
+        self.ones == self.len
+    }
+
+    /// Wire bytes.
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.bytes
+    }
+
+    /// Indices that are set, ascending.
+    pub fn ones(&self) -> impl Iterator<Item = u32> + '_ {
+        (0..self.len).filter(|&i| self.get(i))
+    }
+
+    /// Indices that are clear, ascending.
+    pub fn zeros(&self) -> impl Iterator<Item = u32> + '_ {
+        (0..self.len).filter(|&i| !self.get(i))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #[test]
+        fn wire_round_trip(len in 1u32..300, set in proptest::collection::vec(any::<u32>(), 0..50)) {
+            let mut b = Bitfield::new(len);
+            for i in set {
+                b.set(i % len);
+            }
+            let back = Bitfield::from_wire(b.as_bytes(), len).unwrap();
+            prop_assert_eq!(back.count(), b.ones().count() as u32);
+            prop_assert_eq!(back, b);
+        }
+    }
+
+    #[test]
+    fn rejects_spare_bits_and_wrong_length() {
+        assert!(Bitfield::from_wire(&[0xff], 7).is_err());
+        assert!(Bitfield::from_wire(&[0xfe], 7).is_ok());
+        assert!(Bitfield::from_wire(&[0, 0], 7).is_err());
+        assert!(Bitfield::full(9).is_complete());
+        let mut b = Bitfield::new(3);
+        assert!(!b.set(3));
+        assert!(b.set(2) && !b.set(2) && b.clear(2) && !b.clear(2));
+    }
+}
