@@ -1,1 +1,3 @@
-//! placeholder
+//! The fbpkg-rs peer agent, launcher cache and command line.
+
+pub mod cli;

@@ -1,1 +1,33 @@
-//! placeholder
+//! The fbpkg-rs tracker: maps package hashes to the hosts that seed them, keeps the package
+//! catalog, and shows the fleet on a dashboard.
+//!
+//! - BitTorrent announce and scrape (BEP 3, 7, 23, 48) for the swarms of published packages
+//!   ([`swarm`]: soft state, rebuilt from announces);
+//! - the catalog ([`catalog`]: durable, crash-safe) behind a JSON API under `/api/v1`;
+//! - `/` dashboard, `/metrics` (Prometheus), `/healthz`, `/readyz`.
+//!
+//! The service is `app(state) -> Router` plus `run(listener, state, shutdown)`:
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), fbpkg_tracker::TrackerError> {
+//! use fbpkg_tracker::{AppState, Config, run};
+//! let config = Config { listen: "127.0.0.1:0".parse().unwrap(), ..Config::default() };
+//! let listener = tokio::net::TcpListener::bind(config.listen).await.unwrap();
+//! let state = AppState::open(config)?;
+//! let shutdown = tokio_util::sync::CancellationToken::new();
+//! run(listener, state, shutdown).await
+//! # }
+//! ```
+
+pub mod catalog;
+mod config;
+mod error;
+mod http;
+pub mod metrics;
+mod server;
+pub mod swarm;
+
+pub use config::{Config, TrackerArgs, default_data_dir};
+pub use error::TrackerError;
+pub use http::{AppState, SharedState, app, serve_announce};
+pub use server::{Embedded, run};

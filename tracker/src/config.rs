@@ -1,0 +1,211 @@
+//! Tracker configuration: command-line flags (each also an `FBPKG_*` variable) turned into a
+//! validated [`Config`] with documented defaults.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use ipnet::IpNet;
+use serde::{Deserialize, Serialize};
+
+use crate::error::TrackerError;
+
+/// `fbpkg-rs tracker` flags.
+#[derive(Debug, Clone, clap::Args)]
+pub struct TrackerArgs {
+    /// Address to listen on. Listening beyond loopback needs --publish-token (or
+    /// --allow-unauthenticated-publish).
+    #[arg(long, env = "FBPKG_TRACKER_LISTEN", default_value = "127.0.0.1:6969")]
+    pub listen: SocketAddr,
+
+    /// Where the package catalog is kept [default: ~/.local/share/fbpkg-rs/tracker].
+    #[arg(long, env = "FBPKG_TRACKER_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+
+    /// Bearer token required to publish packages and move tags.
+    #[arg(long, env = "FBPKG_PUBLISH_TOKEN", hide_env_values = true)]
+    pub publish_token: Option<String>,
+
+    /// Let anyone who can reach a non-loopback listener publish. Only for isolated networks.
+    #[arg(long, env = "FBPKG_ALLOW_UNAUTHENTICATED_PUBLISH")]
+    pub allow_unauthenticated_publish: bool,
+
+    /// Serve announces for any info-hash, not only published packages (public-tracker use,
+    /// benchmarks).
+    #[arg(long, env = "FBPKG_ALLOW_UNREGISTERED")]
+    pub allow_unregistered: bool,
+
+    /// How often peers are asked to announce.
+    #[arg(long, env = "FBPKG_ANNOUNCE_INTERVAL", default_value = "60s", value_parser = humantime::parse_duration)]
+    pub announce_interval: Duration,
+
+    /// Advertised as `min interval`: clients should not announce more often than this.
+    #[arg(long, env = "FBPKG_MIN_ANNOUNCE_INTERVAL", default_value = "5s", value_parser = humantime::parse_duration)]
+    pub min_announce_interval: Duration,
+
+    /// Most peers returned by one announce, whatever numwant asks.
+    #[arg(long, env = "FBPKG_MAX_NUMWANT", default_value_t = 200)]
+    pub max_numwant: u32,
+
+    /// Networks whose announces may set `ip=` (comma-separated CIDRs, e.g. 10.0.0.0/8).
+    #[arg(long, env = "FBPKG_TRUSTED_NETWORKS", value_delimiter = ',')]
+    pub trusted_networks: Vec<IpNet>,
+
+    /// Most peers kept per swarm; announces beyond it get a failure reason.
+    #[arg(long, env = "FBPKG_MAX_PEERS_PER_SWARM", default_value_t = 100_000)]
+    pub max_peers_per_swarm: usize,
+
+    /// Most swarms kept (matters with --allow-unregistered).
+    #[arg(long, env = "FBPKG_MAX_SWARMS", default_value_t = 100_000)]
+    pub max_swarms: usize,
+
+    /// Longest time any request may take before it is answered 408.
+    #[arg(long, env = "FBPKG_REQUEST_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub request_timeout: Duration,
+
+    /// Seconds between dashboard refreshes.
+    #[arg(long, env = "FBPKG_DASHBOARD_REFRESH", default_value_t = 5)]
+    pub dashboard_refresh_secs: u32,
+}
+
+/// Validated tracker settings. `Config::default()` is what the flags default to.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Config {
+    /// Listen address (default 127.0.0.1:6969).
+    pub listen: SocketAddr,
+    /// Catalog directory.
+    pub data_dir: PathBuf,
+    /// Token for publishing; `None` means publishing is open (loopback only, unless allowed).
+    #[serde(skip_serializing)]
+    pub publish_token: Option<String>,
+    /// Serve unknown info-hashes (default false).
+    pub allow_unregistered: bool,
+    /// Regular announce interval (default 60 s).
+    #[serde(with = "humantime_serde_compat")]
+    pub announce_interval: Duration,
+    /// Minimum announce interval (default 5 s).
+    #[serde(with = "humantime_serde_compat")]
+    pub min_announce_interval: Duration,
+    /// Peers returned by default (50) and at most (200).
+    pub default_numwant: u32,
+    /// Cap on numwant.
+    pub max_numwant: u32,
+    /// Networks allowed to set `ip=`.
+    pub trusted_networks: Vec<IpNet>,
+    /// Peers per swarm (default 100,000).
+    pub max_peers_per_swarm: usize,
+    /// Swarms (default 100,000).
+    pub max_swarms: usize,
+    /// Request timeout (default 30 s).
+    #[serde(with = "humantime_serde_compat")]
+    pub request_timeout: Duration,
+    /// Longest request line query accepted (default 4 KiB).
+    pub max_query_len: usize,
+    /// Largest request body: a metainfo file (default 8 MiB).
+    pub max_body_bytes: usize,
+    /// Dashboard auto-refresh period in seconds (default 5).
+    pub dashboard_refresh_secs: u32,
+}
+
+mod humantime_serde_compat {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(&humantime::format_duration(*d))
+    }
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let s = String::deserialize(d)?;
+        humantime::parse_duration(&s).map_err(serde::de::Error::custom)
+    }
+}
+
+/// Per-user default catalog location.
+pub fn default_data_dir() -> PathBuf {
+    dirs::data_local_dir()
+        .map(|d| d.join("fbpkg-rs").join("tracker"))
+        .unwrap_or_else(|| PathBuf::from("fbpkg-tracker-data"))
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 6969)),
+            data_dir: default_data_dir(),
+            publish_token: None,
+            allow_unregistered: false,
+            announce_interval: Duration::from_secs(60),
+            min_announce_interval: Duration::from_secs(5),
+            default_numwant: fbpkg_common::tracker_proto::DEFAULT_NUMWANT,
+            max_numwant: 200,
+            trusted_networks: Vec::new(),
+            max_peers_per_swarm: 100_000,
+            max_swarms: 100_000,
+            request_timeout: Duration::from_secs(30),
+            max_query_len: 4096,
+            max_body_bytes: 8 << 20,
+            dashboard_refresh_secs: 5,
+        }
+    }
+}
+
+impl TrackerArgs {
+    /// Turn flags into a validated config.
+    pub fn into_config(self) -> Result<Config, TrackerError> {
+        let config = Config {
+            listen: self.listen,
+            data_dir: self.data_dir.unwrap_or_else(default_data_dir),
+            publish_token: self.publish_token.filter(|t| !t.is_empty()),
+            allow_unregistered: self.allow_unregistered,
+            announce_interval: self.announce_interval,
+            min_announce_interval: self.min_announce_interval,
+            max_numwant: self.max_numwant,
+            trusted_networks: self.trusted_networks,
+            max_peers_per_swarm: self.max_peers_per_swarm,
+            max_swarms: self.max_swarms,
+            request_timeout: self.request_timeout,
+            dashboard_refresh_secs: self.dashboard_refresh_secs,
+            ..Config::default()
+        };
+        config.validate(self.allow_unauthenticated_publish)?;
+        Ok(config)
+    }
+}
+
+impl Config {
+    /// Check the settings make sense together. `allow_open_publish` is the operator's explicit
+    /// consent to an unauthenticated catalog on a non-loopback address.
+    pub fn validate(&self, allow_open_publish: bool) -> Result<(), TrackerError> {
+        let bad = |msg: String| Err(TrackerError::Config(msg));
+        if !self.listen.ip().is_loopback() && self.publish_token.is_none() && !allow_open_publish {
+            return bad(format!(
+                "refusing to listen on {} without a publish token: anyone who can reach it could \
+                 publish packages. Set --publish-token (FBPKG_PUBLISH_TOKEN), or pass \
+                 --allow-unauthenticated-publish on an isolated network",
+                self.listen
+            ));
+        }
+        if self.announce_interval < Duration::from_secs(1) {
+            return bad("--announce-interval must be at least 1s".into());
+        }
+        if self.min_announce_interval > self.announce_interval {
+            return bad("--min-announce-interval cannot exceed --announce-interval".into());
+        }
+        if self.max_numwant == 0 {
+            return bad("--max-numwant must be at least 1".into());
+        }
+        if self.max_peers_per_swarm == 0 || self.max_swarms == 0 {
+            return bad("--max-peers-per-swarm and --max-swarms must be at least 1".into());
+        }
+        if self.dashboard_refresh_secs == 0 {
+            return bad("--dashboard-refresh must be at least 1".into());
+        }
+        Ok(())
+    }
+
+    /// The announce interval in whole seconds, as written into responses.
+    pub fn interval_secs(&self) -> u32 {
+        u32::try_from(self.announce_interval.as_secs()).unwrap_or(u32::MAX)
+    }
+}

@@ -1,0 +1,239 @@
+//! The catalog API: JSON over HTTP under `/api/v1`.
+
+use axum::Json;
+use axum::body::Bytes;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use fbpkg_common::api::{PackageDetail, PackageSummary, TagInfo, VersionInfo};
+use fbpkg_common::pkgref::{HashPrefix, PackageName, Selector, Tag};
+use fbpkg_common::{InfoHash, Sha256Hash};
+use serde::Serialize;
+
+use super::SharedState;
+use crate::catalog::{Published, Version};
+use crate::error::TrackerError;
+use crate::swarm::PackageLabel;
+
+type ApiResult<T> = Result<T, TrackerError>;
+
+fn name(s: &str) -> ApiResult<PackageName> {
+    Ok(PackageName::new(s)?)
+}
+
+/// Constant-time comparison, so response timing does not leak the token.
+fn same_secret(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+fn authorize(state: &SharedState, headers: &HeaderMap) -> ApiResult<()> {
+    let Some(token) = &state.config.publish_token else {
+        return Ok(());
+    };
+    let given = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim);
+    match given {
+        Some(g) if same_secret(g.as_bytes(), token.as_bytes()) => Ok(()),
+        _ => Err(TrackerError::Unauthorized),
+    }
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> ApiResult<T> + Send + 'static,
+) -> ApiResult<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| TrackerError::storage("catalog task", std::io::Error::other(e.to_string())))?
+}
+
+pub(super) async fn list_packages(State(state): State<SharedState>) -> Json<Vec<PackageSummary>> {
+    Json(state.catalog.summaries())
+}
+
+pub(super) async fn package_detail(
+    State(state): State<SharedState>,
+    Path(pkg): Path<String>,
+) -> ApiResult<Json<PackageDetail>> {
+    Ok(Json(state.catalog.detail(&name(&pkg)?)?))
+}
+
+fn resolve(state: &SharedState, pkg: &str, selector: &str) -> ApiResult<(PackageName, Version)> {
+    let n = name(pkg)?;
+    let v = state.catalog.resolve(&n, &Selector::parse(selector)?)?;
+    Ok((n, v))
+}
+
+pub(super) async fn get_version(
+    State(state): State<SharedState>,
+    Path((pkg, selector)): Path<(String, String)>,
+) -> ApiResult<Json<VersionInfo>> {
+    let (n, v) = resolve(&state, &pkg, &selector)?;
+    Ok(Json(state.catalog.describe(&n, &v)))
+}
+
+pub(super) async fn get_metainfo(
+    State(state): State<SharedState>,
+    Path((pkg, selector)): Path<(String, String)>,
+) -> ApiResult<Response> {
+    let (n, v) = resolve(&state, &pkg, &selector)?;
+    let disposition = format!("attachment; filename=\"{n}-{}.torrent\"", v.metainfo.sha256);
+    Ok((
+        [
+            (header::CONTENT_TYPE, "application/x-bittorrent".to_owned()),
+            (header::CONTENT_DISPOSITION, disposition),
+        ],
+        v.metainfo.as_bytes().to_vec(),
+    )
+        .into_response())
+}
+
+pub(super) async fn publish(
+    State(state): State<SharedState>,
+    Path((pkg, hash)): Path<(String, String)>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> ApiResult<Response> {
+    authorize(&state, &headers)?;
+    let n = name(&pkg)?;
+    let sha = Sha256Hash::from_hex(&hash).map_err(|e| {
+        TrackerError::BadRequest(format!(
+            "publish needs the full 64-digit sha256 in the URL: {e}"
+        ))
+    })?;
+    let st = state.clone();
+    let n2 = n.clone();
+    let (outcome, version) = blocking(move || st.catalog.publish(&n2, &sha, &body)).await?;
+    let m = &version.metainfo;
+    state.swarms.register(
+        m.info_hash,
+        PackageLabel {
+            name: n.clone(),
+            sha256: m.sha256,
+            size: m.length,
+        },
+    );
+    let status = match outcome {
+        Published::Created => {
+            state.metrics.publish();
+            tracing::info!(package = %n, sha256 = %m.sha256, info_hash = %m.info_hash, size = m.length, "published");
+            StatusCode::CREATED
+        }
+        Published::Unchanged => StatusCode::OK,
+    };
+    Ok((status, Json(state.catalog.describe(&n, &version))).into_response())
+}
+
+pub(super) async fn move_tag(
+    State(state): State<SharedState>,
+    Path((pkg, tag)): Path<(String, String)>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> ApiResult<Json<TagInfo>> {
+    authorize(&state, &headers)?;
+    let n = name(&pkg)?;
+    let t = Tag::new(&tag)?;
+    let target = String::from_utf8(body.to_vec())
+        .map_err(|_| TrackerError::BadRequest("body is not UTF-8".into()))?;
+    let st = state.clone();
+    let info = blocking(move || st.catalog.move_tag(&n, &t, &target)).await?;
+    tracing::info!(package = %pkg, %tag, sha256 = %info.sha256, "tag moved");
+    Ok(Json(info))
+}
+
+pub(super) async fn get_tag(
+    State(state): State<SharedState>,
+    Path((pkg, tag)): Path<(String, String)>,
+) -> ApiResult<Json<TagInfo>> {
+    let n = name(&pkg)?;
+    let t = Tag::new(&tag)?;
+    state
+        .catalog
+        .detail(&n)?
+        .tags
+        .remove(&t)
+        .map(Json)
+        .ok_or_else(|| TrackerError::NotFound(format!("{n} has no tag {t}")))
+}
+
+pub(super) async fn resolve_any(
+    State(state): State<SharedState>,
+    Path(prefix): Path<String>,
+) -> ApiResult<Json<VersionInfo>> {
+    let p = HashPrefix::new(&prefix)?;
+    let (n, v) = state.catalog.resolve_any(&p)?;
+    Ok(Json(state.catalog.describe(&n, &v)))
+}
+
+/// One swarm, as `/api/v1/swarms` and the dashboard show it.
+#[derive(Debug, Clone, Serialize)]
+pub(crate) struct SwarmView {
+    pub info_hash: InfoHash,
+    pub package: Option<String>,
+    pub sha256: Option<Sha256Hash>,
+    pub size: Option<u64>,
+    pub seeders: usize,
+    pub leechers: usize,
+    pub completed: u64,
+    pub peers: Vec<PeerView>,
+}
+
+/// One peer of a swarm.
+#[derive(Debug, Clone, Serialize)]
+pub(crate) struct PeerView {
+    pub addr: String,
+    pub zone: Option<String>,
+    pub left: u64,
+    /// 0.0 to 1.0 when the package size is known.
+    pub progress: Option<f64>,
+    pub uploaded: u64,
+    pub downloaded: u64,
+}
+
+/// Snapshot of every swarm, registered ones first, then by package name.
+pub(crate) fn swarm_views(state: &SharedState, max_peers: usize) -> Vec<SwarmView> {
+    let mut out = Vec::new();
+    state.swarms.for_each(|h, s| {
+        let size = s.package.as_ref().map(|p| p.size);
+        let peers = s
+            .seeders()
+            .iter()
+            .chain(s.leechers())
+            .take(max_peers)
+            .map(|p| PeerView {
+                addr: p.addr.to_string(),
+                zone: p.zone.as_ref().map(|z| z.to_string()),
+                left: p.left,
+                progress: size
+                    .filter(|&s| s > 0)
+                    .map(|s| 1.0 - (p.left.min(s) as f64 / s as f64)),
+                uploaded: p.uploaded,
+                downloaded: p.downloaded,
+            })
+            .collect();
+        out.push(SwarmView {
+            info_hash: *h,
+            package: s.package.as_ref().map(|p| p.name.to_string()),
+            sha256: s.package.as_ref().map(|p| p.sha256),
+            size,
+            seeders: s.seeders().len(),
+            leechers: s.leechers().len(),
+            completed: s.completed,
+            peers,
+        });
+    });
+    out.sort_by(|a, b| {
+        (a.package.is_none(), &a.package, a.info_hash).cmp(&(
+            b.package.is_none(),
+            &b.package,
+            b.info_hash,
+        ))
+    });
+    out
+}
+
+pub(super) async fn swarms(State(state): State<SharedState>) -> Json<Vec<SwarmView>> {
+    Json(swarm_views(&state, 1000))
+}

@@ -1,0 +1,239 @@
+//! Counters and a latency histogram, rendered as Prometheus text. Lock-free atomics: the
+//! announce path pays a few relaxed increments.
+
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::time::Duration;
+
+/// Outcome of one announce.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AnnounceOutcome {
+    /// Served with peers.
+    Ok,
+    /// Unknown info-hash.
+    Unregistered,
+    /// The query could not be parsed.
+    Malformed,
+    /// Swarm or tracker at capacity.
+    Full,
+}
+
+impl AnnounceOutcome {
+    const ALL: [AnnounceOutcome; 4] = [
+        AnnounceOutcome::Ok,
+        AnnounceOutcome::Unregistered,
+        AnnounceOutcome::Malformed,
+        AnnounceOutcome::Full,
+    ];
+    fn label(self) -> &'static str {
+        match self {
+            AnnounceOutcome::Ok => "ok",
+            AnnounceOutcome::Unregistered => "unregistered",
+            AnnounceOutcome::Malformed => "malformed",
+            AnnounceOutcome::Full => "full",
+        }
+    }
+}
+
+/// Routes whose latency is tracked separately.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Route {
+    /// `/announce`
+    Announce,
+    /// `/scrape`
+    Scrape,
+    /// `/api/v1/...`
+    Api,
+    /// `/` and everything else.
+    Other,
+}
+
+impl Route {
+    const ALL: [Route; 4] = [Route::Announce, Route::Scrape, Route::Api, Route::Other];
+    fn label(self) -> &'static str {
+        match self {
+            Route::Announce => "announce",
+            Route::Scrape => "scrape",
+            Route::Api => "api",
+            Route::Other => "other",
+        }
+    }
+    /// Classify a request path.
+    pub fn of(path: &str) -> Route {
+        match path {
+            "/announce" => Route::Announce,
+            "/scrape" => Route::Scrape,
+            p if p.starts_with("/api/") => Route::Api,
+            _ => Route::Other,
+        }
+    }
+}
+
+/// Upper bounds of the latency buckets, in microseconds.
+const BUCKETS_US: [u64; 12] = [
+    50, 100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 100_000, 1_000_000, 10_000_000,
+];
+
+#[derive(Debug, Default)]
+struct Histogram {
+    buckets: [AtomicU64; BUCKETS_US.len()],
+    count: AtomicU64,
+    sum_us: AtomicU64,
+}
+
+/// The tracker's metrics.
+#[derive(Debug, Default)]
+pub struct Metrics {
+    announces: [AtomicU64; 4],
+    scrapes: AtomicU64,
+    publishes: AtomicU64,
+    latency: [Histogram; 4],
+}
+
+impl Metrics {
+    /// Count one announce.
+    pub fn announce(&self, outcome: AnnounceOutcome) {
+        self.announces[outcome as usize].fetch_add(1, Relaxed);
+    }
+
+    /// Count one scrape.
+    pub fn scrape(&self) {
+        self.scrapes.fetch_add(1, Relaxed);
+    }
+
+    /// Count one accepted publish.
+    pub fn publish(&self) {
+        self.publishes.fetch_add(1, Relaxed);
+    }
+
+    /// Record a request's latency.
+    pub fn observe(&self, route: Route, took: Duration) {
+        let h = &self.latency[route as usize];
+        let us = u64::try_from(took.as_micros()).unwrap_or(u64::MAX);
+        if let Some(i) = BUCKETS_US.iter().position(|&b| us <= b) {
+            h.buckets[i].fetch_add(1, Relaxed);
+        }
+        h.count.fetch_add(1, Relaxed);
+        h.sum_us.fetch_add(us, Relaxed);
+    }
+
+    /// Announces counted with `outcome` so far.
+    pub fn announces(&self, outcome: AnnounceOutcome) -> u64 {
+        self.announces[outcome as usize].load(Relaxed)
+    }
+
+    /// Prometheus text exposition; `gauges` are the current state (swarms, peers, catalog).
+    pub fn render(&self, gauges: &Gauges) -> String {
+        let mut out = String::with_capacity(4096);
+        out.push_str("# HELP fbpkg_tracker_announces_total Announces by outcome.\n");
+        out.push_str("# TYPE fbpkg_tracker_announces_total counter\n");
+        for o in AnnounceOutcome::ALL {
+            let _ = writeln!(
+                out,
+                "fbpkg_tracker_announces_total{{outcome=\"{}\"}} {}",
+                o.label(),
+                self.announces(o)
+            );
+        }
+        let counter = |out: &mut String, name: &str, help: &str, v: u64| {
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}"
+            );
+        };
+        counter(
+            &mut out,
+            "fbpkg_tracker_scrapes_total",
+            "Scrape requests.",
+            self.scrapes.load(Relaxed),
+        );
+        counter(
+            &mut out,
+            "fbpkg_tracker_publishes_total",
+            "Versions newly published.",
+            self.publishes.load(Relaxed),
+        );
+        let gauge = |out: &mut String, name: &str, help: &str, v: u64| {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}");
+        };
+        gauge(
+            &mut out,
+            "fbpkg_tracker_swarms",
+            "Swarms known.",
+            gauges.swarms,
+        );
+        out.push_str(
+            "# HELP fbpkg_tracker_peers Peers in all swarms.\n# TYPE fbpkg_tracker_peers gauge\n",
+        );
+        let _ = writeln!(
+            out,
+            "fbpkg_tracker_peers{{role=\"seeder\"}} {}",
+            gauges.seeders
+        );
+        let _ = writeln!(
+            out,
+            "fbpkg_tracker_peers{{role=\"leecher\"}} {}",
+            gauges.leechers
+        );
+        gauge(
+            &mut out,
+            "fbpkg_tracker_catalog_packages",
+            "Packages in the catalog.",
+            gauges.packages,
+        );
+        gauge(
+            &mut out,
+            "fbpkg_tracker_catalog_versions",
+            "Versions in the catalog.",
+            gauges.versions,
+        );
+        gauge(
+            &mut out,
+            "fbpkg_tracker_catalog_bytes",
+            "Sum of version sizes.",
+            gauges.catalog_bytes,
+        );
+        out.push_str("# HELP fbpkg_tracker_request_duration_seconds Request latency by route.\n");
+        out.push_str("# TYPE fbpkg_tracker_request_duration_seconds histogram\n");
+        for r in Route::ALL {
+            let h = &self.latency[r as usize];
+            let mut cumulative = 0;
+            for (i, b) in BUCKETS_US.iter().enumerate() {
+                cumulative += h.buckets[i].load(Relaxed);
+                let _ = writeln!(
+                    out,
+                    "fbpkg_tracker_request_duration_seconds_bucket{{route=\"{}\",le=\"{}\"}} {cumulative}",
+                    r.label(),
+                    *b as f64 / 1e6
+                );
+            }
+            let count = h.count.load(Relaxed);
+            let _ = writeln!(
+                out,
+                "fbpkg_tracker_request_duration_seconds_bucket{{route=\"{0}\",le=\"+Inf\"}} {count}\n\
+                 fbpkg_tracker_request_duration_seconds_sum{{route=\"{0}\"}} {1}\n\
+                 fbpkg_tracker_request_duration_seconds_count{{route=\"{0}\"}} {count}",
+                r.label(),
+                h.sum_us.load(Relaxed) as f64 / 1e6
+            );
+        }
+        out
+    }
+}
+
+/// Current-state values for [`Metrics::render`].
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Gauges {
+    /// Swarms.
+    pub swarms: u64,
+    /// Seeders across swarms.
+    pub seeders: u64,
+    /// Leechers across swarms.
+    pub leechers: u64,
+    /// Catalog packages.
+    pub packages: u64,
+    /// Catalog versions.
+    pub versions: u64,
+    /// Catalog bytes.
+    pub catalog_bytes: u64,
+}
