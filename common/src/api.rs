@@ -14,6 +14,8 @@ use crate::pkgref::{PackageName, Tag};
 pub enum FormatName {
     /// A single file.
     File,
+    /// A single executable file.
+    Executable,
     /// A directory archived as a deterministic `tar.zst`.
     TarZst,
 }
@@ -22,6 +24,7 @@ impl From<Format> for FormatName {
     fn from(f: Format) -> Self {
         match f {
             Format::File => FormatName::File,
+            Format::Executable => FormatName::Executable,
             Format::TarZst => FormatName::TarZst,
         }
     }

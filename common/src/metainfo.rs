@@ -12,7 +12,8 @@
 //!     6:pieces        <20-byte SHA-1 per piece>
 //!     7:private       1
 //!     6:sha256        <SHA-256 of the archive, 64 lowercase hex characters>
-//!     [14:x-fbpkg-format 7:tar.zst]   only for packages made from a directory
+//!     [14:x-fbpkg-format 7:tar.zst]      a package made from a directory
+//!     [14:x-fbpkg-format 10:executable]  a file published with its execute bit
 //!   e
 //! e
 //! ```
@@ -42,8 +43,10 @@ pub const FORMAT_KEY: &str = "x-fbpkg-format";
 /// What the archive holds, which decides how the launcher cache presents it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Format {
-    /// A single file, launched as it is.
+    /// A single file, placed in the cache as it is (read-only).
     File,
+    /// A single file with its execute bit: placed in the cache `r-xr-xr-x`.
+    Executable,
     /// A zstd-compressed tar of a directory, extracted into the cache.
     TarZst,
 }
@@ -53,6 +56,7 @@ impl Format {
     fn key_value(self) -> Option<&'static str> {
         match self {
             Format::File => None,
+            Format::Executable => Some("executable"),
             Format::TarZst => Some("tar.zst"),
         }
     }
@@ -306,6 +310,7 @@ impl Metainfo {
         let format = match bencode::get(info, FORMAT_KEY) {
             None => Format::File,
             Some(v) if v.as_bytes() == Some(b"tar.zst") => Format::TarZst,
+            Some(v) if v.as_bytes() == Some(b"executable") => Format::Executable,
             Some(_) => {
                 return Err(Error::Metainfo(format!(
                     "info.{FORMAT_KEY} has an unknown value"
@@ -505,9 +510,9 @@ mod tests {
 
     proptest! {
         #[test]
-        fn round_trip_any_size(len in 1usize..200_000, tar in any::<bool>()) {
+        fn round_trip_any_size(len in 1usize..200_000, f in 0..3usize) {
             let bytes = data(len);
-            let format = if tar { Format::TarZst } else { Format::File };
+            let format = [Format::File, Format::Executable, Format::TarZst][f];
             let m = Metainfo::build(&bytes[..], len as u64, "p", "http://t/announce", format).unwrap();
             prop_assert_eq!(Metainfo::parse(m.as_bytes()).unwrap(), m);
         }

@@ -1,11 +1,23 @@
 //! The `fbpkg-rs` command line: parses flags, sets up logging and signals, dispatches.
 
+mod agent;
+mod demo;
+mod get;
+mod progress;
+mod publish;
+mod status;
 mod tracker;
 
+use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
+
+use crate::PeerError;
+use crate::cache::Cache;
+use crate::tracker_client::TrackerClient;
 
 /// Peer-to-peer package distribution for server fleets.
 ///
@@ -13,12 +25,22 @@ use tokio_util::sync::CancellationToken;
 /// (`name:<sha256>`), found through a tracker and fetched from the other hosts of the fleet
 /// over BitTorrent. Every host runs `fbpkg-rs agent`; `fbpkg-rs get name:hash` prints the path
 /// of the verified package in the local launcher cache.
+///
+/// Quick start on one machine:
+///
+///   fbpkg-rs demo                          # tracker + 4 agents on loopback, one package
+///
+///   fbpkg-rs tracker &                     # or: a tracker and an agent of your own
+///   fbpkg-rs agent &
+///   fbpkg-rs publish myapp ./build/        # prints myapp:<sha256>
+///   fbpkg-rs get myapp:<first 8+ digits>   # prints the path in the launcher cache
 #[derive(Debug, Parser)]
-#[command(name = "fbpkg-rs", version, max_term_width = 100)]
+#[command(name = "fbpkg-rs", version, max_term_width = 100, verbatim_doc_comment)]
 pub struct Cli {
-    /// Log filter, e.g. `info`, `debug`, `fbpkg_peer=debug` (also RUST_LOG).
-    #[arg(long, global = true, env = "FBPKG_LOG", default_value = "info")]
-    log: String,
+    /// Log filter, e.g. `info`, `debug`, `fbpkg_peer=debug` (also RUST_LOG). Defaults to
+    /// `info` for services (tracker, agent) and `warn` for commands.
+    #[arg(long, global = true, env = "FBPKG_LOG")]
+    log: Option<String>,
 
     #[command(subcommand)]
     command: Command,
@@ -28,14 +50,94 @@ pub struct Cli {
 enum Command {
     /// Run the tracker: announces, the package catalog, the dashboard and metrics.
     Tracker(fbpkg_tracker::TrackerArgs),
+    /// Run the agent on this host: fetches, verifies, caches and seeds packages.
+    Agent(agent::AgentArgs),
+    /// Print the launcher-cache path of a package, fetching it first if needed.
+    Get(get::GetArgs),
+    /// Publish a file or directory as a package version; prints name:sha256.
+    Publish(publish::PublishArgs),
+    /// Show what this host's agent holds, fetches and serves.
+    Status(status::StatusArgs),
+    /// Run a tracker and several agents on loopback and push a package through the swarm.
+    Demo(demo::DemoArgs),
+}
+
+/// Where this host's agent keeps its state and its cache, and which tracker it uses. Shared by
+/// every command that talks to the agent or the tracker.
+#[derive(Debug, Clone, clap::Args)]
+pub(crate) struct HostArgs {
+    /// Tracker URL.
+    #[arg(long, env = "FBPKG_TRACKER", default_value = "http://127.0.0.1:6969")]
+    pub tracker: String,
+    /// Agent state: control socket, partial downloads [default: ~/.local/state/fbpkg-rs].
+    #[arg(long, env = "FBPKG_STATE_DIR")]
+    pub state_dir: Option<PathBuf>,
+    /// Launcher cache [default: ~/.cache/fbpkg-rs/packages].
+    #[arg(long, env = "FBPKG_CACHE_DIR")]
+    pub cache_dir: Option<PathBuf>,
+}
+
+impl HostArgs {
+    pub fn state_dir(&self) -> PathBuf {
+        self.state_dir.clone().unwrap_or_else(|| {
+            dirs::state_dir()
+                .or_else(dirs::data_local_dir)
+                .map(|d| d.join("fbpkg-rs"))
+                .unwrap_or_else(|| PathBuf::from(".fbpkg-rs-state"))
+        })
+    }
+
+    pub fn cache(&self) -> Cache {
+        Cache::new(self.cache_dir.clone().unwrap_or_else(|| {
+            dirs::cache_dir()
+                .map(|d| d.join("fbpkg-rs").join("packages"))
+                .unwrap_or_else(|| PathBuf::from(".fbpkg-rs-cache"))
+        }))
+    }
+
+    pub fn tracker_client(&self, token: Option<String>) -> Result<TrackerClient, PeerError> {
+        TrackerClient::new(&self.tracker, token, Duration::from_secs(15))
+    }
+}
+
+/// Exit codes of `get` and the other client commands.
+pub mod exit {
+    /// Success.
+    pub const OK: u8 = 0;
+    /// Anything not listed below.
+    pub const ERROR: u8 = 1;
+    /// The reference cannot be parsed, or a prefix matches several versions.
+    pub const BAD_REFERENCE: u8 = 2;
+    /// No such package, version or tag.
+    pub const NOT_FOUND: u8 = 3;
+    /// Downloaded data did not match the hash asked for, or the archive is unsafe.
+    pub const VERIFICATION: u8 = 4;
+    /// No peer could serve the package within the timeout.
+    pub const NO_PEERS: u8 = 5;
+    /// The tracker is needed and cannot be reached.
+    pub const TRACKER: u8 = 6;
+}
+
+pub(crate) fn exit_code(e: &PeerError) -> u8 {
+    match e.effective_kind() {
+        "bad_input" | "ambiguous" => exit::BAD_REFERENCE,
+        "not_found" => exit::NOT_FOUND,
+        "verification" | "unsafe_archive" => exit::VERIFICATION,
+        "no_peers" => exit::NO_PEERS,
+        "tracker" => exit::TRACKER,
+        _ => exit::ERROR,
+    }
 }
 
 /// Install the tracing subscriber: human-readable lines on stderr.
-pub(crate) fn init_logging(filter: &str) {
-    let filter = std::env::var("RUST_LOG").unwrap_or_else(|_| filter.to_owned());
-    let env_filter = tracing_subscriber::EnvFilter::try_new(&filter)
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+pub(crate) fn init_logging(filter: Option<&str>, default: &str) {
     use std::io::IsTerminal as _;
+    let filter = std::env::var("RUST_LOG")
+        .ok()
+        .or_else(|| filter.map(str::to_owned))
+        .unwrap_or_else(|| default.to_owned());
+    let env_filter = tracing_subscriber::EnvFilter::try_new(&filter)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     let _ = tracing_subscriber::fmt()
         .with_env_filter(env_filter)
         .with_ansi(std::io::stderr().is_terminal())
@@ -74,17 +176,40 @@ pub(crate) fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 /// Entry point of the binary.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
+    let log = cli.log.as_deref();
     let result = match cli.command {
         Command::Tracker(args) => {
-            init_logging(&cli.log);
+            init_logging(log, "info");
             tracker::run(args)
+        }
+        Command::Agent(args) => {
+            init_logging(log, "info");
+            agent::run(args)
+        }
+        // `get` sets up logging only when it leaves the cache-hit fast path.
+        Command::Get(args) => return get::run(args, log),
+        Command::Publish(args) => {
+            init_logging(log, "warn");
+            publish::run(args)
+        }
+        Command::Status(args) => {
+            init_logging(log, "warn");
+            status::run(args)
+        }
+        Command::Demo(args) => {
+            init_logging(log, "warn");
+            demo::run(args)
         }
     };
     match result {
         Ok(code) => code,
         Err(e) => {
             eprintln!("fbpkg-rs: error: {e:#}");
-            ExitCode::FAILURE
+            let code = e
+                .downcast_ref::<PeerError>()
+                .map(exit_code)
+                .unwrap_or(exit::ERROR);
+            ExitCode::from(code)
         }
     }
 }

@@ -1,0 +1,203 @@
+//! The agent's control API: JSON lines over a Unix socket in its state directory.
+//!
+//! A client writes one request line; the agent answers with one or more event lines and
+//! closes. `fetch` streams `progress` events until `done` or `error`. The socket is
+//! owner-only (0600 in a 0700 directory): whoever can use it can make the agent fetch and
+//! seed, so it is exactly as trusted as the user running the agent. No TCP port.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::UnixStream;
+
+use crate::engine::TorrentStatus;
+use crate::error::{PeerError, Result};
+
+/// File name of the socket inside the state directory.
+pub const SOCKET_NAME: &str = "agent.sock";
+/// Longest request line accepted.
+pub(crate) const MAX_REQUEST_LINE: usize = 64 << 10;
+
+/// What a client asks.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum Request {
+    /// Is the agent there?
+    Ping,
+    /// Fetch `name:sha256` into the cache (resolving is the client's job).
+    Fetch {
+        /// Package name.
+        name: String,
+        /// Full SHA-256.
+        sha256: String,
+    },
+    /// Install a local archive into the cache and seed it (after `publish`).
+    Add {
+        /// Package name.
+        name: String,
+        /// The metainfo, hex-encoded.
+        metainfo_hex: String,
+        /// Absolute path of the archive.
+        path: PathBuf,
+        /// The agent may move the file instead of copying it.
+        #[serde(default)]
+        take: bool,
+    },
+    /// What the agent holds, fetches and serves.
+    Status,
+}
+
+/// What the agent answers.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum Event {
+    /// Answer to ping.
+    Pong {
+        /// Agent version.
+        version: String,
+        /// Where it listens for peers.
+        listen: String,
+    },
+    /// Download progress.
+    Progress {
+        /// The torrent's status.
+        status: TorrentStatus,
+    },
+    /// The package is in the cache.
+    Done {
+        /// Launch path.
+        path: PathBuf,
+        /// The cache entry directory.
+        dir: PathBuf,
+    },
+    /// Everything the agent has.
+    Status {
+        /// One per package.
+        torrents: Vec<TorrentStatus>,
+    },
+    /// The request failed.
+    Error {
+        /// [`PeerError::kind`].
+        kind: String,
+        /// What happened.
+        message: String,
+    },
+}
+
+impl Event {
+    /// An error event from an error.
+    pub fn from_error(e: &PeerError) -> Self {
+        Event::Error {
+            kind: e.effective_kind().to_owned(),
+            message: e.to_string(),
+        }
+    }
+}
+
+/// The socket path for a state directory.
+pub fn socket_path(state_dir: &Path) -> PathBuf {
+    state_dir.join(SOCKET_NAME)
+}
+
+/// A connection to a running agent.
+#[derive(Debug)]
+pub struct AgentClient {
+    lines: tokio::io::Lines<BufReader<tokio::net::unix::OwnedReadHalf>>,
+    write: tokio::net::unix::OwnedWriteHalf,
+}
+
+impl AgentClient {
+    /// Connect, or `Ok(None)` when no agent is listening there.
+    pub async fn connect(state_dir: &Path) -> Result<Option<Self>> {
+        let path = socket_path(state_dir);
+        match tokio::time::timeout(Duration::from_secs(2), UnixStream::connect(&path)).await {
+            Ok(Ok(s)) => {
+                let (r, w) = s.into_split();
+                Ok(Some(Self {
+                    lines: BufReader::new(r).lines(),
+                    write: w,
+                }))
+            }
+            Ok(Err(e))
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
+                ) =>
+            {
+                Ok(None)
+            }
+            Ok(Err(e)) => Err(PeerError::Agent(format!(
+                "cannot connect to {}: {e}",
+                path.display()
+            ))),
+            Err(_) => Err(PeerError::Agent(format!(
+                "{} did not answer within 2 s",
+                path.display()
+            ))),
+        }
+    }
+
+    /// Send the request line.
+    pub async fn send(&mut self, req: &Request) -> Result<()> {
+        let mut line = serde_json::to_vec(req).map_err(|e| PeerError::Agent(e.to_string()))?;
+        line.push(b'\n');
+        self.write
+            .write_all(&line)
+            .await
+            .map_err(|e| PeerError::Agent(format!("writing to the agent: {e}")))
+    }
+
+    /// The next event, or `None` when the agent closed the connection.
+    pub async fn next(&mut self) -> Result<Option<Event>> {
+        let line = self
+            .lines
+            .next_line()
+            .await
+            .map_err(|e| PeerError::Agent(format!("reading from the agent: {e}")))?;
+        match line {
+            None => Ok(None),
+            Some(l) => serde_json::from_str(&l)
+                .map(Some)
+                .map_err(|e| PeerError::Agent(format!("unreadable agent answer: {e}"))),
+        }
+    }
+
+    /// Send a request and return its single answer, turning an error event into an error.
+    pub async fn call(mut self, req: &Request) -> Result<Event> {
+        self.send(req).await?;
+        match self.next().await? {
+            Some(Event::Error { kind, message }) => Err(PeerError::Remote { kind, message }),
+            Some(e) => Ok(e),
+            None => Err(PeerError::Agent(
+                "the agent closed the connection without answering".into(),
+            )),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_and_events_are_json_lines() {
+        let r = Request::Fetch {
+            name: "a".into(),
+            sha256: "b".into(),
+        };
+        let s = serde_json::to_string(&r).unwrap();
+        assert_eq!(s, r#"{"op":"fetch","name":"a","sha256":"b"}"#);
+        assert_eq!(serde_json::from_str::<Request>(&s).unwrap(), r);
+        let e = Event::Error {
+            kind: "not_found".into(),
+            message: "x".into(),
+        };
+        assert_eq!(
+            serde_json::from_str::<Event>(&serde_json::to_string(&e).unwrap()).unwrap(),
+            e
+        );
+        assert!(serde_json::from_str::<Request>(r#"{"op":"rm -rf"}"#).is_err());
+    }
+}

@@ -1,0 +1,293 @@
+//! The long-running agent: seeds what the cache holds, resumes partial downloads, fetches on
+//! request, and answers its control socket.
+
+pub mod control;
+
+use std::fs;
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use fbpkg_common::Sha256Hash;
+use fbpkg_common::metainfo::Metainfo;
+use fbpkg_common::pkgref::PackageName;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{UnixListener, UnixStream};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::Instrument;
+
+use crate::cache::{Cache, Handoff};
+use crate::engine::{Engine, EngineConfig, Phase, Torrent};
+use crate::error::{PeerError, Result};
+use crate::tracker_client::TrackerClient;
+use control::{Event, MAX_REQUEST_LINE, Request};
+
+/// How often `fetch` clients get a progress event.
+const PROGRESS_EVERY: Duration = Duration::from_millis(250);
+
+/// Write one event line; false when the client has gone.
+async fn send(w: &mut tokio::net::unix::OwnedWriteHalf, e: Event) -> bool {
+    let mut line = serde_json::to_vec(&e).unwrap_or_default();
+    line.push(b'\n');
+    w.write_all(&line).await.is_ok()
+}
+
+/// Create a private directory (0700) and its parents.
+pub fn private_dir(path: &Path) -> Result<()> {
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(path)
+        .map_err(PeerError::io("creating", path))
+}
+
+/// Hold the state directory's lock for the life of the agent: one agent per state directory.
+fn lock_state_dir(state_dir: &Path) -> Result<fs::File> {
+    let path = state_dir.join("agent.lock");
+    let f = fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(PeerError::io("opening", &path))?;
+    match f.try_lock() {
+        Ok(()) => Ok(f),
+        Err(fs::TryLockError::WouldBlock) => Err(PeerError::Agent(format!(
+            "another agent is already running with state directory {}",
+            state_dir.display()
+        ))),
+        Err(fs::TryLockError::Error(e)) => Err(PeerError::io("locking", &path)(e)),
+    }
+}
+
+/// A running agent.
+#[derive(Debug)]
+pub struct Agent {
+    /// Its engine.
+    pub engine: Arc<Engine>,
+    state_dir: PathBuf,
+}
+
+impl Agent {
+    /// Start: lock the state directory, start the engine, seed the cache, resume downloads,
+    /// and serve the control socket until `shutdown`.
+    pub async fn run(
+        state_dir: PathBuf,
+        cache: Cache,
+        tracker: TrackerClient,
+        engine_config: EngineConfig,
+        shutdown: CancellationToken,
+    ) -> Result<()> {
+        private_dir(&state_dir)?;
+        let _lock = lock_state_dir(&state_dir)?;
+        cache.clean_staging();
+        let engine = Engine::start(
+            engine_config,
+            tracker,
+            cache.clone(),
+            shutdown.child_token(),
+        )
+        .await?;
+        let agent = Arc::new(Agent {
+            engine: engine.clone(),
+            state_dir: state_dir.clone(),
+        });
+        let mut seeded = 0;
+        for (name, meta, file) in cache.entries() {
+            match engine.seed(name.clone(), Arc::new(meta), &file) {
+                Ok(_) => seeded += 1,
+                Err(e) => tracing::warn!(package = %name, error = %e, "cannot seed cache entry"),
+            }
+        }
+        for (name, r) in engine.resume_all().await {
+            if let Err(e) = r {
+                tracing::warn!(package = %name, error = %e, "cannot resume download");
+            }
+        }
+        let sock = control::socket_path(&state_dir);
+        let _ = fs::remove_file(&sock); // stale: we hold the lock, so no agent owns it
+        let listener =
+            UnixListener::bind(&sock).map_err(PeerError::io("binding control socket", &sock))?;
+        fs::set_permissions(&sock, fs::Permissions::from_mode(0o600))
+            .map_err(PeerError::io("chmod", &sock))?;
+        tracing::info!(
+            socket = %sock.display(),
+            cache = %cache.root().display(),
+            tracker = engine.tracker().base(),
+            peers = %engine.listen_addr(),
+            seeding = seeded,
+            "agent ready"
+        );
+        let tasks = TaskTracker::new();
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                accepted = listener.accept() => match accepted {
+                    Ok((stream, _)) => {
+                        let a = agent.clone();
+                        let stop = shutdown.clone();
+                        tasks.spawn(async move { a.serve(stream, stop).await }.instrument(tracing::debug_span!("control")));
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "control socket accept failed");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                },
+            }
+        }
+        tracing::info!("agent stopping");
+        tasks.close();
+        let _ = tokio::time::timeout(Duration::from_secs(2), tasks.wait()).await;
+        engine.shutdown().await;
+        let _ = fs::remove_file(&sock);
+        tracing::info!("agent stopped");
+        Ok(())
+    }
+
+    /// The state directory.
+    pub fn state_dir(&self) -> &Path {
+        &self.state_dir
+    }
+
+    async fn serve(&self, stream: UnixStream, shutdown: CancellationToken) {
+        let (r, mut w) = stream.into_split();
+        let mut line = String::new();
+        let mut reader = BufReader::new(r).take(MAX_REQUEST_LINE as u64);
+        let read = tokio::time::timeout(Duration::from_secs(10), reader.read_line(&mut line)).await;
+        let req = match read {
+            Ok(Ok(n)) if n > 0 => serde_json::from_str::<Request>(line.trim())
+                .map_err(|e| PeerError::BadInput(format!("bad control request: {e}"))),
+            Ok(Ok(_)) => return,
+            Ok(Err(e)) => Err(PeerError::BadInput(format!("bad control request: {e}"))),
+            Err(_) => Err(PeerError::BadInput("no request within 10 s".into())),
+        };
+        let req = match req {
+            Ok(r) => r,
+            Err(e) => {
+                send(&mut w, Event::from_error(&e)).await;
+                return;
+            }
+        };
+        match req {
+            Request::Ping => {
+                let pong = Event::Pong {
+                    version: env!("CARGO_PKG_VERSION").to_owned(),
+                    listen: self.engine.listen_addr().to_string(),
+                };
+                send(&mut w, pong).await;
+            }
+            Request::Status => {
+                send(
+                    &mut w,
+                    Event::Status {
+                        torrents: self.engine.status(),
+                    },
+                )
+                .await;
+            }
+            Request::Add {
+                name,
+                metainfo_hex,
+                path,
+                take,
+            } => {
+                let r = self.add(&name, &metainfo_hex, &path, take).await;
+                let e = match r {
+                    Ok((path, dir)) => Event::Done { path, dir },
+                    Err(e) => Event::from_error(&e),
+                };
+                send(&mut w, e).await;
+            }
+            Request::Fetch { name, sha256 } => {
+                let t = match self.start_fetch(&name, &sha256).await {
+                    Ok(t) => t,
+                    Err(e) => {
+                        send(&mut w, Event::from_error(&e)).await;
+                        return;
+                    }
+                };
+                let mut phase = t.phase();
+                let mut tick = tokio::time::interval(PROGRESS_EVERY);
+                loop {
+                    let current = phase.borrow_and_update().clone();
+                    match current {
+                        Phase::Seeding(entry) => {
+                            send(
+                                &mut w,
+                                Event::Done {
+                                    path: entry.launch_path,
+                                    dir: entry.dir,
+                                },
+                            )
+                            .await;
+                            return;
+                        }
+                        Phase::Failed { kind, message } => {
+                            send(&mut w, Event::Error { kind, message }).await;
+                            return;
+                        }
+                        Phase::Downloading | Phase::Verifying => {}
+                    }
+                    tokio::select! {
+                        _ = shutdown.cancelled() => {
+                            send(&mut w, Event::from_error(&PeerError::Agent("the agent is shutting down".into()))).await;
+                            return;
+                        }
+                        _ = tick.tick() => {
+                            // A client that went away stops the stream, not the download.
+                            if !send(&mut w, Event::Progress { status: t.status() }).await {
+                                return;
+                            }
+                        }
+                        r = phase.changed() => if r.is_err() { return },
+                    }
+                }
+            }
+        }
+    }
+
+    async fn start_fetch(&self, name: &str, sha256: &str) -> Result<Arc<Torrent>> {
+        let name = PackageName::new(name).map_err(|e| PeerError::BadInput(e.to_string()))?;
+        let sha = Sha256Hash::from_hex(sha256).map_err(|e| PeerError::BadInput(e.to_string()))?;
+        if let Some(entry) = self.engine.cache().lookup(&name, &sha) {
+            let meta = fs::read(entry.dir.join(crate::cache::METAINFO_FILE))
+                .ok()
+                .and_then(|b| Metainfo::parse(&b).ok());
+            if let Some(m) = meta {
+                let file = entry.dir.join(&m.name);
+                return self.engine.seed(name, Arc::new(m), &file);
+            }
+        }
+        let meta = self.engine.tracker().metainfo(&name, &sha).await?;
+        self.engine.download(name, Arc::new(meta)).await
+    }
+
+    async fn add(
+        &self,
+        name: &str,
+        metainfo_hex: &str,
+        path: &Path,
+        take: bool,
+    ) -> Result<(PathBuf, PathBuf)> {
+        let name = PackageName::new(name).map_err(|e| PeerError::BadInput(e.to_string()))?;
+        let bytes = hex::decode(metainfo_hex)
+            .map_err(|e| PeerError::BadInput(format!("metainfo hex: {e}")))?;
+        let meta = Arc::new(Metainfo::parse(&bytes)?);
+        if !path.is_absolute() {
+            return Err(PeerError::BadInput("add needs an absolute path".into()));
+        }
+        let cache = self.engine.cache().clone();
+        let (n, m, p) = (name.clone(), meta.clone(), path.to_owned());
+        let handoff = if take { Handoff::Move } else { Handoff::Copy };
+        let entry = tokio::task::spawn_blocking(move || {
+            cache.install(&n, &m, &p, handoff, &Default::default())
+        })
+        .await
+        .map_err(|e| PeerError::Agent(format!("install task: {e}")))??;
+        let file = entry.dir.join(&meta.name);
+        self.engine.seed(name, meta, &file)?;
+        Ok((entry.launch_path, entry.dir))
+    }
+}

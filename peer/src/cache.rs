@@ -1,0 +1,528 @@
+//! The launcher cache: verified packages, read-only, where launchers find them.
+//!
+//! ```text
+//! <cache>/<name>/<sha256>/              one entry, r-x: appears whole or not at all
+//!     <file name>                       the archive or file as published (r-- or r-x)
+//!     tree/                             directory packages: the tree, extracted safely
+//!     .fbpkg.torrent                    its metainfo, so any agent can seed the entry
+//! <cache>/.staging/                     entries being assembled (removed at start)
+//! <cache>/.tags/<name>/<tag>            last hash each tag resolved to (offline fallback)
+//! ```
+//!
+//! An entry is assembled in `.staging`, fsynced, and renamed into place in one step, after the
+//! whole archive's SHA-256 matched the hash asked for. So a launcher never sees a partial or
+//! unverified package, whatever is killed when. [`Cache::lookup`] is the launch path: a few
+//! `stat`s, no parsing, no network.
+
+use std::fs::{self, File};
+use std::io::{self, Read};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+
+use fbpkg_common::Sha256Hash;
+use fbpkg_common::metainfo::{Format, Metainfo};
+use fbpkg_common::pkgref::{HashPrefix, PackageName, Tag};
+use sha2::{Digest, Sha256};
+
+use crate::archive::{self, ExtractLimits};
+use crate::error::{PeerError, Result};
+
+/// Metainfo kept in each entry.
+pub const METAINFO_FILE: &str = ".fbpkg.torrent";
+/// Where a directory package's tree is extracted inside its entry.
+pub const TREE_DIR: &str = "tree";
+const STAGING: &str = ".staging";
+const TAGS: &str = ".tags";
+
+/// Whether [`Cache::install`] may take the data file or must leave it where it is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Handoff {
+    /// The file is ours (a finished download, a fresh archive): rename it into the entry.
+    Move,
+    /// The file is the user's (`publish ./app.bin`): copy it.
+    Copy,
+}
+
+/// A package present in the cache.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CachedPackage {
+    /// `<cache>/<name>/<sha256>`.
+    pub dir: PathBuf,
+    /// What a launcher uses: the file, or the extracted tree of a directory package.
+    pub launch_path: PathBuf,
+}
+
+/// The launcher cache rooted at one directory.
+#[derive(Debug, Clone)]
+pub struct Cache {
+    root: PathBuf,
+}
+
+/// SHA-256 of a file, streamed.
+pub fn sha256_file(path: &Path) -> io::Result<Sha256Hash> {
+    let mut f = File::open(path)?;
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    Ok(Sha256Hash(h.finalize().into()))
+}
+
+fn set_mode(path: &Path, mode: u32) -> Result<()> {
+    fs::set_permissions(path, fs::Permissions::from_mode(mode))
+        .map_err(PeerError::io("chmod", path))
+}
+
+/// Make a tree read-only: files lose their write bits, directories too (children first).
+fn make_read_only(path: &Path) -> Result<()> {
+    let meta = fs::symlink_metadata(path).map_err(PeerError::io("reading metadata", path))?;
+    if meta.file_type().is_symlink() {
+        return Ok(());
+    }
+    if meta.is_dir() {
+        for e in fs::read_dir(path).map_err(PeerError::io("reading directory", path))? {
+            let e = e.map_err(PeerError::io("reading directory", path))?;
+            make_read_only(&e.path())?;
+        }
+    } else {
+        // Data first: a power cut after the rename must not expose empty files.
+        File::open(path)
+            .and_then(|f| f.sync_all())
+            .map_err(PeerError::io("fsync", path))?;
+    }
+    set_mode(path, meta.permissions().mode() & 0o555)?;
+    if meta.is_dir() {
+        File::open(path)
+            .and_then(|f| f.sync_all())
+            .map_err(PeerError::io("fsync", path))?;
+    }
+    Ok(())
+}
+
+/// Remove a tree that may be read-only (a failed staging entry, an evicted package).
+pub fn remove_tree(path: &Path) -> io::Result<()> {
+    fn writable(p: &Path) -> io::Result<()> {
+        let meta = fs::symlink_metadata(p)?;
+        if meta.is_dir() {
+            fs::set_permissions(p, fs::Permissions::from_mode(0o700))?;
+            for e in fs::read_dir(p)? {
+                writable(&e?.path())?;
+            }
+        }
+        Ok(())
+    }
+    match writable(path) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        other => other?,
+    }
+    fs::remove_dir_all(path)
+}
+
+impl Cache {
+    /// A cache rooted at `root` (created on first install).
+    pub fn new(root: impl Into<PathBuf>) -> Self {
+        Self { root: root.into() }
+    }
+
+    /// The root directory.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// Where the entry for `name:sha256` lives (whether or not it exists).
+    pub fn entry_dir(&self, name: &PackageName, sha256: &Sha256Hash) -> PathBuf {
+        self.root.join(name.as_str()).join(sha256.to_hex())
+    }
+
+    /// The launch path, if `name:sha256` is in the cache. No network, no parsing: stats only.
+    pub fn lookup(&self, name: &PackageName, sha256: &Sha256Hash) -> Option<CachedPackage> {
+        let dir = self.entry_dir(name, sha256);
+        let tree = dir.join(TREE_DIR);
+        if fs::metadata(&tree).is_ok_and(|m| m.is_dir()) {
+            return Some(CachedPackage {
+                dir,
+                launch_path: tree,
+            });
+        }
+        let mut files = fs::read_dir(&dir)
+            .ok()?
+            .flatten()
+            .filter(|e| !e.file_name().as_encoded_bytes().starts_with(b"."));
+        let file = files.next()?;
+        Some(CachedPackage {
+            launch_path: file.path(),
+            dir,
+        })
+    }
+
+    /// Entries whose hash starts with `prefix`, in one package or in all.
+    pub fn find_prefix(
+        &self,
+        name: Option<&PackageName>,
+        prefix: &HashPrefix,
+    ) -> Vec<(PackageName, Sha256Hash)> {
+        let names: Vec<PackageName> = match name {
+            Some(n) => vec![n.clone()],
+            None => self.names(),
+        };
+        let mut out = Vec::new();
+        for n in names {
+            let Ok(rd) = fs::read_dir(self.root.join(n.as_str())) else {
+                continue;
+            };
+            for e in rd.flatten() {
+                if let Some(h) = e
+                    .file_name()
+                    .to_str()
+                    .and_then(|s| Sha256Hash::from_hex(s).ok())
+                {
+                    if prefix.matches(&h) {
+                        out.push((n.clone(), h));
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    fn names(&self) -> Vec<PackageName> {
+        let Ok(rd) = fs::read_dir(&self.root) else {
+            return Vec::new();
+        };
+        rd.flatten()
+            .filter_map(|e| {
+                e.file_name()
+                    .to_str()
+                    .and_then(|s| PackageName::new(s).ok())
+            })
+            .collect()
+    }
+
+    /// Every entry with its metainfo, for an agent to seed at start. Unreadable entries are
+    /// reported and skipped.
+    pub fn entries(&self) -> Vec<(PackageName, Metainfo, PathBuf)> {
+        let mut out = Vec::new();
+        for name in self.names() {
+            let Ok(rd) = fs::read_dir(self.root.join(name.as_str())) else {
+                continue;
+            };
+            for e in rd.flatten() {
+                let Some(sha) = e
+                    .file_name()
+                    .to_str()
+                    .and_then(|s| Sha256Hash::from_hex(s).ok())
+                else {
+                    continue;
+                };
+                let dir = e.path();
+                let parsed = fs::read(dir.join(METAINFO_FILE))
+                    .map_err(|err| err.to_string())
+                    .and_then(|b| Metainfo::parse(&b).map_err(|err| err.to_string()));
+                match parsed {
+                    Ok(m) if m.sha256 == sha => {
+                        let file = dir.join(&m.name);
+                        out.push((name.clone(), m, file));
+                    }
+                    Ok(_) => {
+                        tracing::warn!(dir = %dir.display(), "cache entry's metainfo is for another hash; not seeded")
+                    }
+                    Err(err) => {
+                        tracing::warn!(dir = %dir.display(), error = %err, "cache entry has no readable metainfo; not seeded")
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// Remove staging leftovers of a crashed install.
+    pub fn clean_staging(&self) {
+        let staging = self.root.join(STAGING);
+        if let Ok(rd) = fs::read_dir(&staging) {
+            for e in rd.flatten() {
+                if let Err(err) = remove_tree(&e.path()) {
+                    tracing::warn!(path = %e.path().display(), error = %err, "cannot remove staging leftover");
+                }
+            }
+        }
+    }
+
+    /// Verify `data` (the complete archive) against `metainfo.sha256` and install it as the
+    /// entry `name:sha256`. With [`Handoff::Move`] `data` is renamed into the entry (copied
+    /// across file systems). Returns the entry; if another process installed it first, theirs.
+    pub fn install(
+        &self,
+        name: &PackageName,
+        metainfo: &Metainfo,
+        data: &Path,
+        handoff: Handoff,
+        limits: &ExtractLimits,
+    ) -> Result<CachedPackage> {
+        let file_name = metainfo.name.as_str();
+        if file_name.starts_with(".fbpkg")
+            || (file_name == TREE_DIR && metainfo.format == Format::TarZst)
+        {
+            return Err(PeerError::BadInput(format!(
+                "file name {file_name:?} is reserved in the launcher cache"
+            )));
+        }
+        let actual = sha256_file(data).map_err(PeerError::io("hashing", data))?;
+        if actual != metainfo.sha256 {
+            return Err(PeerError::Verification(format!(
+                "the archive's SHA-256 is {actual}, not {} as asked",
+                metainfo.sha256
+            )));
+        }
+        if let Some(existing) = self.lookup(name, &metainfo.sha256) {
+            return Ok(existing);
+        }
+        let staging_root = self.root.join(STAGING);
+        fs::create_dir_all(&staging_root).map_err(PeerError::io("creating", &staging_root))?;
+        let staging = staging_root.join(format!(
+            "{}-{}-{}",
+            metainfo.sha256,
+            std::process::id(),
+            rand::random::<u32>()
+        ));
+        fs::create_dir(&staging).map_err(PeerError::io("creating", &staging))?;
+        let result = self.assemble(&staging, name, metainfo, data, handoff, limits);
+        if result.is_err() {
+            let _ = remove_tree(&staging);
+        }
+        result
+    }
+
+    fn assemble(
+        &self,
+        staging: &Path,
+        name: &PackageName,
+        metainfo: &Metainfo,
+        data: &Path,
+        handoff: Handoff,
+        limits: &ExtractLimits,
+    ) -> Result<CachedPackage> {
+        let file = staging.join(&metainfo.name);
+        if handoff == Handoff::Copy || fs::rename(data, &file).is_err() {
+            // Different file systems: copy; the caller removes its own file.
+            fs::copy(data, &file).map_err(PeerError::io("copying into the cache", &file))?;
+        }
+        let mode = if metainfo.format == Format::Executable {
+            0o555
+        } else {
+            0o444
+        };
+        set_mode(&file, mode)?;
+        if metainfo.format == Format::TarZst {
+            archive::extract(&file, &staging.join(TREE_DIR), limits)?;
+        }
+        let meta_path = staging.join(METAINFO_FILE);
+        fs::write(&meta_path, metainfo.as_bytes()).map_err(PeerError::io("writing", &meta_path))?;
+        make_read_only(staging)?;
+        let parent = self.root.join(name.as_str());
+        fs::create_dir_all(&parent).map_err(PeerError::io("creating", &parent))?;
+        let dest = parent.join(metainfo.sha256.to_hex());
+        if let Err(e) = fs::rename(staging, &dest) {
+            if let Some(existing) = self.lookup(name, &metainfo.sha256) {
+                let _ = remove_tree(staging);
+                return Ok(existing);
+            }
+            return Err(PeerError::io("moving into the cache", &dest)(e));
+        }
+        File::open(&parent)
+            .and_then(|f| f.sync_all())
+            .map_err(PeerError::io("fsync", &parent))?;
+        self.lookup(name, &metainfo.sha256)
+            .ok_or_else(|| PeerError::Io {
+                context: "reading back the new entry",
+                path: dest,
+                source: io::Error::from(io::ErrorKind::NotFound),
+            })
+    }
+
+    /// Remember what a tag resolved to, for when the tracker cannot be reached.
+    pub fn remember_tag(&self, name: &PackageName, tag: &Tag, sha: &Sha256Hash) {
+        let dir = self.root.join(TAGS).join(name.as_str());
+        let path = dir.join(tag.as_str());
+        let tmp = dir.join(format!(".{tag}.{}", std::process::id()));
+        let r = fs::create_dir_all(&dir)
+            .and_then(|_| fs::write(&tmp, sha.to_hex()))
+            .and_then(|_| fs::rename(&tmp, &path));
+        if let Err(e) = r {
+            tracing::debug!(error = %e, "cannot remember tag");
+        }
+    }
+
+    /// The last hash `name:tag` resolved to on this host.
+    pub fn recall_tag(&self, name: &PackageName, tag: &Tag) -> Option<Sha256Hash> {
+        let text =
+            fs::read_to_string(self.root.join(TAGS).join(name.as_str()).join(tag.as_str())).ok()?;
+        Sha256Hash::from_hex(text.trim()).ok()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::MetadataExt;
+
+    fn meta(bytes: &[u8], name: &str, format: Format) -> Metainfo {
+        Metainfo::build(
+            bytes,
+            bytes.len() as u64,
+            name,
+            "http://127.0.0.1:1/announce",
+            format,
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn install_verifies_then_appears_whole_and_read_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = Cache::new(dir.path().join("cache"));
+        let name = PackageName::new("tool").unwrap();
+        let bytes = b"#!/bin/sh\necho ok\n".repeat(100);
+        let m = meta(&bytes, "tool.sh", Format::Executable);
+
+        // Wrong bytes: refused, nothing in the cache, the download left for the caller.
+        let bad = dir.path().join("bad");
+        fs::write(&bad, b"something else").unwrap();
+        let err = cache
+            .install(&name, &m, &bad, Handoff::Move, &ExtractLimits::default())
+            .unwrap_err();
+        assert!(matches!(err, PeerError::Verification(_)), "{err}");
+        assert!(cache.lookup(&name, &m.sha256).is_none());
+        assert!(!cache.entry_dir(&name, &m.sha256).exists());
+
+        let good = dir.path().join("good");
+        fs::write(&good, &bytes).unwrap();
+        let entry = cache
+            .install(&name, &m, &good, Handoff::Move, &ExtractLimits::default())
+            .unwrap();
+        assert_eq!(
+            entry.launch_path,
+            cache.entry_dir(&name, &m.sha256).join("tool.sh")
+        );
+        assert_eq!(fs::read(&entry.launch_path).unwrap(), bytes);
+        assert_eq!(
+            fs::metadata(&entry.launch_path).unwrap().mode() & 0o777,
+            0o555
+        );
+        assert_eq!(
+            fs::metadata(&entry.dir).unwrap().mode() & 0o222,
+            0,
+            "entry dir read-only"
+        );
+        assert_eq!(cache.lookup(&name, &m.sha256), Some(entry.clone()));
+        let listed = cache.entries();
+        assert_eq!(listed.len(), 1);
+        assert_eq!(listed[0].1.info_hash, m.info_hash);
+        assert!(
+            fs::read_dir(dir.path().join("cache/.staging"))
+                .unwrap()
+                .next()
+                .is_none()
+        );
+
+        // Installing again is a no-op that returns the same entry.
+        let again = dir.path().join("again");
+        fs::write(&again, &bytes).unwrap();
+        assert_eq!(
+            cache
+                .install(&name, &m, &again, Handoff::Move, &ExtractLimits::default())
+                .unwrap(),
+            entry
+        );
+        remove_tree(&entry.dir).unwrap();
+        assert!(cache.lookup(&name, &m.sha256).is_none());
+    }
+
+    #[test]
+    fn directory_packages_are_extracted_beside_the_archive() {
+        let dir = tempfile::tempdir().unwrap();
+        let src = dir.path().join("src");
+        fs::create_dir_all(src.join("bin")).unwrap();
+        fs::write(src.join("bin/run"), b"run").unwrap();
+        let arc = dir.path().join("app.tar.zst");
+        archive::create(&src, File::create(&arc).unwrap()).unwrap();
+        let bytes = fs::read(&arc).unwrap();
+        let m = meta(&bytes, "app.tar.zst", Format::TarZst);
+        let cache = Cache::new(dir.path().join("cache"));
+        let name = PackageName::new("app").unwrap();
+        let entry = cache
+            .install(&name, &m, &arc, Handoff::Move, &ExtractLimits::default())
+            .unwrap();
+        assert_eq!(entry.launch_path, entry.dir.join("tree"));
+        assert_eq!(fs::read(entry.launch_path.join("bin/run")).unwrap(), b"run");
+        assert!(entry.dir.join("app.tar.zst").exists());
+        assert_eq!(
+            fs::metadata(entry.launch_path.join("bin/run"))
+                .unwrap()
+                .mode()
+                & 0o222,
+            0
+        );
+    }
+
+    #[test]
+    fn a_hostile_archive_never_reaches_the_cache() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut tar_bytes = Vec::new();
+        {
+            let mut b = tar::Builder::new(&mut tar_bytes);
+            let mut h = tar::Header::new_old();
+            h.as_old_mut().name[..9].copy_from_slice(b"../escape");
+            h.set_size(1);
+            h.set_cksum();
+            b.append(&h, &b"x"[..]).unwrap();
+            b.finish().unwrap();
+        }
+        let bytes = zstd::encode_all(&tar_bytes[..], 3).unwrap();
+        let arc = dir.path().join("evil.tar.zst");
+        fs::write(&arc, &bytes).unwrap();
+        let m = meta(&bytes, "evil.tar.zst", Format::TarZst);
+        let cache = Cache::new(dir.path().join("cache"));
+        let name = PackageName::new("evil").unwrap();
+        let err = cache
+            .install(&name, &m, &arc, Handoff::Move, &ExtractLimits::default())
+            .unwrap_err();
+        assert!(matches!(err, PeerError::UnsafeArchive(_)), "{err}");
+        assert!(!cache.entry_dir(&name, &m.sha256).exists());
+        assert!(!dir.path().join("escape").exists());
+        assert!(
+            fs::read_dir(dir.path().join("cache/.staging"))
+                .unwrap()
+                .next()
+                .is_none()
+        );
+    }
+
+    #[test]
+    fn prefixes_and_tags() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = Cache::new(dir.path());
+        let name = PackageName::new("svc").unwrap();
+        let bytes = vec![1u8; 1000];
+        let m = meta(&bytes, "svc.bin", Format::File);
+        let f = dir.path().join("f");
+        fs::write(&f, &bytes).unwrap();
+        cache
+            .install(&name, &m, &f, Handoff::Move, &ExtractLimits::default())
+            .unwrap();
+        let p = HashPrefix::new(&m.sha256.to_hex()[..8]).unwrap();
+        assert_eq!(
+            cache.find_prefix(Some(&name), &p),
+            vec![(name.clone(), m.sha256)]
+        );
+        assert_eq!(cache.find_prefix(None, &p), vec![(name.clone(), m.sha256)]);
+        let tag = Tag::new("prod").unwrap();
+        assert_eq!(cache.recall_tag(&name, &tag), None);
+        cache.remember_tag(&name, &tag, &m.sha256);
+        assert_eq!(cache.recall_tag(&name, &tag), Some(m.sha256));
+    }
+}

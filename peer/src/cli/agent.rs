@@ -1,0 +1,75 @@
+//! `fbpkg-rs agent`.
+
+use std::net::SocketAddr;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use fbpkg_common::tracker_proto::Zone;
+
+use super::HostArgs;
+use crate::agent::Agent;
+use crate::engine::EngineConfig;
+
+/// `fbpkg-rs agent` flags.
+#[derive(Debug, clap::Args)]
+pub(crate) struct AgentArgs {
+    #[command(flatten)]
+    host: HostArgs,
+
+    /// Where other agents connect to fetch pieces. Use this host's fleet address (or
+    /// 0.0.0.0:6881) in a fleet; the default only serves agents on this machine.
+    #[arg(long, env = "FBPKG_LISTEN", default_value = "127.0.0.1:6881")]
+    listen: SocketAddr,
+
+    /// This host's place in the fleet, most general first (e.g. dc1/rack7): the tracker
+    /// prefers peers in the same rack, then the same datacenter.
+    #[arg(long, env = "FBPKG_ZONE")]
+    zone: Option<Zone>,
+
+    /// Connections per package.
+    #[arg(long, env = "FBPKG_MAX_PEERS", default_value_t = 50)]
+    max_peers: usize,
+
+    /// Peers uploaded to at once, per package.
+    #[arg(long, env = "FBPKG_UPLOAD_SLOTS", default_value_t = 32)]
+    upload_slots: usize,
+
+    /// Advertise everything at once when seeding from the cache, instead of handing a crowd
+    /// each piece about once (super-seeding).
+    #[arg(long, env = "FBPKG_NO_SUPERSEED")]
+    no_superseed: bool,
+
+    /// Give a block request to another peer after this long without an answer.
+    #[arg(long, env = "FBPKG_REQUEST_TIMEOUT", default_value = "20s", value_parser = humantime::parse_duration)]
+    request_timeout: Duration,
+}
+
+pub(super) fn run(args: AgentArgs) -> anyhow::Result<ExitCode> {
+    if args.max_peers == 0 || args.upload_slots == 0 {
+        anyhow::bail!("--max-peers and --upload-slots must be at least 1");
+    }
+    let state_dir = args.host.state_dir();
+    let cache = args.host.cache();
+    let tracker = args.host.tracker_client(None)?;
+    let tracker_is_local = tracker.base().split("//").nth(1).is_some_and(|h| {
+        h.starts_with("127.") || h.starts_with("localhost") || h.starts_with("[::1]")
+    });
+    if !tracker_is_local && args.listen.ip().is_loopback() {
+        tracing::warn!(
+            listen = %args.listen,
+            "the tracker is remote but this agent listens on loopback: other hosts cannot fetch from it (set --listen)"
+        );
+    }
+    let mut config = EngineConfig::new(state_dir.join("downloads"));
+    config.listen = args.listen;
+    config.zone = args.zone;
+    config.max_peers = args.max_peers;
+    config.upload_slots = args.upload_slots;
+    config.superseed = !args.no_superseed;
+    config.request_timeout = args.request_timeout;
+    super::runtime()?.block_on(async move {
+        let shutdown = super::shutdown_on_signals();
+        Agent::run(state_dir, cache, tracker, config, shutdown).await?;
+        Ok(ExitCode::SUCCESS)
+    })
+}

@@ -1,0 +1,315 @@
+//! `fbpkg-rs get REF`: print a package's path in the launcher cache, fetching it if needed.
+//!
+//! The launch path — `name:<full hash>` already in the cache — is a few `stat`s and one line
+//! of output: no runtime, no logging setup, no tracker, no agent.
+
+use std::net::SocketAddr;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use fbpkg_common::Sha256Hash;
+use fbpkg_common::pkgref::{HashPrefix, PackageName, PackageRef, Selector};
+use serde::Serialize;
+use tokio::time::Instant;
+
+use super::progress::Progress;
+use super::{HostArgs, exit, exit_code};
+use crate::agent::control::{AgentClient, Event, Request};
+use crate::cache::{Cache, CachedPackage};
+use crate::engine::{Engine, EngineConfig, Phase, TorrentStatus};
+use crate::error::{PeerError, Result};
+use crate::tracker_client::TrackerClient;
+
+/// `fbpkg-rs get` flags.
+#[derive(Debug, clap::Args)]
+#[command(after_help = "\
+REF is one of:
+  name:<64 hex digits>   an exact version; answered from the cache without any network
+  name:<8+ hex digits>   a unique prefix of a version's hash
+  name:<tag>             a tag, e.g. myapp:prod (tags are never all-hex)
+  <8+ hex digits>        a hash or prefix of any package
+
+Exit codes: 0 ok, 1 other error, 2 bad reference (or ambiguous prefix), 3 not found,
+4 verification failed, 5 no peers within the timeout, 6 tracker unreachable.
+
+When the tracker cannot be reached, prefixes and tags fall back to what this host's cache
+knows (with a warning). With no agent running, get downloads by itself and does not seed
+afterwards.")]
+pub(crate) struct GetArgs {
+    /// The package to get.
+    reference: String,
+
+    #[command(flatten)]
+    host: HostArgs,
+
+    /// Print one JSON object instead of the path.
+    #[arg(long)]
+    json: bool,
+
+    /// Give up (exit 5) when no data has arrived for this long.
+    #[arg(long, env = "FBPKG_STALL_TIMEOUT", default_value = "60s", value_parser = humantime::parse_duration)]
+    stall_timeout: Duration,
+
+    /// Where to listen for peers when downloading without an agent.
+    #[arg(long, default_value = "127.0.0.1:0")]
+    listen: SocketAddr,
+}
+
+#[derive(Debug, Serialize)]
+struct Output<'a> {
+    name: &'a str,
+    sha256: String,
+    path: &'a std::path::Path,
+    dir: &'a std::path::Path,
+    /// cache, agent or standalone.
+    source: &'a str,
+}
+
+fn print(name: &PackageName, sha: &Sha256Hash, entry: &CachedPackage, source: &str, json: bool) {
+    if json {
+        let out = Output {
+            name: name.as_str(),
+            sha256: sha.to_hex(),
+            path: &entry.launch_path,
+            dir: &entry.dir,
+            source,
+        };
+        println!("{}", serde_json::to_string(&out).unwrap_or_default());
+    } else {
+        println!("{}", entry.launch_path.display());
+    }
+}
+
+/// The cache-only answer, when the reference pins a version that is already here.
+fn from_cache(r: &PackageRef, cache: &Cache) -> Option<(PackageName, Sha256Hash, CachedPackage)> {
+    let (name, sha) = match (&r.name, &r.selector) {
+        (Some(n), Selector::Hash(h)) => (n.clone(), *h),
+        (None, Selector::Hash(h)) => {
+            let prefix = HashPrefix::new(&h.to_hex()).ok()?;
+            match cache.find_prefix(None, &prefix).as_slice() {
+                [(n, h)] => (n.clone(), *h),
+                _ => return None,
+            }
+        }
+        _ => return None,
+    };
+    cache.lookup(&name, &sha).map(|e| (name, sha, e))
+}
+
+pub(super) fn run(args: GetArgs, log: Option<&str>) -> ExitCode {
+    let r: PackageRef = match args.reference.parse() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("fbpkg-rs: error: {e}");
+            return ExitCode::from(exit::BAD_REFERENCE);
+        }
+    };
+    let cache = args.host.cache();
+    if let Some((name, sha, entry)) = from_cache(&r, &cache) {
+        print(&name, &sha, &entry, "cache", args.json);
+        return ExitCode::SUCCESS;
+    }
+    super::init_logging(log, "warn");
+    let result = super::runtime()
+        .map_err(|e| PeerError::Agent(e.to_string()))
+        .and_then(|rt| rt.block_on(fetch(&args, &r, &cache)));
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("fbpkg-rs: error: {e}");
+            ExitCode::from(exit_code(&e))
+        }
+    }
+}
+
+/// Resolve through the tracker; when it is unreachable, fall back to what the cache knows.
+async fn resolve(
+    r: &PackageRef,
+    tracker: &TrackerClient,
+    cache: &Cache,
+) -> Result<(PackageName, Sha256Hash)> {
+    if let Some((n, h)) = r.exact() {
+        return Ok((n.clone(), *h));
+    }
+    match tracker.resolve(r).await {
+        Ok(v) => {
+            if let (Some(name), Selector::Tag(tag)) = (&r.name, &r.selector) {
+                cache.remember_tag(name, tag, &v.sha256);
+            }
+            Ok((v.name, v.sha256))
+        }
+        Err(PeerError::Tracker(msg)) => {
+            let local = match &r.selector {
+                Selector::Tag(tag) => r
+                    .name
+                    .as_ref()
+                    .and_then(|n| cache.recall_tag(n, tag).map(|h| vec![(n.clone(), h)]))
+                    .unwrap_or_default(),
+                Selector::Prefix(p) => cache.find_prefix(r.name.as_ref(), p),
+                Selector::Hash(h) => HashPrefix::new(&h.to_hex())
+                    .map(|p| cache.find_prefix(r.name.as_ref(), &p))
+                    .unwrap_or_default(),
+            };
+            match local.as_slice() {
+                [(n, h)] if cache.lookup(n, h).is_some() => {
+                    eprintln!(
+                        "fbpkg-rs: warning: tracker unreachable ({msg}); using {n}:{h} from this host's cache"
+                    );
+                    Ok((n.clone(), *h))
+                }
+                _ => Err(PeerError::Tracker(msg)),
+            }
+        }
+        Err(e) => Err(e),
+    }
+}
+
+async fn fetch(args: &GetArgs, r: &PackageRef, cache: &Cache) -> Result<()> {
+    let tracker = args.host.tracker_client(None)?;
+    let (name, sha) = resolve(r, &tracker, cache).await?;
+    if let Some(entry) = cache.lookup(&name, &sha) {
+        print(&name, &sha, &entry, "cache", args.json);
+        return Ok(());
+    }
+    let state_dir = args.host.state_dir();
+    let label = format!("{name}:{}", &sha.to_hex()[..12]);
+    let progress = Progress::new(&label);
+    let result = match AgentClient::connect(&state_dir).await? {
+        Some(agent) => via_agent(agent, &name, &sha, args.stall_timeout, &progress)
+            .await
+            .map(|e| (e, "agent")),
+        None => standalone(args, &tracker, cache, &name, &sha, &progress)
+            .await
+            .map(|e| (e, "standalone")),
+    };
+    progress.finish();
+    let (entry, source) = result?;
+    print(&name, &sha, &entry, source, args.json);
+    Ok(())
+}
+
+/// Watches progress and decides when a download has stalled.
+struct Stall {
+    limit: Duration,
+    last_bytes: u64,
+    since: Instant,
+}
+
+impl Stall {
+    fn new(limit: Duration) -> Self {
+        Self {
+            limit,
+            last_bytes: 0,
+            since: Instant::now(),
+        }
+    }
+
+    fn check(&mut self, s: &TorrentStatus) -> Result<()> {
+        if s.bytes_have > self.last_bytes || s.phase == "verifying" {
+            self.last_bytes = s.bytes_have;
+            self.since = Instant::now();
+            return Ok(());
+        }
+        if self.since.elapsed() < self.limit {
+            return Ok(());
+        }
+        let secs = self.limit.as_secs();
+        Err(PeerError::NoPeers(if s.peers == 0 {
+            format!("no peer with {} found within {secs} s", s.name)
+        } else {
+            format!("{} connected peers sent nothing for {secs} s", s.peers)
+        }))
+    }
+}
+
+async fn via_agent(
+    mut agent: AgentClient,
+    name: &PackageName,
+    sha: &Sha256Hash,
+    stall: Duration,
+    progress: &Progress,
+) -> Result<CachedPackage> {
+    agent
+        .send(&Request::Fetch {
+            name: name.to_string(),
+            sha256: sha.to_hex(),
+        })
+        .await?;
+    let mut stall = Stall::new(stall);
+    loop {
+        // The agent sends progress every 250 ms, so silence this long means it is stuck.
+        let next = tokio::time::timeout(Duration::from_secs(30), agent.next()).await;
+        match next {
+            Err(_) => return Err(PeerError::Agent("the agent stopped answering".into())),
+            Ok(Err(e)) => return Err(e),
+            Ok(Ok(None)) => return Err(PeerError::Agent("the agent closed the connection".into())),
+            Ok(Ok(Some(event))) => match event {
+                Event::Progress { status } => {
+                    progress.update(&status);
+                    stall.check(&status).map_err(|e| {
+                        PeerError::NoPeers(format!("{e}; the agent keeps trying in the background"))
+                    })?;
+                }
+                Event::Done { path, dir } => {
+                    return Ok(CachedPackage {
+                        dir,
+                        launch_path: path,
+                    });
+                }
+                Event::Error { kind, message } => return Err(PeerError::Remote { kind, message }),
+                other => return Err(PeerError::Agent(format!("unexpected answer {other:?}"))),
+            },
+        }
+    }
+}
+
+async fn standalone(
+    args: &GetArgs,
+    tracker: &TrackerClient,
+    cache: &Cache,
+    name: &PackageName,
+    sha: &Sha256Hash,
+    progress: &Progress,
+) -> Result<CachedPackage> {
+    let meta = Arc::new(tracker.metainfo(name, sha).await?);
+    let state_dir = args.host.state_dir();
+    crate::agent::private_dir(&state_dir)?;
+    let work = state_dir.join(format!("get-{}", std::process::id()));
+    let mut config = EngineConfig::new(work.clone());
+    config.listen = args.listen;
+    let cancel = super::shutdown_on_signals();
+    let engine = Engine::start(config, tracker.clone(), cache.clone(), cancel.clone()).await?;
+    let result = async {
+        let t = engine.download(name.clone(), meta).await?;
+        let mut phase = t.phase();
+        let mut stall = Stall::new(args.stall_timeout);
+        let mut tick = tokio::time::interval(Duration::from_millis(250));
+        loop {
+            let current = phase.borrow_and_update().clone();
+            match current {
+                Phase::Seeding(entry) => return Ok(entry),
+                Phase::Failed { kind, message } => return Err(PeerError::Remote { kind, message }),
+                Phase::Downloading | Phase::Verifying => {}
+            }
+            tokio::select! {
+                _ = cancel.cancelled() => return Err(PeerError::Cancelled),
+                _ = tick.tick() => {
+                    let s = t.status();
+                    progress.update(&s);
+                    stall.check(&s)?;
+                }
+                r = phase.changed() => if r.is_err() { return Err(PeerError::Cancelled) },
+            }
+        }
+    }
+    .await;
+    engine.shutdown().await;
+    let _ = std::fs::remove_dir_all(&work);
+    if result.is_ok() {
+        eprintln!(
+            "fbpkg-rs: note: no agent is running, so this host will not seed {name}; start `fbpkg-rs agent` to share it"
+        );
+    }
+    result
+}

@@ -1,0 +1,196 @@
+//! `fbpkg-rs publish NAME PATH`: make a version, seed it here, register it with the tracker.
+
+use std::fs::{self, File};
+use std::io::BufReader;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::Context as _;
+use fbpkg_common::metainfo::{Format, Metainfo, check_file_name};
+use fbpkg_common::pkgref::{PackageName, Tag};
+use serde::Serialize;
+
+use super::HostArgs;
+use crate::agent::control::{AgentClient, Event, Request};
+use crate::cache::{Handoff, remove_tree};
+use crate::error::PeerError;
+use crate::tracker_client::PublishOutcome;
+
+/// `fbpkg-rs publish` flags.
+#[derive(Debug, clap::Args)]
+#[command(after_help = "\
+A file is published as it is (its execute bit is kept). A directory becomes a deterministic
+tar.zst: entries sorted, owners and times zeroed, modes kept, so the same tree gives the same
+hash on any host. The package is put in this host's cache and seeded by the local agent
+before the tracker lists it, so a version is never listed with nobody to serve it.")]
+pub(crate) struct PublishArgs {
+    /// Package name: lowercase letters, digits, '.', '_' and '-'.
+    name: String,
+
+    /// The file or directory to publish.
+    path: PathBuf,
+
+    /// Also point this tag at the new version (e.g. prod, canary).
+    #[arg(long)]
+    tag: Option<String>,
+
+    /// Bearer token for the tracker's catalog.
+    #[arg(long, env = "FBPKG_PUBLISH_TOKEN", hide_env_values = true)]
+    publish_token: Option<String>,
+
+    /// Print one JSON object instead of name:sha256.
+    #[arg(long)]
+    json: bool,
+
+    #[command(flatten)]
+    host: HostArgs,
+}
+
+#[derive(Debug, Serialize)]
+struct Output {
+    name: String,
+    sha256: String,
+    info_hash: String,
+    size: u64,
+    path: PathBuf,
+    seeded_by_agent: bool,
+    already_published: bool,
+    tag: Option<String>,
+}
+
+/// The archive to publish and whether it is a temporary file of ours.
+struct Prepared {
+    file: PathBuf,
+    file_name: String,
+    format: Format,
+    temporary: bool,
+}
+
+fn prepare(name: &PackageName, path: &Path, tmp_dir: &Path) -> anyhow::Result<Prepared> {
+    let meta = fs::metadata(path).with_context(|| format!("cannot read {}", path.display()))?;
+    if meta.is_dir() {
+        super::super::agent::private_dir(tmp_dir)?;
+        let file = tmp_dir.join(format!(
+            "publish-{}-{}.tar.zst",
+            std::process::id(),
+            rand::random::<u32>()
+        ));
+        let out =
+            File::create(&file).with_context(|| format!("cannot create {}", file.display()))?;
+        let made = crate::archive::create(path, std::io::BufWriter::new(out));
+        if let Err(e) = made {
+            let _ = fs::remove_file(&file);
+            return Err(e.into());
+        }
+        return Ok(Prepared {
+            file,
+            file_name: format!("{name}.tar.zst"),
+            format: Format::TarZst,
+            temporary: true,
+        });
+    }
+    if !meta.is_file() {
+        anyhow::bail!("{} is neither a file nor a directory", path.display());
+    }
+    let file_name = path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .ok_or_else(|| anyhow::anyhow!("{} has no usable file name", path.display()))?
+        .to_owned();
+    check_file_name(file_name.as_bytes())?;
+    let format = if meta.permissions().mode() & 0o111 != 0 {
+        Format::Executable
+    } else {
+        Format::File
+    };
+    Ok(Prepared {
+        file: path.to_owned(),
+        file_name,
+        format,
+        temporary: false,
+    })
+}
+
+pub(super) fn run(args: PublishArgs) -> anyhow::Result<ExitCode> {
+    let name = PackageName::new(&args.name).map_err(|e| PeerError::BadInput(e.to_string()))?;
+    let tag = args
+        .tag
+        .as_deref()
+        .map(Tag::new)
+        .transpose()
+        .map_err(|e| PeerError::BadInput(e.to_string()))?;
+    let tracker = args.host.tracker_client(args.publish_token.clone())?;
+    let state_dir = args.host.state_dir();
+    let cache = args.host.cache();
+    let prepared = prepare(&name, &args.path, &state_dir.join("tmp"))?;
+    let result = (|| -> anyhow::Result<ExitCode> {
+        let size = fs::metadata(&prepared.file)?.len();
+        let reader = BufReader::with_capacity(1 << 20, File::open(&prepared.file)?);
+        let announce = format!("{}/announce", tracker.base());
+        let meta = Metainfo::build(
+            reader,
+            size,
+            &prepared.file_name,
+            &announce,
+            prepared.format,
+        )
+        .with_context(|| format!("cannot read {}", prepared.file.display()))?;
+        let abs = fs::canonicalize(&prepared.file)?;
+        super::runtime()?.block_on(async {
+            // 1. Into this host's cache, seeded by the agent when there is one.
+            let seeded_by_agent = match AgentClient::connect(&state_dir).await? {
+                Some(agent) => {
+                    let req = Request::Add {
+                        name: name.to_string(),
+                        metainfo_hex: hex::encode(meta.as_bytes()),
+                        path: abs.clone(),
+                        take: prepared.temporary,
+                    };
+                    match agent.call(&req).await? {
+                        Event::Done { .. } => true,
+                        other => anyhow::bail!("unexpected agent answer {other:?}"),
+                    }
+                }
+                None => {
+                    let handoff = if prepared.temporary { Handoff::Move } else { Handoff::Copy };
+                    let (c, n, m, p) = (cache.clone(), name.clone(), meta.clone(), abs.clone());
+                    tokio::task::spawn_blocking(move || c.install(&n, &m, &p, handoff, &Default::default())).await??;
+                    eprintln!(
+                        "fbpkg-rs: warning: no agent is running here ({}): {name} is in this host's cache \
+                         but nobody seeds it until `fbpkg-rs agent` starts",
+                        crate::agent::control::socket_path(&state_dir).display()
+                    );
+                    false
+                }
+            };
+            // 2. Listed by the tracker.
+            let (outcome, info) = tracker.publish(&name, &meta).await?;
+            // 3. Tagged.
+            if let Some(tag) = &tag {
+                tracker.move_tag(&name, tag, &meta.sha256).await?;
+            }
+            let entry = cache.lookup(&name, &meta.sha256);
+            if args.json {
+                let out = Output {
+                    name: name.to_string(),
+                    sha256: info.sha256.to_hex(),
+                    info_hash: info.info_hash.to_hex(),
+                    size: info.size,
+                    path: entry.map(|e| e.launch_path).unwrap_or_default(),
+                    seeded_by_agent,
+                    already_published: outcome == PublishOutcome::AlreadyPublished,
+                    tag: tag.as_ref().map(|t| t.to_string()),
+                };
+                println!("{}", serde_json::to_string(&out)?);
+            } else {
+                println!("{name}:{}", meta.sha256);
+            }
+            Ok(ExitCode::SUCCESS)
+        })
+    })();
+    if prepared.temporary && prepared.file.exists() {
+        let _ = remove_tree(&prepared.file);
+    }
+    result
+}

@@ -1,0 +1,84 @@
+//! `fbpkg-rs status`: what this host's agent holds, fetches and serves.
+
+use std::process::ExitCode;
+
+use super::HostArgs;
+use crate::agent::control::{AgentClient, Event, Request};
+use crate::engine::TorrentStatus;
+use crate::error::PeerError;
+
+/// `fbpkg-rs status` flags.
+#[derive(Debug, clap::Args)]
+pub(crate) struct StatusArgs {
+    #[command(flatten)]
+    host: HostArgs,
+
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+fn human(n: f64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n;
+    let mut u = 0;
+    while v >= 1024.0 && u < UNITS.len() - 1 {
+        v /= 1024.0;
+        u += 1;
+    }
+    format!("{v:.1} {}", UNITS[u])
+}
+
+fn table(rows: &[TorrentStatus]) -> String {
+    if rows.is_empty() {
+        return "no packages: `fbpkg-rs get` or `fbpkg-rs publish` one\n".to_owned();
+    }
+    let mut out = format!(
+        "{:<24} {:<14} {:<11} {:>7} {:>5} {:>12} {:>12} {:>10}\n",
+        "PACKAGE", "VERSION", "STATE", "DONE", "PEERS", "DOWN/s", "UP/s", "UPLOADED"
+    );
+    for r in rows {
+        let pct = if r.pieces_total == 0 {
+            100.0
+        } else {
+            100.0 * f64::from(r.pieces_have) / f64::from(r.pieces_total)
+        };
+        out.push_str(&format!(
+            "{:<24} {:<14} {:<11} {:>6.1}% {:>5} {:>12} {:>12} {:>10}\n",
+            r.name,
+            &r.sha256[..12.min(r.sha256.len())],
+            r.phase,
+            pct,
+            r.peers,
+            human(r.download_rate),
+            human(r.upload_rate),
+            human(r.uploaded as f64)
+        ));
+        if let Some(e) = &r.error {
+            out.push_str(&format!("    error: {e}\n"));
+        }
+    }
+    out
+}
+
+pub(super) fn run(args: StatusArgs) -> anyhow::Result<ExitCode> {
+    let state_dir = args.host.state_dir();
+    super::runtime()?.block_on(async {
+        let Some(agent) = AgentClient::connect(&state_dir).await? else {
+            return Err(PeerError::Agent(format!(
+                "no agent is running with state directory {} (start one with `fbpkg-rs agent`)",
+                state_dir.display()
+            ))
+            .into());
+        };
+        let Event::Status { torrents } = agent.call(&Request::Status).await? else {
+            anyhow::bail!("unexpected answer from the agent");
+        };
+        if args.json {
+            println!("{}", serde_json::to_string_pretty(&torrents)?);
+        } else {
+            print!("{}", table(&torrents));
+        }
+        Ok(ExitCode::SUCCESS)
+    })
+}

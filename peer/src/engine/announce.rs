@@ -1,0 +1,114 @@
+//! Announcing one torrent to the tracker: `started`, periodic, `completed`, `stopped`.
+//!
+//! When the tracker cannot be reached the announcer backs off (1 s doubling to a minute)
+//! and the torrent keeps swapping with the peers it already knows.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use fbpkg_common::tracker_proto::{AnnounceRequest, Event};
+
+use super::torrent::{Phase, Torrent};
+
+/// First retry after a failed announce; doubles up to `max_announce_backoff`. Short, because
+/// the commonest failure is a version seeded a moment before the tracker lists it (publish).
+const FIRST_BACKOFF: Duration = Duration::from_secs(1);
+/// Ask for more peers early when fewer than this are connected and the download is not done.
+const FEW_PEERS: usize = 3;
+
+fn request(t: &Torrent, event: Event) -> AnnounceRequest {
+    let cfg = &t.ctx.config;
+    AnnounceRequest {
+        info_hash: t.meta.info_hash,
+        peer_id: t.ctx.peer_id,
+        port: t.ctx.listen_addr.port(),
+        uploaded: t.uploaded(),
+        downloaded: t.downloaded(),
+        left: t.left(),
+        event,
+        // Dictionary peers carry ids, which saves dialling peers we are already connected to.
+        compact: false,
+        numwant: Some(cfg.numwant),
+        no_peer_id: false,
+        key: None,
+        ip: None,
+        zone: cfg.zone.clone(),
+    }
+}
+
+/// Announce until the torrent is cancelled, then say `stopped` (briefly, best effort).
+pub(crate) async fn run(t: Arc<Torrent>) {
+    let mut phase = t.phase();
+    let mut event = if t.is_seeding() {
+        Event::None
+    } else {
+        Event::Started
+    };
+    let mut backoff = FIRST_BACKOFF;
+    let mut completed_sent = t.is_seeding();
+    loop {
+        let req = request(&t, event);
+        let wait = match t.ctx.tracker.announce(&req).await {
+            Ok(resp) => {
+                backoff = FIRST_BACKOFF;
+                event = Event::None;
+                tracing::debug!(package = %t.name, peers = resp.peers.len(), seeders = resp.complete, leechers = resp.incomplete, "announced");
+                t.add_candidates(resp.peers.into_iter().map(|p| (p.addr, p.peer_id)));
+                let interval = Duration::from_secs(u64::from(resp.interval.max(1)));
+                let min = Duration::from_secs(u64::from(resp.min_interval.unwrap_or(5)));
+                (interval, min)
+            }
+            Err(e) => {
+                tracing::warn!(package = %t.name, error = %e, retry_in = ?backoff, "announce failed; swapping with known peers");
+                let w = backoff;
+                backoff = (backoff * 2).min(t.ctx.config.max_announce_backoff);
+                (w, w)
+            }
+        };
+        let (interval, min) = wait;
+        let next = tokio::time::Instant::now() + interval;
+        let earliest = tokio::time::Instant::now() + min;
+        loop {
+            tokio::select! {
+                _ = t.cancel.cancelled() => {
+                    let req = request(&t, Event::Stopped);
+                    let _ = tokio::time::timeout(Duration::from_secs(2), t.ctx.tracker.announce(&req)).await;
+                    return;
+                }
+                _ = tokio::time::sleep_until(next) => break,
+                r = phase.changed() => {
+                    if r.is_err() {
+                        return;
+                    }
+                    let p = phase.borrow_and_update().clone();
+                    match p {
+                        Phase::Seeding(_) if !completed_sent => {
+                            completed_sent = true;
+                            event = Event::Completed;
+                            break;
+                        }
+                        Phase::Failed { .. } => {
+                            let req = request(&t, Event::Stopped);
+                            let _ = tokio::time::timeout(Duration::from_secs(2), t.ctx.tracker.announce(&req)).await;
+                            return;
+                        }
+                        _ => {}
+                    }
+                }
+                _ = t.announce_now.notified() => {
+                    tokio::time::sleep_until(earliest).await;
+                    break;
+                }
+                _ = tokio::time::sleep_until(earliest), if needs_peers(&t) => {
+                    // Re-ask early while the download is short of peers, at the tracker's pace.
+                    tokio::time::sleep(min).await;
+                    break;
+                }
+            }
+        }
+    }
+}
+
+fn needs_peers(t: &Torrent) -> bool {
+    !t.is_seeding() && t.state().peers.len() < FEW_PEERS
+}

@@ -1,0 +1,548 @@
+//! The swarm engine: BitTorrent v1 (BEP 3, with the fast extension BEP 6) for package archives.
+//!
+//! One listener for all torrents; per torrent an announcer, a dialler and one task per peer
+//! connection; per completed piece a verification task; per completed download a hand-off to
+//! the launcher cache. Piece choice is in [`picker`], super-seeding in [`superseed`]; the
+//! states and the lock discipline are in `STATE.md` next to this file.
+
+mod announce;
+mod peer;
+pub mod picker;
+pub mod superseed;
+mod torrent;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use bytes::BytesMut;
+use fbpkg_common::bitfield::Bitfield;
+use fbpkg_common::metainfo::Metainfo;
+use fbpkg_common::pkgref::PackageName;
+use fbpkg_common::tracker_proto::Zone;
+use fbpkg_common::wire::Handshake;
+use fbpkg_common::{InfoHash, PeerId};
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::Instrument;
+
+pub use torrent::{Phase, Torrent, TorrentStatus};
+
+use crate::archive::ExtractLimits;
+use crate::cache::{Cache, Handoff};
+use crate::error::{PeerError, Result};
+use crate::storage::PieceFile;
+use crate::tracker_client::TrackerClient;
+use torrent::Cmd;
+
+/// Engine settings; defaults are what `fbpkg-rs agent` uses.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct EngineConfig {
+    /// Where peers connect (default 127.0.0.1:6881; port 0 picks one).
+    pub listen: SocketAddr,
+    /// This host's zone, for locality-aware peer lists.
+    pub zone: Option<Zone>,
+    /// Connections per package (default 50).
+    pub max_peers: usize,
+    /// Peers uploaded to at once per package (default 32).
+    pub upload_slots: usize,
+    /// Peers asked for per announce (default 50).
+    pub numwant: u32,
+    /// A request unanswered this long is given to someone else (default 20 s).
+    pub request_timeout: Duration,
+    /// Dial timeout (default 5 s).
+    pub connect_timeout: Duration,
+    /// Handshake timeout (default 10 s).
+    pub handshake_timeout: Duration,
+    /// Longest wait between announce retries while the tracker is down (default 60 s).
+    pub max_announce_backoff: Duration,
+    /// Requests in flight per peer cover this much time at its measured rate (default 0.5 s).
+    pub request_window: Duration,
+    /// Fewest requests in flight per peer (default 16).
+    pub min_queue_depth: usize,
+    /// Most requests in flight per peer (default 256).
+    pub max_queue_depth: usize,
+    /// Ration pieces when seeding from the cache to a crowd (default on).
+    pub superseed: bool,
+    /// Where partial downloads live.
+    pub work_dir: PathBuf,
+    /// Bounds on directory packages' extraction.
+    #[serde(skip)]
+    pub extract_limits: ExtractLimits,
+}
+
+impl EngineConfig {
+    /// Defaults with partial downloads under `work_dir`.
+    pub fn new(work_dir: PathBuf) -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 6881)),
+            zone: None,
+            max_peers: 50,
+            upload_slots: 32,
+            numwant: 50,
+            request_timeout: Duration::from_secs(20),
+            connect_timeout: Duration::from_secs(5),
+            handshake_timeout: Duration::from_secs(10),
+            max_announce_backoff: Duration::from_secs(60),
+            request_window: Duration::from_millis(500),
+            min_queue_depth: 16,
+            max_queue_depth: 256,
+            superseed: true,
+            work_dir,
+            extract_limits: ExtractLimits::default(),
+        }
+    }
+}
+
+/// What every torrent shares.
+#[derive(Debug)]
+pub(crate) struct EngineCtx {
+    pub config: EngineConfig,
+    pub peer_id: PeerId,
+    pub listen_addr: SocketAddr,
+    pub tracker: TrackerClient,
+    pub cache: Cache,
+    pub tasks: TaskTracker,
+}
+
+/// The engine: all torrents of one agent (or of one `get` without an agent).
+#[derive(Debug)]
+pub struct Engine {
+    ctx: Arc<EngineCtx>,
+    torrents: RwLock<HashMap<InfoHash, Arc<Torrent>>>,
+    cancel: CancellationToken,
+}
+
+fn new_peer_id() -> PeerId {
+    let mut id = [0u8; 20];
+    id[..8].copy_from_slice(b"-FB0100-");
+    for b in &mut id[8..] {
+        *b = rand::random();
+    }
+    PeerId(id)
+}
+
+impl Engine {
+    /// Bind the listener and start accepting peers.
+    pub async fn start(
+        config: EngineConfig,
+        tracker: TrackerClient,
+        cache: Cache,
+        cancel: CancellationToken,
+    ) -> Result<Arc<Self>> {
+        let listener = TcpListener::bind(config.listen).await.map_err(|e| {
+            PeerError::BadInput(format!("cannot listen for peers on {}: {e}", config.listen))
+        })?;
+        let listen_addr = listener
+            .local_addr()
+            .map_err(PeerError::io("listener address", ""))?;
+        std::fs::create_dir_all(&config.work_dir)
+            .map_err(PeerError::io("creating", &config.work_dir))?;
+        let ctx = Arc::new(EngineCtx {
+            config,
+            peer_id: new_peer_id(),
+            listen_addr,
+            tracker,
+            cache,
+            tasks: TaskTracker::new(),
+        });
+        let engine = Arc::new(Self {
+            ctx: ctx.clone(),
+            torrents: RwLock::new(HashMap::new()),
+            cancel: cancel.clone(),
+        });
+        let e = engine.clone();
+        ctx.tasks.spawn(
+            async move { e.accept_loop(listener).await }
+                .instrument(tracing::info_span!("listener", addr = %listen_addr)),
+        );
+        tracing::info!(addr = %listen_addr, peer_id = %String::from_utf8_lossy(&ctx.peer_id.0[..8]), "engine listening for peers");
+        Ok(engine)
+    }
+
+    /// Where peers connect.
+    pub fn listen_addr(&self) -> SocketAddr {
+        self.ctx.listen_addr
+    }
+
+    /// The launcher cache.
+    pub fn cache(&self) -> &Cache {
+        &self.ctx.cache
+    }
+
+    /// The tracker client.
+    pub fn tracker(&self) -> &TrackerClient {
+        &self.ctx.tracker
+    }
+
+    /// A torrent by info-hash.
+    pub fn torrent(&self, ih: &InfoHash) -> Option<Arc<Torrent>> {
+        self.torrents
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(ih)
+            .cloned()
+    }
+
+    /// Status of every torrent.
+    pub fn status(&self) -> Vec<TorrentStatus> {
+        let mut v: Vec<TorrentStatus> = self
+            .torrents
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .map(|t| t.status())
+            .collect();
+        v.sort_by(|a, b| (&a.name, &a.sha256).cmp(&(&b.name, &b.sha256)));
+        v
+    }
+
+    fn work_dir_for(&self, ih: &InfoHash) -> PathBuf {
+        self.ctx.config.work_dir.join(ih.to_hex())
+    }
+
+    /// Seed a package that is already in the cache at `file`.
+    pub fn seed(
+        &self,
+        name: PackageName,
+        meta: Arc<Metainfo>,
+        file: &Path,
+    ) -> Result<Arc<Torrent>> {
+        if let Some(t) = self.torrent(&meta.info_hash) {
+            return Ok(t);
+        }
+        let storage = PieceFile::open_complete(file, meta.length)
+            .map_err(PeerError::io("opening for seeding", file))?;
+        let entry = self.ctx.cache.lookup(&name, &meta.sha256).ok_or_else(|| {
+            PeerError::NotFound(format!("{name}:{} is not in the cache", meta.sha256))
+        })?;
+        let have = Bitfield::full(meta.num_pieces());
+        Ok(self.insert(name, meta, storage, have, Phase::Seeding(entry), None))
+    }
+
+    /// Download a package (resuming what a previous run left on disk), then seed it.
+    pub async fn download(&self, name: PackageName, meta: Arc<Metainfo>) -> Result<Arc<Torrent>> {
+        if let Some(t) = self.torrent(&meta.info_hash) {
+            if !matches!(t.current_phase(), Phase::Failed { .. }) {
+                return Ok(t);
+            }
+            self.remove(&meta.info_hash);
+        }
+        if let Some(entry) = self.ctx.cache.lookup(&name, &meta.sha256) {
+            let file = entry.dir.join(&meta.name);
+            return self.seed(name, meta, &file);
+        }
+        let dir = self.work_dir_for(&meta.info_hash);
+        std::fs::create_dir_all(&dir).map_err(PeerError::io("creating", &dir))?;
+        let meta_path = dir.join("metainfo.torrent");
+        std::fs::write(&meta_path, meta.as_bytes())
+            .map_err(PeerError::io("writing", &meta_path))?;
+        std::fs::write(dir.join("package"), name.as_str())
+            .map_err(PeerError::io("writing", &dir))?;
+        let part = dir.join("data.part");
+        let m = meta.clone();
+        let part2 = part.clone();
+        let (storage, have) = tokio::task::spawn_blocking(move || resume(&part2, &m))
+            .await
+            .map_err(|e| PeerError::Agent(format!("resume task: {e}")))??;
+        if have.count() > 0 {
+            tracing::info!(package = %name, pieces = have.count(), of = have.len(), "resuming: pieces on disk verified");
+        }
+        let complete = have.is_complete();
+        let t = self.insert(name, meta, storage, have, Phase::Downloading, Some(dir));
+        if complete {
+            spawn_finish(t.clone());
+        }
+        Ok(t)
+    }
+
+    fn insert(
+        &self,
+        name: PackageName,
+        meta: Arc<Metainfo>,
+        storage: PieceFile,
+        have: Bitfield,
+        phase: Phase,
+        work_dir: Option<PathBuf>,
+    ) -> Arc<Torrent> {
+        let ih = meta.info_hash;
+        let t = Torrent::new(
+            self.ctx.clone(),
+            name,
+            meta,
+            storage,
+            have,
+            phase,
+            work_dir,
+            self.cancel.child_token(),
+        );
+        self.torrents
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(ih, t.clone());
+        let span = tracing::info_span!("torrent", package = %t.name, info_hash = %ih);
+        self.ctx
+            .tasks
+            .spawn(announce::run(t.clone()).instrument(span.clone()));
+        self.ctx.tasks.spawn(dial_loop(t.clone()).instrument(span));
+        t
+    }
+
+    /// Stop and forget a torrent (its cache entry, if any, stays).
+    pub fn remove(&self, ih: &InfoHash) {
+        if let Some(t) = self
+            .torrents
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(ih)
+        {
+            t.cancel.cancel();
+        }
+    }
+
+    /// Resume every partial download left under the work directory by a previous run.
+    pub async fn resume_all(&self) -> Vec<(PackageName, Result<Arc<Torrent>>)> {
+        let mut out = Vec::new();
+        let Ok(rd) = std::fs::read_dir(&self.ctx.config.work_dir) else {
+            return out;
+        };
+        for e in rd.flatten() {
+            let dir = e.path();
+            let meta = std::fs::read(dir.join("metainfo.torrent"))
+                .ok()
+                .and_then(|b| Metainfo::parse(&b).ok());
+            let name = std::fs::read_to_string(dir.join("package"))
+                .ok()
+                .and_then(|n| PackageName::new(n.trim()).ok());
+            match (meta, name) {
+                (Some(m), Some(n)) if e.file_name().to_str() == Some(&m.info_hash.to_hex()) => {
+                    let r = self.download(n.clone(), Arc::new(m)).await;
+                    out.push((n, r));
+                }
+                _ => {
+                    tracing::warn!(dir = %dir.display(), "unreadable partial download; removed");
+                    let _ = std::fs::remove_dir_all(&dir);
+                }
+            }
+        }
+        out
+    }
+
+    /// Stop everything: announce `stopped`, close connections, wait for tasks (bounded).
+    pub async fn shutdown(&self) {
+        self.cancel.cancel();
+        self.ctx.tasks.close();
+        if tokio::time::timeout(Duration::from_secs(5), self.ctx.tasks.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!("engine tasks did not stop within 5 s");
+        }
+    }
+
+    async fn accept_loop(self: Arc<Self>, listener: TcpListener) {
+        loop {
+            let accepted = tokio::select! {
+                _ = self.cancel.cancelled() => return,
+                a = listener.accept() => a,
+            };
+            match accepted {
+                Ok((stream, addr)) => {
+                    let e = self.clone();
+                    self.ctx.tasks.spawn(
+                        async move { e.incoming(stream, addr).await }
+                            .instrument(tracing::debug_span!("incoming", peer = %addr)),
+                    );
+                }
+                Err(err) => {
+                    // Out of file descriptors and the like: back off instead of spinning.
+                    tracing::warn!(error = %err, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
+    }
+
+    async fn incoming(&self, mut stream: TcpStream, addr: SocketAddr) {
+        let timeout = self.ctx.config.handshake_timeout;
+        let mut buf = BytesMut::with_capacity(1024);
+        let theirs =
+            match tokio::time::timeout(timeout, read_handshake(&mut stream, &mut buf)).await {
+                Ok(Ok(h)) => h,
+                Ok(Err(e)) => {
+                    tracing::debug!(peer = %addr, error = %e, "bad incoming handshake");
+                    return;
+                }
+                Err(_) => return,
+            };
+        let Some(t) = self.torrent(&theirs.info_hash) else {
+            tracing::debug!(peer = %addr, info_hash = %theirs.info_hash, "handshake for a package we do not have");
+            return;
+        };
+        if theirs.peer_id == self.ctx.peer_id {
+            return;
+        }
+        let mut out = BytesMut::new();
+        Handshake::new(t.meta.info_hash, self.ctx.peer_id).encode(&mut out);
+        if stream.write_all(&out).await.is_err() {
+            return;
+        }
+        peer::run(t, stream, theirs, addr, false, buf).await;
+    }
+}
+
+async fn read_handshake(stream: &mut TcpStream, buf: &mut BytesMut) -> Result<Handshake> {
+    loop {
+        if let Some(h) = Handshake::decode(buf)? {
+            return Ok(h);
+        }
+        let n = stream
+            .read_buf(buf)
+            .await
+            .map_err(PeerError::io("reading handshake", ""))?;
+        if n == 0 {
+            return Err(PeerError::Agent(
+                "connection closed during handshake".into(),
+            ));
+        }
+    }
+}
+
+/// Dial known peers while there is room, until the torrent stops.
+async fn dial_loop(t: Arc<Torrent>) {
+    loop {
+        for addr in t.dial_list() {
+            let t2 = t.clone();
+            t.ctx.tasks.spawn(
+                async move {
+                    let ok = dial(t2.clone(), addr).await;
+                    t2.dial_done(addr, ok);
+                }
+                .instrument(tracing::debug_span!("dial", peer = %addr)),
+            );
+        }
+        tokio::select! {
+            _ = t.cancel.cancelled() => return,
+            _ = t.want_peers.notified() => {}
+            _ = tokio::time::sleep(Duration::from_secs(2)) => {}
+        }
+    }
+}
+
+/// Connect, exchange handshakes, run the connection. Returns whether the handshake worked.
+async fn dial(t: Arc<Torrent>, addr: SocketAddr) -> bool {
+    let cfg = &t.ctx.config;
+    let connect = tokio::time::timeout(cfg.connect_timeout, TcpStream::connect(addr)).await;
+    let Ok(Ok(mut stream)) = connect else {
+        tracing::debug!(peer = %addr, "dial failed");
+        return false;
+    };
+    let mut out = BytesMut::new();
+    Handshake::new(t.meta.info_hash, t.ctx.peer_id).encode(&mut out);
+    let mut buf = BytesMut::with_capacity(1024);
+    let hs = async {
+        stream
+            .write_all(&out)
+            .await
+            .map_err(PeerError::io("writing handshake", ""))?;
+        read_handshake(&mut stream, &mut buf).await
+    };
+    let theirs = match tokio::time::timeout(cfg.handshake_timeout, hs).await {
+        Ok(Ok(h)) => h,
+        _ => return false,
+    };
+    if theirs.info_hash != t.meta.info_hash || theirs.peer_id == t.ctx.peer_id {
+        return false;
+    }
+    // The dial succeeded; the connection runs in this task until it ends.
+    let t2 = t.clone();
+    t.dial_done(addr, true);
+    peer::run(t2, stream, theirs, addr, true, buf).await;
+    true
+}
+
+/// Verify every piece already in a partial file; missing or corrupt ones are fetched again.
+fn resume(part: &Path, meta: &Metainfo) -> Result<(PieceFile, Bitfield)> {
+    let existed = part.exists();
+    let storage =
+        PieceFile::open_partial(part, meta.length).map_err(PeerError::io("opening", part))?;
+    let mut have = Bitfield::new(meta.num_pieces());
+    if existed {
+        for i in 0..meta.num_pieces() {
+            let h = storage
+                .sha1_of(meta.piece_offset(i), u64::from(meta.piece_size(i)))
+                .map_err(PeerError::io("verifying", part))?;
+            if h == meta.pieces[i as usize] {
+                have.set(i);
+            }
+        }
+    }
+    Ok((storage, have))
+}
+
+/// Check a completed piece against its SHA-1, then tell everyone or start it over.
+pub(crate) fn spawn_verify(t: Arc<Torrent>, index: u32) {
+    let tasks = t.ctx.tasks.clone();
+    tasks.spawn(async move {
+        let storage = t.storage();
+        let (offset, len) = (t.meta.piece_offset(index), u64::from(t.meta.piece_size(index)));
+        let expected = t.meta.pieces[index as usize];
+        let hashed = tokio::task::spawn_blocking(move || storage.sha1_of(offset, len)).await;
+        let ok = matches!(hashed, Ok(Ok(h)) if h == expected);
+        let (sources, complete) = {
+            let mut st = t.state();
+            let sources = st.picker.verified(index, ok);
+            (sources, st.picker.is_complete())
+        };
+        if ok {
+            t.broadcast(Cmd::Have(index));
+            if complete {
+                spawn_finish(t);
+            }
+        } else {
+            tracing::warn!(package = %t.name, piece = index, "piece failed verification; fetching it again");
+            t.blame(&sources);
+            t.broadcast(Cmd::Refill);
+        }
+    });
+}
+
+/// Every piece verified: check the archive's SHA-256 and install it in the cache.
+fn spawn_finish(t: Arc<Torrent>) {
+    let tasks = t.ctx.tasks.clone();
+    tasks.spawn(async move {
+        t.set_phase(Phase::Verifying);
+        let storage = t.storage();
+        let (cache, name, meta) = (t.ctx.cache.clone(), t.name.clone(), t.meta.clone());
+        let limits = t.ctx.config.extract_limits;
+        let part = storage.path().to_owned();
+        let installed = tokio::task::spawn_blocking(move || {
+            storage.sync().map_err(PeerError::io("fsync", storage.path()))?;
+            let entry = cache.install(&name, &meta, &part, Handoff::Move, &limits)?;
+            let file = entry.dir.join(&meta.name);
+            let seeding = PieceFile::open_complete(&file, meta.length).map_err(PeerError::io("reopening", &file))?;
+            Ok::<_, PeerError>((entry, seeding))
+        })
+        .await
+        .unwrap_or_else(|e| Err(PeerError::Agent(format!("install task: {e}"))));
+        match installed {
+            Ok((entry, seeding)) => {
+                t.replace_storage(seeding);
+                t.remove_work_dir();
+                tracing::info!(package = %t.name, sha256 = %t.meta.sha256, path = %entry.launch_path.display(), "verified and in the cache; seeding");
+                t.set_phase(Phase::Seeding(entry));
+            }
+            Err(e) => {
+                tracing::error!(package = %t.name, error = %e, "download failed after the last piece");
+                t.remove_work_dir();
+                t.set_phase(Phase::Failed { kind: e.kind().to_owned(), message: e.to_string() });
+                t.cancel.cancel();
+            }
+        }
+    });
+}

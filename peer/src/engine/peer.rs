@@ -1,0 +1,602 @@
+//! One peer connection: a single task that reads, writes and keeps time for its socket.
+//!
+//! The task owns the socket and a write buffer; `select!` interleaves reading messages,
+//! writing queued bytes, commands from the torrent, and a one-second housekeeping tick.
+//! Uploads are read from storage straight into the write buffer only as it drains, so a peer
+//! asking for many blocks costs a queue of 12-byte requests, not memory for the data.
+
+use std::collections::{HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use fbpkg_common::bitfield::Bitfield;
+use fbpkg_common::metainfo::BLOCK_SIZE;
+use fbpkg_common::wire::{BlockRef, DEFAULT_MAX_MESSAGE, Handshake, Message};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+
+use super::picker::{Arrival, ConnId};
+use super::torrent::{Cmd, Phase, Refusal, Torrent, grant_next_slot};
+
+/// Stop filling the write buffer from storage beyond this many bytes.
+const WRITE_HIGH_WATER: usize = 96 << 10;
+/// Most requests a peer may queue with us; more are rejected (fast) or dropped.
+const MAX_QUEUED_UPLOADS: usize = 512;
+/// Largest block a peer may ask for.
+const MAX_REQUEST: u32 = 128 << 10;
+/// Disconnect a peer that sends nothing for this long (keep-alives count).
+const IDLE_TIMEOUT: Duration = Duration::from_secs(180);
+/// Send a keep-alive when we have written nothing for this long.
+const KEEPALIVE: Duration = Duration::from_secs(60);
+
+/// Why a connection ended.
+#[derive(Debug)]
+enum End {
+    Closed,
+    Io(std::io::Error),
+    Protocol(String),
+    Told(&'static str),
+    Cancelled,
+}
+
+impl std::fmt::Display for End {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            End::Closed => f.write_str("closed by peer"),
+            End::Io(e) => write!(f, "I/O error: {e}"),
+            End::Protocol(why) => write!(f, "protocol violation: {why}"),
+            End::Told(why) => f.write_str(why),
+            End::Cancelled => f.write_str("shutting down"),
+        }
+    }
+}
+
+struct Conn {
+    t: Arc<Torrent>,
+    id: ConnId,
+    addr: SocketAddr,
+    fast: bool,
+    wbuf: BytesMut,
+    peer_choking: bool,
+    am_interested: bool,
+    am_choking: bool,
+    peer_interested: bool,
+    first_message: bool,
+    in_flight: HashMap<(u32, u32), Instant>,
+    uploads: VecDeque<BlockRef>,
+    /// Pieces advertised to this peer (matters while super-seeding).
+    advertised: Bitfield,
+    super_seeding: bool,
+    down_tick: u64,
+    up_tick: u64,
+    down_rate: f64,
+    up_rate: f64,
+    last_recv: Instant,
+    last_send: Instant,
+}
+
+/// Run a connection whose handshakes are done. `leftover` holds bytes read past the handshake.
+pub(crate) async fn run(
+    t: Arc<Torrent>,
+    mut stream: TcpStream,
+    theirs: Handshake,
+    addr: SocketAddr,
+    outgoing: bool,
+    leftover: BytesMut,
+) {
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let id = match t.register(theirs.peer_id, addr, outgoing, tx) {
+        Ok(id) => id,
+        Err(r) => {
+            if r != Refusal::Duplicate {
+                tracing::debug!(package = %t.name, peer = %addr, refusal = ?r, "connection refused");
+            }
+            return;
+        }
+    };
+    let _ = stream.set_nodelay(true);
+    let n = t.meta.num_pieces();
+    let now = Instant::now();
+    let mut c = Conn {
+        t: t.clone(),
+        id,
+        addr,
+        fast: theirs.supports_fast(),
+        wbuf: BytesMut::with_capacity(WRITE_HIGH_WATER + (32 << 10)),
+        peer_choking: true,
+        am_interested: false,
+        am_choking: true,
+        peer_interested: false,
+        first_message: true,
+        in_flight: HashMap::new(),
+        uploads: VecDeque::new(),
+        advertised: Bitfield::new(n),
+        super_seeding: false,
+        down_tick: 0,
+        up_tick: 0,
+        down_rate: 0.0,
+        up_rate: 0.0,
+        last_recv: now,
+        last_send: now,
+    };
+    tracing::debug!(package = %t.name, peer = %addr, outgoing, "peer connected");
+    let end = c.drive(&mut stream, &mut rx, leftover).await;
+    match &end {
+        End::Closed | End::Cancelled | End::Told(_) => {
+            tracing::debug!(package = %t.name, peer = %addr, reason = %end, "peer disconnected")
+        }
+        End::Io(_) | End::Protocol(_) => {
+            tracing::debug!(package = %t.name, peer = %addr, reason = %end, "peer dropped")
+        }
+    }
+    t.unregister(id);
+}
+
+impl Conn {
+    async fn drive(
+        &mut self,
+        stream: &mut TcpStream,
+        rx: &mut mpsc::UnboundedReceiver<Cmd>,
+        mut rbuf: BytesMut,
+    ) -> End {
+        let (mut rd, mut wr) = stream.split();
+        self.greet();
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let cancel = self.t.cancel.clone();
+        rbuf.reserve(64 << 10);
+        loop {
+            // Messages already buffered (from the handshake read, or a large read).
+            loop {
+                match Message::decode(&mut rbuf, DEFAULT_MAX_MESSAGE) {
+                    Ok(Some(m)) => {
+                        if let Err(e) = self.on_message(m) {
+                            return e;
+                        }
+                    }
+                    Ok(None) => break,
+                    Err(e) => return End::Protocol(e.to_string()),
+                }
+            }
+            if let Err(e) = self.pump_uploads() {
+                return e;
+            }
+            if rbuf.capacity() - rbuf.len() < 16 << 10 {
+                rbuf.reserve(64 << 10);
+            }
+            tokio::select! {
+                _ = cancel.cancelled() => return End::Cancelled,
+                r = rd.read_buf(&mut rbuf) => match r {
+                    Ok(0) => return End::Closed,
+                    Ok(_) => self.last_recv = Instant::now(),
+                    Err(e) => return End::Io(e),
+                },
+                r = wr.write(&self.wbuf), if !self.wbuf.is_empty() => match r {
+                    Ok(0) => return End::Closed,
+                    Ok(n) => {
+                        let _ = self.wbuf.split_to(n);
+                        self.last_send = Instant::now();
+                    }
+                    Err(e) => return End::Io(e),
+                },
+                cmd = rx.recv() => match cmd {
+                    None => return End::Cancelled,
+                    Some(cmd) => if let Err(e) = self.on_cmd(cmd) { return e },
+                },
+                _ = tick.tick() => if let Err(e) = self.housekeeping() { return e },
+            }
+        }
+    }
+
+    fn send(&mut self, m: &Message) {
+        m.encode(&mut self.wbuf);
+    }
+
+    /// First messages: what we have, or (super-seeding) a first few offers.
+    fn greet(&mut self) {
+        let seeding = matches!(self.t.current_phase(), Phase::Seeding(_));
+        let mut st = self.t.state();
+        let have = st.picker.have().clone();
+        let offers = match st.planner.as_mut() {
+            Some(planner) if seeding => {
+                self.super_seeding = true;
+                Some(planner.offers(self.id, 2))
+            }
+            _ => None,
+        };
+        drop(st);
+        match offers {
+            Some(offers) => {
+                if self.fast {
+                    self.send(&Message::HaveNone);
+                }
+                self.advertise(&offers);
+            }
+            None => {
+                if have.is_complete() && self.fast {
+                    self.send(&Message::HaveAll);
+                } else if have.count() > 0 {
+                    self.send(&Message::Bitfield(bytes::Bytes::copy_from_slice(
+                        have.as_bytes(),
+                    )));
+                } else if self.fast {
+                    self.send(&Message::HaveNone);
+                }
+                for i in have.ones() {
+                    self.advertised.set(i);
+                }
+            }
+        }
+    }
+
+    fn advertise(&mut self, pieces: &[u32]) {
+        for &i in pieces {
+            if self.advertised.set(i) {
+                self.send(&Message::Have(i));
+            }
+        }
+    }
+
+    fn on_cmd(&mut self, cmd: Cmd) -> Result<(), End> {
+        match cmd {
+            Cmd::Have(i) => {
+                if !self.super_seeding {
+                    self.advertise(&[i]);
+                }
+                self.update_interest();
+            }
+            Cmd::AdvertiseAll => {
+                self.super_seeding = false;
+                let have = self.t.state().picker.have().clone();
+                let missing: Vec<u32> = have.ones().filter(|&i| !self.advertised.get(i)).collect();
+                self.advertise(&missing);
+            }
+            Cmd::Cancel(b) => {
+                if self.in_flight.remove(&(b.index, b.begin)).is_some() {
+                    self.send(&Message::Cancel(b));
+                }
+            }
+            Cmd::Unchoke => {
+                if self.am_choking {
+                    self.am_choking = false;
+                    self.send(&Message::Unchoke);
+                }
+            }
+            Cmd::Refill => self.fill_requests(),
+            Cmd::Disconnect(why) => return Err(End::Told(why)),
+        }
+        Ok(())
+    }
+
+    fn on_message(&mut self, m: Message) -> Result<(), End> {
+        let first = std::mem::replace(&mut self.first_message, false);
+        let n = self.t.meta.num_pieces();
+        let bad = |why: &str| Err(End::Protocol(why.to_owned()));
+        match m {
+            Message::KeepAlive => {}
+            Message::Choke => {
+                self.peer_choking = true;
+                if !self.fast {
+                    // Without the fast extension a choke discards every pending request.
+                    let mut st = self.t.state();
+                    st.picker.release_conn(self.id);
+                    self.in_flight.clear();
+                }
+            }
+            Message::Unchoke => {
+                self.peer_choking = false;
+                self.fill_requests();
+            }
+            Message::Interested => {
+                self.peer_interested = true;
+                let mut st = self.t.state();
+                let slots = self.t.ctx.config.upload_slots;
+                let unchoked = st.peers.values().filter(|p| p.unchoked).count();
+                let grant = unchoked < slots;
+                if let Some(s) = st.peers.get_mut(&self.id) {
+                    s.interested_in_us = true;
+                    if grant {
+                        s.unchoked = true;
+                    }
+                }
+                if !grant && !st.waiting_for_slot.contains(&self.id) {
+                    st.waiting_for_slot.push_back(self.id);
+                }
+                drop(st);
+                if grant && self.am_choking {
+                    self.am_choking = false;
+                    self.send(&Message::Unchoke);
+                }
+            }
+            Message::NotInterested => {
+                self.peer_interested = false;
+                let mut st = self.t.state();
+                let mut freed = false;
+                if let Some(s) = st.peers.get_mut(&self.id) {
+                    s.interested_in_us = false;
+                    freed = std::mem::replace(&mut s.unchoked, false);
+                }
+                if freed {
+                    grant_next_slot(&mut st);
+                }
+                drop(st);
+                if freed && !self.am_choking {
+                    self.am_choking = true;
+                    self.uploads.clear();
+                    self.send(&Message::Choke);
+                }
+            }
+            Message::Have(i) => {
+                if i >= n {
+                    return bad("have for a piece past the end");
+                }
+                self.peer_got(&[i]);
+            }
+            Message::Bitfield(bytes) => {
+                if !first {
+                    return bad("bitfield after the first message");
+                }
+                let bits =
+                    Bitfield::from_wire(&bytes, n).map_err(|e| End::Protocol(e.to_string()))?;
+                let ones: Vec<u32> = bits.ones().collect();
+                self.peer_got(&ones);
+            }
+            Message::HaveAll | Message::HaveNone => {
+                if !self.fast {
+                    return bad("fast-extension message from a peer that did not offer it");
+                }
+                if !first {
+                    return bad("have-all/have-none after the first message");
+                }
+                if matches!(m, Message::HaveAll) {
+                    let all: Vec<u32> = (0..n).collect();
+                    self.peer_got(&all);
+                }
+            }
+            Message::Request(b) => self.on_request(b)?,
+            Message::Cancel(b) => self.uploads.retain(|u| *u != b),
+            Message::Piece { index, begin, data } => self.on_block(index, begin, data)?,
+            Message::Reject(b) => {
+                if self.in_flight.remove(&(b.index, b.begin)).is_some() {
+                    self.t.state().picker.release_block(self.id, &b);
+                    self.fill_requests();
+                }
+            }
+            Message::Suggest(_) | Message::AllowedFast(_) | Message::Port(_) => {}
+            Message::Extended { .. } | Message::Unknown { .. } => {}
+        }
+        Ok(())
+    }
+
+    /// The peer now has `pieces` (bitfield, have-all, or one have).
+    fn peer_got(&mut self, pieces: &[u32]) {
+        let mut st = self.t.state();
+        let mut new = Vec::with_capacity(pieces.len());
+        if let Some(slot) = st.peers.get_mut(&self.id) {
+            for &i in pieces {
+                if slot.bitfield.set(i) {
+                    new.push(i);
+                }
+            }
+        }
+        for &i in &new {
+            st.picker.add_one(i);
+        }
+        let mut all_out = false;
+        if let Some(planner) = st.planner.as_mut() {
+            for &i in &new {
+                planner.peer_has(self.id, i);
+            }
+            all_out = planner.distributed();
+        }
+        if all_out {
+            // Every piece is out in the swarm: stop rationing and advertise everything.
+            st.planner = None;
+            for s in st.peers.values() {
+                let _ = s.tx.send(Cmd::AdvertiseAll);
+            }
+            tracing::info!(package = %self.t.name, "every piece handed out once; super-seeding ends");
+        }
+        drop(st);
+        self.update_interest();
+        self.fill_requests();
+    }
+
+    fn update_interest(&mut self) {
+        let st = self.t.state();
+        let want = !st.picker.is_complete()
+            && st
+                .peers
+                .get(&self.id)
+                .is_some_and(|s| st.picker.interesting(&s.bitfield));
+        drop(st);
+        if want != self.am_interested {
+            self.am_interested = want;
+            self.send(if want {
+                &Message::Interested
+            } else {
+                &Message::NotInterested
+            });
+        }
+    }
+
+    fn depth(&self) -> usize {
+        let cfg = &self.t.ctx.config;
+        let by_rate =
+            (self.down_rate * cfg.request_window.as_secs_f64() / f64::from(BLOCK_SIZE)) as usize;
+        (by_rate + 4).clamp(cfg.min_queue_depth, cfg.max_queue_depth)
+    }
+
+    fn fill_requests(&mut self) {
+        if self.peer_choking || !self.am_interested {
+            return;
+        }
+        let want = self.depth().saturating_sub(self.in_flight.len());
+        if want < 4 && !self.in_flight.is_empty() {
+            return;
+        }
+        let now = Instant::now();
+        let picked = {
+            let mut st = self.t.state();
+            let Some(bits) = st.peers.get(&self.id).map(|s| s.bitfield.clone()) else {
+                return;
+            };
+            st.picker.pick(self.id, &bits, want, now)
+        };
+        for b in picked {
+            self.in_flight.insert((b.index, b.begin), now);
+            self.send(&Message::Request(b));
+        }
+    }
+
+    fn on_request(&mut self, b: BlockRef) -> Result<(), End> {
+        let size = self.t.meta.piece_size(b.index);
+        if b.length == 0
+            || b.length > MAX_REQUEST
+            || u64::from(b.begin) + u64::from(b.length) > u64::from(size)
+        {
+            return Err(End::Protocol(format!("invalid request {b:?}")));
+        }
+        let reject = |c: &mut Conn| {
+            if c.fast {
+                c.send(&Message::Reject(b));
+            }
+        };
+        if self.am_choking || self.uploads.len() >= MAX_QUEUED_UPLOADS {
+            reject(self);
+            return Ok(());
+        }
+        let mut st = self.t.state();
+        if !st.picker.have().get(b.index) {
+            drop(st);
+            reject(self);
+            return Ok(());
+        }
+        let mut offers = Vec::new();
+        if self.super_seeding {
+            if let Some(planner) = st.planner.as_mut() {
+                planner.requested(self.id, b.index);
+                let piece = self.t.meta.piece_length as f64;
+                let keep = ((self.up_rate * 0.5 / piece).ceil() as usize).clamp(2, 32);
+                offers = planner.offers(self.id, keep);
+            }
+        }
+        drop(st);
+        self.advertise(&offers);
+        self.uploads.push_back(b);
+        Ok(())
+    }
+
+    /// Move queued uploads into the write buffer, reading from storage, while it has room.
+    fn pump_uploads(&mut self) -> Result<(), End> {
+        if self.uploads.is_empty() || self.wbuf.len() >= WRITE_HIGH_WATER {
+            return Ok(());
+        }
+        let storage = self.t.storage();
+        while self.wbuf.len() < WRITE_HIGH_WATER {
+            let Some(b) = self.uploads.pop_front() else {
+                break;
+            };
+            let offset = self.t.meta.piece_offset(b.index) + u64::from(b.begin);
+            Message::encode_piece_header(b.index, b.begin, b.length as usize, &mut self.wbuf);
+            let start = self.wbuf.len();
+            self.wbuf.resize(start + b.length as usize, 0);
+            if let Err(e) = storage.read_at(offset, &mut self.wbuf[start..]) {
+                tracing::error!(package = %self.t.name, error = %e, "cannot read a block to upload");
+                return Err(End::Io(e));
+            }
+            self.up_tick += u64::from(b.length);
+            self.t.count_up(u64::from(b.length));
+        }
+        Ok(())
+    }
+
+    fn on_block(&mut self, index: u32, begin: u32, data: bytes::Bytes) -> Result<(), End> {
+        let Ok(length) = u32::try_from(data.len()) else {
+            return Err(End::Protocol("oversized block".into()));
+        };
+        let b = BlockRef {
+            index,
+            begin,
+            length,
+        };
+        if self.in_flight.remove(&(index, begin)).is_none() {
+            self.t.count_wasted(u64::from(length));
+            return Ok(());
+        }
+        self.down_tick += u64::from(length);
+        let arrival = self.t.state().picker.received(self.id, &b);
+        match arrival {
+            Arrival::Unexpected => {
+                self.t.count_wasted(u64::from(length));
+            }
+            Arrival::Accepted { complete, cancel } => {
+                let offset = self.t.meta.piece_offset(index) + u64::from(begin);
+                if let Err(e) = self.t.storage().write_at(offset, &data) {
+                    tracing::error!(package = %self.t.name, error = %e, "cannot write a block");
+                    // The picker thinks the block arrived; fail the piece so it is fetched again.
+                    return Err(End::Io(e));
+                }
+                self.t.count_down(u64::from(length));
+                if !cancel.is_empty() {
+                    let st = self.t.state();
+                    for c in cancel {
+                        if let Some(s) = st.peers.get(&c) {
+                            let _ = s.tx.send(Cmd::Cancel(b));
+                        }
+                    }
+                }
+                if complete {
+                    super::spawn_verify(self.t.clone(), index);
+                }
+            }
+        }
+        self.fill_requests();
+        Ok(())
+    }
+
+    fn housekeeping(&mut self) -> Result<(), End> {
+        let now = Instant::now();
+        self.down_rate = 0.6 * self.down_rate + 0.4 * self.down_tick as f64;
+        self.up_rate = 0.6 * self.up_rate + 0.4 * self.up_tick as f64;
+        self.down_tick = 0;
+        self.up_tick = 0;
+        let timeout = self.t.ctx.config.request_timeout;
+        let stale = {
+            let mut st = self.t.state();
+            if let Some(s) = st.peers.get_mut(&self.id) {
+                s.down_rate = self.down_rate;
+                s.up_rate = self.up_rate;
+            }
+            let stale = now
+                .checked_sub(timeout)
+                .map(|cut| st.picker.stale_requests(self.id, cut))
+                .unwrap_or_default();
+            for b in &stale {
+                st.picker.release_block(self.id, b);
+            }
+            stale
+        };
+        if !stale.is_empty() {
+            tracing::debug!(package = %self.t.name, peer = %self.addr, blocks = stale.len(), "requests timed out");
+            for b in stale {
+                self.in_flight.remove(&(b.index, b.begin));
+                self.send(&Message::Cancel(b));
+            }
+            // Others may take the released blocks.
+            self.t.broadcast(Cmd::Refill);
+        }
+        if now.duration_since(self.last_recv) > IDLE_TIMEOUT {
+            return Err(End::Told("idle"));
+        }
+        if self.wbuf.is_empty() && now.duration_since(self.last_send) > KEEPALIVE {
+            self.send(&Message::KeepAlive);
+        }
+        self.fill_requests();
+        Ok(())
+    }
+}

@@ -1,0 +1,581 @@
+//! Which blocks to ask which peer for. Pure: no I/O, no clocks of its own, so every rule is
+//! unit-tested. See `STATE.md` for the piece and block states.
+//!
+//! Rules, in order, for a peer that can take more requests:
+//! 1. finish pieces already in progress (fewer partial pieces: a piece can only be shared once
+//!    it is whole and verified);
+//! 2. start the rarest piece this peer has (availability counted over connected peers), ties
+//!    broken at random — never in order, so a flash crowd spreads over the package;
+//! 3. endgame: when every missing piece is in progress, ask for blocks already requested from
+//!    someone else (at most [`Picker::MAX_DUPLICATES`] copies), so a slow peer cannot hold up
+//!    the last piece. The duplicates are cancelled when the block arrives.
+
+use std::collections::HashMap;
+
+use fbpkg_common::bitfield::Bitfield;
+use fbpkg_common::metainfo::BLOCK_SIZE;
+use fbpkg_common::wire::BlockRef;
+use rand::RngExt;
+use tokio::time::Instant;
+
+/// Identifies one peer connection within a torrent.
+pub type ConnId = u64;
+
+#[derive(Debug, Clone, PartialEq)]
+enum Block {
+    Free,
+    Requested { by: Vec<ConnId>, at: Instant },
+    Received,
+}
+
+#[derive(Debug, Clone)]
+struct Partial {
+    blocks: Vec<Block>,
+    received: u32,
+    /// Who sent which block, for blame when the piece fails verification.
+    sources: Vec<ConnId>,
+}
+
+/// What a received block meant.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Arrival {
+    /// Stored; `complete` when it was the piece's last block. `cancel` lists other peers the
+    /// same block was requested from (endgame) whose requests should now be cancelled.
+    Accepted {
+        /// The piece has all its blocks and should be verified.
+        complete: bool,
+        /// Connections to send a `cancel` for this block.
+        cancel: Vec<ConnId>,
+    },
+    /// Not requested, already received, or malformed: drop it.
+    Unexpected,
+}
+
+/// Block-level download state of one torrent.
+#[derive(Debug, Clone)]
+pub struct Picker {
+    piece_length: u64,
+    length: u64,
+    have: Bitfield,
+    verifying: Bitfield,
+    availability: Vec<u32>,
+    partial: HashMap<u32, Partial>,
+}
+
+impl Picker {
+    /// Most copies of one block requested at once in endgame.
+    pub const MAX_DUPLICATES: usize = 2;
+
+    /// A picker for a package of `length` bytes in `piece_length` pieces, starting from `have`.
+    pub fn new(length: u64, piece_length: u64, have: Bitfield) -> Self {
+        let n = have.len() as usize;
+        Self {
+            piece_length,
+            length,
+            verifying: Bitfield::new(have.len()),
+            have,
+            availability: vec![0; n],
+            partial: HashMap::new(),
+        }
+    }
+
+    /// Verified pieces.
+    pub fn have(&self) -> &Bitfield {
+        &self.have
+    }
+
+    /// Every piece verified.
+    pub fn is_complete(&self) -> bool {
+        self.have.is_complete()
+    }
+
+    /// Bytes in verified pieces.
+    pub fn bytes_have(&self) -> u64 {
+        self.have
+            .ones()
+            .map(|i| u64::from(self.piece_size(i)))
+            .sum()
+    }
+
+    /// Length of piece `i`.
+    pub fn piece_size(&self, i: u32) -> u32 {
+        let start = u64::from(i) * self.piece_length;
+        u32::try_from(self.length.saturating_sub(start).min(self.piece_length)).unwrap_or(0)
+    }
+
+    fn blocks_in(&self, i: u32) -> u32 {
+        self.piece_size(i).div_ceil(BLOCK_SIZE)
+    }
+
+    fn block_ref(&self, index: u32, b: u32) -> BlockRef {
+        let begin = b * BLOCK_SIZE;
+        BlockRef {
+            index,
+            begin,
+            length: (self.piece_size(index) - begin).min(BLOCK_SIZE),
+        }
+    }
+
+    /// A peer joined with `bits`.
+    pub fn add_availability(&mut self, bits: &Bitfield) {
+        for i in bits.ones() {
+            self.availability[i as usize] += 1;
+        }
+    }
+
+    /// A peer left, or its bitfield is being replaced.
+    pub fn remove_availability(&mut self, bits: &Bitfield) {
+        for i in bits.ones() {
+            let a = &mut self.availability[i as usize];
+            *a = a.saturating_sub(1);
+        }
+    }
+
+    /// A peer announced piece `i`.
+    pub fn add_one(&mut self, i: u32) {
+        if let Some(a) = self.availability.get_mut(i as usize) {
+            *a += 1;
+        }
+    }
+
+    /// How many connected peers have piece `i`.
+    pub fn availability(&self, i: u32) -> u32 {
+        self.availability.get(i as usize).copied().unwrap_or(0)
+    }
+
+    fn wanted(&self, i: u32) -> bool {
+        !self.have.get(i) && !self.verifying.get(i) && !self.partial.contains_key(&i)
+    }
+
+    /// Does `peer_has` hold any piece we still need?
+    pub fn interesting(&self, peer_has: &Bitfield) -> bool {
+        peer_has.ones().any(|i| !self.have.get(i))
+    }
+
+    /// Up to `max` new requests for connection `conn`, whose pieces are `peer_has`.
+    pub fn pick(
+        &mut self,
+        conn: ConnId,
+        peer_has: &Bitfield,
+        max: usize,
+        now: Instant,
+    ) -> Vec<BlockRef> {
+        let mut out = Vec::new();
+        if max == 0 {
+            return out;
+        }
+        // 1. Free blocks of pieces in progress that this peer has.
+        let mut in_progress: Vec<u32> = self
+            .partial
+            .keys()
+            .copied()
+            .filter(|&i| peer_has.get(i))
+            .collect();
+        in_progress.sort_unstable();
+        for i in in_progress {
+            self.take_free(conn, i, max, now, &mut out);
+            if out.len() >= max {
+                return out;
+            }
+        }
+        // 2. Start rarest pieces, random among equals.
+        while out.len() < max {
+            let Some(i) = self.rarest(peer_has) else {
+                break;
+            };
+            let blocks = vec![Block::Free; self.blocks_in(i) as usize];
+            self.partial.insert(
+                i,
+                Partial {
+                    blocks,
+                    received: 0,
+                    sources: Vec::new(),
+                },
+            );
+            self.take_free(conn, i, max, now, &mut out);
+        }
+        // 3. Endgame: nothing left to start anywhere.
+        if out.len() < max && self.endgame() {
+            self.take_duplicates(conn, peer_has, max, &mut out);
+        }
+        out
+    }
+
+    fn take_free(
+        &mut self,
+        conn: ConnId,
+        i: u32,
+        max: usize,
+        now: Instant,
+        out: &mut Vec<BlockRef>,
+    ) {
+        let refs: Vec<u32> = match self.partial.get(&i) {
+            Some(p) => p
+                .blocks
+                .iter()
+                .enumerate()
+                .filter(|(_, b)| **b == Block::Free)
+                .map(|(b, _)| b as u32)
+                .take(max - out.len())
+                .collect(),
+            None => return,
+        };
+        for b in refs {
+            out.push(self.block_ref(i, b));
+            if let Some(p) = self.partial.get_mut(&i) {
+                p.blocks[b as usize] = Block::Requested {
+                    by: vec![conn],
+                    at: now,
+                };
+            }
+        }
+    }
+
+    fn rarest(&self, peer_has: &Bitfield) -> Option<u32> {
+        let mut rng = rand::rng();
+        let mut best: Option<(u32, u32)> = None; // (availability, piece)
+        let mut ties = 0u32;
+        for i in peer_has.ones() {
+            if !self.wanted(i) {
+                continue;
+            }
+            let a = self.availability(i);
+            match best {
+                Some((ba, _)) if a > ba => {}
+                Some((ba, _)) if a == ba => {
+                    ties += 1;
+                    if rng.random_range(0..ties) == 0 {
+                        best = Some((a, i));
+                    }
+                }
+                _ => {
+                    best = Some((a, i));
+                    ties = 1;
+                }
+            }
+        }
+        best.map(|(_, i)| i)
+    }
+
+    /// Every missing piece is in progress or being verified.
+    pub fn endgame(&self) -> bool {
+        (0..self.have.len()).all(|i| !self.wanted(i))
+    }
+
+    fn take_duplicates(
+        &mut self,
+        conn: ConnId,
+        peer_has: &Bitfield,
+        max: usize,
+        out: &mut Vec<BlockRef>,
+    ) {
+        // Oldest requests first: they are the ones most likely stuck behind a slow peer.
+        let mut candidates: Vec<(Instant, u32, u32)> = Vec::new();
+        for (&i, p) in &self.partial {
+            if !peer_has.get(i) {
+                continue;
+            }
+            for (b, block) in p.blocks.iter().enumerate() {
+                if let Block::Requested { by, at } = block {
+                    if by.len() < Self::MAX_DUPLICATES && !by.contains(&conn) {
+                        candidates.push((*at, i, b as u32));
+                    }
+                }
+            }
+        }
+        candidates.sort_unstable();
+        for (_, i, b) in candidates.into_iter().take(max - out.len()) {
+            if let Some(Block::Requested { by, .. }) =
+                self.partial.get_mut(&i).map(|p| &mut p.blocks[b as usize])
+            {
+                by.push(conn);
+            }
+            out.push(self.block_ref(i, b));
+        }
+    }
+
+    /// A block arrived from `conn`.
+    pub fn received(&mut self, conn: ConnId, block: &BlockRef) -> Arrival {
+        if block.begin % BLOCK_SIZE != 0 {
+            return Arrival::Unexpected;
+        }
+        let b = (block.begin / BLOCK_SIZE) as usize;
+        let expected = self.block_ref(block.index, b as u32);
+        let Some(p) = self.partial.get_mut(&block.index) else {
+            return Arrival::Unexpected;
+        };
+        if expected.length != block.length || b >= p.blocks.len() {
+            return Arrival::Unexpected;
+        }
+        let cancel = match &p.blocks[b] {
+            Block::Requested { by, .. } if by.contains(&conn) => {
+                by.iter().copied().filter(|&c| c != conn).collect()
+            }
+            _ => return Arrival::Unexpected,
+        };
+        p.blocks[b] = Block::Received;
+        p.received += 1;
+        if !p.sources.contains(&conn) {
+            p.sources.push(conn);
+        }
+        let complete = p.received as usize == p.blocks.len();
+        if complete {
+            self.verifying.set(block.index);
+        }
+        Arrival::Accepted { complete, cancel }
+    }
+
+    /// Forget `conn`'s outstanding request for `block` (rejected, timed out, or cancelled).
+    pub fn release_block(&mut self, conn: ConnId, block: &BlockRef) {
+        let b = (block.begin / BLOCK_SIZE) as usize;
+        if let Some(p) = self.partial.get_mut(&block.index) {
+            if let Some(slot) = p.blocks.get_mut(b) {
+                if let Block::Requested { by, .. } = slot {
+                    by.retain(|&c| c != conn);
+                    if by.is_empty() {
+                        *slot = Block::Free;
+                    }
+                }
+            }
+        }
+    }
+
+    /// `conn` disconnected: its outstanding requests become free again.
+    pub fn release_conn(&mut self, conn: ConnId) {
+        for p in self.partial.values_mut() {
+            for slot in &mut p.blocks {
+                if let Block::Requested { by, .. } = slot {
+                    by.retain(|&c| c != conn);
+                    if by.is_empty() {
+                        *slot = Block::Free;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Verification of piece `i` finished. On failure the piece starts over; returns the
+    /// connections that sent its blocks.
+    pub fn verified(&mut self, i: u32, ok: bool) -> Vec<ConnId> {
+        self.verifying.clear(i);
+        let sources = self
+            .partial
+            .remove(&i)
+            .map(|p| p.sources)
+            .unwrap_or_default();
+        if ok {
+            self.have.set(i);
+        }
+        sources
+    }
+
+    /// Mark a piece verified without downloading it (resume found it intact on disk).
+    pub fn mark_have(&mut self, i: u32) {
+        self.partial.remove(&i);
+        self.have.set(i);
+    }
+
+    /// Requests of `conn` older than `cutoff`: to be cancelled and released.
+    pub fn stale_requests(&self, conn: ConnId, cutoff: Instant) -> Vec<BlockRef> {
+        let mut out = Vec::new();
+        for (&i, p) in &self.partial {
+            for (b, block) in p.blocks.iter().enumerate() {
+                if let Block::Requested { by, at } = block {
+                    if *at < cutoff && by.contains(&conn) {
+                        out.push(self.block_ref(i, b as u32));
+                    }
+                }
+            }
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashSet;
+
+    const PL: u64 = 4 * BLOCK_SIZE as u64;
+
+    fn full(n: u32) -> Bitfield {
+        Bitfield::full(n)
+    }
+
+    #[test]
+    fn finishes_started_pieces_before_starting_new_ones() {
+        let mut p = Picker::new(PL * 10, PL, Bitfield::new(10));
+        let now = Instant::now();
+        let a = p.pick(1, &full(10), 2, now);
+        assert_eq!(a.len(), 2);
+        assert_eq!(a[0].index, a[1].index);
+        let b = p.pick(2, &full(10), 2, now);
+        assert_eq!(
+            b[0].index, a[0].index,
+            "second peer continues the same piece"
+        );
+        assert_eq!(
+            b.iter().map(|r| r.begin).collect::<Vec<_>>(),
+            vec![2 * BLOCK_SIZE, 3 * BLOCK_SIZE]
+        );
+    }
+
+    #[test]
+    fn picks_rarest_first_and_not_in_order() {
+        let n = 64;
+        let mut firsts = HashSet::new();
+        for _ in 0..50 {
+            let mut p = Picker::new(PL * n as u64, PL, Bitfield::new(n));
+            p.add_availability(&full(n));
+            p.add_availability(&full(n));
+            // Every piece but 40 has a third holder: 40 is the rarest.
+            let mut common = full(n);
+            common.clear(40);
+            p.add_availability(&common);
+            let picked = p.pick(1, &full(n), 4, Instant::now());
+            assert_eq!(picked[0].index, 40, "rarest first");
+            let mut p = Picker::new(PL * n as u64, PL, Bitfield::new(n));
+            p.add_availability(&full(n));
+            firsts.insert(p.pick(1, &full(n), 1, Instant::now())[0].index);
+        }
+        assert!(
+            firsts.len() > 10,
+            "ties are broken at random, not in order: {firsts:?}"
+        );
+    }
+
+    #[test]
+    fn only_asks_for_what_the_peer_has() {
+        let mut p = Picker::new(PL * 4, PL, Bitfield::new(4));
+        let mut has = Bitfield::new(4);
+        has.set(2);
+        let r = p.pick(1, &has, 100, Instant::now());
+        assert_eq!(r.len(), 4);
+        assert!(r.iter().all(|b| b.index == 2));
+        assert!(p.pick(1, &Bitfield::new(4), 100, Instant::now()).is_empty());
+    }
+
+    #[test]
+    fn last_piece_and_block_are_short() {
+        let len = PL * 2 + BLOCK_SIZE as u64 + 100;
+        let mut p = Picker::new(len, PL, Bitfield::new(3));
+        let mut has = Bitfield::new(3);
+        has.set(2);
+        let r = p.pick(1, &has, 10, Instant::now());
+        assert_eq!(r.len(), 2);
+        assert_eq!(
+            r[1],
+            BlockRef {
+                index: 2,
+                begin: BLOCK_SIZE,
+                length: 100
+            }
+        );
+    }
+
+    #[test]
+    fn completion_verification_and_blame() {
+        let mut p = Picker::new(PL, PL, Bitfield::new(1));
+        let now = Instant::now();
+        let r1 = p.pick(1, &full(1), 2, now);
+        let r2 = p.pick(2, &full(1), 2, now);
+        for b in &r1 {
+            assert_eq!(
+                p.received(1, b),
+                Arrival::Accepted {
+                    complete: false,
+                    cancel: vec![]
+                }
+            );
+        }
+        assert_eq!(
+            p.received(1, &r2[0]),
+            Arrival::Unexpected,
+            "not requested from 1"
+        );
+        assert_eq!(
+            p.received(2, &r2[0]),
+            Arrival::Accepted {
+                complete: false,
+                cancel: vec![]
+            }
+        );
+        assert_eq!(
+            p.received(2, &r2[1]),
+            Arrival::Accepted {
+                complete: true,
+                cancel: vec![]
+            }
+        );
+        assert_eq!(
+            p.received(2, &r2[1]),
+            Arrival::Unexpected,
+            "no double counting"
+        );
+        let mut blamed = p.verified(0, false);
+        blamed.sort_unstable();
+        assert_eq!(blamed, vec![1, 2]);
+        assert!(!p.is_complete());
+        // Starts over.
+        let again = p.pick(3, &full(1), 10, now);
+        assert_eq!(again.len(), 4);
+        for b in &again {
+            p.received(3, b);
+        }
+        assert_eq!(p.verified(0, true), vec![3]);
+        assert!(p.is_complete());
+        assert_eq!(p.bytes_have(), PL);
+    }
+
+    #[test]
+    fn endgame_duplicates_then_cancels() {
+        let mut p = Picker::new(PL, PL, Bitfield::new(1));
+        let now = Instant::now();
+        let slow = p.pick(1, &full(1), 4, now);
+        assert_eq!(slow.len(), 4);
+        assert!(p.endgame());
+        let dup = p.pick(2, &full(1), 4, now);
+        assert_eq!(dup.len(), 4, "endgame asks a second peer");
+        assert!(p.pick(3, &full(1), 4, now).is_empty(), "at most two copies");
+        assert_eq!(
+            p.received(2, &dup[0]),
+            Arrival::Accepted {
+                complete: false,
+                cancel: vec![1]
+            }
+        );
+    }
+
+    #[test]
+    fn disconnect_and_timeouts_free_blocks() {
+        let mut p = Picker::new(PL * 2, PL, Bitfield::new(2));
+        let t0 = Instant::now();
+        let r = p.pick(1, &full(2), 8, t0);
+        assert_eq!(r.len(), 8);
+        assert_eq!(
+            p.stale_requests(1, t0 + std::time::Duration::from_secs(1))
+                .len(),
+            8
+        );
+        p.release_block(1, &r[0]);
+        assert_eq!(p.pick(2, &full(2), 8, t0), vec![r[0]]);
+        p.release_conn(1);
+        assert_eq!(p.pick(3, &full(2), 8, t0).len(), 7);
+    }
+
+    #[test]
+    fn availability_tracks_peers() {
+        let mut p = Picker::new(PL * 3, PL, Bitfield::new(3));
+        let mut b = Bitfield::new(3);
+        b.set(1);
+        p.add_availability(&b);
+        p.add_one(2);
+        assert_eq!(
+            (p.availability(0), p.availability(1), p.availability(2)),
+            (0, 1, 1)
+        );
+        p.remove_availability(&b);
+        assert_eq!(p.availability(1), 0);
+        assert!(p.interesting(&b));
+    }
+}

@@ -1,0 +1,562 @@
+//! One package being downloaded or seeded: shared state of all its peer connections.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+
+use fbpkg_common::PeerId;
+use fbpkg_common::bitfield::Bitfield;
+use fbpkg_common::metainfo::Metainfo;
+use fbpkg_common::pkgref::PackageName;
+use fbpkg_common::wire::BlockRef;
+use serde::{Deserialize, Serialize};
+use tokio::sync::{Notify, mpsc, watch};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use super::EngineCtx;
+use super::picker::{ConnId, Picker};
+use super::superseed::SeedPlanner;
+use crate::cache::CachedPackage;
+use crate::storage::PieceFile;
+
+/// Where a torrent is in its life. See STATE.md.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Phase {
+    /// Fetching pieces.
+    Downloading,
+    /// All pieces verified; checking the whole archive and installing it.
+    Verifying,
+    /// In the cache and serving it.
+    Seeding(CachedPackage),
+    /// Gave up: `kind` is a [`crate::PeerError::kind`].
+    Failed {
+        /// Error kind.
+        kind: String,
+        /// What happened.
+        message: String,
+    },
+}
+
+/// A message from the torrent (or another connection) to one peer connection's task.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Cmd {
+    /// We verified a piece: tell the peer.
+    Have(u32),
+    /// Super-seeding is over: advertise everything not yet advertised.
+    AdvertiseAll,
+    /// Another connection delivered this block first.
+    Cancel(BlockRef),
+    /// An upload slot opened for this peer.
+    Unchoke,
+    /// Look for more blocks to request (pieces were released elsewhere).
+    Refill,
+    /// Drop the connection (banned, duplicate, shutting down).
+    Disconnect(&'static str),
+}
+
+/// Why a connection was not admitted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// Peer limit reached.
+    Full,
+    /// That peer is banned from this torrent.
+    Banned,
+    /// Already connected, and the existing connection wins the tie-break.
+    Duplicate,
+    /// The torrent is shutting down or failed.
+    Closed,
+}
+
+pub(crate) struct PeerSlot {
+    pub tx: mpsc::UnboundedSender<Cmd>,
+    pub peer_id: PeerId,
+    pub addr: SocketAddr,
+    pub outgoing: bool,
+    pub bitfield: Bitfield,
+    pub interested_in_us: bool,
+    pub unchoked: bool,
+    pub down_rate: f64,
+    pub up_rate: f64,
+}
+
+/// A known peer address from the tracker.
+#[derive(Debug, Clone)]
+pub(crate) struct Candidate {
+    pub peer_id: Option<PeerId>,
+    pub failures: u32,
+    pub retry_at: Instant,
+    pub connecting: bool,
+}
+
+/// Bookkeeping under the torrent lock.
+pub(crate) struct State {
+    pub picker: Picker,
+    pub peers: HashMap<ConnId, PeerSlot>,
+    pub planner: Option<SeedPlanner>,
+    pub waiting_for_slot: VecDeque<ConnId>,
+    pub candidates: HashMap<SocketAddr, Candidate>,
+    pub banned: HashSet<PeerId>,
+    pub banned_addrs: HashSet<SocketAddr>,
+    pub strikes: HashMap<PeerId, u32>,
+    next_conn: ConnId,
+}
+
+/// One package in the engine.
+pub struct Torrent {
+    /// Package name.
+    pub name: PackageName,
+    /// Its metainfo.
+    pub meta: Arc<Metainfo>,
+    pub(crate) ctx: Arc<EngineCtx>,
+    storage: RwLock<Arc<PieceFile>>,
+    state: Mutex<State>,
+    phase: watch::Sender<Phase>,
+    /// Cancelled when the torrent is removed or the engine stops.
+    pub cancel: CancellationToken,
+    /// Where the partial download lives while downloading.
+    pub(crate) work_dir: Option<PathBuf>,
+    /// Woken when the torrent wants more connections (new candidates, a peer left).
+    pub(crate) want_peers: Notify,
+    /// Woken to announce now (completion, too few peers).
+    pub(crate) announce_now: Notify,
+    uploaded: AtomicU64,
+    downloaded: AtomicU64,
+    wasted: AtomicU64,
+    started: Instant,
+}
+
+impl std::fmt::Debug for Torrent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Torrent")
+            .field("name", &self.name)
+            .field("info_hash", &self.meta.info_hash)
+            .finish()
+    }
+}
+
+/// A torrent as `fbpkg-rs status` shows it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TorrentStatus {
+    /// Package name.
+    pub name: String,
+    /// Archive SHA-256.
+    pub sha256: String,
+    /// Swarm info-hash.
+    pub info_hash: String,
+    /// Archive size.
+    pub size: u64,
+    /// downloading, verifying, seeding or failed.
+    pub phase: String,
+    /// Verified pieces.
+    pub pieces_have: u32,
+    /// All pieces.
+    pub pieces_total: u32,
+    /// Bytes in verified pieces.
+    pub bytes_have: u64,
+    /// Connected peers.
+    pub peers: usize,
+    /// Connected peers that have every piece.
+    pub seeds: usize,
+    /// Bytes per second received (recent).
+    pub download_rate: f64,
+    /// Bytes per second sent (recent).
+    pub upload_rate: f64,
+    /// Piece bytes received in total.
+    pub downloaded: u64,
+    /// Piece bytes sent in total.
+    pub uploaded: u64,
+    /// Seconds since the torrent was added.
+    pub age_secs: f64,
+    /// The cache path once seeding.
+    pub path: Option<PathBuf>,
+    /// The error once failed.
+    pub error: Option<String>,
+}
+
+impl Torrent {
+    pub(crate) fn new(
+        ctx: Arc<EngineCtx>,
+        name: PackageName,
+        meta: Arc<Metainfo>,
+        storage: PieceFile,
+        have: Bitfield,
+        phase: Phase,
+        work_dir: Option<PathBuf>,
+        cancel: CancellationToken,
+    ) -> Arc<Self> {
+        let picker = Picker::new(meta.length, meta.piece_length, have);
+        let seeding = matches!(phase, Phase::Seeding(_));
+        let planner = (seeding && ctx.config.superseed)
+            .then(|| SeedPlanner::new(meta.length, meta.piece_length));
+        let (phase, _) = watch::channel(phase);
+        Arc::new(Self {
+            name,
+            meta,
+            ctx,
+            storage: RwLock::new(Arc::new(storage)),
+            state: Mutex::new(State {
+                picker,
+                peers: HashMap::new(),
+                planner,
+                waiting_for_slot: VecDeque::new(),
+                candidates: HashMap::new(),
+                banned: HashSet::new(),
+                banned_addrs: HashSet::new(),
+                strikes: HashMap::new(),
+                next_conn: 1,
+            }),
+            phase,
+            cancel,
+            work_dir,
+            want_peers: Notify::new(),
+            announce_now: Notify::new(),
+            uploaded: AtomicU64::new(0),
+            downloaded: AtomicU64::new(0),
+            wasted: AtomicU64::new(0),
+            started: Instant::now(),
+        })
+    }
+
+    /// Lock the bookkeeping. Poisoning is survived: the state is plain data, and a panicking
+    /// peer task must not take the whole torrent down.
+    pub(crate) fn state(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The file pieces are read from and written to.
+    pub(crate) fn storage(&self) -> Arc<PieceFile> {
+        self.storage
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    pub(crate) fn replace_storage(&self, f: PieceFile) {
+        *self.storage.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(f);
+    }
+
+    /// Subscribe to phase changes.
+    pub fn phase(&self) -> watch::Receiver<Phase> {
+        self.phase.subscribe()
+    }
+
+    /// The current phase.
+    pub fn current_phase(&self) -> Phase {
+        self.phase.borrow().clone()
+    }
+
+    pub(crate) fn set_phase(&self, p: Phase) {
+        self.phase.send_replace(p);
+    }
+
+    /// Bytes still missing (for announces).
+    pub fn left(&self) -> u64 {
+        self.meta.length - self.state().picker.bytes_have()
+    }
+
+    /// Is the package complete and in the cache?
+    pub fn is_seeding(&self) -> bool {
+        matches!(*self.phase.borrow(), Phase::Seeding(_))
+    }
+
+    pub(crate) fn count_up(&self, n: u64) {
+        self.uploaded.fetch_add(n, Relaxed);
+    }
+
+    pub(crate) fn count_down(&self, n: u64) {
+        self.downloaded.fetch_add(n, Relaxed);
+    }
+
+    pub(crate) fn count_wasted(&self, n: u64) {
+        self.wasted.fetch_add(n, Relaxed);
+    }
+
+    /// Piece bytes sent.
+    pub fn uploaded(&self) -> u64 {
+        self.uploaded.load(Relaxed)
+    }
+
+    /// Piece bytes received.
+    pub fn downloaded(&self) -> u64 {
+        self.downloaded.load(Relaxed)
+    }
+
+    /// Admit a connection. The same peer twice: keep the connection opened by the peer with
+    /// the lower id, a rule both ends compute alike, so exactly one survives.
+    pub(crate) fn register(
+        &self,
+        peer_id: PeerId,
+        addr: SocketAddr,
+        outgoing: bool,
+        tx: mpsc::UnboundedSender<Cmd>,
+    ) -> Result<ConnId, Refusal> {
+        if self.cancel.is_cancelled() || matches!(*self.phase.borrow(), Phase::Failed { .. }) {
+            return Err(Refusal::Closed);
+        }
+        let mut st = self.state();
+        if st.banned.contains(&peer_id) || st.banned_addrs.contains(&addr) {
+            return Err(Refusal::Banned);
+        }
+        if let Some((&old, slot)) = st.peers.iter().find(|(_, s)| s.peer_id == peer_id) {
+            let ours = self.ctx.peer_id;
+            let new_wins = if outgoing {
+                ours < peer_id
+            } else {
+                peer_id < ours
+            };
+            if !new_wins || slot.outgoing == outgoing {
+                return Err(Refusal::Duplicate);
+            }
+            let _ = slot.tx.send(Cmd::Disconnect("duplicate connection"));
+            drop_slot(&mut st, old);
+        }
+        if st.peers.len() >= self.ctx.config.max_peers {
+            return Err(Refusal::Full);
+        }
+        let conn = st.next_conn;
+        st.next_conn += 1;
+        let n = self.meta.num_pieces();
+        st.peers.insert(
+            conn,
+            PeerSlot {
+                tx,
+                peer_id,
+                addr,
+                outgoing,
+                bitfield: Bitfield::new(n),
+                interested_in_us: false,
+                unchoked: false,
+                down_rate: 0.0,
+                up_rate: 0.0,
+            },
+        );
+        if let Some(planner) = st.planner.as_mut() {
+            planner.add_peer(conn, &Bitfield::new(n));
+        }
+        if outgoing {
+            if let Some(c) = st.candidates.get_mut(&addr) {
+                c.peer_id = Some(peer_id);
+                c.failures = 0;
+            }
+        }
+        Ok(conn)
+    }
+
+    /// A connection ended.
+    pub(crate) fn unregister(&self, conn: ConnId) {
+        let mut st = self.state();
+        drop_slot(&mut st, conn);
+        drop(st);
+        self.want_peers.notify_one();
+    }
+
+    /// Forget or punish the senders of a piece that failed verification.
+    pub(crate) fn blame(&self, sources: &[ConnId]) {
+        let mut st = self.state();
+        let sole = sources.len() == 1;
+        for conn in sources {
+            let Some(slot) = st.peers.get(conn) else {
+                continue;
+            };
+            let (peer_id, addr, tx) = (slot.peer_id, slot.addr, slot.tx.clone());
+            let strikes = {
+                let s = st.strikes.entry(peer_id).or_insert(0);
+                *s += 1;
+                *s
+            };
+            if sole || strikes >= 2 {
+                tracing::warn!(package = %self.name, peer = %addr, "peer sent data that failed verification; banned");
+                st.banned.insert(peer_id);
+                if slot_is_outgoing(&st, *conn) {
+                    st.banned_addrs.insert(addr);
+                }
+                let _ = tx.send(Cmd::Disconnect("sent corrupt data"));
+            }
+        }
+    }
+
+    /// Add peers learned from the tracker.
+    pub(crate) fn add_candidates(
+        &self,
+        peers: impl IntoIterator<Item = (SocketAddr, Option<PeerId>)>,
+    ) {
+        let mut st = self.state();
+        let now = Instant::now();
+        for (addr, peer_id) in peers {
+            if addr == self.ctx.listen_addr && peer_id.is_none_or(|p| p == self.ctx.peer_id) {
+                continue;
+            }
+            if peer_id == Some(self.ctx.peer_id) {
+                continue;
+            }
+            st.candidates
+                .entry(addr)
+                .and_modify(|c| {
+                    if peer_id.is_some() {
+                        c.peer_id = peer_id;
+                    }
+                })
+                .or_insert(Candidate {
+                    peer_id,
+                    failures: 0,
+                    retry_at: now,
+                    connecting: false,
+                });
+        }
+        drop(st);
+        self.want_peers.notify_one();
+    }
+
+    /// Candidates to dial now, marked as connecting.
+    pub(crate) fn dial_list(&self) -> Vec<SocketAddr> {
+        let mut st = self.state();
+        let connected: HashSet<PeerId> = st.peers.values().map(|s| s.peer_id).collect();
+        let connecting = st.candidates.values().filter(|c| c.connecting).count();
+        let room = self
+            .ctx
+            .config
+            .max_peers
+            .saturating_sub(st.peers.len() + connecting);
+        if room == 0 || self.is_seeding_locked() {
+            // A seed waits to be dialled: leechers know where it is.
+            return Vec::new();
+        }
+        let now = Instant::now();
+        let State {
+            candidates,
+            banned,
+            banned_addrs,
+            ..
+        } = &mut *st;
+        let mut out: Vec<SocketAddr> = candidates
+            .iter()
+            .filter(|(a, c)| {
+                !c.connecting
+                    && c.retry_at <= now
+                    && !banned_addrs.contains(a)
+                    && c.peer_id
+                        .is_none_or(|p| !connected.contains(&p) && !banned.contains(&p))
+            })
+            .map(|(a, _)| *a)
+            .collect();
+        out.truncate(room);
+        for a in &out {
+            if let Some(c) = candidates.get_mut(a) {
+                c.connecting = true;
+            }
+        }
+        out
+    }
+
+    fn is_seeding_locked(&self) -> bool {
+        matches!(*self.phase.borrow(), Phase::Seeding(_))
+    }
+
+    /// A dial finished (successfully or not).
+    pub(crate) fn dial_done(&self, addr: SocketAddr, ok: bool) {
+        let mut st = self.state();
+        if let Some(c) = st.candidates.get_mut(&addr) {
+            c.connecting = false;
+            if !ok {
+                c.failures += 1;
+                let backoff =
+                    std::time::Duration::from_secs(2u64.saturating_pow(c.failures.min(8)));
+                c.retry_at = Instant::now() + backoff;
+            }
+        }
+    }
+
+    /// Remove the torrent's partial download (after it failed).
+    pub(crate) fn remove_work_dir(&self) {
+        if let Some(dir) = &self.work_dir {
+            if let Err(e) = std::fs::remove_dir_all(dir) {
+                if e.kind() != std::io::ErrorKind::NotFound {
+                    tracing::warn!(dir = %dir.display(), error = %e, "cannot remove partial download");
+                }
+            }
+        }
+    }
+
+    /// Snapshot for status output.
+    pub fn status(&self) -> TorrentStatus {
+        let phase = self.current_phase();
+        let st = self.state();
+        let n = self.meta.num_pieces();
+        let (phase_name, path, error) = match &phase {
+            Phase::Downloading => ("downloading", None, None),
+            Phase::Verifying => ("verifying", None, None),
+            Phase::Seeding(c) => ("seeding", Some(c.launch_path.clone()), None),
+            Phase::Failed { message, .. } => ("failed", None, Some(message.clone())),
+        };
+        TorrentStatus {
+            name: self.name.to_string(),
+            sha256: self.meta.sha256.to_hex(),
+            info_hash: self.meta.info_hash.to_hex(),
+            size: self.meta.length,
+            phase: phase_name.to_owned(),
+            pieces_have: st.picker.have().count(),
+            pieces_total: n,
+            bytes_have: st.picker.bytes_have(),
+            peers: st.peers.len(),
+            seeds: st
+                .peers
+                .values()
+                .filter(|p| p.bitfield.is_complete())
+                .count(),
+            download_rate: st.peers.values().map(|p| p.down_rate).sum(),
+            upload_rate: st.peers.values().map(|p| p.up_rate).sum(),
+            downloaded: self.downloaded(),
+            uploaded: self.uploaded(),
+            age_secs: self.started.elapsed().as_secs_f64(),
+            path,
+            error,
+        }
+    }
+
+    /// Send a command to every connection.
+    pub(crate) fn broadcast(&self, cmd: Cmd) {
+        for slot in self.state().peers.values() {
+            let _ = slot.tx.send(cmd.clone());
+        }
+    }
+}
+
+fn slot_is_outgoing(st: &State, conn: ConnId) -> bool {
+    st.peers.get(&conn).is_some_and(|s| s.outgoing)
+}
+
+/// Remove a connection's slot and everything that refers to it.
+fn drop_slot(st: &mut State, conn: ConnId) {
+    let Some(slot) = st.peers.remove(&conn) else {
+        return;
+    };
+    st.picker.remove_availability(&slot.bitfield);
+    st.picker.release_conn(conn);
+    if let Some(p) = st.planner.as_mut() {
+        p.remove_peer(conn);
+    }
+    st.waiting_for_slot.retain(|&c| c != conn);
+    if slot.unchoked {
+        grant_next_slot(st);
+    }
+    // Blocks it held are free again: other connections may want them.
+    for s in st.peers.values() {
+        let _ = s.tx.send(Cmd::Refill);
+    }
+}
+
+/// Give a free upload slot to the longest-waiting interested peer.
+pub(crate) fn grant_next_slot(st: &mut State) {
+    while let Some(next) = st.waiting_for_slot.pop_front() {
+        if let Some(s) = st.peers.get_mut(&next) {
+            if s.interested_in_us && !s.unchoked {
+                s.unchoked = true;
+                let _ = s.tx.send(Cmd::Unchoke);
+                return;
+            }
+        }
+    }
+}
