@@ -429,7 +429,10 @@ mod tests {
     }
 
     /// Build a tar.zst with raw, unchecked entries: (name, type, link target, data).
-    fn hostile(entries: &[(&[u8], tar::EntryType, &[u8], &[u8])]) -> Vec<u8> {
+    /// (name, type, link target, data), written as they are.
+    type RawEntry<'a> = (&'a [u8], tar::EntryType, &'a [u8], &'a [u8]);
+
+    fn hostile(entries: &[RawEntry<'_>]) -> Vec<u8> {
         let mut tar_bytes = Vec::new();
         {
             let mut b = tar::Builder::new(&mut tar_bytes);

@@ -180,10 +180,9 @@ impl Cache {
                     .file_name()
                     .to_str()
                     .and_then(|s| Sha256Hash::from_hex(s).ok())
+                    && prefix.matches(&h)
                 {
-                    if prefix.matches(&h) {
-                        out.push((n.clone(), h));
-                    }
+                    out.push((n.clone(), h));
                 }
             }
         }

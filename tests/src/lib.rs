@@ -1,1 +1,51 @@
-//! placeholder
+//! Shared pieces of the fbpkg-rs scenario tests in `tests/tests/`: the real `fbpkg-rs` binary
+//! run as a tracker process, and the few catalog calls every scenario makes.
+//!
+//! Nothing here sleeps to synchronise: the tracker's port is read from its `tracker listening`
+//! log line, and every other wait polls against a deadline ([`wait_for`]).
+//!
+//! ```no_run
+//! # async fn demo() {
+//! use fbpkg_tests::{TrackerProcess, http_client, publish, random_package};
+//! let dir = tempfile::tempdir().unwrap();
+//! let tracker = TrackerProcess::start(dir.path()).unwrap();
+//! let (_bytes, metainfo) = random_package(&mut rand::rng(), 100_000, "app.bin", &tracker.announce_url());
+//! let status = publish(&http_client(), &tracker.base_url(), "app", &metainfo).await.unwrap();
+//! assert_eq!(status, 201);
+//! # }
+//! ```
+
+mod binary;
+mod catalog;
+mod tracker_process;
+
+pub use binary::fbpkg_rs_binary;
+pub use catalog::{http_client, move_tag, publish, random_package};
+pub use tracker_process::TrackerProcess;
+
+use std::time::Duration;
+
+/// Poll `probe` until it answers `Ok`, at most `timeout` in all (a probe that hangs counts).
+/// `Err` carries what it saw, quoted in the panic when time runs out.
+pub async fn wait_for<T, F, Fut>(what: &str, timeout: Duration, mut probe: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, String>>,
+{
+    const POLL: Duration = Duration::from_millis(50);
+    let mut last = String::from("nothing yet");
+    let polled = tokio::time::timeout(timeout, async {
+        loop {
+            match probe().await {
+                Ok(v) => return v,
+                Err(seen) => last = seen,
+            }
+            tokio::time::sleep(POLL).await;
+        }
+    })
+    .await;
+    match polled {
+        Ok(v) => v,
+        Err(_) => panic!("timed out after {timeout:?} waiting for {what}; last seen: {last}"),
+    }
+}

@@ -86,12 +86,31 @@ fn lock_poisoned() -> TrackerError {
     )
 }
 
+/// `create_dir_all`, then fsync the parent of every directory it created: a new directory is
+/// an entry in its parent, and without this a power cut could lose a new package's directory
+/// with its acknowledged records inside.
+fn create_dir_durable(dir: &Path) -> io::Result<()> {
+    let Some(existing) = dir.ancestors().find(|a| a.is_dir()) else {
+        return fs::create_dir_all(dir);
+    };
+    if existing == dir {
+        return Ok(());
+    }
+    fs::create_dir_all(dir)?;
+    for created in dir.ancestors().take_while(|a| *a != existing) {
+        if let Some(parent) = created.parent() {
+            File::open(parent)?.sync_all()?;
+        }
+    }
+    Ok(())
+}
+
 /// Write `bytes` to `path` so that `path` holds either its old content or all of `bytes`.
 fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
     let dir = path
         .parent()
         .ok_or_else(|| io::Error::other("path has no parent"))?;
-    fs::create_dir_all(dir)?;
+    create_dir_durable(dir)?;
     let tmp = dir.join(format!(
         ".tmp-{}-{}",
         std::process::id(),
@@ -112,7 +131,7 @@ impl Catalog {
     /// Open (creating if needed) the catalog under `data_dir` and load it.
     pub fn open(data_dir: &Path) -> Result<Self, TrackerError> {
         let root = data_dir.join("catalog").join("v1");
-        fs::create_dir_all(&root)
+        create_dir_durable(&root)
             .map_err(|e| TrackerError::storage(format!("creating {}", root.display()), e))?;
         let mut index = BTreeMap::new();
         let entries = fs::read_dir(&root)

@@ -18,7 +18,8 @@ use crate::error::{PeerError, Result};
 /// File name of the socket inside the state directory.
 pub const SOCKET_NAME: &str = "agent.sock";
 /// Longest request line accepted.
-pub(crate) const MAX_REQUEST_LINE: usize = 64 << 10;
+/// Longest request line accepted: an `add` carries a metainfo of up to 8 MiB, hex-encoded.
+pub(crate) const MAX_REQUEST_LINE: usize = 20 << 20;
 
 /// What a client asks.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

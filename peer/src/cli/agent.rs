@@ -39,6 +39,10 @@ pub(crate) struct AgentArgs {
     #[arg(long, env = "FBPKG_NO_SUPERSEED")]
     no_superseed: bool,
 
+    /// Cap this agent's upload across all packages, in bytes per second (e.g. 50M, 1G).
+    #[arg(long, env = "FBPKG_MAX_UPLOAD_RATE", value_parser = super::parse_bytes)]
+    max_upload_rate: Option<u64>,
+
     /// Give a block request to another peer after this long without an answer.
     #[arg(long, env = "FBPKG_REQUEST_TIMEOUT", default_value = "20s", value_parser = humantime::parse_duration)]
     request_timeout: Duration,
@@ -67,6 +71,7 @@ pub(super) fn run(args: AgentArgs) -> anyhow::Result<ExitCode> {
     config.upload_slots = args.upload_slots;
     config.superseed = !args.no_superseed;
     config.request_timeout = args.request_timeout;
+    config.max_upload_rate = args.max_upload_rate;
     super::runtime()?.block_on(async move {
         let shutdown = super::shutdown_on_signals();
         Agent::run(state_dir, cache, tracker, config, shutdown).await?;

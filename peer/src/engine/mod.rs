@@ -8,6 +8,7 @@
 mod announce;
 mod peer;
 pub mod picker;
+pub mod ratelimit;
 pub mod superseed;
 mod torrent;
 
@@ -38,7 +39,7 @@ use crate::cache::{Cache, Handoff};
 use crate::error::{PeerError, Result};
 use crate::storage::PieceFile;
 use crate::tracker_client::TrackerClient;
-use torrent::Cmd;
+use torrent::{Cmd, TorrentInit};
 
 /// Engine settings; defaults are what `fbpkg-rs agent` uses.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -69,6 +70,8 @@ pub struct EngineConfig {
     pub max_queue_depth: usize,
     /// Ration pieces when seeding from the cache to a crowd (default on).
     pub superseed: bool,
+    /// Cap on upload bytes per second across all packages (default none).
+    pub max_upload_rate: Option<u64>,
     /// Where partial downloads live.
     pub work_dir: PathBuf,
     /// Bounds on directory packages' extraction.
@@ -93,6 +96,7 @@ impl EngineConfig {
             min_queue_depth: 16,
             max_queue_depth: 256,
             superseed: true,
+            max_upload_rate: None,
             work_dir,
             extract_limits: ExtractLimits::default(),
         }
@@ -108,6 +112,7 @@ pub(crate) struct EngineCtx {
     pub tracker: TrackerClient,
     pub cache: Cache,
     pub tasks: TaskTracker,
+    pub upload_limit: Option<ratelimit::RateLimiter>,
 }
 
 /// The engine: all torrents of one agent (or of one `get` without an agent).
@@ -143,6 +148,7 @@ impl Engine {
             .map_err(PeerError::io("listener address", ""))?;
         std::fs::create_dir_all(&config.work_dir)
             .map_err(PeerError::io("creating", &config.work_dir))?;
+        let upload_limit = config.max_upload_rate.map(ratelimit::RateLimiter::new);
         let ctx = Arc::new(EngineCtx {
             config,
             peer_id: new_peer_id(),
@@ -150,6 +156,7 @@ impl Engine {
             tracker,
             cache,
             tasks: TaskTracker::new(),
+            upload_limit,
         });
         let engine = Arc::new(Self {
             ctx: ctx.clone(),
@@ -222,7 +229,14 @@ impl Engine {
             PeerError::NotFound(format!("{name}:{} is not in the cache", meta.sha256))
         })?;
         let have = Bitfield::full(meta.num_pieces());
-        Ok(self.insert(name, meta, storage, have, Phase::Seeding(entry), None))
+        Ok(self.insert(TorrentInit {
+            name,
+            meta,
+            storage,
+            have,
+            phase: Phase::Seeding(entry),
+            work_dir: None,
+        }))
     }
 
     /// Download a package (resuming what a previous run left on disk), then seed it.
@@ -254,33 +268,23 @@ impl Engine {
             tracing::info!(package = %name, pieces = have.count(), of = have.len(), "resuming: pieces on disk verified");
         }
         let complete = have.is_complete();
-        let t = self.insert(name, meta, storage, have, Phase::Downloading, Some(dir));
+        let t = self.insert(TorrentInit {
+            name,
+            meta,
+            storage,
+            have,
+            phase: Phase::Downloading,
+            work_dir: Some(dir),
+        });
         if complete {
             spawn_finish(t.clone());
         }
         Ok(t)
     }
 
-    fn insert(
-        &self,
-        name: PackageName,
-        meta: Arc<Metainfo>,
-        storage: PieceFile,
-        have: Bitfield,
-        phase: Phase,
-        work_dir: Option<PathBuf>,
-    ) -> Arc<Torrent> {
-        let ih = meta.info_hash;
-        let t = Torrent::new(
-            self.ctx.clone(),
-            name,
-            meta,
-            storage,
-            have,
-            phase,
-            work_dir,
-            self.cancel.child_token(),
-        );
+    fn insert(&self, init: TorrentInit) -> Arc<Torrent> {
+        let ih = init.meta.info_hash;
+        let t = Torrent::new(self.ctx.clone(), init, self.cancel.child_token());
         self.torrents
             .write()
             .unwrap_or_else(|p| p.into_inner())

@@ -77,6 +77,8 @@ struct Conn {
     up_rate: f64,
     last_recv: Instant,
     last_send: Instant,
+    /// Upload budget exhausted until then.
+    throttled_until: Option<Instant>,
 }
 
 /// Run a connection whose handshakes are done. `leftover` holds bytes read past the handshake.
@@ -122,6 +124,7 @@ pub(crate) async fn run(
         up_rate: 0.0,
         last_recv: now,
         last_send: now,
+        throttled_until: None,
     };
     tracing::debug!(package = %t.name, peer = %addr, outgoing, "peer connected");
     let end = c.drive(&mut stream, &mut rx, leftover).await;
@@ -134,6 +137,12 @@ pub(crate) async fn run(
         }
     }
     t.unregister(id);
+}
+
+async fn sleep_until_some(t: Option<Instant>) {
+    if let Some(t) = t {
+        tokio::time::sleep_until(t).await;
+    }
 }
 
 impl Conn {
@@ -188,6 +197,9 @@ impl Conn {
                     Some(cmd) => if let Err(e) = self.on_cmd(cmd) { return e },
                 },
                 _ = tick.tick() => if let Err(e) = self.housekeeping() { return e },
+                _ = sleep_until_some(self.throttled_until), if self.throttled_until.is_some() => {
+                    self.throttled_until = None;
+                }
             }
         }
     }
@@ -477,13 +489,13 @@ impl Conn {
             return Ok(());
         }
         let mut offers = Vec::new();
-        if self.super_seeding {
-            if let Some(planner) = st.planner.as_mut() {
-                planner.requested(self.id, b.index);
-                let piece = self.t.meta.piece_length as f64;
-                let keep = ((self.up_rate * 0.5 / piece).ceil() as usize).clamp(2, 32);
-                offers = planner.offers(self.id, keep);
-            }
+        if self.super_seeding
+            && let Some(planner) = st.planner.as_mut()
+        {
+            planner.requested(self.id, b.index);
+            let piece = self.t.meta.piece_length as f64;
+            let keep = ((self.up_rate * 0.5 / piece).ceil() as usize).clamp(2, 32);
+            offers = planner.offers(self.id, keep);
         }
         drop(st);
         self.advertise(&offers);
@@ -493,7 +505,10 @@ impl Conn {
 
     /// Move queued uploads into the write buffer, reading from storage, while it has room.
     fn pump_uploads(&mut self) -> Result<(), End> {
-        if self.uploads.is_empty() || self.wbuf.len() >= WRITE_HIGH_WATER {
+        if self.uploads.is_empty()
+            || self.wbuf.len() >= WRITE_HIGH_WATER
+            || self.throttled_until.is_some()
+        {
             return Ok(());
         }
         let storage = self.t.storage();
@@ -501,6 +516,13 @@ impl Conn {
             let Some(b) = self.uploads.pop_front() else {
                 break;
             };
+            if let Some(limit) = &self.t.ctx.upload_limit
+                && let Err(wait) = limit.take(u64::from(b.length))
+            {
+                self.uploads.push_front(b);
+                self.throttled_until = Some(Instant::now() + wait);
+                break;
+            }
             let offset = self.t.meta.piece_offset(b.index) + u64::from(b.begin);
             Message::encode_piece_header(b.index, b.begin, b.length as usize, &mut self.wbuf);
             let start = self.wbuf.len();

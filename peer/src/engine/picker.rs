@@ -276,10 +276,11 @@ impl Picker {
                 continue;
             }
             for (b, block) in p.blocks.iter().enumerate() {
-                if let Block::Requested { by, at } = block {
-                    if by.len() < Self::MAX_DUPLICATES && !by.contains(&conn) {
-                        candidates.push((*at, i, b as u32));
-                    }
+                if let Block::Requested { by, at } = block
+                    && by.len() < Self::MAX_DUPLICATES
+                    && !by.contains(&conn)
+                {
+                    candidates.push((*at, i, b as u32));
                 }
             }
         }
@@ -296,7 +297,7 @@ impl Picker {
 
     /// A block arrived from `conn`.
     pub fn received(&mut self, conn: ConnId, block: &BlockRef) -> Arrival {
-        if block.begin % BLOCK_SIZE != 0 {
+        if !block.begin.is_multiple_of(BLOCK_SIZE) {
             return Arrival::Unexpected;
         }
         let b = (block.begin / BLOCK_SIZE) as usize;
@@ -328,14 +329,13 @@ impl Picker {
     /// Forget `conn`'s outstanding request for `block` (rejected, timed out, or cancelled).
     pub fn release_block(&mut self, conn: ConnId, block: &BlockRef) {
         let b = (block.begin / BLOCK_SIZE) as usize;
-        if let Some(p) = self.partial.get_mut(&block.index) {
-            if let Some(slot) = p.blocks.get_mut(b) {
-                if let Block::Requested { by, .. } = slot {
-                    by.retain(|&c| c != conn);
-                    if by.is_empty() {
-                        *slot = Block::Free;
-                    }
-                }
+        if let Some(p) = self.partial.get_mut(&block.index)
+            && let Some(slot) = p.blocks.get_mut(b)
+            && let Block::Requested { by, .. } = slot
+        {
+            by.retain(|&c| c != conn);
+            if by.is_empty() {
+                *slot = Block::Free;
             }
         }
     }
@@ -380,10 +380,11 @@ impl Picker {
         let mut out = Vec::new();
         for (&i, p) in &self.partial {
             for (b, block) in p.blocks.iter().enumerate() {
-                if let Block::Requested { by, at } = block {
-                    if *at < cutoff && by.contains(&conn) {
-                        out.push(self.block_ref(i, b as u32));
-                    }
+                if let Block::Requested { by, at } = block
+                    && *at < cutoff
+                    && by.contains(&conn)
+                {
+                    out.push(self.block_ref(i, b as u32));
                 }
             }
         }
@@ -558,9 +559,15 @@ mod tests {
             8
         );
         p.release_block(1, &r[0]);
-        assert_eq!(p.pick(2, &full(2), 8, t0), vec![r[0]]);
+        assert_eq!(
+            p.pick(2, &full(2), 1, t0),
+            vec![r[0]],
+            "the released block is free first"
+        );
         p.release_conn(1);
-        assert_eq!(p.pick(3, &full(2), 8, t0).len(), 7);
+        let freed = p.pick(3, &full(2), 7, t0);
+        assert_eq!(freed.len(), 7);
+        assert!(!freed.contains(&r[0]), "still held by connection 2");
     }
 
     #[test]

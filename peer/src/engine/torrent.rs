@@ -176,17 +176,32 @@ pub struct TorrentStatus {
     pub error: Option<String>,
 }
 
+/// What a new torrent starts from.
+pub(crate) struct TorrentInit {
+    pub name: PackageName,
+    pub meta: Arc<Metainfo>,
+    pub storage: PieceFile,
+    /// Pieces already verified.
+    pub have: Bitfield,
+    pub phase: Phase,
+    /// The partial download's directory (none when seeding from the cache).
+    pub work_dir: Option<PathBuf>,
+}
+
 impl Torrent {
     pub(crate) fn new(
         ctx: Arc<EngineCtx>,
-        name: PackageName,
-        meta: Arc<Metainfo>,
-        storage: PieceFile,
-        have: Bitfield,
-        phase: Phase,
-        work_dir: Option<PathBuf>,
+        init: TorrentInit,
         cancel: CancellationToken,
     ) -> Arc<Self> {
+        let TorrentInit {
+            name,
+            meta,
+            storage,
+            have,
+            phase,
+            work_dir,
+        } = init;
         let picker = Picker::new(meta.length, meta.piece_length, have);
         let seeding = matches!(phase, Phase::Seeding(_));
         let planner = (seeding && ctx.config.superseed)
@@ -336,11 +351,9 @@ impl Torrent {
         if let Some(planner) = st.planner.as_mut() {
             planner.add_peer(conn, &Bitfield::new(n));
         }
-        if outgoing {
-            if let Some(c) = st.candidates.get_mut(&addr) {
-                c.peer_id = Some(peer_id);
-                c.failures = 0;
-            }
+        if outgoing && let Some(c) = st.candidates.get_mut(&addr) {
+            c.peer_id = Some(peer_id);
+            c.failures = 0;
         }
         Ok(conn)
     }
@@ -471,12 +484,11 @@ impl Torrent {
 
     /// Remove the torrent's partial download (after it failed).
     pub(crate) fn remove_work_dir(&self) {
-        if let Some(dir) = &self.work_dir {
-            if let Err(e) = std::fs::remove_dir_all(dir) {
-                if e.kind() != std::io::ErrorKind::NotFound {
-                    tracing::warn!(dir = %dir.display(), error = %e, "cannot remove partial download");
-                }
-            }
+        if let Some(dir) = &self.work_dir
+            && let Err(e) = std::fs::remove_dir_all(dir)
+            && e.kind() != std::io::ErrorKind::NotFound
+        {
+            tracing::warn!(dir = %dir.display(), error = %e, "cannot remove partial download");
         }
     }
 
@@ -551,12 +563,13 @@ fn drop_slot(st: &mut State, conn: ConnId) {
 /// Give a free upload slot to the longest-waiting interested peer.
 pub(crate) fn grant_next_slot(st: &mut State) {
     while let Some(next) = st.waiting_for_slot.pop_front() {
-        if let Some(s) = st.peers.get_mut(&next) {
-            if s.interested_in_us && !s.unchoked {
-                s.unchoked = true;
-                let _ = s.tx.send(Cmd::Unchoke);
-                return;
-            }
+        if let Some(s) = st.peers.get_mut(&next)
+            && s.interested_in_us
+            && !s.unchoked
+        {
+            s.unchoked = true;
+            let _ = s.tx.send(Cmd::Unchoke);
+            return;
         }
     }
 }

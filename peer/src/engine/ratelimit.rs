@@ -1,0 +1,57 @@
+//! A token bucket shared by all connections of an engine: caps the agent's upload so a
+//! rollout cannot saturate a host's uplink.
+
+use std::sync::Mutex;
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+/// Bytes per second with a one-second burst. `take` never blocks: it says how long to wait.
+#[derive(Debug)]
+pub struct RateLimiter {
+    rate: f64,
+    state: Mutex<(f64, Instant)>,
+}
+
+impl RateLimiter {
+    /// A limiter of `bytes_per_sec` (at least 16 KiB/s, one block).
+    pub fn new(bytes_per_sec: u64) -> Self {
+        let rate = (bytes_per_sec as f64).max(16384.0);
+        Self {
+            rate,
+            state: Mutex::new((rate, Instant::now())),
+        }
+    }
+
+    /// Take `n` bytes of budget, or learn how long until there is enough.
+    pub fn take(&self, n: u64) -> Result<(), Duration> {
+        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let now = Instant::now();
+        let (tokens, last) = *st;
+        let tokens = (tokens + now.duration_since(last).as_secs_f64() * self.rate).min(self.rate);
+        let need = n as f64;
+        if tokens >= need {
+            *st = (tokens - need, now);
+            Ok(())
+        } else {
+            *st = (tokens, now);
+            Err(Duration::from_secs_f64((need - tokens) / self.rate))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn budget_refills_at_the_rate() {
+        let l = RateLimiter::new(100_000);
+        assert!(l.take(100_000).is_ok(), "one second of burst");
+        let wait = l.take(50_000).unwrap_err();
+        assert!((wait.as_secs_f64() - 0.5).abs() < 0.01, "{wait:?}");
+        tokio::time::advance(Duration::from_millis(500)).await;
+        assert!(l.take(50_000).is_ok());
+        assert!(l.take(1).is_err());
+    }
+}
