@@ -542,10 +542,7 @@ fn spawn_finish(t: Arc<Torrent>) {
                 t.set_phase(Phase::Seeding(entry));
             }
             Err(e) => {
-                tracing::error!(package = %t.name, error = %e, "download failed after the last piece");
-                t.remove_work_dir();
-                t.set_phase(Phase::Failed { kind: e.kind().to_owned(), message: e.to_string() });
-                t.cancel.cancel();
+                t.fail(e.kind(), e.to_string());
             }
         }
     });

@@ -559,8 +559,11 @@ impl Conn {
             Arrival::Accepted { complete, cancel } => {
                 let offset = self.t.meta.piece_offset(index) + u64::from(begin);
                 if let Err(e) = self.t.storage().write_at(offset, &data) {
-                    tracing::error!(package = %self.t.name, error = %e, "cannot write a block");
-                    // The picker thinks the block arrived; fail the piece so it is fetched again.
+                    // Disk full or gone: nothing downloaded from here on could be kept.
+                    self.t.fail(
+                        "io",
+                        format!("cannot write to {}: {e}", self.t.storage().path().display()),
+                    );
                     return Err(End::Io(e));
                 }
                 self.t.count_down(u64::from(length));
@@ -583,6 +586,18 @@ impl Conn {
 
     fn housekeeping(&mut self) -> Result<(), End> {
         let now = Instant::now();
+        if self.t.is_seeding() && !self.peer_interested {
+            let peer_seeds = self
+                .t
+                .state()
+                .peers
+                .get(&self.id)
+                .is_some_and(|s| s.bitfield.is_complete());
+            if peer_seeds {
+                // Two seeds have nothing to trade; free the slot for a leecher.
+                return Err(End::Told("both ends are seeds"));
+            }
+        }
         self.down_rate = 0.6 * self.down_rate + 0.4 * self.down_tick as f64;
         self.up_rate = 0.6 * self.up_rate + 0.4 * self.up_tick as f64;
         self.down_tick = 0;

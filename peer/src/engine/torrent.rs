@@ -482,6 +482,20 @@ impl Torrent {
         }
     }
 
+    /// Give up on the download: report `kind`, drop the partial data, stop every connection.
+    pub(crate) fn fail(&self, kind: &str, message: String) {
+        if matches!(*self.phase.borrow(), Phase::Failed { .. }) {
+            return;
+        }
+        tracing::error!(package = %self.name, %message, "download failed");
+        self.set_phase(Phase::Failed {
+            kind: kind.to_owned(),
+            message,
+        });
+        self.remove_work_dir();
+        self.cancel.cancel();
+    }
+
     /// Remove the torrent's partial download (after it failed).
     pub(crate) fn remove_work_dir(&self) {
         if let Some(dir) = &self.work_dir
