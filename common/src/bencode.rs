@@ -268,9 +268,15 @@ impl Writer {
     }
     /// `len:bytes`
     pub fn bytes(&mut self, b: &[u8]) -> &mut Self {
-        self.buf.extend_from_slice(itoa(b.len() as u64).as_bytes());
+        push_decimal(&mut self.buf, b.len() as u64);
         self.buf.push(b':');
         self.buf.extend_from_slice(b);
+        self
+    }
+    /// `len:` — the caller appends exactly `len` bytes next.
+    pub fn string_header(&mut self, len: usize) -> &mut Self {
+        push_decimal(&mut self.buf, len as u64);
+        self.buf.push(b':');
         self
     }
     /// `i…e`
@@ -279,8 +285,7 @@ impl Writer {
         if v < 0 {
             self.buf.push(b'-');
         }
-        self.buf
-            .extend_from_slice(itoa(v.unsigned_abs()).as_bytes());
+        push_decimal(&mut self.buf, v.unsigned_abs());
         self.buf.push(b'e');
         self
     }
@@ -318,8 +323,8 @@ impl Writer {
     }
 }
 
-fn itoa(mut v: u64) -> String {
-    // Small and allocation-light; the tracker hot path writes only a handful of integers.
+/// Append `v` in decimal without allocating.
+fn push_decimal(out: &mut Vec<u8>, mut v: u64) {
     let mut digits = [0u8; 20];
     let mut i = digits.len();
     loop {
@@ -330,7 +335,7 @@ fn itoa(mut v: u64) -> String {
             break;
         }
     }
-    String::from_utf8_lossy(&digits[i..]).into_owned()
+    out.extend_from_slice(&digits[i..]);
 }
 
 #[cfg(test)]

@@ -63,6 +63,10 @@ pub struct TrackerArgs {
     #[arg(long, env = "FBPKG_REQUEST_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
     pub request_timeout: Duration,
 
+    /// Serving threads, each with its own listening socket (0 = one per core).
+    #[arg(long, env = "FBPKG_TRACKER_THREADS", default_value_t = 0)]
+    pub threads: usize,
+
     /// Seconds between dashboard refreshes.
     #[arg(long, env = "FBPKG_DASHBOARD_REFRESH", default_value_t = 5)]
     pub dashboard_refresh_secs: u32,
@@ -105,6 +109,8 @@ pub struct Config {
     pub max_body_bytes: usize,
     /// Dashboard auto-refresh period in seconds (default 5).
     pub dashboard_refresh_secs: u32,
+    /// Serving threads (default 0: one per core).
+    pub threads: usize,
 }
 
 mod humantime_serde_compat {
@@ -146,6 +152,7 @@ impl Default for Config {
             max_query_len: 4096,
             max_body_bytes: 8 << 20,
             dashboard_refresh_secs: 5,
+            threads: 0,
         }
     }
 }
@@ -166,6 +173,7 @@ impl TrackerArgs {
             max_swarms: self.max_swarms,
             request_timeout: self.request_timeout,
             dashboard_refresh_secs: self.dashboard_refresh_secs,
+            threads: self.threads,
             ..Config::default()
         };
         config.validate(self.allow_unauthenticated_publish)?;

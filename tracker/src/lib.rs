@@ -10,18 +10,19 @@
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), fbpkg_tracker::TrackerError> {
-//! use fbpkg_tracker::{AppState, Config, run};
+//! use fbpkg_tracker::{AppState, Config, bind, run};
 //! let config = Config { listen: "127.0.0.1:0".parse().unwrap(), ..Config::default() };
-//! let listener = tokio::net::TcpListener::bind(config.listen).await.unwrap();
+//! let listeners = bind(config.listen, config.threads)?;
 //! let state = AppState::open(config)?;
 //! let shutdown = tokio_util::sync::CancellationToken::new();
-//! run(listener, state, shutdown).await
+//! run(listeners, state, shutdown).await
 //! # }
 //! ```
 
 pub mod catalog;
 mod config;
 mod error;
+mod front;
 mod http;
 pub mod metrics;
 mod server;
@@ -30,4 +31,4 @@ pub mod swarm;
 pub use config::{Config, TrackerArgs, default_data_dir};
 pub use error::TrackerError;
 pub use http::{AppState, SharedState, app, serve_announce};
-pub use server::{Embedded, run};
+pub use server::{Embedded, Listeners, bind, run};

@@ -16,7 +16,6 @@ use dashmap::DashMap;
 use fbpkg_common::pkgref::PackageName;
 use fbpkg_common::tracker_proto::{Event, PeerEntry, Zone};
 use fbpkg_common::{InfoHash, PeerId, Sha256Hash};
-use rand::seq::index;
 use tokio::time::Instant;
 
 /// The package a registered swarm serves.
@@ -67,7 +66,7 @@ pub struct Swarm {
     pub package: Option<PackageLabel>,
     seeders: Vec<PeerRecord>,
     leechers: Vec<PeerRecord>,
-    index: HashMap<PeerId, (bool, usize)>,
+    index: HashMap<PeerId, (bool, usize), foldhash::fast::RandomState>,
     /// Downloads completed (a leecher turning into a seeder, or `completed`).
     pub completed: u64,
 }
@@ -205,7 +204,7 @@ impl Swarm {
         }
         // The asker may be in the pool: sample one extra and drop it.
         let want = (n + 1).min(total);
-        index::sample(&mut rng, total, want)
+        floyd_sample(&mut rng, total, want)
             .into_iter()
             .map(at)
             .filter(|p| p.peer_id != *asker)
@@ -215,10 +214,28 @@ impl Swarm {
     }
 }
 
+/// `k` distinct indices below `n`, uniformly (Floyd's algorithm): O(k^2) comparisons and one
+/// k-sized allocation, never O(n) — `numwant` is small and swarms can be large.
+fn floyd_sample(rng: &mut impl rand::Rng, n: usize, k: usize) -> Vec<usize> {
+    if k >= n {
+        return (0..n).collect();
+    }
+    let mut out: Vec<usize> = Vec::with_capacity(k);
+    for j in n - k..n {
+        let t = rand::RngExt::random_range(rng, 0..=j);
+        if out.contains(&t) {
+            out.push(j);
+        } else {
+            out.push(t);
+        }
+    }
+    out
+}
+
 /// All swarms.
 #[derive(Debug, Default)]
 pub struct Swarms {
-    map: DashMap<InfoHash, Swarm>,
+    map: DashMap<InfoHash, Swarm, foldhash::fast::RandomState>,
 }
 
 impl Swarms {
@@ -254,12 +271,19 @@ impl Swarms {
     }
 
     /// Expire silent peers everywhere; drop unregistered swarms left empty. Returns peers dropped.
+    ///
+    /// One swarm is locked at a time: a sweep of millions of peers never holds a whole shard
+    /// while announces wait on it.
     pub fn sweep(&self, cutoff: Instant) -> usize {
+        let keys: Vec<InfoHash> = self.map.iter().map(|r| *r.key()).collect();
         let mut dropped = 0;
-        self.map.retain(|_, s| {
-            dropped += s.expire(cutoff);
-            s.package.is_some() || !s.is_empty()
-        });
+        for k in keys {
+            if let Some(mut s) = self.map.get_mut(&k) {
+                dropped += s.expire(cutoff);
+            }
+            self.map
+                .remove_if(&k, |_, s| s.package.is_none() && s.is_empty());
+        }
         dropped
     }
 
@@ -284,6 +308,27 @@ impl Swarms {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn floyd_sample_is_distinct_and_in_range() {
+        let mut rng = rand::rng();
+        for (n, k) in [(10, 3), (10, 10), (5, 9), (1000, 51)] {
+            let mut v = floyd_sample(&mut rng, n, k);
+            assert_eq!(v.len(), k.min(n));
+            assert!(v.iter().all(|&i| i < n));
+            v.sort_unstable();
+            v.dedup();
+            assert_eq!(v.len(), k.min(n));
+        }
+        // Every index gets picked eventually (not a fixed window).
+        let mut seen = [false; 20];
+        for _ in 0..500 {
+            for i in floyd_sample(&mut rng, 20, 2) {
+                seen[i] = true;
+            }
+        }
+        assert!(seen.iter().all(|&s| s));
+    }
 
     fn rec(id: u8, left: u64, zone: Option<&str>) -> PeerRecord {
         PeerRecord {

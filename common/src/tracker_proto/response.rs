@@ -79,19 +79,17 @@ impl AnnounceResponse {
         }
         match format {
             PeerFormat::Compact => {
-                let v4: Vec<_> = self.peers.iter().filter(|p| p.addr.is_ipv4()).collect();
-                let v6: Vec<_> = self.peers.iter().filter(|p| p.addr.is_ipv6()).collect();
-                w.bytes(b"peers");
-                w.buf
-                    .extend_from_slice(format!("{}:", v4.len() * 6).as_bytes());
-                for p in v4 {
+                // Counted first so each list is written straight into the buffer: this is the
+                // tracker's hot path.
+                let v4 = self.peers.iter().filter(|p| p.addr.is_ipv4()).count();
+                let v6 = self.peers.len() - v4;
+                w.bytes(b"peers").string_header(v4 * 6);
+                for p in self.peers.iter().filter(|p| p.addr.is_ipv4()) {
                     write_compact(&mut w.buf, p.addr);
                 }
-                if !v6.is_empty() {
-                    w.bytes(b"peers6");
-                    w.buf
-                        .extend_from_slice(format!("{}:", v6.len() * 18).as_bytes());
-                    for p in v6 {
+                if v6 > 0 {
+                    w.bytes(b"peers6").string_header(v6 * 18);
+                    for p in self.peers.iter().filter(|p| p.addr.is_ipv6()) {
                         write_compact(&mut w.buf, p.addr);
                     }
                 }

@@ -142,13 +142,18 @@ pub(super) async fn scrape(
     State(state): State<SharedState>,
     RawQuery(query): RawQuery,
 ) -> Response {
+    bencoded(scrape_body(&state, query.as_deref().unwrap_or("")))
+}
+
+/// Serve one scrape: counts for the named swarms, or for all when there are few.
+pub fn scrape_body(state: &super::AppState, query: &str) -> Vec<u8> {
     state.metrics.scrape();
     let mut body = Vec::new();
-    let req = match ScrapeRequest::parse(query.as_deref().unwrap_or("")) {
+    let req = match ScrapeRequest::parse(query) {
         Ok(r) => r,
         Err(e) => {
             encode_failure(&format!("bad scrape: {e}"), &mut body);
-            return bencoded(body);
+            return body;
         }
     };
     let visible = |s: &crate::swarm::Swarm| state.config.allow_unregistered || s.package.is_some();
@@ -164,7 +169,7 @@ pub(super) async fn scrape(
                 "full scrape is disabled for this many swarms; name info_hash values",
                 &mut body,
             );
-            return bencoded(body);
+            return body;
         }
         state.swarms.for_each(|h, s| {
             if visible(s) {
@@ -179,5 +184,5 @@ pub(super) async fn scrape(
         }
     }
     resp.encode(&mut body);
-    bencoded(body)
+    body
 }

@@ -23,7 +23,7 @@ use crate::config::Config;
 use crate::metrics::{Metrics, Route};
 use crate::swarm::{PackageLabel, Swarms};
 
-pub use announce::serve_announce;
+pub use announce::{scrape_body, serve_announce};
 
 /// Everything a handler can reach.
 #[derive(Debug)]
