@@ -1,4 +1,4 @@
-//! The catalog calls the scenarios make: publishing versions and moving tags over HTTP.
+//! The tracker calls the scenarios make: publishing versions, moving tags, listing swarms.
 
 use std::time::Duration;
 
@@ -70,4 +70,36 @@ pub fn random_package(
     let metainfo = Metainfo::build(&bytes[..], size as u64, file_name, announce, Format::File)
         .expect("building metainfo");
     (bytes, metainfo)
+}
+
+/// The peers the tracker lists for `info_hash` (`GET /api/v1/swarms`): (address, bytes left).
+/// `Err` says what it saw instead, for [`crate::wait_for`].
+pub async fn swarm_peers(
+    client: &reqwest::Client,
+    base_url: &str,
+    info_hash: &str,
+) -> Result<Vec<(String, u64)>, String> {
+    let swarms: serde_json::Value = client
+        .get(format!("{base_url}/api/v1/swarms"))
+        .send()
+        .await
+        .map_err(|e| e.to_string())?
+        .json()
+        .await
+        .map_err(|e| e.to_string())?;
+    let swarm = swarms
+        .as_array()
+        .and_then(|a| a.iter().find(|s| s["info_hash"] == info_hash))
+        .ok_or_else(|| format!("no swarm {info_hash} in {swarms}"))?;
+    Ok(swarm["peers"]
+        .as_array()
+        .ok_or("no peers array")?
+        .iter()
+        .map(|p| {
+            (
+                p["addr"].as_str().unwrap_or_default().to_owned(),
+                p["left"].as_u64().unwrap_or(u64::MAX),
+            )
+        })
+        .collect())
 }

@@ -45,6 +45,7 @@ pub(crate) async fn run(t: Arc<Torrent>) {
         Event::Started
     };
     let mut backoff = FIRST_BACKOFF;
+    let mut empty_backoff = FIRST_BACKOFF;
     let mut completed_sent = t.is_seeding();
     loop {
         let req = request(&t, event);
@@ -68,6 +69,14 @@ pub(crate) async fn run(t: Arc<Torrent>) {
         let (interval, min) = wait;
         let next = tokio::time::Instant::now() + interval;
         let earliest = tokio::time::Instant::now() + min;
+        let quick = if t.state().peers.is_empty() {
+            let q = tokio::time::Instant::now() + empty_backoff;
+            empty_backoff = (empty_backoff * 2).min(min);
+            q
+        } else {
+            empty_backoff = FIRST_BACKOFF;
+            earliest
+        };
         loop {
             tokio::select! {
                 _ = t.cancel.cancelled() => {
@@ -99,9 +108,9 @@ pub(crate) async fn run(t: Arc<Torrent>) {
                     tokio::time::sleep_until(earliest).await;
                     break;
                 }
-                _ = tokio::time::sleep_until(earliest), if needs_peers(&t) => {
-                    // Re-ask early while the download is short of peers, at the tracker's pace.
-                    tokio::time::sleep(min).await;
+                _ = tokio::time::sleep_until(earliest.min(quick)), if needs_peers(&t) => {
+                    // Short of peers: ask again at the tracker's pace, and sooner while there
+                    // is nobody at all (a version seeded a moment ago is not listed yet).
                     break;
                 }
             }

@@ -123,6 +123,9 @@ pub struct Engine {
     cancel: CancellationToken,
 }
 
+/// Azureus-style client tag at the start of our peer ids.
+pub(crate) const PEER_ID_PREFIX: &[u8] = b"-FB";
+
 fn new_peer_id() -> PeerId {
     let mut id = [0u8; 20];
     id[..8].copy_from_slice(b"-FB0100-");

@@ -60,6 +60,8 @@ struct Conn {
     id: ConnId,
     addr: SocketAddr,
     fast: bool,
+    /// The peer is an fbpkg-rs agent (peer id prefix `-FB`).
+    ours: bool,
     wbuf: BytesMut,
     peer_choking: bool,
     am_interested: bool,
@@ -108,6 +110,7 @@ pub(crate) async fn run(
         id,
         addr,
         fast: theirs.supports_fast(),
+        ours: theirs.peer_id.0.starts_with(super::PEER_ID_PREFIX),
         wbuf: BytesMut::with_capacity(WRITE_HIGH_WATER + (32 << 10)),
         peer_choking: true,
         am_interested: false,
@@ -214,7 +217,10 @@ impl Conn {
         let mut st = self.t.state();
         let have = st.picker.have().clone();
         let offers = match st.planner.as_mut() {
-            Some(planner) if seeding => {
+            // Only our own agents are rationed: they ask for an advertised piece at once. Some
+            // stock clients (librqbit 9) only look for new pieces every few seconds when a
+            // `have` arrives, and would crawl; they get everything advertised.
+            Some(planner) if seeding && self.ours => {
                 self.super_seeding = true;
                 Some(planner.offers(self.id, 2))
             }

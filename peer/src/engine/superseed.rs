@@ -8,7 +8,9 @@
 //! every block of its offered pieces, it is offered more; how many are kept in hand scales with
 //! how fast that leecher downloads, so a lone fast leecher is not starved.
 //!
-//! Stock clients need nothing special: they see a peer that has a few pieces, then more.
+//! Only fbpkg-rs agents are rationed (peer id `-FB…`): they request an advertised piece the
+//! moment its `have` arrives. Stock clients get everything advertised, because some (librqbit 9)
+//! look for new pieces only every few seconds and would crawl.
 //! Pure state, no I/O: the peer tasks call it under the torrent lock.
 
 use std::collections::HashMap;

@@ -1,0 +1,244 @@
+//! `fbpkg-rs agent` as a child process: its own state and cache directories, a loopback peer
+//! port it announces, SIGKILLed on drop.
+//!
+//! The agent announces the port it is told (`--listen`), so it cannot be given port 0. A free
+//! port is found by binding 127.0.0.1:0 and releasing it; if something takes it in between,
+//! the agent exits saying it cannot listen, and the next attempt picks another port.
+
+use std::collections::VecDeque;
+use std::ffi::OsString;
+use std::io::{self, BufRead, BufReader};
+use std::net::{Ipv4Addr, SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use fbpkg_peer::cache::Cache;
+use fbpkg_peer::engine::TorrentStatus;
+use tokio::sync::mpsc;
+
+use crate::cli::{fbpkg_rs, fbpkg_rs_command};
+
+/// Longest an agent may take from spawn to `agent ready`.
+const START_TIMEOUT: Duration = Duration::from_secs(20);
+/// Attempts at a free port before giving up.
+const PORT_ATTEMPTS: usize = 5;
+/// Log lines kept (an agent at `info` logs a few lines per package).
+const LOG_LINES_KEPT: usize = 20_000;
+/// Longest one `fbpkg-rs status` may take.
+const STATUS_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A port on 127.0.0.1 that was free a moment ago.
+pub fn free_loopback_port() -> io::Result<u16> {
+    Ok(TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?
+        .local_addr()?
+        .port())
+}
+
+/// What the stderr reader reports.
+enum Seen {
+    Ready,
+    Exited,
+}
+
+/// A running `fbpkg-rs agent`.
+#[derive(Debug)]
+pub struct AgentProcess {
+    child: Child,
+    state_dir: PathBuf,
+    cache_dir: PathBuf,
+    tracker: String,
+    listen: SocketAddr,
+    log: Arc<Mutex<VecDeque<String>>>,
+}
+
+impl AgentProcess {
+    /// Start `fbpkg-rs agent` with `state_dir`, `cache_dir` and `tracker` (a base URL) on a free
+    /// loopback port, with `extra` flags (e.g. `--max-upload-rate 4M`), and return once it has
+    /// logged `agent ready` (its control socket is bound then).
+    pub async fn start(
+        state_dir: &Path,
+        cache_dir: &Path,
+        tracker: &str,
+        extra: &[&str],
+    ) -> io::Result<Self> {
+        let mut last = String::new();
+        for _ in 0..PORT_ATTEMPTS {
+            let port = free_loopback_port()?;
+            match Self::start_on(state_dir, cache_dir, tracker, extra, port).await? {
+                Ok(agent) => return Ok(agent),
+                Err(log) if log.contains("cannot listen for peers") => last = log,
+                Err(log) => {
+                    return Err(io::Error::other(format!(
+                        "agent exited before it was ready; its log:\n{log}"
+                    )));
+                }
+            }
+        }
+        Err(io::Error::other(format!(
+            "no free loopback port for the agent after {PORT_ATTEMPTS} attempts; last log:\n{last}"
+        )))
+    }
+
+    /// One attempt: `Ok(Err(log))` when the agent exited before it was ready.
+    async fn start_on(
+        state_dir: &Path,
+        cache_dir: &Path,
+        tracker: &str,
+        extra: &[&str],
+        port: u16,
+    ) -> io::Result<Result<Self, String>> {
+        let listen = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+        let mut cmd = fbpkg_rs_command();
+        cmd.args(["--log", "info", "agent", "--listen"])
+            .arg(listen.to_string())
+            .arg("--state-dir")
+            .arg(state_dir)
+            .arg("--cache-dir")
+            .arg(cache_dir)
+            .arg("--tracker")
+            .arg(tracker)
+            .args(extra)
+            .stdout(Stdio::null());
+        let mut child = cmd.spawn()?;
+        let Some(stderr) = child.stderr.take() else {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(io::Error::other("no stderr pipe"));
+        };
+        let log = Arc::new(Mutex::new(VecDeque::new()));
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let log2 = log.clone();
+        // Drains stderr for the child's whole life (a full pipe would block the agent).
+        let spawned = std::thread::Builder::new()
+            .name(format!("agent-{port}-stderr"))
+            .spawn(move || {
+                let mut ready_sent = false;
+                for line in BufReader::new(stderr).lines() {
+                    let Ok(line) = line else { break };
+                    if !ready_sent && line.contains("agent ready") {
+                        ready_sent = true;
+                        let _ = tx.send(Seen::Ready);
+                    }
+                    if let Ok(mut l) = log2.lock() {
+                        if l.len() == LOG_LINES_KEPT {
+                            l.pop_front();
+                        }
+                        l.push_back(line);
+                    }
+                }
+                let _ = tx.send(Seen::Exited);
+            });
+        if let Err(e) = spawned {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(e);
+        }
+        let mut agent = Self {
+            child,
+            state_dir: state_dir.to_owned(),
+            cache_dir: cache_dir.to_owned(),
+            tracker: tracker.to_owned(),
+            listen,
+            log,
+        };
+        match tokio::time::timeout(START_TIMEOUT, rx.recv()).await {
+            Ok(Some(Seen::Ready)) => Ok(Ok(agent)),
+            Ok(Some(Seen::Exited) | None) => {
+                let _ = agent.kill();
+                Ok(Err(agent.log_tail()))
+            }
+            Err(_) => {
+                let _ = agent.kill();
+                Err(io::Error::other(format!(
+                    "agent not ready after {START_TIMEOUT:?}; its log:\n{}",
+                    agent.log_tail()
+                )))
+            }
+        }
+    }
+
+    /// Where other peers connect to it.
+    pub fn listen(&self) -> SocketAddr {
+        self.listen
+    }
+
+    /// Its state directory (control socket, partial downloads).
+    pub fn state_dir(&self) -> &Path {
+        &self.state_dir
+    }
+
+    /// Its launcher cache directory.
+    pub fn cache_dir(&self) -> &Path {
+        &self.cache_dir
+    }
+
+    /// Its launcher cache.
+    pub fn cache(&self) -> Cache {
+        Cache::new(&self.cache_dir)
+    }
+
+    /// `--state-dir S --cache-dir C --tracker T`: the flags that make a client command (`get`,
+    /// `publish`, `status`) talk to this agent.
+    pub fn host_args(&self) -> Vec<OsString> {
+        vec![
+            "--state-dir".into(),
+            self.state_dir.clone().into(),
+            "--cache-dir".into(),
+            self.cache_dir.clone().into(),
+            "--tracker".into(),
+            self.tracker.clone().into(),
+        ]
+    }
+
+    /// `fbpkg-rs status --json` against this agent.
+    pub async fn status(&self) -> Result<Vec<TorrentStatus>, String> {
+        let mut args: Vec<OsString> = vec!["status".into(), "--json".into()];
+        args.extend(self.host_args());
+        let out = fbpkg_rs(args, STATUS_TIMEOUT).await;
+        if !out.success() {
+            return Err(format!("fbpkg-rs status failed: {out}"));
+        }
+        serde_json::from_str(&out.stdout).map_err(|e| format!("status JSON: {e}: {out}"))
+    }
+
+    /// SIGKILL it, whatever it is doing, and reap it.
+    pub fn kill(&mut self) -> io::Result<ExitStatus> {
+        if let Some(status) = self.child.try_wait()? {
+            return Ok(status);
+        }
+        self.child.kill()?;
+        self.child.wait()
+    }
+
+    /// Every line it logged so far (the last 20,000).
+    pub fn log_lines(&self) -> Vec<String> {
+        self.log
+            .lock()
+            .map(|l| l.iter().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    /// The last lines it logged, for failure messages.
+    pub fn log_tail(&self) -> String {
+        let lines = self.log_lines();
+        lines[lines.len().saturating_sub(60)..]
+            .iter()
+            .map(|s| format!("  {s}\n"))
+            .collect()
+    }
+}
+
+impl Drop for AgentProcess {
+    fn drop(&mut self) {
+        let _ = self.kill();
+    }
+}
+
+/// The value of a `key=value` field in a tracing line (quotes removed).
+pub fn log_field<'a>(line: &'a str, key: &str) -> Option<&'a str> {
+    line.split_whitespace()
+        .find_map(|f| f.strip_prefix(key)?.strip_prefix('='))
+        .map(|v| v.trim_matches('"'))
+}

@@ -1,0 +1,406 @@
+#![allow(clippy::unwrap_used)]
+//! A peer that serves corrupt blocks is dropped at once and never dialled again, and nothing
+//! it sent reaches the cache.
+//!
+//! The malicious peer is written here with the wire codec: it announces itself to the tracker
+//! as a seeder, answers the handshake, says it has everything (`have all`, or a full bitfield
+//! for a peer without the fast extension), unchokes, and answers every request with a block of
+//! the right length whose bytes are the real ones inverted. An honest in-process seed seeds the
+//! same package, either super-seeding at 1 MiB/s (the download lasts a few seconds, and most
+//! first blocks come from the malicious peer) or advertising everything at full speed (blocks
+//! of one piece come from both peers, so the honest seed shares the blame for failed pieces
+//! and must not be banned for it). The leecher must:
+//!
+//! - end `Seeding` with exactly the published bytes, and nothing else in its cache;
+//! - close the malicious connection after its corrupt data, and never connect again for the
+//!   rest of its download (while it keeps re-announcing and being told of that peer).
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use fbpkg_common::bitfield::Bitfield;
+use fbpkg_common::metainfo::Metainfo;
+use fbpkg_common::pkgref::PackageName;
+use fbpkg_common::tracker_proto::{AnnounceRequest, AnnounceResponse, Event, TrackerReply};
+use fbpkg_common::wire::{DEFAULT_MAX_MESSAGE, Handshake, Message};
+use fbpkg_common::{InfoHash, PeerId};
+use fbpkg_peer::cache::{Cache, Handoff};
+use fbpkg_peer::engine::{Engine, EngineConfig, Phase};
+use fbpkg_peer::tracker_client::TrackerClient;
+use fbpkg_tests::{http_client, random_package, swarm_peers, wait_for};
+use fbpkg_tracker::{Config, Embedded};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+const PACKAGE_BYTES: usize = 4 << 20;
+const HONEST_RATE: u64 = 1 << 20;
+const DOWNLOAD_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// What the malicious peer saw.
+#[derive(Debug, Default)]
+struct Seen {
+    /// When each connection was accepted.
+    connections: Vec<Instant>,
+    /// Requests answered with corrupt blocks.
+    corrupt_blocks: u64,
+    /// When the first corrupt block was sent.
+    first_corrupt: Option<Instant>,
+    /// When the leecher closed each connection (EOF or reset), after how many corrupt blocks.
+    closed: Vec<(Instant, u64)>,
+}
+
+/// The malicious peer: accepts every connection for `meta` and serves inverted bytes.
+async fn malicious_peer(
+    listener: TcpListener,
+    meta: Arc<Metainfo>,
+    bytes: Arc<Vec<u8>>,
+    seen: Arc<Mutex<Seen>>,
+    peer_id: PeerId,
+    cancel: CancellationToken,
+) {
+    loop {
+        let stream = tokio::select! {
+            _ = cancel.cancelled() => return,
+            a = listener.accept() => match a {
+                Ok((s, _)) => s,
+                Err(_) => continue,
+            },
+        };
+        seen.lock().unwrap().connections.push(Instant::now());
+        let (meta, bytes, seen, cancel) =
+            (meta.clone(), bytes.clone(), seen.clone(), cancel.clone());
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = cancel.cancelled() => {}
+                _ = serve_corrupt(stream, &meta, &bytes, &seen, peer_id) => {}
+            }
+        });
+    }
+}
+
+/// One connection: handshake, "I have everything", unchoke, then corrupt blocks until the
+/// other side closes.
+async fn serve_corrupt(
+    mut stream: TcpStream,
+    meta: &Metainfo,
+    bytes: &[u8],
+    seen: &Mutex<Seen>,
+    peer_id: PeerId,
+) {
+    let mut buf = BytesMut::with_capacity(64 << 10);
+    let theirs = loop {
+        match Handshake::decode(&mut buf) {
+            Ok(Some(h)) => break h,
+            Ok(None) => {}
+            Err(_) => return,
+        }
+        match stream.read_buf(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {}
+        }
+    };
+    assert_eq!(
+        theirs.info_hash, meta.info_hash,
+        "handshake for another swarm"
+    );
+    let mut out = BytesMut::new();
+    Handshake::new(meta.info_hash, peer_id).encode(&mut out);
+    if theirs.supports_fast() {
+        Message::HaveAll.encode(&mut out);
+    } else {
+        let all = Bitfield::full(meta.num_pieces());
+        Message::Bitfield(Bytes::copy_from_slice(all.as_bytes())).encode(&mut out);
+    }
+    Message::Unchoke.encode(&mut out);
+    if stream.write_all(&out).await.is_err() {
+        return;
+    }
+    loop {
+        loop {
+            let m = match Message::decode(&mut buf, DEFAULT_MAX_MESSAGE) {
+                Ok(Some(m)) => m,
+                Ok(None) => break,
+                Err(e) => panic!("the leecher sent an undecodable message: {e}"),
+            };
+            if let Message::Request(b) = m {
+                let start =
+                    usize::try_from(meta.piece_offset(b.index) + u64::from(b.begin)).unwrap();
+                let data: Vec<u8> = bytes[start..start + b.length as usize]
+                    .iter()
+                    .map(|x| !x)
+                    .collect();
+                let mut out = BytesMut::new();
+                Message::Piece {
+                    index: b.index,
+                    begin: b.begin,
+                    data: Bytes::from(data),
+                }
+                .encode(&mut out);
+                if stream.write_all(&out).await.is_err() {
+                    break;
+                }
+                let mut s = seen.lock().unwrap();
+                s.corrupt_blocks += 1;
+                s.first_corrupt.get_or_insert_with(Instant::now);
+            }
+        }
+        match stream.read_buf(&mut buf).await {
+            Ok(n) if n > 0 => continue,
+            // EOF, or a reset because our unread data was still queued: the leecher closed.
+            _ => {
+                let mut s = seen.lock().unwrap();
+                let blocks = s.corrupt_blocks;
+                s.closed.push((Instant::now(), blocks));
+                return;
+            }
+        }
+    }
+}
+
+/// Tell the tracker the malicious peer seeds `info_hash` at `port`.
+async fn announce_as_seeder(base_url: &str, info_hash: InfoHash, peer_id: PeerId, port: u16) {
+    let req = AnnounceRequest {
+        info_hash,
+        peer_id,
+        port,
+        uploaded: 0,
+        downloaded: 0,
+        left: 0,
+        event: Event::Started,
+        compact: true,
+        numwant: Some(0),
+        no_peer_id: false,
+        key: None,
+        ip: None,
+        zone: None,
+    };
+    let body = http_client()
+        .get(format!("{base_url}/announce?{}", req.to_query()))
+        .send()
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+    match AnnounceResponse::decode(&body).unwrap() {
+        TrackerReply::Ok(_) => {}
+        TrackerReply::Failure(why) => panic!("the tracker refused the malicious peer: {why}"),
+    }
+}
+
+/// How an engine uploads.
+#[derive(Debug, Clone, Copy)]
+struct Upload {
+    max_rate: Option<u64>,
+    superseed: bool,
+}
+
+/// The agent's defaults.
+const DEFAULT_UPLOAD: Upload = Upload {
+    max_rate: None,
+    superseed: true,
+};
+
+async fn engine(
+    dir: &Path,
+    tracker_url: &str,
+    upload: Upload,
+    cancel: &CancellationToken,
+) -> Arc<Engine> {
+    let config = EngineConfig {
+        listen: SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
+        max_upload_rate: upload.max_rate,
+        superseed: upload.superseed,
+        ..EngineConfig::new(dir.join("work"))
+    };
+    let tracker = TrackerClient::new(tracker_url, None, Duration::from_secs(10)).unwrap();
+    Engine::start(
+        config,
+        tracker,
+        Cache::new(dir.join("cache")),
+        cancel.child_token(),
+    )
+    .await
+    .unwrap()
+}
+
+/// The honest seed super-seeds (two pieces offered at a time) at 1 MiB/s: the leecher takes
+/// most of its first blocks from the malicious peer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_peer_serving_corrupt_blocks_is_banned_and_never_reaches_the_cache() {
+    corrupt_peer_beside(Upload {
+        max_rate: Some(HONEST_RATE),
+        superseed: true,
+    })
+    .await;
+}
+
+/// The honest seed advertises everything at full speed (as a leecher that finished does), so
+/// the leecher fetches blocks of the same pieces from both peers. A piece with a corrupt block
+/// from the malicious peer and good ones from the honest seed fails too; the honest seed must
+/// not be banned for it, or the leecher is left with nobody.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_peer_serving_corrupt_blocks_beside_a_full_speed_seed() {
+    corrupt_peer_beside(Upload {
+        max_rate: None,
+        superseed: false,
+    })
+    .await;
+}
+
+async fn corrupt_peer_beside(honest: Upload) {
+    let dirs = tempfile::tempdir().unwrap();
+    let base = dirs.path();
+    let tracker_stop = CancellationToken::new();
+    let tracker = Embedded::start(
+        Config {
+            listen: SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
+            data_dir: base.join("tracker"),
+            // The leecher re-announces often, so it is told of the malicious peer again and
+            // again while it downloads.
+            min_announce_interval: Duration::from_secs(1),
+            ..Config::default()
+        },
+        tracker_stop.clone(),
+    )
+    .await
+    .unwrap();
+    let url = format!("http://{}", tracker.addr);
+    let cancel = CancellationToken::new();
+    let name = PackageName::new("target").unwrap();
+    let (bytes, meta) = random_package(
+        &mut rand::rng(),
+        PACKAGE_BYTES,
+        "target.bin",
+        &tracker.announce_url(),
+    );
+    let (bytes, meta) = (Arc::new(bytes), Arc::new(meta));
+
+    // The honest seed.
+    let seed = engine(&base.join("seed"), &url, honest, &cancel).await;
+    seed.tracker().publish(&name, &meta).await.unwrap();
+    let original = base.join("target.bin");
+    std::fs::write(&original, &*bytes).unwrap();
+    let entry = seed
+        .cache()
+        .install(&name, &meta, &original, Handoff::Copy, &Default::default())
+        .unwrap();
+    seed.seed(name.clone(), meta.clone(), &entry.dir.join(&meta.name))
+        .unwrap();
+
+    // The malicious peer.
+    let evil_listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).await.unwrap();
+    let evil_addr = evil_listener.local_addr().unwrap();
+    let evil_id = PeerId(*b"-EV0001-corruptcorru");
+    let seen = Arc::new(Mutex::new(Seen::default()));
+    tokio::spawn(malicious_peer(
+        evil_listener,
+        meta.clone(),
+        bytes.clone(),
+        seen.clone(),
+        evil_id,
+        cancel.clone(),
+    ));
+    announce_as_seeder(&url, meta.info_hash, evil_id, evil_addr.port()).await;
+    let (client, ih) = (http_client(), meta.info_hash.to_hex());
+    let (c, u, h, honest) = (&client, &url, &ih, seed.listen_addr().to_string());
+    let evil = evil_addr.to_string();
+    let (honest, evil) = (&honest, &evil);
+    wait_for(
+        "the tracker to list both seeders",
+        Duration::from_secs(15),
+        || async move {
+            let peers = swarm_peers(c, u, h).await?;
+            let listed = |a: &String| peers.contains(&(a.clone(), 0));
+            if listed(honest) && listed(evil) {
+                Ok(())
+            } else {
+                Err(format!("{peers:?}"))
+            }
+        },
+    )
+    .await;
+
+    // The leecher.
+    let leecher = engine(&base.join("leecher"), &url, DEFAULT_UPLOAD, &cancel).await;
+    let t = leecher.download(name.clone(), meta.clone()).await.unwrap();
+    let mut phase = t.phase();
+    let ended = tokio::time::timeout(DOWNLOAD_TIMEOUT, async {
+        loop {
+            let p = phase.borrow_and_update().clone();
+            if matches!(p, Phase::Seeding(_) | Phase::Failed { .. }) {
+                return p;
+            }
+            phase.changed().await.unwrap();
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("no end within {DOWNLOAD_TIMEOUT:?}: {:?}", t.status()));
+    let finished_at = Instant::now();
+    let Phase::Seeding(entry) = ended else {
+        panic!("the leecher ended {ended:?}");
+    };
+    assert!(
+        std::fs::read(&entry.launch_path).unwrap() == *bytes,
+        "the leecher's cached bytes are not the package"
+    );
+    let cache_root = leecher.cache().root().to_owned();
+    let mut names: Vec<_> = std::fs::read_dir(&cache_root)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .filter(|n| n != ".staging")
+        .collect();
+    names.sort();
+    assert_eq!(names, ["target"], "unexpected cache contents");
+    let versions: Vec<String> = std::fs::read_dir(cache_root.join("target"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    assert_eq!(
+        versions,
+        [meta.sha256.to_hex()],
+        "unexpected versions cached"
+    );
+    let staging = std::fs::read_dir(cache_root.join(".staging"))
+        .map(|rd| rd.count())
+        .unwrap_or(0);
+    assert_eq!(staging, 0, "staging leftovers");
+
+    let s = std::mem::take(&mut *seen.lock().unwrap());
+    eprintln!(
+        "malicious peer: {} connection(s), {} corrupt blocks sent, closed {:?}; download took \
+         {:?} after the first corrupt block",
+        s.connections.len(),
+        s.corrupt_blocks,
+        s.closed.iter().map(|(_, n)| n).collect::<Vec<_>>(),
+        s.first_corrupt.map(|f| finished_at - f)
+    );
+    let first_corrupt = s
+        .first_corrupt
+        .expect("the leecher never asked the malicious peer for a block: nothing was tested");
+    assert_eq!(
+        s.connections.len(),
+        1,
+        "the leecher connected to the malicious peer again after dropping it"
+    );
+    let (closed_at, blocks_before_close) = *s
+        .closed
+        .first()
+        .expect("the leecher never closed the connection to the peer that sent corrupt data");
+    assert!(closed_at >= first_corrupt && blocks_before_close > 0);
+    assert!(
+        closed_at < finished_at,
+        "the malicious connection outlived the download"
+    );
+
+    cancel.cancel();
+    leecher.shutdown().await;
+    seed.shutdown().await;
+    tracker_stop.cancel();
+    let _ = tokio::time::timeout(Duration::from_secs(10), tracker.task).await;
+}

@@ -1,0 +1,234 @@
+#![allow(clippy::unwrap_used)]
+//! Flash crowd: one seed and six agents fetch one 8 MiB package at the same moment.
+//!
+//! Every engine runs in this process against an embedded tracker on loopback, as `fbpkg-rs
+//! demo` does. Checked:
+//!
+//! - every leecher ends `Seeding`, and its launch path holds exactly the published bytes;
+//! - the seed uploads at most 1.25x the package: it super-seeds, handing each piece out about
+//!   once, and the crowd trades the rest among itself;
+//! - while a leecher is still downloading, its cache has no entry `<cache>/<name>/<sha>`, and
+//!   an entry, the moment it appears, is whole (the cache never holds a partial package).
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use fbpkg_common::metainfo::Metainfo;
+use fbpkg_common::pkgref::PackageName;
+use fbpkg_peer::cache::{Cache, Handoff};
+use fbpkg_peer::engine::{Engine, EngineConfig, Phase, Torrent};
+use fbpkg_peer::tracker_client::TrackerClient;
+use fbpkg_tests::random_package;
+use fbpkg_tracker::{Config, Embedded};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+const LEECHERS: usize = 6;
+const PACKAGE_BYTES: usize = 8 << 20;
+const FILE_NAME: &str = "crowd.bin";
+const DOWNLOAD_TIMEOUT: Duration = Duration::from_secs(60);
+/// The seed's upload may exceed one package by this much (endgame, a piece offered twice).
+const MAX_SEED_UPLOAD_RATIO: f64 = 1.25;
+/// How often the leechers' caches are looked at while they download.
+const SAMPLE_EVERY: Duration = Duration::from_millis(2);
+
+/// An engine on 127.0.0.1:0 with its own cache and work directory under `dir`.
+async fn engine(dir: &Path, tracker_url: &str, cancel: &CancellationToken) -> Arc<Engine> {
+    let config = EngineConfig {
+        listen: SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
+        ..EngineConfig::new(dir.join("work"))
+    };
+    let tracker = TrackerClient::new(tracker_url, None, Duration::from_secs(10)).unwrap();
+    Engine::start(
+        config,
+        tracker,
+        Cache::new(dir.join("cache")),
+        cancel.child_token(),
+    )
+    .await
+    .unwrap()
+}
+
+/// What the sampler saw of one leecher.
+#[derive(Debug, Default)]
+struct Watch {
+    /// Samples taken while it was downloading.
+    downloading_samples: u64,
+    /// Its entry directory was seen while it was still downloading (before and after the stat).
+    entry_while_downloading: bool,
+    /// The entry was seen and checked whole.
+    entry_checked: bool,
+}
+
+/// Look at one leecher: phase, entry directory, phase again. An entry that exists while the
+/// phase was `Downloading` on both sides of the stat is a partial entry in the cache.
+fn sample(t: &Torrent, entry_dir: &Path, meta: &Metainfo, bytes: &[u8], w: &mut Watch) {
+    let before = t.current_phase();
+    let exists = entry_dir.exists();
+    let after = t.current_phase();
+    let downloading = matches!(before, Phase::Downloading) && matches!(after, Phase::Downloading);
+    if downloading {
+        w.downloading_samples += 1;
+        if exists {
+            w.entry_while_downloading = true;
+        }
+    }
+    if exists && !w.entry_checked {
+        // The entry appears in one rename after the SHA-256 matched: whatever instant it is
+        // first seen, it must already hold the whole package.
+        let data = std::fs::read(entry_dir.join(&meta.name)).unwrap();
+        assert!(
+            data == bytes,
+            "{} appeared with {} bytes that are not the package",
+            entry_dir.display(),
+            data.len()
+        );
+        w.entry_checked = true;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_crowd_gets_each_piece_from_the_seed_about_once() {
+    let dirs = tempfile::tempdir().unwrap();
+    let base = dirs.path();
+    let tracker_stop = CancellationToken::new();
+    let tracker = Embedded::start(
+        Config {
+            listen: SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
+            data_dir: base.join("tracker"),
+            // Leechers that started before their neighbours re-announce after `min interval`
+            // to learn of them.
+            min_announce_interval: Duration::from_secs(1),
+            ..Config::default()
+        },
+        tracker_stop.clone(),
+    )
+    .await
+    .unwrap();
+    let url = format!("http://{}", tracker.addr);
+    let cancel = CancellationToken::new();
+
+    let name = PackageName::new("crowd").unwrap();
+    let (bytes, meta) = random_package(
+        &mut rand::rng(),
+        PACKAGE_BYTES,
+        FILE_NAME,
+        &tracker.announce_url(),
+    );
+    let meta = Arc::new(meta);
+
+    // The seed: the package in its cache, seeded from there, then listed by the tracker.
+    let seed = engine(&base.join("seed"), &url, &cancel).await;
+    let original = base.join(FILE_NAME);
+    std::fs::write(&original, &bytes).unwrap();
+    let entry = seed
+        .cache()
+        .install(&name, &meta, &original, Handoff::Copy, &Default::default())
+        .unwrap();
+    let seeding = seed
+        .seed(name.clone(), meta.clone(), &entry.dir.join(&meta.name))
+        .unwrap();
+    seed.tracker().publish(&name, &meta).await.unwrap();
+
+    let mut leechers = Vec::new();
+    for i in 0..LEECHERS {
+        leechers.push(engine(&base.join(format!("leecher{i}")), &url, &cancel).await);
+    }
+    let mut torrents = Vec::new();
+    let mut entry_dirs: Vec<PathBuf> = Vec::new();
+    for l in &leechers {
+        entry_dirs.push(l.cache().entry_dir(&name, &meta.sha256));
+        torrents.push(l.download(name.clone(), meta.clone()).await.unwrap());
+    }
+    let started = Instant::now();
+
+    let mut watches: Vec<Watch> = (0..LEECHERS).map(|_| Watch::default()).collect();
+    let deadline = started + DOWNLOAD_TIMEOUT;
+    loop {
+        for ((t, dir), w) in torrents.iter().zip(&entry_dirs).zip(&mut watches) {
+            sample(t, dir, &meta, &bytes, w);
+        }
+        let done = torrents
+            .iter()
+            .all(|t| matches!(t.current_phase(), Phase::Seeding(_) | Phase::Failed { .. }));
+        if done {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the crowd did not finish within {DOWNLOAD_TIMEOUT:?}: {:#?}",
+            torrents.iter().map(|t| t.status()).collect::<Vec<_>>()
+        );
+        tokio::time::sleep(SAMPLE_EVERY).await;
+    }
+    let took = started.elapsed();
+
+    for (i, ((t, dir), w)) in torrents
+        .iter()
+        .zip(&entry_dirs)
+        .zip(&mut watches)
+        .enumerate()
+    {
+        let launch = match t.current_phase() {
+            Phase::Seeding(entry) => entry.launch_path,
+            other => panic!("leecher{i} ended {other:?}"),
+        };
+        assert_eq!(launch, dir.join(FILE_NAME), "leecher{i}'s launch path");
+        assert!(
+            std::fs::read(&launch).unwrap() == bytes,
+            "leecher{i}'s copy differs from the published bytes"
+        );
+        sample(t, dir, &meta, &bytes, w);
+        assert!(w.entry_checked, "leecher{i}: entry never checked");
+        assert!(
+            !w.entry_while_downloading,
+            "leecher{i}: {} existed while it was still downloading",
+            dir.display()
+        );
+        assert!(
+            w.downloading_samples > 0,
+            "leecher{i} was never seen downloading: the partial-entry check saw nothing"
+        );
+        assert!(
+            !staging_has_leftovers(&leechers[i]),
+            "leecher{i}: staging leftovers"
+        );
+    }
+
+    let seed_up = seeding.uploaded();
+    let ratio = seed_up as f64 / PACKAGE_BYTES as f64;
+    let crowd_down: u64 = torrents.iter().map(|t| t.downloaded()).sum();
+    eprintln!(
+        "{LEECHERS} leechers got {PACKAGE_BYTES} bytes in {took:?}; seed uploaded {ratio:.2}x, \
+         the crowd received {crowd_down} piece bytes"
+    );
+    assert!(
+        crowd_down >= (LEECHERS * PACKAGE_BYTES) as u64,
+        "the crowd received {crowd_down} bytes, less than {LEECHERS} packages"
+    );
+    assert!(
+        ratio <= MAX_SEED_UPLOAD_RATIO,
+        "the seed uploaded {seed_up} bytes = {ratio:.2}x the package (at most \
+         {MAX_SEED_UPLOAD_RATIO}x expected from super-seeding)"
+    );
+
+    cancel.cancel();
+    for e in leechers.iter().chain([&seed]) {
+        e.shutdown().await;
+    }
+    tracker_stop.cancel();
+    tokio::time::timeout(Duration::from_secs(10), tracker.task)
+        .await
+        .expect("the tracker did not stop")
+        .unwrap()
+        .unwrap();
+}
+
+/// Does the engine's cache still hold something under `.staging`?
+fn staging_has_leftovers(e: &Engine) -> bool {
+    std::fs::read_dir(e.cache().root().join(".staging"))
+        .map(|mut rd| rd.next().is_some())
+        .unwrap_or(false)
+}
