@@ -488,12 +488,13 @@ impl Torrent {
             return;
         }
         tracing::error!(package = %self.name, %message, "download failed");
+        // Partial data goes first, so whoever sees `Failed` can start over cleanly.
+        self.cancel.cancel();
+        self.remove_work_dir();
         self.set_phase(Phase::Failed {
             kind: kind.to_owned(),
             message,
         });
-        self.remove_work_dir();
-        self.cancel.cancel();
     }
 
     /// Remove the torrent's partial download (after it failed).
