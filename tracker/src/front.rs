@@ -304,7 +304,8 @@ async fn hand_to_router(
     });
     let conn = hyper::server::conn::http1::Builder::new()
         .timer(hyper_util::rt::TokioTimer::new())
-        .header_read_timeout(HEAD_TIMEOUT)
+        // Also the keep-alive idle limit on this path: the same as the front's.
+        .header_read_timeout(IDLE_TIMEOUT)
         .serve_connection(io, service);
     tokio::pin!(conn);
     tokio::select! {

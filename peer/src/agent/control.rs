@@ -48,6 +48,11 @@ pub enum Request {
     },
     /// What the agent holds, fetches and serves.
     Status,
+    /// Announce a package now (after `publish` listed it), instead of at the next retry.
+    Announce {
+        /// Swarm info-hash, hex.
+        info_hash: String,
+    },
 }
 
 /// What the agent answers.

@@ -9,9 +9,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use fbpkg_common::Sha256Hash;
 use fbpkg_common::metainfo::Metainfo;
 use fbpkg_common::pkgref::PackageName;
+use fbpkg_common::{InfoHash, Sha256Hash};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 use tokio_util::sync::CancellationToken;
@@ -177,6 +177,23 @@ impl Agent {
                     listen: self.engine.listen_addr().to_string(),
                 };
                 send(&mut w, pong).await;
+            }
+            Request::Announce { info_hash } => {
+                let e = match InfoHash::from_hex(&info_hash)
+                    .ok()
+                    .and_then(|ih| self.engine.torrent(&ih))
+                {
+                    Some(t) => {
+                        t.announce_now.notify_one();
+                        Event::Status {
+                            torrents: vec![t.status()],
+                        }
+                    }
+                    None => Event::from_error(&PeerError::NotFound(format!(
+                        "no package with info-hash {info_hash}"
+                    ))),
+                };
+                send(&mut w, e).await;
             }
             Request::Status => {
                 send(

@@ -164,8 +164,15 @@ pub(super) fn run(args: PublishArgs) -> anyhow::Result<ExitCode> {
                     false
                 }
             };
-            // 2. Listed by the tracker.
+            // 2. Listed by the tracker; the agent announces right away instead of waiting
+            // for its retry after the "unregistered" refusal.
             let (outcome, info) = tracker.publish(&name, &meta).await?;
+            if seeded_by_agent && let Some(agent) = AgentClient::connect(&state_dir).await? {
+                let poke = Request::Announce { info_hash: meta.info_hash.to_hex() };
+                if let Err(e) = agent.call(&poke).await {
+                    tracing::debug!(error = %e, "could not ask the agent to announce now");
+                }
+            }
             // 3. Tagged.
             if let Some(tag) = &tag {
                 tracker.move_tag(&name, tag, &meta.sha256).await?;

@@ -60,7 +60,15 @@ pub(crate) async fn run(t: Arc<Torrent>) {
                 (interval, min)
             }
             Err(e) => {
-                tracing::warn!(package = %t.name, error = %e, retry_in = ?backoff, "announce failed; swapping with known peers");
+                // A version seeded a moment before `publish` lists it is refused once: expected.
+                let just_published = t.is_seeding()
+                    && t.age() < Duration::from_secs(30)
+                    && e.to_string().contains("unregistered");
+                if just_published {
+                    tracing::debug!(package = %t.name, error = %e, retry_in = ?backoff, "not listed by the tracker yet");
+                } else {
+                    tracing::warn!(package = %t.name, error = %e, retry_in = ?backoff, "announce failed; swapping with known peers");
+                }
                 let w = backoff;
                 backoff = (backoff * 2).min(t.ctx.config.max_announce_backoff);
                 (w, w)
@@ -104,10 +112,8 @@ pub(crate) async fn run(t: Arc<Torrent>) {
                         _ => {}
                     }
                 }
-                _ = t.announce_now.notified() => {
-                    tokio::time::sleep_until(earliest).await;
-                    break;
-                }
+                // Asked for explicitly (a publish just listed the version): go now.
+                _ = t.announce_now.notified() => break,
                 _ = tokio::time::sleep_until(earliest.min(quick)), if needs_peers(&t) => {
                     // Short of peers: ask again at the tracker's pace, and sooner while there
                     // is nobody at all (a version seeded a moment ago is not listed yet).

@@ -557,12 +557,22 @@ impl Conn {
             return Ok(());
         }
         self.down_tick += u64::from(length);
-        let arrival = self.t.state().picker.received(self.id, &b);
+        let arrival = self.t.state().picker.claim(self.id, &b);
         match arrival {
             Arrival::Unexpected => {
                 self.t.count_wasted(u64::from(length));
             }
-            Arrival::Accepted { complete, cancel } => {
+            Arrival::Accepted { cancel } => {
+                if !cancel.is_empty() {
+                    let st = self.t.state();
+                    for c in cancel {
+                        if let Some(s) = st.peers.get(&c) {
+                            let _ = s.tx.send(Cmd::Cancel(b));
+                        }
+                    }
+                }
+                // Written outside the lock; the claim keeps anyone else off this block and
+                // keeps the piece from verifying until `stored`.
                 let offset = self.t.meta.piece_offset(index) + u64::from(begin);
                 if let Err(e) = self.t.storage().write_at(offset, &data) {
                     // Disk full or gone: nothing downloaded from here on could be kept.
@@ -573,15 +583,7 @@ impl Conn {
                     return Err(End::Io(e));
                 }
                 self.t.count_down(u64::from(length));
-                if !cancel.is_empty() {
-                    let st = self.t.state();
-                    for c in cancel {
-                        if let Some(s) = st.peers.get(&c) {
-                            let _ = s.tx.send(Cmd::Cancel(b));
-                        }
-                    }
-                }
-                if complete {
+                if self.t.state().picker.stored(&b) {
                     super::spawn_verify(self.t.clone(), index);
                 }
             }

@@ -24,7 +24,12 @@ pub type ConnId = u64;
 #[derive(Debug, Clone, PartialEq)]
 enum Block {
     Free,
-    Requested { by: Vec<ConnId>, at: Instant },
+    Requested {
+        by: Vec<ConnId>,
+        at: Instant,
+    },
+    /// Claimed by the connection whose copy arrived first, being written to storage.
+    Writing,
     Received,
 }
 
@@ -39,11 +44,9 @@ struct Partial {
 /// What a received block meant.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Arrival {
-    /// Stored; `complete` when it was the piece's last block. `cancel` lists other peers the
-    /// same block was requested from (endgame) whose requests should now be cancelled.
+    /// Claimed: write it, then call [`Picker::stored`]. `cancel` lists other peers the same
+    /// block was requested from (endgame) whose requests should now be cancelled.
     Accepted {
-        /// The piece has all its blocks and should be verified.
-        complete: bool,
         /// Connections to send a `cancel` for this block.
         cancel: Vec<ConnId>,
     },
@@ -295,8 +298,9 @@ impl Picker {
         }
     }
 
-    /// A block arrived from `conn`.
-    pub fn received(&mut self, conn: ConnId, block: &BlockRef) -> Arrival {
+    /// A block arrived from `conn`: claim it for writing. Only the first copy is claimed; the
+    /// claim must be followed by [`Picker::stored`] once the bytes are on disk.
+    pub fn claim(&mut self, conn: ConnId, block: &BlockRef) -> Arrival {
         if !block.begin.is_multiple_of(BLOCK_SIZE) {
             return Arrival::Unexpected;
         }
@@ -314,16 +318,31 @@ impl Picker {
             }
             _ => return Arrival::Unexpected,
         };
-        p.blocks[b] = Block::Received;
-        p.received += 1;
+        p.blocks[b] = Block::Writing;
         if !p.sources.contains(&conn) {
             p.sources.push(conn);
         }
+        Arrival::Accepted { cancel }
+    }
+
+    /// A claimed block is on disk. Returns true when it was the piece's last one: the piece is
+    /// now verifying. A piece is never verified while one of its blocks is still being
+    /// written, whichever connection wrote last.
+    pub fn stored(&mut self, block: &BlockRef) -> bool {
+        let b = (block.begin / BLOCK_SIZE) as usize;
+        let Some(p) = self.partial.get_mut(&block.index) else {
+            return false;
+        };
+        if p.blocks.get(b) != Some(&Block::Writing) {
+            return false;
+        }
+        p.blocks[b] = Block::Received;
+        p.received += 1;
         let complete = p.received as usize == p.blocks.len();
         if complete {
             self.verifying.set(block.index);
         }
-        Arrival::Accepted { complete, cancel }
+        complete
     }
 
     /// Forget `conn`'s outstanding request for `block` (rejected, timed out, or cancelled).
@@ -474,6 +493,10 @@ mod tests {
         );
     }
 
+    fn ok(cancel: Vec<ConnId>) -> Arrival {
+        Arrival::Accepted { cancel }
+    }
+
     #[test]
     fn completion_verification_and_blame() {
         let mut p = Picker::new(PL, PL, Bitfield::new(1));
@@ -481,38 +504,23 @@ mod tests {
         let r1 = p.pick(1, &full(1), 2, now);
         let r2 = p.pick(2, &full(1), 2, now);
         for b in &r1 {
-            assert_eq!(
-                p.received(1, b),
-                Arrival::Accepted {
-                    complete: false,
-                    cancel: vec![]
-                }
-            );
+            assert_eq!(p.claim(1, b), ok(vec![]));
+            assert!(!p.stored(b));
         }
         assert_eq!(
-            p.received(1, &r2[0]),
+            p.claim(1, &r2[0]),
             Arrival::Unexpected,
             "not requested from 1"
         );
-        assert_eq!(
-            p.received(2, &r2[0]),
-            Arrival::Accepted {
-                complete: false,
-                cancel: vec![]
-            }
+        assert_eq!(p.claim(2, &r2[0]), ok(vec![]));
+        assert!(!p.stored(&r2[0]));
+        assert_eq!(p.claim(2, &r2[1]), ok(vec![]));
+        assert_eq!(p.claim(2, &r2[1]), Arrival::Unexpected, "no double claim");
+        assert!(
+            p.stored(&r2[1]),
+            "the last block stored completes the piece"
         );
-        assert_eq!(
-            p.received(2, &r2[1]),
-            Arrival::Accepted {
-                complete: true,
-                cancel: vec![]
-            }
-        );
-        assert_eq!(
-            p.received(2, &r2[1]),
-            Arrival::Unexpected,
-            "no double counting"
-        );
+        assert!(!p.stored(&r2[1]), "no double counting");
         let mut blamed = p.verified(0, false);
         blamed.sort_unstable();
         assert_eq!(blamed, vec![1, 2]);
@@ -521,11 +529,35 @@ mod tests {
         let again = p.pick(3, &full(1), 10, now);
         assert_eq!(again.len(), 4);
         for b in &again {
-            p.received(3, b);
+            p.claim(3, b);
+            p.stored(b);
         }
         assert_eq!(p.verified(0, true), vec![3]);
         assert!(p.is_complete());
         assert_eq!(p.bytes_have(), PL);
+    }
+
+    #[test]
+    fn a_piece_is_not_complete_while_a_block_is_being_written() {
+        // Two connections deliver the last two blocks at once: the one that claimed first is
+        // still writing when the other stores. The piece must wait for both.
+        let mut p = Picker::new(PL, PL, Bitfield::new(1));
+        let now = Instant::now();
+        let a = p.pick(1, &full(1), 2, now);
+        let b = p.pick(2, &full(1), 2, now);
+        for blk in &b {
+            p.claim(2, blk);
+            p.stored(blk);
+        }
+        assert_eq!(p.claim(1, &a[0]), ok(vec![]));
+        assert_eq!(p.claim(1, &a[1]), ok(vec![]));
+        assert!(!p.stored(&a[1]), "a[0] is still being written");
+        assert!(
+            p.pick(3, &full(1), 4, now).is_empty(),
+            "writing blocks are not handed out"
+        );
+        p.release_conn(1);
+        assert!(p.stored(&a[0]), "a disconnect does not undo a claim");
     }
 
     #[test]
@@ -538,12 +570,11 @@ mod tests {
         let dup = p.pick(2, &full(1), 4, now);
         assert_eq!(dup.len(), 4, "endgame asks a second peer");
         assert!(p.pick(3, &full(1), 4, now).is_empty(), "at most two copies");
+        assert_eq!(p.claim(2, &dup[0]), ok(vec![1]));
         assert_eq!(
-            p.received(2, &dup[0]),
-            Arrival::Accepted {
-                complete: false,
-                cancel: vec![1]
-            }
+            p.claim(1, &slow[0]),
+            Arrival::Unexpected,
+            "the slower copy is dropped"
         );
     }
 

@@ -267,6 +267,11 @@ impl Torrent {
         self.phase.send_replace(p);
     }
 
+    /// Time since the torrent was added.
+    pub fn age(&self) -> std::time::Duration {
+        self.started.elapsed()
+    }
+
     /// Bytes still missing (for announces).
     pub fn left(&self) -> u64 {
         self.meta.length - self.state().picker.bytes_have()
