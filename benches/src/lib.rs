@@ -22,4 +22,5 @@
 
 pub mod http1;
 pub mod latency;
+pub mod swarm;
 pub mod workload;

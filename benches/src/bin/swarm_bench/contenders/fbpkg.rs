@@ -1,0 +1,292 @@
+//! fbpkg-rs: its tracker, one agent per host, `publish` on the seed, `get` on every leecher.
+//!
+//! A leecher's time is when its `get pkg:<sha256>` exits 0 having printed the cache path; the
+//! file at that path is hashed afterwards.
+
+use std::collections::BTreeMap;
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail, ensure};
+use fbpkg_benches::swarm::report::summarize;
+use serde_json::{Value, json};
+
+use super::{AGENT_PORT, Ctx, PACKAGE_NAME, scaled};
+use crate::measure::{Accounting, ContenderRun, Done, Window, outcomes, verify_all};
+use crate::procs::{self, Proc, Spec, Stdout};
+use crate::topology::Endpoint;
+
+/// An agent and where it keeps things.
+struct Agent {
+    host: Endpoint,
+    state: PathBuf,
+    cache: PathBuf,
+    proc: Proc,
+}
+
+fn host_flags(ctx: &Ctx<'_>, state: &Path, cache: &Path) -> Vec<OsString> {
+    vec![
+        "--tracker".into(),
+        ctx.tracker_url().into(),
+        "--state-dir".into(),
+        state.into(),
+        "--cache-dir".into(),
+        cache.into(),
+    ]
+}
+
+fn fbpkg(ctx: &Ctx<'_>, cmd: &str, rest: Vec<OsString>) -> Vec<OsString> {
+    let mut argv = vec![ctx.fbpkg_bin.into(), cmd.into()];
+    argv.extend(rest);
+    argv
+}
+
+fn start_agent(ctx: &Ctx<'_>, host: &Endpoint) -> anyhow::Result<Agent> {
+    let state = ctx.host_dir(host, "state")?;
+    let cache = ctx.host_dir(host, "cache")?;
+    let mut rest = vec!["--listen".into(), host.addr(AGENT_PORT).into()];
+    rest.extend(host_flags(ctx, &state, &cache));
+    let label = format!("{}-agent", host.label);
+    let mut spec = Spec::new(&label, Some(&host.ns), fbpkg(ctx, "agent", rest));
+    spec.stderr = Some(ctx.log(&label));
+    Ok(Agent {
+        host: host.clone(),
+        state,
+        cache,
+        proc: Proc::spawn(spec)?,
+    })
+}
+
+/// The agent is ready once its control socket exists (it binds it last).
+fn wait_ready(ctx: &Ctx<'_>, agents: &mut [Agent], timeout: Duration) -> anyhow::Result<()> {
+    let deadline = Instant::now() + timeout;
+    for a in agents {
+        let sock = a.state.join("agent.sock");
+        while !sock.exists() {
+            if let Some(s) = a.proc.poll() {
+                bail!(
+                    "agent {} exited ({s}); see {}",
+                    a.host.label,
+                    ctx.log(&format!("{}-agent", a.host.label)).display()
+                );
+            }
+            ensure!(
+                Instant::now() < deadline,
+                "agent {} not ready within {timeout:?}",
+                a.host.label
+            );
+            procs::check_cancelled()?;
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    Ok(())
+}
+
+/// `fbpkg-rs status --json` of one agent: this package's entry.
+fn status(ctx: &Ctx<'_>, a: &Agent) -> anyhow::Result<Value> {
+    let mut rest = host_flags(ctx, &a.state, &a.cache);
+    rest.push("--json".into());
+    let spec = Spec::new("status", Some(&a.host.ns), fbpkg(ctx, "status", rest));
+    let out = procs::run_ok(spec, Duration::from_secs(15))?;
+    let all: Value = serde_json::from_str(&out).context("status --json")?;
+    all.as_array()
+        .into_iter()
+        .flatten()
+        .find(|t| t["sha256"] == ctx.pkg.sha256.as_str())
+        .cloned()
+        .with_context(|| format!("agent {} does not list the package", a.host.label))
+}
+
+fn publish(ctx: &Ctx<'_>, seed: &Agent, acct: &mut Accounting) -> anyhow::Result<Value> {
+    let mut rest: Vec<OsString> = vec![
+        PACKAGE_NAME.into(),
+        ctx.pkg.path.clone().into(),
+        "--json".into(),
+    ];
+    rest.extend(host_flags(ctx, &seed.state, &seed.cache));
+    let mut spec = Spec::new("publish", Some(&seed.host.ns), fbpkg(ctx, "publish", rest));
+    spec.stdout = Stdout::Lines;
+    spec.stderr = Some(ctx.log("publish"));
+    let mut p = Proc::spawn(spec)?;
+    let timeout = scaled(Duration::from_secs(60), ctx.pkg.size);
+    let status = p.wait_until(Instant::now() + timeout)?;
+    acct.record("publish", &seed.host.label, &mut p);
+    let line = p.line(Instant::now() + Duration::from_secs(1))?;
+    match status {
+        Some(s) if s.success() => {}
+        Some(s) => bail!("publish failed ({s}); see {}", ctx.log("publish").display()),
+        None => bail!("publish took longer than {timeout:?}"),
+    }
+    let out: Value = serde_json::from_str(line.as_deref().unwrap_or_default())
+        .context("publish --json output")?;
+    ensure!(
+        out["sha256"] == ctx.pkg.sha256.as_str() && out["info_hash"] == ctx.pkg.info_hash.as_str(),
+        "publish made {out}, expected sha256 {} info_hash {}",
+        ctx.pkg.sha256,
+        ctx.pkg.info_hash
+    );
+    Ok(out)
+}
+
+fn start_get(ctx: &Ctx<'_>, a: &Agent) -> anyhow::Result<Proc> {
+    let mut rest: Vec<OsString> = vec![
+        format!("{PACKAGE_NAME}:{}", ctx.pkg.sha256).into(),
+        "--json".into(),
+    ];
+    rest.extend(host_flags(ctx, &a.state, &a.cache));
+    let label = format!("{}-get", a.host.label);
+    let mut spec = Spec::new(&label, Some(&a.host.ns), fbpkg(ctx, "get", rest));
+    spec.stdout = Stdout::Lines;
+    spec.stderr = Some(ctx.log(&label));
+    Proc::spawn(spec)
+}
+
+/// Run fbpkg-rs.
+pub fn run(ctx: &Ctx<'_>) -> anyhow::Result<ContenderRun> {
+    let mut acct = Accounting::default();
+    let mut notes = Vec::new();
+    let mut setup_notes = BTreeMap::new();
+    let mut tracker = ctx.start_tracker(false)?;
+    let mut agents = vec![start_agent(ctx, &ctx.hosts.seed)?];
+    for h in &ctx.hosts.leechers {
+        agents.push(start_agent(ctx, h)?);
+    }
+    wait_ready(ctx, &mut agents, Duration::from_secs(30))?;
+    let published = publish(ctx, &agents[0], &mut acct)?;
+    let served = ctx.tracker_get(
+        &format!(
+            "/api/v1/packages/{PACKAGE_NAME}/{}/metainfo",
+            ctx.pkg.sha256
+        ),
+        Duration::from_secs(5),
+    )?;
+    let same_torrent = served == ctx.pkg.metainfo;
+    if !same_torrent {
+        notes.push("the tracker's metainfo differs from the one the bench computed".into());
+    }
+    let listed =
+        ctx.wait_seed_listed(&ctx.hosts.seed.addr(AGENT_PORT), Duration::from_secs(120))?;
+    setup_notes.insert("seed_listed_after_publish_secs".into(), listed);
+
+    let mut win = Window::open(ctx.topo, &ctx.hosts.seed.ns, ctx.sample_every)?;
+    let deadline = win.t0 + ctx.deadline;
+    let mut gets = Vec::new();
+    for a in &agents[1..] {
+        gets.push(start_get(ctx, a)?);
+    }
+    let spawned_secs = win.secs(Instant::now());
+    let mut next_rss = Instant::now();
+    let ended = {
+        let agents = &mut agents;
+        win.wait_all(&mut gets, deadline, |p| {
+            if Instant::now() >= next_rss {
+                next_rss = Instant::now() + Duration::from_millis(200);
+                for a in agents.iter_mut() {
+                    a.proc.sample_memory();
+                }
+            }
+            p.poll().map(Done::Exited)
+        })?
+    };
+    let closed = win.close()?;
+    setup_notes.insert("last_get_spawned_at_secs".into(), spawned_secs);
+
+    // What the agents say they moved.
+    let mut per_agent = BTreeMap::new();
+    for a in &agents {
+        match status(ctx, a) {
+            Ok(s) => {
+                per_agent.insert(a.host.label.clone(), s);
+            }
+            Err(e) => notes.push(format!("status of {}: {e:#}", a.host.label)),
+        }
+    }
+    let seed_payload = per_agent
+        .get(&ctx.hosts.seed.label)
+        .and_then(|s| s["uploaded"].as_u64());
+    let sum = |field: &str| -> u64 {
+        ctx.hosts
+            .leechers
+            .iter()
+            .filter_map(|h| per_agent.get(&h.label)?[field].as_u64())
+            .sum()
+    };
+    let payload = json!({
+        "seed_uploaded": seed_payload,
+        "leechers_uploaded": sum("uploaded"),
+        "leechers_downloaded": sum("downloaded"),
+        "per_agent": per_agent,
+    });
+
+    // Stop everything; keep each process's CPU and peak RSS.
+    for a in agents.iter_mut() {
+        a.proc.sample_memory();
+    }
+    let mut paths = Vec::new();
+    for (g, a) in gets.iter_mut().zip(&agents[1..]) {
+        if g.poll().is_none() {
+            g.kill();
+        }
+        let mut path = None;
+        while let Some(line) = g.line(Instant::now() + Duration::from_secs(2))? {
+            if let Ok(v) = serde_json::from_str::<Value>(&line)
+                && let Some(p) = v["path"].as_str()
+            {
+                path = Some(PathBuf::from(p));
+            }
+        }
+        acct.record("client", &a.host.label, g);
+        paths.push(path);
+    }
+    for (i, a) in agents.iter_mut().enumerate() {
+        a.proc.terminate(Duration::from_secs(10));
+        let role = if i == 0 { "seed" } else { "leecher" };
+        acct.record(role, &a.host.label, &mut a.proc);
+    }
+    tracker.terminate(Duration::from_secs(10));
+    acct.record("tracker", &ctx.hosts.tracker.label, &mut tracker);
+
+    let verified = verify_all(&paths, &ctx.pkg.sha256);
+    let labels: Vec<String> = ctx.hosts.leechers.iter().map(|h| h.label.clone()).collect();
+    let leechers = outcomes(&labels, &ended, &verified, |d| match d {
+        Done::Exited(s) if s.success() => Ok(()),
+        Done::Exited(s) => Err(format!("get exited {s}")),
+        Done::Line(_) => Ok(()),
+    });
+    let summary = ctx.topo.map(|_| {
+        summarize(
+            &leechers,
+            ctx.t_kr_secs,
+            ctx.pkg.size,
+            closed.seed_tx_bytes.unwrap_or(0),
+            seed_payload,
+        )
+    });
+    let mut cpu = acct.cpu();
+    cpu.machine_busy_cores = closed.machine_busy_cores;
+    Ok(ContenderRun {
+        contender: "fbpkg-rs".into(),
+        setup: json!({
+            "binary": ctx.fbpkg_bin,
+            "agent_flags": "--listen <host>:6881 --tracker ... --state-dir ... --cache-dir ... (defaults otherwise)",
+            "published": published,
+            "same_torrent_as_tracker": same_torrent,
+        }),
+        summary,
+        stalls: closed.stalls(&leechers),
+        hosts_wire: closed.hosts_wire(),
+        leechers,
+        seed_wire_tx_bytes: closed.seed_tx_bytes,
+        seed_tbf_bytes: closed.seed_tbf_bytes,
+        seed_payload_bytes: seed_payload,
+        payload,
+        window_secs: closed.secs,
+        setup_notes,
+        cpu,
+        processes: acct.records,
+        log_notes: ctx.log_notes(),
+        notes,
+        timeline: closed.timeline,
+    })
+}

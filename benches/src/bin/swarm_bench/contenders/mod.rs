@@ -1,0 +1,262 @@
+//! The contenders: fbpkg-rs, librqbit and an HTTP fan-out, each run the same way — set up,
+//! wait until the seed is ready (and listed by the tracker), start every leecher at one
+//! instant, wait for all of them against the deadline, collect, verify, stop everything.
+
+pub mod fbpkg;
+pub mod http;
+pub mod rqbit;
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail};
+use fbpkg_benches::swarm::logscan::{self, Notable};
+use serde::Serialize;
+
+use crate::measure::ContenderRun;
+use crate::procs::{self, Proc, Spec, Stdout};
+use crate::topology::{Endpoint, Hosts, Topology};
+
+/// Port of the tracker.
+pub const TRACKER_PORT: u16 = 6969;
+/// Base port of fbpkg-rs agents.
+pub const AGENT_PORT: u16 = 6881;
+/// Base port of librqbit sessions.
+pub const RQBIT_PORT: u16 = 7881;
+/// Port of the HTTP server.
+pub const HTTP_PORT: u16 = 8080;
+/// The package's name in fbpkg-rs.
+pub const PACKAGE_NAME: &str = "pkg";
+
+/// A contender by name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
+pub enum Which {
+    /// fbpkg-rs agents and tracker.
+    #[value(name = "fbpkg-rs")]
+    #[serde(rename = "fbpkg-rs")]
+    Fbpkg,
+    /// librqbit 9.1.0 sessions.
+    #[value(name = "librqbit")]
+    #[serde(rename = "librqbit")]
+    Rqbit,
+    /// Every leecher fetches the file from the seed over HTTP.
+    #[value(name = "http")]
+    #[serde(rename = "http")]
+    Http,
+}
+
+impl Which {
+    /// Its name in tables.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Fbpkg => "fbpkg-rs",
+            Self::Rqbit => "librqbit",
+            Self::Http => "http",
+        }
+    }
+}
+
+/// The package every contender distributes.
+#[derive(Debug)]
+pub struct Package {
+    /// The file.
+    pub path: PathBuf,
+    /// Its file name (also the name inside the metainfo).
+    pub file_name: String,
+    /// Bytes.
+    pub size: u64,
+    /// SHA-256, hex.
+    pub sha256: String,
+    /// The metainfo `fbpkg-rs publish` makes for it (same bytes; checked when fbpkg-rs runs).
+    pub metainfo: Vec<u8>,
+    /// Its info-hash, hex.
+    pub info_hash: String,
+}
+
+/// What a contender run needs.
+#[derive(Debug)]
+pub struct Ctx<'a> {
+    /// Where its processes run.
+    pub hosts: &'a Hosts,
+    /// The shaped network, absent in the loopback CPU mode.
+    pub topo: Option<&'a Topology>,
+    /// The package.
+    pub pkg: &'a Package,
+    /// fbpkg-rs release binary.
+    pub fbpkg_bin: &'a Path,
+    /// This binary (for the nodes).
+    pub self_exe: &'a Path,
+    /// This contender's tmpfs directory (removed afterwards).
+    pub dir: PathBuf,
+    /// Logs directory.
+    pub logs: PathBuf,
+    /// Prefix of its log files (`b1-fbpkg-rs`).
+    pub log_prefix: String,
+    /// How long the leechers may take.
+    pub deadline: Duration,
+    /// The scenario's Kumar-Ross bound (0 in the CPU mode).
+    pub t_kr_secs: f64,
+    /// Counter sampling interval.
+    pub sample_every: Duration,
+    /// librqbit leechers keep serving after completion until every leecher is done.
+    pub rqbit_linger: bool,
+}
+
+impl Ctx<'_> {
+    /// A log file of this contender.
+    pub fn log(&self, what: &str) -> PathBuf {
+        self.logs.join(format!("{}-{what}.log", self.log_prefix))
+    }
+
+    /// The tracker's base URL.
+    pub fn tracker_url(&self) -> String {
+        format!("http://{}", self.hosts.tracker.addr(TRACKER_PORT))
+    }
+
+    /// A per-host directory under this contender's.
+    pub fn host_dir(&self, host: &Endpoint, sub: &str) -> anyhow::Result<PathBuf> {
+        let d = self.dir.join(&host.label).join(sub);
+        std::fs::create_dir_all(&d).with_context(|| format!("creating {}", d.display()))?;
+        Ok(d)
+    }
+
+    /// A node subcommand of this binary in `host`'s namespace.
+    pub fn node(&self, label: &str, host: &Endpoint, args: &[&str]) -> Spec {
+        let mut argv = vec![self.self_exe.as_os_str().to_owned()];
+        argv.extend(args.iter().map(Into::into));
+        let mut spec = Spec::new(label, Some(&host.ns), argv);
+        spec.stdin = true;
+        spec.stdout = Stdout::Lines;
+        spec.stderr = Some(self.log(label));
+        spec
+    }
+
+    /// GET a tracker URL path from inside the seed's namespace.
+    pub fn tracker_get(&self, path: &str, retry: Duration) -> anyhow::Result<Vec<u8>> {
+        let url = format!("{}{path}", self.tracker_url());
+        let out = self.dir.join(format!("probe-{}.out", std::process::id()));
+        let retry_ms = retry.as_millis().to_string();
+        let args = [
+            "http-probe",
+            "--url",
+            url.as_str(),
+            "--out",
+            out.to_str().context("non-UTF-8 path")?,
+            "--retry-ms",
+            retry_ms.as_str(),
+        ];
+        let mut argv = vec![self.self_exe.as_os_str().to_owned()];
+        argv.extend(args.iter().map(Into::into));
+        let mut spec = Spec::new("http-probe", Some(&self.hosts.seed.ns), argv);
+        spec.stderr = Some(self.log("probe"));
+        let timeout = retry + Duration::from_secs(15);
+        let status = procs::run(spec, timeout)?.status;
+        if !status.success() {
+            bail!(
+                "GET {url} failed ({status}; see {})",
+                self.log("probe").display()
+            );
+        }
+        let body = std::fs::read(&out)?;
+        let _ = std::fs::remove_file(&out);
+        Ok(body)
+    }
+
+    /// Start the fbpkg-rs tracker on the tracker host and wait until it answers `/readyz`.
+    pub fn start_tracker(&self, allow_unregistered: bool) -> anyhow::Result<Proc> {
+        let data = self.host_dir(&self.hosts.tracker, "tracker")?;
+        let listen = self.hosts.tracker.addr(TRACKER_PORT);
+        let mut argv: Vec<std::ffi::OsString> = vec![
+            self.fbpkg_bin.into(),
+            "tracker".into(),
+            "--listen".into(),
+            listen.into(),
+            "--data-dir".into(),
+            data.into(),
+        ];
+        if !self.hosts.tracker.ip.is_loopback() {
+            argv.push("--allow-unauthenticated-publish".into());
+        }
+        if allow_unregistered {
+            argv.push("--allow-unregistered".into());
+        }
+        let mut spec = Spec::new("tracker", Some(&self.hosts.tracker.ns), argv);
+        spec.stderr = Some(self.log("tracker"));
+        let mut p = Proc::spawn(spec)?;
+        if let Err(e) = self.tracker_get("/readyz", Duration::from_secs(20)) {
+            if let Some(s) = p.poll() {
+                bail!(
+                    "the tracker exited ({s}); see {}",
+                    self.log("tracker").display()
+                );
+            }
+            return Err(e);
+        }
+        Ok(p)
+    }
+
+    /// Wait until the tracker lists `seed_addr` as a seeder of the package's swarm; returns
+    /// how long that took.
+    pub fn wait_seed_listed(&self, seed_addr: &str, timeout: Duration) -> anyhow::Result<f64> {
+        let start = Instant::now();
+        let deadline = start + timeout;
+        let mut last = String::new();
+        while Instant::now() < deadline {
+            procs::check_cancelled()?;
+            let body = self.tracker_get("/api/v1/swarms", Duration::ZERO)?;
+            let swarms: serde_json::Value = serde_json::from_slice(&body)?;
+            let listed = swarms.as_array().into_iter().flatten().any(|s| {
+                s["info_hash"] == self.pkg.info_hash.as_str()
+                    && s["peers"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .any(|p| p["addr"] == seed_addr && p["left"].as_u64() == Some(0))
+            });
+            if listed {
+                return Ok(start.elapsed().as_secs_f64());
+            }
+            last = String::from_utf8_lossy(&body).chars().take(300).collect();
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        bail!("the tracker did not list the seed {seed_addr} within {timeout:?}; last: {last}")
+    }
+
+    /// Warnings and errors of this contender's logs, merged.
+    pub fn log_notes(&self) -> Vec<Notable> {
+        let mut all = Vec::new();
+        let prefix = format!("{}-", self.log_prefix);
+        for entry in std::fs::read_dir(&self.logs)
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if name.starts_with(&prefix)
+                && let Ok(text) = std::fs::read_to_string(entry.path())
+            {
+                all.extend(logscan::notable(&text));
+            }
+        }
+        logscan::merge(all)
+    }
+}
+
+/// How long a setup step may take for a package of `size` bytes: `base` plus a second per
+/// 50 MiB (hashing, copying on a busy 2-core machine).
+pub fn scaled(base: Duration, size: u64) -> Duration {
+    base + Duration::from_secs(size / (50 << 20))
+}
+
+/// Run one contender.
+pub fn run(which: Which, ctx: &Ctx<'_>) -> anyhow::Result<ContenderRun> {
+    std::fs::create_dir_all(&ctx.dir)?;
+    let result = match which {
+        Which::Fbpkg => fbpkg::run(ctx),
+        Which::Rqbit => rqbit::run(ctx),
+        Which::Http => http::run(ctx),
+    };
+    // Free the tmpfs before the next contender: up to N+2 copies of the package.
+    let _ = std::fs::remove_dir_all(&ctx.dir);
+    result
+}

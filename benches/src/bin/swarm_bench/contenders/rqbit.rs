@@ -1,0 +1,200 @@
+//! librqbit 9.1.0: one `rqbit-node` per host (see `nodes/rqbit_node.rs`), the same metainfo
+//! as fbpkg-rs, the fbpkg-rs tracker (with `--allow-unregistered`) as the tracker.
+//!
+//! Leecher sessions are started and listening before the start instant; `go` makes them add
+//! the torrent. A leecher's time is when it reports every piece verified (librqbit checks
+//! SHA-1 per piece); its file is hashed afterwards.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use fbpkg_benches::swarm::report::summarize;
+use serde_json::{Value, json};
+
+use super::{Ctx, RQBIT_PORT, scaled};
+use crate::measure::{Accounting, ContenderRun, Done, Window, outcomes, verify_all};
+use crate::procs::Proc;
+use crate::topology::Endpoint;
+
+fn event(line: &str, name: &str) -> Option<Value> {
+    let v: Value = serde_json::from_str(line).ok()?;
+    (v["event"] == name).then_some(v)
+}
+
+fn start_node(ctx: &Ctx<'_>, host: &Endpoint, role: &str) -> anyhow::Result<Proc> {
+    let dir = ctx.host_dir(host, "rqbit")?;
+    let torrent = ctx.dir.join("pkg.torrent");
+    let listen = host.addr(RQBIT_PORT);
+    let mut args = vec![
+        "rqbit-node",
+        "--role",
+        role,
+        "--torrent",
+        torrent.to_str().context("non-UTF-8 path")?,
+        "--dir",
+        dir.to_str().context("non-UTF-8 path")?,
+        "--listen",
+        listen.as_str(),
+    ];
+    if ctx.rqbit_linger && role == "leech" {
+        args.push("--linger");
+    }
+    if role == "seed" {
+        std::fs::copy(&ctx.pkg.path, dir.join(&ctx.pkg.file_name))
+            .context("copying the package into the seed's folder")?;
+    }
+    Proc::spawn(ctx.node(&format!("{}-rqbit", host.label), host, &args))
+}
+
+/// The `exit` event's stats of a node that was told to stop.
+fn stop(p: &mut Proc) -> Option<Value> {
+    p.close_stdin();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let mut exit = None;
+    while let Ok(Some(line)) = p.line(deadline) {
+        if let Some(v) = event(&line, "exit") {
+            exit = Some(v);
+        }
+    }
+    if p.wait_until(deadline).ok().flatten().is_none() {
+        p.kill();
+    }
+    exit
+}
+
+/// Run librqbit.
+pub fn run(ctx: &Ctx<'_>) -> anyhow::Result<ContenderRun> {
+    let mut acct = Accounting::default();
+    let mut setup_notes = BTreeMap::new();
+    let mut notes = Vec::new();
+    std::fs::write(ctx.dir.join("pkg.torrent"), &ctx.pkg.metainfo)?;
+    let mut tracker = ctx.start_tracker(true)?;
+    let mut seed = start_node(ctx, &ctx.hosts.seed, "seed")?;
+    let t = Instant::now();
+    seed.wait_for_line(
+        "its check of the package",
+        Instant::now() + scaled(Duration::from_secs(60), ctx.pkg.size),
+        |l| event(l, "ready").is_some(),
+    )?;
+    setup_notes.insert("seed_check_secs".into(), t.elapsed().as_secs_f64());
+    let mut leechers = Vec::new();
+    for h in &ctx.hosts.leechers {
+        leechers.push(start_node(ctx, h, "leech")?);
+    }
+    for p in &mut leechers {
+        p.wait_for_line("ready", Instant::now() + Duration::from_secs(30), |l| {
+            event(l, "ready").is_some()
+        })?;
+    }
+    let listed =
+        ctx.wait_seed_listed(&ctx.hosts.seed.addr(RQBIT_PORT), Duration::from_secs(120))?;
+    setup_notes.insert("seed_listed_after_ready_secs".into(), listed);
+
+    let mut win = Window::open(ctx.topo, &ctx.hosts.seed.ns, ctx.sample_every)?;
+    let deadline = win.t0 + ctx.deadline;
+    for p in &mut leechers {
+        p.send_line("go")?;
+    }
+    let ended = win.wait_all(&mut leechers, deadline, |p| {
+        while let Some(line) = p.try_line() {
+            if event(&line, "complete").is_some() {
+                return Some(Done::Line(line));
+            }
+        }
+        p.poll().map(Done::Exited)
+    })?;
+    let closed = win.close()?;
+
+    let seed_exit = stop(&mut seed);
+    acct.record("seed", &ctx.hosts.seed.label, &mut seed);
+    acct.set_reported_rss(seed_exit.as_ref());
+    let seed_payload = seed_exit
+        .as_ref()
+        .and_then(|v| v["stats"]["uploaded_bytes"].as_u64());
+    let mut leecher_exits = BTreeMap::new();
+    for (p, h) in leechers.iter_mut().zip(&ctx.hosts.leechers) {
+        let exit = stop(p);
+        acct.record("leecher", &h.label, p);
+        acct.set_reported_rss(exit.as_ref());
+        if let Some(v) = exit {
+            leecher_exits.insert(h.label.clone(), v);
+        }
+    }
+    tracker.terminate(Duration::from_secs(10));
+    acct.record("tracker", &ctx.hosts.tracker.label, &mut tracker);
+    let leechers_uploaded: u64 = leecher_exits
+        .values()
+        .filter_map(|v| v["stats"]["uploaded_bytes"].as_u64())
+        .sum();
+    let completes: Vec<Option<Value>> = ended
+        .iter()
+        .map(|e| match e {
+            Some((_, Done::Line(l))) => event(l, "complete"),
+            _ => None,
+        })
+        .collect();
+    if completes.iter().any(Option::is_none) {
+        notes.push("some leechers never reported completion".into());
+    }
+
+    let files: Vec<_> = ctx
+        .hosts
+        .leechers
+        .iter()
+        .map(|h| {
+            Some(
+                ctx.dir
+                    .join(&h.label)
+                    .join("rqbit")
+                    .join(&ctx.pkg.file_name),
+            )
+        })
+        .collect();
+    let verified = verify_all(&files, &ctx.pkg.sha256);
+    let labels: Vec<String> = ctx.hosts.leechers.iter().map(|h| h.label.clone()).collect();
+    let outcomes = outcomes(&labels, &ended, &verified, |d| match d {
+        Done::Line(_) => Ok(()),
+        Done::Exited(s) => Err(format!("exited {s} without completing")),
+    });
+    let summary = ctx.topo.map(|_| {
+        summarize(
+            &outcomes,
+            ctx.t_kr_secs,
+            ctx.pkg.size,
+            closed.seed_tx_bytes.unwrap_or(0),
+            seed_payload,
+        )
+    });
+    let mut cpu = acct.cpu();
+    cpu.machine_busy_cores = closed.machine_busy_cores;
+    Ok(ContenderRun {
+        contender: "librqbit".into(),
+        setup: json!({
+            "version": "9.1.0",
+            "session": "SessionOptions::default() except dht: None, disable_local_service_discovery, \
+                        persistence: None, fastresume: false, ipv4_only, TCP only on the host address \
+                        with announce_port, no UPnP",
+            "leechers_exit_on_completion": !ctx.rqbit_linger,
+        }),
+        summary,
+        stalls: closed.stalls(&outcomes),
+        hosts_wire: closed.hosts_wire(),
+        leechers: outcomes,
+        seed_wire_tx_bytes: closed.seed_tx_bytes,
+        seed_tbf_bytes: closed.seed_tbf_bytes,
+        seed_payload_bytes: seed_payload,
+        payload: json!({
+            "seed_uploaded": seed_payload,
+            "leechers_uploaded": leechers_uploaded,
+            "completions": completes,
+        }),
+        window_secs: closed.secs,
+        setup_notes,
+        cpu,
+        processes: acct.records,
+        log_notes: ctx.log_notes(),
+        notes,
+        timeline: closed.timeline,
+    })
+}

@@ -1,0 +1,302 @@
+//! `swarm_bench`: a fleet flash crowd against the physical limit (BENCHMARKS.md, "Swarm"):
+//! fbpkg-rs, librqbit and an HTTP fan-out distribute the same package, one after the other,
+//! on the same shaped network of namespaces, and are reported side by side.
+//!
+//! ```text
+//! sudo cargo run --release -p fbpkg-benches --bin swarm_bench -- --scenario smoke
+//! sudo cargo run --release -p fbpkg-benches --bin swarm_bench -- --scenario b1,b2 --json swarm.json
+//! sudo cargo run --release -p fbpkg-benches --bin swarm_bench -- --cpu --rss
+//! ```
+//!
+//! Per scenario: remove leftovers of a crashed run; build N+2 host namespaces and a switch
+//! namespace (see `fbpkg_benches::swarm::netplan`); calibrate one TCP flow through the caps;
+//! generate the package (random bytes on tmpfs) and its metainfo; then for each contender:
+//! start it, wait until its seed is listed by the tracker, start every leecher at one instant,
+//! wait for all of them until `--deadline-factor` x T_KR, read the seed's egress, stop
+//! everything, verify every leecher's bytes. Everything is torn down on exit, error, panic,
+//! SIGINT or SIGTERM. Needs root; not part of `cargo test`.
+
+mod calibrate;
+mod cleanup;
+mod contenders;
+mod cpu;
+mod measure;
+mod nodes;
+mod orchestrate;
+mod procs;
+mod topology;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{Context as _, ensure};
+use clap::{Parser, Subcommand};
+use fbpkg_benches::swarm::netplan::Tbf;
+use fbpkg_benches::swarm::scenario::{Scenario, parse_rate, parse_size};
+
+use crate::contenders::Which;
+
+/// Fleet flash crowd: fbpkg-rs, librqbit and HTTP fan-out against the Kumar-Ross bound, on
+/// network namespaces shaped with tc (needs root).
+#[derive(Debug, Parser)]
+#[command(max_term_width = 100, args_conflicts_with_subcommands = true)]
+struct Cli {
+    #[command(subcommand)]
+    node: Option<Internal>,
+    #[command(flatten)]
+    args: Args,
+}
+
+/// Orchestrator flags.
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// Scenarios, comma-separated: b1 (seed-bound), b2 (upload-bound), smoke (N=4, 32 MiB).
+    #[arg(long, value_delimiter = ',', default_value = "b1,b2")]
+    scenario: Vec<String>,
+
+    /// Contenders, comma-separated.
+    #[arg(
+        long,
+        value_enum,
+        value_delimiter = ',',
+        default_value = "fbpkg-rs,librqbit,http"
+    )]
+    contenders: Vec<Which>,
+
+    /// Override N (leechers) in every scenario.
+    #[arg(long)]
+    leechers: Option<usize>,
+
+    /// Override F (package size, e.g. 256M, 1G) in every scenario.
+    #[arg(long, value_parser = parse_size)]
+    size: Option<u64>,
+
+    /// Override the seed's upload cap (Mbit/s, or 80M, 1G).
+    #[arg(long, value_parser = parse_rate)]
+    seed_up: Option<u64>,
+
+    /// Override the leechers' upload cap.
+    #[arg(long, value_parser = parse_rate)]
+    leecher_up: Option<u64>,
+
+    /// Override the leechers' download cap.
+    #[arg(long, value_parser = parse_rate)]
+    leecher_down: Option<u64>,
+
+    /// tbf bucket size in bytes.
+    #[arg(long, default_value_t = Tbf::default().burst_bytes)]
+    tbf_burst: u32,
+
+    /// tbf queue limit as latency, in milliseconds.
+    #[arg(long, default_value_t = Tbf::default().latency_ms)]
+    tbf_latency_ms: u32,
+
+    /// A contender's leechers not done after this many times T_KR count as timed out.
+    #[arg(long, default_value_t = 10.0)]
+    deadline_factor: f64,
+
+    /// ... but never less than this many seconds.
+    #[arg(long, default_value_t = 30.0)]
+    min_deadline_secs: f64,
+
+    /// Wire counters sampled every this many milliseconds (timelines, stalls).
+    #[arg(long, default_value_t = 500)]
+    sample_ms: u64,
+
+    /// Seconds of each single-flow calibration (0: skip calibration).
+    #[arg(long, default_value_t = 3.0)]
+    calibrate_secs: f64,
+
+    /// librqbit leechers keep serving after completing until the run's end (default: they
+    /// exit when complete).
+    #[arg(long)]
+    rqbit_linger: bool,
+
+    /// Also (or, with `--scenario none`, only) measure CPU seconds per GiB delivered, on
+    /// loopback, unshaped.
+    #[arg(long)]
+    cpu: bool,
+
+    /// Also measure the agents' peak RSS with a 1 GiB package on loopback (implies the CPU
+    /// measurement for that size).
+    #[arg(long)]
+    rss: bool,
+
+    /// Leechers in the CPU/RSS mode.
+    #[arg(long, default_value_t = 8)]
+    cpu_leechers: usize,
+
+    /// Package size of the CPU mode.
+    #[arg(long, value_parser = parse_size, default_value = "256M")]
+    cpu_size: u64,
+
+    /// Package size of the RSS mode.
+    #[arg(long, value_parser = parse_size, default_value = "1G")]
+    rss_size: u64,
+
+    /// Write the JSON report here (`-` for stdout; the tables then go to stderr).
+    #[arg(long)]
+    json: Option<PathBuf>,
+
+    /// A release build of fbpkg-rs; without it the bench runs
+    /// `cargo build --release -p fbpkg-peer --bin fbpkg-rs` first.
+    #[arg(long, env = "FBPKG_BENCH_FBPKG_BIN")]
+    fbpkg_bin: Option<PathBuf>,
+
+    /// Copy the logs (agents, tracker, nodes, tc stats) here before the tmpfs is removed.
+    #[arg(long)]
+    keep_logs: Option<PathBuf>,
+}
+
+/// Programs run inside the namespaces (internal).
+#[derive(Debug, Subcommand)]
+enum Internal {
+    /// A librqbit session (seed or leecher).
+    #[command(hide = true)]
+    RqbitNode(nodes::rqbit_node::RqbitArgs),
+    /// The HTTP fan-out server.
+    #[command(hide = true)]
+    HttpServe(nodes::http::ServeArgs),
+    /// The HTTP fan-out client.
+    #[command(hide = true)]
+    HttpGet(nodes::http::GetArgs),
+    /// GET a small resource (tracker API).
+    #[command(hide = true)]
+    HttpProbe(nodes::http::ProbeArgs),
+    /// Calibration receiver.
+    #[command(hide = true)]
+    FlowRecv(nodes::flow::RecvArgs),
+    /// Calibration sender.
+    #[command(hide = true)]
+    FlowSend(nodes::flow::SendArgs),
+}
+
+fn run_node(node: Internal) -> ExitCode {
+    let r = match node {
+        Internal::RqbitNode(a) => nodes::rqbit_node::main(a),
+        Internal::HttpServe(a) => nodes::http::serve(a),
+        Internal::HttpGet(a) => nodes::http::get(a),
+        Internal::HttpProbe(a) => nodes::http::probe(a),
+        Internal::FlowRecv(a) => nodes::flow::recv(a),
+        Internal::FlowSend(a) => nodes::flow::send(a),
+    };
+    let code = match r {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("swarm_bench node: error: {e:#}");
+            1
+        }
+    };
+    // Leave at once: a runtime with blocked threads must not hold the exit.
+    std::process::exit(code);
+}
+
+impl Args {
+    /// The scenarios asked for, with overrides applied.
+    fn scenarios(&self) -> anyhow::Result<Vec<Scenario>> {
+        let mut out = Vec::new();
+        for name in &self.scenario {
+            let name = name.trim().to_ascii_lowercase();
+            if name == "none" {
+                continue;
+            }
+            let mut s = Scenario::preset(&name)
+                .with_context(|| format!("unknown scenario {name:?} (b1, b2, smoke, none)"))?;
+            if let Some(n) = self.leechers {
+                s.leechers = n;
+            }
+            if let Some(f) = self.size {
+                s.package_bytes = f;
+            }
+            if let Some(r) = self.seed_up {
+                s.caps.seed_up_bps = r;
+            }
+            if let Some(r) = self.leecher_up {
+                s.caps.leecher_up_bps = r;
+            }
+            if let Some(r) = self.leecher_down {
+                s.caps.leecher_down_bps = r;
+            }
+            s.validate().map_err(anyhow::Error::msg)?;
+            out.push(s);
+        }
+        Ok(out)
+    }
+
+    fn tbf(&self) -> anyhow::Result<Tbf> {
+        ensure!(
+            (2048..=16 << 20).contains(&self.tbf_burst),
+            "--tbf-burst must be 2 KiB to 16 MiB"
+        );
+        ensure!(
+            (1..=10_000).contains(&self.tbf_latency_ms),
+            "--tbf-latency-ms must be 1 to 10000"
+        );
+        Ok(Tbf {
+            burst_bytes: self.tbf_burst,
+            latency_ms: self.tbf_latency_ms,
+        })
+    }
+
+    fn validate(&self) -> anyhow::Result<()> {
+        ensure!(
+            self.deadline_factor.is_finite() && self.deadline_factor >= 1.0,
+            "--deadline-factor must be at least 1"
+        );
+        ensure!(
+            self.min_deadline_secs.is_finite()
+                && (1.0..=86_400.0).contains(&self.min_deadline_secs),
+            "--min-deadline-secs must be 1 to 86400"
+        );
+        ensure!(
+            (50..=10_000).contains(&self.sample_ms),
+            "--sample-ms must be 50 to 10000"
+        );
+        ensure!(
+            self.calibrate_secs.is_finite() && (0.0..=60.0).contains(&self.calibrate_secs),
+            "--calibrate-secs must be 0 to 60"
+        );
+        ensure!(
+            (1..=64).contains(&self.cpu_leechers),
+            "--cpu-leechers must be 1 to 64"
+        );
+        ensure!(!self.contenders.is_empty(), "no contenders");
+        Ok(())
+    }
+
+    fn min_deadline(&self) -> Duration {
+        Duration::from_secs_f64(self.min_deadline_secs)
+    }
+}
+
+fn is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("Uid:"))
+                .map(|u| u.split_whitespace().nth(1) == Some("0"))
+        })
+        .unwrap_or(false)
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    if let Some(node) = cli.node {
+        return run_node(node);
+    }
+    let result = orchestrate::bench(cli.args);
+    match result {
+        Ok(()) if !procs::cancelled() => ExitCode::SUCCESS,
+        Ok(()) => ExitCode::from(130),
+        Err(e) => {
+            eprintln!("swarm_bench: error: {e:#}");
+            if procs::cancelled() {
+                ExitCode::from(130)
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+    }
+}

@@ -1,0 +1,416 @@
+//! The measured window of one contender: the common start instant, the wait for every
+//! leecher against the deadline, wire counters, CPU, and verifying what the leechers got.
+
+use std::collections::BTreeMap;
+use std::io::Read as _;
+use std::path::Path;
+use std::process::ExitStatus;
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use fbpkg_benches::swarm::logscan::Notable;
+use fbpkg_benches::swarm::procfs;
+use fbpkg_benches::swarm::report::{LeecherOutcome, Summary};
+use fbpkg_benches::swarm::timeline::{Stall, Timeline};
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+
+use crate::procs::{self, POLL, Proc};
+use crate::topology::Topology;
+
+/// Stalls: at least this long...
+const STALL_SECS: f64 = 3.0;
+/// ...with less than this much downloaded per sample interval.
+const STALL_BYTES: u64 = 64 << 10;
+
+/// One process's resource use.
+#[derive(Debug, Clone, Serialize)]
+pub struct ProcRecord {
+    /// `tracker`, `seed`, `leecher`, `client`, `publish`.
+    pub role: String,
+    /// Host label.
+    pub host: String,
+    /// User + system CPU seconds over its life.
+    pub cpu_secs: f64,
+    /// The system (kernel: TCP, copies, tbf) part of it.
+    pub sys_secs: f64,
+    /// Peak RSS (VmHWM) as last sampled, where sampled.
+    pub peak_rss_bytes: Option<u64>,
+    /// How it ended.
+    pub exit: Option<String>,
+}
+
+/// Resource records of a contender's processes.
+#[derive(Debug, Default)]
+pub struct Accounting {
+    /// One per process.
+    pub records: Vec<ProcRecord>,
+}
+
+impl Accounting {
+    /// Record a finished (or about to be dropped) process.
+    pub fn record(&mut self, role: &str, host: &str, p: &mut Proc) {
+        let exit = p.poll().map(|s| s.to_string());
+        self.records.push(ProcRecord {
+            role: role.to_owned(),
+            host: host.to_owned(),
+            cpu_secs: p.cpu_secs(),
+            sys_secs: p.sys_secs(),
+            peak_rss_bytes: p.hwm_bytes(),
+            exit,
+        });
+    }
+
+    /// Take the peak RSS of the last recorded process from its own `exit` event (our nodes
+    /// report `usage.vm_hwm_bytes` as they exit).
+    pub fn set_reported_rss(&mut self, exit_event: Option<&serde_json::Value>) {
+        let reported = exit_event.and_then(|v| v["usage"]["vm_hwm_bytes"].as_u64());
+        if let (Some(r), Some(hwm)) = (self.records.last_mut(), reported) {
+            r.peak_rss_bytes = Some(r.peak_rss_bytes.unwrap_or(0).max(hwm));
+        }
+    }
+
+    /// CPU seconds by role, and in all (the tracker left out: it serves every contender).
+    pub fn cpu(&self) -> CpuUse {
+        let mut by_role: BTreeMap<String, f64> = BTreeMap::new();
+        for r in &self.records {
+            *by_role.entry(r.role.clone()).or_default() += r.cpu_secs;
+        }
+        let counted = || self.records.iter().filter(|r| r.role != "tracker");
+        CpuUse {
+            total_secs_without_tracker: counted().map(|r| r.cpu_secs).sum(),
+            sys_secs_without_tracker: counted().map(|r| r.sys_secs).sum(),
+            by_role,
+            machine_busy_cores: None,
+        }
+    }
+}
+
+/// CPU of a contender.
+#[derive(Debug, Clone, Serialize)]
+pub struct CpuUse {
+    /// All its processes but the tracker.
+    pub total_secs_without_tracker: f64,
+    /// The system (kernel) part of it.
+    pub sys_secs_without_tracker: f64,
+    /// By role.
+    pub by_role: BTreeMap<String, f64>,
+    /// The whole machine's busy cores on average over the window (noise from neighbours).
+    pub machine_busy_cores: Option<f64>,
+}
+
+/// Wire bytes of one host over the window.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct HostWire {
+    /// Uploaded.
+    pub up: u64,
+    /// Downloaded.
+    pub down: u64,
+}
+
+/// Everything measured about one contender in one scenario.
+#[derive(Debug, Serialize)]
+pub struct ContenderRun {
+    /// `fbpkg-rs`, `librqbit`, `http`.
+    pub contender: String,
+    /// How it was run (versions, flags).
+    pub setup: serde_json::Value,
+    /// The BENCHMARKS.md figures (`None` in the CPU mode).
+    pub summary: Option<Summary>,
+    /// Each leecher.
+    pub leechers: Vec<LeecherOutcome>,
+    /// Seed egress over the window, from its veth's `tx_bytes` (wire bytes).
+    pub seed_wire_tx_bytes: Option<u64>,
+    /// Seed egress as its upload `tbf` counted it (every segment's headers included).
+    pub seed_tbf_bytes: Option<u64>,
+    /// Piece bytes the seed says it sent, where the contender tells.
+    pub seed_payload_bytes: Option<u64>,
+    /// Other counters the contender exposes.
+    pub payload: serde_json::Value,
+    /// From the start instant to the last leecher or the deadline.
+    pub window_secs: f64,
+    /// Seconds between the end of setup (the seed is listed by the tracker) and the start.
+    pub setup_notes: BTreeMap<String, f64>,
+    /// CPU.
+    pub cpu: CpuUse,
+    /// Every process.
+    pub processes: Vec<ProcRecord>,
+    /// Wire bytes per host over the window.
+    pub hosts_wire: BTreeMap<String, HostWire>,
+    /// Leechers that got (almost) nothing for a while before finishing.
+    pub stalls: BTreeMap<String, Vec<Stall>>,
+    /// Warnings and errors in its logs.
+    pub log_notes: Vec<Notable>,
+    /// Anything else worth knowing.
+    pub notes: Vec<String>,
+    /// Wire counters every sample interval.
+    pub timeline: Option<Timeline>,
+}
+
+/// How a leecher's client said it was done.
+#[derive(Debug, Clone)]
+pub enum Done {
+    /// It exited.
+    Exited(ExitStatus),
+    /// It printed this line.
+    Line(String),
+}
+
+/// One leecher's end: when, and how.
+pub type Ended = Option<(f64, Done)>;
+
+/// The measured window.
+#[derive(Debug)]
+pub struct Window<'a> {
+    topo: Option<&'a Topology>,
+    seed_ns: String,
+    /// The common start instant.
+    pub t0: Instant,
+    seed_tx0: Option<u64>,
+    seed_tbf0: Option<u64>,
+    machine0: Option<(u64, u64)>,
+    timeline: Option<Timeline>,
+    labels: Vec<(String, String)>,
+    every: Duration,
+    next: Instant,
+}
+
+fn machine_ticks() -> Option<(u64, u64)> {
+    procfs::parse_machine_ticks(&std::fs::read_to_string("/proc/stat").ok()?)
+}
+
+/// What the window measured.
+#[derive(Debug)]
+pub struct Closed {
+    /// Seed egress (wire), when there is a topology.
+    pub seed_tx_bytes: Option<u64>,
+    /// Seed egress as its upload tbf counted it.
+    pub seed_tbf_bytes: Option<u64>,
+    /// Machine busy cores on average.
+    pub machine_busy_cores: Option<f64>,
+    /// Counters over time.
+    pub timeline: Option<Timeline>,
+    /// Window length.
+    pub secs: f64,
+}
+
+impl<'a> Window<'a> {
+    /// Read the seed's counter and every switch counter, then start the clock.
+    pub fn open(
+        topo: Option<&'a Topology>,
+        seed_ns: &str,
+        every: Duration,
+    ) -> anyhow::Result<Self> {
+        let seed_tx0 = topo.map(|t| t.host_tx_bytes(seed_ns)).transpose()?;
+        let seed_tbf0 = topo.map(|t| t.host_tbf_bytes(seed_ns)).transpose()?;
+        let timeline = topo
+            .map(|t| t.switch_counters().map(Timeline::new))
+            .transpose()?;
+        let labels = topo.map(Topology::labels).unwrap_or_default();
+        let t0 = Instant::now();
+        Ok(Self {
+            topo,
+            seed_ns: seed_ns.to_owned(),
+            t0,
+            seed_tx0,
+            seed_tbf0,
+            machine0: machine_ticks(),
+            timeline,
+            labels,
+            every,
+            next: t0,
+        })
+    }
+
+    /// Seconds since the start.
+    pub fn secs(&self, at: Instant) -> f64 {
+        at.duration_since(self.t0).as_secs_f64()
+    }
+
+    /// Take a counter sample if one is due.
+    pub fn tick(&mut self) {
+        let now = Instant::now();
+        if now < self.next {
+            return;
+        }
+        self.next += self.every;
+        let secs = self.secs(now);
+        if let (Some(topo), Some(tl)) = (self.topo, self.timeline.as_mut())
+            && let Ok(counters) = topo.switch_counters()
+        {
+            tl.push(secs, &self.labels, &counters);
+        }
+    }
+
+    /// Wait until every process in `procs` is done (as `done` decides) or `deadline` passes.
+    /// `done` is polled every few milliseconds; the time recorded is when it first says so.
+    pub fn wait_all(
+        &mut self,
+        procs: &mut [Proc],
+        deadline: Instant,
+        mut done: impl FnMut(&mut Proc) -> Option<Done>,
+    ) -> anyhow::Result<Vec<Ended>> {
+        let mut ended: Vec<Ended> = vec![None; procs.len()];
+        loop {
+            for (p, e) in procs.iter_mut().zip(ended.iter_mut()) {
+                if e.is_none()
+                    && let Some(d) = done(p)
+                {
+                    *e = Some((self.secs(Instant::now()), d));
+                }
+            }
+            self.tick();
+            if ended.iter().all(Option::is_some) || Instant::now() >= deadline {
+                return Ok(ended);
+            }
+            procs::check_cancelled()?;
+            std::thread::sleep(POLL);
+        }
+    }
+
+    /// Stop the clock: read the seed's counter again and take a last sample.
+    pub fn close(mut self) -> anyhow::Result<Closed> {
+        let end = Instant::now();
+        self.next = end;
+        self.tick();
+        let seed_tx_bytes = match (self.topo, self.seed_tx0) {
+            (Some(t), Some(before)) => Some(t.host_tx_bytes(&self.seed_ns)? - before),
+            _ => None,
+        };
+        let seed_tbf_bytes = match (self.topo, self.seed_tbf0) {
+            (Some(t), Some(before)) => Some(t.host_tbf_bytes(&self.seed_ns)? - before),
+            _ => None,
+        };
+        let machine_busy_cores = match (self.machine0, machine_ticks()) {
+            (Some((b0, t0)), Some((b1, t1))) if t1 > t0 => {
+                let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+                Some((b1 - b0) as f64 / (t1 - t0) as f64 * cores as f64)
+            }
+            _ => None,
+        };
+        Ok(Closed {
+            seed_tx_bytes,
+            seed_tbf_bytes,
+            machine_busy_cores,
+            secs: self.secs(end),
+            timeline: self.timeline,
+        })
+    }
+}
+
+impl Closed {
+    /// Wire bytes per host over the window (last sample).
+    pub fn hosts_wire(&self) -> BTreeMap<String, HostWire> {
+        let Some(tl) = &self.timeline else {
+            return BTreeMap::new();
+        };
+        tl.hosts
+            .iter()
+            .map(|(label, s)| {
+                (
+                    label.clone(),
+                    HostWire {
+                        up: s.up.last().copied().unwrap_or(0),
+                        down: s.down.last().copied().unwrap_or(0),
+                    },
+                )
+            })
+            .collect()
+    }
+
+    /// Stalls of every leecher before it was done.
+    pub fn stalls(&self, leechers: &[LeecherOutcome]) -> BTreeMap<String, Vec<Stall>> {
+        let Some(tl) = &self.timeline else {
+            return BTreeMap::new();
+        };
+        leechers
+            .iter()
+            .filter_map(|l| {
+                let until = l.done_secs.unwrap_or(f64::INFINITY);
+                let s = tl.stalls(&l.host, until, STALL_SECS, STALL_BYTES);
+                (!s.is_empty()).then(|| (l.host.clone(), s))
+            })
+            .collect()
+    }
+}
+
+/// SHA-256 of a file, hex.
+pub fn sha256_file(path: &Path) -> anyhow::Result<String> {
+    let mut f = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    Ok(hex::encode(h.finalize()))
+}
+
+/// Check each leecher's file against `sha256` (two at a time: the machine has two cores).
+/// `files[i]` is `None` when leecher i produced no file to check.
+pub fn verify_all(files: &[Option<std::path::PathBuf>], sha256: &str) -> Vec<Result<(), String>> {
+    let mut out = Vec::with_capacity(files.len());
+    for pair in files.chunks(2) {
+        let results: Vec<Result<(), String>> = std::thread::scope(|s| {
+            let handles: Vec<_> = pair
+                .iter()
+                .map(|f| {
+                    s.spawn(move || match f {
+                        None => Err("no file".to_owned()),
+                        Some(p) => match sha256_file(p) {
+                            Ok(h) if h == sha256 => Ok(()),
+                            Ok(h) => Err(format!("SHA-256 {h} differs from the package's")),
+                            Err(e) => Err(format!("{e:#}")),
+                        },
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().unwrap_or_else(|_| Err("verifier panicked".into())))
+                .collect()
+        });
+        out.extend(results);
+    }
+    out
+}
+
+/// Build each leecher's outcome from when it ended, how, and whether its file verified.
+pub fn outcomes(
+    labels: &[String],
+    ended: &[Ended],
+    verified: &[Result<(), String>],
+    ok: impl Fn(&Done) -> Result<(), String>,
+) -> Vec<LeecherOutcome> {
+    labels
+        .iter()
+        .zip(ended)
+        .zip(verified)
+        .map(|((host, e), v)| {
+            let (done_secs, exit_code, error) = match e {
+                None => (None, None, Some("timed out".to_owned())),
+                Some((t, d)) => {
+                    let code = match d {
+                        Done::Exited(s) => s.code(),
+                        Done::Line(_) => None,
+                    };
+                    match ok(d) {
+                        Ok(()) => (Some(*t), code, v.clone().err()),
+                        Err(msg) => (None, code, Some(msg)),
+                    }
+                }
+            };
+            LeecherOutcome {
+                host: host.clone(),
+                verified: done_secs.is_some() && v.is_ok(),
+                timed_out: e.is_none(),
+                done_secs,
+                exit_code,
+                error,
+            }
+        })
+        .collect()
+}

@@ -1,0 +1,453 @@
+//! The run: scenarios one after the other, every contender in each, then the report.
+
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, SystemTime};
+
+use anyhow::{Context as _, bail, ensure};
+use fbpkg_benches::swarm::netplan::{Plan, Tbf};
+use fbpkg_benches::swarm::report::{self, Row, Summary};
+use fbpkg_benches::swarm::scenario::{KumarRoss, Scenario};
+use fbpkg_common::metainfo::{Format, Metainfo};
+use rand::Rng as _;
+use serde::Serialize;
+
+use crate::calibrate::{self, Calibration};
+use crate::cleanup::{self, WorkDir};
+use crate::contenders::{self, Ctx, Package, TRACKER_PORT, Which};
+use crate::cpu::{self, CpuReport, CpuSettings};
+use crate::measure::ContenderRun;
+use crate::procs;
+use crate::topology::{Topology, sysctl_in};
+use crate::{Args, is_root};
+
+/// One contender's slot in a scenario.
+#[derive(Debug, Serialize)]
+pub struct Entry {
+    /// Contender.
+    pub contender: String,
+    /// What it measured.
+    pub run: Option<ContenderRun>,
+    /// Why it has no result.
+    pub error: Option<String>,
+}
+
+/// One scenario.
+#[derive(Debug, Serialize)]
+pub struct ScenarioReport {
+    /// N, F, caps.
+    pub scenario: Scenario,
+    /// The bound.
+    pub kumar_ross: KumarRoss,
+    /// Leechers not done by then timed out.
+    pub deadline_secs: f64,
+    /// TCP congestion control in the host namespaces.
+    pub tcp_congestion_control: String,
+    /// Single-flow calibration of the caps.
+    pub calibration: Vec<Calibration>,
+    /// Contenders in the order run.
+    pub contenders: Vec<Entry>,
+    /// The tables.
+    pub table: String,
+}
+
+/// The machine.
+#[derive(Debug, Serialize)]
+pub struct Machine {
+    /// Cores.
+    pub cores: usize,
+    /// `uname -r`.
+    pub kernel: String,
+    /// /proc/loadavg before.
+    pub loadavg_before: String,
+    /// /proc/loadavg after.
+    pub loadavg_after: String,
+}
+
+/// The whole report.
+#[derive(Debug, Serialize)]
+pub struct Report {
+    /// What this is.
+    pub benchmark: &'static str,
+    /// The command line.
+    pub command: Vec<String>,
+    /// Unix time at the start.
+    pub started_unix: u64,
+    /// The machine.
+    pub machine: Machine,
+    /// Shaping parameters.
+    pub tbf: Tbf,
+    /// fbpkg-rs binary used.
+    pub fbpkg_bin: PathBuf,
+    /// Scenarios.
+    pub scenarios: Vec<ScenarioReport>,
+    /// `--cpu`.
+    pub cpu: Option<CpuReport>,
+    /// `--rss`.
+    pub rss: Option<CpuReport>,
+    /// BENCHMARKS.md-shaped summary over the scenarios.
+    pub summary_table: String,
+}
+
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_default()
+}
+
+/// Build `fbpkg-rs` in release mode with cargo and return its path.
+fn build_fbpkg() -> anyhow::Result<PathBuf> {
+    let workspace = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .context("the benches crate has no parent directory")?;
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    eprintln!("swarm_bench: cargo build --release -p fbpkg-peer --bin fbpkg-rs");
+    let out = Command::new(cargo)
+        .current_dir(workspace)
+        .args([
+            "build",
+            "--release",
+            "-p",
+            "fbpkg-peer",
+            "--bin",
+            "fbpkg-rs",
+            "--message-format=json-render-diagnostics",
+        ])
+        .stderr(Stdio::inherit())
+        .output()
+        .context("running cargo (or pass --fbpkg-bin PATH to a release build of fbpkg-rs)")?;
+    ensure!(
+        out.status.success(),
+        "cargo build --release -p fbpkg-peer failed ({}); pass --fbpkg-bin PATH",
+        out.status
+    );
+    for line in out.stdout.split(|&b| b == b'\n') {
+        let Ok(msg) = serde_json::from_slice::<serde_json::Value>(line) else {
+            continue;
+        };
+        if msg["reason"] == "compiler-artifact"
+            && msg["target"]["name"] == "fbpkg-rs"
+            && let Some(exe) = msg["executable"].as_str()
+        {
+            return Ok(PathBuf::from(exe));
+        }
+    }
+    bail!("cargo built fbpkg-rs but did not say where; pass --fbpkg-bin PATH")
+}
+
+/// Random bytes on tmpfs and the metainfo `fbpkg-rs publish` makes for them with this
+/// tracker (same name, announce URL and format, so the same bytes).
+fn make_package(dir: &Path, size: u64, tracker: &str) -> anyhow::Result<Package> {
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::create_dir_all(dir)?;
+    let file_name = "pkg.bin".to_owned();
+    let path = dir.join(&file_name);
+    {
+        let mut f = std::io::BufWriter::with_capacity(
+            4 << 20,
+            std::fs::File::create(&path).with_context(|| format!("creating {}", path.display()))?,
+        );
+        let mut rng = rand::rng();
+        let mut buf = vec![0u8; 4 << 20];
+        let mut left = size;
+        while left > 0 {
+            let n = usize::try_from(left.min(buf.len() as u64)).unwrap_or(buf.len());
+            rng.fill_bytes(&mut buf[..n]);
+            f.write_all(&buf[..n])?;
+            left -= n as u64;
+        }
+        f.flush()?;
+    }
+    // Not executable: `publish` would record the execute bit in the metainfo.
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644))?;
+    let announce = format!("{tracker}/announce");
+    let reader = std::io::BufReader::with_capacity(1 << 20, std::fs::File::open(&path)?);
+    let meta = Metainfo::build(reader, size, &file_name, &announce, Format::File)?;
+    Ok(Package {
+        path,
+        file_name,
+        size,
+        sha256: meta.sha256.to_hex(),
+        metainfo: meta.as_bytes().to_vec(),
+        info_hash: meta.info_hash.to_hex(),
+    })
+}
+
+fn log_progress(msg: &str) {
+    eprintln!("swarm_bench: {msg}");
+}
+
+struct Common<'a> {
+    args: &'a Args,
+    work: &'a WorkDir,
+    fbpkg_bin: &'a Path,
+    self_exe: &'a Path,
+    tbf: Tbf,
+}
+
+fn run_scenario(c: &Common<'_>, s: &Scenario) -> anyhow::Result<ScenarioReport> {
+    let kr = s.kumar_ross();
+    let deadline = s.deadline(c.args.deadline_factor, c.args.min_deadline());
+    log_progress(&report::scenario_header(
+        s,
+        kr.t_kr_secs,
+        deadline.as_secs_f64(),
+    ));
+    let topo = Topology::create(Plan::new(s, c.tbf))?;
+    let cc = sysctl_in(
+        &topo.plan.seed().ns,
+        "/proc/sys/net/ipv4/tcp_congestion_control",
+    );
+    let calibration = if c.args.calibrate_secs > 0.0 {
+        log_progress("calibrating: one TCP flow through each kind of cap");
+        let cal = calibrate::run(&topo, c.self_exe, &c.work.logs(), c.args.calibrate_secs)?;
+        eprint!("{}", calibrate::table(&cal));
+        cal
+    } else {
+        Vec::new()
+    };
+    let hosts = topo.hosts();
+    let tracker_url = format!("http://{}", hosts.tracker.addr(TRACKER_PORT));
+    let pkg_dir = c.work.path.join(format!("{}-package", s.name));
+    log_progress(&format!(
+        "generating the package ({})",
+        report::size(s.package_bytes)
+    ));
+    let pkg = make_package(&pkg_dir, s.package_bytes, &tracker_url)?;
+    let mut entries = Vec::new();
+    for &which in &c.args.contenders {
+        procs::check_cancelled()?;
+        log_progress(&format!("{}: {}", s.name, which.name()));
+        let ctx = Ctx {
+            hosts: &hosts,
+            topo: Some(&topo),
+            pkg: &pkg,
+            fbpkg_bin: c.fbpkg_bin,
+            self_exe: c.self_exe,
+            dir: c.work.path.join(format!("{}-{}", s.name, which.name())),
+            logs: c.work.logs(),
+            log_prefix: format!("{}-{}", s.name, which.name()),
+            deadline,
+            t_kr_secs: kr.t_kr_secs,
+            sample_every: Duration::from_millis(c.args.sample_ms),
+            rqbit_linger: c.args.rqbit_linger,
+        };
+        let entry = match contenders::run(which, &ctx) {
+            Ok(run) => {
+                if let Some(sm) = &run.summary {
+                    log_progress(&format!(
+                        "{}: {} T_last {} eta_last {} seed ampl. {:.2} ({}/{} verified)",
+                        s.name,
+                        which.name(),
+                        sm.t_last_secs
+                            .map(|t| format!("{t:.1} s"))
+                            .unwrap_or_else(|| "-".into()),
+                        sm.eta_last
+                            .map(|e| format!("{e:.2}"))
+                            .unwrap_or_else(|| "-".into()),
+                        sm.seed_amplification_wire,
+                        sm.verified,
+                        sm.n
+                    ));
+                }
+                Entry {
+                    contender: which.name().into(),
+                    run: Some(run),
+                    error: None,
+                }
+            }
+            Err(e) => {
+                procs::check_cancelled()?;
+                log_progress(&format!("{}: {} failed: {e:#}", s.name, which.name()));
+                Entry {
+                    contender: which.name().into(),
+                    run: None,
+                    error: Some(format!("{e:#}")),
+                }
+            }
+        };
+        entries.push(entry);
+    }
+    let _ = std::fs::write(
+        c.work.logs().join(format!("{}-tc-qdisc.txt", s.name)),
+        topo.qdisc_stats(),
+    );
+    drop(topo);
+    let _ = std::fs::remove_dir_all(&pkg_dir);
+    let table = scenario_table(s, &kr, deadline, &entries);
+    Ok(ScenarioReport {
+        scenario: s.clone(),
+        kumar_ross: kr,
+        deadline_secs: deadline.as_secs_f64(),
+        tcp_congestion_control: cc,
+        calibration,
+        contenders: entries,
+        table,
+    })
+}
+
+fn scenario_table(s: &Scenario, kr: &KumarRoss, deadline: Duration, entries: &[Entry]) -> String {
+    let rows: Vec<Row<'_>> = entries
+        .iter()
+        .filter_map(|e| {
+            let run = e.run.as_ref()?;
+            Some(Row {
+                contender: &e.contender,
+                summary: run.summary.as_ref()?,
+                leechers: &run.leechers,
+                cpu_secs: Some(run.cpu.total_secs_without_tracker),
+            })
+        })
+        .collect();
+    let mut t = format!(
+        "{}\n{}",
+        report::scenario_header(s, kr.t_kr_secs, deadline.as_secs_f64()),
+        report::scenario_table(&rows)
+    );
+    for e in entries {
+        if let Some(err) = &e.error {
+            t.push_str(&format!("{}: error: {err}\n", e.contender));
+        }
+    }
+    t
+}
+
+fn summary_table(scenarios: &[ScenarioReport], which: &[Which]) -> String {
+    let names: Vec<String> = scenarios
+        .iter()
+        .map(|s| s.scenario.name.to_uppercase())
+        .collect();
+    let names: Vec<&str> = names.iter().map(String::as_str).collect();
+    let rows: Vec<(&str, Vec<Option<&Summary>>)> = which
+        .iter()
+        .map(|w| {
+            let cells = scenarios
+                .iter()
+                .map(|s| {
+                    s.contenders
+                        .iter()
+                        .find(|e| e.contender == w.name())
+                        .and_then(|e| e.run.as_ref()?.summary.as_ref())
+                })
+                .collect();
+            (w.name(), cells)
+        })
+        .collect();
+    report::cross_table(&names, &rows)
+}
+
+fn cpu_mode(c: &Common<'_>, label: &str, size: u64) -> anyhow::Result<CpuReport> {
+    let dir = c.work.path.join(format!("{label}-package"));
+    log_progress(&format!(
+        "{label} mode: generating the package ({})",
+        report::size(size)
+    ));
+    let pkg = make_package(&dir, size, &format!("http://127.0.0.1:{TRACKER_PORT}"))?;
+    let r = cpu::run(&CpuSettings {
+        which: c.args.contenders.clone(),
+        leechers: c.args.cpu_leechers,
+        pkg: &pkg,
+        fbpkg_bin: c.fbpkg_bin,
+        self_exe: c.self_exe,
+        work: &c.work.path,
+        logs: &c.work.logs(),
+        label,
+    });
+    let _ = std::fs::remove_dir_all(&dir);
+    r
+}
+
+/// The whole run.
+pub fn bench(args: Args) -> anyhow::Result<()> {
+    args.validate()?;
+    let tbf = args.tbf()?;
+    let scenarios = args.scenarios()?;
+    ensure!(
+        is_root(),
+        "swarm_bench needs root (network namespaces, tc): run it with sudo"
+    );
+    cleanup::install_signal_handler()?;
+    for what in cleanup::remove_leftovers()? {
+        log_progress(&format!("removed leftover {what}"));
+    }
+    let started_unix = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let loadavg_before = loadavg();
+    let fbpkg_bin = match &args.fbpkg_bin {
+        Some(p) => p.clone(),
+        None => build_fbpkg()?,
+    };
+    let self_exe = std::env::current_exe().context("locating this binary")?;
+    let work = WorkDir::create(args.keep_logs.clone())?;
+    let common = Common {
+        args: &args,
+        work: &work,
+        fbpkg_bin: &fbpkg_bin,
+        self_exe: &self_exe,
+        tbf,
+    };
+    let mut reports = Vec::new();
+    for s in &scenarios {
+        let r = run_scenario(&common, s)?;
+        eprintln!("\n{}", r.table);
+        reports.push(r);
+    }
+    let cpu = if args.cpu {
+        Some(cpu_mode(&common, "cpu", args.cpu_size)?)
+    } else {
+        None
+    };
+    let rss = if args.rss {
+        Some(cpu_mode(&common, "rss", args.rss_size)?)
+    } else {
+        None
+    };
+    let report = Report {
+        benchmark: "swarm: a fleet flash crowd against the physical limit",
+        command: std::env::args().collect(),
+        started_unix,
+        machine: Machine {
+            cores: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            kernel: std::fs::read_to_string("/proc/sys/kernel/osrelease")
+                .map(|s| s.trim().to_owned())
+                .unwrap_or_default(),
+            loadavg_before,
+            loadavg_after: loadavg(),
+        },
+        tbf,
+        fbpkg_bin,
+        summary_table: summary_table(&reports, &args.contenders),
+        scenarios: reports,
+        cpu,
+        rss,
+    };
+    let mut text = String::new();
+    for s in &report.scenarios {
+        text.push_str(&s.table);
+        text.push('\n');
+    }
+    if report.scenarios.len() > 1 {
+        text.push_str(&report.summary_table);
+        text.push('\n');
+    }
+    for r in [&report.cpu, &report.rss].into_iter().flatten() {
+        text.push_str(&cpu::table(r));
+        text.push('\n');
+    }
+    let json = serde_json::to_string_pretty(&report)?;
+    match &args.json {
+        Some(p) if p.as_os_str() == "-" => {
+            println!("{json}");
+            eprint!("{text}");
+        }
+        Some(p) => {
+            std::fs::write(p, json).with_context(|| format!("writing {}", p.display()))?;
+            print!("{text}");
+            eprintln!("swarm_bench: JSON report in {}", p.display());
+        }
+        None => print!("{text}"),
+    }
+    Ok(())
+}

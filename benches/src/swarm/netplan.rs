@@ -1,0 +1,328 @@
+//! The benchmark's network, written down before anything is created: which namespaces, which
+//! addresses, which veth ends, and the `ip`/`tc` commands that build it.
+//!
+//! ```text
+//!   fbsb-seed        fbsb-l001 ... fbsb-lNNN        fbsb-trk
+//!   eth0 198.18.0.1  eth0 198.18.0.2 ...            eth0 198.18.0.254
+//!    | tbf = upload   | tbf = upload                 | (uncapped)
+//!    |                |                              |
+//!   s-seed           s-l001 ...                     s-trk        <- in fbsb-sw, on bridge br0
+//!    tbf = download   tbf = download
+//! ```
+//!
+//! A `tbf` qdisc shapes what leaves an interface, so the host-side end caps the host's upload
+//! and the switch-side end caps its download. Only 198.18.0.0/24 is used (RFC 2544's
+//! benchmarking range), and nothing is added to the root namespace: every command names its
+//! namespace with `-n`.
+
+use std::net::Ipv4Addr;
+
+use serde::Serialize;
+
+use super::scenario::Scenario;
+
+/// Every namespace this benchmark creates starts with this, so a later run can find and
+/// remove what a crashed one left.
+pub const NS_PREFIX: &str = "fbsb-";
+/// The switch namespace (holds the bridge).
+pub const SWITCH_NS: &str = "fbsb-sw";
+/// The bridge inside the switch namespace.
+pub const BRIDGE: &str = "br0";
+/// The host-side interface name in every host namespace.
+pub const HOST_DEV: &str = "eth0";
+/// Prefix length of the host addresses.
+pub const PREFIX_LEN: u8 = 24;
+
+/// Token-bucket parameters shared by every cap.
+///
+/// `burst` is the bucket: how many bytes may leave back to back at line rate. It must hold at
+/// least one MTU-sized frame; a few tens of KiB let a TCP flow keep the link busy across timer
+/// granularity without letting through visible bursts (32 KiB is 1.6 ms at 160 Mbit/s).
+/// `latency` bounds the queue: packets that would wait longer are dropped, which is the signal
+/// TCP's congestion control needs; 50 ms is about a bandwidth-delay product of queue for the
+/// rates here.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct Tbf {
+    /// Bucket size, bytes.
+    pub burst_bytes: u32,
+    /// Longest a packet may wait in the queue, milliseconds.
+    pub latency_ms: u32,
+}
+
+impl Default for Tbf {
+    fn default() -> Self {
+        Self {
+            burst_bytes: 32 << 10,
+            latency_ms: 50,
+        }
+    }
+}
+
+/// What a host does in the benchmark.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    /// Holds the package at the start.
+    Seed,
+    /// Asks for the package; numbered from 1.
+    Leecher(usize),
+    /// Runs the tracker (uncapped).
+    Tracker,
+}
+
+/// One host: a namespace with one veth pair to the switch.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Host {
+    /// Its role.
+    pub role: Role,
+    /// Short label: `seed`, `l001`, `trk`.
+    pub label: String,
+    /// Network namespace.
+    pub ns: String,
+    /// Address on the bridge.
+    pub ip: Ipv4Addr,
+    /// The veth end in the switch namespace.
+    pub switch_dev: String,
+    /// Upload cap (tbf on the host-side end), bit/s; `None` = uncapped.
+    pub up_bps: Option<u64>,
+    /// Download cap (tbf on the switch-side end), bit/s; `None` = uncapped.
+    pub down_bps: Option<u64>,
+}
+
+/// The whole network of one scenario.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Plan {
+    /// Seed first, then the leechers in order, then the tracker.
+    pub hosts: Vec<Host>,
+    /// Shaping parameters.
+    pub tbf: Tbf,
+}
+
+fn host(role: Role, ip: Ipv4Addr, up: Option<u64>, down: Option<u64>) -> Host {
+    let label = match role {
+        Role::Seed => "seed".to_owned(),
+        Role::Leecher(i) => format!("l{i:03}"),
+        Role::Tracker => "trk".to_owned(),
+    };
+    Host {
+        role,
+        ns: format!("{NS_PREFIX}{label}"),
+        switch_dev: format!("s-{label}"),
+        label,
+        ip,
+        up_bps: up,
+        down_bps: down,
+    }
+}
+
+/// `ip`-style argument vector from string slices.
+fn argv(parts: &[&str]) -> Vec<String> {
+    parts.iter().map(|s| (*s).to_owned()).collect()
+}
+
+/// `tc -n NS qdisc replace dev DEV root tbf rate <bps>bit burst <bytes> latency <ms>ms`.
+///
+/// Rates are written in bit/s so there is no doubt about tc's unit prefixes.
+pub fn tbf_command(ns: &str, dev: &str, rate_bps: u64, tbf: Tbf) -> Vec<String> {
+    vec![
+        "tc".into(),
+        "-n".into(),
+        ns.into(),
+        "qdisc".into(),
+        "replace".into(),
+        "dev".into(),
+        dev.into(),
+        "root".into(),
+        "tbf".into(),
+        "rate".into(),
+        format!("{rate_bps}bit"),
+        "burst".into(),
+        tbf.burst_bytes.to_string(),
+        "latency".into(),
+        format!("{}ms", tbf.latency_ms),
+    ]
+}
+
+impl Plan {
+    /// The network of `scenario`: seed at .1, leecher i at .(1+i), tracker at .254.
+    pub fn new(scenario: &Scenario, tbf: Tbf) -> Self {
+        let c = &scenario.caps;
+        let mut hosts = vec![host(
+            Role::Seed,
+            Ipv4Addr::new(198, 18, 0, 1),
+            Some(c.seed_up_bps),
+            Some(c.leecher_down_bps),
+        )];
+        for i in 1..=scenario.leechers {
+            let last = u8::try_from(1 + i).unwrap_or(u8::MAX);
+            hosts.push(host(
+                Role::Leecher(i),
+                Ipv4Addr::new(198, 18, 0, last),
+                Some(c.leecher_up_bps),
+                Some(c.leecher_down_bps),
+            ));
+        }
+        hosts.push(host(
+            Role::Tracker,
+            Ipv4Addr::new(198, 18, 0, 254),
+            None,
+            None,
+        ));
+        Self { hosts, tbf }
+    }
+
+    /// The seed host.
+    pub fn seed(&self) -> &Host {
+        &self.hosts[0]
+    }
+
+    /// The tracker host.
+    pub fn tracker(&self) -> &Host {
+        &self.hosts[self.hosts.len() - 1]
+    }
+
+    /// The leecher hosts, in order.
+    pub fn leechers(&self) -> &[Host] {
+        &self.hosts[1..self.hosts.len() - 1]
+    }
+
+    /// Every namespace, the switch first.
+    pub fn namespaces(&self) -> Vec<String> {
+        std::iter::once(SWITCH_NS.to_owned())
+            .chain(self.hosts.iter().map(|h| h.ns.clone()))
+            .collect()
+    }
+
+    /// The commands that build the network, in order.
+    pub fn setup_commands(&self) -> Vec<Vec<String>> {
+        let sw = SWITCH_NS;
+        let mut cmds = vec![
+            argv(&["ip", "netns", "add", sw]),
+            argv(&["ip", "-n", sw, "link", "set", "lo", "up"]),
+            argv(&["ip", "-n", sw, "link", "add", BRIDGE, "type", "bridge"]),
+            argv(&["ip", "-n", sw, "link", "set", BRIDGE, "up"]),
+        ];
+        for h in &self.hosts {
+            let (ns, sdev) = (h.ns.as_str(), h.switch_dev.as_str());
+            let addr = format!("{}/{PREFIX_LEN}", h.ip);
+            cmds.extend([
+                argv(&["ip", "netns", "add", ns]),
+                argv(&["ip", "-n", ns, "link", "set", "lo", "up"]),
+                argv(&[
+                    "ip", "-n", sw, "link", "add", sdev, "type", "veth", "peer", "name", HOST_DEV,
+                    "netns", ns,
+                ]),
+                argv(&["ip", "-n", sw, "link", "set", sdev, "master", BRIDGE]),
+                argv(&["ip", "-n", sw, "link", "set", sdev, "up"]),
+                argv(&["ip", "-n", ns, "addr", "add", &addr, "dev", HOST_DEV]),
+                argv(&["ip", "-n", ns, "link", "set", HOST_DEV, "up"]),
+            ]);
+            if let Some(up) = h.up_bps {
+                cmds.push(tbf_command(ns, HOST_DEV, up, self.tbf));
+            }
+            if let Some(down) = h.down_bps {
+                cmds.push(tbf_command(sw, sdev, down, self.tbf));
+            }
+        }
+        cmds
+    }
+
+    /// The commands that remove it (deleting a namespace deletes its veth ends and qdiscs).
+    pub fn teardown_commands(&self) -> Vec<Vec<String>> {
+        self.namespaces()
+            .iter()
+            .rev()
+            .map(|ns| argv(&["ip", "netns", "del", ns]))
+            .collect()
+    }
+}
+
+/// Whether a namespace name (a line of `ip netns list`) is one of ours.
+pub fn is_ours(ns_list_line: &str) -> Option<&str> {
+    let name = ns_list_line.split_whitespace().next()?;
+    name.starts_with(NS_PREFIX).then_some(name)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn joined(cmd: &[String]) -> String {
+        cmd.join(" ")
+    }
+
+    #[test]
+    fn tbf_command_is_explicit_about_units() {
+        let c = tbf_command("fbsb-seed", "eth0", 80_000_000, Tbf::default());
+        assert_eq!(
+            joined(&c),
+            "tc -n fbsb-seed qdisc replace dev eth0 root tbf rate 80000000bit burst 32768 latency 50ms"
+        );
+    }
+
+    #[test]
+    fn b1_plan() {
+        let plan = Plan::new(&Scenario::preset("b1").unwrap(), Tbf::default());
+        assert_eq!(plan.hosts.len(), 10);
+        assert_eq!(plan.seed().ip, Ipv4Addr::new(198, 18, 0, 1));
+        assert_eq!(plan.leechers().len(), 8);
+        assert_eq!(plan.leechers()[7].ip, Ipv4Addr::new(198, 18, 0, 9));
+        assert_eq!(plan.leechers()[0].ns, "fbsb-l001");
+        assert_eq!(plan.leechers()[0].switch_dev, "s-l001");
+        assert_eq!(plan.tracker().ip, Ipv4Addr::new(198, 18, 0, 254));
+        assert_eq!(plan.tracker().up_bps, None);
+        for ns in plan.namespaces() {
+            assert!(ns.starts_with(NS_PREFIX) && ns.len() <= 15, "{ns}");
+        }
+        for h in &plan.hosts {
+            assert!(
+                h.switch_dev.len() <= 15,
+                "interface names are at most 15 bytes"
+            );
+        }
+    }
+
+    #[test]
+    fn setup_caps_both_directions_but_not_the_tracker() {
+        let plan = Plan::new(&Scenario::preset("b2").unwrap(), Tbf::default());
+        let cmds: Vec<String> = plan.setup_commands().iter().map(|c| joined(c)).collect();
+        assert_eq!(cmds[0], "ip netns add fbsb-sw");
+        assert!(cmds.contains(
+            &"ip -n fbsb-sw link add s-l003 type veth peer name eth0 netns fbsb-l003".to_owned()
+        ));
+        assert!(cmds.contains(&"ip -n fbsb-l003 addr add 198.18.0.4/24 dev eth0".to_owned()));
+        // Leecher upload (40) on the host side, download (160) on the switch side.
+        assert!(cmds.contains(
+            &"tc -n fbsb-l003 qdisc replace dev eth0 root tbf rate 40000000bit burst 32768 latency 50ms"
+                .to_owned()
+        ));
+        assert!(cmds.contains(
+            &"tc -n fbsb-sw qdisc replace dev s-l003 root tbf rate 160000000bit burst 32768 latency 50ms"
+                .to_owned()
+        ));
+        assert!(cmds.contains(
+            &"tc -n fbsb-seed qdisc replace dev eth0 root tbf rate 80000000bit burst 32768 latency 50ms"
+                .to_owned()
+        ));
+        assert!(!cmds.iter().any(|c| c.starts_with("tc -n fbsb-trk")));
+        assert!(!cmds.iter().any(|c| c.contains("s-trk root tbf")));
+        // Every command names a namespace: nothing lands in the root namespace.
+        for c in &cmds {
+            assert!(
+                c.starts_with("ip netns add fbsb-") || c.contains(" -n fbsb-"),
+                "{c}"
+            );
+        }
+        let down = plan.teardown_commands();
+        assert_eq!(joined(down.last().unwrap()), "ip netns del fbsb-sw");
+        assert_eq!(down.len(), plan.hosts.len() + 1);
+    }
+
+    #[test]
+    fn recognises_leftovers() {
+        assert_eq!(is_ours("fbsb-l001 (id: 3)"), Some("fbsb-l001"));
+        assert_eq!(is_ours("fbsb-sw"), Some("fbsb-sw"));
+        assert_eq!(is_ours("other-ns (id: 0)"), None);
+        assert_eq!(is_ours(""), None);
+    }
+}

@@ -1,0 +1,314 @@
+//! What one contender's run measured, the figures BENCHMARKS.md asks for, and the tables.
+
+use std::fmt::Write as _;
+
+use serde::Serialize;
+
+use super::scenario::{MIB, Scenario};
+
+/// One leecher's outcome.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct LeecherOutcome {
+    /// Host label (`l001`, ...).
+    pub host: String,
+    /// Seconds from the common start to the moment the contender said it was done (`get`
+    /// exited 0, the download completed), whether or not the bytes then verified.
+    pub done_secs: Option<f64>,
+    /// Whether the file it produced has the package's SHA-256.
+    pub verified: bool,
+    /// Still not done at the deadline.
+    pub timed_out: bool,
+    /// Exit status of its client process, when it exited.
+    pub exit_code: Option<i32>,
+    /// What went wrong, if anything.
+    pub error: Option<String>,
+}
+
+impl LeecherOutcome {
+    /// Seconds to a verified package, or `None`.
+    pub fn verified_secs(&self) -> Option<f64> {
+        self.done_secs.filter(|_| self.verified)
+    }
+}
+
+/// The figures of one contender in one scenario.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Summary {
+    /// Leechers.
+    pub n: usize,
+    /// Leechers with a verified package.
+    pub verified: usize,
+    /// Leechers still not done at the deadline.
+    pub timeouts: usize,
+    /// Time of the last leecher; `None` unless every leecher got a verified package.
+    pub t_last_secs: Option<f64>,
+    /// Mean time; `None` unless every leecher got a verified package.
+    pub t_mean_secs: Option<f64>,
+    /// T_KR / T_last.
+    pub eta_last: Option<f64>,
+    /// T_KR / T_mean.
+    pub eta_mean: Option<f64>,
+    /// Seed egress on the wire (frames, headers included) / F.
+    pub seed_amplification_wire: f64,
+    /// Piece bytes the seed says it uploaded / F, where the contender tells.
+    pub seed_amplification_payload: Option<f64>,
+}
+
+/// Compute the BENCHMARKS.md figures.
+pub fn summarize(
+    leechers: &[LeecherOutcome],
+    t_kr_secs: f64,
+    package_bytes: u64,
+    seed_wire_tx_bytes: u64,
+    seed_payload_bytes: Option<u64>,
+) -> Summary {
+    let times: Vec<f64> = leechers
+        .iter()
+        .filter_map(LeecherOutcome::verified_secs)
+        .collect();
+    let complete = !leechers.is_empty() && times.len() == leechers.len();
+    let t_last = complete.then(|| times.iter().copied().fold(0.0, f64::max));
+    let t_mean = complete.then(|| times.iter().sum::<f64>() / times.len() as f64);
+    let f = package_bytes as f64;
+    Summary {
+        n: leechers.len(),
+        verified: times.len(),
+        timeouts: leechers.iter().filter(|l| l.timed_out).count(),
+        t_last_secs: t_last,
+        t_mean_secs: t_mean,
+        eta_last: t_last.map(|t| t_kr_secs / t),
+        eta_mean: t_mean.map(|t| t_kr_secs / t),
+        seed_amplification_wire: seed_wire_tx_bytes as f64 / f,
+        seed_amplification_payload: seed_payload_bytes.map(|b| b as f64 / f),
+    }
+}
+
+/// A contender's row in a scenario's table.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Row<'a> {
+    /// Contender name.
+    pub contender: &'a str,
+    /// Its figures.
+    pub summary: &'a Summary,
+    /// Per-leecher outcomes, in host order.
+    pub leechers: &'a [LeecherOutcome],
+    /// CPU seconds of all its processes, if measured.
+    pub cpu_secs: Option<f64>,
+}
+
+fn opt(v: Option<f64>, f: impl Fn(f64) -> String) -> String {
+    v.map(f).unwrap_or_else(|| "-".to_owned())
+}
+
+/// `26.8 s`, or what went wrong when not every leecher made it.
+fn t_cell(s: &Summary, t: Option<f64>) -> String {
+    match t {
+        Some(t) => format!("{t:.1} s"),
+        None if s.timeouts > 0 => format!("timeout ({}/{} done)", s.verified, s.n),
+        None => format!("failed ({}/{} ok)", s.verified, s.n),
+    }
+}
+
+/// Mbit/s as people write it.
+pub fn mbit(bps: u64) -> String {
+    let m = bps as f64 / 1e6;
+    if m.fract() == 0.0 {
+        format!("{m:.0}")
+    } else {
+        format!("{m:.1}")
+    }
+}
+
+/// `256 MiB`, `1 GiB`, `1.5 MiB`, `4096 B`.
+pub fn size(bytes: u64) -> String {
+    if bytes >= 1 << 30 && bytes.is_multiple_of(1 << 30) {
+        format!("{} GiB", bytes >> 30)
+    } else if bytes >= MIB {
+        let m = bytes as f64 / MIB as f64;
+        if m.fract() == 0.0 {
+            format!("{m:.0} MiB")
+        } else {
+            format!("{m:.1} MiB")
+        }
+    } else {
+        format!("{bytes} B")
+    }
+}
+
+/// One scenario's header line.
+pub fn scenario_header(s: &Scenario, t_kr_secs: f64, deadline_secs: f64) -> String {
+    format!(
+        "{}: N={} F={} seed up {} Mbit/s, leecher up {} Mbit/s, leecher down {} Mbit/s; \
+         T_KR {:.1} s; deadline {:.0} s",
+        s.name,
+        s.leechers,
+        size(s.package_bytes),
+        mbit(s.caps.seed_up_bps),
+        mbit(s.caps.leecher_up_bps),
+        mbit(s.caps.leecher_down_bps),
+        t_kr_secs,
+        deadline_secs
+    )
+}
+
+/// A markdown table of one scenario, every contender side by side, then each leecher's time.
+pub fn scenario_table(rows: &[Row<'_>]) -> String {
+    let mut out = String::from(
+        "| contender | T_last | T_mean | eta_last | eta_mean | seed ampl. (wire) | seed ampl. (payload) | verified | timeouts | CPU s |\n\
+         |---|---|---|---|---|---|---|---|---|---|\n",
+    );
+    for r in rows {
+        let s = r.summary;
+        let _ = writeln!(
+            out,
+            "| {} | {} | {} | {} | {} | {:.2} | {} | {}/{} | {} | {} |",
+            r.contender,
+            t_cell(s, s.t_last_secs),
+            t_cell(s, s.t_mean_secs),
+            opt(s.eta_last, |v| format!("{v:.2}")),
+            opt(s.eta_mean, |v| format!("{v:.2}")),
+            s.seed_amplification_wire,
+            opt(s.seed_amplification_payload, |v| format!("{v:.2}")),
+            s.verified,
+            s.n,
+            s.timeouts,
+            opt(r.cpu_secs, |v| format!("{v:.1}")),
+        );
+    }
+    for r in rows {
+        let times: Vec<String> = r
+            .leechers
+            .iter()
+            .map(|l| match (l.done_secs, l.verified, l.timed_out) {
+                (Some(t), true, _) => format!("{} {t:.1}", l.host),
+                (Some(t), false, _) => format!("{} {t:.1}(BAD)", l.host),
+                (None, _, true) => format!("{} timeout", l.host),
+                (None, _, false) => format!("{} failed", l.host),
+            })
+            .collect();
+        let _ = writeln!(out, "{}: {}", r.contender, times.join(", "));
+    }
+    out
+}
+
+/// BENCHMARKS.md's summary shape: one row per contender, T_last / eta_last / seed
+/// amplification per scenario.
+pub fn cross_table(scenarios: &[&str], contenders: &[(&str, Vec<Option<&Summary>>)]) -> String {
+    let mut out = String::from("| contender |");
+    let mut rule = String::from("|---|");
+    for s in scenarios {
+        let _ = write!(out, " {s} T_last | {s} eta_last | {s} seed ampl. |");
+        rule.push_str("---|---|---|");
+    }
+    out.push('\n');
+    out.push_str(&rule);
+    out.push('\n');
+    for (name, cells) in contenders {
+        let _ = write!(out, "| {name} |");
+        for cell in cells {
+            match cell {
+                Some(s) => {
+                    let _ = write!(
+                        out,
+                        " {} | {} | {:.2} |",
+                        t_cell(s, s.t_last_secs),
+                        opt(s.eta_last, |v| format!("{v:.2}")),
+                        s.seed_amplification_wire
+                    );
+                }
+                None => out.push_str(" | | |"),
+            }
+        }
+        out.push('\n');
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ok(host: &str, t: f64) -> LeecherOutcome {
+        LeecherOutcome {
+            host: host.into(),
+            done_secs: Some(t),
+            verified: true,
+            timed_out: false,
+            exit_code: Some(0),
+            error: None,
+        }
+    }
+
+    #[test]
+    fn figures_when_everyone_finishes() {
+        let ls = [ok("l001", 20.0), ok("l002", 30.0)];
+        let s = summarize(&ls, 26.8, 256 * MIB, 300 * MIB, Some(260 * MIB));
+        assert_eq!(s.t_last_secs, Some(30.0));
+        assert_eq!(s.t_mean_secs, Some(25.0));
+        assert!((s.eta_last.unwrap() - 26.8 / 30.0).abs() < 1e-9);
+        assert!((s.eta_mean.unwrap() - 26.8 / 25.0).abs() < 1e-9);
+        assert!((s.seed_amplification_wire - 300.0 / 256.0).abs() < 1e-9);
+        assert!((s.seed_amplification_payload.unwrap() - 260.0 / 256.0).abs() < 1e-9);
+        assert_eq!((s.verified, s.timeouts, s.n), (2, 0, 2));
+    }
+
+    #[test]
+    fn a_timeout_or_a_bad_copy_leaves_no_t_last() {
+        let mut late = ok("l002", 0.0);
+        late.done_secs = None;
+        late.timed_out = true;
+        let s = summarize(&[ok("l001", 20.0), late], 26.8, MIB, MIB, None);
+        assert_eq!((s.t_last_secs, s.eta_last, s.timeouts), (None, None, 1));
+        let mut bad = ok("l002", 21.0);
+        bad.verified = false;
+        let s = summarize(&[ok("l001", 20.0), bad.clone()], 26.8, MIB, MIB, None);
+        assert_eq!((s.t_last_secs, s.verified, s.timeouts), (None, 1, 0));
+        let table = scenario_table(&[Row {
+            contender: "x",
+            summary: &s,
+            leechers: &[ok("l001", 20.0), bad],
+            cpu_secs: None,
+        }]);
+        assert!(table.contains("| x | failed (1/2 ok) |"), "{table}");
+        assert!(table.contains("x: l001 20.0, l002 21.0(BAD)"), "{table}");
+    }
+
+    #[test]
+    fn table_shape() {
+        let ls = [ok("l001", 27.5), ok("l002", 28.0)];
+        let s = summarize(&ls, 26.8, 256 * MIB, 276 * MIB, Some(257 * MIB));
+        let table = scenario_table(&[Row {
+            contender: "fbpkg-rs",
+            summary: &s,
+            leechers: &ls,
+            cpu_secs: Some(12.25),
+        }]);
+        let lines: Vec<&str> = table.lines().collect();
+        assert_eq!(
+            lines[2],
+            "| fbpkg-rs | 28.0 s | 27.8 s | 0.96 | 0.97 | 1.08 | 1.00 | 2/2 | 0 | 12.2 |"
+        );
+        assert_eq!(lines[3], "fbpkg-rs: l001 27.5, l002 28.0");
+        let cross = cross_table(&["B1", "B2"], &[("fbpkg-rs", vec![Some(&s), None])]);
+        assert!(cross.starts_with("| contender | B1 T_last | B1 eta_last | B1 seed ampl. |"));
+        assert!(
+            cross.contains("| fbpkg-rs | 28.0 s | 0.96 | 1.08 | | | |"),
+            "{cross}"
+        );
+    }
+
+    #[test]
+    fn units() {
+        assert_eq!(size(256 * MIB), "256 MiB");
+        assert_eq!(size(1 << 30), "1 GiB");
+        assert_eq!(size(MIB + MIB / 2), "1.5 MiB");
+        assert_eq!(size(4096), "4096 B");
+        assert_eq!(mbit(80_000_000), "80");
+        assert_eq!(mbit(1_500_000), "1.5");
+        let h = scenario_header(&Scenario::preset("b1").unwrap(), 26.84, 268.4);
+        assert_eq!(
+            h,
+            "b1: N=8 F=256 MiB seed up 80 Mbit/s, leecher up 80 Mbit/s, leecher down 160 Mbit/s; T_KR 26.8 s; deadline 268 s"
+        );
+    }
+}

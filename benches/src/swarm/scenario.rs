@@ -1,0 +1,247 @@
+//! Scenarios of the flash-crowd benchmark and their physical limit (Kumar-Ross).
+
+use std::time::Duration;
+
+use serde::Serialize;
+
+/// Bytes in a MiB.
+pub const MIB: u64 = 1 << 20;
+
+/// Link caps of a scenario, in bit/s (SI: 1 Mbit/s = 10^6 bit/s, as `tc` counts them).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct Caps {
+    /// The seed host's upload.
+    pub seed_up_bps: u64,
+    /// Every leecher host's upload.
+    pub leecher_up_bps: u64,
+    /// Every leecher host's download (the seed's download is capped the same way).
+    pub leecher_down_bps: u64,
+}
+
+/// One flash crowd: N leechers ask one seed for an F-byte package at the same instant.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Scenario {
+    /// `b1`, `b2`, `smoke`, ...
+    pub name: String,
+    /// Leecher hosts (N).
+    pub leechers: usize,
+    /// Package bytes (F).
+    pub package_bytes: u64,
+    /// Link caps.
+    pub caps: Caps,
+}
+
+/// The three terms of the Kumar-Ross bound, in seconds; the bound is the largest.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct KumarRoss {
+    /// F / u_s: the seed must upload every byte once.
+    pub seed_secs: f64,
+    /// F / d: every leecher must download every byte.
+    pub download_secs: f64,
+    /// N F / (u_s + N u): N copies through all the upload there is.
+    pub aggregate_secs: f64,
+    /// T_KR = the largest of the three.
+    pub t_kr_secs: f64,
+}
+
+const fn mbit(n: u64) -> u64 {
+    n * 1_000_000
+}
+
+impl Scenario {
+    /// A scenario of BENCHMARKS.md by name: `b1` (seed-bound), `b2` (upload-bound) or `smoke`
+    /// (B1's caps, 4 leechers, 32 MiB: a run of all contenders in about a minute).
+    pub fn preset(name: &str) -> Option<Self> {
+        let b1 = Caps {
+            seed_up_bps: mbit(80),
+            leecher_up_bps: mbit(80),
+            leecher_down_bps: mbit(160),
+        };
+        let (leechers, package_bytes, caps) = match name {
+            "b1" => (8, 256 * MIB, b1),
+            "b2" => (
+                8,
+                256 * MIB,
+                Caps {
+                    leecher_up_bps: mbit(40),
+                    ..b1
+                },
+            ),
+            "smoke" => (4, 32 * MIB, b1),
+            _ => return None,
+        };
+        Some(Self {
+            name: name.to_owned(),
+            leechers,
+            package_bytes,
+            caps,
+        })
+    }
+
+    /// `T_KR = max(F/u_s, F/d, N F/(u_s + N u))`, F in bits.
+    pub fn kumar_ross(&self) -> KumarRoss {
+        let bits = self.package_bytes as f64 * 8.0;
+        let n = self.leechers as f64;
+        let c = &self.caps;
+        let seed_secs = bits / c.seed_up_bps as f64;
+        let download_secs = bits / c.leecher_down_bps as f64;
+        let aggregate_secs = n * bits / (c.seed_up_bps as f64 + n * c.leecher_up_bps as f64);
+        KumarRoss {
+            seed_secs,
+            download_secs,
+            aggregate_secs,
+            t_kr_secs: seed_secs.max(download_secs).max(aggregate_secs),
+        }
+    }
+
+    /// How long a contender may take before its unfinished leechers count as timed out:
+    /// `factor` times T_KR, but never less than `floor`.
+    pub fn deadline(&self, factor: f64, floor: Duration) -> Duration {
+        Duration::from_secs_f64(self.kumar_ross().t_kr_secs * factor).max(floor)
+    }
+
+    /// Check the numbers make a runnable scenario on a /24.
+    pub fn validate(&self) -> Result<(), String> {
+        if !(1..=MAX_LEECHERS).contains(&self.leechers) {
+            return Err(format!(
+                "{}: N must be 1 to {MAX_LEECHERS} (one /24 holds the hosts)",
+                self.name
+            ));
+        }
+        if self.package_bytes == 0 {
+            return Err(format!("{}: the package cannot be empty", self.name));
+        }
+        let c = &self.caps;
+        if [c.seed_up_bps, c.leecher_up_bps, c.leecher_down_bps]
+            .iter()
+            .any(|&r| r < 100_000)
+        {
+            return Err(format!(
+                "{}: every cap must be at least 0.1 Mbit/s",
+                self.name
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Most leecher hosts: 198.18.0.2 up to .250 (.1 is the seed, .254 the tracker).
+pub const MAX_LEECHERS: usize = 249;
+
+/// Parse a rate like `80` (Mbit/s), `80M`, `1.5G`, `500k` into bit/s.
+pub fn parse_rate(s: &str) -> Result<u64, String> {
+    let t = s.trim().trim_end_matches("bit").trim_end_matches("bps");
+    let (num, mult) = match t.char_indices().last() {
+        Some((i, 'k' | 'K')) => (&t[..i], 1e3),
+        Some((i, 'm' | 'M')) => (&t[..i], 1e6),
+        Some((i, 'g' | 'G')) => (&t[..i], 1e9),
+        _ => (t, 1e6),
+    };
+    let v: f64 = num
+        .trim()
+        .parse()
+        .map_err(|_| format!("{s:?} is not a rate like 80 (Mbit/s), 80M or 1.5G"))?;
+    if !(v.is_finite() && v > 0.0) {
+        return Err(format!("{s:?} must be positive"));
+    }
+    Ok((v * mult).round() as u64)
+}
+
+/// Parse a size like `256M`, `1G`, `32MiB`, `1048576` (powers of 1024) into bytes.
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let t = t
+        .strip_suffix("iB")
+        .or_else(|| t.strip_suffix('B'))
+        .unwrap_or(t);
+    let (num, mult) = match t.char_indices().last() {
+        Some((i, 'k' | 'K')) => (&t[..i], 1u64 << 10),
+        Some((i, 'm' | 'M')) => (&t[..i], 1 << 20),
+        Some((i, 'g' | 'G')) => (&t[..i], 1 << 30),
+        _ => (t, 1),
+    };
+    let v: f64 = num
+        .trim()
+        .parse()
+        .map_err(|_| format!("{s:?} is not a size like 256M or 1G"))?;
+    if !(v.is_finite() && v >= 1.0) {
+        return Err(format!("{s:?} must be at least one byte"));
+    }
+    Ok((v * mult as f64) as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn close(a: f64, b: f64) -> bool {
+        (a - b).abs() < 0.05
+    }
+
+    #[test]
+    fn benchmarks_md_bounds() {
+        // BENCHMARKS.md: B1 26.8 s (seed-bound), B2 42.9 s (upload-bound).
+        let b1 = Scenario::preset("b1").unwrap().kumar_ross();
+        assert!(close(b1.t_kr_secs, 26.8), "{b1:?}");
+        assert_eq!(b1.t_kr_secs, b1.seed_secs);
+        let b2 = Scenario::preset("b2").unwrap().kumar_ross();
+        assert!(close(b2.t_kr_secs, 42.9), "{b2:?}");
+        assert_eq!(b2.t_kr_secs, b2.aggregate_secs);
+        let smoke = Scenario::preset("smoke").unwrap().kumar_ross();
+        assert!(close(smoke.t_kr_secs, 3.36), "{smoke:?}");
+        assert!(Scenario::preset("b3").is_none());
+    }
+
+    #[test]
+    fn download_bound_when_the_leecher_link_is_thin() {
+        let s = Scenario {
+            name: "thin".into(),
+            leechers: 2,
+            package_bytes: 10 * MIB,
+            caps: Caps {
+                seed_up_bps: mbit(1000),
+                leecher_up_bps: mbit(1000),
+                leecher_down_bps: mbit(10),
+            },
+        };
+        let kr = s.kumar_ross();
+        assert_eq!(kr.t_kr_secs, kr.download_secs);
+        assert!(close(kr.t_kr_secs, 10.0 * 1_048_576.0 * 8.0 / 1e7));
+    }
+
+    #[test]
+    fn deadline_has_a_floor() {
+        let s = Scenario::preset("smoke").unwrap();
+        assert_eq!(
+            s.deadline(10.0, Duration::from_secs(60)),
+            Duration::from_secs(60)
+        );
+        let b1 = Scenario::preset("b1").unwrap();
+        let d = b1.deadline(10.0, Duration::from_secs(60)).as_secs_f64();
+        assert!(close(d, 268.4), "{d}");
+    }
+
+    #[test]
+    fn rates_and_sizes() {
+        assert_eq!(parse_rate("80"), Ok(80_000_000));
+        assert_eq!(parse_rate("80M"), Ok(80_000_000));
+        assert_eq!(parse_rate("1.5G"), Ok(1_500_000_000));
+        assert_eq!(parse_rate("500kbit"), Ok(500_000));
+        assert!(parse_rate("fast").is_err());
+        assert!(parse_rate("0").is_err());
+        assert_eq!(parse_size("256M"), Ok(256 * MIB));
+        assert_eq!(parse_size("1GiB"), Ok(1 << 30));
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert!(parse_size("-1M").is_err());
+    }
+
+    #[test]
+    fn validation() {
+        let mut s = Scenario::preset("b1").unwrap();
+        assert!(s.validate().is_ok());
+        s.leechers = 0;
+        assert!(s.validate().is_err());
+        s.leechers = 300;
+        assert!(s.validate().is_err());
+    }
+}
