@@ -19,6 +19,11 @@
 //! Programs (`cargo run --release -p fbpkg-benches --bin NAME -- --help`):
 //! - `tracker_bench`: announces per second and latency, fbpkg-rs tracker against Debian's
 //!   opentracker.
+//! - `swarm_bench` (root): the flash crowd in network namespaces — fbpkg-rs, librqbit and an
+//!   HTTP fan-out against the Kumar-Ross bound; `--cpu --rss` for CPU per GiB and peak RSS.
+//!
+//! Criterion micro-benches (`cargo bench -p fbpkg-benches --bench NAME`): `verify`, piece
+//! verification throughput per core.
 
 pub mod http1;
 pub mod latency;
