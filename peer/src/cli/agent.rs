@@ -43,6 +43,12 @@ pub(crate) struct AgentArgs {
     #[arg(long, env = "FBPKG_MAX_UPLOAD_RATE", value_parser = super::parse_bytes)]
     max_upload_rate: Option<u64>,
 
+    /// Stop uploading a package this host published (or seeds from its cache since start)
+    /// once it has sent this many copies and every piece is available from another peer,
+    /// e.g. 1.1. Protects the origin; costs time when leechers' uplinks are the bottleneck.
+    #[arg(long, env = "FBPKG_ORIGIN_BUDGET")]
+    origin_budget: Option<f64>,
+
     /// Give a block request to another peer after this long without an answer.
     #[arg(long, env = "FBPKG_REQUEST_TIMEOUT", default_value = "20s", value_parser = humantime::parse_duration)]
     request_timeout: Duration,
@@ -72,6 +78,12 @@ pub(super) fn run(args: AgentArgs) -> anyhow::Result<ExitCode> {
     config.superseed = !args.no_superseed;
     config.request_timeout = args.request_timeout;
     config.max_upload_rate = args.max_upload_rate;
+    if let Some(b) = args.origin_budget {
+        if !(b.is_finite() && b >= 1.0) {
+            anyhow::bail!("--origin-budget must be at least 1 (one copy of the package)");
+        }
+        config.origin_budget = Some(b);
+    }
     super::runtime()?.block_on(async move {
         let shutdown = super::shutdown_on_signals();
         Agent::run(state_dir, cache, tracker, config, shutdown).await?;

@@ -72,6 +72,10 @@ pub struct EngineConfig {
     pub superseed: bool,
     /// Cap on upload bytes per second across all packages (default none).
     pub max_upload_rate: Option<u64>,
+    /// An origin stops serving a package once it has sent this many copies of it and every
+    /// piece can be had from another connected peer (default none: it keeps helping, which
+    /// is fastest when leechers' uplinks are the bottleneck).
+    pub origin_budget: Option<f64>,
     /// Where partial downloads live.
     pub work_dir: PathBuf,
     /// Bounds on directory packages' extraction.
@@ -97,6 +101,7 @@ impl EngineConfig {
             max_queue_depth: 256,
             superseed: true,
             max_upload_rate: None,
+            origin_budget: None,
             work_dir,
             extract_limits: ExtractLimits::default(),
         }

@@ -484,6 +484,7 @@ impl Conn {
                 c.send(&Message::Reject(b));
             }
         };
+        self.apply_origin_budget();
         if self.am_choking || self.uploads.len() >= MAX_QUEUED_UPLOADS {
             reject(self);
             return Ok(());
@@ -592,6 +593,44 @@ impl Conn {
         Ok(())
     }
 
+    /// An origin over its budget chokes leechers that can get everything elsewhere, and
+    /// unchokes them again when some piece has no other copy among connected peers.
+    fn apply_origin_budget(&mut self) {
+        let Some(budget) = self.t.ctx.config.origin_budget else {
+            return;
+        };
+        if !self.t.origin || !self.t.is_seeding() {
+            return;
+        }
+        let mut st = self.t.state();
+        if st.planner.is_some() {
+            return; // the first copy of every piece still has to go out
+        }
+        let over = self.t.uploaded() as f64 >= budget * self.t.meta.length as f64;
+        let orphan = (0..self.t.meta.num_pieces()).any(|i| st.picker.availability(i) == 0);
+        let hold = over && !orphan;
+        if hold && !self.am_choking {
+            if let Some(slot) = st.peers.get_mut(&self.id) {
+                slot.unchoked = false;
+            }
+            drop(st);
+            self.am_choking = true;
+            self.send(&Message::Choke);
+            for b in std::mem::take(&mut self.uploads) {
+                if self.fast {
+                    self.send(&Message::Reject(b));
+                }
+            }
+        } else if !hold && self.am_choking && self.peer_interested {
+            if let Some(slot) = st.peers.get_mut(&self.id) {
+                slot.unchoked = true;
+            }
+            drop(st);
+            self.am_choking = false;
+            self.send(&Message::Unchoke);
+        }
+    }
+
     fn housekeeping(&mut self) -> Result<(), End> {
         let now = Instant::now();
         if self.t.is_seeding() && !self.peer_interested {
@@ -606,6 +645,7 @@ impl Conn {
                 return Err(End::Told("both ends are seeds"));
             }
         }
+        self.apply_origin_budget();
         self.down_rate = 0.6 * self.down_rate + 0.4 * self.down_tick as f64;
         self.up_rate = 0.6 * self.up_rate + 0.4 * self.up_tick as f64;
         self.down_tick = 0;

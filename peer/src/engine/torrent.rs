@@ -106,6 +106,9 @@ pub(crate) struct State {
 
 /// One package in the engine.
 pub struct Torrent {
+    /// Seeding since it was added (published here, or in the cache at start): an origin for
+    /// this swarm, as opposed to a host that downloaded it.
+    pub origin: bool,
     /// Package name.
     pub name: PackageName,
     /// Its metainfo.
@@ -204,10 +207,12 @@ impl Torrent {
         } = init;
         let picker = Picker::new(meta.length, meta.piece_length, have);
         let seeding = matches!(phase, Phase::Seeding(_));
+        let origin = seeding;
         let planner = (seeding && ctx.config.superseed)
             .then(|| SeedPlanner::new(meta.length, meta.piece_length));
         let (phase, _) = watch::channel(phase);
         Arc::new(Self {
+            origin,
             name,
             meta,
             ctx,
