@@ -15,10 +15,14 @@ use sha1::{Digest, Sha1};
 const PIECE: usize = 512 << 10; // the piece length chosen for a 1 GiB package
 
 fn verify(c: &mut Criterion) {
-    let data: Vec<u8> = (0..PIECE).map(|i| ((i * 2_654_435_761usize) >> 13) as u8).collect();
+    let data: Vec<u8> = (0..PIECE)
+        .map(|i| ((i * 2_654_435_761usize) >> 13) as u8)
+        .collect();
     let mut g = c.benchmark_group("piece_verification");
     g.throughput(Throughput::Bytes(PIECE as u64));
-    g.bench_function("sha1_in_memory_512KiB", |b| b.iter(|| Sha1::digest(black_box(&data))));
+    g.bench_function("sha1_in_memory_512KiB", |b| {
+        b.iter(|| Sha1::digest(black_box(&data)))
+    });
 
     let dir = tempfile::tempdir().expect("temp dir");
     let path = dir.path().join("pkg.part");

@@ -118,6 +118,10 @@ impl Agent {
             tracker = engine.tracker().base(),
             peers = %engine.listen_addr(),
             seeding = seeded,
+            zone = ?engine.config().zone,
+            superseed = engine.config().superseed,
+            max_upload_rate = ?engine.config().max_upload_rate,
+            origin_budget = ?engine.config().origin_budget,
             "agent ready"
         );
         let tasks = TaskTracker::new();

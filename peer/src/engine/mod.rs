@@ -185,6 +185,11 @@ impl Engine {
         self.ctx.listen_addr
     }
 
+    /// The settings it runs with.
+    pub fn config(&self) -> &EngineConfig {
+        &self.ctx.config
+    }
+
     /// The launcher cache.
     pub fn cache(&self) -> &Cache {
         &self.ctx.cache

@@ -160,6 +160,7 @@ pub fn run(s: &CpuSettings<'_>) -> anyhow::Result<CpuReport> {
             t_kr_secs: 0.0,
             sample_every: Duration::from_secs(1),
             rqbit_linger: false,
+            agent_args: &[],
         };
         let result = contenders::run(which, &ctx);
         crate::procs::check_cancelled()?;

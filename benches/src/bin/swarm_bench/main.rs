@@ -144,6 +144,10 @@ pub struct Args {
     #[arg(long, env = "FBPKG_BENCH_FBPKG_BIN")]
     fbpkg_bin: Option<PathBuf>,
 
+    /// An extra flag for every fbpkg-rs agent, repeatable (e.g. `--fbpkg-agent-arg=--origin-budget=1.1`).
+    #[arg(long, allow_hyphen_values = true)]
+    fbpkg_agent_arg: Vec<String>,
+
     /// Copy the logs (agents, tracker, nodes, tc stats) here before the tmpfs is removed.
     #[arg(long)]
     keep_logs: Option<PathBuf>,

@@ -232,6 +232,7 @@ fn run_scenario(c: &Common<'_>, s: &Scenario) -> anyhow::Result<ScenarioReport> 
             t_kr_secs: kr.t_kr_secs,
             sample_every: Duration::from_millis(c.args.sample_ms),
             rqbit_linger: c.args.rqbit_linger,
+            agent_args: &c.args.fbpkg_agent_arg,
         };
         let entry = match contenders::run(which, &ctx) {
             Ok(run) => {

@@ -47,6 +47,7 @@ fn start_agent(ctx: &Ctx<'_>, host: &Endpoint) -> anyhow::Result<Agent> {
     let cache = ctx.host_dir(host, "cache")?;
     let mut rest = vec!["--listen".into(), host.addr(AGENT_PORT).into()];
     rest.extend(host_flags(ctx, &state, &cache));
+    rest.extend(ctx.agent_args.iter().map(OsString::from));
     let label = format!("{}-agent", host.label);
     let mut spec = Spec::new(&label, Some(&host.ns), fbpkg(ctx, "agent", rest));
     spec.stderr = Some(ctx.log(&label));

@@ -100,6 +100,8 @@ pub struct Ctx<'a> {
     pub sample_every: Duration,
     /// librqbit leechers keep serving after completion until every leecher is done.
     pub rqbit_linger: bool,
+    /// Extra flags for every `fbpkg-rs agent` (e.g. `--origin-budget=1.1`).
+    pub agent_args: &'a [String],
 }
 
 impl Ctx<'_> {
