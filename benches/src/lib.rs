@@ -3,7 +3,8 @@
 //!
 //! The library holds what the benchmark programs share and what can be tested without a
 //! socket: a minimal HTTP/1.1 codec ([`http1`]), the announce workload and the rule for what a
-//! response counts as ([`workload`]), and latency percentiles ([`latency`]).
+//! response counts as ([`workload`]), latency percentiles ([`latency`]), and the release
+//! `fbpkg-rs` binary both programs run ([`fbpkg_binary`]).
 //!
 //! ```
 //! use fbpkg_benches::workload::{Outcome, Workload, classify, write_announce};
@@ -25,6 +26,7 @@
 //! Criterion micro-benches (`cargo bench -p fbpkg-benches --bench NAME`): `verify`, piece
 //! verification throughput per core.
 
+pub mod fbpkg_binary;
 pub mod http1;
 pub mod latency;
 pub mod swarm;

@@ -5,20 +5,19 @@
 //! port is found by binding 127.0.0.1:0 and releasing it; if something takes it in between,
 //! the agent exits saying it cannot listen, and the next attempt picks another port.
 
-use std::collections::VecDeque;
 use std::ffi::OsString;
-use std::io::{self, BufRead, BufReader};
+use std::io;
 use std::net::{Ipv4Addr, SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
-use std::process::{Child, ExitStatus, Stdio};
-use std::sync::{Arc, Mutex};
+use std::process::{ExitStatus, Stdio};
+use std::sync::mpsc::RecvTimeoutError;
 use std::time::Duration;
 
 use fbpkg_peer::cache::Cache;
 use fbpkg_peer::engine::TorrentStatus;
-use tokio::sync::mpsc;
 
 use crate::cli::{fbpkg_rs, fbpkg_rs_command};
+use crate::logged_child::LoggedChild;
 
 /// Longest an agent may take from spawn to `agent ready`.
 const START_TIMEOUT: Duration = Duration::from_secs(20);
@@ -26,6 +25,8 @@ const START_TIMEOUT: Duration = Duration::from_secs(20);
 const PORT_ATTEMPTS: usize = 5;
 /// Log lines kept (an agent at `info` logs a few lines per package).
 const LOG_LINES_KEPT: usize = 20_000;
+/// Lines quoted in failure messages.
+const LOG_TAIL_LINES: usize = 60;
 /// Longest one `fbpkg-rs status` may take.
 const STATUS_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -36,21 +37,14 @@ pub fn free_loopback_port() -> io::Result<u16> {
         .port())
 }
 
-/// What the stderr reader reports.
-enum Seen {
-    Ready,
-    Exited,
-}
-
 /// A running `fbpkg-rs agent`.
 #[derive(Debug)]
 pub struct AgentProcess {
-    child: Child,
+    child: LoggedChild,
     state_dir: PathBuf,
     cache_dir: PathBuf,
     tracker: String,
     listen: SocketAddr,
-    log: Arc<Mutex<VecDeque<String>>>,
 }
 
 impl AgentProcess {
@@ -101,55 +95,29 @@ impl AgentProcess {
             .arg(tracker)
             .args(extra)
             .stdout(Stdio::null());
-        let mut child = cmd.spawn()?;
-        let Some(stderr) = child.stderr.take() else {
-            let _ = child.kill();
-            let _ = child.wait();
-            return Err(io::Error::other("no stderr pipe"));
-        };
-        let log = Arc::new(Mutex::new(VecDeque::new()));
-        let (tx, mut rx) = mpsc::unbounded_channel();
-        let log2 = log.clone();
-        // Drains stderr for the child's whole life (a full pipe would block the agent).
-        let spawned = std::thread::Builder::new()
-            .name(format!("agent-{port}-stderr"))
-            .spawn(move || {
-                let mut ready_sent = false;
-                for line in BufReader::new(stderr).lines() {
-                    let Ok(line) = line else { break };
-                    if !ready_sent && line.contains("agent ready") {
-                        ready_sent = true;
-                        let _ = tx.send(Seen::Ready);
-                    }
-                    if let Ok(mut l) = log2.lock() {
-                        if l.len() == LOG_LINES_KEPT {
-                            l.pop_front();
-                        }
-                        l.push_back(line);
-                    }
-                }
-                let _ = tx.send(Seen::Exited);
-            });
-        if let Err(e) = spawned {
-            let _ = child.kill();
-            let _ = child.wait();
-            return Err(e);
-        }
+        let (child, ready) = LoggedChild::spawn(
+            &mut cmd,
+            format!("agent-{port}-stderr"),
+            LOG_LINES_KEPT,
+            |line| line.contains("agent ready").then_some(()),
+        )?;
         let mut agent = Self {
             child,
             state_dir: state_dir.to_owned(),
             cache_dir: cache_dir.to_owned(),
             tracker: tracker.to_owned(),
             listen,
-            log,
         };
-        match tokio::time::timeout(START_TIMEOUT, rx.recv()).await {
-            Ok(Some(Seen::Ready)) => Ok(Ok(agent)),
-            Ok(Some(Seen::Exited) | None) => {
+        let waited = tokio::task::spawn_blocking(move || ready.recv_timeout(START_TIMEOUT))
+            .await
+            .map_err(io::Error::other)?;
+        match waited {
+            Ok(()) => Ok(Ok(agent)),
+            Err(RecvTimeoutError::Disconnected) => {
                 let _ = agent.kill();
                 Ok(Err(agent.log_tail()))
             }
-            Err(_) => {
+            Err(RecvTimeoutError::Timeout) => {
                 let _ = agent.kill();
                 Err(io::Error::other(format!(
                     "agent not ready after {START_TIMEOUT:?}; its log:\n{}",
@@ -205,34 +173,17 @@ impl AgentProcess {
 
     /// SIGKILL it, whatever it is doing, and reap it.
     pub fn kill(&mut self) -> io::Result<ExitStatus> {
-        if let Some(status) = self.child.try_wait()? {
-            return Ok(status);
-        }
-        self.child.kill()?;
-        self.child.wait()
+        self.child.kill()
     }
 
     /// Every line it logged so far (the last 20,000).
     pub fn log_lines(&self) -> Vec<String> {
-        self.log
-            .lock()
-            .map(|l| l.iter().cloned().collect())
-            .unwrap_or_default()
+        self.child.log_lines()
     }
 
     /// The last lines it logged, for failure messages.
     pub fn log_tail(&self) -> String {
-        let lines = self.log_lines();
-        lines[lines.len().saturating_sub(60)..]
-            .iter()
-            .map(|s| format!("  {s}\n"))
-            .collect()
-    }
-}
-
-impl Drop for AgentProcess {
-    fn drop(&mut self) {
-        let _ = self.kill();
+        self.child.log_tail(LOG_TAIL_LINES)
     }
 }
 

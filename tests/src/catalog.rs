@@ -72,13 +72,22 @@ pub fn random_package(
     (bytes, metainfo)
 }
 
-/// The peers the tracker lists for `info_hash` (`GET /api/v1/swarms`): (address, bytes left).
-/// `Err` says what it saw instead, for [`crate::wait_for`].
-pub async fn swarm_peers(
+/// What the tracker lists for one swarm (`GET /api/v1/swarms`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SwarmListing {
+    /// Its peers: (address, bytes left).
+    pub peers: Vec<(String, u64)>,
+    /// How many peers reported finishing the download.
+    pub completed: u64,
+}
+
+/// The tracker's listing of the swarm `info_hash`. `Err` says what it saw instead, for
+/// [`crate::wait_for`].
+pub async fn swarm(
     client: &reqwest::Client,
     base_url: &str,
     info_hash: &str,
-) -> Result<Vec<(String, u64)>, String> {
+) -> Result<SwarmListing, String> {
     let swarms: serde_json::Value = client
         .get(format!("{base_url}/api/v1/swarms"))
         .send()
@@ -91,7 +100,7 @@ pub async fn swarm_peers(
         .as_array()
         .and_then(|a| a.iter().find(|s| s["info_hash"] == info_hash))
         .ok_or_else(|| format!("no swarm {info_hash} in {swarms}"))?;
-    Ok(swarm["peers"]
+    let peers = swarm["peers"]
         .as_array()
         .ok_or("no peers array")?
         .iter()
@@ -101,5 +110,19 @@ pub async fn swarm_peers(
                 p["left"].as_u64().unwrap_or(u64::MAX),
             )
         })
-        .collect())
+        .collect();
+    Ok(SwarmListing {
+        peers,
+        completed: swarm["completed"].as_u64().unwrap_or(0),
+    })
+}
+
+/// The peers the tracker lists for `info_hash`: (address, bytes left). `Err` says what it saw
+/// instead, for [`crate::wait_for`].
+pub async fn swarm_peers(
+    client: &reqwest::Client,
+    base_url: &str,
+    info_hash: &str,
+) -> Result<Vec<(String, u64)>, String> {
+    swarm(client, base_url, info_hash).await.map(|s| s.peers)
 }

@@ -1,6 +1,7 @@
 //! Shared pieces of the fbpkg-rs scenario tests in `tests/tests/`: the real `fbpkg-rs` binary
-//! run as a tracker process, as agent processes and as client commands, and the few tracker
-//! calls every scenario makes.
+//! run as a tracker process, as agent processes and as client commands; an embedded tracker
+//! and engines for in-process swarms; librqbit sessions for interop; and the few tracker calls
+//! every scenario makes.
 //!
 //! Nothing here sleeps to synchronise: the tracker's port is read from its `tracker listening`
 //! log line, and every other wait polls against a deadline ([`wait_for`]).
@@ -20,12 +21,19 @@ mod agent_process;
 mod binary;
 mod catalog;
 mod cli;
+mod inprocess;
+mod librqbit_session;
+mod logged_child;
 mod tracker_process;
 
 pub use agent_process::{AgentProcess, free_loopback_port, log_field};
 pub use binary::fbpkg_rs_binary;
-pub use catalog::{http_client, move_tag, publish, random_package, swarm_peers};
+pub use catalog::{
+    SwarmListing, http_client, move_tag, publish, random_package, swarm, swarm_peers,
+};
 pub use cli::{CliOutput, clean_env, fbpkg_rs, fbpkg_rs_command};
+pub use inprocess::{embedded_tracker, engine, seed_from_cache, stop_tracker};
+pub use librqbit_session::{add_torrent, loopback_session};
 pub use tracker_process::TrackerProcess;
 
 use std::time::Duration;

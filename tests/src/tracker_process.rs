@@ -1,15 +1,14 @@
 //! `fbpkg-rs tracker` as a child process: started on a free loopback port, killed on drop.
 
-use std::collections::VecDeque;
-use std::io::{self, BufRead, BufReader};
+use std::io;
 use std::net::SocketAddr;
 use std::path::Path;
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::mpsc;
-use std::sync::{Arc, Mutex};
+use std::process::{ExitStatus, Stdio};
+use std::sync::mpsc::RecvTimeoutError;
 use std::time::Duration;
 
-use crate::binary::fbpkg_rs_binary;
+use crate::cli::fbpkg_rs_command;
+use crate::logged_child::LoggedChild;
 
 /// Longest a tracker may take from spawn to its `tracker listening` line.
 const START_TIMEOUT: Duration = Duration::from_secs(20);
@@ -19,9 +18,8 @@ const LOG_LINES_KEPT: usize = 200;
 /// A running `fbpkg-rs tracker --listen 127.0.0.1:0 --data-dir DIR`. SIGKILLed on drop.
 #[derive(Debug)]
 pub struct TrackerProcess {
-    child: Child,
+    child: LoggedChild,
     addr: SocketAddr,
-    log: Arc<Mutex<VecDeque<String>>>,
 }
 
 impl TrackerProcess {
@@ -29,79 +27,30 @@ impl TrackerProcess {
     /// return once it has bound its listener (connections are queued from then on, so it needs
     /// no further readiness wait).
     pub fn start(data_dir: &Path) -> io::Result<Self> {
-        let mut cmd = Command::new(fbpkg_rs_binary());
-        // The operator's environment must not reconfigure the tracker under test, and the
-        // `tracker listening` line is info level whatever RUST_LOG says.
-        for (key, _) in std::env::vars_os() {
-            if key.to_string_lossy().starts_with("FBPKG_") {
-                cmd.env_remove(&key);
-            }
-        }
-        cmd.env_remove("RUST_LOG")
-            .env("NO_COLOR", "1")
-            .args(["--log", "info", "tracker", "--listen", "127.0.0.1:0"])
+        // A clean environment: the operator's `FBPKG_*` must not reconfigure the tracker under
+        // test, and the `tracker listening` line is info level whatever RUST_LOG says.
+        let mut cmd = fbpkg_rs_command();
+        cmd.args(["--log", "info", "tracker", "--listen", "127.0.0.1:0"])
             .arg("--data-dir")
             .arg(data_dir)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
-        let mut child = cmd.spawn()?;
-        let Some(stderr) = child.stderr.take() else {
-            let _ = child.kill();
-            let _ = child.wait();
-            return Err(io::Error::other("no stderr pipe"));
-        };
-        let log = Arc::new(Mutex::new(VecDeque::new()));
-        let (tx, rx) = mpsc::channel();
-        let log2 = log.clone();
-        // Drains stderr for the child's whole life (a full pipe would block the tracker), and
-        // reports the listening address once.
-        let spawned = std::thread::Builder::new()
-            .name("tracker-stderr".into())
-            .spawn(move || {
-                let mut tx = Some(tx);
-                for line in BufReader::new(stderr).lines() {
-                    let Ok(line) = line else { break };
-                    let line = strip_ansi(&line);
-                    if let Some(addr) = listening_addr(&line)
-                        && let Some(tx) = tx.take()
-                    {
-                        let _ = tx.send(addr);
-                    }
-                    if let Ok(mut l) = log2.lock() {
-                        if l.len() == LOG_LINES_KEPT {
-                            l.pop_front();
-                        }
-                        l.push_back(line);
-                    }
-                }
-            });
-        if let Err(e) = spawned {
-            let _ = child.kill();
-            let _ = child.wait();
-            return Err(e);
-        }
-        let mut tracker = Self {
-            child,
-            addr: SocketAddr::from(([127, 0, 0, 1], 0)),
-            log,
-        };
-        match rx.recv_timeout(START_TIMEOUT) {
-            Ok(addr) => {
-                tracker.addr = addr;
-                Ok(tracker)
-            }
+            .stdout(Stdio::null());
+        let (mut child, listening) = LoggedChild::spawn(
+            &mut cmd,
+            "tracker-stderr".into(),
+            LOG_LINES_KEPT,
+            listening_addr,
+        )?;
+        match listening.recv_timeout(START_TIMEOUT) {
+            Ok(addr) => Ok(Self { child, addr }),
             Err(e) => {
                 let why = match e {
-                    mpsc::RecvTimeoutError::Timeout => {
-                        format!("not listening after {START_TIMEOUT:?}")
-                    }
-                    mpsc::RecvTimeoutError::Disconnected => "exited before listening".to_owned(),
+                    RecvTimeoutError::Timeout => format!("not listening after {START_TIMEOUT:?}"),
+                    RecvTimeoutError::Disconnected => "exited before listening".to_owned(),
                 };
-                let status = tracker.kill().ok();
+                let status = child.kill().ok();
                 Err(io::Error::other(format!(
                     "tracker {why} (status {status:?}); its log:\n{}",
-                    tracker.log_tail()
+                    child.log_tail(LOG_LINES_KEPT)
                 )))
             }
         }
@@ -124,25 +73,12 @@ impl TrackerProcess {
 
     /// SIGKILL it, whatever it is doing, and reap it.
     pub fn kill(&mut self) -> io::Result<ExitStatus> {
-        if let Some(status) = self.child.try_wait()? {
-            return Ok(status);
-        }
-        self.child.kill()?;
-        self.child.wait()
+        self.child.kill()
     }
 
     /// The last lines it logged, for failure messages.
     pub fn log_tail(&self) -> String {
-        self.log
-            .lock()
-            .map(|l| l.iter().map(|s| format!("  {s}\n")).collect())
-            .unwrap_or_default()
-    }
-}
-
-impl Drop for TrackerProcess {
-    fn drop(&mut self) {
-        let _ = self.kill();
+        self.child.log_tail(LOG_LINES_KEPT)
     }
 }
 
@@ -156,29 +92,10 @@ fn listening_addr(line: &str) -> Option<SocketAddr> {
         .and_then(|a| a.trim_matches('"').parse().ok())
 }
 
-/// Remove ANSI escape sequences (`ESC [ ... final byte`), in case colour is forced on.
-fn strip_ansi(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    let mut chars = s.chars();
-    while let Some(c) = chars.next() {
-        if c != '\u{1b}' {
-            out.push(c);
-            continue;
-        }
-        if chars.next() == Some('[') {
-            for c in chars.by_ref() {
-                if ('@'..='~').contains(&c) {
-                    break;
-                }
-            }
-        }
-    }
-    out
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::logged_child::strip_ansi;
 
     #[test]
     fn finds_the_address_in_plain_and_coloured_lines() {

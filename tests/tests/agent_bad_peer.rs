@@ -15,8 +15,7 @@
 //! - close the malicious connection after its corrupt data, and never connect again for the
 //!   rest of its download (while it keeps re-announcing and being told of that peer).
 
-use std::net::{Ipv4Addr, SocketAddr};
-use std::path::Path;
+use std::net::Ipv4Addr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -27,11 +26,11 @@ use fbpkg_common::pkgref::PackageName;
 use fbpkg_common::tracker_proto::{AnnounceRequest, AnnounceResponse, Event, TrackerReply};
 use fbpkg_common::wire::{DEFAULT_MAX_MESSAGE, Handshake, Message};
 use fbpkg_common::{InfoHash, PeerId};
-use fbpkg_peer::cache::{Cache, Handoff};
-use fbpkg_peer::engine::{Engine, EngineConfig, Phase};
-use fbpkg_peer::tracker_client::TrackerClient;
-use fbpkg_tests::{http_client, random_package, swarm_peers, wait_for};
-use fbpkg_tracker::{Config, Embedded};
+use fbpkg_peer::engine::{EngineConfig, Phase};
+use fbpkg_tests::{
+    embedded_tracker, engine, http_client, random_package, seed_from_cache, stop_tracker,
+    swarm_peers, wait_for,
+};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::time::Instant;
@@ -206,27 +205,12 @@ const DEFAULT_UPLOAD: Upload = Upload {
     superseed: true,
 };
 
-async fn engine(
-    dir: &Path,
-    tracker_url: &str,
-    upload: Upload,
-    cancel: &CancellationToken,
-) -> Arc<Engine> {
-    let config = EngineConfig {
-        listen: SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
-        max_upload_rate: upload.max_rate,
-        superseed: upload.superseed,
-        ..EngineConfig::new(dir.join("work"))
-    };
-    let tracker = TrackerClient::new(tracker_url, None, Duration::from_secs(10)).unwrap();
-    Engine::start(
-        config,
-        tracker,
-        Cache::new(dir.join("cache")),
-        cancel.child_token(),
-    )
-    .await
-    .unwrap()
+impl Upload {
+    /// Set an engine's configuration to upload this way.
+    fn apply(self, config: &mut EngineConfig) {
+        config.max_upload_rate = self.max_rate;
+        config.superseed = self.superseed;
+    }
 }
 
 /// The honest seed super-seeds (two pieces offered at a time) at 1 MiB/s: the leecher takes
@@ -256,20 +240,12 @@ async fn a_peer_serving_corrupt_blocks_beside_a_full_speed_seed() {
 async fn corrupt_peer_beside(honest: Upload) {
     let dirs = tempfile::tempdir().unwrap();
     let base = dirs.path();
-    let tracker_stop = CancellationToken::new();
-    let tracker = Embedded::start(
-        Config {
-            listen: SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
-            data_dir: base.join("tracker"),
-            // The leecher re-announces often, so it is told of the malicious peer again and
-            // again while it downloads.
-            min_announce_interval: Duration::from_secs(1),
-            ..Config::default()
-        },
-        tracker_stop.clone(),
-    )
-    .await
-    .unwrap();
+    let tracker = embedded_tracker(&base.join("tracker"), |c| {
+        // The leecher re-announces often, so it is told of the malicious peer again and again
+        // while it downloads.
+        c.min_announce_interval = Duration::from_secs(1);
+    })
+    .await;
     let url = format!("http://{}", tracker.addr);
     let cancel = CancellationToken::new();
     let name = PackageName::new("target").unwrap();
@@ -282,16 +258,9 @@ async fn corrupt_peer_beside(honest: Upload) {
     let (bytes, meta) = (Arc::new(bytes), Arc::new(meta));
 
     // The honest seed.
-    let seed = engine(&base.join("seed"), &url, honest, &cancel).await;
+    let seed = engine(&base.join("seed"), &url, &cancel, |c| honest.apply(c)).await;
     seed.tracker().publish(&name, &meta).await.unwrap();
-    let original = base.join("target.bin");
-    std::fs::write(&original, &*bytes).unwrap();
-    let entry = seed
-        .cache()
-        .install(&name, &meta, &original, Handoff::Copy, &Default::default())
-        .unwrap();
-    seed.seed(name.clone(), meta.clone(), &entry.dir.join(&meta.name))
-        .unwrap();
+    seed_from_cache(&seed, &name, &meta, &bytes, base);
 
     // The malicious peer.
     let evil_listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).await.unwrap();
@@ -327,7 +296,10 @@ async fn corrupt_peer_beside(honest: Upload) {
     .await;
 
     // The leecher.
-    let leecher = engine(&base.join("leecher"), &url, DEFAULT_UPLOAD, &cancel).await;
+    let leecher = engine(&base.join("leecher"), &url, &cancel, |c| {
+        DEFAULT_UPLOAD.apply(c)
+    })
+    .await;
     let t = leecher.download(name.clone(), meta.clone()).await.unwrap();
     let mut phase = t.phase();
     let ended = tokio::time::timeout(DOWNLOAD_TIMEOUT, async {
@@ -401,6 +373,5 @@ async fn corrupt_peer_beside(honest: Upload) {
     cancel.cancel();
     leecher.shutdown().await;
     seed.shutdown().await;
-    tracker_stop.cancel();
-    let _ = tokio::time::timeout(Duration::from_secs(10), tracker.task).await;
+    let _ = stop_tracker(tracker).await;
 }

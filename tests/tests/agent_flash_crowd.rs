@@ -10,18 +10,14 @@
 //! - while a leecher is still downloading, its cache has no entry `<cache>/<name>/<sha>`, and
 //!   an entry, the moment it appears, is whole (the cache never holds a partial package).
 
-use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
 use fbpkg_common::metainfo::Metainfo;
 use fbpkg_common::pkgref::PackageName;
-use fbpkg_peer::cache::{Cache, Handoff};
-use fbpkg_peer::engine::{Engine, EngineConfig, Phase, Torrent};
-use fbpkg_peer::tracker_client::TrackerClient;
-use fbpkg_tests::random_package;
-use fbpkg_tracker::{Config, Embedded};
+use fbpkg_peer::engine::{Engine, Phase, Torrent};
+use fbpkg_tests::{embedded_tracker, engine, random_package, seed_from_cache, stop_tracker};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -33,23 +29,6 @@ const DOWNLOAD_TIMEOUT: Duration = Duration::from_secs(60);
 const MAX_SEED_UPLOAD_RATIO: f64 = 1.25;
 /// How often the leechers' caches are looked at while they download.
 const SAMPLE_EVERY: Duration = Duration::from_millis(2);
-
-/// An engine on 127.0.0.1:0 with its own cache and work directory under `dir`.
-async fn engine(dir: &Path, tracker_url: &str, cancel: &CancellationToken) -> Arc<Engine> {
-    let config = EngineConfig {
-        listen: SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
-        ..EngineConfig::new(dir.join("work"))
-    };
-    let tracker = TrackerClient::new(tracker_url, None, Duration::from_secs(10)).unwrap();
-    Engine::start(
-        config,
-        tracker,
-        Cache::new(dir.join("cache")),
-        cancel.child_token(),
-    )
-    .await
-    .unwrap()
-}
 
 /// What the sampler saw of one leecher.
 #[derive(Debug, Default)]
@@ -93,20 +72,12 @@ fn sample(t: &Torrent, entry_dir: &Path, meta: &Metainfo, bytes: &[u8], w: &mut 
 async fn a_crowd_gets_each_piece_from_the_seed_about_once() {
     let dirs = tempfile::tempdir().unwrap();
     let base = dirs.path();
-    let tracker_stop = CancellationToken::new();
-    let tracker = Embedded::start(
-        Config {
-            listen: SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
-            data_dir: base.join("tracker"),
-            // Leechers that started before their neighbours re-announce after `min interval`
-            // to learn of them.
-            min_announce_interval: Duration::from_secs(1),
-            ..Config::default()
-        },
-        tracker_stop.clone(),
-    )
-    .await
-    .unwrap();
+    let tracker = embedded_tracker(&base.join("tracker"), |c| {
+        // Leechers that started before their neighbours re-announce after `min interval` to
+        // learn of them.
+        c.min_announce_interval = Duration::from_secs(1);
+    })
+    .await;
     let url = format!("http://{}", tracker.addr);
     let cancel = CancellationToken::new();
 
@@ -120,21 +91,13 @@ async fn a_crowd_gets_each_piece_from_the_seed_about_once() {
     let meta = Arc::new(meta);
 
     // The seed: the package in its cache, seeded from there, then listed by the tracker.
-    let seed = engine(&base.join("seed"), &url, &cancel).await;
-    let original = base.join(FILE_NAME);
-    std::fs::write(&original, &bytes).unwrap();
-    let entry = seed
-        .cache()
-        .install(&name, &meta, &original, Handoff::Copy, &Default::default())
-        .unwrap();
-    let seeding = seed
-        .seed(name.clone(), meta.clone(), &entry.dir.join(&meta.name))
-        .unwrap();
+    let seed = engine(&base.join("seed"), &url, &cancel, |_| {}).await;
+    let seeding = seed_from_cache(&seed, &name, &meta, &bytes, base);
     seed.tracker().publish(&name, &meta).await.unwrap();
 
     let mut leechers = Vec::new();
     for i in 0..LEECHERS {
-        leechers.push(engine(&base.join(format!("leecher{i}")), &url, &cancel).await);
+        leechers.push(engine(&base.join(format!("leecher{i}")), &url, &cancel, |_| {}).await);
     }
     let mut torrents = Vec::new();
     let mut entry_dirs: Vec<PathBuf> = Vec::new();
@@ -218,12 +181,7 @@ async fn a_crowd_gets_each_piece_from_the_seed_about_once() {
     for e in leechers.iter().chain([&seed]) {
         e.shutdown().await;
     }
-    tracker_stop.cancel();
-    tokio::time::timeout(Duration::from_secs(10), tracker.task)
-        .await
-        .expect("the tracker did not stop")
-        .unwrap()
-        .unwrap();
+    stop_tracker(tracker).await.unwrap();
 }
 
 /// Does the engine's cache still hold something under `.staging`?

@@ -22,11 +22,12 @@ use std::time::Duration;
 use fbpkg_common::api::VersionInfo;
 use fbpkg_common::metainfo::{Format, Metainfo};
 use fbpkg_common::pkgref::PackageName;
-use fbpkg_peer::cache::{Cache, METAINFO_FILE};
-use fbpkg_peer::engine::{Engine, EngineConfig, Phase};
-use fbpkg_peer::tracker_client::TrackerClient;
-use fbpkg_tests::{AgentProcess, CliOutput, fbpkg_rs, random_package, wait_for};
-use fbpkg_tracker::{Config, Embedded};
+use fbpkg_peer::cache::METAINFO_FILE;
+use fbpkg_peer::engine::{Engine, Phase};
+use fbpkg_tests::{
+    AgentProcess, CliOutput, embedded_tracker, engine, fbpkg_rs, random_package, stop_tracker,
+    wait_for,
+};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -57,22 +58,6 @@ fn hostile_archive(entries: &[RawEntry<'_>]) -> Vec<u8> {
         b.finish().unwrap();
     }
     zstd::encode_all(&tar_bytes[..], 3).unwrap()
-}
-
-async fn engine(dir: &Path, tracker_url: &str, cancel: &CancellationToken) -> Arc<Engine> {
-    let config = EngineConfig {
-        listen: SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
-        ..EngineConfig::new(dir.join("work"))
-    };
-    let tracker = TrackerClient::new(tracker_url, None, Duration::from_secs(10)).unwrap();
-    Engine::start(
-        config,
-        tracker,
-        Cache::new(dir.join("cache")),
-        cancel.child_token(),
-    )
-    .await
-    .unwrap()
 }
 
 /// Put an archive into a seed's cache by hand, as an entry `Cache::install` would have made
@@ -117,21 +102,11 @@ async fn hostile_archives_fail_as_unsafe_and_write_nothing() {
     let base = dirs.path().canonicalize().unwrap();
     let outside = base.join("outside");
     std::fs::create_dir_all(&outside).unwrap();
-    let tracker_stop = CancellationToken::new();
-    let tracker = Embedded::start(
-        Config {
-            listen: SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
-            data_dir: base.join("tracker"),
-            ..Config::default()
-        },
-        tracker_stop.clone(),
-    )
-    .await
-    .unwrap();
+    let tracker = embedded_tracker(&base.join("tracker"), |_| {}).await;
     let url = format!("http://{}", tracker.addr);
     let cancel = CancellationToken::new();
-    let seed = engine(&base.join("seed"), &url, &cancel).await;
-    let leecher = engine(&base.join("leecher"), &url, &cancel).await;
+    let seed = engine(&base.join("seed"), &url, &cancel, |_| {}).await;
+    let leecher = engine(&base.join("leecher"), &url, &cancel, |_| {}).await;
 
     use tar::EntryType::{Directory, Regular, Symlink};
     let absolute = outside.join("abs-pwned");
@@ -273,8 +248,7 @@ async fn hostile_archives_fail_as_unsafe_and_write_nothing() {
     cancel.cancel();
     leecher.shutdown().await;
     seed.shutdown().await;
-    tracker_stop.cancel();
-    let _ = tokio::time::timeout(Duration::from_secs(10), tracker.task).await;
+    let _ = stop_tracker(tracker).await;
 }
 
 /// A fake tracker: answers the catalog API from `routes` (path -> status, content type, body),

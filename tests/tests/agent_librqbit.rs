@@ -15,77 +15,21 @@
 //!     holding the same bytes, which the agent then seeds.
 
 use std::ffi::OsString;
-use std::net::{Ipv4Addr, SocketAddr};
 use std::path::Path;
-use std::sync::Arc;
 use std::time::Duration;
 
 use fbpkg_tests::{
-    AgentProcess, fbpkg_rs, http_client, publish, random_package, swarm_peers, wait_for,
+    AgentProcess, add_torrent, embedded_tracker, fbpkg_rs, http_client, loopback_session, publish,
+    random_package, stop_tracker, swarm_peers, wait_for,
 };
-use fbpkg_tracker::{Config, Embedded};
-use librqbit::{
-    AddTorrent, AddTorrentOptions, ListenerMode, ListenerOptions, ManagedTorrent, Session,
-    SessionOptions,
-};
+use fbpkg_tracker::Embedded;
 use rand::RngExt;
 use reqwest::StatusCode;
-use tokio_util::sync::CancellationToken;
 
 const PACKAGE_BYTES: usize = 4 << 20;
 /// A 4 MiB package over loopback takes well under two seconds from a healthy seed.
 const DOWNLOAD_TIMEOUT: Duration = Duration::from_secs(30);
 const ANNOUNCE_TIMEOUT: Duration = Duration::from_secs(30);
-
-/// A librqbit session listening on 127.0.0.1 and announcing that port (see
-/// `librqbit_interop.rs`: librqbit takes no pre-bound socket, so a released port is retried).
-async fn loopback_session(dir: &Path) -> (Arc<Session>, u16) {
-    let mut last_error = None;
-    for _ in 0..5 {
-        let port = std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let opts = SessionOptions {
-            dht: None,
-            disable_local_service_discovery: true,
-            persistence: None,
-            fastresume: false,
-            ipv4_only: true,
-            listen: Some(ListenerOptions {
-                mode: ListenerMode::TcpOnly,
-                listen_addr: SocketAddr::from((Ipv4Addr::LOCALHOST, port)),
-                announce_port: Some(port),
-                enable_upnp_port_forwarding: false,
-                ipv4_only: true,
-                ..Default::default()
-            }),
-            ..Default::default()
-        };
-        match Session::new_with_opts(dir.to_owned(), opts).await {
-            Ok(s) => return (s, port),
-            Err(e) => last_error = Some(e),
-        }
-    }
-    panic!("no librqbit session could listen on loopback: {last_error:?}");
-}
-
-async fn add(session: &Arc<Session>, torrent: &[u8], dir: &Path) -> Arc<ManagedTorrent> {
-    session
-        .add_torrent(
-            AddTorrent::from_bytes(torrent.to_vec()),
-            Some(AddTorrentOptions {
-                output_folder: Some(dir.to_str().unwrap().to_owned()),
-                overwrite: true,
-                ..Default::default()
-            }),
-        )
-        .await
-        .unwrap()
-        .into_handle()
-        .unwrap()
-}
 
 /// Wait until the tracker lists `addr` as a seeder of `info_hash`.
 async fn wait_listed_as_seeder(base_url: &str, info_hash: &str, addr: &str) {
@@ -106,20 +50,9 @@ async fn wait_listed_as_seeder(base_url: &str, info_hash: &str, addr: &str) {
     .await;
 }
 
-async fn tracker(dir: &Path) -> (Embedded, CancellationToken) {
-    let stop = CancellationToken::new();
-    let t = Embedded::start(
-        Config {
-            listen: SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
-            data_dir: dir.to_owned(),
-            min_announce_interval: Duration::from_secs(1),
-            ..Config::default()
-        },
-        stop.clone(),
-    )
-    .await
-    .unwrap();
-    (t, stop)
+/// Our tracker with `min interval` 1 s, so librqbit re-announces quickly.
+async fn tracker(dir: &Path) -> Embedded {
+    embedded_tracker(dir, |c| c.min_announce_interval = Duration::from_secs(1)).await
 }
 
 /// With the agent's default super-seeding. librqbit looks for newly advertised pieces only when
@@ -141,7 +74,7 @@ async fn librqbit_downloads_from_our_agent_without_super_seeding() {
 async fn librqbit_downloads_from_our_agent(agent_flags: &[&str]) {
     let dirs = tempfile::tempdir().unwrap();
     let base = dirs.path();
-    let (tracker, stop) = tracker(&base.join("tracker")).await;
+    let tracker = tracker(&base.join("tracker")).await;
     let url = format!("http://{}", tracker.addr);
 
     let agent = AgentProcess::start(
@@ -174,7 +107,7 @@ async fn librqbit_downloads_from_our_agent(agent_flags: &[&str]) {
     let rq_dir = base.join("librqbit");
     std::fs::create_dir_all(&rq_dir).unwrap();
     let (session, port) = loopback_session(&rq_dir).await;
-    let handle = add(&session, &metainfo, &rq_dir).await;
+    let handle = add_torrent(&session, &metainfo, &rq_dir).await;
     tokio::time::timeout(DOWNLOAD_TIMEOUT, handle.wait_until_completed())
         .await
         .unwrap_or_else(|_| {
@@ -203,15 +136,14 @@ async fn librqbit_downloads_from_our_agent(agent_flags: &[&str]) {
     tokio::time::timeout(Duration::from_secs(10), session.stop())
         .await
         .expect("the librqbit session did not stop");
-    stop.cancel();
-    let _ = tokio::time::timeout(Duration::from_secs(10), tracker.task).await;
+    let _ = stop_tracker(tracker).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn our_agent_downloads_what_only_librqbit_seeds() {
     let dirs = tempfile::tempdir().unwrap();
     let base = dirs.path();
-    let (tracker, stop) = tracker(&base.join("tracker")).await;
+    let tracker = tracker(&base.join("tracker")).await;
     let url = format!("http://{}", tracker.addr);
 
     let (bytes, meta) = random_package(
@@ -230,7 +162,7 @@ async fn our_agent_downloads_what_only_librqbit_seeds() {
     std::fs::create_dir_all(&rq_dir).unwrap();
     std::fs::write(rq_dir.join("fromrqbit.bin"), &bytes).unwrap();
     let (session, port) = loopback_session(&rq_dir).await;
-    let handle = add(&session, meta.as_bytes(), &rq_dir).await;
+    let handle = add_torrent(&session, meta.as_bytes(), &rq_dir).await;
     tokio::time::timeout(Duration::from_secs(30), handle.wait_until_completed())
         .await
         .expect("librqbit did not finish checking its copy within 30 s")
@@ -280,6 +212,5 @@ async fn our_agent_downloads_what_only_librqbit_seeds() {
     tokio::time::timeout(Duration::from_secs(10), session.stop())
         .await
         .expect("the librqbit session did not stop");
-    stop.cancel();
-    let _ = tokio::time::timeout(Duration::from_secs(10), tracker.task).await;
+    let _ = stop_tracker(tracker).await;
 }

@@ -4,61 +4,26 @@
 //! fast origin keeps serving them well past one copy — the control run checks that, so the
 //! budgeted run's bound means something.
 
-use std::net::{Ipv4Addr, SocketAddr};
-use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
 use fbpkg_common::pkgref::PackageName;
-use fbpkg_peer::cache::{Cache, Handoff};
-use fbpkg_peer::engine::{Engine, EngineConfig, Phase};
-use fbpkg_peer::tracker_client::TrackerClient;
-use fbpkg_tests::random_package;
-use fbpkg_tracker::{Config, Embedded};
+use fbpkg_peer::engine::Phase;
+use fbpkg_tests::{embedded_tracker, engine, random_package, seed_from_cache};
 use tokio_util::sync::CancellationToken;
 
 const LEECHERS: usize = 4;
 const PACKAGE_BYTES: usize = 4 << 20;
 const LEECHER_UPLOAD: u64 = 1 << 20;
 
-async fn engine(
-    dir: &Path,
-    url: &str,
-    cancel: &CancellationToken,
-    tweak: impl FnOnce(&mut EngineConfig),
-) -> Arc<Engine> {
-    let mut config = EngineConfig {
-        listen: SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
-        ..EngineConfig::new(dir.join("work"))
-    };
-    tweak(&mut config);
-    let tracker = TrackerClient::new(url, None, Duration::from_secs(10)).unwrap();
-    Engine::start(
-        config,
-        tracker,
-        Cache::new(dir.join("cache")),
-        cancel.child_token(),
-    )
-    .await
-    .unwrap()
-}
-
 /// Run one crowd; returns what the origin uploaded, in copies of the package.
 async fn crowd(budget: Option<f64>) -> f64 {
     let dirs = tempfile::tempdir().unwrap();
     let base = dirs.path();
-    let tracker_stop = CancellationToken::new();
-    let tracker = Embedded::start(
-        Config {
-            listen: SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
-            data_dir: base.join("tracker"),
-            min_announce_interval: Duration::from_secs(1),
-            ..Config::default()
-        },
-        tracker_stop.clone(),
-    )
-    .await
-    .unwrap();
+    let tracker = embedded_tracker(&base.join("tracker"), |c| {
+        c.min_announce_interval = Duration::from_secs(1);
+    })
+    .await;
     let url = format!("http://{}", tracker.addr);
     let cancel = CancellationToken::new();
     let name = PackageName::new("budget").unwrap();
@@ -74,15 +39,7 @@ async fn crowd(budget: Option<f64>) -> f64 {
         c.origin_budget = budget
     })
     .await;
-    let original = base.join("b.bin");
-    std::fs::write(&original, &bytes).unwrap();
-    let entry = seed
-        .cache()
-        .install(&name, &meta, &original, Handoff::Copy, &Default::default())
-        .unwrap();
-    let origin = seed
-        .seed(name.clone(), meta.clone(), &entry.dir.join(&meta.name))
-        .unwrap();
+    let origin = seed_from_cache(&seed, &name, &meta, &bytes, base);
     seed.tracker().publish(&name, &meta).await.unwrap();
 
     let mut waits = Vec::new();
@@ -114,7 +71,7 @@ async fn crowd(budget: Option<f64>) -> f64 {
         e.shutdown().await;
     }
     seed.shutdown().await;
-    tracker_stop.cancel();
+    tracker.shutdown.cancel();
     copies
 }
 
@@ -126,7 +83,9 @@ async fn an_origin_over_budget_leaves_the_crowd_to_itself() {
         "control: without a budget the fast origin serves {unbounded:.2} copies"
     );
     let budgeted = crowd(Some(1.0)).await;
-    eprintln!("origin uploaded {unbounded:.2} copies without a budget, {budgeted:.2} with a budget of 1");
+    eprintln!(
+        "origin uploaded {unbounded:.2} copies without a budget, {budgeted:.2} with a budget of 1"
+    );
     assert!(
         budgeted <= 1.3,
         "with a budget of 1 copy the origin sent {budgeted:.2}"

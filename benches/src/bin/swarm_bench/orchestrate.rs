@@ -2,10 +2,10 @@
 
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::time::{Duration, SystemTime};
 
-use anyhow::{Context as _, bail, ensure};
+use anyhow::{Context as _, ensure};
+use fbpkg_benches::fbpkg_binary;
 use fbpkg_benches::swarm::netplan::{Plan, Tbf};
 use fbpkg_benches::swarm::report::{self, Row, Summary};
 use fbpkg_benches::swarm::scenario::{KumarRoss, Scenario};
@@ -94,46 +94,6 @@ fn loadavg() -> String {
     std::fs::read_to_string("/proc/loadavg")
         .map(|s| s.trim().to_owned())
         .unwrap_or_default()
-}
-
-/// Build `fbpkg-rs` in release mode with cargo and return its path.
-fn build_fbpkg() -> anyhow::Result<PathBuf> {
-    let workspace = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .context("the benches crate has no parent directory")?;
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    eprintln!("swarm_bench: cargo build --release -p fbpkg-peer --bin fbpkg-rs");
-    let out = Command::new(cargo)
-        .current_dir(workspace)
-        .args([
-            "build",
-            "--release",
-            "-p",
-            "fbpkg-peer",
-            "--bin",
-            "fbpkg-rs",
-            "--message-format=json-render-diagnostics",
-        ])
-        .stderr(Stdio::inherit())
-        .output()
-        .context("running cargo (or pass --fbpkg-bin PATH to a release build of fbpkg-rs)")?;
-    ensure!(
-        out.status.success(),
-        "cargo build --release -p fbpkg-peer failed ({}); pass --fbpkg-bin PATH",
-        out.status
-    );
-    for line in out.stdout.split(|&b| b == b'\n') {
-        let Ok(msg) = serde_json::from_slice::<serde_json::Value>(line) else {
-            continue;
-        };
-        if msg["reason"] == "compiler-artifact"
-            && msg["target"]["name"] == "fbpkg-rs"
-            && let Some(exe) = msg["executable"].as_str()
-        {
-            return Ok(PathBuf::from(exe));
-        }
-    }
-    bail!("cargo built fbpkg-rs but did not say where; pass --fbpkg-bin PATH")
 }
 
 /// Random bytes on tmpfs and the metainfo `fbpkg-rs publish` makes for them with this
@@ -376,10 +336,7 @@ pub fn bench(args: Args) -> anyhow::Result<()> {
         .duration_since(SystemTime::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
     let loadavg_before = loadavg();
-    let fbpkg_bin = match &args.fbpkg_bin {
-        Some(p) => p.clone(),
-        None => build_fbpkg()?,
-    };
+    let fbpkg_bin = fbpkg_binary::release_binary(args.fbpkg_bin.clone())?;
     let self_exe = std::env::current_exe().context("locating this binary")?;
     let work = WorkDir::create(args.keep_logs.clone())?;
     let common = Common {

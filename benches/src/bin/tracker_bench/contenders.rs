@@ -150,46 +150,6 @@ pub fn build_packages(count: usize, announce: &str) -> anyhow::Result<Vec<(Strin
         .collect()
 }
 
-/// Build `fbpkg-rs` in release mode with cargo and return its path.
-pub fn build_fbpkg() -> anyhow::Result<PathBuf> {
-    let workspace = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .context("the benches crate has no parent directory")?;
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    eprintln!("building fbpkg-rs: cargo build --release -p fbpkg-peer --bin fbpkg-rs");
-    let out = Command::new(cargo)
-        .current_dir(workspace)
-        .args([
-            "build",
-            "--release",
-            "-p",
-            "fbpkg-peer",
-            "--bin",
-            "fbpkg-rs",
-            "--message-format=json-render-diagnostics",
-        ])
-        .stderr(Stdio::inherit())
-        .output()
-        .context("running cargo (or pass --fbpkg-bin PATH to a release build of fbpkg-rs)")?;
-    ensure!(
-        out.status.success(),
-        "cargo build --release -p fbpkg-peer failed ({}); fix the build or pass --fbpkg-bin PATH",
-        out.status
-    );
-    for line in out.stdout.split(|&b| b == b'\n') {
-        let Ok(msg) = serde_json::from_slice::<serde_json::Value>(line) else {
-            continue;
-        };
-        if msg["reason"] == "compiler-artifact"
-            && msg["target"]["name"] == "fbpkg-rs"
-            && let Some(exe) = msg["executable"].as_str()
-        {
-            return Ok(PathBuf::from(exe));
-        }
-    }
-    bail!("cargo built fbpkg-rs but did not say where; pass --fbpkg-bin PATH")
-}
-
 /// Inodes of the sockets listening on TCP `port` (IPv4), from /proc/net/tcp.
 fn listening_inodes(port: u16) -> Vec<String> {
     let table = std::fs::read_to_string("/proc/net/tcp").unwrap_or_default();

@@ -36,6 +36,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{Context as _, ensure};
 use clap::Parser;
+use fbpkg_benches::fbpkg_binary;
 use fbpkg_benches::latency::LatencySummary;
 use fbpkg_benches::workload::Workload;
 
@@ -202,15 +203,9 @@ async fn bench(args: Args, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
     let loadavg_before = loadavg();
 
     let opentracker_bin = contenders::find_opentracker(args.opentracker_bin.clone())?;
-    let fbpkg_bin = match args.fbpkg_bin.clone() {
-        Some(p) => p,
-        None => tokio::task::spawn_blocking(contenders::build_fbpkg).await??,
-    };
-    ensure!(
-        fbpkg_bin.is_file(),
-        "no fbpkg-rs at {}",
-        fbpkg_bin.display()
-    );
+    let given = args.fbpkg_bin.clone();
+    let fbpkg_bin =
+        tokio::task::spawn_blocking(move || fbpkg_binary::release_binary(given)).await??;
 
     let packages = contenders::build_packages(args.swarms, "http://127.0.0.1:6969/announce")?;
     let hashes: Vec<_> = packages.iter().map(|(_, m)| m.info_hash).collect();
