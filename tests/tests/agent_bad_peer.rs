@@ -301,18 +301,9 @@ async fn corrupt_peer_beside(honest: Upload) {
     })
     .await;
     let t = leecher.download(name.clone(), meta.clone()).await.unwrap();
-    let mut phase = t.phase();
-    let ended = tokio::time::timeout(DOWNLOAD_TIMEOUT, async {
-        loop {
-            let p = phase.borrow_and_update().clone();
-            if matches!(p, Phase::Seeding(_) | Phase::Failed { .. }) {
-                return p;
-            }
-            phase.changed().await.unwrap();
-        }
-    })
-    .await
-    .unwrap_or_else(|_| panic!("no end within {DOWNLOAD_TIMEOUT:?}: {:?}", t.status()));
+    let ended = tokio::time::timeout(DOWNLOAD_TIMEOUT, t.finished())
+        .await
+        .unwrap_or_else(|_| panic!("no end within {DOWNLOAD_TIMEOUT:?}: {:?}", t.status()));
     let finished_at = Instant::now();
     let Phase::Seeding(entry) = ended else {
         panic!("the leecher ended {ended:?}");

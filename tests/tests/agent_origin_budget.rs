@@ -52,17 +52,12 @@ async fn crowd(budget: Option<f64>) -> f64 {
         waits.push((e, t));
     }
     for (_, t) in &waits {
-        let mut phase = t.phase();
-        let done = tokio::time::timeout(Duration::from_secs(60), async {
-            loop {
-                if let Phase::Seeding(entry) = phase.borrow_and_update().clone() {
-                    return entry;
-                }
-                phase.changed().await.unwrap();
-            }
-        })
-        .await
-        .expect("every leecher finishes");
+        let ended = tokio::time::timeout(Duration::from_secs(60), t.finished())
+            .await
+            .expect("every leecher finishes");
+        let Phase::Seeding(done) = ended else {
+            panic!("a leecher ended {ended:?}")
+        };
         assert_eq!(std::fs::read(&done.launch_path).unwrap(), bytes);
     }
     let copies = origin.uploaded() as f64 / PACKAGE_BYTES as f64;

@@ -229,29 +229,20 @@ impl Agent {
                         return;
                     }
                 };
-                let mut phase = t.phase();
+                let finished = t.finished();
+                tokio::pin!(finished);
                 let mut tick = tokio::time::interval(PROGRESS_EVERY);
                 loop {
-                    let current = phase.borrow_and_update().clone();
-                    match current {
-                        Phase::Seeding(entry) => {
-                            send(
-                                &mut w,
-                                Event::Done {
-                                    path: entry.launch_path,
-                                    dir: entry.dir,
-                                },
-                            )
-                            .await;
-                            return;
-                        }
-                        Phase::Failed { kind, message } => {
-                            send(&mut w, Event::Error { kind, message }).await;
-                            return;
-                        }
-                        Phase::Downloading | Phase::Verifying => {}
-                    }
                     tokio::select! {
+                        p = &mut finished => {
+                            let e = match p {
+                                Phase::Seeding(entry) => Event::Done { path: entry.launch_path, dir: entry.dir },
+                                Phase::Failed { kind, message } => Event::Error { kind, message },
+                                other => Event::from_error(&PeerError::Agent(format!("download ended as {other:?}"))),
+                            };
+                            send(&mut w, e).await;
+                            return;
+                        }
                         _ = shutdown.cancelled() => {
                             send(&mut w, Event::from_error(&PeerError::Agent("the agent is shutting down".into()))).await;
                             return;
@@ -262,7 +253,6 @@ impl Agent {
                                 return;
                             }
                         }
-                        r = phase.changed() => if r.is_err() { return },
                     }
                 }
             }

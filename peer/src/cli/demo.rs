@@ -138,20 +138,11 @@ async fn demo(args: &DemoArgs, base: &Path) -> anyhow::Result<ExitCode> {
     let mut waits = Vec::new();
     for (i, e) in engines.iter().enumerate().skip(1) {
         let t = e.download(name.clone(), meta.clone()).await?;
-        let mut phase = t.phase();
         waits.push(tokio::spawn(async move {
-            loop {
-                let p = phase.borrow_and_update().clone();
-                match p {
-                    Phase::Seeding(entry) => return Ok((i, started.elapsed(), entry.launch_path)),
-                    Phase::Failed { message, .. } => {
-                        return Err(anyhow::anyhow!("agent{i}: {message}"));
-                    }
-                    _ => {}
-                }
-                if phase.changed().await.is_err() {
-                    return Err(anyhow::anyhow!("agent{i} stopped"));
-                }
+            match t.finished().await {
+                Phase::Seeding(entry) => Ok((i, started.elapsed(), entry.launch_path)),
+                Phase::Failed { message, .. } => Err(anyhow::anyhow!("agent{i}: {message}")),
+                other => Err(anyhow::anyhow!("agent{i} ended as {other:?}")),
             }
         }));
     }

@@ -282,24 +282,23 @@ async fn standalone(
     let engine = Engine::start(config, tracker.clone(), cache.clone(), cancel.clone()).await?;
     let result = async {
         let t = engine.download(name.clone(), meta).await?;
-        let mut phase = t.phase();
+        let finished = t.finished();
+        tokio::pin!(finished);
         let mut stall = Stall::new(args.stall_timeout);
         let mut tick = tokio::time::interval(Duration::from_millis(250));
         loop {
-            let current = phase.borrow_and_update().clone();
-            match current {
-                Phase::Seeding(entry) => return Ok(entry),
-                Phase::Failed { kind, message } => return Err(PeerError::Remote { kind, message }),
-                Phase::Downloading | Phase::Verifying => {}
-            }
             tokio::select! {
+                p = &mut finished => return match p {
+                    Phase::Seeding(entry) => Ok(entry),
+                    Phase::Failed { kind, message } => Err(PeerError::Remote { kind, message }),
+                    other => Err(PeerError::Agent(format!("download ended as {other:?}"))),
+                },
                 _ = cancel.cancelled() => return Err(PeerError::Cancelled),
                 _ = tick.tick() => {
                     let s = t.status();
                     progress.update(&s);
                     stall.check(&s)?;
                 }
-                r = phase.changed() => if r.is_err() { return Err(PeerError::Cancelled) },
             }
         }
     }

@@ -263,6 +263,21 @@ impl Torrent {
         self.phase.subscribe()
     }
 
+    /// Wait until the download has ended, in `Seeding` or `Failed` (at once if it has).
+    pub async fn finished(&self) -> Phase {
+        let mut rx = self.phase.subscribe();
+        loop {
+            let p = rx.borrow_and_update().clone();
+            if matches!(p, Phase::Seeding(_) | Phase::Failed { .. }) {
+                return p;
+            }
+            // The sender lives in `self`, so `changed` cannot fail while we borrow it.
+            if rx.changed().await.is_err() {
+                return self.current_phase();
+            }
+        }
+    }
+
     /// The current phase.
     pub fn current_phase(&self) -> Phase {
         self.phase.borrow().clone()
