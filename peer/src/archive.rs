@@ -428,8 +428,7 @@ mod tests {
         assert!(err.contains("devices, FIFOs"), "{err}");
     }
 
-    /// Build a tar.zst with raw, unchecked entries: (name, type, link target, data).
-    /// (name, type, link target, data), written as they are.
+    /// A raw tar entry, written as it is: (name, type, link target, data).
     type RawEntry<'a> = (&'a [u8], tar::EntryType, &'a [u8], &'a [u8]);
 
     fn hostile(entries: &[RawEntry<'_>]) -> Vec<u8> {

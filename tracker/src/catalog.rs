@@ -402,13 +402,16 @@ impl Catalog {
 
     /// Describe a version, with the tags that point at it now.
     pub fn describe(&self, name: &PackageName, v: &Version) -> VersionInfo {
-        let mut info = VersionInfo::from_metainfo(name.clone(), &v.metainfo, v.published_at);
-        if let Ok(idx) = self.index.read()
-            && let Some(p) = idx.get(name)
+        match self
+            .index
+            .read()
+            .ok()
+            .as_ref()
+            .and_then(|idx| idx.get(name))
         {
-            info.tags = tags_for(p, &v.metainfo.sha256);
+            Some(p) => version_info(name, p, v),
+            None => VersionInfo::from_metainfo(name.clone(), &v.metainfo, v.published_at),
         }
-        info
     }
 
     /// One row per package.
@@ -426,12 +429,7 @@ impl Catalog {
                     name: name.clone(),
                     versions: p.versions.len(),
                     total_bytes: p.versions.values().map(|v| v.metainfo.length).sum(),
-                    latest: latest.map(|v| {
-                        let mut i =
-                            VersionInfo::from_metainfo(name.clone(), &v.metainfo, v.published_at);
-                        i.tags = tags_for(p, &v.metainfo.sha256);
-                        i
-                    }),
+                    latest: latest.map(|v| version_info(name, p, v)),
                     tags: p.tags.iter().map(|(t, i)| (t.clone(), i.sha256)).collect(),
                 }
             })
@@ -447,11 +445,7 @@ impl Catalog {
         let mut versions: Vec<VersionInfo> = p
             .versions
             .values()
-            .map(|v| {
-                let mut i = VersionInfo::from_metainfo(name.clone(), &v.metainfo, v.published_at);
-                i.tags = tags_for(p, &v.metainfo.sha256);
-                i
-            })
+            .map(|v| version_info(name, p, v))
             .collect();
         versions.sort_by(|a, b| {
             b.published_at
@@ -505,6 +499,13 @@ impl Catalog {
                 .sum(),
         }
     }
+}
+
+/// A version's JSON description, with the tags that point at it now.
+fn version_info(name: &PackageName, p: &Package, v: &Version) -> VersionInfo {
+    let mut info = VersionInfo::from_metainfo(name.clone(), &v.metainfo, v.published_at);
+    info.tags = tags_for(p, &v.metainfo.sha256);
+    info
 }
 
 fn tags_for(p: &Package, sha: &Sha256Hash) -> Vec<Tag> {

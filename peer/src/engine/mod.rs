@@ -437,8 +437,11 @@ async fn dial_loop(t: Arc<Torrent>) {
             let t2 = t.clone();
             t.ctx.tasks.spawn(
                 async move {
-                    let ok = dial(t2.clone(), addr).await;
-                    t2.dial_done(addr, ok);
+                    let dialled = dial(&t2, addr).await;
+                    t2.dial_done(addr, dialled.is_some());
+                    if let Some((stream, theirs, buf)) = dialled {
+                        peer::run(t2, stream, theirs, addr, true, buf).await;
+                    }
                 }
                 .instrument(tracing::debug_span!("dial", peer = %addr)),
             );
@@ -451,13 +454,14 @@ async fn dial_loop(t: Arc<Torrent>) {
     }
 }
 
-/// Connect, exchange handshakes, run the connection. Returns whether the handshake worked.
-async fn dial(t: Arc<Torrent>, addr: SocketAddr) -> bool {
+/// Connect and exchange handshakes; `None` when the peer cannot be reached or is not who the
+/// tracker said.
+async fn dial(t: &Torrent, addr: SocketAddr) -> Option<(TcpStream, Handshake, BytesMut)> {
     let cfg = &t.ctx.config;
     let connect = tokio::time::timeout(cfg.connect_timeout, TcpStream::connect(addr)).await;
     let Ok(Ok(mut stream)) = connect else {
         tracing::debug!(peer = %addr, "dial failed");
-        return false;
+        return None;
     };
     let mut out = BytesMut::new();
     Handshake::new(t.meta.info_hash, t.ctx.peer_id).encode(&mut out);
@@ -471,16 +475,12 @@ async fn dial(t: Arc<Torrent>, addr: SocketAddr) -> bool {
     };
     let theirs = match tokio::time::timeout(cfg.handshake_timeout, hs).await {
         Ok(Ok(h)) => h,
-        _ => return false,
+        _ => return None,
     };
     if theirs.info_hash != t.meta.info_hash || theirs.peer_id == t.ctx.peer_id {
-        return false;
+        return None;
     }
-    // The dial succeeded; the connection runs in this task until it ends.
-    let t2 = t.clone();
-    t.dial_done(addr, true);
-    peer::run(t2, stream, theirs, addr, true, buf).await;
-    true
+    Some((stream, theirs, buf))
 }
 
 /// Verify every piece already in a partial file; missing or corrupt ones are fetched again.

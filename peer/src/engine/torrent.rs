@@ -399,7 +399,8 @@ impl Torrent {
             let Some(slot) = st.peers.get(conn) else {
                 continue;
             };
-            let (peer_id, addr, tx) = (slot.peer_id, slot.addr, slot.tx.clone());
+            let (peer_id, addr, outgoing, tx) =
+                (slot.peer_id, slot.addr, slot.outgoing, slot.tx.clone());
             let strikes = {
                 let s = st.strikes.entry(peer_id).or_insert(0);
                 *s += 1;
@@ -408,7 +409,8 @@ impl Torrent {
             if sole || strikes >= 2 {
                 tracing::warn!(package = %self.name, peer = %addr, "peer sent data that failed verification; banned");
                 st.banned.insert(peer_id);
-                if slot_is_outgoing(&st, *conn) {
+                // Only a dialled address is where the peer listens; an incoming one is ephemeral.
+                if outgoing {
                     st.banned_addrs.insert(addr);
                 }
                 let _ = tx.send(Cmd::Disconnect("sent corrupt data"));
@@ -458,7 +460,7 @@ impl Torrent {
             .config
             .max_peers
             .saturating_sub(st.peers.len() + connecting);
-        if room == 0 || self.is_seeding_locked() {
+        if room == 0 || self.is_seeding() {
             // A seed waits to be dialled: leechers know where it is.
             return Vec::new();
         }
@@ -487,10 +489,6 @@ impl Torrent {
             }
         }
         out
-    }
-
-    fn is_seeding_locked(&self) -> bool {
-        matches!(*self.phase.borrow(), Phase::Seeding(_))
     }
 
     /// A dial finished (successfully or not).
@@ -574,10 +572,6 @@ impl Torrent {
             let _ = slot.tx.send(cmd.clone());
         }
     }
-}
-
-fn slot_is_outgoing(st: &State, conn: ConnId) -> bool {
-    st.peers.get(&conn).is_some_and(|s| s.outgoing)
 }
 
 /// Remove a connection's slot and everything that refers to it.
