@@ -10,6 +10,7 @@
 //! - [`tracker_proto`]: announce and scrape requests and responses.
 //! - [`wire`] and [`bitfield`]: the BitTorrent peer protocol.
 //! - [`api`]: JSON bodies of the catalog API.
+//! - [`size`]: byte counts in command-line flags.
 //!
 //! ```
 //! use fbpkg_common::metainfo::{Format, Metainfo};
@@ -30,6 +31,7 @@ mod error;
 pub mod ids;
 pub mod metainfo;
 pub mod pkgref;
+pub mod size;
 pub mod tracker_proto;
 pub mod wire;
 

@@ -147,29 +147,6 @@ pub fn parse_rate(s: &str) -> Result<u64, String> {
     Ok((v * mult).round() as u64)
 }
 
-/// Parse a size like `256M`, `1G`, `32MiB`, `1048576` (powers of 1024) into bytes.
-pub fn parse_size(s: &str) -> Result<u64, String> {
-    let t = s.trim();
-    let t = t
-        .strip_suffix("iB")
-        .or_else(|| t.strip_suffix('B'))
-        .unwrap_or(t);
-    let (num, mult) = match t.char_indices().last() {
-        Some((i, 'k' | 'K')) => (&t[..i], 1u64 << 10),
-        Some((i, 'm' | 'M')) => (&t[..i], 1 << 20),
-        Some((i, 'g' | 'G')) => (&t[..i], 1 << 30),
-        _ => (t, 1),
-    };
-    let v: f64 = num
-        .trim()
-        .parse()
-        .map_err(|_| format!("{s:?} is not a size like 256M or 1G"))?;
-    if !(v.is_finite() && v >= 1.0) {
-        return Err(format!("{s:?} must be at least one byte"));
-    }
-    Ok((v * mult as f64) as u64)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -222,17 +199,13 @@ mod tests {
     }
 
     #[test]
-    fn rates_and_sizes() {
+    fn rates() {
         assert_eq!(parse_rate("80"), Ok(80_000_000));
         assert_eq!(parse_rate("80M"), Ok(80_000_000));
         assert_eq!(parse_rate("1.5G"), Ok(1_500_000_000));
         assert_eq!(parse_rate("500kbit"), Ok(500_000));
         assert!(parse_rate("fast").is_err());
         assert!(parse_rate("0").is_err());
-        assert_eq!(parse_size("256M"), Ok(256 * MIB));
-        assert_eq!(parse_size("1GiB"), Ok(1 << 30));
-        assert_eq!(parse_size("4096"), Ok(4096));
-        assert!(parse_size("-1M").is_err());
     }
 
     #[test]

@@ -40,7 +40,7 @@ pub(crate) struct AgentArgs {
     no_superseed: bool,
 
     /// Cap this agent's upload across all packages, in bytes per second (e.g. 50M, 1G).
-    #[arg(long, env = "FBPKG_MAX_UPLOAD_RATE", value_parser = super::parse_bytes)]
+    #[arg(long, env = "FBPKG_MAX_UPLOAD_RATE", value_parser = fbpkg_common::size::parse_bytes)]
     max_upload_rate: Option<u64>,
 
     /// Stop uploading a package this host published (or seeds from its cache since start)

@@ -100,31 +100,6 @@ impl HostArgs {
     }
 }
 
-/// Parse a byte count: `123`, `64K`, `50M`, `1G` (powers of 1024; a trailing `B` or `iB` is
-/// accepted).
-pub(crate) fn parse_bytes(s: &str) -> Result<u64, String> {
-    let t = s.trim();
-    let t = t
-        .strip_suffix("iB")
-        .or_else(|| t.strip_suffix('B'))
-        .unwrap_or(t);
-    let (num, mult) = match t.char_indices().last() {
-        Some((i, 'k' | 'K')) => (&t[..i], 1u64 << 10),
-        Some((i, 'm' | 'M')) => (&t[..i], 1 << 20),
-        Some((i, 'g' | 'G')) => (&t[..i], 1 << 30),
-        Some((i, 't' | 'T')) => (&t[..i], 1 << 40),
-        _ => (t, 1),
-    };
-    let n: f64 = num
-        .trim()
-        .parse()
-        .map_err(|_| format!("{s:?} is not a size like 512K, 50M or 1G"))?;
-    if !(n.is_finite() && n > 0.0) {
-        return Err(format!("{s:?} must be positive"));
-    }
-    Ok((n * mult as f64) as u64)
-}
-
 /// Exit codes of `get` and the other client commands.
 pub mod exit {
     /// Success.
@@ -242,16 +217,6 @@ pub fn main() -> ExitCode {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn byte_sizes() {
-        assert_eq!(parse_bytes("123"), Ok(123));
-        assert_eq!(parse_bytes("64K"), Ok(64 << 10));
-        assert_eq!(parse_bytes("50MiB"), Ok(50 << 20));
-        assert_eq!(parse_bytes("1.5G"), Ok(3 << 29));
-        assert!(parse_bytes("fast").is_err());
-        assert!(parse_bytes("-1M").is_err());
-    }
 
     #[test]
     fn cli_definition_is_consistent() {

@@ -33,7 +33,8 @@ use std::time::Duration;
 use anyhow::{Context as _, ensure};
 use clap::{Parser, Subcommand};
 use fbpkg_benches::swarm::netplan::Tbf;
-use fbpkg_benches::swarm::scenario::{Scenario, parse_rate, parse_size};
+use fbpkg_benches::swarm::scenario::{Scenario, parse_rate};
+use fbpkg_common::size::parse_bytes as parse_size;
 
 use crate::contenders::Which;
 
