@@ -186,6 +186,20 @@ impl Plan {
         &self.hosts[1..self.hosts.len() - 1]
     }
 
+    /// ARP entries the hosts need when every host talks to every other: one per (host, peer)
+    /// pair, each in the sender's namespace.
+    ///
+    /// Why it matters: the kernel's neighbour table is one table for all namespaces, capped
+    /// at `net.ipv4.neigh.default.gc_thresh3` entries (1,024 by default). 50 hosts in a full
+    /// mesh need about 2,450; past the cap new entries fail ("neighbor table overflow!" in the
+    /// kernel log), connects fail with EHOSTUNREACH or time out, and the hosts that came last
+    /// are cut off. That, not the swarm, was the first 48-host failure. One real host holds
+    /// only its own peers, so only the bench needs this.
+    pub fn neighbour_entries(&self) -> usize {
+        let n = self.hosts.len();
+        n * n.saturating_sub(1)
+    }
+
     /// Every namespace, the switch first.
     pub fn namespaces(&self) -> Vec<String> {
         std::iter::once(SWITCH_NS.to_owned())
@@ -324,5 +338,13 @@ mod tests {
         assert_eq!(is_ours("fbsb-sw"), Some("fbsb-sw"));
         assert_eq!(is_ours("other-ns (id: 0)"), None);
         assert_eq!(is_ours(""), None);
+    }
+
+    #[test]
+    fn a_48_host_mesh_needs_more_arp_entries_than_the_kernel_default() {
+        let plan = Plan::new(&Scenario::preset("b1-48").unwrap(), Tbf::default());
+        // Seed, 48 leechers, tracker: 50 hosts, each with 49 neighbours.
+        assert_eq!(plan.neighbour_entries(), 50 * 49);
+        assert!(plan.neighbour_entries() > 1024, "over gc_thresh3's default");
     }
 }

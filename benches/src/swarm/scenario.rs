@@ -49,8 +49,9 @@ const fn mbit(n: u64) -> u64 {
 }
 
 impl Scenario {
-    /// A scenario of BENCHMARKS.md by name: `b1` (seed-bound), `b2` (upload-bound) or `smoke`
-    /// (B1's caps, 4 leechers, 32 MiB: a run of all contenders in about a minute).
+    /// A scenario of BENCHMARKS.md by name: `b1` (seed-bound), `b2` (upload-bound), `b1-48`
+    /// (a fleet-scale flash crowd: 48 leechers, 64 MiB, 20/20/40 Mbit/s) or `smoke` (B1's caps,
+    /// 4 leechers, 32 MiB: a run of all contenders in about a minute).
     pub fn preset(name: &str) -> Option<Self> {
         let b1 = Caps {
             seed_up_bps: mbit(80),
@@ -65,6 +66,15 @@ impl Scenario {
                 Caps {
                     leecher_up_bps: mbit(40),
                     ..b1
+                },
+            ),
+            "b1-48" => (
+                48,
+                64 * MIB,
+                Caps {
+                    seed_up_bps: mbit(20),
+                    leecher_up_bps: mbit(20),
+                    leecher_down_bps: mbit(40),
                 },
             ),
             "smoke" => (4, 32 * MIB, b1),
@@ -166,6 +176,10 @@ mod tests {
         assert_eq!(b2.t_kr_secs, b2.aggregate_secs);
         let smoke = Scenario::preset("smoke").unwrap().kumar_ross();
         assert!(close(smoke.t_kr_secs, 3.36), "{smoke:?}");
+        // BENCHMARKS.md "Swarm at fleet scale": b1-48 is seed-bound at 26.8 s too.
+        let b48 = Scenario::preset("b1-48").unwrap();
+        assert_eq!(b48.leechers, 48);
+        assert!(close(b48.kumar_ross().t_kr_secs, 26.8), "{b48:?}");
         assert!(Scenario::preset("b3").is_none());
     }
 

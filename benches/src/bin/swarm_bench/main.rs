@@ -52,7 +52,8 @@ struct Cli {
 /// Orchestrator flags.
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    /// Scenarios, comma-separated: b1 (seed-bound), b2 (upload-bound), smoke (N=4, 32 MiB).
+    /// Scenarios, comma-separated: b1 (seed-bound), b2 (upload-bound), b1-48 (48 leechers,
+    /// 64 MiB, 20/20/40 Mbit/s), smoke (N=4, 32 MiB).
     #[arg(long, value_delimiter = ',', default_value = "b1,b2")]
     scenario: Vec<String>,
 
@@ -206,8 +207,9 @@ impl Args {
             if name == "none" {
                 continue;
             }
-            let mut s = Scenario::preset(&name)
-                .with_context(|| format!("unknown scenario {name:?} (b1, b2, smoke, none)"))?;
+            let mut s = Scenario::preset(&name).with_context(|| {
+                format!("unknown scenario {name:?} (b1, b2, b1-48, smoke, none)")
+            })?;
             if let Some(n) = self.leechers {
                 s.leechers = n;
             }

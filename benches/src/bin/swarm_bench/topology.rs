@@ -50,6 +50,8 @@ pub struct Topology {
     /// What was built.
     pub plan: Plan,
     created: Vec<String>,
+    /// The neighbour-table limits found before the bench raised them, to put back.
+    neigh_limits: Option<[String; 3]>,
     /// A `sleep` in the switch namespace: its `/proc/PID/net/dev` gives every switch-side
     /// counter in one read, without starting a process per sample.
     watcher: Option<Proc>,
@@ -61,8 +63,10 @@ impl Topology {
         let mut topo = Self {
             plan,
             created: Vec::new(),
+            neigh_limits: None,
             watcher: None,
         };
+        topo.neigh_limits = raise_neighbour_limits(topo.plan.neighbour_entries())?;
         for cmd in topo.plan.setup_commands() {
             if let ["ip", "netns", "add", ns] =
                 cmd.iter().map(String::as_str).collect::<Vec<_>>()[..]
@@ -179,7 +183,52 @@ impl Drop for Topology {
         for ns in self.created.iter().rev() {
             cleanup::delete_namespace(ns);
         }
+        if let Some(old) = self.neigh_limits.take() {
+            for (path, value) in NEIGH_LIMITS.iter().zip(old) {
+                let _ = std::fs::write(path, value);
+            }
+        }
     }
+}
+
+/// The kernel's neighbour (ARP) table limits: one table for every namespace.
+const NEIGH_LIMITS: [&str; 3] = [
+    "/proc/sys/net/ipv4/neigh/default/gc_thresh1",
+    "/proc/sys/net/ipv4/neigh/default/gc_thresh2",
+    "/proc/sys/net/ipv4/neigh/default/gc_thresh3",
+];
+
+/// Make room for `entries` ARP entries (see `Plan::neighbour_entries`), twice over, and
+/// keep them from being collected mid-run; returns the old limits when it changed them.
+fn raise_neighbour_limits(entries: usize) -> anyhow::Result<Option<[String; 3]>> {
+    let read = |p: &str| -> anyhow::Result<String> {
+        Ok(std::fs::read_to_string(p)
+            .with_context(|| format!("reading {p}"))?
+            .trim()
+            .to_owned())
+    };
+    let old = [
+        read(NEIGH_LIMITS[0])?,
+        read(NEIGH_LIMITS[1])?,
+        read(NEIGH_LIMITS[2])?,
+    ];
+    let hard: usize = old[2].parse().unwrap_or(0);
+    if hard >= 2 * entries {
+        return Ok(None);
+    }
+    let want = [entries, 2 * entries, 4 * entries];
+    for (i, (path, v)) in NEIGH_LIMITS.iter().zip(want).enumerate() {
+        let current: usize = old[i].parse().unwrap_or(0);
+        std::fs::write(path, current.max(v).to_string())
+            .with_context(|| format!("raising {path} for {entries} ARP entries"))?;
+    }
+    eprintln!(
+        "swarm_bench: neighbour table limits raised to {}/{}/{} for {entries} ARP entries (restored at the end)",
+        old[0].parse::<usize>().unwrap_or(0).max(want[0]),
+        old[1].parse::<usize>().unwrap_or(0).max(want[1]),
+        old[2].parse::<usize>().unwrap_or(0).max(want[2]),
+    );
+    Ok(Some(old))
 }
 
 /// One namespace with only loopback (the `--cpu` mode); removed on drop.

@@ -59,7 +59,8 @@ fn start_agent(ctx: &Ctx<'_>, host: &Endpoint) -> anyhow::Result<Agent> {
     })
 }
 
-/// The agent is ready once its control socket exists (it binds it last).
+/// The agent is ready once its control socket exists (bound right after its engine starts;
+/// it may still be seeding its cache, which a leecher here does not have).
 fn wait_ready(ctx: &Ctx<'_>, agents: &mut [Agent], timeout: Duration) -> anyhow::Result<()> {
     let deadline = Instant::now() + timeout;
     for a in agents {
