@@ -134,6 +134,26 @@ impl Cache {
         &self.root
     }
 
+    /// Take `name:sha256` out of the cache: renamed into staging first (one atomic step, so
+    /// `lookup` sees the whole entry or nothing), then removed. Absent is not an error.
+    pub fn remove(&self, name: &PackageName, sha256: &Sha256Hash) -> Result<()> {
+        let dir = self.entry_dir(name, sha256);
+        let staging_root = self.root.join(STAGING);
+        fs::create_dir_all(&staging_root).map_err(PeerError::io("creating", &staging_root))?;
+        let doomed = staging_root.join(format!("removed-{sha256}-{}", rand::random::<u32>()));
+        match fs::rename(&dir, &doomed) {
+            Ok(()) => remove_tree(&doomed).map_err(PeerError::io("removing", &doomed)),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(PeerError::io("moving out of the cache", &dir)(e)),
+        }
+    }
+
+    /// TEMPORARY (replaced by the quarantine of the cache-verify work): move the entry out.
+    pub fn quarantine(&self, name: &PackageName, sha256: &Sha256Hash) -> Result<PathBuf> {
+        self.remove(name, sha256)?;
+        Ok(self.root.join(STAGING))
+    }
+
     /// Where the entry for `name:sha256` lives (whether or not it exists).
     pub fn entry_dir(&self, name: &PackageName, sha256: &Sha256Hash) -> PathBuf {
         self.root.join(name.as_str()).join(sha256.to_hex())

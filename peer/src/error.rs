@@ -1,10 +1,95 @@
-//! The peer crate's one error type. Each variant maps to what a user can do about it; the CLI
-//! turns the kind into a distinct exit code.
+//! The peer crate's one error type. Each variant maps to what a user can do about it; its
+//! [`ErrorKind`] travels over the control socket and picks the CLI's exit code, in one place
+//! ([`ErrorKind::exit_code`]), so no caller ever matches on message text.
 
 use std::io;
 use std::path::PathBuf;
 
+use serde::{Deserialize, Serialize};
 use thiserror::Error;
+
+/// What went wrong, as a type: the part of an error that decides what happens next (an exit
+/// code, a retry, a ban). Serialized in snake case on the control socket and in `--json`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorKind {
+    /// Input that cannot be parsed (a reference, a flag, a request).
+    BadInput,
+    /// The package, version or tag does not exist.
+    NotFound,
+    /// A hash prefix that matches several versions.
+    Ambiguous,
+    /// Bytes that do not match the hash asked for.
+    Verification,
+    /// A hostile or broken archive.
+    UnsafeArchive,
+    /// No peer could serve the package in time.
+    NoPeers,
+    /// The tracker cannot be reached, or answers like no fbpkg-rs tracker would.
+    TrackerUnreachable,
+    /// The tracker refused the request (a `failure reason`, a 4xx without a better kind).
+    TrackerRefused,
+    /// The tracker wants a (different) publish token.
+    Unauthorized,
+    /// The local agent cannot be reached or failed.
+    Agent,
+    /// A peer broke the wire protocol.
+    Protocol,
+    /// A local file-system or socket operation failed.
+    Io,
+    /// Shutting down.
+    Cancelled,
+    /// A kind this version does not know (from a newer agent).
+    #[serde(other)]
+    Other,
+}
+
+impl ErrorKind {
+    /// The stable name used in JSON.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorKind::BadInput => "bad_input",
+            ErrorKind::NotFound => "not_found",
+            ErrorKind::Ambiguous => "ambiguous",
+            ErrorKind::Verification => "verification",
+            ErrorKind::UnsafeArchive => "unsafe_archive",
+            ErrorKind::NoPeers => "no_peers",
+            ErrorKind::TrackerUnreachable => "tracker_unreachable",
+            ErrorKind::TrackerRefused => "tracker_refused",
+            ErrorKind::Unauthorized => "unauthorized",
+            ErrorKind::Agent => "agent",
+            ErrorKind::Protocol => "protocol",
+            ErrorKind::Io => "io",
+            ErrorKind::Cancelled => "cancelled",
+            ErrorKind::Other => "other",
+        }
+    }
+
+    /// The CLI's exit code for this kind (documented in `fbpkg-rs get --help` and the README).
+    pub fn exit_code(self) -> u8 {
+        use crate::cli::exit;
+        match self {
+            ErrorKind::BadInput | ErrorKind::Ambiguous => exit::BAD_REFERENCE,
+            ErrorKind::NotFound => exit::NOT_FOUND,
+            ErrorKind::Verification | ErrorKind::UnsafeArchive => exit::VERIFICATION,
+            ErrorKind::NoPeers => exit::NO_PEERS,
+            ErrorKind::TrackerUnreachable => exit::TRACKER,
+            ErrorKind::Unauthorized => exit::UNAUTHORIZED,
+            ErrorKind::TrackerRefused
+            | ErrorKind::Agent
+            | ErrorKind::Protocol
+            | ErrorKind::Io
+            | ErrorKind::Cancelled
+            | ErrorKind::Other => exit::ERROR,
+        }
+    }
+}
+
+impl std::fmt::Display for ErrorKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
 
 /// Everything the agent, the cache and the engine can fail with.
 #[derive(Debug, Error)]
@@ -24,9 +109,20 @@ pub enum PeerError {
     /// No peer could serve the package within the timeout.
     #[error("no peers: {0}")]
     NoPeers(String),
-    /// The tracker could not be reached or answered with an error.
+    /// The tracker could not be reached (after retries), answered 5xx, or answered like no
+    /// fbpkg-rs tracker would (an HTML page, an unreadable body).
     #[error("tracker: {0}")]
     Tracker(String),
+    /// The tracker answered and refused: an announce `failure reason`, or a 4xx.
+    #[error("tracker refused: {0}")]
+    TrackerRefused(String),
+    /// The tracker does not list this info-hash (yet): a version seeded a moment before
+    /// `publish` listed it, or a package that was never published there.
+    #[error("tracker: {0}")]
+    Unregistered(String),
+    /// The tracker wants a publish token, or a different one.
+    #[error("not authorized: {0}")]
+    Unauthorized(String),
     /// The local agent could not be reached or refused.
     #[error("agent: {0}")]
     Agent(String),
@@ -54,7 +150,7 @@ pub enum PeerError {
     #[error("{message}")]
     Remote {
         /// [`PeerError::kind`] on the agent's side.
-        kind: String,
+        kind: ErrorKind,
         /// The agent's message.
         message: String,
     },
@@ -74,32 +170,84 @@ impl PeerError {
         }
     }
 
-    /// A stable, machine-readable name of the kind, used in JSON output.
-    pub fn kind(&self) -> &'static str {
+    /// What kind of error this is, looking through errors relayed by the agent.
+    pub fn kind(&self) -> ErrorKind {
         match self {
-            PeerError::BadInput(_) => "bad_input",
-            PeerError::NotFound(_) => "not_found",
-            PeerError::Ambiguous(_) => "ambiguous",
-            PeerError::Verification(_) => "verification",
-            PeerError::NoPeers(_) => "no_peers",
-            PeerError::Tracker(_) => "tracker",
-            PeerError::Agent(_) => "agent",
-            PeerError::UnsafeArchive(_) => "unsafe_archive",
-            PeerError::Protocol(_) => "protocol",
-            PeerError::Io { .. } => "io",
-            PeerError::Cancelled => "cancelled",
-            PeerError::Remote { .. } => "remote",
+            PeerError::BadInput(_) => ErrorKind::BadInput,
+            PeerError::NotFound(_) | PeerError::Unregistered(_) => ErrorKind::NotFound,
+            PeerError::Ambiguous(_) => ErrorKind::Ambiguous,
+            PeerError::Verification(_) => ErrorKind::Verification,
+            PeerError::NoPeers(_) => ErrorKind::NoPeers,
+            PeerError::Tracker(_) => ErrorKind::TrackerUnreachable,
+            PeerError::TrackerRefused(_) => ErrorKind::TrackerRefused,
+            PeerError::Unauthorized(_) => ErrorKind::Unauthorized,
+            PeerError::Agent(_) => ErrorKind::Agent,
+            PeerError::UnsafeArchive(_) => ErrorKind::UnsafeArchive,
+            PeerError::Protocol(_) => ErrorKind::Protocol,
+            PeerError::Io { .. } => ErrorKind::Io,
+            PeerError::Cancelled => ErrorKind::Cancelled,
+            PeerError::Remote { kind, .. } => *kind,
         }
     }
 
-    /// The kind for exit codes, looking through errors relayed by the agent.
-    pub fn effective_kind(&self) -> &str {
-        match self {
-            PeerError::Remote { kind, .. } => kind,
-            other => other.kind(),
-        }
+    /// The CLI's exit code for this error.
+    pub fn exit_code(&self) -> u8 {
+        self.kind().exit_code()
     }
 }
 
 /// `Result` with [`PeerError`].
 pub type Result<T, E = PeerError> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kinds_round_trip_as_json_and_unknown_ones_are_other() {
+        for k in [
+            ErrorKind::BadInput,
+            ErrorKind::TrackerUnreachable,
+            ErrorKind::Unauthorized,
+            ErrorKind::Io,
+        ] {
+            let s = serde_json::to_string(&k).unwrap();
+            assert_eq!(s, format!("\"{}\"", k.as_str()));
+            assert_eq!(serde_json::from_str::<ErrorKind>(&s).unwrap(), k);
+        }
+        assert_eq!(
+            serde_json::from_str::<ErrorKind>("\"from_the_future\"").unwrap(),
+            ErrorKind::Other
+        );
+    }
+
+    #[test]
+    fn every_documented_exit_code_has_its_kind() {
+        use crate::cli::exit;
+        let cases = [
+            (PeerError::BadInput("x".into()), exit::BAD_REFERENCE),
+            (PeerError::Ambiguous("x".into()), exit::BAD_REFERENCE),
+            (PeerError::NotFound("x".into()), exit::NOT_FOUND),
+            (PeerError::Verification("x".into()), exit::VERIFICATION),
+            (PeerError::UnsafeArchive("x".into()), exit::VERIFICATION),
+            (PeerError::NoPeers("x".into()), exit::NO_PEERS),
+            (PeerError::Tracker("x".into()), exit::TRACKER),
+            (PeerError::Unauthorized("x".into()), exit::UNAUTHORIZED),
+            (PeerError::TrackerRefused("x".into()), exit::ERROR),
+            (
+                PeerError::Remote {
+                    kind: ErrorKind::NoPeers,
+                    message: "x".into(),
+                },
+                exit::NO_PEERS,
+            ),
+            (
+                PeerError::io("binding", "/x")(io::Error::from(io::ErrorKind::AddrInUse)),
+                exit::ERROR,
+            ),
+        ];
+        for (e, code) in cases {
+            assert_eq!(e.exit_code(), code, "{e:?}");
+        }
+    }
+}

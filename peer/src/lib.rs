@@ -17,4 +17,4 @@ mod error;
 pub mod storage;
 pub mod tracker_client;
 
-pub use error::{PeerError, Result};
+pub use error::{ErrorKind, PeerError, Result};

@@ -15,12 +15,24 @@ const MAX_ANNOUNCE_BYTES: usize = 1 << 20;
 /// Largest metainfo or JSON body read.
 const MAX_BODY_BYTES: usize = 16 << 20;
 
+/// First pause before retrying a transient failure; doubles per attempt, with jitter.
+const FIRST_RETRY: Duration = Duration::from_millis(250);
+/// Longest pause between two attempts.
+const MAX_RETRY: Duration = Duration::from_secs(5);
+
 /// A client for one tracker.
+///
+/// Every call retries transient failures — a refused or timed-out connection, a timeout, a 5xx
+/// or 429 — with jittered exponential backoff for up to its retry budget: a flash crowd of a
+/// whole fleet asks the tracker at the same instant, and a host whose first SYN was dropped
+/// must not fail its `get` for it. Jitter spreads the retries so they do not arrive as a second
+/// crowd. Answers that will not change on retry (4xx, a `failure reason`) are not retried.
 #[derive(Debug, Clone)]
 pub struct TrackerClient {
     base: String,
     http: reqwest::Client,
     token: Option<String>,
+    retry_for: Duration,
 }
 
 /// What a publish did.
@@ -32,9 +44,15 @@ pub enum PublishOutcome {
     AlreadyPublished,
 }
 
+/// One attempt's failure: worth another try, or final.
+enum Attempt {
+    Transient(PeerError),
+    Final(PeerError),
+}
+
 impl TrackerClient {
     /// `base` is the tracker's URL, e.g. `http://tracker:6969` (an `/announce` suffix is
-    /// accepted and dropped).
+    /// accepted and dropped). `timeout` bounds one attempt; see [`Self::with_retry`].
     pub fn new(base: &str, token: Option<String>, timeout: Duration) -> Result<Self> {
         let trimmed = base.trim().trim_end_matches('/');
         let trimmed = trimmed.strip_suffix("/announce").unwrap_or(trimmed);
@@ -50,12 +68,19 @@ impl TrackerClient {
             .connect_timeout(timeout.min(Duration::from_secs(5)))
             .no_proxy()
             .build()
-            .map_err(|e| PeerError::Tracker(format!("HTTP client: {e}")))?;
+            .map_err(|e| PeerError::Agent(format!("HTTP client: {e}")))?;
         Ok(Self {
             base: trimmed.to_owned(),
             http,
             token: token.filter(|t| !t.is_empty()),
+            retry_for: Duration::ZERO,
         })
+    }
+
+    /// Keep retrying transient failures for up to `budget` per call (zero: one attempt).
+    pub fn with_retry(mut self, budget: Duration) -> Self {
+        self.retry_for = budget;
+        self
     }
 
     /// The tracker's base URL.
@@ -63,87 +88,143 @@ impl TrackerClient {
         &self.base
     }
 
-    fn unreachable(&self, e: reqwest::Error) -> PeerError {
-        PeerError::Tracker(format!("cannot reach {}: {}", self.base, error_chain(&e)))
+    fn unreachable(&self, e: &reqwest::Error) -> PeerError {
+        PeerError::Tracker(format!("cannot reach {}: {}", self.base, error_chain(e)))
     }
 
-    async fn body(&self, resp: reqwest::Response, max: usize) -> Result<(StatusCode, Vec<u8>)> {
+    /// One request, retried while its failures are transient and the budget lasts. Returns
+    /// the status and body of the last answer that was not transient (any 2xx-4xx).
+    async fn call(
+        &self,
+        budget: Duration,
+        build: impl Fn() -> reqwest::RequestBuilder,
+        max: usize,
+    ) -> Result<(StatusCode, Vec<u8>)> {
+        let deadline = tokio::time::Instant::now() + budget;
+        let mut pause = FIRST_RETRY;
+        loop {
+            let err = match self.attempt(build(), max).await {
+                Ok(answer) => return Ok(answer),
+                Err(Attempt::Final(e)) => return Err(e),
+                Err(Attempt::Transient(e)) => e,
+            };
+            // Full jitter over the upper half: never zero, never in lockstep with the fleet.
+            let wait = pause.mul_f64(0.5 + rand::random::<f64>() * 0.5);
+            if tokio::time::Instant::now() + wait > deadline {
+                return Err(err);
+            }
+            tracing::debug!(tracker = %self.base, error = %err, retry_in = ?wait, "tracker call failed; retrying");
+            tokio::time::sleep(wait).await;
+            pause = (pause * 2).min(MAX_RETRY);
+        }
+    }
+
+    async fn attempt(
+        &self,
+        req: reqwest::RequestBuilder,
+        max: usize,
+    ) -> Result<(StatusCode, Vec<u8>), Attempt> {
+        let resp = req
+            .send()
+            .await
+            .map_err(|e| Attempt::Transient(self.unreachable(&e)))?;
         let status = resp.status();
+        if status.is_server_error() || status == StatusCode::TOO_MANY_REQUESTS {
+            return Err(Attempt::Transient(PeerError::Tracker(format!(
+                "{} answered {status}",
+                self.base
+            ))));
+        }
         if resp.content_length().is_some_and(|n| n > max as u64) {
-            return Err(PeerError::Tracker(format!(
-                "response larger than {max} bytes"
-            )));
+            return Err(Attempt::Final(PeerError::Tracker(format!(
+                "{} sent a response larger than {max} bytes",
+                self.base
+            ))));
         }
         let mut resp = resp;
         let mut out = Vec::new();
-        while let Some(chunk) = resp.chunk().await.map_err(|e| self.unreachable(e))? {
-            if out.len() + chunk.len() > max {
-                return Err(PeerError::Tracker(format!(
-                    "response larger than {max} bytes"
-                )));
+        loop {
+            match resp.chunk().await {
+                Ok(Some(chunk)) => {
+                    if out.len() + chunk.len() > max {
+                        return Err(Attempt::Final(PeerError::Tracker(format!(
+                            "{} sent a response larger than {max} bytes",
+                            self.base
+                        ))));
+                    }
+                    out.extend_from_slice(&chunk);
+                }
+                Ok(None) => return Ok((status, out)),
+                Err(e) => return Err(Attempt::Transient(self.unreachable(&e))),
             }
-            out.extend_from_slice(&chunk);
         }
-        Ok((status, out))
     }
 
-    /// Announce; a `failure reason` becomes an error.
+    /// Announce; a `failure reason` becomes an error. One attempt: the announcer has its own
+    /// retry loop, and a fresh announce carries fresher counters than a retried one.
     pub async fn announce(&self, req: &AnnounceRequest) -> Result<AnnounceResponse> {
         let url = format!("{}/announce?{}", self.base, req.to_query());
-        let resp = self
-            .http
-            .get(url)
-            .send()
-            .await
-            .map_err(|e| self.unreachable(e))?;
-        let (status, body) = self.body(resp, MAX_ANNOUNCE_BYTES).await?;
+        let (status, body) = self
+            .call(Duration::ZERO, || self.http.get(&url), MAX_ANNOUNCE_BYTES)
+            .await?;
         if !status.is_success() {
-            return Err(PeerError::Tracker(format!("announce answered {status}")));
+            return Err(PeerError::Tracker(format!(
+                "{} answered the announce with {status}; is it a BitTorrent tracker?",
+                self.base
+            )));
         }
-        match AnnounceResponse::decode(&body)
-            .map_err(|e| PeerError::Tracker(format!("bad announce response: {e}")))?
-        {
+        match AnnounceResponse::decode(&body).map_err(|e| {
+            PeerError::Tracker(format!("{}: unreadable announce response: {e}", self.base))
+        })? {
             TrackerReply::Ok(r) => Ok(r),
-            TrackerReply::Failure(reason) => {
-                Err(PeerError::Tracker(format!("announce refused: {reason}")))
+            // BEP 3 gives refusals only as text. Ours starts this way for an info-hash it
+            // does not list (see the tracker's announce handler); stock trackers say other
+            // things, which stay a plain refusal.
+            TrackerReply::Failure(reason) if reason.starts_with("unregistered torrent") => {
+                Err(PeerError::Unregistered(reason))
             }
+            TrackerReply::Failure(reason) => Err(PeerError::TrackerRefused(format!(
+                "announce refused: {reason}"
+            ))),
         }
     }
 
-    fn api_error(status: StatusCode, body: &[u8], what: &str) -> PeerError {
-        let msg = serde_json::from_slice::<ApiError>(body)
-            .map(|e| {
-                if e.candidates.is_empty() {
-                    e.error
-                } else {
-                    format!("{}: {}", e.error, e.candidates.join(", "))
-                }
-            })
-            .unwrap_or_else(|_| String::from_utf8_lossy(body).trim().to_owned());
+    /// An error answer from the catalog API. Our tracker always answers JSON ([`ApiError`]);
+    /// anything else (an HTML error page) means the URL does not point at an fbpkg-rs tracker.
+    fn api_error(&self, status: StatusCode, body: &[u8], what: &str) -> PeerError {
+        let Ok(e) = serde_json::from_slice::<ApiError>(body) else {
+            return PeerError::Tracker(format!(
+                "{} answered {what} with {status} and a body that is not an fbpkg-rs tracker's; check --tracker / FBPKG_TRACKER",
+                self.base
+            ));
+        };
+        let msg = if e.candidates.is_empty() {
+            e.error
+        } else {
+            format!("{}: {}", e.error, e.candidates.join(", "))
+        };
         match status {
             StatusCode::NOT_FOUND => PeerError::NotFound(msg),
             StatusCode::CONFLICT if what == "resolve" => PeerError::Ambiguous(msg),
             StatusCode::BAD_REQUEST => PeerError::BadInput(msg),
-            StatusCode::UNAUTHORIZED => {
-                PeerError::Tracker(format!("{msg} (set --publish-token / FBPKG_PUBLISH_TOKEN)"))
-            }
-            _ => PeerError::Tracker(format!("{what}: {status}: {msg}")),
+            StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => PeerError::Unauthorized(format!(
+                "{msg} (set --publish-token / FBPKG_PUBLISH_TOKEN)"
+            )),
+            _ => PeerError::TrackerRefused(format!("{what}: {status}: {msg}")),
         }
     }
 
     async fn get_json<T: serde::de::DeserializeOwned>(&self, path: &str, what: &str) -> Result<T> {
-        let resp = self
-            .http
-            .get(format!("{}{path}", self.base))
-            .send()
-            .await
-            .map_err(|e| self.unreachable(e))?;
-        let (status, body) = self.body(resp, MAX_BODY_BYTES).await?;
+        let url = format!("{}{path}", self.base);
+        let (status, body) = self
+            .call(self.retry_for, || self.http.get(&url), MAX_BODY_BYTES)
+            .await?;
         if !status.is_success() {
-            return Err(Self::api_error(status, &body, what));
+            return Err(self.api_error(status, &body, what));
         }
-        serde_json::from_slice(&body)
-            .map_err(|e| PeerError::Tracker(format!("bad {what} response: {e}")))
+        serde_json::from_slice(&body).map_err(|e| {
+            PeerError::Tracker(format!("{}: unreadable {what} response: {e}", self.base))
+        })
     }
 
     /// Resolve a reference to one version.
@@ -174,15 +255,11 @@ impl TrackerClient {
         sha256: &fbpkg_common::Sha256Hash,
     ) -> Result<Metainfo> {
         let url = format!("{}/api/v1/packages/{name}/{sha256}/metainfo", self.base);
-        let resp = self
-            .http
-            .get(url)
-            .send()
-            .await
-            .map_err(|e| self.unreachable(e))?;
-        let (status, body) = self.body(resp, MAX_BODY_BYTES).await?;
+        let (status, body) = self
+            .call(self.retry_for, || self.http.get(&url), MAX_BODY_BYTES)
+            .await?;
         if !status.is_success() {
-            return Err(Self::api_error(status, &body, "metainfo"));
+            return Err(self.api_error(status, &body, "metainfo"));
         }
         let m = Metainfo::parse(&body).map_err(|e| {
             PeerError::Verification(format!("the tracker's metainfo is invalid: {e}"))
@@ -209,17 +286,18 @@ impl TrackerClient {
         name: &PackageName,
         m: &Metainfo,
     ) -> Result<(PublishOutcome, VersionInfo)> {
+        // A PUT of the same metainfo is idempotent (200 the second time), so retrying is safe.
         let url = format!("{}/api/v1/packages/{name}/{}", self.base, m.sha256);
-        let req = self.authorized(self.http.put(url).body(m.as_bytes().to_vec()));
-        let resp = req.send().await.map_err(|e| self.unreachable(e))?;
-        let (status, body) = self.body(resp, MAX_BODY_BYTES).await?;
+        let build = || self.authorized(self.http.put(&url).body(m.as_bytes().to_vec()));
+        let (status, body) = self.call(self.retry_for, build, MAX_BODY_BYTES).await?;
         let outcome = match status {
             StatusCode::CREATED => PublishOutcome::Created,
             StatusCode::OK => PublishOutcome::AlreadyPublished,
-            _ => return Err(Self::api_error(status, &body, "publish")),
+            _ => return Err(self.api_error(status, &body, "publish")),
         };
-        let info = serde_json::from_slice(&body)
-            .map_err(|e| PeerError::Tracker(format!("bad publish response: {e}")))?;
+        let info = serde_json::from_slice(&body).map_err(|e| {
+            PeerError::Tracker(format!("{}: unreadable publish response: {e}", self.base))
+        })?;
         Ok((outcome, info))
     }
 
@@ -231,14 +309,13 @@ impl TrackerClient {
         sha256: &fbpkg_common::Sha256Hash,
     ) -> Result<TagInfo> {
         let url = format!("{}/api/v1/packages/{name}/tags/{tag}", self.base);
-        let req = self.authorized(self.http.put(url).body(sha256.to_hex()));
-        let resp = req.send().await.map_err(|e| self.unreachable(e))?;
-        let (status, body) = self.body(resp, MAX_BODY_BYTES).await?;
+        let build = || self.authorized(self.http.put(&url).body(sha256.to_hex()));
+        let (status, body) = self.call(self.retry_for, build, MAX_BODY_BYTES).await?;
         if !status.is_success() {
-            return Err(Self::api_error(status, &body, "tag"));
+            return Err(self.api_error(status, &body, "tag"));
         }
         serde_json::from_slice(&body)
-            .map_err(|e| PeerError::Tracker(format!("bad tag response: {e}")))
+            .map_err(|e| PeerError::Tracker(format!("{}: unreadable tag response: {e}", self.base)))
     }
 }
 
@@ -254,4 +331,136 @@ fn error_chain(e: &dyn std::error::Error) -> String {
         cur = c.source();
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpListener;
+
+    use super::*;
+    use crate::ErrorKind;
+
+    /// A one-line HTTP server: answers the n-th request (from 0) with `answer(n)`.
+    async fn serve(
+        listener: TcpListener,
+        answer: impl Fn(usize) -> (u16, &'static str, &'static str) + Send + Sync + 'static,
+    ) -> Arc<AtomicUsize> {
+        let count = Arc::new(AtomicUsize::new(0));
+        let seen = count.clone();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = listener.accept().await {
+                let mut head = Vec::new();
+                let mut b = [0u8; 1024];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match s.read(&mut b).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => head.extend_from_slice(&b[..n]),
+                    }
+                }
+                let (status, ctype, body) = answer(seen.fetch_add(1, Ordering::SeqCst));
+                let resp = format!(
+                    "HTTP/1.1 {status} X\r\ncontent-type: {ctype}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = s.write_all(resp.as_bytes()).await;
+            }
+        });
+        count
+    }
+
+    const NOT_FOUND: (u16, &str, &str) = (404, "application/json", r#"{"error":"no such tag"}"#);
+
+    fn client(addr: std::net::SocketAddr, retry: Duration) -> TrackerClient {
+        TrackerClient::new(&format!("http://{addr}"), None, Duration::from_secs(5))
+            .unwrap()
+            .with_retry(retry)
+    }
+
+    fn tag_ref() -> PackageRef {
+        "app:prod".parse().unwrap()
+    }
+
+    #[tokio::test]
+    async fn transient_failures_are_retried_within_the_budget() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let count = serve(listener, |n| {
+            if n < 2 {
+                (503, "text/plain", "busy")
+            } else {
+                NOT_FOUND
+            }
+        })
+        .await;
+        let err = client(addr, Duration::from_secs(20))
+            .resolve(&tag_ref())
+            .await
+            .unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::NotFound, "{err}");
+        assert_eq!(count.load(Ordering::SeqCst), 3);
+    }
+
+    #[tokio::test]
+    async fn a_refused_first_connection_is_retried() {
+        let probe = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = probe.local_addr().unwrap();
+        drop(probe);
+        let server = tokio::spawn(async move {
+            // Up a moment after the client's first attempt was refused.
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            serve(TcpListener::bind(addr).await.unwrap(), |_| NOT_FOUND).await
+        });
+        let err = client(addr, Duration::from_secs(20))
+            .resolve(&tag_ref())
+            .await
+            .unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::NotFound, "{err}");
+        assert!(server.await.unwrap().load(Ordering::SeqCst) >= 1);
+    }
+
+    #[tokio::test]
+    async fn a_tracker_that_stays_away_is_unreachable_after_the_budget() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let count = serve(listener, |_| (503, "text/plain", "busy")).await;
+        let err = client(addr, Duration::from_secs(1))
+            .resolve(&tag_ref())
+            .await
+            .unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::TrackerUnreachable, "{err}");
+        assert_eq!(err.exit_code(), crate::cli::exit::TRACKER);
+        assert!(count.load(Ordering::SeqCst) >= 2, "retried at least once");
+    }
+
+    #[tokio::test]
+    async fn answers_are_typed_by_what_they_mean() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        serve(listener, |n| match n {
+            0 => (404, "text/html", "<html><body>Not Found</body></html>"),
+            1 => (401, "application/json", r#"{"error":"bad token"}"#),
+            _ => (
+                409,
+                "application/json",
+                r#"{"error":"ambiguous","candidates":["a","b"]}"#,
+            ),
+        })
+        .await;
+        let c = client(addr, Duration::ZERO);
+        let html = c.resolve(&tag_ref()).await.unwrap_err();
+        assert_eq!(html.kind(), ErrorKind::TrackerUnreachable, "{html}");
+        assert!(
+            html.to_string().contains("not an fbpkg-rs tracker"),
+            "{html}"
+        );
+        let auth = c.resolve(&tag_ref()).await.unwrap_err();
+        assert_eq!(auth.kind(), ErrorKind::Unauthorized, "{auth}");
+        assert_eq!(auth.exit_code(), crate::cli::exit::UNAUTHORIZED);
+        let amb = c.resolve(&tag_ref()).await.unwrap_err();
+        assert_eq!(amb.kind(), ErrorKind::Ambiguous, "{amb}");
+    }
 }

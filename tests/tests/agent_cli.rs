@@ -334,24 +334,25 @@ async fn publish_and_get_through_agents_then_offline_from_the_cache() {
     }
 
     // What the cache does not hold needs the tracker: exit 6, by tag and by prefix (no agent),
-    // and by full hash (through agent B, which cannot reach the tracker either).
+    // and by full hash (through agent B, which cannot reach the tracker either), once the
+    // retries of a stall timeout are spent.
     let empty_cache = base.join("empty-cache");
     let out = run(
-        &["get", "treepkg:prod"],
+        &["get", "--stall-timeout", "2s", "treepkg:prod"],
         &host(&fresh_state, &empty_cache, &dead_url),
     )
     .await;
     assert_eq!(out.code, Some(6), "get treepkg:prod, nothing cached: {out}");
     let missing_prefix = "treepkg:00000000";
     let out = run(
-        &["get", missing_prefix],
+        &["get", "--stall-timeout", "2s", missing_prefix],
         &host(&fresh_state, b.cache_dir(), &dead_url),
     )
     .await;
     assert_eq!(out.code, Some(6), "get {missing_prefix}: {out}");
     let missing_full = format!("treepkg:{}", "0".repeat(64));
     let out = run(
-        &["get", &missing_full],
+        &["get", "--stall-timeout", "2s", &missing_full],
         &host(b.state_dir(), b.cache_dir(), &dead_url),
     )
     .await;
@@ -454,5 +455,94 @@ async fn get_right_after_publish_waits_at_most_one_min_interval() {
         took < MIN_INTERVAL + Duration::from_secs(3),
         "get right after publish took {took:?}: the leecher waited more than one min interval \
          ({MIN_INTERVAL:?}) before asking the tracker again"
+    );
+}
+
+/// A publish the tracker refuses (wrong token) exits 7 and leaves nothing behind: not in the
+/// cache, not seeded by the agent. Without an agent, likewise.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_publish_exits_7_and_leaves_nothing_behind() {
+    let dirs = tempfile::tempdir().unwrap();
+    let base = dirs.path();
+    let tracker = fbpkg_tests::embedded_tracker(&base.join("tracker"), |c| {
+        c.publish_token = Some("right-token".into());
+    })
+    .await;
+    let url = format!("http://{}", tracker.addr);
+    let file = base.join("tool.bin");
+    std::fs::write(&file, b"#!/bin/sh\necho hi\n").unwrap();
+    let agent = AgentProcess::start(&base.join("a-state"), &base.join("a-cache"), &url, &[])
+        .await
+        .unwrap();
+    let file_arg = file.to_str().unwrap();
+    for (label, hosts) in [
+        ("through the agent", agent.host_args()),
+        (
+            "without an agent",
+            host(&base.join("lone-state"), &base.join("lone-cache"), &url),
+        ),
+    ] {
+        let out = run(
+            &[
+                "publish",
+                "tool",
+                file_arg,
+                "--publish-token",
+                "wrong-token",
+            ],
+            &hosts,
+        )
+        .await;
+        assert_eq!(out.code, Some(7), "{label}: {out}");
+        assert!(out.stderr.contains("not authorized"), "{label}: {out}");
+    }
+    for cache in [agent.cache_dir().to_owned(), base.join("lone-cache")] {
+        let left: Vec<_> = std::fs::read_dir(&cache)
+            .map(|rd| {
+                rd.flatten()
+                    .map(|e| e.file_name())
+                    .filter(|n| n != ".staging")
+                    .collect()
+            })
+            .unwrap_or_default();
+        let tool_dir = cache.join("tool");
+        let versions = std::fs::read_dir(&tool_dir)
+            .map(|rd| rd.count())
+            .unwrap_or(0);
+        assert_eq!(
+            versions,
+            0,
+            "{}: a refused version stayed: {left:?}",
+            cache.display()
+        );
+    }
+    let status = agent.status().await.unwrap();
+    assert!(
+        status.iter().all(|t| t.name != "tool"),
+        "the agent still seeds a refused version: {status:?}"
+    );
+    let _ = fbpkg_tests::stop_tracker(tracker).await;
+}
+
+/// An agent that cannot listen where it is told exits 1 with the address in the message, not
+/// as a bad reference (2).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_that_cannot_listen_says_so_and_exits_1() {
+    let dirs = tempfile::tempdir().unwrap();
+    let taken = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let out = run(
+        &["agent", "--listen", &addr],
+        &host(
+            &dirs.path().join("state"),
+            &dirs.path().join("cache"),
+            "http://127.0.0.1:9",
+        ),
+    )
+    .await;
+    assert_eq!(out.code, Some(1), "{out}");
+    assert!(
+        out.stderr.contains("cannot listen for peers") && out.stderr.contains(&addr),
+        "{out}"
     );
 }

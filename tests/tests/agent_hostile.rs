@@ -164,7 +164,11 @@ async fn hostile_archives_fail_as_unsafe_and_write_nothing() {
             });
         match &ended {
             Phase::Failed { kind, message } => {
-                assert_eq!(kind, "unsafe_archive", "{label}: {message}");
+                assert_eq!(
+                    *kind,
+                    fbpkg_peer::ErrorKind::UnsafeArchive,
+                    "{label}: {message}"
+                );
             }
             other => panic!("{label}: the leecher accepted a hostile archive: {other:?}"),
         }

@@ -13,13 +13,13 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixStream;
 
 use crate::engine::TorrentStatus;
-use crate::error::{PeerError, Result};
+use crate::error::{ErrorKind, PeerError, Result};
 
 /// File name of the socket inside the state directory.
 pub const SOCKET_NAME: &str = "agent.sock";
-/// Longest request line accepted.
-/// Longest request line accepted: an `add` carries a metainfo of up to 8 MiB, hex-encoded.
-pub(crate) const MAX_REQUEST_LINE: usize = 20 << 20;
+/// Longest request line accepted. The largest request is an `add`, whose hex metainfo for
+/// the largest package `publish` makes (2,048 pieces) is about 85 KiB.
+pub const MAX_CONTROL_LINE: usize = 1 << 20;
 
 /// What a client asks.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -33,6 +33,9 @@ pub enum Request {
         name: String,
         /// Full SHA-256.
         sha256: String,
+        /// Retry an unreachable tracker this long for the metainfo (default: the agent's).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        tracker_retry_secs: Option<f64>,
     },
     /// Install a local archive into the cache and seed it (after `publish`).
     Add {
@@ -52,6 +55,14 @@ pub enum Request {
     Announce {
         /// Swarm info-hash, hex.
         info_hash: String,
+    },
+    /// Stop seeding `name:sha256` and remove it from the cache (a publish the tracker refused
+    /// must leave nothing behind).
+    Forget {
+        /// Package name.
+        name: String,
+        /// Full SHA-256.
+        sha256: String,
     },
 }
 
@@ -86,7 +97,7 @@ pub enum Event {
     /// The request failed.
     Error {
         /// [`PeerError::kind`].
-        kind: String,
+        kind: ErrorKind,
         /// What happened.
         message: String,
     },
@@ -96,10 +107,23 @@ impl Event {
     /// An error event from an error.
     pub fn from_error(e: &PeerError) -> Self {
         Event::Error {
-            kind: e.effective_kind().to_owned(),
+            kind: e.kind(),
             message: e.to_string(),
         }
     }
+}
+
+/// Parse one request line (its newline optional). Longer than [`MAX_CONTROL_LINE`]: refused
+/// as "request too long", without looking further.
+pub fn parse_request_line(line: &[u8]) -> Result<Request> {
+    if line.len() > MAX_CONTROL_LINE {
+        return Err(PeerError::BadInput(format!(
+            "request too long: the limit is {MAX_CONTROL_LINE} bytes"
+        )));
+    }
+    let line = line.strip_suffix(b"\n").unwrap_or(line);
+    serde_json::from_slice(line)
+        .map_err(|e| PeerError::BadInput(format!("bad control request: {e}")))
 }
 
 /// The socket path for a state directory.
@@ -192,12 +216,13 @@ mod tests {
         let r = Request::Fetch {
             name: "a".into(),
             sha256: "b".into(),
+            tracker_retry_secs: None,
         };
         let s = serde_json::to_string(&r).unwrap();
         assert_eq!(s, r#"{"op":"fetch","name":"a","sha256":"b"}"#);
         assert_eq!(serde_json::from_str::<Request>(&s).unwrap(), r);
         let e = Event::Error {
-            kind: "not_found".into(),
+            kind: ErrorKind::NotFound,
             message: "x".into(),
         };
         assert_eq!(
@@ -205,5 +230,18 @@ mod tests {
             e
         );
         assert!(serde_json::from_str::<Request>(r#"{"op":"rm -rf"}"#).is_err());
+    }
+
+    #[test]
+    fn request_lines_are_bounded() {
+        assert_eq!(
+            parse_request_line(b"{\"op\":\"ping\"}\n").unwrap(),
+            Request::Ping
+        );
+        let mut long = br#"{"op":"fetch","name":""#.to_vec();
+        long.resize(MAX_CONTROL_LINE + 1, b'a');
+        let err = parse_request_line(&long).unwrap_err().to_string();
+        assert!(err.starts_with("request too long"), "{err}");
+        assert!(parse_request_line(b"\xff\xfe").is_err());
     }
 }

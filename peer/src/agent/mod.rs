@@ -14,6 +14,7 @@ use fbpkg_common::pkgref::PackageName;
 use fbpkg_common::{InfoHash, Sha256Hash};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
@@ -22,10 +23,14 @@ use crate::cache::{Cache, Handoff};
 use crate::engine::{Engine, EngineConfig, Phase, Torrent};
 use crate::error::{PeerError, Result};
 use crate::tracker_client::TrackerClient;
-use control::{Event, MAX_REQUEST_LINE, Request};
+use control::{Event, MAX_CONTROL_LINE, Request};
 
 /// How often `fetch` clients get a progress event.
 const PROGRESS_EVERY: Duration = Duration::from_millis(250);
+/// Control connections served at once; more wait in the socket's backlog.
+const MAX_CONTROL_CONNECTIONS: usize = 256;
+/// A client must send its whole request line within this time.
+const REQUEST_DEADLINE: Duration = Duration::from_secs(10);
 
 /// Write one event line; false when the client has gone.
 async fn send(w: &mut tokio::net::unix::OwnedWriteHalf, e: Event) -> bool {
@@ -94,45 +99,52 @@ impl Agent {
             engine: engine.clone(),
             state_dir: state_dir.clone(),
         });
-        let mut seeded = 0;
-        for (name, meta, file) in cache.entries() {
-            match engine.seed(name.clone(), Arc::new(meta), &file) {
-                Ok(_) => seeded += 1,
-                Err(e) => tracing::warn!(package = %name, error = %e, "cannot seed cache entry"),
-            }
-        }
-        for (name, r) in engine.resume_all().await {
-            if let Err(e) = r {
-                tracing::warn!(package = %name, error = %e, "cannot resume download");
-            }
-        }
+        // The control socket comes first: a `get` that arrives while partial downloads are
+        // still being re-hashed must reach this agent (and wait for the one owner of its
+        // download), not start a second, standalone download beside it.
         let sock = control::socket_path(&state_dir);
         let _ = fs::remove_file(&sock); // stale: we hold the lock, so no agent owns it
         let listener =
             UnixListener::bind(&sock).map_err(PeerError::io("binding control socket", &sock))?;
         fs::set_permissions(&sock, fs::Permissions::from_mode(0o600))
             .map_err(PeerError::io("chmod", &sock))?;
+        let tasks = TaskTracker::new();
+        let e = engine.clone();
+        let c = cache.clone();
+        tasks
+            .spawn(async move { restore(&e, &c).await }.instrument(tracing::info_span!("restore")));
         tracing::info!(
             socket = %sock.display(),
             cache = %cache.root().display(),
             tracker = engine.tracker().base(),
             peers = %engine.listen_addr(),
-            seeding = seeded,
             zone = ?engine.config().zone,
             superseed = engine.config().superseed,
             max_upload_rate = ?engine.config().max_upload_rate,
             origin_budget = ?engine.config().origin_budget,
             "agent ready"
         );
-        let tasks = TaskTracker::new();
+        let slots = Arc::new(Semaphore::new(MAX_CONTROL_CONNECTIONS));
         loop {
+            // At the cap, stop accepting: clients wait in the backlog instead of each
+            // costing a task and buffers.
+            let permit = tokio::select! {
+                _ = shutdown.cancelled() => break,
+                p = slots.clone().acquire_owned() => match p {
+                    Ok(p) => p,
+                    Err(_) => break,
+                },
+            };
             tokio::select! {
                 _ = shutdown.cancelled() => break,
                 accepted = listener.accept() => match accepted {
                     Ok((stream, _)) => {
                         let a = agent.clone();
                         let stop = shutdown.clone();
-                        tasks.spawn(async move { a.serve(stream, stop).await }.instrument(tracing::debug_span!("control")));
+                        tasks.spawn(async move {
+                            a.serve(stream, stop).await;
+                            drop(permit);
+                        }.instrument(tracing::debug_span!("control")));
                     }
                     Err(e) => {
                         tracing::warn!(error = %e, "control socket accept failed");
@@ -157,15 +169,19 @@ impl Agent {
 
     async fn serve(&self, stream: UnixStream, shutdown: CancellationToken) {
         let (r, mut w) = stream.into_split();
-        let mut line = String::new();
-        let mut reader = BufReader::new(r).take(MAX_REQUEST_LINE as u64);
-        let read = tokio::time::timeout(Duration::from_secs(10), reader.read_line(&mut line)).await;
+        let mut line = Vec::new();
+        // One byte past the limit tells a line that is too long from one that fits exactly.
+        let mut reader = BufReader::new(r).take(MAX_CONTROL_LINE as u64 + 1);
+        let read =
+            tokio::time::timeout(REQUEST_DEADLINE, reader.read_until(b'\n', &mut line)).await;
         let req = match read {
-            Ok(Ok(n)) if n > 0 => serde_json::from_str::<Request>(line.trim())
-                .map_err(|e| PeerError::BadInput(format!("bad control request: {e}"))),
-            Ok(Ok(_)) => return,
+            Ok(Ok(0)) => return,
+            Ok(Ok(_)) => control::parse_request_line(&line),
             Ok(Err(e)) => Err(PeerError::BadInput(format!("bad control request: {e}"))),
-            Err(_) => Err(PeerError::BadInput("no request within 10 s".into())),
+            Err(_) => Err(PeerError::BadInput(format!(
+                "no request within {} s",
+                REQUEST_DEADLINE.as_secs()
+            ))),
         };
         let req = match req {
             Ok(r) => r,
@@ -221,8 +237,24 @@ impl Agent {
                 };
                 send(&mut w, e).await;
             }
-            Request::Fetch { name, sha256 } => {
-                let t = match self.start_fetch(&name, &sha256).await {
+            Request::Forget { name, sha256 } => {
+                let e = match self.forget(&name, &sha256).await {
+                    Ok(()) => Event::Status {
+                        torrents: self.engine.status(),
+                    },
+                    Err(e) => Event::from_error(&e),
+                };
+                send(&mut w, e).await;
+            }
+            Request::Fetch {
+                name,
+                sha256,
+                tracker_retry_secs,
+            } => {
+                let retry = tracker_retry_secs
+                    .filter(|s| s.is_finite() && *s >= 0.0)
+                    .map(|s| Duration::from_secs_f64(s.min(3600.0)));
+                let t = match self.start_fetch(&name, &sha256, retry).await {
                     Ok(t) => t,
                     Err(e) => {
                         send(&mut w, Event::from_error(&e)).await;
@@ -259,7 +291,12 @@ impl Agent {
         }
     }
 
-    async fn start_fetch(&self, name: &str, sha256: &str) -> Result<Arc<Torrent>> {
+    async fn start_fetch(
+        &self,
+        name: &str,
+        sha256: &str,
+        tracker_retry: Option<Duration>,
+    ) -> Result<Arc<Torrent>> {
         let name = PackageName::new(name).map_err(|e| PeerError::BadInput(e.to_string()))?;
         let sha = Sha256Hash::from_hex(sha256).map_err(|e| PeerError::BadInput(e.to_string()))?;
         if let Some(entry) = self.engine.cache().lookup(&name, &sha) {
@@ -271,8 +308,42 @@ impl Agent {
                 return self.engine.seed(name, Arc::new(m), &file);
             }
         }
-        let meta = self.engine.tracker().metainfo(&name, &sha).await?;
+        if let Some(t) = self.engine.find(&name, &sha)
+            && !matches!(t.current_phase(), Phase::Failed { .. })
+        {
+            return Ok(t);
+        }
+        // A partial download from a previous run (perhaps being re-hashed right now): its
+        // metainfo is on disk, and the tracker may be away.
+        if let Some(m) = self.engine.partial_metainfo(&name, &sha) {
+            return self.engine.download(name, Arc::new(m)).await;
+        }
+        let tracker = match tracker_retry {
+            Some(d) => self.engine.tracker().clone().with_retry(d),
+            None => self.engine.tracker().clone(),
+        };
+        let meta = tracker.metainfo(&name, &sha).await?;
         self.engine.download(name, Arc::new(meta)).await
+    }
+
+    /// Stop seeding `name:sha256` and take it out of the cache: renamed out first, so no
+    /// reader ever sees a half-removed entry, then removed.
+    async fn forget(&self, name: &str, sha256: &str) -> Result<()> {
+        let name = PackageName::new(name).map_err(|e| PeerError::BadInput(e.to_string()))?;
+        let sha = Sha256Hash::from_hex(sha256).map_err(|e| PeerError::BadInput(e.to_string()))?;
+        let ih = self
+            .engine
+            .status()
+            .into_iter()
+            .find(|t| t.name == name.as_str() && t.sha256 == sha.to_hex())
+            .and_then(|t| InfoHash::from_hex(&t.info_hash).ok());
+        if let Some(ih) = ih {
+            self.engine.remove(&ih);
+        }
+        let cache = self.engine.cache().clone();
+        tokio::task::spawn_blocking(move || cache.remove(&name, &sha))
+            .await
+            .map_err(|e| PeerError::Agent(format!("forget task: {e}")))?
     }
 
     async fn add(
@@ -301,4 +372,31 @@ impl Agent {
         self.engine.seed(name, meta, &file)?;
         Ok((entry.launch_path, entry.dir))
     }
+}
+
+/// Seed what the cache holds and resume partial downloads, after the control socket is up.
+async fn restore(engine: &Engine, cache: &Cache) {
+    let c = cache.clone();
+    let entries = tokio::task::spawn_blocking(move || c.entries())
+        .await
+        .unwrap_or_default();
+    let mut seeded = 0;
+    for (name, meta, file) in entries {
+        match engine.seed(name.clone(), Arc::new(meta), &file) {
+            Ok(_) => seeded += 1,
+            Err(e) => tracing::warn!(package = %name, error = %e, "cannot seed cache entry"),
+        }
+    }
+    let mut resumed = 0;
+    for (name, r) in engine.resume_all().await {
+        match r {
+            Ok(_) => resumed += 1,
+            Err(e) => tracing::warn!(package = %name, error = %e, "cannot resume download"),
+        }
+    }
+    tracing::info!(
+        seeding = seeded,
+        resumed,
+        "cache seeded and partial downloads resumed"
+    );
 }

@@ -10,6 +10,10 @@ use super::HostArgs;
 use crate::agent::Agent;
 use crate::engine::EngineConfig;
 
+/// How long the agent retries a transient tracker failure while fetching a metainfo for a
+/// `get`; under the 30 s a `get` waits for the agent's first word.
+const AGENT_TRACKER_RETRY: Duration = Duration::from_secs(20);
+
 /// `fbpkg-rs agent` flags.
 #[derive(Debug, clap::Args)]
 pub(crate) struct AgentArgs {
@@ -29,6 +33,16 @@ pub(crate) struct AgentArgs {
     /// Connections per package.
     #[arg(long, env = "FBPKG_MAX_PEERS", default_value_t = 50)]
     max_peers: usize,
+
+    /// Connections per package from one IP address. One host runs one agent; a NATed group
+    /// of hosts shares an address and may need more.
+    #[arg(long, env = "FBPKG_AGENT_MAX_PEERS_PER_ADDRESS", default_value_t = 16)]
+    max_peers_per_address: usize,
+
+    /// Peer connections open at once across all packages, handshakes included; past it the
+    /// agent stops accepting until one closes.
+    #[arg(long, env = "FBPKG_AGENT_MAX_CONNECTIONS", default_value_t = 1024)]
+    max_connections: usize,
 
     /// Peers uploaded to at once, per package.
     #[arg(long, env = "FBPKG_UPLOAD_SLOTS", default_value_t = 32)]
@@ -55,12 +69,19 @@ pub(crate) struct AgentArgs {
 }
 
 pub(super) fn run(args: AgentArgs) -> anyhow::Result<ExitCode> {
-    if args.max_peers == 0 || args.upload_slots == 0 {
-        anyhow::bail!("--max-peers and --upload-slots must be at least 1");
+    if args.max_peers == 0
+        || args.upload_slots == 0
+        || args.max_peers_per_address == 0
+        || args.max_connections == 0
+    {
+        anyhow::bail!(
+            "--max-peers, --max-peers-per-address, --max-connections and --upload-slots must be at least 1"
+        );
     }
     let state_dir = args.host.state_dir();
     let cache = args.host.cache();
-    let tracker = args.host.tracker_client(None)?;
+    // Metainfo fetches for `get`s retry for a while; announces have their own loop.
+    let tracker = args.host.tracker_client(None, AGENT_TRACKER_RETRY)?;
     let tracker_is_local = tracker.base().split("//").nth(1).is_some_and(|h| {
         h.starts_with("127.") || h.starts_with("localhost") || h.starts_with("[::1]")
     });
@@ -74,6 +95,8 @@ pub(super) fn run(args: AgentArgs) -> anyhow::Result<ExitCode> {
     config.listen = args.listen;
     config.zone = args.zone;
     config.max_peers = args.max_peers;
+    config.max_peers_per_address = args.max_peers_per_address;
+    config.max_connections = args.max_connections;
     config.upload_slots = args.upload_slots;
     config.superseed = !args.no_superseed;
     config.request_timeout = args.request_timeout;

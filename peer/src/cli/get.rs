@@ -14,7 +14,7 @@ use serde::Serialize;
 use tokio::time::Instant;
 
 use super::progress::Progress;
-use super::{HostArgs, exit, exit_code};
+use super::{HostArgs, exit};
 use crate::agent::control::{AgentClient, Event, Request};
 use crate::cache::{Cache, CachedPackage};
 use crate::engine::{Engine, EngineConfig, Phase, TorrentStatus};
@@ -31,7 +31,8 @@ REF is one of:
   <8+ hex digits>        a hash or prefix of any package
 
 Exit codes: 0 ok, 1 other error, 2 bad reference (or ambiguous prefix), 3 not found,
-4 verification failed, 5 no peers within the timeout, 6 tracker unreachable.
+4 verification failed, 5 no peers within the timeout, 6 tracker unreachable (after retrying
+for the stall timeout), 7 not authorized.
 
 When the tracker cannot be reached, prefixes and tags fall back to what this host's cache
 knows (with a warning). With no agent running, get downloads by itself and does not seed
@@ -118,10 +119,14 @@ pub(super) fn run(args: GetArgs, log: Option<&str>) -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("fbpkg-rs: error: {e}");
-            ExitCode::from(exit_code(&e))
+            ExitCode::from(e.exit_code())
         }
     }
 }
+
+/// How long a tag or prefix is retried against an unreachable tracker when this host's cache
+/// can answer it: a launch must not wait a whole stall timeout for a tracker that is gone.
+const RESOLVE_RETRY_WITH_FALLBACK: Duration = Duration::from_secs(3);
 
 /// Resolve through the tracker; when it is unreachable, fall back to what the cache knows.
 async fn resolve(
@@ -132,6 +137,14 @@ async fn resolve(
     if let Some((n, h)) = r.exact() {
         return Ok((n.clone(), *h));
     }
+    let fallback = local_answer(r, cache);
+    let short;
+    let tracker = if fallback.is_some() {
+        short = tracker.clone().with_retry(RESOLVE_RETRY_WITH_FALLBACK);
+        &short
+    } else {
+        tracker
+    };
     match tracker.resolve(r).await {
         Ok(v) => {
             if let (Some(name), Selector::Tag(tag)) = (&r.name, &r.selector) {
@@ -139,34 +152,42 @@ async fn resolve(
             }
             Ok((v.name, v.sha256))
         }
-        Err(PeerError::Tracker(msg)) => {
-            let local = match &r.selector {
-                Selector::Tag(tag) => r
-                    .name
-                    .as_ref()
-                    .and_then(|n| cache.recall_tag(n, tag).map(|h| vec![(n.clone(), h)]))
-                    .unwrap_or_default(),
-                Selector::Prefix(p) => cache.find_prefix(r.name.as_ref(), p),
-                Selector::Hash(h) => HashPrefix::new(&h.to_hex())
-                    .map(|p| cache.find_prefix(r.name.as_ref(), &p))
-                    .unwrap_or_default(),
-            };
-            match local.as_slice() {
-                [(n, h)] if cache.lookup(n, h).is_some() => {
-                    eprintln!(
-                        "fbpkg-rs: warning: tracker unreachable ({msg}); using {n}:{h} from this host's cache"
-                    );
-                    Ok((n.clone(), *h))
-                }
-                _ => Err(PeerError::Tracker(msg)),
+        Err(PeerError::Tracker(msg)) => match fallback {
+            Some((n, h)) => {
+                eprintln!(
+                    "fbpkg-rs: warning: tracker unreachable ({msg}); using {n}:{h} from this host's cache"
+                );
+                Ok((n, h))
             }
-        }
+            None => Err(PeerError::Tracker(msg)),
+        },
         Err(e) => Err(e),
     }
 }
 
+/// The one cached version a tag or prefix stands for on this host, if there is one.
+fn local_answer(r: &PackageRef, cache: &Cache) -> Option<(PackageName, Sha256Hash)> {
+    let local = match &r.selector {
+        Selector::Tag(tag) => r
+            .name
+            .as_ref()
+            .and_then(|n| cache.recall_tag(n, tag).map(|h| vec![(n.clone(), h)]))
+            .unwrap_or_default(),
+        Selector::Prefix(p) => cache.find_prefix(r.name.as_ref(), p),
+        Selector::Hash(h) => HashPrefix::new(&h.to_hex())
+            .map(|p| cache.find_prefix(r.name.as_ref(), &p))
+            .unwrap_or_default(),
+    };
+    match local.as_slice() {
+        [(n, h)] if cache.lookup(n, h).is_some() => Some((n.clone(), *h)),
+        _ => None,
+    }
+}
+
 async fn fetch(args: &GetArgs, r: &PackageRef, cache: &Cache) -> Result<()> {
-    let tracker = args.host.tracker_client(None)?;
+    // A fleet asks at once: a dropped SYN or a 503 is retried for as long as a stall would be
+    // tolerated, so a get fails for the tracker only when it stays away.
+    let tracker = args.host.tracker_client(None, args.stall_timeout)?;
     let (name, sha) = resolve(r, &tracker, cache).await?;
     if let Some(entry) = cache.lookup(&name, &sha) {
         print(&name, &sha, &entry, "cache", args.json);
@@ -234,12 +255,15 @@ async fn via_agent(
         .send(&Request::Fetch {
             name: name.to_string(),
             sha256: sha.to_hex(),
+            tracker_retry_secs: Some(stall.as_secs_f64()),
         })
         .await?;
+    // The agent sends progress every 250 ms once the download exists; before that it may
+    // retry the tracker for up to `stall`. Silence past both means it is stuck.
+    let silence = stall + Duration::from_secs(30);
     let mut stall = Stall::new(stall);
     loop {
-        // The agent sends progress every 250 ms, so silence this long means it is stuck.
-        let next = tokio::time::timeout(Duration::from_secs(30), agent.next()).await;
+        let next = tokio::time::timeout(silence, agent.next()).await;
         match next {
             Err(_) => return Err(PeerError::Agent("the agent stopped answering".into())),
             Ok(Err(e)) => return Err(e),

@@ -95,8 +95,16 @@ impl HostArgs {
         }))
     }
 
-    pub fn tracker_client(&self, token: Option<String>) -> Result<TrackerClient, PeerError> {
-        TrackerClient::new(&self.tracker, token, Duration::from_secs(15))
+    /// A client that retries transient tracker failures for up to `retry_for` per call.
+    pub fn tracker_client(
+        &self,
+        token: Option<String>,
+        retry_for: Duration,
+    ) -> Result<TrackerClient, PeerError> {
+        Ok(
+            TrackerClient::new(&self.tracker, token, Duration::from_secs(15))?
+                .with_retry(retry_for),
+        )
     }
 }
 
@@ -114,19 +122,11 @@ pub mod exit {
     pub const VERIFICATION: u8 = 4;
     /// No peer could serve the package within the timeout.
     pub const NO_PEERS: u8 = 5;
-    /// The tracker is needed and cannot be reached.
+    /// The tracker is needed and cannot be reached (after retries), or answers like no
+    /// fbpkg-rs tracker would.
     pub const TRACKER: u8 = 6;
-}
-
-pub(crate) fn exit_code(e: &PeerError) -> u8 {
-    match e.effective_kind() {
-        "bad_input" | "ambiguous" => exit::BAD_REFERENCE,
-        "not_found" => exit::NOT_FOUND,
-        "verification" | "unsafe_archive" => exit::VERIFICATION,
-        "no_peers" => exit::NO_PEERS,
-        "tracker" => exit::TRACKER,
-        _ => exit::ERROR,
-    }
+    /// The tracker refused the publish token (or wants one).
+    pub const UNAUTHORIZED: u8 = 7;
 }
 
 /// Install the tracing subscriber: human-readable lines on stderr.
@@ -207,7 +207,7 @@ pub fn main() -> ExitCode {
             eprintln!("fbpkg-rs: error: {e:#}");
             let code = e
                 .downcast_ref::<PeerError>()
-                .map(exit_code)
+                .map(PeerError::exit_code)
                 .unwrap_or(exit::ERROR);
             ExitCode::from(code)
         }

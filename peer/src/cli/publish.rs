@@ -43,6 +43,10 @@ pub(crate) struct PublishArgs {
     #[arg(long)]
     json: bool,
 
+    /// Keep retrying an unreachable tracker (refused connections, timeouts, 5xx) this long.
+    #[arg(long, env = "FBPKG_RETRY_FOR", default_value = "60s", value_parser = humantime::parse_duration)]
+    retry_for: std::time::Duration,
+
     #[command(flatten)]
     host: HostArgs,
 }
@@ -120,7 +124,9 @@ pub(super) fn run(args: PublishArgs) -> anyhow::Result<ExitCode> {
         .map(Tag::new)
         .transpose()
         .map_err(|e| PeerError::BadInput(e.to_string()))?;
-    let tracker = args.host.tracker_client(args.publish_token.clone())?;
+    let tracker = args
+        .host
+        .tracker_client(args.publish_token.clone(), args.retry_for)?;
     let state_dir = args.host.state_dir();
     let cache = args.host.cache();
     let prepared = prepare(&name, &args.path, &state_dir.join("tmp"))?;
@@ -137,6 +143,7 @@ pub(super) fn run(args: PublishArgs) -> anyhow::Result<ExitCode> {
         )
         .with_context(|| format!("cannot read {}", prepared.file.display()))?;
         let abs = fs::canonicalize(&prepared.file)?;
+        let was_cached = cache.lookup(&name, &meta.sha256).is_some();
         super::runtime()?.block_on(async {
             // 1. Into this host's cache, seeded by the agent when there is one.
             let seeded_by_agent = match AgentClient::connect(&state_dir).await? {
@@ -166,7 +173,17 @@ pub(super) fn run(args: PublishArgs) -> anyhow::Result<ExitCode> {
             };
             // 2. Listed by the tracker; the agent announces right away instead of waiting
             // for its retry after the "unregistered" refusal.
-            let (outcome, info) = tracker.publish(&name, &meta).await?;
+            let (outcome, info) = match tracker.publish(&name, &meta).await {
+                Ok(listed) => listed,
+                Err(e) => {
+                    // Never listed: what step 1 added must not stay behind, seeded by nobody's
+                    // request and taking disk.
+                    if !was_cached {
+                        forget(&state_dir, &cache, &name, &meta.sha256, seeded_by_agent).await;
+                    }
+                    return Err(e.into());
+                }
+            };
             if seeded_by_agent && let Some(agent) = AgentClient::connect(&state_dir).await? {
                 let poke = Request::Announce { info_hash: meta.info_hash.to_hex() };
                 if let Err(e) = agent.call(&poke).await {
@@ -200,4 +217,34 @@ pub(super) fn run(args: PublishArgs) -> anyhow::Result<ExitCode> {
         let _ = remove_tree(&prepared.file);
     }
     result
+}
+
+/// Undo step 1 of a publish: through the agent (it stops seeding first), or in the cache.
+async fn forget(
+    state_dir: &Path,
+    cache: &crate::cache::Cache,
+    name: &PackageName,
+    sha256: &fbpkg_common::Sha256Hash,
+    via_agent: bool,
+) {
+    let removed = if via_agent {
+        match AgentClient::connect(state_dir).await {
+            Ok(Some(agent)) => agent
+                .call(&Request::Forget {
+                    name: name.to_string(),
+                    sha256: sha256.to_hex(),
+                })
+                .await
+                .map(|_| ()),
+            Ok(None) => cache.remove(name, sha256),
+            Err(e) => Err(e),
+        }
+    } else {
+        cache.remove(name, sha256)
+    };
+    if let Err(e) = removed {
+        eprintln!(
+            "fbpkg-rs: warning: could not remove {name}:{sha256} from this host's cache: {e}"
+        );
+    }
 }

@@ -1,7 +1,10 @@
 //! Announcing one torrent to the tracker: `started`, periodic, `completed`, `stopped`.
 //!
-//! When the tracker cannot be reached the announcer backs off (1 s doubling to a minute)
-//! and the torrent keeps swapping with the peers it already knows.
+//! When the tracker cannot be reached the announcer backs off (1 s doubling, jittered) and
+//! the torrent keeps swapping with the peers it already knows. A download that knows nobody
+//! yet backs off to [`STARVED_BACKOFF`] at most: in a fleet-wide flash crowd the first
+//! announces are the ones most likely to be lost, and a host that waited a minute after a
+//! dropped SYN would finish a minute after everyone else.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -9,10 +12,13 @@ use std::time::Duration;
 use fbpkg_common::tracker_proto::{AnnounceRequest, Event};
 
 use super::torrent::{Phase, Torrent};
+use crate::PeerError;
 
 /// First retry after a failed announce; doubles up to `max_announce_backoff`. Short, because
 /// the commonest failure is a version seeded a moment before the tracker lists it (publish).
 const FIRST_BACKOFF: Duration = Duration::from_secs(1);
+/// Longest wait between announce retries while a download has no peer at all.
+const STARVED_BACKOFF: Duration = Duration::from_secs(4);
 /// Ask for more peers early when fewer than this are connected and the download is not done.
 const FEW_PEERS: usize = 3;
 
@@ -63,14 +69,21 @@ pub(crate) async fn run(t: Arc<Torrent>) {
                 // A version seeded a moment before `publish` lists it is refused once: expected.
                 let just_published = t.is_seeding()
                     && t.age() < Duration::from_secs(30)
-                    && e.to_string().contains("unregistered");
+                    && matches!(e, PeerError::Unregistered(_));
                 if just_published {
                     tracing::debug!(package = %t.name, error = %e, retry_in = ?backoff, "not listed by the tracker yet");
                 } else {
                     tracing::warn!(package = %t.name, error = %e, retry_in = ?backoff, "announce failed; swapping with known peers");
                 }
-                let w = backoff;
-                backoff = (backoff * 2).min(t.ctx.config.max_announce_backoff);
+                let starved = !t.is_seeding() && t.state().peers.is_empty();
+                let cap = if starved {
+                    STARVED_BACKOFF.min(t.ctx.config.max_announce_backoff)
+                } else {
+                    t.ctx.config.max_announce_backoff
+                };
+                // Jitter: a fleet that lost the tracker together must not return together.
+                let w = backoff.min(cap).mul_f64(0.5 + rand::random::<f64>() * 0.5);
+                backoff = (backoff * 2).min(cap);
                 (w, w)
             }
         };

@@ -24,7 +24,7 @@ use fbpkg_common::metainfo::Metainfo;
 use fbpkg_common::pkgref::PackageName;
 use fbpkg_common::tracker_proto::Zone;
 use fbpkg_common::wire::Handshake;
-use fbpkg_common::{InfoHash, PeerId};
+use fbpkg_common::{InfoHash, PeerId, Sha256Hash};
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -50,8 +50,26 @@ pub struct EngineConfig {
     pub zone: Option<Zone>,
     /// Connections per package (default 50).
     pub max_peers: usize,
+    /// Connections per package from one IP address (default 16: one host runs one agent,
+    /// and loopback test fleets run a few).
+    pub max_peers_per_address: usize,
+    /// Peer connections open at once across all packages, handshakes included (default
+    /// 1024); past it the listener stops accepting until one closes.
+    pub max_connections: usize,
+    /// A new connection cannot be evicted for this long (default 10 s): time to handshake,
+    /// trade bitfields and start delivering.
+    pub eviction_grace: Duration,
+    /// A connection that moved no piece data either way for this long may be evicted when the
+    /// package is at `max_peers` and someone else wants in (default 15 s).
+    pub useless_after: Duration,
+    /// A connection whose queued output has not moved for this long is dropped (default
+    /// 30 s): the peer stopped reading.
+    pub write_stall: Duration,
     /// Peers uploaded to at once per package (default 32).
     pub upload_slots: usize,
+    /// While peers wait for an upload slot, a slot held this long goes to one of them
+    /// (default 5 s).
+    pub slot_rotation: Duration,
     /// Peers asked for per announce (default 50).
     pub numwant: u32,
     /// A request unanswered this long is given to someone else (default 20 s).
@@ -90,7 +108,13 @@ impl EngineConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 6881)),
             zone: None,
             max_peers: 50,
+            max_peers_per_address: 16,
+            max_connections: 1024,
+            eviction_grace: Duration::from_secs(10),
+            useless_after: Duration::from_secs(15),
+            write_stall: Duration::from_secs(30),
             upload_slots: 32,
+            slot_rotation: Duration::from_secs(5),
             numwant: 50,
             request_timeout: Duration::from_secs(20),
             connect_timeout: Duration::from_secs(5),
@@ -118,6 +142,10 @@ pub(crate) struct EngineCtx {
     pub cache: Cache,
     pub tasks: TaskTracker,
     pub upload_limit: Option<ratelimit::RateLimiter>,
+    /// One permit per open peer connection (incoming or dialled), handshakes included.
+    pub conn_slots: Arc<tokio::sync::Semaphore>,
+    /// Cache entries found corrupt while serving them: the engine quarantines and refetches.
+    pub corrupt: tokio::sync::mpsc::UnboundedSender<(PackageName, Arc<Metainfo>)>,
 }
 
 /// The engine: all torrents of one agent (or of one `get` without an agent).
@@ -125,6 +153,9 @@ pub(crate) struct EngineCtx {
 pub struct Engine {
     ctx: Arc<EngineCtx>,
     torrents: RwLock<HashMap<InfoHash, Arc<Torrent>>>,
+    /// One gate per info-hash whose download is being set up: whoever takes it first creates
+    /// the torrent; everyone else waits on it and then subscribes to that torrent.
+    setting_up: std::sync::Mutex<HashMap<InfoHash, Arc<tokio::sync::Mutex<()>>>>,
     cancel: CancellationToken,
 }
 
@@ -148,16 +179,23 @@ impl Engine {
         cache: Cache,
         cancel: CancellationToken,
     ) -> Result<Arc<Self>> {
-        let listener = TcpListener::bind(config.listen).await.map_err(|e| {
-            PeerError::BadInput(format!("cannot listen for peers on {}: {e}", config.listen))
-        })?;
+        let listener = TcpListener::bind(config.listen)
+            .await
+            .map_err(PeerError::io(
+                "cannot listen for peers on",
+                config.listen.to_string(),
+            ))?;
         let listen_addr = listener
             .local_addr()
             .map_err(PeerError::io("listener address", ""))?;
         std::fs::create_dir_all(&config.work_dir)
             .map_err(PeerError::io("creating", &config.work_dir))?;
         let upload_limit = config.max_upload_rate.map(ratelimit::RateLimiter::new);
+        let conn_slots = Arc::new(tokio::sync::Semaphore::new(config.max_connections.max(1)));
+        let (corrupt, corrupt_rx) = tokio::sync::mpsc::unbounded_channel();
         let ctx = Arc::new(EngineCtx {
+            conn_slots,
+            corrupt,
             config,
             peer_id: new_peer_id(),
             listen_addr,
@@ -169,12 +207,18 @@ impl Engine {
         let engine = Arc::new(Self {
             ctx: ctx.clone(),
             torrents: RwLock::new(HashMap::new()),
+            setting_up: std::sync::Mutex::new(HashMap::new()),
             cancel: cancel.clone(),
         });
         let e = engine.clone();
         ctx.tasks.spawn(
             async move { e.accept_loop(listener).await }
                 .instrument(tracing::info_span!("listener", addr = %listen_addr)),
+        );
+        let e = engine.clone();
+        ctx.tasks.spawn(
+            async move { e.repair_loop(corrupt_rx).await }
+                .instrument(tracing::info_span!("repair")),
         );
         tracing::info!(addr = %listen_addr, peer_id = %String::from_utf8_lossy(&ctx.peer_id.0[..8]), "engine listening for peers");
         Ok(engine)
@@ -207,6 +251,34 @@ impl Engine {
             .unwrap_or_else(|p| p.into_inner())
             .get(ih)
             .cloned()
+    }
+
+    /// The torrent of `name:sha256`, whatever its phase, if the engine has one.
+    pub fn find(&self, name: &PackageName, sha256: &Sha256Hash) -> Option<Arc<Torrent>> {
+        self.torrents
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .find(|t| t.name == *name && t.meta.sha256 == *sha256)
+            .cloned()
+    }
+
+    /// The metainfo of a partial download of `name:sha256` a previous run left on disk, so
+    /// it can be resumed without asking the tracker.
+    pub fn partial_metainfo(&self, name: &PackageName, sha256: &Sha256Hash) -> Option<Metainfo> {
+        std::fs::read_dir(&self.ctx.config.work_dir)
+            .ok()?
+            .flatten()
+            .find_map(|e| {
+                let dir = e.path();
+                let package = std::fs::read_to_string(dir.join("package")).ok()?;
+                if package.trim() != name.as_str() {
+                    return None;
+                }
+                let m = Metainfo::parse(&std::fs::read(dir.join("metainfo.torrent")).ok()?).ok()?;
+                (m.sha256 == *sha256 && e.file_name().to_str() == Some(&m.info_hash.to_hex()))
+                    .then_some(m)
+            })
     }
 
     /// Status of every torrent.
@@ -253,7 +325,33 @@ impl Engine {
     }
 
     /// Download a package (resuming what a previous run left on disk), then seed it.
+    ///
+    /// Concurrent calls for one info-hash get the same torrent: the first creates it, under a
+    /// gate taken before its first `await`; the others wait for the gate and find it. (Two
+    /// owners would write one `data.part`, and the loser would keep writing into the file
+    /// after the winner renamed it into the cache.)
     pub async fn download(&self, name: PackageName, meta: Arc<Metainfo>) -> Result<Arc<Torrent>> {
+        let ih = meta.info_hash;
+        let gate = self
+            .setting_up
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(ih)
+            .or_default()
+            .clone();
+        let result = {
+            let _owner = gate.lock().await;
+            self.download_gated(name, meta).await
+        };
+        let mut setting_up = self.setting_up.lock().unwrap_or_else(|p| p.into_inner());
+        // Ours and the map's: nobody else waits on this gate, so it can go.
+        if Arc::strong_count(&gate) == 2 {
+            setting_up.remove(&ih);
+        }
+        result
+    }
+
+    async fn download_gated(&self, name: PackageName, meta: Arc<Metainfo>) -> Result<Arc<Torrent>> {
         if let Some(t) = self.torrent(&meta.info_hash) {
             if !matches!(t.current_phase(), Phase::Failed { .. }) {
                 return Ok(t);
@@ -265,18 +363,18 @@ impl Engine {
             return self.seed(name, meta, &file);
         }
         let dir = self.work_dir_for(&meta.info_hash);
-        std::fs::create_dir_all(&dir).map_err(PeerError::io("creating", &dir))?;
-        let meta_path = dir.join("metainfo.torrent");
-        std::fs::write(&meta_path, meta.as_bytes())
-            .map_err(PeerError::io("writing", &meta_path))?;
-        std::fs::write(dir.join("package"), name.as_str())
-            .map_err(PeerError::io("writing", &dir))?;
-        let part = dir.join("data.part");
-        let m = meta.clone();
-        let part2 = part.clone();
-        let (storage, have) = tokio::task::spawn_blocking(move || resume(&part2, &m))
-            .await
-            .map_err(|e| PeerError::Agent(format!("resume task: {e}")))??;
+        let (m, d, n) = (meta.clone(), dir.clone(), name.clone());
+        // Disk work off the reactor: re-hashing a large partial file takes seconds.
+        let (storage, have) = tokio::task::spawn_blocking(move || {
+            std::fs::create_dir_all(&d).map_err(PeerError::io("creating", &d))?;
+            let meta_path = d.join("metainfo.torrent");
+            std::fs::write(&meta_path, m.as_bytes())
+                .map_err(PeerError::io("writing", &meta_path))?;
+            std::fs::write(d.join("package"), n.as_str()).map_err(PeerError::io("writing", &d))?;
+            resume(&d.join("data.part"), &m)
+        })
+        .await
+        .map_err(|e| PeerError::Agent(format!("resume task: {e}")))??;
         if have.count() > 0 {
             tracing::info!(package = %name, pieces = have.count(), of = have.len(), "resuming: pieces on disk verified");
         }
@@ -362,8 +460,51 @@ impl Engine {
         }
     }
 
+    /// Take cache entries found corrupt out of service: stop seeding, move the entry out of
+    /// the cache (so `get` never prints its path again), and fetch the package anew.
+    async fn repair_loop(
+        self: Arc<Self>,
+        mut rx: tokio::sync::mpsc::UnboundedReceiver<(PackageName, Arc<Metainfo>)>,
+    ) {
+        loop {
+            let (name, meta) = tokio::select! {
+                _ = self.cancel.cancelled() => return,
+                m = rx.recv() => match m {
+                    Some(m) => m,
+                    None => return,
+                },
+            };
+            self.remove(&meta.info_hash);
+            let cache = self.ctx.cache.clone();
+            let (n, sha) = (name.clone(), meta.sha256);
+            let moved = tokio::task::spawn_blocking(move || cache.quarantine(&n, &sha))
+                .await
+                .unwrap_or_else(|e| Err(PeerError::Agent(format!("quarantine task: {e}"))));
+            match moved {
+                Ok(to) => {
+                    tracing::error!(package = %name, sha256 = %meta.sha256, quarantined = %to.display(), "cache entry is corrupt: quarantined; fetching it again");
+                }
+                Err(e) => {
+                    tracing::error!(package = %name, sha256 = %meta.sha256, error = %e, "cache entry is corrupt and cannot be moved out of the cache; not serving it");
+                    continue;
+                }
+            }
+            if let Err(e) = self.download(name.clone(), meta).await {
+                tracing::warn!(package = %name, error = %e, "cannot fetch a quarantined package again");
+            }
+        }
+    }
+
     async fn accept_loop(self: Arc<Self>, listener: TcpListener) {
         loop {
+            // At the connection cap, stop accepting: newcomers wait in the backlog.
+            let permit = tokio::select! {
+                _ = self.cancel.cancelled() => return,
+                p = self.ctx.conn_slots.clone().acquire_owned() => match p {
+                    Ok(p) => p,
+                    Err(_) => return,
+                },
+            };
             let accepted = tokio::select! {
                 _ = self.cancel.cancelled() => return,
                 a = listener.accept() => a,
@@ -372,8 +513,11 @@ impl Engine {
                 Ok((stream, addr)) => {
                     let e = self.clone();
                     self.ctx.tasks.spawn(
-                        async move { e.incoming(stream, addr).await }
-                            .instrument(tracing::debug_span!("incoming", peer = %addr)),
+                        async move {
+                            e.incoming(stream, addr).await;
+                            drop(permit);
+                        }
+                        .instrument(tracing::debug_span!("incoming", peer = %addr)),
                     );
                 }
                 Err(err) => {
@@ -430,13 +574,19 @@ async fn read_handshake(stream: &mut TcpStream, buf: &mut BytesMut) -> Result<Ha
     }
 }
 
-/// Dial known peers while there is room, until the torrent stops.
+/// Dial known peers while there is room, and rotate upload slots, until the torrent stops.
 async fn dial_loop(t: Arc<Torrent>) {
     loop {
         for addr in t.dial_list() {
             let t2 = t.clone();
+            let Ok(permit) = t.ctx.conn_slots.clone().try_acquire_owned() else {
+                // At the connection cap: try again when a connection ends.
+                t.dial_done(addr, true);
+                continue;
+            };
             t.ctx.tasks.spawn(
                 async move {
+                    let _permit = permit;
                     let dialled = dial(&t2, addr).await;
                     t2.dial_done(addr, dialled.is_some());
                     if let Some((stream, theirs, buf)) = dialled {
@@ -446,6 +596,7 @@ async fn dial_loop(t: Arc<Torrent>) {
                 .instrument(tracing::debug_span!("dial", peer = %addr)),
             );
         }
+        t.rotate_slots(t.ctx.config.slot_rotation);
         tokio::select! {
             _ = t.cancel.cancelled() => return,
             _ = t.want_peers.notified() => {}
@@ -502,15 +653,50 @@ fn resume(part: &Path, meta: &Metainfo) -> Result<(PieceFile, Bitfield)> {
     Ok((storage, have))
 }
 
+/// What reading a piece back says about it.
+#[derive(Debug)]
+enum PieceVerdict {
+    /// Its SHA-1 matches.
+    Good,
+    /// The bytes do not match: whoever sent them is to blame.
+    Corrupt,
+    /// It could not be read back: our disk's fault, nobody else's.
+    LocalError(std::io::Error),
+}
+
+fn piece_verdict(hashed: std::io::Result<[u8; 20]>, expected: &[u8; 20]) -> PieceVerdict {
+    match hashed {
+        Ok(h) if h == *expected => PieceVerdict::Good,
+        Ok(_) => PieceVerdict::Corrupt,
+        Err(e) => PieceVerdict::LocalError(e),
+    }
+}
+
 /// Check a completed piece against its SHA-1, then tell everyone or start it over.
 pub(crate) fn spawn_verify(t: Arc<Torrent>, index: u32) {
     let tasks = t.ctx.tasks.clone();
     tasks.spawn(async move {
-        let storage = t.storage();
+        let Some(storage) = t.storage() else {
+            return; // failed meanwhile
+        };
         let (offset, len) = (t.meta.piece_offset(index), u64::from(t.meta.piece_size(index)));
         let expected = t.meta.pieces[index as usize];
-        let hashed = tokio::task::spawn_blocking(move || storage.sha1_of(offset, len)).await;
-        let ok = matches!(hashed, Ok(Ok(h)) if h == expected);
+        let path = storage.path().to_owned();
+        let hashed = tokio::task::spawn_blocking(move || storage.sha1_of(offset, len))
+            .await
+            .unwrap_or_else(|e| Err(std::io::Error::other(e)));
+        let ok = match piece_verdict(hashed, &expected) {
+            PieceVerdict::Good => true,
+            PieceVerdict::Corrupt => false,
+            // Our disk, not the peer: fail the download with that error, ban nobody.
+            PieceVerdict::LocalError(e) => {
+                t.fail(
+                    crate::ErrorKind::Io,
+                    format!("cannot read back piece {index} from {}: {e}", path.display()),
+                );
+                return;
+            }
+        };
         let (sources, complete) = {
             let mut st = t.state();
             let sources = st.picker.verified(index, ok);
@@ -534,7 +720,9 @@ fn spawn_finish(t: Arc<Torrent>) {
     let tasks = t.ctx.tasks.clone();
     tasks.spawn(async move {
         t.set_phase(Phase::Verifying);
-        let storage = t.storage();
+        let Some(storage) = t.storage() else {
+            return; // failed meanwhile
+        };
         let (cache, name, meta) = (t.ctx.cache.clone(), t.name.clone(), t.meta.clone());
         let limits = t.ctx.config.extract_limits;
         let part = storage.path().to_owned();
@@ -559,4 +747,27 @@ fn spawn_finish(t: Arc<Torrent>) {
             }
         }
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_piece_we_cannot_read_back_is_our_fault_not_the_senders() {
+        let expected = [7u8; 20];
+        assert!(matches!(
+            piece_verdict(Ok([7; 20]), &expected),
+            PieceVerdict::Good
+        ));
+        assert!(matches!(
+            piece_verdict(Ok([8; 20]), &expected),
+            PieceVerdict::Corrupt
+        ));
+        let eio = std::io::Error::from_raw_os_error(5);
+        assert!(matches!(
+            piece_verdict(Err(eio), &expected),
+            PieceVerdict::LocalError(_)
+        ));
+    }
 }

@@ -2,10 +2,20 @@
 //!
 //! The task owns the socket and a write buffer; `select!` interleaves reading messages,
 //! writing queued bytes, commands from the torrent, and a one-second housekeeping tick.
-//! Uploads are read from storage straight into the write buffer only as it drains, so a peer
-//! asking for many blocks costs a queue of 12-byte requests, not memory for the data.
+//! Uploads are read from storage only as the write buffer drains, so a peer asking for many
+//! blocks costs a queue of 12-byte requests, not memory for the data.
+//!
+//! Disk I/O never runs on the reactor: received blocks are written by blocking-pool tasks
+//! (at most [`MAX_PENDING_WRITES`] per connection; past that the socket is not read), and
+//! uploads are read in one batch at a time, also on the blocking pool. A connection that ends
+//! waits for its writes, so a block is never left half-claimed.
+//!
+//! Bounded by construction: the write buffer past [`READ_PAUSE`] stops reading (a peer that
+//! requests and never reads cannot make us queue answers without bound), and a write buffer
+//! that no byte leaves for `write_stall` (engine settings) ends the connection.
 
 use std::collections::{HashMap, VecDeque};
+use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -17,6 +27,7 @@ use fbpkg_common::wire::{BlockRef, DEFAULT_MAX_MESSAGE, Handshake, Message};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
+use tokio::task::{JoinError, JoinHandle, JoinSet};
 use tokio::time::Instant;
 
 use super::picker::{Arrival, ConnId};
@@ -24,6 +35,10 @@ use super::torrent::{Cmd, Phase, Refusal, Torrent, grant_next_slot};
 
 /// Stop filling the write buffer from storage beyond this many bytes.
 const WRITE_HIGH_WATER: usize = 96 << 10;
+/// Stop reading from the peer while this much waits to be written to it.
+pub(crate) const READ_PAUSE: usize = 256 << 10;
+/// Received blocks being written to disk at once, per connection.
+const MAX_PENDING_WRITES: usize = 16;
 /// Most requests a peer may queue with us; more are rejected (fast) or dropped.
 const MAX_QUEUED_UPLOADS: usize = 512;
 /// Largest block a peer may ask for.
@@ -37,7 +52,7 @@ const KEEPALIVE: Duration = Duration::from_secs(60);
 #[derive(Debug)]
 enum End {
     Closed,
-    Io(std::io::Error),
+    Io(io::Error),
     Protocol(String),
     Told(&'static str),
     Cancelled,
@@ -81,6 +96,22 @@ struct Conn {
     last_send: Instant,
     /// Upload budget exhausted until then.
     throttled_until: Option<Instant>,
+    /// Received blocks being written to disk.
+    writes: JoinSet<(BlockRef, io::Result<()>)>,
+    /// The batch of uploads being read from disk, if any.
+    reading: Option<JoinHandle<UploadBatch>>,
+    /// The last time the write buffer was empty or a byte of it was sent.
+    write_progress: Instant,
+}
+
+/// Blocks read for upload: the encoded `piece` messages, or the read error.
+struct UploadBatch {
+    blocks: Vec<BlockRef>,
+    encoded: io::Result<BytesMut>,
+    /// Pieces checked against their SHA-1 first, and found good.
+    checked: Vec<u32>,
+    /// A piece whose bytes on disk do not match its SHA-1.
+    corrupt: Option<u32>,
 }
 
 /// Run a connection whose handshakes are done. `leftover` holds bytes read past the handshake.
@@ -128,9 +159,16 @@ pub(crate) async fn run(
         last_recv: now,
         last_send: now,
         throttled_until: None,
+        writes: JoinSet::new(),
+        reading: None,
+        write_progress: now,
     };
     tracing::debug!(package = %t.name, peer = %addr, outgoing, "peer connected");
     let end = c.drive(&mut stream, &mut rx, leftover).await;
+    // Blocks claimed by this connection are written before it lets go of them.
+    while let Some(done) = c.writes.join_next().await {
+        let _ = c.on_written(done);
+    }
     match &end {
         End::Closed | End::Cancelled | End::Told(_) => {
             tracing::debug!(package = %t.name, peer = %addr, reason = %end, "peer disconnected")
@@ -145,6 +183,13 @@ pub(crate) async fn run(
 async fn sleep_until_some(t: Option<Instant>) {
     if let Some(t) = t {
         tokio::time::sleep_until(t).await;
+    }
+}
+
+async fn join_some<T>(h: &mut Option<JoinHandle<T>>) -> Result<T, JoinError> {
+    match h {
+        Some(h) => h.await,
+        None => std::future::pending().await,
     }
 }
 
@@ -180,9 +225,10 @@ impl Conn {
             if rbuf.capacity() - rbuf.len() < 16 << 10 {
                 rbuf.reserve(64 << 10);
             }
+            let can_read = self.wbuf.len() < READ_PAUSE && self.writes.len() < MAX_PENDING_WRITES;
             tokio::select! {
                 _ = cancel.cancelled() => return End::Cancelled,
-                r = rd.read_buf(&mut rbuf) => match r {
+                r = rd.read_buf(&mut rbuf), if can_read => match r {
                     Ok(0) => return End::Closed,
                     Ok(_) => self.last_recv = Instant::now(),
                     Err(e) => return End::Io(e),
@@ -192,9 +238,21 @@ impl Conn {
                     Ok(n) => {
                         let _ = self.wbuf.split_to(n);
                         self.last_send = Instant::now();
+                        self.write_progress = self.last_send;
                     }
                     Err(e) => return End::Io(e),
                 },
+                Some(done) = self.writes.join_next(), if !self.writes.is_empty() => {
+                    if let Err(e) = self.on_written(done) {
+                        return e;
+                    }
+                }
+                done = join_some(&mut self.reading), if self.reading.is_some() => {
+                    self.reading = None;
+                    if let Err(e) = self.on_read(done) {
+                        return e;
+                    }
+                }
                 cmd = rx.recv() => match cmd {
                     None => return End::Cancelled,
                     Some(cmd) => if let Err(e) = self.on_cmd(cmd) { return e },
@@ -284,6 +342,17 @@ impl Conn {
                     self.send(&Message::Unchoke);
                 }
             }
+            Cmd::Choke => {
+                if !self.am_choking {
+                    self.am_choking = true;
+                    self.send(&Message::Choke);
+                    for b in std::mem::take(&mut self.uploads) {
+                        if self.fast {
+                            self.send(&Message::Reject(b));
+                        }
+                    }
+                }
+            }
             Cmd::Refill => self.fill_requests(),
             Cmd::Disconnect(why) => return Err(End::Told(why)),
         }
@@ -319,6 +388,7 @@ impl Conn {
                     s.interested_in_us = true;
                     if grant {
                         s.unchoked = true;
+                        s.unchoked_at = Some(Instant::now());
                     }
                 }
                 if !grant && !st.waiting_for_slot.contains(&self.id) {
@@ -510,16 +580,22 @@ impl Conn {
         Ok(())
     }
 
-    /// Move queued uploads into the write buffer, reading from storage, while it has room.
+    /// Read the next batch of queued uploads from storage (off the reactor) while the write
+    /// buffer has room; one batch at a time.
     fn pump_uploads(&mut self) -> Result<(), End> {
-        if self.uploads.is_empty()
+        if self.reading.is_some()
+            || self.uploads.is_empty()
             || self.wbuf.len() >= WRITE_HIGH_WATER
             || self.throttled_until.is_some()
         {
             return Ok(());
         }
-        let storage = self.t.storage();
-        while self.wbuf.len() < WRITE_HIGH_WATER {
+        let Some(storage) = self.t.storage() else {
+            return Err(End::Told("the download failed"));
+        };
+        let mut blocks = Vec::new();
+        let mut bytes = 0usize;
+        while self.wbuf.len() + bytes < WRITE_HIGH_WATER {
             let Some(b) = self.uploads.pop_front() else {
                 break;
             };
@@ -530,16 +606,128 @@ impl Conn {
                 self.throttled_until = Some(Instant::now() + wait);
                 break;
             }
-            let offset = self.t.meta.piece_offset(b.index) + u64::from(b.begin);
-            Message::encode_piece_header(b.index, b.begin, b.length as usize, &mut self.wbuf);
-            let start = self.wbuf.len();
-            self.wbuf.resize(start + b.length as usize, 0);
-            if let Err(e) = storage.read_at(offset, &mut self.wbuf[start..]) {
+            bytes += b.length as usize + 13;
+            blocks.push(b);
+        }
+        if blocks.is_empty() {
+            return Ok(());
+        }
+        let mut check: Vec<u32> = match &self.t.state().served_ok {
+            Some(ok) => blocks
+                .iter()
+                .map(|b| b.index)
+                .filter(|&i| !ok.get(i))
+                .collect(),
+            None => Vec::new(),
+        };
+        check.sort_unstable();
+        check.dedup();
+        let meta = self.t.meta.clone();
+        self.reading = Some(tokio::task::spawn_blocking(move || {
+            for &i in &check {
+                let len = u64::from(meta.piece_size(i));
+                match storage.sha1_of(meta.piece_offset(i), len) {
+                    Ok(h) if h == meta.pieces[i as usize] => {}
+                    Ok(_) => {
+                        return UploadBatch {
+                            blocks,
+                            encoded: Ok(BytesMut::new()),
+                            checked: Vec::new(),
+                            corrupt: Some(i),
+                        };
+                    }
+                    Err(e) => {
+                        return UploadBatch {
+                            blocks,
+                            encoded: Err(e),
+                            checked: Vec::new(),
+                            corrupt: None,
+                        };
+                    }
+                }
+            }
+            let mut out = BytesMut::with_capacity(bytes);
+            let mut encoded = Ok(());
+            for b in &blocks {
+                let offset = meta.piece_offset(b.index) + u64::from(b.begin);
+                Message::encode_piece_header(b.index, b.begin, b.length as usize, &mut out);
+                let start = out.len();
+                out.resize(start + b.length as usize, 0);
+                if let Err(e) = storage.read_at(offset, &mut out[start..]) {
+                    encoded = Err(io::Error::new(
+                        e.kind(),
+                        format!("reading {}: {e}", storage.path().display()),
+                    ));
+                    break;
+                }
+            }
+            UploadBatch {
+                blocks,
+                encoded: encoded.map(|()| out),
+                checked: check,
+                corrupt: None,
+            }
+        }));
+        Ok(())
+    }
+
+    /// A batch of uploads was read: queue it, unless we choked the peer meanwhile.
+    fn on_read(&mut self, done: Result<UploadBatch, JoinError>) -> Result<(), End> {
+        let batch = done.map_err(|e| End::Io(io::Error::other(e)))?;
+        if let Some(piece) = batch.corrupt {
+            self.t.corrupt_at_rest(piece);
+            return Err(End::Told("our copy of the package is corrupt"));
+        }
+        if !batch.checked.is_empty()
+            && let Some(ok) = self.t.state().served_ok.as_mut()
+        {
+            for &i in &batch.checked {
+                ok.set(i);
+            }
+        }
+        let data = match batch.encoded {
+            Ok(d) => d,
+            Err(e) => {
                 tracing::error!(package = %self.t.name, error = %e, "cannot read a block to upload");
                 return Err(End::Io(e));
             }
-            self.up_tick += u64::from(b.length);
-            self.t.count_up(u64::from(b.length));
+        };
+        if self.am_choking {
+            for b in batch.blocks {
+                if self.fast {
+                    self.send(&Message::Reject(b));
+                }
+            }
+            return Ok(());
+        }
+        let payload: u64 = batch.blocks.iter().map(|b| u64::from(b.length)).sum();
+        if self.wbuf.is_empty() {
+            self.wbuf = data;
+        } else {
+            self.wbuf.extend_from_slice(&data);
+        }
+        self.up_tick += payload;
+        self.t.count_up(payload);
+        self.pump_uploads()
+    }
+
+    /// A received block reached the disk (or could not).
+    fn on_written(
+        &mut self,
+        done: Result<(BlockRef, io::Result<()>), JoinError>,
+    ) -> Result<(), End> {
+        let (b, written) = done.map_err(|e| End::Io(io::Error::other(e)))?;
+        if let Err(e) = written {
+            // Disk full or gone: nothing downloaded from here on could be kept.
+            self.t.fail(
+                crate::error::ErrorKind::Io,
+                format!("cannot write a block: {e}"),
+            );
+            return Err(End::Io(e));
+        }
+        self.t.count_down(u64::from(b.length));
+        if self.t.state().picker.stored(&b) {
+            super::spawn_verify(self.t.clone(), b.index);
         }
         Ok(())
     }
@@ -572,21 +760,18 @@ impl Conn {
                         }
                     }
                 }
-                // Written outside the lock; the claim keeps anyone else off this block and
-                // keeps the piece from verifying until `stored`.
+                // Written outside the lock and off the reactor; the claim keeps anyone else
+                // off this block and keeps the piece from verifying until `stored`.
+                let Some(storage) = self.t.storage() else {
+                    return Err(End::Told("the download failed"));
+                };
                 let offset = self.t.meta.piece_offset(index) + u64::from(begin);
-                if let Err(e) = self.t.storage().write_at(offset, &data) {
-                    // Disk full or gone: nothing downloaded from here on could be kept.
-                    self.t.fail(
-                        "io",
-                        format!("cannot write to {}: {e}", self.t.storage().path().display()),
-                    );
-                    return Err(End::Io(e));
-                }
-                self.t.count_down(u64::from(length));
-                if self.t.state().picker.stored(&b) {
-                    super::spawn_verify(self.t.clone(), index);
-                }
+                self.writes.spawn_blocking(move || {
+                    let r = storage.write_at(offset, &data).map_err(|e| {
+                        io::Error::new(e.kind(), format!("{}: {e}", storage.path().display()))
+                    });
+                    (b, r)
+                });
             }
         }
         self.fill_requests();
@@ -624,6 +809,7 @@ impl Conn {
         } else if !hold && self.am_choking && self.peer_interested {
             if let Some(slot) = st.peers.get_mut(&self.id) {
                 slot.unchoked = true;
+                slot.unchoked_at = Some(Instant::now());
             }
             drop(st);
             self.am_choking = false;
@@ -646,6 +832,7 @@ impl Conn {
             }
         }
         self.apply_origin_budget();
+        let moved = self.down_tick > 0 || self.up_tick > 0;
         self.down_rate = 0.6 * self.down_rate + 0.4 * self.down_tick as f64;
         self.up_rate = 0.6 * self.up_rate + 0.4 * self.up_tick as f64;
         self.down_tick = 0;
@@ -656,6 +843,9 @@ impl Conn {
             if let Some(s) = st.peers.get_mut(&self.id) {
                 s.down_rate = self.down_rate;
                 s.up_rate = self.up_rate;
+                if moved {
+                    s.last_useful = now;
+                }
             }
             let stale = now
                 .checked_sub(timeout)
@@ -677,6 +867,11 @@ impl Conn {
         }
         if now.duration_since(self.last_recv) > IDLE_TIMEOUT {
             return Err(End::Told("idle"));
+        }
+        if self.wbuf.is_empty() {
+            self.write_progress = now;
+        } else if now.duration_since(self.write_progress) > self.t.ctx.config.write_stall {
+            return Err(End::Told("stopped reading what we send"));
         }
         if self.wbuf.is_empty() && now.duration_since(self.last_send) > KEEPALIVE {
             self.send(&Message::KeepAlive);

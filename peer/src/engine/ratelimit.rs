@@ -6,10 +6,16 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-/// Bytes per second with a one-second burst. `take` never blocks: it says how long to wait.
+/// The smallest burst: two of the largest block a peer may request (128 KiB), so any request
+/// can be served at any rate — a bucket smaller than a block would never fill enough.
+const MIN_BURST: f64 = (256 << 10) as f64;
+
+/// Bytes per second with a one-second burst (at least [`MIN_BURST`]). `take` never blocks: it
+/// says how long to wait.
 #[derive(Debug)]
 pub struct RateLimiter {
     rate: f64,
+    burst: f64,
     state: Mutex<(f64, Instant)>,
 }
 
@@ -17,9 +23,11 @@ impl RateLimiter {
     /// A limiter of `bytes_per_sec` (at least 16 KiB/s, one block).
     pub fn new(bytes_per_sec: u64) -> Self {
         let rate = (bytes_per_sec as f64).max(16384.0);
+        let burst = rate.max(MIN_BURST);
         Self {
             rate,
-            state: Mutex::new((rate, Instant::now())),
+            burst,
+            state: Mutex::new((burst, Instant::now())),
         }
     }
 
@@ -28,8 +36,8 @@ impl RateLimiter {
         let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
         let now = Instant::now();
         let (tokens, last) = *st;
-        let tokens = (tokens + now.duration_since(last).as_secs_f64() * self.rate).min(self.rate);
-        let need = n as f64;
+        let tokens = (tokens + now.duration_since(last).as_secs_f64() * self.rate).min(self.burst);
+        let need = (n as f64).min(self.burst);
         if tokens >= need {
             *st = (tokens - need, now);
             Ok(())
@@ -53,5 +61,19 @@ mod tests {
         tokio::time::advance(Duration::from_millis(500)).await;
         assert!(l.take(50_000).is_ok());
         assert!(l.take(1).is_err());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_block_larger_than_a_second_of_rate_is_served() {
+        // 16 KiB/s and a 128 KiB request: the bucket must be able to hold a whole block.
+        let l = RateLimiter::new(16 << 10);
+        assert!(
+            l.take(128 << 10).is_ok(),
+            "the first block goes out of the burst"
+        );
+        let wait = l.take(128 << 10).unwrap_err();
+        assert!(wait <= Duration::from_secs(8), "{wait:?}");
+        tokio::time::advance(wait).await;
+        assert!(l.take(128 << 10).is_ok(), "and the next after its wait");
     }
 }
