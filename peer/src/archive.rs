@@ -23,8 +23,10 @@ use std::path::{Component, Path, PathBuf};
 
 use crate::error::{PeerError, Result};
 
+mod compare;
 mod links;
 
+pub use compare::{TreeCheck, compare_tree};
 use links::{LinkTree, Why};
 
 /// zstd level for package archives. Part of the format: changing it changes package hashes.

@@ -5,14 +5,18 @@
 //!     <file name>                        the archive or file as published (r-- or r-x)
 //!     tree/                              directory packages: the tree, extracted safely
 //!     .fbpkg.torrent                     its metainfo, so any agent can seed the entry
+//!     .fbpkg.stamp                       its seal: the archive's size and mtime at install
 //! <cache>/.staging/                      entries being assembled (removed at start)
 //! <cache>/.tags/<name>/<tag>             last hash each tag resolved to (offline fallback)
+//! <cache>/.quarantine/<name>-<sha>-<ns>  entries found corrupt, kept for an operator
 //! ```
 //!
 //! An entry is assembled in `.staging`, fsynced, and renamed into place in one step, after the
 //! bytes in staging matched the hash asked for. So a launcher never sees a partial or
 //! unverified package, whatever is killed when. [`Cache::lookup`] is the launch path: a few
-//! `stat`s, no parsing, no network.
+//! `stat`s, no parsing, no network; [`Cache::lookup_checked`] adds the seal, still without
+//! hashing. What can change an entry after install, and how [`Cache::verify`] finds it, is in
+//! the `verify` module.
 
 use std::fs::{self, File};
 use std::io::{self, Read};
@@ -28,6 +32,9 @@ use crate::archive::{self, ExtractLimits};
 use crate::error::{PeerError, Result};
 
 mod check;
+mod verify;
+
+pub use verify::{QUARANTINE, QUARANTINE_KEEP, SEAL_FILE, Seal, VerifyReport};
 
 /// Metainfo kept in each entry.
 pub const METAINFO_FILE: &str = ".fbpkg.torrent";
@@ -58,6 +65,7 @@ pub struct CachedPackage {
 #[derive(Debug, Clone)]
 pub struct Cache {
     root: PathBuf,
+    quarantine_keep: usize,
 }
 
 /// SHA-256 of a file, streamed.
@@ -141,7 +149,17 @@ pub fn remove_tree(path: &Path) -> io::Result<()> {
 impl Cache {
     /// A cache rooted at `root` (created on first install).
     pub fn new(root: impl Into<PathBuf>) -> Self {
-        Self { root: root.into() }
+        Self {
+            root: root.into(),
+            quarantine_keep: QUARANTINE_KEEP,
+        }
+    }
+
+    /// Keep at most `n` quarantined entries (default [`QUARANTINE_KEEP`]); older ones are
+    /// deleted when another entry is quarantined.
+    pub fn with_quarantine_keep(mut self, n: usize) -> Self {
+        self.quarantine_keep = n;
+        self
     }
 
     /// The root directory.
@@ -360,6 +378,7 @@ impl Cache {
         set_mode(&file, mode)?;
         let meta_path = staging.join(METAINFO_FILE);
         fs::write(&meta_path, metainfo.as_bytes()).map_err(PeerError::io("writing", &meta_path))?;
+        verify::write_seal(staging, metainfo)?;
         make_read_only(staging)?;
         let parent = self.root.join(name.as_str());
         fs::create_dir_all(&parent).map_err(PeerError::io("creating", &parent))?;
