@@ -6,12 +6,14 @@
 //! tree gives the same bytes, so the same SHA-256, on any host running the same fbpkg-rs.
 //!
 //! **Safe extraction** into a fresh directory: every path must be relative with no `..`; a
-//! symlink's target must resolve inside the tree; hard links must point at an earlier regular
-//! file; devices, FIFOs and anything else are refused. Files are created with `O_NOFOLLOW` and
+//! symlink's target must resolve inside the tree once every link on its way is followed (see
+//! [`links`]: reading the target as text is not enough); hard links must point at an earlier
+//! regular file; devices, FIFOs and anything else are refused. Files are created with `O_NOFOLLOW` and
 //! `O_EXCL` and every parent is checked to be a real directory, so an entry can never write
 //! through a link planted by an earlier one. Sizes and entry counts are capped (a zstd bomb
 //! cannot fill the disk).
 
+use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufReader, Read, Write};
@@ -20,6 +22,12 @@ use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Component, Path, PathBuf};
 
 use crate::error::{PeerError, Result};
+
+mod compare;
+mod links;
+
+pub use compare::{TreeCheck, compare_tree};
+use links::{LinkTree, Why};
 
 /// zstd level for package archives. Part of the format: changing it changes package hashes.
 pub const ZSTD_LEVEL: i32 = 3;
@@ -78,32 +86,11 @@ fn walk(root: &Path, rel: &Path, out: &mut Vec<Item>) -> Result<()> {
     Ok(())
 }
 
-/// Does a symlink at `link` (relative to the tree root) pointing at `target` stay inside?
-fn link_stays_inside(link: &Path, target: &Path) -> bool {
-    if target.is_absolute() {
-        return false;
-    }
-    let mut depth: i64 = link.components().count() as i64 - 1;
-    for c in target.components() {
-        match c {
-            Component::Normal(_) => depth += 1,
-            Component::CurDir => {}
-            Component::ParentDir => {
-                depth -= 1;
-                if depth < 0 {
-                    return false;
-                }
-            }
-            Component::RootDir | Component::Prefix(_) => return false,
-        }
-    }
-    true
-}
-
 /// Write the deterministic `tar.zst` of `dir` into `out`.
 pub fn create(dir: &Path, out: impl Write) -> Result<()> {
     let mut items = Vec::new();
     walk(dir, Path::new(""), &mut items)?;
+    let targets = check_links(dir, &items)?;
     let encoder = zstd::stream::write::Encoder::new(out, ZSTD_LEVEL)
         .map_err(PeerError::io("starting zstd", dir))?;
     let mut tar = tar::Builder::new(encoder);
@@ -131,19 +118,13 @@ pub fn create(dir: &Path, out: impl Write) -> Result<()> {
             tar.append_data(&mut h, &item.rel, &mut limited)
                 .map_err(io_err)?;
         } else if ft.is_symlink() {
-            let target = fs::read_link(&path).map_err(PeerError::io("reading link", &path))?;
-            if !link_stays_inside(&item.rel, &target) {
-                return Err(PeerError::BadInput(format!(
-                    "{} is a symlink to {} outside the package; packages hold only links that stay inside",
-                    item.rel.display(),
-                    target.display()
-                )));
-            }
+            let target = targets.get(&item.rel).ok_or_else(|| {
+                PeerError::BadInput(format!("{} changed while it was archived", path.display()))
+            })?;
             h.set_entry_type(tar::EntryType::Symlink);
             h.set_size(0);
             h.set_mode(0o777);
-            tar.append_link(&mut h, &item.rel, &target)
-                .map_err(io_err)?;
+            tar.append_link(&mut h, &item.rel, target).map_err(io_err)?;
         } else {
             return Err(PeerError::BadInput(format!(
                 "{} is not a regular file, directory or symlink (devices, FIFOs and sockets cannot be packaged)",
@@ -158,6 +139,29 @@ pub fn create(dir: &Path, out: impl Write) -> Result<()> {
         .finish()
         .map_err(PeerError::io("finishing zstd", dir))?;
     Ok(())
+}
+
+/// Read every symlink of the tree and refuse the package unless each resolves inside it, with
+/// the same rule extraction applies (so what publishes also extracts). Returns the targets.
+fn check_links(dir: &Path, items: &[Item]) -> Result<HashMap<PathBuf, PathBuf>> {
+    let mut tree = LinkTree::new();
+    let mut targets = HashMap::new();
+    let refuse = |bad: links::BadLink| match bad.why {
+        Why::Absolute | Why::Escapes => PeerError::BadInput(format!(
+            "{} is a symlink to {} outside the package; packages hold only links that stay inside ({bad})",
+            bad.link.display(),
+            bad.target.display()
+        )),
+        _ => PeerError::BadInput(format!("{bad}; packages hold only links that resolve")),
+    };
+    for item in items.iter().filter(|i| i.meta.file_type().is_symlink()) {
+        let path = dir.join(&item.rel);
+        let target = fs::read_link(&path).map_err(PeerError::io("reading link", &path))?;
+        tree.add(&item.rel, &target).map_err(refuse)?;
+        targets.insert(item.rel.clone(), target);
+    }
+    tree.check().map_err(refuse)?;
+    Ok(targets)
 }
 
 /// Check an entry path and return it as a relative path of normal components.
@@ -230,6 +234,7 @@ pub fn extract(archive: &Path, dest: &Path, limits: &ExtractLimits) -> Result<()
         .map_err(|e| unsafe_archive(format!("not a tar archive: {e}")))?;
     let (mut count, mut total) = (0u64, 0u64);
     let mut dirs = Vec::new();
+    let mut links = LinkTree::new();
     for entry in entries {
         let mut entry = entry.map_err(|e| unsafe_archive(format!("corrupt archive: {e}")))?;
         count += 1;
@@ -295,11 +300,17 @@ pub fn extract(archive: &Path, dest: &Path, limits: &ExtractLimits) -> Result<()
                     })?
                     .into_owned();
                 let link_path = Path::new(OsStr::from_bytes(&link));
-                if link.contains(&0) || !link_stays_inside(&rel, link_path) {
+                if link.contains(&0) {
                     return Err(unsafe_archive(format!(
-                        "symlink {} -> {} leaves the package",
+                        "symlink {} has a target with NUL",
+                        rel.display()
+                    )));
+                }
+                if link_path.has_root() {
+                    return Err(unsafe_archive(format!(
+                        "symlink {} -> {} is absolute, so it leaves the package",
                         rel.display(),
-                        String::from_utf8_lossy(&link)
+                        link_path.display()
                     )));
                 }
                 std::os::unix::fs::symlink(link_path, &target).map_err(|e| {
@@ -308,6 +319,11 @@ pub fn extract(archive: &Path, dest: &Path, limits: &ExtractLimits) -> Result<()
                         rel.display()
                     ))
                 })?;
+                // Where it leads through other links is known only once all are here: checked
+                // after the last entry (see `links`).
+                links
+                    .add(&rel, link_path)
+                    .map_err(|bad| unsafe_archive(bad.to_string()))?;
             }
             tar::EntryType::Link => {
                 let link = entry
@@ -338,6 +354,9 @@ pub fn extract(archive: &Path, dest: &Path, limits: &ExtractLimits) -> Result<()
             }
         }
     }
+    links
+        .check()
+        .map_err(|bad| unsafe_archive(bad.to_string()))?;
     for (dir, mode) in dirs.into_iter().rev() {
         fs::set_permissions(&dir, fs::Permissions::from_mode(mode | 0o700))
             .map_err(PeerError::io("chmod", &dir))?;
@@ -499,6 +518,78 @@ mod tests {
             let err = extract_err(&bytes);
             assert!(err.contains(needle), "{needle}: {err}");
         }
+    }
+
+    /// Links checked as text pass here; resolved beneath the root, they leave it.
+    #[test]
+    fn links_that_leave_through_other_links_are_refused() {
+        use tar::EntryType::*;
+        let cases: Vec<Vec<RawEntry<'_>>> = vec![
+            // `m` reads as `d1`, but `l` is the root, so `m` is the root's parent.
+            vec![
+                (b"d1/d2/l", Symlink, b"../..", b""),
+                (b"m", Symlink, b"d1/d2/l/../..", b""),
+            ],
+            // The same with `m` first: `l` does not exist yet when `m` arrives.
+            vec![
+                (b"m", Symlink, b"d1/d2/l/../..", b""),
+                (b"d1/d2/l", Symlink, b"../..", b""),
+            ],
+            // A link to a link to outside.
+            vec![(b"a", Symlink, b"b", b""), (b"b", Symlink, b"c/../..", b"")],
+            // Absolute, through a link.
+            vec![(b"a", Symlink, b"b/x", b""), (b"b", Symlink, b"/etc", b"")],
+            vec![(b"a", Symlink, b"b", b""), (b"b", Symlink, b"a", b"")],
+        ];
+        for entries in cases {
+            let work = tempfile::tempdir().unwrap();
+            let arc = work.path().join("a.tar.zst");
+            fs::write(&arc, hostile(&entries)).unwrap();
+            let err =
+                extract(&arc, &work.path().join("out"), &ExtractLimits::default()).unwrap_err();
+            assert!(matches!(err, PeerError::UnsafeArchive(_)), "{err}");
+            let msg = err.to_string();
+            assert!(
+                msg.contains("leaves the package") || msg.contains("loop"),
+                "{msg}"
+            );
+            // Nothing beside the archive and the (refused) extraction directory.
+            let mut beside: Vec<_> = fs::read_dir(work.path())
+                .unwrap()
+                .map(|e| e.unwrap().file_name())
+                .collect();
+            beside.sort();
+            assert_eq!(beside, ["a.tar.zst", "out"]);
+        }
+
+        // Publishing the first tree is refused the same way.
+        let d = tempfile::tempdir().unwrap();
+        fs::create_dir_all(d.path().join("d1/d2")).unwrap();
+        symlink("../..", d.path().join("d1/d2/l")).unwrap();
+        symlink("d1/d2/l/../..", d.path().join("m")).unwrap();
+        let err = create(d.path(), Vec::new()).unwrap_err();
+        assert!(matches!(err, PeerError::BadInput(_)), "{err}");
+        assert!(err.to_string().contains("outside the package"), "{err}");
+    }
+
+    /// Links through links that stay inside are kept: real trees have them
+    /// (`current -> v2`, `lib/libfoo.so -> libfoo.so.1`).
+    #[test]
+    fn links_through_links_that_stay_inside_round_trip() {
+        let d = tempfile::tempdir().unwrap();
+        fs::create_dir_all(d.path().join("v2/bin")).unwrap();
+        fs::write(d.path().join("v2/bin/tool"), b"tool").unwrap();
+        symlink("v2", d.path().join("current")).unwrap();
+        symlink("current/bin", d.path().join("bin")).unwrap();
+        symlink("../bin/tool", d.path().join("v2/tool-link")).unwrap();
+        let bytes = archive_bytes(d.path());
+        let work = tempfile::tempdir().unwrap();
+        let arc = work.path().join("p.tar.zst");
+        fs::write(&arc, bytes).unwrap();
+        let out = work.path().join("out");
+        extract(&arc, &out, &ExtractLimits::default()).unwrap();
+        assert_eq!(fs::read(out.join("bin/tool")).unwrap(), b"tool");
+        assert_eq!(fs::read(out.join("v2/tool-link")).unwrap(), b"tool");
     }
 
     #[test]

@@ -1,18 +1,22 @@
 //! The launcher cache: verified packages, read-only, where launchers find them.
 //!
 //! ```text
-//! <cache>/<name>/<sha256>/              one entry, r-x: appears whole or not at all
-//!     <file name>                       the archive or file as published (r-- or r-x)
-//!     tree/                             directory packages: the tree, extracted safely
-//!     .fbpkg.torrent                    its metainfo, so any agent can seed the entry
-//! <cache>/.staging/                     entries being assembled (removed at start)
-//! <cache>/.tags/<name>/<tag>            last hash each tag resolved to (offline fallback)
+//! <cache>/<name>/<sha256>/               one entry, r-x: appears whole or not at all
+//!     <file name>                        the archive or file as published (r-- or r-x)
+//!     tree/                              directory packages: the tree, extracted safely
+//!     .fbpkg.torrent                     its metainfo, so any agent can seed the entry
+//!     .fbpkg.stamp                       its seal: the archive's size and mtime at install
+//! <cache>/.staging/                      entries being assembled (removed at start)
+//! <cache>/.tags/<name>/<tag>             last hash each tag resolved to (offline fallback)
+//! <cache>/.quarantine/<name>-<sha>-<ns>  entries found corrupt, kept for an operator
 //! ```
 //!
 //! An entry is assembled in `.staging`, fsynced, and renamed into place in one step, after the
-//! whole archive's SHA-256 matched the hash asked for. So a launcher never sees a partial or
+//! bytes in staging matched the hash asked for. So a launcher never sees a partial or
 //! unverified package, whatever is killed when. [`Cache::lookup`] is the launch path: a few
-//! `stat`s, no parsing, no network.
+//! `stat`s, no parsing, no network; [`Cache::lookup_checked`] adds the seal, still without
+//! hashing. What can change an entry after install, and how [`Cache::verify`] finds it, is in
+//! the `verify` module.
 
 use std::fs::{self, File};
 use std::io::{self, Read};
@@ -26,6 +30,11 @@ use sha2::{Digest, Sha256};
 
 use crate::archive::{self, ExtractLimits};
 use crate::error::{PeerError, Result};
+
+mod check;
+mod verify;
+
+pub use verify::{QUARANTINE, QUARANTINE_KEEP, SEAL_FILE, Seal, VerifyReport};
 
 /// Metainfo kept in each entry.
 pub const METAINFO_FILE: &str = ".fbpkg.torrent";
@@ -56,6 +65,7 @@ pub struct CachedPackage {
 #[derive(Debug, Clone)]
 pub struct Cache {
     root: PathBuf,
+    quarantine_keep: usize,
 }
 
 /// SHA-256 of a file, streamed.
@@ -95,13 +105,26 @@ fn make_read_only(path: &Path) -> Result<()> {
             .and_then(|f| f.sync_all())
             .map_err(PeerError::io("fsync", path))?;
     }
-    set_mode(path, meta.permissions().mode() & 0o555)?;
+    // Unchanged modes are left alone: a chmod costs a syscall per file on a reseal.
+    let mode = meta.permissions().mode() & 0o7777;
+    if mode & 0o555 != mode {
+        set_mode(path, mode & 0o555)?;
+    }
     if meta.is_dir() {
         File::open(path)
             .and_then(|f| f.sync_all())
             .map_err(PeerError::io("fsync", path))?;
     }
     Ok(())
+}
+
+/// Give a moved file back to the caller of a failed install, as it was.
+fn put_back(file: &Path, data: &Path, mode: u32) {
+    let r = fs::set_permissions(file, fs::Permissions::from_mode(mode))
+        .and_then(|_| fs::rename(file, data));
+    if let Err(e) = r {
+        tracing::warn!(from = %file.display(), to = %data.display(), error = %e, "cannot give the file back after a failed install; it is removed with the staging directory");
+    }
 }
 
 /// Remove a tree that may be read-only (a failed staging entry, an evicted package).
@@ -126,7 +149,17 @@ pub fn remove_tree(path: &Path) -> io::Result<()> {
 impl Cache {
     /// A cache rooted at `root` (created on first install).
     pub fn new(root: impl Into<PathBuf>) -> Self {
-        Self { root: root.into() }
+        Self {
+            root: root.into(),
+            quarantine_keep: QUARANTINE_KEEP,
+        }
+    }
+
+    /// Keep at most `n` quarantined entries (default [`QUARANTINE_KEEP`]); older ones are
+    /// deleted when another entry is quarantined.
+    pub fn with_quarantine_keep(mut self, n: usize) -> Self {
+        self.quarantine_keep = n;
+        self
     }
 
     /// The root directory.
@@ -271,9 +304,20 @@ impl Cache {
         }
     }
 
-    /// Verify `data` (the complete archive) against `metainfo.sha256` and install it as the
-    /// entry `name:sha256`. With [`Handoff::Move`] `data` is renamed into the entry (copied
-    /// across file systems). Returns the entry; if another process installed it first, theirs.
+    /// Install `data`, the complete archive `metainfo` describes, as the entry `name:sha256`.
+    /// Returns the entry; if another process installed it first, theirs.
+    ///
+    /// - [`Handoff::Move`]: `data` is ours (a finished download, whose pieces were checked as
+    ///   they arrived, or a fresh archive). Its length and SHA-256 are checked where it is, then
+    ///   it is renamed into the entry (copied, and checked again as it is copied, across file
+    ///   systems).
+    /// - [`Handoff::Copy`]: `data` is the user's and may change at any time. It is copied into
+    ///   staging with its length, pieces and SHA-256 checked on the way: the bytes checked are
+    ///   the bytes kept.
+    ///
+    /// On error nothing is left in the cache or its staging directory, every handle opened is
+    /// closed, and `data` is where it was (moved back if it had been moved), so the caller can
+    /// retry or clean up as it sees fit.
     pub fn install(
         &self,
         name: &PackageName,
@@ -290,12 +334,8 @@ impl Cache {
                 "file name {file_name:?} is reserved in the launcher cache"
             )));
         }
-        let actual = sha256_file(data).map_err(PeerError::io("hashing", data))?;
-        if actual != metainfo.sha256 {
-            return Err(PeerError::Verification(format!(
-                "the archive's SHA-256 is {actual}, not {} as asked",
-                metainfo.sha256
-            )));
+        if handoff == Handoff::Move {
+            check::file_matches(data, metainfo, false)?;
         }
         if let Some(existing) = self.lookup(name, &metainfo.sha256) {
             return Ok(existing);
@@ -309,13 +349,22 @@ impl Cache {
             rand::random::<u32>()
         ));
         fs::create_dir(&staging).map_err(PeerError::io("creating", &staging))?;
-        let result = self.assemble(&staging, name, metainfo, data, handoff, limits);
+        let mut moved = None;
+        let result = self.assemble(&staging, name, metainfo, data, handoff, limits, &mut moved);
         if result.is_err() {
-            let _ = remove_tree(&staging);
+            if let Some(mode) = moved {
+                put_back(&staging.join(&metainfo.name), data, mode);
+            }
+            if let Err(e) = remove_tree(&staging) {
+                tracing::warn!(path = %staging.display(), error = %e, "cannot remove a failed install's staging directory");
+            }
         }
         result
     }
 
+    /// Build the entry in `staging` and rename it into place. `moved` is set to `data`'s mode
+    /// once `data` has been renamed into `staging`.
+    #[allow(clippy::too_many_arguments)]
     fn assemble(
         &self,
         staging: &Path,
@@ -324,11 +373,22 @@ impl Cache {
         data: &Path,
         handoff: Handoff,
         limits: &ExtractLimits,
+        moved: &mut Option<u32>,
     ) -> Result<CachedPackage> {
         let file = staging.join(&metainfo.name);
-        if handoff == Handoff::Copy || fs::rename(data, &file).is_err() {
-            // Different file systems: copy; the caller removes its own file.
-            fs::copy(data, &file).map_err(PeerError::io("copying into the cache", &file))?;
+        let mode_before = match handoff {
+            Handoff::Move => fs::metadata(data).ok().map(|m| m.permissions().mode()),
+            Handoff::Copy => None,
+        };
+        #[cfg(test)]
+        tests::before_copy(data);
+        match mode_before {
+            Some(mode) if fs::rename(data, &file).is_ok() => *moved = Some(mode),
+            // The user's file, or another file system: copy, checking what is written.
+            _ => check::copy_checked(data, &file, metainfo)?,
+        }
+        if metainfo.format == Format::TarZst {
+            archive::extract(&file, &staging.join(TREE_DIR), limits)?;
         }
         let mode = if metainfo.format == Format::Executable {
             0o555
@@ -336,11 +396,9 @@ impl Cache {
             0o444
         };
         set_mode(&file, mode)?;
-        if metainfo.format == Format::TarZst {
-            archive::extract(&file, &staging.join(TREE_DIR), limits)?;
-        }
         let meta_path = staging.join(METAINFO_FILE);
         fs::write(&meta_path, metainfo.as_bytes()).map_err(PeerError::io("writing", &meta_path))?;
+        verify::write_seal(staging, metainfo)?;
         make_read_only(staging)?;
         let parent = self.root.join(name.as_str());
         fs::create_dir_all(&parent).map_err(PeerError::io("creating", &parent))?;
@@ -352,9 +410,11 @@ impl Cache {
             }
             return Err(PeerError::io("moving into the cache", &dest)(e));
         }
-        File::open(&parent)
-            .and_then(|f| f.sync_all())
-            .map_err(PeerError::io("fsync", &parent))?;
+        // The entry is in place and complete: from here on, failing would leave it there while
+        // telling the caller it is not.
+        if let Err(e) = File::open(&parent).and_then(|f| f.sync_all()) {
+            tracing::warn!(path = %parent.display(), error = %e, "cannot fsync the cache directory; the new entry may not survive a power cut");
+        }
         self.lookup(name, &metainfo.sha256)
             .ok_or_else(|| PeerError::Io {
                 context: "reading back the new entry",
@@ -387,7 +447,107 @@ impl Cache {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::cell::RefCell;
     use std::os::unix::fs::MetadataExt;
+
+    type Hook = Box<dyn Fn(&Path)>;
+
+    thread_local! {
+        /// Run by `assemble` just before it takes the data: stands for whatever else writes the
+        /// user's file while it is being published.
+        static BEFORE_COPY: RefCell<Option<Hook>> = RefCell::new(None);
+    }
+
+    pub(super) fn before_copy(data: &Path) {
+        BEFORE_COPY.with(|h| {
+            if let Some(hook) = h.borrow().as_ref() {
+                hook(data)
+            }
+        });
+    }
+
+    fn staging_is_empty(cache: &Cache) -> bool {
+        fs::read_dir(cache.root().join(STAGING))
+            .map(|mut rd| rd.next().is_none())
+            .unwrap_or(true)
+    }
+
+    /// The user's file changes after the metainfo was built from it (and after any check of it
+    /// in place): the copy must be refused, not cached under a name its bytes do not match.
+    #[test]
+    fn a_file_changed_while_published_never_reaches_the_cache() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = Cache::new(dir.path().join("cache"));
+        let name = PackageName::new("app").unwrap();
+        let bytes: Vec<u8> = (0..200_000u32).map(|i| (i % 253) as u8).collect();
+        let m = meta(&bytes, "app.bin", Format::File);
+        let user = dir.path().join("app.bin");
+        fs::write(&user, &bytes).unwrap();
+
+        // Same length, one byte different: only hashing what was copied can tell.
+        BEFORE_COPY.with(|h| {
+            *h.borrow_mut() = Some(Box::new(|p: &Path| {
+                let mut b = fs::read(p).unwrap();
+                b[150_000] ^= 0xff;
+                fs::write(p, b).unwrap();
+            }))
+        });
+        let err = cache
+            .install(&name, &m, &user, Handoff::Copy, &ExtractLimits::default())
+            .unwrap_err();
+        BEFORE_COPY.with(|h| *h.borrow_mut() = None);
+        assert!(matches!(err, PeerError::Verification(_)), "{err}");
+        assert!(
+            err.to_string().contains("change while it was published"),
+            "{err}"
+        );
+        assert!(cache.lookup(&name, &m.sha256).is_none());
+        assert!(!cache.entry_dir(&name, &m.sha256).exists());
+        assert!(staging_is_empty(&cache));
+        assert!(user.exists(), "the user's file is left alone");
+
+        // Unchanged, it goes in; installing it again is a no-op.
+        fs::write(&user, &bytes).unwrap();
+        let entry = cache
+            .install(&name, &m, &user, Handoff::Copy, &ExtractLimits::default())
+            .unwrap();
+        assert_eq!(fs::read(&entry.launch_path).unwrap(), bytes);
+        assert_eq!(fs::read(&user).unwrap(), bytes);
+    }
+
+    /// A download handed over with `Move` and refused after it was moved (here: an unsafe
+    /// archive) is given back where it was, as it was.
+    #[test]
+    fn a_failed_move_gives_the_file_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut tar_bytes = Vec::new();
+        {
+            let mut b = tar::Builder::new(&mut tar_bytes);
+            let mut h = tar::Header::new_old();
+            h.as_old_mut().name[..1].copy_from_slice(b"l");
+            h.as_old_mut().linkname[..5].copy_from_slice(b"/etc/");
+            h.set_entry_type(tar::EntryType::Symlink);
+            h.set_size(0);
+            h.set_cksum();
+            b.append(&h, &b""[..]).unwrap();
+            b.finish().unwrap();
+        }
+        let bytes = zstd::encode_all(&tar_bytes[..], 3).unwrap();
+        let m = meta(&bytes, "x.tar.zst", Format::TarZst);
+        let part = dir.path().join("data.part");
+        fs::write(&part, &bytes).unwrap();
+        fs::set_permissions(&part, fs::Permissions::from_mode(0o640)).unwrap();
+        let cache = Cache::new(dir.path().join("cache"));
+        let name = PackageName::new("x").unwrap();
+        let err = cache
+            .install(&name, &m, &part, Handoff::Move, &ExtractLimits::default())
+            .unwrap_err();
+        assert!(matches!(err, PeerError::UnsafeArchive(_)), "{err}");
+        assert_eq!(fs::read(&part).unwrap(), bytes);
+        assert_eq!(fs::metadata(&part).unwrap().mode() & 0o777, 0o640);
+        assert!(staging_is_empty(&cache));
+        assert!(!cache.entry_dir(&name, &m.sha256).exists());
+    }
 
     fn meta(bytes: &[u8], name: &str, format: Format) -> Metainfo {
         Metainfo::build(
@@ -398,6 +558,131 @@ mod tests {
             format,
         )
         .unwrap()
+    }
+
+    /// A tmpfs of a given size on a fresh directory, unmounted on drop: a disk that fills up
+    /// without filling anyone else's.
+    struct Tmpfs {
+        dir: tempfile::TempDir,
+    }
+
+    impl Tmpfs {
+        /// `None`, with a note, where this process may not mount (not root).
+        fn mount(size: &str) -> Option<Self> {
+            let dir = tempfile::tempdir().unwrap();
+            let mounted = std::process::Command::new("mount")
+                .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+                .arg(dir.path())
+                .stderr(std::process::Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success());
+            if !mounted {
+                eprintln!("skipped: cannot mount a tmpfs here (this test needs root)");
+                return None;
+            }
+            Some(Self { dir })
+        }
+
+        fn path(&self) -> &Path {
+            self.dir.path()
+        }
+
+        /// Bytes available, as `statvfs` counts them.
+        fn available(&self) -> u64 {
+            let out = std::process::Command::new("stat")
+                .args(["-f", "-c", "%a %S"])
+                .arg(self.path())
+                .output()
+                .unwrap();
+            let text = String::from_utf8(out.stdout).unwrap();
+            let (blocks, size) = text.trim().split_once(' ').unwrap();
+            blocks.parse::<u64>().unwrap() * size.parse::<u64>().unwrap()
+        }
+    }
+
+    impl Drop for Tmpfs {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount")
+                .arg(self.dir.path())
+                .status();
+        }
+    }
+
+    fn is_enospc(e: &PeerError) -> bool {
+        matches!(e, PeerError::Io { source, .. } if source.raw_os_error() == Some(libc::ENOSPC))
+    }
+
+    /// Bytes no compressor can shrink (xorshift), so they take their size on disk.
+    fn noise(len: usize) -> Vec<u8> {
+        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+        (0..len)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect()
+    }
+
+    /// Running out of space while copying or extracting leaves no staging, no entry and no open
+    /// handle behind: the space is free again and the next, smaller install succeeds.
+    #[test]
+    fn a_full_disk_leaves_nothing_behind() {
+        let Some(disk) = Tmpfs::mount("1m") else {
+            return;
+        };
+        let cache = Cache::new(disk.path().join("cache"));
+        fs::create_dir_all(cache.root().join(STAGING)).unwrap();
+        let elsewhere = tempfile::tempdir().unwrap();
+
+        // A directory package whose archive fits but whose tree does not, moved in from the
+        // same file system as a finished download is: extraction fails.
+        let src = elsewhere.path().join("src");
+        fs::create_dir(&src).unwrap();
+        fs::write(src.join("zeros"), vec![0u8; 4 << 20]).unwrap();
+        let mut arc = Vec::new();
+        archive::create(&src, &mut arc).unwrap();
+        let m = meta(&arc, "big.tar.zst", Format::TarZst);
+        let part = disk.path().join("data.part");
+        fs::write(&part, &arc).unwrap();
+        let name = PackageName::new("big").unwrap();
+        let free = disk.available();
+        let err = cache
+            .install(&name, &m, &part, Handoff::Move, &ExtractLimits::default())
+            .unwrap_err();
+        assert!(is_enospc(&err), "{err}");
+        assert_eq!(
+            disk.available(),
+            free,
+            "space held after a failed extraction"
+        );
+        assert!(staging_is_empty(&cache));
+        assert!(!cache.entry_dir(&name, &m.sha256).exists());
+        assert_eq!(fs::read(&part).unwrap(), arc, "the download is given back");
+        fs::remove_file(&part).unwrap();
+
+        // A file bigger than the disk, copied in from elsewhere: the copy fails.
+        let bytes = noise(2 << 20);
+        let m = meta(&bytes, "big.bin", Format::File);
+        let user = elsewhere.path().join("big.bin");
+        fs::write(&user, &bytes).unwrap();
+        let free = disk.available();
+        let err = cache
+            .install(&name, &m, &user, Handoff::Copy, &ExtractLimits::default())
+            .unwrap_err();
+        assert!(is_enospc(&err), "{err}");
+        assert_eq!(disk.available(), free, "space held after a failed copy");
+        assert!(staging_is_empty(&cache));
+
+        // Nearly all of the disk: fits only if nothing of the failures is left.
+        let bytes = noise(900 << 10);
+        let m = meta(&bytes, "fits.bin", Format::File);
+        fs::write(&user, &bytes).unwrap();
+        let entry = cache
+            .install(&name, &m, &user, Handoff::Copy, &ExtractLimits::default())
+            .unwrap();
+        assert_eq!(fs::read(entry.launch_path).unwrap(), bytes);
     }
 
     #[test]

@@ -7,6 +7,7 @@ mod progress;
 mod publish;
 mod status;
 mod tracker;
+mod verify;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -60,6 +61,8 @@ enum Command {
     Status(status::StatusArgs),
     /// Run a tracker and several agents on loopback and push a package through the swarm.
     Demo(demo::DemoArgs),
+    /// Read cached packages again; quarantine the ones that changed on disk.
+    Verify(verify::VerifyArgs),
 }
 
 /// Where this host's agent keeps its state and its cache, and which tracker it uses. Shared by
@@ -199,6 +202,10 @@ pub fn main() -> ExitCode {
         Command::Demo(args) => {
             init_logging(log, "warn");
             demo::run(args)
+        }
+        Command::Verify(args) => {
+            init_logging(log, "warn");
+            verify::run(args)
         }
     };
     match result {
