@@ -181,12 +181,6 @@ impl Cache {
         }
     }
 
-    /// TEMPORARY (replaced by the quarantine of the cache-verify work): move the entry out.
-    pub fn quarantine(&self, name: &PackageName, sha256: &Sha256Hash) -> Result<PathBuf> {
-        self.remove(name, sha256)?;
-        Ok(self.root.join(STAGING))
-    }
-
     /// Where the entry for `name:sha256` lives (whether or not it exists).
     pub fn entry_dir(&self, name: &PackageName, sha256: &Sha256Hash) -> PathBuf {
         self.root.join(name.as_str()).join(sha256.to_hex())

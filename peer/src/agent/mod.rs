@@ -299,7 +299,11 @@ impl Agent {
     ) -> Result<Arc<Torrent>> {
         let name = PackageName::new(name).map_err(|e| PeerError::BadInput(e.to_string()))?;
         let sha = Sha256Hash::from_hex(sha256).map_err(|e| PeerError::BadInput(e.to_string()))?;
-        if let Some(entry) = self.engine.cache().lookup(&name, &sha) {
+        let (c, n) = (self.engine.cache().clone(), name.clone());
+        let cached = tokio::task::spawn_blocking(move || c.lookup_checked(&n, &sha))
+            .await
+            .map_err(|e| PeerError::Agent(format!("cache lookup task: {e}")))??;
+        if let Some(entry) = cached {
             let meta = fs::read(entry.dir.join(crate::cache::METAINFO_FILE))
                 .ok()
                 .and_then(|b| Metainfo::parse(&b).ok());
@@ -375,11 +379,31 @@ impl Agent {
 }
 
 /// Seed what the cache holds and resume partial downloads, after the control socket is up.
+///
+/// Every entry's seal is checked first (a stat and a small read each); one whose seal is
+/// broken is read in full, and seeded only if intact, else quarantined. Entries are also
+/// checked piece by piece the first time each piece is served (see the engine), which catches
+/// what a seal cannot: bit rot under an unchanged size and mtime.
 async fn restore(engine: &Engine, cache: &Cache) {
     let c = cache.clone();
-    let entries = tokio::task::spawn_blocking(move || c.entries())
-        .await
-        .unwrap_or_default();
+    let entries = tokio::task::spawn_blocking(move || {
+        c.entries()
+            .into_iter()
+            .filter(|(name, meta, _)| match c.lookup_checked(name, &meta.sha256) {
+                Ok(Some(_)) => true,
+                Ok(None) => {
+                    tracing::error!(package = %name, sha256 = %meta.sha256, "cache entry changed on disk: quarantined, not seeded");
+                    false
+                }
+                Err(e) => {
+                    tracing::error!(package = %name, sha256 = %meta.sha256, error = %e, "cannot check cache entry; not seeded");
+                    false
+                }
+            })
+            .collect::<Vec<_>>()
+    })
+    .await
+    .unwrap_or_default();
     let mut seeded = 0;
     for (name, meta, file) in entries {
         match engine.seed(name.clone(), Arc::new(meta), &file) {

@@ -95,7 +95,13 @@ fn from_cache(r: &PackageRef, cache: &Cache) -> Option<(PackageName, Sha256Hash,
         }
         _ => return None,
     };
-    cache.lookup(&name, &sha).map(|e| (name, sha, e))
+    // The seal costs a stat and a small read; a broken one means a full verify before this
+    // path is printed, and a corrupt entry is quarantined and fetched again.
+    cache
+        .lookup_checked(&name, &sha)
+        .ok()
+        .flatten()
+        .map(|e| (name, sha, e))
 }
 
 pub(super) fn run(args: GetArgs, log: Option<&str>) -> ExitCode {
@@ -189,7 +195,7 @@ async fn fetch(args: &GetArgs, r: &PackageRef, cache: &Cache) -> Result<()> {
     // tolerated, so a get fails for the tracker only when it stays away.
     let tracker = args.host.tracker_client(None, args.stall_timeout)?;
     let (name, sha) = resolve(r, &tracker, cache).await?;
-    if let Some(entry) = cache.lookup(&name, &sha) {
+    if let Some(entry) = cache.lookup_checked(&name, &sha)? {
         print(&name, &sha, &entry, "cache", args.json);
         return Ok(());
     }

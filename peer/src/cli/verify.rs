@@ -12,6 +12,7 @@ use fbpkg_common::pkgref::{HashPrefix, PackageName, PackageRef, Selector};
 use serde::Serialize;
 
 use super::{HostArgs, exit};
+use crate::agent::control::{AgentClient, Request};
 use crate::cache::{Cache, VerifyReport};
 use crate::error::{PeerError, Result};
 
@@ -188,6 +189,7 @@ pub(super) fn run(args: VerifyArgs) -> anyhow::Result<ExitCode> {
         }
         entries.push(o);
     }
+    forget_quarantined(&args.host, &entries);
     let count = |s: &str| entries.iter().filter(|o| o.status == s).count();
     let out = Output {
         ok: count("ok"),
@@ -205,4 +207,36 @@ pub(super) fn run(args: VerifyArgs) -> anyhow::Result<ExitCode> {
     } else {
         exit::OK
     }))
+}
+
+/// A running agent still holds a quarantined entry's file open and would go on seeding it:
+/// ask it to stop (`forget`; the entry is already out of the cache). The next `get` fetches the
+/// package again.
+fn forget_quarantined(host: &HostArgs, entries: &[Outcome]) {
+    let doomed: Vec<_> = entries.iter().filter(|o| o.quarantined.is_some()).collect();
+    if doomed.is_empty() {
+        return;
+    }
+    let state_dir = host.state_dir();
+    let told = super::runtime().map_err(|e| e.to_string()).and_then(|rt| {
+        rt.block_on(async {
+            for o in &doomed {
+                let Some(agent) = AgentClient::connect(&state_dir)
+                    .await
+                    .map_err(|e| e.to_string())?
+                else {
+                    return Ok(());
+                };
+                let req = Request::Forget {
+                    name: o.name.to_string(),
+                    sha256: o.sha256.to_hex(),
+                };
+                agent.call(&req).await.map_err(|e| e.to_string())?;
+            }
+            Ok(())
+        })
+    });
+    if let Err(e) = told {
+        eprintln!("fbpkg-rs: warning: could not tell the agent to stop seeding what was quarantined: {e}");
+    }
 }

@@ -358,7 +358,11 @@ impl Engine {
             }
             self.remove(&meta.info_hash);
         }
-        if let Some(entry) = self.ctx.cache.lookup(&name, &meta.sha256) {
+        let (cache, n, sha) = (self.ctx.cache.clone(), name.clone(), meta.sha256);
+        let cached = tokio::task::spawn_blocking(move || cache.lookup_checked(&n, &sha))
+            .await
+            .map_err(|e| PeerError::Agent(format!("cache lookup task: {e}")))??;
+        if let Some(entry) = cached {
             let file = entry.dir.join(&meta.name);
             return self.seed(name, meta, &file);
         }
