@@ -55,6 +55,13 @@ pub struct TrackerArgs {
     #[arg(long, env = "FBPKG_MAX_PEERS_PER_SWARM", default_value_t = 100_000)]
     pub max_peers_per_swarm: usize,
 
+    /// Most peers of one swarm recorded under one IP address (the connection's, or a trusted
+    /// `ip=`). Announces beyond it get a failure reason; the peers already there stay. The
+    /// default is above any NATed rack, and low enough that one host making up peer ids cannot
+    /// push the real peers out of a swarm.
+    #[arg(long, env = "FBPKG_MAX_PEERS_PER_ADDRESS", default_value_t = 256)]
+    pub max_peers_per_address: usize,
+
     /// Most swarms kept (matters with --allow-unregistered).
     #[arg(long, env = "FBPKG_MAX_SWARMS", default_value_t = 100_000)]
     pub max_swarms: usize,
@@ -98,6 +105,8 @@ pub struct Config {
     pub trusted_networks: Vec<IpNet>,
     /// Peers per swarm (default 100,000).
     pub max_peers_per_swarm: usize,
+    /// Peers of one swarm under one IP address (default 256).
+    pub max_peers_per_address: usize,
     /// Swarms (default 100,000).
     pub max_swarms: usize,
     /// Request timeout (default 30 s).
@@ -147,6 +156,7 @@ impl Default for Config {
             max_numwant: 200,
             trusted_networks: Vec::new(),
             max_peers_per_swarm: 100_000,
+            max_peers_per_address: 256,
             max_swarms: 100_000,
             request_timeout: Duration::from_secs(30),
             max_query_len: 4096,
@@ -170,6 +180,7 @@ impl TrackerArgs {
             max_numwant: self.max_numwant,
             trusted_networks: self.trusted_networks,
             max_peers_per_swarm: self.max_peers_per_swarm,
+            max_peers_per_address: self.max_peers_per_address,
             max_swarms: self.max_swarms,
             request_timeout: self.request_timeout,
             dashboard_refresh_secs: self.dashboard_refresh_secs,
@@ -203,13 +214,25 @@ impl Config {
         if self.max_numwant == 0 {
             return bad("--max-numwant must be at least 1".into());
         }
-        if self.max_peers_per_swarm == 0 || self.max_swarms == 0 {
-            return bad("--max-peers-per-swarm and --max-swarms must be at least 1".into());
+        if self.max_peers_per_swarm == 0 || self.max_swarms == 0 || self.max_peers_per_address == 0
+        {
+            return bad(
+                "--max-peers-per-swarm, --max-peers-per-address and --max-swarms must be at least 1"
+                    .into(),
+            );
         }
         if self.dashboard_refresh_secs == 0 {
             return bad("--dashboard-refresh must be at least 1".into());
         }
         Ok(())
+    }
+
+    /// The caps applied to a peer joining a swarm.
+    pub fn swarm_limits(&self) -> crate::swarm::Limits {
+        crate::swarm::Limits {
+            max_peers: self.max_peers_per_swarm,
+            max_per_address: self.max_peers_per_address,
+        }
     }
 
     /// The announce interval in whole seconds, as written into responses.

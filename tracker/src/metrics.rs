@@ -16,21 +16,26 @@ pub enum AnnounceOutcome {
     Malformed,
     /// Swarm or tracker at capacity.
     Full,
+    /// The announcing address already has the most peers allowed in the swarm.
+    AddressLimit,
 }
 
 impl AnnounceOutcome {
-    const ALL: [AnnounceOutcome; 4] = [
+    const ALL: [AnnounceOutcome; 5] = [
         AnnounceOutcome::Ok,
         AnnounceOutcome::Unregistered,
         AnnounceOutcome::Malformed,
         AnnounceOutcome::Full,
+        AnnounceOutcome::AddressLimit,
     ];
-    fn label(self) -> &'static str {
+    /// The `outcome` label, and what a log line says.
+    pub fn label(self) -> &'static str {
         match self {
             AnnounceOutcome::Ok => "ok",
             AnnounceOutcome::Unregistered => "unregistered",
             AnnounceOutcome::Malformed => "malformed",
             AnnounceOutcome::Full => "full",
+            AnnounceOutcome::AddressLimit => "address_limit",
         }
     }
 }
@@ -84,7 +89,7 @@ struct Histogram {
 /// The tracker's metrics.
 #[derive(Debug, Default)]
 pub struct Metrics {
-    announces: [AtomicU64; 4],
+    announces: [AtomicU64; AnnounceOutcome::ALL.len()],
     scrapes: AtomicU64,
     publishes: AtomicU64,
     latency: [Histogram; 4],

@@ -1,22 +1,43 @@
 //! Soft state: which peers are in which swarm.
 //!
 //! One [`Swarm`] per info-hash in a sharded map, so announces for different packages never
-//! contend. Inside a swarm, seeders and leechers are kept in two vectors with an index by peer
-//! id: an announce is O(1) to record and O(numwant) to answer (random sampling by index, no
-//! scan), and "a seeder gets only leechers" is a choice of vector, not a filter.
+//! contend. Inside a swarm:
+//!
+//! - a peer is who *and* where it is: a [`PeerKey`] of peer id and IP address. Peer ids are
+//!   public (dictionary answers list them), so an announce with a known id from another
+//!   address is another peer: it can neither stop nor move the original. A new port from the
+//!   same address updates the entry.
+//! - seeders and leechers are two dense vectors ([`peers`](self::peers)) with an index by key: an
+//!   announce is O(1) to record and O(numwant) to answer (random sampling by position, no scan),
+//!   and "a seeder gets only leechers" is a choice of vector, not a filter.
+//! - each vector has zone buckets (`zones.rs`), so a zone announce takes same-rack, then
+//!   same-datacenter, then any peers without sorting the swarm.
+//! - at most [`Limits::max_per_address`] peers per source address: one host making up peer ids
+//!   cannot fill a swarm and push the real peers out of everyone's answers. Announces over the
+//!   limit are refused; the peers already there from that address stay (no churn).
+//!
+//! Answers (`sample.rs`): a leecher gets seeders first, up to half of what it asked for (all of
+//! them when there are that few), then leechers, then more seeders if leechers run short; a
+//! seeder gets only leechers; nobody gets itself; with a zone, closest first within each role.
 //!
 //! Peers are forgotten on `stopped`, or when silent for two announce intervals (the sweeper in
 //! `server.rs`). Nothing here is persisted: a restarted tracker learns the swarm again within
 //! one interval.
 
+mod peers;
+mod sample;
+mod zones;
+
 use std::collections::HashMap;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 
 use dashmap::DashMap;
 use fbpkg_common::pkgref::PackageName;
-use fbpkg_common::tracker_proto::{Event, PeerEntry, Zone};
+use fbpkg_common::tracker_proto::{Event, Zone};
 use fbpkg_common::{InfoHash, PeerId, Sha256Hash};
 use tokio::time::Instant;
+
+use self::peers::Peers;
 
 /// The package a registered swarm serves.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -27,6 +48,15 @@ pub struct PackageLabel {
     pub sha256: Sha256Hash,
     /// Archive size.
     pub size: u64,
+}
+
+/// Who and where a peer is: the swarm's key for it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct PeerKey {
+    /// The id it announced.
+    pub peer_id: PeerId,
+    /// The address it is recorded under (the connection's, or a trusted `ip=`).
+    pub ip: IpAddr,
 }
 
 /// One peer as last announced.
@@ -48,6 +78,16 @@ pub struct PeerRecord {
     pub last_seen: Instant,
 }
 
+impl PeerRecord {
+    /// The swarm's key for this peer.
+    pub fn key(&self) -> PeerKey {
+        PeerKey {
+            peer_id: self.peer_id,
+            ip: self.addr.ip(),
+        }
+    }
+}
+
 /// What an announce did to the swarm.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Recorded {
@@ -57,16 +97,56 @@ pub enum Recorded {
     Removed,
     /// The swarm is full; the peer was not added.
     Full,
+    /// Its address already has the most peers allowed in this swarm; the peer was not added.
+    AddressFull,
 }
+
+/// Caps applied when a new peer joins a swarm.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Peers in one swarm.
+    pub max_peers: usize,
+    /// Peers in one swarm recorded under one IP address.
+    pub max_per_address: usize,
+}
+
+impl Limits {
+    /// No cap at all (tests, tools).
+    pub const NONE: Limits = Limits {
+        max_peers: usize::MAX,
+        max_per_address: usize::MAX,
+    };
+}
+
+/// Seeder or leecher.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Role {
+    Seeder,
+    Leecher,
+}
+
+impl Role {
+    fn of(rec: &PeerRecord) -> Role {
+        if rec.left == 0 {
+            Role::Seeder
+        } else {
+            Role::Leecher
+        }
+    }
+}
+
+type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
 
 /// Peers of one info-hash.
 #[derive(Debug, Default)]
 pub struct Swarm {
     /// The package, when published (registered swarms exist from publish on, even empty).
     pub package: Option<PackageLabel>,
-    seeders: Vec<PeerRecord>,
-    leechers: Vec<PeerRecord>,
-    index: HashMap<PeerId, (bool, usize), foldhash::fast::RandomState>,
+    seeders: Peers,
+    leechers: Peers,
+    index: FastMap<PeerKey, (Role, usize)>,
+    /// Peers per recorded address; addresses with none are removed.
+    per_address: FastMap<IpAddr, usize>,
     /// Downloads completed (a leecher turning into a seeder, or `completed`).
     pub completed: u64,
 }
@@ -82,12 +162,12 @@ impl Swarm {
 
     /// Seeders.
     pub fn seeders(&self) -> &[PeerRecord] {
-        &self.seeders
+        self.seeders.as_slice()
     }
 
     /// Leechers.
     pub fn leechers(&self) -> &[PeerRecord] {
-        &self.leechers
+        self.leechers.as_slice()
     }
 
     /// All peers.
@@ -100,136 +180,118 @@ impl Swarm {
         self.index.is_empty()
     }
 
-    fn take(&mut self, id: &PeerId) -> Option<PeerRecord> {
-        let (seeder, i) = self.index.remove(id)?;
-        let v = if seeder {
-            &mut self.seeders
-        } else {
-            &mut self.leechers
-        };
-        let rec = v.swap_remove(i);
-        if let Some(moved) = v.get(i) {
-            self.index.insert(moved.peer_id, (seeder, i));
+    /// Peers recorded under `ip`.
+    pub fn from_address(&self, ip: IpAddr) -> usize {
+        self.per_address.get(&ip).copied().unwrap_or(0)
+    }
+
+    fn group(&self, role: Role) -> &Peers {
+        match role {
+            Role::Seeder => &self.seeders,
+            Role::Leecher => &self.leechers,
+        }
+    }
+
+    fn group_mut(&mut self, role: Role) -> &mut Peers {
+        match role {
+            Role::Seeder => &mut self.seeders,
+            Role::Leecher => &mut self.leechers,
+        }
+    }
+
+    fn take(&mut self, key: &PeerKey) -> Option<PeerRecord> {
+        let (role, i) = self.index.remove(key)?;
+        let (rec, moved) = self.group_mut(role).swap_remove(i)?;
+        if let Some(moved) = moved.map(PeerRecord::key) {
+            self.index.insert(moved, (role, i));
+        }
+        if let Some(n) = self.per_address.get_mut(&key.ip) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                self.per_address.remove(&key.ip);
+            }
         }
         Some(rec)
     }
 
     fn put(&mut self, rec: PeerRecord) {
-        let seeder = rec.left == 0;
-        let v = if seeder {
-            &mut self.seeders
-        } else {
-            &mut self.leechers
-        };
-        self.index.insert(rec.peer_id, (seeder, v.len()));
-        v.push(rec);
+        let (key, role) = (rec.key(), Role::of(&rec));
+        let i = self.group_mut(role).push(rec);
+        self.index.insert(key, (role, i));
+        *self.per_address.entry(key.ip).or_default() += 1;
     }
 
-    /// Record an announce.
-    pub fn record(&mut self, rec: PeerRecord, event: Event, max_peers: usize) -> Recorded {
-        let previous = self.take(&rec.peer_id);
+    /// Record an announce. A peer already in the swarm is always updated; a new one is refused
+    /// when its address or the swarm is at its limit.
+    pub fn record(&mut self, rec: PeerRecord, event: Event, limits: &Limits) -> Recorded {
+        let key = rec.key();
         if event == Event::Stopped {
+            self.take(&key);
             return Recorded::Removed;
         }
-        if previous.is_none() && self.len() >= max_peers {
-            return Recorded::Full;
-        }
-        let was_leecher = previous.as_ref().is_some_and(|p| p.left > 0);
-        if rec.left == 0 && (was_leecher || event == Event::Completed) {
-            self.completed += 1;
-        }
+        let role = Role::of(&rec);
+        let completes = role == Role::Seeder && event == Event::Completed;
+        let Some(&(was, i)) = self.index.get(&key) else {
+            if self.from_address(key.ip) >= limits.max_per_address {
+                return Recorded::AddressFull;
+            }
+            if self.len() >= limits.max_peers {
+                return Recorded::Full;
+            }
+            self.completed += u64::from(completes);
+            self.put(rec);
+            return Recorded::Present;
+        };
+        self.completed += u64::from(completes || (was == Role::Leecher && role == Role::Seeder));
+        // The steady state of a fleet is peers re-announcing unchanged: update in place.
+        let rec = if was == role {
+            match self.group_mut(role).refresh(i, rec) {
+                Ok(()) => return Recorded::Present,
+                Err(rec) => rec,
+            }
+        } else {
+            rec
+        };
+        self.take(&key);
         self.put(rec);
         Recorded::Present
     }
 
     /// Drop peers not seen since `cutoff`; returns how many.
     pub fn expire(&mut self, cutoff: Instant) -> usize {
-        let stale: Vec<PeerId> = self
-            .seeders
+        let stale: Vec<PeerKey> = self
+            .seeders()
             .iter()
-            .chain(&self.leechers)
+            .chain(self.leechers())
             .filter(|p| p.last_seen < cutoff)
-            .map(|p| p.peer_id)
+            .map(PeerRecord::key)
             .collect();
-        for id in &stale {
-            self.take(id);
+        for key in &stale {
+            self.take(key);
         }
         stale.len()
     }
 
-    /// Up to `n` peers for `asker`: never the asker, only leechers when the asker seeds, and,
-    /// when the asker gave a zone, the closest peers first (same rack, then same datacenter,
-    /// then anywhere; random within each).
-    pub fn sample(
-        &self,
-        asker: &PeerId,
-        asker_seeds: bool,
-        zone: Option<&Zone>,
-        n: usize,
-    ) -> Vec<PeerEntry> {
-        let pool: [&[PeerRecord]; 2] = if asker_seeds {
-            [&self.leechers, &[]]
-        } else {
-            [&self.leechers, &self.seeders]
-        };
-        let total = pool[0].len() + pool[1].len();
-        let at = |i: usize| {
-            if i < pool[0].len() {
-                &pool[0][i]
-            } else {
-                &pool[1][i - pool[0].len()]
+    /// Panics when the index, the per-address counts, the vectors and the zone buckets
+    /// disagree (tests only).
+    #[cfg(test)]
+    pub(crate) fn assert_consistent(&self) {
+        self.seeders.assert_consistent();
+        self.leechers.assert_consistent();
+        assert_eq!(self.index.len(), self.seeders.len() + self.leechers.len());
+        let mut per_address: FastMap<IpAddr, usize> = FastMap::default();
+        for (role, peers) in [
+            (Role::Seeder, &self.seeders),
+            (Role::Leecher, &self.leechers),
+        ] {
+            for (i, p) in peers.as_slice().iter().enumerate() {
+                assert_eq!(Role::of(p), role);
+                assert_eq!(self.index.get(&p.key()), Some(&(role, i)), "{:?}", p.key());
+                *per_address.entry(p.addr.ip()).or_default() += 1;
             }
-        };
-        let entry = |p: &PeerRecord| PeerEntry {
-            addr: p.addr,
-            peer_id: Some(p.peer_id),
-        };
-        let mut rng = rand::rng();
-        if let Some(zone) = zone {
-            // Bucket by closeness, shuffle within a bucket by sorting on a random key.
-            let mut ranked: Vec<(usize, u32, &PeerRecord)> = (0..total)
-                .map(at)
-                .filter(|p| p.peer_id != *asker)
-                .map(|p| {
-                    let depth = p.zone.as_ref().map_or(0, |z| z.shared_depth(zone));
-                    (depth, rand::RngExt::random::<u32>(&mut rng), p)
-                })
-                .collect();
-            ranked.sort_unstable_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
-            return ranked
-                .into_iter()
-                .take(n)
-                .map(|(_, _, p)| entry(p))
-                .collect();
         }
-        // The asker may be in the pool: sample one extra and drop it.
-        let want = (n + 1).min(total);
-        floyd_sample(&mut rng, total, want)
-            .into_iter()
-            .map(at)
-            .filter(|p| p.peer_id != *asker)
-            .take(n)
-            .map(entry)
-            .collect()
+        assert_eq!(per_address, self.per_address);
     }
-}
-
-/// `k` distinct indices below `n`, uniformly (Floyd's algorithm): O(k^2) comparisons and one
-/// k-sized allocation, never O(n) — `numwant` is small and swarms can be large.
-fn floyd_sample(rng: &mut impl rand::Rng, n: usize, k: usize) -> Vec<usize> {
-    if k >= n {
-        return (0..n).collect();
-    }
-    let mut out: Vec<usize> = Vec::with_capacity(k);
-    for j in n - k..n {
-        let t = rand::RngExt::random_range(rng, 0..=j);
-        if out.contains(&t) {
-            out.push(j);
-        } else {
-            out.push(t);
-        }
-    }
-    out
 }
 
 /// All swarms.
@@ -306,142 +368,4 @@ impl Swarms {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn floyd_sample_is_distinct_and_in_range() {
-        let mut rng = rand::rng();
-        for (n, k) in [(10, 3), (10, 10), (5, 9), (1000, 51)] {
-            let mut v = floyd_sample(&mut rng, n, k);
-            assert_eq!(v.len(), k.min(n));
-            assert!(v.iter().all(|&i| i < n));
-            v.sort_unstable();
-            v.dedup();
-            assert_eq!(v.len(), k.min(n));
-        }
-        // Every index gets picked eventually (not a fixed window).
-        let mut seen = [false; 20];
-        for _ in 0..500 {
-            for i in floyd_sample(&mut rng, 20, 2) {
-                seen[i] = true;
-            }
-        }
-        assert!(seen.iter().all(|&s| s));
-    }
-
-    fn rec(id: u8, left: u64, zone: Option<&str>) -> PeerRecord {
-        PeerRecord {
-            peer_id: PeerId([id; 20]),
-            addr: SocketAddr::from(([127, 0, 0, id], 6881)),
-            uploaded: 0,
-            downloaded: 0,
-            left,
-            zone: zone.map(|z| Zone::new(z).unwrap()),
-            last_seen: Instant::now(),
-        }
-    }
-
-    #[test]
-    fn seeders_get_only_leechers_and_never_themselves() {
-        let mut s = Swarm::default();
-        for i in 1..=5 {
-            s.record(
-                rec(i, if i <= 2 { 0 } else { 10 }, None),
-                Event::Started,
-                100,
-            );
-        }
-        for _ in 0..50 {
-            let got = s.sample(&PeerId([1; 20]), true, None, 50);
-            assert_eq!(got.len(), 3);
-            assert!(got.iter().all(|p| p.peer_id.unwrap().0[0] >= 3));
-            let got = s.sample(&PeerId([3; 20]), false, None, 50);
-            assert_eq!(got.len(), 4);
-            assert!(got.iter().all(|p| p.peer_id != Some(PeerId([3; 20]))));
-            assert_eq!(s.sample(&PeerId([3; 20]), false, None, 2).len(), 2);
-        }
-    }
-
-    #[test]
-    fn left_zero_makes_a_seeder_and_counts_a_completion() {
-        let mut s = Swarm::default();
-        s.record(rec(1, 10, None), Event::Started, 100);
-        assert_eq!(
-            (s.seeders().len(), s.leechers().len(), s.completed),
-            (0, 1, 0)
-        );
-        s.record(rec(1, 0, None), Event::None, 100);
-        assert_eq!(
-            (s.seeders().len(), s.leechers().len(), s.completed),
-            (1, 0, 1)
-        );
-        s.record(rec(1, 0, None), Event::None, 100);
-        assert_eq!(
-            s.completed, 1,
-            "re-announcing as a seeder is not another completion"
-        );
-        assert_eq!(
-            s.record(rec(1, 0, None), Event::Stopped, 100),
-            Recorded::Removed
-        );
-        assert!(s.is_empty());
-    }
-
-    #[test]
-    fn full_swarm_refuses_newcomers_but_keeps_members() {
-        let mut s = Swarm::default();
-        assert_eq!(
-            s.record(rec(1, 1, None), Event::Started, 1),
-            Recorded::Present
-        );
-        assert_eq!(s.record(rec(2, 1, None), Event::Started, 1), Recorded::Full);
-        assert_eq!(s.record(rec(1, 0, None), Event::None, 1), Recorded::Present);
-    }
-
-    #[test]
-    fn zone_orders_rack_then_datacenter_then_anywhere() {
-        let mut s = Swarm::default();
-        s.record(rec(1, 5, Some("dc2/rack1")), Event::Started, 100);
-        s.record(rec(2, 5, Some("dc1/rack9")), Event::Started, 100);
-        s.record(rec(3, 5, Some("dc1/rack7")), Event::Started, 100);
-        s.record(rec(4, 5, None), Event::Started, 100);
-        let me = Zone::new("dc1/rack7").unwrap();
-        for _ in 0..20 {
-            let got: Vec<u8> = s
-                .sample(&PeerId([9; 20]), false, Some(&me), 3)
-                .iter()
-                .map(|p| p.peer_id.unwrap().0[0])
-                .collect();
-            assert_eq!(&got[..2], &[3, 2]);
-            assert!(got[2] == 1 || got[2] == 4);
-        }
-    }
-
-    #[test]
-    fn expiry_drops_silent_peers_and_keeps_index_consistent() {
-        let mut s = Swarm::default();
-        let old = Instant::now();
-        for i in 1..=6 {
-            let mut r = rec(i, u64::from(i % 2), None);
-            if i % 3 == 0 {
-                r.last_seen = old;
-            }
-            s.record(r, Event::Started, 100);
-        }
-        let cutoff = old + std::time::Duration::from_nanos(1);
-        std::thread::sleep(std::time::Duration::from_millis(1));
-        for i in [1, 2, 4, 5] {
-            s.record(rec(i, u64::from(i % 2), None), Event::None, 100);
-        }
-        assert_eq!(s.expire(cutoff), 2);
-        assert_eq!(s.len(), 4);
-        for i in [1, 2, 4, 5] {
-            assert_eq!(
-                s.record(rec(i, 0, None), Event::Stopped, 100),
-                Recorded::Removed
-            );
-        }
-        assert!(s.is_empty() && s.seeders().is_empty() && s.leechers().is_empty());
-    }
-}
+mod tests;
