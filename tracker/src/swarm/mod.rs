@@ -7,7 +7,7 @@
 //!   public (dictionary answers list them), so an announce with a known id from another
 //!   address is another peer: it can neither stop nor move the original. A new port from the
 //!   same address updates the entry.
-//! - seeders and leechers are two dense vectors ([`peers`](self::peers)) with an index by key: an
+//! - seeders and leechers are two dense vectors (`peers.rs`) with an index by key: an
 //!   announce is O(1) to record and O(numwant) to answer (random sampling by position, no scan),
 //!   and "a seeder gets only leechers" is a choice of vector, not a filter.
 //! - each vector has zone buckets (`zones.rs`), so a zone announce takes same-rack, then
