@@ -1,11 +1,12 @@
 //! The announce load of BENCHMARKS.md ("Tracker: announces per second"), apart from any socket:
-//! which request to send next, and what a response counts as.
+//! which request to send next (a share of them with a zone, [`ZoneMix`]), and what a response
+//! counts as.
 //!
 //! Requests are written with [`AnnounceRequest::to_query`] and responses read with
 //! [`AnnounceResponse::decode`], the codec the tracker itself uses, so the generator and the
 //! tracker cannot disagree on the protocol.
 
-use fbpkg_common::tracker_proto::{AnnounceRequest, AnnounceResponse, Event, TrackerReply};
+use fbpkg_common::tracker_proto::{AnnounceRequest, AnnounceResponse, Event, TrackerReply, Zone};
 use fbpkg_common::{InfoHash, PeerId};
 use rand::{Rng, RngExt};
 
@@ -16,16 +17,91 @@ pub const NUMWANT: u32 = 50;
 /// `left` reported by leechers (any non-zero value makes a leecher).
 const LEECHER_LEFT: u64 = 1 << 20;
 
-/// Announces over a fixed set of swarms: BEP 3, `compact=1&numwant=50`, one seeder in four.
+/// Which announces carry a zone (`zone=dcN/rackM`, fbpkg's extension), and over how many
+/// zones. A fleet's agents all send one; here a share of them does, so the bench measures the
+/// tracker's zone path (closest peers first) beside the plain one. Trackers that do not know
+/// the parameter ignore it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ZoneMix {
+    /// Announces with a zone, per million.
+    per_million: u32,
+    datacenters: u32,
+    racks_per_datacenter: u32,
+}
+
+impl ZoneMix {
+    /// `fraction` of announces (0 to 1) get a zone, uniformly over `datacenters` x
+    /// `racks_per_datacenter` racks. `None` when a number is out of range.
+    pub fn new(fraction: f64, datacenters: u32, racks_per_datacenter: u32) -> Option<Self> {
+        let valid = fraction.is_finite()
+            && (0.0..=1.0).contains(&fraction)
+            && datacenters >= 1
+            && racks_per_datacenter >= 1;
+        valid.then(|| Self {
+            per_million: (fraction * 1e6).round() as u32,
+            datacenters,
+            racks_per_datacenter,
+        })
+    }
+
+    /// No zones at all.
+    pub const NONE: ZoneMix = ZoneMix {
+        per_million: 0,
+        datacenters: 1,
+        racks_per_datacenter: 1,
+    };
+
+    /// The share of announces with a zone.
+    pub fn fraction(&self) -> f64 {
+        f64::from(self.per_million) / 1e6
+    }
+
+    fn pick(&self, rng: &mut impl Rng) -> Option<Zone> {
+        if rng.random_range(0..1_000_000) >= self.per_million {
+            return None;
+        }
+        let dc = rng.random_range(0..self.datacenters);
+        let rack = rng.random_range(0..self.racks_per_datacenter);
+        Zone::new(&format!("dc{dc}/rack{rack}")).ok()
+    }
+}
+
+impl Default for ZoneMix {
+    /// A quarter of announces, over 4 datacenters of 16 racks.
+    fn default() -> Self {
+        Self {
+            per_million: 250_000,
+            datacenters: 4,
+            racks_per_datacenter: 16,
+        }
+    }
+}
+
+/// Announces over a fixed set of swarms: BEP 3, `compact=1&numwant=50`, one seeder in four, a
+/// zone on a share of them ([`ZoneMix`], a quarter by default).
 #[derive(Debug, Clone)]
 pub struct Workload {
     hashes: Vec<InfoHash>,
+    zones: ZoneMix,
 }
 
 impl Workload {
-    /// A workload over `hashes` (at least one).
+    /// A workload over `hashes` (at least one), with the default [`ZoneMix`].
     pub fn new(hashes: Vec<InfoHash>) -> Option<Self> {
-        (!hashes.is_empty()).then_some(Self { hashes })
+        (!hashes.is_empty()).then_some(Self {
+            hashes,
+            zones: ZoneMix::default(),
+        })
+    }
+
+    /// The same workload with another zone mix.
+    pub fn with_zones(self, zones: ZoneMix) -> Self {
+        Self { zones, ..self }
+    }
+
+    /// The zone mix.
+    pub fn zones(&self) -> ZoneMix {
+        self.zones
     }
 
     /// The swarms.
@@ -34,11 +110,12 @@ impl Workload {
     }
 
     /// A steady-state announce: a random swarm, a random peer id and port, a seeder with
-    /// probability 1/4.
+    /// probability 1/4, a zone as the mix says.
     pub fn random(&self, rng: &mut impl Rng) -> AnnounceRequest {
         let hash = self.hashes[rng.random_range(0..self.hashes.len())];
         let seeder = rng.random_range(0..4u8) == 0;
-        announce(hash, rng, seeder)
+        let zone = self.zones.pick(rng);
+        announce(hash, rng, seeder, zone)
     }
 
     /// The `n`-th announce of the prefill: swarms in turn, so after `k * hashes` announces every
@@ -47,11 +124,17 @@ impl Workload {
         let swarms = self.hashes.len() as u64;
         let hash = self.hashes[usize::try_from(n % swarms).unwrap_or(0)];
         let round = n / swarms;
-        announce(hash, rng, round.is_multiple_of(4))
+        let zone = self.zones.pick(rng);
+        announce(hash, rng, round.is_multiple_of(4), zone)
     }
 }
 
-fn announce(info_hash: InfoHash, rng: &mut impl Rng, seeder: bool) -> AnnounceRequest {
+fn announce(
+    info_hash: InfoHash,
+    rng: &mut impl Rng,
+    seeder: bool,
+    zone: Option<Zone>,
+) -> AnnounceRequest {
     let mut peer_id = [0u8; 20];
     rng.fill(&mut peer_id[..]);
     AnnounceRequest {
@@ -67,7 +150,7 @@ fn announce(info_hash: InfoHash, rng: &mut impl Rng, seeder: bool) -> AnnounceRe
         no_peer_id: false,
         key: None,
         ip: None,
-        zone: None,
+        zone,
     }
 }
 
@@ -124,7 +207,8 @@ mod tests {
     fn requests_round_trip_through_the_trackers_parser() {
         let w = workload(8);
         let mut rng = SmallRng::seed_from_u64(1);
-        let mut seeders = 0;
+        let (mut seeders, mut zoned) = (0, 0);
+        let mut racks = std::collections::HashSet::new();
         for _ in 0..4000 {
             let req = w.random(&mut rng);
             let back = AnnounceRequest::parse(&req.to_query()).unwrap();
@@ -132,8 +216,38 @@ mod tests {
             assert!(back.compact && back.numwant == Some(NUMWANT));
             assert!(w.hashes().contains(&back.info_hash));
             seeders += usize::from(back.left == 0);
+            if let Some(z) = back.zone {
+                zoned += 1;
+                let (dc, rack) = z.as_str().split_once('/').unwrap();
+                let dc: u32 = dc.strip_prefix("dc").unwrap().parse().unwrap();
+                let rack: u32 = rack.strip_prefix("rack").unwrap().parse().unwrap();
+                assert!(dc < 4 && rack < 16, "{z}");
+                racks.insert(z);
+            }
         }
         assert!((800..1200).contains(&seeders), "{seeders} seeders of 4000");
+        assert!((800..1200).contains(&zoned), "{zoned} zoned of 4000");
+        assert!(
+            racks.len() > 48,
+            "zones spread over the racks: {}",
+            racks.len()
+        );
+        let plain = w.with_zones(ZoneMix::NONE);
+        assert!((0..100).all(|_| plain.random(&mut rng).zone.is_none()));
+    }
+
+    #[test]
+    fn zone_mix_is_checked() {
+        assert_eq!(ZoneMix::new(0.25, 4, 16), Some(ZoneMix::default()));
+        assert_eq!(ZoneMix::new(0.0, 1, 1).map(|m| m.fraction()), Some(0.0));
+        for bad in [
+            ZoneMix::new(1.5, 4, 16),
+            ZoneMix::new(f64::NAN, 4, 16),
+            ZoneMix::new(0.5, 0, 16),
+            ZoneMix::new(0.5, 4, 0),
+        ] {
+            assert_eq!(bad, None);
+        }
     }
 
     #[test]

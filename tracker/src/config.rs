@@ -55,9 +55,35 @@ pub struct TrackerArgs {
     #[arg(long, env = "FBPKG_MAX_PEERS_PER_SWARM", default_value_t = 100_000)]
     pub max_peers_per_swarm: usize,
 
+    /// Most peers of one swarm recorded under one IP address (the connection's, or a trusted
+    /// `ip=`). Announces beyond it get a failure reason; the peers already there stay. The
+    /// default is above any NATed rack, and low enough that one host making up peer ids cannot
+    /// push the real peers out of a swarm.
+    #[arg(long, env = "FBPKG_MAX_PEERS_PER_ADDRESS", default_value_t = 256)]
+    pub max_peers_per_address: usize,
+
     /// Most swarms kept (matters with --allow-unregistered).
     #[arg(long, env = "FBPKG_MAX_SWARMS", default_value_t = 100_000)]
     pub max_swarms: usize,
+
+    /// Most connections open at once on the tracker's listener. Beyond it a new connection is
+    /// closed at once, unless it already holds one whole announce or scrape, which is answered
+    /// on the spot (that costs no lasting resource).
+    #[arg(long, env = "FBPKG_MAX_CONNECTIONS", default_value_t = 10_000)]
+    pub max_connections: usize,
+
+    /// A request head must arrive whole within this time of its first byte (of the connection
+    /// being accepted, for the first request), however the bytes trickle in.
+    #[arg(long, env = "FBPKG_HEAD_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub head_timeout: Duration,
+
+    /// A response must be written whole within this time, however slowly the client reads.
+    #[arg(long, env = "FBPKG_WRITE_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub write_timeout: Duration,
+
+    /// A keep-alive connection waiting for its next request is closed after this long.
+    #[arg(long, env = "FBPKG_IDLE_TIMEOUT", default_value = "60s", value_parser = humantime::parse_duration)]
+    pub idle_timeout: Duration,
 
     /// Longest time any request may take before it is answered 408.
     #[arg(long, env = "FBPKG_REQUEST_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
@@ -98,8 +124,21 @@ pub struct Config {
     pub trusted_networks: Vec<IpNet>,
     /// Peers per swarm (default 100,000).
     pub max_peers_per_swarm: usize,
+    /// Peers of one swarm under one IP address (default 256).
+    pub max_peers_per_address: usize,
     /// Swarms (default 100,000).
     pub max_swarms: usize,
+    /// Connections open at once on the tracker listener (default 10,000).
+    pub max_connections: usize,
+    /// Whole request head deadline (default 10 s).
+    #[serde(with = "humantime_serde_compat")]
+    pub head_timeout: Duration,
+    /// Whole response write deadline (default 10 s).
+    #[serde(with = "humantime_serde_compat")]
+    pub write_timeout: Duration,
+    /// Keep-alive idle limit (default 60 s).
+    #[serde(with = "humantime_serde_compat")]
+    pub idle_timeout: Duration,
     /// Request timeout (default 30 s).
     #[serde(with = "humantime_serde_compat")]
     pub request_timeout: Duration,
@@ -147,7 +186,12 @@ impl Default for Config {
             max_numwant: 200,
             trusted_networks: Vec::new(),
             max_peers_per_swarm: 100_000,
+            max_peers_per_address: 256,
             max_swarms: 100_000,
+            max_connections: 10_000,
+            head_timeout: Duration::from_secs(10),
+            write_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(60),
             request_timeout: Duration::from_secs(30),
             max_query_len: 4096,
             max_body_bytes: 8 << 20,
@@ -170,7 +214,12 @@ impl TrackerArgs {
             max_numwant: self.max_numwant,
             trusted_networks: self.trusted_networks,
             max_peers_per_swarm: self.max_peers_per_swarm,
+            max_peers_per_address: self.max_peers_per_address,
             max_swarms: self.max_swarms,
+            max_connections: self.max_connections,
+            head_timeout: self.head_timeout,
+            write_timeout: self.write_timeout,
+            idle_timeout: self.idle_timeout,
             request_timeout: self.request_timeout,
             dashboard_refresh_secs: self.dashboard_refresh_secs,
             threads: self.threads,
@@ -203,13 +252,40 @@ impl Config {
         if self.max_numwant == 0 {
             return bad("--max-numwant must be at least 1".into());
         }
-        if self.max_peers_per_swarm == 0 || self.max_swarms == 0 {
-            return bad("--max-peers-per-swarm and --max-swarms must be at least 1".into());
+        if self.max_peers_per_swarm == 0 || self.max_swarms == 0 || self.max_peers_per_address == 0
+        {
+            return bad(
+                "--max-peers-per-swarm, --max-peers-per-address and --max-swarms must be at least 1"
+                    .into(),
+            );
+        }
+        if !(1..=tokio::sync::Semaphore::MAX_PERMITS).contains(&self.max_connections) {
+            return bad(format!(
+                "--max-connections must be between 1 and {}",
+                tokio::sync::Semaphore::MAX_PERMITS
+            ));
+        }
+        for (flag, d) in [
+            ("--head-timeout", self.head_timeout),
+            ("--write-timeout", self.write_timeout),
+            ("--idle-timeout", self.idle_timeout),
+        ] {
+            if d.is_zero() {
+                return bad(format!("{flag} must be more than 0"));
+            }
         }
         if self.dashboard_refresh_secs == 0 {
             return bad("--dashboard-refresh must be at least 1".into());
         }
         Ok(())
+    }
+
+    /// The caps applied to a peer joining a swarm.
+    pub fn swarm_limits(&self) -> crate::swarm::Limits {
+        crate::swarm::Limits {
+            max_peers: self.max_peers_per_swarm,
+            max_per_address: self.max_peers_per_address,
+        }
     }
 
     /// The announce interval in whole seconds, as written into responses.

@@ -2,9 +2,11 @@
 //! catalog, and shows the fleet on a dashboard.
 //!
 //! - BitTorrent announce and scrape (BEP 3, 7, 23, 48) for the swarms of published packages
-//!   ([`swarm`]: soft state, rebuilt from announces);
+//!   ([`swarm`]: soft state, rebuilt from announces; peers known by id and address, a cap per
+//!   address, so no single host can crowd the others out);
 //! - the catalog ([`catalog`]: durable, crash-safe) behind a JSON API under `/api/v1`;
-//! - `/` dashboard, `/metrics` (Prometheus), `/healthz`, `/readyz`.
+//! - `/` dashboard, `/metrics` (Prometheus), `/healthz`, `/readyz`;
+//! - a connection front with a connection cap and whole-message deadlines (`front.rs`).
 //!
 //! The service is `app(state) -> Router` plus `run(listener, state, shutdown)`:
 //!

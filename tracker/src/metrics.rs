@@ -16,21 +16,50 @@ pub enum AnnounceOutcome {
     Malformed,
     /// Swarm or tracker at capacity.
     Full,
+    /// The announcing address already has the most peers allowed in the swarm.
+    AddressLimit,
 }
 
 impl AnnounceOutcome {
-    const ALL: [AnnounceOutcome; 4] = [
+    const ALL: [AnnounceOutcome; 5] = [
         AnnounceOutcome::Ok,
         AnnounceOutcome::Unregistered,
         AnnounceOutcome::Malformed,
         AnnounceOutcome::Full,
+        AnnounceOutcome::AddressLimit,
     ];
-    fn label(self) -> &'static str {
+    /// The `outcome` label, and what a log line says.
+    pub fn label(self) -> &'static str {
         match self {
             AnnounceOutcome::Ok => "ok",
             AnnounceOutcome::Unregistered => "unregistered",
             AnnounceOutcome::Malformed => "malformed",
             AnnounceOutcome::Full => "full",
+            AnnounceOutcome::AddressLimit => "address_limit",
+        }
+    }
+}
+
+/// Why the front closed a connection against the client's wish.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cutoff {
+    /// Accepted while the listener was at its connection cap.
+    OverCap,
+    /// A request head did not arrive whole in time. hyper cannot tell an idle keep-alive
+    /// connection from a slow head, so on connections handed to the router both count.
+    HeadTimeout,
+    /// A response could not be written whole in time.
+    WriteTimeout,
+}
+
+impl Cutoff {
+    const ALL: [Cutoff; 3] = [Cutoff::OverCap, Cutoff::HeadTimeout, Cutoff::WriteTimeout];
+    /// The `reason` label.
+    pub fn label(self) -> &'static str {
+        match self {
+            Cutoff::OverCap => "over_cap",
+            Cutoff::HeadTimeout => "head_timeout",
+            Cutoff::WriteTimeout => "write_timeout",
         }
     }
 }
@@ -84,7 +113,8 @@ struct Histogram {
 /// The tracker's metrics.
 #[derive(Debug, Default)]
 pub struct Metrics {
-    announces: [AtomicU64; 4],
+    announces: [AtomicU64; AnnounceOutcome::ALL.len()],
+    cutoffs: [AtomicU64; Cutoff::ALL.len()],
     scrapes: AtomicU64,
     publishes: AtomicU64,
     latency: [Histogram; 4],
@@ -94,6 +124,16 @@ impl Metrics {
     /// Count one announce.
     pub fn announce(&self, outcome: AnnounceOutcome) {
         self.announces[outcome as usize].fetch_add(1, Relaxed);
+    }
+
+    /// Count one connection closed by the front.
+    pub fn cutoff(&self, why: Cutoff) {
+        self.cutoffs[why as usize].fetch_add(1, Relaxed);
+    }
+
+    /// Connections closed for `why` so far.
+    pub fn cutoffs(&self, why: Cutoff) -> u64 {
+        self.cutoffs[why as usize].load(Relaxed)
     }
 
     /// Count one scrape.
@@ -135,6 +175,20 @@ impl Metrics {
                 self.announces(o)
             );
         }
+        out.push_str(
+            "# HELP fbpkg_tracker_connections_cut_total Connections the tracker closed: over the \
+             connection cap, or a request head or response not done in time (on connections \
+             handed to the router, a keep-alive wait past the head timeout counts as one).\n\
+             # TYPE fbpkg_tracker_connections_cut_total counter\n",
+        );
+        for c in Cutoff::ALL {
+            let _ = writeln!(
+                out,
+                "fbpkg_tracker_connections_cut_total{{reason=\"{}\"}} {}",
+                c.label(),
+                self.cutoffs(c)
+            );
+        }
         let counter = |out: &mut String, name: &str, help: &str, v: u64| {
             let _ = writeln!(
                 out,
@@ -156,6 +210,12 @@ impl Metrics {
         let gauge = |out: &mut String, name: &str, help: &str, v: u64| {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}");
         };
+        gauge(
+            &mut out,
+            "fbpkg_tracker_connections",
+            "Connections open on the tracker listener (not counting those answered on accept).",
+            gauges.connections,
+        );
         gauge(
             &mut out,
             "fbpkg_tracker_swarms",
@@ -236,4 +296,6 @@ pub struct Gauges {
     pub versions: u64,
     /// Catalog bytes.
     pub catalog_bytes: u64,
+    /// Open connections.
+    pub connections: u64,
 }

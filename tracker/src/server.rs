@@ -11,7 +11,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use socket2::{Domain, Protocol, Socket, Type};
-use tokio::io::AsyncWriteExt;
 use tokio::io::unix::AsyncFd;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
@@ -22,6 +21,7 @@ use tracing::Instrument;
 use crate::error::TrackerError;
 use crate::front;
 use crate::http::{AppState, SharedState, app};
+use crate::metrics::Cutoff;
 
 /// Listening sockets for one address, one per serving thread.
 #[derive(Debug)]
@@ -172,32 +172,32 @@ async fn accept_loop(
             if stream.set_nonblocking(true).is_err() {
                 continue;
             }
-            match front::serve_immediately(stream, remote, &state) {
-                front::Immediate::Done => {}
-                front::Immediate::Continue(stream, buf) => {
-                    let Ok(stream) = TcpStream::from_std(stream) else {
-                        continue;
-                    };
-                    connections.spawn(front::serve_connection(
-                        stream,
-                        remote,
-                        state.clone(),
-                        router.clone(),
-                        shutdown.clone(),
-                        buf,
-                    ));
+            let Some((stream, later)) = front::serve_immediately(stream, remote, &state) else {
+                continue;
+            };
+            // Only connections that outlive their accept take a slot under the cap.
+            let Ok(slot) = state.connections.clone().try_acquire_owned() else {
+                state.metrics.cutoff(Cutoff::OverCap);
+                tracing::debug!(peer = %remote, "connection refused: at the connection cap");
+                continue;
+            };
+            let Ok(stream) = TcpStream::from_std(stream) else {
+                continue;
+            };
+            match later {
+                front::Later::Serve(buf) => connections.spawn(front::serve_connection(
+                    stream,
+                    remote,
+                    state.clone(),
+                    router.clone(),
+                    shutdown.clone(),
+                    buf,
+                    slot,
+                )),
+                front::Later::Finish(rest) => {
+                    connections.spawn(front::finish(stream, rest, remote, state.clone(), slot))
                 }
-                front::Immediate::Finish(stream, rest) => {
-                    let Ok(mut stream) = TcpStream::from_std(stream) else {
-                        continue;
-                    };
-                    connections.spawn(async move {
-                        let _ =
-                            tokio::time::timeout(Duration::from_secs(10), stream.write_all(&rest))
-                                .await;
-                    });
-                }
-            }
+            };
         }
     }
     drop(listener);

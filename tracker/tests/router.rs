@@ -14,6 +14,7 @@ use fbpkg_common::tracker_proto::{
     AnnounceRequest, AnnounceResponse, Event, ScrapeRequest, ScrapeResponse, TrackerReply, Zone,
 };
 use fbpkg_common::{InfoHash, PeerId};
+use fbpkg_tracker::metrics::AnnounceOutcome;
 use fbpkg_tracker::{AppState, Config, SharedState, app, serve_announce};
 use http_body_util::BodyExt;
 use tower::ServiceExt;
@@ -513,6 +514,138 @@ async fn zones_put_closest_peers_first() {
     let r = ok(h.announce("127.0.0.9:1", &me).await);
     let got: Vec<u16> = r.peers.iter().map(|p| p.addr.port()).collect();
     assert_eq!(got, vec![7003, 7002], "same rack, then same datacenter");
+}
+
+#[tokio::test]
+async fn one_address_making_up_peers_cannot_hide_the_seed() {
+    let h = harness(|_| {});
+    let m = package(1, 70_000);
+    h.publish("app", &m).await;
+    let mut seed = announce_req(&m, 1, 0);
+    seed.event = Event::None;
+    ok(h.announce("127.0.0.1:1", &seed).await);
+    // 20,000 announces with made-up ids from one address.
+    let limit = h.state.config.max_peers_per_address;
+    let attacker = "127.0.0.2".parse().unwrap();
+    let mut refused = 0;
+    for _ in 0..20_000 {
+        let mut fake = announce_req(&m, 0, 5);
+        fake.peer_id = PeerId(rand::random());
+        let now = tokio::time::Instant::now();
+        let (body, outcome) = serve_announce(&h.state, attacker, &fake.to_query(), now);
+        if outcome == AnnounceOutcome::AddressLimit {
+            refused += 1;
+            let TrackerReply::Failure(f) = AnnounceResponse::decode(&body).unwrap() else {
+                panic!("a refusal is a failure reason")
+            };
+            assert!(f.contains("too many peers from 127.0.0.2"), "{f}");
+        }
+    }
+    assert_eq!(refused, 20_000 - limit);
+    let swarm = h.state.swarms.get(&m.info_hash).unwrap();
+    assert_eq!(swarm.from_address(attacker), limit, "the first ones stay");
+    assert_eq!((swarm.seeders().len(), swarm.leechers().len()), (1, limit));
+    drop(swarm);
+    // A real leecher elsewhere gets the seed, every time.
+    let mut me = announce_req(&m, 3, 5);
+    me.numwant = Some(50);
+    for _ in 0..50 {
+        let r = ok(h.announce("127.0.0.3:1", &me).await);
+        assert_eq!(r.peers.len(), 50);
+        assert_eq!(
+            r.peers[0].addr,
+            "127.0.0.1:7001".parse().unwrap(),
+            "seed first"
+        );
+    }
+    // Through the handler, refusals are counted and shown.
+    for _ in 0..10 {
+        let mut fake = announce_req(&m, 0, 5);
+        fake.peer_id = PeerId(rand::random());
+        match h.announce("127.0.0.2:1", &fake).await {
+            TrackerReply::Failure(f) => assert!(f.contains("too many peers"), "{f}"),
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(h.state.metrics.announces(AnnounceOutcome::AddressLimit), 10);
+    let (_, b) = h.get("/metrics").await;
+    let text = String::from_utf8(b).unwrap();
+    assert!(
+        text.contains("fbpkg_tracker_announces_total{outcome=\"address_limit\"} 10"),
+        "{text}"
+    );
+}
+
+#[tokio::test]
+async fn a_known_peer_id_from_another_address_neither_stops_nor_moves_the_peer() {
+    let h = harness(|_| {});
+    let m = package(1, 70_000);
+    h.publish("app", &m).await;
+    ok(h.announce("127.0.0.1:1", &announce_req(&m, 1, 5)).await);
+    let peers_of_3 = || async {
+        let r = ok(h.announce("127.0.0.3:1", &announce_req(&m, 3, 5)).await);
+        let mut v: Vec<String> = r.peers.iter().map(|p| p.addr.to_string()).collect();
+        v.sort();
+        v
+    };
+    assert_eq!(peers_of_3().await, ["127.0.0.1:7001"]);
+    // Someone who learned peer 1's id (dict answers list ids) sends `stopped` for it...
+    let mut stop = announce_req(&m, 1, 5);
+    stop.event = Event::Stopped;
+    ok(h.announce("127.0.0.66:1", &stop).await);
+    assert_eq!(peers_of_3().await, ["127.0.0.1:7001"], "not stopped");
+    // ... or announces it with their own port: that is another peer, beside the real one.
+    let mut moved = announce_req(&m, 1, 5);
+    moved.port = 9999;
+    ok(h.announce("127.0.0.66:1", &moved).await);
+    assert_eq!(
+        peers_of_3().await,
+        ["127.0.0.1:7001", "127.0.0.66:9999"],
+        "not moved"
+    );
+    // The peer itself changing its port from its own address updates its entry.
+    let mut new_port = announce_req(&m, 1, 5);
+    new_port.port = 7100;
+    ok(h.announce("127.0.0.1:1", &new_port).await);
+    assert_eq!(peers_of_3().await, ["127.0.0.1:7100", "127.0.0.66:9999"]);
+    // And its own `stopped` removes it.
+    let mut stop = announce_req(&m, 1, 5);
+    stop.event = Event::Stopped;
+    ok(h.announce("127.0.0.1:1", &stop).await);
+    assert_eq!(peers_of_3().await, ["127.0.0.66:9999"]);
+}
+
+#[tokio::test]
+async fn compact_answers_carry_no_peer_ids() {
+    let h = harness(|_| {});
+    let m = package(1, 70_000);
+    h.publish("app", &m).await;
+    for id in 1..=5 {
+        ok(
+            h.announce(&format!("127.0.0.{id}:1"), &announce_req(&m, id, 5))
+                .await,
+        );
+    }
+    let asker = announce_req(&m, 9, 5);
+    assert!(asker.compact);
+    let (_, _, body) = h
+        .call(
+            "127.0.0.9:1",
+            Request::get(format!("/announce?{}", asker.to_query()))
+                .body(Body::empty())
+                .unwrap(),
+        )
+        .await;
+    let r = ok(AnnounceResponse::decode(&body).unwrap());
+    assert_eq!(r.peers.len(), 5);
+    assert!(r.peers.iter().all(|p| p.peer_id.is_none()));
+    assert!(!body.windows(7).any(|w| w == b"peer id"));
+    for id in 1..=5u8 {
+        assert!(
+            !body.windows(20).any(|w| w == [id; 20]),
+            "peer {id}'s id is in a compact answer"
+        );
+    }
 }
 
 #[tokio::test]

@@ -1,7 +1,8 @@
 //! `GET /announce` and `GET /scrape` (BEP 3, 7, 23, 48).
 //!
 //! BitTorrent clients expect 200 with a bencoded body even when the tracker refuses, so every
-//! refusal is a `failure reason`, never a 4xx.
+//! refusal is a `failure reason`, never a 4xx; each is counted by outcome and logged at debug
+//! (one line per request: an attacker's flood must not flood the logs at the default level).
 
 use std::net::{IpAddr, SocketAddr};
 
@@ -16,7 +17,7 @@ use tokio::time::Instant;
 
 use super::SharedState;
 use crate::metrics::AnnounceOutcome;
-use crate::swarm::{PeerRecord, Recorded};
+use crate::swarm::{PeerKey, PeerRecord, Recorded};
 
 /// Full scrapes (no info_hash) are answered only up to this many swarms.
 const MAX_FULL_SCRAPE: usize = 1000;
@@ -53,6 +54,7 @@ pub fn serve_announce(
     let req = match AnnounceRequest::parse(query) {
         Ok(r) => r,
         Err(e) => {
+            tracing::debug!(peer = %remote, error = %e, "announce refused: malformed");
             encode_failure(&format!("bad announce: {e}"), &mut body);
             return (body, AnnounceOutcome::Malformed);
         }
@@ -87,6 +89,7 @@ pub fn serve_announce(
                 AnnounceOutcome::Unregistered,
             )
         };
+        refused(&req, ip, outcome, &reason);
         encode_failure(&reason, &mut body);
         return (body, outcome);
     };
@@ -99,10 +102,26 @@ pub fn serve_announce(
         zone: req.zone.clone(),
         last_seen: now,
     };
-    if swarm.record(record, req.event, config.max_peers_per_swarm) == Recorded::Full {
+    let refusal = match swarm.record(record, req.event, &config.swarm_limits()) {
+        Recorded::Present | Recorded::Removed => None,
+        Recorded::Full => Some((
+            AnnounceOutcome::Full,
+            "swarm is full; try again later".to_owned(),
+        )),
+        Recorded::AddressFull => Some((
+            AnnounceOutcome::AddressLimit,
+            format!(
+                "too many peers from {ip} in this swarm (at most {}); the ones already here \
+                 stay, new ones are refused until some leave",
+                config.max_peers_per_address
+            ),
+        )),
+    };
+    if let Some((outcome, reason)) = refusal {
         drop(swarm);
-        encode_failure("swarm is full; try again later", &mut body);
-        return (body, AnnounceOutcome::Full);
+        refused(&req, ip, outcome, &reason);
+        encode_failure(&reason, &mut body);
+        return (body, outcome);
     }
     let numwant = if req.event == Event::Stopped {
         0
@@ -114,7 +133,11 @@ pub fn serve_announce(
     let peers = if numwant == 0 {
         Vec::new()
     } else {
-        swarm.sample(&req.peer_id, req.left == 0, req.zone.as_ref(), numwant)
+        let asker = PeerKey {
+            peer_id: req.peer_id,
+            ip,
+        };
+        swarm.sample(&asker, req.left == 0, req.zone.as_ref(), numwant)
     };
     let resp = AnnounceResponse {
         interval: config.interval_secs(),
@@ -136,6 +159,18 @@ pub fn serve_announce(
     };
     resp.encode(format, &mut body);
     (body, AnnounceOutcome::Ok)
+}
+
+/// The log line of a refused announce.
+fn refused(req: &AnnounceRequest, ip: IpAddr, outcome: AnnounceOutcome, reason: &str) {
+    tracing::debug!(
+        info_hash = %req.info_hash,
+        peer = %ip,
+        peer_id = %req.peer_id,
+        outcome = outcome.label(),
+        reason,
+        "announce refused"
+    );
 }
 
 pub(super) async fn scrape(

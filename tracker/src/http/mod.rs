@@ -36,6 +36,9 @@ pub struct AppState {
     pub swarms: Swarms,
     /// Counters.
     pub metrics: Metrics,
+    /// Connection slots of the tracker listener, shared by its serving threads: a connection
+    /// that outlives its accept holds one (`config.max_connections` in all).
+    pub connections: Arc<tokio::sync::Semaphore>,
 }
 
 impl AppState {
@@ -53,12 +56,27 @@ impl AppState {
                 },
             );
         }
+        // `validate` keeps the cap within what a semaphore holds; an unvalidated config is
+        // clamped rather than allowed to panic here.
+        let cap = config
+            .max_connections
+            .min(tokio::sync::Semaphore::MAX_PERMITS);
+        let connections = Arc::new(tokio::sync::Semaphore::new(cap));
         Ok(Arc::new(Self {
             config,
             catalog,
             swarms,
             metrics: Metrics::default(),
+            connections,
         }))
+    }
+
+    /// Connections holding a slot now.
+    pub fn open_connections(&self) -> usize {
+        self.config
+            .max_connections
+            .min(tokio::sync::Semaphore::MAX_PERMITS)
+            .saturating_sub(self.connections.available_permits())
     }
 }
 

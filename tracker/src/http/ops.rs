@@ -14,6 +14,7 @@ pub(super) async fn metrics(State(state): State<SharedState>) -> Response {
         packages: stats.packages as u64,
         versions: stats.versions as u64,
         catalog_bytes: stats.bytes,
+        connections: state.open_connections() as u64,
         ..Gauges::default()
     };
     state.swarms.for_each(|_, s| {

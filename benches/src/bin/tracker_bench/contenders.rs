@@ -22,6 +22,8 @@ use serde::Serialize;
 use crate::conn;
 use crate::load::Target;
 
+/// The fbpkg-rs tracker's default --max-peers-per-swarm.
+const MAX_PEERS_PER_SWARM: usize = 100_000;
 /// How long a tracker may take to start answering.
 const READY_TIMEOUT: Duration = Duration::from_secs(20);
 
@@ -215,6 +217,10 @@ pub async fn start_fbpkg(
         addr.to_string(),
         "--data-dir".to_owned(),
         data_dir.display().to_string(),
+        // The generator is one address announcing a fleet's worth of made-up peer ids: the
+        // limit on peers per address (256 by default) would refuse most of them.
+        "--max-peers-per-address".to_owned(),
+        MAX_PEERS_PER_SWARM.to_string(),
     ];
     let mut cmd = Command::new(binary);
     // A clean environment: no FBPKG_* or RUST_LOG of the caller may change the setup.
@@ -254,6 +260,11 @@ pub async fn start_fbpkg(
                 "FBPKG_LOG=warn; swarms registered by publishing one package each \
                  (PUT /api/v1/packages/NAME/SHA256)"
                     .into(),
+                format!(
+                    "--max-peers-per-address {MAX_PEERS_PER_SWARM} (the per-swarm limit): every \
+                     announce comes from 127.0.0.1 with a made-up peer id, which the default \
+                     limit of 256 peers per address and swarm exists to refuse"
+                ),
             ],
         },
         _dir: dir,

@@ -38,7 +38,7 @@ use anyhow::{Context as _, ensure};
 use clap::Parser;
 use fbpkg_benches::fbpkg_binary;
 use fbpkg_benches::latency::LatencySummary;
-use fbpkg_benches::workload::Workload;
+use fbpkg_benches::workload::{Workload, ZoneMix};
 
 use crate::contenders::Contender;
 use crate::load::{ClosedLoop, Counts, Mode, OpenLoop, Source};
@@ -108,6 +108,19 @@ struct Args {
     /// Concurrent PUTs when publishing the packages.
     #[arg(long, default_value_t = 16)]
     publish_concurrency: usize,
+
+    /// Share of announces (0 to 1) that carry a zone, `zone=dcN/rackM`, so the tracker's
+    /// closest-peers-first path is measured too (opentracker ignores the parameter).
+    #[arg(long, default_value_t = 0.25)]
+    zoned_fraction: f64,
+
+    /// Datacenters the zones are spread over.
+    #[arg(long, default_value_t = 4)]
+    datacenters: u32,
+
+    /// Racks in each datacenter.
+    #[arg(long, default_value_t = 16)]
+    racks_per_datacenter: u32,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -197,6 +210,14 @@ async fn bench(args: Args, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
         (1..=64).contains(&args.threads) && (1..=1024).contains(&args.latency_threads),
         "--threads must be 1 to 64 and --latency-threads 1 to 1024"
     );
+    let zones = ZoneMix::new(
+        args.zoned_fraction,
+        args.datacenters,
+        args.racks_per_datacenter,
+    )
+    .context(
+        "--zoned-fraction must be 0 to 1, --datacenters and --racks-per-datacenter at least 1",
+    )?;
     let started_unix = SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
@@ -209,7 +230,11 @@ async fn bench(args: Args, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
 
     let packages = contenders::build_packages(args.swarms, "http://127.0.0.1:6969/announce")?;
     let hashes: Vec<_> = packages.iter().map(|(_, m)| m.info_hash).collect();
-    let workload = Arc::new(Workload::new(hashes.clone()).context("no swarms")?);
+    let workload = Arc::new(
+        Workload::new(hashes.clone())
+            .context("no swarms")?
+            .with_zones(zones),
+    );
 
     let fbpkg = contenders::start_fbpkg(&fbpkg_bin, &packages, args.publish_concurrency).await?;
     let opentracker = contenders::start_opentracker(&opentracker_bin, &hashes).await?;
@@ -350,7 +375,14 @@ async fn bench(args: Args, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
         load: report::LoadConfig {
             swarms: args.swarms,
             announce: "GET /announce, compact=1, numwant=50, random swarm, random peer id and \
-                       port per request, left=0 for 1 in 4",
+                       port per request, left=0 for 1 in 4, zone=dcN/rackM on zoned_fraction \
+                       of them",
+            zoned_fraction: zones.fraction(),
+            zones: format!(
+                "dc0..dc{}/rack0..rack{}, uniform",
+                args.datacenters - 1,
+                args.racks_per_datacenter - 1
+            ),
             prefill_per_swarm: args.prefill_per_swarm,
             duration_s: duration.as_secs_f64(),
             warmup_s: warmup.as_secs_f64(),

@@ -57,6 +57,10 @@ pub struct LoadConfig {
     pub swarms: usize,
     /// Announce shape.
     pub announce: &'static str,
+    /// Share of announces with a zone.
+    pub zoned_fraction: f64,
+    /// The zones.
+    pub zones: String,
     /// Announces per swarm sent before any measurement.
     pub prefill_per_swarm: u64,
     /// Counted window of each measurement, seconds.
@@ -197,9 +201,11 @@ pub fn table(report: &Report) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "\nTracker announces per second: {} swarms, compact=1&numwant=50, 1/4 seeders, {} s \
-         per measurement",
-        report.load.swarms, report.load.duration_s
+        "\nTracker announces per second: {} swarms, compact=1&numwant=50, 1/4 seeders, {:.0}% \
+         with a zone, {} s per measurement",
+        report.load.swarms,
+        report.load.zoned_fraction * 100.0,
+        report.load.duration_s
     );
     let _ = writeln!(
         out,
