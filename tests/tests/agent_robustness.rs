@@ -114,9 +114,15 @@ impl Swarm {
     }
 }
 
+/// A connection past its handshake, with what was read after the handshake.
+struct Raw {
+    stream: TcpStream,
+    buf: BytesMut,
+}
+
 /// Connect to `to` from `from` and exchange handshakes for `meta` (offering the fast
 /// extension). `None` when the other side closed before answering.
-async fn handshake_from(from: Ipv4Addr, to: SocketAddr, meta: &Metainfo) -> Option<TcpStream> {
+async fn handshake_from(from: Ipv4Addr, to: SocketAddr, meta: &Metainfo) -> Option<Raw> {
     let sock = TcpSocket::new_v4().unwrap();
     sock.bind(SocketAddr::new(IpAddr::V4(from), 0)).unwrap();
     let mut stream = sock.connect(to).await.ok()?;
@@ -131,7 +137,7 @@ async fn handshake_from(from: Ipv4Addr, to: SocketAddr, meta: &Metainfo) -> Opti
     let mut buf = BytesMut::new();
     loop {
         if let Ok(Some(_)) = Handshake::decode(&mut buf) {
-            return Some(stream);
+            return Some(Raw { stream, buf });
         }
         match stream.read_buf(&mut buf).await {
             Ok(0) | Err(_) => return None,
@@ -142,11 +148,13 @@ async fn handshake_from(from: Ipv4Addr, to: SocketAddr, meta: &Metainfo) -> Opti
 
 /// After the handshake: was the connection admitted (a first message arrives) or refused
 /// (closed)? Waits for one or the other.
-async fn admitted(stream: &mut TcpStream) -> bool {
-    let mut b = [0u8; 1];
+async fn admitted(raw: &mut Raw) -> bool {
+    if !raw.buf.is_empty() {
+        return true;
+    }
     matches!(
-        tokio::time::timeout(Duration::from_secs(20), stream.read(&mut b)).await,
-        Ok(Ok(1))
+        tokio::time::timeout(Duration::from_secs(20), raw.stream.read_buf(&mut raw.buf)).await,
+        Ok(Ok(n)) if n > 0
     )
 }
 
@@ -228,7 +236,7 @@ async fn peers_that_move_no_data_make_room_for_one_that_does() {
     for s in &mut held {
         let mut b = [0u8; 4096];
         loop {
-            match tokio::time::timeout(Duration::from_millis(200), s.read(&mut b)).await {
+            match tokio::time::timeout(Duration::from_millis(200), s.stream.read(&mut b)).await {
                 Ok(Ok(0)) | Ok(Err(_)) => {
                     evicted += 1;
                     break;
@@ -248,12 +256,13 @@ async fn peers_that_move_no_data_make_room_for_one_that_does() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_peer_that_never_reads_is_bounded_then_dropped() {
     let swarm = Swarm::new(1 << 20, |c| {
-        c.write_stall = Duration::from_secs(2);
+        c.write_stall = Duration::from_secs(6);
     })
     .await;
     let mut s = handshake_from(Ipv4Addr::LOCALHOST, swarm.seed.listen_addr(), &swarm.meta)
         .await
-        .expect("handshake");
+        .expect("handshake")
+        .stream;
     let mut chunk = BytesMut::new();
     Message::Interested.encode(&mut chunk);
     let one = BlockRef {
@@ -268,7 +277,8 @@ async fn a_peer_that_never_reads_is_bounded_then_dropped() {
     let mut sent = 0usize;
     let mut blocked = false;
     while sent < CEILING {
-        match tokio::time::timeout(Duration::from_secs(3), s.write_all(&chunk)).await {
+        // A write that makes no progress for a second: the seed stopped reading.
+        match tokio::time::timeout(Duration::from_secs(1), s.write_all(&chunk)).await {
             Ok(Ok(())) => sent += chunk.len(),
             Ok(Err(_)) => break,
             Err(_) => {
@@ -500,8 +510,10 @@ async fn upload_slots_rotate_when_peers_wait_for_one() {
     let addr = swarm.seed.listen_addr();
     let mut interested = BytesMut::new();
     Message::Interested.encode(&mut interested);
-    let (mut first, mut second) = (BytesMut::new(), BytesMut::new());
-    let mut a = handshake_from(Ipv4Addr::new(127, 0, 0, 2), addr, &swarm.meta)
+    let Raw {
+        stream: mut a,
+        buf: mut first,
+    } = handshake_from(Ipv4Addr::new(127, 0, 0, 2), addr, &swarm.meta)
         .await
         .unwrap();
     a.write_all(&interested).await.unwrap();
@@ -512,7 +524,10 @@ async fn upload_slots_rotate_when_peers_wait_for_one() {
         .await,
         "the first interested peer gets the only slot"
     );
-    let mut b = handshake_from(Ipv4Addr::new(127, 0, 0, 3), addr, &swarm.meta)
+    let Raw {
+        stream: mut b,
+        buf: mut second,
+    } = handshake_from(Ipv4Addr::new(127, 0, 0, 3), addr, &swarm.meta)
         .await
         .unwrap();
     b.write_all(&interested).await.unwrap();

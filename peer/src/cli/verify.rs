@@ -237,6 +237,8 @@ fn forget_quarantined(host: &HostArgs, entries: &[Outcome]) {
         })
     });
     if let Err(e) = told {
-        eprintln!("fbpkg-rs: warning: could not tell the agent to stop seeding what was quarantined: {e}");
+        eprintln!(
+            "fbpkg-rs: warning: could not tell the agent to stop seeding what was quarantined: {e}"
+        );
     }
 }
