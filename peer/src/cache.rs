@@ -439,7 +439,7 @@ impl Cache {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use std::cell::RefCell;
     use std::os::unix::fs::MetadataExt;
@@ -543,7 +543,8 @@ mod tests {
         assert!(!cache.entry_dir(&name, &m.sha256).exists());
     }
 
-    fn meta(bytes: &[u8], name: &str, format: Format) -> Metainfo {
+    /// Metainfo for `bytes`, as the tests of the cache's modules make it.
+    pub(crate) fn meta(bytes: &[u8], name: &str, format: Format) -> Metainfo {
         Metainfo::build(
             bytes,
             bytes.len() as u64,

@@ -432,18 +432,8 @@ impl Cache {
 mod tests {
     use super::*;
     use crate::cache::Handoff;
+    use crate::cache::tests::meta;
     use std::os::unix::fs::PermissionsExt;
-
-    fn meta(bytes: &[u8], name: &str, format: Format) -> Metainfo {
-        Metainfo::build(
-            bytes,
-            bytes.len() as u64,
-            name,
-            "http://127.0.0.1:1/announce",
-            format,
-        )
-        .unwrap()
-    }
 
     fn install_file(
         cache: &Cache,

@@ -320,22 +320,8 @@ impl Conn {
     fn on_cmd(&mut self, cmd: Cmd) -> Result<(), End> {
         match cmd {
             Cmd::Have(i) => {
-                // Have suppression: a leecher that holds the piece already has no use for our
-                // `have` (it will not ask us for it), and in a crowd of N every piece would
-                // otherwise cost N small packets per host. A seed still hears every `have`: an
-                // origin's super-seeding counts copies by them.
-                let skip = self
-                    .t
-                    .state()
-                    .peers
-                    .get(&self.id)
-                    .is_some_and(|s| s.bitfield.get(i) && !s.bitfield.is_complete());
                 if !self.super_seeding {
-                    if skip {
-                        self.advertised.set(i);
-                    } else {
-                        self.advertise(&[i]);
-                    }
+                    self.advertise(&[i]);
                 }
                 self.update_interest();
             }
