@@ -152,11 +152,19 @@ async fn a_killed_download_resumes_and_a_restarted_agent_seeds_its_cache() {
     let leecher = AgentProcess::start(&l_state, &l_cache, &url, &[])
         .await
         .unwrap();
-    let resumed_line = leecher
-        .log_lines()
-        .into_iter()
-        .find(|l| l.contains("resuming: pieces on disk verified"))
-        .unwrap_or_else(|| panic!("no resume line in the log:\n{}", leecher.log_tail()));
+    // The agent answers its socket first and re-hashes partial downloads after.
+    let l = &leecher;
+    let resumed_line = wait_for(
+        "the restarted agent to resume its partial download",
+        Duration::from_secs(30),
+        || async move {
+            l.log_lines()
+                .into_iter()
+                .find(|line| line.contains("resuming: pieces on disk verified"))
+                .ok_or_else(|| l.log_tail())
+        },
+    )
+    .await;
     let on_disk: u32 = log_field(&resumed_line, "pieces")
         .and_then(|n| n.parse().ok())
         .unwrap_or_else(|| panic!("no pieces= in {resumed_line:?}"));
