@@ -17,9 +17,11 @@ use crate::error::{PeerError, Result};
 
 /// File name of the socket inside the state directory.
 pub const SOCKET_NAME: &str = "agent.sock";
-/// Longest request line accepted.
-/// Longest request line accepted: an `add` carries a metainfo of up to 8 MiB, hex-encoded.
-pub(crate) const MAX_REQUEST_LINE: usize = 20 << 20;
+/// Longest request line accepted: an `add` carries a metainfo of up to 8 MiB
+/// ([`fbpkg_common::bencode::Limits::METAINFO`]), hex-encoded, plus the JSON around it.
+pub const MAX_CONTROL_LINE: usize = 20 << 20;
+/// The name the agent's reader still uses for [`MAX_CONTROL_LINE`].
+pub(crate) const MAX_REQUEST_LINE: usize = MAX_CONTROL_LINE;
 
 /// What a client asks.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -100,6 +102,25 @@ impl Event {
             message: e.to_string(),
         }
     }
+}
+
+/// Parse one request line as read from the socket, trailing newline included or not.
+///
+/// Pure, so the untrusted side of the control socket can be fuzzed and property tested apart
+/// from the socket: a line over [`MAX_CONTROL_LINE`] bytes, not UTF-8, or not a [`Request`]
+/// is a [`PeerError::BadInput`] that says which.
+pub fn parse_request_line(line: &[u8]) -> Result<Request> {
+    if line.len() > MAX_CONTROL_LINE {
+        return Err(PeerError::BadInput(format!(
+            "bad control request: request too long ({} bytes, at most {MAX_CONTROL_LINE})",
+            line.len()
+        )));
+    }
+    let line = line.strip_suffix(b"\n").unwrap_or(line);
+    let line = line.strip_suffix(b"\r").unwrap_or(line);
+    let text = std::str::from_utf8(line)
+        .map_err(|e| PeerError::BadInput(format!("bad control request: not UTF-8 ({e})")))?;
+    serde_json::from_str(text).map_err(|e| PeerError::BadInput(format!("bad control request: {e}")))
 }
 
 /// The socket path for a state directory.
@@ -186,6 +207,7 @@ impl AgentClient {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
 
     #[test]
     fn requests_and_events_are_json_lines() {
@@ -205,5 +227,110 @@ mod tests {
             e
         );
         assert!(serde_json::from_str::<Request>(r#"{"op":"rm -rf"}"#).is_err());
+    }
+
+    fn bad_input(line: &[u8]) -> String {
+        match parse_request_line(line) {
+            Err(PeerError::BadInput(m)) => m,
+            other => panic!(
+                "{:?}: expected BadInput, got {other:?}",
+                String::from_utf8_lossy(line)
+            ),
+        }
+    }
+
+    #[test]
+    fn request_lines_parse_with_or_without_newline() {
+        for line in [
+            &br#"{"op":"ping"}"#[..],
+            b"{\"op\":\"ping\"}\n",
+            b"{\"op\":\"ping\"}\r\n",
+            b"  {\"op\":\"ping\"}  \n",
+        ] {
+            assert_eq!(parse_request_line(line).unwrap(), Request::Ping);
+        }
+        let add = br#"{"op":"add","name":"p","metainfo_hex":"00","path":"/x"}"#;
+        assert_eq!(
+            parse_request_line(add).unwrap(),
+            Request::Add {
+                name: "p".into(),
+                metainfo_hex: "00".into(),
+                path: "/x".into(),
+                take: false,
+            }
+        );
+    }
+
+    #[test]
+    fn request_lines_are_rejected_with_a_reason() {
+        assert!(bad_input(b"{\"op\":\"ping\"}\xff\n").contains("not UTF-8"));
+        assert!(bad_input(br#"{"op":"rm -rf"}"#).contains("bad control request"));
+        assert!(bad_input(b"").contains("bad control request"));
+        assert!(bad_input(b"\n").contains("bad control request"));
+        assert!(bad_input(br#"{"op":"fetch","name":"a"}"#).contains("sha256"));
+        // Two requests on one line is not one request.
+        assert!(bad_input(b"{\"op\":\"ping\"}\n{\"op\":\"ping\"}\n").contains("trailing"));
+    }
+
+    #[test]
+    fn request_lines_are_bounded() {
+        // A valid request padded with JSON whitespace to one byte past the limit: only the
+        // length can be what rejects it.
+        let mut line = br#"{"op":"ping"}"#.to_vec();
+        line.resize(MAX_CONTROL_LINE + 1, b' ');
+        assert!(bad_input(&line).contains("request too long"));
+        line.truncate(MAX_CONTROL_LINE);
+        assert_eq!(parse_request_line(&line).unwrap(), Request::Ping);
+    }
+
+    fn arb_request() -> impl Strategy<Value = Request> {
+        let text = || "\\PC{0,24}";
+        prop_oneof![
+            Just(Request::Ping),
+            Just(Request::Status),
+            (text(), text()).prop_map(|(name, sha256)| Request::Fetch { name, sha256 }),
+            (text(), "[0-9a-f]{0,64}", text(), any::<bool>()).prop_map(
+                |(name, metainfo_hex, path, take)| Request::Add {
+                    name,
+                    metainfo_hex,
+                    path: path.into(),
+                    take,
+                }
+            ),
+            text().prop_map(|info_hash| Request::Announce { info_hash }),
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn request_line_round_trip(req in arb_request(), crlf in any::<bool>()) {
+            let mut line = serde_json::to_vec(&req).unwrap();
+            line.extend_from_slice(if crlf { b"\r\n" } else { b"\n" });
+            prop_assert_eq!(parse_request_line(&line).unwrap(), req);
+        }
+
+        #[test]
+        fn request_line_garbage_is_bad_input(bytes in proptest::collection::vec(any::<u8>(), 0..200)) {
+            match parse_request_line(&bytes) {
+                Ok(req) => {
+                    // Whatever is accepted must be what a client could have sent.
+                    let again = serde_json::to_vec(&req).unwrap();
+                    prop_assert_eq!(parse_request_line(&again).unwrap(), req);
+                }
+                Err(e) => prop_assert!(matches!(e, PeerError::BadInput(_))),
+            }
+        }
+
+        #[test]
+        fn request_line_mutations_never_panic(req in arb_request(), at in any::<usize>(), byte in any::<u8>()) {
+            // Garbage rarely gets past `{"op":`; flipping one byte of a real request does.
+            let mut line = serde_json::to_vec(&req).unwrap();
+            let i = at % line.len();
+            line[i] = byte;
+            if let Ok(again) = parse_request_line(&line) {
+                let line = serde_json::to_vec(&again).unwrap();
+                prop_assert_eq!(parse_request_line(&line).unwrap(), again);
+            }
+        }
     }
 }
