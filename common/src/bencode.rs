@@ -105,9 +105,17 @@ fn parse_decimal(
         if !b.is_ascii_digit() {
             return Err(malformed(pos, "expected a decimal digit"));
         }
+        // Accumulate towards the sign: i64::MIN has no positive counterpart to negate.
+        let digit = i64::from(b - b'0');
         value = value
             .checked_mul(10)
-            .and_then(|v| v.checked_add(i64::from(b - b'0')))
+            .and_then(|v| {
+                if neg {
+                    v.checked_sub(digit)
+                } else {
+                    v.checked_add(digit)
+                }
+            })
             .ok_or_else(|| malformed(start, "integer out of range"))?;
         pos += 1;
     }
@@ -124,7 +132,7 @@ fn parse_decimal(
     if neg && value == 0 {
         return Err(malformed(start, "negative zero"));
     }
-    Ok((if neg { -value } else { value }, pos + 1))
+    Ok((value, pos + 1))
 }
 
 /// Skip the string starting at `pos`; returns (content range, position after).
@@ -387,6 +395,20 @@ mod tests {
                 "{:?}: {err}",
                 String::from_utf8_lossy(input)
             );
+        }
+    }
+
+    #[test]
+    fn every_i64_the_writer_writes_decodes() {
+        // Found by fuzz/ `bencode`: i64::MIN was written but refused as out of range.
+        for i in [i64::MIN, i64::MIN + 1, -1, 0, 1, i64::MAX] {
+            let mut w = Writer::new();
+            w.int(i);
+            assert_eq!(decode(&w.buf, &L), Ok(Value::Int(i)), "{i}");
+        }
+        for past in [&b"i-9223372036854775809e"[..], b"i9223372036854775808e"] {
+            let err = decode(past, &L).unwrap_err().to_string();
+            assert!(err.contains("out of range"), "{err}");
         }
     }
 

@@ -25,6 +25,8 @@ pub mod catalog;
 mod config;
 mod error;
 mod front;
+#[doc(hidden)]
+pub mod fuzzing;
 mod http;
 pub mod metrics;
 mod server;

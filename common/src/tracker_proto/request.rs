@@ -355,6 +355,25 @@ mod tests {
         "[a-z0-9]{1,6}(/[a-z0-9]{1,6}){0,3}".prop_map(|s| Zone::new(&s).unwrap())
     }
 
+    fn arb_param() -> impl Strategy<Value = &'static str> {
+        proptest::sample::select(vec![
+            "info_hash",
+            "peer_id",
+            "port",
+            "uploaded",
+            "downloaded",
+            "left",
+            "event",
+            "compact",
+            "numwant",
+            "no_peer_id",
+            "key",
+            "ip",
+            "zone",
+            "trackerid",
+        ])
+    }
+
     prop_compose! {
         fn arb_request()(
             ih in any::<[u8; 20]>(), pid in any::<[u8; 20]>(), port in 1u16.., up in any::<u64>(),
@@ -381,6 +400,32 @@ mod tests {
         fn scrape_round_trip(hashes in proptest::collection::vec(any::<[u8; 20]>(), 0..10)) {
             let req = ScrapeRequest { info_hashes: hashes.into_iter().map(InfoHash).collect() };
             prop_assert_eq!(ScrapeRequest::parse(&req.to_query()).unwrap(), req);
+        }
+
+        #[test]
+        fn accepted_queries_round_trip(
+            req in arb_request(),
+            extra in proptest::collection::vec((arb_param(), "[%0-9A-Fa-z.:/_+-]{0,24}"), 0..4),
+        ) {
+            // A valid query with parameters added or repeated: whatever the parser still
+            // accepts must write back into a query it reads the same, and that is a fixed point.
+            let mut q = req.to_query();
+            for (k, v) in extra {
+                q.push_str(&format!("&{k}={v}"));
+            }
+            if let Ok(parsed) = AnnounceRequest::parse(&q) {
+                let written = parsed.to_query();
+                prop_assert_eq!(AnnounceRequest::parse(&written).unwrap(), parsed);
+                prop_assert_eq!(AnnounceRequest::parse(&written).unwrap().to_query(), written);
+            }
+        }
+
+        #[test]
+        fn accepted_scrapes_round_trip(q in "(info_hash=(%[0-9A-F]{2}|[a-z]){18,21}&?){0,70}") {
+            if let Ok(parsed) = ScrapeRequest::parse(&q) {
+                prop_assert!(parsed.info_hashes.len() <= MAX_SCRAPE_HASHES);
+                prop_assert_eq!(ScrapeRequest::parse(&parsed.to_query()).unwrap(), parsed);
+            }
         }
 
         #[test]

@@ -113,17 +113,23 @@ impl Event {
     }
 }
 
-/// Parse one request line (its newline optional). Longer than [`MAX_CONTROL_LINE`]: refused
-/// as "request too long", without looking further.
+/// Parse one request line as read from the socket, trailing newline included or not.
+///
+/// Pure, so the untrusted side of the control socket can be fuzzed and property tested apart
+/// from the socket: a line over [`MAX_CONTROL_LINE`] bytes, not UTF-8, or not a [`Request`]
+/// is a [`PeerError::BadInput`] that says which.
 pub fn parse_request_line(line: &[u8]) -> Result<Request> {
     if line.len() > MAX_CONTROL_LINE {
         return Err(PeerError::BadInput(format!(
-            "request too long: the limit is {MAX_CONTROL_LINE} bytes"
+            "bad control request: request too long ({} bytes, at most {MAX_CONTROL_LINE})",
+            line.len()
         )));
     }
     let line = line.strip_suffix(b"\n").unwrap_or(line);
-    serde_json::from_slice(line)
-        .map_err(|e| PeerError::BadInput(format!("bad control request: {e}")))
+    let line = line.strip_suffix(b"\r").unwrap_or(line);
+    let text = std::str::from_utf8(line)
+        .map_err(|e| PeerError::BadInput(format!("bad control request: not UTF-8 ({e})")))?;
+    serde_json::from_str(text).map_err(|e| PeerError::BadInput(format!("bad control request: {e}")))
 }
 
 /// The socket path for a state directory.
@@ -210,6 +216,7 @@ impl AgentClient {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
 
     #[test]
     fn requests_and_events_are_json_lines() {
@@ -233,7 +240,7 @@ mod tests {
     }
 
     #[test]
-    fn request_lines_are_bounded() {
+    fn request_lines_over_a_mebibyte_are_refused() {
         assert_eq!(
             parse_request_line(b"{\"op\":\"ping\"}\n").unwrap(),
             Request::Ping
@@ -241,7 +248,116 @@ mod tests {
         let mut long = br#"{"op":"fetch","name":""#.to_vec();
         long.resize(MAX_CONTROL_LINE + 1, b'a');
         let err = parse_request_line(&long).unwrap_err().to_string();
-        assert!(err.starts_with("request too long"), "{err}");
+        assert!(err.contains("request too long"), "{err}");
         assert!(parse_request_line(b"\xff\xfe").is_err());
+    }
+
+    fn bad_input(line: &[u8]) -> String {
+        match parse_request_line(line) {
+            Err(PeerError::BadInput(m)) => m,
+            other => panic!(
+                "{:?}: expected BadInput, got {other:?}",
+                String::from_utf8_lossy(line)
+            ),
+        }
+    }
+
+    #[test]
+    fn request_lines_parse_with_or_without_newline() {
+        for line in [
+            &br#"{"op":"ping"}"#[..],
+            b"{\"op\":\"ping\"}\n",
+            b"{\"op\":\"ping\"}\r\n",
+            b"  {\"op\":\"ping\"}  \n",
+        ] {
+            assert_eq!(parse_request_line(line).unwrap(), Request::Ping);
+        }
+        let add = br#"{"op":"add","name":"p","metainfo_hex":"00","path":"/x"}"#;
+        assert_eq!(
+            parse_request_line(add).unwrap(),
+            Request::Add {
+                name: "p".into(),
+                metainfo_hex: "00".into(),
+                path: "/x".into(),
+                take: false,
+            }
+        );
+    }
+
+    #[test]
+    fn request_lines_are_rejected_with_a_reason() {
+        assert!(bad_input(b"{\"op\":\"ping\"}\xff\n").contains("not UTF-8"));
+        assert!(bad_input(br#"{"op":"rm -rf"}"#).contains("bad control request"));
+        assert!(bad_input(b"").contains("bad control request"));
+        assert!(bad_input(b"\n").contains("bad control request"));
+        assert!(bad_input(br#"{"op":"fetch","name":"a"}"#).contains("sha256"));
+        // Two requests on one line is not one request.
+        assert!(bad_input(b"{\"op\":\"ping\"}\n{\"op\":\"ping\"}\n").contains("trailing"));
+    }
+
+    #[test]
+    fn request_lines_are_bounded() {
+        // A valid request padded with JSON whitespace to one byte past the limit: only the
+        // length can be what rejects it.
+        let mut line = br#"{"op":"ping"}"#.to_vec();
+        line.resize(MAX_CONTROL_LINE + 1, b' ');
+        assert!(bad_input(&line).contains("request too long"));
+        line.truncate(MAX_CONTROL_LINE);
+        assert_eq!(parse_request_line(&line).unwrap(), Request::Ping);
+    }
+
+    fn arb_request() -> impl Strategy<Value = Request> {
+        let text = || "\\PC{0,24}";
+        prop_oneof![
+            Just(Request::Ping),
+            Just(Request::Status),
+            (text(), text()).prop_map(|(name, sha256)| Request::Fetch {
+                name,
+                sha256,
+                tracker_retry_secs: None
+            }),
+            (text(), "[0-9a-f]{0,64}", text(), any::<bool>()).prop_map(
+                |(name, metainfo_hex, path, take)| Request::Add {
+                    name,
+                    metainfo_hex,
+                    path: path.into(),
+                    take,
+                }
+            ),
+            text().prop_map(|info_hash| Request::Announce { info_hash }),
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn request_line_round_trip(req in arb_request(), crlf in any::<bool>()) {
+            let mut line = serde_json::to_vec(&req).unwrap();
+            line.extend_from_slice(if crlf { b"\r\n" } else { b"\n" });
+            prop_assert_eq!(parse_request_line(&line).unwrap(), req);
+        }
+
+        #[test]
+        fn request_line_garbage_is_bad_input(bytes in proptest::collection::vec(any::<u8>(), 0..200)) {
+            match parse_request_line(&bytes) {
+                Ok(req) => {
+                    // Whatever is accepted must be what a client could have sent.
+                    let again = serde_json::to_vec(&req).unwrap();
+                    prop_assert_eq!(parse_request_line(&again).unwrap(), req);
+                }
+                Err(e) => prop_assert!(matches!(e, PeerError::BadInput(_))),
+            }
+        }
+
+        #[test]
+        fn request_line_mutations_never_panic(req in arb_request(), at in any::<usize>(), byte in any::<u8>()) {
+            // Garbage rarely gets past `{"op":`; flipping one byte of a real request does.
+            let mut line = serde_json::to_vec(&req).unwrap();
+            let i = at % line.len();
+            line[i] = byte;
+            if let Ok(again) = parse_request_line(&line) {
+                let line = serde_json::to_vec(&again).unwrap();
+                prop_assert_eq!(parse_request_line(&line).unwrap(), again);
+            }
+        }
     }
 }

@@ -9,7 +9,7 @@ const MAX_HEADERS: usize = 32;
 
 /// What the front does with one parsed request head.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) enum Head {
+pub enum Head {
     /// `GET /announce` or `GET /scrape` without a body: served here.
     Tracker {
         /// Which one.
@@ -28,7 +28,7 @@ pub(crate) enum Head {
 }
 
 /// Parse a request head from the front of `buf`.
-pub(crate) fn parse_head(buf: &[u8]) -> Result<Head, httparse::Error> {
+pub fn parse_head(buf: &[u8]) -> Result<Head, httparse::Error> {
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut req = httparse::Request::new(&mut headers);
     let len = match req.parse(buf) {

@@ -28,7 +28,7 @@
 //! - the keep-alive idle limit (`idle_timeout`) between requests.
 
 mod handover;
-mod head;
+pub(crate) mod head;
 
 use std::io;
 use std::net::SocketAddr;
