@@ -222,7 +222,14 @@ async fn a_killed_download_resumes_and_a_restarted_agent_seeds_its_cache() {
     let leecher = AgentProcess::start(&l_state, &l_cache, &url, &[])
         .await
         .unwrap();
-    let s = status_of(&leecher, &sha).await.unwrap();
+    // Seeding the cache happens just after the socket is up.
+    let (l, h) = (&leecher, &sha);
+    let s = wait_for(
+        "the restarted agent to seed its cache",
+        Duration::from_secs(30),
+        || async move { status_of(l, h).await },
+    )
+    .await;
     assert_eq!(
         (s.phase.as_str(), s.downloaded, s.pieces_have),
         ("seeding", 0, s.pieces_total),
