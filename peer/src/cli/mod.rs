@@ -170,9 +170,15 @@ pub(crate) fn shutdown_on_signals() -> CancellationToken {
     token
 }
 
+/// Threads for blocking work (disk reads and writes, hashing). Few, so each stays busy and
+/// warm: with tokio's default of 512, a crowd's block writes spread over dozens of threads
+/// that sleep and wake for every batch.
+const BLOCKING_THREADS: usize = 4;
+
 pub(crate) fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     Ok(tokio::runtime::Builder::new_multi_thread()
         .enable_all()
+        .max_blocking_threads(BLOCKING_THREADS)
         .build()?)
 }
 
