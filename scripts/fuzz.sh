@@ -13,6 +13,11 @@
 # fuzz/artifacts/<target>/ are not committed. Each run's log is fuzz/logs/<target>.log; the
 # last line of the summary is libFuzzer's "#N DONE cov: ... exec/s: ..." for that target.
 # Exits non-zero if any target found a crash, a timeout or a leak.
+#
+# FUZZ_TIMEOUT (seconds, default 120) is libFuzzer's per-input wall-clock limit. At nice 19 on
+# a busy machine a fuzzer can be starved for tens of seconds, which a 10 s limit reports as a
+# hang; every input takes milliseconds, so a real endless loop still trips 120 s. Before
+# believing a timeout, time the input alone: fuzz/target/*/release/<target> <file>.
 set -euo pipefail
 cd "$(dirname "$0")/../fuzz"
 
@@ -41,13 +46,13 @@ for t in "${targets[@]}"; do
     [ -f "dicts/$t.dict" ] && dict=("-dict=dicts/$t.dict")
     echo "== $t: ${seconds}s" >&2
     if nice -n 19 cargo +nightly fuzz run "$t" -- \
-        -max_total_time="$seconds" -jobs=1 -workers=1 -rss_limit_mb=2048 -timeout=10 \
+        -max_total_time="$seconds" -jobs=1 -workers=1 -rss_limit_mb=2048 -timeout="${FUZZ_TIMEOUT:-120}" \
         -print_final_stats=1 "${dict[@]}" "$@" >"logs/$t.log" 2>&1; then
         status=ok
     else
         status=FAILED
         failed=1
     fi
-    echo "$t: $status: $(grep -E '^#[0-9]+[[:space:]]+DONE' "logs/$t.log" | tail -n 1)" >&2
+    echo "$t: $status: $(grep -E '^#[0-9]+[[:space:]]+DONE|SUMMARY: libFuzzer' "logs/$t.log" | tail -n 1)" >&2
 done
 exit "$failed"

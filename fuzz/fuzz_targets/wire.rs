@@ -15,14 +15,20 @@ use libfuzzer_sys::fuzz_target;
 /// Decode everything `buf` holds; true when decoding stopped on an error.
 fn drain(buf: &mut BytesMut, max: usize, out: &mut Vec<Message>) -> bool {
     loop {
-        // Copy only the frame at the front, not the whole buffer: a stream of keep-alives
-        // would otherwise make every input quadratic.
+        // Copy the frame at the front only once it is complete, and never the whole buffer:
+        // a stream of keep-alives, or a large frame arriving in small chunks, would otherwise
+        // make the harness (not the codec) quadratic in the input.
         let frame_len = match buf.get(..4) {
             Some(l) => 4 + u32::from_be_bytes([l[0], l[1], l[2], l[3]]) as usize,
             None => buf.len(),
         };
         let before_len = buf.len();
-        let before = buf[..frame_len.min(before_len)].to_vec();
+        let copy = if before_len >= frame_len {
+            frame_len
+        } else {
+            before_len.min(4)
+        };
+        let before = buf[..copy].to_vec();
         match Message::decode(buf, max) {
             Ok(Some(m)) => {
                 let used = before_len - buf.len();
