@@ -421,10 +421,32 @@ mod tests {
         }
 
         #[test]
-        fn accepted_scrapes_round_trip(q in "(info_hash=(%[0-9A-F]{2}|[a-z]){18,21}&?){0,70}") {
-            if let Ok(parsed) = ScrapeRequest::parse(&q) {
-                prop_assert!(parsed.info_hashes.len() <= MAX_SCRAPE_HASHES);
-                prop_assert_eq!(ScrapeRequest::parse(&parsed.to_query()).unwrap(), parsed);
+        fn scrapes_are_bounded_and_round_trip(
+            parts in proptest::collection::vec(
+                prop_oneof![3 => any::<[u8; 20]>().prop_map(Some), 1 => Just(None)],
+                0..100,
+            ),
+            all_escaped in any::<bool>(),
+        ) {
+            // Hashes in either spelling, with other parameters and empty pairs between them:
+            // accepted exactly up to the limit, read as written, and written back to itself.
+            let set = if all_escaped { NON_ALPHANUMERIC } else { QUERY_ENCODE };
+            let q = parts
+                .iter()
+                .map(|p| match p {
+                    Some(h) => format!("info_hash={}", percent_encoding::percent_encode(h, set)),
+                    None => "trackerid=x&".into(),
+                })
+                .collect::<Vec<_>>()
+                .join("&");
+            let hashes: Vec<InfoHash> = parts.iter().flatten().copied().map(InfoHash).collect();
+            match ScrapeRequest::parse(&q) {
+                Ok(parsed) => {
+                    prop_assert!(hashes.len() <= MAX_SCRAPE_HASHES);
+                    prop_assert_eq!(&parsed.info_hashes, &hashes);
+                    prop_assert_eq!(ScrapeRequest::parse(&parsed.to_query()).unwrap(), parsed);
+                }
+                Err(e) => prop_assert!(hashes.len() > MAX_SCRAPE_HASHES, "{}", e),
             }
         }
 
