@@ -218,17 +218,25 @@ fn check_parents(root: &Path, rel: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Extract the `tar.zst` at `archive` into `dest`, which must not exist yet. On error the
-/// partly extracted `dest` is left for the caller to remove (it is a staging directory).
-pub fn extract(archive: &Path, dest: &Path, limits: &ExtractLimits) -> Result<()> {
-    fs::create_dir(dest).map_err(PeerError::io("creating extraction directory", dest))?;
+/// The `tar.zst` at `archive` as a stream of tar entries, with zstd's window bounded (a
+/// hostile frame cannot make decompression reserve more than 8 MiB).
+pub(crate) fn open_tar(
+    archive: &Path,
+) -> Result<tar::Archive<zstd::stream::read::Decoder<'static, BufReader<File>>>> {
     let file = File::open(archive).map_err(PeerError::io("opening archive", archive))?;
     let mut decoder =
         zstd::stream::read::Decoder::new(file).map_err(PeerError::io("reading zstd", archive))?;
     decoder
         .window_log_max(ZSTD_WINDOW_LOG_MAX)
         .map_err(PeerError::io("configuring zstd", archive))?;
-    let mut tar = tar::Archive::new(decoder);
+    Ok(tar::Archive::new(decoder))
+}
+
+/// Extract the `tar.zst` at `archive` into `dest`, which must not exist yet. On error the
+/// partly extracted `dest` is left for the caller to remove (it is a staging directory).
+pub fn extract(archive: &Path, dest: &Path, limits: &ExtractLimits) -> Result<()> {
+    fs::create_dir(dest).map_err(PeerError::io("creating extraction directory", dest))?;
+    let mut tar = open_tar(archive)?;
     let entries = tar
         .entries()
         .map_err(|e| unsafe_archive(format!("not a tar archive: {e}")))?;

@@ -335,14 +335,8 @@ impl Agent {
     async fn forget(&self, name: &str, sha256: &str) -> Result<()> {
         let name = PackageName::new(name).map_err(|e| PeerError::BadInput(e.to_string()))?;
         let sha = Sha256Hash::from_hex(sha256).map_err(|e| PeerError::BadInput(e.to_string()))?;
-        let ih = self
-            .engine
-            .status()
-            .into_iter()
-            .find(|t| t.name == name.as_str() && t.sha256 == sha.to_hex())
-            .and_then(|t| InfoHash::from_hex(&t.info_hash).ok());
-        if let Some(ih) = ih {
-            self.engine.remove(&ih);
+        if let Some(t) = self.engine.find(&name, &sha) {
+            self.engine.remove(&t.meta.info_hash);
         }
         let cache = self.engine.cache().clone();
         tokio::task::spawn_blocking(move || cache.remove(&name, &sha))

@@ -12,7 +12,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
-use super::{ExtractLimits, ZSTD_WINDOW_LOG_MAX, safe_relative};
+use super::{ExtractLimits, safe_relative};
 use crate::error::{PeerError, Result};
 
 /// Problems listed one by one; beyond this, counted.
@@ -46,13 +46,7 @@ impl TreeCheck {
 pub fn compare_tree(archive: &Path, tree: &Path, limits: &ExtractLimits) -> Result<TreeCheck> {
     let mut out = TreeCheck::default();
     let mut extra = 0u64;
-    let file = File::open(archive).map_err(PeerError::io("opening archive", archive))?;
-    let mut decoder =
-        zstd::stream::read::Decoder::new(file).map_err(PeerError::io("reading zstd", archive))?;
-    decoder
-        .window_log_max(ZSTD_WINDOW_LOG_MAX)
-        .map_err(PeerError::io("configuring zstd", archive))?;
-    let mut tar = tar::Archive::new(decoder);
+    let mut tar = super::open_tar(archive)?;
     let entries = tar
         .entries()
         .map_err(PeerError::io("reading archive", archive))?;
