@@ -190,6 +190,7 @@ mod tests {
             s.add_peer(c, &Bitfield::new(n));
         }
         let mut seen = Bitfield::new(n);
+        let mut offered_to_1 = Vec::new();
         // Round robin: each leecher takes 2 offers, requests all their blocks, gets more.
         for _round in 0..4 {
             for c in 0..4 {
@@ -198,14 +199,23 @@ mod tests {
                     for _ in 0..4 {
                         assert!(s.requested(c, i));
                     }
+                    if c == 1 {
+                        offered_to_1.push(i);
+                    }
                 }
             }
         }
         assert!(seen.is_complete());
-        // Everything is offered once; the next offer goes to a piece with the fewest copies.
-        s.peer_has(1, 5);
-        let next = s.offers(0, 3);
-        assert!(!next.is_empty() && !next.contains(&5));
+        // Everything is offered once (one pending copy each). A piece leecher 1 received and
+        // passed on to 2 and 3 has three copies: leecher 0 is offered any piece but that one.
+        let spread = offered_to_1[0];
+        for c in 1..4 {
+            s.peer_has(c, spread);
+        }
+        let next = s.offers(0, 23);
+        assert_eq!(next.len(), 23);
+        assert!(!next.contains(&spread), "{next:?}");
+        assert_eq!(s.offers(0, 24), vec![spread], "the most copied piece comes last");
     }
 
     #[test]
