@@ -348,6 +348,7 @@ impl Conn {
                 if self.am_choking {
                     self.am_choking = false;
                     self.send(&Message::Unchoke);
+                    self.top_up_offers();
                 }
             }
             Cmd::Choke => {
@@ -359,9 +360,13 @@ impl Conn {
                             self.send(&Message::Reject(b));
                         }
                     }
+                    self.give_back_offers();
                 }
             }
-            Cmd::Refill => self.fill_requests(),
+            Cmd::Refill => {
+                self.fill_requests();
+                self.top_up_offers();
+            }
             Cmd::Disconnect(why) => return Err(End::Told(why)),
         }
         Ok(())
@@ -406,6 +411,9 @@ impl Conn {
                 if grant && self.am_choking {
                     self.am_choking = false;
                     self.send(&Message::Unchoke);
+                    self.top_up_offers();
+                } else if !grant {
+                    self.give_back_offers();
                 }
             }
             Message::NotInterested => {
@@ -537,11 +545,12 @@ impl Conn {
         }
         let now = Instant::now();
         let picked = {
-            let mut st = self.t.state();
-            let Some(bits) = st.peers.get(&self.id).map(|s| s.bitfield.clone()) else {
+            let mut guard = self.t.state();
+            let st = &mut *guard;
+            let Some(slot) = st.peers.get(&self.id) else {
                 return;
             };
-            st.picker.pick(self.id, &bits, want, now)
+            st.picker.pick(self.id, &slot.bitfield, want, now)
         };
         for b in picked {
             self.in_flight.insert((b.index, b.begin), now);
@@ -578,14 +587,49 @@ impl Conn {
             && let Some(planner) = st.planner.as_mut()
         {
             planner.requested(self.id, b.index);
-            let piece = self.t.meta.piece_length as f64;
-            let keep = ((self.up_rate * 0.5 / piece).ceil() as usize).clamp(2, 32);
-            offers = planner.offers(self.id, keep);
+            offers = planner.offers(self.id, self.keep_open());
         }
         drop(st);
         self.advertise(&offers);
         self.uploads.push_back(b);
         Ok(())
+    }
+
+    /// Super-seeding: offered pieces this peer should have in hand, about half a second of
+    /// what it downloads from us.
+    fn keep_open(&self) -> usize {
+        let piece = self.t.meta.piece_length as f64;
+        ((self.up_rate * 0.5 / piece).ceil() as usize).clamp(2, 32)
+    }
+
+    /// Super-seeding: offer an unchoked peer pieces given back by others, up to its share.
+    fn top_up_offers(&mut self) {
+        if !self.super_seeding || self.am_choking {
+            return;
+        }
+        let keep = self.keep_open();
+        let offers = match self.t.state().planner.as_mut() {
+            Some(planner) => planner.offers(self.id, keep),
+            None => return,
+        };
+        self.advertise(&offers);
+    }
+
+    /// Super-seeding: this peer cannot download from us for now (choked, or waiting for a
+    /// slot): offers it has not started go back to the pool for the peers that can.
+    fn give_back_offers(&mut self) {
+        if !self.super_seeding {
+            return;
+        }
+        let released = self
+            .t
+            .state()
+            .planner
+            .as_mut()
+            .is_some_and(|planner| planner.release(self.id));
+        if released {
+            self.t.broadcast(Cmd::Refill);
+        }
     }
 
     /// Read the next batch of queued uploads from storage (off the reactor) while the write
@@ -888,6 +932,7 @@ impl Conn {
             }
             let stale = now
                 .checked_sub(timeout)
+                .filter(|&cut| self.in_flight.values().any(|&at| at < cut))
                 .map(|cut| st.picker.stale_requests(self.id, cut))
                 .unwrap_or_default();
             for b in &stale {

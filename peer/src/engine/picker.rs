@@ -10,8 +10,6 @@
 //!    someone else (at most [`Picker::MAX_DUPLICATES`] copies), so a slow peer cannot hold up
 //!    the last piece. The duplicates are cancelled when the block arrives.
 
-use std::collections::HashMap;
-
 use fbpkg_common::bitfield::Bitfield;
 use fbpkg_common::metainfo::BLOCK_SIZE;
 use fbpkg_common::wire::BlockRef;
@@ -36,6 +34,8 @@ enum Block {
 #[derive(Debug, Clone)]
 struct Partial {
     blocks: Vec<Block>,
+    /// Blocks in `Block::Free`: a piece with none is passed over without a look at its blocks.
+    free: u32,
     received: u32,
     /// Who sent which block, for blame when the piece fails verification.
     sources: Vec<ConnId>,
@@ -61,8 +61,14 @@ pub struct Picker {
     length: u64,
     have: Bitfield,
     verifying: Bitfield,
+    /// Pieces with a `Partial` (in progress or verifying).
+    started: Bitfield,
+    /// Pieces not to start: verified or started. Kept so that finding a piece to start, and
+    /// telling whether any is left, take a pass over bytes, not a lookup per piece.
+    busy: Bitfield,
     availability: Vec<u32>,
-    partial: HashMap<u32, Partial>,
+    /// Indexed by piece; `Some` exactly where `started` is set.
+    partial: Vec<Option<Box<Partial>>>,
 }
 
 impl Picker {
@@ -76,9 +82,11 @@ impl Picker {
             piece_length,
             length,
             verifying: Bitfield::new(have.len()),
+            started: Bitfield::new(have.len()),
+            busy: have.clone(),
             have,
             availability: vec![0; n],
-            partial: HashMap::new(),
+            partial: (0..n).map(|_| None).collect(),
         }
     }
 
@@ -146,13 +154,22 @@ impl Picker {
         self.availability.get(i as usize).copied().unwrap_or(0)
     }
 
-    fn wanted(&self, i: u32) -> bool {
-        !self.have.get(i) && !self.verifying.get(i) && !self.partial.contains_key(&i)
+    fn partial(&self, i: u32) -> Option<&Partial> {
+        self.partial.get(i as usize)?.as_deref()
+    }
+
+    fn partial_mut(&mut self, i: u32) -> Option<&mut Partial> {
+        self.partial.get_mut(i as usize)?.as_deref_mut()
+    }
+
+    fn remove_partial(&mut self, i: u32) -> Option<Partial> {
+        self.started.clear(i);
+        self.partial.get_mut(i as usize)?.take().map(|p| *p)
     }
 
     /// Does `peer_has` hold any piece we still need?
     pub fn interesting(&self, peer_has: &Bitfield) -> bool {
-        peer_has.ones().any(|i| !self.have.get(i))
+        peer_has.has_any_not_in(&self.have)
     }
 
     /// Up to `max` new requests for connection `conn`, whose pieces are `peer_has`.
@@ -168,13 +185,7 @@ impl Picker {
             return out;
         }
         // 1. Free blocks of pieces in progress that this peer has.
-        let mut in_progress: Vec<u32> = self
-            .partial
-            .keys()
-            .copied()
-            .filter(|&i| peer_has.get(i))
-            .collect();
-        in_progress.sort_unstable();
+        let in_progress: Vec<u32> = self.started.intersection(peer_has).collect();
         for i in in_progress {
             self.take_free(conn, i, max, now, &mut out);
             if out.len() >= max {
@@ -187,14 +198,14 @@ impl Picker {
                 break;
             };
             let blocks = vec![Block::Free; self.blocks_in(i) as usize];
-            self.partial.insert(
-                i,
-                Partial {
-                    blocks,
-                    received: 0,
-                    sources: Vec::new(),
-                },
-            );
+            self.partial[i as usize] = Some(Box::new(Partial {
+                free: blocks.len() as u32,
+                blocks,
+                received: 0,
+                sources: Vec::new(),
+            }));
+            self.started.set(i);
+            self.busy.set(i);
             self.take_free(conn, i, max, now, &mut out);
         }
         // 3. Endgame: nothing left to start anywhere.
@@ -212,24 +223,33 @@ impl Picker {
         now: Instant,
         out: &mut Vec<BlockRef>,
     ) {
-        let refs: Vec<u32> = match self.partial.get(&i) {
-            Some(p) => p
-                .blocks
-                .iter()
-                .enumerate()
-                .filter(|(_, b)| **b == Block::Free)
-                .map(|(b, _)| b as u32)
-                .take(max - out.len())
-                .collect(),
-            None => return,
+        let size = self.piece_size(i);
+        let Some(p) = self
+            .partial
+            .get_mut(i as usize)
+            .and_then(|p| p.as_deref_mut())
+        else {
+            return;
         };
-        for b in refs {
-            out.push(self.block_ref(i, b));
-            if let Some(p) = self.partial.get_mut(&i) {
-                p.blocks[b as usize] = Block::Requested {
+        if p.free == 0 {
+            return;
+        }
+        for (b, block) in p.blocks.iter_mut().enumerate() {
+            if out.len() >= max || p.free == 0 {
+                break;
+            }
+            if *block == Block::Free {
+                p.free -= 1;
+                *block = Block::Requested {
                     by: vec![conn],
                     at: now,
                 };
+                let begin = b as u32 * BLOCK_SIZE;
+                out.push(BlockRef {
+                    index: i,
+                    begin,
+                    length: (size - begin).min(BLOCK_SIZE),
+                });
             }
         }
     }
@@ -238,10 +258,7 @@ impl Picker {
         let mut rng = rand::rng();
         let mut best: Option<(u32, u32)> = None; // (availability, piece)
         let mut ties = 0u32;
-        for i in peer_has.ones() {
-            if !self.wanted(i) {
-                continue;
-            }
+        for i in peer_has.difference(&self.busy) {
             let a = self.availability(i);
             match best {
                 Some((ba, _)) if a > ba => {}
@@ -262,7 +279,7 @@ impl Picker {
 
     /// Every missing piece is in progress or being verified.
     pub fn endgame(&self) -> bool {
-        (0..self.have.len()).all(|i| !self.wanted(i))
+        self.busy.is_complete()
     }
 
     fn take_duplicates(
@@ -274,10 +291,8 @@ impl Picker {
     ) {
         // Oldest requests first: they are the ones most likely stuck behind a slow peer.
         let mut candidates: Vec<(Instant, u32, u32)> = Vec::new();
-        for (&i, p) in &self.partial {
-            if !peer_has.get(i) {
-                continue;
-            }
+        for i in self.started.intersection(peer_has) {
+            let Some(p) = self.partial(i) else { continue };
             for (b, block) in p.blocks.iter().enumerate() {
                 if let Block::Requested { by, at } = block
                     && by.len() < Self::MAX_DUPLICATES
@@ -290,7 +305,7 @@ impl Picker {
         candidates.sort_unstable();
         for (_, i, b) in candidates.into_iter().take(max - out.len()) {
             if let Some(Block::Requested { by, .. }) =
-                self.partial.get_mut(&i).map(|p| &mut p.blocks[b as usize])
+                self.partial_mut(i).map(|p| &mut p.blocks[b as usize])
             {
                 by.push(conn);
             }
@@ -306,7 +321,7 @@ impl Picker {
         }
         let b = (block.begin / BLOCK_SIZE) as usize;
         let expected = self.block_ref(block.index, b as u32);
-        let Some(p) = self.partial.get_mut(&block.index) else {
+        let Some(p) = self.partial_mut(block.index) else {
             return Arrival::Unexpected;
         };
         if expected.length != block.length || b >= p.blocks.len() {
@@ -330,7 +345,7 @@ impl Picker {
     /// written, whichever connection wrote last.
     pub fn stored(&mut self, block: &BlockRef) -> bool {
         let b = (block.begin / BLOCK_SIZE) as usize;
-        let Some(p) = self.partial.get_mut(&block.index) else {
+        let Some(p) = self.partial_mut(block.index) else {
             return false;
         };
         if p.blocks.get(b) != Some(&Block::Writing) {
@@ -348,25 +363,27 @@ impl Picker {
     /// Forget `conn`'s outstanding request for `block` (rejected, timed out, or cancelled).
     pub fn release_block(&mut self, conn: ConnId, block: &BlockRef) {
         let b = (block.begin / BLOCK_SIZE) as usize;
-        if let Some(p) = self.partial.get_mut(&block.index)
+        if let Some(p) = self.partial_mut(block.index)
             && let Some(slot) = p.blocks.get_mut(b)
             && let Block::Requested { by, .. } = slot
         {
             by.retain(|&c| c != conn);
             if by.is_empty() {
                 *slot = Block::Free;
+                p.free += 1;
             }
         }
     }
 
     /// `conn` disconnected: its outstanding requests become free again.
     pub fn release_conn(&mut self, conn: ConnId) {
-        for p in self.partial.values_mut() {
+        for p in self.partial.iter_mut().flatten() {
             for slot in &mut p.blocks {
                 if let Block::Requested { by, .. } = slot {
                     by.retain(|&c| c != conn);
                     if by.is_empty() {
                         *slot = Block::Free;
+                        p.free += 1;
                     }
                 }
             }
@@ -378,26 +395,29 @@ impl Picker {
     pub fn verified(&mut self, i: u32, ok: bool) -> Vec<ConnId> {
         self.verifying.clear(i);
         let sources = self
-            .partial
-            .remove(&i)
+            .remove_partial(i)
             .map(|p| p.sources)
             .unwrap_or_default();
         if ok {
             self.have.set(i);
+        } else {
+            self.busy.clear(i);
         }
         sources
     }
 
     /// Mark a piece verified without downloading it (resume found it intact on disk).
     pub fn mark_have(&mut self, i: u32) {
-        self.partial.remove(&i);
+        self.remove_partial(i);
         self.have.set(i);
+        self.busy.set(i);
     }
 
     /// Requests of `conn` older than `cutoff`: to be cancelled and released.
     pub fn stale_requests(&self, conn: ConnId, cutoff: Instant) -> Vec<BlockRef> {
         let mut out = Vec::new();
-        for (&i, p) in &self.partial {
+        for i in self.started.ones() {
+            let Some(p) = self.partial(i) else { continue };
             for (b, block) in p.blocks.iter().enumerate() {
                 if let Block::Requested { by, at } = block
                     && *at < cutoff
@@ -615,5 +635,49 @@ mod tests {
         p.remove_availability(&b);
         assert_eq!(p.availability(1), 0);
         assert!(p.interesting(&b));
+    }
+
+    proptest::proptest! {
+        /// Whatever peers do, the bookkeeping that lets `pick` skip work matches the blocks:
+        /// `free` counts the free blocks, `started` and `busy` match the pieces' states, and
+        /// every block ends up received exactly once.
+        #[test]
+        fn counters_match_the_blocks(ops in proptest::collection::vec((0u8..5, 1u64..4, 0usize..64), 1..200)) {
+            let n = 6u32;
+            let mut p = Picker::new(PL * u64::from(n) - 100, PL, Bitfield::new(n));
+            let now = Instant::now();
+            let mut held: Vec<(ConnId, BlockRef)> = Vec::new();
+            for (op, conn, k) in ops {
+                match op {
+                    0 | 1 => held.extend(p.pick(conn, &full(n), 1 + k % 5, now).into_iter().map(|b| (conn, b))),
+                    2 if !held.is_empty() => {
+                        let (c, b) = held.swap_remove(k % held.len());
+                        if let Arrival::Accepted { .. } = p.claim(c, &b)
+                            && p.stored(&b)
+                        {
+                            p.verified(b.index, k % 7 != 0);
+                        }
+                    }
+                    3 if !held.is_empty() => {
+                        let (c, b) = held.swap_remove(k % held.len());
+                        p.release_block(c, &b);
+                    }
+                    4 => {
+                        p.release_conn(conn);
+                        held.retain(|(c, _)| *c != conn);
+                    }
+                    _ => {}
+                }
+                for i in 0..n {
+                    let part = p.partial(i);
+                    proptest::prop_assert_eq!(part.is_some(), p.started.get(i));
+                    proptest::prop_assert_eq!(p.busy.get(i), p.started.get(i) || p.have.get(i));
+                    if let Some(part) = part {
+                        let free = part.blocks.iter().filter(|b| **b == Block::Free).count();
+                        proptest::prop_assert_eq!(part.free as usize, free);
+                    }
+                }
+            }
+        }
     }
 }

@@ -2,11 +2,18 @@
 //!
 //! A seed that advertises everything lets every leecher fetch the same popular pieces from it,
 //! and the seed ends up uploading the package many times. Instead, the seed advertises to each
-//! leecher only a few pieces at a time (with `have` messages), always the pieces with the
-//! fewest copies in the swarm — counting copies it has already handed out — so leechers receive
-//! disjoint pieces from the seed and trade them among themselves. When a leecher has asked for
-//! every block of its offered pieces, it is offered more; how many are kept in hand scales with
-//! how fast that leecher downloads, so a lone fast leecher is not starved.
+//! leecher only a few pieces at a time (with `have` messages), and only pieces that no peer
+//! holds and none has been offered, so leechers receive disjoint pieces from the seed and trade
+//! them among themselves. When a leecher has asked for every block of its offered pieces, it is
+//! offered more; how many are kept in hand scales with how fast that leecher downloads, so a
+//! lone fast leecher is not starved.
+//!
+//! A piece is never offered twice while super-seeding lasts: at 48 leechers, offering the least
+//! copied piece once every piece was out (a piece already held, or on its way to someone else)
+//! made the seed upload a third of the package twice before the last first copies left, and
+//! the whole crowd waited for those. Instead, an offer nobody has started on goes back to the
+//! pool when its leecher is choked or leaves ([`SeedPlanner::release`]), and leechers still
+//! unchoked are topped up from it.
 //!
 //! Only fbpkg-rs agents are rationed (peer id `-FB…`): they request an advertised piece the
 //! moment its `have` arrives. Stock clients get everything advertised, because some (librqbit 9)
@@ -28,6 +35,8 @@ struct Leecher {
     advertised: Bitfield,
     /// Offered pieces not yet fully requested: piece -> blocks requested so far.
     open: HashMap<u32, u32>,
+    /// Offered pieces this peer does not hold yet: each counts once in `SeedPlanner::pending`.
+    pending: Bitfield,
 }
 
 /// Offer bookkeeping of one seeding torrent.
@@ -69,13 +78,13 @@ impl SeedPlanner {
         for i in has.ones() {
             self.copies[i as usize] += 1;
         }
-        let advertised = Bitfield::new(self.n());
         self.peers.insert(
             conn,
             Leecher {
                 has: has.clone(),
-                advertised,
+                advertised: Bitfield::new(self.n()),
                 open: HashMap::new(),
+                pending: Bitfield::new(self.n()),
             },
         );
     }
@@ -86,12 +95,32 @@ impl SeedPlanner {
             for i in p.has.ones() {
                 self.copies[i as usize] = self.copies[i as usize].saturating_sub(1);
             }
-            for i in p.advertised.ones() {
-                if !p.has.get(i) {
-                    self.pending[i as usize] = self.pending[i as usize].saturating_sub(1);
-                }
+            for i in p.pending.ones() {
+                self.pending[i as usize] = self.pending[i as usize].saturating_sub(1);
             }
         }
+    }
+
+    /// `conn` was choked: its offers that it has not requested a block of go back to the
+    /// pool (the ones it started stay its own: taking them back would upload their first
+    /// blocks twice). Returns whether any piece was released.
+    pub fn release(&mut self, conn: ConnId) -> bool {
+        let Some(p) = self.peers.get_mut(&conn) else {
+            return false;
+        };
+        let unstarted: Vec<u32> = p
+            .open
+            .iter()
+            .filter(|&(_, &requested)| requested == 0)
+            .map(|(&i, _)| i)
+            .collect();
+        for &i in &unstarted {
+            p.open.remove(&i);
+            if p.pending.clear(i) {
+                self.pending[i as usize] = self.pending[i as usize].saturating_sub(1);
+            }
+        }
+        !unstarted.is_empty()
     }
 
     /// A peer now has piece `i` (its `have`, or its bitfield at connect time via `add_peer`).
@@ -103,7 +132,7 @@ impl SeedPlanner {
             return;
         }
         self.copies[i as usize] += 1;
-        if p.advertised.get(i) {
+        if p.pending.clear(i) {
             self.pending[i as usize] = self.pending[i as usize].saturating_sub(1);
         }
         p.open.remove(&i);
@@ -117,6 +146,11 @@ impl SeedPlanner {
         if !p.advertised.get(i) {
             return false;
         }
+        if !p.has.get(i) && !p.open.contains_key(&i) && p.pending.set(i) {
+            // An offer given back (choke) and taken up again: it is this peer's once more.
+            self.pending[i as usize] += 1;
+            p.open.insert(i, 0);
+        }
         if let Some(n) = p.open.get_mut(&i) {
             *n += 1;
             if *n >= self.blocks[i as usize] {
@@ -127,46 +161,41 @@ impl SeedPlanner {
     }
 
     /// Pieces to advertise to `conn` now so it keeps `keep_open` offered pieces it has not
-    /// fully requested yet. Fewest copies (held or pending) first, random among equals.
+    /// fully requested yet: pieces no peer holds and none has been offered, at random. Empty
+    /// when there are none left (the peer trades with the others until some come back).
     pub fn offers(&mut self, conn: ConnId, keep_open: usize) -> Vec<u32> {
-        let mut out = Vec::new();
+        let Some(p) = self.peers.get(&conn) else {
+            return Vec::new();
+        };
+        let room = keep_open.saturating_sub(p.open.len());
+        if room == 0 {
+            return Vec::new();
+        }
+        // Pieces offered before and given back stay advertised to this peer: it may ask for
+        // them again, so they are offered to it again too.
+        let mut free: Vec<u32> = (0..self.n())
+            .filter(|&i| {
+                self.copies[i as usize] == 0
+                    && self.pending[i as usize] == 0
+                    && !p.has.get(i)
+                    && !p.open.contains_key(&i)
+            })
+            .collect();
         let mut rng = rand::rng();
-        loop {
-            let Some(p) = self.peers.get(&conn) else {
-                return out;
-            };
-            if p.open.len() >= keep_open {
-                return out;
-            }
-            let mut best: Option<(u32, u32)> = None;
-            let mut ties = 0u32;
-            for i in 0..self.n() {
-                if p.has.get(i) || p.advertised.get(i) {
-                    continue;
-                }
-                let score = self.copies[i as usize] + self.pending[i as usize];
-                match best {
-                    Some((b, _)) if score > b => {}
-                    Some((b, _)) if score == b => {
-                        ties += 1;
-                        if rng.random_range(0..ties) == 0 {
-                            best = Some((score, i));
-                        }
-                    }
-                    _ => {
-                        best = Some((score, i));
-                        ties = 1;
-                    }
-                }
-            }
-            let Some((_, i)) = best else { return out };
-            self.pending[i as usize] += 1;
-            if let Some(p) = self.peers.get_mut(&conn) {
+        let mut out = Vec::with_capacity(room.min(free.len()));
+        while out.len() < room && !free.is_empty() {
+            let i = free.swap_remove(rng.random_range(0..free.len()));
+            out.push(i);
+        }
+        if let Some(p) = self.peers.get_mut(&conn) {
+            for &i in &out {
+                self.pending[i as usize] += 1;
+                p.pending.set(i);
                 p.advertised.set(i);
                 p.open.insert(i, 0);
             }
-            out.push(i);
         }
+        out
     }
 
     /// Every piece has at least one copy among connected peers: the package has been handed
@@ -182,8 +211,14 @@ mod tests {
 
     const PL: u64 = 4 * BLOCK_SIZE as u64;
 
+    fn request_all(s: &mut SeedPlanner, c: ConnId, i: u32) {
+        for _ in 0..4 {
+            assert!(s.requested(c, i));
+        }
+    }
+
     #[test]
-    fn leechers_get_disjoint_pieces_until_all_are_out() {
+    fn leechers_get_disjoint_pieces_and_none_twice() {
         let n = 32u32;
         let mut s = SeedPlanner::new(PL * u64::from(n), PL);
         for c in 0..4 {
@@ -195,10 +230,8 @@ mod tests {
         for _round in 0..4 {
             for c in 0..4 {
                 for i in s.offers(c, 2) {
-                    assert!(seen.set(i), "piece {i} offered twice before all were out");
-                    for _ in 0..4 {
-                        assert!(s.requested(c, i));
-                    }
+                    assert!(seen.set(i), "piece {i} offered twice");
+                    request_all(&mut s, c, i);
                     if c == 1 {
                         offered_to_1.push(i);
                     }
@@ -206,16 +239,57 @@ mod tests {
             }
         }
         assert!(seen.is_complete());
-        // Everything is offered once (one pending copy each). A piece leecher 1 received and
-        // passed on to 2 and 3 has three copies: leecher 0 is offered any piece but that one.
+        // Every piece is on its way to someone: nothing is offered again, even a piece that
+        // three leechers already hold.
         let spread = offered_to_1[0];
         for c in 1..4 {
             s.peer_has(c, spread);
         }
-        let next = s.offers(0, 23);
-        assert_eq!(next.len(), 23);
-        assert!(!next.contains(&spread), "{next:?}");
-        assert_eq!(s.offers(0, 24), vec![spread], "the most copied piece comes last");
+        assert!(s.offers(0, 8).is_empty());
+        // A leecher that leaves gives back what it did not receive; those go out once more.
+        s.remove_peer(1);
+        let again = s.offers(0, 8);
+        let expected: Vec<u32> = offered_to_1
+            .iter()
+            .copied()
+            .filter(|&i| i != spread)
+            .collect();
+        assert_eq!(again.len(), expected.len());
+        assert!(again.iter().all(|i| expected.contains(i)), "{again:?}");
+        assert!(
+            s.offers(2, 8).is_empty(),
+            "each given-back piece went out once"
+        );
+    }
+
+    #[test]
+    fn a_choked_leecher_gives_back_only_what_it_has_not_started() {
+        let mut s = SeedPlanner::new(PL * 4, PL);
+        s.add_peer(1, &Bitfield::new(4));
+        s.add_peer(2, &Bitfield::new(4));
+        let first = s.offers(1, 4);
+        assert_eq!(first.len(), 4);
+        assert!(s.requested(1, first[0]), "one block of one piece");
+        assert!(s.offers(2, 4).is_empty(), "all four are leecher 1's");
+        assert!(s.release(1));
+        let moved = s.offers(2, 4);
+        assert_eq!(moved.len(), 3);
+        assert!(
+            !moved.contains(&first[0]),
+            "the started piece stays with leecher 1"
+        );
+        assert!(!s.release(1), "nothing unstarted is left to give back");
+        // Leecher 1, unchoked again, asks for a piece it was offered before: it is its own again
+        // and not offered elsewhere.
+        s.remove_peer(2);
+        assert!(s.requested(1, moved[0]));
+        s.add_peer(3, &Bitfield::new(4));
+        let to_3 = s.offers(3, 4);
+        assert!(
+            !to_3.contains(&moved[0]) && !to_3.contains(&first[0]),
+            "{to_3:?}"
+        );
+        assert_eq!(to_3.len(), 2);
     }
 
     #[test]
@@ -227,11 +301,9 @@ mod tests {
         s.add_peer(2, &Bitfield::new(8));
         let first = s.offers(2, 3);
         assert_eq!(first.len(), 3);
-        assert!(!first.contains(&0), "the piece peer 1 holds is not rarest");
+        assert!(!first.contains(&0), "the piece peer 1 holds is not offered");
         assert!(s.offers(2, 3).is_empty(), "still three open");
-        for _ in 0..4 {
-            s.requested(2, first[0]);
-        }
+        request_all(&mut s, 2, first[0]);
         assert_eq!(
             s.offers(2, 3).len(),
             1,

@@ -86,9 +86,11 @@ pub struct Args {
     #[arg(long, value_parser = parse_rate)]
     leecher_down: Option<u64>,
 
-    /// tbf bucket size in bytes.
-    #[arg(long, default_value_t = Tbf::default().burst_bytes)]
-    tbf_burst: u32,
+    /// tbf bucket size in bytes [default: 32768; 131072 for scenarios of more than 16
+    /// leechers, where smaller buckets make the kernel split every GSO packet and the
+    /// emulation, not the contenders, sets the time on small machines].
+    #[arg(long)]
+    tbf_burst: Option<u32>,
 
     /// tbf queue limit as latency, in milliseconds.
     #[arg(long, default_value_t = Tbf::default().latency_ms)]
@@ -231,19 +233,22 @@ impl Args {
         Ok(out)
     }
 
-    fn tbf(&self) -> anyhow::Result<Tbf> {
+    /// The shaping of a scenario with `leechers` leechers.
+    fn tbf(&self, leechers: usize) -> anyhow::Result<Tbf> {
         ensure!(
-            (2048..=16 << 20).contains(&self.tbf_burst),
+            self.tbf_burst
+                .is_none_or(|b| (2048..=16 << 20).contains(&b)),
             "--tbf-burst must be 2 KiB to 16 MiB"
         );
         ensure!(
             (1..=10_000).contains(&self.tbf_latency_ms),
             "--tbf-latency-ms must be 1 to 10000"
         );
-        Ok(Tbf {
-            burst_bytes: self.tbf_burst,
-            latency_ms: self.tbf_latency_ms,
-        })
+        let mut tbf = Tbf::for_leechers(leechers, self.tbf_latency_ms);
+        if let Some(b) = self.tbf_burst {
+            tbf.burst_bytes = b;
+        }
+        Ok(tbf)
     }
 
     fn validate(&self) -> anyhow::Result<()> {

@@ -42,6 +42,8 @@ pub struct ScenarioReport {
     pub kumar_ross: KumarRoss,
     /// Leechers not done by then timed out.
     pub deadline_secs: f64,
+    /// Shaping of every cap in this scenario.
+    pub tbf: Tbf,
     /// TCP congestion control in the host namespaces.
     pub tcp_congestion_control: String,
     /// Single-flow calibration of the caps.
@@ -76,7 +78,7 @@ pub struct Report {
     pub started_unix: u64,
     /// The machine.
     pub machine: Machine,
-    /// Shaping parameters.
+    /// Shaping of scenarios of up to 16 leechers (each scenario reports what it ran with).
     pub tbf: Tbf,
     /// fbpkg-rs binary used.
     pub fbpkg_bin: PathBuf,
@@ -143,7 +145,6 @@ struct Common<'a> {
     work: &'a WorkDir,
     fbpkg_bin: &'a Path,
     self_exe: &'a Path,
-    tbf: Tbf,
 }
 
 fn run_scenario(c: &Common<'_>, s: &Scenario) -> anyhow::Result<ScenarioReport> {
@@ -154,7 +155,12 @@ fn run_scenario(c: &Common<'_>, s: &Scenario) -> anyhow::Result<ScenarioReport> 
         kr.t_kr_secs,
         deadline.as_secs_f64(),
     ));
-    let topo = Topology::create(Plan::new(s, c.tbf))?;
+    let tbf = c.args.tbf(s.leechers)?;
+    log_progress(&format!(
+        "tbf burst {} bytes, latency {} ms",
+        tbf.burst_bytes, tbf.latency_ms
+    ));
+    let topo = Topology::create(Plan::new(s, tbf))?;
     let cc = sysctl_in(
         &topo.plan.seed().ns,
         "/proc/sys/net/ipv4/tcp_congestion_control",
@@ -241,6 +247,7 @@ fn run_scenario(c: &Common<'_>, s: &Scenario) -> anyhow::Result<ScenarioReport> 
         scenario: s.clone(),
         kumar_ross: kr,
         deadline_secs: deadline.as_secs_f64(),
+        tbf,
         tcp_congestion_control: cc,
         calibration,
         contenders: entries,
@@ -322,7 +329,7 @@ fn cpu_mode(c: &Common<'_>, label: &str, size: u64) -> anyhow::Result<CpuReport>
 /// The whole run.
 pub fn bench(args: Args) -> anyhow::Result<()> {
     args.validate()?;
-    let tbf = args.tbf()?;
+    let tbf = args.tbf(0)?;
     let scenarios = args.scenarios()?;
     ensure!(
         is_root(),
@@ -344,7 +351,6 @@ pub fn bench(args: Args) -> anyhow::Result<()> {
         work: &work,
         fbpkg_bin: &fbpkg_bin,
         self_exe: &self_exe,
-        tbf,
     };
     let mut reports = Vec::new();
     for s in &scenarios {
