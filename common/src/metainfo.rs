@@ -27,7 +27,7 @@ use std::io::{self, Read};
 use sha1::{Digest, Sha1};
 use sha2::Sha256;
 
-use crate::bencode::{self, Limits, Writer};
+use crate::bencode::{self, Limits, Value, Writer};
 use crate::error::{Error, clip};
 use crate::ids::{InfoHash, Sha256Hash};
 
@@ -90,6 +90,10 @@ pub fn piece_length_for(size: u64) -> u64 {
 pub struct Metainfo {
     /// Top-level `announce`, if present.
     pub announce: Option<String>,
+    /// BEP 12 `announce-list`: tiers of tracker URLs, tried in order within a tier. Entries
+    /// that cannot be URLs (not UTF-8, not strings, past [`MAX_TIERS`] x [`MAX_TIER_URLS`])
+    /// are left out: the list is a hint, and a package stays usable without it.
+    pub announce_list: Vec<Vec<String>>,
     /// SHA-1 of the raw info dictionary.
     pub info_hash: InfoHash,
     /// The file name (a single safe path component).
@@ -221,6 +225,7 @@ impl Metainfo {
             .end();
         Self {
             announce: Some(announce.to_owned()),
+            announce_list: Vec::new(),
             info_hash,
             name: name.to_owned(),
             length,
@@ -246,6 +251,7 @@ impl Metainfo {
                     .to_owned(),
             ),
         };
+        let announce_list = announce_list(bencode::get(top, "announce-list"));
         let (info, span) = top
             .get(&b"info"[..])
             .ok_or_else(|| Error::Metainfo("no info dictionary".into()))?;
@@ -319,6 +325,7 @@ impl Metainfo {
         };
         Ok(Self {
             announce,
+            announce_list,
             info_hash,
             name,
             length,
@@ -402,6 +409,37 @@ pub fn check_file_name(name: &[u8]) -> Result<(), Error> {
     Ok(())
 }
 
+/// Most `announce-list` tiers read, and URLs per tier.
+pub const MAX_TIERS: usize = 16;
+/// See [`MAX_TIERS`].
+pub const MAX_TIER_URLS: usize = 16;
+/// Longest tracker URL read from `announce-list`.
+const MAX_URL_LEN: usize = 1024;
+
+/// The usable part of a BEP 12 `announce-list`: lists of UTF-8 strings, empty tiers dropped.
+fn announce_list(v: Option<&Value<'_>>) -> Vec<Vec<String>> {
+    let Some(Value::List(tiers)) = v else {
+        return Vec::new();
+    };
+    tiers
+        .iter()
+        .filter_map(|tier| match tier {
+            Value::List(urls) => Some(
+                urls.iter()
+                    .filter_map(|u| u.as_bytes())
+                    .filter(|b| b.len() <= MAX_URL_LEN)
+                    .filter_map(|b| std::str::from_utf8(b).ok())
+                    .take(MAX_TIER_URLS)
+                    .map(str::to_owned)
+                    .collect::<Vec<_>>(),
+            ),
+            _ => None,
+        })
+        .filter(|tier| !tier.is_empty())
+        .take(MAX_TIERS)
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -442,6 +480,34 @@ mod tests {
         );
         let p = Metainfo::parse(m.as_bytes()).unwrap();
         assert_eq!(p, m);
+    }
+
+    #[test]
+    fn announce_list_tiers_keep_usable_urls() {
+        let info = format!(
+            "d6:sha25664:{}4:name1:x6:lengthi5e12:piece lengthi16384e6:pieces20:{}e",
+            "a".repeat(64),
+            "p".repeat(20)
+        );
+        // Tier 1: two URLs; tier 2: a non-UTF-8 entry and an integer (left out) and one URL;
+        // tier 3: nothing usable (dropped); then a tier that is not a list (dropped).
+        let list =
+            b"ll17:http://a/announce17:http://b/announceel2:\xff\xfei3e9:http://c/el1:\xfeei7ee";
+        let mut file = b"d8:announce10:http://t/a13:announce-list".to_vec();
+        file.extend_from_slice(list);
+        file.extend_from_slice(format!("4:info{info}e").as_bytes());
+        let m = Metainfo::parse(&file).unwrap();
+        assert_eq!(m.announce.as_deref(), Some("http://t/a"));
+        assert_eq!(
+            m.announce_list,
+            vec![
+                vec![
+                    "http://a/announce".to_owned(),
+                    "http://b/announce".to_owned()
+                ],
+                vec!["http://c/".to_owned()],
+            ]
+        );
     }
 
     #[test]

@@ -30,6 +30,9 @@ const MAX_RETRY: Duration = Duration::from_secs(5);
 #[derive(Debug, Clone)]
 pub struct TrackerClient {
     base: String,
+    /// Where announces go: `{base}/announce` for our tracker, or a metainfo's URL as written
+    /// (stock trackers use other paths, sometimes with a query of their own).
+    announce_url: String,
     http: reqwest::Client,
     token: Option<String>,
     retry_for: Duration,
@@ -70,11 +73,32 @@ impl TrackerClient {
             .build()
             .map_err(|e| PeerError::Agent(format!("HTTP client: {e}")))?;
         Ok(Self {
+            announce_url: format!("{trimmed}/announce"),
             base: trimmed.to_owned(),
             http,
             token: token.filter(|t| !t.is_empty()),
             retry_for: Duration::ZERO,
         })
+    }
+
+    /// A client for a stock tracker named by a package's metainfo: announces only, to `url`
+    /// as written (http only; BEP 15 udp:// trackers are not spoken).
+    pub fn for_announce_url(url: &str, timeout: Duration) -> Result<Self> {
+        let parsed = reqwest::Url::parse(url)
+            .map_err(|e| PeerError::BadInput(format!("tracker URL {url:?} is not a URL: {e}")))?;
+        if parsed.scheme() != "http" {
+            return Err(PeerError::BadInput(format!(
+                "tracker URL {url:?}: only http:// trackers are spoken"
+            )));
+        }
+        let mut client = Self::new(url, None, timeout)?;
+        client.announce_url = url.to_owned();
+        Ok(client)
+    }
+
+    /// Where this client's announces go.
+    pub fn announce_url(&self) -> &str {
+        &self.announce_url
     }
 
     /// Keep retrying transient failures for up to `budget` per call (zero: one attempt).
@@ -163,14 +187,25 @@ impl TrackerClient {
     /// Announce; a `failure reason` becomes an error. One attempt: the announcer has its own
     /// retry loop, and a fresh announce carries fresher counters than a retried one.
     pub async fn announce(&self, req: &AnnounceRequest) -> Result<AnnounceResponse> {
-        let url = format!("{}/announce?{}", self.base, req.to_query());
+        let sep = if self.announce_url.contains('?') {
+            '&'
+        } else {
+            '?'
+        };
+        let url = format!("{}{sep}{}", self.announce_url, req.to_query());
         let (status, body) = self
             .call(Duration::ZERO, || self.http.get(&url), MAX_ANNOUNCE_BYTES)
             .await?;
         if !status.is_success() {
+            let said = text_of(&body);
+            let said = if said.is_empty() {
+                String::new()
+            } else {
+                format!(": {said}")
+            };
             return Err(PeerError::Tracker(format!(
-                "{} answered the announce with {status}; is it a BitTorrent tracker?",
-                self.base
+                "{} answered the announce with {status}{said}",
+                self.announce_url
             )));
         }
         match AnnounceResponse::decode(&body).map_err(|e| {
@@ -333,6 +368,31 @@ fn error_chain(e: &dyn std::error::Error) -> String {
     s
 }
 
+/// What an error page says, as one short line: tags dropped, whitespace folded, clipped.
+/// (opentracker answers `compact=0` with an HTML page saying it only delivers compact results.)
+fn text_of(body: &[u8]) -> String {
+    let raw = String::from_utf8_lossy(&body[..body.len().min(4096)]);
+    let mut out = String::new();
+    let mut in_tag = false;
+    for c in raw.chars() {
+        match c {
+            '<' => in_tag = true,
+            '>' if in_tag => {
+                in_tag = false;
+                out.push(' ');
+            }
+            _ if in_tag => {}
+            c if c.is_control() || c.is_whitespace() => out.push(' '),
+            c => out.push(c),
+        }
+    }
+    let folded = out.split_whitespace().collect::<Vec<_>>().join(" ");
+    match folded.char_indices().nth(200) {
+        Some((i, _)) => format!("{}…", &folded[..i]),
+        None => folded,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::sync::Arc;
@@ -382,6 +442,74 @@ mod tests {
 
     fn tag_ref() -> PackageRef {
         "app:prod".parse().unwrap()
+    }
+
+    /// A stock tracker from a metainfo: its URL is used as written (path and query), and its
+    /// HTML error page is read into one line of the error.
+    #[tokio::test]
+    async fn a_stock_trackers_url_and_error_page_are_used_as_written() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = listener.accept().await {
+                let mut head = Vec::new();
+                let mut b = [0u8; 1024];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match s.read(&mut b).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => head.extend_from_slice(&b[..n]),
+                    }
+                }
+                let line = String::from_utf8_lossy(&head)
+                    .lines()
+                    .next()
+                    .unwrap_or("")
+                    .to_owned();
+                let _ = tx.send(line);
+                let body = "<html><head><title>Invalid Request</title></head>\n<body><h1>400 Invalid Request</h1>\n<p>This server only delivers compact results.</p></body></html>";
+                let resp = format!(
+                    "HTTP/1.1 400 Invalid Request\r\ncontent-type: text/html\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = s.write_all(resp.as_bytes()).await;
+            }
+        });
+        let url = format!("http://{addr}/ann.php?passkey=abc");
+        let c = TrackerClient::for_announce_url(&url, Duration::from_secs(5)).unwrap();
+        let req = AnnounceRequest {
+            info_hash: fbpkg_common::InfoHash([7; 20]),
+            peer_id: fbpkg_common::PeerId(*b"-FB0100-abcdefghijkl"),
+            port: 6881,
+            uploaded: 0,
+            downloaded: 0,
+            left: 1,
+            event: fbpkg_common::tracker_proto::Event::Started,
+            compact: true,
+            numwant: None,
+            no_peer_id: false,
+            key: None,
+            ip: None,
+            zone: None,
+        };
+        let err = c.announce(&req).await.unwrap_err();
+        let line = rx.recv().await.unwrap();
+        assert!(
+            line.starts_with("GET /ann.php?passkey=abc&info_hash=%07"),
+            "{line}"
+        );
+        assert!(line.contains("&compact=1"), "{line}");
+        let msg = err.to_string();
+        assert_eq!(err.kind(), ErrorKind::TrackerUnreachable, "{msg}");
+        assert!(
+            msg.contains("400 Bad Request: Invalid Request 400 Invalid Request This server only delivers compact results."),
+            "{msg}"
+        );
+        assert!(!msg.contains('<'), "{msg}");
+        assert!(
+            TrackerClient::for_announce_url("udp://tracker:80/announce", Duration::from_secs(1))
+                .is_err()
+        );
     }
 
     #[tokio::test]

@@ -68,6 +68,11 @@ async fn the_control_socket_answers_while_partial_downloads_are_rehashed() {
         out.stderr.contains("the agent keeps trying"),
         "the get did not go through the agent: {out}"
     );
+    assert_eq!(
+        out.stderr.matches("no peers").count(),
+        1,
+        "the reason is said once: {out}"
+    );
     let lines = wait_for(
         "the agent to finish resuming",
         Duration::from_secs(60),

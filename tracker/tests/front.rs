@@ -220,6 +220,19 @@ async fn http10_closes_and_garbage_is_refused() {
     s.write_all(long.as_bytes()).await.unwrap();
     let got = read_responses(&mut s, 1).await;
     assert_eq!(got[0].0, 414);
+
+    // A short request line with 9 KB of headers: 431, and the answer arrives whole although
+    // the client sent more than the tracker read (closing with unread input would reset the
+    // connection and lose the answer).
+    let mut s = TcpStream::connect(t.addr).await.unwrap();
+    let big = format!(
+        "GET {} HTTP/1.1\r\nHost: x\r\nX-Big: {}\r\n\r\n",
+        announce(1),
+        "b".repeat(9000)
+    );
+    s.write_all(big.as_bytes()).await.unwrap();
+    let got = read_responses(&mut s, 1).await;
+    assert_eq!(got[0].0, 431);
     t.shutdown.cancel();
     tokio::time::timeout(Duration::from_secs(5), t.task)
         .await

@@ -277,8 +277,11 @@ async fn via_agent(
             Ok(Ok(Some(event))) => match event {
                 Event::Progress { status } => {
                     progress.update(&status);
-                    stall.check(&status).map_err(|e| {
-                        PeerError::NoPeers(format!("{e}; the agent keeps trying in the background"))
+                    stall.check(&status).map_err(|e| match e {
+                        PeerError::NoPeers(why) => PeerError::NoPeers(format!(
+                            "{why}; the agent keeps trying in the background"
+                        )),
+                        other => other,
                     })?;
                 }
                 Event::Done { path, dir } => {

@@ -20,7 +20,8 @@ pub(crate) struct StatusArgs {
 
 fn human(n: f64) -> String {
     const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut v = n;
+    // Rates computed from differences can come out as -0.0 or a hair below zero.
+    let mut v = if n > 0.0 { n } else { 0.0 };
     let mut u = 0;
     while v >= 1024.0 && u < UNITS.len() - 1 {
         v /= 1024.0;
@@ -81,4 +82,17 @@ pub(super) fn run(args: StatusArgs) -> anyhow::Result<ExitCode> {
         }
         Ok(ExitCode::SUCCESS)
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::human;
+
+    #[test]
+    fn sizes_are_never_negative() {
+        assert_eq!(human(-0.0), "0.0 B");
+        assert_eq!(human(-3.0), "0.0 B");
+        assert_eq!(human(f64::NAN), "0.0 B");
+        assert_eq!(human(1536.0), "1.5 KiB");
+    }
 }

@@ -1,5 +1,10 @@
 //! Announcing one torrent to the tracker: `started`, periodic, `completed`, `stopped`.
 //!
+//! A torrent announces to the agent's tracker, and also to the trackers its metainfo names
+//! (`announce-list` tiers per BEP 12, else `announce`) when they are other trackers: a package
+//! built elsewhere, announced to a stock tracker, finds the peers only that tracker knows.
+//! Within a tier one tracker is used at a time; a failure moves to the next.
+//!
 //! When the tracker cannot be reached the announcer backs off (1 s doubling, jittered) and
 //! the torrent keeps swapping with the peers it already knows. A download that knows nobody
 //! yet backs off to [`STARVED_BACKOFF`] at most: in a fleet-wide flash crowd the first
@@ -9,10 +14,75 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use fbpkg_common::metainfo::Metainfo;
 use fbpkg_common::tracker_proto::{AnnounceRequest, Event};
 
 use super::torrent::{Phase, Torrent};
 use crate::PeerError;
+use crate::tracker_client::TrackerClient;
+
+/// Timeout of one announce to a tracker named by a metainfo.
+const LISTED_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Trackers one announce loop talks to.
+pub(crate) enum Tier {
+    /// The agent's own tracker (`--tracker`).
+    Ours,
+    /// A tier of the metainfo's trackers, tried in order; the index is the one in use.
+    Listed(Vec<TrackerClient>, usize),
+}
+
+impl Tier {
+    fn client<'a>(&'a self, t: &'a Torrent) -> &'a TrackerClient {
+        match self {
+            Tier::Ours => &t.ctx.tracker,
+            Tier::Listed(clients, i) => &clients[*i],
+        }
+    }
+
+    /// The tracker in use failed: the next one of the tier takes over.
+    fn failed(&mut self) {
+        if let Tier::Listed(clients, i) = self {
+            *i = (*i + 1) % clients.len();
+        }
+    }
+}
+
+/// The metainfo's tiers of trackers other than ours: `announce-list` if present (BEP 12 says
+/// it replaces `announce`), else `announce`. A tier that names our tracker is ours already.
+fn tier_urls(meta: &Metainfo, ours: &str) -> Vec<Vec<String>> {
+    let ours = ours.trim_end_matches('/');
+    let tiers: Vec<Vec<String>> = if meta.announce_list.is_empty() {
+        meta.announce.iter().map(|a| vec![a.clone()]).collect()
+    } else {
+        meta.announce_list.clone()
+    };
+    tiers
+        .into_iter()
+        .filter(|urls| !urls.iter().any(|u| u.trim_end_matches('/') == ours))
+        .collect()
+}
+
+/// Announce loops for the metainfo's other trackers. URLs we cannot speak (udp://,
+/// malformed) are left out with a debug line.
+pub(crate) fn listed_tiers(t: &Torrent) -> Vec<Tier> {
+    tier_urls(&t.meta, t.ctx.tracker.announce_url())
+        .into_iter()
+        .filter_map(|urls| {
+            let clients: Vec<TrackerClient> = urls
+                .iter()
+                .filter_map(|u| match TrackerClient::for_announce_url(u, LISTED_TIMEOUT) {
+                    Ok(c) => Some(c),
+                    Err(e) => {
+                        tracing::debug!(package = %t.name, tracker = %u, error = %e, "tracker from the metainfo left out");
+                        None
+                    }
+                })
+                .collect();
+            (!clients.is_empty()).then_some(Tier::Listed(clients, 0))
+        })
+        .collect()
+}
 
 /// First retry after a failed announce; doubles up to `max_announce_backoff`. Short, because
 /// the commonest failure is a version seeded a moment before the tracker lists it (publish).
@@ -32,8 +102,10 @@ fn request(t: &Torrent, event: Event) -> AnnounceRequest {
         downloaded: t.downloaded(),
         left: t.left(),
         event,
-        // Dictionary peers carry ids, which saves dialling peers we are already connected to.
-        compact: false,
+        // What every tracker speaks (opentracker refuses anything else). Peers come without
+        // ids; a second connection to a peer we already have is found out at the handshake,
+        // and the candidate then remembers the id.
+        compact: true,
         numwant: Some(cfg.numwant),
         no_peer_id: false,
         key: None,
@@ -42,20 +114,22 @@ fn request(t: &Torrent, event: Event) -> AnnounceRequest {
     }
 }
 
-/// Announce until the torrent is cancelled, then say `stopped` (briefly, best effort).
-pub(crate) async fn run(t: Arc<Torrent>) {
+/// Announce to the trackers of `tier` until the torrent is cancelled, then say `stopped`
+/// (briefly, best effort). The first announce says `started`, a seed's too (BEP 3).
+pub(crate) async fn run(t: Arc<Torrent>, mut tier: Tier) {
     let mut phase = t.phase();
-    let mut event = if t.is_seeding() {
-        Event::None
-    } else {
-        Event::Started
-    };
+    let primary = matches!(tier, Tier::Ours);
+    let mut event = Event::Started;
     let mut backoff = FIRST_BACKOFF;
     let mut empty_backoff = FIRST_BACKOFF;
     let mut completed_sent = t.is_seeding();
     loop {
         let req = request(&t, event);
-        let wait = match t.ctx.tracker.announce(&req).await {
+        let result = tier.client(&t).announce(&req).await;
+        if result.is_err() {
+            tier.failed();
+        }
+        let wait = match result {
             Ok(resp) => {
                 backoff = FIRST_BACKOFF;
                 event = Event::None;
@@ -102,7 +176,7 @@ pub(crate) async fn run(t: Arc<Torrent>) {
             tokio::select! {
                 _ = t.cancel.cancelled() => {
                     let req = request(&t, Event::Stopped);
-                    let _ = tokio::time::timeout(Duration::from_secs(2), t.ctx.tracker.announce(&req)).await;
+                    let _ = tokio::time::timeout(Duration::from_secs(2), tier.client(&t).announce(&req)).await;
                     return;
                 }
                 _ = tokio::time::sleep_until(next) => break,
@@ -119,14 +193,14 @@ pub(crate) async fn run(t: Arc<Torrent>) {
                         }
                         Phase::Failed { .. } => {
                             let req = request(&t, Event::Stopped);
-                            let _ = tokio::time::timeout(Duration::from_secs(2), t.ctx.tracker.announce(&req)).await;
+                            let _ = tokio::time::timeout(Duration::from_secs(2), tier.client(&t).announce(&req)).await;
                             return;
                         }
                         _ => {}
                     }
                 }
                 // Asked for explicitly (a publish just listed the version): go now.
-                _ = t.announce_now.notified() => break,
+                _ = t.announce_now.notified(), if primary => break,
                 _ = tokio::time::sleep_until(earliest.min(quick)), if needs_peers(&t) => {
                     // Short of peers: ask again at the tracker's pace, and sooner while there
                     // is nobody at all (a version seeded a moment ago is not listed yet).
@@ -139,4 +213,44 @@ pub(crate) async fn run(t: Arc<Torrent>) {
 
 fn needs_peers(t: &Torrent) -> bool {
     !t.is_seeding() && t.state().peers.len() < FEW_PEERS
+}
+
+#[cfg(test)]
+mod tests {
+    use fbpkg_common::metainfo::Format;
+
+    use super::*;
+
+    fn meta(announce: &str, list: Vec<Vec<&str>>) -> Metainfo {
+        let mut m = Metainfo::build(&b"data"[..], 4, "p", announce, Format::File).unwrap();
+        m.announce_list = list
+            .into_iter()
+            .map(|t| t.into_iter().map(str::to_owned).collect())
+            .collect();
+        m
+    }
+
+    #[test]
+    fn other_trackers_come_from_announce_list_else_announce() {
+        let ours = "http://127.0.0.1:6969/announce";
+        // Published here: nothing else to announce to.
+        assert!(tier_urls(&meta("http://127.0.0.1:6969/announce/", vec![]), ours).is_empty());
+        // Built elsewhere: its announce.
+        assert_eq!(
+            tier_urls(&meta("http://127.0.0.9:6969/announce", vec![]), ours),
+            vec![vec!["http://127.0.0.9:6969/announce".to_owned()]]
+        );
+        // announce-list replaces announce; a tier that names our tracker is ours already.
+        let m = meta(
+            "http://127.0.0.9:6969/announce",
+            vec![
+                vec!["http://127.0.0.1:6969/announce", "http://x/a"],
+                vec!["http://y/a", "http://z/a"],
+            ],
+        );
+        assert_eq!(
+            tier_urls(&m, ours),
+            vec![vec!["http://y/a".to_owned(), "http://z/a".to_owned()]]
+        );
+    }
 }

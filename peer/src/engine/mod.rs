@@ -407,7 +407,12 @@ impl Engine {
         let span = tracing::info_span!("torrent", package = %t.name, info_hash = %ih);
         self.ctx
             .tasks
-            .spawn(announce::run(t.clone()).instrument(span.clone()));
+            .spawn(announce::run(t.clone(), announce::Tier::Ours).instrument(span.clone()));
+        for tier in announce::listed_tiers(&t) {
+            self.ctx
+                .tasks
+                .spawn(announce::run(t.clone(), tier).instrument(span.clone()));
+        }
         self.ctx.tasks.spawn(dial_loop(t.clone()).instrument(span));
         t
     }

@@ -370,6 +370,12 @@ impl Torrent {
                 peer_id < ours
             };
             if !new_wins || slot.outgoing == outgoing {
+                // Dialled a peer we already had (compact peer lists carry no ids): the
+                // address is now known to be that peer, and is not dialled again while it
+                // stays connected.
+                if outgoing && let Some(c) = st.candidates.get_mut(&addr) {
+                    c.peer_id = Some(peer_id);
+                }
                 return Err(Refusal::Duplicate);
             }
             let _ = slot.tx.send(Cmd::Disconnect("duplicate connection"));

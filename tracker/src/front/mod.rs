@@ -32,6 +32,7 @@ pub(crate) mod head;
 
 use std::io;
 use std::net::SocketAddr;
+use std::time::Duration;
 
 use axum::Router;
 use bytes::{Buf, BytesMut};
@@ -144,11 +145,19 @@ pub(crate) async fn serve_connection(
         let head = loop {
             match parse_head(&buf) {
                 Ok(Head::Partial) if buf.len() >= MAX_HEAD => {
+                    // A request line that ended is short enough: its headers are what is
+                    // too long (431). Otherwise the line itself, so the URI (414).
+                    let line_ended = buf.windows(2).any(|w| w == b"\r\n");
+                    let (status, what) = if line_ended {
+                        ("431 Request Header Fields Too Large", "request headers")
+                    } else {
+                        ("414 URI Too Long", "request line")
+                    };
                     let max = state.config.max_query_len;
                     let msg = format!(
-                        "request head longer than {MAX_HEAD} bytes (queries up to {max})\n"
+                        "{what} too long: the request head is at most {MAX_HEAD} bytes (queries up to {max})\n"
                     );
-                    refuse(&mut stream, &state, "414 URI Too Long", &msg).await;
+                    refuse(&mut stream, &state, status, &msg).await;
                     return;
                 }
                 Ok(Head::Partial) => {}
@@ -253,5 +262,28 @@ pub(crate) async fn finish(
 async fn refuse(stream: &mut TcpStream, state: &SharedState, status: &str, msg: &str) {
     let mut resp = Vec::new();
     response(&mut resp, status, "text/plain", msg.as_bytes(), false);
-    let _ = tokio::time::timeout(state.config.write_timeout, stream.write_all(&resp)).await;
+    if tokio::time::timeout(state.config.write_timeout, stream.write_all(&resp))
+        .await
+        .is_err()
+    {
+        return;
+    }
+    // Closing with unread input makes the kernel send a reset, and a client still sending
+    // its (too long) request may lose the answer before it reads it. Say we are done, then
+    // read and drop what still comes, bounded in time and bytes.
+    let _ = stream.shutdown().await;
+    let deadline = Instant::now() + LINGER;
+    let mut sink = [0u8; 4096];
+    let mut drained = 0;
+    while drained < LINGER_BYTES {
+        match tokio::time::timeout_at(deadline, stream.read(&mut sink)).await {
+            Ok(Ok(n)) if n > 0 => drained += n,
+            _ => break,
+        }
+    }
 }
+
+/// How long a refused connection is read from after the answer, so it is not reset.
+const LINGER: Duration = Duration::from_secs(1);
+/// Most bytes read from a refused connection after the answer.
+const LINGER_BYTES: usize = 256 << 10;
