@@ -83,7 +83,6 @@ struct Conn {
     am_interested: bool,
     am_choking: bool,
     peer_interested: bool,
-    first_message: bool,
     in_flight: HashMap<(u32, u32), Instant>,
     uploads: VecDeque<BlockRef>,
     /// Pieces advertised to this peer (matters while super-seeding).
@@ -150,7 +149,6 @@ pub(crate) async fn run(
         am_interested: false,
         am_choking: true,
         peer_interested: false,
-        first_message: true,
         in_flight: HashMap::new(),
         uploads: VecDeque::new(),
         advertised: Bitfield::new(n),
@@ -373,7 +371,6 @@ impl Conn {
     }
 
     fn on_message(&mut self, m: Message) -> Result<(), End> {
-        let first = std::mem::replace(&mut self.first_message, false);
         let n = self.t.meta.num_pieces();
         let bad = |why: &str| Err(End::Protocol(why.to_owned()));
         match m {
@@ -440,10 +437,10 @@ impl Conn {
                 }
                 self.peer_got(&[i]);
             }
+            // BEP 3 puts the bitfield first, but aria2 sends one (or have-all) later instead of
+            // haves, and libtorrent and transmission accept it: merged into what the peer has
+            // (it never loses a piece), so a late have-none changes nothing.
             Message::Bitfield(bytes) => {
-                if !first {
-                    return bad("bitfield after the first message");
-                }
                 let bits =
                     Bitfield::from_wire(&bytes, n).map_err(|e| End::Protocol(e.to_string()))?;
                 let ones: Vec<u32> = bits.ones().collect();
@@ -452,9 +449,6 @@ impl Conn {
             Message::HaveAll | Message::HaveNone => {
                 if !self.fast {
                     return bad("fast-extension message from a peer that did not offer it");
-                }
-                if !first {
-                    return bad("have-all/have-none after the first message");
                 }
                 if matches!(m, Message::HaveAll) {
                     let all: Vec<u32> = (0..n).collect();
@@ -476,7 +470,7 @@ impl Conn {
         Ok(())
     }
 
-    /// The peer now has `pieces` (bitfield, have-all, or one have).
+    /// The peer now has `pieces` (bitfield, have-all, or one have), besides what it had.
     fn peer_got(&mut self, pieces: &[u32]) {
         let mut st = self.t.state();
         let mut new = Vec::with_capacity(pieces.len());

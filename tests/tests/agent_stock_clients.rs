@@ -1,0 +1,243 @@
+#![allow(clippy::unwrap_used)]
+//! Wire habits of stock BitTorrent clients that an agent must get along with, each played by
+//! a fake peer written with the wire codec:
+//!
+//! - aria2 sends a bitfield or have-all late, instead of haves: the agent merges it into what
+//!   it knows of the peer, and still drops a peer whose bitfield is malformed;
+//!
+//! Fake peers connect from 127.0.0.2 (the agent listens on 127.0.0.1).
+
+use std::net::Ipv4Addr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use fbpkg_common::bitfield::Bitfield;
+use fbpkg_common::metainfo::Metainfo;
+use fbpkg_common::pkgref::PackageName;
+use fbpkg_common::wire::{DEFAULT_MAX_MESSAGE, Message};
+use fbpkg_peer::engine::{Engine, Phase, Torrent};
+use fbpkg_tests::{
+    Raw, embedded_tracker, engine, handshake_from, random_package, real_block, stop_tracker,
+};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio_util::sync::CancellationToken;
+
+const DOWNLOAD_TIMEOUT: Duration = Duration::from_secs(60);
+/// Where the fake peers that dial the agent come from.
+const FAKE: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 2);
+
+/// A tracker and one agent (an engine) that wants a fresh random package nobody else has.
+struct Leecher {
+    _dirs: tempfile::TempDir,
+    tracker: fbpkg_tracker::Embedded,
+    cancel: CancellationToken,
+    name: PackageName,
+    bytes: Arc<Vec<u8>>,
+    meta: Arc<Metainfo>,
+    engine: Arc<Engine>,
+}
+
+impl Leecher {
+    /// Everything but the download itself, which [`Leecher::start`] begins.
+    async fn new(size: usize) -> Self {
+        let dirs = tempfile::tempdir().unwrap();
+        let base = dirs.path().to_owned();
+        let tracker = embedded_tracker(&base.join("tracker"), |c| {
+            c.min_announce_interval = Duration::from_secs(1);
+        })
+        .await;
+        let url = format!("http://{}", tracker.addr);
+        let cancel = CancellationToken::new();
+        let name = PackageName::new("target").unwrap();
+        let (bytes, meta) = random_package(
+            &mut rand::rng(),
+            size,
+            "target.bin",
+            &tracker.announce_url(),
+        );
+        let (bytes, meta) = (Arc::new(bytes), Arc::new(meta));
+        let engine = engine(&base.join("leecher"), &url, &cancel, |_| {}).await;
+        engine.tracker().publish(&name, &meta).await.unwrap();
+        Self {
+            _dirs: dirs,
+            tracker,
+            cancel,
+            name,
+            bytes,
+            meta,
+            engine,
+        }
+    }
+
+    async fn start(&self) -> Arc<Torrent> {
+        self.engine
+            .download(self.name.clone(), self.meta.clone())
+            .await
+            .unwrap()
+    }
+
+    /// A connection from a fake peer at [`FAKE`], past the handshake.
+    async fn fake_peer(&self) -> Raw {
+        handshake_from(FAKE, self.engine.listen_addr(), &self.meta)
+            .await
+            .expect("the agent answers the handshake")
+    }
+
+    /// Wait for `t` to end and check that it holds the package.
+    async fn finished(&self, t: &Torrent) {
+        let ended = tokio::time::timeout(DOWNLOAD_TIMEOUT, t.finished())
+            .await
+            .unwrap_or_else(|_| panic!("no end within {DOWNLOAD_TIMEOUT:?}: {:?}", t.status()));
+        let Phase::Seeding(entry) = ended else {
+            panic!("the download ended {ended:?}");
+        };
+        assert!(
+            std::fs::read(&entry.launch_path).unwrap() == *self.bytes,
+            "the cached bytes are not the package"
+        );
+    }
+
+    async fn stop(self) {
+        self.cancel.cancel();
+        self.engine.shutdown().await;
+        let _ = stop_tracker(self.tracker).await;
+    }
+}
+
+fn bitfield_message(bits: &Bitfield) -> Message {
+    Message::Bitfield(Bytes::copy_from_slice(bits.as_bytes()))
+}
+
+/// Serve every request on `raw` with the real bytes, until `done` is cancelled; `Err` says
+/// how the connection ended first (closed by the agent, or an I/O error).
+async fn serve(
+    raw: &mut Raw,
+    meta: &Metainfo,
+    bytes: &[u8],
+    done: &CancellationToken,
+) -> Result<(), String> {
+    loop {
+        let mut out = BytesMut::new();
+        while let Some(m) = Message::decode(&mut raw.buf, DEFAULT_MAX_MESSAGE).unwrap() {
+            if let Message::Request(b) = m {
+                real_block(meta, bytes, b).encode(&mut out);
+            }
+        }
+        if !out.is_empty() {
+            raw.stream
+                .write_all(&out)
+                .await
+                .map_err(|e| format!("writing: {e}"))?;
+        }
+        tokio::select! {
+            _ = done.cancelled() => return Ok(()),
+            r = raw.stream.read_buf(&mut raw.buf) => match r {
+                Ok(0) => return Err("the agent closed the connection".into()),
+                Ok(_) => {}
+                Err(e) => return Err(format!("reading: {e}")),
+            },
+        }
+    }
+}
+
+/// A fake seeder dials the agent and says what it has in `opening` (first the required
+/// message, then what aria2 sends late), then serves every request. Only the late messages
+/// tell the agent of some pieces: the download completes over this one connection only if
+/// the agent merges them in and keeps the connection.
+async fn download_after(opening: impl FnOnce(u32) -> Vec<Message>) {
+    let leecher = Leecher::new(2 << 20).await;
+    let t = leecher.start().await;
+    let mut raw = leecher.fake_peer().await;
+    let mut out = BytesMut::new();
+    for m in opening(leecher.meta.num_pieces()) {
+        m.encode(&mut out);
+    }
+    raw.stream.write_all(&out).await.unwrap();
+    let done = CancellationToken::new();
+    let (meta, bytes) = (leecher.meta.clone(), leecher.bytes.clone());
+    let mut served = {
+        let done = done.clone();
+        tokio::spawn(async move { serve(&mut raw, &meta, &bytes, &done).await })
+    };
+    tokio::select! {
+        () = leecher.finished(&t) => {}
+        ended = &mut served => panic!(
+            "the only connection ended before the download did: {:?}",
+            ended.unwrap()
+        ),
+    }
+    done.cancel();
+    served.await.unwrap().unwrap();
+    leecher.stop().await;
+}
+
+/// Even pieces in the first bitfield, odd ones in a second, later one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_late_bitfield_adds_to_what_the_peer_has() {
+    download_after(|n| {
+        let (mut even, mut odd) = (Bitfield::new(n), Bitfield::new(n));
+        for i in 0..n {
+            if i % 2 == 0 {
+                even.set(i)
+            } else {
+                odd.set(i)
+            };
+        }
+        vec![
+            bitfield_message(&even),
+            Message::Unchoke,
+            bitfield_message(&odd),
+        ]
+    })
+    .await;
+}
+
+/// Have-none first; a have-none and a have-all later (the late have-none takes nothing away).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_late_have_all_follows_have_none() {
+    download_after(|_| {
+        vec![
+            Message::HaveNone,
+            Message::Unchoke,
+            Message::HaveNone,
+            Message::HaveAll,
+            Message::HaveNone,
+        ]
+    })
+    .await;
+}
+
+/// A late bitfield with a bit set past the last piece is still a protocol violation.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_malformed_late_bitfield_ends_the_connection() {
+    // A short last piece: the bitfield has spare bits.
+    let leecher = Leecher::new((2 << 20) + 100_000).await;
+    let _t = leecher.start().await;
+    let n = leecher.meta.num_pieces();
+    assert!(
+        n % 8 != 0,
+        "the package needs spare bits in its bitfield: {n} pieces"
+    );
+    let mut spare = Bitfield::full(n).as_bytes().to_vec();
+    *spare.last_mut().unwrap() |= 1;
+    let mut raw = leecher.fake_peer().await;
+    let mut out = BytesMut::new();
+    Message::HaveNone.encode(&mut out);
+    Message::Bitfield(Bytes::from(spare)).encode(&mut out);
+    raw.stream.write_all(&out).await.unwrap();
+    let closed = tokio::time::timeout(Duration::from_secs(20), async {
+        loop {
+            match raw.stream.read_buf(&mut raw.buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => raw.buf.clear(),
+            }
+        }
+    })
+    .await;
+    assert!(
+        closed.is_ok(),
+        "the agent kept a peer that sent a malformed bitfield"
+    );
+    leecher.stop().await;
+}
