@@ -4,11 +4,14 @@
 //!
 //! - aria2 sends a bitfield or have-all late, instead of haves: the agent merges it into what
 //!   it knows of the peer, and still drops a peer whose bitfield is malformed;
+//! - a qBittorrent seed closes the connection right after the handshake (with a fresh peer id
+//!   each time): the agent backs off from it instead of redialling in a loop.
 //!
-//! Fake peers connect from 127.0.0.2 (the agent listens on 127.0.0.1).
+//! Fake peers connect from 127.0.0.2 (the agent listens on 127.0.0.1), or listen on 127.0.0.1
+//! and are announced to the tracker as seeders.
 
 use std::net::Ipv4Addr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
@@ -18,9 +21,12 @@ use fbpkg_common::pkgref::PackageName;
 use fbpkg_common::wire::{DEFAULT_MAX_MESSAGE, Message};
 use fbpkg_peer::engine::{Engine, Phase, Torrent};
 use fbpkg_tests::{
-    Raw, embedded_tracker, engine, handshake_from, random_package, real_block, stop_tracker,
+    Raw, accept_handshake, announce_as_seeder, embedded_tracker, engine, handshake_from,
+    random_package, random_peer_id, real_block, stop_tracker, wait_for,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 const DOWNLOAD_TIMEOUT: Duration = Duration::from_secs(60);
@@ -31,6 +37,7 @@ const FAKE: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 2);
 struct Leecher {
     _dirs: tempfile::TempDir,
     tracker: fbpkg_tracker::Embedded,
+    url: String,
     cancel: CancellationToken,
     name: PackageName,
     bytes: Arc<Vec<u8>>,
@@ -62,6 +69,7 @@ impl Leecher {
         Self {
             _dirs: dirs,
             tracker,
+            url,
             cancel,
             name,
             bytes,
@@ -238,6 +246,92 @@ async fn a_malformed_late_bitfield_ends_the_connection() {
     assert!(
         closed.is_ok(),
         "the agent kept a peer that sent a malformed bitfield"
+    );
+    leecher.stop().await;
+}
+
+/// A fake qBittorrent seed: accepts, answers the handshake with a fresh peer id, says it has
+/// everything, and closes at once. The agent must back off from it (exponentially, as from a
+/// peer it cannot reach) instead of redialling as fast as the connections close.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_seed_that_hangs_up_at_once_is_not_redialled_in_a_loop() {
+    let leecher = Leecher::new(1 << 20).await;
+    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let dials: Arc<Mutex<Vec<Instant>>> = Arc::default();
+    let (meta, seen, stop) = (leecher.meta.clone(), dials.clone(), leecher.cancel.clone());
+    tokio::spawn(async move {
+        loop {
+            let stream = tokio::select! {
+                _ = stop.cancelled() => return,
+                a = listener.accept() => match a {
+                    Ok((s, _)) => s,
+                    Err(_) => continue,
+                },
+            };
+            seen.lock().unwrap().push(Instant::now());
+            let meta = meta.clone();
+            tokio::spawn(async move {
+                if let Some((mut raw, _)) =
+                    accept_handshake(stream, &meta, random_peer_id(b"-qB4630-")).await
+                {
+                    let mut out = BytesMut::new();
+                    Message::HaveAll.encode(&mut out);
+                    let _ = raw.stream.write_all(&out).await;
+                }
+            });
+        }
+    });
+    announce_as_seeder(
+        &leecher.url,
+        leecher.meta.info_hash,
+        random_peer_id(b"-qB4630-"),
+        port,
+    )
+    .await;
+    let _t = leecher.start().await;
+
+    let count = || dials.lock().unwrap().len();
+    let first = wait_for(
+        "the agent to dial the seed",
+        Duration::from_secs(30),
+        || async {
+            dials
+                .lock()
+                .unwrap()
+                .first()
+                .copied()
+                .ok_or("no dial yet".to_owned())
+        },
+    )
+    .await;
+    // It does try again (the seed may have been full for a moment)...
+    wait_for(
+        "the agent to dial the seed again",
+        Duration::from_secs(30),
+        || async {
+            if count() >= 2 {
+                Ok(())
+            } else {
+                Err(format!("{} dial(s)", count()))
+            }
+        },
+    )
+    .await;
+    // ...but backs off: 2, 4, 8 s between the dials, where it used to redial as fast as the
+    // connections closed (16-266 times in a row against qBittorrent).
+    const WINDOW: Duration = Duration::from_secs(10);
+    tokio::time::sleep_until(first + WINDOW).await;
+    let in_window = dials
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|&&at| at < first + WINDOW)
+        .count();
+    eprintln!("{in_window} connections within {WINDOW:?} of the first");
+    assert!(
+        in_window <= 5,
+        "{in_window} connections to a seed that hangs up at once within {WINDOW:?}"
     );
     leecher.stop().await;
 }

@@ -594,7 +594,8 @@ async fn dial_loop(t: Arc<Torrent>) {
                     let dialled = dial(&t2, addr).await;
                     t2.dial_done(addr, dialled.is_some());
                     if let Some((stream, theirs, buf)) = dialled {
-                        peer::run(t2, stream, theirs, addr, true, buf).await;
+                        let s = peer::run(t2.clone(), stream, theirs, addr, true, buf).await;
+                        t2.session_ended(addr, s.moved_data, s.lasted);
                     }
                 }
                 .instrument(tracing::debug_span!("dial", peer = %addr)),

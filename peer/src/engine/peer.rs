@@ -71,6 +71,15 @@ impl std::fmt::Display for End {
     }
 }
 
+/// What a connection came to (for the dial backoff).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Session {
+    /// Piece data moved either way.
+    pub moved_data: bool,
+    /// From the handshake to the end.
+    pub lasted: Duration,
+}
+
 struct Conn {
     t: Arc<Torrent>,
     id: ConnId,
@@ -90,6 +99,8 @@ struct Conn {
     super_seeding: bool,
     down_tick: u64,
     up_tick: u64,
+    /// Piece data moved in a past second.
+    moved_data: bool,
     down_rate: f64,
     up_rate: f64,
     last_recv: Instant,
@@ -124,7 +135,8 @@ pub(crate) async fn run(
     addr: SocketAddr,
     outgoing: bool,
     leftover: BytesMut,
-) {
+) -> Session {
+    let started = Instant::now();
     let (tx, mut rx) = mpsc::unbounded_channel();
     let id = match t.register(theirs.peer_id, addr, outgoing, tx) {
         Ok(id) => id,
@@ -132,12 +144,15 @@ pub(crate) async fn run(
             if r != Refusal::Duplicate {
                 tracing::debug!(package = %t.name, peer = %addr, refusal = ?r, "connection refused");
             }
-            return;
+            return Session {
+                moved_data: false,
+                lasted: started.elapsed(),
+            };
         }
     };
     let _ = stream.set_nodelay(true);
     let n = t.meta.num_pieces();
-    let now = Instant::now();
+    let now = started;
     let mut c = Conn {
         t: t.clone(),
         id,
@@ -155,6 +170,7 @@ pub(crate) async fn run(
         super_seeding: false,
         down_tick: 0,
         up_tick: 0,
+        moved_data: false,
         down_rate: 0.0,
         up_rate: 0.0,
         last_recv: now,
@@ -181,6 +197,10 @@ pub(crate) async fn run(
         }
     }
     t.unregister(id);
+    Session {
+        moved_data: c.moved_data || c.down_tick > 0 || c.up_tick > 0,
+        lasted: started.elapsed(),
+    }
 }
 
 async fn sleep_until_some(t: Option<Instant>) {
@@ -896,20 +916,22 @@ impl Conn {
 
     fn housekeeping(&mut self) -> Result<(), End> {
         let now = Instant::now();
-        if self.t.is_seeding() && !self.peer_interested {
-            let peer_seeds = self
-                .t
-                .state()
-                .peers
-                .get(&self.id)
-                .is_some_and(|s| s.bitfield.is_complete());
-            if peer_seeds {
+        if !self.peer_interested {
+            let st = self.t.state();
+            let both_seeds = st.picker.is_complete()
+                && st
+                    .peers
+                    .get(&self.id)
+                    .is_some_and(|s| s.bitfield.is_complete());
+            drop(st);
+            if both_seeds {
                 // Two seeds have nothing to trade; free the slot for a leecher.
                 return Err(End::Told("both ends are seeds"));
             }
         }
         self.apply_origin_budget();
         let moved = self.down_tick > 0 || self.up_tick > 0;
+        self.moved_data |= moved;
         self.down_rate = 0.6 * self.down_rate + 0.4 * self.down_tick as f64;
         self.up_rate = 0.6 * self.up_rate + 0.4 * self.up_tick as f64;
         self.down_tick = 0;
