@@ -5,7 +5,9 @@
 //! - aria2 sends a bitfield or have-all late, instead of haves: the agent merges it into what
 //!   it knows of the peer, and still drops a peer whose bitfield is malformed;
 //! - a qBittorrent seed closes the connection right after the handshake (with a fresh peer id
-//!   each time): the agent backs off from it instead of redialling in a loop.
+//!   each time): the agent backs off from it instead of redialling in a loop;
+//! - transmission answers requests in batches every ~500 ms: the agent keeps enough requests
+//!   outstanding to fill a batch, instead of the few that 0.5 s at the measured rate gave.
 //!
 //! Fake peers connect from 127.0.0.2 (the agent listens on 127.0.0.1), or listen on 127.0.0.1
 //! and are announced to the tracker as seeders.
@@ -18,7 +20,7 @@ use bytes::{Bytes, BytesMut};
 use fbpkg_common::bitfield::Bitfield;
 use fbpkg_common::metainfo::Metainfo;
 use fbpkg_common::pkgref::PackageName;
-use fbpkg_common::wire::{DEFAULT_MAX_MESSAGE, Message};
+use fbpkg_common::wire::{BlockRef, DEFAULT_MAX_MESSAGE, Message};
 use fbpkg_peer::engine::{Engine, Phase, Torrent};
 use fbpkg_tests::{
     Raw, accept_handshake, announce_as_seeder, embedded_tracker, engine, handshake_from,
@@ -333,5 +335,62 @@ async fn a_seed_that_hangs_up_at_once_is_not_redialled_in_a_loop() {
         in_window <= 5,
         "{in_window} connections to a seed that hangs up at once within {WINDOW:?}"
     );
+    leecher.stop().await;
+}
+
+/// A fake transmission seed: answers the requests it holds in one batch every 500 ms. With a
+/// request window of 0.5 s of the measured rate, the rate measured was limited by the window
+/// itself: the agent kept 16 requests outstanding, 16 blocks a batch, and 32 MiB took a
+/// minute. The window must grow until a batch fills the link: here, past 128 (the most a
+/// stock client is asked for at once is 250).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_seed_that_answers_in_batches_gets_more_requests_outstanding() {
+    const BATCH_EVERY: Duration = Duration::from_millis(500);
+    const WANTED: usize = 128;
+    let leecher = Leecher::new(32 << 20).await;
+    let t = leecher.start().await;
+    let mut raw = leecher.fake_peer().await;
+    let mut out = BytesMut::new();
+    Message::HaveAll.encode(&mut out);
+    Message::Unchoke.encode(&mut out);
+    raw.stream.write_all(&out).await.unwrap();
+
+    let mut held: Vec<BlockRef> = Vec::new();
+    let mut per_batch = Vec::new();
+    let mut batches = tokio::time::interval(BATCH_EVERY);
+    let grown = tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            tokio::select! {
+                r = raw.stream.read_buf(&mut raw.buf) => {
+                    assert!(r.unwrap() > 0, "the agent closed the connection");
+                    while let Some(m) = Message::decode(&mut raw.buf, DEFAULT_MAX_MESSAGE).unwrap() {
+                        match m {
+                            Message::Request(b) => held.push(b),
+                            Message::Cancel(b) => held.retain(|&h| h != b),
+                            _ => {}
+                        }
+                    }
+                }
+                _ = batches.tick() => {
+                    per_batch.push(held.len());
+                    if held.len() >= WANTED {
+                        return;
+                    }
+                    let mut out = BytesMut::new();
+                    for b in held.drain(..) {
+                        real_block(&leecher.meta, &leecher.bytes, b).encode(&mut out);
+                    }
+                    raw.stream.write_all(&out).await.unwrap();
+                }
+            }
+        }
+    })
+    .await;
+    assert!(
+        grown.is_ok(),
+        "requests outstanding at each batch never reached {WANTED}: {per_batch:?} ({:?})",
+        t.status()
+    );
+    eprintln!("requests outstanding at each batch: {per_batch:?}");
     leecher.stop().await;
 }
