@@ -44,9 +44,9 @@ const MAX_PENDING_WRITES: usize = 4;
 /// Most requests a peer may queue with us; more are rejected (fast) or dropped. Also the most
 /// we keep queued at another agent.
 const MAX_QUEUED_UPLOADS: usize = 512;
-/// Most requests we keep queued at a stock client: BEP 10's default `reqq` (libtorrent's old
-/// default; newer libtorrent takes 500 and more, transmission 512). A client says how many it
-/// takes in its extended handshake, which we do not read; past it requests are dropped.
+/// Most requests we keep queued at a stock client: the `reqq` BEP 10 gives as libtorrent's
+/// default. A client says how many it takes in its extended handshake (newer ones take more),
+/// which we do not read; requests past it may be dropped and wait for `request_timeout`.
 const STOCK_REQUEST_QUEUE: usize = 250;
 /// Largest block a peer may ask for.
 const MAX_REQUEST: u32 = 128 << 10;
