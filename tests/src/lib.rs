@@ -1,7 +1,7 @@
 //! Shared pieces of the fbpkg-rs scenario tests in `tests/tests/`: the real `fbpkg-rs` binary
 //! run as a tracker process, as agent processes and as client commands; an embedded tracker
-//! and engines for in-process swarms; librqbit sessions for interop; and the few tracker calls
-//! every scenario makes.
+//! and engines for in-process swarms; librqbit sessions for interop; fake peers written with the
+//! wire codec; and the few tracker calls every scenario makes.
 //!
 //! Nothing here sleeps to synchronise: the tracker's port is read from its `tracker listening`
 //! log line, and every other wait polls against a deadline ([`wait_for`]).
@@ -24,6 +24,7 @@ mod cli;
 mod inprocess;
 mod librqbit_session;
 mod logged_child;
+mod raw_peer;
 mod tracker_process;
 
 pub use agent_process::{AgentProcess, free_loopback_port, log_field};
@@ -34,6 +35,10 @@ pub use catalog::{
 pub use cli::{CliOutput, clean_env, fbpkg_rs, fbpkg_rs_command};
 pub use inprocess::{embedded_tracker, engine, seed_from_cache, stop_tracker};
 pub use librqbit_session::{add_torrent, loopback_session};
+pub use raw_peer::{
+    Raw, accept_handshake, admitted, announce_as_seeder, handshake_from, random_peer_id,
+    real_block, wait_message,
+};
 pub use tracker_process::TrackerProcess;
 
 use std::time::Duration;

@@ -20,16 +20,15 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
+use fbpkg_common::PeerId;
 use fbpkg_common::bitfield::Bitfield;
 use fbpkg_common::metainfo::Metainfo;
 use fbpkg_common::pkgref::PackageName;
-use fbpkg_common::tracker_proto::{AnnounceRequest, AnnounceResponse, Event, TrackerReply};
-use fbpkg_common::wire::{DEFAULT_MAX_MESSAGE, Handshake, Message};
-use fbpkg_common::{InfoHash, PeerId};
+use fbpkg_common::wire::{DEFAULT_MAX_MESSAGE, Message};
 use fbpkg_peer::engine::{EngineConfig, Phase};
 use fbpkg_tests::{
-    embedded_tracker, engine, http_client, random_package, seed_from_cache, stop_tracker,
-    swarm_peers, wait_for,
+    Raw, accept_handshake, announce_as_seeder, embedded_tracker, engine, http_client,
+    random_package, seed_from_cache, stop_tracker, swarm_peers, wait_for,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -85,30 +84,24 @@ async fn malicious_peer(
 /// One connection: handshake, "I have everything", unchoke, then corrupt blocks until the
 /// other side closes.
 async fn serve_corrupt(
-    mut stream: TcpStream,
+    stream: TcpStream,
     meta: &Metainfo,
     bytes: &[u8],
     seen: &Mutex<Seen>,
     peer_id: PeerId,
 ) {
-    let mut buf = BytesMut::with_capacity(64 << 10);
-    let theirs = loop {
-        match Handshake::decode(&mut buf) {
-            Ok(Some(h)) => break h,
-            Ok(None) => {}
-            Err(_) => return,
-        }
-        match stream.read_buf(&mut buf).await {
-            Ok(0) | Err(_) => return,
-            Ok(_) => {}
-        }
+    // A handshake for another swarm is not answered.
+    let Some((
+        Raw {
+            mut stream,
+            mut buf,
+        },
+        theirs,
+    )) = accept_handshake(stream, meta, peer_id).await
+    else {
+        return;
     };
-    assert_eq!(
-        theirs.info_hash, meta.info_hash,
-        "handshake for another swarm"
-    );
     let mut out = BytesMut::new();
-    Handshake::new(meta.info_hash, peer_id).encode(&mut out);
     if theirs.supports_fast() {
         Message::HaveAll.encode(&mut out);
     } else {
@@ -158,37 +151,6 @@ async fn serve_corrupt(
                 return;
             }
         }
-    }
-}
-
-/// Tell the tracker the malicious peer seeds `info_hash` at `port`.
-async fn announce_as_seeder(base_url: &str, info_hash: InfoHash, peer_id: PeerId, port: u16) {
-    let req = AnnounceRequest {
-        info_hash,
-        peer_id,
-        port,
-        uploaded: 0,
-        downloaded: 0,
-        left: 0,
-        event: Event::Started,
-        compact: true,
-        numwant: Some(0),
-        no_peer_id: false,
-        key: None,
-        ip: None,
-        zone: None,
-    };
-    let body = http_client()
-        .get(format!("{base_url}/announce?{}", req.to_query()))
-        .send()
-        .await
-        .unwrap()
-        .bytes()
-        .await
-        .unwrap();
-    match AnnounceResponse::decode(&body).unwrap() {
-        TrackerReply::Ok(_) => {}
-        TrackerReply::Failure(why) => panic!("the tracker refused the malicious peer: {why}"),
     }
 }
 

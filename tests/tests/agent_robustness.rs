@@ -13,7 +13,7 @@
 //! Attackers are written here with the wire codec, from other loopback addresses
 //! (127.0.0.2 and up) than the honest engines (127.0.0.1).
 
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -21,12 +21,14 @@ use bytes::BytesMut;
 use fbpkg_common::PeerId;
 use fbpkg_common::metainfo::Metainfo;
 use fbpkg_common::pkgref::PackageName;
-use fbpkg_common::wire::{BlockRef, Handshake, Message};
+use fbpkg_common::wire::{BlockRef, Message};
 use fbpkg_peer::ErrorKind;
 use fbpkg_peer::engine::{Engine, EngineConfig, Phase};
-use fbpkg_tests::{embedded_tracker, engine, random_package, seed_from_cache, stop_tracker};
+use fbpkg_tests::{
+    Raw, admitted, embedded_tracker, engine, handshake_from, random_package, seed_from_cache,
+    stop_tracker, wait_message,
+};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpSocket, TcpStream};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -112,50 +114,6 @@ impl Swarm {
         self.seed.shutdown().await;
         let _ = stop_tracker(self.tracker).await;
     }
-}
-
-/// A connection past its handshake, with what was read after the handshake.
-struct Raw {
-    stream: TcpStream,
-    buf: BytesMut,
-}
-
-/// Connect to `to` from `from` and exchange handshakes for `meta` (offering the fast
-/// extension). `None` when the other side closed before answering.
-async fn handshake_from(from: Ipv4Addr, to: SocketAddr, meta: &Metainfo) -> Option<Raw> {
-    let sock = TcpSocket::new_v4().unwrap();
-    sock.bind(SocketAddr::new(IpAddr::V4(from), 0)).unwrap();
-    let mut stream = sock.connect(to).await.ok()?;
-    let mut id = [0u8; 20];
-    id[..8].copy_from_slice(b"-XX0001-");
-    for b in &mut id[8..] {
-        *b = rand::random();
-    }
-    let mut out = BytesMut::new();
-    Handshake::new(meta.info_hash, PeerId(id)).encode(&mut out);
-    stream.write_all(&out).await.ok()?;
-    let mut buf = BytesMut::new();
-    loop {
-        if let Ok(Some(_)) = Handshake::decode(&mut buf) {
-            return Some(Raw { stream, buf });
-        }
-        match stream.read_buf(&mut buf).await {
-            Ok(0) | Err(_) => return None,
-            Ok(_) => {}
-        }
-    }
-}
-
-/// After the handshake: was the connection admitted (a first message arrives) or refused
-/// (closed)? Waits for one or the other.
-async fn admitted(raw: &mut Raw) -> bool {
-    if !raw.buf.is_empty() {
-        return true;
-    }
-    matches!(
-        tokio::time::timeout(Duration::from_secs(20), raw.stream.read_buf(&mut raw.buf)).await,
-        Ok(Ok(n)) if n > 0
-    )
 }
 
 /// Sixty connections from one address handshake with the seed and stall. Only
@@ -470,31 +428,6 @@ async fn a_download_that_fills_the_disk_gives_the_space_back() {
         "a download that fits, after one that did not: {ended:?}"
     );
     swarm.stop(&[&leecher]).await;
-}
-
-/// Read messages from `s` until one satisfies `want`; `false` if the connection ends or
-/// `timeout` passes first.
-async fn wait_message(
-    s: &mut TcpStream,
-    buf: &mut BytesMut,
-    timeout: Duration,
-    want: impl Fn(&Message) -> bool,
-) -> bool {
-    tokio::time::timeout(timeout, async {
-        loop {
-            while let Ok(Some(m)) = Message::decode(buf, fbpkg_common::wire::DEFAULT_MAX_MESSAGE) {
-                if want(&m) {
-                    return true;
-                }
-            }
-            match s.read_buf(buf).await {
-                Ok(0) | Err(_) => return false,
-                Ok(_) => {}
-            }
-        }
-    })
-    .await
-    .unwrap_or(false)
 }
 
 /// More peers want data than the seed has upload slots: the slots rotate, so the one that

@@ -80,11 +80,17 @@ pub struct EngineConfig {
     pub handshake_timeout: Duration,
     /// Longest wait between announce retries while the tracker is down (default 60 s).
     pub max_announce_backoff: Duration,
-    /// Requests in flight per peer cover this much time at its measured rate (default 0.5 s).
+    /// Requests in flight per peer cover this much time at its measured rate (default 0.5 s),
+    /// or twice the time the peer takes to answer a request that is next in line, if longer.
     pub request_window: Duration,
+    /// ... but never more than this much time (default 2 s): a peer that pauses for long
+    /// gets a deep queue, not requests that wait until they time out.
+    pub max_request_window: Duration,
     /// Fewest requests in flight per peer (default 16).
     pub min_queue_depth: usize,
-    /// Most requests in flight per peer (default 256).
+    /// Most requests in flight per peer (default 512: what an agent accepts queued; 50 MB/s
+    /// over 500 ms batches would need 1,500). A stock client gets at most 250, BEP 10's
+    /// default `reqq`, since we do not read the one in its extended handshake.
     pub max_queue_depth: usize,
     /// Ration pieces when seeding from the cache to a crowd (default on).
     pub superseed: bool,
@@ -121,8 +127,9 @@ impl EngineConfig {
             handshake_timeout: Duration::from_secs(10),
             max_announce_backoff: Duration::from_secs(60),
             request_window: Duration::from_millis(500),
+            max_request_window: Duration::from_secs(2),
             min_queue_depth: 16,
-            max_queue_depth: 256,
+            max_queue_depth: 512,
             superseed: true,
             max_upload_rate: None,
             origin_budget: None,
@@ -599,7 +606,8 @@ async fn dial_loop(t: Arc<Torrent>) {
                     let dialled = dial(&t2, addr).await;
                     t2.dial_done(addr, dialled.is_some());
                     if let Some((stream, theirs, buf)) = dialled {
-                        peer::run(t2, stream, theirs, addr, true, buf).await;
+                        let s = peer::run(t2.clone(), stream, theirs, addr, true, buf).await;
+                        t2.session_ended(addr, s.moved_data, s.lasted);
                     }
                 }
                 .instrument(tracing::debug_span!("dial", peer = %addr)),

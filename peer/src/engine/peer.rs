@@ -31,6 +31,7 @@ use tokio::sync::mpsc;
 use tokio::task::{JoinError, JoinHandle, JoinSet};
 use tokio::time::Instant;
 
+use super::EngineConfig;
 use super::picker::{Arrival, ConnId};
 use super::torrent::{Cmd, Phase, Refusal, Torrent, grant_next_slot};
 
@@ -40,8 +41,13 @@ const WRITE_HIGH_WATER: usize = 96 << 10;
 pub(crate) const READ_PAUSE: usize = 256 << 10;
 /// Batches of received blocks being written to disk at once, per connection.
 const MAX_PENDING_WRITES: usize = 4;
-/// Most requests a peer may queue with us; more are rejected (fast) or dropped.
+/// Most requests a peer may queue with us; more are rejected (fast) or dropped. Also the most
+/// we keep queued at another agent.
 const MAX_QUEUED_UPLOADS: usize = 512;
+/// Most requests we keep queued at a stock client: the `reqq` BEP 10 gives as libtorrent's
+/// default. A client says how many it takes in its extended handshake (newer ones take more),
+/// which we do not read; requests past it may be dropped and wait for `request_timeout`.
+const STOCK_REQUEST_QUEUE: usize = 250;
 /// Largest block a peer may ask for.
 const MAX_REQUEST: u32 = 128 << 10;
 /// Disconnect a peer that sends nothing for this long (keep-alives count).
@@ -71,6 +77,15 @@ impl std::fmt::Display for End {
     }
 }
 
+/// What a connection came to (for the dial backoff).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Session {
+    /// Piece data moved either way.
+    pub moved_data: bool,
+    /// From the handshake to the end.
+    pub lasted: Duration,
+}
+
 struct Conn {
     t: Arc<Torrent>,
     id: ConnId,
@@ -83,15 +98,29 @@ struct Conn {
     am_interested: bool,
     am_choking: bool,
     peer_interested: bool,
-    first_message: bool,
+    /// Our requests not yet answered, and when each was sent.
     in_flight: HashMap<(u32, u32), Instant>,
+    /// Most requests this peer takes queued.
+    peer_queue: usize,
+    /// Smoothed seconds the peer takes to answer a request that is next in line: from the
+    /// later of its sending and the previous block's arrival, to its block's arrival. See
+    /// [`Conn::depth`].
+    latency: f64,
+    /// The longest such wait in this second.
+    latency_peak: f64,
+    /// When the last block we asked for arrived.
+    last_block_at: Instant,
     uploads: VecDeque<BlockRef>,
     /// Pieces advertised to this peer (matters while super-seeding).
     advertised: Bitfield,
     super_seeding: bool,
     down_tick: u64,
     up_tick: u64,
+    /// Piece data moved in a past second.
+    moved_data: bool,
     down_rate: f64,
+    /// Bytes received in the last full second.
+    down_last: f64,
     up_rate: f64,
     last_recv: Instant,
     last_send: Instant,
@@ -125,7 +154,8 @@ pub(crate) async fn run(
     addr: SocketAddr,
     outgoing: bool,
     leftover: BytesMut,
-) {
+) -> Session {
+    let started = Instant::now();
     let (tx, mut rx) = mpsc::unbounded_channel();
     let id = match t.register(theirs.peer_id, addr, outgoing, tx) {
         Ok(id) => id,
@@ -133,31 +163,44 @@ pub(crate) async fn run(
             if r != Refusal::Duplicate {
                 tracing::debug!(package = %t.name, peer = %addr, refusal = ?r, "connection refused");
             }
-            return;
+            return Session {
+                moved_data: false,
+                lasted: started.elapsed(),
+            };
         }
     };
     let _ = stream.set_nodelay(true);
     let n = t.meta.num_pieces();
-    let now = Instant::now();
+    let now = started;
+    let ours = theirs.peer_id.0.starts_with(super::PEER_ID_PREFIX);
     let mut c = Conn {
         t: t.clone(),
         id,
         addr,
         fast: theirs.supports_fast(),
-        ours: theirs.peer_id.0.starts_with(super::PEER_ID_PREFIX),
+        ours,
         wbuf: BytesMut::with_capacity(WRITE_HIGH_WATER + (32 << 10)),
         peer_choking: true,
         am_interested: false,
         am_choking: true,
         peer_interested: false,
-        first_message: true,
         in_flight: HashMap::new(),
+        peer_queue: if ours {
+            MAX_QUEUED_UPLOADS
+        } else {
+            STOCK_REQUEST_QUEUE
+        },
+        latency: 0.0,
+        latency_peak: 0.0,
+        last_block_at: now,
         uploads: VecDeque::new(),
         advertised: Bitfield::new(n),
         super_seeding: false,
         down_tick: 0,
         up_tick: 0,
+        moved_data: false,
         down_rate: 0.0,
+        down_last: 0.0,
         up_rate: 0.0,
         last_recv: now,
         last_send: now,
@@ -183,6 +226,36 @@ pub(crate) async fn run(
         }
     }
     t.unregister(id);
+    Session {
+        moved_data: c.moved_data || c.down_tick > 0 || c.up_tick > 0,
+        lasted: started.elapsed(),
+    }
+}
+
+/// Requests to keep in flight at a peer that sends `rate` bytes a second and takes `latency`
+/// seconds to answer a request that is next in line: the bandwidth-delay product, plus a refill.
+///
+/// The delay is `request_window`, or twice `latency` if that is longer (up to
+/// `max_request_window`). A peer that answers in batches (transmission: every ~500 ms) needs a
+/// batch's worth of requests waiting at each batch; with only `request_window` of the rate, the
+/// rate measured is limited by the window itself and neither grows.
+///
+/// `latency` leaves out the time a request waits behind our own earlier requests: with that
+/// counted, the mean latency of a full pipe is `in_flight / rate` (Little's law), a window of
+/// twice that is twice the window, and every connection would grow to the cap (queueing
+/// seconds of requests at slow peers, until they time out).
+///
+/// `rate` is the larger of the smoothed rate and the last second's: the smoothed one lags a
+/// window that grows every second (on a seed answering every 500 ms, 16 to 250 requests took
+/// 11 s on the smoothed rate alone, 6 s with the last second's).
+fn request_depth(cfg: &EngineConfig, rate: f64, latency: f64, peer_queue: usize) -> usize {
+    let window = cfg.request_window.as_secs_f64();
+    let horizon = (2.0 * latency)
+        .min(cfg.max_request_window.as_secs_f64())
+        .max(window);
+    let by_rate = (rate * horizon / f64::from(BLOCK_SIZE)) as usize;
+    let cap = cfg.max_queue_depth.min(peer_queue);
+    (by_rate + 4).min(cap).max(cfg.min_queue_depth.min(cap))
 }
 
 async fn sleep_until_some(t: Option<Instant>) {
@@ -373,7 +446,6 @@ impl Conn {
     }
 
     fn on_message(&mut self, m: Message) -> Result<(), End> {
-        let first = std::mem::replace(&mut self.first_message, false);
         let n = self.t.meta.num_pieces();
         let bad = |why: &str| Err(End::Protocol(why.to_owned()));
         match m {
@@ -440,10 +512,10 @@ impl Conn {
                 }
                 self.peer_got(&[i]);
             }
+            // BEP 3 puts the bitfield first, but aria2 sends one (or have-all) later instead of
+            // haves, and libtorrent and transmission accept it: merged into what the peer has
+            // (it never loses a piece), so a late have-none changes nothing.
             Message::Bitfield(bytes) => {
-                if !first {
-                    return bad("bitfield after the first message");
-                }
                 let bits =
                     Bitfield::from_wire(&bytes, n).map_err(|e| End::Protocol(e.to_string()))?;
                 let ones: Vec<u32> = bits.ones().collect();
@@ -452,9 +524,6 @@ impl Conn {
             Message::HaveAll | Message::HaveNone => {
                 if !self.fast {
                     return bad("fast-extension message from a peer that did not offer it");
-                }
-                if !first {
-                    return bad("have-all/have-none after the first message");
                 }
                 if matches!(m, Message::HaveAll) {
                     let all: Vec<u32> = (0..n).collect();
@@ -476,7 +545,7 @@ impl Conn {
         Ok(())
     }
 
-    /// The peer now has `pieces` (bitfield, have-all, or one have).
+    /// The peer now has `pieces` (bitfield, have-all, or one have), besides what it had.
     fn peer_got(&mut self, pieces: &[u32]) {
         let mut st = self.t.state();
         let mut new = Vec::with_capacity(pieces.len());
@@ -529,10 +598,12 @@ impl Conn {
     }
 
     fn depth(&self) -> usize {
-        let cfg = &self.t.ctx.config;
-        let by_rate =
-            (self.down_rate * cfg.request_window.as_secs_f64() / f64::from(BLOCK_SIZE)) as usize;
-        (by_rate + 4).clamp(cfg.min_queue_depth, cfg.max_queue_depth)
+        request_depth(
+            &self.t.ctx.config,
+            self.down_rate.max(self.down_last),
+            self.latency,
+            self.peer_queue,
+        )
     }
 
     fn fill_requests(&mut self) {
@@ -831,10 +902,16 @@ impl Conn {
             begin,
             length,
         };
-        if self.in_flight.remove(&(index, begin)).is_none() {
+        let Some(sent) = self.in_flight.remove(&(index, begin)) else {
             self.t.count_wasted(u64::from(length));
             return Ok(());
-        }
+        };
+        // Arrived with the read just made (no clock read per block). The peer answers in
+        // order, so a request sent before the previous block arrived waited for it first.
+        let at = self.last_recv;
+        let waited = at.saturating_duration_since(sent.max(self.last_block_at));
+        self.latency_peak = self.latency_peak.max(waited.as_secs_f64());
+        self.last_block_at = at;
         self.down_tick += u64::from(length);
         let arrival = self.t.state().picker.claim(self.id, &b);
         match arrival {
@@ -902,21 +979,34 @@ impl Conn {
 
     fn housekeeping(&mut self) -> Result<(), End> {
         let now = Instant::now();
-        if self.t.is_seeding() && !self.peer_interested {
-            let peer_seeds = self
-                .t
-                .state()
-                .peers
-                .get(&self.id)
-                .is_some_and(|s| s.bitfield.is_complete());
-            if peer_seeds {
+        if !self.peer_interested {
+            let st = self.t.state();
+            let both_seeds = st.picker.is_complete()
+                && st
+                    .peers
+                    .get(&self.id)
+                    .is_some_and(|s| s.bitfield.is_complete());
+            drop(st);
+            if both_seeds {
                 // Two seeds have nothing to trade; free the slot for a leecher.
                 return Err(End::Told("both ends are seeds"));
             }
         }
         self.apply_origin_budget();
         let moved = self.down_tick > 0 || self.up_tick > 0;
-        self.down_rate = 0.6 * self.down_rate + 0.4 * self.down_tick as f64;
+        self.moved_data |= moved;
+        if self.down_tick > 0 {
+            // The longest wait of each second: a batching peer's pause shows once per batch,
+            // among hundreds of blocks that arrive back to back.
+            self.latency = if self.latency > 0.0 {
+                0.6 * self.latency + 0.4 * self.latency_peak
+            } else {
+                self.latency_peak
+            };
+            self.latency_peak = 0.0;
+        }
+        self.down_last = self.down_tick as f64;
+        self.down_rate = 0.6 * self.down_rate + 0.4 * self.down_last;
         self.up_rate = 0.6 * self.up_rate + 0.4 * self.up_tick as f64;
         self.down_tick = 0;
         self.up_tick = 0;
@@ -962,5 +1052,49 @@ impl Conn {
         }
         self.fill_requests();
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MB: f64 = 1e6;
+
+    fn config() -> EngineConfig {
+        EngineConfig::new("/nonexistent".into())
+    }
+
+    #[test]
+    fn a_peer_that_answers_at_once_gets_half_a_second_of_its_rate() {
+        let cfg = config();
+        // The window before latency counted: 10 MB/s for 0.5 s is 305 blocks, plus 4.
+        assert_eq!(request_depth(&cfg, 10.0 * MB, 0.0, MAX_QUEUED_UPLOADS), 309);
+        assert_eq!(request_depth(&cfg, 10.0 * MB, 0.2, MAX_QUEUED_UPLOADS), 309);
+        assert_eq!(request_depth(&cfg, 0.0, 0.0, MAX_QUEUED_UPLOADS), 16);
+    }
+
+    #[test]
+    fn a_peer_that_answers_in_batches_gets_twice_a_batch() {
+        let cfg = config();
+        // 1 MB/s from batches every 0.5 s: 1 s of it, 61 blocks, plus 4.
+        assert_eq!(request_depth(&cfg, MB, 0.5, STOCK_REQUEST_QUEUE), 65);
+        // A 10 s pause does not queue 20 s of requests: at most 2 s.
+        assert_eq!(request_depth(&cfg, MB, 10.0, STOCK_REQUEST_QUEUE), 126);
+    }
+
+    #[test]
+    fn never_more_than_the_peer_takes_or_the_config_allows() {
+        let mut cfg = config();
+        assert_eq!(
+            request_depth(&cfg, 50.0 * MB, 0.5, STOCK_REQUEST_QUEUE),
+            250
+        );
+        assert_eq!(request_depth(&cfg, 50.0 * MB, 0.5, MAX_QUEUED_UPLOADS), 512);
+        cfg.max_queue_depth = 100;
+        assert_eq!(request_depth(&cfg, 50.0 * MB, 0.5, MAX_QUEUED_UPLOADS), 100);
+        // A floor above the cap gives way to the cap.
+        cfg.min_queue_depth = 300;
+        assert_eq!(request_depth(&cfg, 0.0, 0.0, STOCK_REQUEST_QUEUE), 100);
     }
 }

@@ -5,6 +5,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::time::Duration;
 
 use fbpkg_common::PeerId;
 use fbpkg_common::bitfield::Bitfield;
@@ -93,6 +94,10 @@ pub(crate) struct PeerSlot {
     pub last_useful: Instant,
 }
 
+/// A dialled connection that ends this soon after its handshake, having moved no piece data,
+/// counts as a failed dial (see [`Torrent::session_ended`]).
+pub(crate) const HANG_UP_WITHIN: Duration = Duration::from_secs(5);
+
 /// A known peer address from the tracker.
 #[derive(Debug, Clone)]
 pub(crate) struct Candidate {
@@ -100,6 +105,15 @@ pub(crate) struct Candidate {
     pub failures: u32,
     pub retry_at: Instant,
     pub connecting: bool,
+}
+
+impl Candidate {
+    /// Not before 2, 4, 8 ... 256 s from now, doubling with each failure in a row.
+    fn back_off(&mut self) {
+        self.failures += 1;
+        self.retry_at =
+            Instant::now() + Duration::from_secs(2u64.saturating_pow(self.failures.min(8)));
+    }
 }
 
 /// Bookkeeping under the torrent lock.
@@ -310,7 +324,7 @@ impl Torrent {
     }
 
     /// Time since the torrent was added.
-    pub fn age(&self) -> std::time::Duration {
+    pub fn age(&self) -> Duration {
         self.started.elapsed()
     }
 
@@ -441,9 +455,9 @@ impl Torrent {
         if let Some(planner) = st.planner.as_mut() {
             planner.add_peer(conn, &Bitfield::new(n));
         }
+        // Its failures are forgiven only when the connection proves worth it (`session_ended`).
         if outgoing && let Some(c) = st.candidates.get_mut(&addr) {
             c.peer_id = Some(peer_id);
-            c.failures = 0;
         }
         Ok(conn)
     }
@@ -489,7 +503,7 @@ impl Torrent {
     /// interested than there are slots (a crowd larger than `upload_slots`), the last ones
     /// would wait until the first ones finished, at every host alike: at 48 hosts with 32
     /// slots, a third of the fleet finished at twice the others' time.
-    pub(crate) fn rotate_slots(&self, after: std::time::Duration) {
+    pub(crate) fn rotate_slots(&self, after: Duration) {
         let mut st = self.state();
         let now = Instant::now();
         let waiting = st
@@ -566,8 +580,11 @@ impl Torrent {
             .config
             .max_peers
             .saturating_sub(st.peers.len() + connecting);
-        if room == 0 || self.is_seeding() {
-            // A seed waits to be dialled: leechers know where it is.
+        if room == 0 || self.is_seeding() || st.picker.is_complete() {
+            // A seed waits to be dialled: leechers know where it is. That holds from the last
+            // piece on, not from the end of the SHA-256 pass: the peers we know then are
+            // mostly seeds, which close on a seed at once (qBittorrent, with a new peer id
+            // each time, so the loop never saw it was the same peer).
             return Vec::new();
         }
         let now = Instant::now();
@@ -603,10 +620,22 @@ impl Torrent {
         if let Some(c) = st.candidates.get_mut(&addr) {
             c.connecting = false;
             if !ok {
-                c.failures += 1;
-                let backoff =
-                    std::time::Duration::from_secs(2u64.saturating_pow(c.failures.min(8)));
-                c.retry_at = Instant::now() + backoff;
+                c.back_off();
+            }
+        }
+    }
+
+    /// A dialled connection ended after `lasted`. One that moved piece data, or lasted past
+    /// [`HANG_UP_WITHIN`], clears the address's failures; one that the peer (or we) closed
+    /// at once backs off like a failed dial. Without this, a peer that hangs up right after
+    /// the handshake (full, or a seed meeting a seed) was redialled as fast as it closed.
+    pub(crate) fn session_ended(&self, addr: SocketAddr, moved_data: bool, lasted: Duration) {
+        let mut st = self.state();
+        if let Some(c) = st.candidates.get_mut(&addr) {
+            if moved_data || lasted >= HANG_UP_WITHIN {
+                c.failures = 0;
+            } else {
+                c.back_off();
             }
         }
     }
@@ -728,5 +757,103 @@ pub(crate) fn grant_next_slot(st: &mut State) {
             let _ = s.tx.send(Cmd::Unchoke);
             return;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cache::Cache;
+    use crate::engine::EngineConfig;
+    use crate::tracker_client::TrackerClient;
+    use fbpkg_common::metainfo::Format;
+
+    /// A torrent of a 1 MiB package in `Downloading`, holding the pieces in `have`.
+    fn torrent(dir: &std::path::Path, have: impl FnOnce(u32) -> Bitfield) -> Arc<Torrent> {
+        let len = 1u64 << 20;
+        let bytes = vec![7u8; len as usize];
+        let meta =
+            Metainfo::build(&bytes[..], len, "t.bin", "http://127.0.0.1:1", Format::File).unwrap();
+        let (corrupt, _) = mpsc::unbounded_channel();
+        let ctx = Arc::new(EngineCtx {
+            config: EngineConfig::new(dir.join("work")),
+            peer_id: PeerId([1; 20]),
+            listen_addr: SocketAddr::from(([127, 0, 0, 1], 6881)),
+            tracker: TrackerClient::new("http://127.0.0.1:1", None, Duration::from_secs(1))
+                .unwrap(),
+            cache: Cache::new(dir.join("cache")),
+            tasks: tokio_util::task::TaskTracker::new(),
+            upload_limit: None,
+            conn_slots: Arc::new(tokio::sync::Semaphore::new(8)),
+            corrupt,
+        });
+        let init = TorrentInit {
+            name: PackageName::new("t").unwrap(),
+            have: have(meta.num_pieces()),
+            storage: PieceFile::open_partial(&dir.join("data.part"), len).unwrap(),
+            meta: Arc::new(meta),
+            phase: Phase::Downloading,
+            work_dir: None,
+        };
+        Torrent::new(ctx, init, CancellationToken::new())
+    }
+
+    fn peer(n: u8) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, n], 6881))
+    }
+
+    /// Between the last piece and the end of the SHA-256 pass the torrent is not `Seeding`
+    /// yet, but it has nothing left to fetch: it dials nobody (the peers it knows then are
+    /// mostly seeds, which close on a seed at once).
+    #[tokio::test]
+    async fn a_torrent_holding_every_piece_dials_nobody() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing_one = torrent(dir.path(), |n| {
+            let mut b = Bitfield::full(n);
+            b.clear(n - 1);
+            b
+        });
+        missing_one.add_candidates([(peer(2), None)]);
+        assert_eq!(missing_one.dial_list(), [peer(2)], "a leecher dials");
+
+        let dir = tempfile::tempdir().unwrap();
+        let complete = torrent(dir.path(), Bitfield::full);
+        assert_eq!(complete.current_phase(), Phase::Downloading);
+        complete.add_candidates([(peer(2), None), (peer(3), Some(PeerId([3; 20])))]);
+        assert!(complete.dial_list().is_empty());
+    }
+
+    /// A peer that closes right after the handshake without sending a block is backed off
+    /// like one that cannot be reached: 2 s, then 4 s. One that delivers clears the slate.
+    #[tokio::test(start_paused = true)]
+    async fn a_peer_that_hangs_up_at_once_is_dialled_less_and_less() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = torrent(dir.path(), Bitfield::new);
+        let a = peer(2);
+        t.add_candidates([(a, None)]);
+        let at_once = Duration::from_millis(50);
+        let mut waits = Vec::new();
+        for _ in 0..3 {
+            let started = Instant::now();
+            while t.dial_list().is_empty() {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            waits.push(started.elapsed().as_secs());
+            t.dial_done(a, true);
+            t.session_ended(a, false, at_once);
+        }
+        assert_eq!(waits, [0, 2, 4]);
+        assert!(t.dial_list().is_empty());
+
+        // A connection that moved data, however short, resets the backoff.
+        tokio::time::sleep(Duration::from_secs(8)).await;
+        assert_eq!(t.dial_list(), [a]);
+        t.dial_done(a, true);
+        t.session_ended(a, true, at_once);
+        assert_eq!(t.dial_list(), [a]);
+        // So does one that lasted.
+        t.dial_done(a, true);
+        t.session_ended(a, false, HANG_UP_WITHIN);
+        assert_eq!(t.dial_list(), [a]);
     }
 }

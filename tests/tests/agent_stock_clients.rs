@@ -1,0 +1,396 @@
+#![allow(clippy::unwrap_used)]
+//! Wire habits of stock BitTorrent clients that an agent must get along with, each played by
+//! a fake peer written with the wire codec:
+//!
+//! - aria2 sends a bitfield or have-all late, instead of haves: the agent merges it into what
+//!   it knows of the peer, and still drops a peer whose bitfield is malformed;
+//! - a qBittorrent seed closes the connection right after the handshake (with a fresh peer id
+//!   each time): the agent backs off from it instead of redialling in a loop;
+//! - transmission answers requests in batches every ~500 ms: the agent keeps enough requests
+//!   outstanding to fill a batch, instead of the few that 0.5 s at the measured rate gave.
+//!
+//! Fake peers connect from 127.0.0.2 (the agent listens on 127.0.0.1), or listen on 127.0.0.1
+//! and are announced to the tracker as seeders.
+
+use std::net::Ipv4Addr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use fbpkg_common::bitfield::Bitfield;
+use fbpkg_common::metainfo::Metainfo;
+use fbpkg_common::pkgref::PackageName;
+use fbpkg_common::wire::{BlockRef, DEFAULT_MAX_MESSAGE, Message};
+use fbpkg_peer::engine::{Engine, Phase, Torrent};
+use fbpkg_tests::{
+    Raw, accept_handshake, announce_as_seeder, embedded_tracker, engine, handshake_from,
+    random_package, random_peer_id, real_block, stop_tracker, wait_for,
+};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+const DOWNLOAD_TIMEOUT: Duration = Duration::from_secs(60);
+/// Where the fake peers that dial the agent come from.
+const FAKE: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 2);
+
+/// A tracker and one agent (an engine) that wants a fresh random package nobody else has.
+struct Leecher {
+    _dirs: tempfile::TempDir,
+    tracker: fbpkg_tracker::Embedded,
+    url: String,
+    cancel: CancellationToken,
+    name: PackageName,
+    bytes: Arc<Vec<u8>>,
+    meta: Arc<Metainfo>,
+    engine: Arc<Engine>,
+}
+
+impl Leecher {
+    /// Everything but the download itself, which [`Leecher::start`] begins.
+    async fn new(size: usize) -> Self {
+        let dirs = tempfile::tempdir().unwrap();
+        let base = dirs.path().to_owned();
+        let tracker = embedded_tracker(&base.join("tracker"), |c| {
+            c.min_announce_interval = Duration::from_secs(1);
+        })
+        .await;
+        let url = format!("http://{}", tracker.addr);
+        let cancel = CancellationToken::new();
+        let name = PackageName::new("target").unwrap();
+        let (bytes, meta) = random_package(
+            &mut rand::rng(),
+            size,
+            "target.bin",
+            &tracker.announce_url(),
+        );
+        let (bytes, meta) = (Arc::new(bytes), Arc::new(meta));
+        let engine = engine(&base.join("leecher"), &url, &cancel, |_| {}).await;
+        engine.tracker().publish(&name, &meta).await.unwrap();
+        Self {
+            _dirs: dirs,
+            tracker,
+            url,
+            cancel,
+            name,
+            bytes,
+            meta,
+            engine,
+        }
+    }
+
+    async fn start(&self) -> Arc<Torrent> {
+        self.engine
+            .download(self.name.clone(), self.meta.clone())
+            .await
+            .unwrap()
+    }
+
+    /// A connection from a fake peer at [`FAKE`], past the handshake.
+    async fn fake_peer(&self) -> Raw {
+        handshake_from(FAKE, self.engine.listen_addr(), &self.meta)
+            .await
+            .expect("the agent answers the handshake")
+    }
+
+    /// Wait for `t` to end and check that it holds the package.
+    async fn finished(&self, t: &Torrent) {
+        let ended = tokio::time::timeout(DOWNLOAD_TIMEOUT, t.finished())
+            .await
+            .unwrap_or_else(|_| panic!("no end within {DOWNLOAD_TIMEOUT:?}: {:?}", t.status()));
+        let Phase::Seeding(entry) = ended else {
+            panic!("the download ended {ended:?}");
+        };
+        assert!(
+            std::fs::read(&entry.launch_path).unwrap() == *self.bytes,
+            "the cached bytes are not the package"
+        );
+    }
+
+    async fn stop(self) {
+        self.cancel.cancel();
+        self.engine.shutdown().await;
+        let _ = stop_tracker(self.tracker).await;
+    }
+}
+
+fn bitfield_message(bits: &Bitfield) -> Message {
+    Message::Bitfield(Bytes::copy_from_slice(bits.as_bytes()))
+}
+
+/// Serve every request on `raw` with the real bytes, until `done` is cancelled; `Err` says
+/// how the connection ended first (closed by the agent, or an I/O error).
+async fn serve(
+    raw: &mut Raw,
+    meta: &Metainfo,
+    bytes: &[u8],
+    done: &CancellationToken,
+) -> Result<(), String> {
+    loop {
+        let mut out = BytesMut::new();
+        while let Some(m) = Message::decode(&mut raw.buf, DEFAULT_MAX_MESSAGE).unwrap() {
+            if let Message::Request(b) = m {
+                real_block(meta, bytes, b).encode(&mut out);
+            }
+        }
+        if !out.is_empty() {
+            raw.stream
+                .write_all(&out)
+                .await
+                .map_err(|e| format!("writing: {e}"))?;
+        }
+        tokio::select! {
+            _ = done.cancelled() => return Ok(()),
+            r = raw.stream.read_buf(&mut raw.buf) => match r {
+                Ok(0) => return Err("the agent closed the connection".into()),
+                Ok(_) => {}
+                Err(e) => return Err(format!("reading: {e}")),
+            },
+        }
+    }
+}
+
+/// A fake seeder dials the agent and says what it has in `opening` (first the required
+/// message, then what aria2 sends late), then serves every request. Only the late messages
+/// tell the agent of some pieces: the download completes over this one connection only if
+/// the agent merges them in and keeps the connection.
+async fn download_after(opening: impl FnOnce(u32) -> Vec<Message>) {
+    let leecher = Leecher::new(2 << 20).await;
+    let t = leecher.start().await;
+    let mut raw = leecher.fake_peer().await;
+    let mut out = BytesMut::new();
+    for m in opening(leecher.meta.num_pieces()) {
+        m.encode(&mut out);
+    }
+    raw.stream.write_all(&out).await.unwrap();
+    let done = CancellationToken::new();
+    let (meta, bytes) = (leecher.meta.clone(), leecher.bytes.clone());
+    let mut served = {
+        let done = done.clone();
+        tokio::spawn(async move { serve(&mut raw, &meta, &bytes, &done).await })
+    };
+    tokio::select! {
+        () = leecher.finished(&t) => {}
+        ended = &mut served => panic!(
+            "the only connection ended before the download did: {:?}",
+            ended.unwrap()
+        ),
+    }
+    done.cancel();
+    served.await.unwrap().unwrap();
+    leecher.stop().await;
+}
+
+/// Even pieces in the first bitfield, odd ones in a second, later one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_late_bitfield_adds_to_what_the_peer_has() {
+    download_after(|n| {
+        let (mut even, mut odd) = (Bitfield::new(n), Bitfield::new(n));
+        for i in 0..n {
+            if i % 2 == 0 {
+                even.set(i)
+            } else {
+                odd.set(i)
+            };
+        }
+        vec![
+            bitfield_message(&even),
+            Message::Unchoke,
+            bitfield_message(&odd),
+        ]
+    })
+    .await;
+}
+
+/// Have-none first; a have-none and a have-all later (the late have-none takes nothing away).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_late_have_all_follows_have_none() {
+    download_after(|_| {
+        vec![
+            Message::HaveNone,
+            Message::Unchoke,
+            Message::HaveNone,
+            Message::HaveAll,
+            Message::HaveNone,
+        ]
+    })
+    .await;
+}
+
+/// A late bitfield with a bit set past the last piece is still a protocol violation.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_malformed_late_bitfield_ends_the_connection() {
+    // A short last piece: the bitfield has spare bits.
+    let leecher = Leecher::new((2 << 20) + 100_000).await;
+    let _t = leecher.start().await;
+    let n = leecher.meta.num_pieces();
+    assert!(
+        n % 8 != 0,
+        "the package needs spare bits in its bitfield: {n} pieces"
+    );
+    let mut spare = Bitfield::full(n).as_bytes().to_vec();
+    *spare.last_mut().unwrap() |= 1;
+    let mut raw = leecher.fake_peer().await;
+    let mut out = BytesMut::new();
+    Message::HaveNone.encode(&mut out);
+    Message::Bitfield(Bytes::from(spare)).encode(&mut out);
+    raw.stream.write_all(&out).await.unwrap();
+    let closed = tokio::time::timeout(Duration::from_secs(20), async {
+        loop {
+            match raw.stream.read_buf(&mut raw.buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => raw.buf.clear(),
+            }
+        }
+    })
+    .await;
+    assert!(
+        closed.is_ok(),
+        "the agent kept a peer that sent a malformed bitfield"
+    );
+    leecher.stop().await;
+}
+
+/// A fake qBittorrent seed: accepts, answers the handshake with a fresh peer id, says it has
+/// everything, and closes at once. The agent must back off from it (exponentially, as from a
+/// peer it cannot reach) instead of redialling as fast as the connections close.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_seed_that_hangs_up_at_once_is_not_redialled_in_a_loop() {
+    let leecher = Leecher::new(1 << 20).await;
+    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let dials: Arc<Mutex<Vec<Instant>>> = Arc::default();
+    let (meta, seen, stop) = (leecher.meta.clone(), dials.clone(), leecher.cancel.clone());
+    tokio::spawn(async move {
+        loop {
+            let stream = tokio::select! {
+                _ = stop.cancelled() => return,
+                a = listener.accept() => match a {
+                    Ok((s, _)) => s,
+                    Err(_) => continue,
+                },
+            };
+            seen.lock().unwrap().push(Instant::now());
+            let meta = meta.clone();
+            tokio::spawn(async move {
+                if let Some((mut raw, _)) =
+                    accept_handshake(stream, &meta, random_peer_id(b"-qB4630-")).await
+                {
+                    let mut out = BytesMut::new();
+                    Message::HaveAll.encode(&mut out);
+                    let _ = raw.stream.write_all(&out).await;
+                }
+            });
+        }
+    });
+    announce_as_seeder(
+        &leecher.url,
+        leecher.meta.info_hash,
+        random_peer_id(b"-qB4630-"),
+        port,
+    )
+    .await;
+    let _t = leecher.start().await;
+
+    let count = || dials.lock().unwrap().len();
+    let first = wait_for(
+        "the agent to dial the seed",
+        Duration::from_secs(30),
+        || async {
+            dials
+                .lock()
+                .unwrap()
+                .first()
+                .copied()
+                .ok_or("no dial yet".to_owned())
+        },
+    )
+    .await;
+    // It does try again (the seed may have been full for a moment)...
+    wait_for(
+        "the agent to dial the seed again",
+        Duration::from_secs(30),
+        || async {
+            if count() >= 2 {
+                Ok(())
+            } else {
+                Err(format!("{} dial(s)", count()))
+            }
+        },
+    )
+    .await;
+    // ...but backs off: 2, 4, 8 s between the dials, where it used to redial as fast as the
+    // connections closed (16-266 times in a row against qBittorrent).
+    const WINDOW: Duration = Duration::from_secs(10);
+    tokio::time::sleep_until(first + WINDOW).await;
+    let in_window = dials
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|&&at| at < first + WINDOW)
+        .count();
+    eprintln!("{in_window} connections within {WINDOW:?} of the first");
+    assert!(
+        in_window <= 5,
+        "{in_window} connections to a seed that hangs up at once within {WINDOW:?}"
+    );
+    leecher.stop().await;
+}
+
+/// A fake transmission seed: answers the requests it holds in one batch every 500 ms. With a
+/// request window of 0.5 s of the measured rate, the rate measured was limited by the window
+/// itself: the agent kept 16 requests outstanding, 16 blocks a batch, and 32 MiB took a
+/// minute. The window must grow until a batch fills the link: here, past 128 (the most a
+/// stock client is asked for at once is 250).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_seed_that_answers_in_batches_gets_more_requests_outstanding() {
+    const BATCH_EVERY: Duration = Duration::from_millis(500);
+    const WANTED: usize = 128;
+    let leecher = Leecher::new(32 << 20).await;
+    let t = leecher.start().await;
+    let mut raw = leecher.fake_peer().await;
+    let mut out = BytesMut::new();
+    Message::HaveAll.encode(&mut out);
+    Message::Unchoke.encode(&mut out);
+    raw.stream.write_all(&out).await.unwrap();
+
+    let mut held: Vec<BlockRef> = Vec::new();
+    let mut per_batch = Vec::new();
+    let mut batches = tokio::time::interval(BATCH_EVERY);
+    let grown = tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            tokio::select! {
+                r = raw.stream.read_buf(&mut raw.buf) => {
+                    assert!(r.unwrap() > 0, "the agent closed the connection");
+                    while let Some(m) = Message::decode(&mut raw.buf, DEFAULT_MAX_MESSAGE).unwrap() {
+                        match m {
+                            Message::Request(b) => held.push(b),
+                            Message::Cancel(b) => held.retain(|&h| h != b),
+                            _ => {}
+                        }
+                    }
+                }
+                _ = batches.tick() => {
+                    per_batch.push(held.len());
+                    if held.len() >= WANTED {
+                        return;
+                    }
+                    let mut out = BytesMut::new();
+                    for b in held.drain(..) {
+                        real_block(&leecher.meta, &leecher.bytes, b).encode(&mut out);
+                    }
+                    raw.stream.write_all(&out).await.unwrap();
+                }
+            }
+        }
+    })
+    .await;
+    assert!(
+        grown.is_ok(),
+        "requests outstanding at each batch never reached {WANTED}: {per_batch:?} ({:?})",
+        t.status()
+    );
+    eprintln!("requests outstanding at each batch: {per_batch:?}");
+    leecher.stop().await;
+}
