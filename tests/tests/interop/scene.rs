@@ -172,13 +172,18 @@ impl Scene {
 
     /// Our agent `label`, listening on the scene's address, announcing to our tracker.
     pub async fn agent(&self, label: &str) -> AgentProcess {
+        self.agent_with(label, &[]).await
+    }
+
+    /// [`Scene::agent`] with `extra` flags.
+    pub async fn agent_with(&self, label: &str, extra: &[&str]) -> AgentProcess {
         let base = self.path(label);
         AgentProcess::start_at(
             self.ip,
             &base.join("state"),
             &base.join("cache"),
             &self.url,
-            &[],
+            extra,
         )
         .await
         .unwrap_or_else(|e| panic!("starting agent {label}: {e}"))
