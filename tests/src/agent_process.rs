@@ -1,5 +1,5 @@
-//! `fbpkg-rs agent` as a child process: its own state and cache directories, a loopback peer
-//! port it announces, SIGKILLed on drop.
+//! `fbpkg-rs agent` as a child process: its own state and cache directories, a peer port (on
+//! loopback unless told otherwise) it announces, SIGKILLed on drop.
 //!
 //! The agent announces the port it is told (`--listen`), so it cannot be given port 0. A free
 //! port is found by binding 127.0.0.1:0 and releasing it; if something takes it in between,
