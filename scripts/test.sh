@@ -5,7 +5,9 @@
 #   scripts/test.sh -p fbpkg-common   # extra arguments go to cargo test
 #
 # Needs: Debian's chromium (the dashboard is checked in a real headless browser). Installed
-# here with apt-get when running as root; otherwise it says what to install.
+# here with apt-get when running as root; otherwise it says what to install. The interop tests
+# also want aria2, qBittorrent, Transmission and opentracker (scripts/interop-deps.sh, run here;
+# without root they are skipped with a message).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -19,5 +21,7 @@ if ! command -v chromium >/dev/null 2>&1; then
         exit 1
     fi
 fi
+
+scripts/interop-deps.sh
 
 exec cargo test --workspace "$@"

@@ -1,5 +1,5 @@
-//! `fbpkg-rs agent` as a child process: its own state and cache directories, a loopback peer
-//! port it announces, SIGKILLed on drop.
+//! `fbpkg-rs agent` as a child process: its own state and cache directories, a peer port (on
+//! loopback unless told otherwise) it announces, SIGKILLed on drop.
 //!
 //! The agent announces the port it is told (`--listen`), so it cannot be given port 0. A free
 //! port is found by binding 127.0.0.1:0 and releasing it; if something takes it in between,
@@ -57,10 +57,23 @@ impl AgentProcess {
         tracker: &str,
         extra: &[&str],
     ) -> io::Result<Self> {
+        Self::start_at(Ipv4Addr::LOCALHOST, state_dir, cache_dir, tracker, extra).await
+    }
+
+    /// [`AgentProcess::start`] listening on `ip` instead of 127.0.0.1 (an address of this
+    /// namespace, e.g. one end of a test's veth pair, for peers that will not dial loopback).
+    pub async fn start_at(
+        ip: Ipv4Addr,
+        state_dir: &Path,
+        cache_dir: &Path,
+        tracker: &str,
+        extra: &[&str],
+    ) -> io::Result<Self> {
         let mut last = String::new();
         for _ in 0..PORT_ATTEMPTS {
-            let port = free_loopback_port()?;
-            match Self::start_on(state_dir, cache_dir, tracker, extra, port).await? {
+            let port = TcpListener::bind((ip, 0))?.local_addr()?.port();
+            let listen = SocketAddr::from((ip, port));
+            match Self::start_on(state_dir, cache_dir, tracker, extra, listen).await? {
                 Ok(agent) => return Ok(agent),
                 Err(log) if log.contains("cannot listen for peers") => last = log,
                 Err(log) => {
@@ -71,7 +84,7 @@ impl AgentProcess {
             }
         }
         Err(io::Error::other(format!(
-            "no free loopback port for the agent after {PORT_ATTEMPTS} attempts; last log:\n{last}"
+            "no free port for the agent after {PORT_ATTEMPTS} attempts; last log:\n{last}"
         )))
     }
 
@@ -81,9 +94,9 @@ impl AgentProcess {
         cache_dir: &Path,
         tracker: &str,
         extra: &[&str],
-        port: u16,
+        listen: SocketAddr,
     ) -> io::Result<Result<Self, String>> {
-        let listen = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+        let port = listen.port();
         let mut cmd = fbpkg_rs_command();
         cmd.args(["--log", "info", "agent", "--listen"])
             .arg(listen.to_string())
