@@ -29,11 +29,8 @@
 //!
 //! ```sh
 //! FBPKG_INTEROP_BYTES=33554432 cargo test -p fbpkg-tests --test interop -- \
-//!     --include-ignored --nocapture --test-threads 1 2>&1 | grep -E 'interop-timing|^test '
+//!     --nocapture --test-threads 1 2>&1 | grep -E 'interop-timing|^test '
 //! ```
-//!
-//! Cells marked `#[ignore = "needs ..."]` fail today for a known reason on our side; each names
-//! the fix it waits for. `--include-ignored` runs them.
 
 #[path = "interop/mod.rs"]
 mod interop;
@@ -185,19 +182,16 @@ async fn agent_downloads_from_agent() {
 // aria2
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs the tracker to accept any key bytes: aria2 sends 8 raw random bytes, refused with \"bad announce: key is not UTF-8\""]
 async fn aria2_downloads_from_aria2_through_our_tracker() {
     stock_downloads_from_stock(Kind::Aria2, "aria2<-aria2", SMALL).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs the tracker to accept any key bytes: aria2 sends 8 raw random bytes, refused with \"bad announce: key is not UTF-8\""]
 async fn aria2_downloads_from_our_agent() {
     stock_downloads_from_agent(Kind::Aria2, "aria2<-agent", SMALL).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs the tracker's key fix (aria2 is never listed) and the agent to accept aria2's late bitfield/have-all"]
 async fn our_agent_downloads_from_aria2() {
     agent_downloads_from_stock(Kind::Aria2, "agent<-aria2", SMALL).await;
 }
@@ -223,7 +217,6 @@ async fn our_agent_downloads_from_qbittorrent() {
 /// closes a connection between two seeds. The agent must not dial the seed again and again:
 /// over a few seconds after the `get`, a handful of dials at most.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs redial backoff: once both are seeds the agent redials the qBittorrent seed about 30 times in under 100 ms, each closed by the peer"]
 async fn our_agent_does_not_redial_a_qbittorrent_seed_in_a_loop() {
     /// Outgoing connections to the seed allowed in all: the download's, and a few more.
     const MAX_DIALS: usize = 4;
@@ -314,7 +307,6 @@ async fn our_agent_downloads_from_transmission() {
 /// `transmission_downloads_from_transmission_through_our_tracker`; 1 MiB/s is the floor
 /// asserted, so a loaded machine does not fail it).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs faster fetching from Transmission: 0.5 MiB/s after the first piece (74 s for 32 MiB), where Transmission gets 2.6"]
 async fn our_agent_fetches_from_transmission_at_transmission_speed() {
     const BYTES: usize = 8 << 20;
     const MIN_RATE: f64 = (1 << 20) as f64;
@@ -358,6 +350,11 @@ async fn our_agent_fetches_from_transmission_at_transmission_speed() {
     let after_first =
         after_first.expect("the agent's progress was not seen from first to last piece");
     let rate = BYTES as f64 / after_first.as_secs_f64().max(0.001);
+    eprintln!(
+        "interop-timing cell=agent<-transmission-after-first-piece bytes={BYTES} secs={:.3} mib_per_s={:.2}",
+        after_first.as_secs_f64(),
+        rate / f64::from(1 << 20)
+    );
     assert!(
         rate >= MIN_RATE,
         "{:.2} MiB/s from Transmission after the first piece ({after_first:?} for {BYTES} bytes), \
@@ -375,7 +372,6 @@ async fn our_agent_fetches_from_transmission_at_transmission_speed() {
 /// seeds it there and nowhere else. Our tracker's catalog has the metainfo (so `get` can
 /// resolve the reference) but no peer: the agent must announce where the metainfo says.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs the agent to announce to the metainfo's tracker, with compact=1: get exits 5, no peer within 20 s"]
 async fn our_agent_downloads_through_opentracker_from_aria2() {
     if skip_without(&[interop::opentracker::BINARY]) || skip_without(Kind::Aria2.binaries()) {
         return;
