@@ -301,6 +301,38 @@ async fn our_agent_downloads_from_transmission() {
     agent_downloads_from_stock(Kind::Transmission, "agent<-transmission", SMALL).await;
 }
 
+/// The reference for the cell above: how fast another stock client (qBittorrent, whose
+/// libtorrent was reported to fetch 32 MiB from a Transmission seeder in 8 s) gets the same
+/// package from the same kind of seeder, on loopback.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qbittorrent_downloads_from_transmission() {
+    if skip_without(Kind::Transmission.binaries()) || skip_without(Kind::Qbittorrent.binaries()) {
+        return;
+    }
+    let scene = Scene::new("qbittorrent<-transmission", Ipv4Addr::LOCALHOST).await;
+    let size = package_bytes(SMALL);
+    let package = scene.publish_random("reference", size).await;
+    let seeder = Stock::start(Kind::Transmission, &scene.path("seeder"), Place::Loopback)
+        .await
+        .unwrap();
+    let handle = scene
+        .stock_seeds(&seeder, &package, "seeder/data", None)
+        .await;
+    let leecher = Stock::start(Kind::Qbittorrent, &scene.path("leecher"), Place::Loopback)
+        .await
+        .unwrap();
+    let took = match scene
+        .stock_downloads(&leecher, &package, "leecher/data")
+        .await
+    {
+        Ok(took) => took,
+        Err(e) => panic!("{e}\nthe seeder:\n{}", seeder.diagnosis(&handle).await),
+    };
+    scene.report(size, took);
+    drop((leecher, seeder));
+    scene.finish().await;
+}
+
 /// Transmission unchokes a new peer only at its next rechoke (every 10 s), so the first byte
 /// takes a while whoever asks; after that, our agent must fetch about as fast as another
 /// Transmission does (2.6 MiB/s from the first piece on, measured here the same way for
