@@ -100,3 +100,65 @@ pub fn seed_from_cache(
     seed.seed(name.clone(), meta.clone(), &entry.dir.join(&meta.name))
         .unwrap_or_else(|e| panic!("seeding {name}: {e}"))
 }
+
+/// The start of most in-process swarm scenarios: an embedded tracker that lets clients
+/// re-announce every second, and a random package of `size` bytes announced to it (not
+/// published yet: the engine that seeds it publishes it with its own client).
+pub struct Staged {
+    /// Holds every directory of the scenario; removed on drop.
+    pub dirs: tempfile::TempDir,
+    /// The tracker.
+    pub tracker: Embedded,
+    /// Its base URL, for engines.
+    pub url: String,
+    /// Parent of every engine's token.
+    pub cancel: CancellationToken,
+    /// The package's name.
+    pub name: PackageName,
+    /// The package's bytes.
+    pub bytes: Arc<Vec<u8>>,
+    /// Its metainfo.
+    pub meta: Arc<Metainfo>,
+}
+
+impl std::fmt::Debug for Staged {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Staged")
+            .field("dir", &self.dirs.path())
+            .field("url", &self.url)
+            .field("name", &self.name)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Staged {
+    /// A tracker under `<tmp>/tracker` and a package `name` (file `<name>.bin`).
+    pub async fn new(name: &str, size: usize) -> Self {
+        let dirs = tempfile::tempdir().expect("a temporary directory");
+        let tracker = embedded_tracker(&dirs.path().join("tracker"), |c| {
+            c.min_announce_interval = Duration::from_secs(1);
+        })
+        .await;
+        let url = format!("http://{}", tracker.addr);
+        let (bytes, meta) = crate::random_package(
+            &mut rand::rng(),
+            size,
+            &format!("{name}.bin"),
+            &tracker.announce_url(),
+        );
+        Self {
+            dirs,
+            tracker,
+            url,
+            cancel: CancellationToken::new(),
+            name: PackageName::new(name).expect("a valid package name"),
+            bytes: Arc::new(bytes),
+            meta: Arc::new(meta),
+        }
+    }
+
+    /// The scenario's directory.
+    pub fn base(&self) -> &Path {
+        self.dirs.path()
+    }
+}

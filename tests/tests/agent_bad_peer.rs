@@ -23,12 +23,11 @@ use bytes::{Bytes, BytesMut};
 use fbpkg_common::PeerId;
 use fbpkg_common::bitfield::Bitfield;
 use fbpkg_common::metainfo::Metainfo;
-use fbpkg_common::pkgref::PackageName;
 use fbpkg_common::wire::{DEFAULT_MAX_MESSAGE, Message};
 use fbpkg_peer::engine::{EngineConfig, Phase};
 use fbpkg_tests::{
-    Raw, accept_handshake, announce_as_seeder, embedded_tracker, engine, http_client,
-    random_package, seed_from_cache, stop_tracker, swarm_peers, wait_for,
+    Raw, Staged, accept_handshake, announce_as_seeder, engine, http_client, seed_from_cache,
+    stop_tracker, swarm_peers, wait_for,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -200,29 +199,16 @@ async fn a_peer_serving_corrupt_blocks_beside_a_full_speed_seed() {
 }
 
 async fn corrupt_peer_beside(honest: Upload) {
-    let dirs = tempfile::tempdir().unwrap();
-    let base = dirs.path();
-    let tracker = embedded_tracker(&base.join("tracker"), |c| {
-        // The leecher re-announces often, so it is told of the malicious peer again and again
-        // while it downloads.
-        c.min_announce_interval = Duration::from_secs(1);
-    })
-    .await;
-    let url = format!("http://{}", tracker.addr);
-    let cancel = CancellationToken::new();
-    let name = PackageName::new("target").unwrap();
-    let (bytes, meta) = random_package(
-        &mut rand::rng(),
-        PACKAGE_BYTES,
-        "target.bin",
-        &tracker.announce_url(),
-    );
-    let (bytes, meta) = (Arc::new(bytes), Arc::new(meta));
+    // The leecher re-announces every second, so it is told of the malicious peer again and
+    // again while it downloads.
+    let staged = Staged::new("target", PACKAGE_BYTES).await;
+    let (base, url, cancel) = (staged.base(), &staged.url, &staged.cancel);
+    let (name, bytes, meta) = (&staged.name, &staged.bytes, &staged.meta);
 
     // The honest seed.
-    let seed = engine(&base.join("seed"), &url, &cancel, |c| honest.apply(c)).await;
-    seed.tracker().publish(&name, &meta).await.unwrap();
-    seed_from_cache(&seed, &name, &meta, &bytes, base);
+    let seed = engine(&base.join("seed"), url, cancel, |c| honest.apply(c)).await;
+    seed.tracker().publish(name, meta).await.unwrap();
+    seed_from_cache(&seed, name, meta, bytes, base);
 
     // The malicious peer.
     let evil_listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).await.unwrap();
@@ -237,7 +223,7 @@ async fn corrupt_peer_beside(honest: Upload) {
         evil_id,
         cancel.clone(),
     ));
-    announce_as_seeder(&url, meta.info_hash, evil_id, evil_addr.port()).await;
+    announce_as_seeder(url, meta.info_hash, evil_id, evil_addr.port()).await;
     let (client, ih) = (http_client(), meta.info_hash.to_hex());
     let (c, u, h, honest) = (&client, &url, &ih, seed.listen_addr().to_string());
     let evil = evil_addr.to_string();
@@ -258,7 +244,7 @@ async fn corrupt_peer_beside(honest: Upload) {
     .await;
 
     // The leecher.
-    let leecher = engine(&base.join("leecher"), &url, &cancel, |c| {
+    let leecher = engine(&base.join("leecher"), url, cancel, |c| {
         DEFAULT_UPLOAD.apply(c)
     })
     .await;
@@ -271,7 +257,7 @@ async fn corrupt_peer_beside(honest: Upload) {
         panic!("the leecher ended {ended:?}");
     };
     assert!(
-        std::fs::read(&entry.launch_path).unwrap() == *bytes,
+        std::fs::read(&entry.launch_path).unwrap() == **bytes,
         "the leecher's cached bytes are not the package"
     );
     let cache_root = leecher.cache().root().to_owned();
@@ -326,5 +312,5 @@ async fn corrupt_peer_beside(honest: Upload) {
     cancel.cancel();
     leecher.shutdown().await;
     seed.shutdown().await;
-    let _ = stop_tracker(tracker).await;
+    let _ = stop_tracker(staged.tracker).await;
 }

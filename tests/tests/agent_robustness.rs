@@ -19,71 +19,45 @@ use std::time::Duration;
 
 use bytes::BytesMut;
 use fbpkg_common::PeerId;
-use fbpkg_common::metainfo::Metainfo;
 use fbpkg_common::pkgref::PackageName;
 use fbpkg_common::wire::{BlockRef, Message};
 use fbpkg_peer::ErrorKind;
 use fbpkg_peer::engine::{Engine, EngineConfig, Phase};
 use fbpkg_tests::{
-    Raw, admitted, embedded_tracker, engine, handshake_from, random_package, seed_from_cache,
-    stop_tracker, wait_message,
+    Raw, Staged, admitted, engine, handshake_from, random_package, seed_from_cache, stop_tracker,
+    wait_message,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::time::Instant;
-use tokio_util::sync::CancellationToken;
 
 const DOWNLOAD_TIMEOUT: Duration = Duration::from_secs(90);
 
 /// A tracker, a seed of a fresh random package of `size` bytes (configured by `seed_cfg`),
 /// all on loopback.
 struct Swarm {
-    _dirs: tempfile::TempDir,
-    base: std::path::PathBuf,
-    tracker: fbpkg_tracker::Embedded,
-    url: String,
-    cancel: CancellationToken,
-    name: PackageName,
-    bytes: Arc<Vec<u8>>,
-    meta: Arc<Metainfo>,
+    staged: Staged,
     seed: Arc<Engine>,
+}
+
+impl std::ops::Deref for Swarm {
+    type Target = Staged;
+    fn deref(&self) -> &Staged {
+        &self.staged
+    }
 }
 
 impl Swarm {
     async fn new(size: usize, seed_cfg: impl FnOnce(&mut EngineConfig)) -> Self {
-        let dirs = tempfile::tempdir().unwrap();
-        let base = dirs.path().to_owned();
-        let tracker = embedded_tracker(&base.join("tracker"), |c| {
-            c.min_announce_interval = Duration::from_secs(1);
-        })
-        .await;
-        let url = format!("http://{}", tracker.addr);
-        let cancel = CancellationToken::new();
-        let name = PackageName::new("target").unwrap();
-        let (bytes, meta) = random_package(
-            &mut rand::rng(),
-            size,
-            "target.bin",
-            &tracker.announce_url(),
-        );
-        let (bytes, meta) = (Arc::new(bytes), Arc::new(meta));
-        let seed = engine(&base.join("seed"), &url, &cancel, seed_cfg).await;
-        seed.tracker().publish(&name, &meta).await.unwrap();
-        seed_from_cache(&seed, &name, &meta, &bytes, &base);
-        Self {
-            _dirs: dirs,
-            base,
-            tracker,
-            url,
-            cancel,
-            name,
-            bytes,
-            meta,
-            seed,
-        }
+        let staged = Staged::new("target", size).await;
+        let s = &staged;
+        let seed = engine(&s.base().join("seed"), &s.url, &s.cancel, seed_cfg).await;
+        seed.tracker().publish(&s.name, &s.meta).await.unwrap();
+        seed_from_cache(&seed, &s.name, &s.meta, &s.bytes, s.base());
+        Self { staged, seed }
     }
 
     async fn leecher(&self, label: &str, tweak: impl FnOnce(&mut EngineConfig)) -> Arc<Engine> {
-        engine(&self.base.join(label), &self.url, &self.cancel, tweak).await
+        engine(&self.base().join(label), &self.url, &self.cancel, tweak).await
     }
 
     /// Download with `leecher` and check the cached bytes; returns how long it took.
@@ -112,7 +86,7 @@ impl Swarm {
             e.shutdown().await;
         }
         self.seed.shutdown().await;
-        let _ = stop_tracker(self.tracker).await;
+        let _ = stop_tracker(self.staged.tracker).await;
     }
 }
 
@@ -345,7 +319,7 @@ async fn a_download_that_fills_the_disk_gives_the_space_back() {
     }
     let swarm = Swarm::new(8 << 20, |_| {}).await;
     let small_dir = tempfile::tempdir().unwrap();
-    let mount = swarm.base.join("small-disk");
+    let mount = swarm.base().join("small-disk");
     std::fs::create_dir_all(&mount).unwrap();
     let mounted = std::process::Command::new("mount")
         .args(["-t", "tmpfs", "-o", "size=2m", "tmpfs"])

@@ -19,12 +19,11 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 use fbpkg_common::bitfield::Bitfield;
 use fbpkg_common::metainfo::Metainfo;
-use fbpkg_common::pkgref::PackageName;
 use fbpkg_common::wire::{BlockRef, DEFAULT_MAX_MESSAGE, Message};
 use fbpkg_peer::engine::{Engine, Phase, Torrent};
 use fbpkg_tests::{
-    Raw, accept_handshake, announce_as_seeder, embedded_tracker, engine, handshake_from,
-    random_package, random_peer_id, real_block, stop_tracker, wait_for,
+    Raw, Staged, accept_handshake, announce_as_seeder, engine, handshake_from, random_peer_id,
+    real_block, stop_tracker, wait_for,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
@@ -37,47 +36,25 @@ const FAKE: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 2);
 
 /// A tracker and one agent (an engine) that wants a fresh random package nobody else has.
 struct Leecher {
-    _dirs: tempfile::TempDir,
-    tracker: fbpkg_tracker::Embedded,
-    url: String,
-    cancel: CancellationToken,
-    name: PackageName,
-    bytes: Arc<Vec<u8>>,
-    meta: Arc<Metainfo>,
+    staged: Staged,
     engine: Arc<Engine>,
+}
+
+impl std::ops::Deref for Leecher {
+    type Target = Staged;
+    fn deref(&self) -> &Staged {
+        &self.staged
+    }
 }
 
 impl Leecher {
     /// Everything but the download itself, which [`Leecher::start`] begins.
     async fn new(size: usize) -> Self {
-        let dirs = tempfile::tempdir().unwrap();
-        let base = dirs.path().to_owned();
-        let tracker = embedded_tracker(&base.join("tracker"), |c| {
-            c.min_announce_interval = Duration::from_secs(1);
-        })
-        .await;
-        let url = format!("http://{}", tracker.addr);
-        let cancel = CancellationToken::new();
-        let name = PackageName::new("target").unwrap();
-        let (bytes, meta) = random_package(
-            &mut rand::rng(),
-            size,
-            "target.bin",
-            &tracker.announce_url(),
-        );
-        let (bytes, meta) = (Arc::new(bytes), Arc::new(meta));
-        let engine = engine(&base.join("leecher"), &url, &cancel, |_| {}).await;
-        engine.tracker().publish(&name, &meta).await.unwrap();
-        Self {
-            _dirs: dirs,
-            tracker,
-            url,
-            cancel,
-            name,
-            bytes,
-            meta,
-            engine,
-        }
+        let staged = Staged::new("target", size).await;
+        let s = &staged;
+        let engine = engine(&s.base().join("leecher"), &s.url, &s.cancel, |_| {}).await;
+        engine.tracker().publish(&s.name, &s.meta).await.unwrap();
+        Self { staged, engine }
     }
 
     async fn start(&self) -> Arc<Torrent> {
@@ -111,7 +88,7 @@ impl Leecher {
     async fn stop(self) {
         self.cancel.cancel();
         self.engine.shutdown().await;
-        let _ = stop_tracker(self.tracker).await;
+        let _ = stop_tracker(self.staged.tracker).await;
     }
 }
 

@@ -78,23 +78,34 @@ fn place(net: Option<&TestNet>, i: u8) -> Place<'_> {
 
 /// (a) `kind` seeds, another `kind` downloads, through our tracker only.
 async fn stock_downloads_from_stock(kind: Kind, cell: &'static str, default_size: usize) {
-    if skip_without(kind.binaries()) {
+    stock_downloads_from(kind, kind, cell, default_size).await;
+}
+
+/// `leecher` downloads from `seeder`, both stock clients, through our tracker.
+async fn stock_downloads_from(
+    seeder: Kind,
+    leecher: Kind,
+    cell: &'static str,
+    default_size: usize,
+) {
+    if skip_without(seeder.binaries()) || skip_without(leecher.binaries()) {
         return;
     }
-    let Ok(net) = dialing_net(kind, 2) else {
+    // Only a dialling Transmission needs namespaces; a Transmission seeder is dialled.
+    let Ok(net) = dialing_net(leecher, 2) else {
         return;
     };
     let scene = Scene::new(cell, our_ip(net.as_ref())).await;
     let size = package_bytes(default_size);
     let package = scene.publish_random("stockpair", size).await;
 
-    let seeder = Stock::start(kind, &scene.path("seeder"), place(net.as_ref(), 0))
+    let seeder = Stock::start(seeder, &scene.path("seeder"), place(net.as_ref(), 0))
         .await
         .unwrap();
     let handle = scene
         .stock_seeds(&seeder, &package, "seeder/data", None)
         .await;
-    let leecher = Stock::start(kind, &scene.path("leecher"), place(net.as_ref(), 1))
+    let leecher = Stock::start(leecher, &scene.path("leecher"), place(net.as_ref(), 1))
         .await
         .unwrap();
     let took = match scene
@@ -306,31 +317,13 @@ async fn our_agent_downloads_from_transmission() {
 /// package from the same kind of seeder, on loopback.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn qbittorrent_downloads_from_transmission() {
-    if skip_without(Kind::Transmission.binaries()) || skip_without(Kind::Qbittorrent.binaries()) {
-        return;
-    }
-    let scene = Scene::new("qbittorrent<-transmission", Ipv4Addr::LOCALHOST).await;
-    let size = package_bytes(SMALL);
-    let package = scene.publish_random("reference", size).await;
-    let seeder = Stock::start(Kind::Transmission, &scene.path("seeder"), Place::Loopback)
-        .await
-        .unwrap();
-    let handle = scene
-        .stock_seeds(&seeder, &package, "seeder/data", None)
-        .await;
-    let leecher = Stock::start(Kind::Qbittorrent, &scene.path("leecher"), Place::Loopback)
-        .await
-        .unwrap();
-    let took = match scene
-        .stock_downloads(&leecher, &package, "leecher/data")
-        .await
-    {
-        Ok(took) => took,
-        Err(e) => panic!("{e}\nthe seeder:\n{}", seeder.diagnosis(&handle).await),
-    };
-    scene.report(size, took);
-    drop((leecher, seeder));
-    scene.finish().await;
+    stock_downloads_from(
+        Kind::Transmission,
+        Kind::Qbittorrent,
+        "qbittorrent<-transmission",
+        SMALL,
+    )
+    .await;
 }
 
 /// Transmission unchokes a new peer only at its next rechoke (every 10 s), so the first byte
