@@ -36,10 +36,11 @@ impl Handshake {
     /// Encoded length.
     pub const LEN: usize = 68;
 
-    /// Our handshake: fast extension on.
+    /// Our handshake: fast extension (BEP 6) and extension protocol (BEP 10) on.
     pub fn new(info_hash: InfoHash, peer_id: PeerId) -> Self {
         let mut reserved = [0u8; 8];
         reserved[FAST_BIT.0] |= FAST_BIT.1;
+        reserved[EXTENDED_BIT.0] |= EXTENDED_BIT.1;
         Self {
             reserved,
             info_hash,
@@ -339,6 +340,69 @@ impl Message {
         out.put_u8(7);
         out.put_u32(index);
         out.put_u32(begin);
+    }
+}
+
+/// BEP 10's extension handshake: the `Extended` message with id 0. We use it for one thing,
+/// `reqq`, how many requests a peer keeps queued for us before it drops more; we offer no
+/// extension messages (`m` is empty), so peers never send us others.
+pub mod ext {
+    use crate::bencode::{self, Limits, Value, Writer};
+
+    /// Id of the extension handshake among `Extended` messages.
+    pub const HANDSHAKE_ID: u8 = 0;
+    /// Largest extension handshake read: real ones are a few hundred bytes.
+    const LIMITS: Limits = Limits {
+        max_len: 16 << 10,
+        max_depth: 4,
+    };
+    /// Largest `reqq` believed: more is a peer's boast, not a queue.
+    pub const MAX_REQQ: u32 = 4096;
+
+    /// Our extension handshake: `{m: {}, reqq, v}`.
+    pub fn handshake(reqq: u32, version: &str) -> Vec<u8> {
+        let mut w = Writer::with_capacity(64);
+        w.dict()
+            .bytes(b"m")
+            .dict()
+            .end()
+            .key_int("reqq", i64::from(reqq))
+            .key_bytes("v", version.as_bytes())
+            .end();
+        w.finish()
+    }
+
+    /// The `reqq` of a peer's extension handshake, if it says a sane one (1 to [`MAX_REQQ`]).
+    /// Anything unreadable is `None`: the handshake is optional and so is every key in it.
+    pub fn reqq(payload: &[u8]) -> Option<u32> {
+        let top = bencode::decode(payload, &LIMITS).ok()?;
+        let Value::Dict(d) = top else { return None };
+        let n = bencode::get(&d, "reqq")?.as_int()?;
+        u32::try_from(n).ok().filter(|n| (1..=MAX_REQQ).contains(n))
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        #[test]
+        fn reqq_round_trips_and_nonsense_is_none() {
+            let ours = handshake(512, "fbpkg-rs 0.1");
+            assert_eq!(ours, b"d1:mde4:reqqi512e1:v12:fbpkg-rs 0.1e");
+            assert_eq!(reqq(&ours), Some(512));
+            // Shapes stock clients send: keys we do not use, in any order.
+            assert_eq!(
+                reqq(b"d1:md6:ut_pexi1ee1:pi6881e4:reqqi250e1:v13:Transmission3e"),
+                Some(250)
+            );
+            assert_eq!(reqq(b"d1:mdee"), None, "no reqq");
+            assert_eq!(reqq(b"d4:reqqi0ee"), None, "zero");
+            assert_eq!(reqq(b"d4:reqqi-5ee"), None, "negative");
+            assert_eq!(reqq(b"d4:reqqi99999999ee"), None, "absurd");
+            assert_eq!(reqq(b"d4:reqq3:abce"), None, "not an integer");
+            assert_eq!(reqq(b"li1ee"), None, "not a dictionary");
+            assert_eq!(reqq(b"d4:reqq"), None, "truncated");
+        }
     }
 }
 

@@ -19,7 +19,7 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 use fbpkg_common::bitfield::Bitfield;
 use fbpkg_common::metainfo::Metainfo;
-use fbpkg_common::wire::{BlockRef, DEFAULT_MAX_MESSAGE, Message};
+use fbpkg_common::wire::{BlockRef, DEFAULT_MAX_MESSAGE, Message, ext};
 use fbpkg_peer::engine::{Engine, Phase, Torrent};
 use fbpkg_tests::{
     Raw, Staged, accept_handshake, announce_as_seeder, engine, handshake_from, random_peer_id,
@@ -369,5 +369,73 @@ async fn a_seed_that_answers_in_batches_gets_more_requests_outstanding() {
         t.status()
     );
     eprintln!("requests outstanding at each batch: {per_batch:?}");
+    leecher.stop().await;
+}
+
+/// A seed that says in its extension handshake (BEP 10) that it keeps 20 requests queued: the
+/// agent fills that queue and never asks for more at once, and tells the seed its own queue.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_seeds_reqq_caps_the_requests_outstanding() {
+    const BATCH_EVERY: Duration = Duration::from_millis(500);
+    const REQQ: usize = 20;
+    let leecher = Leecher::new(32 << 20).await;
+    let t = leecher.start().await;
+    let mut raw = leecher.fake_peer().await;
+    let mut out = BytesMut::new();
+    Message::HaveAll.encode(&mut out);
+    Message::Extended {
+        id: ext::HANDSHAKE_ID,
+        payload: ext::handshake(REQQ as u32, "fake 1.0").into(),
+    }
+    .encode(&mut out);
+    Message::Unchoke.encode(&mut out);
+    raw.stream.write_all(&out).await.unwrap();
+
+    let (mut held, mut most, mut theirs): (Vec<BlockRef>, usize, Option<u32>) =
+        (Vec::new(), 0, None);
+    let mut batches = tokio::time::interval(BATCH_EVERY);
+    let filled = tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            tokio::select! {
+                r = raw.stream.read_buf(&mut raw.buf) => {
+                    if r.unwrap() == 0 {
+                        return; // done, or gave up on us: the checks below say which
+                    }
+                    while let Some(m) = Message::decode(&mut raw.buf, DEFAULT_MAX_MESSAGE).unwrap() {
+                        match m {
+                            Message::Request(b) => held.push(b),
+                            Message::Cancel(b) => held.retain(|&h| h != b),
+                            Message::Extended { id: ext::HANDSHAKE_ID, payload } => {
+                                theirs = ext::reqq(&payload);
+                            }
+                            _ => {}
+                        }
+                    }
+                    most = most.max(held.len());
+                }
+                _ = batches.tick() => {
+                    if held.len() == REQQ && theirs.is_some() {
+                        return;
+                    }
+                    let mut out = BytesMut::new();
+                    for b in held.drain(..) {
+                        real_block(&leecher.meta, &leecher.bytes, b).encode(&mut out);
+                    }
+                    raw.stream.write_all(&out).await.unwrap();
+                }
+            }
+        }
+    })
+    .await;
+    assert!(
+        most <= REQQ,
+        "{most} requests outstanding, the seed keeps {REQQ}"
+    );
+    assert!(
+        filled.is_ok() && most == REQQ,
+        "the queue of {REQQ} was never filled (most {most}, agent's reqq {theirs:?}): {:?}",
+        t.status()
+    );
+    assert_eq!(theirs, Some(512), "the agent's own queue");
     leecher.stop().await;
 }

@@ -24,7 +24,7 @@ use std::time::Duration;
 use bytes::BytesMut;
 use fbpkg_common::bitfield::Bitfield;
 use fbpkg_common::metainfo::BLOCK_SIZE;
-use fbpkg_common::wire::{BlockRef, DEFAULT_MAX_MESSAGE, Handshake, Message};
+use fbpkg_common::wire::{BlockRef, DEFAULT_MAX_MESSAGE, Handshake, Message, ext};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
@@ -44,9 +44,11 @@ const MAX_PENDING_WRITES: usize = 4;
 /// Most requests a peer may queue with us; more are rejected (fast) or dropped. Also the most
 /// we keep queued at another agent.
 const MAX_QUEUED_UPLOADS: usize = 512;
-/// Most requests we keep queued at a stock client: the `reqq` BEP 10 gives as libtorrent's
-/// default. A client says how many it takes in its extended handshake (newer ones take more),
-/// which we do not read; requests past it may be dropped and wait for `request_timeout`.
+/// `v` of our extension handshake.
+const EXT_VERSION: &str = concat!("fbpkg-rs ", env!("CARGO_PKG_VERSION"));
+/// Most requests we keep queued at a stock client until its extension handshake says its own
+/// `reqq` (and for good, when it sends none): the default BEP 10 gives, libtorrent's. Requests
+/// past a client's queue may be dropped and wait for `request_timeout`.
 const STOCK_REQUEST_QUEUE: usize = 250;
 /// Largest block a peer may ask for.
 const MAX_REQUEST: u32 = 128 << 10;
@@ -92,6 +94,8 @@ struct Conn {
     addr: SocketAddr,
     fast: bool,
     /// The peer is an fbpkg-rs agent (peer id prefix `-FB`).
+    /// The peer speaks BEP 10: it gets our extension handshake and may send its `reqq`.
+    extended: bool,
     ours: bool,
     wbuf: BytesMut,
     peer_choking: bool,
@@ -178,6 +182,7 @@ pub(crate) async fn run(
         id,
         addr,
         fast: theirs.supports_fast(),
+        extended: theirs.supports_extended(),
         ours,
         wbuf: BytesMut::with_capacity(WRITE_HIGH_WATER + (32 << 10)),
         peer_choking: true,
@@ -388,6 +393,13 @@ impl Conn {
                 }
             }
         }
+        if self.extended {
+            // After the bitfield, as libtorrent does: some clients want that first.
+            self.send(&Message::Extended {
+                id: ext::HANDSHAKE_ID,
+                payload: ext::handshake(MAX_QUEUED_UPLOADS as u32, EXT_VERSION).into(),
+            });
+        }
     }
 
     fn advertise(&mut self, pieces: &[u32]) {
@@ -540,6 +552,12 @@ impl Conn {
                 }
             }
             Message::Suggest(_) | Message::AllowedFast(_) | Message::Port(_) => {}
+            Message::Extended { id, payload } if id == ext::HANDSHAKE_ID => {
+                // The queue the peer keeps for us: ask for no more than that at once.
+                if let Some(reqq) = ext::reqq(&payload) {
+                    self.peer_queue = reqq as usize;
+                }
+            }
             Message::Extended { .. } | Message::Unknown { .. } => {}
         }
         Ok(())
