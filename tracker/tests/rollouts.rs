@@ -653,3 +653,58 @@ async fn the_controller_task_drives_the_gates() {
     shutdown.cancel();
     task.await.unwrap();
 }
+
+/// The two crash windows between the catalog and the rollout store: the catalog's tag moved but
+/// the record did not follow. Reopening settles both from the catalog; a half-written
+/// temporary file is ignored.
+#[tokio::test]
+async fn reopening_settles_what_a_crash_left_between_catalog_and_store() {
+    let mut h = Harness::new().await;
+    let (name, tag) = (PackageName::new("app").unwrap(), Tag::new("prod").unwrap());
+    h.start(&["50", "100"], 0, "0").await;
+    // The controller's last step moved the catalog's tag, then the process died.
+    h.state
+        .catalog
+        .move_tag(&name, &tag, &h.b.sha256.to_hex())
+        .unwrap();
+    std::fs::write(
+        h.dir.path().join("rollouts/v1/app/.tmp-1-prod.json"),
+        b"{ half",
+    )
+    .unwrap();
+    h.state = open(h.dir.path());
+    let st = h.status().await;
+    assert!(st.current.is_none());
+    assert_eq!(st.history.last().unwrap().state, RolloutState::Done);
+    assert_eq!(st.history.last().unwrap().id, 2);
+    assert!(
+        !h.dir
+            .path()
+            .join("rollouts/v1/app/.tmp-1-prod.json")
+            .exists()
+    );
+
+    // A plain move whose record was lost: rebuilt as a one-phase rollout.
+    h.state
+        .catalog
+        .move_tag(&name, &tag, &h.a.sha256.to_hex())
+        .unwrap();
+    h.state = open(h.dir.path());
+    let last = h.status().await.history.last().unwrap().clone();
+    assert_eq!(
+        (last.id, last.from, last.to, last.state),
+        (3, Some(h.b.sha256), h.a.sha256, RolloutState::Done)
+    );
+}
+
+#[tokio::test]
+async fn history_is_bounded_per_tag() {
+    let h = Harness::new().await;
+    for i in 0..60 {
+        let to = if i % 2 == 0 { h.b.sha256 } else { h.a.sha256 };
+        assert_eq!(h.move_tag(to).await, StatusCode::OK);
+    }
+    let st = h.status().await;
+    assert_eq!(st.history.len(), fbpkg_tracker::rollout::HISTORY_PER_TAG);
+    assert_eq!(st.history.last().unwrap().id, 61);
+}
