@@ -7,6 +7,8 @@ use serde::{Deserialize, Serialize};
 use crate::ids::{InfoHash, Sha256Hash};
 use crate::metainfo::{Format, Metainfo};
 use crate::pkgref::{PackageName, Tag};
+use crate::rollout::{HostId, MaxFailures, Phase};
+use crate::tracker_proto::Zone;
 
 /// Archive format as it appears in JSON.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -126,4 +128,224 @@ pub struct ApiError {
     /// For an ambiguous prefix: the versions it matches.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub candidates: Vec<String>,
+}
+
+// --- rollouts --------------------------------------------------------------------------------
+
+/// `POST /api/v1/rollouts`: start moving `name:tag` to `to` in phases.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RolloutRequest {
+    /// Package name.
+    pub name: PackageName,
+    /// The tag to move.
+    pub tag: Tag,
+    /// The new version: a full hash or an unambiguous prefix.
+    pub to: String,
+    /// `zone:<path>` phases first, then percentages ascending to 100.
+    pub phases: Vec<Phase>,
+    /// How long a phase's hosts stay healthy before the next phase starts.
+    #[serde(default)]
+    pub bake_ms: u64,
+    /// Unhealthy hosts tolerated: `"2"` or `"2%"`.
+    pub max_failures: MaxFailures,
+    /// Replace a halted rollout of the tag (recorded as aborted) instead of refusing.
+    #[serde(default)]
+    pub force: bool,
+}
+
+/// Where a rollout is. `Running`, `Paused` and `Halted` are active (one per tag at most);
+/// `Aborted` and `Done` are final and kept in the tag's history.
+///
+/// ```text
+/// start -> Running --pause--> Paused --resume--> Running
+/// Running --phase gate passes--> Running (next phase) ... --last phase passes--> Done
+/// Running|Paused --failures over the budget--> Halted
+/// Running|Paused|Halted --abort (or a forced start over a halt)--> Aborted
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "state", rename_all = "snake_case")]
+pub enum RolloutState {
+    /// Moving through [`Rollout::phase`] (serialised beside `state`), which started at
+    /// `phase_started`.
+    Running {
+        /// When this phase started (or the rollout resumed), Unix ms.
+        phase_started: u64,
+    },
+    /// Held by an operator; hosts keep what they resolve to.
+    Paused,
+    /// Stopped by the gate; hosts keep what they resolve to until an abort.
+    Halted {
+        /// Why, for a human: the failed hosts and their output.
+        reason: String,
+    },
+    /// Everyone back on `from`.
+    Aborted {
+        /// Who or what aborted it.
+        reason: String,
+    },
+    /// Everyone on `to`; the tag points at it.
+    Done,
+}
+
+impl RolloutState {
+    /// Running, paused or halted: hosts in the phases so far resolve to `to`.
+    pub fn is_active(&self) -> bool {
+        matches!(
+            self,
+            RolloutState::Running { .. } | RolloutState::Paused | RolloutState::Halted { .. }
+        )
+    }
+}
+
+/// One rollout of a tag, as stored and as served.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Rollout {
+    /// Sequence number within the tag, from 1.
+    pub id: u64,
+    /// Package name.
+    pub name: PackageName,
+    /// The tag.
+    pub tag: Tag,
+    /// Where the tag pointed when the rollout started (none for a tag's first move).
+    pub from: Option<Sha256Hash>,
+    /// The version being rolled out.
+    pub to: Sha256Hash,
+    /// The phases.
+    pub phases: Vec<Phase>,
+    /// Bake time per phase, ms.
+    pub bake_ms: u64,
+    /// Failure budget.
+    pub max_failures: MaxFailures,
+    /// Current (or, once final, last) phase index.
+    pub phase: usize,
+    /// Where it is.
+    #[serde(flatten)]
+    pub state: RolloutState,
+    /// Start, Unix ms.
+    pub started_at: u64,
+    /// Last state change, Unix ms.
+    pub updated_at: u64,
+}
+
+/// What a host last said about the version being rolled out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HostState {
+    /// It asked what the tag resolves to.
+    Resolved,
+    /// It has the version on disk.
+    Fetched,
+    /// It switched to the version (`--on-change` ran).
+    Activated,
+    /// Its health command passed.
+    Healthy,
+    /// Its health command failed (or activation did).
+    Unhealthy,
+}
+
+/// `POST /api/v1/reports`: a host's report on one version.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Report {
+    /// Package name.
+    pub name: PackageName,
+    /// The version reported on.
+    pub hash: Sha256Hash,
+    /// The reporting host's id (it must come from the address it last resolved from).
+    pub host: HostId,
+    /// The host's zone, if it has one.
+    #[serde(default, skip_serializing_if = "Option::is_none", with = "zone_opt")]
+    pub zone: Option<Zone>,
+    /// What happened.
+    pub state: HostState,
+    /// Last lines of output (at most [`Report::MAX_DETAIL`] bytes).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
+}
+
+impl Report {
+    /// Most bytes of `detail` accepted.
+    pub const MAX_DETAIL: usize = 4096;
+}
+
+/// Answer to a report: the rollouts (`name:tag#id`) it counted for; empty when the version is
+/// not being rolled out.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReportAck {
+    /// `name:tag#id` of each rollout the report counted for.
+    pub counted_for: Vec<String>,
+}
+
+/// Host counts of one phase by latest state (each host counted once, in the first phase whose
+/// set holds it).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PhaseCounts {
+    /// The phase.
+    pub phase: Option<Phase>,
+    /// Hosts that only resolved.
+    pub resolved: usize,
+    /// Hosts whose latest report is fetched.
+    pub fetched: usize,
+    /// ... activated.
+    pub activated: usize,
+    /// ... healthy.
+    pub healthy: usize,
+    /// ... unhealthy.
+    pub unhealthy: usize,
+}
+
+/// A host whose latest report is unhealthy.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FailedHost {
+    /// Host id.
+    pub host: HostId,
+    /// Its zone.
+    #[serde(default, skip_serializing_if = "Option::is_none", with = "zone_opt")]
+    pub zone: Option<Zone>,
+    /// Index of the first phase holding it.
+    pub phase: usize,
+    /// What it said.
+    pub detail: Option<String>,
+}
+
+/// An active rollout with its live progress.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RolloutView {
+    /// The rollout.
+    #[serde(flatten)]
+    pub rollout: Rollout,
+    /// One entry per phase, in order.
+    pub phase_counts: Vec<PhaseCounts>,
+    /// Hosts that resolved the tag during the rollout but fall in no phase yet reached.
+    pub waiting: usize,
+    /// Unhealthy hosts.
+    pub failed_hosts: Vec<FailedHost>,
+}
+
+/// `GET /api/v1/rollouts/{name}/{tag}`: the active rollout (if any) and the finished ones,
+/// newest last.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RolloutStatus {
+    /// The active rollout.
+    pub current: Option<RolloutView>,
+    /// Finished rollouts (and plain tag moves), oldest first.
+    pub history: Vec<Rollout>,
+}
+
+/// Zones are validated strings; serde through their text.
+mod zone_opt {
+    use super::Zone;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(z: &Option<Zone>, s: S) -> Result<S::Ok, S::Error> {
+        match z {
+            Some(z) => s.serialize_some(z.as_str()),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Zone>, D::Error> {
+        Option::<String>::deserialize(d)?
+            .map(|s| Zone::new(&s).map_err(serde::de::Error::custom))
+            .transpose()
+    }
 }

@@ -31,6 +31,7 @@ mod error;
 pub mod ids;
 pub mod metainfo;
 pub mod pkgref;
+pub mod rollout;
 pub mod size;
 pub mod tracker_proto;
 pub mod wire;

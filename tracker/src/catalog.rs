@@ -14,8 +14,8 @@
 //! in-memory index is updated only after the file is durable.
 
 use std::collections::BTreeMap;
-use std::fs::{self, File};
-use std::io::{self, Write};
+use std::fs;
+use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -26,6 +26,7 @@ use fbpkg_common::metainfo::Metainfo;
 use fbpkg_common::pkgref::{HashPrefix, PackageName, Selector, Tag};
 use fbpkg_common::{InfoHash, Sha256Hash};
 
+use crate::durable::{create_dir_durable, write_atomic};
 use crate::error::TrackerError;
 
 /// A stored version.
@@ -84,47 +85,6 @@ fn lock_poisoned() -> TrackerError {
         "catalog lock",
         io::Error::other("a previous writer panicked"),
     )
-}
-
-/// `create_dir_all`, then fsync the parent of every directory it created: a new directory is
-/// an entry in its parent, and without this a power cut could lose a new package's directory
-/// with its acknowledged records inside.
-fn create_dir_durable(dir: &Path) -> io::Result<()> {
-    let Some(existing) = dir.ancestors().find(|a| a.is_dir()) else {
-        return fs::create_dir_all(dir);
-    };
-    if existing == dir {
-        return Ok(());
-    }
-    fs::create_dir_all(dir)?;
-    for created in dir.ancestors().take_while(|a| *a != existing) {
-        if let Some(parent) = created.parent() {
-            File::open(parent)?.sync_all()?;
-        }
-    }
-    Ok(())
-}
-
-/// Write `bytes` to `path` so that `path` holds either its old content or all of `bytes`.
-fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
-    let dir = path
-        .parent()
-        .ok_or_else(|| io::Error::other("path has no parent"))?;
-    create_dir_durable(dir)?;
-    let tmp = dir.join(format!(
-        ".tmp-{}-{}",
-        std::process::id(),
-        path.file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default()
-    ));
-    {
-        let mut f = File::create(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-    }
-    fs::rename(&tmp, path)?;
-    File::open(dir)?.sync_all()
 }
 
 impl Catalog {

@@ -89,6 +89,11 @@ pub struct TrackerArgs {
     #[arg(long, env = "FBPKG_REQUEST_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
     pub request_timeout: Duration,
 
+    /// How often the rollout controller checks the phase gates (it also checks on every
+    /// report); a halt or a phase change lands within one tick of its cause.
+    #[arg(long, env = "FBPKG_ROLLOUT_TICK", default_value = "250ms", value_parser = humantime::parse_duration)]
+    pub rollout_tick: Duration,
+
     /// Serving threads, each with its own listening socket (0 = one per core).
     #[arg(long, env = "FBPKG_TRACKER_THREADS", default_value_t = 0)]
     pub threads: usize,
@@ -142,6 +147,9 @@ pub struct Config {
     /// Request timeout (default 30 s).
     #[serde(with = "humantime_serde_compat")]
     pub request_timeout: Duration,
+    /// Rollout gate period (default 250 ms).
+    #[serde(with = "humantime_serde_compat")]
+    pub rollout_tick: Duration,
     /// Longest request line query accepted (default 4 KiB).
     pub max_query_len: usize,
     /// Largest request body: a metainfo file (default 8 MiB).
@@ -193,6 +201,7 @@ impl Default for Config {
             write_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(60),
             request_timeout: Duration::from_secs(30),
+            rollout_tick: Duration::from_millis(250),
             max_query_len: 4096,
             max_body_bytes: 8 << 20,
             dashboard_refresh_secs: 5,
@@ -221,6 +230,7 @@ impl TrackerArgs {
             write_timeout: self.write_timeout,
             idle_timeout: self.idle_timeout,
             request_timeout: self.request_timeout,
+            rollout_tick: self.rollout_tick,
             dashboard_refresh_secs: self.dashboard_refresh_secs,
             threads: self.threads,
             ..Config::default()
@@ -251,6 +261,9 @@ impl Config {
         }
         if self.max_numwant == 0 {
             return bad("--max-numwant must be at least 1".into());
+        }
+        if self.rollout_tick < Duration::from_millis(1) {
+            return bad("--rollout-tick must be at least 1ms".into());
         }
         if self.max_peers_per_swarm == 0 || self.max_swarms == 0 || self.max_peers_per_address == 0
         {

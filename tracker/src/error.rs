@@ -18,6 +18,9 @@ pub enum TrackerError {
     /// Missing or wrong bearer token.
     #[error("publishing needs a valid 'Authorization: Bearer <token>' header")]
     Unauthorized,
+    /// A caller that may not do this, whoever it is (a report for another host).
+    #[error("{0}")]
+    Forbidden(String),
     /// No such package, version or tag.
     #[error("{0}")]
     NotFound(String),
@@ -59,6 +62,7 @@ impl TrackerError {
             }
             TrackerError::BadRequest(_) => StatusCode::BAD_REQUEST,
             TrackerError::Unauthorized => StatusCode::UNAUTHORIZED,
+            TrackerError::Forbidden(_) => StatusCode::FORBIDDEN,
             TrackerError::NotFound(_) => StatusCode::NOT_FOUND,
             TrackerError::Ambiguous { .. } | TrackerError::Conflict(_) => StatusCode::CONFLICT,
         }

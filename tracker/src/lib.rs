@@ -5,6 +5,7 @@
 //!   ([`swarm`]: soft state, rebuilt from announces; peers known by id and address, a cap per
 //!   address, so no single host can crowd the others out);
 //! - the catalog ([`catalog`]: durable, crash-safe) behind a JSON API under `/api/v1`;
+//! - fleet rollouts ([`rollout`]: phased, health-gated moves of a tag, driven by host reports);
 //! - `/` dashboard, `/metrics` (Prometheus), `/healthz`, `/readyz`;
 //! - a connection front with a connection cap and whole-message deadlines (`front.rs`).
 //!
@@ -23,12 +24,14 @@
 
 pub mod catalog;
 mod config;
+mod durable;
 mod error;
 mod front;
 #[doc(hidden)]
 pub mod fuzzing;
 mod http;
 pub mod metrics;
+pub mod rollout;
 mod server;
 pub mod swarm;
 

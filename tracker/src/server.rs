@@ -86,6 +86,10 @@ pub async fn run(
     let sweeper = tokio::spawn(
         sweep(state.clone(), shutdown.clone()).instrument(tracing::info_span!("sweeper")),
     );
+    let controller = tokio::spawn(
+        crate::rollout::run_controller(state.clone(), shutdown.clone())
+            .instrument(tracing::info_span!("rollout_controller")),
+    );
     let router = app(state.clone());
     let mut done = Vec::new();
     for (i, socket) in listeners.sockets.into_iter().enumerate() {
@@ -126,6 +130,7 @@ pub async fn run(
     }
     shutdown.cancel();
     let _ = sweeper.await;
+    let _ = controller.await;
     tracing::info!(%addr, "tracker stopped");
     result
 }

@@ -2,17 +2,22 @@
 
 use axum::Json;
 use axum::body::Bytes;
-use axum::extract::{Path, State};
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{ConnectInfo, Path, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use fbpkg_common::api::{PackageDetail, PackageSummary, TagInfo, VersionInfo};
 use fbpkg_common::pkgref::{HashPrefix, PackageName, Selector, Tag};
+use fbpkg_common::rollout::HostId;
+use fbpkg_common::tracker_proto::Zone;
 use fbpkg_common::{InfoHash, Sha256Hash};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
+use std::net::SocketAddr;
 
 use super::SharedState;
 use crate::catalog::{Published, Version};
 use crate::error::TrackerError;
+use crate::rollout::{Asker, wall_ms};
 use crate::swarm::PackageLabel;
 
 type ApiResult<T> = Result<T, TrackerError>;
@@ -26,7 +31,7 @@ fn same_secret(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-fn authorize(state: &SharedState, headers: &HeaderMap) -> ApiResult<()> {
+pub(super) fn authorize(state: &SharedState, headers: &HeaderMap) -> ApiResult<()> {
     let Some(token) = &state.config.publish_token else {
         return Ok(());
     };
@@ -41,7 +46,7 @@ fn authorize(state: &SharedState, headers: &HeaderMap) -> ApiResult<()> {
     }
 }
 
-async fn blocking<T: Send + 'static>(
+pub(super) async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> ApiResult<T> + Send + 'static,
 ) -> ApiResult<T> {
     tokio::task::spawn_blocking(f)
@@ -60,25 +65,79 @@ pub(super) async fn package_detail(
     Ok(Json(state.catalog.detail(&name(&pkg)?)?))
 }
 
-fn resolve(state: &SharedState, pkg: &str, selector: &str) -> ApiResult<(PackageName, Version)> {
+/// `?host=<id>&zone=<path>` on a resolve: who asks, for per-host answers during a rollout.
+#[derive(Debug, Default, Deserialize)]
+pub(super) struct HostParams {
+    host: Option<String>,
+    zone: Option<String>,
+}
+
+impl HostParams {
+    fn asker(self, remote: SocketAddr) -> ApiResult<Option<Asker>> {
+        let Some(host) = self.host else {
+            if self.zone.is_some() {
+                return Err(TrackerError::BadRequest("zone= needs host=".into()));
+            }
+            return Ok(None);
+        };
+        Ok(Some(Asker {
+            host: HostId::new(&host)?,
+            zone: self.zone.as_deref().map(Zone::new).transpose()?,
+            ip: remote.ip(),
+        }))
+    }
+}
+
+fn host_params(
+    q: Result<Query<HostParams>, QueryRejection>,
+    remote: SocketAddr,
+) -> ApiResult<Option<Asker>> {
+    q.map_err(|e| TrackerError::BadRequest(e.body_text()))?
+        .0
+        .asker(remote)
+}
+
+/// Resolve `pkg:selector`; a tag asked with `host=` during a rollout resolves per host.
+fn resolve(
+    state: &SharedState,
+    pkg: &str,
+    selector: &str,
+    asker: Option<Asker>,
+) -> ApiResult<(PackageName, Version)> {
     let n = name(pkg)?;
-    let v = state.catalog.resolve(&n, &Selector::parse(selector)?)?;
+    let sel = Selector::parse(selector)?;
+    let per_host = match (&sel, &asker) {
+        (Selector::Tag(t), Some(a)) => state.rollouts.resolve_for(&n, t, a),
+        (_, Some(a)) => {
+            state.rollouts.seen(a);
+            None
+        }
+        _ => None,
+    };
+    let v = match per_host {
+        Some(sha) => state.catalog.resolve(&n, &Selector::Hash(sha))?,
+        None => state.catalog.resolve(&n, &sel)?,
+    };
     Ok((n, v))
 }
 
 pub(super) async fn get_version(
     State(state): State<SharedState>,
+    ConnectInfo(remote): ConnectInfo<SocketAddr>,
     Path((pkg, selector)): Path<(String, String)>,
+    q: Result<Query<HostParams>, QueryRejection>,
 ) -> ApiResult<Json<VersionInfo>> {
-    let (n, v) = resolve(&state, &pkg, &selector)?;
+    let (n, v) = resolve(&state, &pkg, &selector, host_params(q, remote)?)?;
     Ok(Json(state.catalog.describe(&n, &v)))
 }
 
 pub(super) async fn get_metainfo(
     State(state): State<SharedState>,
+    ConnectInfo(remote): ConnectInfo<SocketAddr>,
     Path((pkg, selector)): Path<(String, String)>,
+    q: Result<Query<HostParams>, QueryRejection>,
 ) -> ApiResult<Response> {
-    let (n, v) = resolve(&state, &pkg, &selector)?;
+    let (n, v) = resolve(&state, &pkg, &selector, host_params(q, remote)?)?;
     let disposition = format!("attachment; filename=\"{n}-{}.torrent\"", v.metainfo.sha256);
     Ok((
         [
@@ -138,7 +197,11 @@ pub(super) async fn move_tag(
     let target = String::from_utf8(body.to_vec())
         .map_err(|_| TrackerError::BadRequest("body is not UTF-8".into()))?;
     let st = state.clone();
-    let info = blocking(move || st.catalog.move_tag(&n, &t, &target)).await?;
+    let info = blocking(move || {
+        st.rollouts
+            .move_tag_plain(&st.catalog, &n, &t, &target, wall_ms())
+    })
+    .await?;
     tracing::info!(package = %pkg, %tag, sha256 = %info.sha256, "tag moved");
     Ok(Json(info))
 }

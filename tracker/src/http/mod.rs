@@ -5,6 +5,7 @@ mod announce;
 mod api;
 mod dashboard;
 mod ops;
+mod rollouts;
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -14,13 +15,14 @@ use axum::extract::{Request, State};
 use axum::http::StatusCode;
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, put};
+use axum::routing::{get, post, put};
 use tower_http::limit::RequestBodyLimitLayer;
 use tower_http::timeout::TimeoutLayer;
 
 use crate::catalog::Catalog;
 use crate::config::Config;
 use crate::metrics::{Metrics, Route};
+use crate::rollout::{FileStore, Rollouts};
 use crate::swarm::{PackageLabel, Swarms};
 
 pub use announce::{scrape_body, serve_announce};
@@ -32,6 +34,8 @@ pub struct AppState {
     pub config: Config,
     /// The durable catalog.
     pub catalog: Catalog,
+    /// Rollouts of tags: durable records, live host reports.
+    pub rollouts: Rollouts,
     /// Soft swarm state.
     pub swarms: Swarms,
     /// Counters.
@@ -45,6 +49,7 @@ impl AppState {
     /// Open the catalog under `config.data_dir` and register a swarm for every version in it.
     pub fn open(config: Config) -> Result<Arc<Self>, crate::TrackerError> {
         let catalog = Catalog::open(&config.data_dir)?;
+        let rollouts = Rollouts::open(Box::new(FileStore::open(&config.data_dir)?), &catalog)?;
         let swarms = Swarms::default();
         for (name, m) in catalog.all_versions() {
             swarms.register(
@@ -65,6 +70,7 @@ impl AppState {
         Ok(Arc::new(Self {
             config,
             catalog,
+            rollouts,
             swarms,
             metrics: Metrics::default(),
             connections,
@@ -110,6 +116,16 @@ pub fn app(state: SharedState) -> Router {
         )
         .route("/api/v1/resolve/{prefix}", get(api::resolve_any))
         .route("/api/v1/swarms", get(api::swarms))
+        .route(
+            "/api/v1/rollouts",
+            get(rollouts::list).post(rollouts::start),
+        )
+        .route("/api/v1/rollouts/{name}/{tag}", get(rollouts::status))
+        .route(
+            "/api/v1/rollouts/{name}/{tag}/{action}",
+            post(rollouts::control),
+        )
+        .route("/api/v1/reports", post(rollouts::report))
         .layer(RequestBodyLimitLayer::new(body_limit))
         .layer(TimeoutLayer::with_status_code(
             StatusCode::REQUEST_TIMEOUT,

@@ -1,0 +1,47 @@
+//! Crash-safe file writes, shared by the catalog and the rollout store: a file holds its old
+//! content or all of its new content, never a mix, whenever the process or the machine dies.
+
+use std::fs::{self, File};
+use std::io::{self, Write};
+use std::path::Path;
+
+/// `create_dir_all`, then fsync the parent of every directory it created: a new directory is
+/// an entry in its parent, and without this a power cut could lose a new package's directory
+/// with its acknowledged records inside.
+pub(crate) fn create_dir_durable(dir: &Path) -> io::Result<()> {
+    let Some(existing) = dir.ancestors().find(|a| a.is_dir()) else {
+        return fs::create_dir_all(dir);
+    };
+    if existing == dir {
+        return Ok(());
+    }
+    fs::create_dir_all(dir)?;
+    for created in dir.ancestors().take_while(|a| *a != existing) {
+        if let Some(parent) = created.parent() {
+            File::open(parent)?.sync_all()?;
+        }
+    }
+    Ok(())
+}
+
+/// Write `bytes` to `path` so that `path` holds either its old content or all of `bytes`.
+pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    let dir = path
+        .parent()
+        .ok_or_else(|| io::Error::other("path has no parent"))?;
+    create_dir_durable(dir)?;
+    let tmp = dir.join(format!(
+        ".tmp-{}-{}",
+        std::process::id(),
+        path.file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default()
+    ));
+    {
+        let mut f = File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+    }
+    fs::rename(&tmp, path)?;
+    File::open(dir)?.sync_all()
+}

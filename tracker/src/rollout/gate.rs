@@ -1,0 +1,160 @@
+//! The phase gate, as a pure function of a rollout and what its hosts last reported.
+//!
+//! **Hosts in phase `p`**: the hosts that resolved the rollout's tag with `host=` (or reported
+//! on its new version) since the rollout started, and whose first phase is `p` or earlier: their
+//! zone is at or under a zone phase `<= p`, or their bucket is below the percentage of the
+//! latest percentage phase `<= p`. These are exactly the hosts that resolve the tag to the new
+//! version while the rollout is in phase `p`. Phases are cumulative, so the hosts of phase `p`
+//! include those of every earlier phase.
+//!
+//! Among the hosts in the current phase, a host *acts* once its latest report is `fetched` or
+//! later (a host that only resolved does not hold a phase back: a fleet of plain `get`s still
+//! moves). The gate:
+//!
+//! - **halt** the moment the unhealthy hosts (latest report `unhealthy`) number more than the
+//!   budget (`max_failures`, a count or a percentage of the hosts in the phase);
+//! - **pass** when at least one host acts and every acting host is healthy, where `activated`
+//!   counts as healthy if no host in the phase ever reported `healthy` or `unhealthy` (a fleet
+//!   without health commands); the controller advances once a pass has held for the bake time;
+//! - otherwise **wait**.
+
+use std::collections::HashMap;
+
+use fbpkg_common::api::{FailedHost, HostState, PhaseCounts, Rollout};
+use fbpkg_common::rollout::{HostId, first_phase};
+use fbpkg_common::tracker_proto::Zone;
+
+/// What one host last said in one rollout (soft state: rebuilt from the host's next report).
+#[derive(Debug, Clone)]
+pub(crate) struct HostVote {
+    pub zone: Option<Zone>,
+    pub bucket: u16,
+    pub state: HostState,
+    pub detail: Option<String>,
+    /// It reported `healthy` or `unhealthy` at some point: it runs a health command.
+    pub health_seen: bool,
+}
+
+impl HostVote {
+    /// The first phase holding this host (a valid rollout ends at 100%, so there is one).
+    pub fn first_phase(&self, r: &Rollout) -> usize {
+        first_phase(&r.phases, self.bucket, self.zone.as_ref()).unwrap_or(r.phases.len())
+    }
+}
+
+/// The gate's answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Verdict {
+    /// Too many unhealthy hosts; the reason, for a human.
+    Halt(String),
+    /// The phase's hosts are healthy.
+    Pass,
+    /// Not yet.
+    Wait,
+}
+
+/// Most failed hosts named in a halt reason; the view lists all of them.
+const REASON_HOSTS: usize = 5;
+
+fn last_line(detail: Option<&str>) -> &str {
+    let line = detail
+        .unwrap_or("")
+        .lines()
+        .rev()
+        .find(|l| !l.trim().is_empty())
+        .unwrap_or("no detail");
+    let mut end = line.len().min(160);
+    while !line.is_char_boundary(end) {
+        end -= 1;
+    }
+    &line[..end]
+}
+
+/// Judge the current phase of `r` (see the module doc).
+pub(crate) fn judge(r: &Rollout, hosts: &HashMap<HostId, HostVote>) -> Verdict {
+    let in_phase: Vec<(&HostId, &HostVote)> = hosts
+        .iter()
+        .filter(|(_, v)| v.first_phase(r) <= r.phase)
+        .collect();
+    let mut unhealthy: Vec<&(&HostId, &HostVote)> = in_phase
+        .iter()
+        .filter(|(_, v)| v.state == HostState::Unhealthy)
+        .collect();
+    let allowed = r.max_failures.allowed(in_phase.len());
+    if unhealthy.len() > allowed {
+        unhealthy.sort_by_key(|(h, _)| *h);
+        let mut named: Vec<String> = unhealthy
+            .iter()
+            .take(REASON_HOSTS)
+            .map(|(h, v)| format!("{h}: {}", last_line(v.detail.as_deref())))
+            .collect();
+        if unhealthy.len() > REASON_HOSTS {
+            named.push(format!("and {} more", unhealthy.len() - REASON_HOSTS));
+        }
+        return Verdict::Halt(format!(
+            "{} unhealthy hosts in phase {} of {} ({}) (max {allowed} of {} hosts, max_failures {}): {}",
+            unhealthy.len(),
+            r.phase + 1,
+            r.phases.len(),
+            r.phases[r.phase],
+            in_phase.len(),
+            r.max_failures,
+            named.join("; ")
+        ));
+    }
+    let health_used = in_phase.iter().any(|(_, v)| v.health_seen);
+    let good =
+        |s: HostState| s == HostState::Healthy || (!health_used && s == HostState::Activated);
+    let mut acting = in_phase
+        .iter()
+        .filter(|(_, v)| v.state != HostState::Resolved)
+        .peekable();
+    if acting.peek().is_some() && acting.all(|(_, v)| good(v.state)) {
+        Verdict::Pass
+    } else {
+        Verdict::Wait
+    }
+}
+
+/// Per-phase counts (each host in its first phase), hosts beyond the current phase, failed
+/// hosts.
+pub(crate) fn progress(
+    r: &Rollout,
+    hosts: &HashMap<HostId, HostVote>,
+) -> (Vec<PhaseCounts>, usize, Vec<FailedHost>) {
+    let mut counts: Vec<PhaseCounts> = r
+        .phases
+        .iter()
+        .map(|p| PhaseCounts {
+            phase: Some(p.clone()),
+            ..PhaseCounts::default()
+        })
+        .collect();
+    let mut waiting = 0;
+    let mut failed = Vec::new();
+    for (h, v) in hosts {
+        let fp = v.first_phase(r);
+        if fp > r.phase {
+            waiting += 1;
+        }
+        if let Some(c) = counts.get_mut(fp) {
+            match v.state {
+                HostState::Resolved => c.resolved += 1,
+                HostState::Fetched => c.fetched += 1,
+                HostState::Activated => c.activated += 1,
+                HostState::Healthy => c.healthy += 1,
+                HostState::Unhealthy => c.unhealthy += 1,
+            }
+        }
+        if v.state == HostState::Unhealthy {
+            failed.push(FailedHost {
+                host: h.clone(),
+                zone: v.zone.clone(),
+                phase: fp,
+                detail: v.detail.clone(),
+            });
+        }
+    }
+    failed.sort_by(|a, b| a.host.cmp(&b.host));
+    (counts, waiting, failed)
+}

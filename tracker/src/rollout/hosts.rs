@@ -1,0 +1,131 @@
+//! The hosts' side of a rollout: per-host resolution and reports (soft state).
+//!
+//! A host id is never trusted alone: the tracker keeps the address each id last resolved from
+//! (`host=` on a resolve), and a report naming that id counts only from that address.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+
+use fbpkg_common::Sha256Hash;
+use fbpkg_common::api::{HostState, Report, ReportAck};
+use fbpkg_common::pkgref::{PackageName, Tag};
+use fbpkg_common::rollout::{HostId, bucket};
+
+use super::gate::HostVote;
+use super::{Asker, MAX_HOSTS, Rollouts, key, lock};
+use crate::error::TrackerError;
+
+impl Rollouts {
+    /// Remember that `who` resolved from its address (for reports), without a tag.
+    pub fn seen(&self, who: &Asker) {
+        if let Ok(mut inner) = lock(&self.inner) {
+            remember(&mut inner.seen, who);
+        }
+    }
+
+    /// What `name:tag` resolves to for `who` while a rollout of it is active (`None`: no
+    /// active rollout, the catalog's target holds). Records the host as having resolved.
+    pub fn resolve_for(&self, name: &PackageName, tag: &Tag, who: &Asker) -> Option<Sha256Hash> {
+        let mut inner = lock(&self.inner).ok()?;
+        remember(&mut inner.seen, who);
+        let entry = inner.tags.get_mut(&key(name, tag))?;
+        let r = entry.rec.current.as_ref()?;
+        let room = entry.live.hosts.len() < MAX_HOSTS;
+        let vote = match entry.live.hosts.get_mut(&who.host) {
+            Some(v) => v,
+            None if room => entry
+                .live
+                .hosts
+                .entry(who.host.clone())
+                .or_insert(HostVote {
+                    zone: None,
+                    bucket: bucket(name, tag, &who.host),
+                    state: HostState::Resolved,
+                    detail: None,
+                    health_seen: false,
+                }),
+            None => {
+                let b = bucket(name, tag, &who.host);
+                let fp = fbpkg_common::rollout::first_phase(&r.phases, b, who.zone.as_ref());
+                return Some(if fp.is_some_and(|f| f <= r.phase) {
+                    r.to
+                } else {
+                    r.from.unwrap_or(r.to)
+                });
+            }
+        };
+        if who.zone.is_some() {
+            vote.zone.clone_from(&who.zone);
+        }
+        let in_phase = vote.first_phase(r) <= r.phase;
+        Some(if in_phase {
+            r.to
+        } else {
+            r.from.unwrap_or(r.to)
+        })
+    }
+
+    /// Record a host's report. Counted only from the address the host id last resolved from.
+    pub fn report(&self, rep: Report, ip: IpAddr) -> Result<ReportAck, TrackerError> {
+        let mut inner = lock(&self.inner)?;
+        match inner.seen.get(&rep.host) {
+            Some(seen) if *seen == ip.to_canonical() => {}
+            Some(_) => {
+                return Err(TrackerError::Forbidden(format!(
+                    "host id {} last resolved from another address; a host reports only for itself",
+                    rep.host
+                )));
+            }
+            None => {
+                return Err(TrackerError::Forbidden(format!(
+                    "host id {} has not resolved from this address; resolve with host= first",
+                    rep.host
+                )));
+            }
+        }
+        let mut counted_for = Vec::new();
+        for ((name, tag), entry) in inner.tags.iter_mut() {
+            let Some(r) = entry.rec.current.as_ref() else {
+                continue;
+            };
+            if *name != rep.name || r.to != rep.hash {
+                continue;
+            }
+            if !entry.live.hosts.contains_key(&rep.host) && entry.live.hosts.len() >= MAX_HOSTS {
+                continue;
+            }
+            let vote = entry
+                .live
+                .hosts
+                .entry(rep.host.clone())
+                .or_insert_with(|| HostVote {
+                    zone: None,
+                    bucket: bucket(name, tag, &rep.host),
+                    state: HostState::Resolved,
+                    detail: None,
+                    health_seen: false,
+                });
+            if rep.zone.is_some() {
+                vote.zone.clone_from(&rep.zone);
+            }
+            vote.state = rep.state;
+            vote.detail.clone_from(&rep.detail);
+            vote.health_seen |= matches!(rep.state, HostState::Healthy | HostState::Unhealthy);
+            counted_for.push(format!("{name}:{tag}#{}", r.id));
+        }
+        drop(inner);
+        if !counted_for.is_empty() {
+            self.wake.notify_one();
+        }
+        Ok(ReportAck { counted_for })
+    }
+}
+
+fn remember(seen: &mut HashMap<HostId, IpAddr>, who: &Asker) {
+    let ip = who.ip.to_canonical();
+    if let Some(s) = seen.get_mut(&who.host) {
+        *s = ip;
+    } else if seen.len() < MAX_HOSTS {
+        seen.insert(who.host.clone(), ip);
+    }
+}
