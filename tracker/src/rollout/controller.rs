@@ -21,6 +21,9 @@ pub async fn run_controller(state: SharedState, shutdown: CancellationToken) {
             _ = tick.tick() => {}
             _ = state.rollouts.woken() => {}
         }
+        if !state.rollouts.has_active() {
+            continue; // nothing to judge: no trip to the blocking pool four times a second
+        }
         let now = tokio::time::Instant::now();
         let s = state.clone();
         let done =

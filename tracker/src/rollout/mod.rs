@@ -463,6 +463,16 @@ impl Rollouts {
         Ok(())
     }
 
+    /// Is some rollout running or paused (a gate to run)?
+    pub fn has_active(&self) -> bool {
+        lock(&self.inner).is_ok_and(|inner| {
+            inner
+                .tags
+                .values()
+                .any(|e| e.rec.current.as_ref().is_some_and(|r| r.state.is_active()))
+        })
+    }
+
     /// Wait until a report or a change may have moved a gate.
     pub async fn woken(&self) {
         self.wake.notified().await;
