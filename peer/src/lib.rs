@@ -5,6 +5,7 @@
 //! - [`cache`]: the launcher cache, where verified packages appear atomically and read-only;
 //! - [`archive`]: deterministic `tar.zst` for directory packages and their safe extraction;
 //! - [`tracker_client`]: the tracker's HTTP protocol;
+//! - [`host_id`]: this host's stable id, which draws its rollout buckets;
 //! - [`agent`]: the long-running agent and its Unix-socket control API;
 //! - [`cli`]: the `fbpkg-rs` commands.
 
@@ -14,6 +15,7 @@ pub mod cache;
 pub mod cli;
 pub mod engine;
 mod error;
+pub mod host_id;
 pub mod storage;
 pub mod tracker_client;
 
