@@ -2,10 +2,13 @@
 
 use std::time::Duration;
 
-use fbpkg_common::api::{ApiError, TagInfo, VersionInfo};
+use fbpkg_common::api::{
+    ApiError, Rollout, RolloutRequest, RolloutStatus, RolloutView, TagInfo, VersionInfo,
+};
 use fbpkg_common::metainfo::Metainfo;
 use fbpkg_common::pkgref::{PackageName, PackageRef, Selector, Tag};
-use fbpkg_common::tracker_proto::{AnnounceRequest, AnnounceResponse, TrackerReply};
+use fbpkg_common::rollout::HostId;
+use fbpkg_common::tracker_proto::{AnnounceRequest, AnnounceResponse, TrackerReply, Zone};
 use reqwest::StatusCode;
 
 use crate::error::{PeerError, Result};
@@ -45,6 +48,47 @@ pub enum PublishOutcome {
     Created,
     /// Already published with the same metainfo.
     AlreadyPublished,
+}
+
+/// Who asks a resolve: during a rollout a tag resolves per host (see `fbpkg_common::rollout`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Asker {
+    /// This host's stable id ([`crate::host_id`]).
+    pub host: HostId,
+    /// Its zone, when it has one: zone phases go by it.
+    pub zone: Option<Zone>,
+}
+
+impl Asker {
+    fn query(&self) -> Vec<(&'static str, &str)> {
+        let mut q = vec![("host", self.host.as_str())];
+        if let Some(z) = &self.zone {
+            q.push(("zone", z.as_str()));
+        }
+        q
+    }
+}
+
+/// What an operator does to a running rollout.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RolloutAction {
+    /// Hold in the current phase.
+    Pause,
+    /// Go on after a pause.
+    Resume,
+    /// Send every host back to the old version.
+    Abort,
+}
+
+impl RolloutAction {
+    /// The API's path segment.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RolloutAction::Pause => "pause",
+            RolloutAction::Resume => "resume",
+            RolloutAction::Abort => "abort",
+        }
+    }
 }
 
 /// One attempt's failure: worth another try, or final.
@@ -249,38 +293,102 @@ impl TrackerClient {
         }
     }
 
-    async fn get_json<T: serde::de::DeserializeOwned>(&self, path: &str, what: &str) -> Result<T> {
-        let url = format!("{}{path}", self.base);
-        let (status, body) = self
-            .call(self.retry_for, || self.http.get(&url), MAX_BODY_BYTES)
-            .await?;
-        if !status.is_success() {
-            return Err(self.api_error(status, &body, what));
+    async fn get_json<T: serde::de::DeserializeOwned>(
+        &self,
+        path: &str,
+        query: &[(&str, &str)],
+        what: &str,
+    ) -> Result<T> {
+        let mut url = reqwest::Url::parse(&format!("{}{path}", self.base))
+            .map_err(|e| PeerError::BadInput(format!("{}{path} is not a URL: {e}", self.base)))?;
+        if !query.is_empty() {
+            url.query_pairs_mut().extend_pairs(query);
         }
-        serde_json::from_slice(&body).map_err(|e| {
+        let (status, body) = self
+            .call(
+                self.retry_for,
+                || self.http.get(url.clone()),
+                MAX_BODY_BYTES,
+            )
+            .await?;
+        self.json_answer(status, &body, what)
+    }
+
+    fn json_answer<T: serde::de::DeserializeOwned>(
+        &self,
+        status: StatusCode,
+        body: &[u8],
+        what: &str,
+    ) -> Result<T> {
+        if !status.is_success() {
+            return Err(self.api_error(status, body, what));
+        }
+        serde_json::from_slice(body).map_err(|e| {
             PeerError::Tracker(format!("{}: unreadable {what} response: {e}", self.base))
         })
     }
 
-    /// Resolve a reference to one version.
+    /// Resolve a reference to one version, as no host in particular: during a rollout a tag
+    /// answers the old version. See [`Self::resolve_as`].
     pub async fn resolve(&self, r: &PackageRef) -> Result<VersionInfo> {
-        match (&r.name, &r.selector) {
-            (Some(name), sel) => {
-                self.get_json(&format!("/api/v1/packages/{name}/{sel}"), "resolve")
-                    .await
+        self.resolve_as(r, None).await
+    }
+
+    /// Resolve a reference to one version for `asker`: during a rollout, a tag resolves to
+    /// the new version exactly for the hosts in the phases reached so far.
+    pub async fn resolve_as(&self, r: &PackageRef, asker: Option<&Asker>) -> Result<VersionInfo> {
+        let query = asker.map(Asker::query).unwrap_or_default();
+        let path = match (&r.name, &r.selector) {
+            (Some(name), sel) => format!("/api/v1/packages/{name}/{sel}"),
+            (None, Selector::Hash(h)) => format!("/api/v1/resolve/{h}"),
+            (None, Selector::Prefix(p)) => format!("/api/v1/resolve/{p}"),
+            (None, Selector::Tag(_)) => {
+                return Err(PeerError::BadInput(
+                    "a tag needs a package name: name:tag".into(),
+                ));
             }
-            (None, Selector::Hash(h)) => {
-                self.get_json(&format!("/api/v1/resolve/{h}"), "resolve")
-                    .await
-            }
-            (None, Selector::Prefix(p)) => {
-                self.get_json(&format!("/api/v1/resolve/{p}"), "resolve")
-                    .await
-            }
-            (None, Selector::Tag(_)) => Err(PeerError::BadInput(
-                "a tag needs a package name: name:tag".into(),
-            )),
-        }
+        };
+        self.get_json(&path, &query, "resolve").await
+    }
+
+    /// Start a rollout (needs the publish token). One attempt: a start is not idempotent, and
+    /// a retry after an answer lost on the way back would be refused as a second rollout.
+    pub async fn start_rollout(&self, req: &RolloutRequest) -> Result<Rollout> {
+        let url = format!("{}/api/v1/rollouts", self.base);
+        let body = serde_json::to_vec(req)
+            .map_err(|e| PeerError::BadInput(format!("rollout request: {e}")))?;
+        let build = || self.authorized(self.http.post(&url).body(body.clone()));
+        let (status, body) = self.call(Duration::ZERO, build, MAX_BODY_BYTES).await?;
+        self.json_answer(status, &body, "rollout")
+    }
+
+    /// The active rollouts, with their progress.
+    pub async fn rollouts(&self) -> Result<Vec<RolloutView>> {
+        self.get_json("/api/v1/rollouts", &[], "rollouts").await
+    }
+
+    /// One tag's active rollout and history.
+    pub async fn rollout_status(&self, name: &PackageName, tag: &Tag) -> Result<RolloutStatus> {
+        self.get_json(&format!("/api/v1/rollouts/{name}/{tag}"), &[], "rollout")
+            .await
+    }
+
+    /// Pause, resume or abort a tag's active rollout (needs the publish token). One attempt,
+    /// like a start: a repeated pause or abort is refused once the first took effect.
+    pub async fn steer_rollout(
+        &self,
+        name: &PackageName,
+        tag: &Tag,
+        action: RolloutAction,
+    ) -> Result<Rollout> {
+        let url = format!(
+            "{}/api/v1/rollouts/{name}/{tag}/{}",
+            self.base,
+            action.as_str()
+        );
+        let build = || self.authorized(self.http.post(&url));
+        let (status, body) = self.call(Duration::ZERO, build, MAX_BODY_BYTES).await?;
+        self.json_answer(status, &body, "rollout")
     }
 
     /// The metainfo of `name:sha256`, checked to be for that hash.

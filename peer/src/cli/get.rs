@@ -10,6 +10,8 @@ use std::time::Duration;
 
 use fbpkg_common::Sha256Hash;
 use fbpkg_common::pkgref::{HashPrefix, PackageName, PackageRef, Selector};
+use fbpkg_common::rollout::HostId;
+use fbpkg_common::tracker_proto::Zone;
 use serde::Serialize;
 use tokio::time::Instant;
 
@@ -19,7 +21,7 @@ use crate::agent::control::{AgentClient, Event, Request};
 use crate::cache::{Cache, CachedPackage};
 use crate::engine::{Engine, EngineConfig, Phase, TorrentStatus};
 use crate::error::{PeerError, Result};
-use crate::tracker_client::TrackerClient;
+use crate::tracker_client::{Asker, TrackerClient};
 
 /// `fbpkg-rs get` flags.
 #[derive(Debug, clap::Args)]
@@ -33,6 +35,10 @@ REF is one of:
 Exit codes: 0 ok, 1 other error, 2 bad reference (or ambiguous prefix), 3 not found,
 4 verification failed, 5 no peers within the timeout, 6 tracker unreachable (after retrying
 for the stall timeout), 7 not authorized.
+
+During a rollout of a tag, the tracker answers the version this host should run now: it
+sends this host's id (kept in STATE_DIR/host-id, created on first use; --host-id overrides
+it) and its --zone. Exact hashes never ask the tracker.
 
 When the tracker cannot be reached, prefixes and tags fall back to what this host's cache
 knows (with a warning). With no agent running, get downloads by itself and does not seed
@@ -55,6 +61,34 @@ pub(crate) struct GetArgs {
     /// Where to listen for peers when downloading without an agent.
     #[arg(long, default_value = "127.0.0.1:0")]
     listen: SocketAddr,
+
+    /// This host's id for rollouts, instead of the one kept in STATE_DIR/host-id (for fleets
+    /// that already name their hosts): 1 to 64 of `[A-Za-z0-9._-]`.
+    #[arg(long, env = "FBPKG_HOST_ID", value_parser = parse_host_id)]
+    host_id: Option<HostId>,
+
+    /// This host's place in the fleet (e.g. dc1/rack7), as given to the agent: rollout phases
+    /// may name zones.
+    #[arg(long, env = "FBPKG_ZONE")]
+    zone: Option<Zone>,
+}
+
+fn parse_host_id(s: &str) -> std::result::Result<HostId, String> {
+    HostId::new(s).map_err(|e| e.to_string())
+}
+
+impl GetArgs {
+    /// Who this host is to the tracker: the --host-id given, or the one in the state dir.
+    fn asker(&self) -> Result<Asker> {
+        let host = match &self.host_id {
+            Some(h) => h.clone(),
+            None => crate::host_id::load_or_create(&self.host.state_dir())?,
+        };
+        Ok(Asker {
+            host,
+            zone: self.zone.clone(),
+        })
+    }
 }
 
 #[derive(Debug, Serialize)]
@@ -137,12 +171,14 @@ const RESOLVE_RETRY_WITH_FALLBACK: Duration = Duration::from_secs(3);
 /// Resolve through the tracker; when it is unreachable, fall back to what the cache knows.
 async fn resolve(
     r: &PackageRef,
+    asker: impl FnOnce() -> Result<Asker>,
     tracker: &TrackerClient,
     cache: &Cache,
 ) -> Result<(PackageName, Sha256Hash)> {
     if let Some((n, h)) = r.exact() {
         return Ok((n.clone(), *h));
     }
+    let asker = asker()?;
     let fallback = local_answer(r, cache);
     let short;
     let tracker = if fallback.is_some() {
@@ -151,7 +187,7 @@ async fn resolve(
     } else {
         tracker
     };
-    match tracker.resolve(r).await {
+    match tracker.resolve_as(r, Some(&asker)).await {
         Ok(v) => {
             if let (Some(name), Selector::Tag(tag)) = (&r.name, &r.selector) {
                 cache.remember_tag(name, tag, &v.sha256);
@@ -194,7 +230,7 @@ async fn fetch(args: &GetArgs, r: &PackageRef, cache: &Cache) -> Result<()> {
     // A fleet asks at once: a dropped SYN or a 503 is retried for as long as a stall would be
     // tolerated, so a get fails for the tracker only when it stays away.
     let tracker = args.host.tracker_client(None, args.stall_timeout)?;
-    let (name, sha) = resolve(r, &tracker, cache).await?;
+    let (name, sha) = resolve(r, || args.asker(), &tracker, cache).await?;
     if let Some(entry) = cache.lookup_checked(&name, &sha)? {
         print(&name, &sha, &entry, "cache", args.json);
         return Ok(());
