@@ -5,6 +5,7 @@ mod demo;
 mod get;
 mod progress;
 mod publish;
+mod rollout;
 mod status;
 mod tracker;
 mod verify;
@@ -59,6 +60,15 @@ enum Command {
     Publish(publish::PublishArgs),
     /// Show what this host's agent holds, fetches and serves.
     Status(status::StatusArgs),
+    /// Move a tag to a new version in phases: start, status, list, pause, resume, abort.
+    ///
+    /// Each phase is a zone (zone:dc1/rack7: every host at or under it) or a percentage of
+    /// the hosts, drawn from each host's stable bucket: the same hosts go first in every
+    /// rollout of a tag. While a rollout runs, `fbpkg-rs get NAME:TAG` answers each host the
+    /// version it should run now. The tracker moves to the next phase once the phase's hosts
+    /// have been healthy for the bake time, and halts by itself when more hosts fail than
+    /// --max-failures allows.
+    Rollout(rollout::RolloutArgs),
     /// Run a tracker and several agents on loopback and push a package through the swarm.
     Demo(demo::DemoArgs),
     /// Read cached packages again; quarantine the ones that changed on disk.
@@ -204,6 +214,10 @@ pub fn main() -> ExitCode {
         Command::Status(args) => {
             init_logging(log, "warn");
             status::run(args)
+        }
+        Command::Rollout(args) => {
+            init_logging(log, "warn");
+            rollout::run(args)
         }
         Command::Demo(args) => {
             init_logging(log, "warn");
