@@ -27,12 +27,18 @@ impl TrackerProcess {
     /// return once it has bound its listener (connections are queued from then on, so it needs
     /// no further readiness wait).
     pub fn start(data_dir: &Path) -> io::Result<Self> {
+        Self::start_with_args(data_dir, &[])
+    }
+
+    /// [`Self::start`] with more `fbpkg-rs tracker` flags, e.g. `["--publish-token", "t"]`.
+    pub fn start_with_args(data_dir: &Path, extra: &[&str]) -> io::Result<Self> {
         // A clean environment: the operator's `FBPKG_*` must not reconfigure the tracker under
         // test, and the `tracker listening` line is info level whatever RUST_LOG says.
         let mut cmd = fbpkg_rs_command();
         cmd.args(["--log", "info", "tracker", "--listen", "127.0.0.1:0"])
             .arg("--data-dir")
             .arg(data_dir)
+            .args(extra)
             .stdout(Stdio::null());
         let (mut child, listening) = LoggedChild::spawn(
             &mut cmd,
