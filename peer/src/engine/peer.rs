@@ -94,7 +94,9 @@ struct Conn {
     addr: SocketAddr,
     fast: bool,
     /// The peer is an fbpkg-rs agent (peer id prefix `-FB`).
-    /// The peer speaks BEP 10: it gets our extension handshake and may send its `reqq`.
+    /// A stock peer that speaks BEP 10: it gets our extension handshake and may send its
+    /// `reqq`. Our own agents skip it: they know each other's queue, and in B1 the extra
+    /// message measured a second slower (eta 0.87–0.90 against 0.90–0.92).
     extended: bool,
     ours: bool,
     wbuf: BytesMut,
@@ -182,7 +184,7 @@ pub(crate) async fn run(
         id,
         addr,
         fast: theirs.supports_fast(),
-        extended: theirs.supports_extended(),
+        extended: theirs.supports_extended() && !ours,
         ours,
         wbuf: BytesMut::with_capacity(WRITE_HIGH_WATER + (32 << 10)),
         peer_choking: true,
