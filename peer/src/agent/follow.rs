@@ -6,7 +6,8 @@
 //! resolve NAME:TAG as this host (host id + zone)
 //!   -> send the reports still pending (the tracker counts a report only from the address
 //!      the host id last resolved from, so reports go after a resolve)
-//!   -> fetch the version into the cache through the agent's engine (as a `fetch` does)
+//!   -> fetch the version into the cache through the agent's engine (as a `fetch` does;
+//!      waiting at most an interval, at least 5 s: the download goes on in the engine)
 //!      -> report `fetched` (once per version, and not for the version already active)
 //!   -> if it differs from the last activated version:
 //!        run --on-change  -> `activated`, or `unhealthy` (exit status + last output)
@@ -17,7 +18,8 @@
 //!
 //! A version is activated once: a failed `--on-change` or health check is reported and not
 //! retried until the resolution changes (an abort sends the host back to the old version,
-//! which runs `--on-change` again). Report failures stay pending for the next interval
+//! which runs `--on-change` again). An agent killed between an activation and its health check
+//! runs the health check (not `--on-change`) once when it comes back. Report failures stay pending for the next interval
 //! (latest last, at most [`MAX_PENDING`]); nothing here is fatal to the agent.
 //!
 //! Each command runs as `sh -c CMD` in its own process group, with its stdout and stderr in
@@ -49,6 +51,8 @@ use crate::tracker_client::{Asker, TrackerClient};
 /// Reports kept while the tracker does not take them; older ones are dropped first (the
 /// tracker only keeps a host's latest state anyway).
 pub const MAX_PENDING: usize = 8;
+/// Shortest wait for a download within one pass (longer intervals wait an interval).
+const FETCH_WAIT: Duration = Duration::from_secs(5);
 /// How often a running command is checked for exit.
 const COMMAND_POLL: Duration = Duration::from_millis(20);
 
@@ -168,6 +172,11 @@ pub async fn follow(
     if let Some(a) = &active {
         pending.push_back(report(&config, &name, a.sha256, a.state, a.detail.clone()));
     }
+    // Killed between activation and its health check: check health again once.
+    let mut recheck = config.health_cmd.is_some()
+        && active
+            .as_ref()
+            .is_some_and(|a| a.state == HostState::Activated);
     let mut fetched_reported: Option<Sha256Hash> = None;
     let mut tick = tokio::time::interval(config.interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -188,7 +197,7 @@ pub async fn follow(
             });
             let mut err = flush(&tracker, &mut pending).await;
             let entry = agent
-                .cached(&name, &sha)
+                .cached(&name, &sha, config.interval.max(FETCH_WAIT))
                 .await
                 .map_err(|e| format!("fetch {name}:{sha}: {e}"))?;
             let is_active = active.as_ref().is_some_and(|a| a.sha256 == sha);
@@ -202,7 +211,10 @@ pub async fn follow(
             if !is_active {
                 active =
                     Some(activate(&agent, &config, &name, &tag, sha, &entry, &mut pending).await);
+            } else if recheck && let Some(a) = active.as_mut() {
+                check_health(&agent, &config, &name, &tag, &entry, a, &mut pending).await;
             }
+            recheck = false;
             if let Some(e) = flush(&tracker, &mut pending).await {
                 err = Some(e);
             }
@@ -274,15 +286,7 @@ async fn activate(
     pending: &mut VecDeque<Report>,
 ) -> Activation {
     let k = key(name, tag);
-    let env = [
-        (
-            "FBPKG_PACKAGE_PATH",
-            entry.launch_path.to_string_lossy().into_owned(),
-        ),
-        ("FBPKG_PACKAGE_NAME", name.to_string()),
-        ("FBPKG_PACKAGE_HASH", sha.to_hex()),
-        ("FBPKG_PACKAGE_REF", k.clone()),
-    ];
+    let env = command_env(name, tag, sha, entry);
     let (state, detail) = match &config.on_change {
         None => (HostState::Activated, None),
         Some(cmd) => {
@@ -304,20 +308,53 @@ async fn activate(
         report(config, name, sha, a.state, a.detail.clone()),
     );
     record(agent, &k, &a).await;
-    if let (HostState::Activated, Some(cmd)) = (a.state, &config.health_cmd) {
-        let log = log_path(agent.state_dir(), name, tag, "health");
-        (a.state, a.detail) = match run_command(cmd, &env, config.health_timeout, &log).await {
-            Ok(()) => (HostState::Healthy, None),
-            Err(d) => (HostState::Unhealthy, Some(format!("health {d}"))),
-        };
-        tracing::info!(package = %name, tag = %tag, sha256 = %sha, state = ?a.state, "follow: health checked");
-        push(
-            pending,
-            report(config, name, sha, a.state, a.detail.clone()),
-        );
-        record(agent, &k, &a).await;
-    }
+    check_health(agent, config, name, tag, entry, &mut a, pending).await;
     a
+}
+
+/// After an activation: run `--health-cmd` (if any) and record and report what it says.
+async fn check_health(
+    agent: &Agent,
+    config: &FollowConfig,
+    name: &PackageName,
+    tag: &Tag,
+    entry: &CachedPackage,
+    a: &mut Activation,
+    pending: &mut VecDeque<Report>,
+) {
+    let (HostState::Activated, Some(cmd)) = (a.state, &config.health_cmd) else {
+        return;
+    };
+    let env = command_env(name, tag, a.sha256, entry);
+    let log = log_path(agent.state_dir(), name, tag, "health");
+    (a.state, a.detail) = match run_command(cmd, &env, config.health_timeout, &log).await {
+        Ok(()) => (HostState::Healthy, None),
+        Err(d) => (HostState::Unhealthy, Some(format!("health {d}"))),
+    };
+    tracing::info!(package = %name, tag = %tag, sha256 = %a.sha256, state = ?a.state, "follow: health checked");
+    push(
+        pending,
+        report(config, name, a.sha256, a.state, a.detail.clone()),
+    );
+    record(agent, &key(name, tag), a).await;
+}
+
+/// The variables `--on-change` and `--health-cmd` see.
+fn command_env(
+    name: &PackageName,
+    tag: &Tag,
+    sha: Sha256Hash,
+    entry: &CachedPackage,
+) -> [(&'static str, String); 4] {
+    [
+        (
+            "FBPKG_PACKAGE_PATH",
+            entry.launch_path.to_string_lossy().into_owned(),
+        ),
+        ("FBPKG_PACKAGE_NAME", name.to_string()),
+        ("FBPKG_PACKAGE_HASH", sha.to_hex()),
+        ("FBPKG_PACKAGE_REF", key(name, tag)),
+    ]
 }
 
 /// Write the activation to the durable state and the live status.
@@ -433,17 +470,29 @@ fn log_tail(log: &Path, max: usize) -> String {
 
 impl Agent {
     /// `name:sha` in the cache, verified: fetched through the engine when it is not there.
-    async fn cached(&self, name: &PackageName, sha: &Sha256Hash) -> Result<CachedPackage> {
+    ///
+    /// Waits at most `wait` for a download: it goes on in the engine, and the follow comes
+    /// back to it after resolving again (the tag may have moved on meanwhile, e.g. an abort).
+    async fn cached(
+        &self,
+        name: &PackageName,
+        sha: &Sha256Hash,
+        wait: Duration,
+    ) -> Result<CachedPackage> {
         if let Some(t) = self.engine.find(name, sha)
             && let Phase::Seeding(entry) = t.current_phase()
         {
             return Ok(entry);
         }
         let t = self.start_fetch(name.as_str(), &sha.to_hex(), None).await?;
-        match t.finished().await {
-            Phase::Seeding(entry) => Ok(entry),
-            Phase::Failed { kind, message } => Err(PeerError::Remote { kind, message }),
-            other => Err(PeerError::Agent(format!("download ended as {other:?}"))),
+        match tokio::time::timeout(wait, t.finished()).await {
+            Ok(Phase::Seeding(entry)) => Ok(entry),
+            Ok(Phase::Failed { kind, message }) => Err(PeerError::Remote { kind, message }),
+            Ok(other) => Err(PeerError::Agent(format!("download ended as {other:?}"))),
+            Err(_) => Err(PeerError::Agent(format!(
+                "still downloading ({}); checking again at the next interval",
+                t.status().phase
+            ))),
         }
     }
 }
