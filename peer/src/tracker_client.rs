@@ -3,7 +3,8 @@
 use std::time::Duration;
 
 use fbpkg_common::api::{
-    ApiError, Rollout, RolloutRequest, RolloutStatus, RolloutView, TagInfo, VersionInfo,
+    ApiError, Report, ReportAck, Rollout, RolloutRequest, RolloutStatus, RolloutView, TagInfo,
+    VersionInfo,
 };
 use fbpkg_common::metainfo::Metainfo;
 use fbpkg_common::pkgref::{PackageName, PackageRef, Selector, Tag};
@@ -389,6 +390,23 @@ impl TrackerClient {
         let build = || self.authorized(self.http.post(&url));
         let (status, body) = self.call(Duration::ZERO, build, MAX_BODY_BYTES).await?;
         self.json_answer(status, &body, "rollout")
+    }
+
+    /// Report this host's state on a version (`POST /api/v1/reports`). The tracker counts it
+    /// only from the address the host id last resolved from, so resolve first. Retried within
+    /// the client's budget: a repeated report is one vote.
+    pub async fn report(&self, rep: &Report) -> Result<ReportAck> {
+        let url = format!("{}/api/v1/reports", self.base);
+        let body =
+            serde_json::to_vec(rep).map_err(|e| PeerError::BadInput(format!("report: {e}")))?;
+        let build = || {
+            self.http
+                .post(&url)
+                .header(reqwest::header::CONTENT_TYPE, "application/json")
+                .body(body.clone())
+        };
+        let (status, body) = self.call(self.retry_for, build, MAX_BODY_BYTES).await?;
+        self.json_answer(status, &body, "report")
     }
 
     /// The metainfo of `name:sha256`, checked to be for that hash.

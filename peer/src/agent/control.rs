@@ -56,6 +56,8 @@ pub enum Request {
         /// Swarm info-hash, hex.
         info_hash: String,
     },
+    /// The followed tags (`agent --follow`) and what each resolves to for this host.
+    Follows,
     /// Stop seeding `name:sha256` and remove it from the cache (a publish the tracker refused
     /// must leave nothing behind).
     Forget {
@@ -93,6 +95,11 @@ pub enum Event {
     Status {
         /// One per package.
         torrents: Vec<TorrentStatus>,
+    },
+    /// Answer to `follows`: one per followed tag (none when the agent follows nothing).
+    Follows {
+        /// In `name:tag` order.
+        follows: Vec<super::follow::FollowStatus>,
     },
     /// The request failed.
     Error {
@@ -311,6 +318,7 @@ mod tests {
         prop_oneof![
             Just(Request::Ping),
             Just(Request::Status),
+            Just(Request::Follows),
             (text(), text()).prop_map(|(name, sha256)| Request::Fetch {
                 name,
                 sha256,

@@ -2,6 +2,8 @@
 //! request, and answers its control socket.
 
 pub mod control;
+pub mod follow;
+pub mod follow_state;
 
 use std::fs;
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
@@ -73,16 +75,18 @@ pub struct Agent {
     /// Its engine.
     pub engine: Arc<Engine>,
     state_dir: PathBuf,
+    follows: follow::Follows,
 }
 
 impl Agent {
     /// Start: lock the state directory, start the engine, seed the cache, resume downloads,
-    /// and serve the control socket until `shutdown`.
+    /// follow the tags `follow` names (if any), and serve the control socket until `shutdown`.
     pub async fn run(
         state_dir: PathBuf,
         cache: Cache,
         tracker: TrackerClient,
         engine_config: EngineConfig,
+        follow: Option<follow::FollowConfig>,
         shutdown: CancellationToken,
     ) -> Result<()> {
         private_dir(&state_dir)?;
@@ -95,9 +99,14 @@ impl Agent {
             shutdown.child_token(),
         )
         .await?;
+        let follows = match &follow {
+            Some(f) => follow::prepare(&state_dir, f),
+            None => follow::Follows::default(),
+        };
         let agent = Arc::new(Agent {
             engine: engine.clone(),
             state_dir: state_dir.clone(),
+            follows,
         });
         // The control socket comes first: a `get` that arrives while partial downloads are
         // still being re-hashed must reach this agent (and wait for the one owner of its
@@ -113,6 +122,16 @@ impl Agent {
         let c = cache.clone();
         tasks
             .spawn(async move { restore(&e, &c).await }.instrument(tracing::info_span!("restore")));
+        if let Some(f) = follow {
+            let f = Arc::new(f);
+            for (name, tag) in f.follows.clone() {
+                let span = tracing::info_span!("follow", package = %name, tag = %tag);
+                tasks.spawn(
+                    follow::follow(agent.clone(), f.clone(), name, tag, shutdown.child_token())
+                        .instrument(span),
+                );
+            }
+        }
         tracing::info!(
             socket = %sock.display(),
             cache = %cache.root().display(),
@@ -214,6 +233,15 @@ impl Agent {
                     ))),
                 };
                 send(&mut w, e).await;
+            }
+            Request::Follows => {
+                send(
+                    &mut w,
+                    Event::Follows {
+                        follows: self.follows.status(),
+                    },
+                )
+                .await;
             }
             Request::Status => {
                 send(

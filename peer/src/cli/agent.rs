@@ -4,11 +4,15 @@ use std::net::SocketAddr;
 use std::process::ExitCode;
 use std::time::Duration;
 
+use fbpkg_common::pkgref::{PackageName, PackageRef, Selector, Tag};
+use fbpkg_common::rollout::HostId;
 use fbpkg_common::tracker_proto::Zone;
 
 use super::HostArgs;
 use crate::agent::Agent;
+use crate::agent::follow::FollowConfig;
 use crate::engine::EngineConfig;
+use crate::tracker_client::Asker;
 
 /// How long the agent retries a transient tracker failure while fetching a metainfo for a
 /// `get`; under the 30 s a `get` waits for the agent's first word.
@@ -66,6 +70,47 @@ pub(crate) struct AgentArgs {
     /// Give a block request to another peer after this long without an answer.
     #[arg(long, env = "FBPKG_REQUEST_TIMEOUT", default_value = "20s", value_parser = humantime::parse_duration)]
     request_timeout: Duration,
+
+    /// Follow a tag (repeatable; the env var takes a comma-separated list): resolve it as this
+    /// host every --follow-interval, fetch what it resolves to, run --on-change when that
+    /// changes, and report to the tracker's rollouts.
+    #[arg(long = "follow", env = "FBPKG_AGENT_FOLLOW", value_delimiter = ',', value_parser = parse_follow)]
+    follow: Vec<(PackageName, Tag)>,
+
+    /// Run through `sh -c` when a followed tag's resolution changes, with FBPKG_PACKAGE_PATH,
+    /// FBPKG_PACKAGE_NAME, FBPKG_PACKAGE_HASH and FBPKG_PACKAGE_REF set. Without it, a change
+    /// is only recorded and reported.
+    #[arg(long, env = "FBPKG_AGENT_ON_CHANGE")]
+    on_change: Option<String>,
+
+    /// Run through `sh -c` after --on-change succeeds (same variables): exit 0 is healthy.
+    #[arg(long, env = "FBPKG_AGENT_HEALTH_CMD")]
+    health_cmd: Option<String>,
+
+    /// Longest --on-change or --health-cmd may run before it is killed (and counts as failed).
+    #[arg(long, env = "FBPKG_AGENT_HEALTH_TIMEOUT", default_value = "60s", value_parser = humantime::parse_duration)]
+    health_timeout: Duration,
+
+    /// How often each followed tag is resolved again (also once at start).
+    #[arg(long, env = "FBPKG_AGENT_FOLLOW_INTERVAL", default_value = "5s", value_parser = humantime::parse_duration)]
+    follow_interval: Duration,
+
+    /// This host's id for rollouts, instead of the one kept in STATE_DIR/host-id: 1 to 64 of
+    /// `[A-Za-z0-9._-]`.
+    #[arg(long, env = "FBPKG_HOST_ID", value_parser = parse_host_id)]
+    host_id: Option<HostId>,
+}
+
+fn parse_host_id(s: &str) -> Result<HostId, String> {
+    HostId::new(s).map_err(|e| e.to_string())
+}
+
+fn parse_follow(s: &str) -> Result<(PackageName, Tag), String> {
+    let r: PackageRef = s.trim().parse().map_err(|e| format!("{e}"))?;
+    match (r.name, r.selector) {
+        (Some(n), Selector::Tag(t)) => Ok((n, t)),
+        _ => Err(format!("{s:?}: --follow takes NAME:TAG (e.g. myapp:prod)")),
+    }
 }
 
 pub(super) fn run(args: AgentArgs) -> anyhow::Result<ExitCode> {
@@ -93,7 +138,7 @@ pub(super) fn run(args: AgentArgs) -> anyhow::Result<ExitCode> {
     }
     let mut config = EngineConfig::new(state_dir.join("downloads"));
     config.listen = args.listen;
-    config.zone = args.zone;
+    config.zone = args.zone.clone();
     config.max_peers = args.max_peers;
     config.max_peers_per_address = args.max_peers_per_address;
     config.max_connections = args.max_connections;
@@ -107,9 +152,37 @@ pub(super) fn run(args: AgentArgs) -> anyhow::Result<ExitCode> {
         }
         config.origin_budget = Some(b);
     }
+    let follow = if args.follow.is_empty() {
+        if args.on_change.is_some() || args.health_cmd.is_some() {
+            anyhow::bail!("--on-change and --health-cmd need at least one --follow NAME:TAG");
+        }
+        None
+    } else {
+        if args.follow_interval.is_zero() || args.health_timeout.is_zero() {
+            anyhow::bail!("--follow-interval and --health-timeout must be more than zero");
+        }
+        let mut follows = args.follow.clone();
+        follows.sort();
+        follows.dedup();
+        let host = match &args.host_id {
+            Some(h) => h.clone(),
+            None => crate::host_id::load_or_create(&state_dir)?,
+        };
+        Some(FollowConfig {
+            follows,
+            asker: Asker {
+                host,
+                zone: args.zone.clone(),
+            },
+            on_change: args.on_change.clone(),
+            health_cmd: args.health_cmd.clone(),
+            health_timeout: args.health_timeout,
+            interval: args.follow_interval,
+        })
+    };
     super::runtime()?.block_on(async move {
         let shutdown = super::shutdown_on_signals();
-        Agent::run(state_dir, cache, tracker, config, shutdown).await?;
+        Agent::run(state_dir, cache, tracker, config, follow, shutdown).await?;
         Ok(ExitCode::SUCCESS)
     })
 }

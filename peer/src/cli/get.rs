@@ -4,6 +4,7 @@
 //! of output: no runtime, no logging setup, no tracker, no agent.
 
 use std::net::SocketAddr;
+use std::path::Path;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
@@ -18,6 +19,7 @@ use tokio::time::Instant;
 use super::progress::Progress;
 use super::{HostArgs, exit};
 use crate::agent::control::{AgentClient, Event, Request};
+use crate::agent::follow_state::FollowState;
 use crate::cache::{Cache, CachedPackage};
 use crate::engine::{Engine, EngineConfig, Phase, TorrentStatus};
 use crate::error::{PeerError, Result};
@@ -41,7 +43,8 @@ sends this host's id (kept in STATE_DIR/host-id, created on first use; --host-id
 it) and its --zone. Exact hashes never ask the tracker.
 
 When the tracker cannot be reached, prefixes and tags fall back to what this host's cache
-knows (with a warning). With no agent running, get downloads by itself and does not seed
+knows (with a warning); a tag this host's agent follows answers the version the agent last
+activated, if it is still in the cache. With no agent running, get downloads by itself and does not seed
 afterwards.")]
 pub(crate) struct GetArgs {
     /// The package to get.
@@ -95,8 +98,8 @@ impl GetArgs {
 struct Output<'a> {
     name: &'a str,
     sha256: String,
-    path: &'a std::path::Path,
-    dir: &'a std::path::Path,
+    path: &'a Path,
+    dir: &'a Path,
     /// cache, agent or standalone.
     source: &'a str,
 }
@@ -174,12 +177,13 @@ async fn resolve(
     asker: impl FnOnce() -> Result<Asker>,
     tracker: &TrackerClient,
     cache: &Cache,
+    state_dir: &Path,
 ) -> Result<(PackageName, Sha256Hash)> {
     if let Some((n, h)) = r.exact() {
         return Ok((n.clone(), *h));
     }
     let asker = asker()?;
-    let fallback = local_answer(r, cache);
+    let fallback = local_answer(r, cache, state_dir);
     let short;
     let tracker = if fallback.is_some() {
         short = tracker.clone().with_retry(RESOLVE_RETRY_WITH_FALLBACK);
@@ -195,10 +199,8 @@ async fn resolve(
             Ok((v.name, v.sha256))
         }
         Err(PeerError::Tracker(msg)) => match fallback {
-            Some((n, h)) => {
-                eprintln!(
-                    "fbpkg-rs: warning: tracker unreachable ({msg}); using {n}:{h} from this host's cache"
-                );
+            Some((n, h, why)) => {
+                eprintln!("fbpkg-rs: warning: tracker unreachable ({msg}); using {n}:{h} ({why})");
                 Ok((n, h))
             }
             None => Err(PeerError::Tracker(msg)),
@@ -207,8 +209,25 @@ async fn resolve(
     }
 }
 
-/// The one cached version a tag or prefix stands for on this host, if there is one.
-fn local_answer(r: &PackageRef, cache: &Cache) -> Option<(PackageName, Sha256Hash)> {
+/// The one cached version a tag or prefix stands for on this host, if there is one, and why.
+///
+/// For a tag this host's agent follows, the version it last activated comes first: that is
+/// this host's last resolution. Only a version still in the cache is ever answered.
+fn local_answer(
+    r: &PackageRef,
+    cache: &Cache,
+    state_dir: &Path,
+) -> Option<(PackageName, Sha256Hash, &'static str)> {
+    if let (Some(n), Selector::Tag(tag)) = (&r.name, &r.selector)
+        && let Some(a) = FollowState::load(state_dir).get(n, tag)
+        && cache.lookup(n, &a.sha256).is_some()
+    {
+        return Some((
+            n.clone(),
+            a.sha256,
+            "the version this host's agent last activated",
+        ));
+    }
     let local = match &r.selector {
         Selector::Tag(tag) => r
             .name
@@ -221,7 +240,7 @@ fn local_answer(r: &PackageRef, cache: &Cache) -> Option<(PackageName, Sha256Has
             .unwrap_or_default(),
     };
     match local.as_slice() {
-        [(n, h)] if cache.lookup(n, h).is_some() => Some((n.clone(), *h)),
+        [(n, h)] if cache.lookup(n, h).is_some() => Some((n.clone(), *h, "from this host's cache")),
         _ => None,
     }
 }
@@ -230,7 +249,7 @@ async fn fetch(args: &GetArgs, r: &PackageRef, cache: &Cache) -> Result<()> {
     // A fleet asks at once: a dropped SYN or a 503 is retried for as long as a stall would be
     // tolerated, so a get fails for the tracker only when it stays away.
     let tracker = args.host.tracker_client(None, args.stall_timeout)?;
-    let (name, sha) = resolve(r, || args.asker(), &tracker, cache).await?;
+    let (name, sha) = resolve(r, || args.asker(), &tracker, cache, &args.host.state_dir()).await?;
     if let Some(entry) = cache.lookup_checked(&name, &sha)? {
         print(&name, &sha, &entry, "cache", args.json);
         return Ok(());

@@ -1,9 +1,11 @@
-//! `fbpkg-rs status`: what this host's agent holds, fetches and serves.
+//! `fbpkg-rs status`: what this host's agent holds, fetches and serves, and the tags it
+//! follows.
 
 use std::process::ExitCode;
 
 use super::HostArgs;
 use crate::agent::control::{AgentClient, Event, Request};
+use crate::agent::follow::FollowStatus;
 use crate::engine::TorrentStatus;
 use crate::error::PeerError;
 
@@ -16,6 +18,50 @@ pub(crate) struct StatusArgs {
     /// Print JSON instead of a table.
     #[arg(long)]
     json: bool,
+
+    /// Only the followed tags (`agent --follow`): what each resolves to for this host, the
+    /// version last activated and its health.
+    #[arg(long)]
+    follows: bool,
+}
+
+fn short(h: Option<&fbpkg_common::Sha256Hash>) -> String {
+    h.map(|h| h.to_hex()[..12].to_owned())
+        .unwrap_or_else(|| "-".into())
+}
+
+fn follows_table(rows: &[FollowStatus]) -> String {
+    if rows.is_empty() {
+        return "no follows: start the agent with --follow NAME:TAG\n".to_owned();
+    }
+    let mut out = format!(
+        "{:<32} {:<14} {:<14} {:<10}\n",
+        "FOLLOW", "RESOLVES TO", "ACTIVE", "STATE"
+    );
+    for r in rows {
+        let state = r
+            .state
+            .map(|s| format!("{s:?}").to_lowercase())
+            .unwrap_or_else(|| "-".into());
+        out.push_str(&format!(
+            "{:<32} {:<14} {:<14} {:<10}\n",
+            r.reference,
+            short(r.resolved.as_ref()),
+            short(r.activated.as_ref()),
+            state
+        ));
+        if let Some(d) = &r.detail {
+            let last = d.lines().last().unwrap_or_default();
+            out.push_str(&format!(
+                "    {}\n",
+                last.chars().take(160).collect::<String>()
+            ));
+        }
+        if let Some(e) = &r.error {
+            out.push_str(&format!("    error: {e}\n"));
+        }
+    }
+    out
 }
 
 fn human(n: f64) -> String {
@@ -72,9 +118,35 @@ pub(super) fn run(args: StatusArgs) -> anyhow::Result<ExitCode> {
             ))
             .into());
         };
+        if args.follows {
+            let Event::Follows { follows } = agent.call(&Request::Follows).await? else {
+                anyhow::bail!("unexpected answer from the agent");
+            };
+            if args.json {
+                println!("{}", serde_json::to_string_pretty(&follows)?);
+            } else {
+                print!("{}", follows_table(&follows));
+            }
+            return Ok(ExitCode::SUCCESS);
+        }
         let Event::Status { torrents } = agent.call(&Request::Status).await? else {
             anyhow::bail!("unexpected answer from the agent");
         };
+        if !args.json {
+            // An agent from before follows answers an error: then there is nothing to show.
+            let follows = match AgentClient::connect(&state_dir).await? {
+                Some(a) => match a.call(&Request::Follows).await {
+                    Ok(Event::Follows { follows }) => follows,
+                    _ => Vec::new(),
+                },
+                None => Vec::new(),
+            };
+            print!("{}", table(&torrents));
+            if !follows.is_empty() {
+                print!("\n{}", follows_table(&follows));
+            }
+            return Ok(ExitCode::SUCCESS);
+        }
         if args.json {
             println!("{}", serde_json::to_string_pretty(&torrents)?);
         } else {

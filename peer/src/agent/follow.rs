@@ -1,0 +1,555 @@
+//! Following tags: `fbpkg-rs agent --follow NAME:TAG`.
+//!
+//! One task per followed tag. Every `--follow-interval` (and once right at start) it:
+//!
+//! ```text
+//! resolve NAME:TAG as this host (host id + zone)
+//!   -> send the reports still pending (the tracker counts a report only from the address
+//!      the host id last resolved from, so reports go after a resolve)
+//!   -> fetch the version into the cache through the agent's engine (as a `fetch` does;
+//!      waiting at most an interval, at least 5 s: the download goes on in the engine)
+//!      -> report `fetched` (once per version, and not for the version already active)
+//!   -> if it differs from the last activated version:
+//!        run --on-change  -> `activated`, or `unhealthy` (exit status + last output)
+//!        record the activation durably (follows.json), before the health check
+//!        run --health-cmd -> `healthy` or `unhealthy`
+//!   -> send the new reports
+//! ```
+//!
+//! A version is activated once: a failed `--on-change` or health check is reported and not
+//! retried until the resolution changes (an abort sends the host back to the old version,
+//! which runs `--on-change` again). An agent killed between an activation and its health check
+//! runs the health check (not `--on-change`) once when it comes back. Report failures stay pending for the next interval
+//! (latest last, at most [`MAX_PENDING`]); nothing here is fatal to the agent.
+//!
+//! Each command runs as `sh -c CMD` in its own process group, with its stdout and stderr in
+//! `<state dir>/follow-logs/NAME-TAG.{on-change,health}.log`, killed (the whole group) when it
+//! outlives `--health-timeout`, which bounds both commands.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::fs;
+use std::io::{Read as _, Seek as _, SeekFrom};
+use std::os::unix::process::{CommandExt as _, ExitStatusExt as _};
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use fbpkg_common::Sha256Hash;
+use fbpkg_common::api::{HostState, Report};
+use fbpkg_common::pkgref::{PackageName, PackageRef, Selector, Tag};
+use serde::{Deserialize, Serialize};
+use tokio_util::sync::CancellationToken;
+
+use super::Agent;
+use super::follow_state::{Activation, FollowState, key};
+use crate::cache::CachedPackage;
+use crate::engine::Phase;
+use crate::error::{PeerError, Result};
+use crate::tracker_client::{Asker, TrackerClient};
+
+/// Reports kept while the tracker does not take them; older ones are dropped first (the
+/// tracker only keeps a host's latest state anyway).
+pub const MAX_PENDING: usize = 8;
+/// Shortest wait for a download within one pass (longer intervals wait an interval).
+const FETCH_WAIT: Duration = Duration::from_secs(5);
+/// How often a running command is checked for exit.
+const COMMAND_POLL: Duration = Duration::from_millis(20);
+
+/// What to follow and what to run.
+#[derive(Debug, Clone)]
+pub struct FollowConfig {
+    /// The followed tags.
+    pub follows: Vec<(PackageName, Tag)>,
+    /// Who this host is to the tracker.
+    pub asker: Asker,
+    /// Run through `sh -c` when a tag's resolution changes.
+    pub on_change: Option<String>,
+    /// Run through `sh -c` after a successful activation.
+    pub health_cmd: Option<String>,
+    /// Bounds each command's run.
+    pub health_timeout: Duration,
+    /// How often each tag is resolved again.
+    pub interval: Duration,
+}
+
+/// One followed tag as `fbpkg-rs status` shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FollowStatus {
+    /// `name:tag`.
+    pub reference: String,
+    /// What the tag last resolved to for this host.
+    pub resolved: Option<Sha256Hash>,
+    /// The version last activated.
+    pub activated: Option<Sha256Hash>,
+    /// The last state recorded for the activated version.
+    pub state: Option<HostState>,
+    /// Its detail (exit status, last output lines).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
+    /// Successful resolves since the agent started.
+    pub resolves: u64,
+    /// Reports not yet taken by the tracker.
+    pub pending_reports: usize,
+    /// The last error (resolve, fetch or report), cleared by the next full pass.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// The follows' shared state: live status for the control socket, durable activations.
+#[derive(Debug, Default)]
+pub struct Follows {
+    status: Mutex<BTreeMap<String, FollowStatus>>,
+    durable: tokio::sync::Mutex<FollowState>,
+}
+
+impl Follows {
+    /// Every followed tag's status, in `name:tag` order.
+    pub fn status(&self) -> Vec<FollowStatus> {
+        self.status
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .cloned()
+            .collect()
+    }
+
+    fn update(&self, k: &str, f: impl FnOnce(&mut FollowStatus)) {
+        let mut all = self.status.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(s) = all.get_mut(k) {
+            f(s);
+        }
+    }
+}
+
+/// Load the durable state and set up one status row per followed tag.
+pub fn prepare(state_dir: &Path, config: &FollowConfig) -> Follows {
+    let durable = FollowState::load(state_dir);
+    let status = config
+        .follows
+        .iter()
+        .map(|(n, t)| {
+            let k = key(n, t);
+            let a = durable.follows.get(&k);
+            let s = FollowStatus {
+                reference: k.clone(),
+                resolved: None,
+                activated: a.map(|a| a.sha256),
+                state: a.map(|a| a.state),
+                detail: a.and_then(|a| a.detail.clone()),
+                resolves: 0,
+                pending_reports: 0,
+                error: None,
+            };
+            (k, s)
+        })
+        .collect();
+    Follows {
+        status: Mutex::new(status),
+        durable: tokio::sync::Mutex::new(durable),
+    }
+}
+
+/// One followed tag's loop; returns at shutdown.
+pub async fn follow(
+    agent: Arc<Agent>,
+    config: Arc<FollowConfig>,
+    name: PackageName,
+    tag: Tag,
+    shutdown: CancellationToken,
+) {
+    let k = key(&name, &tag);
+    // One attempt per interval: the interval is the retry.
+    let tracker = agent.engine.tracker().clone().with_retry(Duration::ZERO);
+    let r = PackageRef {
+        name: Some(name.clone()),
+        selector: Selector::Tag(tag.clone()),
+    };
+    let mut active = agent.follows.durable.lock().await.follows.get(&k).cloned();
+    let mut pending = VecDeque::new();
+    // After a restart the tracker may have lost what this host said (its reports are soft
+    // state): say it again.
+    if let Some(a) = &active {
+        pending.push_back(report(&config, &name, a.sha256, a.state, a.detail.clone()));
+    }
+    // Killed between activation and its health check: check health again once.
+    let mut recheck = config.health_cmd.is_some()
+        && active
+            .as_ref()
+            .is_some_and(|a| a.state == HostState::Activated);
+    let mut fetched_reported: Option<Sha256Hash> = None;
+    let mut tick = tokio::time::interval(config.interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let pass = async {
+            let v = tracker
+                .resolve_as(&r, Some(&config.asker))
+                .await
+                .map_err(|e| format!("resolve: {e}"))?;
+            let sha = v.sha256;
+            agent.follows.update(&k, |s| {
+                s.resolved = Some(sha);
+                s.resolves += 1;
+            });
+            let mut err = flush(&tracker, &mut pending).await;
+            let entry = agent
+                .cached(&name, &sha, config.interval.max(FETCH_WAIT))
+                .await
+                .map_err(|e| format!("fetch {name}:{sha}: {e}"))?;
+            let is_active = active.as_ref().is_some_and(|a| a.sha256 == sha);
+            if !is_active && fetched_reported != Some(sha) {
+                push(
+                    &mut pending,
+                    report(&config, &name, sha, HostState::Fetched, None),
+                );
+                fetched_reported = Some(sha);
+            }
+            if !is_active {
+                active =
+                    Some(activate(&agent, &config, &name, &tag, sha, &entry, &mut pending).await);
+            } else if recheck && let Some(a) = active.as_mut() {
+                check_health(&agent, &config, &name, &tag, &entry, a, &mut pending).await;
+            }
+            recheck = false;
+            if let Some(e) = flush(&tracker, &mut pending).await {
+                err = Some(e);
+            }
+            match err {
+                Some(e) => Err(e),
+                None => Ok(()),
+            }
+        };
+        let outcome = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            o = pass => o,
+        };
+        if let Err(e) = &outcome {
+            tracing::warn!(package = %name, tag = %tag, error = %e, "follow: will try again at the next interval");
+        }
+        let n = pending.len();
+        agent.follows.update(&k, |s| {
+            s.pending_reports = n;
+            s.error = outcome.err();
+        });
+    }
+}
+
+fn report(
+    config: &FollowConfig,
+    name: &PackageName,
+    sha: Sha256Hash,
+    state: HostState,
+    detail: Option<String>,
+) -> Report {
+    Report {
+        name: name.clone(),
+        hash: sha,
+        host: config.asker.host.clone(),
+        zone: config.asker.zone.clone(),
+        state,
+        detail,
+    }
+}
+
+fn push(pending: &mut VecDeque<Report>, r: Report) {
+    if pending.len() >= MAX_PENDING {
+        pending.pop_front();
+    }
+    pending.push_back(r);
+}
+
+/// Send pending reports in order; the first failure stops and is returned.
+async fn flush(tracker: &TrackerClient, pending: &mut VecDeque<Report>) -> Option<String> {
+    while let Some(r) = pending.front() {
+        match tracker.report(r).await {
+            Ok(_) => {
+                pending.pop_front();
+            }
+            Err(e) => return Some(format!("report {:?}: {e}", r.state)),
+        }
+    }
+    None
+}
+
+/// Switch to `sha`: run `--on-change`, record the activation, run `--health-cmd`.
+async fn activate(
+    agent: &Agent,
+    config: &FollowConfig,
+    name: &PackageName,
+    tag: &Tag,
+    sha: Sha256Hash,
+    entry: &CachedPackage,
+    pending: &mut VecDeque<Report>,
+) -> Activation {
+    let k = key(name, tag);
+    let env = command_env(name, tag, sha, entry);
+    let (state, detail) = match &config.on_change {
+        None => (HostState::Activated, None),
+        Some(cmd) => {
+            let log = log_path(agent.state_dir(), name, tag, "on-change");
+            match run_command(cmd, &env, config.health_timeout, &log).await {
+                Ok(()) => (HostState::Activated, None),
+                Err(d) => (HostState::Unhealthy, Some(format!("on-change {d}"))),
+            }
+        }
+    };
+    tracing::info!(package = %name, tag = %tag, sha256 = %sha, state = ?state, "follow: activated");
+    let mut a = Activation {
+        sha256: sha,
+        state,
+        detail,
+    };
+    push(
+        pending,
+        report(config, name, sha, a.state, a.detail.clone()),
+    );
+    record(agent, &k, &a).await;
+    check_health(agent, config, name, tag, entry, &mut a, pending).await;
+    a
+}
+
+/// After an activation: run `--health-cmd` (if any) and record and report what it says.
+async fn check_health(
+    agent: &Agent,
+    config: &FollowConfig,
+    name: &PackageName,
+    tag: &Tag,
+    entry: &CachedPackage,
+    a: &mut Activation,
+    pending: &mut VecDeque<Report>,
+) {
+    let (HostState::Activated, Some(cmd)) = (a.state, &config.health_cmd) else {
+        return;
+    };
+    let env = command_env(name, tag, a.sha256, entry);
+    let log = log_path(agent.state_dir(), name, tag, "health");
+    (a.state, a.detail) = match run_command(cmd, &env, config.health_timeout, &log).await {
+        Ok(()) => (HostState::Healthy, None),
+        Err(d) => (HostState::Unhealthy, Some(format!("health {d}"))),
+    };
+    tracing::info!(package = %name, tag = %tag, sha256 = %a.sha256, state = ?a.state, "follow: health checked");
+    push(
+        pending,
+        report(config, name, a.sha256, a.state, a.detail.clone()),
+    );
+    record(agent, &key(name, tag), a).await;
+}
+
+/// The variables `--on-change` and `--health-cmd` see.
+fn command_env(
+    name: &PackageName,
+    tag: &Tag,
+    sha: Sha256Hash,
+    entry: &CachedPackage,
+) -> [(&'static str, String); 4] {
+    [
+        (
+            "FBPKG_PACKAGE_PATH",
+            entry.launch_path.to_string_lossy().into_owned(),
+        ),
+        ("FBPKG_PACKAGE_NAME", name.to_string()),
+        ("FBPKG_PACKAGE_HASH", sha.to_hex()),
+        ("FBPKG_PACKAGE_REF", key(name, tag)),
+    ]
+}
+
+/// Write the activation to the durable state and the live status.
+async fn record(agent: &Agent, k: &str, a: &Activation) {
+    let mut durable = agent.follows.durable.lock().await;
+    durable.follows.insert(k.to_owned(), a.clone());
+    let snapshot = durable.clone();
+    let dir = agent.state_dir().to_owned();
+    let saved = tokio::task::spawn_blocking(move || snapshot.save(&dir)).await;
+    drop(durable);
+    match saved {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::error!(error = %e, "cannot save follow state"),
+        Err(e) => tracing::error!(error = %e, "follow state task"),
+    }
+    agent.follows.update(k, |s| {
+        s.activated = Some(a.sha256);
+        s.state = Some(a.state);
+        s.detail.clone_from(&a.detail);
+    });
+}
+
+/// Run `sh -c cmd` in its own process group with `env`, output to `log`, for at most
+/// `timeout`. `Err` says how it failed: exit status or timeout, then the output's last lines.
+async fn run_command(
+    cmd: &str,
+    env: &[(&str, String)],
+    timeout: Duration,
+    log: &Path,
+) -> std::result::Result<(), String> {
+    let out = open_log(log).map_err(|e| e.to_string())?;
+    let err = out.try_clone().map_err(|e| e.to_string())?;
+    let mut child = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(cmd)
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .stdin(Stdio::null())
+        .stdout(out)
+        .stderr(err)
+        .process_group(0)
+        .spawn()
+        .map_err(|e| format!("cannot start sh: {e}"))?;
+    let deadline = tokio::time::Instant::now() + timeout;
+    let status = loop {
+        match child.try_wait() {
+            Ok(Some(s)) => break Ok(s),
+            Ok(None) if tokio::time::Instant::now() >= deadline => {
+                // The whole group: `sh -c` may have started children that hold on. kill(1),
+                // because this crate has no unsafe code to call kill(2) with.
+                let _ = std::process::Command::new("kill")
+                    .args(["-KILL", "--", &format!("-{}", child.id())])
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .status();
+                let _ = child.kill();
+                let _ = child.wait();
+                break Err(format!("timed out after {timeout:?} (killed)"));
+            }
+            Ok(None) => tokio::time::sleep(COMMAND_POLL).await,
+            Err(e) => break Err(format!("waiting: {e}")),
+        }
+    };
+    let what = match status {
+        Ok(s) if s.success() => return Ok(()),
+        Ok(s) => match (s.code(), s.signal()) {
+            (Some(c), _) => format!("exited with status {c}"),
+            (None, Some(sig)) => format!("killed by signal {sig}"),
+            _ => format!("{s}"),
+        },
+        Err(e) => e,
+    };
+    // The detail, status line included, fits a report.
+    let room = Report::MAX_DETAIL.saturating_sub(what.len() + 64);
+    let tail = log_tail(log, room);
+    Err(if tail.is_empty() {
+        what
+    } else {
+        format!("{what}; last output:\n{tail}")
+    })
+}
+
+fn open_log(log: &Path) -> std::io::Result<fs::File> {
+    if let Some(dir) = log.parent() {
+        fs::create_dir_all(dir)?;
+    }
+    fs::File::create(log)
+}
+
+/// The last whole lines of `log` within `max` bytes.
+fn log_tail(log: &Path, max: usize) -> String {
+    let Ok(mut f) = fs::File::open(log) else {
+        return String::new();
+    };
+    let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+    let start = len.saturating_sub(max as u64);
+    if f.seek(SeekFrom::Start(start)).is_err() {
+        return String::new();
+    }
+    let mut buf = Vec::new();
+    let _ = f.take(max as u64).read_to_end(&mut buf);
+    let mut text = String::from_utf8_lossy(&buf).into_owned();
+    if start > 0
+        && let Some(nl) = text.find('\n')
+    {
+        text.drain(..=nl);
+    }
+    // Lossy decoding may have grown it (a replacement character is 3 bytes).
+    while text.len() > max {
+        text.remove(0);
+    }
+    text.trim_end().to_owned()
+}
+
+impl Agent {
+    /// `name:sha` in the cache, verified: fetched through the engine when it is not there.
+    ///
+    /// Waits at most `wait` for a download: it goes on in the engine, and the follow comes
+    /// back to it after resolving again (the tag may have moved on meanwhile, e.g. an abort).
+    async fn cached(
+        &self,
+        name: &PackageName,
+        sha: &Sha256Hash,
+        wait: Duration,
+    ) -> Result<CachedPackage> {
+        if let Some(t) = self.engine.find(name, sha)
+            && let Phase::Seeding(entry) = t.current_phase()
+        {
+            return Ok(entry);
+        }
+        let t = self.start_fetch(name.as_str(), &sha.to_hex(), None).await?;
+        match tokio::time::timeout(wait, t.finished()).await {
+            Ok(Phase::Seeding(entry)) => Ok(entry),
+            Ok(Phase::Failed { kind, message }) => Err(PeerError::Remote { kind, message }),
+            Ok(other) => Err(PeerError::Agent(format!("download ended as {other:?}"))),
+            Err(_) => Err(PeerError::Agent(format!(
+                "still downloading ({}); checking again at the next interval",
+                t.status().phase
+            ))),
+        }
+    }
+}
+
+/// Where a command's log goes (for docs and tests).
+pub fn log_path(state_dir: &Path, name: &PackageName, tag: &Tag, what: &str) -> PathBuf {
+    state_dir
+        .join("follow-logs")
+        .join(format!("{name}-{tag}.{what}.log"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_command_gets_its_env_and_a_failure_says_status_and_last_lines() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("logs/x.log");
+        let env = [("FBPKG_PACKAGE_HASH", "abc".to_owned())];
+        run_command(
+            "test \"$FBPKG_PACKAGE_HASH\" = abc",
+            &env,
+            Duration::from_secs(10),
+            &log,
+        )
+        .await
+        .unwrap();
+        let err = run_command(
+            "for i in $(seq 1 2000); do echo line $i; done; echo oops >&2; exit 3",
+            &env,
+            Duration::from_secs(10),
+            &log,
+        )
+        .await
+        .unwrap_err();
+        assert!(err.starts_with("exited with status 3"), "{err}");
+        assert!(err.ends_with("line 2000\noops"), "{err}");
+        assert!(err.len() <= Report::MAX_DETAIL, "{}", err.len());
+        assert!(!err.contains("line 1\n"), "whole lines only: {err}");
+    }
+
+    #[tokio::test]
+    async fn a_command_past_its_timeout_is_killed_with_its_children() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("x.log");
+        let started = std::time::Instant::now();
+        let err = run_command(
+            "echo started; sleep 30 & sleep 30",
+            &[],
+            Duration::from_millis(300),
+            &log,
+        )
+        .await
+        .unwrap_err();
+        assert!(err.starts_with("timed out"), "{err}");
+        assert!(err.contains("started"), "{err}");
+        assert!(started.elapsed() < Duration::from_secs(10));
+    }
+}
