@@ -62,6 +62,20 @@ pub fn fbpkg_rs_command() -> Command {
     cmd
 }
 
+/// [`fbpkg_rs`] with `args` as literals followed by `tail` (paths, host flags): how the
+/// scenario tests spell a command and the host it runs as.
+pub async fn fbpkg_rs_then(
+    args: &[&str],
+    tail: &[std::ffi::OsString],
+    timeout: Duration,
+) -> CliOutput {
+    let all = args
+        .iter()
+        .map(std::ffi::OsString::from)
+        .chain(tail.iter().cloned());
+    fbpkg_rs(all, timeout).await
+}
+
 /// Run `fbpkg-rs ARGS` to completion. Panics when it cannot be started or takes longer than
 /// `timeout` (it is killed first).
 pub async fn fbpkg_rs<I, S>(args: I, timeout: Duration) -> CliOutput

@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use fbpkg_common::pkgref::{PackageName, Tag};
 use fbpkg_common::rollout::{HostId, bucket};
-use fbpkg_tests::{CliOutput, TrackerProcess, fbpkg_rs};
+use fbpkg_tests::{CliOutput, TrackerProcess, fbpkg_rs_then};
 use serde_json::Value;
 
 /// Longest one client command may take (everything here is answered from the cache or the
@@ -25,12 +25,7 @@ const CLI_TIMEOUT: Duration = Duration::from_secs(60);
 const TOKEN: &str = "right-token";
 
 async fn run(args: &[&str], tail: &[OsString]) -> CliOutput {
-    let all: Vec<OsString> = args
-        .iter()
-        .map(OsString::from)
-        .chain(tail.iter().cloned())
-        .collect();
-    fbpkg_rs(all, CLI_TIMEOUT).await
+    fbpkg_rs_then(args, tail, CLI_TIMEOUT).await
 }
 
 /// `--state-dir S --cache-dir C --tracker T`: one host without an agent.

@@ -22,7 +22,7 @@ use std::time::Duration;
 
 use fbpkg_common::pkgref::{PackageName, Tag};
 use fbpkg_common::rollout::{HostId, bucket};
-use fbpkg_tests::{AgentProcess, CliOutput, TrackerProcess, fbpkg_rs, wait_for};
+use fbpkg_tests::{AgentProcess, CliOutput, TrackerProcess, fbpkg_rs, fbpkg_rs_then, wait_for};
 use serde_json::Value;
 
 const CLI_TIMEOUT: Duration = Duration::from_secs(60);
@@ -31,12 +31,7 @@ const WAIT: Duration = Duration::from_secs(60);
 const TOKEN: &str = "right-token";
 
 async fn run(args: &[&str], tail: &[OsString]) -> CliOutput {
-    let all: Vec<OsString> = args
-        .iter()
-        .map(OsString::from)
-        .chain(tail.iter().cloned())
-        .collect();
-    fbpkg_rs(all, CLI_TIMEOUT).await
+    fbpkg_rs_then(args, tail, CLI_TIMEOUT).await
 }
 
 fn json(out: &CliOutput) -> Result<Value, String> {
