@@ -530,6 +530,19 @@ mod tests {
     use super::*;
     use crate::ErrorKind;
 
+    /// An HTTP request head, read up to its blank line (or what came before the peer stopped).
+    async fn read_head(s: &mut tokio::net::TcpStream) -> Vec<u8> {
+        let mut head = Vec::new();
+        let mut b = [0u8; 1024];
+        while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+            match s.read(&mut b).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => head.extend_from_slice(&b[..n]),
+            }
+        }
+        head
+    }
+
     /// A one-line HTTP server: answers the n-th request (from 0) with `answer(n)`.
     async fn serve(
         listener: TcpListener,
@@ -539,14 +552,7 @@ mod tests {
         let seen = count.clone();
         tokio::spawn(async move {
             while let Ok((mut s, _)) = listener.accept().await {
-                let mut head = Vec::new();
-                let mut b = [0u8; 1024];
-                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-                    match s.read(&mut b).await {
-                        Ok(0) | Err(_) => break,
-                        Ok(n) => head.extend_from_slice(&b[..n]),
-                    }
-                }
+                read_head(&mut s).await;
                 let (status, ctype, body) = answer(seen.fetch_add(1, Ordering::SeqCst));
                 let resp = format!(
                     "HTTP/1.1 {status} X\r\ncontent-type: {ctype}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
@@ -579,14 +585,7 @@ mod tests {
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
         tokio::spawn(async move {
             while let Ok((mut s, _)) = listener.accept().await {
-                let mut head = Vec::new();
-                let mut b = [0u8; 1024];
-                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-                    match s.read(&mut b).await {
-                        Ok(0) | Err(_) => break,
-                        Ok(n) => head.extend_from_slice(&b[..n]),
-                    }
-                }
+                let head = read_head(&mut s).await;
                 let line = String::from_utf8_lossy(&head)
                     .lines()
                     .next()

@@ -44,8 +44,8 @@ pub use tracker_process::TrackerProcess;
 use std::time::Duration;
 
 /// Poll `probe` until it answers `Ok`, at most `timeout` in all (a probe that hangs counts).
-/// `Err` carries what it saw, quoted in the panic when time runs out.
-pub async fn wait_for<T, F, Fut>(what: &str, timeout: Duration, mut probe: F) -> T
+/// `Err` says what was awaited and the last thing the probe saw.
+pub async fn poll<T, F, Fut>(what: &str, timeout: Duration, mut probe: F) -> Result<T, String>
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Result<T, String>>,
@@ -62,8 +62,32 @@ where
         }
     })
     .await;
-    match polled {
-        Ok(v) => v,
-        Err(_) => panic!("timed out after {timeout:?} waiting for {what}; last seen: {last}"),
-    }
+    polled.map_err(|_| format!("timed out after {timeout:?} waiting for {what}; last seen: {last}"))
+}
+
+/// [`poll`], panicking with what it saw when time runs out.
+pub async fn wait_for<T, F, Fut>(what: &str, timeout: Duration, probe: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, String>>,
+{
+    poll(what, timeout, probe)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// `--state-dir S --cache-dir C --tracker T`: a client with no agent behind `state`.
+pub fn host_args(
+    state: &std::path::Path,
+    cache: &std::path::Path,
+    tracker: &str,
+) -> Vec<std::ffi::OsString> {
+    vec![
+        "--state-dir".into(),
+        state.into(),
+        "--cache-dir".into(),
+        cache.into(),
+        "--tracker".into(),
+        tracker.into(),
+    ]
 }

@@ -21,7 +21,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use fbpkg_tests::{
-    AgentProcess, CliOutput, TrackerProcess, fbpkg_rs, http_client, publish, swarm_peers, wait_for,
+    AgentProcess, CliOutput, TrackerProcess, fbpkg_rs, host_args, http_client, publish,
+    swarm_peers, wait_for,
 };
 use rand::RngExt;
 use reqwest::StatusCode;
@@ -40,18 +41,6 @@ async fn run(args: &[&str], host: &[OsString]) -> CliOutput {
         .chain(host.iter().cloned())
         .collect();
     fbpkg_rs(all, CLI_TIMEOUT).await
-}
-
-/// `--state-dir S --cache-dir C --tracker T` for a client with no agent behind `state`.
-fn host(state: &Path, cache: &Path, tracker: &str) -> Vec<OsString> {
-    vec![
-        "--state-dir".into(),
-        state.into(),
-        "--cache-dir".into(),
-        cache.into(),
-        "--tracker".into(),
-        tracker.into(),
-    ]
 }
 
 /// The hash of a `name:<64 hex>` line, checking the shape.
@@ -294,8 +283,8 @@ async fn publish_and_get_through_agents_then_offline_from_the_cache() {
     let full = format!("treepkg:{tree_sha}");
     let fresh_state = base.join("fresh-state");
     for hosts in [
-        host(b.state_dir(), b.cache_dir(), &silent_url),
-        host(&fresh_state, b.cache_dir(), &silent_url),
+        host_args(b.state_dir(), b.cache_dir(), &silent_url),
+        host_args(&fresh_state, b.cache_dir(), &silent_url),
     ] {
         let out = run(&["get", &full], &hosts).await;
         assert!(out.success(), "offline get {full}: {out}");
@@ -313,8 +302,8 @@ async fn publish_and_get_through_agents_then_offline_from_the_cache() {
 
     // A prefix or a tag needs the tracker; unreachable, the cache answers with a warning.
     for hosts in [
-        host(b.state_dir(), b.cache_dir(), &dead_url),
-        host(&fresh_state, b.cache_dir(), &dead_url),
+        host_args(b.state_dir(), b.cache_dir(), &dead_url),
+        host_args(&fresh_state, b.cache_dir(), &dead_url),
     ] {
         for (reference, path) in [
             (tool_ref.as_str(), &tool_path),
@@ -339,21 +328,21 @@ async fn publish_and_get_through_agents_then_offline_from_the_cache() {
     let empty_cache = base.join("empty-cache");
     let out = run(
         &["get", "--stall-timeout", "2s", "treepkg:prod"],
-        &host(&fresh_state, &empty_cache, &dead_url),
+        &host_args(&fresh_state, &empty_cache, &dead_url),
     )
     .await;
     assert_eq!(out.code, Some(6), "get treepkg:prod, nothing cached: {out}");
     let missing_prefix = "treepkg:00000000";
     let out = run(
         &["get", "--stall-timeout", "2s", missing_prefix],
-        &host(&fresh_state, b.cache_dir(), &dead_url),
+        &host_args(&fresh_state, b.cache_dir(), &dead_url),
     )
     .await;
     assert_eq!(out.code, Some(6), "get {missing_prefix}: {out}");
     let missing_full = format!("treepkg:{}", "0".repeat(64));
     let out = run(
         &["get", "--stall-timeout", "2s", &missing_full],
-        &host(b.state_dir(), b.cache_dir(), &dead_url),
+        &host_args(b.state_dir(), b.cache_dir(), &dead_url),
     )
     .await;
     assert_eq!(out.code, Some(6), "get {missing_full} via the agent: {out}");
@@ -365,7 +354,7 @@ async fn get_exit_codes_without_an_agent() {
     let base = dirs.path();
     let tracker = TrackerProcess::start(&base.join("tracker")).unwrap();
     let url = tracker.base_url();
-    let hosts = host(&base.join("state"), &base.join("cache"), &url);
+    let hosts = host_args(&base.join("state"), &base.join("cache"), &url);
 
     for bad in [
         "",
@@ -479,7 +468,7 @@ async fn a_refused_publish_exits_7_and_leaves_nothing_behind() {
         ("through the agent", agent.host_args()),
         (
             "without an agent",
-            host(&base.join("lone-state"), &base.join("lone-cache"), &url),
+            host_args(&base.join("lone-state"), &base.join("lone-cache"), &url),
         ),
     ] {
         let out = run(
@@ -533,7 +522,7 @@ async fn an_agent_that_cannot_listen_says_so_and_exits_1() {
     let addr = taken.local_addr().unwrap().to_string();
     let out = run(
         &["agent", "--listen", &addr],
-        &host(
+        &host_args(
             &dirs.path().join("state"),
             &dirs.path().join("cache"),
             "http://127.0.0.1:9",

@@ -11,12 +11,11 @@
 //!   phase list 2 before any network.
 
 use std::ffi::OsString;
-use std::path::Path;
 use std::time::Duration;
 
 use fbpkg_common::pkgref::{PackageName, Tag};
 use fbpkg_common::rollout::{HostId, bucket};
-use fbpkg_tests::{CliOutput, TrackerProcess, fbpkg_rs_then};
+use fbpkg_tests::{CliOutput, TrackerProcess, fbpkg_rs_then, host_args};
 use serde_json::Value;
 
 /// Longest one client command may take (everything here is answered from the cache or the
@@ -26,18 +25,6 @@ const TOKEN: &str = "right-token";
 
 async fn run(args: &[&str], tail: &[OsString]) -> CliOutput {
     fbpkg_rs_then(args, tail, CLI_TIMEOUT).await
-}
-
-/// `--state-dir S --cache-dir C --tracker T`: one host without an agent.
-fn host(state: &Path, cache: &Path, tracker: &str) -> Vec<OsString> {
-    vec![
-        "--state-dir".into(),
-        state.into(),
-        "--cache-dir".into(),
-        cache.into(),
-        "--tracker".into(),
-        tracker.into(),
-    ]
 }
 
 fn published_hash(out: &CliOutput) -> String {
@@ -70,7 +57,7 @@ async fn a_rollout_resolves_per_host_and_is_steered_from_the_cli() {
     let url = tracker.base_url();
     // One cache holds both versions, so each `get` only resolves: what it prints is what the
     // tracker answered for the host id it sent.
-    let h = host(&base.join("state"), &base.join("cache"), &url);
+    let h = host_args(&base.join("state"), &base.join("cache"), &url);
     let conn: Vec<OsString> = vec![
         "--tracker".into(),
         url.clone().into(),

@@ -14,34 +14,12 @@ pub mod scene;
 pub mod stock;
 pub mod transmission;
 
+pub use fbpkg_tests::poll;
+
 use std::time::Duration;
 
 /// Longest a client may take to start answering its API.
 pub const START_TIMEOUT: Duration = Duration::from_secs(30);
-/// Pause between two probes.
-const POLL_INTERVAL: Duration = Duration::from_millis(50);
-
-/// Probe until it answers `Ok`, at most `timeout` in all (a probe that hangs counts). `Err`
-/// says what was awaited and the last thing the probe saw.
-pub async fn poll<T, F, Fut>(what: &str, timeout: Duration, mut probe: F) -> Result<T, String>
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Result<T, String>>,
-{
-    let mut last = String::from("nothing yet");
-    let polled = tokio::time::timeout(timeout, async {
-        loop {
-            match probe().await {
-                Ok(v) => return v,
-                Err(seen) => last = seen,
-            }
-            tokio::time::sleep(POLL_INTERVAL).await;
-        }
-    })
-    .await;
-    polled.map_err(|_| format!("timed out after {timeout:?} waiting for {what}; last seen: {last}"))
-}
-
 /// `true` (after saying so) when one of `binaries` is not installed: the cell is skipped.
 pub fn skip_without(binaries: &[&str]) -> bool {
     match binaries.iter().find(|b| !netns::on_path(b)) {
