@@ -32,8 +32,10 @@ use crate::archive::{self, ExtractLimits};
 use crate::error::{PeerError, Result};
 
 mod check;
+mod inuse;
 mod verify;
 
+pub use inuse::{Claim, InUse, USE_DIR};
 pub use verify::{QUARANTINE, QUARANTINE_KEEP, SEAL_FILE, Seal, VerifyReport};
 
 /// Metainfo kept in each entry.

@@ -1,0 +1,227 @@
+//! Which versions are in use by a running program, and when each was last launched.
+//!
+//! ```text
+//! <cache>/.use/<name>/<sha256>      one file per version ever launched
+//! ```
+//!
+//! A launcher opens the version's use file, takes a *shared* `flock` on it, sets its mtime
+//! (the last use: no fsync, so recording a launch costs the launch path a few syscalls and no
+//! disk flush), and clears close-on-exec so the program it execs keeps the lock for as long as
+//! it runs, and so does any child that inherits the descriptor. The lock belongs to the open
+//! file, not to a process: no agent or CLI restart releases it, only the last holder's exit.
+//!
+//! Eviction takes an *exclusive* lock without waiting ([`Cache::try_claim`]): it fails while
+//! any program holds the version. Holding the claim, it renames the entry out of the cache;
+//! a launcher that was waiting for its shared lock then finds the entry gone
+//! ([`Cache::hold`] checks after locking) and fetches again instead of running a removed tree.
+
+use std::fs::{self, File, OpenOptions, TryLockError};
+use std::os::fd::AsFd;
+use std::path::PathBuf;
+use std::time::SystemTime;
+
+use fbpkg_common::Sha256Hash;
+use fbpkg_common::pkgref::PackageName;
+
+use super::{Cache, CachedPackage};
+use crate::error::{PeerError, Result};
+
+/// Directory of the use files, under the cache root.
+pub const USE_DIR: &str = ".use";
+
+/// A shared hold on one version: while it (or a program that inherited it) lives, the version
+/// is not evicted.
+#[derive(Debug)]
+pub struct InUse {
+    file: File,
+    /// The entry as found once the lock was held.
+    pub package: CachedPackage,
+}
+
+impl InUse {
+    /// Let the program about to be exec'd (and its children) keep the hold: clears
+    /// close-on-exec on the lock's descriptor.
+    pub fn inherit(&self) -> Result<()> {
+        rustix::io::fcntl_setfd(self.file.as_fd(), rustix::io::FdFlags::empty()).map_err(|e| {
+            PeerError::io("keeping the cache lock across exec", PathBuf::from(USE_DIR))(
+                std::io::Error::from(e),
+            )
+        })
+    }
+}
+
+/// An exclusive claim on a version that no program is using: evict it while holding this.
+#[derive(Debug)]
+pub struct Claim {
+    _file: File,
+}
+
+impl Cache {
+    /// The use file of `name:sha256` (whether or not it exists).
+    pub fn use_path(&self, name: &PackageName, sha256: &Sha256Hash) -> PathBuf {
+        self.root
+            .join(USE_DIR)
+            .join(name.as_str())
+            .join(sha256.to_hex())
+    }
+
+    fn open_use(&self, name: &PackageName, sha256: &Sha256Hash) -> Result<File> {
+        let path = self.use_path(name, sha256);
+        let open = || {
+            OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .open(&path)
+        };
+        match open() {
+            Ok(f) => Ok(f),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                if let Some(dir) = path.parent() {
+                    fs::create_dir_all(dir).map_err(PeerError::io("creating", dir))?;
+                }
+                open().map_err(PeerError::io("opening", &path))
+            }
+            Err(e) => Err(PeerError::io("opening", &path)(e)),
+        }
+    }
+
+    /// Mark `name:sha256` as launched now and hold it in use. Waits while an eviction holds
+    /// the version; `Ok(None)` if the entry is not (or no longer) in the cache.
+    pub fn hold(&self, name: &PackageName, sha256: &Sha256Hash) -> Result<Option<InUse>> {
+        if self.lookup(name, sha256).is_none() {
+            return Ok(None);
+        }
+        let file = self.open_use(name, sha256)?;
+        let path = self.use_path(name, sha256);
+        file.lock_shared()
+            .map_err(PeerError::io("locking", &path))?;
+        // An eviction may have renamed the entry out while we waited for the lock.
+        let Some(package) = self.lookup(name, sha256) else {
+            return Ok(None);
+        };
+        // The last use, for LRU eviction. Best effort: a read-only use file still launches.
+        if let Err(e) = file.set_modified(SystemTime::now()) {
+            tracing::debug!(path = %path.display(), error = %e, "cannot record the launch time");
+        }
+        Ok(Some(InUse { file, package }))
+    }
+
+    /// Claim `name:sha256` for eviction, without waiting: `Ok(None)` while any program holds
+    /// it in use.
+    pub fn try_claim(&self, name: &PackageName, sha256: &Sha256Hash) -> Result<Option<Claim>> {
+        let file = self.open_use(name, sha256)?;
+        match file.try_lock() {
+            Ok(()) => Ok(Some(Claim { _file: file })),
+            Err(TryLockError::WouldBlock) => Ok(None),
+            Err(TryLockError::Error(e)) => {
+                Err(PeerError::io("locking", self.use_path(name, sha256))(e))
+            }
+        }
+    }
+
+    /// Whether a running program holds `name:sha256` (a snapshot: it may change at once).
+    pub fn in_use(&self, name: &PackageName, sha256: &Sha256Hash) -> bool {
+        let path = self.use_path(name, sha256);
+        let Ok(file) = File::open(&path) else {
+            return false;
+        };
+        matches!(file.try_lock(), Err(TryLockError::WouldBlock))
+    }
+
+    /// When `name:sha256` was last launched, or else installed (its entry's mtime).
+    pub fn last_use(&self, name: &PackageName, sha256: &Sha256Hash) -> Option<SystemTime> {
+        fs::metadata(self.use_path(name, sha256))
+            .and_then(|m| m.modified())
+            .or_else(|_| fs::metadata(self.entry_dir(name, sha256)).and_then(|m| m.modified()))
+            .ok()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::archive::ExtractLimits;
+    use crate::cache::Handoff;
+    use crate::cache::tests::meta;
+    use fbpkg_common::metainfo::Format;
+
+    fn cached(root: &std::path::Path) -> (Cache, PackageName, Sha256Hash) {
+        let cache = Cache::new(root.join("cache"));
+        let data = root.join("tool.bin");
+        let bytes = b"#!/bin/sh\necho hi\n";
+        fs::write(&data, bytes).expect("write");
+        let meta = meta(bytes, "tool.bin", Format::Executable);
+        let name = PackageName::new("tool").expect("name");
+        cache
+            .install(
+                &name,
+                &meta,
+                &data,
+                Handoff::Copy,
+                &ExtractLimits::default(),
+            )
+            .expect("install");
+        (cache, name, meta.sha256)
+    }
+
+    #[test]
+    fn a_held_version_cannot_be_claimed_until_the_hold_ends() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (cache, name, sha) = cached(dir.path());
+        assert!(!cache.in_use(&name, &sha));
+        let hold = cache.hold(&name, &sha).expect("hold").expect("cached");
+        assert!(hold.package.launch_path.ends_with("tool.bin"));
+        assert!(cache.in_use(&name, &sha));
+        assert!(cache.try_claim(&name, &sha).expect("claim").is_none());
+        // A second launcher shares the version.
+        let second = cache.hold(&name, &sha).expect("hold").expect("cached");
+        drop(hold);
+        assert!(cache.try_claim(&name, &sha).expect("claim").is_none());
+        drop(second);
+        assert!(!cache.in_use(&name, &sha));
+        assert!(cache.try_claim(&name, &sha).expect("claim").is_some());
+    }
+
+    #[test]
+    fn hold_after_an_eviction_finds_nothing() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (cache, name, sha) = cached(dir.path());
+        let claim = cache.try_claim(&name, &sha).expect("claim").expect("free");
+        cache.remove(&name, &sha).expect("remove");
+        drop(claim);
+        assert!(cache.hold(&name, &sha).expect("hold").is_none());
+        let other = Sha256Hash([7; 32]);
+        assert!(cache.hold(&name, &other).expect("hold").is_none());
+    }
+
+    #[test]
+    fn a_launch_moves_the_last_use_forward() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (cache, name, sha) = cached(dir.path());
+        let installed = cache.last_use(&name, &sha).expect("install time");
+        let old = SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1_000_000);
+        drop(cache.hold(&name, &sha).expect("hold"));
+        File::options()
+            .write(true)
+            .open(cache.use_path(&name, &sha))
+            .and_then(|f| f.set_modified(old))
+            .expect("age the use file");
+        assert_eq!(cache.last_use(&name, &sha), Some(old));
+        drop(cache.hold(&name, &sha).expect("hold"));
+        assert!(cache.last_use(&name, &sha).expect("used") >= installed);
+    }
+
+    #[test]
+    fn inherit_clears_close_on_exec() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (cache, name, sha) = cached(dir.path());
+        let hold = cache.hold(&name, &sha).expect("hold").expect("cached");
+        let before = rustix::io::fcntl_getfd(hold.file.as_fd()).expect("getfd");
+        assert!(before.contains(rustix::io::FdFlags::CLOEXEC));
+        hold.inherit().expect("inherit");
+        let after = rustix::io::fcntl_getfd(hold.file.as_fd()).expect("getfd");
+        assert!(!after.contains(rustix::io::FdFlags::CLOEXEC));
+    }
+}
