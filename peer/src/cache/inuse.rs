@@ -4,9 +4,9 @@
 //! <cache>/.use/<name>/<sha256>      one file per version ever launched
 //! ```
 //!
-//! A launcher opens the version's use file, takes a *shared* `flock` on it, sets its mtime
-//! (the last use: no fsync, so recording a launch costs the launch path a few syscalls and no
-//! disk flush), and clears close-on-exec so the program it execs keeps the lock for as long as
+//! A launcher opens the version's use file, takes a *shared* `flock` on it, appends one byte
+//! (so the file's mtime is the last launch and its size the number of launches; no fsync, so
+//! recording a launch costs the launch path a few syscalls and no disk flush), and clears close-on-exec so the program it execs keeps the lock for as long as
 //! it runs, and so does any child that inherits the descriptor. The lock belongs to the open
 //! file, not to a process: no agent or CLI restart releases it, only the last holder's exit.
 //!
@@ -16,6 +16,7 @@
 //! ([`Cache::hold`] checks after locking) and fetches again instead of running a removed tree.
 
 use std::fs::{self, File, OpenOptions, TryLockError};
+use std::io::Write;
 use std::os::fd::AsFd;
 use std::path::PathBuf;
 use std::time::SystemTime;
@@ -70,9 +71,8 @@ impl Cache {
         let open = || {
             OpenOptions::new()
                 .read(true)
-                .write(true)
+                .append(true)
                 .create(true)
-                .truncate(false)
                 .open(&path)
         };
         match open() {
@@ -101,8 +101,9 @@ impl Cache {
         let Some(package) = self.lookup(name, sha256) else {
             return Ok(None);
         };
-        // The last use, for LRU eviction. Best effort: a read-only use file still launches.
-        if let Err(e) = file.set_modified(SystemTime::now()) {
+        // The last use and the launch count, for LRU eviction and metrics. Best effort: a
+        // full disk or a read-only use file still launches.
+        if let Err(e) = (&file).write_all(b"\n") {
             tracing::debug!(path = %path.display(), error = %e, "cannot record the launch time");
         }
         Ok(Some(InUse { file, package }))
@@ -128,6 +129,11 @@ impl Cache {
             return false;
         };
         matches!(file.try_lock(), Err(TryLockError::WouldBlock))
+    }
+
+    /// How many times `name:sha256` was launched.
+    pub fn launches(&self, name: &PackageName, sha256: &Sha256Hash) -> u64 {
+        fs::metadata(self.use_path(name, sha256)).map_or(0, |m| m.len())
     }
 
     /// When `name:sha256` was last launched, or else installed (its entry's mtime).
@@ -211,6 +217,7 @@ mod tests {
         assert_eq!(cache.last_use(&name, &sha), Some(old));
         drop(cache.hold(&name, &sha).expect("hold"));
         assert!(cache.last_use(&name, &sha).expect("used") >= installed);
+        assert_eq!(cache.launches(&name, &sha), 2);
     }
 
     #[test]
