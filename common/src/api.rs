@@ -56,6 +56,11 @@ pub struct VersionInfo {
     /// Tags currently pointing at this version.
     #[serde(default)]
     pub tags: Vec<Tag>,
+    /// A tag asked with `host=` while a rollout of it runs, by a host whose phase has not come
+    /// yet: the version it will move to. A following agent prefetches it, so its activation is
+    /// a local switch when its phase comes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prefetch: Option<Sha256Hash>,
 }
 
 impl VersionInfo {
@@ -72,6 +77,7 @@ impl VersionInfo {
             format: m.format.into(),
             published_at,
             tags: Vec::new(),
+            prefetch: None,
         }
     }
 }
@@ -260,6 +266,31 @@ pub struct Report {
     /// Last lines of output (at most [`Report::MAX_DETAIL`] bytes).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub detail: Option<String>,
+    /// Who on the host sends it: a following agent (the default) or a `get`.
+    #[serde(default, skip_serializing_if = "ReportSource::is_follow")]
+    pub source: ReportSource,
+    /// The host runs a health command after activating: until it says `healthy`, its
+    /// `activated` does not pass a gate.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub health_check: bool,
+}
+
+/// Who on a host sends a report.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ReportSource {
+    /// An agent following the tag: it activates and may check health.
+    #[default]
+    Follow,
+    /// `fbpkg-rs get` or `run`: handing the version to its caller is the activation, and there
+    /// is no health check to wait for.
+    Get,
+}
+
+impl ReportSource {
+    fn is_follow(&self) -> bool {
+        *self == ReportSource::Follow
+    }
 }
 
 impl Report {

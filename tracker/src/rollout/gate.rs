@@ -14,8 +14,11 @@
 //! - **halt** the moment the unhealthy hosts (latest report `unhealthy`) number more than the
 //!   budget (`max_failures`, a count or a percentage of the hosts in the phase);
 //! - **pass** when at least one host acts and every acting host is healthy, where `activated`
-//!   counts as healthy if no host in the phase ever reported `healthy` or `unhealthy` (a fleet
-//!   without health commands); the controller advances once a pass has held for the bake time;
+//!   counts as healthy for a host that does not run a health command (it never said
+//!   `health_check` nor reported `healthy` or `unhealthy`) if no host in the phase runs one (a
+//!   fleet without health commands), or if a `get` reported it (a host that only `get`s hands
+//!   the version to its caller and has no health command to wait for); the controller
+//!   advances once a pass has held for the bake time;
 //! - otherwise **wait**.
 
 use std::collections::HashMap;
@@ -31,8 +34,11 @@ pub(crate) struct HostVote {
     pub bucket: u16,
     pub state: HostState,
     pub detail: Option<String>,
-    /// It reported `healthy` or `unhealthy` at some point: it runs a health command.
+    /// It said it runs a health command (`health_check`), or reported `healthy` or
+    /// `unhealthy` at some point.
     pub health_seen: bool,
+    /// Its latest report came from a `get` (no health command to wait for).
+    pub by_get: bool,
 }
 
 impl HostVote {
@@ -103,13 +109,15 @@ pub(crate) fn judge(r: &Rollout, hosts: &HashMap<HostId, HostVote>) -> Verdict {
         ));
     }
     let health_used = in_phase.iter().any(|(_, v)| v.health_seen);
-    let good =
-        |s: HostState| s == HostState::Healthy || (!health_used && s == HostState::Activated);
+    let good = |v: &HostVote| {
+        v.state == HostState::Healthy
+            || (v.state == HostState::Activated && !v.health_seen && (!health_used || v.by_get))
+    };
     let mut acting = in_phase
         .iter()
         .filter(|(_, v)| v.state != HostState::Resolved)
         .peekable();
-    if acting.peek().is_some() && acting.all(|(_, v)| good(v.state)) {
+    if acting.peek().is_some() && acting.all(|(_, v)| good(v)) {
         Verdict::Pass
     } else {
         Verdict::Wait

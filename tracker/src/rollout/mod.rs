@@ -49,6 +49,7 @@ use crate::catalog::Catalog;
 use crate::error::TrackerError;
 pub use controller::run_controller;
 use gate::{HostVote, Verdict};
+pub use hosts::PerHost;
 pub use store::{FileStore, RolloutStore, TagRollouts};
 
 /// Finished rollouts kept per tag.
