@@ -27,8 +27,9 @@ use crate::rollout::wall_ms;
 const PEERS_SHOWN: usize = 200;
 /// Failed hosts listed per rollout (with their output); the counts are always complete.
 const FAILED_SHOWN: usize = 50;
-/// Finished rollouts listed per tag.
+/// Finished rollouts listed per tag, and in all.
 const HISTORY_SHOWN: usize = 3;
+const HISTORY_ROWS: usize = 150;
 
 /// Escape text for HTML element content and quoted attribute values.
 pub(crate) fn escape(s: &str) -> String {
@@ -205,12 +206,14 @@ fn short(h: &Sha256Hash) -> String {
     h.to_hex()[..12].to_owned()
 }
 
-fn ago(now_ms: u64, then_ms: u64) -> String {
+/// Whole seconds from `then_ms` to `now_ms`, for a human.
+fn since(now_ms: u64, then_ms: u64) -> String {
     let secs = now_ms.saturating_sub(then_ms) / 1000;
-    format!(
-        "{} ago",
-        humantime::format_duration(Duration::from_secs(secs))
-    )
+    humantime::format_duration(Duration::from_secs(secs)).to_string()
+}
+
+fn ago(now_ms: u64, then_ms: u64) -> String {
+    format!("{} ago", since(now_ms, then_ms))
 }
 
 fn phase_label(p: &Phase) -> String {
@@ -257,7 +260,7 @@ fn rollouts(h: &mut String, active: &[RolloutView], history: &[Rollout], now_ms:
         return;
     }
     h.push_str("<h3>Finished</h3><table id=\"rollout-history\"><tr><th>rollout</th><th>versions</th><th>phases</th><th>state</th><th>ended</th></tr>");
-    for r in history {
+    for r in history.iter().take(HISTORY_ROWS) {
         let st = rollout_state_label(&r.state);
         let why = match &r.state {
             RolloutState::Aborted { reason } => format!(": {}", escape(reason)),
@@ -276,6 +279,13 @@ fn rollouts(h: &mut String, active: &[RolloutView], history: &[Rollout], now_ms:
         );
     }
     h.push_str("</table>");
+    if history.len() > HISTORY_ROWS {
+        let _ = write!(
+            h,
+            "<p class=\"muted\">and {} more: <code>fbpkg-rs rollout status NAME:TAG</code></p>",
+            history.len() - HISTORY_ROWS
+        );
+    }
 }
 
 fn rollout_view(h: &mut String, v: &RolloutView, now_ms: u64) {
@@ -296,7 +306,7 @@ fn rollout_view(h: &mut String, v: &RolloutView, now_ms: u64) {
         ago(now_ms, r.started_at)
     );
     if let RolloutState::Running { phase_started } = r.state {
-        let _ = write!(h, ", in this phase since {}", ago(now_ms, phase_started));
+        let _ = write!(h, ", in this phase for {}", since(now_ms, phase_started));
     }
     h.push_str("</p>");
     if let RolloutState::Halted { reason } = &r.state {
