@@ -324,6 +324,29 @@ pub struct PhaseCounts {
     pub unhealthy: usize,
 }
 
+/// Derived counts, for views that draw a phase's progress as bars out of [`PhaseCounts::hosts`].
+/// Methods rather than fields: the wire format stays the five exclusive counts above, so the
+/// derived ones can never disagree with them.
+impl PhaseCounts {
+    /// Every host counted in the phase, whatever it last said.
+    pub fn hosts(&self) -> usize {
+        self.resolved + self.fetched + self.activated + self.healthy + self.unhealthy
+    }
+
+    /// Hosts with the version on disk: latest report `fetched` or later. An agent reports
+    /// `unhealthy` only after fetching (its `--on-change` or health command failed), so failed
+    /// hosts count too. Hosts in later phases prefetch, so this is where their progress shows.
+    pub fn prefetched(&self) -> usize {
+        self.fetched + self.activated + self.healthy + self.unhealthy
+    }
+
+    /// Hosts switched to the version and not failed: latest report `activated` or `healthy`.
+    /// A host whose health command failed after activating is counted in `unhealthy` only.
+    pub fn switched(&self) -> usize {
+        self.activated + self.healthy
+    }
+}
+
 /// A host whose latest report is unhealthy.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FailedHost {
@@ -378,5 +401,26 @@ mod zone_opt {
         Option::<String>::deserialize(d)?
             .map(|s| Zone::new(&s).map_err(serde::de::Error::custom))
             .transpose()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn phase_counts_derive_hosts_prefetched_and_switched() {
+        let c = PhaseCounts {
+            phase: None,
+            resolved: 1,
+            fetched: 2,
+            activated: 3,
+            healthy: 4,
+            unhealthy: 5,
+        };
+        assert_eq!(c.hosts(), 15);
+        assert_eq!(c.prefetched(), 14, "all but the host that only resolved");
+        assert_eq!(c.switched(), 7);
+        assert_eq!(PhaseCounts::default().hosts(), 0);
     }
 }

@@ -166,3 +166,81 @@ pub(crate) fn progress(
     failed.sort_by(|a, b| a.host.cmp(&b.host));
     (counts, waiting, failed)
 }
+
+#[cfg(test)]
+mod tests {
+    use fbpkg_common::Sha256Hash;
+    use fbpkg_common::api::RolloutState;
+    use fbpkg_common::pkgref::{PackageName, Tag};
+    use fbpkg_common::rollout::{MaxFailures, Phase};
+
+    use super::*;
+
+    fn vote(zone: Option<&str>, state: HostState) -> HostVote {
+        HostVote {
+            zone: zone.map(|z| Zone::new(z).expect("a valid zone")),
+            bucket: 9_999,
+            state,
+            detail: (state == HostState::Unhealthy).then(|| "exit 1".to_owned()),
+            health_seen: matches!(state, HostState::Healthy | HostState::Unhealthy),
+            by_get: false,
+        }
+    }
+
+    #[test]
+    fn progress_counts_later_phases_prefetch_in_their_own_row() {
+        let r = Rollout {
+            id: 1,
+            name: PackageName::new("app").expect("a valid name"),
+            tag: Tag::new("prod").expect("a valid tag"),
+            from: Some(Sha256Hash([1; 32])),
+            to: Sha256Hash([2; 32]),
+            phases: vec![
+                "zone:dc1".parse::<Phase>().expect("a valid phase"),
+                Phase::Percent(100),
+            ],
+            bake_ms: 0,
+            max_failures: MaxFailures::Count(1),
+            phase: 0,
+            state: RolloutState::Running { phase_started: 0 },
+            started_at: 0,
+            updated_at: 0,
+        };
+        let hosts: HashMap<HostId, HostVote> = [
+            ("a", vote(Some("dc1/r1"), HostState::Healthy)),
+            ("b", vote(Some("dc1/r2"), HostState::Unhealthy)),
+            ("c", vote(Some("dc2"), HostState::Fetched)),
+            ("d", vote(None, HostState::Resolved)),
+        ]
+        .into_iter()
+        .map(|(h, v)| (HostId::new(h).expect("a valid host id"), v))
+        .collect();
+        let (counts, waiting, failed) = progress(&r, &hosts);
+        assert_eq!(
+            (
+                counts[0].hosts(),
+                counts[0].prefetched(),
+                counts[0].switched()
+            ),
+            (2, 2, 1)
+        );
+        assert_eq!((counts[0].healthy, counts[0].unhealthy), (1, 1));
+        assert_eq!(
+            (
+                counts[1].hosts(),
+                counts[1].prefetched(),
+                counts[1].switched()
+            ),
+            (2, 1, 0),
+            "the later phase's hosts show their prefetch"
+        );
+        assert_eq!(waiting, 2);
+        assert_eq!(failed.len(), 1);
+        assert_eq!((failed[0].host.as_str(), failed[0].phase), ("b", 0));
+        assert_eq!(
+            judge(&r, &hosts),
+            Verdict::Wait,
+            "one failure is within the budget"
+        );
+    }
+}

@@ -487,6 +487,19 @@ impl Rollouts {
         inner.tags.values().filter_map(view).collect()
     }
 
+    /// The last `per_tag` finished rollouts (and plain tag moves) of every tag: tags in name
+    /// order, newest first within a tag.
+    pub fn recent_history(&self, per_tag: usize) -> Vec<Rollout> {
+        let Ok(inner) = lock(&self.inner) else {
+            return Vec::new();
+        };
+        inner
+            .tags
+            .values()
+            .flat_map(|e| e.rec.history.iter().rev().take(per_tag).cloned())
+            .collect()
+    }
+
     /// One tag's active rollout and history (`None`: nothing recorded for it).
     pub fn status(&self, name: &PackageName, tag: &Tag) -> Option<RolloutStatus> {
         let inner = lock(&self.inner).ok()?;
