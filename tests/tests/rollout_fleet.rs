@@ -23,9 +23,10 @@
 //!    outside the phases reached) are killed -9 and restarted: they keep their activation and
 //!    run no `--on-change`. The tracker is killed -9: every host's `get app:prod` answers the
 //!    version it last activated, with a warning (v2 outside the phases: never v3, which it
-//!    never had). The tracker restarts on the same data dir and port: same rollout, paused, same
-//!    phase. `resume`, then kill -9 again while it runs: it comes back running in that phase,
-//!    goes on to done, and every host ends on v3.
+//!    may have prefetched but never ran). The tracker restarts on the same data dir and port:
+//!    same rollout, paused, same phase. `resume`, then kill -9 again while it runs: it comes back
+//!    running in that phase and goes on to done (the hosts that had switched say so again, see
+//!    `restate` in `peer/src/agent/follow.rs`), and every host ends on v3.
 //!
 //! What `rollout_follow.rs` checks with four hosts (health output details, the follow table)
 //! is not repeated here.
@@ -38,9 +39,7 @@ use std::time::{Duration, Instant};
 
 use fbpkg_common::pkgref::{PackageName, Tag};
 use fbpkg_common::rollout::{HostId, Phase, bucket, first_phase};
-use fbpkg_tests::{
-    AgentProcess, CliOutput, TrackerProcess, fbpkg_rs_then, http_client, poll,
-};
+use fbpkg_tests::{AgentProcess, CliOutput, TrackerProcess, fbpkg_rs_then, http_client, poll};
 use serde_json::Value;
 use tokio::task::JoinSet;
 
@@ -242,7 +241,11 @@ impl Fleet {
         };
         let v1 = fleet.v[0].clone();
         fleet.wait_activations(|_| vec![v1.clone()]).await;
-        eprintln!("fleet of {} up on v1 in {:?}", fleet.hosts.len(), started.elapsed());
+        eprintln!(
+            "fleet of {} up on v1 in {:?}",
+            fleet.hosts.len(),
+            started.elapsed()
+        );
         fleet
     }
 
@@ -284,7 +287,12 @@ impl Fleet {
     /// The same from the API directly: what the polls read (a request, not a process).
     async fn status_api(&self) -> Result<Value, String> {
         let url = format!("{}/api/v1/rollouts/app/prod", self.url);
-        let resp = self.http.get(&url).send().await.map_err(|e| e.to_string())?;
+        let resp = self
+            .http
+            .get(&url)
+            .send()
+            .await
+            .map_err(|e| e.to_string())?;
         if !resp.status().is_success() {
             return Err(format!("{url}: {}", resp.status()));
         }
@@ -329,7 +337,13 @@ impl Fleet {
         };
         let mut out = format!("=== rollout status\n{status}\n");
         for h in &self.hosts {
-            let tail: Vec<String> = h.agent.log_lines().into_iter().rev().take(TAIL_LINES).collect();
+            let tail: Vec<String> = h
+                .agent
+                .log_lines()
+                .into_iter()
+                .rev()
+                .take(TAIL_LINES)
+                .collect();
             out += &format!(
                 "=== {} (phase {}), activations {:?}, log tail:\n",
                 h.id,
@@ -382,9 +396,20 @@ impl Fleet {
         for h in &self.hosts {
             let env = h.current_env();
             let last = want(h).last().cloned().unwrap_or_default();
-            assert_eq!(env.get("FBPKG_PACKAGE_HASH"), Some(&last), "{}: {env:?}", h.id);
-            assert_eq!(env.get("FBPKG_PACKAGE_NAME").map(String::as_str), Some("app"));
-            assert_eq!(env.get("FBPKG_PACKAGE_REF").map(String::as_str), Some("app:prod"));
+            assert_eq!(
+                env.get("FBPKG_PACKAGE_HASH"),
+                Some(&last),
+                "{}: {env:?}",
+                h.id
+            );
+            assert_eq!(
+                env.get("FBPKG_PACKAGE_NAME").map(String::as_str),
+                Some("app")
+            );
+            assert_eq!(
+                env.get("FBPKG_PACKAGE_REF").map(String::as_str),
+                Some("app:prod")
+            );
             let path = env.get("FBPKG_PACKAGE_PATH").expect("FBPKG_PACKAGE_PATH");
             assert!(Path::new(path).exists(), "{}: {path} does not exist", h.id);
         }
@@ -394,18 +419,23 @@ impl Fleet {
     async fn wait_resolving(&self, hosts: &[&Host], more: u64, want: &str) {
         let mut from = Vec::new();
         for h in hosts {
-            let f = self.wait(&format!("{} follow status", h.id), || h.follow()).await;
+            let f = self
+                .wait(&format!("{} follow status", h.id), || h.follow())
+                .await;
             from.push(f["resolves"].as_u64().unwrap_or(0));
         }
         for (h, from) in hosts.iter().zip(from) {
-            self.wait(&format!("{} to resolve {more} more times", h.id), || async {
-                let f = h.follow().await?;
-                if f["resolves"].as_u64().unwrap_or(0) >= from + more {
-                    Ok(f)
-                } else {
-                    Err(f.to_string())
-                }
-            })
+            self.wait(
+                &format!("{} to resolve {more} more times", h.id),
+                || async {
+                    let f = h.follow().await?;
+                    if f["resolves"].as_u64().unwrap_or(0) >= from + more {
+                        Ok(f)
+                    } else {
+                        Err(f.to_string())
+                    }
+                },
+            )
             .await;
             let f = h.follow().await.unwrap();
             assert_eq!(f["resolved"], want, "{}: {f}", h.id);
@@ -517,18 +547,21 @@ async fn a_fleet_of_twelve_carries_rollouts_through_halt_abort_and_kills() {
     let id = fleet.start_rollout(&v3, "60s").await;
     let first_ids: Vec<&str> = first.iter().map(|h| h.id.as_str()).collect();
     let halted = fleet
-        .wait("the rollout to v3 to halt with every first-phase host failed", || async {
-            let s = fleet.status_api().await?;
-            let failed: Vec<&str> = s["current"]["failed_hosts"]
-                .as_array()
-                .map(|f| f.iter().filter_map(|h| h["host"].as_str()).collect())
-                .unwrap_or_default();
-            if s["current"]["state"] == "halted" && failed.len() == first_ids.len() {
-                Ok(s)
-            } else {
-                Err(s.to_string())
-            }
-        })
+        .wait(
+            "the rollout to v3 to halt with every first-phase host failed",
+            || async {
+                let s = fleet.status_api().await?;
+                let failed: Vec<&str> = s["current"]["failed_hosts"]
+                    .as_array()
+                    .map(|f| f.iter().filter_map(|h| h["host"].as_str()).collect())
+                    .unwrap_or_default();
+                if s["current"]["state"] == "halted" && failed.len() == first_ids.len() {
+                    Ok(s)
+                } else {
+                    Err(s.to_string())
+                }
+            },
+        )
         .await;
     let current = &halted["current"];
     assert_eq!(current["id"], id, "{halted}");
@@ -565,7 +598,10 @@ async fn a_fleet_of_twelve_carries_rollouts_through_halt_abort_and_kills() {
         .await;
     fleet.wait_follow_state(&first, &v3, "unhealthy").await;
     let table = fleet.cli(&["rollout", "status", "app:prod"]).await;
-    assert!(table.success() && table.stdout.contains("halted"), "{table}");
+    assert!(
+        table.success() && table.stdout.contains("halted"),
+        "{table}"
+    );
 
     // 4. Abort: the first phase goes back to v2, running --on-change again.
     step("abort");
@@ -573,7 +609,10 @@ async fn a_fleet_of_twelve_carries_rollouts_through_halt_abort_and_kills() {
         std::fs::remove_file(h.marker()).unwrap();
     }
     let aborted = fleet.cli(&["rollout", "abort", "app:prod"]).await;
-    assert!(aborted.success() && aborted.line().contains("aborted"), "{aborted}");
+    assert!(
+        aborted.success() && aborted.line().contains("aborted"),
+        "{aborted}"
+    );
     fleet
         .wait_activations(|h| {
             let mut a = vec![v1.clone(), v2.clone()];
@@ -651,14 +690,17 @@ async fn a_fleet_of_twelve_carries_rollouts_through_halt_abort_and_kills() {
         let h = &fleet.hosts[i];
         let want = if on_v3(h) { &v3 } else { &v2 };
         fleet
-            .wait(&format!("restarted {} to resolve 3 times", h.id), || async {
-                let f = h.follow().await?;
-                if f["resolves"].as_u64().unwrap_or(0) >= 3 && f["resolved"] == want.as_str() {
-                    Ok(())
-                } else {
-                    Err(f.to_string())
-                }
-            })
+            .wait(
+                &format!("restarted {} to resolve 3 times", h.id),
+                || async {
+                    let f = h.follow().await?;
+                    if f["resolves"].as_u64().unwrap_or(0) >= 3 && f["resolved"] == want.as_str() {
+                        Ok(())
+                    } else {
+                        Err(f.to_string())
+                    }
+                },
+            )
             .await;
         let f = h.follow().await.unwrap();
         assert_eq!(f["activated"], want.as_str(), "{}: {f}", h.id);
@@ -703,15 +745,18 @@ async fn a_fleet_of_twelve_carries_rollouts_through_halt_abort_and_kills() {
 
     step("on to done");
     fleet
-        .wait("the rollout to v3 to be done after the restarts", || async {
-            let s = fleet.status_api().await?;
-            let last = history_last(&s);
-            if s["current"].is_null() && last["id"] == id && last["state"] == "done" {
-                Ok(())
-            } else {
-                Err(s.to_string())
-            }
-        })
+        .wait(
+            "the rollout to v3 to be done after the restarts",
+            || async {
+                let s = fleet.status_api().await?;
+                let last = history_last(&s);
+                if s["current"].is_null() && last["id"] == id && last["state"] == "done" {
+                    Ok(())
+                } else {
+                    Err(s.to_string())
+                }
+            },
+        )
         .await;
     fleet
         .wait_activations(|h| {
