@@ -32,10 +32,18 @@ impl TrackerProcess {
 
     /// [`Self::start`] with more `fbpkg-rs tracker` flags, e.g. `["--publish-token", "t"]`.
     pub fn start_with_args(data_dir: &Path, extra: &[&str]) -> io::Result<Self> {
+        Self::start_on(SocketAddr::from(([127, 0, 0, 1], 0)), data_dir, extra)
+    }
+
+    /// [`Self::start_with_args`] on `listen`: how a scenario restarts a killed tracker where
+    /// its clients already point (it binds with `SO_REUSEADDR`, so the old connections in
+    /// TIME_WAIT do not keep it out).
+    pub fn start_on(listen: SocketAddr, data_dir: &Path, extra: &[&str]) -> io::Result<Self> {
         // A clean environment: the operator's `FBPKG_*` must not reconfigure the tracker under
         // test, and the `tracker listening` line is info level whatever RUST_LOG says.
         let mut cmd = fbpkg_rs_command();
-        cmd.args(["--log", "info", "tracker", "--listen", "127.0.0.1:0"])
+        cmd.args(["--log", "info", "tracker", "--listen"])
+            .arg(listen.to_string())
             .arg("--data-dir")
             .arg(data_dir)
             .args(extra)

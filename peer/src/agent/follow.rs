@@ -4,6 +4,8 @@
 //!
 //! ```text
 //! resolve NAME:TAG as this host (host id + zone)
+//!   -> while the tracker counts this host's reports for a rollout, say again where it
+//!      stands on the version it runs (see [`restate`])
 //!   -> send the reports still pending (the tracker counts a report only from the address
 //!      the host id last resolved from, so reports go after a resolve)
 //!   -> if a rollout is under way and this host's phase has not come (the answer names a
@@ -212,6 +214,8 @@ pub async fn follow(
             .as_ref()
             .is_some_and(|a| a.state == HostState::Activated);
     let mut fetched_reported: Option<Sha256Hash> = None;
+    // The tracker counted the last report sent: a rollout is listening to this host.
+    let mut counted = false;
     let mut tick = tokio::time::interval(config.interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -229,7 +233,10 @@ pub async fn follow(
                 s.resolved = Some(sha);
                 s.resolves += 1;
             });
-            let mut err = flush(&tracker, &mut pending).await;
+            if let Some(again) = restate(&config, &name, active.as_ref(), sha, counted, &pending) {
+                push(&mut pending, again);
+            }
+            let mut err = flush(&tracker, &mut pending, &mut counted).await;
             if let Some(next) = v.prefetch.filter(|p| *p != sha)
                 && fetched_reported != Some(next)
                 && agent.prefetch(&name, &next, config.prefetch).await
@@ -259,7 +266,7 @@ pub async fn follow(
                 check_health(&agent, &config, &name, &tag, &entry, a, &mut pending).await;
             }
             recheck = false;
-            if let Some(e) = flush(&tracker, &mut pending).await {
+            if let Some(e) = flush(&tracker, &mut pending, &mut counted).await {
                 err = Some(e);
             }
             match err {
@@ -308,11 +315,39 @@ fn push(pending: &mut VecDeque<Report>, r: Report) {
     pending.push_back(r);
 }
 
-/// Send pending reports in order; the first failure stops and is returned.
-async fn flush(tracker: &TrackerClient, pending: &mut VecDeque<Report>) -> Option<String> {
+/// The report to send again this pass, if any: this host's state on `resolved`, when that
+/// is the version it runs, nothing else is pending, and the tracker `counted` the last report.
+///
+/// The tracker keeps what hosts report in memory only. A tracker restarted mid-rollout knows
+/// the rollout and its phase but not that the phase's hosts are healthy; hosts that already
+/// switched had nothing new to say, so its gate waited for ever. Saying it again each pass
+/// while a rollout counts it (a repeat is one vote) costs one small request per interval for
+/// the rollout's length only: once the rollout ends, the answer counts for nothing and the
+/// host stops.
+fn restate(
+    config: &FollowConfig,
+    name: &PackageName,
+    active: Option<&Activation>,
+    resolved: Sha256Hash,
+    counted: bool,
+    pending: &VecDeque<Report>,
+) -> Option<Report> {
+    let a = active.filter(|a| a.sha256 == resolved)?;
+    (counted && pending.is_empty())
+        .then(|| report(config, name, a.sha256, a.state, a.detail.clone()))
+}
+
+/// Send pending reports in order; the first failure stops and is returned. `counted` says
+/// whether the tracker counted the last one sent for a rollout.
+async fn flush(
+    tracker: &TrackerClient,
+    pending: &mut VecDeque<Report>,
+    counted: &mut bool,
+) -> Option<String> {
     while let Some(r) = pending.front() {
         match tracker.report(r).await {
-            Ok(_) => {
+            Ok(ack) => {
+                *counted = !ack.counted_for.is_empty();
                 pending.pop_front();
             }
             Err(e) => return Some(format!("report {:?}: {e}", r.state)),
@@ -611,6 +646,49 @@ mod tests {
         assert!(err.ends_with("line 2000\noops"), "{err}");
         assert!(err.len() <= Report::MAX_DETAIL, "{}", err.len());
         assert!(!err.contains("line 1\n"), "whole lines only: {err}");
+    }
+
+    #[test]
+    fn a_counted_state_is_said_again_only_for_the_version_running_with_nothing_pending() {
+        let name = PackageName::new("app").unwrap();
+        let (v1, v2) = (
+            Sha256Hash::from_hex(&"01".repeat(32)).unwrap(),
+            Sha256Hash::from_hex(&"02".repeat(32)).unwrap(),
+        );
+        let config = FollowConfig {
+            follows: vec![(name.clone(), Tag::new("prod").unwrap())],
+            asker: Asker {
+                host: fbpkg_common::rollout::HostId::new("h-1").unwrap(),
+                zone: None,
+            },
+            on_change: None,
+            health_cmd: Some("true".into()),
+            health_timeout: Duration::from_secs(1),
+            interval: Duration::from_secs(1),
+            prefetch: Prefetch::Off,
+        };
+        let unhealthy = Activation {
+            sha256: v2,
+            state: HostState::Unhealthy,
+            detail: Some("health exited with status 1".into()),
+        };
+        let none = VecDeque::new();
+        let again = restate(&config, &name, Some(&unhealthy), v2, true, &none).unwrap();
+        assert_eq!(
+            (again.hash, again.state, again.detail.as_deref()),
+            (
+                v2,
+                HostState::Unhealthy,
+                Some("health exited with status 1")
+            )
+        );
+        assert_eq!(again.host.as_str(), "h-1");
+        // Not counted (no rollout listens), something newer to send, or about to switch.
+        assert!(restate(&config, &name, Some(&unhealthy), v2, false, &none).is_none());
+        let pending = VecDeque::from([again]);
+        assert!(restate(&config, &name, Some(&unhealthy), v2, true, &pending).is_none());
+        assert!(restate(&config, &name, Some(&unhealthy), v1, true, &none).is_none());
+        assert!(restate(&config, &name, None, v2, true, &none).is_none());
     }
 
     #[test]
