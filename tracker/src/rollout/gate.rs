@@ -19,6 +19,10 @@
 //!   fleet without health commands), or if a `get` reported it (a host that only `get`s hands
 //!   the version to its caller and has no health command to wait for); the controller
 //!   advances once a pass has held for the bake time;
+//! - **pass** too when the phase holds none of the hosts seen so far (and some were seen):
+//!   a 1% phase of a 16-host fleet is usually empty, and would otherwise hold the rollout
+//!   for ever; the bake still applies, and a host of the phase that resolves meanwhile breaks
+//!   the pass until it reports;
 //! - otherwise **wait**.
 
 use std::collections::HashMap;
@@ -113,6 +117,15 @@ pub(crate) fn judge(r: &Rollout, hosts: &HashMap<HostId, HostVote>) -> Verdict {
         v.state == HostState::Healthy
             || (v.state == HostState::Activated && !v.health_seen && (!health_used || v.by_get))
     };
+    // A phase that holds none of the hosts seen (a 1% canary of a small fleet) has nothing to
+    // wait for. It still bakes: a host of the phase that shows up meanwhile breaks the pass.
+    if in_phase.is_empty() {
+        return if hosts.is_empty() {
+            Verdict::Wait
+        } else {
+            Verdict::Pass
+        };
+    }
     let mut acting = in_phase
         .iter()
         .filter(|(_, v)| v.state != HostState::Resolved)
@@ -187,9 +200,8 @@ mod tests {
         }
     }
 
-    #[test]
-    fn progress_counts_later_phases_prefetch_in_their_own_row() {
-        let r = Rollout {
+    fn rollout() -> Rollout {
+        Rollout {
             id: 1,
             name: PackageName::new("app").expect("a valid name"),
             tag: Tag::new("prod").expect("a valid tag"),
@@ -205,7 +217,26 @@ mod tests {
             state: RolloutState::Running { phase_started: 0 },
             started_at: 0,
             updated_at: 0,
-        };
+        }
+    }
+
+    #[test]
+    fn a_phase_that_holds_none_of_the_hosts_seen_passes() {
+        let r = rollout();
+        let mut hosts = HashMap::new();
+        assert_eq!(judge(&r, &hosts), Verdict::Wait, "nobody seen yet");
+        let id = |h: &str| HostId::new(h).expect("a valid host id");
+        hosts.insert(id("far"), vote(Some("dc2"), HostState::Fetched));
+        assert_eq!(judge(&r, &hosts), Verdict::Pass, "dc1 holds none of them");
+        hosts.insert(id("near"), vote(Some("dc1"), HostState::Resolved));
+        assert_eq!(judge(&r, &hosts), Verdict::Wait, "a dc1 host showed up");
+        hosts.insert(id("near"), vote(Some("dc1"), HostState::Healthy));
+        assert_eq!(judge(&r, &hosts), Verdict::Pass);
+    }
+
+    #[test]
+    fn progress_counts_later_phases_prefetch_in_their_own_row() {
+        let r = rollout();
         let hosts: HashMap<HostId, HostVote> = [
             ("a", vote(Some("dc1/r1"), HostState::Healthy)),
             ("b", vote(Some("dc1/r2"), HostState::Unhealthy)),
