@@ -140,6 +140,10 @@ pub mod exit {
     pub const TRACKER: u8 = 6;
     /// The tracker refused the publish token (or wants one).
     pub const UNAUTHORIZED: u8 = 7;
+    /// No room: the package does not fit the cache budget (`agent --cache-max-size`) even
+    /// after evicting every version that may go, or the disk filled up. The cache is left as
+    /// it was.
+    pub const NO_SPACE: u8 = 8;
 }
 
 /// Install the tracing subscriber: human-readable lines on stderr.

@@ -904,8 +904,9 @@ impl Conn {
         }
         if let Some(e) = failed {
             // Disk full or gone: nothing downloaded from here on could be kept.
+            let kind = crate::error::io_kind(&e);
             self.t.fail(
-                crate::error::ErrorKind::Io,
+                kind,
                 format!("cannot write a block: {e}"),
             );
             return Err(End::Io(e));
