@@ -28,9 +28,10 @@ use tokio::sync::broadcast::error::RecvError;
 use tokio_util::sync::CancellationToken;
 
 use super::Agent;
+use super::follow::FollowStatus;
 use crate::cache::budget::{VersionKey, protect};
 use crate::cache::{Budget, Cache, KeepReason, Protected, SweepReport};
-use crate::engine::Engine;
+use crate::engine::{Engine, TorrentStatus};
 use crate::error::{PeerError, Result};
 
 /// Longest `--cache-sweep-interval`: a budget checked less often than hourly is no budget.
@@ -68,6 +69,43 @@ impl Default for CacheLife {
     }
 }
 
+/// What must stay, from what the agent's follows and torrents say: each followed tag's
+/// current resolution and last activation, and every download in progress. `cache ls` asks
+/// the agent for the same two lists and shows the same reasons.
+pub fn protected_from(
+    follows: &[FollowStatus],
+    torrents: &[TorrentStatus],
+    just_installed: Option<&VersionKey>,
+) -> Protected {
+    let mut p = Protected::new();
+    for f in follows {
+        let Some(name) = f
+            .reference
+            .split_once(':')
+            .and_then(|(n, _)| PackageName::new(n).ok())
+        else {
+            continue;
+        };
+        if let Some(s) = f.resolved {
+            protect(&mut p, (name.clone(), s), KeepReason::FollowedCurrent);
+        }
+        if let Some(s) = f.activated {
+            protect(&mut p, (name.clone(), s), KeepReason::FollowedActive);
+        }
+    }
+    for t in torrents {
+        if matches!(t.phase.as_str(), "downloading" | "verifying")
+            && let (Ok(n), Ok(s)) = (PackageName::new(&t.name), Sha256Hash::from_hex(&t.sha256))
+        {
+            protect(&mut p, (n, s), KeepReason::Installing);
+        }
+    }
+    if let Some(k) = just_installed {
+        protect(&mut p, k.clone(), KeepReason::JustInstalled);
+    }
+    p
+}
+
 /// Stop seeding `name:sha` now (the torrent's cancellation sends the tracker `stopped`).
 fn stop_seeding(engine: &Engine, name: &PackageName, sha: &Sha256Hash) {
     if let Some(t) = engine.find(name, sha) {
@@ -78,33 +116,11 @@ fn stop_seeding(engine: &Engine, name: &PackageName, sha: &Sha256Hash) {
 impl Agent {
     /// What this agent knows must stay, besides pins and programs in use.
     pub fn protected(&self, just_installed: Option<&VersionKey>) -> Protected {
-        let mut p = Protected::new();
-        for f in self.follows.status() {
-            let Some(name) = f
-                .reference
-                .split_once(':')
-                .and_then(|(n, _)| PackageName::new(n).ok())
-            else {
-                continue;
-            };
-            if let Some(s) = f.resolved {
-                protect(&mut p, (name.clone(), s), KeepReason::FollowedCurrent);
-            }
-            if let Some(s) = f.activated {
-                protect(&mut p, (name.clone(), s), KeepReason::FollowedActive);
-            }
-        }
-        for t in self.engine.status() {
-            if matches!(t.phase.as_str(), "downloading" | "verifying")
-                && let (Ok(n), Ok(s)) = (PackageName::new(&t.name), Sha256Hash::from_hex(&t.sha256))
-            {
-                protect(&mut p, (n, s), KeepReason::Installing);
-            }
-        }
-        if let Some(k) = just_installed {
-            protect(&mut p, k.clone(), KeepReason::JustInstalled);
-        }
-        p
+        protected_from(
+            &self.follows.status(),
+            &self.engine.status(),
+            just_installed,
+        )
     }
 
     /// Run one sweep (or make room for a download) on the blocking pool, one at a time.
