@@ -58,7 +58,13 @@ fn noise(len: usize, seed: u64) -> Vec<u8> {
 }
 
 /// Publish `bytes` as `app` through the host `tail` names; returns the hash.
-async fn publish(dir: &Path, i: u64, len: usize, tag: Option<&str>, tail: &[OsString]) -> Sha256Hash {
+async fn publish(
+    dir: &Path,
+    i: u64,
+    len: usize,
+    tag: Option<&str>,
+    tail: &[OsString],
+) -> Sha256Hash {
     let file = dir.join(format!("app-{i}.bin"));
     std::fs::write(&file, noise(len, i)).unwrap();
     let mut args = vec!["publish", "app", file.to_str().unwrap()];
@@ -173,8 +179,17 @@ async fn a_budgeted_agent_keeps_what_must_stay() {
     };
     assert_eq!(reasons(&v[0]), ["in use"], "{rows}");
     assert_eq!(reasons(&v[1]), ["pinned"], "{rows}");
-    assert!(reasons(&v[2]).contains(&"followed current".to_owned()), "{rows}");
-    assert!(rows.as_array().unwrap().iter().all(|r| r["seeding"] == true), "{rows}");
+    assert!(
+        reasons(&v[2]).contains(&"followed current".to_owned()),
+        "{rows}"
+    );
+    assert!(
+        rows.as_array()
+            .unwrap()
+            .iter()
+            .all(|r| r["seeding"] == true),
+        "{rows}"
+    );
 
     // Nothing may go: v4 fails before downloading, and the cache is as it was.
     let out = get(&v[3], &bt).await;
@@ -182,7 +197,10 @@ async fn a_budgeted_agent_keeps_what_must_stay() {
     assert!(out.stderr.contains("no space"), "{out}");
     let out = get(&big, &bt).await;
     assert_eq!(out.code, Some(NO_SPACE), "{out}");
-    assert!(out.stderr.contains("more than the whole cache budget"), "{out}");
+    assert!(
+        out.stderr.contains("more than the whole cache budget"),
+        "{out}"
+    );
     assert_eq!(present(&cache, &v), [true, true, true, false]);
     assert!(staging_empty(&cache));
 
@@ -203,7 +221,9 @@ async fn a_budgeted_agent_keeps_what_must_stay() {
     .await;
     let out = run(&["cache", "metrics"], &bt).await;
     assert!(
-        out.stdout.lines().any(|l| l == "fbpkg_cache_evictions_total 1"),
+        out.stdout
+            .lines()
+            .any(|l| l == "fbpkg_cache_evictions_total 1"),
         "{out}"
     );
 
@@ -257,7 +277,11 @@ async fn gc_without_an_agent_goes_least_recently_used_first() {
     let dir = tempfile::tempdir().unwrap();
     let base = dir.path();
     let tracker = TrackerProcess::start(&base.join("tracker")).unwrap();
-    let tail = host_args(&base.join("state"), &base.join("cache"), &tracker.base_url());
+    let tail = host_args(
+        &base.join("state"),
+        &base.join("cache"),
+        &tracker.base_url(),
+    );
     let mut v = Vec::new();
     for i in 1..=3 {
         v.push(publish(base, i, 128 << 10, None, &tail).await);
@@ -273,14 +297,21 @@ async fn gc_without_an_agent_goes_least_recently_used_first() {
     let rows: Value = serde_json::from_str(&out.stdout).unwrap();
     let rows = rows.as_array().unwrap().clone();
     assert_eq!(rows.len(), 3, "{out}");
-    assert!(rows.iter().all(|r| r["seeding"].is_null() && r["launches"] == 1), "{out}");
+    assert!(
+        rows.iter()
+            .all(|r| r["seeding"].is_null() && r["launches"] == 1),
+        "{out}"
+    );
     let total: u64 = rows.iter().map(|r| r["bytes"].as_u64().unwrap()).sum();
     // A budget whose low watermark (80%) is one byte under the total: one version must go.
     let max = ((total - 1) * 100 / 80).to_string();
 
     let out = run(&["cache", "gc", "--dry-run", "--max-size", &max], &tail).await;
     assert!(out.success(), "{out}");
-    assert!(out.stdout.contains(&format!("would evict app:{}", v[1])), "{out}");
+    assert!(
+        out.stdout.contains(&format!("would evict app:{}", v[1])),
+        "{out}"
+    );
     assert_eq!(present(&cache, &v), [true, true, true]);
 
     let out = run(&["cache", "gc", "--max-size", &max], &tail).await;
@@ -294,7 +325,11 @@ async fn gc_without_an_agent_goes_least_recently_used_first() {
     assert_eq!(present(&cache, &v), [false, false, true], "{out}");
 
     let out = run(&["cache", "metrics"], &tail).await;
-    for line in ["fbpkg_cache_versions 1", "fbpkg_cache_pins 1", "fbpkg_cache_launches 1"] {
+    for line in [
+        "fbpkg_cache_versions 1",
+        "fbpkg_cache_pins 1",
+        "fbpkg_cache_launches 1",
+    ] {
         assert!(out.stdout.lines().any(|l| l == line), "{line}: {out}");
     }
     // A tag never resolved here cannot be pinned offline; a bad reference is exit 2.
@@ -322,7 +357,9 @@ impl Tmpfs {
 
 impl Drop for Tmpfs {
     fn drop(&mut self) {
-        let _ = std::process::Command::new("umount").arg(self.0.path()).status();
+        let _ = std::process::Command::new("umount")
+            .arg(self.0.path())
+            .status();
     }
 }
 

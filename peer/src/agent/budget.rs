@@ -126,7 +126,11 @@ impl Agent {
     /// Run one sweep (or make room for a download) on the blocking pool, one at a time.
     async fn sweep_with<F>(&self, just_installed: Option<VersionKey>, f: F) -> Result<SweepReport>
     where
-        F: FnOnce(&Cache, &Protected, &mut dyn FnMut(&PackageName, &Sha256Hash)) -> Result<SweepReport>
+        F: FnOnce(
+                &Cache,
+                &Protected,
+                &mut dyn FnMut(&PackageName, &Sha256Hash),
+            ) -> Result<SweepReport>
             + Send
             + 'static,
     {
@@ -264,12 +268,19 @@ pub async fn sweep_loop(agent: Arc<Agent>, shutdown: CancellationToken) {
 
 /// The cache metrics as Prometheus text: gauges read from the cache, and the eviction
 /// counters (`evictions`, bytes) when an agent keeps them.
-pub fn metrics_text(cache: &Cache, budget: Option<Budget>, evictions: Option<(u64, u64)>) -> String {
+pub fn metrics_text(
+    cache: &Cache,
+    budget: Option<Budget>,
+    evictions: Option<(u64, u64)>,
+) -> String {
     use std::fmt::Write as _;
     let versions = cache.usage();
     let mut out = String::new();
     let mut metric = |name: &str, kind: &str, help: &str, value: u64| {
-        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}");
+        let _ = writeln!(
+            out,
+            "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
+        );
     };
     metric(
         "fbpkg_cache_bytes",
@@ -358,7 +369,10 @@ mod tests {
             "fbpkg_cache_evictions_total 3",
             "fbpkg_cache_evicted_bytes_total 4096",
         ] {
-            assert!(text.lines().any(|l| l == line), "{line:?} missing in\n{text}");
+            assert!(
+                text.lines().any(|l| l == line),
+                "{line:?} missing in\n{text}"
+            );
         }
         let bare = metrics_text(&cache, None, None);
         assert!(!bare.contains("evictions"), "{bare}");

@@ -186,9 +186,8 @@ pub fn disk_usage(path: &Path) -> u64 {
 /// The eviction order: oldest last use first; never used nor installed (unknown) first of
 /// all; ties by name and hash, so a sweep is deterministic.
 pub fn lru_order(versions: &mut [Version]) {
-    versions.sort_by(|a, b| {
-        (a.last_use, &a.name, &a.sha256).cmp(&(b.last_use, &b.name, &b.sha256))
-    });
+    versions
+        .sort_by(|a, b| (a.last_use, &a.name, &a.sha256).cmp(&(b.last_use, &b.name, &b.sha256)));
 }
 
 /// What a sweep would evict: from `candidates` in LRU order, until `total` is at most `target`.
@@ -504,7 +503,9 @@ mod tests {
         assert!(r.evicted.is_empty(), "{r:?}");
         // Unpinned, b is next; c survives only while protected.
         assert!(cache.unpin(&name, &shas[1]).expect("unpin"));
-        let r = cache.sweep(one, &p, false, "test", |_, _| {}).expect("sweep");
+        let r = cache
+            .sweep(one, &p, false, "test", |_, _| {})
+            .expect("sweep");
         assert_eq!(r.evicted.len(), 1);
         assert_eq!(cached(&cache, &name, &shas), [false, false, true]);
     }
@@ -514,7 +515,11 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let (cache, name, shas) = three(dir.path());
         let _hold = cache.hold(&name, &shas[0]).expect("hold").expect("cached");
-        assert!(!cache.evict(&name, &shas[0], || panic!("must not stop seeding")).expect("evict"));
+        assert!(
+            !cache
+                .evict(&name, &shas[0], || panic!("must not stop seeding"))
+                .expect("evict")
+        );
         assert!(cache.lookup(&name, &shas[0]).is_some());
     }
 

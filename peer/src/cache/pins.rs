@@ -79,7 +79,11 @@ impl Cache {
             return out;
         };
         for n in names.flatten() {
-            let Some(name) = n.file_name().to_str().and_then(|s| PackageName::new(s).ok()) else {
+            let Some(name) = n
+                .file_name()
+                .to_str()
+                .and_then(|s| PackageName::new(s).ok())
+            else {
                 continue;
             };
             let Ok(shas) = fs::read_dir(n.path()) else {
@@ -112,7 +116,10 @@ mod tests {
         let cache = Cache::new(dir.path());
         assert!(!cache.is_pinned(&name, &sha));
         assert!(cache.pin(&name, &sha).expect("pin"));
-        assert!(!cache.pin(&name, &sha).expect("pin again"), "already pinned");
+        assert!(
+            !cache.pin(&name, &sha).expect("pin again"),
+            "already pinned"
+        );
         // Another process (a new handle) sees it.
         let again = Cache::new(dir.path());
         assert!(again.is_pinned(&name, &sha));

@@ -11,8 +11,8 @@ use fbpkg_common::tracker_proto::Zone;
 use super::HostArgs;
 use crate::agent::Agent;
 use crate::agent::budget::{CacheLife, MAX_SWEEP_INTERVAL};
-use crate::cache::Budget;
 use crate::agent::follow::FollowConfig;
+use crate::cache::Budget;
 use crate::engine::EngineConfig;
 use crate::tracker_client::Asker;
 
@@ -218,7 +218,10 @@ pub(super) fn run(args: AgentArgs) -> anyhow::Result<ExitCode> {
     let cache_life = CacheLife::new(budget, args.cache_sweep_interval);
     super::runtime()?.block_on(async move {
         let shutdown = super::shutdown_on_signals();
-        Agent::run(state_dir, cache, tracker, config, follow, cache_life, shutdown).await?;
+        Agent::run(
+            state_dir, cache, tracker, config, follow, cache_life, shutdown,
+        )
+        .await?;
         Ok(ExitCode::SUCCESS)
     })
 }

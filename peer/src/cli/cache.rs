@@ -111,7 +111,9 @@ fn resolve_local(
         Selector::Prefix(p) => p.clone(),
         Selector::Tag(tag) => {
             let Some(name) = &r.name else {
-                return Err(PeerError::BadInput(format!("{reference}: a tag needs a name")));
+                return Err(PeerError::BadInput(format!(
+                    "{reference}: a tag needs a name"
+                )));
             };
             let known = FollowState::load(state_dir)
                 .get(name, tag)
@@ -125,9 +127,12 @@ fn resolve_local(
         }
     };
     let mut found = cache.find_prefix(r.name.as_ref(), &prefix);
-    found.extend(cache.pins().into_iter().filter(|(n, h)| {
-        prefix.matches(h) && r.name.as_ref().is_none_or(|want| want == n)
-    }));
+    found.extend(
+        cache
+            .pins()
+            .into_iter()
+            .filter(|(n, h)| prefix.matches(h) && r.name.as_ref().is_none_or(|want| want == n)),
+    );
     found.sort();
     found.dedup();
     match found.as_slice() {
@@ -219,7 +224,10 @@ async fn agent_view(
 fn offline_protected(state_dir: &std::path::Path) -> Protected {
     let mut p = Protected::new();
     for (k, a) in FollowState::load(state_dir).follows {
-        if let Some(name) = k.split_once(':').and_then(|(n, _)| PackageName::new(n).ok()) {
+        if let Some(name) = k
+            .split_once(':')
+            .and_then(|(n, _)| PackageName::new(n).ok())
+        {
             protect(&mut p, (name, a.sha256), KeepReason::FollowedActive);
         }
     }

@@ -905,10 +905,7 @@ impl Conn {
         if let Some(e) = failed {
             // Disk full or gone: nothing downloaded from here on could be kept.
             let kind = crate::error::io_kind(&e);
-            self.t.fail(
-                kind,
-                format!("cannot write a block: {e}"),
-            );
+            self.t.fail(kind, format!("cannot write a block: {e}"));
             return Err(End::Io(e));
         }
         Ok(())
