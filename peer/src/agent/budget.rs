@@ -348,6 +348,34 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_followed_tags_current_and_active_versions_are_protected() {
+        let (cur, old) = (Sha256Hash([1; 32]), Sha256Hash([2; 32]));
+        let follow = FollowStatus {
+            reference: "app:prod".into(),
+            resolved: Some(cur),
+            activated: Some(old),
+            state: None,
+            detail: None,
+            resolves: 1,
+            pending_reports: 0,
+            error: None,
+        };
+        let name = PackageName::new("app").expect("name");
+        let just = (name.clone(), Sha256Hash([3; 32]));
+        let p = protected_from(&[follow], &[], Some(&just));
+        assert_eq!(
+            p.get(&(name.clone(), cur)),
+            Some(&vec![KeepReason::FollowedCurrent])
+        );
+        assert_eq!(
+            p.get(&(name.clone(), old)),
+            Some(&vec![KeepReason::FollowedActive])
+        );
+        assert_eq!(p.get(&just), Some(&vec![KeepReason::JustInstalled]));
+        assert_eq!(p.len(), 3);
+    }
+
+    #[test]
     fn metrics_are_prometheus_text() {
         let dir = tempfile::tempdir().expect("tempdir");
         let cache = Cache::new(dir.path());
