@@ -9,6 +9,8 @@
 //! <cache>/.staging/                      entries being assembled (removed at start)
 //! <cache>/.tags/<name>/<tag>             last hash each tag resolved to (offline fallback)
 //! <cache>/.quarantine/<name>-<sha>-<ns>  entries found corrupt, kept for an operator
+//! <cache>/.use/<name>/<sha256>           launches and in-use locks (the `inuse` module)
+//! <cache>/.pins/<name>/<sha256>          pinned versions, never evicted (the `pins` module)
 //! ```
 //!
 //! An entry is assembled in `.staging`, fsynced, and renamed into place in one step, after the
@@ -16,7 +18,8 @@
 //! unverified package, whatever is killed when. [`Cache::lookup`] is the launch path: a few
 //! `stat`s, no parsing, no network; [`Cache::lookup_checked`] adds the seal, still without
 //! hashing. What can change an entry after install, and how [`Cache::verify`] finds it, is in
-//! the `verify` module.
+//! the `verify` module; what leaves the cache under a size budget, and what never does, in
+//! `budget`.
 
 use std::fs::{self, File};
 use std::io::{self, Read};
@@ -31,11 +34,15 @@ use sha2::{Digest, Sha256};
 use crate::archive::{self, ExtractLimits};
 use crate::error::{PeerError, Result};
 
+pub mod budget;
 mod check;
 mod inuse;
+mod pins;
 mod verify;
 
+pub use budget::{Budget, KeepReason, Protected, SweepReport, Version};
 pub use inuse::{Claim, InUse, USE_DIR};
+pub use pins::PINS_DIR;
 pub use verify::{QUARANTINE, QUARANTINE_KEEP, SEAL_FILE, Seal, VerifyReport};
 
 /// Metainfo kept in each entry.

@@ -35,6 +35,9 @@ pub enum ErrorKind {
     Agent,
     /// A peer broke the wire protocol.
     Protocol,
+    /// No room: the package does not fit the cache budget even after eviction, or the disk
+    /// is full (ENOSPC, EDQUOT).
+    NoSpace,
     /// A local file-system or socket operation failed.
     Io,
     /// Shutting down.
@@ -59,6 +62,7 @@ impl ErrorKind {
             ErrorKind::Unauthorized => "unauthorized",
             ErrorKind::Agent => "agent",
             ErrorKind::Protocol => "protocol",
+            ErrorKind::NoSpace => "no_space",
             ErrorKind::Io => "io",
             ErrorKind::Cancelled => "cancelled",
             ErrorKind::Other => "other",
@@ -75,6 +79,7 @@ impl ErrorKind {
             ErrorKind::NoPeers => exit::NO_PEERS,
             ErrorKind::TrackerUnreachable => exit::TRACKER,
             ErrorKind::Unauthorized => exit::UNAUTHORIZED,
+            ErrorKind::NoSpace => exit::NO_SPACE,
             ErrorKind::TrackerRefused
             | ErrorKind::Agent
             | ErrorKind::Protocol
@@ -132,7 +137,10 @@ pub enum PeerError {
     /// A protocol violation by a peer.
     #[error("peer protocol: {0}")]
     Protocol(#[from] fbpkg_common::Error),
-    /// A file-system operation failed.
+    /// A package does not fit the cache budget even after eviction.
+    #[error("no space: {0}")]
+    NoSpace(String),
+    /// A file-system operation failed (a full disk is [`ErrorKind::NoSpace`]).
     #[error("{context} ({path}): {source}")]
     Io {
         /// What was being done.
@@ -184,7 +192,8 @@ impl PeerError {
             PeerError::Agent(_) => ErrorKind::Agent,
             PeerError::UnsafeArchive(_) => ErrorKind::UnsafeArchive,
             PeerError::Protocol(_) => ErrorKind::Protocol,
-            PeerError::Io { .. } => ErrorKind::Io,
+            PeerError::NoSpace(_) => ErrorKind::NoSpace,
+            PeerError::Io { source, .. } => io_kind(source),
             PeerError::Cancelled => ErrorKind::Cancelled,
             PeerError::Remote { kind, .. } => *kind,
         }
@@ -193,6 +202,14 @@ impl PeerError {
     /// The CLI's exit code for this error.
     pub fn exit_code(&self) -> u8 {
         self.kind().exit_code()
+    }
+}
+
+/// The kind of a local I/O error: a full disk or quota is [`ErrorKind::NoSpace`].
+pub fn io_kind(e: &io::Error) -> ErrorKind {
+    match e.raw_os_error() {
+        Some(libc::ENOSPC | libc::EDQUOT) => ErrorKind::NoSpace,
+        _ => ErrorKind::Io,
     }
 }
 
@@ -234,6 +251,11 @@ mod tests {
             (PeerError::Tracker("x".into()), exit::TRACKER),
             (PeerError::Unauthorized("x".into()), exit::UNAUTHORIZED),
             (PeerError::TrackerRefused("x".into()), exit::ERROR),
+            (PeerError::NoSpace("x".into()), exit::NO_SPACE),
+            (
+                PeerError::io("writing", "/x")(io::Error::from_raw_os_error(libc::ENOSPC)),
+                exit::NO_SPACE,
+            ),
             (
                 PeerError::Remote {
                     kind: ErrorKind::NoPeers,

@@ -58,6 +58,17 @@ pub enum Request {
     },
     /// The followed tags (`agent --follow`) and what each resolves to for this host.
     Follows,
+    /// Evict least-recently-used versions down to the low watermark now (`fbpkg-rs cache gc`).
+    Gc {
+        /// Say what would go; remove nothing.
+        #[serde(default)]
+        dry_run: bool,
+        /// Instead of the agent's `--cache-max-size`, this many bytes.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        max_size: Option<u64>,
+    },
+    /// The cache metrics, Prometheus text format (`fbpkg-rs cache metrics`).
+    Metrics,
     /// Stop seeding `name:sha256` and remove it from the cache (a publish the tracker refused
     /// must leave nothing behind).
     Forget {
@@ -100,6 +111,16 @@ pub enum Event {
     Follows {
         /// In `name:tag` order.
         follows: Vec<super::follow::FollowStatus>,
+    },
+    /// Answer to `gc`: what was evicted.
+    Gc {
+        /// The sweep.
+        report: crate::cache::SweepReport,
+    },
+    /// Answer to `metrics`.
+    Metrics {
+        /// Prometheus text exposition format.
+        text: String,
     },
     /// The request failed.
     Error {
@@ -319,6 +340,9 @@ mod tests {
             Just(Request::Ping),
             Just(Request::Status),
             Just(Request::Follows),
+            Just(Request::Metrics),
+            (any::<bool>(), proptest::option::of(any::<u64>()))
+                .prop_map(|(dry_run, max_size)| Request::Gc { dry_run, max_size }),
             (text(), text()).prop_map(|(name, sha256)| Request::Fetch {
                 name,
                 sha256,

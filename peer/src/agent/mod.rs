@@ -1,6 +1,7 @@
 //! The long-running agent: seeds what the cache holds, resumes partial downloads, fetches on
 //! request, and answers its control socket.
 
+pub mod budget;
 pub mod control;
 pub mod follow;
 pub mod follow_state;
@@ -76,17 +77,20 @@ pub struct Agent {
     pub engine: Arc<Engine>,
     state_dir: PathBuf,
     follows: follow::Follows,
+    cache_life: budget::CacheLife,
 }
 
 impl Agent {
     /// Start: lock the state directory, start the engine, seed the cache, resume downloads,
-    /// follow the tags `follow` names (if any), and serve the control socket until `shutdown`.
+    /// follow the tags `follow` names (if any), keep the cache within `cache_life`'s budget,
+    /// and serve the control socket until `shutdown`.
     pub async fn run(
         state_dir: PathBuf,
         cache: Cache,
         tracker: TrackerClient,
         engine_config: EngineConfig,
         follow: Option<follow::FollowConfig>,
+        cache_life: budget::CacheLife,
         shutdown: CancellationToken,
     ) -> Result<()> {
         private_dir(&state_dir)?;
@@ -107,6 +111,7 @@ impl Agent {
             engine: engine.clone(),
             state_dir: state_dir.clone(),
             follows,
+            cache_life,
         });
         // The control socket comes first: a `get` that arrives while partial downloads are
         // still being re-hashed must reach this agent (and wait for the one owner of its
@@ -122,6 +127,10 @@ impl Agent {
         let c = cache.clone();
         tasks
             .spawn(async move { restore(&e, &c).await }.instrument(tracing::info_span!("restore")));
+        tasks.spawn(
+            budget::sweep_loop(agent.clone(), shutdown.child_token())
+                .instrument(tracing::info_span!("cache_budget")),
+        );
         if let Some(f) = follow {
             let f = Arc::new(f);
             for (name, tag) in f.follows.clone() {
@@ -141,6 +150,7 @@ impl Agent {
             superseed = engine.config().superseed,
             max_upload_rate = ?engine.config().max_upload_rate,
             origin_budget = ?engine.config().origin_budget,
+            cache_max_size = ?agent.cache_life.budget.map(|b| b.max_bytes),
             "agent ready"
         );
         let slots = Arc::new(Semaphore::new(MAX_CONTROL_CONNECTIONS));
@@ -242,6 +252,17 @@ impl Agent {
                     },
                 )
                 .await;
+            }
+            Request::Gc { dry_run, max_size } => {
+                let e = match self.gc(dry_run, max_size).await {
+                    Ok(report) => Event::Gc { report },
+                    Err(e) => Event::from_error(&e),
+                };
+                send(&mut w, e).await;
+            }
+            Request::Metrics => {
+                let text = self.cache_metrics().await;
+                send(&mut w, Event::Metrics { text }).await;
             }
             Request::Status => {
                 send(
@@ -350,6 +371,7 @@ impl Agent {
         // A partial download from a previous run (perhaps being re-hashed right now): its
         // metainfo is on disk, and the tracker may be away.
         if let Some(m) = self.engine.partial_metainfo(&name, &sha) {
+            self.make_room(&name, &m).await?;
             return self.engine.download(name, Arc::new(m)).await;
         }
         let tracker = match tracker_retry {
@@ -357,6 +379,9 @@ impl Agent {
             None => self.engine.tracker().clone(),
         };
         let meta = tracker.metainfo(&name, &sha).await?;
+        // The size is known now, before a byte is downloaded: a package that cannot fit fails
+        // here and leaves the cache as it was.
+        self.make_room(&name, &meta).await?;
         self.engine.download(name, Arc::new(meta)).await
     }
 
@@ -397,7 +422,8 @@ impl Agent {
         .await
         .map_err(|e| PeerError::Agent(format!("install task: {e}")))??;
         let file = entry.dir.join(&meta.name);
-        self.engine.seed(name, meta, &file)?;
+        self.engine.seed(name.clone(), meta.clone(), &file)?;
+        self.engine.note_installed(name, meta.sha256);
         Ok((entry.launch_path, entry.dir))
     }
 }

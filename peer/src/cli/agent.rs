@@ -10,7 +10,9 @@ use fbpkg_common::tracker_proto::Zone;
 
 use super::HostArgs;
 use crate::agent::Agent;
+use crate::agent::budget::{CacheLife, MAX_SWEEP_INTERVAL};
 use crate::agent::follow::{FollowConfig, Prefetch};
+use crate::cache::Budget;
 use crate::engine::EngineConfig;
 use crate::tracker_client::Asker;
 
@@ -106,6 +108,31 @@ pub(crate) struct AgentArgs {
     /// `[A-Za-z0-9._-]`.
     #[arg(long, env = "FBPKG_HOST_ID", value_parser = parse_host_id)]
     host_id: Option<HostId>,
+
+    /// Most the launcher cache's versions may take on disk (e.g. 20G). Past the high
+    /// watermark the agent evicts least recently used versions down to the low one; never
+    /// a version that is pinned, in use by a running program, what a followed tag resolves to
+    /// or last activated, or being downloaded. A fetch that cannot fit even then fails before
+    /// downloading (exit 8). Without it the cache grows without bound.
+    #[arg(long, env = "FBPKG_CACHE_MAX_SIZE", value_parser = fbpkg_common::size::parse_bytes)]
+    cache_max_size: Option<u64>,
+
+    /// Sweep when the cache passes this percentage of --cache-max-size.
+    #[arg(long, env = "FBPKG_CACHE_HIGH_WATERMARK", default_value = "90", value_parser = parse_percent)]
+    cache_high_watermark: u8,
+
+    /// A sweep evicts down to this percentage of --cache-max-size (below the high one).
+    #[arg(long, env = "FBPKG_CACHE_LOW_WATERMARK", default_value = "80", value_parser = parse_percent)]
+    cache_low_watermark: u8,
+
+    /// How often the cache is checked against --cache-max-size, besides after each install
+    /// (at most 1h).
+    #[arg(long, env = "FBPKG_CACHE_SWEEP_INTERVAL", default_value = "60s", value_parser = humantime::parse_duration)]
+    cache_sweep_interval: Duration,
+}
+
+fn parse_percent(s: &str) -> Result<u8, String> {
+    crate::cache::budget::parse_percent(s)
 }
 
 fn parse_host_id(s: &str) -> Result<HostId, String> {
@@ -188,9 +215,21 @@ pub(super) fn run(args: AgentArgs) -> anyhow::Result<ExitCode> {
             prefetch: args.prefetch_rate,
         })
     };
+    let budget = args
+        .cache_max_size
+        .map(|max| Budget::new(max, args.cache_high_watermark, args.cache_low_watermark))
+        .transpose()
+        .map_err(|e| anyhow::anyhow!("--cache-high-watermark/--cache-low-watermark: {e}"))?;
+    if args.cache_sweep_interval.is_zero() || args.cache_sweep_interval > MAX_SWEEP_INTERVAL {
+        anyhow::bail!("--cache-sweep-interval must be more than zero and at most 1h");
+    }
+    let cache_life = CacheLife::new(budget, args.cache_sweep_interval);
     super::runtime()?.block_on(async move {
         let shutdown = super::shutdown_on_signals();
-        Agent::run(state_dir, cache, tracker, config, follow, shutdown).await?;
+        Agent::run(
+            state_dir, cache, tracker, config, follow, cache_life, shutdown,
+        )
+        .await?;
         Ok(ExitCode::SUCCESS)
     })
 }

@@ -37,7 +37,9 @@ REF is one of:
 
 Exit codes: 0 ok, 1 other error, 2 bad reference (or ambiguous prefix), 3 not found,
 4 verification failed, 5 no peers within the timeout, 6 tracker unreachable (after retrying
-for the stall timeout), 7 not authorized.
+for the stall timeout), 7 not authorized, 8 no space (the package does not fit the agent's
+--cache-max-size even after evicting what may go, or the disk filled up; the cache is left as
+it was).
 
 During a rollout of a tag, the tracker answers the version this host should run now: it
 sends this host's id (kept in STATE_DIR/host-id, created on first use; --host-id overrides

@@ -1,6 +1,7 @@
 //! The `fbpkg-rs` command line: parses flags, sets up logging and signals, dispatches.
 
 mod agent;
+mod cache;
 mod demo;
 mod get;
 mod progress;
@@ -73,6 +74,13 @@ enum Command {
     Demo(demo::DemoArgs),
     /// Read cached packages again; quarantine the ones that changed on disk.
     Verify(verify::VerifyArgs),
+    /// Keep a version in the cache whatever the budget (`agent --cache-max-size`) says.
+    Pin(cache::PinArgs),
+    /// Let a pinned version be evicted again when it is the least recently used.
+    Unpin(cache::PinArgs),
+    /// The launcher cache: `ls` (sizes, last use, what is kept and why), `gc`, `metrics`.
+    #[command(subcommand)]
+    Cache(cache::CacheCommand),
 }
 
 /// Where this host's agent keeps its state and its cache, and which tracker it uses. Shared by
@@ -140,6 +148,10 @@ pub mod exit {
     pub const TRACKER: u8 = 6;
     /// The tracker refused the publish token (or wants one).
     pub const UNAUTHORIZED: u8 = 7;
+    /// No room: the package does not fit the cache budget (`agent --cache-max-size`) even
+    /// after evicting every version that may go, or the disk filled up. The cache is left as
+    /// it was.
+    pub const NO_SPACE: u8 = 8;
 }
 
 /// Install the tracing subscriber: human-readable lines on stderr.
@@ -226,6 +238,18 @@ pub fn main() -> ExitCode {
         Command::Verify(args) => {
             init_logging(log, "warn");
             verify::run(args)
+        }
+        Command::Pin(args) => {
+            init_logging(log, "warn");
+            cache::pin(args, true)
+        }
+        Command::Unpin(args) => {
+            init_logging(log, "warn");
+            cache::pin(args, false)
+        }
+        Command::Cache(cmd) => {
+            init_logging(log, "warn");
+            cache::run(cmd)
         }
     };
     match result {

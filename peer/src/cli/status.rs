@@ -64,7 +64,7 @@ fn follows_table(rows: &[FollowStatus]) -> String {
     out
 }
 
-fn human(n: f64) -> String {
+pub(super) fn human(n: f64) -> String {
     const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
     // Rates computed from differences can come out as -0.0 or a hair below zero.
     let mut v = if n > 0.0 { n } else { 0.0 };

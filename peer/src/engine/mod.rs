@@ -153,6 +153,8 @@ pub(crate) struct EngineCtx {
     pub conn_slots: Arc<tokio::sync::Semaphore>,
     /// Cache entries found corrupt while serving them: the engine quarantines and refetches.
     pub corrupt: tokio::sync::mpsc::UnboundedSender<(PackageName, Arc<Metainfo>)>,
+    /// Versions just installed in the cache, for the agent's budget sweep.
+    pub installed: tokio::sync::broadcast::Sender<(PackageName, Sha256Hash)>,
 }
 
 /// The engine: all torrents of one agent (or of one `get` without an agent).
@@ -167,6 +169,9 @@ pub struct Engine {
 }
 
 /// Azureus-style client tag at the start of our peer ids.
+/// Installs kept for a slow [`Engine::installs`] subscriber.
+const INSTALLED_BACKLOG: usize = 64;
+
 pub(crate) const PEER_ID_PREFIX: &[u8] = b"-FB";
 
 fn new_peer_id() -> PeerId {
@@ -203,6 +208,7 @@ impl Engine {
         let ctx = Arc::new(EngineCtx {
             conn_slots,
             corrupt,
+            installed: tokio::sync::broadcast::channel(INSTALLED_BACKLOG).0,
             config,
             peer_id: new_peer_id(),
             listen_addr,
@@ -244,6 +250,19 @@ impl Engine {
     /// The launcher cache.
     pub fn cache(&self) -> &Cache {
         &self.ctx.cache
+    }
+
+    /// Every version installed in the cache from now on (downloads, and those the agent adds
+    /// through [`Engine::note_installed`]). A receiver that lags loses the oldest, which is
+    /// fine for a sweep: it looks at the whole cache anyway.
+    pub fn installs(&self) -> tokio::sync::broadcast::Receiver<(PackageName, Sha256Hash)> {
+        self.ctx.installed.subscribe()
+    }
+
+    /// Tell [`Engine::installs`] subscribers that `name:sha256` was installed by someone else
+    /// (e.g. the agent's `add`).
+    pub fn note_installed(&self, name: PackageName, sha256: Sha256Hash) {
+        let _ = self.ctx.installed.send((name, sha256));
     }
 
     /// The tracker client.
@@ -758,6 +777,7 @@ fn spawn_finish(t: Arc<Torrent>) {
                 t.remove_work_dir();
                 tracing::info!(package = %t.name, sha256 = %t.meta.sha256, path = %entry.launch_path.display(), "verified and in the cache; seeding");
                 t.set_phase(Phase::Seeding(entry));
+                let _ = t.ctx.installed.send((t.name.clone(), t.meta.sha256));
             }
             Err(e) => {
                 t.fail(e.kind(), e.to_string());

@@ -926,10 +926,8 @@ impl Conn {
         }
         if let Some(e) = failed {
             // Disk full or gone: nothing downloaded from here on could be kept.
-            self.t.fail(
-                crate::error::ErrorKind::Io,
-                format!("cannot write a block: {e}"),
-            );
+            let kind = crate::error::io_kind(&e);
+            self.t.fail(kind, format!("cannot write a block: {e}"));
             return Err(End::Io(e));
         }
         Ok(())

@@ -819,6 +819,7 @@ mod tests {
             upload_limit: None,
             conn_slots: Arc::new(tokio::sync::Semaphore::new(8)),
             corrupt,
+            installed: tokio::sync::broadcast::channel(1).0,
         });
         let init = TorrentInit {
             name: PackageName::new("t").unwrap(),
