@@ -158,6 +158,10 @@ pub struct RolloutRun {
     pub hosts: Vec<HostActivation>,
     /// Seed egress on the wire from `rollout start` to the end, over F.
     pub seed_amplification_wire: Option<f64>,
+    /// When the tracker entered each phase after the first, (percent, seconds after it
+    /// logged the start), from its log: set beside `phases` it shows whether a phase began
+    /// before the previous one's hosts had all activated.
+    pub tracker_phase_entered_secs: Vec<(u8, f64)>,
     /// The tracker's view of the rollout at the end (`rollout status --json`).
     pub tracker_view: serde_json::Value,
     /// Anything else worth knowing.
@@ -176,6 +180,47 @@ impl RolloutRun {
             .iter()
             .try_fold(0.0_f64, |acc, p| p.increment_secs.map(|i| acc.max(i)))
     }
+}
+
+/// Seconds of the day of a tracker log line's timestamp (`2026-11-30T20:09:12.258753Z ...`).
+fn log_time_of_day(line: &str) -> Option<f64> {
+    let stamp = line.split_whitespace().next()?;
+    let (_, time) = stamp.split_once('T')?;
+    let mut hms = time.trim_end_matches('Z').split(':');
+    let h: f64 = hms.next()?.parse().ok()?;
+    let m: f64 = hms.next()?.parse().ok()?;
+    let s: f64 = hms.next()?.parse().ok()?;
+    Some(h * 3600.0 + m * 60.0 + s)
+}
+
+/// From a tracker log: the phases its last rollout entered after the first, (percent,
+/// seconds after it logged `rollout started`). Only time differences on the tracker's own
+/// clock, so the date does not matter (a run across midnight wraps once).
+pub fn phase_entries(log: &str) -> Vec<(u8, f64)> {
+    let all: Vec<&str> = log.lines().collect();
+    let Some(start) = all.iter().rposition(|l| l.contains("rollout started")) else {
+        return Vec::new();
+    };
+    let lines = &all[start..];
+    let Some(t0) = lines.first().and_then(|l| log_time_of_day(l)) else {
+        return Vec::new();
+    };
+    lines
+        .iter()
+        .filter(|l| l.contains("rollout entered the next phase"))
+        .filter_map(|l| {
+            let percent = l
+                .split_whitespace()
+                .find_map(|w| w.strip_prefix("phase="))?
+                .parse()
+                .ok()?;
+            let mut dt = log_time_of_day(l)? - t0;
+            if dt < 0.0 {
+                dt += 86_400.0;
+            }
+            Some((percent, dt))
+        })
+        .collect()
 }
 
 fn secs(v: Option<f64>) -> String {
@@ -218,6 +263,22 @@ pub fn table(
             " {} |",
             r.seed_amplification_wire
                 .map_or_else(|| "-".to_owned(), |a| format!("{a:.2}"))
+        );
+    }
+    for r in runs {
+        if r.tracker_phase_entered_secs.is_empty() {
+            continue;
+        }
+        let entered: Vec<String> = r
+            .tracker_phase_entered_secs
+            .iter()
+            .map(|(p, t)| format!("{p}% at {t:.2} s"))
+            .collect();
+        let _ = writeln!(
+            out,
+            "{}: the tracker entered {} (after it logged the start)",
+            r.label,
+            entered.join(", ")
         );
     }
     for r in runs.iter().filter(|r| r.prefetch_rate != "off") {
@@ -326,6 +387,7 @@ mod tests {
                 .collect(),
             hosts: Vec::new(),
             seed_amplification_wire: None,
+            tracker_phase_entered_secs: vec![(50, 9.5)],
             tracker_view: serde_json::Value::Null,
             notes: Vec::new(),
         };
@@ -335,5 +397,23 @@ mod tests {
         );
         let t = table(&[], &[run([9.0, 0.5, 0.25, 1.5])], &[]);
         assert!(t.contains("NOT met (largest 1.50 s)"), "{t}");
+        assert!(t.contains("entered 50% at 9.50 s"), "{t}");
+    }
+
+    #[test]
+    fn phase_entries_of_the_last_rollout_in_a_tracker_log() {
+        let log = "\
+2026-11-30T20:08:54.799550Z  INFO fbpkg_tracker::http::rollouts: rollout started package=pkg tag=prod id=2
+2026-11-30T20:09:12.258753Z  INFO fbpkg_tracker::rollout: rollout entered the next phase package=pkg tag=prod id=2 phase=50
+2026-11-30T23:59:59.500000Z  INFO fbpkg_tracker::http::rollouts: rollout started package=pkg tag=prod id=2
+2026-11-30T23:59:59.700000Z  WARN something else
+2026-12-01T00:00:00.250000Z  INFO fbpkg_tracker::rollout: rollout entered the next phase package=pkg tag=prod id=2 phase=75
+garbage line phase=100 rollout entered the next phase
+";
+        let e = phase_entries(log);
+        assert_eq!(e.len(), 1, "{e:?}");
+        assert_eq!(e[0].0, 75);
+        assert!((e[0].1 - 0.75).abs() < 1e-6, "{e:?}");
+        assert!(phase_entries("no rollout here").is_empty());
     }
 }

@@ -14,7 +14,9 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context as _, bail};
-use fbpkg_benches::swarm::rollout::{HostActivation, PHASES, PickedHost, RolloutRun, phase_times};
+use fbpkg_benches::swarm::rollout::{
+    HostActivation, PHASES, PickedHost, RolloutRun, phase_entries, phase_times,
+};
 use serde_json::Value;
 
 use super::fbpkg::{Agent, fbpkg, publish_with, start_agent_with, wait_ready};
@@ -36,6 +38,7 @@ const ROLLOUT_TICK: &str = "50ms";
 const READ_EVERY: Duration = Duration::from_millis(20);
 
 /// One rollout run's settings.
+#[derive(Debug)]
 pub struct Settings<'a> {
     /// v1, published and tagged before the followers start.
     pub old: &'a Package,
@@ -254,6 +257,10 @@ fn run_inner(ctx: &Ctx<'_>, s: &Settings<'_>) -> anyhow::Result<RolloutRun> {
         a.proc.terminate(Duration::from_secs(10));
     }
     tracker.terminate(Duration::from_secs(10));
+    // The tracker log gathers every run of the scenario; the last start is this run's.
+    let tracker_phase_entered_secs = std::fs::read_to_string(ctx.log("tracker"))
+        .map(|log| phase_entries(&log))
+        .unwrap_or_default();
 
     let activated: Vec<Option<f64>> = new_at
         .iter()
@@ -289,6 +296,7 @@ fn run_inner(ctx: &Ctx<'_>, s: &Settings<'_>) -> anyhow::Result<RolloutRun> {
         phases,
         hosts,
         seed_amplification_wire: closed.seed_tx_bytes.map(|b| b as f64 / s.new.size as f64),
+        tracker_phase_entered_secs,
         tracker_view,
         notes,
     })
