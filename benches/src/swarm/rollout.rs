@@ -223,6 +223,31 @@ pub fn phase_entries(log: &str) -> Vec<(u8, f64)> {
         .collect()
 }
 
+impl RolloutRun {
+    /// Phases the tracker entered (by its log) more than [`EARLY_SLACK_SECS`] before the
+    /// previous phase's hosts had all activated (by their files). The two clocks start
+    /// apart by the `rollout start` command's latency, hence the slack.
+    pub fn phases_entered_early(&self) -> Vec<u8> {
+        self.tracker_phase_entered_secs
+            .iter()
+            .filter(|(percent, entered)| {
+                let Some(k) = self.phases.iter().position(|p| p.percent == *percent) else {
+                    return false;
+                };
+                let previous = k
+                    .checked_sub(1)
+                    .and_then(|j| self.phases.get(j))
+                    .and_then(|p| p.all_activated_secs);
+                previous.is_none_or(|done| *entered + EARLY_SLACK_SECS < done)
+            })
+            .map(|(p, _)| *p)
+            .collect()
+    }
+}
+
+/// See [`RolloutRun::phases_entered_early`].
+pub const EARLY_SLACK_SECS: f64 = 0.1;
+
 fn secs(v: Option<f64>) -> String {
     v.map_or_else(|| "-".to_owned(), |t| format!("{t:.1} s"))
 }
@@ -280,6 +305,20 @@ pub fn table(
             r.label,
             entered.join(", ")
         );
+    }
+    for r in runs {
+        let early = r.phases_entered_early();
+        if !early.is_empty() {
+            let early: Vec<String> = early.iter().map(|p| format!("{p}%")).collect();
+            let _ = writeln!(
+                out,
+                "{}: the tracker entered {} before every host of the phase before had activated \
+                 (its gate does not wait for hosts that have not reported `fetched`), so those \
+                 increments are not a phase's own time",
+                r.label,
+                early.join(", ")
+            );
+        }
     }
     for r in runs.iter().filter(|r| r.prefetch_rate != "off") {
         let verdict = match r.worst_later_increment() {
@@ -398,6 +437,39 @@ mod tests {
         let t = table(&[], &[run([9.0, 0.5, 0.25, 1.5])], &[]);
         assert!(t.contains("NOT met (largest 1.50 s)"), "{t}");
         assert!(t.contains("entered 50% at 9.50 s"), "{t}");
+        assert!(!t.contains("before every host"), "{t}");
+    }
+
+    #[test]
+    fn a_phase_entered_before_the_previous_one_finished_is_flagged() {
+        let phase = |percent, done| PhaseTime {
+            percent,
+            new_hosts: 4,
+            all_activated_secs: Some(done),
+            increment_secs: None,
+        };
+        let run = RolloutRun {
+            label: "prefetch off".into(),
+            prefetch_rate: "off".into(),
+            old_version_all_activated_secs: None,
+            start_command_secs: 0.0,
+            total_secs: Some(20.0),
+            phases: vec![phase(50, 9.7), phase(100, 20.0)],
+            hosts: Vec::new(),
+            seed_amplification_wire: None,
+            // 100% entered while the 50% hosts were still at it (7.6 < 9.7).
+            tracker_phase_entered_secs: vec![(100, 7.6)],
+            tracker_view: serde_json::Value::Null,
+            notes: Vec::new(),
+        };
+        assert_eq!(run.phases_entered_early(), [100]);
+        let t = table(&[], std::slice::from_ref(&run), &[]);
+        assert!(t.contains("entered 100% before every host"), "{t}");
+        let on_time = RolloutRun {
+            tracker_phase_entered_secs: vec![(100, 9.75)],
+            ..run
+        };
+        assert!(on_time.phases_entered_early().is_empty());
     }
 
     #[test]
