@@ -2,7 +2,8 @@
 //! limit"): the parts of `swarm_bench` that are pure and tested here — scenarios and the
 //! Kumar-Ross bound ([`scenario`]), the network and the `ip`/`tc` commands that build it
 //! ([`netplan`]), /proc parsers ([`procfs`]), wire-counter timelines and stalls
-//! ([`timeline`]), warnings in logs ([`logscan`]), and the figures and tables ([`report`]).
+//! ([`timeline`]), warnings in logs ([`logscan`]), the figures and tables ([`report`]), and
+//! the phases of the rollout scenario ([`rollout`]).
 //!
 //! ```
 //! use fbpkg_benches::swarm::netplan::{Plan, Tbf};
@@ -18,5 +19,6 @@ pub mod logscan;
 pub mod netplan;
 pub mod procfs;
 pub mod report;
+pub mod rollout;
 pub mod scenario;
 pub mod timeline;

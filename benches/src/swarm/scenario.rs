@@ -50,8 +50,11 @@ const fn mbit(n: u64) -> u64 {
 
 impl Scenario {
     /// A scenario of BENCHMARKS.md by name: `b1` (seed-bound), `b2` (upload-bound), `b1-48`
-    /// (a fleet-scale flash crowd: 48 leechers, 64 MiB, 20/20/40 Mbit/s) or `smoke` (B1's caps,
-    /// 4 leechers, 32 MiB: a run of all contenders in about a minute).
+    /// (a fleet-scale flash crowd: 48 leechers, 64 MiB, 20/20/40 Mbit/s), `smoke` (B1's caps,
+    /// 4 leechers, 32 MiB: a run of all contenders in about a minute) or `rollout` (issue 9's
+    /// bench: 16 hosts following a tag, B1's caps, 64 MiB, so one distribution takes about 7 s:
+    /// a flash crowd of the new version, then a phased rollout to it with prefetch on and
+    /// off; see [`Scenario::is_rollout`]).
     pub fn preset(name: &str) -> Option<Self> {
         let b1 = Caps {
             seed_up_bps: mbit(80),
@@ -78,6 +81,7 @@ impl Scenario {
                 },
             ),
             "smoke" => (4, 32 * MIB, b1),
+            "rollout" => (16, 64 * MIB, b1),
             _ => return None,
         };
         Some(Self {
@@ -86,6 +90,13 @@ impl Scenario {
             package_bytes,
             caps,
         })
+    }
+
+    /// The `rollout` scenario: besides the flash crowd of every contender, the leechers follow
+    /// a tag and a new version is rolled out to them in four equal phases
+    /// ([`super::rollout`]).
+    pub fn is_rollout(&self) -> bool {
+        self.name == "rollout"
     }
 
     /// `T_KR = max(F/u_s, F/d, N F/(u_s + N u))`, F in bits.
@@ -115,6 +126,13 @@ impl Scenario {
         if !(1..=MAX_LEECHERS).contains(&self.leechers) {
             return Err(format!(
                 "{}: N must be 1 to {MAX_LEECHERS} (one /24 holds the hosts)",
+                self.name
+            ));
+        }
+        let phases = super::rollout::PHASES.len();
+        if self.is_rollout() && !self.leechers.is_multiple_of(phases) {
+            return Err(format!(
+                "{}: N must be a multiple of {phases}, so every phase adds as many hosts",
                 self.name
             ));
         }
@@ -181,6 +199,10 @@ mod tests {
         assert_eq!(b48.leechers, 48);
         assert!(close(b48.kumar_ross().t_kr_secs, 26.8), "{b48:?}");
         assert!(Scenario::preset("b3").is_none());
+        // The rollout scenario: B1's caps, 16 hosts, 64 MiB, seed-bound at 6.7 s.
+        let r = Scenario::preset("rollout").unwrap();
+        assert!(r.is_rollout() && !b48.is_rollout());
+        assert!(close(r.kumar_ross().t_kr_secs, 6.71), "{r:?}");
     }
 
     #[test]
@@ -230,5 +252,9 @@ mod tests {
         assert!(s.validate().is_err());
         s.leechers = 300;
         assert!(s.validate().is_err());
+        let mut r = Scenario::preset("rollout").unwrap();
+        assert!(r.validate().is_ok());
+        r.leechers = 18;
+        assert!(r.validate().is_err(), "four phases of equal size");
     }
 }

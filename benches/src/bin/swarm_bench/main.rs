@@ -1,11 +1,13 @@
 //! `swarm_bench`: a fleet flash crowd against the physical limit (BENCHMARKS.md, "Swarm"):
 //! fbpkg-rs, librqbit and an HTTP fan-out distribute the same package, one after the other,
-//! on the same shaped network of namespaces, and are reported side by side.
+//! on the same shaped network of namespaces, and are reported side by side; and fbpkg-rs's
+//! phased rollouts against its own flash crowd (the `rollout` scenario, below).
 //!
 //! ```text
 //! sudo cargo run --release -p fbpkg-benches --bin swarm_bench -- --scenario smoke
 //! sudo cargo run --release -p fbpkg-benches --bin swarm_bench -- --scenario b1,b2 --json swarm.json
 //! sudo cargo run --release -p fbpkg-benches --bin swarm_bench -- --cpu --rss
+//! sudo cargo run --release -p fbpkg-benches --bin swarm_bench -- --scenario rollout --contenders fbpkg-rs
 //! ```
 //!
 //! Per scenario: remove leftovers of a crashed run; build N+2 host namespaces and a switch
@@ -15,6 +17,31 @@
 //! wait for all of them until `--deadline-factor` x T_KR, read the seed's egress, stop
 //! everything, verify every leecher's bytes. Everything is torn down on exit, error, panic,
 //! SIGINT or SIGTERM. Needs root; not part of `cargo test`.
+//!
+//! # The `rollout` scenario (issue 9, "Bench")
+//!
+//! ```text
+//! sudo target/release/swarm_bench --scenario rollout --contenders fbpkg-rs \
+//!     --fbpkg-bin target/release/fbpkg-rs --json rollout.json
+//! ```
+//!
+//! 16 hosts, B1's caps (80/80/160 Mbit/s), a 64 MiB package: T_KR 6.7 s, a whole run in
+//! about two minutes. First the contenders' flash crowd of the new version (v2) to the 16
+//! hosts, as in every scenario. Then, twice (`--prefetch-rate unlimited`, then `off`), from a
+//! fresh tracker (`--rollout-tick 50ms`, a publish token) and fresh agent state and caches:
+//! the seed publishes v1 with `--tag prod` and v2 untagged; every host runs
+//! `fbpkg-rs agent --follow pkg:prod --follow-interval 250ms --host-id host-N --on-change ...`,
+//! where the on-change command appends `$FBPKG_PACKAGE_HASH $(date +%s%N)` to a file of
+//! that host's; once every file shows v1, `fbpkg-rs rollout start pkg:<v2> --tag prod
+//! --phases 25,50,75,100 --bake 0s --max-failures 0`, and the clock (wall time taken just
+//! before that command) runs until every file shows v2. Reported: per phase, the time until
+//! that phase's hosts (and the earlier ones) had all activated v2 and what the phase added,
+//! and the total, beside the flash crowd's T_last; and the issue's target, every phase after
+//! the first adding under 1 s with prefetch. Phases go by bucket (a hash of name, tag and host
+//! id), so the host ids are not `host-0..15` but the first four of `host-0, host-1, ...` in
+//! each quarter of the buckets: each phase adds exactly four hosts (the table lists them).
+//! `--leechers` may change N to another multiple of 4. Every wait has a deadline (v1 within
+//! the scenario's deadline plus 30 s, v2 within twice the deadline).
 
 mod calibrate;
 mod cleanup;
@@ -53,7 +80,9 @@ struct Cli {
 #[derive(Debug, clap::Args)]
 pub struct Args {
     /// Scenarios, comma-separated: b1 (seed-bound), b2 (upload-bound), b1-48 (48 leechers,
-    /// 64 MiB, 20/20/40 Mbit/s), smoke (N=4, 32 MiB).
+    /// 64 MiB, 20/20/40 Mbit/s), smoke (N=4, 32 MiB), rollout (16 hosts following a tag, 64
+    /// MiB, B1's caps: the contenders' flash crowd of v2, then a phased rollout from v1 to v2
+    /// with prefetch on and off; N must be a multiple of 4).
     #[arg(long, value_delimiter = ',', default_value = "b1,b2")]
     scenario: Vec<String>,
 
@@ -210,7 +239,7 @@ impl Args {
                 continue;
             }
             let mut s = Scenario::preset(&name).with_context(|| {
-                format!("unknown scenario {name:?} (b1, b2, b1-48, smoke, none)")
+                format!("unknown scenario {name:?} (b1, b2, b1-48, smoke, rollout, none)")
             })?;
             if let Some(n) = self.leechers {
                 s.leechers = n;

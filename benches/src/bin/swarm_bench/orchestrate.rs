@@ -8,6 +8,7 @@ use anyhow::{Context as _, ensure};
 use fbpkg_benches::fbpkg_binary;
 use fbpkg_benches::swarm::netplan::{Plan, Tbf};
 use fbpkg_benches::swarm::report::{self, Row, Summary};
+use fbpkg_benches::swarm::rollout::{self as rollout_report, PHASES, PickedHost, RolloutRun};
 use fbpkg_benches::swarm::scenario::{KumarRoss, Scenario};
 use fbpkg_common::metainfo::{Format, Metainfo};
 use rand::Rng as _;
@@ -15,7 +16,7 @@ use serde::Serialize;
 
 use crate::calibrate::{self, Calibration};
 use crate::cleanup::{self, WorkDir};
-use crate::contenders::{self, Ctx, Package, TRACKER_PORT, Which};
+use crate::contenders::{self, Ctx, PACKAGE_NAME, Package, TRACKER_PORT, Which};
 use crate::cpu::{self, CpuReport, CpuSettings};
 use crate::measure::ContenderRun;
 use crate::procs;
@@ -50,8 +51,23 @@ pub struct ScenarioReport {
     pub calibration: Vec<Calibration>,
     /// Contenders in the order run.
     pub contenders: Vec<Entry>,
+    /// The `rollout` scenario's rollouts (prefetch on and off), after the flash crowds.
+    pub rollout: Option<RolloutReport>,
     /// The tables.
     pub table: String,
+}
+
+/// The rollouts of the `rollout` scenario.
+#[derive(Debug, Serialize)]
+pub struct RolloutReport {
+    /// What was run.
+    pub how: String,
+    /// The leechers' host ids, in host order (`l001` first), each with its bucket and phase.
+    pub host_ids: Vec<PickedHost>,
+    /// Prefetch unlimited, then off.
+    pub runs: Vec<RolloutRun>,
+    /// Runs that failed, and why.
+    pub errors: Vec<String>,
 }
 
 /// The machine.
@@ -181,6 +197,14 @@ fn run_scenario(c: &Common<'_>, s: &Scenario) -> anyhow::Result<ScenarioReport> 
         report::size(s.package_bytes)
     ));
     let pkg = make_package(&pkg_dir, s.package_bytes, &tracker_url)?;
+    // The rollout scenario's old version: same size, other bytes. The flash crowds and the
+    // rollouts all distribute `pkg` (the new version).
+    let old_dir = c.work.path.join(format!("{}-package-old", s.name));
+    let old = if s.is_rollout() {
+        Some(make_package(&old_dir, s.package_bytes, &tracker_url)?)
+    } else {
+        None
+    };
     let mut entries = Vec::new();
     for &which in &c.args.contenders {
         procs::check_cancelled()?;
@@ -236,13 +260,38 @@ fn run_scenario(c: &Common<'_>, s: &Scenario) -> anyhow::Result<ScenarioReport> 
         };
         entries.push(entry);
     }
+    let rollout = match &old {
+        Some(old) => {
+            let ctx = Ctx {
+                hosts: &hosts,
+                topo: Some(&topo),
+                pkg: &pkg,
+                fbpkg_bin: c.fbpkg_bin,
+                self_exe: c.self_exe,
+                dir: c.work.path.join(format!("{}-rollout", s.name)),
+                logs: c.work.logs(),
+                log_prefix: format!("{}-rollout", s.name),
+                deadline,
+                t_kr_secs: kr.t_kr_secs,
+                sample_every: Duration::from_millis(c.args.sample_ms),
+                rqbit_linger: c.args.rqbit_linger,
+                agent_args: &c.args.fbpkg_agent_arg,
+            };
+            Some(run_rollouts(&ctx, s, old)?)
+        }
+        None => None,
+    };
     let _ = std::fs::write(
         c.work.logs().join(format!("{}-tc-qdisc.txt", s.name)),
         topo.qdisc_stats(),
     );
     drop(topo);
     let _ = std::fs::remove_dir_all(&pkg_dir);
-    let table = scenario_table(s, &kr, deadline, &entries);
+    let _ = std::fs::remove_dir_all(&old_dir);
+    let mut table = scenario_table(s, &kr, deadline, &entries);
+    if let Some(r) = &rollout {
+        table.push_str(&rollout_table(r, &entries));
+    }
     Ok(ScenarioReport {
         scenario: s.clone(),
         kumar_ross: kr,
@@ -251,8 +300,90 @@ fn run_scenario(c: &Common<'_>, s: &Scenario) -> anyhow::Result<ScenarioReport> 
         tcp_congestion_control: cc,
         calibration,
         contenders: entries,
+        rollout,
         table,
     })
+}
+
+/// The rollout scenario after its flash crowds: the same new version rolled out to the same
+/// hosts, prefetch unlimited then off, each run from fresh agents holding the old version.
+fn run_rollouts(ctx: &Ctx<'_>, s: &Scenario, old: &Package) -> anyhow::Result<RolloutReport> {
+    let per_phase = s.leechers / PHASES.len();
+    let host_ids =
+        rollout_report::pick_host_ids(PACKAGE_NAME, contenders::rollout::TAG, &PHASES, per_phase)
+            .map_err(anyhow::Error::msg)?;
+    let mut runs = Vec::new();
+    let mut errors = Vec::new();
+    for prefetch_rate in ["unlimited", "off"] {
+        procs::check_cancelled()?;
+        log_progress(&format!("{}: rollout, prefetch {prefetch_rate}", s.name));
+        let settings = contenders::rollout::Settings {
+            old,
+            new: ctx.pkg,
+            prefetch_rate,
+            picked: &host_ids,
+        };
+        match contenders::rollout::run(ctx, &settings) {
+            Ok(run) => {
+                let incs: Vec<String> = run
+                    .phases
+                    .iter()
+                    .map(|p| {
+                        p.increment_secs
+                            .map_or_else(|| "-".into(), |i| format!("+{i:.2}"))
+                    })
+                    .collect();
+                log_progress(&format!(
+                    "{}: rollout, prefetch {prefetch_rate}: 100% activated {} (phases {})",
+                    s.name,
+                    run.total_secs
+                        .map_or_else(|| "never".into(), |t| format!("after {t:.2} s")),
+                    incs.join(" ")
+                ));
+                runs.push(run);
+            }
+            Err(e) => {
+                procs::check_cancelled()?;
+                log_progress(&format!(
+                    "{}: rollout, prefetch {prefetch_rate} failed: {e:#}",
+                    s.name
+                ));
+                errors.push(format!("prefetch {prefetch_rate}: {e:#}"));
+            }
+        }
+    }
+    Ok(RolloutReport {
+        how: format!(
+            "{} hosts follow {PACKAGE_NAME}:{} (--follow-interval 250ms, tracker --rollout-tick \
+             50ms); v1 tagged, v2 published; once every host activated v1: rollout start v2 \
+             --phases 25,50,75,100 --bake 0s --max-failures 0; times from just before that \
+             command to each host's --on-change for v2",
+            s.leechers,
+            contenders::rollout::TAG
+        ),
+        host_ids,
+        runs,
+        errors,
+    })
+}
+
+fn rollout_table(r: &RolloutReport, entries: &[Entry]) -> String {
+    let flash: Vec<(String, Option<f64>)> = entries
+        .iter()
+        .filter_map(|e| {
+            let t = e.run.as_ref()?.summary.as_ref()?.t_last_secs;
+            Some((e.contender.clone(), t))
+        })
+        .collect();
+    let mut t = format!(
+        "\nrollout: {}\n{}",
+        r.how,
+        rollout_report::table(&flash, &r.runs, &r.host_ids)
+    );
+    for e in &r.errors {
+        t.push_str(&format!("rollout error: {e}\n"));
+    }
+    t
 }
 
 fn scenario_table(s: &Scenario, kr: &KumarRoss, deadline: Duration, entries: &[Entry]) -> String {

@@ -18,14 +18,14 @@ use crate::procs::{self, Proc, Spec, Stdout};
 use crate::topology::Endpoint;
 
 /// An agent and where it keeps things.
-struct Agent {
-    host: Endpoint,
-    state: PathBuf,
-    cache: PathBuf,
-    proc: Proc,
+pub(super) struct Agent {
+    pub(super) host: Endpoint,
+    pub(super) state: PathBuf,
+    pub(super) cache: PathBuf,
+    pub(super) proc: Proc,
 }
 
-fn host_flags(ctx: &Ctx<'_>, state: &Path, cache: &Path) -> Vec<OsString> {
+pub(super) fn host_flags(ctx: &Ctx<'_>, state: &Path, cache: &Path) -> Vec<OsString> {
     vec![
         "--tracker".into(),
         ctx.tracker_url().into(),
@@ -36,17 +36,27 @@ fn host_flags(ctx: &Ctx<'_>, state: &Path, cache: &Path) -> Vec<OsString> {
     ]
 }
 
-fn fbpkg(ctx: &Ctx<'_>, cmd: &str, rest: Vec<OsString>) -> Vec<OsString> {
+pub(super) fn fbpkg(ctx: &Ctx<'_>, cmd: &str, rest: Vec<OsString>) -> Vec<OsString> {
     let mut argv = vec![ctx.fbpkg_bin.into(), cmd.into()];
     argv.extend(rest);
     argv
 }
 
 fn start_agent(ctx: &Ctx<'_>, host: &Endpoint) -> anyhow::Result<Agent> {
+    start_agent_with(ctx, host, Vec::new())
+}
+
+/// An agent with `extra` flags after the usual ones (and before `--fbpkg-agent-arg`s).
+pub(super) fn start_agent_with(
+    ctx: &Ctx<'_>,
+    host: &Endpoint,
+    extra: Vec<OsString>,
+) -> anyhow::Result<Agent> {
     let state = ctx.host_dir(host, "state")?;
     let cache = ctx.host_dir(host, "cache")?;
     let mut rest = vec!["--listen".into(), host.addr(AGENT_PORT).into()];
     rest.extend(host_flags(ctx, &state, &cache));
+    rest.extend(extra);
     rest.extend(ctx.agent_args.iter().map(OsString::from));
     let label = format!("{}-agent", host.label);
     let mut spec = Spec::new(&label, Some(&host.ns), fbpkg(ctx, "agent", rest));
@@ -61,7 +71,11 @@ fn start_agent(ctx: &Ctx<'_>, host: &Endpoint) -> anyhow::Result<Agent> {
 
 /// The agent is ready once its control socket exists (bound right after its engine starts;
 /// it may still be seeding its cache, which a leecher here does not have).
-fn wait_ready(ctx: &Ctx<'_>, agents: &mut [Agent], timeout: Duration) -> anyhow::Result<()> {
+pub(super) fn wait_ready(
+    ctx: &Ctx<'_>,
+    agents: &mut [Agent],
+    timeout: Duration,
+) -> anyhow::Result<()> {
     let deadline = Instant::now() + timeout;
     for a in agents {
         let sock = a.state.join("agent.sock");
@@ -101,12 +115,23 @@ fn status(ctx: &Ctx<'_>, a: &Agent) -> anyhow::Result<Value> {
 }
 
 fn publish(ctx: &Ctx<'_>, seed: &Agent, acct: &mut Accounting) -> anyhow::Result<Value> {
+    publish_with(ctx, seed, acct, Vec::new())
+}
+
+/// `publish` of `ctx.pkg` on the seed with `extra` flags (`--tag`, `--publish-token`).
+pub(super) fn publish_with(
+    ctx: &Ctx<'_>,
+    seed: &Agent,
+    acct: &mut Accounting,
+    extra: Vec<OsString>,
+) -> anyhow::Result<Value> {
     let mut rest: Vec<OsString> = vec![
         PACKAGE_NAME.into(),
         ctx.pkg.path.clone().into(),
         "--json".into(),
     ];
     rest.extend(host_flags(ctx, &seed.state, &seed.cache));
+    rest.extend(extra);
     let mut spec = Spec::new("publish", Some(&seed.host.ns), fbpkg(ctx, "publish", rest));
     spec.stdout = Stdout::Lines;
     spec.stderr = Some(ctx.log("publish"));
@@ -149,7 +174,7 @@ pub fn run(ctx: &Ctx<'_>) -> anyhow::Result<ContenderRun> {
     let mut acct = Accounting::default();
     let mut notes = Vec::new();
     let mut setup_notes = BTreeMap::new();
-    let mut tracker = ctx.start_tracker(false)?;
+    let mut tracker = ctx.start_tracker(false, &[])?;
     let mut agents = vec![start_agent(ctx, &ctx.hosts.seed)?];
     for h in &ctx.hosts.leechers {
         agents.push(start_agent(ctx, h)?);

@@ -4,6 +4,7 @@
 
 pub mod fbpkg;
 pub mod http;
+pub mod rollout;
 pub mod rqbit;
 
 use std::path::{Path, PathBuf};
@@ -164,8 +165,28 @@ impl Ctx<'_> {
         Ok(body)
     }
 
-    /// Start the fbpkg-rs tracker on the tracker host and wait until it answers `/readyz`.
-    pub fn start_tracker(&self, allow_unregistered: bool) -> anyhow::Result<Proc> {
+    /// The same run with another package (the rollout scenario distributes two versions).
+    pub fn with_pkg<'b>(&'b self, pkg: &'b Package) -> Ctx<'b> {
+        Ctx {
+            hosts: self.hosts,
+            topo: self.topo,
+            pkg,
+            fbpkg_bin: self.fbpkg_bin,
+            self_exe: self.self_exe,
+            dir: self.dir.clone(),
+            logs: self.logs.clone(),
+            log_prefix: self.log_prefix.clone(),
+            deadline: self.deadline,
+            t_kr_secs: self.t_kr_secs,
+            sample_every: self.sample_every,
+            rqbit_linger: self.rqbit_linger,
+            agent_args: self.agent_args,
+        }
+    }
+
+    /// Start the fbpkg-rs tracker on the tracker host, with `extra` flags, and wait until it
+    /// answers `/readyz`.
+    pub fn start_tracker(&self, allow_unregistered: bool, extra: &[&str]) -> anyhow::Result<Proc> {
         let data = self.host_dir(&self.hosts.tracker, "tracker")?;
         let listen = self.hosts.tracker.addr(TRACKER_PORT);
         let mut argv: Vec<std::ffi::OsString> = vec![
@@ -182,6 +203,7 @@ impl Ctx<'_> {
         if allow_unregistered {
             argv.push("--allow-unregistered".into());
         }
+        argv.extend(extra.iter().map(Into::into));
         let mut spec = Spec::new("tracker", Some(&self.hosts.tracker.ns), argv);
         spec.stderr = Some(self.log("tracker"));
         let mut p = Proc::spawn(spec)?;

@@ -69,7 +69,7 @@ pub fn run(ctx: &Ctx<'_>) -> anyhow::Result<ContenderRun> {
     let mut setup_notes = BTreeMap::new();
     let mut notes = Vec::new();
     std::fs::write(ctx.dir.join("pkg.torrent"), &ctx.pkg.metainfo)?;
-    let mut tracker = ctx.start_tracker(true)?;
+    let mut tracker = ctx.start_tracker(true, &[])?;
     let mut seed = start_node(ctx, &ctx.hosts.seed, "seed")?;
     let t = Instant::now();
     seed.wait_for_line(
