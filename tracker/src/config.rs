@@ -94,6 +94,13 @@ pub struct TrackerArgs {
     #[arg(long, env = "FBPKG_ROLLOUT_TICK", default_value = "250ms", value_parser = humantime::parse_duration)]
     pub rollout_tick: Duration,
 
+    /// How long a host in a rollout's current phase that resolved the tag but has not
+    /// reported yet holds the phase (it is downloading, or will switch at its next follow
+    /// interval); a host silent longer is taken for gone. Make it longer than the agents'
+    /// --follow-interval and than a download takes.
+    #[arg(long, env = "FBPKG_ROLLOUT_HOST_TIMEOUT", default_value = "2m", value_parser = humantime::parse_duration)]
+    pub rollout_host_timeout: Duration,
+
     /// Serving threads, each with its own listening socket (0 = one per core).
     #[arg(long, env = "FBPKG_TRACKER_THREADS", default_value_t = 0)]
     pub threads: usize,
@@ -150,6 +157,9 @@ pub struct Config {
     /// Rollout gate period (default 250 ms).
     #[serde(with = "humantime_serde_compat")]
     pub rollout_tick: Duration,
+    /// How long a resolved, silent host holds its rollout phase (default 2 min).
+    #[serde(with = "humantime_serde_compat")]
+    pub rollout_host_timeout: Duration,
     /// Longest request line query accepted (default 4 KiB).
     pub max_query_len: usize,
     /// Largest request body: a metainfo file (default 8 MiB).
@@ -202,6 +212,7 @@ impl Default for Config {
             idle_timeout: Duration::from_secs(60),
             request_timeout: Duration::from_secs(30),
             rollout_tick: Duration::from_millis(250),
+            rollout_host_timeout: crate::rollout::DEFAULT_HOST_TIMEOUT,
             max_query_len: 4096,
             max_body_bytes: 8 << 20,
             dashboard_refresh_secs: 5,
@@ -231,6 +242,7 @@ impl TrackerArgs {
             idle_timeout: self.idle_timeout,
             request_timeout: self.request_timeout,
             rollout_tick: self.rollout_tick,
+            rollout_host_timeout: self.rollout_host_timeout,
             dashboard_refresh_secs: self.dashboard_refresh_secs,
             threads: self.threads,
             ..Config::default()

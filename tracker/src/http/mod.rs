@@ -49,7 +49,8 @@ impl AppState {
     /// Open the catalog under `config.data_dir` and register a swarm for every version in it.
     pub fn open(config: Config) -> Result<Arc<Self>, crate::TrackerError> {
         let catalog = Catalog::open(&config.data_dir)?;
-        let rollouts = Rollouts::open(Box::new(FileStore::open(&config.data_dir)?), &catalog)?;
+        let rollouts = Rollouts::open(Box::new(FileStore::open(&config.data_dir)?), &catalog)?
+            .with_host_timeout(config.rollout_host_timeout);
         let swarms = Swarms::default();
         for (name, m) in catalog.all_versions() {
             swarms.register(

@@ -8,8 +8,9 @@
 //! include those of every earlier phase.
 //!
 //! Among the hosts in the current phase, a host *acts* once its latest report is `fetched` or
-//! later (a host that only resolved does not hold a phase back: a fleet of plain `get`s still
-//! moves). The gate:
+//! later, or while it only resolved but was seen within the host timeout (it is on its way:
+//! downloading, or about to resolve again now that its phase has come). A host that resolved
+//! once and went silent longer than that does not hold a phase for ever. The gate:
 //!
 //! - **halt** the moment the unhealthy hosts (latest report `unhealthy`) number more than the
 //!   budget (`max_failures`, a count or a percentage of the hosts in the phase);
@@ -30,6 +31,7 @@ use std::collections::HashMap;
 use fbpkg_common::api::{FailedHost, HostState, PhaseCounts, Rollout};
 use fbpkg_common::rollout::{HostId, first_phase};
 use fbpkg_common::tracker_proto::Zone;
+use tokio::time::{Duration, Instant};
 
 /// What one host last said in one rollout (soft state: rebuilt from the host's next report).
 #[derive(Debug, Clone)]
@@ -43,6 +45,8 @@ pub(crate) struct HostVote {
     pub health_seen: bool,
     /// Its latest report came from a `get` (no health command to wait for).
     pub by_get: bool,
+    /// When it last resolved the tag or reported (tokio's clock).
+    pub seen: Instant,
 }
 
 impl HostVote {
@@ -81,7 +85,12 @@ fn last_line(detail: Option<&str>) -> &str {
 }
 
 /// Judge the current phase of `r` (see the module doc).
-pub(crate) fn judge(r: &Rollout, hosts: &HashMap<HostId, HostVote>) -> Verdict {
+pub(crate) fn judge(
+    r: &Rollout,
+    hosts: &HashMap<HostId, HostVote>,
+    now: Instant,
+    host_timeout: Duration,
+) -> Verdict {
     let in_phase: Vec<(&HostId, &HostVote)> = hosts
         .iter()
         .filter(|(_, v)| v.first_phase(r) <= r.phase)
@@ -128,7 +137,9 @@ pub(crate) fn judge(r: &Rollout, hosts: &HashMap<HostId, HostVote>) -> Verdict {
     }
     let mut acting = in_phase
         .iter()
-        .filter(|(_, v)| v.state != HostState::Resolved)
+        .filter(|(_, v)| {
+            v.state != HostState::Resolved || now.saturating_duration_since(v.seen) <= host_timeout
+        })
         .peekable();
     if acting.peek().is_some() && acting.all(|(_, v)| good(v)) {
         Verdict::Pass
@@ -197,7 +208,14 @@ mod tests {
             detail: (state == HostState::Unhealthy).then(|| "exit 1".to_owned()),
             health_seen: matches!(state, HostState::Healthy | HostState::Unhealthy),
             by_get: false,
+            seen: Instant::now(),
         }
+    }
+
+    const TIMEOUT: Duration = Duration::from_secs(120);
+
+    fn judge_now(r: &Rollout, hosts: &HashMap<HostId, HostVote>) -> Verdict {
+        judge(r, hosts, Instant::now(), TIMEOUT)
     }
 
     fn rollout() -> Rollout {
@@ -220,18 +238,47 @@ mod tests {
         }
     }
 
+    #[tokio::test(start_paused = true)]
+    async fn a_host_on_its_way_holds_its_phase_until_it_goes_silent() {
+        let r = rollout();
+        let id = |h: &str| HostId::new(h).expect("a valid host id");
+        let mut hosts = HashMap::new();
+        hosts.insert(id("done"), vote(Some("dc1"), HostState::Activated));
+        hosts.insert(id("downloading"), vote(Some("dc1"), HostState::Resolved));
+        assert_eq!(
+            judge_now(&r, &hosts),
+            Verdict::Wait,
+            "one host is still on its way"
+        );
+        tokio::time::advance(TIMEOUT).await;
+        if let Some(v) = hosts.get_mut(&id("done")) {
+            v.seen = Instant::now();
+        }
+        assert_eq!(
+            judge_now(&r, &hosts),
+            Verdict::Wait,
+            "seen just within the timeout"
+        );
+        tokio::time::advance(Duration::from_millis(1)).await;
+        assert_eq!(judge_now(&r, &hosts), Verdict::Pass, "gone silent");
+    }
+
     #[test]
     fn a_phase_that_holds_none_of_the_hosts_seen_passes() {
         let r = rollout();
         let mut hosts = HashMap::new();
-        assert_eq!(judge(&r, &hosts), Verdict::Wait, "nobody seen yet");
+        assert_eq!(judge_now(&r, &hosts), Verdict::Wait, "nobody seen yet");
         let id = |h: &str| HostId::new(h).expect("a valid host id");
         hosts.insert(id("far"), vote(Some("dc2"), HostState::Fetched));
-        assert_eq!(judge(&r, &hosts), Verdict::Pass, "dc1 holds none of them");
+        assert_eq!(
+            judge_now(&r, &hosts),
+            Verdict::Pass,
+            "dc1 holds none of them"
+        );
         hosts.insert(id("near"), vote(Some("dc1"), HostState::Resolved));
-        assert_eq!(judge(&r, &hosts), Verdict::Wait, "a dc1 host showed up");
+        assert_eq!(judge_now(&r, &hosts), Verdict::Wait, "a dc1 host showed up");
         hosts.insert(id("near"), vote(Some("dc1"), HostState::Healthy));
-        assert_eq!(judge(&r, &hosts), Verdict::Pass);
+        assert_eq!(judge_now(&r, &hosts), Verdict::Pass);
     }
 
     #[test]
@@ -269,7 +316,7 @@ mod tests {
         assert_eq!(failed.len(), 1);
         assert_eq!((failed[0].host.as_str(), failed[0].phase), ("b", 0));
         assert_eq!(
-            judge(&r, &hosts),
+            judge_now(&r, &hosts),
             Verdict::Wait,
             "one failure is within the budget"
         );

@@ -11,6 +11,8 @@ use fbpkg_common::api::{HostState, Report, ReportAck, ReportSource, Rollout, Rol
 use fbpkg_common::pkgref::{PackageName, Tag};
 use fbpkg_common::rollout::{HostId, bucket};
 
+use tokio::time::Instant;
+
 use super::gate::HostVote;
 use super::{Asker, MAX_HOSTS, Rollouts, key, lock};
 use crate::error::TrackerError;
@@ -44,6 +46,7 @@ impl Rollouts {
                     detail: None,
                     health_seen: false,
                     by_get: false,
+                    seen: Instant::now(),
                 }),
             None => {
                 let b = bucket(name, tag, &who.host);
@@ -51,6 +54,7 @@ impl Rollouts {
                 return Some(PerHost::of(r, fp.is_some_and(|f| f <= r.phase)));
             }
         };
+        vote.seen = Instant::now();
         if who.zone.is_some() {
             vote.zone.clone_from(&who.zone);
         }
@@ -98,7 +102,9 @@ impl Rollouts {
                     detail: None,
                     health_seen: false,
                     by_get: false,
+                    seen: Instant::now(),
                 });
+            vote.seen = Instant::now();
             if rep.zone.is_some() {
                 vote.zone.clone_from(&rep.zone);
             }

@@ -52,6 +52,11 @@ use gate::{HostVote, Verdict};
 pub use hosts::PerHost;
 pub use store::{FileStore, RolloutStore, TagRollouts};
 
+/// How long a host in the current phase that resolved but has not reported yet holds the
+/// phase (it is downloading, or will resolve again at its next follow interval): past it,
+/// silent, it is taken for gone.
+pub const DEFAULT_HOST_TIMEOUT: Duration = Duration::from_secs(120);
+
 /// Finished rollouts kept per tag.
 pub const HISTORY_PER_TAG: usize = 50;
 
@@ -110,6 +115,8 @@ pub struct Rollouts {
     inner: Mutex<Inner>,
     write: Mutex<()>,
     wake: tokio::sync::Notify,
+    /// How long a host that resolved but has not reported holds its phase.
+    host_timeout: Duration,
 }
 
 /// Wall-clock now, Unix ms (records only; gates run on tokio's clock).
@@ -222,7 +229,14 @@ impl Rollouts {
             }),
             write: Mutex::new(()),
             wake: tokio::sync::Notify::new(),
+            host_timeout: DEFAULT_HOST_TIMEOUT,
         })
+    }
+
+    /// Set how long a host that resolved but has not reported holds its phase.
+    pub fn with_host_timeout(mut self, t: Duration) -> Self {
+        self.host_timeout = t;
+        self
     }
 
     /// One durable change of a tag's record: `f` edits a copy (and may do other durable work,
@@ -420,7 +434,7 @@ impl Rollouts {
                 if !running && r.state != RolloutState::Paused {
                     continue;
                 }
-                match gate::judge(r, &entry.live.hosts) {
+                match gate::judge(r, &entry.live.hosts, now, self.host_timeout) {
                     Verdict::Halt(reason) => {
                         steps.push((name.clone(), tag.clone(), r.id, Step::Halt(reason)))
                     }
