@@ -39,6 +39,10 @@ pub enum ErrorKind {
     Io,
     /// Shutting down.
     Cancelled,
+    /// The package cannot be run: no entrypoint, not executable, or exec refused it.
+    NotRunnable,
+    /// exec found nothing to run: the program, or the interpreter its `#!` line names.
+    ProgramMissing,
     /// A kind this version does not know (from a newer agent).
     #[serde(other)]
     Other,
@@ -61,6 +65,8 @@ impl ErrorKind {
             ErrorKind::Protocol => "protocol",
             ErrorKind::Io => "io",
             ErrorKind::Cancelled => "cancelled",
+            ErrorKind::NotRunnable => "not_runnable",
+            ErrorKind::ProgramMissing => "program_missing",
             ErrorKind::Other => "other",
         }
     }
@@ -75,6 +81,8 @@ impl ErrorKind {
             ErrorKind::NoPeers => exit::NO_PEERS,
             ErrorKind::TrackerUnreachable => exit::TRACKER,
             ErrorKind::Unauthorized => exit::UNAUTHORIZED,
+            ErrorKind::NotRunnable => exit::NOT_RUNNABLE,
+            ErrorKind::ProgramMissing => exit::PROGRAM_MISSING,
             ErrorKind::TrackerRefused
             | ErrorKind::Agent
             | ErrorKind::Protocol
@@ -146,6 +154,13 @@ pub enum PeerError {
     /// The operation was cancelled (shutdown).
     #[error("cancelled")]
     Cancelled,
+    /// `run`: the package cannot be run (a directory without an entrypoint, a file published
+    /// without its execute bit, an entrypoint that leads out of its tree, or exec refused it).
+    #[error("{0}")]
+    NotRunnable(String),
+    /// `run`: exec found nothing to run (the program, or the interpreter its `#!` line names).
+    #[error("{0}")]
+    ProgramMissing(String),
     /// An error the agent reported over the control socket: its kind and full message.
     #[error("{message}")]
     Remote {
@@ -186,6 +201,8 @@ impl PeerError {
             PeerError::Protocol(_) => ErrorKind::Protocol,
             PeerError::Io { .. } => ErrorKind::Io,
             PeerError::Cancelled => ErrorKind::Cancelled,
+            PeerError::NotRunnable(_) => ErrorKind::NotRunnable,
+            PeerError::ProgramMissing(_) => ErrorKind::ProgramMissing,
             PeerError::Remote { kind, .. } => *kind,
         }
     }
@@ -234,6 +251,8 @@ mod tests {
             (PeerError::Tracker("x".into()), exit::TRACKER),
             (PeerError::Unauthorized("x".into()), exit::UNAUTHORIZED),
             (PeerError::TrackerRefused("x".into()), exit::ERROR),
+            (PeerError::NotRunnable("x".into()), exit::NOT_RUNNABLE),
+            (PeerError::ProgramMissing("x".into()), exit::PROGRAM_MISSING),
             (
                 PeerError::Remote {
                     kind: ErrorKind::NoPeers,

@@ -51,11 +51,19 @@ pub(crate) struct GetArgs {
     reference: String,
 
     #[command(flatten)]
-    host: HostArgs,
+    fetch: FetchArgs,
 
     /// Print one JSON object instead of the path.
     #[arg(long)]
     json: bool,
+}
+
+/// How a package is resolved and fetched when the cache cannot answer: shared by `get` and
+/// `run`, so both find the same version the same way.
+#[derive(Debug, clap::Args)]
+pub(crate) struct FetchArgs {
+    #[command(flatten)]
+    pub host: HostArgs,
 
     /// Give up (exit 5) when no data has arrived for this long.
     #[arg(long, env = "FBPKG_STALL_TIMEOUT", default_value = "60s", value_parser = humantime::parse_duration)]
@@ -80,7 +88,7 @@ fn parse_host_id(s: &str) -> std::result::Result<HostId, String> {
     HostId::new(s).map_err(|e| e.to_string())
 }
 
-impl GetArgs {
+impl FetchArgs {
     /// Who this host is to the tracker: the --host-id given, or the one in the state dir.
     fn asker(&self) -> Result<Asker> {
         let host = match &self.host_id {
@@ -120,7 +128,10 @@ fn print(name: &PackageName, sha: &Sha256Hash, entry: &CachedPackage, source: &s
 }
 
 /// The cache-only answer, when the reference pins a version that is already here.
-fn from_cache(r: &PackageRef, cache: &Cache) -> Option<(PackageName, Sha256Hash, CachedPackage)> {
+pub(super) fn from_cache(
+    r: &PackageRef,
+    cache: &Cache,
+) -> Option<(PackageName, Sha256Hash, CachedPackage)> {
     let (name, sha) = match (&r.name, &r.selector) {
         (Some(n), Selector::Hash(h)) => (n.clone(), *h),
         (None, Selector::Hash(h)) => {
@@ -149,7 +160,7 @@ pub(super) fn run(args: GetArgs, log: Option<&str>) -> ExitCode {
             return ExitCode::from(exit::BAD_REFERENCE);
         }
     };
-    let cache = args.host.cache();
+    let cache = args.fetch.host.cache();
     if let Some((name, sha, entry)) = from_cache(&r, &cache) {
         print(&name, &sha, &entry, "cache", args.json);
         return ExitCode::SUCCESS;
@@ -157,9 +168,12 @@ pub(super) fn run(args: GetArgs, log: Option<&str>) -> ExitCode {
     super::init_logging(log, "warn");
     let result = super::runtime()
         .map_err(|e| PeerError::Agent(e.to_string()))
-        .and_then(|rt| rt.block_on(fetch(&args, &r, &cache)));
+        .and_then(|rt| rt.block_on(fetch(&args.fetch, &r, &cache)));
     match result {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(f) => {
+            print(&f.name, &f.sha256, &f.entry, f.source, args.json);
+            ExitCode::SUCCESS
+        }
         Err(e) => {
             eprintln!("fbpkg-rs: error: {e}");
             ExitCode::from(e.exit_code())
@@ -245,14 +259,30 @@ fn local_answer(
     }
 }
 
-async fn fetch(args: &GetArgs, r: &PackageRef, cache: &Cache) -> Result<()> {
+/// A version found in the cache, or fetched into it.
+#[derive(Debug)]
+pub(super) struct Fetched {
+    pub name: PackageName,
+    pub sha256: Sha256Hash,
+    pub entry: CachedPackage,
+    /// cache, agent or standalone.
+    pub source: &'static str,
+}
+
+/// Resolve `r` for this host and make sure its version is in the cache: through the agent
+/// when one runs, by downloading here otherwise.
+pub(super) async fn fetch(args: &FetchArgs, r: &PackageRef, cache: &Cache) -> Result<Fetched> {
     // A fleet asks at once: a dropped SYN or a 503 is retried for as long as a stall would be
     // tolerated, so a get fails for the tracker only when it stays away.
     let tracker = args.host.tracker_client(None, args.stall_timeout)?;
     let (name, sha) = resolve(r, || args.asker(), &tracker, cache, &args.host.state_dir()).await?;
     if let Some(entry) = cache.lookup_checked(&name, &sha)? {
-        print(&name, &sha, &entry, "cache", args.json);
-        return Ok(());
+        return Ok(Fetched {
+            name,
+            sha256: sha,
+            entry,
+            source: "cache",
+        });
     }
     let state_dir = args.host.state_dir();
     let label = format!("{name}:{}", &sha.to_hex()[..12]);
@@ -267,8 +297,12 @@ async fn fetch(args: &GetArgs, r: &PackageRef, cache: &Cache) -> Result<()> {
     };
     progress.finish();
     let (entry, source) = result?;
-    print(&name, &sha, &entry, source, args.json);
-    Ok(())
+    Ok(Fetched {
+        name,
+        sha256: sha,
+        entry,
+        source,
+    })
 }
 
 /// Watches progress and decides when a download has stalled.
@@ -353,7 +387,7 @@ async fn via_agent(
 }
 
 async fn standalone(
-    args: &GetArgs,
+    args: &FetchArgs,
     tracker: &TrackerClient,
     cache: &Cache,
     name: &PackageName,
