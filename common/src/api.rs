@@ -56,6 +56,11 @@ pub struct VersionInfo {
     /// Tags currently pointing at this version.
     #[serde(default)]
     pub tags: Vec<Tag>,
+    /// A tag asked with `host=` while a rollout of it runs, by a host whose phase has not come
+    /// yet: the version it will move to. A following agent prefetches it, so its activation is
+    /// a local switch when its phase comes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prefetch: Option<Sha256Hash>,
 }
 
 impl VersionInfo {
@@ -72,6 +77,7 @@ impl VersionInfo {
             format: m.format.into(),
             published_at,
             tags: Vec::new(),
+            prefetch: None,
         }
     }
 }
@@ -260,6 +266,31 @@ pub struct Report {
     /// Last lines of output (at most [`Report::MAX_DETAIL`] bytes).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub detail: Option<String>,
+    /// Who on the host sends it: a following agent (the default) or a `get`.
+    #[serde(default, skip_serializing_if = "ReportSource::is_follow")]
+    pub source: ReportSource,
+    /// The host runs a health command after activating: until it says `healthy`, its
+    /// `activated` does not pass a gate.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub health_check: bool,
+}
+
+/// Who on a host sends a report.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ReportSource {
+    /// An agent following the tag: it activates and may check health.
+    #[default]
+    Follow,
+    /// `fbpkg-rs get` or `run`: handing the version to its caller is the activation, and there
+    /// is no health check to wait for.
+    Get,
+}
+
+impl ReportSource {
+    fn is_follow(&self) -> bool {
+        *self == ReportSource::Follow
+    }
 }
 
 impl Report {
@@ -291,6 +322,29 @@ pub struct PhaseCounts {
     pub healthy: usize,
     /// ... unhealthy.
     pub unhealthy: usize,
+}
+
+/// Derived counts, for views that draw a phase's progress as bars out of [`PhaseCounts::hosts`].
+/// Methods rather than fields: the wire format stays the five exclusive counts above, so the
+/// derived ones can never disagree with them.
+impl PhaseCounts {
+    /// Every host counted in the phase, whatever it last said.
+    pub fn hosts(&self) -> usize {
+        self.resolved + self.fetched + self.activated + self.healthy + self.unhealthy
+    }
+
+    /// Hosts with the version on disk: latest report `fetched` or later. An agent reports
+    /// `unhealthy` only after fetching (its `--on-change` or health command failed), so failed
+    /// hosts count too. Hosts in later phases prefetch, so this is where their progress shows.
+    pub fn prefetched(&self) -> usize {
+        self.fetched + self.activated + self.healthy + self.unhealthy
+    }
+
+    /// Hosts switched to the version and not failed: latest report `activated` or `healthy`.
+    /// A host whose health command failed after activating is counted in `unhealthy` only.
+    pub fn switched(&self) -> usize {
+        self.activated + self.healthy
+    }
 }
 
 /// A host whose latest report is unhealthy.
@@ -347,5 +401,26 @@ mod zone_opt {
         Option::<String>::deserialize(d)?
             .map(|s| Zone::new(&s).map_err(serde::de::Error::custom))
             .transpose()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn phase_counts_derive_hosts_prefetched_and_switched() {
+        let c = PhaseCounts {
+            phase: None,
+            resolved: 1,
+            fetched: 2,
+            activated: 3,
+            healthy: 4,
+            unhealthy: 5,
+        };
+        assert_eq!(c.hosts(), 15);
+        assert_eq!(c.prefetched(), 14, "all but the host that only resolved");
+        assert_eq!(c.switched(), 7);
+        assert_eq!(PhaseCounts::default().hosts(), 0);
     }
 }

@@ -50,8 +50,12 @@ struct Host {
 
 impl Host {
     async fn start(dir: &Path, id: &str, tracker: &str) -> Self {
+        Self::start_with(dir, id, tracker, &[]).await
+    }
+
+    async fn start_with(dir: &Path, id: &str, tracker: &str, extra: &[&str]) -> Self {
         std::fs::create_dir_all(dir).unwrap();
-        let agent = start_agent(dir, id, tracker).await;
+        let agent = start_agent_with(dir, id, tracker, extra).await;
         Self {
             dir: dir.to_owned(),
             id: id.to_owned(),
@@ -82,30 +86,31 @@ impl Host {
 }
 
 async fn start_agent(dir: &Path, id: &str, tracker: &str) -> AgentProcess {
+    start_agent_with(dir, id, tracker, &[]).await
+}
+
+async fn start_agent_with(dir: &Path, id: &str, tracker: &str, extra: &[&str]) -> AgentProcess {
     let d = dir.display();
     let on_change = format!("echo \"$FBPKG_PACKAGE_HASH\" >> {d}/activations");
     let health = format!("echo checking {id}; test ! -e {d}/fail-health");
-    AgentProcess::start(
-        &dir.join("state"),
-        &dir.join("cache"),
-        tracker,
-        &[
-            "--host-id",
-            id,
-            "--follow",
-            "app:prod",
-            "--follow-interval",
-            "200ms",
-            "--on-change",
-            &on_change,
-            "--health-cmd",
-            &health,
-            "--health-timeout",
-            "20s",
-        ],
-    )
-    .await
-    .unwrap()
+    let mut args = vec![
+        "--host-id",
+        id,
+        "--follow",
+        "app:prod",
+        "--follow-interval",
+        "200ms",
+        "--on-change",
+        &on_change,
+        "--health-cmd",
+        &health,
+        "--health-timeout",
+        "20s",
+    ];
+    args.extend(extra);
+    AgentProcess::start(&dir.join("state"), &dir.join("cache"), tracker, &args)
+        .await
+        .unwrap()
 }
 
 /// Wait until every host's activations are exactly `want`.
@@ -301,5 +306,148 @@ async fn following_agents_carry_a_rollout_halt_on_bad_health_and_remember_across
             h.id
         );
     }
+    drop(publisher);
+}
+
+/// While a rollout is in its first phase, a following host outside it fetches the new version
+/// ahead under its `--prefetch-rate` (the bytes it has received never exceed the cap's budget
+/// for the time since the download began), without switching to it; a `get` of the version on
+/// that host lifts the cap; the host then says `fetched`, counted in its own phase. A host that
+/// only `get`s the tag counts as activated, so its phase's gate does not wait for a health
+/// check it will never run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hosts_outside_the_phase_prefetch_and_a_get_counts_as_activated() {
+    let dirs = tempfile::tempdir().unwrap();
+    let base = dirs.path();
+    let tracker =
+        TrackerProcess::start_with_args(&base.join("tracker"), &["--publish-token", TOKEN])
+            .unwrap();
+    let url = tracker.base_url();
+    let conn: Vec<OsString> = vec![
+        "--tracker".into(),
+        url.clone().into(),
+        "--publish-token".into(),
+        TOKEN.into(),
+    ];
+    let publisher =
+        AgentProcess::start(&base.join("pub/state"), &base.join("pub/cache"), &url, &[])
+            .await
+            .unwrap();
+    let mut versions = Vec::new();
+    for (i, tag) in [(1, Some("prod")), (2, None)] {
+        let file = base.join(format!("v{i}.bin"));
+        // 4 MiB: over four minutes at the 16 KiB/s prefetch cap below.
+        let bytes: Vec<u8> = (0..4u32 << 20)
+            .map(|b| (b.wrapping_mul(2_654_435_761) >> 13) as u8 ^ i)
+            .collect();
+        std::fs::write(&file, bytes).unwrap();
+        let mut args = vec![
+            "publish",
+            "app",
+            file.to_str().unwrap(),
+            "--publish-token",
+            TOKEN,
+        ];
+        if let Some(t) = tag {
+            args.extend(["--tag", t]);
+        }
+        let out = run(&args, &publisher.host_args()).await;
+        assert!(out.success(), "publish v{i}: {out}");
+        versions.push(out.line().strip_prefix("app:").unwrap().to_owned());
+    }
+    let (v1, v2) = (versions[0].as_str(), versions[1].as_str());
+
+    let (name, tag) = (PackageName::new("app").unwrap(), Tag::new("prod").unwrap());
+    let first = |id: &str| bucket(&name, &tag, &HostId::new(id).unwrap()) < 5000;
+    let ids: Vec<String> = (0..64).map(|i| format!("host-{i}")).collect();
+    let inside: Vec<&String> = ids.iter().filter(|i| first(i)).take(2).collect();
+    let outside = ids.iter().find(|i| !first(i)).unwrap();
+    let follower = Host::start(&base.join(inside[0].as_str()), inside[0], &url).await;
+    let later = Host::start_with(
+        &base.join(outside.as_str()),
+        outside,
+        &url,
+        &["--prefetch-rate", "16K"],
+    )
+    .await;
+    wait_activations(&[&follower, &later], &[v1]).await;
+
+    // A long bake holds the first phase once it passes.
+    let target = format!("app:{v2}");
+    let start = [
+        "rollout", "start", &target, "--tag", "prod", "--phases", "50,100", "--bake", "1h",
+    ];
+    let started = run(&start, &conn).await;
+    assert!(started.success(), "{started}");
+
+    // A host with no agent that only `get`s, inside the first phase.
+    let getter = base.join("getter");
+    let mut args: Vec<OsString> = vec![
+        "get".into(),
+        "app:prod".into(),
+        "--json".into(),
+        "--host-id".into(),
+        inside[1].into(),
+    ];
+    args.extend(fbpkg_tests::host_args(
+        &getter.join("state"),
+        &getter.join("cache"),
+        &url,
+    ));
+    let out = fbpkg_rs(args, CLI_TIMEOUT).await;
+    assert_eq!(json(&out).unwrap()["sha256"], v2, "{out}");
+
+    // The later host prefetches v2 within its cap: 16 KiB/s after a 256 KiB burst.
+    let mut status_args: Vec<OsString> = vec!["status".into(), "--json".into()];
+    status_args.extend(later.agent.host_args());
+    let mut samples = 0;
+    while samples < 10 {
+        let v = json(&fbpkg_rs(status_args.clone(), CLI_TIMEOUT).await).unwrap();
+        let prefetch = v
+            .as_array()
+            .and_then(|ts| ts.iter().find(|t| t["sha256"] == v2))
+            .cloned();
+        if let Some(t) = prefetch {
+            let (got, age) = (
+                t["downloaded"].as_u64().unwrap(),
+                t["age_secs"].as_f64().unwrap(),
+            );
+            let budget = (256 << 10) as f64 + 16384.0 * age + 4.0 * 16384.0;
+            assert!(got as f64 <= budget, "{got} bytes in {age} s: {t}");
+            assert_ne!(t["phase"], "seeding", "a 4 MiB prefetch at 16 KiB/s: {t}");
+            samples += 1;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // Someone on that host needs v2 now: the cap goes, and the download finishes.
+    let mut args: Vec<OsString> = vec!["get".into(), format!("app:{v2}").into()];
+    args.extend(later.agent.host_args());
+    let out = fbpkg_rs(args, CLI_TIMEOUT).await;
+    assert!(out.success(), "{out}");
+
+    let status = wait_for(
+        "the phase's hosts to be healthy or activated, and the later host prefetched",
+        WAIT,
+        || async {
+            let s = rollout_status(&conn).await?;
+            let counts = &s["current"]["phase_counts"];
+            let ok = counts[0]["healthy"] == 1
+                && counts[0]["activated"] == 1
+                && counts[1]["fetched"] == 1;
+            if ok { Ok(s) } else { Err(s.to_string()) }
+        },
+    )
+    .await;
+    assert_eq!(status["current"]["phase"], 0, "{status}");
+    // The later host has v2 in its cache, and still runs v1.
+    assert!(later.dir.join("cache/app").join(v2).is_dir());
+    let f = later.follow().await.unwrap();
+    assert_eq!(
+        (&f["resolved"], &f["activated"]),
+        (&v1.into(), &v1.into()),
+        "{f}"
+    );
+    assert_eq!(later.activations(), [v1]);
+    assert_eq!(follower.activations(), [v1, v2]);
     drop(publisher);
 }

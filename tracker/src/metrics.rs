@@ -1,9 +1,14 @@
 //! Counters and a latency histogram, rendered as Prometheus text. Lock-free atomics: the
 //! announce path pays a few relaxed increments.
+//!
+//! Rollout gauges ([`render_rollouts`]) are computed at scrape time from the active rollouts,
+//! like the swarm and catalog gauges: nothing is counted on the report path.
 
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
+
+use fbpkg_common::api::{RolloutState, RolloutView};
 
 /// Outcome of one announce.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -298,4 +303,208 @@ pub struct Gauges {
     pub catalog_bytes: u64,
     /// Open connections.
     pub connections: u64,
+}
+
+/// The `state` label of a rollout (and what the dashboard shows).
+pub(crate) fn rollout_state_label(s: &RolloutState) -> &'static str {
+    match s {
+        RolloutState::Running { .. } => "running",
+        RolloutState::Paused => "paused",
+        RolloutState::Halted { .. } => "halted",
+        RolloutState::Aborted { .. } => "aborted",
+        RolloutState::Done => "done",
+    }
+}
+
+/// Escape a label value per the text exposition format: backslash, double quote, line feed.
+fn label(v: &str) -> String {
+    let mut out = String::with_capacity(v.len());
+    for c in v.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '"' => out.push_str("\\\""),
+            '\n' => out.push_str("\\n"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// Append the rollout gauges of `views` (the active rollouts) to a [`Metrics::render`] text.
+/// Phases are numbered from 1, as in halt reasons; each host counts once, in the first phase
+/// holding it, under its latest report.
+pub fn render_rollouts(out: &mut String, views: &[RolloutView]) {
+    let head = |out: &mut String, name: &str, help: &str| {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge");
+    };
+    let ids: Vec<String> = views
+        .iter()
+        .map(|v| {
+            format!(
+                "package=\"{}\",tag=\"{}\"",
+                label(v.rollout.name.as_str()),
+                label(v.rollout.tag.as_str())
+            )
+        })
+        .collect();
+    head(
+        out,
+        "fbpkg_tracker_rollouts_active",
+        "Rollouts running, paused or halted (one per tag at most).",
+    );
+    let _ = writeln!(out, "fbpkg_tracker_rollouts_active {}", views.len());
+    head(
+        out,
+        "fbpkg_tracker_rollout_state",
+        "State of each active rollout: 1 for its current state, 0 for the others.",
+    );
+    for (v, id) in views.iter().zip(&ids) {
+        let now = rollout_state_label(&v.rollout.state);
+        for st in ["running", "paused", "halted"] {
+            let _ = writeln!(
+                out,
+                "fbpkg_tracker_rollout_state{{{id},state=\"{st}\"}} {}",
+                u8::from(st == now)
+            );
+        }
+    }
+    head(
+        out,
+        "fbpkg_tracker_rollout_phase",
+        "Current phase of each active rollout, counting from 1.",
+    );
+    for (v, id) in views.iter().zip(&ids) {
+        let _ = writeln!(
+            out,
+            "fbpkg_tracker_rollout_phase{{{id}}} {}",
+            v.rollout.phase + 1
+        );
+    }
+    head(
+        out,
+        "fbpkg_tracker_rollout_phases",
+        "Phases of each active rollout.",
+    );
+    for (v, id) in views.iter().zip(&ids) {
+        let _ = writeln!(
+            out,
+            "fbpkg_tracker_rollout_phases{{{id}}} {}",
+            v.rollout.phases.len()
+        );
+    }
+    head(
+        out,
+        "fbpkg_tracker_rollout_hosts",
+        "Hosts of each active rollout by phase (from 1; a host counts in the first phase holding \
+         it) and latest report (resolved, fetched, activated, healthy, unhealthy).",
+    );
+    for (v, id) in views.iter().zip(&ids) {
+        for (i, c) in v.phase_counts.iter().enumerate() {
+            for (st, n) in [
+                ("resolved", c.resolved),
+                ("fetched", c.fetched),
+                ("activated", c.activated),
+                ("healthy", c.healthy),
+                ("unhealthy", c.unhealthy),
+            ] {
+                let _ = writeln!(
+                    out,
+                    "fbpkg_tracker_rollout_hosts{{{id},phase=\"{}\",state=\"{st}\"}} {n}",
+                    i + 1
+                );
+            }
+        }
+    }
+    head(
+        out,
+        "fbpkg_tracker_rollout_waiting_hosts",
+        "Hosts that resolved the tag of an active rollout but are in no phase reached yet.",
+    );
+    for (v, id) in views.iter().zip(&ids) {
+        let _ = writeln!(
+            out,
+            "fbpkg_tracker_rollout_waiting_hosts{{{id}}} {}",
+            v.waiting
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use fbpkg_common::Sha256Hash;
+    use fbpkg_common::api::{PhaseCounts, Rollout};
+    use fbpkg_common::pkgref::{PackageName, Tag};
+    use fbpkg_common::rollout::{MaxFailures, Phase};
+
+    use super::*;
+
+    #[test]
+    fn label_values_are_escaped() {
+        assert_eq!(label("plain-1.2"), "plain-1.2");
+        assert_eq!(label("a\"b\\c\nd"), "a\\\"b\\\\c\\nd");
+    }
+
+    #[test]
+    fn rollout_gauges_name_the_state_phase_and_host_counts() {
+        let view = RolloutView {
+            rollout: Rollout {
+                id: 4,
+                name: PackageName::new("app").expect("valid name"),
+                tag: Tag::new("prod").expect("valid tag"),
+                from: Some(Sha256Hash([1; 32])),
+                to: Sha256Hash([2; 32]),
+                phases: vec![Phase::Percent(10), Phase::Percent(100)],
+                bake_ms: 0,
+                max_failures: MaxFailures::Count(0),
+                phase: 0,
+                state: RolloutState::Halted {
+                    reason: "1 unhealthy".into(),
+                },
+                started_at: 0,
+                updated_at: 0,
+            },
+            phase_counts: vec![
+                PhaseCounts {
+                    phase: Some(Phase::Percent(10)),
+                    healthy: 2,
+                    unhealthy: 1,
+                    ..PhaseCounts::default()
+                },
+                PhaseCounts {
+                    phase: Some(Phase::Percent(100)),
+                    fetched: 5,
+                    ..PhaseCounts::default()
+                },
+            ],
+            waiting: 5,
+            failed_hosts: Vec::new(),
+        };
+        let mut out = String::new();
+        render_rollouts(&mut out, std::slice::from_ref(&view));
+        for line in [
+            "fbpkg_tracker_rollouts_active 1",
+            "fbpkg_tracker_rollout_state{package=\"app\",tag=\"prod\",state=\"halted\"} 1",
+            "fbpkg_tracker_rollout_state{package=\"app\",tag=\"prod\",state=\"running\"} 0",
+            "fbpkg_tracker_rollout_phase{package=\"app\",tag=\"prod\"} 1",
+            "fbpkg_tracker_rollout_phases{package=\"app\",tag=\"prod\"} 2",
+            "fbpkg_tracker_rollout_hosts{package=\"app\",tag=\"prod\",phase=\"1\",state=\"unhealthy\"} 1",
+            "fbpkg_tracker_rollout_hosts{package=\"app\",tag=\"prod\",phase=\"1\",state=\"healthy\"} 2",
+            "fbpkg_tracker_rollout_hosts{package=\"app\",tag=\"prod\",phase=\"2\",state=\"fetched\"} 5",
+            "fbpkg_tracker_rollout_waiting_hosts{package=\"app\",tag=\"prod\"} 5",
+        ] {
+            assert!(out.lines().any(|l| l == line), "no {line:?} in:\n{out}");
+        }
+        // Every sample line belongs to a family announced with HELP and TYPE.
+        for l in out.lines().filter(|l| !l.starts_with('#')) {
+            let family = l.split(['{', ' ']).next().unwrap_or_default();
+            assert!(
+                out.contains(&format!("# TYPE {family} gauge\n")),
+                "{family} has no TYPE line"
+            );
+        }
+        let mut none = String::new();
+        render_rollouts(&mut none, &[]);
+        assert!(none.contains("fbpkg_tracker_rollouts_active 0\n"), "{none}");
+        assert!(!none.contains("fbpkg_tracker_rollout_state{"), "{none}");
+    }
 }

@@ -167,6 +167,11 @@ impl Harness {
 
     /// What `host` (from HOST_IP) resolves app:prod to.
     async fn resolve(&self, host: Option<&str>, zone: Option<&str>) -> Sha256Hash {
+        self.resolve_info(host, zone).await.sha256
+    }
+
+    /// The whole answer to `host`'s resolve of app:prod.
+    async fn resolve_info(&self, host: Option<&str>, zone: Option<&str>) -> VersionInfo {
         let mut uri = "/api/v1/packages/app/prod".to_owned();
         if let Some(h) = host {
             uri += &format!("?host={h}");
@@ -176,7 +181,7 @@ impl Harness {
         }
         let (s, b) = self.send("GET", &uri, Vec::new(), None, HOST_IP).await;
         assert_eq!(s, StatusCode::OK, "{}", String::from_utf8_lossy(&b));
-        serde_json::from_slice::<VersionInfo>(&b).unwrap().sha256
+        serde_json::from_slice::<VersionInfo>(&b).unwrap()
     }
 
     async fn report_from(
@@ -196,6 +201,23 @@ impl Harness {
             from,
         )
         .await
+    }
+
+    /// A report as `fbpkg-rs get` sends it.
+    async fn report_get(&self, host: &str, state: HostState) -> ReportAck {
+        let body = json!({"name": "app", "hash": self.b.sha256.to_hex(), "host": host,
+                          "state": state, "source": "get"});
+        let (s, b) = self
+            .send(
+                "POST",
+                "/api/v1/reports",
+                serde_json::to_vec(&body).unwrap(),
+                None,
+                HOST_IP,
+            )
+            .await;
+        assert_eq!(s, StatusCode::OK, "{}", String::from_utf8_lossy(&b));
+        serde_json::from_slice(&b).unwrap()
     }
 
     async fn report(&self, host: &str, state: HostState, detail: Option<&str>) -> ReportAck {
@@ -394,6 +416,92 @@ async fn unhealthy_hosts_over_the_budget_halt_with_the_reason() {
         st.history.last().unwrap().state,
         RolloutState::Aborted { .. }
     ));
+}
+
+#[tokio::test(start_paused = true)]
+async fn hosts_whose_phase_has_not_come_are_told_what_to_prefetch() {
+    let h = Harness::new().await;
+    let (a, b) = (h.a.sha256, h.b.sha256);
+    h.start(&["50", "100"], 0, "0").await;
+    let inside = hosts(true, 5000, 2);
+    let outside = hosts(false, 5000, 1);
+    let v = h.resolve_info(Some(&outside[0]), None).await;
+    assert_eq!((v.sha256, v.prefetch), (a, Some(b)));
+    let v = h.resolve_info(Some(&inside[0]), None).await;
+    assert_eq!(
+        (v.sha256, v.prefetch),
+        (b, None),
+        "in the phase: nothing ahead"
+    );
+    let v = h.resolve_info(None, None).await;
+    assert_eq!(
+        (v.sha256, v.prefetch),
+        (a, None),
+        "no host, no rollout view"
+    );
+    // A prefetched host is counted as fetched, in its own phase: the current phase's gate
+    // does not wait for it.
+    h.report(&outside[0], HostState::Fetched, None).await;
+    let view = h.current().await;
+    assert_eq!(view.phase_counts[1].fetched, 1);
+    // Paused goes on later: keep prefetching.
+    assert_eq!(h.control("pause").await.0, StatusCode::OK);
+    let v = h.resolve_info(Some(&outside[0]), None).await;
+    assert_eq!(v.prefetch, Some(b));
+    assert_eq!(h.control("resume").await.0, StatusCode::OK);
+    // Halted waits for an abort: a version that failed its checks is not worth the bytes.
+    h.report(&inside[0], HostState::Unhealthy, Some("exit 1"))
+        .await;
+    h.tick();
+    assert!(matches!(
+        h.current().await.rollout.state,
+        RolloutState::Halted { .. }
+    ));
+    let v = h.resolve_info(Some(&outside[0]), None).await;
+    assert_eq!((v.sha256, v.prefetch), (a, None));
+}
+
+#[tokio::test(start_paused = true)]
+async fn hosts_that_only_get_move_a_rollout_and_never_take_back_a_health_check() {
+    let h = Harness::new().await;
+    let b = h.b.sha256;
+    h.start(&["50", "100"], 0, "0").await;
+    let inside = hosts(true, 5000, 2);
+    for host in &inside {
+        assert_eq!(h.resolve(Some(host), None).await, b);
+    }
+    // One host runs a health command, the other only `get`s: its activation is enough.
+    let body = json!({"name": "app", "hash": b.to_hex(), "host": inside[0],
+                      "state": "activated", "health_check": true});
+    let (s, _) = h
+        .send(
+            "POST",
+            "/api/v1/reports",
+            serde_json::to_vec(&body).unwrap(),
+            None,
+            HOST_IP,
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK);
+    h.report_get(&inside[1], HostState::Activated).await;
+    h.tick();
+    assert_eq!(
+        h.current().await.rollout.phase,
+        0,
+        "the agent's check is pending"
+    );
+    h.report(&inside[0], HostState::Healthy, None).await;
+    // A later `get` on the checked host says less than its agent: the vote stays healthy.
+    let ack = h.report_get(&inside[0], HostState::Activated).await;
+    assert_eq!(ack.counted_for.len(), 1, "still one vote");
+    let counts = &h.current().await.phase_counts[0];
+    assert_eq!((counts.healthy, counts.activated), (1, 1));
+    h.tick();
+    assert_eq!(
+        h.current().await.rollout.phase,
+        1,
+        "a fleet of gets moves on"
+    );
 }
 
 #[tokio::test(start_paused = true)]

@@ -6,6 +6,10 @@
 //! resolve NAME:TAG as this host (host id + zone)
 //!   -> send the reports still pending (the tracker counts a report only from the address
 //!      the host id last resolved from, so reports go after a resolve)
+//!   -> if a rollout is under way and this host's phase has not come (the answer names a
+//!      `prefetch` version): start fetching it under `--prefetch-rate`, without waiting;
+//!      once it is in the cache, report `fetched` for it. When the phase comes, the cap is
+//!      lifted (a download someone needs goes at full speed) and activation is a local switch
 //!   -> fetch the version into the cache through the agent's engine (as a `fetch` does;
 //!      waiting at most an interval, at least 5 s: the download goes on in the engine)
 //!      -> report `fetched` (once per version, and not for the version already active)
@@ -36,7 +40,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use fbpkg_common::Sha256Hash;
-use fbpkg_common::api::{HostState, Report};
+use fbpkg_common::api::{HostState, Report, ReportSource};
 use fbpkg_common::pkgref::{PackageName, PackageRef, Selector, Tag};
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
@@ -71,6 +75,36 @@ pub struct FollowConfig {
     pub health_timeout: Duration,
     /// How often each tag is resolved again.
     pub interval: Duration,
+    /// Whether and how fast to fetch a rollout's next version before this host's phase.
+    pub prefetch: Prefetch,
+}
+
+/// Fetching a rollout's next version ahead of this host's phase (`--prefetch-rate`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Prefetch {
+    /// Fetch only when the tag resolves to it.
+    Off,
+    /// At most this many bytes per second, until the host needs it.
+    Capped(u64),
+    /// As fast as the swarm goes.
+    Unlimited,
+}
+
+impl Prefetch {
+    /// The default cap: a quarter of a 1 Gbit/s link, so a prefetch never starves a `get`
+    /// someone waits for, and 1 GB is in place within a minute.
+    pub const DEFAULT_RATE: u64 = 32 << 20;
+
+    /// `off`, `unlimited`, or bytes per second (`32M`, `1G`).
+    pub fn parse(s: &str) -> std::result::Result<Self, String> {
+        match s.trim() {
+            "off" | "0" => Ok(Prefetch::Off),
+            "unlimited" => Ok(Prefetch::Unlimited),
+            other => fbpkg_common::size::parse_bytes(other)
+                .map(Prefetch::Capped)
+                .map_err(|e| format!("{e}, or off, or unlimited")),
+        }
+    }
 }
 
 /// One followed tag as `fbpkg-rs status` shows it.
@@ -196,6 +230,16 @@ pub async fn follow(
                 s.resolves += 1;
             });
             let mut err = flush(&tracker, &mut pending).await;
+            if let Some(next) = v.prefetch.filter(|p| *p != sha)
+                && fetched_reported != Some(next)
+                && agent.prefetch(&name, &next, config.prefetch).await
+            {
+                push(
+                    &mut pending,
+                    report(&config, &name, next, HostState::Fetched, None),
+                );
+                fetched_reported = Some(next);
+            }
             let entry = agent
                 .cached(&name, &sha, config.interval.max(FETCH_WAIT))
                 .await
@@ -252,6 +296,8 @@ fn report(
         zone: config.asker.zone.clone(),
         state,
         detail,
+        source: ReportSource::Follow,
+        health_check: config.health_cmd.is_some(),
     }
 }
 
@@ -469,6 +515,38 @@ fn log_tail(log: &Path, max: usize) -> String {
 }
 
 impl Agent {
+    /// Prefetch `name:sha` as `how` says, without waiting for it: `true` once it is in the
+    /// cache. A failure is logged and tried again at the next pass.
+    async fn prefetch(&self, name: &PackageName, sha: &Sha256Hash, how: Prefetch) -> bool {
+        if how == Prefetch::Off {
+            return false;
+        }
+        if let Some(t) = self.engine.find(name, sha) {
+            match t.current_phase() {
+                Phase::Seeding(_) => return true,
+                Phase::Failed { .. } => {}
+                // Under way (a prefetch, or someone's fetch): leave its pace alone.
+                _ => return false,
+            }
+        }
+        match self.start_fetch(name.as_str(), &sha.to_hex(), None).await {
+            Ok(t) => {
+                if matches!(t.current_phase(), Phase::Seeding(_)) {
+                    return true;
+                }
+                if let Prefetch::Capped(rate) = how {
+                    t.set_download_limit(Some(rate));
+                }
+                tracing::info!(package = %name, sha256 = %sha, ?how, "follow: prefetching the rollout's next version");
+                false
+            }
+            Err(e) => {
+                tracing::warn!(package = %name, sha256 = %sha, error = %e, "follow: cannot prefetch; will try again");
+                false
+            }
+        }
+    }
+
     /// `name:sha` in the cache, verified: fetched through the engine when it is not there.
     ///
     /// Waits at most `wait` for a download: it goes on in the engine, and the follow comes
@@ -533,6 +611,16 @@ mod tests {
         assert!(err.ends_with("line 2000\noops"), "{err}");
         assert!(err.len() <= Report::MAX_DETAIL, "{}", err.len());
         assert!(!err.contains("line 1\n"), "whole lines only: {err}");
+    }
+
+    #[test]
+    fn prefetch_rates_parse_with_their_words() {
+        assert_eq!(Prefetch::parse("off"), Ok(Prefetch::Off));
+        assert_eq!(Prefetch::parse("unlimited"), Ok(Prefetch::Unlimited));
+        assert_eq!(Prefetch::parse("32MiB"), Ok(Prefetch::Capped(32 << 20)));
+        assert_eq!(Prefetch::parse("16K"), Ok(Prefetch::Capped(16 << 10)));
+        let e = Prefetch::parse("fast").unwrap_err();
+        assert!(e.contains("off") && e.contains("unlimited"), "{e}");
     }
 
     #[tokio::test]

@@ -343,6 +343,8 @@ impl Agent {
         if let Some(t) = self.engine.find(&name, &sha)
             && !matches!(t.current_phase(), Phase::Failed { .. })
         {
+            // Someone needs it now: a prefetch's cap no longer applies.
+            t.set_download_limit(None);
             return Ok(t);
         }
         // A partial download from a previous run (perhaps being re-hashed right now): its

@@ -10,7 +10,7 @@ use fbpkg_common::tracker_proto::Zone;
 
 use super::HostArgs;
 use crate::agent::Agent;
-use crate::agent::follow::FollowConfig;
+use crate::agent::follow::{FollowConfig, Prefetch};
 use crate::engine::EngineConfig;
 use crate::tracker_client::Asker;
 
@@ -95,6 +95,13 @@ pub(crate) struct AgentArgs {
     #[arg(long, env = "FBPKG_AGENT_FOLLOW_INTERVAL", default_value = "5s", value_parser = humantime::parse_duration)]
     follow_interval: Duration,
 
+    /// Fetch a followed tag's next version as soon as a rollout of it starts, before this
+    /// host's phase comes, at most this fast (bytes per second: 32M, 1G), so activation is a
+    /// local switch; `unlimited`, or `off` to fetch only when the tag resolves to it. The cap
+    /// is lifted when the phase comes or a `get` asks for the version.
+    #[arg(long, env = "FBPKG_AGENT_PREFETCH_RATE", default_value = "32MiB", value_parser = Prefetch::parse)]
+    prefetch_rate: Prefetch,
+
     /// This host's id for rollouts, instead of the one kept in STATE_DIR/host-id: 1 to 64 of
     /// `[A-Za-z0-9._-]`.
     #[arg(long, env = "FBPKG_HOST_ID", value_parser = parse_host_id)]
@@ -178,6 +185,7 @@ pub(super) fn run(args: AgentArgs) -> anyhow::Result<ExitCode> {
             health_cmd: args.health_cmd.clone(),
             health_timeout: args.health_timeout,
             interval: args.follow_interval,
+            prefetch: args.prefetch_rate,
         })
     };
     super::runtime()?.block_on(async move {

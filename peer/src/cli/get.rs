@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use fbpkg_common::Sha256Hash;
+use fbpkg_common::api::{HostState, Report, ReportSource};
 use fbpkg_common::pkgref::{HashPrefix, PackageName, PackageRef, Selector};
 use fbpkg_common::rollout::HostId;
 use fbpkg_common::tracker_proto::Zone;
@@ -40,7 +41,8 @@ for the stall timeout), 7 not authorized.
 
 During a rollout of a tag, the tracker answers the version this host should run now: it
 sends this host's id (kept in STATE_DIR/host-id, created on first use; --host-id overrides
-it) and its --zone. Exact hashes never ask the tracker.
+it) and its --zone, and once the version is here tells the rollout this host has it (one
+attempt, after printing the path). Exact hashes never ask the tracker.
 
 When the tracker cannot be reached, prefixes and tags fall back to what this host's cache
 knows (with a warning); a tag this host's agent follows answers the version the agent last
@@ -168,12 +170,16 @@ pub(super) fn run(args: GetArgs, log: Option<&str>) -> ExitCode {
     super::init_logging(log, "warn");
     let result = super::runtime()
         .map_err(|e| PeerError::Agent(e.to_string()))
-        .and_then(|rt| rt.block_on(fetch(&args.fetch, &r, &cache)));
+        .and_then(|rt| {
+            rt.block_on(async {
+                let f = fetch(&args.fetch, &r, &cache).await?;
+                print(&f.name, &f.sha256, &f.entry, f.source, args.json);
+                f.handover.report().await;
+                Ok(())
+            })
+        });
     match result {
-        Ok(f) => {
-            print(&f.name, &f.sha256, &f.entry, f.source, args.json);
-            ExitCode::SUCCESS
-        }
+        Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("fbpkg-rs: error: {e}");
             ExitCode::from(e.exit_code())
@@ -185,6 +191,14 @@ pub(super) fn run(args: GetArgs, log: Option<&str>) -> ExitCode {
 /// can answer it: a launch must not wait a whole stall timeout for a tracker that is gone.
 const RESOLVE_RETRY_WITH_FALLBACK: Duration = Duration::from_secs(3);
 
+/// A resolution, and who to report it for when the tracker answered a tag for this host.
+#[derive(Debug)]
+struct Resolved {
+    name: PackageName,
+    sha256: Sha256Hash,
+    report_as: Option<Asker>,
+}
+
 /// Resolve through the tracker; when it is unreachable, fall back to what the cache knows.
 async fn resolve(
     r: &PackageRef,
@@ -192,9 +206,13 @@ async fn resolve(
     tracker: &TrackerClient,
     cache: &Cache,
     state_dir: &Path,
-) -> Result<(PackageName, Sha256Hash)> {
+) -> Result<Resolved> {
     if let Some((n, h)) = r.exact() {
-        return Ok((n.clone(), *h));
+        return Ok(Resolved {
+            name: n.clone(),
+            sha256: *h,
+            report_as: None,
+        });
     }
     let asker = asker()?;
     let fallback = local_answer(r, cache, state_dir);
@@ -207,15 +225,24 @@ async fn resolve(
     };
     match tracker.resolve_as(r, Some(&asker)).await {
         Ok(v) => {
+            let is_tag = matches!(r.selector, Selector::Tag(_));
             if let (Some(name), Selector::Tag(tag)) = (&r.name, &r.selector) {
                 cache.remember_tag(name, tag, &v.sha256);
             }
-            Ok((v.name, v.sha256))
+            Ok(Resolved {
+                name: v.name,
+                sha256: v.sha256,
+                report_as: is_tag.then_some(asker),
+            })
         }
         Err(PeerError::Tracker(msg)) => match fallback {
             Some((n, h, why)) => {
                 eprintln!("fbpkg-rs: warning: tracker unreachable ({msg}); using {n}:{h} ({why})");
-                Ok((n, h))
+                Ok(Resolved {
+                    name: n,
+                    sha256: h,
+                    report_as: None,
+                })
             }
             None => Err(PeerError::Tracker(msg)),
         },
@@ -267,6 +294,22 @@ pub(super) struct Fetched {
     pub entry: CachedPackage,
     /// cache, agent or standalone.
     pub source: &'static str,
+    /// What to tell a rollout once the version is handed over ([`Handover::report`]).
+    pub handover: Handover,
+}
+
+/// A resolution to report to the tracker, once the caller has the version.
+#[derive(Debug)]
+pub(super) struct Handover {
+    tracker: TrackerClient,
+    resolved: Resolved,
+}
+
+impl Handover {
+    /// Tell the rollout this host has the version (see [`report_got`]).
+    pub async fn report(&self) {
+        report_got(&self.tracker, &self.resolved).await;
+    }
 }
 
 /// Resolve `r` for this host and make sure its version is in the cache: through the agent
@@ -275,13 +318,15 @@ pub(super) async fn fetch(args: &FetchArgs, r: &PackageRef, cache: &Cache) -> Re
     // A fleet asks at once: a dropped SYN or a 503 is retried for as long as a stall would be
     // tolerated, so a get fails for the tracker only when it stays away.
     let tracker = args.host.tracker_client(None, args.stall_timeout)?;
-    let (name, sha) = resolve(r, || args.asker(), &tracker, cache, &args.host.state_dir()).await?;
+    let resolved = resolve(r, || args.asker(), &tracker, cache, &args.host.state_dir()).await?;
+    let (name, sha) = (resolved.name.clone(), resolved.sha256);
     if let Some(entry) = cache.lookup_checked(&name, &sha)? {
         return Ok(Fetched {
             name,
             sha256: sha,
             entry,
             source: "cache",
+            handover: Handover { tracker, resolved },
         });
     }
     let state_dir = args.host.state_dir();
@@ -302,7 +347,37 @@ pub(super) async fn fetch(args: &FetchArgs, r: &PackageRef, cache: &Cache) -> Re
         sha256: sha,
         entry,
         source,
+        handover: Handover { tracker, resolved },
     })
+}
+
+/// Longest a `get` spends telling the tracker what it got, after printing the path.
+const REPORT_WAIT: Duration = Duration::from_secs(2);
+
+/// Tell a rollout that this host now has the version its tag resolved to: for a host that
+/// only `get`s, handing the path to its caller is the activation (the tracker never lets it
+/// override what this host's agent reported from a health check). Best effort, one attempt:
+/// the path is already printed, and a launch does not wait for the tracker.
+async fn report_got(tracker: &TrackerClient, resolved: &Resolved) {
+    let Some(asker) = &resolved.report_as else {
+        return;
+    };
+    let rep = Report {
+        name: resolved.name.clone(),
+        hash: resolved.sha256,
+        host: asker.host.clone(),
+        zone: asker.zone.clone(),
+        state: HostState::Activated,
+        detail: None,
+        source: ReportSource::Get,
+        health_check: false,
+    };
+    let once = tracker.clone().with_retry(Duration::ZERO);
+    match tokio::time::timeout(REPORT_WAIT, once.report(&rep)).await {
+        Ok(Ok(_)) => {}
+        Ok(Err(e)) => tracing::debug!(error = %e, "cannot report the resolution"),
+        Err(_) => tracing::debug!("the tracker took too long to take the report"),
+    }
 }
 
 /// Watches progress and decides when a download has stalled.

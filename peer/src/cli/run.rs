@@ -110,7 +110,14 @@ fn fetch(
 ) -> Result<(PackageName, Sha256Hash)> {
     super::init_logging(log, "warn");
     let rt = super::runtime().map_err(|e| PeerError::Agent(e.to_string()))?;
-    let fetched = rt.block_on(get::fetch(args, r, cache));
+    // A tag resolved for this host is reported to its rollout as `get` does, before the exec
+    // (after it nothing of fbpkg-rs is left to do it): one attempt, at most a few seconds,
+    // and only on this path, which has talked to the tracker already.
+    let fetched = rt.block_on(async {
+        let f = get::fetch(args, r, cache).await?;
+        f.handover.report().await;
+        Ok::<_, PeerError>(f)
+    });
     // The download has finished or failed, so its tasks are done; nothing of them may linger
     // into the program (exec would end their threads mid-write).
     rt.shutdown_timeout(Duration::from_secs(5));

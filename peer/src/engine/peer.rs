@@ -132,6 +132,8 @@ struct Conn {
     last_send: Instant,
     /// Upload budget exhausted until then.
     throttled_until: Option<Instant>,
+    /// A capped download waits for budget to request more.
+    requests_throttled_until: Option<Instant>,
     /// Received blocks being written to disk.
     writes: JoinSet<Vec<(BlockRef, io::Result<()>)>>,
     /// Blocks received in this read, written together once it is decoded.
@@ -212,6 +214,7 @@ pub(crate) async fn run(
         last_recv: now,
         last_send: now,
         throttled_until: None,
+        requests_throttled_until: None,
         writes: JoinSet::new(),
         to_write: Vec::new(),
         reading: None,
@@ -348,6 +351,10 @@ impl Conn {
                 _ = tick.tick() => if let Err(e) = self.housekeeping() { return e },
                 _ = sleep_until_some(self.throttled_until), if self.throttled_until.is_some() => {
                     self.throttled_until = None;
+                }
+                _ = sleep_until_some(self.requests_throttled_until), if self.requests_throttled_until.is_some() => {
+                    self.requests_throttled_until = None;
+                    self.fill_requests();
                 }
             }
         }
@@ -630,11 +637,23 @@ impl Conn {
         if self.peer_choking || !self.am_interested {
             return;
         }
-        let want = self.depth().saturating_sub(self.in_flight.len());
+        let mut want = self.depth().saturating_sub(self.in_flight.len());
         if want < 4 && !self.in_flight.is_empty() {
             return;
         }
         let now = Instant::now();
+        // A capped download (a prefetch) requests only what its budget pays for; the reply
+        // comes at the peer's pace, so the cap holds on what arrives too.
+        let limit = self.t.download_limit();
+        if let Some(l) = &limit {
+            match l.take_units(want, u64::from(BLOCK_SIZE)) {
+                Ok(n) => want = n,
+                Err(wait) => {
+                    self.requests_throttled_until = Some(now + wait);
+                    return;
+                }
+            }
+        }
         let picked = {
             let mut guard = self.t.state();
             let st = &mut *guard;
@@ -643,6 +662,9 @@ impl Conn {
             };
             st.picker.pick(self.id, &slot.bitfield, want, now)
         };
+        if let Some(l) = &limit {
+            l.give_back(u64::from(BLOCK_SIZE) * (want - picked.len().min(want)) as u64);
+        }
         for b in picked {
             self.in_flight.insert((b.index, b.begin), now);
             self.send(&Message::Request(b));

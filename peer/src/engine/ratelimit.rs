@@ -48,9 +48,48 @@ impl RateLimiter {
     }
 }
 
+impl RateLimiter {
+    /// Take the budget of up to `max` units of `unit` bytes: how many it grants (at least one),
+    /// or how long until one fits.
+    pub fn take_units(&self, max: usize, unit: u64) -> Result<usize, Duration> {
+        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let now = Instant::now();
+        let (tokens, last) = *st;
+        let tokens = (tokens + now.duration_since(last).as_secs_f64() * self.rate).min(self.burst);
+        let unit_f = (unit as f64).clamp(1.0, self.burst);
+        let n = ((tokens / unit_f).floor() as usize).min(max);
+        if n == 0 {
+            *st = (tokens, now);
+            return Err(Duration::from_secs_f64((unit_f - tokens) / self.rate));
+        }
+        *st = (tokens - n as f64 * unit_f, now);
+        Ok(n)
+    }
+
+    /// Give back budget taken and not used.
+    pub fn give_back(&self, bytes: u64) {
+        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        st.0 = (st.0 + bytes as f64).min(self.burst);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn units_are_granted_as_the_budget_allows() {
+        let l = RateLimiter::new(1 << 20);
+        // A one-second burst of 1 MiB is 64 blocks of 16 KiB.
+        assert_eq!(l.take_units(100, 16 << 10), Ok(64));
+        let wait = l.take_units(100, 16 << 10).unwrap_err();
+        assert!((wait.as_secs_f64() - 1.0 / 64.0).abs() < 1e-3, "{wait:?}");
+        l.give_back(3 * (16 << 10));
+        assert_eq!(l.take_units(2, 16 << 10), Ok(2), "capped by max");
+        assert_eq!(l.take_units(100, 16 << 10), Ok(1), "what was given back");
+        tokio::time::advance(Duration::from_millis(500)).await;
+        assert_eq!(l.take_units(100, 16 << 10), Ok(32), "half a second of rate");
+    }
 
     #[tokio::test(start_paused = true)]
     async fn budget_refills_at_the_rate() {

@@ -19,6 +19,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::EngineCtx;
 use super::picker::{ConnId, Picker};
+use super::ratelimit::RateLimiter;
 use super::superseed::SeedPlanner;
 use crate::cache::CachedPackage;
 use crate::error::ErrorKind;
@@ -162,6 +163,8 @@ pub struct Torrent {
     reported_corrupt: std::sync::atomic::AtomicBool,
     wasted: AtomicU64,
     started: Instant,
+    /// Caps this download's request rate (a prefetch); lifted when someone needs it now.
+    download_limit: RwLock<Option<Arc<RateLimiter>>>,
 }
 
 impl std::fmt::Debug for Torrent {
@@ -273,6 +276,7 @@ impl Torrent {
             reported_corrupt: std::sync::atomic::AtomicBool::new(false),
             wasted: AtomicU64::new(0),
             started: Instant::now(),
+            download_limit: RwLock::new(None),
         })
     }
 
@@ -718,6 +722,35 @@ impl Torrent {
     }
 
     /// Send a command to every connection.
+    /// Cap this download at `bytes_per_sec` (`None`: no cap). Lifting or raising a cap wakes
+    /// every connection to request at once.
+    pub fn set_download_limit(&self, bytes_per_sec: Option<u64>) {
+        let limit = bytes_per_sec.map(|r| Arc::new(RateLimiter::new(r)));
+        let mut slot = self
+            .download_limit
+            .write()
+            .unwrap_or_else(|p| p.into_inner());
+        let lifted = slot.is_some() && limit.is_none();
+        *slot = limit;
+        drop(slot);
+        if lifted {
+            self.broadcast(Cmd::Refill);
+        }
+    }
+
+    /// The current download cap, if any.
+    pub(crate) fn download_limit(&self) -> Option<Arc<RateLimiter>> {
+        self.download_limit
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Whether a cap holds this download back (`fbpkg-rs status`, prefetch accounting).
+    pub fn is_rate_limited(&self) -> bool {
+        self.download_limit().is_some()
+    }
+
     pub(crate) fn broadcast(&self, cmd: Cmd) {
         for slot in self.state().peers.values() {
             let _ = slot.tx.send(cmd.clone());

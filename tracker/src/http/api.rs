@@ -103,7 +103,7 @@ fn resolve(
     pkg: &str,
     selector: &str,
     asker: Option<Asker>,
-) -> ApiResult<(PackageName, Version)> {
+) -> ApiResult<(PackageName, Version, Option<Sha256Hash>)> {
     let n = name(pkg)?;
     let sel = Selector::parse(selector)?;
     let per_host = match (&sel, &asker) {
@@ -114,11 +114,14 @@ fn resolve(
         }
         _ => None,
     };
-    let v = match per_host {
-        Some(sha) => state.catalog.resolve(&n, &Selector::Hash(sha))?,
-        None => state.catalog.resolve(&n, &sel)?,
-    };
-    Ok((n, v))
+    Ok(match per_host {
+        Some(h) => (
+            n.clone(),
+            state.catalog.resolve(&n, &Selector::Hash(h.sha256))?,
+            h.prefetch,
+        ),
+        None => (n.clone(), state.catalog.resolve(&n, &sel)?, None),
+    })
 }
 
 pub(super) async fn get_version(
@@ -127,8 +130,10 @@ pub(super) async fn get_version(
     Path((pkg, selector)): Path<(String, String)>,
     q: Result<Query<HostParams>, QueryRejection>,
 ) -> ApiResult<Json<VersionInfo>> {
-    let (n, v) = resolve(&state, &pkg, &selector, host_params(q, remote)?)?;
-    Ok(Json(state.catalog.describe(&n, &v)))
+    let (n, v, prefetch) = resolve(&state, &pkg, &selector, host_params(q, remote)?)?;
+    let mut info = state.catalog.describe(&n, &v);
+    info.prefetch = prefetch;
+    Ok(Json(info))
 }
 
 pub(super) async fn get_metainfo(
@@ -137,7 +142,7 @@ pub(super) async fn get_metainfo(
     Path((pkg, selector)): Path<(String, String)>,
     q: Result<Query<HostParams>, QueryRejection>,
 ) -> ApiResult<Response> {
-    let (n, v) = resolve(&state, &pkg, &selector, host_params(q, remote)?)?;
+    let (n, v, _) = resolve(&state, &pkg, &selector, host_params(q, remote)?)?;
     let disposition = format!("attachment; filename=\"{n}-{}.torrent\"", v.metainfo.sha256);
     Ok((
         [

@@ -1,18 +1,35 @@
-//! `GET /`: the fleet's packages and swarms on one server-rendered page. No scripts, no
-//! external assets; it refreshes itself with a meta tag. Every value from the catalog or from
-//! an announce is HTML-escaped.
+//! `GET /`: the fleet's rollouts, packages and swarms on one server-rendered page. No scripts,
+//! no external assets; it refreshes itself with a meta tag. Every value from the catalog, from
+//! an announce or from a host's report is HTML-escaped: a health command's output is whatever
+//! the host (or whoever holds its address) sent.
+//!
+//! Rollouts come first, as they are what an operator watches: each active one with a row per
+//! phase and bars out of the phase's hosts (each host counted in the first phase holding it,
+//! so later phases show their prefetch), the halt reason, the failed hosts with their output;
+//! then the last few finished rollouts of each tag.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
+use std::time::Duration;
 
 use axum::extract::State;
 use axum::response::Html;
+use fbpkg_common::Sha256Hash;
+use fbpkg_common::api::{PhaseCounts, Rollout, RolloutState, RolloutView};
+use fbpkg_common::rollout::Phase;
 
 use super::SharedState;
 use super::api::{SwarmView, swarm_views};
+use crate::metrics::rollout_state_label;
+use crate::rollout::wall_ms;
 
 /// Peers listed per swarm; the counts above the table are always complete.
 const PEERS_SHOWN: usize = 200;
+/// Failed hosts listed per rollout (with their output); the counts are always complete.
+const FAILED_SHOWN: usize = 50;
+/// Finished rollouts listed per tag, and in all.
+const HISTORY_SHOWN: usize = 3;
+const HISTORY_ROWS: usize = 150;
 
 /// Escape text for HTML element content and quoted attribute values.
 pub(crate) fn escape(s: &str) -> String {
@@ -48,7 +65,12 @@ fn bytes(n: u64) -> String {
 const STYLE: &str = "body{font:14px system-ui,sans-serif;margin:2em;color:#222}\
 table{border-collapse:collapse;margin:.5em 0 1.5em}td,th{padding:.25em .8em;border-bottom:1px solid #ddd;text-align:left}\
 th{background:#f4f4f4}code{font-size:12px}.bar{background:#eee;width:120px;height:10px;display:inline-block}\
-.bar i{background:#3a7;height:10px;display:block}.muted{color:#888}h2{margin-top:1.5em}";
+.bar i{background:#3a7;height:10px;display:block}.muted{color:#888}h2{margin-top:1.5em}\
+.bar.pre i{background:#7ab}.bar.act i{background:#5a9}.bar.fail i{background:#c33}\
+.rollout{border:1px solid #ddd;padding:.2em 1em .5em;margin:1em 0}.state{padding:.1em .5em;border-radius:3px;background:#eee}\
+.state.running{background:#dfd}.state.paused{background:#ffd}.state.halted,.state.aborted{background:#fdd}\
+.halt{background:#fee;border-left:4px solid #c33;padding:.5em .8em;white-space:pre-wrap}\
+tr.current td{font-weight:bold}tr.later td{color:#888}pre{margin:0;white-space:pre-wrap;max-width:70em;font-size:12px}";
 
 pub(super) async fn dashboard(State(state): State<SharedState>) -> Html<String> {
     Html(render(&state))
@@ -79,6 +101,12 @@ fn render(state: &SharedState) -> String {
         stats.versions,
         bytes(stats.bytes),
         views.len()
+    );
+    rollouts(
+        &mut h,
+        &state.rollouts.active(),
+        &state.rollouts.recent_history(HISTORY_SHOWN),
+        wall_ms(),
     );
     h.push_str("<h2>Packages</h2>");
     if summaries.is_empty() {
@@ -139,7 +167,7 @@ fn render(state: &SharedState) -> String {
             swarm_table(&mut h, sw);
         }
     }
-    h.push_str("<p class=\"muted\"><a href=\"/metrics\">metrics</a> &middot; <a href=\"/api/v1/packages\">catalog API</a> &middot; <a href=\"/api/v1/swarms\">swarms API</a></p></body></html>");
+    h.push_str("<p class=\"muted\"><a href=\"/metrics\">metrics</a> &middot; <a href=\"/api/v1/packages\">catalog API</a> &middot; <a href=\"/api/v1/swarms\">swarms API</a> &middot; <a href=\"/api/v1/rollouts\">rollouts API</a></p></body></html>");
     h
 }
 
@@ -174,9 +202,402 @@ fn swarm_table(h: &mut String, sw: &SwarmView) {
     h.push_str("</table>");
 }
 
+fn short(h: &Sha256Hash) -> String {
+    h.to_hex()[..12].to_owned()
+}
+
+/// Whole seconds from `then_ms` to `now_ms`, for a human.
+fn since(now_ms: u64, then_ms: u64) -> String {
+    let secs = now_ms.saturating_sub(then_ms) / 1000;
+    humantime::format_duration(Duration::from_secs(secs)).to_string()
+}
+
+fn ago(now_ms: u64, then_ms: u64) -> String {
+    format!("{} ago", since(now_ms, then_ms))
+}
+
+fn phase_label(p: &Phase) -> String {
+    match p {
+        Phase::Percent(n) => format!("{n}%"),
+        Phase::Zone(_) => escape(&p.to_string()),
+    }
+}
+
+/// A bar of `n` out of `of` hosts, with the figure beside it.
+fn host_bar(n: usize, of: usize, class: &str) -> String {
+    let pct = if of == 0 {
+        0.0
+    } else {
+        n as f64 * 100.0 / of as f64
+    };
+    format!(
+        "<span class=\"bar {class}\" role=\"progressbar\" aria-valuenow=\"{n}\" aria-valuemax=\"{of}\" \
+         title=\"{n} of {of} hosts\"><i style=\"width:{pct:.0}%\"></i></span> {n}/{of}"
+    )
+}
+
+/// `from -> to` of a rollout, short hashes.
+fn versions(r: &Rollout) -> String {
+    let from = r.from.as_ref().map_or_else(
+        || "none".to_owned(),
+        |f| format!("<code>{}</code>", short(f)),
+    );
+    format!("{from} &rarr; <code>{}</code>", short(&r.to))
+}
+
+/// The rollouts section: the active ones in full, then the recent finished ones.
+fn rollouts(h: &mut String, active: &[RolloutView], history: &[Rollout], now_ms: u64) {
+    h.push_str("<h2>Rollouts</h2>");
+    if active.is_empty() {
+        h.push_str(
+            "<p class=\"muted\">No active rollout: <code>fbpkg-rs rollout start NAME:HASH --tag TAG --phases 10,100</code></p>",
+        );
+    }
+    for v in active {
+        rollout_view(h, v, now_ms);
+    }
+    if history.is_empty() {
+        return;
+    }
+    h.push_str("<h3>Finished</h3><table id=\"rollout-history\"><tr><th>rollout</th><th>versions</th><th>phases</th><th>state</th><th>ended</th></tr>");
+    for r in history.iter().take(HISTORY_ROWS) {
+        let st = rollout_state_label(&r.state);
+        let why = match &r.state {
+            RolloutState::Aborted { reason } => format!(": {}", escape(reason)),
+            _ => String::new(),
+        };
+        let phases: Vec<String> = r.phases.iter().map(phase_label).collect();
+        let _ = write!(
+            h,
+            "<tr><td>{}:{} #{}</td><td>{}</td><td>{}</td><td><span class=\"state {st}\">{st}</span>{why}</td><td>{}</td></tr>",
+            escape(r.name.as_str()),
+            escape(r.tag.as_str()),
+            r.id,
+            versions(r),
+            phases.join(", "),
+            ago(now_ms, r.updated_at)
+        );
+    }
+    h.push_str("</table>");
+    if history.len() > HISTORY_ROWS {
+        let _ = write!(
+            h,
+            "<p class=\"muted\">and {} more: <code>fbpkg-rs rollout status NAME:TAG</code></p>",
+            history.len() - HISTORY_ROWS
+        );
+    }
+}
+
+fn rollout_view(h: &mut String, v: &RolloutView, now_ms: u64) {
+    let r = &v.rollout;
+    let st = rollout_state_label(&r.state);
+    let (name, tag) = (escape(r.name.as_str()), escape(r.tag.as_str()));
+    let _ = write!(
+        h,
+        "<div class=\"rollout\" id=\"rollout-{name}-{tag}\"><h3>{name}:{tag} <span class=\"state {st}\">{st}</span></h3>\
+         <p>rollout #{} {} &middot; phase {} of {} ({}) &middot; bake {} &middot; max failures {} &middot; started {}",
+        r.id,
+        versions(r),
+        r.phase + 1,
+        r.phases.len(),
+        r.phases.get(r.phase).map(phase_label).unwrap_or_default(),
+        humantime::format_duration(Duration::from_millis(r.bake_ms)),
+        escape(&r.max_failures.to_string()),
+        ago(now_ms, r.started_at)
+    );
+    if let RolloutState::Running { phase_started } = r.state {
+        let _ = write!(h, ", in this phase for {}", since(now_ms, phase_started));
+    }
+    h.push_str("</p>");
+    if let RolloutState::Halted { reason } = &r.state {
+        let _ = write!(
+            h,
+            "<p class=\"halt\"><strong>Halted:</strong> {}</p>",
+            escape(reason)
+        );
+    }
+    h.push_str("<table class=\"phases\"><tr><th>phase</th><th>hosts</th><th>prefetched</th><th>activated</th><th>healthy</th><th>failed</th></tr>");
+    for (i, c) in v.phase_counts.iter().enumerate() {
+        phase_row(h, r, i, c);
+    }
+    h.push_str("</table>");
+    if !v.failed_hosts.is_empty() {
+        let _ = write!(
+            h,
+            "<h4>Failed hosts ({})</h4><table class=\"failed\"><tr><th>host</th><th>zone</th><th>phase</th><th>output</th></tr>",
+            v.failed_hosts.len()
+        );
+        for f in v.failed_hosts.iter().take(FAILED_SHOWN) {
+            let _ = write!(
+                h,
+                "<tr><td>{}</td><td>{}</td><td>{}</td><td><pre>{}</pre></td></tr>",
+                escape(f.host.as_str()),
+                escape(f.zone.as_ref().map_or("", |z| z.as_str())),
+                f.phase + 1,
+                escape(f.detail.as_deref().unwrap_or("no output"))
+            );
+        }
+        h.push_str("</table>");
+        if v.failed_hosts.len() > FAILED_SHOWN {
+            let _ = write!(
+                h,
+                "<p class=\"muted\">and {} more: <code>fbpkg-rs rollout status {name}:{tag}</code></p>",
+                v.failed_hosts.len() - FAILED_SHOWN
+            );
+        }
+    }
+    h.push_str("</div>");
+}
+
+fn phase_row(h: &mut String, r: &Rollout, i: usize, c: &PhaseCounts) {
+    let (class, mark) = match i.cmp(&r.phase) {
+        std::cmp::Ordering::Less => ("done", ""),
+        std::cmp::Ordering::Equal => ("current", "&#9654; "),
+        std::cmp::Ordering::Greater => ("later", ""),
+    };
+    let label = c
+        .phase
+        .as_ref()
+        .or(r.phases.get(i))
+        .map(phase_label)
+        .unwrap_or_default();
+    let n = c.hosts();
+    let _ = write!(
+        h,
+        "<tr class=\"{class}\"><td>{mark}{}: {label}</td><td>{n}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+        i + 1,
+        host_bar(c.prefetched(), n, "pre"),
+        host_bar(c.switched(), n, "act"),
+        host_bar(c.healthy, n, "ok"),
+        host_bar(c.unhealthy, n, "fail"),
+    );
+}
+
 #[cfg(test)]
 mod tests {
+    use std::net::SocketAddr;
+
+    use axum::body::Body;
+    use axum::extract::connect_info::MockConnectInfo;
+    use axum::http::{Request, StatusCode};
+    use fbpkg_common::metainfo::{Format, Metainfo};
+    use http_body_util::BodyExt;
+    use serde_json::json;
+    use tower::ServiceExt;
+
     use super::*;
+    use crate::{AppState, Config, app};
+
+    /// Hosts resolve and report from here (a report counts only from where its host resolved).
+    const HOSTS_AT: &str = "127.0.0.2:40000";
+
+    async fn call(
+        state: &SharedState,
+        method: &str,
+        uri: &str,
+        body: Vec<u8>,
+    ) -> (StatusCode, String) {
+        let resp = app(state.clone())
+            .layer(MockConnectInfo(
+                HOSTS_AT.parse::<SocketAddr>().expect("an address"),
+            ))
+            .oneshot(
+                Request::builder()
+                    .method(method)
+                    .uri(uri)
+                    .body(Body::from(body))
+                    .expect("a request"),
+            )
+            .await
+            .expect("the router answers");
+        let status = resp.status();
+        let body = resp.into_body().collect().await.expect("a body").to_bytes();
+        (status, String::from_utf8_lossy(&body).into_owned())
+    }
+
+    fn package(seed: u8) -> Metainfo {
+        let data: Vec<u8> = (0..5_000u32)
+            .map(|i| (i as u8).wrapping_mul(seed))
+            .collect();
+        Metainfo::build(
+            &data[..],
+            5_000,
+            "app.bin",
+            "http://127.0.0.1:6969/announce",
+            Format::File,
+        )
+        .expect("a metainfo")
+    }
+
+    async fn ok(state: &SharedState, method: &str, uri: &str, body: Vec<u8>) -> String {
+        let (s, b) = call(state, method, uri, body).await;
+        assert!(s.is_success(), "{method} {uri}: {s} {b}");
+        b
+    }
+
+    /// A rollout of app:prod (zone dc1 first, then everyone) halted by one failed host whose
+    /// output is markup, with one healthy host beside it and one later host that prefetched.
+    async fn halted_rollout(state: &SharedState) -> Metainfo {
+        let (a, b) = (package(3), package(5));
+        for m in [&a, &b] {
+            ok(
+                state,
+                "PUT",
+                &format!("/api/v1/packages/app/{}", m.sha256),
+                m.as_bytes().to_vec(),
+            )
+            .await;
+        }
+        ok(
+            state,
+            "PUT",
+            "/api/v1/packages/app/tags/prod",
+            a.sha256.to_hex().into_bytes(),
+        )
+        .await;
+        let req = json!({"name": "app", "tag": "prod", "to": b.sha256.to_hex(),
+                         "phases": ["zone:dc1", "100"], "bake_ms": 0, "max_failures": "0"});
+        ok(
+            state,
+            "POST",
+            "/api/v1/rollouts",
+            req.to_string().into_bytes(),
+        )
+        .await;
+        for (host, zone, st, detail) in [
+            ("web-1", "&zone=dc1/r1", "healthy", None),
+            (
+                "web-2",
+                "&zone=dc1/r2",
+                "unhealthy",
+                Some("health exit status 1\n<script>alert(1)</script>"),
+            ),
+            ("web-3", "", "fetched", None),
+        ] {
+            ok(
+                state,
+                "GET",
+                &format!("/api/v1/packages/app/prod?host={host}{zone}"),
+                Vec::new(),
+            )
+            .await;
+            let rep = json!({"name": "app", "hash": b.sha256.to_hex(), "host": host, "state": st, "detail": detail});
+            ok(
+                state,
+                "POST",
+                "/api/v1/reports",
+                rep.to_string().into_bytes(),
+            )
+            .await;
+        }
+        state
+            .rollouts
+            .tick(&state.catalog, tokio::time::Instant::now(), wall_ms())
+            .expect("the gate runs");
+        b
+    }
+
+    #[tokio::test]
+    async fn dashboard_and_metrics_show_a_halted_rollout() {
+        let dir = tempfile::tempdir().expect("a temp dir");
+        let state = AppState::open(Config {
+            data_dir: dir.path().to_path_buf(),
+            ..Config::default()
+        })
+        .expect("the tracker opens");
+        let b = halted_rollout(&state).await;
+
+        let page = ok(&state, "GET", "/", Vec::new()).await;
+        let shown = |what: &str, needle: &str| {
+            assert!(
+                page.contains(needle),
+                "the dashboard does not show {what} ({needle:?}):\n{page}"
+            );
+        };
+        shown(
+            "the rollout",
+            "<div class=\"rollout\" id=\"rollout-app-prod\"><h3>app:prod <span class=\"state halted\">halted</span></h3>",
+        );
+        shown(
+            "where it is",
+            "&middot; phase 1 of 2 (zone:dc1) &middot; bake 0s &middot; max failures 0 &middot;",
+        );
+        shown(
+            "the new version",
+            &format!("&rarr; <code>{}</code>", &b.sha256.to_hex()[..12]),
+        );
+        shown(
+            "the halt reason, escaped",
+            "<p class=\"halt\"><strong>Halted:</strong> 1 unhealthy hosts in phase 1 of 2 (zone:dc1) \
+             (max 0 of 2 hosts, max_failures 0): web-2: &lt;script&gt;alert(1)&lt;/script&gt;</p>",
+        );
+        shown(
+            "the current phase with its bars",
+            "<tr class=\"current\"><td>&#9654; 1: zone:dc1</td><td>2</td>",
+        );
+        shown(
+            "phase 1 prefetched",
+            "aria-valuenow=\"2\" aria-valuemax=\"2\" title=\"2 of 2 hosts\"><i style=\"width:100%\"></i></span> 2/2",
+        );
+        shown(
+            "phase 1 failed",
+            "<span class=\"bar fail\" role=\"progressbar\" aria-valuenow=\"1\" aria-valuemax=\"2\"",
+        );
+        shown(
+            "phase 2 prefetching",
+            "<tr class=\"later\"><td>2: 100%</td><td>1</td><td><span class=\"bar pre\" role=\"progressbar\" aria-valuenow=\"1\" aria-valuemax=\"1\"",
+        );
+        shown(
+            "the failed host with its output, escaped",
+            "<tr><td>web-2</td><td>dc1/r2</td><td>1</td><td><pre>health exit status 1\n&lt;script&gt;alert(1)&lt;/script&gt;</pre></td></tr>",
+        );
+        assert!(
+            !page.contains("<script"),
+            "a report's markup reached the page:\n{page}"
+        );
+        shown("the plain tag move, finished", "<td>app:prod #1</td>");
+
+        let metrics = ok(&state, "GET", "/metrics", Vec::new()).await;
+        for line in [
+            "fbpkg_tracker_rollouts_active 1",
+            "fbpkg_tracker_rollout_state{package=\"app\",tag=\"prod\",state=\"halted\"} 1",
+            "fbpkg_tracker_rollout_state{package=\"app\",tag=\"prod\",state=\"running\"} 0",
+            "fbpkg_tracker_rollout_phase{package=\"app\",tag=\"prod\"} 1",
+            "fbpkg_tracker_rollout_hosts{package=\"app\",tag=\"prod\",phase=\"1\",state=\"healthy\"} 1",
+            "fbpkg_tracker_rollout_hosts{package=\"app\",tag=\"prod\",phase=\"1\",state=\"unhealthy\"} 1",
+            "fbpkg_tracker_rollout_hosts{package=\"app\",tag=\"prod\",phase=\"2\",state=\"fetched\"} 1",
+            "fbpkg_tracker_rollout_waiting_hosts{package=\"app\",tag=\"prod\"} 1",
+        ] {
+            assert!(
+                metrics.lines().any(|l| l == line),
+                "no {line:?} in /metrics:\n{metrics}"
+            );
+        }
+
+        // Aborted, it leaves the active view for the history, with its end state.
+        ok(
+            &state,
+            "POST",
+            "/api/v1/rollouts/app/prod/abort",
+            Vec::new(),
+        )
+        .await;
+        let page = ok(&state, "GET", "/", Vec::new()).await;
+        assert!(!page.contains("id=\"rollout-app-prod\""), "{page}");
+        assert!(page.contains("No active rollout"), "{page}");
+        assert!(
+            page.contains("<td>app:prod #2</td>")
+                && page.contains(
+                    "<span class=\"state aborted\">aborted</span>: aborted by an operator"
+                ),
+            "{page}"
+        );
+        let metrics = ok(&state, "GET", "/metrics", Vec::new()).await;
+        assert!(
+            metrics.contains("\nfbpkg_tracker_rollouts_active 0\n"),
+            "{metrics}"
+        );
+    }
 
     #[test]
     fn escapes_markup() {

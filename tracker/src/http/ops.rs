@@ -5,7 +5,7 @@ use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 
 use super::SharedState;
-use crate::metrics::Gauges;
+use crate::metrics::{Gauges, render_rollouts};
 
 pub(super) async fn metrics(State(state): State<SharedState>) -> Response {
     let stats = state.catalog.stats();
@@ -21,11 +21,9 @@ pub(super) async fn metrics(State(state): State<SharedState>) -> Response {
         g.seeders += s.seeders().len() as u64;
         g.leechers += s.leechers().len() as u64;
     });
-    (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        state.metrics.render(&g),
-    )
-        .into_response()
+    let mut body = state.metrics.render(&g);
+    render_rollouts(&mut body, &state.rollouts.active());
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body).into_response()
 }
 
 /// Alive: the process answers.

@@ -14,8 +14,11 @@
 //! - **halt** the moment the unhealthy hosts (latest report `unhealthy`) number more than the
 //!   budget (`max_failures`, a count or a percentage of the hosts in the phase);
 //! - **pass** when at least one host acts and every acting host is healthy, where `activated`
-//!   counts as healthy if no host in the phase ever reported `healthy` or `unhealthy` (a fleet
-//!   without health commands); the controller advances once a pass has held for the bake time;
+//!   counts as healthy for a host that does not run a health command (it never said
+//!   `health_check` nor reported `healthy` or `unhealthy`) if no host in the phase runs one (a
+//!   fleet without health commands), or if a `get` reported it (a host that only `get`s hands
+//!   the version to its caller and has no health command to wait for); the controller
+//!   advances once a pass has held for the bake time;
 //! - otherwise **wait**.
 
 use std::collections::HashMap;
@@ -31,8 +34,11 @@ pub(crate) struct HostVote {
     pub bucket: u16,
     pub state: HostState,
     pub detail: Option<String>,
-    /// It reported `healthy` or `unhealthy` at some point: it runs a health command.
+    /// It said it runs a health command (`health_check`), or reported `healthy` or
+    /// `unhealthy` at some point.
     pub health_seen: bool,
+    /// Its latest report came from a `get` (no health command to wait for).
+    pub by_get: bool,
 }
 
 impl HostVote {
@@ -103,13 +109,15 @@ pub(crate) fn judge(r: &Rollout, hosts: &HashMap<HostId, HostVote>) -> Verdict {
         ));
     }
     let health_used = in_phase.iter().any(|(_, v)| v.health_seen);
-    let good =
-        |s: HostState| s == HostState::Healthy || (!health_used && s == HostState::Activated);
+    let good = |v: &HostVote| {
+        v.state == HostState::Healthy
+            || (v.state == HostState::Activated && !v.health_seen && (!health_used || v.by_get))
+    };
     let mut acting = in_phase
         .iter()
         .filter(|(_, v)| v.state != HostState::Resolved)
         .peekable();
-    if acting.peek().is_some() && acting.all(|(_, v)| good(v.state)) {
+    if acting.peek().is_some() && acting.all(|(_, v)| good(v)) {
         Verdict::Pass
     } else {
         Verdict::Wait
@@ -157,4 +165,82 @@ pub(crate) fn progress(
     }
     failed.sort_by(|a, b| a.host.cmp(&b.host));
     (counts, waiting, failed)
+}
+
+#[cfg(test)]
+mod tests {
+    use fbpkg_common::Sha256Hash;
+    use fbpkg_common::api::RolloutState;
+    use fbpkg_common::pkgref::{PackageName, Tag};
+    use fbpkg_common::rollout::{MaxFailures, Phase};
+
+    use super::*;
+
+    fn vote(zone: Option<&str>, state: HostState) -> HostVote {
+        HostVote {
+            zone: zone.map(|z| Zone::new(z).expect("a valid zone")),
+            bucket: 9_999,
+            state,
+            detail: (state == HostState::Unhealthy).then(|| "exit 1".to_owned()),
+            health_seen: matches!(state, HostState::Healthy | HostState::Unhealthy),
+            by_get: false,
+        }
+    }
+
+    #[test]
+    fn progress_counts_later_phases_prefetch_in_their_own_row() {
+        let r = Rollout {
+            id: 1,
+            name: PackageName::new("app").expect("a valid name"),
+            tag: Tag::new("prod").expect("a valid tag"),
+            from: Some(Sha256Hash([1; 32])),
+            to: Sha256Hash([2; 32]),
+            phases: vec![
+                "zone:dc1".parse::<Phase>().expect("a valid phase"),
+                Phase::Percent(100),
+            ],
+            bake_ms: 0,
+            max_failures: MaxFailures::Count(1),
+            phase: 0,
+            state: RolloutState::Running { phase_started: 0 },
+            started_at: 0,
+            updated_at: 0,
+        };
+        let hosts: HashMap<HostId, HostVote> = [
+            ("a", vote(Some("dc1/r1"), HostState::Healthy)),
+            ("b", vote(Some("dc1/r2"), HostState::Unhealthy)),
+            ("c", vote(Some("dc2"), HostState::Fetched)),
+            ("d", vote(None, HostState::Resolved)),
+        ]
+        .into_iter()
+        .map(|(h, v)| (HostId::new(h).expect("a valid host id"), v))
+        .collect();
+        let (counts, waiting, failed) = progress(&r, &hosts);
+        assert_eq!(
+            (
+                counts[0].hosts(),
+                counts[0].prefetched(),
+                counts[0].switched()
+            ),
+            (2, 2, 1)
+        );
+        assert_eq!((counts[0].healthy, counts[0].unhealthy), (1, 1));
+        assert_eq!(
+            (
+                counts[1].hosts(),
+                counts[1].prefetched(),
+                counts[1].switched()
+            ),
+            (2, 1, 0),
+            "the later phase's hosts show their prefetch"
+        );
+        assert_eq!(waiting, 2);
+        assert_eq!(failed.len(), 1);
+        assert_eq!((failed[0].host.as_str(), failed[0].phase), ("b", 0));
+        assert_eq!(
+            judge(&r, &hosts),
+            Verdict::Wait,
+            "one failure is within the budget"
+        );
+    }
 }

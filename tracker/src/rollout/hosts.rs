@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::net::IpAddr;
 
 use fbpkg_common::Sha256Hash;
-use fbpkg_common::api::{HostState, Report, ReportAck};
+use fbpkg_common::api::{HostState, Report, ReportAck, ReportSource, Rollout, RolloutState};
 use fbpkg_common::pkgref::{PackageName, Tag};
 use fbpkg_common::rollout::{HostId, bucket};
 
@@ -25,7 +25,7 @@ impl Rollouts {
 
     /// What `name:tag` resolves to for `who` while a rollout of it is active (`None`: no
     /// active rollout, the catalog's target holds). Records the host as having resolved.
-    pub fn resolve_for(&self, name: &PackageName, tag: &Tag, who: &Asker) -> Option<Sha256Hash> {
+    pub fn resolve_for(&self, name: &PackageName, tag: &Tag, who: &Asker) -> Option<PerHost> {
         let mut inner = lock(&self.inner).ok()?;
         remember(&mut inner.seen, who);
         let entry = inner.tags.get_mut(&key(name, tag))?;
@@ -43,26 +43,19 @@ impl Rollouts {
                     state: HostState::Resolved,
                     detail: None,
                     health_seen: false,
+                    by_get: false,
                 }),
             None => {
                 let b = bucket(name, tag, &who.host);
                 let fp = fbpkg_common::rollout::first_phase(&r.phases, b, who.zone.as_ref());
-                return Some(if fp.is_some_and(|f| f <= r.phase) {
-                    r.to
-                } else {
-                    r.from.unwrap_or(r.to)
-                });
+                return Some(PerHost::of(r, fp.is_some_and(|f| f <= r.phase)));
             }
         };
         if who.zone.is_some() {
             vote.zone.clone_from(&who.zone);
         }
         let in_phase = vote.first_phase(r) <= r.phase;
-        Some(if in_phase {
-            r.to
-        } else {
-            r.from.unwrap_or(r.to)
-        })
+        Some(PerHost::of(r, in_phase))
     }
 
     /// Record a host's report. Counted only from the address the host id last resolved from.
@@ -104,13 +97,23 @@ impl Rollouts {
                     state: HostState::Resolved,
                     detail: None,
                     health_seen: false,
+                    by_get: false,
                 });
             if rep.zone.is_some() {
                 vote.zone.clone_from(&rep.zone);
             }
+            // A `get` on a host whose agent follows the tag says less than the agent: it never
+            // takes back what the health check said.
+            let checked = matches!(vote.state, HostState::Healthy | HostState::Unhealthy);
+            if rep.source == ReportSource::Get && checked {
+                counted_for.push(format!("{name}:{tag}#{}", r.id));
+                continue;
+            }
             vote.state = rep.state;
             vote.detail.clone_from(&rep.detail);
-            vote.health_seen |= matches!(rep.state, HostState::Healthy | HostState::Unhealthy);
+            vote.health_seen |=
+                rep.health_check || matches!(rep.state, HostState::Healthy | HostState::Unhealthy);
+            vote.by_get = rep.source == ReportSource::Get && !vote.health_seen;
             counted_for.push(format!("{name}:{tag}#{}", r.id));
         }
         drop(inner);
@@ -118,6 +121,33 @@ impl Rollouts {
             self.wake.notify_one();
         }
         Ok(ReportAck { counted_for })
+    }
+}
+
+/// One host's answer while a rollout is active.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PerHost {
+    /// The version the host runs now.
+    pub sha256: Sha256Hash,
+    /// The version it will move to, while its phase has not come and the rollout goes on
+    /// (running or paused: a halted rollout waits for an abort, and prefetching a version that
+    /// failed its health checks would be wasted bytes).
+    pub prefetch: Option<Sha256Hash>,
+}
+
+impl PerHost {
+    fn of(r: &Rollout, in_phase: bool) -> Self {
+        if in_phase {
+            return Self {
+                sha256: r.to,
+                prefetch: None,
+            };
+        }
+        let goes_on = matches!(r.state, RolloutState::Running { .. } | RolloutState::Paused);
+        Self {
+            sha256: r.from.unwrap_or(r.to),
+            prefetch: (goes_on && r.from.is_some()).then_some(r.to),
+        }
     }
 }
 

@@ -49,6 +49,7 @@ use crate::catalog::Catalog;
 use crate::error::TrackerError;
 pub use controller::run_controller;
 use gate::{HostVote, Verdict};
+pub use hosts::PerHost;
 pub use store::{FileStore, RolloutStore, TagRollouts};
 
 /// Finished rollouts kept per tag.
@@ -484,6 +485,19 @@ impl Rollouts {
             return Vec::new();
         };
         inner.tags.values().filter_map(view).collect()
+    }
+
+    /// The last `per_tag` finished rollouts (and plain tag moves) of every tag: tags in name
+    /// order, newest first within a tag.
+    pub fn recent_history(&self, per_tag: usize) -> Vec<Rollout> {
+        let Ok(inner) = lock(&self.inner) else {
+            return Vec::new();
+        };
+        inner
+            .tags
+            .values()
+            .flat_map(|e| e.rec.history.iter().rev().take(per_tag).cloned())
+            .collect()
     }
 
     /// One tag's active rollout and history (`None`: nothing recorded for it).
