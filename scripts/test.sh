@@ -22,6 +22,12 @@ if ! command -v chromium >/dev/null 2>&1; then
     fi
 fi
 
+# Optional: the run test checks under strace that a cached launch opens no socket.
+if ! command -v strace >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "scripts/test.sh: installing strace (run's no-socket check)" >&2
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq strace >/dev/null || true
+fi
+
 scripts/interop-deps.sh
 
 exec cargo test --workspace "$@"

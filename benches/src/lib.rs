@@ -20,6 +20,8 @@
 //! Programs (`cargo run --release -p fbpkg-benches --bin NAME -- --help`):
 //! - `tracker_bench`: announces per second and latency, fbpkg-rs tracker against Debian's
 //!   opentracker.
+//! - `run_bench`: launch cost of `fbpkg-rs run` on a cached package against exec of the same
+//!   file, median and p90, and the sockets it opens (none).
 //! - `swarm_bench` (root): the flash crowd in network namespaces — fbpkg-rs, librqbit and an
 //!   HTTP fan-out against the Kumar-Ross bound; `--cpu --rss` for CPU per GiB and peak RSS.
 //!

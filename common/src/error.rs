@@ -92,6 +92,14 @@ pub enum Error {
         /// What makes it unsafe.
         why: &'static str,
     },
+    /// A directory package's entrypoint that is not a safe relative path inside its tree.
+    #[error("unsafe entrypoint {value:?}: {why}")]
+    UnsafeEntrypoint {
+        /// The path as found (lossy UTF-8, truncated).
+        value: String,
+        /// What makes it unsafe.
+        why: &'static str,
+    },
     /// A multi-file torrent, which fbpkg does not serve.
     #[error("metainfo: multi-file torrents are not supported (packages are single files)")]
     MultiFile,

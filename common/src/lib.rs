@@ -5,7 +5,8 @@
 //! codec is round-trip property tested.
 //!
 //! - [`pkgref`]: `name:hash`, `name:prefix`, `name:tag` references.
-//! - [`metainfo`]: building and parsing package `.torrent` files.
+//! - [`metainfo`]: building and parsing package `.torrent` files; [`entrypoint`]: the program
+//!   a directory package runs.
 //! - [`bencode`]: the bounded decoder and the writer behind them.
 //! - [`tracker_proto`]: announce and scrape requests and responses.
 //! - [`wire`] and [`bitfield`]: the BitTorrent peer protocol.
@@ -27,6 +28,7 @@
 pub mod api;
 pub mod bencode;
 pub mod bitfield;
+pub mod entrypoint;
 mod error;
 pub mod ids;
 pub mod metainfo;

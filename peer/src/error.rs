@@ -42,6 +42,10 @@ pub enum ErrorKind {
     Io,
     /// Shutting down.
     Cancelled,
+    /// The package cannot be run: no entrypoint, not executable, or exec refused it.
+    NotRunnable,
+    /// exec found nothing to run: the program, or the interpreter its `#!` line names.
+    ProgramMissing,
     /// A kind this version does not know (from a newer agent).
     #[serde(other)]
     Other,
@@ -65,6 +69,8 @@ impl ErrorKind {
             ErrorKind::NoSpace => "no_space",
             ErrorKind::Io => "io",
             ErrorKind::Cancelled => "cancelled",
+            ErrorKind::NotRunnable => "not_runnable",
+            ErrorKind::ProgramMissing => "program_missing",
             ErrorKind::Other => "other",
         }
     }
@@ -80,6 +86,8 @@ impl ErrorKind {
             ErrorKind::TrackerUnreachable => exit::TRACKER,
             ErrorKind::Unauthorized => exit::UNAUTHORIZED,
             ErrorKind::NoSpace => exit::NO_SPACE,
+            ErrorKind::NotRunnable => exit::NOT_RUNNABLE,
+            ErrorKind::ProgramMissing => exit::PROGRAM_MISSING,
             ErrorKind::TrackerRefused
             | ErrorKind::Agent
             | ErrorKind::Protocol
@@ -154,6 +162,13 @@ pub enum PeerError {
     /// The operation was cancelled (shutdown).
     #[error("cancelled")]
     Cancelled,
+    /// `run`: the package cannot be run (a directory without an entrypoint, a file published
+    /// without its execute bit, an entrypoint that leads out of its tree, or exec refused it).
+    #[error("{0}")]
+    NotRunnable(String),
+    /// `run`: exec found nothing to run (the program, or the interpreter its `#!` line names).
+    #[error("{0}")]
+    ProgramMissing(String),
     /// An error the agent reported over the control socket: its kind and full message.
     #[error("{message}")]
     Remote {
@@ -195,6 +210,8 @@ impl PeerError {
             PeerError::NoSpace(_) => ErrorKind::NoSpace,
             PeerError::Io { source, .. } => io_kind(source),
             PeerError::Cancelled => ErrorKind::Cancelled,
+            PeerError::NotRunnable(_) => ErrorKind::NotRunnable,
+            PeerError::ProgramMissing(_) => ErrorKind::ProgramMissing,
             PeerError::Remote { kind, .. } => *kind,
         }
     }
@@ -256,6 +273,8 @@ mod tests {
                 PeerError::io("writing", "/x")(io::Error::from_raw_os_error(libc::ENOSPC)),
                 exit::NO_SPACE,
             ),
+            (PeerError::NotRunnable("x".into()), exit::NOT_RUNNABLE),
+            (PeerError::ProgramMissing("x".into()), exit::PROGRAM_MISSING),
             (
                 PeerError::Remote {
                     kind: ErrorKind::NoPeers,

@@ -6,6 +6,7 @@
 //! - [`archive`]: deterministic `tar.zst` for directory packages and their safe extraction;
 //! - [`tracker_client`]: the tracker's HTTP protocol;
 //! - [`host_id`]: this host's stable id, which draws its rollout buckets;
+//! - [`launch`]: what `fbpkg-rs run` executes for a cached version, and the exec;
 //! - [`agent`]: the long-running agent and its Unix-socket control API;
 //! - [`cli`]: the `fbpkg-rs` commands.
 
@@ -16,6 +17,7 @@ pub mod cli;
 pub mod engine;
 mod error;
 pub mod host_id;
+pub mod launch;
 pub mod storage;
 pub mod tracker_client;
 

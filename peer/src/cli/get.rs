@@ -55,11 +55,19 @@ pub(crate) struct GetArgs {
     reference: String,
 
     #[command(flatten)]
-    host: HostArgs,
+    fetch: FetchArgs,
 
     /// Print one JSON object instead of the path.
     #[arg(long)]
     json: bool,
+}
+
+/// How a package is resolved and fetched when the cache cannot answer: shared by `get` and
+/// `run`, so both find the same version the same way.
+#[derive(Debug, clap::Args)]
+pub(crate) struct FetchArgs {
+    #[command(flatten)]
+    pub host: HostArgs,
 
     /// Give up (exit 5) when no data has arrived for this long.
     #[arg(long, env = "FBPKG_STALL_TIMEOUT", default_value = "60s", value_parser = humantime::parse_duration)]
@@ -84,7 +92,7 @@ fn parse_host_id(s: &str) -> std::result::Result<HostId, String> {
     HostId::new(s).map_err(|e| e.to_string())
 }
 
-impl GetArgs {
+impl FetchArgs {
     /// Who this host is to the tracker: the --host-id given, or the one in the state dir.
     fn asker(&self) -> Result<Asker> {
         let host = match &self.host_id {
@@ -124,7 +132,10 @@ fn print(name: &PackageName, sha: &Sha256Hash, entry: &CachedPackage, source: &s
 }
 
 /// The cache-only answer, when the reference pins a version that is already here.
-fn from_cache(r: &PackageRef, cache: &Cache) -> Option<(PackageName, Sha256Hash, CachedPackage)> {
+pub(super) fn from_cache(
+    r: &PackageRef,
+    cache: &Cache,
+) -> Option<(PackageName, Sha256Hash, CachedPackage)> {
     let (name, sha) = match (&r.name, &r.selector) {
         (Some(n), Selector::Hash(h)) => (n.clone(), *h),
         (None, Selector::Hash(h)) => {
@@ -153,7 +164,7 @@ pub(super) fn run(args: GetArgs, log: Option<&str>) -> ExitCode {
             return ExitCode::from(exit::BAD_REFERENCE);
         }
     };
-    let cache = args.host.cache();
+    let cache = args.fetch.host.cache();
     if let Some((name, sha, entry)) = from_cache(&r, &cache) {
         print(&name, &sha, &entry, "cache", args.json);
         return ExitCode::SUCCESS;
@@ -161,7 +172,14 @@ pub(super) fn run(args: GetArgs, log: Option<&str>) -> ExitCode {
     super::init_logging(log, "warn");
     let result = super::runtime()
         .map_err(|e| PeerError::Agent(e.to_string()))
-        .and_then(|rt| rt.block_on(fetch(&args, &r, &cache)));
+        .and_then(|rt| {
+            rt.block_on(async {
+                let f = fetch(&args.fetch, &r, &cache).await?;
+                print(&f.name, &f.sha256, &f.entry, f.source, args.json);
+                f.handover.report().await;
+                Ok(())
+            })
+        });
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -176,6 +194,7 @@ pub(super) fn run(args: GetArgs, log: Option<&str>) -> ExitCode {
 const RESOLVE_RETRY_WITH_FALLBACK: Duration = Duration::from_secs(3);
 
 /// A resolution, and who to report it for when the tracker answered a tag for this host.
+#[derive(Debug)]
 struct Resolved {
     name: PackageName,
     sha256: Sha256Hash,
@@ -269,16 +288,48 @@ fn local_answer(
     }
 }
 
-async fn fetch(args: &GetArgs, r: &PackageRef, cache: &Cache) -> Result<()> {
+/// A version found in the cache, or fetched into it.
+#[derive(Debug)]
+pub(super) struct Fetched {
+    pub name: PackageName,
+    pub sha256: Sha256Hash,
+    pub entry: CachedPackage,
+    /// cache, agent or standalone.
+    pub source: &'static str,
+    /// What to tell a rollout once the version is handed over ([`Handover::report`]).
+    pub handover: Handover,
+}
+
+/// A resolution to report to the tracker, once the caller has the version.
+#[derive(Debug)]
+pub(super) struct Handover {
+    tracker: TrackerClient,
+    resolved: Resolved,
+}
+
+impl Handover {
+    /// Tell the rollout this host has the version (see [`report_got`]).
+    pub async fn report(&self) {
+        report_got(&self.tracker, &self.resolved).await;
+    }
+}
+
+/// Resolve `r` for this host and make sure its version is in the cache: through the agent
+/// when one runs, by downloading here otherwise.
+pub(super) async fn fetch(args: &FetchArgs, r: &PackageRef, cache: &Cache) -> Result<Fetched> {
     // A fleet asks at once: a dropped SYN or a 503 is retried for as long as a stall would be
     // tolerated, so a get fails for the tracker only when it stays away.
     let tracker = args.host.tracker_client(None, args.stall_timeout)?;
     let resolved = resolve(r, || args.asker(), &tracker, cache, &args.host.state_dir()).await?;
     let (name, sha) = (resolved.name.clone(), resolved.sha256);
     if let Some(entry) = cache.lookup_checked(&name, &sha)? {
-        print(&name, &sha, &entry, "cache", args.json);
-        report_got(&tracker, &resolved).await;
-        return Ok(());
+        return Ok(Fetched {
+            name,
+            sha256: sha,
+            entry,
+            source: "cache",
+            handover: Handover { tracker, resolved },
+        });
     }
     let state_dir = args.host.state_dir();
     let label = format!("{name}:{}", &sha.to_hex()[..12]);
@@ -293,9 +344,13 @@ async fn fetch(args: &GetArgs, r: &PackageRef, cache: &Cache) -> Result<()> {
     };
     progress.finish();
     let (entry, source) = result?;
-    print(&name, &sha, &entry, source, args.json);
-    report_got(&tracker, &resolved).await;
-    Ok(())
+    Ok(Fetched {
+        name,
+        sha256: sha,
+        entry,
+        source,
+        handover: Handover { tracker, resolved },
+    })
 }
 
 /// Longest a `get` spends telling the tracker what it got, after printing the path.
@@ -409,7 +464,7 @@ async fn via_agent(
 }
 
 async fn standalone(
-    args: &GetArgs,
+    args: &FetchArgs,
     tracker: &TrackerClient,
     cache: &Cache,
     name: &PackageName,

@@ -7,6 +7,7 @@ mod get;
 mod progress;
 mod publish;
 mod rollout;
+mod run;
 mod status;
 mod tracker;
 mod verify;
@@ -27,7 +28,7 @@ use crate::tracker_client::TrackerClient;
 /// Packages are files or directories, identified by the SHA-256 of their archive
 /// (`name:<sha256>`), found through a tracker and fetched from the other hosts of the fleet
 /// over BitTorrent. Every host runs `fbpkg-rs agent`; `fbpkg-rs get name:hash` prints the path
-/// of the verified package in the local launcher cache.
+/// of the verified package in the local launcher cache, `fbpkg-rs run name:hash` runs it.
 ///
 /// Quick start on one machine:
 ///
@@ -37,6 +38,8 @@ use crate::tracker_client::TrackerClient;
 ///   fbpkg-rs agent &
 ///   fbpkg-rs publish myapp ./build/        # prints myapp:<sha256>
 ///   fbpkg-rs get myapp:<first 8+ digits>   # prints the path in the launcher cache
+///   fbpkg-rs publish tool ./tool.sh --tag prod
+///   fbpkg-rs run tool:prod -- --verbose    # runs it, fetching it first if needed
 #[derive(Debug, Parser)]
 #[command(name = "fbpkg-rs", version, max_term_width = 100, verbatim_doc_comment)]
 pub struct Cli {
@@ -57,6 +60,8 @@ enum Command {
     Agent(agent::AgentArgs),
     /// Print the launcher-cache path of a package, fetching it first if needed.
     Get(get::GetArgs),
+    /// Run a package's program in place of this command, fetching the package first if needed.
+    Run(run::RunArgs),
     /// Publish a file or directory as a package version; prints name:sha256.
     Publish(publish::PublishArgs),
     /// Show what this host's agent holds, fetches and serves.
@@ -129,7 +134,7 @@ impl HostArgs {
     }
 }
 
-/// Exit codes of `get` and the other client commands.
+/// Exit codes of `get`, `run` (before its program starts) and the other client commands.
 pub mod exit {
     /// Success.
     pub const OK: u8 = 0;
@@ -152,6 +157,13 @@ pub mod exit {
     /// after evicting every version that may go, or the disk filled up. The cache is left as
     /// it was.
     pub const NO_SPACE: u8 = 8;
+    /// `run`: the package cannot be run (a directory package without an entrypoint, a file
+    /// published without its execute bit), or exec refused the program (permission, a format
+    /// the kernel cannot run). 126 as in sh and env: "found but cannot execute".
+    pub const NOT_RUNNABLE: u8 = 126;
+    /// `run`: exec found nothing to run: the program, or the interpreter its `#!` line names,
+    /// does not exist. 127 as in sh and env: "not found".
+    pub const PROGRAM_MISSING: u8 = 127;
 }
 
 /// Install the tracing subscriber: human-readable lines on stderr.
@@ -219,6 +231,8 @@ pub fn main() -> ExitCode {
         }
         // `get` sets up logging only when it leaves the cache-hit fast path.
         Command::Get(args) => return get::run(args, log),
+        // So does `run`, which on success never returns: the package's program replaces it.
+        Command::Run(args) => return run::run(args, log),
         Command::Publish(args) => {
             init_logging(log, "warn");
             publish::run(args)

@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::Context as _;
+use fbpkg_common::entrypoint::Entrypoint;
 use fbpkg_common::metainfo::{Format, Metainfo, check_file_name};
 use fbpkg_common::pkgref::{PackageName, Tag};
 use serde::Serialize;
@@ -15,6 +16,7 @@ use super::HostArgs;
 use crate::agent::control::{AgentClient, Event, Request};
 use crate::cache::{Handoff, remove_tree};
 use crate::error::PeerError;
+use crate::launch::resolve_entrypoint;
 use crate::tracker_client::PublishOutcome;
 
 /// `fbpkg-rs publish` flags.
@@ -23,7 +25,13 @@ use crate::tracker_client::PublishOutcome;
 A file is published as it is (its execute bit is kept). A directory becomes a deterministic
 tar.zst: entries sorted, owners and times zeroed, modes kept, so the same tree gives the same
 hash on any host. The package is put in this host's cache and seeded by the local agent
-before the tracker lists it, so a version is never listed with nobody to serve it.")]
+before the tracker lists it, so a version is never listed with nobody to serve it.
+
+A directory package that `fbpkg-rs run` should start names its program with --entrypoint:
+a path inside the directory (`bin/tool`, no `..`) to an executable regular file, or to a
+symlink that stays inside the directory and leads to one. It is recorded in the version's
+metainfo (and so in its hash): every host runs the same program, with no network. A file
+package needs none: `run` runs the file itself, if it has its execute bit.")]
 pub(crate) struct PublishArgs {
     /// Package name: lowercase letters, digits, '.', '_' and '-'.
     name: String,
@@ -34,6 +42,11 @@ pub(crate) struct PublishArgs {
     /// Also point this tag at the new version (e.g. prod, canary).
     #[arg(long)]
     tag: Option<String>,
+
+    /// The program `fbpkg-rs run` starts, for a directory package: a path inside the
+    /// directory, e.g. bin/tool.
+    #[arg(long, env = "FBPKG_ENTRYPOINT", value_name = "PATH")]
+    entrypoint: Option<String>,
 
     /// Bearer token for the tracker's catalog.
     #[arg(long, env = "FBPKG_PUBLISH_TOKEN", hide_env_values = true)]
@@ -71,8 +84,30 @@ struct Prepared {
     temporary: bool,
 }
 
-fn prepare(name: &PackageName, path: &Path, tmp_dir: &Path) -> anyhow::Result<Prepared> {
+fn prepare(
+    name: &PackageName,
+    path: &Path,
+    entrypoint: Option<&Entrypoint>,
+    tmp_dir: &Path,
+) -> anyhow::Result<Prepared> {
     let meta = fs::metadata(path).with_context(|| format!("cannot read {}", path.display()))?;
+    if let Some(e) = entrypoint {
+        if !meta.is_dir() {
+            return Err(PeerError::BadInput(format!(
+                "--entrypoint {e} is for a directory package; {} is a file, and `fbpkg-rs run` \
+                 runs a file package itself (publish it with its execute bit set)",
+                path.display()
+            ))
+            .into());
+        }
+        // Before the archive is made: a version that cannot run is never made.
+        resolve_entrypoint(path, e).map_err(|why| {
+            PeerError::BadInput(format!(
+                "--entrypoint {e}: {why} (looked in {})",
+                path.display()
+            ))
+        })?;
+    }
     if meta.is_dir() {
         super::super::agent::private_dir(tmp_dir)?;
         let file = tmp_dir.join(format!(
@@ -127,9 +162,20 @@ pub(super) fn run(args: PublishArgs) -> anyhow::Result<ExitCode> {
     let tracker = args
         .host
         .tracker_client(args.publish_token.clone(), args.retry_for)?;
+    let entrypoint = args
+        .entrypoint
+        .as_deref()
+        .map(Entrypoint::new)
+        .transpose()
+        .map_err(|e| PeerError::BadInput(e.to_string()))?;
     let state_dir = args.host.state_dir();
     let cache = args.host.cache();
-    let prepared = prepare(&name, &args.path, &state_dir.join("tmp"))?;
+    let prepared = prepare(
+        &name,
+        &args.path,
+        entrypoint.as_ref(),
+        &state_dir.join("tmp"),
+    )?;
     let result = (|| -> anyhow::Result<ExitCode> {
         let size = fs::metadata(&prepared.file)?.len();
         let reader = BufReader::with_capacity(1 << 20, File::open(&prepared.file)?);
@@ -142,6 +188,10 @@ pub(super) fn run(args: PublishArgs) -> anyhow::Result<ExitCode> {
             prepared.format,
         )
         .with_context(|| format!("cannot read {}", prepared.file.display()))?;
+        let meta = match entrypoint {
+            Some(e) => meta.with_entrypoint(e)?,
+            None => meta,
+        };
         let abs = fs::canonicalize(&prepared.file)?;
         let was_cached = cache.lookup(&name, &meta.sha256).is_some();
         super::runtime()?.block_on(async {
