@@ -20,10 +20,10 @@
 //!   fleet without health commands), or if a `get` reported it (a host that only `get`s hands
 //!   the version to its caller and has no health command to wait for); the controller
 //!   advances once a pass has held for the bake time;
-//! - **pass** too when the phase holds none of the hosts seen so far (and some were seen):
-//!   a 1% phase of a 16-host fleet is usually empty, and would otherwise hold the rollout
-//!   for ever; the bake still applies, and a host of the phase that resolves meanwhile breaks
-//!   the pass until it reports;
+//! - **pass** too when the phase holds none of the hosts seen so far (and some were seen) and
+//!   has been current for the host timeout: a 1% phase of a 16-host fleet is usually empty,
+//!   and would otherwise hold the rollout for ever; before the timeout, the phase's hosts may
+//!   simply not have resolved since the rollout started (at first, nobody has);
 //! - otherwise **wait**.
 
 use std::collections::HashMap;
@@ -90,6 +90,7 @@ pub(crate) fn judge(
     hosts: &HashMap<HostId, HostVote>,
     now: Instant,
     host_timeout: Duration,
+    phase_age: Duration,
 ) -> Verdict {
     let in_phase: Vec<(&HostId, &HostVote)> = hosts
         .iter()
@@ -127,12 +128,13 @@ pub(crate) fn judge(
             || (v.state == HostState::Activated && !v.health_seen && (!health_used || v.by_get))
     };
     // A phase that holds none of the hosts seen (a 1% canary of a small fleet) has nothing to
-    // wait for. It still bakes: a host of the phase that shows up meanwhile breaks the pass.
+    // wait for, once its hosts have had the host timeout to show up: the hosts a rollout sees
+    // are those that resolved since it started, and at its start that is almost nobody.
     if in_phase.is_empty() {
-        return if hosts.is_empty() {
-            Verdict::Wait
-        } else {
+        return if !hosts.is_empty() && phase_age >= host_timeout {
             Verdict::Pass
+        } else {
+            Verdict::Wait
         };
     }
     let mut acting = in_phase
@@ -215,7 +217,7 @@ mod tests {
     const TIMEOUT: Duration = Duration::from_secs(120);
 
     fn judge_now(r: &Rollout, hosts: &HashMap<HostId, HostVote>) -> Verdict {
-        judge(r, hosts, Instant::now(), TIMEOUT)
+        judge(r, hosts, Instant::now(), TIMEOUT, TIMEOUT)
     }
 
     fn rollout() -> Rollout {
@@ -270,6 +272,12 @@ mod tests {
         assert_eq!(judge_now(&r, &hosts), Verdict::Wait, "nobody seen yet");
         let id = |h: &str| HostId::new(h).expect("a valid host id");
         hosts.insert(id("far"), vote(Some("dc2"), HostState::Fetched));
+        let early = judge(&r, &hosts, Instant::now(), TIMEOUT, TIMEOUT / 2);
+        assert_eq!(
+            early,
+            Verdict::Wait,
+            "dc1's hosts may not have resolved yet"
+        );
         assert_eq!(
             judge_now(&r, &hosts),
             Verdict::Pass,

@@ -93,6 +93,8 @@ struct Live {
     hosts: HashMap<HostId, HostVote>,
     /// Since when the gate has passed without a break (bake clock).
     passing_since: Option<Instant>,
+    /// The phase being judged, and since when (tokio's clock; from a restart after one).
+    phase_since: Option<(usize, Instant)>,
 }
 
 #[derive(Debug, Default)]
@@ -434,7 +436,12 @@ impl Rollouts {
                 if !running && r.state != RolloutState::Paused {
                     continue;
                 }
-                match gate::judge(r, &entry.live.hosts, now, self.host_timeout) {
+                let since = match entry.live.phase_since {
+                    Some((p, t)) if p == r.phase => t,
+                    _ => entry.live.phase_since.insert((r.phase, now)).1,
+                };
+                let age = now.saturating_duration_since(since);
+                match gate::judge(r, &entry.live.hosts, now, self.host_timeout, age) {
                     Verdict::Halt(reason) => {
                         steps.push((name.clone(), tag.clone(), r.id, Step::Halt(reason)))
                     }
