@@ -102,3 +102,34 @@ where
         Err(_) => panic!("{shown} did not finish within {timeout:?}"),
     }
 }
+
+/// Publish `contents` as versions of `name` from a host (`host`: its `--state-dir`,
+/// `--cache-dir` and `--tracker` flags) with `token`, each written to `dir/v<i>.bin` first;
+/// the first is tagged `first_tag` if given. The versions' hashes, in order.
+pub async fn publish_versions(
+    dir: &std::path::Path,
+    name: &str,
+    contents: &[Vec<u8>],
+    first_tag: Option<&str>,
+    token: &str,
+    host: &[std::ffi::OsString],
+) -> Vec<String> {
+    let mut hashes = Vec::new();
+    for (i, bytes) in contents.iter().enumerate() {
+        let file = dir.join(format!("v{}.bin", i + 1));
+        std::fs::write(&file, bytes).expect("write a version");
+        let path = file.to_str().expect("a UTF-8 temp path");
+        let mut args = vec!["publish", name, path, "--publish-token", token];
+        if let (0, Some(t)) = (i, first_tag) {
+            args.extend(["--tag", t]);
+        }
+        let out = fbpkg_rs_then(&args, host, Duration::from_secs(60)).await;
+        assert!(out.success(), "publish v{}: {out}", i + 1);
+        let hash = out
+            .line()
+            .strip_prefix(&format!("{name}:"))
+            .unwrap_or_else(|| panic!("publish printed no {name}:<hash>: {out}"));
+        hashes.push(hash.to_owned());
+    }
+    hashes
+}

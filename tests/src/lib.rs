@@ -32,7 +32,7 @@ pub use binary::fbpkg_rs_binary;
 pub use catalog::{
     SwarmListing, http_client, move_tag, publish, random_package, swarm, swarm_peers,
 };
-pub use cli::{CliOutput, clean_env, fbpkg_rs, fbpkg_rs_command, fbpkg_rs_then};
+pub use cli::{CliOutput, clean_env, fbpkg_rs, fbpkg_rs_command, fbpkg_rs_then, publish_versions};
 pub use inprocess::{Staged, embedded_tracker, engine, seed_from_cache, stop_tracker};
 pub use librqbit_session::{add_torrent, loopback_session};
 pub use raw_peer::{

@@ -39,7 +39,9 @@ use std::time::{Duration, Instant};
 
 use fbpkg_common::pkgref::{PackageName, Tag};
 use fbpkg_common::rollout::{HostId, Phase, bucket, first_phase};
-use fbpkg_tests::{AgentProcess, CliOutput, TrackerProcess, fbpkg_rs_then, http_client, poll};
+use fbpkg_tests::{
+    AgentProcess, CliOutput, TrackerProcess, fbpkg_rs_then, http_client, poll, publish_versions,
+};
 use serde_json::Value;
 use tokio::task::JoinSet;
 
@@ -189,24 +191,19 @@ impl Fleet {
             AgentProcess::start(&base.join("pub/state"), &base.join("pub/cache"), &url, &[])
                 .await
                 .unwrap();
-        let mut v: [String; 3] = Default::default();
-        for (i, slot) in v.iter_mut().enumerate() {
-            let file = base.join(format!("v{i}.bin"));
-            std::fs::write(&file, format!("version {i}\n").repeat(20_000)).unwrap();
-            let mut args = vec![
-                "publish",
-                "app",
-                file.to_str().unwrap(),
-                "--publish-token",
-                TOKEN,
-            ];
-            if i == 0 {
-                args.extend(["--tag", "prod"]);
-            }
-            let out = fbpkg_rs_then(&args, &publisher.host_args(), CLI_TIMEOUT).await;
-            assert!(out.success(), "publish v{}: {out}", i + 1);
-            *slot = out.line().strip_prefix("app:").unwrap().to_owned();
-        }
+        let contents: Vec<Vec<u8>> = (1..=3)
+            .map(|i| format!("version {i}\n").repeat(20_000).into_bytes())
+            .collect();
+        let hashes = publish_versions(
+            base,
+            "app",
+            &contents,
+            Some("prod"),
+            TOKEN,
+            &publisher.host_args(),
+        )
+        .await;
+        let v: [String; 3] = hashes.try_into().unwrap();
         // All twelve at once: starting them one by one is most of a fleet's setup time.
         let mut starting = JoinSet::new();
         for (n, (id, phase)) in pick_hosts().into_iter().enumerate() {

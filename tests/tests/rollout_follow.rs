@@ -22,7 +22,9 @@ use std::time::Duration;
 
 use fbpkg_common::pkgref::{PackageName, Tag};
 use fbpkg_common::rollout::{HostId, bucket};
-use fbpkg_tests::{AgentProcess, CliOutput, TrackerProcess, fbpkg_rs, fbpkg_rs_then, wait_for};
+use fbpkg_tests::{
+    AgentProcess, CliOutput, TrackerProcess, fbpkg_rs, fbpkg_rs_then, publish_versions, wait_for,
+};
 use serde_json::Value;
 
 const CLI_TIMEOUT: Duration = Duration::from_secs(60);
@@ -151,24 +153,18 @@ async fn following_agents_carry_a_rollout_halt_on_bad_health_and_remember_across
         AgentProcess::start(&base.join("pub/state"), &base.join("pub/cache"), &url, &[])
             .await
             .unwrap();
-    let mut versions = Vec::new();
-    for (i, tag) in [(1, Some("prod")), (2, None), (3, None)] {
-        let file = base.join(format!("v{i}.bin"));
-        std::fs::write(&file, format!("version {i}\n").repeat(1000)).unwrap();
-        let mut args = vec![
-            "publish",
-            "app",
-            file.to_str().unwrap(),
-            "--publish-token",
-            TOKEN,
-        ];
-        if let Some(t) = tag {
-            args.extend(["--tag", t]);
-        }
-        let out = run(&args, &publisher.host_args()).await;
-        assert!(out.success(), "publish v{i}: {out}");
-        versions.push(out.line().strip_prefix("app:").unwrap().to_owned());
-    }
+    let contents: Vec<Vec<u8>> = (1..=3)
+        .map(|i| format!("version {i}\n").repeat(1000).into_bytes())
+        .collect();
+    let versions = publish_versions(
+        base,
+        "app",
+        &contents,
+        Some("prod"),
+        TOKEN,
+        &publisher.host_args(),
+    )
+    .await;
     let (v1, v2, v3) = (
         versions[0].as_str(),
         versions[1].as_str(),
@@ -333,28 +329,23 @@ async fn hosts_outside_the_phase_prefetch_and_a_get_counts_as_activated() {
         AgentProcess::start(&base.join("pub/state"), &base.join("pub/cache"), &url, &[])
             .await
             .unwrap();
-    let mut versions = Vec::new();
-    for (i, tag) in [(1, Some("prod")), (2, None)] {
-        let file = base.join(format!("v{i}.bin"));
-        // 4 MiB: over four minutes at the 16 KiB/s prefetch cap below.
-        let bytes: Vec<u8> = (0..4u32 << 20)
-            .map(|b| (b.wrapping_mul(2_654_435_761) >> 13) as u8 ^ i)
-            .collect();
-        std::fs::write(&file, bytes).unwrap();
-        let mut args = vec![
-            "publish",
-            "app",
-            file.to_str().unwrap(),
-            "--publish-token",
-            TOKEN,
-        ];
-        if let Some(t) = tag {
-            args.extend(["--tag", t]);
-        }
-        let out = run(&args, &publisher.host_args()).await;
-        assert!(out.success(), "publish v{i}: {out}");
-        versions.push(out.line().strip_prefix("app:").unwrap().to_owned());
-    }
+    // 4 MiB: over four minutes at the 16 KiB/s prefetch cap below.
+    let contents: Vec<Vec<u8>> = (1..=2u8)
+        .map(|i| {
+            (0..4u32 << 20)
+                .map(|b| (b.wrapping_mul(2_654_435_761) >> 13) as u8 ^ i)
+                .collect()
+        })
+        .collect();
+    let versions = publish_versions(
+        base,
+        "app",
+        &contents,
+        Some("prod"),
+        TOKEN,
+        &publisher.host_args(),
+    )
+    .await;
     let (v1, v2) = (versions[0].as_str(), versions[1].as_str());
 
     let (name, tag) = (PackageName::new("app").unwrap(), Tag::new("prod").unwrap());
