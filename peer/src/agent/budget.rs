@@ -18,7 +18,7 @@
 //! hears `stopped` for it at once.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
 
 use fbpkg_common::Sha256Hash;
@@ -46,6 +46,8 @@ pub struct CacheLife {
     pub sweep_every: Duration,
     evictions: AtomicU64,
     evicted_bytes: AtomicU64,
+    /// The last sweep could not get under the low watermark: said once, not every sweep.
+    stuck: AtomicBool,
     /// One sweep at a time: two would pick the same versions.
     sweeping: tokio::sync::Mutex<()>,
 }
@@ -58,6 +60,7 @@ impl CacheLife {
             sweep_every,
             evictions: AtomicU64::new(0),
             evicted_bytes: AtomicU64::new(0),
+            stuck: AtomicBool::new(false),
             sweeping: tokio::sync::Mutex::new(()),
         }
     }
@@ -180,13 +183,23 @@ impl Agent {
             })
             .await;
         match r {
-            Ok(r) if !r.reached() => tracing::warn!(
-                bytes = r.bytes_after,
-                target = r.target,
-                max = budget.max_bytes,
-                "cache over its low watermark and nothing more may be evicted (pinned, in use or followed)"
-            ),
-            Ok(_) => {}
+            Ok(r) if !r.reached() => {
+                // Once when it starts, not every sweep: it lasts until a pin, a program or a
+                // follow lets go.
+                if !self.cache_life.stuck.swap(true, Relaxed) {
+                    tracing::warn!(
+                        bytes = r.bytes_after,
+                        target = r.target,
+                        max = budget.max_bytes,
+                        "cache over its low watermark and nothing more may be evicted (pinned, in use or followed)"
+                    );
+                }
+            }
+            Ok(r) => {
+                if self.cache_life.stuck.swap(false, Relaxed) {
+                    tracing::info!(bytes = r.bytes_after, "cache back within its budget");
+                }
+            }
             Err(e) => tracing::warn!(error = %e, "cache sweep failed"),
         }
     }
