@@ -313,7 +313,7 @@ pub fn table(
             let _ = writeln!(
                 out,
                 "{}: the tracker entered {} before every host of the phase before had activated \
-                 (its gate does not wait for hosts that have not reported `fetched`), so those \
+                 (a host silent past --rollout-host-timeout, or a gate bug), so those \
                  increments are not a phase's own time",
                 r.label,
                 early.join(", ")
