@@ -164,16 +164,8 @@ impl Agent {
         };
         let r = self
             .sweep_with(just_installed, move |cache, protected, stop| {
-                let total: u64 = cache.usage().iter().map(|v| v.bytes).sum();
-                if total <= budget.high_bytes() {
-                    return Ok(SweepReport {
-                        bytes_before: total,
-                        bytes_after: total,
-                        target: budget.high_bytes(),
-                        ..Default::default()
-                    });
-                }
-                cache.sweep(
+                cache.sweep_over(
+                    budget.high_bytes(),
                     budget.low_bytes(),
                     protected,
                     false,

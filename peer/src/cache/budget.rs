@@ -292,9 +292,47 @@ impl Cache {
         protected: &Protected,
         dry_run: bool,
         why: &str,
-        mut stop_seeding: impl FnMut(&PackageName, &Sha256Hash),
+        stop_seeding: impl FnMut(&PackageName, &Sha256Hash),
+    ) -> Result<SweepReport> {
+        self.sweep_over(target, target, protected, dry_run, why, stop_seeding)
+    }
+
+    /// [`Cache::sweep`] down to `target`, only if the versions take more than `trigger`
+    /// (watermarks: over the high one, down to the low one). Untriggered, the report's target
+    /// is `trigger`, which the versions are within. One walk of the cache either way.
+    pub fn sweep_over(
+        &self,
+        trigger: u64,
+        target: u64,
+        protected: &Protected,
+        dry_run: bool,
+        why: &str,
+        stop_seeding: impl FnMut(&PackageName, &Sha256Hash),
     ) -> Result<SweepReport> {
         let versions = self.usage();
+        self.sweep_versions(
+            versions,
+            trigger,
+            target,
+            protected,
+            dry_run,
+            why,
+            stop_seeding,
+        )
+    }
+
+    /// The sweep, over `versions` as [`Cache::usage`] listed them.
+    #[allow(clippy::too_many_arguments)]
+    fn sweep_versions(
+        &self,
+        versions: Vec<Version>,
+        trigger: u64,
+        target: u64,
+        protected: &Protected,
+        dry_run: bool,
+        why: &str,
+        mut stop_seeding: impl FnMut(&PackageName, &Sha256Hash),
+    ) -> Result<SweepReport> {
         let total: u64 = versions.iter().map(|v| v.bytes).sum();
         let mut report = SweepReport {
             bytes_before: total,
@@ -303,7 +341,8 @@ impl Cache {
             evicted: Vec::new(),
             dry_run,
         };
-        if total <= target {
+        if total <= trigger {
+            report.target = trigger;
             return Ok(report);
         }
         let candidates: Vec<Version> = versions
@@ -360,7 +399,11 @@ impl Cache {
             )));
         }
         let room = budget.max_bytes - bytes;
-        let dry = self.sweep(room, protected, true, "", |_, _| {})?;
+        // One walk of the cache for both passes: pins and uses are checked again at each
+        // eviction anyway.
+        let versions = self.usage();
+        let dry =
+            self.sweep_versions(versions.clone(), room, room, protected, true, "", |_, _| {})?;
         if !dry.reached() {
             return Err(PeerError::NoSpace(format!(
                 "{label} needs {bytes} bytes but the cache budget is {} bytes and {} bytes of it are pinned, in use or followed",
@@ -368,7 +411,9 @@ impl Cache {
             )));
         }
         let target = budget.high_bytes().checked_sub(bytes).unwrap_or(room);
-        self.sweep(
+        self.sweep_versions(
+            versions,
+            target,
             target,
             protected,
             false,
