@@ -136,6 +136,41 @@ fn put_back(file: &Path, data: &Path, mode: u32) {
     }
 }
 
+/// The package names among `dir`'s entries (dot-directories and strays are not names).
+fn names_in(dir: &Path) -> Vec<PackageName> {
+    let Ok(rd) = fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    rd.flatten()
+        .filter_map(|e| {
+            e.file_name()
+                .to_str()
+                .and_then(|s| PackageName::new(s).ok())
+        })
+        .collect()
+}
+
+/// Every `<name>/<sha256>` under `dir`, by name then hash: the cache's entries, its pins.
+fn versions_in(dir: &Path) -> Vec<(PackageName, Sha256Hash)> {
+    let mut out = Vec::new();
+    for name in names_in(dir) {
+        let Ok(rd) = fs::read_dir(dir.join(name.as_str())) else {
+            continue;
+        };
+        for e in rd.flatten() {
+            if let Some(h) = e
+                .file_name()
+                .to_str()
+                .and_then(|s| Sha256Hash::from_hex(s).ok())
+            {
+                out.push((name.clone(), h));
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
 /// Remove a tree that may be read-only (a failed staging entry, an evicted package).
 pub fn remove_tree(path: &Path) -> io::Result<()> {
     fn writable(p: &Path) -> io::Result<()> {
@@ -246,16 +281,7 @@ impl Cache {
     }
 
     fn names(&self) -> Vec<PackageName> {
-        let Ok(rd) = fs::read_dir(&self.root) else {
-            return Vec::new();
-        };
-        rd.flatten()
-            .filter_map(|e| {
-                e.file_name()
-                    .to_str()
-                    .and_then(|s| PackageName::new(s).ok())
-            })
-            .collect()
+        names_in(&self.root)
     }
 
     /// Every entry with its metainfo, for an agent to seed at start. Unreadable entries are

@@ -74,33 +74,7 @@ impl Cache {
 
     /// Every pin, cached or not, in name then hash order.
     pub fn pins(&self) -> Vec<(PackageName, Sha256Hash)> {
-        let mut out = Vec::new();
-        let Ok(names) = fs::read_dir(self.root.join(PINS_DIR)) else {
-            return out;
-        };
-        for n in names.flatten() {
-            let Some(name) = n
-                .file_name()
-                .to_str()
-                .and_then(|s| PackageName::new(s).ok())
-            else {
-                continue;
-            };
-            let Ok(shas) = fs::read_dir(n.path()) else {
-                continue;
-            };
-            for s in shas.flatten() {
-                if let Some(sha) = s
-                    .file_name()
-                    .to_str()
-                    .and_then(|s| Sha256Hash::from_hex(s).ok())
-                {
-                    out.push((name.clone(), sha));
-                }
-            }
-        }
-        out.sort();
-        out
+        super::versions_in(&self.root.join(PINS_DIR))
     }
 }
 

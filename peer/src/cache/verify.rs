@@ -166,23 +166,7 @@ fn read_metainfo(dir: &Path) -> std::result::Result<Metainfo, String> {
 impl Cache {
     /// Every entry in the cache, by name then hash.
     pub fn versions(&self) -> Vec<(PackageName, Sha256Hash)> {
-        let mut out = Vec::new();
-        for name in self.names() {
-            let Ok(rd) = fs::read_dir(self.root.join(name.as_str())) else {
-                continue;
-            };
-            for e in rd.flatten() {
-                if let Some(h) = e
-                    .file_name()
-                    .to_str()
-                    .and_then(|s| Sha256Hash::from_hex(s).ok())
-                {
-                    out.push((name.clone(), h));
-                }
-            }
-        }
-        out.sort();
-        out
+        super::versions_in(&self.root)
     }
 
     /// The cheap check of an entry, for the cache hit of `get`: no hashing (see the module
