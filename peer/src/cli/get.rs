@@ -307,13 +307,6 @@ pub(super) struct Handover {
     resolved: Resolved,
 }
 
-impl Handover {
-    /// Tell the rollout this host has the version (see [`report_got`]).
-    pub async fn report(&self) {
-        report_got(&self.tracker, &self.resolved).await;
-    }
-}
-
 /// Resolve `r` for this host and make sure its version is in the cache: through the agent
 /// when one runs, by downloading here otherwise.
 pub(super) async fn fetch(args: &FetchArgs, r: &PackageRef, cache: &Cache) -> Result<Fetched> {
@@ -356,29 +349,32 @@ pub(super) async fn fetch(args: &FetchArgs, r: &PackageRef, cache: &Cache) -> Re
 /// Longest a `get` spends telling the tracker what it got, after printing the path.
 const REPORT_WAIT: Duration = Duration::from_secs(2);
 
-/// Tell a rollout that this host now has the version its tag resolved to: for a host that
-/// only `get`s, handing the path to its caller is the activation (the tracker never lets it
-/// override what this host's agent reported from a health check). Best effort, one attempt:
-/// the path is already printed, and a launch does not wait for the tracker.
-async fn report_got(tracker: &TrackerClient, resolved: &Resolved) {
-    let Some(asker) = &resolved.report_as else {
-        return;
-    };
-    let rep = Report {
-        name: resolved.name.clone(),
-        hash: resolved.sha256,
-        host: asker.host.clone(),
-        zone: asker.zone.clone(),
-        state: HostState::Activated,
-        detail: None,
-        source: ReportSource::Get,
-        health_check: false,
-    };
-    let once = tracker.clone().with_retry(Duration::ZERO);
-    match tokio::time::timeout(REPORT_WAIT, once.report(&rep)).await {
-        Ok(Ok(_)) => {}
-        Ok(Err(e)) => tracing::debug!(error = %e, "cannot report the resolution"),
-        Err(_) => tracing::debug!("the tracker took too long to take the report"),
+impl Handover {
+    /// Tell a rollout that this host now has the version its tag resolved to: for a host
+    /// that only `get`s, handing the path to its caller is the activation (the tracker never
+    /// lets it override what this host's agent reported from a health check). Best effort,
+    /// one attempt: the path is already printed, and a launch does not wait for the tracker.
+    pub async fn report(&self) {
+        let resolved = &self.resolved;
+        let Some(asker) = &resolved.report_as else {
+            return;
+        };
+        let rep = Report {
+            name: resolved.name.clone(),
+            hash: resolved.sha256,
+            host: asker.host.clone(),
+            zone: asker.zone.clone(),
+            state: HostState::Activated,
+            detail: None,
+            source: ReportSource::Get,
+            health_check: false,
+        };
+        let once = self.tracker.clone().with_retry(Duration::ZERO);
+        match tokio::time::timeout(REPORT_WAIT, once.report(&rep)).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => tracing::debug!(error = %e, "cannot report the resolution"),
+            Err(_) => tracing::debug!("the tracker took too long to take the report"),
+        }
     }
 }
 
