@@ -50,6 +50,19 @@ pub(crate) struct HostVote {
 }
 
 impl HostVote {
+    /// A host first seen now, in `bucket`, that has only resolved.
+    pub fn new(bucket: u16) -> Self {
+        Self {
+            zone: None,
+            bucket,
+            state: HostState::Resolved,
+            detail: None,
+            health_seen: false,
+            by_get: false,
+            seen: Instant::now(),
+        }
+    }
+
     /// The first phase holding this host (a valid rollout ends at 100%, so there is one).
     pub fn first_phase(&self, r: &Rollout) -> usize {
         first_phase(&r.phases, self.bucket, self.zone.as_ref()).unwrap_or(r.phases.len())

@@ -39,15 +39,7 @@ impl Rollouts {
                 .live
                 .hosts
                 .entry(who.host.clone())
-                .or_insert(HostVote {
-                    zone: None,
-                    bucket: bucket(name, tag, &who.host),
-                    state: HostState::Resolved,
-                    detail: None,
-                    health_seen: false,
-                    by_get: false,
-                    seen: Instant::now(),
-                }),
+                .or_insert_with(|| HostVote::new(bucket(name, tag, &who.host))),
             None => {
                 let b = bucket(name, tag, &who.host);
                 let fp = fbpkg_common::rollout::first_phase(&r.phases, b, who.zone.as_ref());
@@ -95,15 +87,7 @@ impl Rollouts {
                 .live
                 .hosts
                 .entry(rep.host.clone())
-                .or_insert_with(|| HostVote {
-                    zone: None,
-                    bucket: bucket(name, tag, &rep.host),
-                    state: HostState::Resolved,
-                    detail: None,
-                    health_seen: false,
-                    by_get: false,
-                    seen: Instant::now(),
-                });
+                .or_insert_with(|| HostVote::new(bucket(name, tag, &rep.host)));
             vote.seen = Instant::now();
             if rep.zone.is_some() {
                 vote.zone.clone_from(&rep.zone);
