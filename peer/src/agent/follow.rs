@@ -93,10 +93,6 @@ pub enum Prefetch {
 }
 
 impl Prefetch {
-    /// The default cap: a quarter of a 1 Gbit/s link, so a prefetch never starves a `get`
-    /// someone waits for, and 1 GB is in place within a minute.
-    pub const DEFAULT_RATE: u64 = 32 << 20;
-
     /// `off`, `unlimited`, or bytes per second (`32M`, `1G`).
     pub fn parse(s: &str) -> std::result::Result<Self, String> {
         match s.trim() {

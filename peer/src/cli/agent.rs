@@ -101,6 +101,8 @@ pub(crate) struct AgentArgs {
     /// host's phase comes, at most this fast (bytes per second: 32M, 1G), so activation is a
     /// local switch; `unlimited`, or `off` to fetch only when the tag resolves to it. The cap
     /// is lifted when the phase comes or a `get` asks for the version.
+    // The default is a quarter of a 1 Gbit/s link: a prefetch never starves a `get` someone
+    // waits for, and 1 GB is in place within a minute.
     #[arg(long, env = "FBPKG_AGENT_PREFETCH_RATE", default_value = "32MiB", value_parser = Prefetch::parse)]
     prefetch_rate: Prefetch,
 
