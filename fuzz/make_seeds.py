@@ -76,6 +76,37 @@ write("metainfo", "file", metainfo(100000, 32768))
 write("metainfo", "one-piece", metainfo(5, 16384, name="x"))
 write("metainfo", "tar-zst", metainfo(70000, 65536, name="dir.tar.zst", fmt="tar.zst"))
 write("metainfo", "executable", metainfo(20000, 16384, name="tool", fmt="executable"))
+
+
+def tree_metainfo():
+    """A tree package: a small file, padding, a large executable, a link, an empty directory.
+    Its sha256 is its manifest's, so it parses; the fuzzer then edits what the manifest does
+    not cover (padding, pieces, piece length) and finds the layouts storage must survive."""
+    def regular(path, length, mode, content):
+        entry = [("length", length), ("mode", mode), ("path", path),
+                 ("sha256", hashlib.sha256(content).hexdigest())]
+        return d(*([("attr", "x")] if mode & 0o111 else []) + entry)
+    small = regular(["a"], 5, 0o644, b"small")
+    big = regular(["bin", "big"], 40000, 0o755, b"big")
+    link = d(("attr", "l"), ("length", 0), ("path", ["tool"]), ("symlink path", ["bin", "big"]))
+    pad = d(("attr", "p"), ("length", 16379), ("path", [".pad", "0"]))
+    dirs = [d(("mode", 0o755), ("path", ["bin"])), d(("mode", 0o750), ("path", ["empty"]))]
+    manifest = ben(d(("dirs", dirs), ("files", [small, big, link])))
+    length = 5 + 16379 + 40000
+    info = d(
+        ("files", [small, pad, big, link]),
+        ("name", "app"),
+        ("piece length", 16384),
+        ("pieces", pieces(-(-length // 16384))),
+        ("private", 1),
+        ("sha256", hashlib.sha256(manifest).hexdigest()),
+        ("x-fbpkg-dirs", dirs),
+        ("x-fbpkg-format", "tree"),
+    )
+    return ben(d(("announce", "http://t:6969/announce"), ("info", info)))
+
+
+write("metainfo", "tree", tree_metainfo())
 write(
     "metainfo",
     "unsorted-no-announce",

@@ -20,6 +20,8 @@ pub enum FormatName {
     Executable,
     /// A directory archived as a deterministic `tar.zst`.
     TarZst,
+    /// A directory as a multi-file torrent of its files.
+    Tree,
 }
 
 impl From<Format> for FormatName {
@@ -28,6 +30,7 @@ impl From<Format> for FormatName {
             Format::File => FormatName::File,
             Format::Executable => FormatName::Executable,
             Format::TarZst => FormatName::TarZst,
+            Format::Tree => FormatName::Tree,
         }
     }
 }

@@ -100,8 +100,10 @@ pub enum Error {
         /// What makes it unsafe.
         why: &'static str,
     },
-    /// A multi-file torrent, which fbpkg does not serve.
-    #[error("metainfo: multi-file torrents are not supported (packages are single files)")]
+    /// A multi-file torrent that is not an fbpkg tree package.
+    #[error(
+        "metainfo: a multi-file torrent that is not an fbpkg tree package (x-fbpkg-format tree)"
+    )]
     MultiFile,
 
     // --- tracker protocol -------------------------------------------------------------------

@@ -343,14 +343,22 @@ impl Message {
     }
 }
 
-/// BEP 10's extension handshake: the `Extended` message with id 0. We use it for one thing,
-/// `reqq`, how many requests a peer keeps queued for us before it drops more; we offer no
-/// extension messages (`m` is empty), so peers never send us others.
+/// BEP 10's extension handshake: the `Extended` message with id 0. We use it for `reqq`, how
+/// many requests a peer keeps queued for us before it drops more, and to offer one extension
+/// message of our own, [`ZBLOCK`]: a block sent zstd-compressed. Only a peer whose handshake
+/// names it in `m` is sent one (stock clients never are), under the id that peer chose.
 pub mod ext {
+    use bytes::{Buf, BufMut, BytesMut};
+
     use crate::bencode::{self, Limits, Value, Writer};
+    use crate::error::Error;
 
     /// Id of the extension handshake among `Extended` messages.
     pub const HANDSHAKE_ID: u8 = 0;
+    /// Name of the compressed-block extension in `m`.
+    pub const ZBLOCK: &str = "fbpkg_zblock";
+    /// The id we receive compressed blocks under.
+    pub const ZBLOCK_ID: u8 = 1;
     /// Largest extension handshake read: real ones are a few hundred bytes.
     const LIMITS: Limits = Limits {
         max_len: 16 << 10,
@@ -359,12 +367,13 @@ pub mod ext {
     /// Largest `reqq` believed: more is a peer's boast, not a queue.
     pub const MAX_REQQ: u32 = 4096;
 
-    /// Our extension handshake: `{m: {}, reqq, v}`.
+    /// Our extension handshake: `{m: {fbpkg_zblock: 1}, reqq, v}`.
     pub fn handshake(reqq: u32, version: &str) -> Vec<u8> {
         let mut w = Writer::with_capacity(64);
         w.dict()
             .bytes(b"m")
             .dict()
+            .key_int(ZBLOCK, i64::from(ZBLOCK_ID))
             .end()
             .key_int("reqq", i64::from(reqq))
             .key_bytes("v", version.as_bytes())
@@ -381,14 +390,91 @@ pub mod ext {
         u32::try_from(n).ok().filter(|n| (1..=MAX_REQQ).contains(n))
     }
 
+    /// The id a peer's extension handshake gives [`ZBLOCK`], if it offers it (1 to 255; 0
+    /// means it turned the extension off).
+    pub fn zblock_id(payload: &[u8]) -> Option<u8> {
+        let top = bencode::decode(payload, &LIMITS).ok()?;
+        let Value::Dict(d) = top else { return None };
+        let m = bencode::get(&d, "m")?.as_dict("m").ok()?;
+        let id = bencode::get(m, ZBLOCK)?.as_int()?;
+        u8::try_from(id).ok().filter(|&id| id != 0)
+    }
+
+    /// A compressed block: index, begin and the block's length (u32 each), then one zstd frame
+    /// of exactly that many bytes. Appends the whole `Extended` message, sent under `id`.
+    pub fn encode_zblock(
+        id: u8,
+        index: u32,
+        begin: u32,
+        length: u32,
+        frame: &[u8],
+        out: &mut BytesMut,
+    ) {
+        let len = 2 + 12 + frame.len();
+        out.reserve(4 + len);
+        out.put_u32(u32::try_from(len).unwrap_or(u32::MAX));
+        out.put_u8(20);
+        out.put_u8(id);
+        out.put_u32(index);
+        out.put_u32(begin);
+        out.put_u32(length);
+        out.put_slice(frame);
+    }
+
+    /// A compressed block's index, begin, length and zstd frame. The frame is not looked at
+    /// here: the caller decompresses it into at most the length it asked for.
+    pub fn decode_zblock(mut payload: &[u8]) -> Result<(u32, u32, u32, &[u8]), Error> {
+        if payload.len() < 12 {
+            return Err(Error::BadMessage {
+                id: 20,
+                why: "compressed block shorter than its header",
+            });
+        }
+        let index = payload.get_u32();
+        let begin = payload.get_u32();
+        let length = payload.get_u32();
+        Ok((index, begin, length, payload))
+    }
+
     #[cfg(test)]
     mod tests {
         use super::*;
 
         #[test]
+        fn zblock_is_offered_and_round_trips() {
+            let ours = handshake(512, "fbpkg-rs 0.1");
+            assert_eq!(zblock_id(&ours), Some(ZBLOCK_ID));
+            assert_eq!(
+                zblock_id(b"d1:md6:ut_pexi1ee4:reqqi250ee"),
+                None,
+                "a stock client"
+            );
+            assert_eq!(zblock_id(b"d1:md12:fbpkg_zblocki0eee"), None, "turned off");
+            assert_eq!(zblock_id(b"d1:md12:fbpkg_zblocki300eee"), None, "not an id");
+            let mut out = BytesMut::new();
+            encode_zblock(7, 3, 16384, 16384, b"frame", &mut out);
+            let mut framed = out.clone();
+            let m = super::super::Message::decode(&mut framed, 1 << 20)
+                .unwrap()
+                .unwrap();
+            let super::super::Message::Extended { id, payload } = m else {
+                panic!("{m:?}")
+            };
+            assert_eq!(id, 7);
+            assert_eq!(
+                decode_zblock(&payload).unwrap(),
+                (3, 16384, 16384, &b"frame"[..])
+            );
+            assert!(decode_zblock(&payload[..11]).is_err());
+        }
+
+        #[test]
         fn reqq_round_trips_and_nonsense_is_none() {
             let ours = handshake(512, "fbpkg-rs 0.1");
-            assert_eq!(ours, b"d1:mde4:reqqi512e1:v12:fbpkg-rs 0.1e");
+            assert_eq!(
+                ours,
+                b"d1:md12:fbpkg_zblocki1ee4:reqqi512e1:v12:fbpkg-rs 0.1e"
+            );
             assert_eq!(reqq(&ours), Some(512));
             // Shapes stock clients send: keys we do not use, in any order.
             assert_eq!(

@@ -3,10 +3,16 @@
 //! Checks, whenever a metainfo is accepted: the piece length is a power of two in range; there
 //! is exactly one hash per piece; piece offsets and sizes tile the archive exactly, with no
 //! overflow for any piece index (the engine computes them for indexes peers send); the name is
-//! a safe file name; the raw bytes are kept as given and parse again to the same metainfo.
+//! a safe file name; the raw bytes are kept as given and parse again to the same metainfo. For a
+//! tree package (seed-tree: the fuzzer edits its padding, pieces and piece length, which its
+//! identity does not cover): its entries tile the torrent, every path and link is safe, and
+//! some file has bytes.
 #![no_main]
 
-use fbpkg_common::metainfo::{MAX_PIECE_LENGTH, MIN_PIECE_LENGTH, Metainfo, check_file_name};
+use fbpkg_common::metainfo::{
+    FileKind, Format, MAX_PIECE_LENGTH, MIN_PIECE_LENGTH, Metainfo, check_file_name,
+    manifest_sha256,
+};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
@@ -40,6 +46,28 @@ fuzz_target!(|data: &[u8]| {
     }
 
     check_file_name(m.name.as_bytes()).expect("an accepted name is safe");
+    if m.format == Format::Tree {
+        // What storage and install rely on: the entries tile the torrent, every path is safe,
+        // links take no bytes, and some file has bytes.
+        let mut sum = 0u64;
+        for f in &m.files {
+            sum = sum.checked_add(f.length).expect("entries add up in u64");
+            for c in &f.path {
+                check_file_name(c.as_bytes()).expect("an accepted path is safe");
+            }
+            if let FileKind::Symlink { target } = &f.kind {
+                assert_eq!(f.length, 0, "a link takes no bytes");
+                for c in target {
+                    check_file_name(c.as_bytes()).expect("an accepted link target is safe");
+                }
+            }
+        }
+        assert_eq!(sum, m.length);
+        assert!(m.stored_bytes() > 0);
+        assert_eq!(m.sha256, manifest_sha256(&m.files, &m.dirs));
+    } else {
+        assert!(m.files.is_empty() && m.dirs.is_empty());
+    }
     assert_eq!(m.as_bytes(), data);
     assert_eq!(Metainfo::parse(m.as_bytes()).as_ref(), Ok(&m));
 });

@@ -24,9 +24,11 @@ use std::path::{Component, Path, PathBuf};
 use crate::error::{PeerError, Result};
 
 mod compare;
+mod items;
 mod links;
 
 pub use compare::{TreeCheck, compare_tree};
+pub use items::tree_items;
 use links::{LinkTree, Why};
 
 /// zstd level for package archives. Part of the format: changing it changes package hashes.

@@ -38,17 +38,20 @@ pub mod budget;
 mod check;
 mod inuse;
 mod pins;
+mod reuse;
+mod tree;
 mod verify;
 
 pub use budget::{Budget, KeepReason, Protected, SweepReport, Version};
 pub use inuse::{Claim, InUse, USE_DIR};
 pub use pins::PINS_DIR;
+pub use reuse::Reused;
 pub use verify::{QUARANTINE, QUARANTINE_KEEP, SEAL_FILE, Seal, VerifyReport};
 
 /// Metainfo kept in each entry.
 pub const METAINFO_FILE: &str = ".fbpkg.torrent";
-/// Where a directory package's tree is extracted inside its entry.
-pub const TREE_DIR: &str = "tree";
+/// Where a directory package's tree lives inside its entry.
+pub use crate::storage::TREE_DIR;
 const STAGING: &str = ".staging";
 const TAGS: &str = ".tags";
 
@@ -154,21 +157,27 @@ fn names_in(dir: &Path) -> Vec<PackageName> {
 fn versions_in(dir: &Path) -> Vec<(PackageName, Sha256Hash)> {
     let mut out = Vec::new();
     for name in names_in(dir) {
-        let Ok(rd) = fs::read_dir(dir.join(name.as_str())) else {
-            continue;
-        };
-        for e in rd.flatten() {
-            if let Some(h) = e
-                .file_name()
-                .to_str()
-                .and_then(|s| Sha256Hash::from_hex(s).ok())
-            {
-                out.push((name.clone(), h));
-            }
+        for h in hashes_in(&dir.join(name.as_str())) {
+            out.push((name.clone(), h));
         }
     }
     out.sort();
     out
+}
+
+/// The hashes named by `dir`'s entries (one package's directory), in no order; strays are
+/// not hashes.
+fn hashes_in(dir: &Path) -> Vec<Sha256Hash> {
+    let Ok(rd) = fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    rd.flatten()
+        .filter_map(|e| {
+            e.file_name()
+                .to_str()
+                .and_then(|s| Sha256Hash::from_hex(s).ok())
+        })
+        .collect()
 }
 
 /// Remove a tree that may be read-only (a failed staging entry, an evicted package).
@@ -263,16 +272,8 @@ impl Cache {
         };
         let mut out = Vec::new();
         for n in names {
-            let Ok(rd) = fs::read_dir(self.root.join(n.as_str())) else {
-                continue;
-            };
-            for e in rd.flatten() {
-                if let Some(h) = e
-                    .file_name()
-                    .to_str()
-                    .and_then(|s| Sha256Hash::from_hex(s).ok())
-                    && prefix.matches(&h)
-                {
+            for h in hashes_in(&self.root.join(n.as_str())) {
+                if prefix.matches(&h) {
                     out.push((n.clone(), h));
                 }
             }
@@ -284,31 +285,18 @@ impl Cache {
         names_in(&self.root)
     }
 
-    /// Every entry with its metainfo, for an agent to seed at start. Unreadable entries are
-    /// reported and skipped.
+    /// Every entry with its metainfo and directory, for an agent to seed at start. Unreadable
+    /// entries are reported and skipped.
     pub fn entries(&self) -> Vec<(PackageName, Metainfo, PathBuf)> {
         let mut out = Vec::new();
         for name in self.names() {
-            let Ok(rd) = fs::read_dir(self.root.join(name.as_str())) else {
-                continue;
-            };
-            for e in rd.flatten() {
-                let Some(sha) = e
-                    .file_name()
-                    .to_str()
-                    .and_then(|s| Sha256Hash::from_hex(s).ok())
-                else {
-                    continue;
-                };
-                let dir = e.path();
+            for sha in hashes_in(&self.root.join(name.as_str())) {
+                let dir = self.entry_dir(&name, &sha);
                 let parsed = fs::read(dir.join(METAINFO_FILE))
                     .map_err(|err| err.to_string())
                     .and_then(|b| Metainfo::parse(&b).map_err(|err| err.to_string()));
                 match parsed {
-                    Ok(m) if m.sha256 == sha => {
-                        let file = dir.join(&m.name);
-                        out.push((name.clone(), m, file));
-                    }
+                    Ok(m) if m.sha256 == sha => out.push((name.clone(), m, dir)),
                     Ok(_) => {
                         tracing::warn!(dir = %dir.display(), "cache entry's metainfo is for another hash; not seeded")
                     }
@@ -344,6 +332,13 @@ impl Cache {
     ///   staging with its length, pieces and SHA-256 checked on the way: the bytes checked are
     ///   the bytes kept.
     ///
+    /// A tree package ([`Format::Tree`]) is the same with `data` a directory holding its
+    /// regular files: a download's tree (moved, then each file checked against its SHA-256), or
+    /// the publisher's directory (each file copied and checked on the way). Links, empty files
+    /// and directories are made from the metainfo. A copy takes nothing else from `data`; a
+    /// move takes the directory whole (a download's tree holds only the package's files, and
+    /// `verify` reports anything else as not in the package).
+    ///
     /// On error nothing is left in the cache or its staging directory, every handle opened is
     /// closed, and `data` is where it was (moved back if it had been moved), so the caller can
     /// retry or clean up as it sees fit.
@@ -356,14 +351,15 @@ impl Cache {
         limits: &ExtractLimits,
     ) -> Result<CachedPackage> {
         let file_name = metainfo.name.as_str();
-        if file_name.starts_with(".fbpkg")
-            || (file_name == TREE_DIR && metainfo.format == Format::TarZst)
+        if metainfo.format != Format::Tree
+            && (file_name.starts_with(".fbpkg")
+                || (file_name == TREE_DIR && metainfo.format == Format::TarZst))
         {
             return Err(PeerError::BadInput(format!(
                 "file name {file_name:?} is reserved in the launcher cache"
             )));
         }
-        if handoff == Handoff::Move {
+        if handoff == Handoff::Move && metainfo.format != Format::Tree {
             check::file_matches(data, metainfo, false)?;
         }
         if let Some(existing) = self.lookup(name, &metainfo.sha256) {
@@ -381,7 +377,11 @@ impl Cache {
         let mut moved = None;
         let result = self.assemble(&staging, name, metainfo, data, handoff, limits, &mut moved);
         if result.is_err() {
-            if let Some(mode) = moved {
+            if metainfo.format == Format::Tree {
+                if moved.is_some() {
+                    tree::give_back(&staging.join(TREE_DIR), data);
+                }
+            } else if let Some(mode) = moved {
                 put_back(&staging.join(&metainfo.name), data, mode);
             }
             if let Err(e) = remove_tree(&staging) {
@@ -404,27 +404,18 @@ impl Cache {
         limits: &ExtractLimits,
         moved: &mut Option<u32>,
     ) -> Result<CachedPackage> {
-        let file = staging.join(&metainfo.name);
-        let mode_before = match handoff {
-            Handoff::Move => fs::metadata(data).ok().map(|m| m.permissions().mode()),
-            Handoff::Copy => None,
-        };
-        #[cfg(test)]
-        tests::before_copy(data);
-        match mode_before {
-            Some(mode) if fs::rename(data, &file).is_ok() => *moved = Some(mode),
-            // The user's file, or another file system: copy, checking what is written.
-            _ => check::copy_checked(data, &file, metainfo)?,
-        }
-        if metainfo.format == Format::TarZst {
-            archive::extract(&file, &staging.join(TREE_DIR), limits)?;
-        }
-        let mode = if metainfo.format == Format::Executable {
-            0o555
+        if metainfo.format == Format::Tree {
+            let tree = staging.join(TREE_DIR);
+            let mut tree_moved = false;
+            let placed = tree::place(metainfo, data, handoff, &tree, &mut tree_moved);
+            if tree_moved {
+                *moved = Some(0);
+            }
+            placed?;
+            tree::finish(metainfo, &tree)?;
         } else {
-            0o444
-        };
-        set_mode(&file, mode)?;
+            self.place_file(staging, metainfo, data, handoff, limits, moved)?;
+        }
         let meta_path = staging.join(METAINFO_FILE);
         fs::write(&meta_path, metainfo.as_bytes()).map_err(PeerError::io("writing", &meta_path))?;
         verify::write_seal(staging, metainfo)?;
@@ -450,6 +441,39 @@ impl Cache {
                 path: dest,
                 source: io::Error::from(io::ErrorKind::NotFound),
             })
+    }
+
+    /// A single-file package's file (and an archive's extracted tree) in `staging`.
+    fn place_file(
+        &self,
+        staging: &Path,
+        metainfo: &Metainfo,
+        data: &Path,
+        handoff: Handoff,
+        limits: &ExtractLimits,
+        moved: &mut Option<u32>,
+    ) -> Result<()> {
+        let file = staging.join(&metainfo.name);
+        let mode_before = match handoff {
+            Handoff::Move => fs::metadata(data).ok().map(|m| m.permissions().mode()),
+            Handoff::Copy => None,
+        };
+        #[cfg(test)]
+        tests::before_copy(data);
+        match mode_before {
+            Some(mode) if fs::rename(data, &file).is_ok() => *moved = Some(mode),
+            // The user's file, or another file system: copy, checking what is written.
+            _ => check::copy_checked(data, &file, metainfo)?,
+        }
+        if metainfo.format == Format::TarZst {
+            archive::extract(&file, &staging.join(TREE_DIR), limits)?;
+        }
+        let mode = if metainfo.format == Format::Executable {
+            0o555
+        } else {
+            0o444
+        };
+        set_mode(&file, mode)
     }
 
     /// Remember what a tag resolved to, for when the tracker cannot be reached.

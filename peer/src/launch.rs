@@ -154,7 +154,7 @@ pub fn plan(
                 reference,
             })
         }
-        Format::TarZst => {
+        Format::TarZst | Format::Tree => {
             let Some(entrypoint) = &meta.entrypoint else {
                 return Err(PeerError::NotRunnable(format!(
                     "{reference} cannot be run: it is a directory package published without an \

@@ -2,67 +2,189 @@
 //!
 //! Blocks are written at their offsets as they arrive (`pwrite`), so memory does not grow with
 //! the package: nothing is buffered beyond the socket buffers. A piece is verified by reading
-//! it back from the file in 64 KiB chunks through SHA-1 — the bytes checked are the bytes that
+//! it back from disk in 64 KiB chunks through SHA-1 — the bytes checked are the bytes that
 //! will be served and handed to the cache, not a copy in memory.
+//!
+//! A package is one file (an archive, or a file as published) or, for a tree package, the
+//! tree's regular files at their offsets in the torrent. Padding between them is never on
+//! disk: it reads as zeros, and what a peer sends for it is dropped (a piece is checked as it
+//! reads back, so with zeros). Links and empty directories take no bytes; the cache makes
+//! them at install.
+//!
+//! A tree's files are opened relative to a handle on its root directory, not by path: a
+//! finished download's tree is renamed into the cache while peers are still served from it,
+//! and the handle follows the directory where a path would not (or would meet files made
+//! read-only by then, so reads open read-only).
 
-use std::fs::{File, OpenOptions};
+use std::fs::{self, File, OpenOptions};
 use std::io;
+use std::os::fd::OwnedFd;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
 
+use fbpkg_common::metainfo::{FileKind, Format, Metainfo};
 use sha1::{Digest, Sha1};
 
-/// One package file, being downloaded (read-write) or seeded from the cache (read-only).
+/// Where a tree package's files live in a download's work directory and in a cache entry.
+pub const TREE_DIR: &str = "tree";
+/// A single-file download's partial file in its work directory.
+pub const PART_FILE: &str = "data.part";
+/// Files of a tree kept open between reads; the others are opened for each block. Bounds the
+/// descriptors one seeded package holds (a tree may have tens of thousands of small files).
+const OPEN_FILES: usize = 64;
+
 #[derive(Debug)]
-pub struct PieceFile {
-    file: File,
-    path: PathBuf,
+struct Segment {
+    /// Offset in the torrent.
+    start: u64,
     len: u64,
+    /// `None` for padding; a tree's files from its root.
+    path: Option<PathBuf>,
+    /// Kept open once used, for the largest files.
+    keep: bool,
+    file: OnceLock<File>,
 }
 
-impl PieceFile {
-    /// Open or create a partial download of `len` bytes (sparse; existing bytes are kept so a
-    /// restart can verify and keep them).
-    pub fn open_partial(path: &Path, len: u64) -> io::Result<Self> {
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(path)?;
-        if file.metadata()?.len() != len {
-            file.set_len(len)?;
+/// One package's bytes, being downloaded (read-write) or seeded from the cache (read-only).
+#[derive(Debug)]
+pub struct PackageData {
+    /// The file, or the tree's root directory.
+    path: PathBuf,
+    len: u64,
+    writable: bool,
+    /// A tree's root directory, which its files are opened from.
+    root: Option<OwnedFd>,
+    /// Byte ranges with bytes, in torrent order (zero-length entries left out).
+    segments: Vec<Segment>,
+}
+
+impl PackageData {
+    /// Open or create the partial download of `meta` in the work directory `dir`: sparse,
+    /// and what is there is kept so a restart can verify and keep it.
+    pub fn open_partial(dir: &Path, meta: &Metainfo) -> io::Result<Self> {
+        if meta.format != Format::Tree {
+            let path = dir.join(PART_FILE);
+            let file = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .open(&path)?;
+            if file.metadata()?.len() != meta.length {
+                file.set_len(meta.length)?;
+            }
+            return Ok(Self::single(path, meta.length, file, true));
+        }
+        let root = dir.join(TREE_DIR);
+        fs::create_dir_all(&root)?;
+        let mut at = 0u64;
+        for f in &meta.files {
+            if let FileKind::Regular { .. } = f.kind {
+                let path = join(&root, &f.path);
+                // Already there at its length (a restart, or a file reused from a cached
+                // version, which may be a read-only hard link): opened only if written to.
+                if fs::symlink_metadata(&path).is_ok_and(|m| m.is_file() && m.len() == f.length) {
+                    at += f.length;
+                    continue;
+                }
+                if let Some(parent) = path.parent() {
+                    fs::create_dir_all(parent)?;
+                }
+                let file = OpenOptions::new()
+                    .write(true)
+                    .create(true)
+                    .truncate(false)
+                    .open(&path)?;
+                if file.metadata()?.len() != f.length {
+                    file.set_len(f.length)?;
+                }
+            }
+            at += f.length;
+        }
+        debug_assert_eq!(at, meta.length);
+        Self::tree(root, meta, true)
+    }
+
+    /// Open a complete package read-only for seeding: `entry`'s file named in the metainfo,
+    /// or its tree. Every file must have its length.
+    pub fn open_complete(entry: &Path, meta: &Metainfo) -> io::Result<Self> {
+        if meta.format != Format::Tree {
+            let path = entry.join(&meta.name);
+            let file = File::open(&path)?;
+            check_len(&path, file.metadata()?.len(), meta.length)?;
+            return Ok(Self::single(path, meta.length, file, false));
+        }
+        let data = Self::tree(entry.join(TREE_DIR), meta, false)?;
+        for s in &data.segments {
+            if let Some(rel) = &s.path {
+                let path = data.path.join(rel);
+                check_len(&path, fs::symlink_metadata(&path)?.len(), s.len)?;
+            }
+        }
+        Ok(data)
+    }
+
+    fn single(path: PathBuf, len: u64, file: File, writable: bool) -> Self {
+        let segment = Segment {
+            start: 0,
+            len,
+            path: Some(path.clone()),
+            keep: true,
+            file: OnceLock::from(file),
+        };
+        Self {
+            path,
+            len,
+            writable,
+            root: None,
+            segments: vec![segment],
+        }
+    }
+
+    fn tree(root: PathBuf, meta: &Metainfo, writable: bool) -> io::Result<Self> {
+        use rustix::fs::{Mode, OFlags};
+        let dir = rustix::fs::open(
+            &root,
+            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+            Mode::empty(),
+        )?;
+        let mut segments = Vec::with_capacity(meta.files.len());
+        let mut at = 0u64;
+        for f in &meta.files {
+            if f.length > 0 {
+                segments.push(Segment {
+                    start: at,
+                    len: f.length,
+                    path: f.is_regular().then(|| f.path.iter().collect()),
+                    keep: false,
+                    file: OnceLock::new(),
+                });
+            }
+            at += f.length;
+        }
+        let mut by_size: Vec<usize> = (0..segments.len())
+            .filter(|&i| segments[i].path.is_some())
+            .collect();
+        by_size.sort_by_key(|&i| std::cmp::Reverse(segments[i].len));
+        for &i in by_size.iter().take(OPEN_FILES) {
+            segments[i].keep = true;
         }
         Ok(Self {
-            file,
-            path: path.to_owned(),
-            len,
+            path: root,
+            len: at,
+            writable,
+            root: Some(dir),
+            segments,
         })
     }
 
-    /// Open a complete file read-only (a cache entry being seeded).
-    pub fn open_complete(path: &Path, len: u64) -> io::Result<Self> {
-        let file = File::open(path)?;
-        let actual = file.metadata()?.len();
-        if actual != len {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidData,
-                format!("{} is {actual} bytes, the package is {len}", path.display()),
-            ));
-        }
-        Ok(Self {
-            file,
-            path: path.to_owned(),
-            len,
-        })
-    }
-
-    /// Where the file is.
+    /// Where the package is: the file, or the tree's root.
     pub fn path(&self) -> &Path {
         &self.path
     }
 
-    /// Its length.
+    /// Bytes in the torrent.
     pub fn len(&self) -> u64 {
         self.len
     }
@@ -82,19 +204,105 @@ impl PieceFile {
         }
     }
 
-    /// Write a block at `offset`.
+    /// The pieces of `[offset, offset + n)` in each segment: (segment, offset in it, range in
+    /// the buffer).
+    fn spans(
+        &self,
+        offset: u64,
+        n: usize,
+    ) -> impl Iterator<Item = (&Segment, u64, std::ops::Range<usize>)> {
+        let first = self.segments.partition_point(|s| s.start + s.len <= offset);
+        let end = offset + n as u64;
+        self.segments[first..]
+            .iter()
+            .take_while(move |s| s.start < end)
+            .map(move |s| {
+                let from = offset.max(s.start);
+                let to = end.min(s.start + s.len);
+                let buf = usize::try_from(from - offset).unwrap_or(0)
+                    ..usize::try_from(to - offset).unwrap_or(0);
+                (s, from - s.start, buf)
+            })
+    }
+
+    /// Run `f` on `s`'s file: kept open (read-write while downloading), or opened for this
+    /// call, read-write only to `write`.
+    fn with_file<T>(
+        &self,
+        s: &Segment,
+        write: bool,
+        f: impl FnOnce(&File) -> io::Result<T>,
+    ) -> io::Result<T> {
+        let Some(path) = &s.path else {
+            return Err(io::Error::other("padding has no file"));
+        };
+        if let Some(file) = s.file.get() {
+            return f(file);
+        }
+        let open = |rw: bool| -> io::Result<File> {
+            match &self.root {
+                Some(root) => {
+                    use rustix::fs::{Mode, OFlags};
+                    let mode = if rw { OFlags::RDWR } else { OFlags::RDONLY };
+                    let fd = rustix::fs::openat(
+                        root,
+                        path,
+                        mode | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                        Mode::empty(),
+                    )
+                    .map_err(|e| {
+                        io::Error::new(
+                            io::Error::from(e).kind(),
+                            format!("{}: {e}", self.path.join(path).display()),
+                        )
+                    })?;
+                    Ok(File::from(fd))
+                }
+                None => OpenOptions::new().read(true).write(rw).open(path),
+            }
+        };
+        // A kept handle of a download is opened for writing up front, except where the file is
+        // read-only: one reused from a cached version (a hard link), whose pieces all verify.
+        let file = match open(self.writable && (write || s.keep)) {
+            Err(e) if !write && s.keep && e.kind() == io::ErrorKind::PermissionDenied => {
+                open(false)?
+            }
+            other => other?,
+        };
+        if s.keep {
+            let file = s.file.get_or_init(|| file);
+            f(file)
+        } else {
+            f(&file)
+        }
+    }
+
+    /// Write a block at `offset` (what falls in padding is dropped).
     pub fn write_at(&self, offset: u64, data: &[u8]) -> io::Result<()> {
         self.check(offset, data.len())?;
-        self.file.write_all_at(data, offset)
+        for (s, at, range) in self.spans(offset, data.len()) {
+            if s.path.is_some() {
+                self.with_file(s, true, |file| file.write_all_at(&data[range], at))?;
+            }
+        }
+        Ok(())
     }
 
-    /// Read exactly `buf.len()` bytes at `offset`.
+    /// Read exactly `buf.len()` bytes at `offset` (padding reads as zeros).
     pub fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
         self.check(offset, buf.len())?;
-        self.file.read_exact_at(buf, offset)
+        // Zero-length entries aside, segments cover the torrent without gaps.
+        for (s, at, range) in self.spans(offset, buf.len()) {
+            if s.path.is_some() {
+                self.with_file(s, false, |file| file.read_exact_at(&mut buf[range], at))?;
+            } else {
+                buf[range].fill(0);
+            }
+        }
+        Ok(())
     }
 
-    /// SHA-1 of `len` bytes at `offset`, read back from the file.
+    /// SHA-1 of `len` bytes at `offset`, read back from disk.
     pub fn sha1_of(&self, offset: u64, len: u64) -> io::Result<[u8; 20]> {
         let mut hasher = Sha1::new();
         let mut buf = vec![0u8; 64 << 10];
@@ -108,21 +316,81 @@ impl PieceFile {
         Ok(hasher.finalize().into())
     }
 
-    /// Flush data and metadata to stable storage.
+    /// Flush data and metadata to stable storage: every file. (A tree's directories are
+    /// synced by the cache as it seals the entry.)
     pub fn sync(&self) -> io::Result<()> {
-        self.file.sync_all()
+        for s in &self.segments {
+            if s.path.is_some() {
+                self.with_file(s, false, File::sync_all)?;
+            }
+        }
+        Ok(())
     }
+}
+
+fn join(root: &Path, components: &[String]) -> PathBuf {
+    let mut p = root.to_path_buf();
+    p.extend(components);
+    p
+}
+
+fn check_len(path: &Path, actual: u64, expected: u64) -> io::Result<()> {
+    if actual == expected {
+        return Ok(());
+    }
+    Err(io::Error::new(
+        io::ErrorKind::InvalidData,
+        format!(
+            "{} is {actual} bytes, the package says {expected}",
+            path.display()
+        ),
+    ))
+}
+
+/// The tree metainfo of files named `contents` at the root, for tests: mode 0644, read from
+/// the bytes given.
+#[cfg(test)]
+pub(crate) fn flat_tree(contents: &[(&str, &[u8])]) -> Metainfo {
+    use fbpkg_common::metainfo::TreeItem;
+    let items = contents
+        .iter()
+        .map(|(n, d)| TreeItem::File {
+            path: vec![(*n).to_owned()],
+            length: d.len() as u64,
+            mode: 0o644,
+        })
+        .collect();
+    Metainfo::build_tree(
+        items,
+        |p| {
+            let d = contents
+                .iter()
+                .find(|(n, _)| *n == p[0])
+                .map(|(_, d)| d.to_vec())
+                .ok_or_else(|| io::Error::other("no such test file"))?;
+            Ok(io::Cursor::new(d))
+        },
+        "app",
+        "http://127.0.0.1:1/announce",
+    )
+    .expect("tree metainfo")
 }
 
 #[cfg(test)]
 mod tests {
+
     use super::*;
+
+    fn file_meta(len: usize) -> Metainfo {
+        let bytes = vec![0u8; len];
+        Metainfo::build(&bytes[..], len as u64, "x", "http://t/a", Format::File).unwrap()
+    }
 
     #[test]
     fn blocks_land_at_offsets_and_hash_back() {
         let dir = tempfile::tempdir().unwrap();
-        let p = dir.path().join("x.part");
-        let f = PieceFile::open_partial(&p, 100).unwrap();
+        let m = file_meta(100);
+        let f = PackageData::open_partial(dir.path(), &m).unwrap();
         f.write_at(10, b"hello").unwrap();
         assert!(f.write_at(98, b"xyz").is_err(), "past the end");
         let mut b = [0u8; 5];
@@ -136,9 +404,102 @@ mod tests {
         );
         drop(f);
         // Reopening keeps what was written (resume).
-        let f = PieceFile::open_partial(&p, 100).unwrap();
+        let f = PackageData::open_partial(dir.path(), &m).unwrap();
         f.read_at(10, &mut b).unwrap();
         assert_eq!(&b, b"hello");
-        assert!(PieceFile::open_complete(&p, 99).is_err());
+        let entry = tempfile::tempdir().unwrap();
+        fs::write(entry.path().join("x"), [0u8; 99]).unwrap();
+        assert!(PackageData::open_complete(entry.path(), &m).is_err());
+    }
+
+    /// 32 KiB pieces: "a" (3 bytes) and "b" (40 KiB, aligned, then padding), "c" (5 bytes).
+    fn tree_meta() -> (Metainfo, Vec<(&'static str, Vec<u8>)>) {
+        let contents = vec![
+            ("a", b"abc".to_vec()),
+            ("b", (0..40 << 10).map(|i| (i % 251) as u8).collect()),
+            ("c", b"hello".to_vec()),
+            ("e", Vec::new()),
+        ];
+        let files: Vec<(&str, &[u8])> = contents.iter().map(|(n, d)| (*n, &d[..])).collect();
+        (flat_tree(&files), contents)
+    }
+
+    #[test]
+    fn a_tree_is_its_files_at_their_offsets_with_padding_as_zeros() {
+        let (m, contents) = tree_meta();
+        let dir = tempfile::tempdir().unwrap();
+        let data = PackageData::open_partial(dir.path(), &m).unwrap();
+        assert_eq!(data.len(), m.length);
+        // The torrent's bytes, as a stock client would lay them out.
+        let mut torrent = Vec::new();
+        for f in &m.files {
+            match &f.kind {
+                FileKind::Pad => torrent.resize(torrent.len() + f.length as usize, 0),
+                _ => torrent
+                    .extend_from_slice(&contents.iter().find(|(n, _)| *n == f.path[0]).unwrap().1),
+            }
+        }
+        assert_eq!(torrent.len() as u64, m.length);
+        // Pad bytes sent as garbage are dropped; blocks straddle files and padding.
+        let mut sent = torrent.clone();
+        sent[10] = 0xff; // in the padding after "a" and before "b"
+        for chunk in (0..sent.len()).step_by(7000) {
+            let end = (chunk + 7000).min(sent.len());
+            data.write_at(chunk as u64, &sent[chunk..end]).unwrap();
+        }
+        for i in 0..m.num_pieces() {
+            let got = data
+                .sha1_of(m.piece_offset(i), u64::from(m.piece_size(i)))
+                .unwrap();
+            assert_eq!(got, m.pieces[i as usize], "piece {i}");
+        }
+        let mut back = vec![1u8; torrent.len()];
+        data.read_at(0, &mut back).unwrap();
+        assert_eq!(back, torrent);
+        data.sync().unwrap();
+        // On disk: the files themselves, nothing for padding; the empty file exists.
+        for (n, d) in &contents {
+            assert_eq!(&fs::read(dir.path().join(TREE_DIR).join(n)).unwrap(), d);
+        }
+        assert_eq!(fs::read_dir(dir.path().join(TREE_DIR)).unwrap().count(), 4);
+        // Seeding from a complete tree.
+        let entry = dir.path();
+        let seeding = PackageData::open_complete(entry, &m).unwrap();
+        let mut b = [0u8; 5];
+        seeding.read_at(m.length - 5, &mut b).unwrap();
+        assert_eq!(&b, b"hello");
+        assert!(seeding.write_at(0, b"x").is_err(), "read-only");
+        fs::write(entry.join(TREE_DIR).join("c"), b"hell").unwrap();
+        assert!(
+            PackageData::open_complete(entry, &m).is_err(),
+            "a file of the wrong size"
+        );
+    }
+
+    /// A finished download's tree is renamed into the cache while peers are still served from
+    /// the download's storage: every file, kept open or not, must still read there.
+    #[test]
+    fn a_tree_still_reads_after_it_is_renamed() {
+        let n = OPEN_FILES + 6;
+        let contents: Vec<(String, Vec<u8>)> = (0..n)
+            .map(|i| (format!("f{i:03}"), vec![i as u8; 100 + i]))
+            .collect();
+        let files: Vec<(&str, &[u8])> =
+            contents.iter().map(|(n, d)| (n.as_str(), &d[..])).collect();
+        let m = flat_tree(&files);
+        let work = tempfile::tempdir().unwrap();
+        let data = PackageData::open_partial(work.path(), &m).unwrap();
+        let torrent: Vec<u8> = contents.iter().flat_map(|(_, d)| d.clone()).collect();
+        assert_eq!(
+            torrent.len() as u64,
+            m.length,
+            "small files pack without padding"
+        );
+        data.write_at(0, &torrent).unwrap();
+        let entry = tempfile::tempdir().unwrap();
+        fs::rename(work.path().join(TREE_DIR), entry.path().join(TREE_DIR)).unwrap();
+        let mut back = vec![0u8; torrent.len()];
+        data.read_at(0, &mut back).unwrap();
+        assert_eq!(back, torrent);
     }
 }

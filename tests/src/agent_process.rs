@@ -29,6 +29,9 @@ const LOG_LINES_KEPT: usize = 20_000;
 const LOG_TAIL_LINES: usize = 60;
 /// Longest one `fbpkg-rs status` may take.
 const STATUS_TIMEOUT: Duration = Duration::from_secs(10);
+/// The agents' log level (`--log`) when set, e.g. `FBPKG_TEST_LOG=debug` to see each peer
+/// connection in a failing test's log tail; `info` otherwise.
+pub const LOG_LEVEL_ENV: &str = "FBPKG_TEST_LOG";
 
 /// A port on 127.0.0.1 that was free a moment ago.
 pub fn free_loopback_port() -> io::Result<u16> {
@@ -98,16 +101,21 @@ impl AgentProcess {
     ) -> io::Result<Result<Self, String>> {
         let port = listen.port();
         let mut cmd = fbpkg_rs_command();
-        cmd.args(["--log", "info", "agent", "--listen"])
-            .arg(listen.to_string())
-            .arg("--state-dir")
-            .arg(state_dir)
-            .arg("--cache-dir")
-            .arg(cache_dir)
-            .arg("--tracker")
-            .arg(tracker)
-            .args(extra)
-            .stdout(Stdio::null());
+        cmd.args([
+            "--log",
+            &std::env::var(LOG_LEVEL_ENV).unwrap_or_else(|_| "info".into()),
+            "agent",
+            "--listen",
+        ])
+        .arg(listen.to_string())
+        .arg("--state-dir")
+        .arg(state_dir)
+        .arg("--cache-dir")
+        .arg(cache_dir)
+        .arg("--tracker")
+        .arg(tracker)
+        .args(extra)
+        .stdout(Stdio::null());
         let (child, ready) = LoggedChild::spawn(
             &mut cmd,
             format!("agent-{port}-stderr"),

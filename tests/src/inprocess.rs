@@ -97,7 +97,7 @@ pub fn seed_from_cache(
         .cache()
         .install(name, meta, &original, Handoff::Copy, &Default::default())
         .unwrap_or_else(|e| panic!("installing {name} into the seed's cache: {e}"));
-    seed.seed(name.clone(), meta.clone(), &entry.dir.join(&meta.name))
+    seed.seed(name.clone(), meta.clone(), &entry.dir)
         .unwrap_or_else(|e| panic!("seeding {name}: {e}"))
 }
 

@@ -17,7 +17,9 @@ use std::time::Duration;
 use fbpkg_common::metainfo::Metainfo;
 use fbpkg_common::pkgref::PackageName;
 use fbpkg_peer::engine::{Engine, Phase, Torrent};
-use fbpkg_tests::{embedded_tracker, engine, random_package, seed_from_cache, stop_tracker};
+use fbpkg_tests::{
+    Staged, embedded_tracker, engine, random_package, seed_from_cache, stop_tracker,
+};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -189,4 +191,63 @@ fn staging_has_leftovers(e: &Engine) -> bool {
     std::fs::read_dir(e.cache().root().join(".staging"))
         .map(|mut rd| rd.next().is_some())
         .unwrap_or(false)
+}
+
+/// A leecher that already holds all but one piece (a resumed download) still gets the last one
+/// from a super-seeding seed. The seed offers its first pieces before the leecher's bitfield
+/// arrives; they are most likely pieces the leecher holds, and it must be offered others, or
+/// it has nothing to be interested in and waits for ever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leecher_holding_most_pieces_gets_the_rest_from_a_super_seed() {
+    let st = Staged::new("resumed", 4 << 20).await;
+    let (base, url, cancel) = (st.base(), &st.url, &st.cancel);
+    let (name, meta, bytes) = (&st.name, &st.meta, &st.bytes[..]);
+    let n = meta.num_pieces();
+    assert!(
+        n >= 32,
+        "{n} pieces: too few for the seed's first offers to miss"
+    );
+
+    let seed = engine(&base.join("seed"), url, cancel, |_| {}).await;
+    let seeding = seed_from_cache(&seed, name, meta, bytes, base);
+    seed.tracker().publish(name, meta).await.unwrap();
+
+    // The leecher's partial download: every piece but the last, as a previous run left it.
+    let work = base.join("leecher/work").join(meta.info_hash.to_hex());
+    std::fs::create_dir_all(&work).unwrap();
+    let last = meta.piece_offset(n - 1) as usize;
+    let mut part = bytes.to_vec();
+    part[last..].fill(0);
+    std::fs::write(work.join(fbpkg_peer::storage::PART_FILE), &part).unwrap();
+    let leecher = engine(&base.join("leecher"), url, cancel, |_| {}).await;
+    let t = leecher.download(name.clone(), meta.clone()).await.unwrap();
+    assert_eq!(
+        t.status().pieces_have,
+        n - 1,
+        "the partial download was not resumed"
+    );
+
+    let deadline = Instant::now() + DOWNLOAD_TIMEOUT;
+    let entry = loop {
+        match t.current_phase() {
+            Phase::Seeding(entry) => break entry,
+            Phase::Failed { .. } => panic!("the download failed: {:?}", t.status()),
+            _ => {}
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the last piece never came: {:?}",
+            t.status()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(std::fs::read(&entry.launch_path).unwrap() == bytes);
+    assert_eq!(t.downloaded(), u64::from(meta.piece_size(n - 1)));
+    assert_eq!(seeding.uploaded(), u64::from(meta.piece_size(n - 1)));
+
+    cancel.cancel();
+    for e in [&leecher, &seed] {
+        e.shutdown().await;
+    }
+    stop_tracker(st.tracker).await.unwrap();
 }

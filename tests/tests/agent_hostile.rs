@@ -68,7 +68,7 @@ fn seed_by_hand(seed: &Engine, name: &PackageName, meta: &Arc<Metainfo>, bytes: 
     let file = dir.join(&meta.name);
     std::fs::write(&file, bytes).unwrap();
     std::fs::write(dir.join(METAINFO_FILE), meta.as_bytes()).unwrap();
-    seed.seed(name.clone(), meta.clone(), &file).unwrap();
+    seed.seed(name.clone(), meta.clone(), &dir).unwrap();
 }
 
 /// Every path under `root` whose file name is one of the markers.

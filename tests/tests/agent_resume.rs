@@ -174,7 +174,7 @@ async fn a_killed_download_resumes_and_a_restarted_agent_seeds_its_cache() {
         before_kill.pieces_have,
         before_kill.pieces_total
     );
-    let l = &leecher;
+    let (l, sd) = (&leecher, &seed);
     let finished = wait_for(
         "the restarted leecher to finish",
         DOWNLOAD_TIMEOUT,
@@ -183,9 +183,17 @@ async fn a_killed_download_resumes_and_a_restarted_agent_seeds_its_cache() {
             if s.phase == "seeding" {
                 Ok(s)
             } else {
+                // A stall here has been seen under load (at the resumed piece count): say
+                // what both sides see, so the next one can be told apart.
+                let seed_view = status_of(sd, sha_ref).await;
                 Err(format!(
-                    "{} {}/{} pieces",
-                    s.phase, s.pieces_have, s.pieces_total
+                    "{} {}/{} pieces, {} peers; seed: {seed_view:?}\n--- leecher log\n{}\n--- seed log\n{}",
+                    s.phase,
+                    s.pieces_have,
+                    s.pieces_total,
+                    s.peers,
+                    l.log_tail(),
+                    sd.log_tail()
                 ))
             }
         },

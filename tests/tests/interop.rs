@@ -7,16 +7,18 @@
 //! - (a) two stock clients, one seeding and one downloading, finding each other only through
 //!   our tracker;
 //! - (b) a stock client downloading a package from our agent (`fbpkg-rs publish`, the agent
-//!   seeds it from its cache);
+//!   seeds it from its cache): a file, and a tree package (`publish NAME DIR`, a multi-file
+//!   torrent with BEP 47 padding, seeded from the cached tree);
 //! - (c) our agent (`fbpkg-rs get`) downloading a package only a stock client seeds (the torrent
-//!   built from our metainfo, announced to our tracker);
+//!   built from our metainfo, announced to our tracker), a tree package too from aria2 and
+//!   qBittorrent;
 //! - opentracker: a package whose metainfo announces to opentracker (whitelist mode), fetched
 //!   by our agent from a stock seeder that only opentracker knows;
 //! - and how our agent treats a stock peer beyond the transfer: no redial loop against a
 //!   qBittorrent seed, and fetching from Transmission as fast as Transmission itself does.
 //!
-//! Every transfer is checked by the SHA-256 of the resulting file against the published one,
-//! and timed (`interop-timing` lines, shown with `--nocapture`); `agent_downloads_from_agent`
+//! Every transfer is checked by the SHA-256 of the resulting file against the published one
+//! (a tree's, file by file: [`interop::tree::compare`]), and timed (`interop-timing` lines, shown with `--nocapture`); `agent_downloads_from_agent`
 //! times the same transfer between two of our agents. Everything is on loopback except where
 //! Transmission must dial a peer: it never dials 127.0.0.0/8, so those cells run it in a network
 //! namespace the test creates on 198.19.x.0/24 (root only; skipped with the reason otherwise).
@@ -38,12 +40,14 @@ mod interop;
 use std::net::Ipv4Addr;
 use std::time::{Duration, Instant};
 
+use fbpkg_common::metainfo::FileKind;
 use fbpkg_tests::log_field;
 
 use interop::netns::TestNet;
 use interop::opentracker::Opentracker;
 use interop::scene::{Package, Scene, package_bytes, transfer_timeout};
 use interop::stock::{Kind, Place, Stock};
+use interop::tree::Links;
 use interop::{skip_without, skip_without_netns};
 
 /// Most cells: 1 MiB (32 pieces of 32 KiB).
@@ -121,8 +125,22 @@ async fn stock_downloads_from(
     scene.finish().await;
 }
 
-/// (b) our agent publishes and seeds; `kind` downloads.
-async fn stock_downloads_from_agent(kind: Kind, cell: &'static str, default_size: usize) {
+/// What our agent publishes in a cell.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Shape {
+    /// One file of the cell's size.
+    File,
+    /// A directory ([`interop::tree::make`]) whose largest file is the cell's size.
+    Tree(Links),
+}
+
+/// (b) our agent publishes and seeds a package of `shape`; `kind` downloads.
+async fn stock_downloads_from_agent(
+    kind: Kind,
+    shape: Shape,
+    cell: &'static str,
+    default_size: usize,
+) {
     if skip_without(kind.binaries()) {
         return;
     }
@@ -130,9 +148,30 @@ async fn stock_downloads_from_agent(kind: Kind, cell: &'static str, default_size
         return;
     };
     let scene = Scene::new(cell, our_ip(net.as_ref())).await;
-    let size = package_bytes(default_size);
     let agent = scene.agent("agent").await;
-    let package = scene.agent_publishes(&agent, "fromagent", size).await;
+    let package = match shape {
+        Shape::File => {
+            let size = package_bytes(default_size);
+            scene.agent_publishes(&agent, "fromagent", size).await
+        }
+        Shape::Tree(links) => {
+            let dir = scene.path("published/fromagent");
+            interop::tree::make(&dir, package_bytes(default_size), links);
+            let package = scene.agent_publishes_tree(&agent, "fromagent", &dir).await;
+            // The cell is about padding as much as files: it must have some to say so.
+            assert!(
+                package
+                    .metainfo
+                    .files
+                    .iter()
+                    .any(|f| f.kind == FileKind::Pad),
+                "the tree's metainfo has no padding: {:?}",
+                package.metainfo.files
+            );
+            package
+        }
+    };
+    let size = package.size();
 
     let stock = Stock::start(kind, &scene.path("stock"), place(net.as_ref(), 0))
         .await
@@ -147,15 +186,30 @@ async fn stock_downloads_from_agent(kind: Kind, cell: &'static str, default_size
     scene.finish().await;
 }
 
-/// (c) `kind` seeds a package published to our tracker; our agent gets it.
-async fn agent_downloads_from_stock(kind: Kind, cell: &'static str, default_size: usize) {
+/// (c) `kind` seeds a package of `shape` published to our tracker; our agent gets it.
+async fn agent_downloads_from_stock(
+    kind: Kind,
+    shape: Shape,
+    cell: &'static str,
+    default_size: usize,
+) {
     if skip_without(kind.binaries()) {
         return;
     }
     // Our agent dials the stock seed, which only has to accept: loopback for every client.
     let scene = Scene::new(cell, Ipv4Addr::LOCALHOST).await;
-    let size = package_bytes(default_size);
-    let package = scene.publish_random("fromstock", size).await;
+    let package = match shape {
+        Shape::File => {
+            let size = package_bytes(default_size);
+            scene.publish_random("fromstock", size).await
+        }
+        Shape::Tree(links) => {
+            let dir = scene.path("published/fromstock");
+            interop::tree::make(&dir, package_bytes(default_size), links);
+            scene.publish_tree("fromstock", &dir).await
+        }
+    };
+    let size = package.size();
 
     let stock = Stock::start(kind, &scene.path("stock"), Place::Loopback)
         .await
@@ -199,12 +253,28 @@ async fn aria2_downloads_from_aria2_through_our_tracker() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn aria2_downloads_from_our_agent() {
-    stock_downloads_from_agent(Kind::Aria2, "aria2<-agent", SMALL).await;
+    stock_downloads_from_agent(Kind::Aria2, Shape::File, "aria2<-agent", SMALL).await;
+}
+
+/// A tree package ([`interop::tree::make`]: padding before and after a file of more than a
+/// piece, small files in nested directories, an executable, an empty file) reaches aria2 as
+/// its files under `<download dir>/<name>/`, byte for byte; aria2 writes the padding as `.pad/N`
+/// files of zeros. No symlinks: aria2 1.36 does not know BEP 47 links, and makes an empty
+/// file where a link is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn aria2_downloads_a_tree_from_our_agent() {
+    stock_downloads_from_agent(
+        Kind::Aria2,
+        Shape::Tree(Links::None),
+        "aria2<-agent (tree)",
+        SMALL,
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn our_agent_downloads_from_aria2() {
-    agent_downloads_from_stock(Kind::Aria2, "agent<-aria2", SMALL).await;
+    agent_downloads_from_stock(Kind::Aria2, Shape::File, "agent<-aria2", SMALL).await;
 }
 
 // qBittorrent
@@ -216,12 +286,53 @@ async fn qbittorrent_downloads_from_qbittorrent_through_our_tracker() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn qbittorrent_downloads_from_our_agent() {
-    stock_downloads_from_agent(Kind::Qbittorrent, "qbittorrent<-agent", MEDIUM).await;
+    stock_downloads_from_agent(Kind::Qbittorrent, Shape::File, "qbittorrent<-agent", MEDIUM).await;
+}
+
+/// A tree package (with links, which the agent makes from the metainfo: the seed has none)
+/// from a qBittorrent seed: what libtorrent sends for padding, our agent drops, and it
+/// installs the tree whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn our_agent_downloads_a_tree_from_qbittorrent() {
+    agent_downloads_from_stock(
+        Kind::Qbittorrent,
+        Shape::Tree(Links::Some),
+        "agent<-qbittorrent (tree)",
+        MEDIUM,
+    )
+    .await;
+}
+
+/// The same from aria2, which does not know BEP 47 padding: it reads the padding from `.pad/N`
+/// files of zeros in its copy and sends it like any other bytes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn our_agent_downloads_a_tree_from_aria2() {
+    agent_downloads_from_stock(
+        Kind::Aria2,
+        Shape::Tree(Links::Some),
+        "agent<-aria2 (tree)",
+        SMALL,
+    )
+    .await;
+}
+
+/// [`aria2_downloads_a_tree_from_our_agent`] for qBittorrent, with symlinks: libtorrent 2.0
+/// knows BEP 47, so it writes no padding and makes the links (to a file, and from the root
+/// to a nested directory), each of which must lead where the published one does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qbittorrent_downloads_a_tree_from_our_agent() {
+    stock_downloads_from_agent(
+        Kind::Qbittorrent,
+        Shape::Tree(Links::Some),
+        "qbittorrent<-agent (tree)",
+        MEDIUM,
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn our_agent_downloads_from_qbittorrent() {
-    agent_downloads_from_stock(Kind::Qbittorrent, "agent<-qbittorrent", MEDIUM).await;
+    agent_downloads_from_stock(Kind::Qbittorrent, Shape::File, "agent<-qbittorrent", MEDIUM).await;
 }
 
 /// Once our agent has the package, it and the qBittorrent seed are both seeds, and libtorrent
@@ -304,12 +415,39 @@ async fn transmission_downloads_from_transmission_through_our_tracker() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn transmission_downloads_from_our_agent() {
-    stock_downloads_from_agent(Kind::Transmission, "transmission<-agent", SMALL).await;
+    stock_downloads_from_agent(
+        Kind::Transmission,
+        Shape::File,
+        "transmission<-agent",
+        SMALL,
+    )
+    .await;
+}
+
+/// [`aria2_downloads_a_tree_from_our_agent`] for Transmission, which does not create the empty
+/// file (Transmission 3.00 never creates zero-length files, transmission/transmission#417).
+/// No symlinks: Transmission 3.00 does not know BEP 47 links, and makes nothing where a link
+/// is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transmission_downloads_a_tree_from_our_agent() {
+    stock_downloads_from_agent(
+        Kind::Transmission,
+        Shape::Tree(Links::None),
+        "transmission<-agent (tree)",
+        SMALL,
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn our_agent_downloads_from_transmission() {
-    agent_downloads_from_stock(Kind::Transmission, "agent<-transmission", SMALL).await;
+    agent_downloads_from_stock(
+        Kind::Transmission,
+        Shape::File,
+        "agent<-transmission",
+        SMALL,
+    )
+    .await;
 }
 
 /// The reference for the cell above: how fast another stock client (qBittorrent, whose

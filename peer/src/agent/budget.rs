@@ -203,7 +203,8 @@ impl Agent {
             return Ok(());
         };
         let label = format!("{name}:{}", meta.sha256);
-        let bytes = meta.length;
+        // What the entry will hold: a tree's padding is never written.
+        let bytes = meta.stored_bytes();
         self.sweep_with(None, move |cache, protected, stop| {
             cache.make_room(&budget, &label, bytes, protected, stop)
         })

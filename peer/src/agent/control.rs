@@ -17,9 +17,10 @@ use crate::error::{ErrorKind, PeerError, Result};
 
 /// File name of the socket inside the state directory.
 pub const SOCKET_NAME: &str = "agent.sock";
-/// Longest request line accepted. The largest request is an `add`, whose hex metainfo for
-/// the largest package `publish` makes (2,048 pieces) is about 85 KiB.
-pub const MAX_CONTROL_LINE: usize = 1 << 20;
+/// Longest request line accepted. The largest request is an `add`, whose metainfo goes
+/// hex-encoded: a tree of thousands of files takes MiBs (about 125 bytes of metainfo a file),
+/// and the tracker takes up to 8 MiB by default (`--max-body-bytes`), twice that in hex.
+pub const MAX_CONTROL_LINE: usize = 20 << 20;
 
 /// What a client asks.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -203,14 +204,27 @@ impl AgentClient {
         }
     }
 
-    /// Send the request line.
+    /// Send the request line. A request the agent would refuse as too long is an error here,
+    /// and when the agent stops reading, its own answer (why) is the error if it sent one.
     pub async fn send(&mut self, req: &Request) -> Result<()> {
         let mut line = serde_json::to_vec(req).map_err(|e| PeerError::Agent(e.to_string()))?;
         line.push(b'\n');
-        self.write
-            .write_all(&line)
-            .await
-            .map_err(|e| PeerError::Agent(format!("writing to the agent: {e}")))
+        if line.len() > MAX_CONTROL_LINE {
+            return Err(PeerError::Agent(format!(
+                "request of {} bytes is over the agent's limit of {MAX_CONTROL_LINE}",
+                line.len()
+            )));
+        }
+        let Err(e) = self.write.write_all(&line).await else {
+            return Ok(());
+        };
+        let answer = tokio::time::timeout(Duration::from_secs(1), self.next()).await;
+        match answer {
+            Ok(Ok(Some(Event::Error { kind, message }))) => {
+                Err(PeerError::Remote { kind, message })
+            }
+            _ => Err(PeerError::Agent(format!("writing to the agent: {e}"))),
+        }
     }
 
     /// The next event, or `None` when the agent closed the connection.
@@ -268,7 +282,7 @@ mod tests {
     }
 
     #[test]
-    fn request_lines_over_a_mebibyte_are_refused() {
+    fn request_lines_over_the_limit_are_refused() {
         assert_eq!(
             parse_request_line(b"{\"op\":\"ping\"}\n").unwrap(),
             Request::Ping

@@ -357,8 +357,7 @@ impl Agent {
                 .ok()
                 .and_then(|b| Metainfo::parse(&b).ok());
             if let Some(m) = meta {
-                let file = entry.dir.join(&m.name);
-                return self.engine.seed(name, Arc::new(m), &file);
+                return self.engine.seed(name, Arc::new(m), &entry.dir);
             }
         }
         if let Some(t) = self.engine.find(&name, &sha)
@@ -421,8 +420,7 @@ impl Agent {
         })
         .await
         .map_err(|e| PeerError::Agent(format!("install task: {e}")))??;
-        let file = entry.dir.join(&meta.name);
-        self.engine.seed(name.clone(), meta.clone(), &file)?;
+        self.engine.seed(name.clone(), meta.clone(), &entry.dir)?;
         self.engine.note_installed(name, meta.sha256);
         Ok((entry.launch_path, entry.dir))
     }
@@ -455,8 +453,8 @@ async fn restore(engine: &Engine, cache: &Cache) {
     .await
     .unwrap_or_default();
     let mut seeded = 0;
-    for (name, meta, file) in entries {
-        match engine.seed(name.clone(), Arc::new(meta), &file) {
+    for (name, meta, dir) in entries {
+        match engine.seed(name.clone(), Arc::new(meta), &dir) {
             Ok(_) => seeded += 1,
             Err(e) => tracing::warn!(package = %name, error = %e, "cannot seed cache entry"),
         }

@@ -154,12 +154,7 @@ pub(crate) fn stream(
 /// directory. Every handle is closed on return, whatever happens.
 pub(crate) fn copy_checked(src: &Path, dst: &Path, meta: &Metainfo) -> Result<()> {
     let from = File::open(src).map_err(PeerError::io("opening", src))?;
-    let mut to = OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(dst)
-        .map_err(PeerError::io("creating", dst))?;
+    let mut to = create_copy(dst)?;
     match stream(from, &mut to, meta, true) {
         Ok(_) => Ok(()),
         Err(StreamError::Read(e)) => Err(PeerError::io("reading", src)(e)),
@@ -170,6 +165,17 @@ pub(crate) fn copy_checked(src: &Path, dst: &Path, meta: &Metainfo) -> Result<()
             src.display()
         ))),
     }
+}
+
+/// A new file for a copy into staging, private until the entry is made read-only; never an
+/// existing one (nor through a link).
+pub(crate) fn create_copy(dst: &Path) -> Result<File> {
+    OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(dst)
+        .map_err(PeerError::io("creating", dst))
 }
 
 /// Check the file at `path` in place: length and SHA-256 (and pieces with `pieces`).

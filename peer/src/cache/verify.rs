@@ -4,7 +4,8 @@
 //! entry changed on disk would be launched, and seeded, for ever. Two checks:
 //!
 //! - **The seal** ([`Cache::check_seal`]): install records the archive's size and mtime in
-//!   [`SEAL_FILE`]; the archive must still be read-only, with that size and mtime. One small
+//!   [`SEAL_FILE`] (a tree package's: its `tree/` directory's); it must still be read-only,
+//!   with that size and mtime. One small
 //!   read and one `stat`, cheap enough for `get`'s cache hit. It catches edits made through the
 //!   file system; not bit rot, which changes no metadata, nor edits inside a directory
 //!   package's tree (checking those would mean walking the tree on every launch).
@@ -12,7 +13,8 @@
 //!   (the entry's name); its pieces, since what this host seeds must match the metainfo it
 //!   announces (through the info-hash the seal recorded, or by hashing every piece when there
 //!   is no seal, which doubles the cost); for a directory package, the tree compared with the
-//!   archive entry by entry; and nothing in the entry that install did not put there (`lookup`
+//!   archive entry by entry (a tree package: each file against its SHA-256 in the metainfo,
+//!   each link, mode and empty directory); and nothing in the entry that install did not put there (`lookup`
 //!   would launch a stray file). Costs a full read of the entry: ~1.5 GiB/s of CPU for the
 //!   SHA-256 where the CPU has SHA extensions, so usually the disk's read rate.
 //!
@@ -47,8 +49,12 @@ pub const QUARANTINE_KEEP: usize = 4;
 
 #[derive(Debug, Serialize, Deserialize)]
 struct SealData {
-    /// The archive's file name in the entry.
+    /// The archive's file name in the entry (a tree package's: its tree).
     file: String,
+    /// `file` is a tree package's tree, a directory. Recorded, not inferred from the name: a
+    /// file package may be a file named `tree`. Absent (false) in seals of files, as before.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    dir: bool,
     len: u64,
     mtime_s: i64,
     mtime_ns: i64,
@@ -98,15 +104,25 @@ fn mtime(meta: &fs::Metadata) -> (i64, i64) {
     (meta.mtime(), meta.mtime_nsec())
 }
 
+/// What the seal covers in an entry: the file as published, or a tree package's tree.
+fn sealed(metainfo: &Metainfo) -> &str {
+    if metainfo.format == Format::Tree {
+        TREE_DIR
+    } else {
+        metainfo.name.as_str()
+    }
+}
+
 /// Record `dir/<file>`'s size and mtime, and the metainfo's info-hash, in `dir`'s seal (at
 /// install, or a reseal).
 pub(super) fn write_seal(dir: &Path, metainfo: &Metainfo) -> Result<()> {
-    let file = metainfo.name.as_str();
+    let file = sealed(metainfo);
     let path = dir.join(file);
     let meta = fs::symlink_metadata(&path).map_err(PeerError::io("reading metadata", &path))?;
     let (mtime_s, mtime_ns) = mtime(&meta);
     let seal = SealData {
         file: file.to_owned(),
+        dir: metainfo.format == Format::Tree,
         len: meta.len(),
         mtime_s,
         mtime_ns,
@@ -139,7 +155,9 @@ fn seal_state(dir: &Path) -> Seal {
         Ok(m) => m,
         Err(e) => return Seal::Broken(format!("{}: {e}", seal.file)),
     };
-    if !meta.is_file() {
+    if seal.dir && !meta.is_dir() {
+        Seal::Broken(format!("{} is not a directory", seal.file))
+    } else if !seal.dir && !meta.is_file() {
         Seal::Broken(format!("{} is not a regular file", seal.file))
     } else if meta.mode() & 0o222 != 0 {
         Seal::Broken(format!("{} is writable", seal.file))
@@ -154,6 +172,15 @@ fn seal_state(dir: &Path) -> Seal {
         Seal::Broken(format!("{} was modified after install", seal.file))
     } else {
         Seal::Intact
+    }
+}
+
+/// What the seal says of an entry whose contents are intact.
+fn drift(dir: &Path, report: &mut VerifyReport) {
+    match seal_state(dir) {
+        Seal::Intact => {}
+        Seal::Unsealed => report.drift.push("no seal".into()),
+        Seal::Broken(why) => report.drift.push(why),
     }
 }
 
@@ -253,6 +280,16 @@ impl Cache {
             }
             _ => true,
         };
+        if meta.format == Format::Tree {
+            let tree = super::tree::compare(&meta, &dir.join(TREE_DIR));
+            report.bytes_read += tree.bytes_read;
+            report.problems.extend(tree.problems);
+            if report.is_intact() {
+                drift(&dir, &mut report);
+                report.drift.extend(tree.drift);
+            }
+            return Ok(report);
+        }
         let file = dir.join(&meta.name);
         match File::open(&file) {
             Err(e) if e.kind() == io::ErrorKind::PermissionDenied => {
@@ -272,11 +309,7 @@ impl Cache {
         if !report.is_intact() {
             return Ok(report);
         }
-        match seal_state(&dir) {
-            Seal::Intact => {}
-            Seal::Unsealed => report.drift.push("no seal".into()),
-            Seal::Broken(why) => report.drift.push(why),
-        }
+        drift(&dir, &mut report);
         if meta.format == Format::TarZst {
             let tree =
                 archive::compare_tree(&file, &dir.join(TREE_DIR), &ExtractLimits::default())?;
@@ -294,11 +327,11 @@ impl Cache {
             let e = e.map_err(PeerError::io("reading directory", dir))?;
             let name = e.file_name();
             // A seal's temporary file is what a reseal cut short leaves: harmless.
-            let expected = name == meta.name.as_str()
+            let expected = name == sealed(meta)
                 || name == METAINFO_FILE
                 || name == SEAL_FILE
                 || name == SEAL_TMP
-                || (name == TREE_DIR && meta.format == Format::TarZst);
+                || (name == TREE_DIR && meta.format.is_directory());
             if !expected {
                 report.problems.push(format!(
                     "{} does not belong in the entry",
@@ -306,7 +339,7 @@ impl Cache {
                 ));
             }
         }
-        if meta.format == Format::TarZst && !dir.join(TREE_DIR).is_dir() {
+        if meta.format.is_directory() && !dir.join(TREE_DIR).is_dir() {
             report.problems.push(format!("{TREE_DIR}/ is missing"));
         }
         Ok(())
@@ -318,17 +351,16 @@ impl Cache {
     pub fn reseal(&self, name: &PackageName, sha256: &Sha256Hash) -> Result<()> {
         let dir = self.entry_dir(name, sha256);
         let meta = read_metainfo(&dir).map_err(PeerError::Verification)?;
-        let file = dir.join(&meta.name);
+        let file = dir.join(sealed(&meta));
         set_mode(
             &file,
-            if meta.format == Format::Executable {
-                0o555
-            } else {
-                0o444
+            match meta.format {
+                Format::Executable | Format::Tree => 0o555,
+                Format::File | Format::TarZst => 0o444,
             },
         )?;
         match read_seal(&dir) {
-            Ok(Some(seal)) if seal.file == meta.name => {
+            Ok(Some(seal)) if seal.file == sealed(&meta) => {
                 let secs = Duration::from_secs(seal.mtime_s.unsigned_abs());
                 let at = if seal.mtime_s >= 0 {
                     UNIX_EPOCH.checked_add(secs)
@@ -445,6 +477,26 @@ mod tests {
         let mut b = fs::read(p).unwrap();
         b[at] ^= 0x01;
         fs::write(p, b).unwrap();
+    }
+
+    /// A file package may be a file named `tree` (the `tree` utility): its seal is a file's,
+    /// not a tree package's, so it stays intact (a broken seal costs a full verify per `get`).
+    #[test]
+    fn a_file_named_tree_keeps_an_intact_seal() {
+        let work = tempfile::tempdir().unwrap();
+        let cache = Cache::new(work.path().join("cache"));
+        let bytes = vec![7u8; 50_000];
+        let n = PackageName::new("tree").unwrap();
+        let m = meta(&bytes, TREE_DIR, Format::Executable);
+        let f = work.path().join("tree.in");
+        fs::write(&f, &bytes).unwrap();
+        let entry = cache
+            .install(&n, &m, &f, Handoff::Move, &ExtractLimits::default())
+            .unwrap();
+        assert_eq!(entry.launch_path, entry.dir.join(TREE_DIR));
+        assert_eq!(cache.check_seal(&n, &m.sha256), Seal::Intact);
+        let report = cache.verify(&n, &m.sha256).unwrap();
+        assert!(report.is_intact() && report.drift.is_empty(), "{report:?}");
     }
 
     #[test]

@@ -124,7 +124,7 @@ async fn demo(args: &DemoArgs, base: &Path) -> anyhow::Result<ExitCode> {
     let entry = seed
         .cache()
         .install(&name, &meta, &file, Handoff::Move, &Default::default())?;
-    seed.seed(name.clone(), meta.clone(), &entry.dir.join(&meta.name))?;
+    seed.seed(name.clone(), meta.clone(), &entry.dir)?;
     println!(
         "published {name}:{} ({} MiB, {} pieces of {} KiB); agent0 seeds it",
         meta.sha256,

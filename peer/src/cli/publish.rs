@@ -2,7 +2,7 @@
 
 use std::fs::{self, File};
 use std::io::BufReader;
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -22,9 +22,14 @@ use crate::tracker_client::PublishOutcome;
 /// `fbpkg-rs publish` flags.
 #[derive(Debug, clap::Args)]
 #[command(after_help = "\
-A file is published as it is (its execute bit is kept). A directory becomes a deterministic
-tar.zst: entries sorted, owners and times zeroed, modes kept, so the same tree gives the same
-hash on any host. The package is put in this host's cache and seeded by the local agent
+A file is published as it is (its execute bit is kept). A directory is published as a tree
+(--format tree, the default): a torrent of its files, so every host keeps one copy, the
+tree itself, and seeds from it. Its hash covers every file's bytes and name, the permission
+bits of files and directories (not setuid, setgid or sticky), links and empty directories
+(not owners or times), so the same tree gives the same hash on any host. Names must be UTF-8.
+--format tar.zst makes a deterministic tar.zst instead (entries sorted, owners and times
+zeroed, modes kept): fewer bytes on the network when the files compress well, but hosts keep
+archive and tree. The package is put in this host's cache and seeded by the local agent
 before the tracker lists it, so a version is never listed with nobody to serve it.
 
 A directory package that `fbpkg-rs run` should start names its program with --entrypoint:
@@ -51,6 +56,11 @@ pub(crate) struct PublishArgs {
     /// Bearer token for the tracker's catalog.
     #[arg(long, env = "FBPKG_PUBLISH_TOKEN", hide_env_values = true)]
     publish_token: Option<String>,
+
+    /// How a directory is published: `tree` (its files; one copy on every host) or `tar.zst`
+    /// (one compressed archive; hosts keep archive and extracted tree).
+    #[arg(long, env = "FBPKG_PUBLISH_FORMAT", default_value = "tree", value_parser = ["tree", "tar.zst"])]
+    format: String,
 
     /// Print one JSON object instead of name:sha256.
     #[arg(long)]
@@ -88,6 +98,7 @@ fn prepare(
     name: &PackageName,
     path: &Path,
     entrypoint: Option<&Entrypoint>,
+    tree: bool,
     tmp_dir: &Path,
 ) -> anyhow::Result<Prepared> {
     let meta = fs::metadata(path).with_context(|| format!("cannot read {}", path.display()))?;
@@ -107,6 +118,14 @@ fn prepare(
                 path.display()
             ))
         })?;
+    }
+    if meta.is_dir() && tree {
+        return Ok(Prepared {
+            file: path.to_owned(),
+            file_name: name.to_string(),
+            format: Format::Tree,
+            temporary: false,
+        });
     }
     if meta.is_dir() {
         super::super::agent::private_dir(tmp_dir)?;
@@ -151,6 +170,40 @@ fn prepare(
     })
 }
 
+/// Read what `prepared` names once, into its metainfo.
+fn build_metainfo(prepared: &Prepared, announce: &str) -> anyhow::Result<Metainfo> {
+    if prepared.format == Format::Tree {
+        let root = &prepared.file;
+        let items = crate::archive::tree_items(root)?;
+        let open = |path: &[String]| {
+            let mut p = root.clone();
+            p.extend(path);
+            // Not through a link swapped in since the walk.
+            fs::OpenOptions::new()
+                .read(true)
+                .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32)
+                .open(&p)
+                .map(|f| BufReader::with_capacity(1 << 20, f))
+                .map_err(|e| std::io::Error::new(e.kind(), format!("{}: {e}", p.display())))
+        };
+        return Ok(Metainfo::build_tree(
+            items,
+            open,
+            &prepared.file_name,
+            announce,
+        )?);
+    }
+    let size = fs::metadata(&prepared.file)?.len();
+    let reader = BufReader::with_capacity(1 << 20, File::open(&prepared.file)?);
+    Ok(Metainfo::build(
+        reader,
+        size,
+        &prepared.file_name,
+        announce,
+        prepared.format,
+    )?)
+}
+
 pub(super) fn run(args: PublishArgs) -> anyhow::Result<ExitCode> {
     let name = PackageName::new(&args.name).map_err(|e| PeerError::BadInput(e.to_string()))?;
     let tag = args
@@ -174,20 +227,13 @@ pub(super) fn run(args: PublishArgs) -> anyhow::Result<ExitCode> {
         &name,
         &args.path,
         entrypoint.as_ref(),
+        args.format == "tree",
         &state_dir.join("tmp"),
     )?;
     let result = (|| -> anyhow::Result<ExitCode> {
-        let size = fs::metadata(&prepared.file)?.len();
-        let reader = BufReader::with_capacity(1 << 20, File::open(&prepared.file)?);
         let announce = format!("{}/announce", tracker.base());
-        let meta = Metainfo::build(
-            reader,
-            size,
-            &prepared.file_name,
-            &announce,
-            prepared.format,
-        )
-        .with_context(|| format!("cannot read {}", prepared.file.display()))?;
+        let meta = build_metainfo(&prepared, &announce)
+            .with_context(|| format!("cannot read {}", prepared.file.display()))?;
         let meta = match entrypoint {
             Some(e) => meta.with_entrypoint(e)?,
             None => meta,

@@ -11,6 +11,7 @@ pub mod picker;
 pub mod ratelimit;
 pub mod superseed;
 mod torrent;
+pub mod zstream;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -20,7 +21,7 @@ use std::time::Duration;
 
 use bytes::BytesMut;
 use fbpkg_common::bitfield::Bitfield;
-use fbpkg_common::metainfo::Metainfo;
+use fbpkg_common::metainfo::{Format, Metainfo};
 use fbpkg_common::pkgref::PackageName;
 use fbpkg_common::tracker_proto::Zone;
 use fbpkg_common::wire::Handshake;
@@ -37,7 +38,7 @@ pub use torrent::{Phase, Torrent, TorrentStatus};
 use crate::archive::ExtractLimits;
 use crate::cache::{Cache, Handoff};
 use crate::error::{PeerError, Result};
-use crate::storage::PieceFile;
+use crate::storage::{self, PackageData};
 use crate::tracker_client::TrackerClient;
 use torrent::{Cmd, TorrentInit};
 
@@ -324,18 +325,18 @@ impl Engine {
         self.ctx.config.work_dir.join(ih.to_hex())
     }
 
-    /// Seed a package that is already in the cache at `file`.
+    /// Seed a package that is already in the cache, in the entry directory `entry`.
     pub fn seed(
         &self,
         name: PackageName,
         meta: Arc<Metainfo>,
-        file: &Path,
+        entry: &Path,
     ) -> Result<Arc<Torrent>> {
         if let Some(t) = self.torrent(&meta.info_hash) {
             return Ok(t);
         }
-        let storage = PieceFile::open_complete(file, meta.length)
-            .map_err(PeerError::io("opening for seeding", file))?;
+        let storage = PackageData::open_complete(entry, &meta)
+            .map_err(PeerError::io("opening for seeding", entry))?;
         let entry = self.ctx.cache.lookup(&name, &meta.sha256).ok_or_else(|| {
             PeerError::NotFound(format!("{name}:{} is not in the cache", meta.sha256))
         })?;
@@ -354,7 +355,7 @@ impl Engine {
     ///
     /// Concurrent calls for one info-hash get the same torrent: the first creates it, under a
     /// gate taken before its first `await`; the others wait for the gate and find it. (Two
-    /// owners would write one `data.part`, and the loser would keep writing into the file
+    /// owners would write one partial download, and the loser would keep writing into the file
     /// after the winner renamed it into the cache.)
     pub async fn download(&self, name: PackageName, meta: Arc<Metainfo>) -> Result<Arc<Torrent>> {
         let ih = meta.info_hash;
@@ -389,11 +390,11 @@ impl Engine {
             .await
             .map_err(|e| PeerError::Agent(format!("cache lookup task: {e}")))??;
         if let Some(entry) = cached {
-            let file = entry.dir.join(&meta.name);
-            return self.seed(name, meta, &file);
+            return self.seed(name, meta, &entry.dir);
         }
         let dir = self.work_dir_for(&meta.info_hash);
         let (m, d, n) = (meta.clone(), dir.clone(), name.clone());
+        let cache = self.ctx.cache.clone();
         // Disk work off the reactor: re-hashing a large partial file takes seconds.
         let (storage, have) = tokio::task::spawn_blocking(move || {
             std::fs::create_dir_all(&d).map_err(PeerError::io("creating", &d))?;
@@ -401,7 +402,14 @@ impl Engine {
             std::fs::write(&meta_path, m.as_bytes())
                 .map_err(PeerError::io("writing", &meta_path))?;
             std::fs::write(d.join("package"), n.as_str()).map_err(PeerError::io("writing", &d))?;
-            resume(&d.join("data.part"), &m)
+            let tree = d.join(storage::TREE_DIR);
+            if m.format == Format::Tree && !tree.exists() {
+                let reused = cache.reuse_into(&n, &m, &tree);
+                if reused.files() > 0 {
+                    tracing::info!(package = %n, files = reused.files(), linked = reused.linked, bytes = reused.bytes, "starting from files of cached versions");
+                }
+            }
+            resume(&d, &m)
         })
         .await
         .map_err(|e| PeerError::Agent(format!("resume task: {e}")))??;
@@ -670,17 +678,19 @@ async fn dial(t: &Torrent, addr: SocketAddr) -> Option<(TcpStream, Handshake, By
     Some((stream, theirs, buf))
 }
 
-/// Verify every piece already in a partial file; missing or corrupt ones are fetched again.
-fn resume(part: &Path, meta: &Metainfo) -> Result<(PieceFile, Bitfield)> {
-    let existed = part.exists();
-    let storage =
-        PieceFile::open_partial(part, meta.length).map_err(PeerError::io("opening", part))?;
+/// Verify every piece already in a partial download in the work directory `dir`; missing or
+/// corrupt ones are fetched again.
+fn resume(dir: &Path, meta: &Metainfo) -> Result<(PackageData, Bitfield)> {
+    let existed = dir.join(storage::PART_FILE).exists() || dir.join(storage::TREE_DIR).exists();
+    let storage = PackageData::open_partial(dir, meta)
+        .map_err(PeerError::io("opening a download in", dir))?;
+    let part = storage.path().to_owned();
     let mut have = Bitfield::new(meta.num_pieces());
     if existed {
         for i in 0..meta.num_pieces() {
             let h = storage
                 .sha1_of(meta.piece_offset(i), u64::from(meta.piece_size(i)))
-                .map_err(PeerError::io("verifying", part))?;
+                .map_err(PeerError::io("verifying", &part))?;
             if h == meta.pieces[i as usize] {
                 have.set(i);
             }
@@ -765,8 +775,7 @@ fn spawn_finish(t: Arc<Torrent>) {
         let installed = tokio::task::spawn_blocking(move || {
             storage.sync().map_err(PeerError::io("fsync", storage.path()))?;
             let entry = cache.install(&name, &meta, &part, Handoff::Move, &limits)?;
-            let file = entry.dir.join(&meta.name);
-            let seeding = PieceFile::open_complete(&file, meta.length).map_err(PeerError::io("reopening", &file))?;
+            let seeding = PackageData::open_complete(&entry.dir, &meta).map_err(PeerError::io("reopening", &entry.dir))?;
             Ok::<_, PeerError>((entry, seeding))
         })
         .await
@@ -789,6 +798,43 @@ fn spawn_finish(t: Arc<Torrent>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A tree download cut short keeps its verified pieces across a restart, padding
+    /// included (it reads as the zeros it was hashed as), and nothing is taken on trust.
+    #[test]
+    fn a_tree_download_resumes_with_the_pieces_on_disk() {
+        let contents: Vec<(&str, Vec<u8>)> = vec![
+            ("a", b"small".to_vec()),
+            ("big", (0..100_000u32).map(|i| (i % 249) as u8).collect()),
+            ("z", b"tail".to_vec()),
+        ];
+        let files: Vec<(&str, &[u8])> = contents.iter().map(|(n, d)| (*n, &d[..])).collect();
+        let meta = storage::flat_tree(&files);
+        let dir = tempfile::tempdir().expect("temp dir");
+        let (storage, have) = resume(dir.path(), &meta).expect("fresh download");
+        assert_eq!(have.count(), 0);
+        // The torrent's bytes: files at their offsets, zeros between.
+        let mut torrent = Vec::new();
+        for f in &meta.files {
+            match contents.iter().find(|(n, _)| f.path == [*n]) {
+                Some((_, d)) => torrent.extend_from_slice(d),
+                None => torrent.resize(torrent.len() + f.length as usize, 0),
+            }
+        }
+        let skipped = 2;
+        for i in (0..meta.num_pieces()).filter(|&i| i != skipped) {
+            let at = meta.piece_offset(i) as usize;
+            let end = at + meta.piece_size(i) as usize;
+            storage
+                .write_at(at as u64, &torrent[at..end])
+                .expect("write");
+        }
+        drop(storage);
+        let (_, have) = resume(dir.path(), &meta).expect("resumed download");
+        for i in 0..meta.num_pieces() {
+            assert_eq!(have.get(i), i != skipped, "piece {i}");
+        }
+    }
 
     #[test]
     fn a_piece_we_cannot_read_back_is_our_fault_not_the_senders() {

@@ -34,6 +34,7 @@ use tokio::time::Instant;
 use super::EngineConfig;
 use super::picker::{Arrival, ConnId};
 use super::torrent::{Cmd, Phase, Refusal, Torrent, grant_next_slot};
+use super::zstream::{BatchEncoder, StreamDecoder};
 
 /// Stop filling the write buffer from storage beyond this many bytes.
 const WRITE_HIGH_WATER: usize = 96 << 10;
@@ -44,6 +45,8 @@ const MAX_PENDING_WRITES: usize = 4;
 /// Most requests a peer may queue with us; more are rejected (fast) or dropped. Also the most
 /// we keep queued at another agent.
 const MAX_QUEUED_UPLOADS: usize = 512;
+/// Super-seeding: pieces offered to a peer before it is unchoked.
+const GREETING_OFFERS: usize = 2;
 /// `v` of our extension handshake.
 const EXT_VERSION: &str = concat!("fbpkg-rs ", env!("CARGO_PKG_VERSION"));
 /// Most requests we keep queued at a stock client until its extension handshake says its own
@@ -93,6 +96,11 @@ struct Conn {
     id: ConnId,
     addr: SocketAddr,
     fast: bool,
+    /// The id under which the peer takes compressed blocks (its extension handshake offered
+    /// `fbpkg_zblock`): fbpkg-rs agents do, stock clients do not.
+    zblock: Option<u8>,
+    /// The compressed batch this peer is sending us, if one is open.
+    zin: StreamDecoder,
     /// The peer is an fbpkg-rs agent (peer id prefix `-FB`).
     /// A stock peer that speaks BEP 10: it gets our extension handshake and may send its
     /// `reqq`. Our own agents skip it: they know each other's queue, and in B1 the extra
@@ -148,6 +156,8 @@ struct Conn {
 struct UploadBatch {
     blocks: Vec<BlockRef>,
     encoded: io::Result<BytesMut>,
+    /// Block bytes in `encoded` (compressed blocks at their compressed size).
+    wire: u64,
     /// Pieces checked against their SHA-1 first, and found good.
     checked: Vec<u32>,
     /// A piece whose bytes on disk do not match its SHA-1.
@@ -186,7 +196,9 @@ pub(crate) async fn run(
         id,
         addr,
         fast: theirs.supports_fast(),
-        extended: theirs.supports_extended() && !ours,
+        extended: theirs.supports_extended(),
+        zblock: None,
+        zin: StreamDecoder::default(),
         ours,
         wbuf: BytesMut::with_capacity(WRITE_HIGH_WATER + (32 << 10)),
         peer_choking: true,
@@ -375,7 +387,7 @@ impl Conn {
             // `have` arrives, and would crawl; they get everything advertised.
             Some(planner) if seeding && self.ours => {
                 self.super_seeding = true;
-                Some(planner.offers(self.id, 2))
+                Some(planner.offers(self.id, GREETING_OFFERS))
             }
             _ => None,
         };
@@ -553,7 +565,28 @@ impl Conn {
             }
             Message::Request(b) => self.on_request(b)?,
             Message::Cancel(b) => self.uploads.retain(|u| *u != b),
-            Message::Piece { index, begin, data } => self.on_block(index, begin, data)?,
+            Message::Piece { index, begin, data } => {
+                self.t.count_wire(data.len() as u64, 0);
+                self.on_block(index, begin, data)?
+            }
+            Message::Extended { id, payload } if id == ext::ZBLOCK_ID => {
+                let (index, begin, length, frame) =
+                    ext::decode_zblock(&payload).map_err(|e| End::Protocol(e.to_string()))?;
+                // Exactly the block we would have asked for there, never more: bytes that
+                // inflate past it are refused, never allocated.
+                let expected = u64::from(self.t.meta.piece_size(index))
+                    .saturating_sub(u64::from(begin))
+                    .min(u64::from(BLOCK_SIZE));
+                if index >= n || u64::from(length) != expected || length == 0 {
+                    return bad("compressed block of the wrong size");
+                }
+                let data = self
+                    .zin
+                    .block(frame, length as usize)
+                    .map_err(End::Protocol)?;
+                self.t.count_wire(frame.len() as u64, 0);
+                self.on_block(index, begin, data.into())?
+            }
             Message::Reject(b) => {
                 if self.in_flight.remove(&(b.index, b.begin)).is_some() {
                     self.t.state().picker.release_block(self.id, &b);
@@ -566,6 +599,7 @@ impl Conn {
                 if let Some(reqq) = ext::reqq(&payload) {
                     self.peer_queue = reqq as usize;
                 }
+                self.zblock = ext::zblock_id(&payload);
             }
             Message::Extended { .. } | Message::Unknown { .. } => {}
         }
@@ -602,6 +636,7 @@ impl Conn {
             tracing::info!(package = %self.t.name, "every piece handed out once; super-seeding ends");
         }
         drop(st);
+        self.top_up_offers();
         self.update_interest();
         self.fill_requests();
     }
@@ -715,12 +750,21 @@ impl Conn {
         ((self.up_rate * 0.5 / piece).ceil() as usize).clamp(2, 32)
     }
 
-    /// Super-seeding: offer an unchoked peer pieces given back by others, up to its share.
+    /// Super-seeding: offer an unchoked peer pieces given back by others, up to its share. A
+    /// choked peer that has not asked for a slot keeps a greeting's worth, so that it has
+    /// something to be interested in: its first offers go out before its bitfield arrives, and
+    /// are dropped when it turns out to hold them already (a resumed download, files reused
+    /// from a cached version); with none left it would never ask, and never be unchoked. A
+    /// choked peer waiting for a slot gave its offers back and gets new ones when unchoked.
     fn top_up_offers(&mut self) {
-        if !self.super_seeding || self.am_choking {
+        if !self.super_seeding {
             return;
         }
-        let keep = self.keep_open();
+        let keep = match (self.am_choking, self.peer_interested) {
+            (false, _) => self.keep_open(),
+            (true, false) => GREETING_OFFERS,
+            (true, true) => return,
+        };
         let offers = match self.t.state().planner.as_mut() {
             Some(planner) => planner.offers(self.id, keep),
             None => return,
@@ -788,6 +832,7 @@ impl Conn {
         check.sort_unstable();
         check.dedup();
         let meta = self.t.meta.clone();
+        let zblock = self.zblock.filter(|_| self.t.try_compress());
         self.reading = Some(tokio::task::spawn_blocking(move || {
             for &i in &check {
                 let len = u64::from(meta.piece_size(i));
@@ -797,6 +842,7 @@ impl Conn {
                         return UploadBatch {
                             blocks,
                             encoded: Ok(BytesMut::new()),
+                            wire: 0,
                             checked: Vec::new(),
                             corrupt: Some(i),
                         };
@@ -805,6 +851,7 @@ impl Conn {
                         return UploadBatch {
                             blocks,
                             encoded: Err(e),
+                            wire: 0,
                             checked: Vec::new(),
                             corrupt: None,
                         };
@@ -813,12 +860,30 @@ impl Conn {
             }
             let mut out = BytesMut::with_capacity(bytes);
             let mut encoded = Ok(());
-            for b in &blocks {
+            let mut wire = 0u64;
+            let mut raw = Vec::new();
+            // One zstd frame for the batch (see `zstream`); plain blocks if it cannot start.
+            let mut frame = zblock.and_then(|id| BatchEncoder::new().ok().map(|e| (id, e)));
+            for (k, b) in blocks.iter().enumerate() {
                 let offset = meta.piece_offset(b.index) + u64::from(b.begin);
-                Message::encode_piece_header(b.index, b.begin, b.length as usize, &mut out);
-                let start = out.len();
-                out.resize(start + b.length as usize, 0);
-                if let Err(e) = storage.read_at(offset, &mut out[start..]) {
+                let last = k + 1 == blocks.len();
+                let read = match &mut frame {
+                    None => {
+                        Message::encode_piece_header(b.index, b.begin, b.length as usize, &mut out);
+                        let start = out.len();
+                        out.resize(start + b.length as usize, 0);
+                        wire += u64::from(b.length);
+                        storage.read_at(offset, &mut out[start..])
+                    }
+                    Some((id, enc)) => {
+                        raw.resize(b.length as usize, 0);
+                        storage
+                            .read_at(offset, &mut raw)
+                            .and_then(|()| enc.block(*id, b, &raw, last, &mut out))
+                            .map(|n| wire += n)
+                    }
+                };
+                if let Err(e) = read {
                     encoded = Err(io::Error::new(
                         e.kind(),
                         format!("reading {}: {e}", storage.path().display()),
@@ -829,6 +894,7 @@ impl Conn {
             UploadBatch {
                 blocks,
                 encoded: encoded.map(|()| out),
+                wire,
                 checked: check,
                 corrupt: None,
             }
@@ -866,6 +932,10 @@ impl Conn {
             return Ok(());
         }
         let payload: u64 = batch.blocks.iter().map(|b| u64::from(b.length)).sum();
+        self.t.count_wire(0, batch.wire);
+        if self.zblock.is_some() {
+            self.t.note_compressed(payload, batch.wire);
+        }
         if self.wbuf.is_empty() {
             self.wbuf = data;
         } else {

@@ -23,7 +23,7 @@ use super::ratelimit::RateLimiter;
 use super::superseed::SeedPlanner;
 use crate::cache::CachedPackage;
 use crate::error::ErrorKind;
-use crate::storage::PieceFile;
+use crate::storage::PackageData;
 
 /// Where a torrent is in its life. See STATE.md.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -147,7 +147,7 @@ pub struct Torrent {
     pub(crate) ctx: Arc<EngineCtx>,
     /// `None` once the torrent failed: its file is closed, so the space of the removed
     /// partial download is given back at once.
-    storage: RwLock<Option<Arc<PieceFile>>>,
+    storage: RwLock<Option<Arc<PackageData>>>,
     state: Mutex<State>,
     phase: watch::Sender<Phase>,
     /// Cancelled when the torrent is removed or the engine stops.
@@ -160,6 +160,11 @@ pub struct Torrent {
     pub(crate) announce_now: Notify,
     uploaded: AtomicU64,
     downloaded: AtomicU64,
+    /// Piece bytes as they crossed the wire (compressed blocks at their compressed size).
+    uploaded_wire: AtomicU64,
+    downloaded_wire: AtomicU64,
+    /// Whether this package's blocks compress: see [`Torrent::try_compress`].
+    zstats: Compressibility,
     reported_corrupt: std::sync::atomic::AtomicBool,
     wasted: AtomicU64,
     started: Instant,
@@ -207,6 +212,12 @@ pub struct TorrentStatus {
     pub downloaded: u64,
     /// Piece bytes sent in total.
     pub uploaded: u64,
+    /// What `downloaded` took on the wire: less when peers sent blocks compressed.
+    #[serde(default)]
+    pub downloaded_wire: u64,
+    /// What `uploaded` took on the wire.
+    #[serde(default)]
+    pub uploaded_wire: u64,
     /// Seconds since the torrent was added.
     pub age_secs: f64,
     /// The cache path once seeding.
@@ -215,11 +226,19 @@ pub struct TorrentStatus {
     pub error: Option<String>,
 }
 
+/// Blocks compressed so far for peers, and what they came to.
+#[derive(Debug, Default)]
+struct Compressibility {
+    raw: AtomicU64,
+    wire: AtomicU64,
+    skipped: AtomicU64,
+}
+
 /// What a new torrent starts from.
 pub(crate) struct TorrentInit {
     pub name: PackageName,
     pub meta: Arc<Metainfo>,
-    pub storage: PieceFile,
+    pub storage: PackageData,
     /// Pieces already verified.
     pub have: Bitfield,
     pub phase: Phase,
@@ -273,6 +292,9 @@ impl Torrent {
             announce_now: Notify::new(),
             uploaded: AtomicU64::new(0),
             downloaded: AtomicU64::new(0),
+            uploaded_wire: AtomicU64::new(0),
+            downloaded_wire: AtomicU64::new(0),
+            zstats: Compressibility::default(),
             reported_corrupt: std::sync::atomic::AtomicBool::new(false),
             wasted: AtomicU64::new(0),
             started: Instant::now(),
@@ -287,14 +309,14 @@ impl Torrent {
     }
 
     /// The file pieces are read from and written to; `None` after the torrent failed.
-    pub(crate) fn storage(&self) -> Option<Arc<PieceFile>> {
+    pub(crate) fn storage(&self) -> Option<Arc<PackageData>> {
         self.storage
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .clone()
     }
 
-    pub(crate) fn replace_storage(&self, f: PieceFile) {
+    pub(crate) fn replace_storage(&self, f: PackageData) {
         *self.storage.write().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(f));
     }
 
@@ -348,6 +370,31 @@ impl Torrent {
 
     pub(crate) fn count_down(&self, n: u64) {
         self.downloaded.fetch_add(n, Relaxed);
+    }
+
+    /// Bytes of block payload that crossed the wire, in and out.
+    pub(crate) fn count_wire(&self, down: u64, up: u64) {
+        self.downloaded_wire.fetch_add(down, Relaxed);
+        self.uploaded_wire.fetch_add(up, Relaxed);
+    }
+
+    /// Whether to compress the next batch of blocks for a peer that takes them compressed.
+    /// Always for the first MiB, then while compression saves at least 5%, and one batch in 64
+    /// otherwise (a package of compressed or random bytes costs its seeders almost no CPU, and
+    /// a package whose later files compress is still noticed).
+    pub(crate) fn try_compress(&self) -> bool {
+        let z = &self.zstats;
+        let (raw, wire) = (z.raw.load(Relaxed), z.wire.load(Relaxed));
+        raw < (1 << 20)
+            || wire.saturating_mul(100) <= raw.saturating_mul(95)
+            || z.skipped.fetch_add(1, Relaxed).is_multiple_of(64)
+    }
+
+    /// `raw` bytes of blocks were compressed into `wire` (or sent as they were, when that was
+    /// not smaller).
+    pub(crate) fn note_compressed(&self, raw: u64, wire: u64) {
+        self.zstats.raw.fetch_add(raw, Relaxed);
+        self.zstats.wire.fetch_add(wire, Relaxed);
     }
 
     pub(crate) fn count_wasted(&self, n: u64) {
@@ -715,6 +762,8 @@ impl Torrent {
             upload_rate: st.peers.values().map(|p| p.up_rate).sum(),
             downloaded: self.downloaded(),
             uploaded: self.uploaded(),
+            downloaded_wire: self.downloaded_wire.load(Relaxed),
+            uploaded_wire: self.uploaded_wire.load(Relaxed),
             age_secs: self.started.elapsed().as_secs_f64(),
             path,
             error,
@@ -824,7 +873,7 @@ mod tests {
         let init = TorrentInit {
             name: PackageName::new("t").unwrap(),
             have: have(meta.num_pieces()),
-            storage: PieceFile::open_partial(&dir.join("data.part"), len).unwrap(),
+            storage: PackageData::open_partial(dir, &meta).unwrap(),
             meta: Arc::new(meta),
             phase: Phase::Downloading,
             work_dir: None,

@@ -13,6 +13,7 @@ pub mod qbittorrent;
 pub mod scene;
 pub mod stock;
 pub mod transmission;
+pub mod tree;
 
 pub use fbpkg_tests::poll;
 

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use fbpkg_common::Sha256Hash;
 use fbpkg_common::metainfo::{Format, Metainfo};
 use fbpkg_peer::cache::{METAINFO_FILE, sha256_file};
+use fbpkg_peer::storage::TREE_DIR;
 use fbpkg_tests::{AgentProcess, embedded_tracker, fbpkg_rs, http_client, publish, swarm_peers};
 use fbpkg_tracker::Embedded;
 use rand::RngExt;
@@ -19,6 +20,7 @@ use tempfile::TempDir;
 use super::opentracker::Opentracker;
 use super::poll;
 use super::stock::{Role, Stock};
+use super::tree::{self, EmptyFiles};
 
 /// Overrides every cell's package size (bytes), to time the cells on a larger package.
 pub const SIZE_ENV: &str = "FBPKG_INTEROP_BYTES";
@@ -47,15 +49,24 @@ pub fn transfer_timeout(bytes: usize) -> Duration {
     Duration::from_secs(30) + Duration::from_secs(3) * u32::try_from(bytes >> 20).unwrap_or(1000)
 }
 
-/// One package: its bytes and metainfo.
+/// One package: its content and metainfo.
 #[derive(Debug)]
 pub struct Package {
     /// The name it is published under.
     pub name: String,
     /// Its content.
-    pub bytes: Vec<u8>,
+    pub content: Content,
     /// Its metainfo, as published.
     pub metainfo: Metainfo,
+}
+
+/// What a package holds.
+#[derive(Debug)]
+pub enum Content {
+    /// A file package's bytes (the torrent's one file).
+    File(Vec<u8>),
+    /// A tree package: the directory it was published from (the torrent's files).
+    Tree(PathBuf),
 }
 
 impl Package {
@@ -77,15 +88,27 @@ impl Package {
         .expect("building metainfo");
         Self {
             name: name.to_owned(),
-            bytes,
+            content: Content::File(bytes),
             metainfo,
         }
     }
 
-    /// The same package announcing elsewhere (the info-hash does not change: `announce` is
-    /// outside the info dictionary).
+    /// The same file package announcing elsewhere (the info-hash does not change: `announce`
+    /// is outside the info dictionary).
     pub fn announcing_to(self, announce: &str) -> Self {
-        Self::new(&self.name, self.bytes, announce)
+        let Content::File(bytes) = self.content else {
+            panic!("announcing_to is for file packages");
+        };
+        Self::new(&self.name, bytes, announce)
+    }
+
+    /// Bytes a client must fetch: the file's, or the tree's regular files' (padding aside).
+    pub fn size(&self) -> usize {
+        match &self.content {
+            Content::File(bytes) => bytes.len(),
+            Content::Tree(_) => usize::try_from(tree::content_bytes(&self.metainfo))
+                .expect("a test package fits in memory"),
+        }
     }
 
     /// Info-hash in hex.
@@ -162,6 +185,26 @@ impl Scene {
         package
     }
 
+    /// The directory `dir` as tree package `name` announcing to our tracker (the metainfo
+    /// `fbpkg-rs publish NAME DIR` would make), published to its catalog.
+    pub async fn publish_tree(&self, name: &str, dir: &Path) -> Package {
+        let items = fbpkg_peer::archive::tree_items(dir).expect("walking the tree");
+        let metainfo = Metainfo::build_tree(
+            items,
+            |p| std::fs::File::open(p.iter().fold(dir.to_owned(), |at, c| at.join(c))),
+            name,
+            &self.announce_url(),
+        )
+        .expect("building the tree's metainfo");
+        let package = Package {
+            name: name.to_owned(),
+            content: Content::Tree(dir.to_owned()),
+            metainfo,
+        };
+        self.publish(&package).await;
+        package
+    }
+
     /// Publish `package`'s metainfo to our tracker's catalog (what `get name:sha256` asks).
     pub async fn publish(&self, package: &Package) {
         let status = publish(&self.http, &self.url, &package.name, &package.metainfo)
@@ -196,7 +239,33 @@ impl Scene {
         rand::rng().fill(&mut bytes[..]);
         let file = self.path("published").join(format!("{name}.bin"));
         std::fs::write(&file, &bytes).expect("writing the package");
-        let mut args: Vec<OsString> = vec!["publish".into(), name.into(), file.into()];
+        self.agent_publishes_content(agent, name, &file, Content::File(bytes))
+            .await
+    }
+
+    /// `fbpkg-rs publish NAME DIR` through `agent`: the directory `dir` as a tree package,
+    /// which the agent seeds from its cached tree. Returns once our tracker lists the agent.
+    pub async fn agent_publishes_tree(
+        &self,
+        agent: &AgentProcess,
+        name: &str,
+        dir: &Path,
+    ) -> Package {
+        let package = self
+            .agent_publishes_content(agent, name, dir, Content::Tree(dir.to_owned()))
+            .await;
+        assert_eq!(package.metainfo.format, Format::Tree, "publish {name} DIR");
+        package
+    }
+
+    async fn agent_publishes_content(
+        &self,
+        agent: &AgentProcess,
+        name: &str,
+        path: &Path,
+        content: Content,
+    ) -> Package {
+        let mut args: Vec<OsString> = vec!["publish".into(), name.into(), path.into()];
         args.extend(agent.host_args());
         let out = fbpkg_rs(args, Duration::from_secs(60)).await;
         assert!(out.success(), "publish: {out}");
@@ -210,7 +279,7 @@ impl Scene {
             .expect("parsing the cached metainfo");
         let package = Package {
             name: name.to_owned(),
-            bytes,
+            content,
             metainfo,
         };
         if let Err(e) = self
@@ -230,7 +299,7 @@ impl Scene {
         agent: &AgentProcess,
         package: &Package,
     ) -> Result<Duration, String> {
-        let size = package.bytes.len();
+        let size = package.size();
         let reference = format!("{}:{}", package.name, package.sha256());
         let mut args: Vec<OsString> = vec![
             "get".into(),
@@ -249,7 +318,10 @@ impl Scene {
             .cache_dir()
             .join(&package.name)
             .join(package.sha256().to_hex())
-            .join(&package.metainfo.name);
+            .join(match package.content {
+                Content::File(_) => package.metainfo.name.as_str(),
+                Content::Tree(_) => TREE_DIR,
+            });
         if Path::new(out.line()) != expected {
             return Err(format!(
                 "get printed {}, not {}",
@@ -257,11 +329,12 @@ impl Scene {
                 expected.display()
             ));
         }
-        self.verify(&expected, package).await?;
+        self.verify(&expected, package, EmptyFiles::Required)
+            .await?;
         Ok(took)
     }
 
-    /// Have `stock` seed `package`: its file written to `<label>/`, the torrent added, and
+    /// Have `stock` seed `package`: its file (or tree) written to `<label>/`, the torrent added, and
     /// wait until the client has hashed it and calls itself complete. Then wait until our
     /// tracker lists it as a seeder, or `opentracker` counts a seeder when given.
     pub async fn stock_seeds(
@@ -272,8 +345,13 @@ impl Scene {
         opentracker: Option<&Opentracker>,
     ) -> String {
         let dir = self.path(label);
-        std::fs::write(dir.join(&package.metainfo.name), &package.bytes)
-            .expect("writing the seed's copy");
+        let copy = dir.join(&package.metainfo.name);
+        match &package.content {
+            Content::File(bytes) => std::fs::write(&copy, bytes).expect("writing the seed's copy"),
+            Content::Tree(from) => {
+                tree::copy(from, &copy, &package.metainfo).expect("copying the seed's tree")
+            }
+        }
         let handle = stock
             .add(package.torrent(), &package.info_hash(), &dir, Role::Seed)
             .await
@@ -304,7 +382,7 @@ impl Scene {
     }
 
     /// Have `stock` download `package` into `<label>/` from whoever the tracker names; checks
-    /// the file's SHA-256 and returns how long the transfer took (torrent added to complete).
+    /// the file's SHA-256 (a tree's files, file by file) and returns how long the transfer took (torrent added to complete).
     /// `Err` says why it failed, with the client's own account.
     pub async fn stock_downloads(
         &self,
@@ -313,7 +391,7 @@ impl Scene {
         label: &str,
     ) -> Result<Duration, String> {
         let dir = self.path(label);
-        let size = package.bytes.len();
+        let size = package.size();
         let started = Instant::now();
         let handle = stock
             .add(
@@ -341,14 +419,39 @@ impl Scene {
         if let Err(e) = done {
             return Err(format!("{e}\n{}", stock.diagnosis(&handle).await));
         }
-        self.verify(&dir.join(&package.metainfo.name), package)
-            .await?;
+        self.verify(
+            &dir.join(&package.metainfo.name),
+            package,
+            stock.kind().empty_files(),
+        )
+        .await?;
         Ok(took)
     }
 
-    /// Wait until the file at `path` has the package's SHA-256 (a client may say "done" a
-    /// moment before its last write reaches the file; a wrong file never passes).
-    pub async fn verify(&self, path: &Path, package: &Package) -> Result<(), String> {
+    /// Wait until the file at `path` has the package's SHA-256, or the directory at `path`
+    /// holds the tree's files ([`tree::compare`]): a client may say "done" a moment before
+    /// its last write reaches the file; a wrong file never passes.
+    /// `empty` says whether a tree's empty files must be there.
+    pub async fn verify(
+        &self,
+        path: &Path,
+        package: &Package,
+        empty: EmptyFiles,
+    ) -> Result<(), String> {
+        if let Content::Tree(published) = &package.content {
+            let meta = &package.metainfo;
+            return poll(
+                &format!("{} to hold the published tree", path.display()),
+                VERIFY_TIMEOUT,
+                || async move {
+                    let (got, want, meta) = (path.to_owned(), published.clone(), meta.clone());
+                    tokio::task::spawn_blocking(move || tree::compare(&got, &want, &meta, empty))
+                        .await
+                        .map_err(|e| e.to_string())?
+                },
+            )
+            .await;
+        }
         let want = package.sha256();
         poll(
             &format!("{} to have the published SHA-256", path.display()),
@@ -434,7 +537,7 @@ impl Scene {
 
     /// Wait until `agent` says it uploaded at least the whole `package`.
     pub async fn wait_agent_uploaded(&self, agent: &AgentProcess, package: &Package) {
-        let (sha, bytes) = (package.sha256().to_hex(), package.bytes.len() as u64);
+        let (sha, bytes) = (package.sha256().to_hex(), package.size() as u64);
         let sha = &sha;
         let uploaded = poll(
             "the agent to count what it uploaded",

@@ -7,6 +7,7 @@ use super::aria2::{self, Aria2};
 use super::netns::TestNet;
 use super::qbittorrent::{self, Qbittorrent};
 use super::transmission::{self, Transmission};
+use super::tree::EmptyFiles;
 
 /// Which stock client.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -23,6 +24,15 @@ impl Kind {
             Kind::Aria2 => &[aria2::BINARY],
             Kind::Qbittorrent => &[qbittorrent::BINARY],
             Kind::Transmission => &transmission::BINARIES,
+        }
+    }
+
+    /// Whether its downloads have a torrent's zero-length files: Transmission 3.00 never
+    /// creates them (transmission/transmission#417, fixed in 4.1).
+    pub fn empty_files(self) -> EmptyFiles {
+        match self {
+            Kind::Transmission => EmptyFiles::MayBeMissing,
+            Kind::Aria2 | Kind::Qbittorrent => EmptyFiles::Required,
         }
     }
 
