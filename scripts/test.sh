@@ -4,8 +4,9 @@
 #   scripts/test.sh              # everything
 #   scripts/test.sh -p fbpkg-common   # extra arguments go to cargo test
 #
-# Needs: Debian's chromium (the dashboard is checked in a real headless browser). Installed
-# here with apt-get when running as root; otherwise it says what to install. The interop tests
+# Needs: Debian's chromium (the dashboard is checked in a real headless browser),
+# redis-server and postgresql (tracker replicas are tested against real ones). Installed here with apt-get
+# when running as root; otherwise it says what to install. The interop tests
 # also want aria2, qBittorrent, Transmission and opentracker (scripts/interop-deps.sh, run here;
 # without root they are skipped with a message).
 set -euo pipefail
@@ -26,6 +27,28 @@ fi
 if ! command -v strace >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
     echo "scripts/test.sh: installing strace (run's no-socket check)" >&2
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq strace >/dev/null || true
+fi
+
+# The Redis peer-store tests start their own redis-server (a free port, no persistence); they
+# skip, saying so, without it.
+if ! command -v redis-server >/dev/null 2>&1; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+        echo "scripts/test.sh: installing redis-server (Redis peer-store tests)" >&2
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null
+    else
+        echo "scripts/test.sh: the Redis peer-store tests skip without redis-server: sudo apt-get install redis-server" >&2
+    fi
+fi
+
+# The replica tests create their own PostgreSQL cluster (initdb in a temporary directory, a
+# free port; as the `postgres` user when run as root); they skip, saying so, without it.
+if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+        echo "scripts/test.sh: installing postgresql (tracker replica tests)" >&2
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null
+    else
+        echo "scripts/test.sh: the replica tests skip without PostgreSQL: sudo apt-get install postgresql" >&2
+    fi
 fi
 
 scripts/interop-deps.sh

@@ -24,7 +24,9 @@ mod cli;
 mod inprocess;
 mod librqbit_session;
 mod logged_child;
+mod postgres_process;
 mod raw_peer;
+mod redis_process;
 mod tracker_process;
 
 pub use agent_process::{AgentProcess, free_loopback_port, log_field};
@@ -35,10 +37,12 @@ pub use catalog::{
 pub use cli::{CliOutput, clean_env, fbpkg_rs, fbpkg_rs_command, fbpkg_rs_then, publish_versions};
 pub use inprocess::{Staged, embedded_tracker, engine, seed_from_cache, stop_tracker};
 pub use librqbit_session::{add_torrent, loopback_session};
+pub use postgres_process::{PostgresServer, postgres_bin_dir};
 pub use raw_peer::{
     Raw, accept_handshake, admitted, announce_as_seeder, handshake_from, random_peer_id,
     real_block, wait_message,
 };
+pub use redis_process::{RedisServer, redis_server_binary};
 pub use tracker_process::TrackerProcess;
 
 use std::time::Duration;

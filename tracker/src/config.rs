@@ -108,6 +108,93 @@ pub struct TrackerArgs {
     /// Seconds between dashboard refreshes.
     #[arg(long, env = "FBPKG_DASHBOARD_REFRESH", default_value_t = 5)]
     pub dashboard_refresh_secs: u32,
+
+    /// Where peers are kept: `memory` (this process), or `redis://HOST:PORT/DB`, shared by
+    /// every replica pointed at it, so agents announcing to different replicas find each other.
+    /// Published packages stay in each replica's catalog (--data-dir).
+    #[arg(
+        long,
+        env = "FBPKG_TRACKER_PEER_STORE",
+        default_value = "memory",
+        hide_env_values = true
+    )]
+    pub peer_store: String,
+
+    /// Deadline of every peer-store call: past it the announce gets a failure reason ("peer
+    /// store unavailable") rather than waiting.
+    #[arg(long, env = "FBPKG_TRACKER_PEER_STORE_TIMEOUT", default_value = "1s", value_parser = humantime::parse_duration)]
+    pub peer_store_timeout: Duration,
+
+    /// Where the catalog, tags and rollouts are kept: `files` (under --data-dir, this process
+    /// only), or `postgres://USER:PASSWORD@HOST:PORT/DB`, shared by every replica pointed at
+    /// it: a publish, tag move or rollout step on one is seen by all at once. The schema is
+    /// created or upgraded at start. Reads are served from memory either way.
+    #[arg(
+        long,
+        env = "FBPKG_TRACKER_CATALOG",
+        default_value = "files",
+        hide_env_values = true
+    )]
+    pub catalog: String,
+
+    /// Deadline of every catalog database call: past it a write answers 503 (reads are served
+    /// from memory and never wait).
+    #[arg(long, env = "FBPKG_TRACKER_CATALOG_TIMEOUT", default_value = "2s", value_parser = humantime::parse_duration)]
+    pub catalog_timeout: Duration,
+}
+
+/// Where the catalog, tags and rollouts are kept.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum CatalogKind {
+    /// Files under the data directory.
+    #[default]
+    Files,
+    /// PostgreSQL at this URL (may hold a password).
+    Postgres(String),
+}
+
+impl CatalogKind {
+    /// `files` or a `postgres://` URL.
+    pub fn parse(s: &str) -> Result<Self, TrackerError> {
+        if s == "files" {
+            return Ok(Self::Files);
+        }
+        if s.starts_with("postgres://") || s.starts_with("postgresql://") {
+            crate::postgres::parse_url(s)?;
+            return Ok(Self::Postgres(s.to_owned()));
+        }
+        Err(TrackerError::Config(
+            "--catalog must be `files` or `postgres://USER:PASSWORD@HOST:PORT/DB`".into(),
+        ))
+    }
+}
+
+/// Where peers are kept.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum PeerStoreKind {
+    /// In this process.
+    #[default]
+    Memory,
+    /// Redis at this URL (`redis://HOST:PORT/DB`; may hold a password).
+    Redis(String),
+}
+
+impl PeerStoreKind {
+    /// `memory` or a `redis://` URL.
+    pub fn parse(s: &str) -> Result<Self, TrackerError> {
+        if s == "memory" {
+            return Ok(Self::Memory);
+        }
+        if s.starts_with("redis://") || s.starts_with("redis+unix://") {
+            redis::Client::open(s).map_err(|e| {
+                TrackerError::Config(format!("--peer-store: not a usable Redis URL: {e}"))
+            })?;
+            return Ok(Self::Redis(s.to_owned()));
+        }
+        Err(TrackerError::Config(
+            "--peer-store must be `memory` or `redis://HOST:PORT/DB`".into(),
+        ))
+    }
 }
 
 /// Validated tracker settings. `Config::default()` is what the flags default to.
@@ -168,6 +255,18 @@ pub struct Config {
     pub dashboard_refresh_secs: u32,
     /// Serving threads (default 0: one per core).
     pub threads: usize,
+    /// Where peers are kept (default memory). Not serialized: the URL may hold a password.
+    #[serde(skip)]
+    pub peer_store: PeerStoreKind,
+    /// Deadline of every peer-store call (default 1 s).
+    #[serde(with = "humantime_serde_compat")]
+    pub peer_store_timeout: Duration,
+    /// Where the catalog is kept (default files). Not serialized: the URL may hold a password.
+    #[serde(skip)]
+    pub catalog: CatalogKind,
+    /// Deadline of every catalog database call (default 2 s).
+    #[serde(with = "humantime_serde_compat")]
+    pub catalog_timeout: Duration,
 }
 
 mod humantime_serde_compat {
@@ -217,6 +316,10 @@ impl Default for Config {
             max_body_bytes: 8 << 20,
             dashboard_refresh_secs: 5,
             threads: 0,
+            peer_store: PeerStoreKind::Memory,
+            peer_store_timeout: Duration::from_secs(1),
+            catalog: CatalogKind::Files,
+            catalog_timeout: Duration::from_secs(2),
         }
     }
 }
@@ -245,6 +348,10 @@ impl TrackerArgs {
             rollout_host_timeout: self.rollout_host_timeout,
             dashboard_refresh_secs: self.dashboard_refresh_secs,
             threads: self.threads,
+            peer_store: PeerStoreKind::parse(&self.peer_store)?,
+            peer_store_timeout: self.peer_store_timeout,
+            catalog: CatalogKind::parse(&self.catalog)?,
+            catalog_timeout: self.catalog_timeout,
             ..Config::default()
         };
         config.validate(self.allow_unauthenticated_publish)?;
@@ -299,6 +406,12 @@ impl Config {
                 return bad(format!("{flag} must be more than 0"));
             }
         }
+        if self.peer_store_timeout.is_zero() {
+            return bad("--peer-store-timeout must be more than 0".into());
+        }
+        if self.catalog_timeout.is_zero() {
+            return bad("--catalog-timeout must be more than 0".into());
+        }
         if self.dashboard_refresh_secs == 0 {
             return bad("--dashboard-refresh must be at least 1".into());
         }
@@ -316,5 +429,46 @@ impl Config {
     /// The announce interval in whole seconds, as written into responses.
     pub fn interval_secs(&self) -> u32 {
         u32::try_from(self.announce_interval.as_secs()).unwrap_or(u32::MAX)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn peer_store_is_memory_or_a_redis_url() {
+        assert_eq!(
+            PeerStoreKind::parse("memory").ok(),
+            Some(PeerStoreKind::Memory)
+        );
+        let url = "redis://127.0.0.1:6379/2";
+        assert_eq!(
+            PeerStoreKind::parse(url).ok(),
+            Some(PeerStoreKind::Redis(url.to_owned()))
+        );
+        for bad in [
+            "",
+            "Memory",
+            "postgres://x",
+            "redis://127.0.0.1:6379/notadb",
+        ] {
+            let e = PeerStoreKind::parse(bad).expect_err(bad).to_string();
+            assert!(e.contains("--peer-store"), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn catalog_is_files_or_a_postgres_url() {
+        assert_eq!(CatalogKind::parse("files").ok(), Some(CatalogKind::Files));
+        let url = "postgres://fbpkg:secret@127.0.0.1:5432/fbpkg";
+        assert_eq!(
+            CatalogKind::parse(url).ok(),
+            Some(CatalogKind::Postgres(url.to_owned()))
+        );
+        for bad in ["", "Files", "redis://x", "postgres://h:notaport/db"] {
+            let e = CatalogKind::parse(bad).expect_err(bad).to_string();
+            assert!(e.contains("--catalog"), "{bad}: {e}");
+        }
     }
 }

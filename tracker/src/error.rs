@@ -35,6 +35,9 @@ pub enum TrackerError {
     /// Publishing different metainfo under an existing name and hash.
     #[error("{0}")]
     Conflict(String),
+    /// A store the tracker needs does not answer now (the catalog database): try again.
+    #[error("{0}")]
+    Unavailable(String),
     /// The catalog could not be read or written.
     #[error("catalog storage: {context}: {source}")]
     Storage {
@@ -60,6 +63,7 @@ impl TrackerError {
             TrackerError::Config(_) | TrackerError::Storage { .. } => {
                 StatusCode::INTERNAL_SERVER_ERROR
             }
+            TrackerError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             TrackerError::BadRequest(_) => StatusCode::BAD_REQUEST,
             TrackerError::Unauthorized => StatusCode::UNAUTHORIZED,
             TrackerError::Forbidden(_) => StatusCode::FORBIDDEN,

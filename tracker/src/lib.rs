@@ -31,11 +31,13 @@ mod front;
 pub mod fuzzing;
 mod http;
 pub mod metrics;
+pub mod peer_store;
+pub mod postgres;
 pub mod rollout;
 mod server;
 pub mod swarm;
 
-pub use config::{Config, TrackerArgs, default_data_dir};
+pub use config::{Config, PeerStoreKind, TrackerArgs, default_data_dir};
 pub use error::TrackerError;
 pub use http::{AppState, SharedState, app, serve_announce};
 pub use server::{Embedded, Listeners, bind, run};

@@ -23,15 +23,18 @@ pub enum AnnounceOutcome {
     Full,
     /// The announcing address already has the most peers allowed in the swarm.
     AddressLimit,
+    /// The peer store (Redis) did not answer in time or failed.
+    StoreUnavailable,
 }
 
 impl AnnounceOutcome {
-    const ALL: [AnnounceOutcome; 5] = [
+    const ALL: [AnnounceOutcome; 6] = [
         AnnounceOutcome::Ok,
         AnnounceOutcome::Unregistered,
         AnnounceOutcome::Malformed,
         AnnounceOutcome::Full,
         AnnounceOutcome::AddressLimit,
+        AnnounceOutcome::StoreUnavailable,
     ];
     /// The `outcome` label, and what a log line says.
     pub fn label(self) -> &'static str {
@@ -41,6 +44,7 @@ impl AnnounceOutcome {
             AnnounceOutcome::Malformed => "malformed",
             AnnounceOutcome::Full => "full",
             AnnounceOutcome::AddressLimit => "address_limit",
+            AnnounceOutcome::StoreUnavailable => "store_unavailable",
         }
     }
 }

@@ -22,6 +22,10 @@ use crate::error::TrackerError;
 use crate::front;
 use crate::http::{AppState, SharedState, app};
 use crate::metrics::Cutoff;
+use crate::peer_store::wall_ms;
+use crate::postgres::{CATALOG_CHANNEL, Notice, Pg, ROLLOUT_CHANNEL};
+use crate::rollout::shared;
+use fbpkg_common::pkgref::{PackageName, Tag};
 
 /// Listening sockets for one address, one per serving thread.
 #[derive(Debug)]
@@ -90,6 +94,23 @@ pub async fn run(
         crate::rollout::run_controller(state.clone(), shutdown.clone())
             .instrument(tracing::info_span!("rollout_controller")),
     );
+    let follower = state
+        .notices
+        .lock()
+        .ok()
+        .and_then(|mut n| n.take())
+        .map(|notices| {
+            tokio::spawn(
+                follow_replicas(state.clone(), notices, shutdown.clone())
+                    .instrument(tracing::info_span!("replicas")),
+            )
+        });
+    let sharer = state.pg.clone().map(|pg| {
+        tokio::spawn(
+            share_hosts(state.clone(), pg, shutdown.clone())
+                .instrument(tracing::info_span!("host_votes")),
+        )
+    });
     let router = app(state.clone());
     let mut done = Vec::new();
     for (i, socket) in listeners.sockets.into_iter().enumerate() {
@@ -131,6 +152,9 @@ pub async fn run(
     shutdown.cancel();
     let _ = sweeper.await;
     let _ = controller.await;
+    for task in [follower, sharer].into_iter().flatten() {
+        let _ = task.await;
+    }
     tracing::info!(%addr, "tracker stopped");
     result
 }
@@ -236,6 +260,120 @@ async fn sweep(state: SharedState, shutdown: CancellationToken) {
         if dropped > 0 {
             tracing::debug!(dropped, "expired silent peers");
         }
+    }
+}
+
+/// Apply what other replicas committed to the shared catalog: reload the package or tag a
+/// notice names (everything after the listener reconnects), and register the swarms of
+/// versions published elsewhere so their announces are accepted here.
+async fn follow_replicas(
+    state: SharedState,
+    mut notices: tokio::sync::mpsc::UnboundedReceiver<Notice>,
+    shutdown: CancellationToken,
+) {
+    loop {
+        let notice = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            n = notices.recv() => match n {
+                Some(n) => n,
+                None => return,
+            },
+        };
+        let s = state.clone();
+        let applied = tokio::task::spawn_blocking(move || apply(&s, notice)).await;
+        match applied {
+            Ok(Ok(())) => {}
+            // The next notice, or the resync after the listener reconnects, brings it back.
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "could not reload a change made on another replica")
+            }
+            Err(e) => tracing::error!(error = %e, "reload task failed"),
+        }
+    }
+}
+
+/// Share host votes with the other replicas (see [`crate::rollout::shared`]): push what
+/// changed here every `--rollout-tick` (at once when a host appears), and while a rollout is
+/// active pull what the others pushed.
+async fn share_hosts(state: SharedState, pg: Arc<Pg>, shutdown: CancellationToken) {
+    // Rows committed by others up to this long before our last read may not have been visible
+    // to it yet (commits in flight, clocks apart): read again.
+    const OVERLAP_MS: u64 = 2_000;
+    let period = state.config.rollout_tick.max(Duration::from_millis(10));
+    let mut tick = tokio::time::interval(period);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let host_timeout = u64::try_from(state.config.rollout_host_timeout.as_millis()).unwrap_or(0);
+    let mut since = wall_ms().saturating_sub(host_timeout);
+    let mut warned = false;
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+            _ = state.rollouts.host_appeared() => {}
+        }
+        let (votes, addrs) = state.rollouts.take_dirty();
+        let active = state.rollouts.has_active();
+        if votes.is_empty() && addrs.is_empty() && !active {
+            continue;
+        }
+        let (s, pg) = (state.clone(), pg.clone());
+        let from = since;
+        let done = tokio::task::spawn_blocking(move || {
+            shared::push(&pg, &votes, &addrs)?;
+            if !active {
+                return Ok(None);
+            }
+            let read_at = wall_ms();
+            let (votes, addrs) = shared::pull(&pg, from)?;
+            s.rollouts.merge_shared(votes, addrs);
+            Ok::<_, TrackerError>(Some(read_at))
+        })
+        .await;
+        match done {
+            Ok(Ok(read)) => {
+                if let Some(at) = read {
+                    since = at.saturating_sub(OVERLAP_MS);
+                }
+                warned = false;
+            }
+            // Soft state: hosts report again at their next follow interval.
+            Ok(Err(e)) if !warned => {
+                tracing::warn!(error = %e, "could not share host votes with the other replicas");
+                warned = true;
+            }
+            Ok(Err(_)) => {}
+            Err(e) => tracing::error!(error = %e, "host vote task failed"),
+        }
+    }
+}
+
+fn apply(state: &AppState, notice: Notice) -> Result<(), TrackerError> {
+    match notice {
+        Notice::Resync => {
+            for (name, v) in state.catalog.reload_all()? {
+                state.register(&name, &v.metainfo);
+            }
+            state.rollouts.reload_all()
+        }
+        Notice::Changed { channel, payload } if channel == CATALOG_CHANNEL => {
+            let Ok(name) = PackageName::new(&payload) else {
+                return Ok(());
+            };
+            for v in state.catalog.reload(&name)? {
+                state.register(&name, &v.metainfo);
+            }
+            Ok(())
+        }
+        Notice::Changed { channel, payload } if channel == ROLLOUT_CHANNEL => {
+            let Some((name, tag)) = payload
+                .split_once(':')
+                .and_then(|(n, t)| Some((PackageName::new(n).ok()?, Tag::new(t).ok()?)))
+            else {
+                return Ok(());
+            };
+            state.rollouts.reload(&name, &tag)
+        }
+        Notice::Changed { .. } => Ok(()),
     }
 }
 

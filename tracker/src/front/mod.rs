@@ -43,7 +43,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use self::head::{Head, MAX_HEAD, parse_head, response};
-use crate::http::{SharedState, scrape_body, serve_announce};
+use crate::http::{SharedState, scrape_any, scrape_body, serve_announce, serve_announce_any};
 use crate::metrics::{Cutoff, Route};
 
 /// What [`serve_immediately`] left to the async path.
@@ -79,7 +79,13 @@ pub(crate) fn serve_immediately(
             query,
             keep_alive: false,
             len,
-        }) if len == n && query.len() <= state.config.max_query_len => (route, query),
+        }) if len == n
+            && query.len() <= state.config.max_query_len
+            // A remote peer store answers asynchronously: the connection's task serves it.
+            && state.peers.redis().is_none() =>
+        {
+            (route, query)
+        }
         _ => return Some((stream, Later::Serve(BytesMut::from(&first[..n])))),
     };
     let started = Instant::now();
@@ -114,6 +120,27 @@ fn answer(
             body
         }
         _ => scrape_body(state, query),
+    }
+}
+
+/// [`answer`] with whichever peer store the tracker has (Redis needs a round trip).
+async fn answer_any(
+    state: &SharedState,
+    route: Route,
+    query: &str,
+    remote: SocketAddr,
+    now: Instant,
+) -> Vec<u8> {
+    if state.peers.redis().is_none() {
+        return answer(state, route, query, remote, now);
+    }
+    match route {
+        Route::Announce => {
+            let (body, outcome) = serve_announce_any(state, remote.ip(), query, now).await;
+            state.metrics.announce(outcome);
+            body
+        }
+        _ => scrape_any(state, query).await,
     }
 }
 
@@ -212,7 +239,7 @@ pub(crate) async fn serve_connection(
             refuse(&mut stream, &state, "414 URI Too Long", &msg).await;
             return;
         }
-        let body = answer(&state, route, &query, remote, started);
+        let body = answer_any(&state, route, &query, remote, started).await;
         response(&mut out, "200 OK", "text/plain", &body, keep_alive);
         let sent = send(&mut stream, &out, &state, remote).await;
         state.metrics.observe(route, started.elapsed());

@@ -10,13 +10,14 @@ use axum::extract::{ConnectInfo, RawQuery, State};
 use axum::http::header;
 use axum::response::{IntoResponse, Response};
 use fbpkg_common::tracker_proto::{
-    AnnounceRequest, AnnounceResponse, Event, PeerFormat, ScrapeRequest, ScrapeResponse,
+    AnnounceRequest, AnnounceResponse, Event, PeerEntry, PeerFormat, ScrapeRequest, ScrapeResponse,
     ScrapeStats, encode_failure,
 };
 use tokio::time::Instant;
 
 use super::SharedState;
 use crate::metrics::AnnounceOutcome;
+use crate::peer_store::{Announce, RedisStore, wall_ms};
 use crate::swarm::{PeerKey, PeerRecord, Recorded};
 
 /// Full scrapes (no info_hash) are answered only up to this many swarms.
@@ -31,78 +32,99 @@ pub(super) async fn announce(
     ConnectInfo(remote): ConnectInfo<SocketAddr>,
     RawQuery(query): RawQuery,
 ) -> Response {
-    let (body, outcome) = serve_announce(
+    let (body, outcome) = serve_announce_any(
         &state,
         remote.ip(),
         query.as_deref().unwrap_or(""),
         Instant::now(),
-    );
+    )
+    .await;
     state.metrics.announce(outcome);
     bencoded(body)
 }
 
-/// Serve one announce: parse, record the peer, pick peers, encode. `remote` is the
-/// connection's address; `ip=` overrides it only from a trusted network.
-pub fn serve_announce(
+/// Serve one announce with whichever peer store the tracker has: [`serve_announce`] for
+/// memory, one Redis round trip otherwise.
+pub async fn serve_announce_any(
     state: &super::AppState,
     remote: IpAddr,
     query: &str,
     now: Instant,
 ) -> (Vec<u8>, AnnounceOutcome) {
-    let mut body = Vec::new();
-    let config = &state.config;
+    match state.peers.redis() {
+        None => serve_announce(state, remote, query, now),
+        Some(store) => serve_announce_redis(state, store, remote, query).await,
+    }
+}
+
+/// The failure reason of an announce the peer store could not serve. Clients retry at their
+/// next interval; a replica on a working store may answer them sooner.
+pub const STORE_UNAVAILABLE: &str = "peer store unavailable, try again";
+
+/// Parse the query and pick the address the peer is recorded under, or the refusal.
+fn admit(
+    state: &super::AppState,
+    remote: IpAddr,
+    query: &str,
+) -> Result<(AnnounceRequest, IpAddr), (Vec<u8>, AnnounceOutcome)> {
     let req = match AnnounceRequest::parse(query) {
         Ok(r) => r,
         Err(e) => {
             tracing::debug!(peer = %remote, error = %e, "announce refused: malformed");
+            let mut body = Vec::new();
             encode_failure(&format!("bad announce: {e}"), &mut body);
-            return (body, AnnounceOutcome::Malformed);
+            return Err((body, AnnounceOutcome::Malformed));
         }
     };
     let remote = remote.to_canonical();
     let ip = match req.ip {
-        Some(claimed) if config.trusted_networks.iter().any(|n| n.contains(&remote)) => {
+        Some(claimed)
+            if state
+                .config
+                .trusted_networks
+                .iter()
+                .any(|n| n.contains(&remote)) =>
+        {
             claimed.to_canonical()
         }
         _ => remote,
     };
-    let swarm = if config.allow_unregistered {
-        state.swarms.get_or_create(req.info_hash, config.max_swarms)
+    Ok((req, ip))
+}
+
+/// The refusal of an announce for a swarm this tracker does not serve.
+fn unknown_swarm(
+    config: &crate::Config,
+    req: &AnnounceRequest,
+    ip: IpAddr,
+) -> (Vec<u8>, AnnounceOutcome) {
+    let (reason, outcome) = if config.allow_unregistered {
+        (
+            "tracker is at its swarm limit; try again later".to_owned(),
+            AnnounceOutcome::Full,
+        )
     } else {
-        state
-            .swarms
-            .get(&req.info_hash)
-            .filter(|s| s.package.is_some())
+        (
+            format!(
+                "unregistered torrent: info-hash {} is not a published package",
+                req.info_hash
+            ),
+            AnnounceOutcome::Unregistered,
+        )
     };
-    let Some(mut swarm) = swarm else {
-        let (reason, outcome) = if config.allow_unregistered {
-            (
-                "tracker is at its swarm limit; try again later".to_owned(),
-                AnnounceOutcome::Full,
-            )
-        } else {
-            (
-                format!(
-                    "unregistered torrent: info-hash {} is not a published package",
-                    req.info_hash
-                ),
-                AnnounceOutcome::Unregistered,
-            )
-        };
-        refused(&req, ip, outcome, &reason);
-        encode_failure(&reason, &mut body);
-        return (body, outcome);
-    };
-    let record = PeerRecord {
-        peer_id: req.peer_id,
-        addr: SocketAddr::new(ip, req.port),
-        uploaded: req.uploaded,
-        downloaded: req.downloaded,
-        left: req.left,
-        zone: req.zone.clone(),
-        last_seen: now,
-    };
-    let refusal = match swarm.record(record, req.event, &config.swarm_limits()) {
+    refused(req, ip, outcome, &reason);
+    let mut body = Vec::new();
+    encode_failure(&reason, &mut body);
+    (body, outcome)
+}
+
+/// The refusal for what the store did, if it refused.
+fn refusal(
+    recorded: Recorded,
+    ip: IpAddr,
+    config: &crate::Config,
+) -> Option<(AnnounceOutcome, String)> {
+    match recorded {
         Recorded::Present | Recorded::Removed => None,
         Recorded::Full => Some((
             AnnounceOutcome::Full,
@@ -116,20 +138,92 @@ pub fn serve_announce(
                 config.max_peers_per_address
             ),
         )),
-    };
-    if let Some((outcome, reason)) = refusal {
-        drop(swarm);
-        refused(&req, ip, outcome, &reason);
-        encode_failure(&reason, &mut body);
-        return (body, outcome);
     }
-    let numwant = if req.event == Event::Stopped {
+}
+
+/// Peers to return: none to a peer leaving.
+fn numwant(config: &crate::Config, req: &AnnounceRequest) -> usize {
+    if req.event == Event::Stopped {
         0
     } else {
         req.numwant
             .unwrap_or(config.default_numwant)
             .min(config.max_numwant) as usize
+    }
+}
+
+/// The bencoded answer, in the format the request asked for.
+fn encode_answer(
+    config: &crate::Config,
+    req: &AnnounceRequest,
+    peers: Vec<PeerEntry>,
+    complete: u32,
+    incomplete: u32,
+) -> Vec<u8> {
+    let resp = AnnounceResponse {
+        interval: config.interval_secs(),
+        min_interval: Some(
+            u32::try_from(config.min_announce_interval.as_secs()).unwrap_or(u32::MAX),
+        ),
+        complete,
+        incomplete,
+        peers,
+        warning: None,
     };
+    let format = if req.compact {
+        PeerFormat::Compact
+    } else {
+        PeerFormat::Dict {
+            with_peer_id: !req.no_peer_id,
+        }
+    };
+    let mut body = Vec::new();
+    resp.encode(format, &mut body);
+    body
+}
+
+/// Serve one announce from the in-memory store: parse, record the peer, pick peers, encode.
+/// `remote` is the connection's address; `ip=` overrides it only from a trusted network.
+pub fn serve_announce(
+    state: &super::AppState,
+    remote: IpAddr,
+    query: &str,
+    now: Instant,
+) -> (Vec<u8>, AnnounceOutcome) {
+    let config = &state.config;
+    let (req, ip) = match admit(state, remote, query) {
+        Ok(a) => a,
+        Err(refused) => return refused,
+    };
+    let swarm = if config.allow_unregistered {
+        state.swarms.get_or_create(req.info_hash, config.max_swarms)
+    } else {
+        state
+            .swarms
+            .get(&req.info_hash)
+            .filter(|s| s.package.is_some())
+    };
+    let Some(mut swarm) = swarm else {
+        return unknown_swarm(config, &req, ip);
+    };
+    let record = PeerRecord {
+        peer_id: req.peer_id,
+        addr: SocketAddr::new(ip, req.port),
+        uploaded: req.uploaded,
+        downloaded: req.downloaded,
+        left: req.left,
+        zone: req.zone.clone(),
+        last_seen: now,
+    };
+    let recorded = swarm.record(record, req.event, &config.swarm_limits());
+    if let Some((outcome, reason)) = refusal(recorded, ip, config) {
+        drop(swarm);
+        refused(&req, ip, outcome, &reason);
+        let mut body = Vec::new();
+        encode_failure(&reason, &mut body);
+        return (body, outcome);
+    }
+    let numwant = numwant(config, &req);
     let peers = if numwant == 0 {
         Vec::new()
     } else {
@@ -139,25 +233,74 @@ pub fn serve_announce(
         };
         swarm.sample(&asker, req.left == 0, req.zone.as_ref(), numwant)
     };
-    let resp = AnnounceResponse {
-        interval: config.interval_secs(),
-        min_interval: Some(
-            u32::try_from(config.min_announce_interval.as_secs()).unwrap_or(u32::MAX),
-        ),
-        complete: u32::try_from(swarm.seeders().len()).unwrap_or(u32::MAX),
-        incomplete: u32::try_from(swarm.leechers().len()).unwrap_or(u32::MAX),
-        peers,
-        warning: None,
-    };
+    let complete = u32::try_from(swarm.seeders().len()).unwrap_or(u32::MAX);
+    let incomplete = u32::try_from(swarm.leechers().len()).unwrap_or(u32::MAX);
     drop(swarm);
-    let format = if req.compact {
-        PeerFormat::Compact
+    let body = encode_answer(config, &req, peers, complete, incomplete);
+    (body, AnnounceOutcome::Ok)
+}
+
+/// Serve one announce from Redis: the same checks and answers as [`serve_announce`], the
+/// peers shared with the other replicas. Registration is this replica's (its catalog).
+async fn serve_announce_redis(
+    state: &super::AppState,
+    store: &RedisStore,
+    remote: IpAddr,
+    query: &str,
+) -> (Vec<u8>, AnnounceOutcome) {
+    let config = &state.config;
+    let (req, ip) = match admit(state, remote, query) {
+        Ok(a) => a,
+        Err(refused) => return refused,
+    };
+    // The map entry (no peers in it) is how this replica knows which swarms to count for
+    // scrape, metrics and the dashboard; the guard is dropped before any await.
+    let known = if config.allow_unregistered {
+        state
+            .swarms
+            .get_or_create(req.info_hash, config.max_swarms)
+            .is_some()
     } else {
-        PeerFormat::Dict {
-            with_peer_id: !req.no_peer_id,
+        state
+            .swarms
+            .get(&req.info_hash)
+            .is_some_and(|s| s.package.is_some())
+    };
+    if !known {
+        return unknown_swarm(config, &req, ip);
+    }
+    let announce = Announce {
+        info_hash: req.info_hash,
+        peer_id: req.peer_id,
+        addr: SocketAddr::new(ip, req.port),
+        event: req.event,
+        uploaded: req.uploaded,
+        downloaded: req.downloaded,
+        left: req.left,
+        zone: req.zone.clone(),
+        numwant: numwant(config, &req),
+    };
+    let mut body = Vec::new();
+    let answer = match store.announce(&announce, wall_ms()).await {
+        Ok(a) => a,
+        Err(e) => {
+            tracing::debug!(info_hash = %req.info_hash, peer = %ip, error = %e, "announce failed: peer store");
+            encode_failure(STORE_UNAVAILABLE, &mut body);
+            return (body, AnnounceOutcome::StoreUnavailable);
         }
     };
-    resp.encode(format, &mut body);
+    if let Some((outcome, reason)) = refusal(answer.recorded, ip, config) {
+        refused(&req, ip, outcome, &reason);
+        encode_failure(&reason, &mut body);
+        return (body, outcome);
+    }
+    let body = encode_answer(
+        config,
+        &req,
+        answer.peers,
+        answer.complete,
+        answer.incomplete,
+    );
     (body, AnnounceOutcome::Ok)
 }
 
@@ -177,47 +320,101 @@ pub(super) async fn scrape(
     State(state): State<SharedState>,
     RawQuery(query): RawQuery,
 ) -> Response {
-    bencoded(scrape_body(&state, query.as_deref().unwrap_or("")))
+    bencoded(scrape_any(&state, query.as_deref().unwrap_or("")).await)
 }
 
-/// Serve one scrape: counts for the named swarms, or for all when there are few.
-pub fn scrape_body(state: &super::AppState, query: &str) -> Vec<u8> {
-    state.metrics.scrape();
+/// Serve one scrape with whichever peer store the tracker has.
+pub async fn scrape_any(state: &super::AppState, query: &str) -> Vec<u8> {
+    let Some(store) = state.peers.redis() else {
+        return scrape_body(state, query);
+    };
     let mut body = Vec::new();
-    let req = match ScrapeRequest::parse(query) {
-        Ok(r) => r,
-        Err(e) => {
-            encode_failure(&format!("bad scrape: {e}"), &mut body);
+    let hashes = match scraped_swarms(state, query) {
+        Ok(h) => h,
+        Err(why) => {
+            encode_failure(&why, &mut body);
             return body;
         }
     };
-    let visible = |s: &crate::swarm::Swarm| state.config.allow_unregistered || s.package.is_some();
-    let stats = |s: &crate::swarm::Swarm| ScrapeStats {
-        complete: u32::try_from(s.seeders().len()).unwrap_or(u32::MAX),
-        downloaded: u32::try_from(s.completed).unwrap_or(u32::MAX),
-        incomplete: u32::try_from(s.leechers().len()).unwrap_or(u32::MAX),
+    let counts = match store.counts(&hashes, wall_ms()).await {
+        Ok(c) => c,
+        Err(_) => {
+            encode_failure(STORE_UNAVAILABLE, &mut body);
+            return body;
+        }
     };
     let mut resp = ScrapeResponse::default();
-    if req.info_hashes.is_empty() {
-        if state.swarms.len() > MAX_FULL_SCRAPE {
-            encode_failure(
-                "full scrape is disabled for this many swarms; name info_hash values",
-                &mut body,
-            );
+    for (h, c) in hashes.into_iter().zip(counts) {
+        resp.files
+            .insert(h, scrape_stats(c.seeders, c.completed, c.leechers));
+    }
+    resp.encode(&mut body);
+    body
+}
+
+/// Serve one scrape from the in-memory store: counts for the named swarms, or for all when
+/// there are few.
+pub fn scrape_body(state: &super::AppState, query: &str) -> Vec<u8> {
+    let mut body = Vec::new();
+    let hashes = match scraped_swarms(state, query) {
+        Ok(h) => h,
+        Err(why) => {
+            encode_failure(&why, &mut body);
             return body;
         }
-        state.swarms.for_each(|h, s| {
-            if visible(s) {
-                resp.files.insert(*h, stats(s));
-            }
-        });
-    } else {
-        for h in &req.info_hashes {
-            if let Some(s) = state.swarms.get(h).filter(|s| visible(s)) {
-                resp.files.insert(*h, stats(&s));
-            }
+    };
+    let mut resp = ScrapeResponse::default();
+    for h in hashes {
+        // A swarm swept since it was listed is left out, as if it had not been.
+        if let Some(s) = state.swarms.get(&h) {
+            let stats = scrape_stats(
+                s.seeders().len() as u64,
+                s.completed,
+                s.leechers().len() as u64,
+            );
+            resp.files.insert(h, stats);
         }
     }
     resp.encode(&mut body);
     body
+}
+
+/// The swarms one scrape asks about and may see (counted as a scrape): the named ones, or
+/// all of them when there are few; `Err` is the failure reason to answer.
+fn scraped_swarms(
+    state: &super::AppState,
+    query: &str,
+) -> Result<Vec<fbpkg_common::InfoHash>, String> {
+    state.metrics.scrape();
+    let req = ScrapeRequest::parse(query).map_err(|e| format!("bad scrape: {e}"))?;
+    let visible = |s: &crate::swarm::Swarm| state.config.allow_unregistered || s.package.is_some();
+    let mut hashes = Vec::new();
+    if req.info_hashes.is_empty() {
+        if state.swarms.len() > MAX_FULL_SCRAPE {
+            return Err(
+                "full scrape is disabled for this many swarms; name info_hash values".into(),
+            );
+        }
+        state.swarms.for_each(|h, s| {
+            if visible(s) {
+                hashes.push(*h);
+            }
+        });
+    } else {
+        hashes.extend(
+            req.info_hashes
+                .iter()
+                .filter(|h| state.swarms.get(h).is_some_and(|s| visible(&s))),
+        );
+    }
+    Ok(hashes)
+}
+
+fn scrape_stats(seeders: u64, completed: u64, leechers: u64) -> ScrapeStats {
+    let clamp = |n: u64| u32::try_from(n).unwrap_or(u32::MAX);
+    ScrapeStats {
+        complete: clamp(seeders),
+        downloaded: clamp(completed),
+        incomplete: clamp(leechers),
+    }
 }

@@ -18,7 +18,6 @@ use super::SharedState;
 use crate::catalog::{Published, Version};
 use crate::error::TrackerError;
 use crate::rollout::{Asker, wall_ms};
-use crate::swarm::PackageLabel;
 
 type ApiResult<T> = Result<T, TrackerError>;
 
@@ -171,14 +170,7 @@ pub(super) async fn publish(
     let n2 = n.clone();
     let (outcome, version) = blocking(move || st.catalog.publish(&n2, &sha, &body)).await?;
     let m = &version.metainfo;
-    state.swarms.register(
-        m.info_hash,
-        PackageLabel {
-            name: n.clone(),
-            sha256: m.sha256,
-            size: m.length,
-        },
-    );
+    state.register(&n, m);
     let status = match outcome {
         Published::Created => {
             state.metrics.publish();
@@ -260,6 +252,12 @@ pub(crate) struct PeerView {
     pub downloaded: u64,
 }
 
+/// How much of a package of `size` bytes a peer missing `left` has.
+fn progress(size: Option<u64>, left: u64) -> Option<f64> {
+    size.filter(|&s| s > 0)
+        .map(|s| 1.0 - (left.min(s) as f64 / s as f64))
+}
+
 /// Snapshot of every swarm, registered ones first, then by package name.
 pub(crate) fn swarm_views(state: &SharedState, max_peers: usize) -> Vec<SwarmView> {
     let mut out = Vec::new();
@@ -274,9 +272,7 @@ pub(crate) fn swarm_views(state: &SharedState, max_peers: usize) -> Vec<SwarmVie
                 addr: p.addr.to_string(),
                 zone: p.zone.as_ref().map(|z| z.to_string()),
                 left: p.left,
-                progress: size
-                    .filter(|&s| s > 0)
-                    .map(|s| 1.0 - (p.left.min(s) as f64 / s as f64)),
+                progress: progress(size, p.left),
                 uploaded: p.uploaded,
                 downloaded: p.downloaded,
             })
@@ -302,6 +298,41 @@ pub(crate) fn swarm_views(state: &SharedState, max_peers: usize) -> Vec<SwarmVie
     out
 }
 
+/// [`swarm_views`] with the counts and peers from the peer store. While Redis is down the
+/// views count and list no peers.
+pub(crate) async fn swarm_views_any(state: &SharedState, max_peers: usize) -> Vec<SwarmView> {
+    let mut views = swarm_views(state, max_peers);
+    let Some(store) = state.peers.redis() else {
+        return views;
+    };
+    let hashes: Vec<InfoHash> = views.iter().map(|v| v.info_hash).collect();
+    let now = crate::peer_store::wall_ms();
+    if let Ok(counts) = store.counts(&hashes, now).await {
+        for (v, c) in views.iter_mut().zip(counts) {
+            v.seeders = usize::try_from(c.seeders).unwrap_or(usize::MAX);
+            v.leechers = usize::try_from(c.leechers).unwrap_or(usize::MAX);
+            v.completed = c.completed;
+        }
+    }
+    if let Ok(lists) = store.list(&hashes, max_peers, now).await {
+        for (v, list) in views.iter_mut().zip(lists) {
+            let size = v.size;
+            v.peers = list
+                .into_iter()
+                .map(|p| PeerView {
+                    addr: p.addr.to_string(),
+                    zone: p.zone,
+                    left: p.left,
+                    progress: progress(size, p.left),
+                    uploaded: p.uploaded,
+                    downloaded: p.downloaded,
+                })
+                .collect();
+        }
+    }
+    views
+}
+
 pub(super) async fn swarms(State(state): State<SharedState>) -> Json<Vec<SwarmView>> {
-    Json(swarm_views(&state, 1000))
+    Json(swarm_views_any(&state, 1000).await)
 }

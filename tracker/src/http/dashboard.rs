@@ -19,7 +19,7 @@ use fbpkg_common::api::{PhaseCounts, Rollout, RolloutState, RolloutView};
 use fbpkg_common::rollout::Phase;
 
 use super::SharedState;
-use super::api::{SwarmView, swarm_views};
+use super::api::{SwarmView, swarm_views_any};
 use crate::metrics::rollout_state_label;
 use crate::rollout::wall_ms;
 
@@ -73,12 +73,12 @@ th{background:#f4f4f4}code{font-size:12px}.bar{background:#eee;width:120px;heigh
 tr.current td{font-weight:bold}tr.later td{color:#888}pre{margin:0;white-space:pre-wrap;max-width:70em;font-size:12px}";
 
 pub(super) async fn dashboard(State(state): State<SharedState>) -> Html<String> {
-    Html(render(&state))
+    let views = swarm_views_any(&state, PEERS_SHOWN).await;
+    Html(render(&state, views))
 }
 
-fn render(state: &SharedState) -> String {
+fn render(state: &SharedState, views: Vec<SwarmView>) -> String {
     let summaries = state.catalog.summaries();
-    let views = swarm_views(state, PEERS_SHOWN);
     let by_hash: BTreeMap<String, &SwarmView> = views
         .iter()
         .filter_map(|v| v.sha256.map(|h| (h.to_hex(), v)))

@@ -20,12 +20,14 @@ use tower_http::limit::RequestBodyLimitLayer;
 use tower_http::timeout::TimeoutLayer;
 
 use crate::catalog::Catalog;
-use crate::config::Config;
+use crate::config::{CatalogKind, Config};
 use crate::metrics::{Metrics, Route};
+use crate::peer_store::PeerStore;
+use crate::postgres::{Lease, Notice, Pg};
 use crate::rollout::{FileStore, Rollouts};
 use crate::swarm::{PackageLabel, Swarms};
 
-pub use announce::{scrape_body, serve_announce};
+pub use announce::{scrape_any, scrape_body, serve_announce, serve_announce_any};
 
 /// Everything a handler can reach.
 #[derive(Debug)]
@@ -36,21 +38,53 @@ pub struct AppState {
     pub catalog: Catalog,
     /// Rollouts of tags: durable records, live host reports.
     pub rollouts: Rollouts,
-    /// Soft swarm state.
+    /// Soft swarm state: registrations, and the peers when the store is memory.
     pub swarms: Swarms,
+    /// Where peers are kept.
+    pub peers: PeerStore,
     /// Counters.
     pub metrics: Metrics,
     /// Connection slots of the tracker listener, shared by its serving threads: a connection
     /// that outlives its accept holds one (`config.max_connections` in all).
     pub connections: Arc<tokio::sync::Semaphore>,
+    /// PostgreSQL, when the catalog is there.
+    pub pg: Option<Arc<Pg>>,
+    /// What other replicas changed, taken once by the task that applies it
+    /// ([`crate::server::run`]).
+    pub notices: std::sync::Mutex<Option<tokio::sync::mpsc::UnboundedReceiver<Notice>>>,
+    /// With PostgreSQL, the rollout controller runs only while this replica holds the lease.
+    pub controller_lease: Option<Lease>,
 }
+
+/// The advisory lock key of the rollout controller's lease (any constant; "fbpkctrl").
+const CONTROLLER_LEASE: i64 = 0x6662_706b_6374_726c;
 
 impl AppState {
     /// Open the catalog under `config.data_dir` and register a swarm for every version in it.
     pub fn open(config: Config) -> Result<Arc<Self>, crate::TrackerError> {
-        let catalog = Catalog::open(&config.data_dir)?;
-        let rollouts = Rollouts::open(Box::new(FileStore::open(&config.data_dir)?), &catalog)?
-            .with_host_timeout(config.rollout_host_timeout);
+        let (catalog, rollouts, pg, notices) = match &config.catalog {
+            CatalogKind::Files => {
+                let catalog = Catalog::open(&config.data_dir)?;
+                let rollouts =
+                    Rollouts::open(Box::new(FileStore::open(&config.data_dir)?), &catalog)?;
+                (catalog, rollouts, None, None)
+            }
+            CatalogKind::Postgres(url) => {
+                let (pg, notices) = Pg::open(url, config.catalog_timeout)?;
+                let catalog = Catalog::with_store(Box::new(
+                    crate::catalog::postgres::PgStore::new(pg.clone()),
+                ))?;
+                let rollouts = Rollouts::open(
+                    Box::new(crate::rollout::store::PgStore::new(pg.clone())),
+                    &catalog,
+                )?
+                .with_sharing();
+                (catalog, rollouts, Some(pg), Some(notices))
+            }
+        };
+        let rollouts = rollouts.with_host_timeout(config.rollout_host_timeout);
+        let controller_lease = pg.as_ref().map(|pg| pg.lease(CONTROLLER_LEASE));
+        let peers = PeerStore::open(&config)?;
         let swarms = Swarms::default();
         for (name, m) in catalog.all_versions() {
             swarms.register(
@@ -73,9 +107,34 @@ impl AppState {
             catalog,
             rollouts,
             swarms,
+            peers,
             metrics: Metrics::default(),
             connections,
+            pg,
+            notices: std::sync::Mutex::new(notices),
+            controller_lease,
         }))
+    }
+
+    /// Register the swarm of a version (published here, or seen in the shared catalog).
+    pub fn register(
+        &self,
+        name: &crate::catalog::PackageName,
+        m: &fbpkg_common::metainfo::Metainfo,
+    ) {
+        self.swarms.register(
+            m.info_hash,
+            PackageLabel {
+                name: name.clone(),
+                sha256: m.sha256,
+                size: m.length,
+            },
+        );
+    }
+
+    /// May the rollout controller act from this replica now?
+    pub fn runs_controller(&self) -> bool {
+        self.controller_lease.as_ref().is_none_or(Lease::held)
     }
 
     /// Connections holding a slot now.

@@ -17,10 +17,23 @@ pub(super) async fn metrics(State(state): State<SharedState>) -> Response {
         connections: state.open_connections() as u64,
         ..Gauges::default()
     };
-    state.swarms.for_each(|_, s| {
-        g.seeders += s.seeders().len() as u64;
-        g.leechers += s.leechers().len() as u64;
-    });
+    if let Some(store) = state.peers.redis() {
+        let mut hashes = Vec::new();
+        state.swarms.for_each(|h, _| hashes.push(*h));
+        // While Redis is down the peer gauges read 0; `/readyz` and the
+        // `store_unavailable` announce outcome say why.
+        if let Ok(counts) = store.counts(&hashes, crate::peer_store::wall_ms()).await {
+            for c in counts {
+                g.seeders += c.seeders;
+                g.leechers += c.leechers;
+            }
+        }
+    } else {
+        state.swarms.for_each(|_, s| {
+            g.seeders += s.seeders().len() as u64;
+            g.leechers += s.leechers().len() as u64;
+        });
+    }
     let mut body = state.metrics.render(&g);
     render_rollouts(&mut body, &state.rollouts.active());
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body).into_response()
@@ -31,22 +44,47 @@ pub(super) async fn healthz() -> &'static str {
     "ok\n"
 }
 
-/// Ready: the catalog directory is still there and writable.
+/// Ready: the peer store answers, and the catalog is usable. The body names both stores and
+/// what is wrong.
+///
+/// A catalog database that does not answer leaves the replica ready (200, "degraded"): it
+/// still serves every read and announce from memory, and only writes fail (503). Taking every
+/// replica out of its load balancer because the database is down would stop the reads too.
+/// A catalog directory that is not writable, or a peer store that does not answer, is 503.
 pub(super) async fn readyz(State(state): State<SharedState>) -> Response {
-    let dir = state.config.data_dir.join("catalog");
-    match tokio::fs::metadata(&dir).await {
-        Ok(m) if m.is_dir() && !m.permissions().readonly() => {
-            (StatusCode::OK, "ready\n").into_response()
-        }
-        Ok(_) => (
-            StatusCode::SERVICE_UNAVAILABLE,
-            "catalog directory is not writable\n",
-        )
-            .into_response(),
-        Err(e) => (
-            StatusCode::SERVICE_UNAVAILABLE,
-            format!("catalog directory: {e}\n"),
-        )
-            .into_response(),
+    let mut problems = Vec::new();
+    if let Some(store) = state.peers.redis()
+        && let Err(e) = store.ping().await
+    {
+        problems.push(format!("peer store {} not ready: {e}", store.shown()));
     }
+    let catalog = state.catalog.store().describe();
+    let mut degraded = None;
+    match &state.pg {
+        Some(pg) => {
+            if let Err(e) = pg.ping().await {
+                degraded = Some(format!(
+                    "degraded: catalog {catalog} unavailable ({e}); reads are served from \
+                     memory, publishes, tag moves and rollout changes answer 503"
+                ));
+            }
+        }
+        None => {
+            if let Err(e) = state.catalog.store().check() {
+                problems.push(format!("catalog {catalog} not ready: {e}"));
+            }
+        }
+    }
+    if !problems.is_empty() {
+        return (StatusCode::SERVICE_UNAVAILABLE, problems.join("\n") + "\n").into_response();
+    }
+    let mut body = format!(
+        "ready\npeer store: {}\ncatalog: {catalog}\n",
+        state.peers.describe()
+    );
+    if let Some(d) = degraded {
+        body.push_str(&d);
+        body.push('\n');
+    }
+    (StatusCode::OK, body).into_response()
 }

@@ -113,5 +113,15 @@ pub(super) async fn report(
     let mut rep: Report = json(&body)?;
     rep.detail = rep.detail.map(|d| tail(d, Report::MAX_DETAIL));
     tracing::debug!(package = %rep.name, sha256 = %rep.hash, host = %rep.host, peer = %remote, state = ?rep.state, "report");
+    // With replicas, the host may have resolved through another one.
+    if let Some(pg) = &state.pg
+        && !state.rollouts.knows_host(&rep.host)
+    {
+        let (pg, host) = (pg.clone(), rep.host.clone());
+        let found = blocking(move || crate::rollout::shared::host_addr(&pg, &host)).await;
+        if let Ok(Some(ip)) = found {
+            state.rollouts.learn_host(rep.host.clone(), ip);
+        }
+    }
     Ok(Json(state.rollouts.report(rep, remote.ip())?))
 }

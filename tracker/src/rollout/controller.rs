@@ -21,7 +21,8 @@ pub async fn run_controller(state: SharedState, shutdown: CancellationToken) {
             _ = tick.tick() => {}
             _ = state.rollouts.woken() => {}
         }
-        if !state.rollouts.has_active() {
+        // With replicas, one runs the gates (the lease holder); the others see its changes.
+        if !state.runs_controller() || !state.rollouts.has_active() {
             continue; // nothing to judge: no trip to the blocking pool four times a second
         }
         let now = tokio::time::Instant::now();

@@ -14,14 +14,23 @@ use fbpkg_common::rollout::{HostId, bucket};
 use tokio::time::Instant;
 
 use super::gate::HostVote;
-use super::{Asker, MAX_HOSTS, Rollouts, key, lock};
+use super::{Asker, Inner, MAX_HOSTS, Rollouts, key, lock};
 use crate::error::TrackerError;
 
 impl Rollouts {
     /// Remember that `who` resolved from its address (for reports), without a tag.
     pub fn seen(&self, who: &Asker) {
         if let Ok(mut inner) = lock(&self.inner) {
-            remember(&mut inner.seen, who);
+            self.remember(&mut inner, who);
+        }
+    }
+
+    /// Record where `who` resolved from, and mark it for other replicas when sharing (a host
+    /// new here is pushed at once: its report may go to another replica next).
+    fn remember(&self, inner: &mut Inner, who: &Asker) {
+        let moved = remember(&mut inner.seen, who);
+        if self.sharing && inner.dirty.addr(&who.host) && moved {
+            self.share_now.notify_one();
         }
     }
 
@@ -29,7 +38,8 @@ impl Rollouts {
     /// active rollout, the catalog's target holds). Records the host as having resolved.
     pub fn resolve_for(&self, name: &PackageName, tag: &Tag, who: &Asker) -> Option<PerHost> {
         let mut inner = lock(&self.inner).ok()?;
-        remember(&mut inner.seen, who);
+        self.remember(&mut inner, who);
+        let inner = &mut *inner;
         let entry = inner.tags.get_mut(&key(name, tag))?;
         let r = entry.rec.current.as_ref()?;
         let room = entry.live.hosts.len() < MAX_HOSTS;
@@ -51,12 +61,16 @@ impl Rollouts {
             vote.zone.clone_from(&who.zone);
         }
         let in_phase = vote.first_phase(r) <= r.phase;
+        if self.sharing {
+            inner.dirty.vote(name, tag, &who.host);
+        }
         Some(PerHost::of(r, in_phase))
     }
 
     /// Record a host's report. Counted only from the address the host id last resolved from.
     pub fn report(&self, rep: Report, ip: IpAddr) -> Result<ReportAck, TrackerError> {
-        let mut inner = lock(&self.inner)?;
+        let mut guard = lock(&self.inner)?;
+        let inner = &mut *guard;
         match inner.seen.get(&rep.host) {
             Some(seen) if *seen == ip.to_canonical() => {}
             Some(_) => {
@@ -105,8 +119,11 @@ impl Rollouts {
                 rep.health_check || matches!(rep.state, HostState::Healthy | HostState::Unhealthy);
             vote.by_get = rep.source == ReportSource::Get && !vote.health_seen;
             counted_for.push(format!("{name}:{tag}#{}", r.id));
+            if self.sharing {
+                inner.dirty.vote(name, tag, &rep.host);
+            }
         }
-        drop(inner);
+        drop(guard);
         if !counted_for.is_empty() {
             self.wake.notify_one();
         }
@@ -141,11 +158,15 @@ impl PerHost {
     }
 }
 
-fn remember(seen: &mut HashMap<HostId, IpAddr>, who: &Asker) {
+/// Returns whether the host is new, or resolved from another address than before.
+fn remember(seen: &mut HashMap<HostId, IpAddr>, who: &Asker) -> bool {
     let ip = who.ip.to_canonical();
     if let Some(s) = seen.get_mut(&who.host) {
-        *s = ip;
+        std::mem::replace(s, ip) != ip
     } else if seen.len() < MAX_HOSTS {
         seen.insert(who.host.clone(), ip);
+        true
+    } else {
+        false
     }
 }

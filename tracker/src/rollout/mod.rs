@@ -29,6 +29,7 @@
 mod controller;
 pub(crate) mod gate;
 mod hosts;
+pub mod shared;
 pub mod store;
 
 use std::collections::{BTreeMap, HashMap};
@@ -108,6 +109,8 @@ struct Inner {
     tags: BTreeMap<(PackageName, Tag), Entry>,
     /// Host id -> the address it last resolved from.
     seen: HashMap<HostId, IpAddr>,
+    /// Votes and addresses other replicas have not heard of yet (when sharing).
+    dirty: shared::Dirty,
 }
 
 /// Every tag's rollouts: durable records plus live host votes.
@@ -119,6 +122,10 @@ pub struct Rollouts {
     wake: tokio::sync::Notify,
     /// How long a host that resolved but has not reported holds its phase.
     host_timeout: Duration,
+    /// Votes are shared with other replicas ([`shared`]).
+    sharing: bool,
+    /// A host appeared that other replicas should hear of soon.
+    share_now: tokio::sync::Notify,
 }
 
 /// Wall-clock now, Unix ms (records only; gates run on tokio's clock).
@@ -195,6 +202,7 @@ impl Rollouts {
         let mut tags = BTreeMap::new();
         let now = wall_ms();
         for (name, tag, mut rec) in store.load_all()? {
+            let before = rec.clone();
             let target = current_target(catalog, &name, &tag);
             let mut changed = false;
             match &rec.current {
@@ -215,7 +223,14 @@ impl Rollouts {
                 }
             }
             if changed {
-                store.save(&name, &tag, &rec)?;
+                match store.save(&name, &tag, &before, &rec) {
+                    Ok(()) => {}
+                    // Another replica starting beside this one settled it first.
+                    Err(TrackerError::Conflict(_)) => {
+                        rec = store.load(&name, &tag)?.unwrap_or(before);
+                    }
+                    Err(e) => return Err(e),
+                }
             }
             let live = Live {
                 rollout_id: rec.current.as_ref().map_or(0, |r| r.id),
@@ -228,10 +243,13 @@ impl Rollouts {
             inner: Mutex::new(Inner {
                 tags,
                 seen: HashMap::new(),
+                dirty: shared::Dirty::default(),
             }),
             write: Mutex::new(()),
             wake: tokio::sync::Notify::new(),
             host_timeout: DEFAULT_HOST_TIMEOUT,
+            sharing: false,
+            share_now: tokio::sync::Notify::new(),
         })
     }
 
@@ -256,8 +274,9 @@ impl Rollouts {
             .get(&key(name, tag))
             .map(|e| e.rec.clone())
             .unwrap_or_default();
+        let before = rec.clone();
         let out = f(&mut rec)?;
-        self.store.save(name, tag, &rec)?;
+        self.store.save(name, tag, &before, &rec)?;
         let mut inner = lock(&self.inner)?;
         let entry = inner.tags.entry(key(name, tag)).or_default();
         let id = rec.current.as_ref().map_or(0, |r| r.id);
@@ -290,7 +309,7 @@ impl Rollouts {
             }
             s => s,
         };
-        let to = catalog.resolve(&req.name, &sel)?.metainfo.sha256;
+        let to = catalog.resolve_fresh(&req.name, &sel)?.metainfo.sha256;
         let (name, tag) = (req.name.clone(), req.tag.clone());
         self.change(&name, &tag, |rec| {
             let from = current_target(catalog, &name, &tag).ok_or_else(|| {
@@ -493,6 +512,44 @@ impl Rollouts {
                 .values()
                 .any(|e| e.rec.current.as_ref().is_some_and(|r| r.state.is_active()))
         })
+    }
+
+    /// Read one tag's record from the store again: another replica changed it.
+    pub fn reload(&self, name: &PackageName, tag: &Tag) -> Result<(), TrackerError> {
+        let _w = lock(&self.write)?;
+        let Some(rec) = self.store.load(name, tag)? else {
+            return Ok(());
+        };
+        self.replace(name, tag, rec)
+    }
+
+    /// Read every record from the store again (changes may have been missed).
+    pub fn reload_all(&self) -> Result<(), TrackerError> {
+        let _w = lock(&self.write)?;
+        for (name, tag, rec) in self.store.load_all()? {
+            self.replace(&name, &tag, rec)?;
+        }
+        Ok(())
+    }
+
+    /// Put `rec` in memory for a tag; host reports stay while the rollout is the same one.
+    fn replace(&self, name: &PackageName, tag: &Tag, rec: TagRollouts) -> Result<(), TrackerError> {
+        let mut inner = lock(&self.inner)?;
+        let entry = inner.tags.entry(key(name, tag)).or_default();
+        if entry.rec == rec {
+            return Ok(());
+        }
+        let id = rec.current.as_ref().map_or(0, |r| r.id);
+        if entry.live.rollout_id != id {
+            entry.live = Live {
+                rollout_id: id,
+                ..Live::default()
+            };
+        }
+        entry.rec = rec;
+        drop(inner);
+        self.wake.notify_one();
+        Ok(())
     }
 
     /// Wait until a report or a change may have moved a gate.

@@ -12,6 +12,7 @@
 use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use fbpkg_common::api::Rollout;
 use fbpkg_common::pkgref::{PackageName, Tag};
@@ -19,6 +20,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::durable::{create_dir_durable, write_atomic};
 use crate::error::TrackerError;
+use crate::postgres::{Pg, ROLLOUT_CHANNEL};
 
 /// Everything durable about one tag's rollouts.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -31,12 +33,29 @@ pub struct TagRollouts {
     pub history: Vec<Rollout>,
 }
 
-/// Durable storage of rollouts, one record per tag. A database backend implements this too.
+/// Durable storage of rollouts, one record per tag: files ([`FileStore`]) or PostgreSQL
+/// ([`PgStore`]), where replicas share them.
 pub trait RolloutStore: Send + Sync + std::fmt::Debug {
     /// Every tag's record.
     fn load_all(&self) -> Result<Vec<(PackageName, Tag, TagRollouts)>, TrackerError>;
-    /// Replace one tag's record; when this returns `Ok` the record survives a crash.
-    fn save(&self, name: &PackageName, tag: &Tag, rec: &TagRollouts) -> Result<(), TrackerError>;
+    /// One tag's record as stored now.
+    fn load(&self, name: &PackageName, tag: &Tag) -> Result<Option<TagRollouts>, TrackerError> {
+        Ok(self
+            .load_all()?
+            .into_iter()
+            .find(|(n, t, _)| n == name && t == tag)
+            .map(|(_, _, r)| r))
+    }
+    /// Replace one tag's record, which was `before` when this process read it; when this
+    /// returns `Ok` the record survives a crash. A store shared by replicas refuses (conflict)
+    /// when another changed the record since.
+    fn save(
+        &self,
+        name: &PackageName,
+        tag: &Tag,
+        before: &TagRollouts,
+        rec: &TagRollouts,
+    ) -> Result<(), TrackerError>;
 }
 
 /// The file-backed store (see the module doc for the layout).
@@ -106,11 +125,130 @@ impl RolloutStore for FileStore {
         Ok(out)
     }
 
-    fn save(&self, name: &PackageName, tag: &Tag, rec: &TagRollouts) -> Result<(), TrackerError> {
+    fn save(
+        &self,
+        name: &PackageName,
+        tag: &Tag,
+        _before: &TagRollouts,
+        rec: &TagRollouts,
+    ) -> Result<(), TrackerError> {
+        // One process writes here, one change at a time (the rollouts' write lock).
         let path = self.path(name, tag);
         let json = serde_json::to_vec_pretty(rec)
             .map_err(|e| TrackerError::storage("encoding rollouts", e.into()))?;
         write_atomic(&path, &json)
             .map_err(|e| TrackerError::storage(format!("writing {}", path.display()), e))
+    }
+}
+
+/// Rollout records in PostgreSQL: the `rollouts` table holds each tag's record, and every save
+/// also appends it to `rollout_changes` (each transition of each rollout, kept), with a
+/// notification so other replicas reload the tag.
+#[derive(Debug)]
+pub struct PgStore {
+    pg: Arc<Pg>,
+}
+
+impl PgStore {
+    /// A store on `pg` (connected and migrated).
+    pub fn new(pg: Arc<Pg>) -> Self {
+        Self { pg }
+    }
+}
+
+fn encode(rec: &TagRollouts) -> Result<serde_json::Value, TrackerError> {
+    serde_json::to_value(rec).map_err(|e| TrackerError::storage("encoding rollouts", e.into()))
+}
+
+fn decode(name: &str, tag: &str, v: serde_json::Value) -> Option<TagRollouts> {
+    serde_json::from_value(v)
+        .inspect_err(|e| tracing::error!(package = %name, %tag, error = %e, "unreadable rollout row; skipped"))
+        .ok()
+}
+
+impl RolloutStore for PgStore {
+    fn load_all(&self) -> Result<Vec<(PackageName, Tag, TagRollouts)>, TrackerError> {
+        let rows = self.pg.run("loading rollouts", |db| async move {
+            let rows = db
+                .query("SELECT name, tag, record FROM rollouts", &[])
+                .await?;
+            Ok(rows
+                .into_iter()
+                .map(|r| (r.get::<_, String>(0), r.get::<_, String>(1), r.get(2)))
+                .collect::<Vec<(String, String, serde_json::Value)>>())
+        })?;
+        Ok(rows
+            .into_iter()
+            .filter_map(|(n, t, v)| {
+                let rec = decode(&n, &t, v)?;
+                Some((PackageName::new(&n).ok()?, Tag::new(&t).ok()?, rec))
+            })
+            .collect())
+    }
+
+    fn load(&self, name: &PackageName, tag: &Tag) -> Result<Option<TagRollouts>, TrackerError> {
+        let (n, t) = (name.as_str(), tag.as_str());
+        let row = self.pg.run("loading a rollout", |db| async move {
+            db.query_opt(
+                "SELECT record FROM rollouts WHERE name = $1 AND tag = $2",
+                &[&n, &t],
+            )
+            .await
+            .map(|r| r.map(|r| r.get::<_, serde_json::Value>(0)))
+        })?;
+        Ok(row.and_then(|v| decode(n, t, v)))
+    }
+
+    fn save(
+        &self,
+        name: &PackageName,
+        tag: &Tag,
+        before: &TagRollouts,
+        rec: &TagRollouts,
+    ) -> Result<(), TrackerError> {
+        let (n, t) = (name.as_str(), tag.as_str());
+        let (old, new) = (encode(before)?, encode(rec)?);
+        let fresh = *before == TagRollouts::default();
+        let saved = self.pg.run("saving a rollout", |mut db| async move {
+            let tx = db.transaction().await?;
+            // Written only over the record this replica read: a change made meanwhile on
+            // another replica is not overwritten.
+            let n_rows = if fresh {
+                tx.execute(
+                    "INSERT INTO rollouts (name, tag, record) VALUES ($1, $2, $3)
+                     ON CONFLICT (name, tag) DO NOTHING",
+                    &[&n, &t, &new],
+                )
+                .await?
+            } else {
+                tx.execute(
+                    "UPDATE rollouts SET record = $3 WHERE name = $1 AND tag = $2 AND record = $4",
+                    &[&n, &t, &new, &old],
+                )
+                .await?
+            };
+            if n_rows == 1 {
+                tx.execute(
+                    "INSERT INTO rollout_changes (name, tag, record) VALUES ($1, $2, $3)",
+                    &[&n, &t, &new],
+                )
+                .await?;
+                tx.execute(
+                    "SELECT pg_notify($1, $2)",
+                    &[&ROLLOUT_CHANNEL, &format!("{n}:{t}")],
+                )
+                .await?;
+                tx.commit().await?;
+            }
+            Ok(n_rows == 1)
+        })?;
+        if saved {
+            Ok(())
+        } else {
+            Err(TrackerError::Conflict(format!(
+                "the rollouts of {name}:{tag} changed on another tracker replica a moment ago; \
+                 look again and retry"
+            )))
+        }
     }
 }

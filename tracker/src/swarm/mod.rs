@@ -23,6 +23,9 @@
 //! Peers are forgotten on `stopped`, or when silent for two announce intervals (the sweeper in
 //! `server.rs`). Nothing here is persisted: a restarted tracker learns the swarm again within
 //! one interval.
+//!
+//! This is the in-memory peer store; with `--peer-store redis://...` the peers live in Redis
+//! (`peer_store/`) and these maps keep only which swarms exist here.
 
 mod peers;
 mod sample;

@@ -1,33 +1,31 @@
 //! The package catalog: which versions exist, their metainfo, and tags with their history.
 //!
-//! Durable, and safe against a kill -9 at any instant: every change is one file written to a
-//! temporary name, fsynced, renamed over its final name, and the directory fsynced. A reader
-//! (or a restart) sees the old file or the new one, never half of either. Layout:
+//! Every replica answers reads from memory (an index of every version and tag); writes go to
+//! a durable [`CatalogStore`] first, and the index changes only once the store has the change:
 //!
-//! ```text
-//! <data>/catalog/v1/<name>/versions/<sha256>.rec   d 8:metainfo <.torrent as published> 12:published at i<unix secs> e
-//! <data>/catalog/v1/<name>/tags/<tag>.json         TagInfo: current target and every move
-//! ```
+//! - [`files::FileStore`] (the default): files under `--data-dir`, crash-safe, one process;
+//! - [`postgres::PgStore`] (`--catalog postgres://...`): shared by replicas. A change committed
+//!   by one is announced to all ([`crate::postgres::Notice`]) and each reloads that package
+//!   ([`Catalog::reload`]).
 //!
-//! A version record is written once and never replaced (a published version never changes);
-//! a tag file is replaced whole on every move. Everything is loaded into memory at start; the
-//! in-memory index is updated only after the file is durable.
+//! Published versions never change: publishing the same name and hash again with the same
+//! metainfo is a no-op, with different metainfo a conflict, whichever replica stored it first.
 
 use std::collections::BTreeMap;
-use std::fs;
 use std::io;
-use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use fbpkg_common::api::{PackageDetail, PackageSummary, TagInfo, TagMove, VersionInfo};
-use fbpkg_common::bencode::{self, Limits, Writer};
+use fbpkg_common::api::{PackageDetail, PackageSummary, TagInfo, VersionInfo};
 use fbpkg_common::metainfo::Metainfo;
-use fbpkg_common::pkgref::{HashPrefix, PackageName, Selector, Tag};
+pub use fbpkg_common::pkgref::PackageName;
+use fbpkg_common::pkgref::{HashPrefix, Selector, Tag};
 use fbpkg_common::{InfoHash, Sha256Hash};
 
-use crate::durable::{create_dir_durable, write_atomic};
 use crate::error::TrackerError;
+
+pub mod files;
+pub mod postgres;
 
 /// A stored version.
 #[derive(Debug, Clone)]
@@ -38,10 +36,45 @@ pub struct Version {
     pub published_at: u64,
 }
 
-#[derive(Debug, Default)]
-struct Package {
-    versions: BTreeMap<Sha256Hash, Version>,
-    tags: BTreeMap<Tag, TagInfo>,
+/// One package as a store holds it.
+#[derive(Debug, Default, Clone)]
+pub struct Package {
+    /// Its versions.
+    pub versions: BTreeMap<Sha256Hash, Version>,
+    /// Its tags, each with every move.
+    pub tags: BTreeMap<Tag, TagInfo>,
+}
+
+/// Where the catalog is durable. Calls block (disk or database): callers are on the blocking
+/// pool.
+pub trait CatalogStore: Send + Sync + std::fmt::Debug {
+    /// Every package.
+    fn load_all(&self) -> Result<BTreeMap<PackageName, Package>, TrackerError>;
+    /// One package as stored now (empty when it has no versions).
+    fn load_package(&self, name: &PackageName) -> Result<Package, TrackerError>;
+    /// Store `version` (its metainfo is `metainfo_bytes`) unless the store already has this
+    /// name and hash: then nothing is written and the stored version is returned.
+    fn insert_version(
+        &self,
+        name: &PackageName,
+        version: &Version,
+        metainfo_bytes: &[u8],
+    ) -> Result<Option<Version>, TrackerError>;
+    /// Point `tag` at `sha256` (a stored version) and append the move to its history, unless
+    /// it points there already; returns the tag as stored now. `known` is what this process
+    /// last saw of the tag (a store shared with other processes reads its own instead).
+    fn move_tag(
+        &self,
+        name: &PackageName,
+        tag: &Tag,
+        sha256: &Sha256Hash,
+        at: u64,
+        known: Option<&TagInfo>,
+    ) -> Result<TagInfo, TrackerError>;
+    /// Is it usable now? `Err` says why not (for `/readyz`).
+    fn check(&self) -> Result<(), String>;
+    /// What it is, without credentials (for logs and `/readyz`).
+    fn describe(&self) -> String;
 }
 
 /// What a publish did.
@@ -64,12 +97,13 @@ pub struct CatalogStats {
     pub bytes: u64,
 }
 
-/// The catalog: in-memory index over the durable files.
+/// The catalog: an in-memory index over a durable store.
 #[derive(Debug)]
 pub struct Catalog {
-    root: PathBuf,
+    store: Box<dyn CatalogStore>,
     index: RwLock<BTreeMap<PackageName, Package>>,
-    /// Serialises writers so check-then-write is atomic; readers never wait on disk I/O.
+    /// Serialises this process's writers so check-then-write is atomic here; readers never
+    /// wait on the store.
     write: Mutex<()>,
 }
 
@@ -88,121 +122,75 @@ fn lock_poisoned() -> TrackerError {
 }
 
 impl Catalog {
-    /// Open (creating if needed) the catalog under `data_dir` and load it.
-    pub fn open(data_dir: &Path) -> Result<Self, TrackerError> {
-        let root = data_dir.join("catalog").join("v1");
-        create_dir_durable(&root)
-            .map_err(|e| TrackerError::storage(format!("creating {}", root.display()), e))?;
-        let mut index = BTreeMap::new();
-        let entries = fs::read_dir(&root)
-            .map_err(|e| TrackerError::storage(format!("reading {}", root.display()), e))?;
-        for entry in entries.flatten() {
-            let dir_name = entry.file_name().to_string_lossy().into_owned();
-            let Ok(name) = PackageName::new(&dir_name) else {
-                tracing::warn!(path = %entry.path().display(), "ignoring a catalog entry that is not a package name");
-                continue;
-            };
-            let pkg = Self::load_package(&entry.path(), &name)?;
-            if !pkg.versions.is_empty() {
-                index.insert(name, pkg);
-            }
-        }
+    /// Open (creating if needed) the file catalog under `data_dir` and load it.
+    pub fn open(data_dir: &std::path::Path) -> Result<Self, TrackerError> {
+        Self::with_store(Box::new(files::FileStore::open(data_dir)?))
+    }
+
+    /// Load the catalog from `store`.
+    pub fn with_store(store: Box<dyn CatalogStore>) -> Result<Self, TrackerError> {
+        let mut index = store.load_all()?;
+        index.retain(|_, p| !p.versions.is_empty());
         Ok(Self {
-            root,
+            store,
             index: RwLock::new(index),
             write: Mutex::new(()),
         })
     }
 
-    fn load_package(dir: &Path, name: &PackageName) -> Result<Package, TrackerError> {
-        let mut pkg = Package::default();
-        let read = |d: &Path| -> Result<Vec<fs::DirEntry>, TrackerError> {
-            match fs::read_dir(d) {
-                Ok(rd) => Ok(rd.flatten().collect()),
-                Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(Vec::new()),
-                Err(e) => Err(TrackerError::storage(format!("reading {}", d.display()), e)),
-            }
-        };
-        for entry in read(&dir.join("versions"))? {
-            let path = entry.path();
-            let file = entry.file_name().to_string_lossy().into_owned();
-            if file.starts_with(".tmp-") {
-                // A write that never reached its rename: it was never acknowledged.
-                let _ = fs::remove_file(&path);
-                continue;
-            }
-            match Self::load_version(&path) {
-                Ok(v) if file == format!("{}.rec", v.metainfo.sha256) => {
-                    pkg.versions.insert(v.metainfo.sha256, v);
-                }
-                Ok(_) => {
-                    tracing::error!(package = %name, path = %path.display(), "version record does not match its file name; skipped")
-                }
-                Err(e) => {
-                    tracing::error!(package = %name, path = %path.display(), error = %e, "unreadable version record; skipped (left on disk)")
-                }
+    /// The durable store (for `/readyz`).
+    pub fn store(&self) -> &dyn CatalogStore {
+        self.store.as_ref()
+    }
+
+    /// Read `name` from the store again (another replica changed it). Returns its versions
+    /// this process did not know, for the caller to register their swarms.
+    pub fn reload(&self, name: &PackageName) -> Result<Vec<Version>, TrackerError> {
+        let fresh = self.store.load_package(name)?;
+        Ok(self.replace(name, fresh))
+    }
+
+    /// Read every package from the store again (notifications may have been missed).
+    /// Returns the versions this process did not know, with their package.
+    pub fn reload_all(&self) -> Result<Vec<(PackageName, Version)>, TrackerError> {
+        let all = self.store.load_all()?;
+        let mut new = Vec::new();
+        for (name, pkg) in all {
+            for v in self.replace(&name, pkg) {
+                new.push((name.clone(), v));
             }
         }
-        for entry in read(&dir.join("tags"))? {
-            let path = entry.path();
-            let file = entry.file_name().to_string_lossy().into_owned();
-            if file.starts_with(".tmp-") {
-                let _ = fs::remove_file(&path);
-                continue;
-            }
-            let Some(tag) = file.strip_suffix(".json").and_then(|t| Tag::new(t).ok()) else {
-                continue;
-            };
-            let info = fs::read(&path)
-                .map_err(|e| e.to_string())
-                .and_then(|b| serde_json::from_slice::<TagInfo>(&b).map_err(|e| e.to_string()));
-            match info {
-                Ok(info) if pkg.versions.contains_key(&info.sha256) => {
-                    pkg.tags.insert(tag, info);
-                }
-                Ok(_) => {
-                    tracing::error!(package = %name, %tag, "tag points at an unknown version; skipped")
-                }
-                Err(e) => {
-                    tracing::error!(package = %name, %tag, error = %e, "unreadable tag file; skipped")
-                }
+        Ok(new)
+    }
+
+    /// Swap in what the store holds for `name`; versions never go away, so the union is kept
+    /// (a store read that raced a write of ours cannot lose it). Returns the new versions.
+    fn replace(&self, name: &PackageName, fresh: Package) -> Vec<Version> {
+        let Ok(mut idx) = self.index.write() else {
+            return Vec::new();
+        };
+        if fresh.versions.is_empty() {
+            return Vec::new();
+        }
+        let pkg = idx.entry(name.clone()).or_default();
+        let mut new = Vec::new();
+        for (sha, v) in fresh.versions {
+            if let std::collections::btree_map::Entry::Vacant(e) = pkg.versions.entry(sha) {
+                new.push(v.clone());
+                e.insert(v);
             }
         }
-        Ok(pkg)
-    }
-
-    fn load_version(path: &Path) -> Result<Version, String> {
-        let bytes = fs::read(path).map_err(|e| e.to_string())?;
-        let limits = Limits {
-            max_len: Limits::METAINFO.max_len + 64,
-            max_depth: Limits::METAINFO.max_depth + 1,
-        };
-        let rec = bencode::decode(&bytes, &limits).map_err(|e| e.to_string())?;
-        let d = rec.as_dict("record").map_err(|e| e.to_string())?;
-        let (_, span) = d.get(&b"metainfo"[..]).ok_or("no metainfo")?;
-        let published_at = bencode::get(d, "published at")
-            .and_then(bencode::Value::as_int)
-            .and_then(|i| u64::try_from(i).ok())
-            .ok_or("no publish time")?;
-        let metainfo = Metainfo::parse(&bytes[span.clone()]).map_err(|e| e.to_string())?;
-        Ok(Version {
-            metainfo: Arc::new(metainfo),
-            published_at,
-        })
-    }
-
-    fn version_path(&self, name: &PackageName, sha: &Sha256Hash) -> PathBuf {
-        self.root
-            .join(name.as_str())
-            .join("versions")
-            .join(format!("{sha}.rec"))
-    }
-
-    fn tag_path(&self, name: &PackageName, tag: &Tag) -> PathBuf {
-        self.root
-            .join(name.as_str())
-            .join("tags")
-            .join(format!("{tag}.json"))
+        for (tag, info) in fresh.tags {
+            // A tag's history only grows: keep whichever copy has seen more moves.
+            let newer = pkg
+                .tags
+                .get(&tag)
+                .is_none_or(|old| info.history.len() >= old.history.len());
+            if newer {
+                pkg.tags.insert(tag, info);
+            }
+        }
+        new
     }
 
     /// Store a version. Same info-hash again is `Unchanged`; different metainfo under an
@@ -221,40 +209,38 @@ impl Catalog {
             )));
         }
         let _w = self.write.lock().map_err(|_| lock_poisoned())?;
-        if let Some(existing) = self.find_version(name, sha256)? {
-            return if existing.metainfo.same_version(&metainfo) {
-                Ok((Published::Unchanged, existing))
-            } else {
-                Err(TrackerError::Conflict(format!(
-                    "{name}:{sha256} is already published with different metainfo (info-hash {}); \
-                     a published version never changes",
-                    existing.metainfo.info_hash
-                )))
-            };
-        }
-        let published_at = now_secs();
-        let mut rec = Writer::with_capacity(metainfo_bytes.len() + 48);
-        rec.dict().bytes(b"metainfo").raw(metainfo_bytes);
-        rec.key_int(
-            "published at",
-            i64::try_from(published_at).unwrap_or(i64::MAX),
-        )
-        .end();
-        let path = self.version_path(name, sha256);
-        write_atomic(&path, &rec.finish())
-            .map_err(|e| TrackerError::storage(format!("writing {}", path.display()), e))?;
-        let version = Version {
-            metainfo: Arc::new(metainfo),
-            published_at,
+        let existing = match self.find_version(name, sha256)? {
+            Some(v) => v,
+            None => {
+                let version = Version {
+                    metainfo: Arc::new(metainfo.clone()),
+                    published_at: now_secs(),
+                };
+                // Another replica may have stored it since this one last heard.
+                let stored = self.store.insert_version(name, &version, metainfo_bytes)?;
+                let kept = stored.clone().unwrap_or_else(|| version.clone());
+                self.index
+                    .write()
+                    .map_err(|_| lock_poisoned())?
+                    .entry(name.clone())
+                    .or_default()
+                    .versions
+                    .insert(*sha256, kept.clone());
+                match stored {
+                    None => return Ok((Published::Created, version)),
+                    Some(_) => kept,
+                }
+            }
         };
-        self.index
-            .write()
-            .map_err(|_| lock_poisoned())?
-            .entry(name.clone())
-            .or_default()
-            .versions
-            .insert(*sha256, version.clone());
-        Ok((Published::Created, version))
+        if existing.metainfo.same_version(&metainfo) {
+            Ok((Published::Unchanged, existing))
+        } else {
+            Err(TrackerError::Conflict(format!(
+                "{name}:{sha256} is already published with different metainfo (info-hash {}); \
+                 a published version never changes",
+                existing.metainfo.info_hash
+            )))
+        }
     }
 
     fn find_version(
@@ -282,29 +268,15 @@ impl Catalog {
             s => s,
         };
         let _w = self.write.lock().map_err(|_| lock_poisoned())?;
-        let version = self.resolve(name, &selector)?;
+        let version = self.resolve_fresh(name, &selector)?;
         let sha = version.metainfo.sha256;
-        let mut info = {
+        let known = {
             let idx = self.index.read().map_err(|_| lock_poisoned())?;
             idx.get(name).and_then(|p| p.tags.get(tag)).cloned()
-        }
-        .unwrap_or(TagInfo {
-            sha256: sha,
-            history: Vec::new(),
-        });
-        if info.history.last().is_some_and(|m| m.sha256 == sha) {
-            return Ok(info);
-        }
-        info.sha256 = sha;
-        info.history.push(TagMove {
-            sha256: sha,
-            at: now_secs(),
-        });
-        let path = self.tag_path(name, tag);
-        let json = serde_json::to_vec_pretty(&info)
-            .map_err(|e| TrackerError::storage("encoding tag", e.into()))?;
-        write_atomic(&path, &json)
-            .map_err(|e| TrackerError::storage(format!("writing {}", path.display()), e))?;
+        };
+        let info = self
+            .store
+            .move_tag(name, tag, &sha, now_secs(), known.as_ref())?;
         if let Some(p) = self
             .index
             .write()
@@ -314,6 +286,28 @@ impl Catalog {
             p.tags.insert(tag.clone(), info.clone());
         }
         Ok(info)
+    }
+
+    /// [`Self::resolve`], for a write that names a version: one this process has not heard
+    /// of yet may have been published on another replica a moment ago, so the store is asked
+    /// before the answer is "not found". Blocks (on the blocking pool).
+    pub fn resolve_fresh(
+        &self,
+        name: &PackageName,
+        selector: &Selector,
+    ) -> Result<Version, TrackerError> {
+        match self.resolve(name, selector) {
+            // Resolved again even when the reload brought nothing new: the listener may have
+            // brought it in meanwhile.
+            Err(TrackerError::NotFound(e)) => match self.reload(name) {
+                Ok(_) => self.resolve(name, selector),
+                Err(reload) => {
+                    tracing::warn!(package = %name, error = %reload, "could not read the package from the catalog store");
+                    Err(TrackerError::NotFound(e))
+                }
+            },
+            other => other,
+        }
     }
 
     /// Resolve a selector within one package.
@@ -495,6 +489,8 @@ fn unique<'a>(
 
 #[cfg(test)]
 mod tests {
+    use std::fs;
+
     use super::*;
     use fbpkg_common::metainfo::Format;
 

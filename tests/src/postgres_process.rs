@@ -1,0 +1,215 @@
+//! A throwaway PostgreSQL server for the replica scenarios: a fresh cluster (`initdb`) in a
+//! temporary directory, on a free loopback port, trusting local connections, without fsync;
+//! killed (the whole process group) on drop.
+//!
+//! PostgreSQL refuses to run as root: as root the cluster belongs to the `postgres` user that
+//! Debian's package creates, and the server runs as that user (`setpriv`).
+
+use std::io;
+use std::net::{Ipv4Addr, TcpStream};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::free_loopback_port;
+
+/// Longest a server may take to accept connections after spawn.
+const START_TIMEOUT: Duration = Duration::from_secs(30);
+/// The role the tests connect as.
+const USER: &str = "fbpkg";
+
+/// A running `postgres -D <tmp>/data -p PORT -h 127.0.0.1`.
+#[derive(Debug)]
+pub struct PostgresServer {
+    child: Option<Child>,
+    port: u16,
+    bin: PathBuf,
+    dir: tempfile::TempDir,
+}
+
+/// Debian's server binaries (`/usr/lib/postgresql/<major>/bin`, the newest), or `None` (the
+/// caller skips, saying so).
+pub fn postgres_bin_dir() -> Option<PathBuf> {
+    let mut dirs: Vec<(u32, PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
+        .ok()?
+        .flatten()
+        .filter_map(|e| {
+            let major = e.file_name().to_str()?.parse().ok()?;
+            let bin = e.path().join("bin");
+            bin.join("initdb").is_file().then_some((major, bin))
+        })
+        .collect();
+    dirs.sort();
+    dirs.pop().map(|(_, b)| b)
+}
+
+fn is_root() -> bool {
+    std::fs::metadata("/proc/self").is_ok_and(|m| std::os::unix::fs::MetadataExt::uid(&m) == 0)
+}
+
+/// `bin/<tool>`, run as `postgres` when we are root.
+fn tool(bin: &Path, name: &str) -> Command {
+    if is_root() {
+        let mut c = Command::new("setpriv");
+        c.args([
+            "--reuid=postgres",
+            "--regid=postgres",
+            "--init-groups",
+            "--",
+        ])
+        .arg(bin.join(name));
+        c
+    } else {
+        Command::new(bin.join(name))
+    }
+}
+
+impl PostgresServer {
+    /// Create a cluster and start it, or `Ok(None)` when PostgreSQL is not installed
+    /// (`apt-get install postgresql`; scripts/test.sh does it as root).
+    pub fn start() -> io::Result<Option<Self>> {
+        let Some(bin) = postgres_bin_dir() else {
+            eprintln!(
+                "SKIPPED: PostgreSQL is not installed (apt-get install postgresql; \
+                 scripts/test.sh installs it when run as root)"
+            );
+            return Ok(None);
+        };
+        let dir = tempfile::tempdir()?;
+        if is_root() {
+            let chowned = Command::new("chown")
+                .arg("postgres:postgres")
+                .arg(dir.path())
+                .status()?;
+            if !chowned.success() {
+                return Err(io::Error::other("chown of the cluster directory failed"));
+            }
+        }
+        let out = tool(&bin, "initdb")
+            .arg("-D")
+            .arg(dir.path().join("data"))
+            .args(["-U", USER, "--auth=trust", "-E", "UTF8", "--no-sync"])
+            .stdin(Stdio::null())
+            .output()?;
+        if !out.status.success() {
+            return Err(io::Error::other(format!(
+                "initdb failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            )));
+        }
+        let mut s = Self {
+            child: None,
+            port: free_loopback_port()?,
+            bin,
+            dir,
+        };
+        s.restart()?;
+        Ok(Some(s))
+    }
+
+    /// `postgres://fbpkg@127.0.0.1:PORT/postgres`.
+    pub fn url(&self) -> String {
+        format!("postgres://{USER}@127.0.0.1:{}/postgres", self.port)
+    }
+
+    /// SIGKILL the server and every backend (its process group), as a crash would, and reap it.
+    pub fn kill(&mut self) -> io::Result<()> {
+        if let Some(mut c) = self.child.take() {
+            let _ = Command::new("kill")
+                .args(["-KILL", "--", &format!("-{}", c.id())])
+                .status();
+            c.wait()?;
+        }
+        Ok(())
+    }
+
+    /// Start it again on the same port and data (after [`Self::kill`], with crash recovery)
+    /// and wait until it accepts connections.
+    pub fn restart(&mut self) -> io::Result<()> {
+        self.kill()?;
+        self.child = Some(self.spawn()?);
+        let deadline = Instant::now() + START_TIMEOUT;
+        loop {
+            // Backends of a killed server may still be going away, holding its shared memory:
+            // the new postmaster then exits at once, and is started again a moment later.
+            if let Some(c) = self.child.as_mut()
+                && c.try_wait()?.is_some()
+            {
+                std::thread::sleep(Duration::from_millis(100));
+                self.child = Some(self.spawn()?);
+            }
+            let ready = tool(&self.bin, "pg_isready")
+                .args(["-h", "127.0.0.1", "-p", &self.port.to_string(), "-U", USER])
+                .args(["-d", "postgres"])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()?;
+            if ready.success() && TcpStream::connect((Ipv4Addr::LOCALHOST, self.port)).is_ok() {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                return Err(io::Error::other(format!(
+                    "PostgreSQL on port {} not accepting connections after {START_TIMEOUT:?}; \
+                     its log:\n{}",
+                    self.port,
+                    self.log()
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn spawn(&self) -> io::Result<Child> {
+        tool(&self.bin, "postgres")
+            .arg("-D")
+            .arg(self.dir.path().join("data"))
+            .args(["-p", &self.port.to_string(), "-h", "127.0.0.1", "-k"])
+            .arg(self.dir.path())
+            // No fsync (the machine does not crash under a test), but commits are written to
+            // the WAL before they are acknowledged, so a kill -9 loses nothing committed:
+            // `synchronous_commit=off` would, and a restart test would see tables vanish.
+            .args(["-c", "fsync=off", "-c", "full_page_writes=off"])
+            .args(["-c", "max_connections=200"])
+            .process_group(0)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(self.log_file()?)
+            .spawn()
+    }
+
+    fn log_file(&self) -> io::Result<std::fs::File> {
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("postgres.log"))
+    }
+
+    /// What the server logged so far (for failure messages).
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("postgres.log")).unwrap_or_default()
+    }
+
+    /// Run `sql` with psql as the test role (for a test to look at the tables).
+    pub fn psql(&self, sql: &str) -> io::Result<String> {
+        let out = tool(&self.bin, "psql")
+            .args(["-h", "127.0.0.1", "-p", &self.port.to_string(), "-U", USER])
+            .args(["-d", "postgres", "-At", "-v", "ON_ERROR_STOP=1", "-c", sql])
+            .stdin(Stdio::null())
+            .output()?;
+        if out.status.success() {
+            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        } else {
+            Err(io::Error::other(format!(
+                "psql: {}",
+                String::from_utf8_lossy(&out.stderr)
+            )))
+        }
+    }
+}
+
+impl Drop for PostgresServer {
+    fn drop(&mut self) {
+        let _ = self.kill();
+    }
+}

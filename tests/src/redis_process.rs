@@ -1,0 +1,129 @@
+//! A throwaway `redis-server` for the Redis peer-store scenarios: on a free loopback port, no
+//! persistence, in a temporary directory; killed on drop.
+
+use std::io::{self, Read, Write};
+use std::net::{Ipv4Addr, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::free_loopback_port;
+
+/// Longest a redis-server may take to answer `PING` after spawn.
+const START_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// A running `redis-server --port P --save '' --appendonly no`.
+#[derive(Debug)]
+pub struct RedisServer {
+    child: Option<Child>,
+    port: u16,
+    dir: tempfile::TempDir,
+}
+
+/// Where Debian's package puts the server, or `None` (the caller skips, saying so).
+pub fn redis_server_binary() -> Option<PathBuf> {
+    std::env::var_os("PATH")
+        .into_iter()
+        .flat_map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
+        .chain([PathBuf::from("/usr/bin"), PathBuf::from("/usr/sbin")])
+        .map(|d| d.join("redis-server"))
+        .find(|p| p.is_file())
+}
+
+impl RedisServer {
+    /// Start one, or `Ok(None)` when redis-server is not installed (`apt-get install
+    /// redis-server`; scripts/test.sh does it as root).
+    pub fn start() -> io::Result<Option<Self>> {
+        if redis_server_binary().is_none() {
+            eprintln!(
+                "SKIPPED: redis-server is not installed (apt-get install redis-server; \
+                 scripts/test.sh installs it when run as root)"
+            );
+            return Ok(None);
+        }
+        let mut s = Self {
+            child: None,
+            port: free_loopback_port()?,
+            dir: tempfile::tempdir()?,
+        };
+        s.restart()?;
+        Ok(Some(s))
+    }
+
+    /// `redis://127.0.0.1:PORT/0`.
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/0", self.port)
+    }
+
+    /// SIGKILL it (no goodbye to its clients) and reap it. Its data is gone: it kept none.
+    pub fn kill(&mut self) -> io::Result<()> {
+        if let Some(mut c) = self.child.take() {
+            c.kill()?;
+            c.wait()?;
+        }
+        Ok(())
+    }
+
+    /// Start it again on the same port (after [`Self::kill`]) and wait until it answers.
+    pub fn restart(&mut self) -> io::Result<()> {
+        self.kill()?;
+        let bin = redis_server_binary()
+            .ok_or_else(|| io::Error::other("redis-server is not installed"))?;
+        let child = Command::new(bin)
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
+            .arg("--dir")
+            .arg(self.dir.path())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()?;
+        self.child = Some(child);
+        let deadline = Instant::now() + START_TIMEOUT;
+        loop {
+            match self.ping() {
+                Ok(()) => return Ok(()),
+                Err(e) if Instant::now() >= deadline => {
+                    return Err(io::Error::other(format!(
+                        "redis-server on port {} not answering PING after {START_TIMEOUT:?}: {e}",
+                        self.port
+                    )));
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(20)),
+            }
+        }
+    }
+
+    /// `DBSIZE`: how many keys it holds.
+    pub fn dbsize(&self) -> io::Result<u64> {
+        let mut s = TcpStream::connect((Ipv4Addr::LOCALHOST, self.port))?;
+        s.set_read_timeout(Some(Duration::from_secs(2)))?;
+        s.write_all(b"DBSIZE\r\n")?;
+        let mut buf = [0u8; 32];
+        let n = s.read(&mut buf)?;
+        let line = std::str::from_utf8(&buf[..n]).map_err(io::Error::other)?;
+        line.strip_prefix(':')
+            .and_then(|l| l.trim_end().parse().ok())
+            .ok_or_else(|| io::Error::other(format!("DBSIZE answered {line:?}")))
+    }
+
+    /// One `PING`, answered `+PONG`.
+    pub fn ping(&self) -> io::Result<()> {
+        let mut s = TcpStream::connect((Ipv4Addr::LOCALHOST, self.port))?;
+        s.set_read_timeout(Some(Duration::from_secs(2)))?;
+        s.write_all(b"PING\r\n")?;
+        let mut buf = [0u8; 7];
+        s.read_exact(&mut buf)?;
+        if &buf == b"+PONG\r\n" {
+            Ok(())
+        } else {
+            Err(io::Error::other(format!("PING answered {buf:?}")))
+        }
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        let _ = self.kill();
+    }
+}

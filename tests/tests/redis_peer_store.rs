@@ -1,0 +1,767 @@
+//! The Redis peer store (`--peer-store redis://...`) against a real redis-server:
+//!
+//! - the store itself, with a clock the test controls: expiry after two intervals, the
+//!   per-address and per-swarm limits, `stopped`, roles and zones in answers;
+//! - two tracker processes on one Redis: a peer announced to one is returned by the other,
+//!   `stopped` on one removes it from both, the per-address limit counts across replicas;
+//! - Redis killed: announces get a failure reason promptly and `/readyz` says the store is not
+//!   ready; Redis back: the same tracker processes serve again, without a restart;
+//! - end to end: a seed agent announcing to replica A, a leecher agent on replica B, and A
+//!   killed before the leecher starts, so the seed can only be found through Redis: the
+//!   leecher downloads the exact bytes. The catalog is per replica (files under --data-dir),
+//!   so the version is published to A by the seed and its metainfo PUT to B by the test.
+//!
+//! Every test skips, saying so, when redis-server is not installed.
+
+use std::collections::HashSet;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::time::Duration;
+
+use std::ffi::OsString;
+
+use fbpkg_common::tracker_proto::{
+    AnnounceRequest, AnnounceResponse, Event, PeerEntry, ScrapeRequest, ScrapeResponse,
+    TrackerReply, Zone,
+};
+use fbpkg_common::{InfoHash, PeerId};
+use fbpkg_tests::{
+    AgentProcess, RedisServer, TrackerProcess, fbpkg_rs, http_client, poll, wait_for,
+};
+use fbpkg_tracker::peer_store::{Announce, RedisStore};
+use fbpkg_tracker::swarm::{Limits, Recorded};
+
+/// Two announce intervals of the store under test, in ms.
+const TTL_MS: u64 = 2_000;
+/// Long enough for any answer on a loaded machine; an answer, not a hang, is what is tested.
+const ANSWER_WITHIN: Duration = Duration::from_secs(10);
+
+fn store(redis: &RedisServer, limits: Limits) -> RedisStore {
+    RedisStore::open(
+        &redis.url(),
+        Duration::from_secs(2),
+        Duration::from_millis(TTL_MS),
+        limits,
+    )
+    .expect("a valid Redis URL")
+}
+
+fn peer(n: u8, ip: [u8; 4], left: u64) -> Announce {
+    Announce {
+        info_hash: InfoHash([0; 20]),
+        peer_id: PeerId([n; 20]),
+        addr: SocketAddr::new(IpAddr::V4(Ipv4Addr::from(ip)), 6000 + u16::from(n)),
+        event: Event::Started,
+        uploaded: 0,
+        downloaded: 0,
+        left,
+        zone: None,
+        numwant: 50,
+    }
+}
+
+fn ids(peers: &[PeerEntry]) -> HashSet<u8> {
+    peers
+        .iter()
+        .filter_map(|p| p.peer_id.map(|id| id.0[0]))
+        .collect()
+}
+
+macro_rules! redis_or_skip {
+    () => {
+        match RedisServer::start().expect("starting redis-server") {
+            Some(r) => r,
+            None => return,
+        }
+    };
+}
+
+#[tokio::test]
+async fn silent_peers_expire_after_two_intervals() {
+    let redis = redis_or_skip!();
+    let s = store(&redis, Limits::NONE);
+    let t0 = 1_000_000;
+    let a = peer(1, [127, 0, 0, 2], 0);
+    let b = peer(2, [127, 0, 0, 3], 10);
+    s.announce(&a, t0).await.expect("a announces");
+    let seen = s.announce(&b, t0 + TTL_MS - 1).await.expect("b announces");
+    assert_eq!(ids(&seen.peers), HashSet::from([1]), "a is still fresh");
+    // Sweeps run at most once per quarter TTL (or second) per swarm: b's announce just swept.
+    let sweep_every = (TTL_MS / 4).min(1_000);
+    let seen = s
+        .announce(&b, t0 + TTL_MS - 1 + sweep_every)
+        .await
+        .expect("b again");
+    assert!(seen.peers.is_empty(), "a expired: {:?}", seen.peers);
+    assert_eq!((seen.complete, seen.incomplete), (0, 1));
+    // Its address count went with it: the address may add a peer again under a limit of 1.
+    let one = store(
+        &redis,
+        Limits {
+            max_peers: 10,
+            max_per_address: 1,
+        },
+    );
+    let again = one
+        .announce(&a, t0 + TTL_MS + sweep_every)
+        .await
+        .expect("a is back");
+    assert_eq!(again.recorded, Recorded::Present);
+}
+
+/// Keys carry TTLs however announces fall between the refreshes (at most one a second per
+/// swarm): a swarm left alone disappears from Redis by itself, but for its `meta` (downloads
+/// completed, kept a week).
+#[tokio::test]
+async fn an_abandoned_swarm_leaves_nothing_but_its_counts() {
+    let redis = redis_or_skip!();
+    let s = store(&redis, Limits::NONE);
+    let now = fbpkg_tracker::peer_store::wall_ms();
+    let mut a = peer(1, [127, 0, 0, 2], 10);
+    a.zone = Some(Zone::new("dc1/rack1").expect("zone"));
+    s.announce(&a, now).await.expect("a");
+    // Within the same second: new keys (a seeders set, another zone's buckets) and new
+    // members of old ones, none of which refreshes TTLs.
+    let mut b = peer(2, [127, 0, 0, 3], 0);
+    b.zone = Some(Zone::new("dc2/rack9").expect("zone"));
+    s.announce(&b, now + 10).await.expect("b");
+    s.announce(&peer(3, [127, 0, 0, 4], 10), now + 20)
+        .await
+        .expect("c");
+    assert!(redis.dbsize().expect("DBSIZE") > 1);
+    wait_for(
+        "the swarm's keys to expire",
+        Duration::from_secs(20),
+        || {
+            let left = redis.dbsize().map_err(|e| e.to_string());
+            async move {
+                match left? {
+                    1 => Ok(()),
+                    n => Err(format!("{n} keys")),
+                }
+            }
+        },
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn limits_refuse_new_peers_and_keep_known_ones() {
+    let redis = redis_or_skip!();
+    let s = store(
+        &redis,
+        Limits {
+            max_peers: 3,
+            max_per_address: 2,
+        },
+    );
+    let now = 5_000_000;
+    let ip = [127, 0, 0, 9];
+    for n in 1..=2 {
+        let r = s.announce(&peer(n, ip, 10), now).await.expect("announce");
+        assert_eq!(r.recorded, Recorded::Present);
+    }
+    let third = s.announce(&peer(3, ip, 10), now).await.expect("announce");
+    assert_eq!(third.recorded, Recorded::AddressFull);
+    // A known peer from that address is still served.
+    let known = s.announce(&peer(1, ip, 10), now).await.expect("announce");
+    assert_eq!(known.recorded, Recorded::Present);
+    // The same id from another address is another peer.
+    let other = s
+        .announce(&peer(1, [127, 0, 0, 10], 10), now)
+        .await
+        .expect("announce");
+    assert_eq!(other.recorded, Recorded::Present);
+    let full = s
+        .announce(&peer(4, [127, 0, 0, 11], 10), now)
+        .await
+        .expect("announce");
+    assert_eq!(full.recorded, Recorded::Full);
+    // Stopped frees a place at once, and for the address too.
+    let mut stop = peer(2, ip, 10);
+    stop.event = Event::Stopped;
+    assert_eq!(
+        s.announce(&stop, now).await.expect("stop").recorded,
+        Recorded::Removed
+    );
+    let fourth = s.announce(&peer(4, ip, 10), now).await.expect("announce");
+    assert_eq!(fourth.recorded, Recorded::Present);
+    assert_eq!((fourth.complete, fourth.incomplete), (0, 3));
+}
+
+#[tokio::test]
+async fn answers_follow_roles_and_zones() {
+    let redis = redis_or_skip!();
+    let s = store(&redis, Limits::NONE);
+    let now = 9_000_000;
+    let zoned = |n: u8, left: u64, zone: &str| Announce {
+        zone: Some(Zone::new(zone).expect("zone")),
+        ..peer(n, [127, 0, 1, n], left)
+    };
+    // Seeders 1-4, leechers 10-13; 1 and 10 share the asker's rack, 2 and 11 its datacenter.
+    for (n, left, z) in [
+        (1, 0, "dc1/r1"),
+        (2, 0, "dc1/r2"),
+        (3, 0, "dc2/r1"),
+        (4, 0, "dc2/r2"),
+        (10, 5, "dc1/r1"),
+        (11, 5, "dc1/r2"),
+        (12, 5, "dc2/r1"),
+        (13, 5, "dc2/r2"),
+    ] {
+        s.announce(&zoned(n, left, z), now).await.expect("announce");
+    }
+    for _ in 0..20 {
+        let mut seeder = zoned(1, 0, "dc1/r1");
+        seeder.numwant = 2;
+        let got = ids(&s.announce(&seeder, now).await.expect("announce").peers);
+        assert_eq!(
+            got,
+            HashSet::from([10, 11]),
+            "a seeder gets the closest leechers only"
+        );
+        let mut leecher = zoned(10, 5, "dc1/r1");
+        leecher.numwant = 4;
+        let got = ids(&leecher_answer(&s, &leecher, now).await);
+        // Seeders up to half: 1 (same rack), 2 (same datacenter); then leechers: 11 (same
+        // datacenter; 10 is the asker itself), then one of the rest.
+        assert!(!got.contains(&10), "never itself: {got:?}");
+        assert!(
+            got.contains(&1) && got.contains(&2),
+            "seeders first, closest first: {got:?}"
+        );
+        assert!(got.contains(&11), "then leechers, closest first: {got:?}");
+        assert!(got.contains(&12) != got.contains(&13), "{got:?}");
+        assert_eq!(got.len(), 4, "{got:?}");
+    }
+    // When everyone fits in numwant, the answer is everyone the asker may get.
+    let seeder = zoned(1, 0, "dc1/r1");
+    let got = ids(&s.announce(&seeder, now).await.expect("announce").peers);
+    assert_eq!(
+        got,
+        HashSet::from([10, 11, 12, 13]),
+        "a seeder: every leecher"
+    );
+    let leecher = zoned(10, 5, "dc1/r1");
+    let got = ids(&leecher_answer(&s, &leecher, now).await);
+    assert_eq!(
+        got,
+        HashSet::from([1, 2, 3, 4, 11, 12, 13]),
+        "a leecher: everyone but itself"
+    );
+}
+
+/// The script keeps the role counts in step with what it changes rather than counting again.
+#[tokio::test]
+async fn counts_follow_completions_stops_and_expiry() {
+    let redis = redis_or_skip!();
+    let s = store(&redis, Limits::NONE);
+    let t0 = 20_000_000;
+    let counts = |r: &fbpkg_tracker::peer_store::Answer| (r.complete, r.incomplete);
+    let seed = peer(1, [127, 0, 0, 2], 0);
+    let mut b = peer(2, [127, 0, 0, 3], 10);
+    assert_eq!(counts(&s.announce(&seed, t0).await.expect("seed")), (1, 0));
+    assert_eq!(counts(&s.announce(&b, t0).await.expect("b")), (1, 1));
+    // b completes: a leecher fewer, a seeder more; its answer now holds leechers only (none).
+    b.left = 0;
+    b.event = Event::Completed;
+    let done = s.announce(&b, t0 + 1).await.expect("b completes");
+    assert_eq!(counts(&done), (2, 0));
+    assert!(
+        done.peers.is_empty(),
+        "a seeder gets no seeders: {:?}",
+        done.peers
+    );
+    // A stop of a peer the swarm never had changes nothing.
+    let mut stranger = peer(3, [127, 0, 0, 4], 10);
+    stranger.event = Event::Stopped;
+    let r = s.announce(&stranger, t0 + 2).await.expect("stranger");
+    assert_eq!((r.recorded, counts(&r)), (Recorded::Removed, (2, 0)));
+    // The seed stops: one seeder left.
+    let mut stop = seed.clone();
+    stop.event = Event::Stopped;
+    assert_eq!(
+        counts(&s.announce(&stop, t0 + 3).await.expect("stop")),
+        (1, 0)
+    );
+    // b falls silent; a newcomer after its TTL finds the swarm empty but for itself.
+    let c = peer(4, [127, 0, 0, 5], 10);
+    let late = s.announce(&c, t0 + 1 + 2 * TTL_MS).await.expect("c");
+    assert_eq!(counts(&late), (0, 1));
+    assert!(late.peers.is_empty(), "{:?}", late.peers);
+}
+
+async fn leecher_answer(s: &RedisStore, a: &Announce, now: u64) -> Vec<PeerEntry> {
+    s.announce(a, now).await.expect("announce").peers
+}
+
+/// One announce over HTTP; `ip` goes in `ip=` (the trackers trust loopback).
+async fn announce(
+    base: &str,
+    hash: InfoHash,
+    id: u8,
+    ip: [u8; 4],
+    left: u64,
+    event: Event,
+) -> Result<TrackerReply<AnnounceResponse>, String> {
+    let req = AnnounceRequest {
+        info_hash: hash,
+        peer_id: PeerId([id; 20]),
+        port: 7000 + u16::from(id),
+        uploaded: 0,
+        downloaded: 0,
+        left,
+        event,
+        compact: false,
+        numwant: Some(50),
+        no_peer_id: false,
+        key: None,
+        ip: Some(IpAddr::V4(Ipv4Addr::from(ip))),
+        zone: None,
+    };
+    let url = format!("{base}/announce?{}", req.to_query());
+    let resp = reqwest::Client::new()
+        .get(&url)
+        .timeout(ANSWER_WITHIN)
+        .send()
+        .await
+        .map_err(|e| format!("GET {url}: {e}"))?;
+    let body = resp.bytes().await.map_err(|e| format!("body: {e}"))?;
+    AnnounceResponse::decode(&body).map_err(|e| format!("decode: {e}"))
+}
+
+/// A leecher's announce as a one-request `Connection: close` exchange, from a blocking thread.
+async fn announce_closing(
+    addr: SocketAddr,
+    hash: InfoHash,
+    id: u8,
+    ip: [u8; 4],
+) -> TrackerReply<AnnounceResponse> {
+    use std::io::{Read, Write};
+    let req = AnnounceRequest {
+        info_hash: hash,
+        peer_id: PeerId([id; 20]),
+        port: 7000 + u16::from(id),
+        uploaded: 0,
+        downloaded: 0,
+        left: 9,
+        event: Event::None,
+        compact: false,
+        numwant: Some(50),
+        no_peer_id: false,
+        key: None,
+        ip: Some(IpAddr::V4(Ipv4Addr::from(ip))),
+        zone: None,
+    };
+    let head = format!(
+        "GET /announce?{} HTTP/1.1\r\nHost: tracker\r\nConnection: close\r\n\r\n",
+        req.to_query()
+    );
+    let raw = tokio::task::spawn_blocking(move || {
+        let mut s = std::net::TcpStream::connect(addr).expect("connect");
+        s.set_read_timeout(Some(ANSWER_WITHIN)).expect("timeout");
+        s.write_all(head.as_bytes()).expect("write");
+        let mut out = Vec::new();
+        s.read_to_end(&mut out).expect("read the whole answer");
+        out
+    })
+    .await
+    .expect("the exchange");
+    let body = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .map(|i| &raw[i + 4..])
+        .expect("a response head");
+    AnnounceResponse::decode(body).expect("a bencoded answer")
+}
+
+async fn text(url: &str) -> String {
+    reqwest::get(url)
+        .await
+        .unwrap_or_else(|e| panic!("GET {url}: {e}"))
+        .text()
+        .await
+        .expect("a text body")
+}
+
+fn peers_of(r: TrackerReply<AnnounceResponse>) -> Result<HashSet<u8>, String> {
+    match r {
+        TrackerReply::Ok(a) => Ok(ids(&a.peers)),
+        TrackerReply::Failure(f) => Err(format!("failure: {f}")),
+    }
+}
+
+fn replicas(redis: &RedisServer, dirs: &[tempfile::TempDir; 2]) -> [TrackerProcess; 2] {
+    let url = redis.url();
+    let args = [
+        "--allow-unregistered",
+        "--trusted-networks",
+        "127.0.0.0/8",
+        "--max-peers-per-address",
+        "2",
+        "--announce-interval",
+        "1s",
+        "--min-announce-interval",
+        "1s",
+        "--peer-store",
+        &url,
+    ];
+    dirs.each_ref()
+        .map(|d| TrackerProcess::start_with_args(d.path(), &args).expect("tracker starts"))
+}
+
+#[tokio::test]
+async fn replicas_share_peers_limits_and_expiry() {
+    let redis = redis_or_skip!();
+    let dirs = [(); 2].map(|()| tempfile::tempdir().expect("tempdir"));
+    let [one, two] = replicas(&redis, &dirs);
+    let (b1, b2) = (one.base_url(), two.base_url());
+    let hash = InfoHash([7; 20]);
+    let seed = [127, 0, 0, 21];
+    peers_of(
+        announce(&b1, hash, 1, seed, 0, Event::Started)
+            .await
+            .expect("answer"),
+    )
+    .expect("the seed is recorded");
+    let got = peers_of(
+        announce(&b2, hash, 2, [127, 0, 0, 22], 9, Event::Started)
+            .await
+            .expect("answer"),
+    )
+    .expect("the leecher is recorded");
+    assert_eq!(
+        got,
+        HashSet::from([1]),
+        "replica two returns the seed announced to one"
+    );
+    // Connection-per-request (`Connection: close`, the front's on-the-spot path with the
+    // memory store) is served too, on the connection's task.
+    let got = peers_of(announce_closing(one.addr(), hash, 2, [127, 0, 0, 22]).await)
+        .expect("a closing announce is served");
+    assert_eq!(got, HashSet::from([1]), "over Connection: close");
+    // Replica one's swarm view lists, from Redis, the leecher announced to two.
+    let listed = fbpkg_tests::swarm_peers(&http_client(), &b1, &hash.to_hex())
+        .await
+        .expect("swarm view");
+    assert_eq!(
+        listed.into_iter().collect::<HashSet<_>>(),
+        HashSet::from([
+            ("127.0.0.21:7001".to_owned(), 0),
+            ("127.0.0.22:7002".to_owned(), 9)
+        ]),
+        "replica one's /api/v1/swarms"
+    );
+    // Replica one counts, from Redis, the leecher announced to two.
+    let metrics = text(&format!("{b1}/metrics")).await;
+    for line in [
+        "fbpkg_tracker_peers{role=\"seeder\"} 1",
+        "fbpkg_tracker_peers{role=\"leecher\"} 1",
+    ] {
+        assert!(
+            metrics.lines().any(|l| l == line),
+            "no {line:?} in:\n{metrics}"
+        );
+    }
+
+    // Stopped on two removes it for one.
+    peers_of(
+        announce(&b2, hash, 1, seed, 0, Event::Stopped)
+            .await
+            .expect("answer"),
+    )
+    .expect("stopped is served");
+    let got = peers_of(
+        announce(&b1, hash, 2, [127, 0, 0, 22], 9, Event::None)
+            .await
+            .expect("answer"),
+    )
+    .expect("served");
+    assert!(got.is_empty(), "the stopped seed is gone: {got:?}");
+
+    // The per-address limit (2) counts peers from both replicas.
+    let many = [127, 0, 0, 23];
+    peers_of(
+        announce(&b1, hash, 3, many, 9, Event::Started)
+            .await
+            .expect("answer"),
+    )
+    .expect("first");
+    peers_of(
+        announce(&b2, hash, 4, many, 9, Event::Started)
+            .await
+            .expect("answer"),
+    )
+    .expect("second");
+    match announce(&b1, hash, 5, many, 9, Event::Started)
+        .await
+        .expect("answer")
+    {
+        TrackerReply::Failure(f) => assert!(f.contains("too many peers from 127.0.0.23"), "{f}"),
+        TrackerReply::Ok(a) => panic!("a third peer from one address was accepted: {a:?}"),
+    }
+
+    // Expiry: peer 3 goes silent; within two intervals (2 s) it leaves everyone's answers.
+    wait_for(
+        "the silent peers to expire",
+        Duration::from_secs(30),
+        || {
+            let b = b2.clone();
+            async move {
+                let got = peers_of(announce(&b, hash, 6, [127, 0, 0, 24], 9, Event::None).await?)?;
+                if got.contains(&3) || got.contains(&4) {
+                    Err(format!("still listed: {got:?}"))
+                } else {
+                    Ok(())
+                }
+            }
+        },
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn redis_outage_fails_fast_and_heals_by_itself() {
+    let mut redis = redis_or_skip!();
+    let dirs = [(); 2].map(|()| tempfile::tempdir().expect("tempdir"));
+    let [one, two] = replicas(&redis, &dirs);
+    let (b1, b2) = (one.base_url(), two.base_url());
+    let hash = InfoHash([8; 20]);
+    peers_of(
+        announce(&b1, hash, 1, [127, 0, 0, 31], 0, Event::Started)
+            .await
+            .expect("answer"),
+    )
+    .expect("served while Redis is up");
+    let ready = reqwest::get(format!("{b1}/readyz")).await.expect("readyz");
+    assert_eq!(ready.status(), reqwest::StatusCode::OK);
+    let body = ready.text().await.expect("body");
+    assert!(body.contains("peer store: redis://127.0.0.1:"), "{body}");
+
+    redis.kill().expect("kill redis-server");
+    // An answer (bounded by ANSWER_WITHIN in `announce`), and it is the failure reason.
+    for base in [&b1, &b2] {
+        match announce(base, hash, 2, [127, 0, 0, 32], 9, Event::Started).await {
+            Ok(TrackerReply::Failure(f)) => {
+                assert_eq!(f, "peer store unavailable, try again", "from {base}")
+            }
+            other => panic!("{base} with Redis down answered {other:?}"),
+        }
+    }
+    let ready = reqwest::get(format!("{b1}/readyz")).await.expect("readyz");
+    assert_eq!(ready.status(), reqwest::StatusCode::SERVICE_UNAVAILABLE);
+    let body = ready.text().await.expect("body");
+    assert!(body.contains("peer store redis://127.0.0.1:"), "{body}");
+    let metrics = text(&format!("{b1}/metrics")).await;
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l == "fbpkg_tracker_announces_total{outcome=\"store_unavailable\"} 1"),
+        "{metrics}"
+    );
+    // Other requests are still served.
+    let health = reqwest::get(format!("{b1}/healthz"))
+        .await
+        .expect("healthz");
+    assert_eq!(health.status(), reqwest::StatusCode::OK);
+
+    redis.restart().expect("restart redis-server");
+    // Same tracker processes: the connection managers reconnect by themselves. Redis kept
+    // nothing, so peers come back with their next announces. Once one announce is served,
+    // all are: every serving thread has its own connection, and the first request on a
+    // broken one is retried within its deadline rather than failed.
+    for base in [&b1, &b2] {
+        wait_for("announces to work again", Duration::from_secs(30), || {
+            let b = base.clone();
+            async move {
+                peers_of(announce(&b, hash, 3, [127, 0, 0, 33], 9, Event::Started).await?)
+                    .map(|_| ())
+            }
+        })
+        .await;
+        for id in 10..20 {
+            let r = announce(base, hash, id, [127, 0, 1, id], 9, Event::Started).await;
+            peers_of(r.expect("an answer"))
+                .unwrap_or_else(|e| panic!("{base} after recovery: {e}"));
+        }
+        let ready = poll("readyz", Duration::from_secs(30), || {
+            let b = base.clone();
+            async move {
+                let r = reqwest::get(format!("{b}/readyz"))
+                    .await
+                    .map_err(|e| e.to_string())?;
+                if r.status().is_success() {
+                    Ok(())
+                } else {
+                    Err(r.status().to_string())
+                }
+            }
+        })
+        .await;
+        assert!(ready.is_ok(), "{ready:?}");
+    }
+    let got = peers_of(
+        announce(&b2, hash, 4, [127, 0, 0, 34], 0, Event::Started)
+            .await
+            .expect("answer"),
+    )
+    .expect("served");
+    assert_eq!(
+        got,
+        (10..20).chain([3]).collect::<HashSet<u8>>(),
+        "the leechers announced after the restart"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agents_on_two_replicas_find_each_other_through_redis() {
+    const NAME: &str = "replicated";
+    let redis = redis_or_skip!();
+    let dirs = tempfile::tempdir().expect("tempdir");
+    let base = dirs.path();
+    let url = redis.url();
+    let start = |name: &str| {
+        TrackerProcess::start_with_args(&base.join(name), &["--peer-store", &url])
+            .expect("tracker starts")
+    };
+    let (mut a, b) = (start("tracker-a"), start("tracker-b"));
+    let seed = AgentProcess::start(
+        &base.join("seed/state"),
+        &base.join("seed/cache"),
+        &a.base_url(),
+        &[],
+    )
+    .await
+    .expect("seed agent starts");
+    let bytes: Vec<u8> = (0..4u32 << 20)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    let file = base.join("payload.bin");
+    std::fs::write(&file, &bytes).expect("write the payload");
+    let mut args: Vec<OsString> = vec!["publish".into(), NAME.into(), file.into()];
+    args.extend(seed.host_args());
+    let out = fbpkg_rs(args, Duration::from_secs(60)).await;
+    assert!(out.success(), "publish: {out}");
+    let sha = out
+        .line()
+        .strip_prefix(&format!("{NAME}:"))
+        .expect("publish prints name:sha256")
+        .to_owned();
+
+    // B's catalog gets the same version: A's metainfo, as published.
+    let client = http_client();
+    let meta = client
+        .get(format!(
+            "{}/api/v1/packages/{NAME}/{sha}/metainfo",
+            a.base_url()
+        ))
+        .send()
+        .await
+        .expect("metainfo from A")
+        .bytes()
+        .await
+        .expect("metainfo body");
+    let put = client
+        .put(format!("{}/api/v1/packages/{NAME}/{sha}", b.base_url()))
+        .body(meta.clone())
+        .send()
+        .await
+        .expect("publish to B");
+    assert!(put.status().is_success(), "publish to B: {}", put.status());
+    let info_hash = fbpkg_common::metainfo::Metainfo::parse(&meta)
+        .expect("A's metainfo parses")
+        .info_hash;
+
+    // The seed announced to A only; B counts it from Redis.
+    let scrape_url = format!(
+        "{}/scrape?{}",
+        b.base_url(),
+        ScrapeRequest {
+            info_hashes: vec![info_hash]
+        }
+        .to_query()
+    );
+    let (c, u) = (&client, &scrape_url);
+    wait_for(
+        "replica B to count the seed",
+        Duration::from_secs(30),
+        || async move {
+            let body = c.get(u).send().await.map_err(|e| e.to_string())?;
+            let body = body.bytes().await.map_err(|e| e.to_string())?;
+            match ScrapeResponse::decode(&body).map_err(|e| e.to_string())? {
+                TrackerReply::Ok(s) if s.files.get(&info_hash).is_some_and(|f| f.complete >= 1) => {
+                    Ok(())
+                }
+                other => Err(format!("{other:?}")),
+            }
+        },
+    )
+    .await;
+
+    // Without A, the leecher can learn of the seed only through B, hence Redis.
+    a.kill().expect("kill replica A");
+    let leecher = AgentProcess::start(
+        &base.join("leecher/state"),
+        &base.join("leecher/cache"),
+        &b.base_url(),
+        &[],
+    )
+    .await
+    .expect("leecher agent starts");
+    let mut args: Vec<OsString> = vec!["get".into(), format!("{NAME}:{sha}").into()];
+    args.extend(leecher.host_args());
+    let out = fbpkg_rs(args, Duration::from_secs(90)).await;
+    assert!(
+        out.success(),
+        "get through replica B: {out}\nleecher log:\n{}\nseed log:\n{}",
+        leecher.log_tail(),
+        seed.log_tail()
+    );
+    assert!(
+        std::fs::read(out.line()).expect("the fetched file") == bytes,
+        "the leecher holds other bytes than the seed published"
+    );
+}
+
+#[tokio::test]
+async fn a_redis_that_never_answers_costs_one_deadline_not_a_hang() {
+    if fbpkg_tests::redis_server_binary().is_none() {
+        eprintln!("SKIPPED: redis-server is not installed (the other tests of this file need it)");
+        return;
+    }
+    // The kernel completes connections to a listener nobody accepts from: Redis "up" but mute.
+    let mute = std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).expect("bind");
+    let url = format!("redis://{}/0", mute.local_addr().expect("addr"));
+    let dir = tempfile::tempdir().expect("tempdir");
+    let tracker = TrackerProcess::start_with_args(
+        dir.path(),
+        &[
+            "--allow-unregistered",
+            "--peer-store",
+            &url,
+            "--peer-store-timeout",
+            "300ms",
+        ],
+    )
+    .expect("tracker starts");
+    let b = tracker.base_url();
+    for id in 1..=3 {
+        match announce(
+            &b,
+            InfoHash([9; 20]),
+            id,
+            [127, 0, 0, 41],
+            9,
+            Event::Started,
+        )
+        .await
+        {
+            Ok(TrackerReply::Failure(f)) => assert_eq!(f, "peer store unavailable, try again"),
+            other => panic!("with a mute Redis the announce answered {other:?}"),
+        }
+    }
+    let ready = reqwest::get(format!("{b}/readyz")).await.expect("readyz");
+    assert_eq!(ready.status(), reqwest::StatusCode::SERVICE_UNAVAILABLE);
+    let body = ready.text().await.expect("body");
+    assert!(body.contains("not ready"), "{body}");
+    drop(mute);
+}

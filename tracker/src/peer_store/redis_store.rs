@@ -1,0 +1,522 @@
+//! Peers kept in Redis, shared by tracker replicas.
+//!
+//! Layout, per swarm (hex info-hash `H`; the `{H}` hash tag puts a swarm's keys in one cluster
+//! slot, so its script runs on one node):
+//!
+//! - `fbpkg:swarm:{H}:seeders`, `...:leechers`: sorted sets, member `peer-id-hex@ip` (a peer
+//!   is who *and* where it is, as in memory), score = last announce in ms since the Unix epoch
+//!   (the tracker's wall clock, passed in: replicas share it, tests control it);
+//! - `...:peers`: hash, member -> `role|zone|addr|peer-id-hex|uploaded|downloaded|left`;
+//! - `...:addr`: hash, ip -> peers recorded under it (the per-address limit);
+//! - `...:meta`: hash, `completed`, and `touched` (when the keys' TTLs were last refreshed: once
+//!   every quarter of a peer's TTL, to a TTL that much longer than a peer's);
+//! - `...:z:<role>:<zone prefix>`: sets, the zone buckets (`zones.rs`) of each role.
+//!
+//! One announce is one `EVALSHA` of `announce.lua` (loaded again on `NOSCRIPT`): expire the
+//! swarm's silent peers (score older than two intervals; at most once a second per swarm),
+//! apply the limits, record or remove, draw the answer (all of them, read with one `HVALS`,
+//! when they fit in `numwant`). Role counts are read once and kept in step by the script. Keys get a TTL of two and a half intervals, refreshed every half interval
+//! by an announce (zone buckets by each of their announces), so a swarm nobody announces to
+//! disappears by itself: there is no sweeper and never a scan of the keyspace.
+//! Scrape, `/metrics` and the dashboard ask about the swarms this replica knows (see
+//! `mod.rs`), in bounded pipelines: `ZCOUNT`s for counts, `list.lua` for peer listings.
+//!
+//! Replicas stamp peers with their own wall clocks, so clock skew between them shortens or
+//! lengthens a peer's life by as much, and they must share `--announce-interval` (which sets
+//! the TTL); NTP-synchronised hosts with one configuration are assumed.
+//!
+//! Zones, compared with memory (`sample.rs`): the same levels in the same order (same rack,
+//! same datacenter, anyone) per role, drawn with `SRANDMEMBER`/`ZRANDMEMBER`, which Redis
+//! documents as close to but not exactly uniform for small counts. `completed` lives as long
+//! as the swarm is announced to (plus a week), not for the tracker's lifetime.
+//!
+//! Faults: every call has a deadline ([`RedisStore::timeout`]); a failure is an error at once,
+//! never a wait. Each serving thread has its own [`ConnectionManager`] (driven on that
+//! thread's runtime, so an announce never wakes another thread); it reconnects by itself
+//! after Redis comes back.
+
+use std::net::SocketAddr;
+use std::sync::Mutex;
+use std::thread::ThreadId;
+use std::time::Duration;
+
+use dashmap::DashMap;
+use fbpkg_common::tracker_proto::{Event, PeerEntry, Zone};
+use fbpkg_common::{InfoHash, PeerId};
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::{Script, Value};
+
+use crate::swarm::{Limits, Recorded};
+
+/// Most silent peers one announce expires per role (the next announces take the rest).
+const EXPIRE_BATCH: u32 = 1000;
+/// The dashboard's listing of a swarm's peers.
+const LIST_SCRIPT: &str = include_str!("list.lua");
+/// Swarms counted per round trip (three commands each).
+const COUNTS_PER_TRIP: usize = 1000;
+/// How long `completed` outlives the last announce to a swarm.
+const META_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
+/// At most one warning per this period when Redis fails (the others are counted).
+const WARN_EVERY: Duration = Duration::from_secs(10);
+
+/// Redis could not be used; the announce is answered with a failure reason.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// No answer within the deadline.
+    #[error("peer store did not answer within {0:?}")]
+    Timeout(Duration),
+    /// Connection or command failed.
+    #[error("peer store: {0}")]
+    Redis(#[from] redis::RedisError),
+    /// An answer this tracker does not understand (another version's script?).
+    #[error("peer store answered something unexpected: {0}")]
+    Protocol(String),
+}
+
+/// One announce, as the store needs it.
+#[derive(Debug, Clone)]
+pub struct Announce {
+    /// The swarm.
+    pub info_hash: InfoHash,
+    /// Its id.
+    pub peer_id: PeerId,
+    /// Where others connect to it; its IP is the one it is recorded under.
+    pub addr: SocketAddr,
+    /// What it said happened.
+    pub event: Event,
+    /// Bytes uploaded, downloaded and missing, as reported.
+    pub uploaded: u64,
+    /// See `uploaded`.
+    pub downloaded: u64,
+    /// See `uploaded`; 0 = seeder.
+    pub left: u64,
+    /// Its zone.
+    pub zone: Option<Zone>,
+    /// Peers wanted back.
+    pub numwant: usize,
+}
+
+/// What the store did and the peers it drew.
+#[derive(Debug, Clone)]
+pub struct Answer {
+    /// Recorded, removed, or refused.
+    pub recorded: Recorded,
+    /// Seeders after the announce.
+    pub complete: u32,
+    /// Leechers after the announce.
+    pub incomplete: u32,
+    /// The sample.
+    pub peers: Vec<PeerEntry>,
+}
+
+/// One peer as the dashboard shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Listed {
+    /// Where others connect to it.
+    pub addr: SocketAddr,
+    /// Its zone, if it gave one.
+    pub zone: Option<String>,
+    /// Bytes uploaded, as reported.
+    pub uploaded: u64,
+    /// Bytes downloaded, as reported.
+    pub downloaded: u64,
+    /// Bytes missing; 0 = seeder.
+    pub left: u64,
+}
+
+/// A swarm's counts, for scrape, metrics and the dashboard.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Counts {
+    /// Seeders seen within two intervals.
+    pub seeders: u64,
+    /// Leechers seen within two intervals.
+    pub leechers: u64,
+    /// Downloads completed.
+    pub completed: u64,
+}
+
+/// The Redis peer store.
+pub struct RedisStore {
+    client: redis::Client,
+    /// Where it points, without credentials (for logs and `/readyz`).
+    shown: String,
+    conns: DashMap<ThreadId, ConnectionManager>,
+    script: Script,
+    timeout: Duration,
+    peer_ttl: Duration,
+    limits: Limits,
+    warned: Mutex<(Option<tokio::time::Instant>, u64)>,
+}
+
+impl std::fmt::Debug for RedisStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisStore")
+            .field("at", &self.shown)
+            .field("timeout", &self.timeout)
+            .finish_non_exhaustive()
+    }
+}
+
+fn key(h: &InfoHash, what: &str) -> String {
+    format!("fbpkg:swarm:{{{h}}}:{what}")
+}
+
+impl RedisStore {
+    /// A store at `url` (no connection yet: one opens per thread on first use). `peer_ttl` is
+    /// how long a silent peer stays (two announce intervals); `timeout` bounds every call.
+    pub fn open(
+        url: &str,
+        timeout: Duration,
+        peer_ttl: Duration,
+        limits: Limits,
+    ) -> Result<Self, redis::RedisError> {
+        let client = redis::Client::open(url)?;
+        let info = client.get_connection_info();
+        let shown = format!("redis://{}/{}", info.addr(), info.redis_settings().db());
+        Ok(Self {
+            client,
+            shown,
+            conns: DashMap::default(),
+            script: Script::new(include_str!("announce.lua")),
+            timeout,
+            peer_ttl,
+            limits,
+            warned: Mutex::new((None, 0)),
+        })
+    }
+
+    /// Where the store is, without credentials.
+    pub fn shown(&self) -> &str {
+        &self.shown
+    }
+
+    /// The deadline of every call.
+    pub fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
+    /// This thread's connection (created lazily: it connects on first use, and again by
+    /// itself after a failure).
+    fn conn(&self) -> Result<ConnectionManager, StoreError> {
+        let id = std::thread::current().id();
+        if let Some(c) = self.conns.get(&id) {
+            return Ok(c.clone());
+        }
+        // Short connect timeout and few retries: a request waits for a reconnect in flight,
+        // and the whole call has `timeout` anyway.
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(self.timeout))
+            .set_response_timeout(Some(self.timeout))
+            .set_number_of_retries(1)
+            .set_max_delay(Duration::from_millis(200));
+        let c = ConnectionManager::new_lazy_with_config(self.client.clone(), config)?;
+        self.conns.insert(id, c.clone());
+        Ok(c)
+    }
+
+    /// Run `f` on this thread's connection within the deadline. A connection found broken
+    /// (Redis restarted, say) is tried once more, still within the deadline: its manager is
+    /// reconnecting already, and the first request on each thread after an outage should not
+    /// fail for that. (Should the lost answer have been of a script that ran, the retry
+    /// records the same peer again; at worst `completed` counts one download twice.)
+    async fn call<T, Fut>(&self, f: impl Fn(ConnectionManager) -> Fut) -> Result<T, StoreError>
+    where
+        Fut: Future<Output = redis::RedisResult<T>>,
+    {
+        let attempts = async {
+            let conn = self.conn()?;
+            match f(conn.clone()).await {
+                Err(e) if e.is_connection_dropped() || e.is_io_error() => Ok(f(conn).await?),
+                r => Ok(r?),
+            }
+        };
+        let r = match tokio::time::timeout(self.timeout, attempts).await {
+            Ok(r) => r,
+            Err(_) => Err(StoreError::Timeout(self.timeout)),
+        };
+        if let Err(e) = &r {
+            self.warn(e);
+        }
+        r
+    }
+
+    /// Warn at most once per [`WARN_EVERY`]: an outage must not flood the logs.
+    fn warn(&self, e: &StoreError) {
+        let now = tokio::time::Instant::now();
+        let Ok(mut w) = self.warned.lock() else {
+            return;
+        };
+        if w.0.is_some_and(|t| now.duration_since(t) < WARN_EVERY) {
+            w.1 += 1;
+            return;
+        }
+        let suppressed = std::mem::take(&mut w.1);
+        w.0 = Some(now);
+        drop(w);
+        tracing::warn!(store = %self.shown, error = %e, suppressed, "peer store unavailable");
+    }
+
+    /// Record one announce and draw its answer, in one round trip. `now_ms` is the wall clock
+    /// in ms since the Unix epoch.
+    pub async fn announce(&self, a: &Announce, now_ms: u64) -> Result<Answer, StoreError> {
+        let ip = a.addr.ip();
+        let member = format!("{}@{ip}", a.peer_id.to_hex());
+        let role = if a.left == 0 { "S" } else { "L" };
+        let zone = a.zone.as_ref().map_or("", Zone::as_str);
+        let record = format!(
+            "{role}|{zone}|{}|{}|{}|{}|{}",
+            a.addr,
+            a.peer_id.to_hex(),
+            a.uploaded,
+            a.downloaded,
+            a.left
+        );
+        let event = match a.event {
+            Event::Stopped => "stopped",
+            Event::Completed => "completed",
+            _ => "",
+        };
+        let h = &a.info_hash;
+        let mut inv = self.script.prepare_invoke();
+        inv.key(key(h, "seeders"))
+            .key(key(h, "leechers"))
+            .key(key(h, "peers"))
+            .key(key(h, "addr"))
+            .key(key(h, "meta"))
+            .arg(key(h, "z:"))
+            .arg(member)
+            .arg(ip.to_string())
+            .arg(event)
+            .arg(role)
+            .arg(zone)
+            .arg(record)
+            .arg(now_ms)
+            .arg(ms(self.peer_ttl))
+            .arg(self.limits.max_peers)
+            .arg(self.limits.max_per_address)
+            .arg(a.numwant)
+            .arg(EXPIRE_BATCH)
+            .arg(ms(META_TTL));
+        let v: Vec<Value> = self
+            .call(|mut c: ConnectionManager| {
+                let inv = &inv;
+                async move { inv.invoke_async(&mut c).await }
+            })
+            .await?;
+        parse_answer(&v)
+    }
+
+    /// Counts of each swarm, in one pipelined round trip.
+    pub async fn counts(
+        &self,
+        hashes: &[InfoHash],
+        now_ms: u64,
+    ) -> Result<Vec<Counts>, StoreError> {
+        let cutoff = now_ms.saturating_sub(ms(self.peer_ttl));
+        let mut out = Vec::with_capacity(hashes.len());
+        // A bounded pipeline per round trip, each under its own deadline: `/metrics` over
+        // 100,000 registered swarms must not be one 300,000-command request.
+        for chunk in hashes.chunks(COUNTS_PER_TRIP) {
+            let mut pipe = redis::pipe();
+            for h in chunk {
+                // Peers silent past the cutoff and not expired yet (nobody announced since)
+                // are not counted.
+                pipe.zcount(key(h, "seeders"), cutoff, "+inf")
+                    .zcount(key(h, "leechers"), cutoff, "+inf")
+                    .hget(key(h, "meta"), "completed");
+            }
+            let flat: Vec<Value> = self
+                .call(|mut c: ConnectionManager| {
+                    let pipe = &pipe;
+                    async move { pipe.query_async(&mut c).await }
+                })
+                .await?;
+            if flat.len() != 3 * chunk.len() {
+                return Err(StoreError::Protocol("short pipeline answer".into()));
+            }
+            for c in flat.chunks(3) {
+                if let [s, l, d] = c {
+                    out.push(Counts {
+                        seeders: int(s)?,
+                        leechers: int(l)?,
+                        completed: opt_int(d)?.unwrap_or(0),
+                    });
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Up to `max` live peers of each swarm, seeders first (the dashboard's view), in one
+    /// pipelined round trip per [`COUNTS_PER_TRIP`] swarms. `EVAL` rather than `EVALSHA`:
+    /// a page view is rare, and a pipeline cannot reload a script on `NOSCRIPT`.
+    pub async fn list(
+        &self,
+        hashes: &[InfoHash],
+        max: usize,
+        now_ms: u64,
+    ) -> Result<Vec<Vec<Listed>>, StoreError> {
+        let cutoff = now_ms.saturating_sub(ms(self.peer_ttl));
+        let mut out = Vec::with_capacity(hashes.len());
+        for chunk in hashes.chunks(COUNTS_PER_TRIP) {
+            let mut pipe = redis::pipe();
+            for h in chunk {
+                pipe.cmd("EVAL")
+                    .arg(LIST_SCRIPT)
+                    .arg(3)
+                    .arg(key(h, "seeders"))
+                    .arg(key(h, "leechers"))
+                    .arg(key(h, "peers"))
+                    .arg(cutoff)
+                    .arg(max);
+            }
+            let swarms: Vec<Vec<Vec<u8>>> = self
+                .call(|mut c: ConnectionManager| {
+                    let pipe = &pipe;
+                    async move { pipe.query_async(&mut c).await }
+                })
+                .await?;
+            out.extend(swarms.into_iter().map(|recs| {
+                recs.iter()
+                    .filter_map(|r| parse_listed(r))
+                    .collect::<Vec<_>>()
+            }));
+        }
+        Ok(out)
+    }
+
+    /// Ready: Redis answers a `PING` within the deadline.
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        let _: String =
+            self.call(|mut c: ConnectionManager| async move {
+                redis::cmd("PING").query_async(&mut c).await
+            })
+            .await?;
+        Ok(())
+    }
+}
+
+fn ms(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+fn int(v: &Value) -> Result<u64, StoreError> {
+    match v {
+        Value::Int(i) => u64::try_from(*i).map_err(|_| StoreError::Protocol(format!("{i}"))),
+        other => opt_int(other)?.ok_or_else(|| StoreError::Protocol("nil count".into())),
+    }
+}
+
+fn opt_int(v: &Value) -> Result<Option<u64>, StoreError> {
+    match v {
+        Value::Nil => Ok(None),
+        Value::Int(i) => Ok(u64::try_from(*i).ok()),
+        Value::BulkString(b) => std::str::from_utf8(b)
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .map(Some)
+            .ok_or_else(|| StoreError::Protocol("count is not a number".into())),
+        other => Err(StoreError::Protocol(format!("{other:?}"))),
+    }
+}
+
+fn parse_answer(v: &[Value]) -> Result<Answer, StoreError> {
+    let status = v
+        .first()
+        .map(int)
+        .transpose()?
+        .ok_or_else(|| StoreError::Protocol("empty answer".into()))?;
+    let recorded = match status {
+        0 => Recorded::Present,
+        1 => Recorded::Removed,
+        2 => Recorded::Full,
+        3 => Recorded::AddressFull,
+        s => return Err(StoreError::Protocol(format!("status {s}"))),
+    };
+    let count = |i: usize| {
+        v.get(i)
+            .map(int)
+            .transpose()
+            .map(|n| u32::try_from(n.unwrap_or(0)).unwrap_or(u32::MAX))
+    };
+    let (complete, incomplete) = (count(1)?, count(2)?);
+    let peers = v
+        .iter()
+        .skip(3)
+        .filter_map(|r| match r {
+            Value::BulkString(b) => parse_record(b),
+            _ => None,
+        })
+        .collect();
+    Ok(Answer {
+        recorded,
+        complete,
+        incomplete,
+        peers,
+    })
+}
+
+/// `role|zone|addr|peer-id-hex|...` -> the peer's entry; a record this version cannot read is
+/// left out of the answer rather than failing it.
+fn parse_record(b: &[u8]) -> Option<PeerEntry> {
+    let s = std::str::from_utf8(b).ok()?;
+    let mut f = s.split('|');
+    let (_role, _zone) = (f.next()?, f.next()?);
+    let addr: SocketAddr = f.next()?.parse().ok()?;
+    let peer_id = PeerId::from_hex(f.next()?).ok()?;
+    Some(PeerEntry {
+        addr,
+        peer_id: Some(peer_id),
+    })
+}
+
+/// A whole record (`role|zone|addr|peer-id-hex|uploaded|downloaded|left`) for the dashboard.
+fn parse_listed(b: &[u8]) -> Option<Listed> {
+    let s = std::str::from_utf8(b).ok()?;
+    let f: Vec<&str> = s.split('|').collect();
+    let [_role, zone, addr, _id, up, down, left] = f.as_slice() else {
+        return None;
+    };
+    Some(Listed {
+        addr: addr.parse().ok()?,
+        zone: (!zone.is_empty()).then(|| (*zone).to_owned()),
+        uploaded: up.parse().ok()?,
+        downloaded: down.parse().ok()?,
+        left: left.parse().ok()?,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn records_round_trip_and_bad_ones_are_skipped() {
+        let id = PeerId([7; 20]);
+        let rec = format!("L|dc1/r1|[::1]:6881|{}|0|0|5", id.to_hex());
+        let e = parse_record(rec.as_bytes()).expect("a valid record");
+        assert_eq!(e.addr, "[::1]:6881".parse().expect("addr"));
+        assert_eq!(e.peer_id, Some(id));
+        assert!(parse_record(b"L||nonsense|00|0|0|0").is_none());
+        let l = parse_listed(rec.as_bytes()).expect("a whole record");
+        assert_eq!((l.zone.as_deref(), l.left), (Some("dc1/r1"), 5));
+        assert!(
+            parse_listed(b"L||127.0.0.1:1|00|0|0").is_none(),
+            "a field short"
+        );
+        let a = parse_answer(&[
+            Value::Int(0),
+            Value::Int(1),
+            Value::Int(2),
+            Value::BulkString(rec.into_bytes()),
+            Value::BulkString(b"junk".to_vec()),
+        ])
+        .expect("answer");
+        assert_eq!(
+            (a.recorded, a.complete, a.incomplete),
+            (Recorded::Present, 1, 2)
+        );
+        assert_eq!(a.peers.len(), 1);
+        assert!(parse_answer(&[Value::Int(9)]).is_err());
+    }
+}
