@@ -2,14 +2,15 @@
 //!
 //! `cargo bench -p fbpkg-benches --bench verify`
 //!
-//! Two figures: SHA-1 over a piece in memory (the hash alone), and `PieceFile::sha1_of`, which
+//! Two figures: SHA-1 over a piece in memory (the hash alone), and `PackageData::sha1_of`, which
 //! is what the agent does — read the piece back from the file (page cache) in 64 KiB chunks
 //! and hash it. Both single-threaded, so the throughput is per core.
 
 use std::hint::black_box;
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
-use fbpkg_peer::storage::PieceFile;
+use fbpkg_common::metainfo::{Format, Metainfo};
+use fbpkg_peer::storage::PackageData;
 use sha1::{Digest, Sha1};
 
 const PIECE: usize = 512 << 10; // the piece length chosen for a 1 GiB package
@@ -25,9 +26,17 @@ fn verify(c: &mut Criterion) {
     });
 
     let dir = tempfile::tempdir().expect("temp dir");
-    let path = dir.path().join("pkg.part");
     let pieces = 64u64;
-    let file = PieceFile::open_partial(&path, PIECE as u64 * pieces).expect("piece file");
+    let zeros = vec![0u8; PIECE * pieces as usize];
+    let meta = Metainfo::build(
+        &zeros[..],
+        zeros.len() as u64,
+        "pkg",
+        "http://t/a",
+        Format::File,
+    )
+    .expect("metainfo");
+    let file = PackageData::open_partial(dir.path(), &meta).expect("piece file");
     for i in 0..pieces {
         file.write_at(i * PIECE as u64, &data).expect("write");
     }

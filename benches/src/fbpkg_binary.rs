@@ -2,8 +2,9 @@
 //! of this workspace's sources made with cargo (a debug build would not be worth measuring).
 
 use std::io;
+use std::net::{Ipv4Addr, SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, Stdio};
 
 /// `given` when set (it must be a file), otherwise [`build_release`]'s binary.
 pub fn release_binary(given: Option<PathBuf>) -> io::Result<PathBuf> {
@@ -53,6 +54,39 @@ pub fn build_release() -> io::Result<PathBuf> {
     built_executable(&out.stdout).ok_or_else(|| {
         io::Error::other("cargo built fbpkg-rs but did not say where; pass --fbpkg-bin PATH")
     })
+}
+
+/// A child process killed (and reaped) when dropped.
+#[derive(Debug)]
+pub struct KillOnDrop(pub Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A loopback port free at the time of asking (the OS picks it).
+pub fn free_loopback_port() -> io::Result<SocketAddr> {
+    TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?.local_addr()
+}
+
+/// `bin tracker` on a free loopback port with its data in `data_dir`, quiet; returns the child
+/// and the tracker's URL. Clients retry until it listens (`publish --retry-for`).
+pub fn start_tracker(bin: &Path, data_dir: &Path) -> io::Result<(KillOnDrop, String)> {
+    let port = free_loopback_port()?.port();
+    let child = Command::new(bin)
+        .args(["tracker", "--listen", &format!("127.0.0.1:{port}")])
+        .arg("--data-dir")
+        .arg(data_dir)
+        .env("FBPKG_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .map_err(|e| io::Error::other(format!("starting the tracker: {e}")))?;
+    Ok((KillOnDrop(child), format!("http://127.0.0.1:{port}")))
 }
 
 /// The `fbpkg-rs` executable named in cargo's `--message-format=json` output.

@@ -15,9 +15,8 @@
 //! `strace -f -e trace=socket,connect` and the calls counted (the target is zero; the
 //! tracker URL points at a stopped tracker anyway, so any attempt would also fail loudly).
 
-use std::net::{Ipv4Addr, TcpListener};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail, ensure};
@@ -61,16 +60,6 @@ struct Case {
     socket_calls: Option<usize>,
 }
 
-/// A child killed when dropped.
-struct Guard(Child);
-
-impl Drop for Guard {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     ensure!(
@@ -87,22 +76,7 @@ fn main() -> anyhow::Result<()> {
         .context("no /bin/true to package")?;
 
     // A throwaway tracker, only for publishing.
-    let port = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?
-        .local_addr()?
-        .port();
-    let url = format!("http://127.0.0.1:{port}");
-    let tracker = Guard(
-        Command::new(&bin)
-            .args(["tracker", "--listen", &format!("127.0.0.1:{port}")])
-            .arg("--data-dir")
-            .arg(base.join("tracker"))
-            .env("FBPKG_LOG", "warn")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .context("starting the tracker")?,
-    );
+    let (tracker, url) = fbpkg_binary::start_tracker(&bin, &base.join("tracker"))?;
     let host = |cmd: &mut Command| {
         cmd.arg("--state-dir")
             .arg(base.join("state"))

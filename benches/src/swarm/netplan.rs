@@ -94,6 +94,9 @@ pub enum Role {
     Seed,
     /// Asks for the package; numbered from 1.
     Leecher(usize),
+    /// Holds package k (numbered from 2; the seed holds the first) in many-package
+    /// scenarios (B5).
+    Origin(usize),
     /// Runs the tracker (uncapped).
     Tracker,
 }
@@ -130,6 +133,7 @@ fn host(role: Role, ip: Ipv4Addr, up: Option<u64>, down: Option<u64>) -> Host {
     let label = match role {
         Role::Seed => "seed".to_owned(),
         Role::Leecher(i) => format!("l{i:03}"),
+        Role::Origin(k) => format!("o{k}"),
         Role::Tracker => "trk".to_owned(),
     };
     Host {
@@ -186,7 +190,16 @@ impl Plan {
             hosts.push(host(
                 Role::Leecher(i),
                 Ipv4Addr::new(198, 18, 0, last),
-                Some(c.leecher_up_bps),
+                Some(scenario.leecher_up_bps(i)),
+                Some(c.leecher_down_bps),
+            ));
+        }
+        for k in 2..=scenario.packages {
+            let last = u8::try_from(249 + k).unwrap_or(u8::MAX);
+            hosts.push(host(
+                Role::Origin(k),
+                Ipv4Addr::new(198, 18, 0, last),
+                Some(c.seed_up_bps),
                 Some(c.leecher_down_bps),
             ));
         }
@@ -211,7 +224,18 @@ impl Plan {
 
     /// The leecher hosts, in order.
     pub fn leechers(&self) -> &[Host] {
-        &self.hosts[1..self.hosts.len() - 1]
+        let n = self
+            .hosts
+            .iter()
+            .filter(|h| matches!(h.role, Role::Leecher(_)))
+            .count();
+        &self.hosts[1..1 + n]
+    }
+
+    /// The origins of the packages after the first (whose origin is the seed), in order.
+    pub fn origins(&self) -> &[Host] {
+        let n = self.leechers().len();
+        &self.hosts[1 + n..self.hosts.len() - 1]
     }
 
     /// ARP entries the hosts need when every host talks to every other: one per (host, peer)
@@ -336,6 +360,48 @@ mod tests {
                 "interface names are at most 15 bytes"
             );
         }
+    }
+
+    #[test]
+    fn b3_plan_caps_every_third_leecher_at_the_slow_uplink() {
+        let plan = Plan::new(&Scenario::preset("b3").unwrap(), Tbf::for_leechers(48, 50));
+        let ups: Vec<Option<u64>> = plan.leechers().iter().map(|h| h.up_bps).collect();
+        assert_eq!(ups.len(), 48);
+        assert_eq!(ups.iter().filter(|u| **u == Some(5_000_000)).count(), 16);
+        assert_eq!(ups.iter().filter(|u| **u == Some(20_000_000)).count(), 32);
+        assert_eq!(plan.leechers()[2].up_bps, Some(5_000_000), "l003");
+        assert_eq!(plan.seed().up_bps, Some(40_000_000));
+        assert!(
+            plan.hosts[..49]
+                .iter()
+                .all(|h| h.down_bps == Some(40_000_000))
+        );
+    }
+
+    #[test]
+    fn b5_plan_has_an_origin_per_package() {
+        let plan = Plan::new(&Scenario::preset("b5").unwrap(), Tbf::for_leechers(24, 50));
+        assert_eq!(plan.leechers().len(), 24);
+        let origins: Vec<(&str, Ipv4Addr)> = plan
+            .origins()
+            .iter()
+            .map(|h| (h.label.as_str(), h.ip))
+            .collect();
+        assert_eq!(
+            origins,
+            vec![
+                ("o2", Ipv4Addr::new(198, 18, 0, 251)),
+                ("o3", Ipv4Addr::new(198, 18, 0, 252)),
+                ("o4", Ipv4Addr::new(198, 18, 0, 253)),
+            ]
+        );
+        assert!(plan.origins().iter().all(|h| h.up_bps == Some(80_000_000)));
+        assert_eq!(plan.tracker().label, "trk");
+        assert!(
+            Plan::new(&Scenario::preset("b1").unwrap(), Tbf::default())
+                .origins()
+                .is_empty()
+        );
     }
 
     #[test]

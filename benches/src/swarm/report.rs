@@ -137,12 +137,23 @@ pub fn size(bytes: u64) -> String {
 
 /// One scenario's header line.
 pub fn scenario_header(s: &Scenario, t_kr_secs: f64, deadline_secs: f64) -> String {
+    let slow = match s.slow_uplinks {
+        Some(u) => format!(
+            " ({} of them at {})",
+            (1..=s.leechers).filter(|&i| s.is_slow(i)).count(),
+            mbit(u.up_bps)
+        ),
+        None => String::new(),
+    };
+    let f = match s.packages {
+        0 | 1 => size(s.package_bytes),
+        p => format!("{p} x {} from {p} origins", size(s.package_bytes)),
+    };
     format!(
-        "{}: N={} F={} seed up {} Mbit/s, leecher up {} Mbit/s, leecher down {} Mbit/s; \
+        "{}: N={} F={f} seed up {} Mbit/s, leecher up {}{slow} Mbit/s, leecher down {} Mbit/s; \
          T_KR {:.1} s; deadline {:.0} s",
         s.name,
         s.leechers,
-        size(s.package_bytes),
         mbit(s.caps.seed_up_bps),
         mbit(s.caps.leecher_up_bps),
         mbit(s.caps.leecher_down_bps),

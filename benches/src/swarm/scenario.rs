@@ -29,6 +29,25 @@ pub struct Scenario {
     pub package_bytes: u64,
     /// Link caps.
     pub caps: Caps,
+    /// Packages (B5: 4), each F bytes from its own origin host (the seed holds the first),
+    /// all asked for at once by every leecher.
+    pub packages: usize,
+    /// Leechers whose uplink is thinner than `caps.leecher_up_bps` (B3), if any.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub slow_uplinks: Option<SlowUplinks>,
+}
+
+/// Some leechers' uplinks are thinner than the rest: the fleet's thin racks.
+///
+/// N / `one_in` of the leechers are slow, spread evenly (every third one when a third are
+/// slow), not bunched at the end, so they are not also the last to announce; with
+/// `--leechers` the share stays the same.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct SlowUplinks {
+    /// One leecher in this many is slow.
+    pub one_in: usize,
+    /// Their upload cap, bit/s.
+    pub up_bps: u64,
 }
 
 /// The three terms of the Kumar-Ross bound, in seconds; the bound is the largest.
@@ -80,6 +99,33 @@ impl Scenario {
                     leecher_down_bps: mbit(40),
                 },
             ),
+            "b3" => {
+                return Some(Self {
+                    name: name.to_owned(),
+                    leechers: 48,
+                    package_bytes: 64 * MIB,
+                    caps: Caps {
+                        seed_up_bps: mbit(40),
+                        leecher_up_bps: mbit(20),
+                        leecher_down_bps: mbit(40),
+                    },
+                    packages: 1,
+                    slow_uplinks: Some(SlowUplinks {
+                        one_in: 3,
+                        up_bps: mbit(5),
+                    }),
+                });
+            }
+            "b5" => {
+                return Some(Self {
+                    name: name.to_owned(),
+                    leechers: 24,
+                    package_bytes: 64 * MIB,
+                    caps: b1,
+                    packages: 4,
+                    slow_uplinks: None,
+                });
+            }
             "smoke" => (4, 32 * MIB, b1),
             "rollout" => (16, 64 * MIB, b1),
             _ => return None,
@@ -89,7 +135,35 @@ impl Scenario {
             leechers,
             package_bytes,
             caps,
+            packages: 1,
+            slow_uplinks: None,
         })
+    }
+
+    /// Whether leecher `i` (1 to N) has a slow uplink: leecher i is slow when the running
+    /// share of slow hosts, `i * k / N` rounded down, steps up at i.
+    pub fn is_slow(&self, i: usize) -> bool {
+        let n = self.leechers;
+        match self.slow_uplinks {
+            Some(s) if (1..=n).contains(&i) => {
+                let k = n / s.one_in.max(1);
+                i * k / n > (i - 1) * k / n
+            }
+            _ => false,
+        }
+    }
+
+    /// Upload cap of leecher `i` (1 to N), bit/s.
+    pub fn leecher_up_bps(&self, i: usize) -> u64 {
+        match self.slow_uplinks {
+            Some(s) if self.is_slow(i) => s.up_bps,
+            _ => self.caps.leecher_up_bps,
+        }
+    }
+
+    /// The sum of every leecher's upload cap, bit/s.
+    pub fn leechers_up_sum_bps(&self) -> u64 {
+        (1..=self.leechers).map(|i| self.leecher_up_bps(i)).sum()
     }
 
     /// The `rollout` scenario: besides the flash crowd of every contender, the leechers follow
@@ -99,14 +173,18 @@ impl Scenario {
         self.name == "rollout"
     }
 
-    /// `T_KR = max(F/u_s, F/d, N F/(u_s + N u))`, F in bits.
+    /// `T_KR = max(F/u_s, F/d, N F/(u_s + sum u_i))`, F in bits (with equal uplinks the
+    /// sum is N u). With P packages from P origins of u_s each, for the total bytes:
+    /// `max(F/u_s, P F/d, N P F/(P u_s + sum u_i))`.
     pub fn kumar_ross(&self) -> KumarRoss {
         let bits = self.package_bytes as f64 * 8.0;
+        let p = self.packages.max(1) as f64;
         let n = self.leechers as f64;
         let c = &self.caps;
         let seed_secs = bits / c.seed_up_bps as f64;
-        let download_secs = bits / c.leecher_down_bps as f64;
-        let aggregate_secs = n * bits / (c.seed_up_bps as f64 + n * c.leecher_up_bps as f64);
+        let download_secs = p * bits / c.leecher_down_bps as f64;
+        let aggregate_secs =
+            n * p * bits / (p * c.seed_up_bps as f64 + self.leechers_up_sum_bps() as f64);
         KumarRoss {
             seed_secs,
             download_secs,
@@ -136,11 +214,18 @@ impl Scenario {
                 self.name
             ));
         }
+        if !(1..=MAX_PACKAGES).contains(&self.packages) {
+            return Err(format!(
+                "{}: 1 to {MAX_PACKAGES} packages (one origin host each)",
+                self.name
+            ));
+        }
         if self.package_bytes == 0 {
             return Err(format!("{}: the package cannot be empty", self.name));
         }
         let c = &self.caps;
-        if [c.seed_up_bps, c.leecher_up_bps, c.leecher_down_bps]
+        let slow = self.slow_uplinks.map_or(c.leecher_up_bps, |s| s.up_bps);
+        if [c.seed_up_bps, c.leecher_up_bps, c.leecher_down_bps, slow]
             .iter()
             .any(|&r| r < 100_000)
         {
@@ -153,8 +238,11 @@ impl Scenario {
     }
 }
 
-/// Most leecher hosts: 198.18.0.2 up to .250 (.1 is the seed, .254 the tracker).
+/// Most leecher hosts: 198.18.0.2 up to .250 (.1 is the seed, .251 to .253 the other
+/// origins, .254 the tracker).
 pub const MAX_LEECHERS: usize = 249;
+/// Most packages (origins) in one scenario.
+pub const MAX_PACKAGES: usize = 4;
 
 /// Parse a rate like `80` (Mbit/s), `80M`, `1.5G`, `500k` into bit/s.
 pub fn parse_rate(s: &str) -> Result<u64, String> {
@@ -198,11 +286,50 @@ mod tests {
         let b48 = Scenario::preset("b1-48").unwrap();
         assert_eq!(b48.leechers, 48);
         assert!(close(b48.kumar_ross().t_kr_secs, 26.8), "{b48:?}");
-        assert!(Scenario::preset("b3").is_none());
+        assert!(Scenario::preset("b4").is_none());
         // The rollout scenario: B1's caps, 16 hosts, 64 MiB, seed-bound at 6.7 s.
         let r = Scenario::preset("rollout").unwrap();
         assert!(r.is_rollout() && !b48.is_rollout());
         assert!(close(r.kumar_ross().t_kr_secs, 6.71), "{r:?}");
+    }
+
+    #[test]
+    fn b3_is_bound_by_the_sum_of_the_real_uplinks() {
+        // BENCHMARKS.md "Swarm at fleet scale": 48 leechers, 64 MiB, seed up 40, 16 hosts at
+        // 5 and 32 at 20 Mbit/s up, 40 down: N F / (40 + 16 * 5 + 32 * 20) = 33.9 s.
+        let b3 = Scenario::preset("b3").unwrap();
+        assert!(b3.validate().is_ok());
+        assert_eq!((1..=48).filter(|&i| b3.is_slow(i)).count(), 16);
+        assert!(b3.is_slow(3) && b3.is_slow(48) && !b3.is_slow(1) && !b3.is_slow(2));
+        assert_eq!(b3.leecher_up_bps(3), mbit(5));
+        assert_eq!(b3.leecher_up_bps(4), mbit(20));
+        assert_eq!(b3.leechers_up_sum_bps(), mbit(720));
+        let kr = b3.kumar_ross();
+        assert_eq!(kr.t_kr_secs, kr.aggregate_secs);
+        assert!(close(kr.t_kr_secs, 33.9), "{kr:?}");
+        // With fewer leechers (--leechers), still a third of them slow, spread out.
+        let mut small = b3.clone();
+        small.leechers = 6;
+        let slow: Vec<usize> = (1..=6).filter(|&i| small.is_slow(i)).collect();
+        assert_eq!(slow, vec![3, 6]);
+        small.leechers = 2;
+        assert!(!small.is_slow(1) && !small.is_slow(2));
+    }
+
+    #[test]
+    fn b5_is_bound_for_the_total_bytes() {
+        // 24 leechers fetch 4 x 64 MiB from 4 origins of 80 Mbit/s each, B1's leecher caps:
+        // N P F / (P u_s + N u) = 24 * 4 * 536.9 Mbit / (320 + 1920) = 23.0 s.
+        let b5 = Scenario::preset("b5").unwrap();
+        assert!(b5.validate().is_ok());
+        let kr = b5.kumar_ross();
+        assert_eq!(kr.t_kr_secs, kr.aggregate_secs);
+        assert!(close(kr.t_kr_secs, 23.0), "{kr:?}");
+        assert!(close(kr.download_secs, 13.4), "{kr:?}");
+        assert!(close(kr.seed_secs, 6.7), "{kr:?}");
+        let mut bad = b5.clone();
+        bad.packages = 5;
+        assert!(bad.validate().is_err());
     }
 
     #[test]
@@ -216,6 +343,8 @@ mod tests {
                 leecher_up_bps: mbit(1000),
                 leecher_down_bps: mbit(10),
             },
+            packages: 1,
+            slow_uplinks: None,
         };
         let kr = s.kumar_ross();
         assert_eq!(kr.t_kr_secs, kr.download_secs);

@@ -115,7 +115,8 @@ fn flow(
     })
 }
 
-/// A flow through the seed's upload cap, a leecher's upload cap and a leecher's download cap.
+/// A flow through the seed's upload cap, a leecher's upload cap (and a slow leecher's, where
+/// some are slower) and a leecher's download cap.
 pub fn run(
     topo: &Topology,
     self_exe: &std::path::Path,
@@ -127,6 +128,10 @@ pub fn run(
     let mut pairs = vec![(plan.seed(), &l[0]), (plan.tracker(), &l[0])];
     if l.len() >= 2 {
         pairs.insert(1, (&l[0], &l[1]));
+    }
+    // Uneven uplinks (B3): one flow through the first leecher cap unlike l001's too.
+    if let Some(other) = l.iter().find(|h| h.up_bps < l[0].up_bps) {
+        pairs.insert(2, (other, &l[0]));
     }
     pairs
         .into_iter()

@@ -151,6 +151,7 @@ pub fn run(s: &CpuSettings<'_>) -> anyhow::Result<CpuReport> {
             hosts: &hosts,
             topo: None,
             pkg: s.pkg,
+            more: &[],
             fbpkg_bin: s.fbpkg_bin,
             self_exe: s.self_exe,
             dir: s.work.join(format!("{}-{}", s.label, which.name())),

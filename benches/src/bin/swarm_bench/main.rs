@@ -1,5 +1,5 @@
 //! `swarm_bench`: a fleet flash crowd against the physical limit (BENCHMARKS.md, "Swarm"):
-//! fbpkg-rs, librqbit and an HTTP fan-out distribute the same package, one after the other,
+//! fbpkg-rs, librqbit, aria2 and an HTTP fan-out distribute the same package, one after the other,
 //! on the same shaped network of namespaces, and are reported side by side; and fbpkg-rs's
 //! phased rollouts against its own flash crowd (the `rollout` scenario, below).
 //!
@@ -8,7 +8,13 @@
 //! sudo cargo run --release -p fbpkg-benches --bin swarm_bench -- --scenario b1,b2 --json swarm.json
 //! sudo cargo run --release -p fbpkg-benches --bin swarm_bench -- --cpu --rss
 //! sudo cargo run --release -p fbpkg-benches --bin swarm_bench -- --scenario rollout --contenders fbpkg-rs
+//! sudo cargo run --release -p fbpkg-benches --bin swarm_bench -- --scenario b3,b5 --contenders fbpkg-rs,aria2
 //! ```
+//!
+//! Issue 12's scenarios: `b3` gives every third leecher a thin uplink (per-host caps, the
+//! bound with the sum of the real uplinks); `b5` adds origin hosts `o2..o4` holding packages
+//! `pkg2..pkg4`, every leecher asks for all of them at once, and each contender reports each
+//! package's finish per host (fbpkg-rs and aria2 only so far). aria2 is Debian's `aria2c`.
 //!
 //! Per scenario: remove leftovers of a crashed run; build N+2 host namespaces and a switch
 //! namespace (see `fbpkg_benches::swarm::netplan`); calibrate one TCP flow through the caps;
@@ -65,7 +71,7 @@ use fbpkg_common::size::parse_bytes as parse_size;
 
 use crate::contenders::Which;
 
-/// Fleet flash crowd: fbpkg-rs, librqbit and HTTP fan-out against the Kumar-Ross bound, on
+/// Fleet flash crowd: fbpkg-rs, librqbit, aria2 and HTTP fan-out against the Kumar-Ross bound, on
 /// network namespaces shaped with tc (needs root).
 #[derive(Debug, Parser)]
 #[command(max_term_width = 100, args_conflicts_with_subcommands = true)]
@@ -80,18 +86,21 @@ struct Cli {
 #[derive(Debug, clap::Args)]
 pub struct Args {
     /// Scenarios, comma-separated: b1 (seed-bound), b2 (upload-bound), b1-48 (48 leechers,
-    /// 64 MiB, 20/20/40 Mbit/s), smoke (N=4, 32 MiB), rollout (16 hosts following a tag, 64
+    /// 64 MiB, 20/20/40 Mbit/s), b3 (48 leechers, 64 MiB, seed up 40, every third leecher
+    /// 5 Mbit/s up and the rest 20, all 40 down), b5 (24 leechers fetch 4 packages of 64 MiB
+    /// from 4 origins at once, B1's caps; fbpkg-rs and aria2 only), smoke (N=4, 32 MiB), rollout (16 hosts following a tag, 64
     /// MiB, B1's caps: the contenders' flash crowd of v2, then a phased rollout from v1 to v2
     /// with prefetch on and off; N must be a multiple of 4).
     #[arg(long, value_delimiter = ',', default_value = "b1,b2")]
     scenario: Vec<String>,
 
-    /// Contenders, comma-separated.
+    /// Contenders, comma-separated: fbpkg-rs, librqbit, aria2 (Debian's aria2c, which must
+    /// be installed), http.
     #[arg(
         long,
         value_enum,
         value_delimiter = ',',
-        default_value = "fbpkg-rs,librqbit,http"
+        default_value = "fbpkg-rs,librqbit,aria2,http"
     )]
     contenders: Vec<Which>,
 
@@ -107,7 +116,7 @@ pub struct Args {
     #[arg(long, value_parser = parse_rate)]
     seed_up: Option<u64>,
 
-    /// Override the leechers' upload cap.
+    /// Override the leechers' upload cap (in b3: of the leechers that are not slow).
     #[arg(long, value_parser = parse_rate)]
     leecher_up: Option<u64>,
 
@@ -198,6 +207,9 @@ enum Internal {
     /// The HTTP fan-out client.
     #[command(hide = true)]
     HttpGet(nodes::http::GetArgs),
+    /// Wait for `go`, then exec a program (aria2c).
+    #[command(hide = true)]
+    ExecOnGo(nodes::exec_on_go::ExecArgs),
     /// GET a small resource (tracker API).
     #[command(hide = true)]
     HttpProbe(nodes::http::ProbeArgs),
@@ -215,6 +227,7 @@ fn run_node(node: Internal) -> ExitCode {
         Internal::HttpServe(a) => nodes::http::serve(a),
         Internal::HttpGet(a) => nodes::http::get(a),
         Internal::HttpProbe(a) => nodes::http::probe(a),
+        Internal::ExecOnGo(a) => nodes::exec_on_go::main(a),
         Internal::FlowRecv(a) => nodes::flow::recv(a),
         Internal::FlowSend(a) => nodes::flow::send(a),
     };
@@ -239,7 +252,7 @@ impl Args {
                 continue;
             }
             let mut s = Scenario::preset(&name).with_context(|| {
-                format!("unknown scenario {name:?} (b1, b2, b1-48, smoke, rollout, none)")
+                format!("unknown scenario {name:?} (b1, b2, b1-48, b3, b5, smoke, rollout, none)")
             })?;
             if let Some(n) = self.leechers {
                 s.leechers = n;

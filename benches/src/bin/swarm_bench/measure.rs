@@ -145,6 +145,113 @@ pub struct ContenderRun {
     pub notes: Vec<String>,
     /// Wire counters every sample interval.
     pub timeline: Option<Timeline>,
+    /// Many-package scenarios (B5): when each package finished on each host.
+    pub packages: Option<PackageFinish>,
+}
+
+/// When each package finished on each host, in a many-package scenario (B5), and how fair
+/// that was: a package that finishes well after a host's other packages lost the share of
+/// upload slots and bandwidth it should have had.
+#[derive(Debug, Clone, Serialize)]
+pub struct PackageFinish {
+    /// Package names, in order.
+    pub packages: Vec<String>,
+    /// Per host, the seconds at which each package finished (`None`: it did not).
+    pub hosts: BTreeMap<String, Vec<Option<f64>>>,
+    /// Mean finish of each package over the hosts that finished it.
+    pub mean_secs: Vec<Option<f64>>,
+    /// Over the hosts that finished every package: the largest ratio of a package's finish
+    /// to the mean finish of that host's packages (the target is at most 1.2).
+    pub worst_ratio: Option<f64>,
+    /// The host and package of `worst_ratio`.
+    pub worst_at: Option<(String, String)>,
+}
+
+impl PackageFinish {
+    /// From `times[h][k]`: host h's finish of package k.
+    pub fn new(labels: &[String], packages: &[String], times: Vec<Vec<Option<f64>>>) -> Self {
+        let mut worst: Option<(f64, String, String)> = None;
+        for (host, t) in labels.iter().zip(&times) {
+            let done: Vec<f64> = t.iter().flatten().copied().collect();
+            if done.len() != t.len() || done.is_empty() {
+                continue;
+            }
+            let mean = done.iter().sum::<f64>() / done.len() as f64;
+            for (k, v) in done.iter().enumerate() {
+                let r = v / mean;
+                if worst.as_ref().is_none_or(|w| r > w.0) {
+                    worst = Some((r, host.clone(), packages[k].clone()));
+                }
+            }
+        }
+        let mean_secs = (0..packages.len())
+            .map(|k| {
+                let v: Vec<f64> = times
+                    .iter()
+                    .filter_map(|t| t.get(k).copied().flatten())
+                    .collect();
+                (!v.is_empty()).then(|| v.iter().sum::<f64>() / v.len() as f64)
+            })
+            .collect();
+        Self {
+            packages: packages.to_vec(),
+            hosts: labels.iter().cloned().zip(times).collect(),
+            mean_secs,
+            worst_ratio: worst.as_ref().map(|w| w.0),
+            worst_at: worst.map(|w| (w.1, w.2)),
+        }
+    }
+
+    /// One line for the scenario's table.
+    pub fn line(&self) -> String {
+        let means: Vec<String> = self
+            .packages
+            .iter()
+            .zip(&self.mean_secs)
+            .map(|(p, m)| match m {
+                Some(m) => format!("{p} {m:.1} s"),
+                None => format!("{p} -"),
+            })
+            .collect();
+        let worst = match (&self.worst_ratio, &self.worst_at) {
+            (Some(r), Some((h, p))) => format!("{r:.2} ({p} on {h})"),
+            _ => "-".into(),
+        };
+        format!(
+            "packages: latest finish / the host's mean of its {} packages, worst {worst}; mean finish {}",
+            self.packages.len(),
+            means.join(", ")
+        )
+    }
+}
+
+/// A host's end from the ends of its `per_host` downloads (one per package): timed out if
+/// any did, else the first that failed `ok`, else the latest.
+pub fn combine_ended(ended: &[Ended], per_host: usize, ok: impl Fn(&Done) -> bool) -> Vec<Ended> {
+    ended
+        .chunks(per_host.max(1))
+        .map(|c| {
+            if c.iter().any(Option::is_none) {
+                return None;
+            }
+            let all: Vec<&(f64, Done)> = c.iter().flatten().collect();
+            if let Some(bad) = all.iter().find(|(_, d)| !ok(d)) {
+                return Some((*bad).clone());
+            }
+            all.into_iter().max_by(|a, b| a.0.total_cmp(&b.0)).cloned()
+        })
+        .collect()
+}
+
+/// A host's verification from its `per_host` files' (the first error, if any).
+pub fn combine_verified(
+    verified: &[Result<(), String>],
+    per_host: usize,
+) -> Vec<Result<(), String>> {
+    verified
+        .chunks(per_host.max(1))
+        .map(|c| c.iter().find(|r| r.is_err()).cloned().unwrap_or(Ok(())))
+        .collect()
 }
 
 /// How a leecher's client said it was done.
@@ -413,4 +520,65 @@ pub fn outcomes(
             }
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::process::ExitStatusExt as _;
+
+    use super::*;
+
+    fn exited(code: i32) -> Done {
+        Done::Exited(ExitStatus::from_raw(code << 8))
+    }
+
+    #[test]
+    fn a_host_is_done_when_its_last_package_is() {
+        let ok = |d: &Done| matches!(d, Done::Exited(s) if s.success());
+        let ended = vec![
+            // l001: both packages, the second later.
+            Some((3.0, exited(0))),
+            Some((5.0, exited(0))),
+            // l002: one package failed.
+            Some((2.0, exited(0))),
+            Some((4.0, exited(3))),
+            // l003: one package never finished.
+            Some((2.0, exited(0))),
+            None,
+        ];
+        let hosts = combine_ended(&ended, 2, ok);
+        assert_eq!(hosts.len(), 3);
+        assert!(matches!(&hosts[0], Some((t, d)) if *t == 5.0 && ok(d)));
+        assert!(matches!(&hosts[1], Some((t, d)) if *t == 4.0 && !ok(d)));
+        assert!(hosts[2].is_none());
+        let verified = vec![Ok(()), Ok(()), Ok(()), Err("bad".to_owned())];
+        assert_eq!(
+            combine_verified(&verified, 2),
+            vec![Ok(()), Err("bad".to_owned())]
+        );
+    }
+
+    #[test]
+    fn package_finish_finds_the_latest_package_against_its_hosts_mean() {
+        let labels = vec!["l001".to_owned(), "l002".to_owned()];
+        let names = vec!["pkg".to_owned(), "pkg2".to_owned()];
+        let pf = PackageFinish::new(
+            &labels,
+            &names,
+            vec![vec![Some(10.0), Some(10.0)], vec![Some(8.0), Some(12.0)]],
+        );
+        // l002: mean 10, pkg2 at 12 -> 1.2.
+        assert!((pf.worst_ratio.unwrap() - 1.2).abs() < 1e-9);
+        assert_eq!(pf.worst_at, Some(("l002".into(), "pkg2".into())));
+        assert_eq!(pf.mean_secs, vec![Some(9.0), Some(11.0)]);
+        assert!(
+            pf.line().contains("worst 1.20 (pkg2 on l002)"),
+            "{}",
+            pf.line()
+        );
+        // A host that did not finish every package is left out of the ratio.
+        let partial = PackageFinish::new(&labels[..1], &names, vec![vec![Some(1.0), None]]);
+        assert_eq!(partial.worst_ratio, None);
+        assert_eq!(partial.mean_secs, vec![Some(1.0), None]);
+    }
 }

@@ -116,10 +116,10 @@ fn loadavg() -> String {
 
 /// Random bytes on tmpfs and the metainfo `fbpkg-rs publish` makes for them with this
 /// tracker (same name, announce URL and format, so the same bytes).
-fn make_package(dir: &Path, size: u64, tracker: &str) -> anyhow::Result<Package> {
+fn make_package(dir: &Path, name: &str, size: u64, tracker: &str) -> anyhow::Result<Package> {
     use std::os::unix::fs::PermissionsExt as _;
     std::fs::create_dir_all(dir)?;
-    let file_name = "pkg.bin".to_owned();
+    let file_name = format!("{name}.bin");
     let path = dir.join(&file_name);
     {
         let mut f = std::io::BufWriter::with_capacity(
@@ -143,6 +143,7 @@ fn make_package(dir: &Path, size: u64, tracker: &str) -> anyhow::Result<Package>
     let reader = std::io::BufReader::with_capacity(1 << 20, std::fs::File::open(&path)?);
     let meta = Metainfo::build(reader, size, &file_name, &announce, Format::File)?;
     Ok(Package {
+        name: name.to_owned(),
         path,
         file_name,
         size,
@@ -196,12 +197,28 @@ fn run_scenario(c: &Common<'_>, s: &Scenario) -> anyhow::Result<ScenarioReport> 
         "generating the package ({})",
         report::size(s.package_bytes)
     ));
-    let pkg = make_package(&pkg_dir, s.package_bytes, &tracker_url)?;
+    let pkg = make_package(&pkg_dir, PACKAGE_NAME, s.package_bytes, &tracker_url)?;
+    // B5's other packages, one per origin: `pkg2`, `pkg3`, ...
+    let more = (2..=s.packages)
+        .map(|k| {
+            make_package(
+                &pkg_dir,
+                &format!("{PACKAGE_NAME}{k}"),
+                s.package_bytes,
+                &tracker_url,
+            )
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
     // The rollout scenario's old version: same size, other bytes. The flash crowds and the
     // rollouts all distribute `pkg` (the new version).
     let old_dir = c.work.path.join(format!("{}-package-old", s.name));
     let old = if s.is_rollout() {
-        Some(make_package(&old_dir, s.package_bytes, &tracker_url)?)
+        Some(make_package(
+            &old_dir,
+            PACKAGE_NAME,
+            s.package_bytes,
+            &tracker_url,
+        )?)
     } else {
         None
     };
@@ -213,6 +230,7 @@ fn run_scenario(c: &Common<'_>, s: &Scenario) -> anyhow::Result<ScenarioReport> 
             hosts: &hosts,
             topo: Some(&topo),
             pkg: &pkg,
+            more: &more,
             fbpkg_bin: c.fbpkg_bin,
             self_exe: c.self_exe,
             dir: c.work.path.join(format!("{}-{}", s.name, which.name())),
@@ -266,6 +284,7 @@ fn run_scenario(c: &Common<'_>, s: &Scenario) -> anyhow::Result<ScenarioReport> 
                 hosts: &hosts,
                 topo: Some(&topo),
                 pkg: &pkg,
+                more: &[],
                 fbpkg_bin: c.fbpkg_bin,
                 self_exe: c.self_exe,
                 dir: c.work.path.join(format!("{}-rollout", s.name)),
@@ -405,11 +424,48 @@ fn scenario_table(s: &Scenario, kr: &KumarRoss, deadline: Duration, entries: &[E
         report::scenario_table(&rows)
     );
     for e in entries {
+        if let Some(run) = &e.run
+            && let Some(line) = rss_line(run)
+        {
+            t.push_str(&format!("{}: {line}\n", e.contender));
+        }
+        if let Some(p) = e.run.as_ref().and_then(|r| r.packages.as_ref()) {
+            t.push_str(&format!("{}: {}\n", e.contender, p.line()));
+        }
+    }
+    for e in entries {
         if let Some(err) = &e.error {
             t.push_str(&format!("{}: error: {err}\n", e.contender));
         }
     }
     t
+}
+
+/// Peak RSS per agent (issue 12 asks for it in B3): the leechers' median and largest, and
+/// the seed's; `None` when the contender's processes were not sampled.
+fn rss_line(run: &ContenderRun) -> Option<String> {
+    let mib = |b: u64| b as f64 / (1u64 << 20) as f64;
+    let mut leechers: Vec<u64> = run
+        .processes
+        .iter()
+        .filter(|p| p.role == "leecher")
+        .filter_map(|p| p.peak_rss_bytes)
+        .collect();
+    leechers.sort_unstable();
+    let median = *leechers.get(leechers.len() / 2)?;
+    let max = *leechers.last()?;
+    let seed = run
+        .processes
+        .iter()
+        .find(|p| p.role == "seed")
+        .and_then(|p| p.peak_rss_bytes)
+        .map_or_else(|| "-".into(), |b| format!("{:.1} MiB", mib(b)));
+    Some(format!(
+        "peak RSS per agent: leechers median {:.1} MiB, max {:.1} MiB ({} sampled); seed {seed}",
+        mib(median),
+        mib(max),
+        leechers.len()
+    ))
 }
 
 fn summary_table(scenarios: &[ScenarioReport], which: &[Which]) -> String {
@@ -442,7 +498,12 @@ fn cpu_mode(c: &Common<'_>, label: &str, size: u64) -> anyhow::Result<CpuReport>
         "{label} mode: generating the package ({})",
         report::size(size)
     ));
-    let pkg = make_package(&dir, size, &format!("http://127.0.0.1:{TRACKER_PORT}"))?;
+    let pkg = make_package(
+        &dir,
+        PACKAGE_NAME,
+        size,
+        &format!("http://127.0.0.1:{TRACKER_PORT}"),
+    )?;
     let r = cpu::run(&CpuSettings {
         which: c.args.contenders.clone(),
         leechers: c.args.cpu_leechers,

@@ -40,6 +40,8 @@ pub struct Hosts {
     pub seed: Endpoint,
     /// Ask for it.
     pub leechers: Vec<Endpoint>,
+    /// Hold the packages after the first, one each (B5); empty in one-package scenarios.
+    pub origins: Vec<Endpoint>,
     /// Runs the tracker.
     pub tracker: Endpoint,
 }
@@ -95,6 +97,7 @@ impl Topology {
         Hosts {
             seed: ep(self.plan.seed()),
             leechers: self.plan.leechers().iter().map(ep).collect(),
+            origins: self.plan.origins().iter().map(ep).collect(),
             tracker: ep(self.plan.tracker()),
         }
     }
@@ -269,6 +272,7 @@ impl LoopbackNs {
         Hosts {
             seed: ep("seed".into(), 0),
             leechers: (1..=n).map(|i| ep(format!("l{i:03}"), i)).collect(),
+            origins: Vec::new(),
             tracker: ep("trk".into(), 0),
         }
     }

@@ -5,7 +5,7 @@
 //! success, on error and on Ctrl-C (the bench unwinds to `main`).
 
 use std::io::Write as _;
-use std::net::{SocketAddr, TcpListener};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::Arc;
@@ -13,8 +13,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail, ensure};
-use fbpkg_benches::http1;
 use fbpkg_benches::workload::{Outcome, Workload, classify, write_announce};
+use fbpkg_benches::{fbpkg_binary, http1};
 use fbpkg_common::InfoHash;
 use fbpkg_common::metainfo::{Format, Metainfo};
 use serde::Serialize;
@@ -36,7 +36,8 @@ pub struct Child {
 }
 
 impl Child {
-    fn spawn(name: &'static str, mut cmd: Command, log: PathBuf) -> anyhow::Result<Self> {
+    /// Start `cmd` with its output in `log`.
+    pub fn spawn(name: &'static str, mut cmd: Command, log: PathBuf) -> anyhow::Result<Self> {
         let out =
             std::fs::File::create(&log).with_context(|| format!("creating {}", log.display()))?;
         let err = out.try_clone()?;
@@ -116,13 +117,12 @@ pub struct Setup {
 }
 
 /// A free TCP port on 127.0.0.1 (the listener is closed before the tracker binds it).
-fn free_port() -> anyhow::Result<SocketAddr> {
-    let l = TcpListener::bind("127.0.0.1:0").context("finding a free loopback port")?;
-    Ok(l.local_addr()?)
+pub fn free_port() -> anyhow::Result<SocketAddr> {
+    fbpkg_binary::free_loopback_port().context("finding a free loopback port")
 }
 
 /// A scratch directory on tmpfs when there is one, so catalog fsyncs cost nothing.
-fn scratch_dir(prefix: &str) -> anyhow::Result<tempfile::TempDir> {
+pub fn scratch_dir(prefix: &str) -> anyhow::Result<tempfile::TempDir> {
     let shm = Path::new("/dev/shm");
     let builder = tempfile::Builder::new().prefix(prefix).to_owned();
     let dir = if shm.is_dir() {
@@ -202,16 +202,18 @@ async fn wait_listening(process: &mut Child, addr: SocketAddr) -> anyhow::Result
     }
 }
 
-/// Start the fbpkg-rs tracker and publish one package per swarm through the catalog API.
+/// Start the fbpkg-rs tracker with `extra` arguments (e.g. `--peer-store URL`) and publish one
+/// package per swarm through the catalog API.
 pub async fn start_fbpkg(
     binary: &Path,
     packages: &[(String, Metainfo)],
     concurrency: usize,
+    extra: &[String],
 ) -> anyhow::Result<Contender> {
     let dir = scratch_dir("fbpkg-tracker-bench-")?;
     let addr = free_port()?;
     let data_dir = dir.path().join("data");
-    let args = vec![
+    let mut args = vec![
         "tracker".to_owned(),
         "--listen".to_owned(),
         addr.to_string(),
@@ -222,6 +224,7 @@ pub async fn start_fbpkg(
         "--max-peers-per-address".to_owned(),
         MAX_PEERS_PER_SWARM.to_string(),
     ];
+    args.extend_from_slice(extra);
     let mut cmd = Command::new(binary);
     // A clean environment: no FBPKG_* or RUST_LOG of the caller may change the setup.
     cmd.args(&args)

@@ -7,7 +7,7 @@ use std::time::Instant;
 use serde::Serialize;
 
 /// Kernel clock ticks per second (`USER_HZ`): 100 on every Linux architecture in use.
-const TICKS_PER_SEC: f64 = 100.0;
+pub const TICKS_PER_SEC: f64 = 100.0;
 
 /// Counters at one instant.
 #[derive(Debug, Clone, Copy)]
@@ -21,7 +21,7 @@ pub struct Snapshot {
 /// Cores busy on average over a window.
 #[derive(Debug, Clone, Copy, Serialize)]
 pub struct CpuUse {
-    /// The tracker process (all its threads).
+    /// The tracker processes (all their threads; several when replicas are measured).
     pub tracker_cores: f64,
     /// This benchmark process (the load generator).
     pub generator_cores: f64,
@@ -32,7 +32,7 @@ pub struct CpuUse {
 }
 
 /// User plus system ticks of process `pid` (all threads).
-fn process_ticks(pid: &str) -> Option<u64> {
+pub fn process_ticks(pid: &str) -> Option<u64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // Fields after the command name, which is in parentheses and may hold spaces: state is
     // field 3, utime 14 and stime 15.
@@ -56,11 +56,15 @@ fn machine_busy_ticks() -> Option<u64> {
     Some(total - v.get(3)? - v.get(4)?)
 }
 
-/// Read the counters now; `None` where /proc is not available.
-pub fn snapshot(tracker_pid: u32) -> Option<Snapshot> {
+/// Read the counters now, the trackers' added up; `None` where /proc is not available.
+pub fn snapshot(tracker_pids: &[u32]) -> Option<Snapshot> {
+    let tracker = tracker_pids
+        .iter()
+        .map(|pid| process_ticks(&pid.to_string()))
+        .sum::<Option<u64>>()?;
     Some(Snapshot {
         at: Instant::now(),
-        tracker: process_ticks(&tracker_pid.to_string())?,
+        tracker,
         generator: process_ticks("self")?,
         machine_busy: machine_busy_ticks()?,
     })

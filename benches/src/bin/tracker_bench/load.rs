@@ -4,6 +4,9 @@
 //!
 //! Every loop is bounded in time: no request starts after the window's end, and each one is
 //! bounded by the per-request timeout. A shared stop flag (Ctrl-C) ends them early.
+//!
+//! A load may be spread over several trackers (replicas): the closed loop's connections go to
+//! them round-robin and are counted per tracker; the open loop's sender threads likewise.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -13,9 +16,10 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
+use fbpkg_benches::http1;
 use fbpkg_benches::workload::{Outcome, Workload, classify, write_announce};
-use rand::SeedableRng as _;
 use rand::rngs::SmallRng;
+use rand::{RngExt as _, SeedableRng as _};
 use serde::Serialize;
 
 use crate::conn::{self, ExchangeError};
@@ -212,6 +216,23 @@ pub enum Source {
         /// Announces to send.
         total: u64,
     },
+    /// Not announces: `GET` of a random one of these catalog paths (a resolve of
+    /// `name:<sha256>`), counted when answered 200 with a JSON object.
+    Resolve {
+        /// Paths and queries to draw from.
+        paths: Arc<Vec<String>>,
+    },
+}
+
+/// A resolve answer is served when it is a 200 with a JSON object (the version's description).
+fn classify_resolve(status: u16, body: &[u8]) -> Outcome {
+    if status != 200 {
+        Outcome::Status(status)
+    } else if body.first() == Some(&b'{') && body.last() == Some(&b'}') {
+        Outcome::Ok { peers: 0 }
+    } else {
+        Outcome::BadBody("not a JSON object".into())
+    }
 }
 
 /// A closed-loop run: `connections` request loops, each sending its next announce as soon as
@@ -233,7 +254,7 @@ pub struct ClosedLoop {
 }
 
 struct ClosedCtx {
-    target: Arc<Target>,
+    targets: Vec<Arc<Target>>,
     workload: Arc<Workload>,
     mode: Mode,
     source: Source,
@@ -271,18 +292,31 @@ impl<T: Send + 'static> Running<T> {
     }
 }
 
-/// Start a closed-loop run; counting starts after the warm-up.
+/// Add each tracker's counts of every thread: one [`Counts`] per target.
+pub fn per_target(parts: Vec<Vec<Counts>>, targets: usize) -> Vec<Counts> {
+    let mut out = vec![Counts::default(); targets];
+    for part in parts {
+        for (slot, counts) in out.iter_mut().zip(part) {
+            slot.merge(counts);
+        }
+    }
+    out
+}
+
+/// Start a closed-loop run against `targets` (connection `i` goes to target `i % len`);
+/// counting starts after the warm-up. Each thread returns one [`Counts`] per target.
 pub fn start_closed(
-    target: &Arc<Target>,
+    targets: &[Arc<Target>],
     workload: &Arc<Workload>,
     cfg: &ClosedLoop,
     source: Source,
     stop: &Arc<AtomicBool>,
-) -> anyhow::Result<Running<Counts>> {
+) -> anyhow::Result<Running<Vec<Counts>>> {
+    anyhow::ensure!(!targets.is_empty(), "a load needs a tracker to send to");
     let threads = cfg.threads.clamp(1, cfg.connections.max(1));
     let start = Instant::now() + cfg.warmup;
     let ctx = Arc::new(ClosedCtx {
-        target: target.clone(),
+        targets: targets.to_vec(),
         workload: workload.clone(),
         mode: cfg.mode,
         source,
@@ -293,30 +327,34 @@ pub fn start_closed(
         stop: stop.clone(),
     });
     let mut handles = Vec::with_capacity(threads);
+    let mut first = 0;
     for t in 0..threads {
         let conns = cfg.connections / threads + usize::from(t < cfg.connections % threads);
         let ctx = ctx.clone();
         let handle = std::thread::Builder::new()
             .name(format!("load-{t}"))
-            .spawn(move || -> anyhow::Result<Counts> {
+            .spawn(move || -> anyhow::Result<Vec<Counts>> {
                 let rt = tokio::runtime::Builder::new_current_thread()
                     .enable_all()
                     .build()
                     .context("building a load runtime")?;
                 rt.block_on(async move {
+                    let n = ctx.targets.len();
                     let mut tasks = tokio::task::JoinSet::new();
-                    for _ in 0..conns {
-                        tasks.spawn(closed_worker(ctx.clone()));
+                    for i in first..first + conns {
+                        tasks.spawn(closed_worker(ctx.clone(), i % n));
                     }
-                    let mut total = Counts::default();
-                    while let Some(counts) = tasks.join_next().await {
-                        total.merge(counts.context("a load task failed")?);
+                    let mut total = vec![Counts::default(); n];
+                    while let Some(done) = tasks.join_next().await {
+                        let (target, counts) = done.context("a load task failed")?;
+                        total[target].merge(counts);
                     }
                     Ok(total)
                 })
             })
             .context("spawning a load thread")?;
         handles.push(handle);
+        first += conns;
     }
     Ok(Running {
         start: ctx.start,
@@ -325,7 +363,8 @@ pub fn start_closed(
     })
 }
 
-async fn closed_worker(ctx: Arc<ClosedCtx>) -> Counts {
+async fn closed_worker(ctx: Arc<ClosedCtx>, target: usize) -> (usize, Counts) {
+    let tracker = &ctx.targets[target];
     let mut counts = Counts::default();
     let mut uncounted = Counts::default();
     let mut rng = SmallRng::from_rng(&mut rand::rng());
@@ -338,22 +377,33 @@ async fn closed_worker(ctx: Arc<ClosedCtx>) -> Counts {
         if ctx.stop.load(Ordering::Relaxed) || Instant::now() >= ctx.end {
             break;
         }
-        let announce = match ctx.source {
-            Source::Random => ctx.workload.random(&mut rng),
+        request.clear();
+        let announce = match &ctx.source {
+            Source::Random => Some(ctx.workload.random(&mut rng)),
             Source::Prefill { total } => {
                 let n = ctx.next.fetch_add(1, Ordering::Relaxed);
-                if n >= total {
+                if n >= *total {
                     break;
                 }
-                ctx.workload.prefill(n, &mut rng)
+                Some(ctx.workload.prefill(n, &mut rng))
+            }
+            Source::Resolve { paths } => {
+                let Some(path) = paths.get(rng.random_range(0..paths.len().max(1))) else {
+                    break;
+                };
+                http1::write_get(&mut request, &tracker.host, path, close);
+                None
             }
         };
-        request.clear();
-        write_announce(&mut request, &ctx.target.host, &announce, close);
+        if let Some(announce) = announce {
+            write_announce(&mut request, &tracker.host, &announce, close);
+        }
         let mut ev = Events::default();
         let result = tokio::time::timeout(
             ctx.op_timeout,
-            request_async(&ctx, &mut conn, &mut used, &mut buf, &request, &mut ev),
+            request_async(
+                &ctx, tracker, &mut conn, &mut used, &mut buf, &request, &mut ev,
+            ),
         )
         .await
         .unwrap_or(Err(Failure::Timeout));
@@ -375,7 +425,7 @@ async fn closed_worker(ctx: Arc<ClosedCtx>) -> Counts {
     if matches!(ctx.source, Source::Prefill { .. }) {
         counts.merge(uncounted);
     }
-    counts
+    (target, counts)
 }
 
 /// Whether to keep a connection after a response.
@@ -388,6 +438,7 @@ fn keep(target: &Target, mode: Mode, reply: &conn::Reply, buffered: usize) -> bo
 
 async fn request_async(
     ctx: &ClosedCtx,
+    target: &Target,
     conn: &mut Option<tokio::net::TcpStream>,
     used: &mut bool,
     buf: &mut Vec<u8>,
@@ -398,9 +449,7 @@ async fn request_async(
         let stream = match conn {
             Some(s) => s,
             None => {
-                let s = conn::connect(ctx.target.addr)
-                    .await
-                    .map_err(Failure::Connect)?;
+                let s = conn::connect(target.addr).await.map_err(Failure::Connect)?;
                 ev.connects += 1;
                 *used = false;
                 conn.insert(s)
@@ -408,8 +457,12 @@ async fn request_async(
         };
         match conn::exchange(stream, buf, request).await {
             Ok(reply) => {
-                let outcome = classify(reply.status, &buf[reply.body.clone()]);
-                if keep(&ctx.target, ctx.mode, &reply, buf.len()) {
+                let body = &buf[reply.body.clone()];
+                let outcome = match ctx.source {
+                    Source::Resolve { .. } => classify_resolve(reply.status, body),
+                    _ => classify(reply.status, body),
+                };
+                if keep(target, ctx.mode, &reply, buf.len()) {
                     *used = true;
                 } else {
                     if !conn::await_close(stream).await {
@@ -420,7 +473,7 @@ async fn request_async(
                 return Ok(outcome);
             }
             Err(e) if *used && e.retryable() && ev.resent == 0 => {
-                ctx.target.server_closes.store(true, Ordering::Relaxed);
+                target.server_closes.store(true, Ordering::Relaxed);
                 ev.resent += 1;
                 *conn = None;
             }
@@ -467,7 +520,7 @@ pub const STALL: Duration = Duration::from_millis(5);
 const MAX_STALLS: usize = 1000;
 
 struct OpenCtx {
-    target: Arc<Target>,
+    targets: Vec<Arc<Target>>,
     workload: Arc<Workload>,
     cfg: OpenLoop,
     t0: Instant,
@@ -477,19 +530,20 @@ struct OpenCtx {
     stop: Arc<AtomicBool>,
 }
 
-/// Start an open-loop run.
+/// Start an open-loop run against `targets` (sender thread `t` sends to target `t % len`).
 pub fn start_open(
-    target: &Arc<Target>,
+    targets: &[Arc<Target>],
     workload: &Arc<Workload>,
     cfg: &OpenLoop,
     stop: &Arc<AtomicBool>,
 ) -> anyhow::Result<Running<OpenResult>> {
     anyhow::ensure!(cfg.rate > 0.0, "the open-loop rate must be positive");
+    anyhow::ensure!(!targets.is_empty(), "a load needs a tracker to send to");
     // Leave the threads a moment to start before the first scheduled send.
     let t0 = Instant::now() + Duration::from_millis(20);
     let start = t0 + cfg.warmup;
     let ctx = Arc::new(OpenCtx {
-        target: target.clone(),
+        targets: targets.to_vec(),
         workload: workload.clone(),
         cfg: cfg.clone(),
         t0,
@@ -503,7 +557,7 @@ pub fn start_open(
             let ctx = ctx.clone();
             std::thread::Builder::new()
                 .name(format!("probe-{t}"))
-                .spawn(move || Ok(open_worker(&ctx)))
+                .spawn(move || Ok(open_worker(&ctx, &ctx.targets[t % ctx.targets.len()])))
                 .context("spawning a latency thread")
         })
         .collect::<anyhow::Result<_>>()?;
@@ -514,7 +568,7 @@ pub fn start_open(
     })
 }
 
-fn open_worker(ctx: &OpenCtx) -> OpenResult {
+fn open_worker(ctx: &OpenCtx, target: &Target) -> OpenResult {
     let mut out = OpenResult::default();
     let mut rng = SmallRng::from_rng(&mut rand::rng());
     let mut conn = None;
@@ -532,7 +586,7 @@ fn open_worker(ctx: &OpenCtx) -> OpenResult {
         let measured = due >= ctx.start;
         request.clear();
         let announce = ctx.workload.random(&mut rng);
-        write_announce(&mut request, &ctx.target.host, &announce, close);
+        write_announce(&mut request, &target.host, &announce, close);
         let now = Instant::now();
         // Latency counts from the scheduled time when the request is late because the
         // senders were all busy (no coordinated omission), from the actual send otherwise (a
@@ -547,7 +601,9 @@ fn open_worker(ctx: &OpenCtx) -> OpenResult {
             due
         };
         let mut ev = Events::default();
-        let result = request_blocking(ctx, &mut conn, &mut used, &mut buf, &request, &mut ev);
+        let result = request_blocking(
+            ctx, target, &mut conn, &mut used, &mut buf, &request, &mut ev,
+        );
         let took = began.elapsed();
         if !measured {
             if result.is_err() {
@@ -577,6 +633,7 @@ fn open_worker(ctx: &OpenCtx) -> OpenResult {
 
 fn request_blocking(
     ctx: &OpenCtx,
+    target: &Target,
     conn: &mut Option<std::net::TcpStream>,
     used: &mut bool,
     buf: &mut Vec<u8>,
@@ -593,14 +650,13 @@ fn request_blocking(
         let stream = match conn {
             Some(s) => s,
             None => {
-                let s =
-                    conn::connect_blocking(ctx.target.addr, ctx.cfg.op_timeout).map_err(|e| {
-                        if timed_out(&e) {
-                            Failure::Timeout
-                        } else {
-                            Failure::Connect(e)
-                        }
-                    })?;
+                let s = conn::connect_blocking(target.addr, ctx.cfg.op_timeout).map_err(|e| {
+                    if timed_out(&e) {
+                        Failure::Timeout
+                    } else {
+                        Failure::Connect(e)
+                    }
+                })?;
                 ev.connects += 1;
                 *used = false;
                 conn.insert(s)
@@ -609,7 +665,7 @@ fn request_blocking(
         match conn::exchange_blocking(stream, buf, request) {
             Ok(reply) => {
                 let outcome = classify(reply.status, &buf[reply.body.clone()]);
-                if keep(&ctx.target, ctx.cfg.mode, &reply, buf.len()) {
+                if keep(target, ctx.cfg.mode, &reply, buf.len()) {
                     *used = true;
                 } else {
                     if !conn::await_close_blocking(stream) {
@@ -620,7 +676,7 @@ fn request_blocking(
                 return Ok(outcome);
             }
             Err(e) if *used && e.retryable() && ev.resent == 0 => {
-                ctx.target.server_closes.store(true, Ordering::Relaxed);
+                target.server_closes.store(true, Ordering::Relaxed);
                 ev.resent += 1;
                 *conn = None;
             }

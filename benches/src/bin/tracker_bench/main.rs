@@ -20,11 +20,20 @@
 //! set by the tracker, by the generator, or by a neighbour's build. On loopback the kernel's
 //! TCP work for both ends is mostly charged to whichever side sends, so a connection per
 //! request costs the generator about as much CPU as it costs the tracker.
+//!
+//! With `--replicas 1,2,4` the run is another one (`replicas.rs`): no opentracker, but the
+//! embedded peer store against 1, 2 and 4 replicas sharing one Redis, announces and resolves.
+//!
+//! ```text
+//! cargo run --release -p fbpkg-benches --bin tracker_bench -- --replicas 1,2,4 --json r.json
+//! ```
 
 mod conn;
 mod contenders;
 mod cpu;
 mod load;
+mod redis;
+mod replicas;
 mod report;
 mod wrk;
 
@@ -42,7 +51,7 @@ use fbpkg_benches::workload::{Workload, ZoneMix};
 
 use crate::contenders::Contender;
 use crate::load::{ClosedLoop, Counts, Mode, OpenLoop, Source};
-use crate::report::{Latency, Report, Throughput};
+use crate::report::{Latency, ReplicaReport, Report, Throughput};
 
 /// Tracker announces per second: fbpkg-rs against opentracker, side by side on loopback.
 #[derive(Debug, Parser)]
@@ -121,6 +130,22 @@ struct Args {
     /// Racks in each datacenter.
     #[arg(long, default_value_t = 16)]
     racks_per_datacenter: u32,
+
+    /// Instead of the opentracker comparison: the embedded peer store, then this many tracker
+    /// replicas (comma-separated counts) sharing one redis-server (`--peer-store redis://`),
+    /// each loaded round-robin: announces/s, p50/p99, Redis round trips per announce, and
+    /// resolves/s per replica. Needs redis-server (`apt-get install -y redis-server`).
+    #[arg(long, env = "FBPKG_BENCH_REPLICAS", value_delimiter = ',')]
+    replicas: Vec<usize>,
+
+    /// Connection modes of the `--replicas` announce measurements.
+    #[arg(long, value_enum, default_value_t = LatencyModes::KeepAlive)]
+    replica_modes: LatencyModes,
+
+    /// Open-loop rate of the `--replicas` latency measurement, announces/s over all replicas
+    /// [default: half of each configuration's own closed-loop peak].
+    #[arg(long)]
+    replica_latency_rate: Option<f64>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -222,6 +247,77 @@ async fn bench(args: Args, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
         .duration_since(SystemTime::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
     let loadavg_before = loadavg();
+    let load_config = report::LoadConfig {
+        swarms: args.swarms,
+        announce: "GET /announce, compact=1, numwant=50, random swarm, random peer id and \
+                   port per request, left=0 for 1 in 4, zone=dcN/rackM on zoned_fraction \
+                   of them",
+        zoned_fraction: zones.fraction(),
+        zones: format!(
+            "dc0..dc{}/rack0..rack{}, uniform",
+            args.datacenters - 1,
+            args.racks_per_datacenter - 1
+        ),
+        prefill_per_swarm: args.prefill_per_swarm,
+        duration_s: duration.as_secs_f64(),
+        warmup_s: warmup.as_secs_f64(),
+        generator_threads: args.threads,
+        conn_per_request_concurrency: args.conn_concurrency,
+        keep_alive_connections: args.keepalive_connections,
+        latency_threads: args.latency_threads,
+        op_timeout_s: op_timeout.as_secs_f64(),
+    };
+    if !args.replicas.is_empty() {
+        if let Some(rate) = args.replica_latency_rate {
+            ensure!(
+                rate.is_finite() && rate > 0.0,
+                "--replica-latency-rate must be more than 0"
+            );
+        }
+        let given = args.fbpkg_bin.clone();
+        let fbpkg_bin =
+            tokio::task::spawn_blocking(move || fbpkg_binary::release_binary(given)).await??;
+        let packages = contenders::build_packages(args.swarms, "http://127.0.0.1:6969/announce")?;
+        let workload = Arc::new(
+            Workload::new(packages.iter().map(|(_, m)| m.info_hash).collect())
+                .context("no swarms")?
+                .with_zones(zones),
+        );
+        let timing = replicas::Timing {
+            warmup,
+            duration,
+            op_timeout,
+        };
+        let (configs, redis) =
+            replicas::run(&args, timing, &fbpkg_bin, &packages, &workload, &stop).await?;
+        let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+        let report = ReplicaReport {
+            benchmark: "tracker replicas sharing one Redis against the embedded store \
+                        (tracker issue 11)",
+            started_unix,
+            machine: report::Machine {
+                cores,
+                loadavg_before,
+                loadavg_after: loadavg(),
+            },
+            load: load_config,
+            redis,
+            targets_met: report::replica_targets(&configs),
+            configs,
+            notes: vec![
+                format!(
+                    "every replica, redis-server and the load generator share this machine's \
+                     {cores} cores: past one replica the figures are CPU-bound, and a \
+                     replica's share falls as replicas are added (see the cpu column)"
+                ),
+                "each replica publishes every package into a catalog of its own \
+                 (--data-dir is per process); peers are what Redis shares"
+                    .into(),
+            ],
+        };
+        let json = serde_json::to_string_pretty(&report)?;
+        return emit(args.json.as_deref(), json, &report::replica_table(&report));
+    }
 
     let opentracker_bin = contenders::find_opentracker(args.opentracker_bin.clone())?;
     let given = args.fbpkg_bin.clone();
@@ -236,7 +332,8 @@ async fn bench(args: Args, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
             .with_zones(zones),
     );
 
-    let fbpkg = contenders::start_fbpkg(&fbpkg_bin, &packages, args.publish_concurrency).await?;
+    let fbpkg =
+        contenders::start_fbpkg(&fbpkg_bin, &packages, args.publish_concurrency, &[]).await?;
     let opentracker = contenders::start_opentracker(&opentracker_bin, &hashes).await?;
     let mut all = [opentracker, fbpkg];
     for c in &all {
@@ -275,9 +372,18 @@ async fn bench(args: Args, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
                 total: prefill_total,
             };
             let counts = total(
-                load::start_closed(&c.target, &workload, &cfg, source, &stop)?
-                    .join()
-                    .await?,
+                load::start_closed(
+                    std::slice::from_ref(&c.target),
+                    &workload,
+                    &cfg,
+                    source,
+                    &stop,
+                )?
+                .join()
+                .await?
+                .into_iter()
+                .flatten()
+                .collect(),
             );
             c.process.check_alive()?;
             ensure!(
@@ -372,26 +478,7 @@ async fn bench(args: Args, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
             loadavg_before,
             loadavg_after: loadavg(),
         },
-        load: report::LoadConfig {
-            swarms: args.swarms,
-            announce: "GET /announce, compact=1, numwant=50, random swarm, random peer id and \
-                       port per request, left=0 for 1 in 4, zone=dcN/rackM on zoned_fraction \
-                       of them",
-            zoned_fraction: zones.fraction(),
-            zones: format!(
-                "dc0..dc{}/rack0..rack{}, uniform",
-                args.datacenters - 1,
-                args.racks_per_datacenter - 1
-            ),
-            prefill_per_swarm: args.prefill_per_swarm,
-            duration_s: duration.as_secs_f64(),
-            warmup_s: warmup.as_secs_f64(),
-            generator_threads: args.threads,
-            conn_per_request_concurrency: args.conn_concurrency,
-            keep_alive_connections: args.keepalive_connections,
-            latency_threads: args.latency_threads,
-            op_timeout_s: op_timeout.as_secs_f64(),
-        },
+        load: load_config,
         contenders: all
             .iter()
             .map(|c| (c.name.to_owned(), c.setup.clone()))
@@ -402,8 +489,12 @@ async fn bench(args: Args, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
         wrk: wrk_results,
     };
     let json = serde_json::to_string_pretty(&report)?;
-    let table = report::table(&report);
-    match args.json.as_deref() {
+    emit(args.json.as_deref(), json, &report::table(&report))
+}
+
+/// Print the table, and write the JSON where `--json` says (`-`: stdout, the table to stderr).
+fn emit(json_to: Option<&std::path::Path>, json: String, table: &str) -> anyhow::Result<()> {
+    match json_to {
         Some(p) if p.as_os_str() == "-" => {
             println!("{json}");
             eprintln!("{table}");
@@ -442,10 +533,16 @@ async fn measure_closed(
     stop: &Arc<AtomicBool>,
 ) -> anyhow::Result<Throughput> {
     c.process.check_alive()?;
-    let running = load::start_closed(&c.target, workload, cfg, Source::Random, stop)?;
+    let running = load::start_closed(
+        std::slice::from_ref(&c.target),
+        workload,
+        cfg,
+        Source::Random,
+        stop,
+    )?;
     let (start, end) = (running.start, running.end);
-    let cpu = cpu_over(c.process.pid(), start, end).await;
-    let counts = total(running.join().await?);
+    let cpu = cpu_over(&[c.process.pid()], start, end).await;
+    let counts = total(running.join().await?.into_iter().flatten().collect());
     c.process.check_alive()?;
     let rps = counts.ok as f64 / cfg.duration.as_secs_f64();
     eprintln!(
@@ -474,9 +571,34 @@ async fn measure_open(
     stop: &Arc<AtomicBool>,
 ) -> anyhow::Result<Latency> {
     c.process.check_alive()?;
-    let running = load::start_open(&c.target, workload, cfg, stop)?;
+    let latency = measure_open_on(
+        c.name,
+        std::slice::from_ref(&c.target),
+        &[c.process.pid()],
+        c.started,
+        workload,
+        cfg,
+        stop,
+    )
+    .await?;
+    c.process.check_alive()?;
+    Ok(latency)
+}
+
+/// An open-loop measurement against `targets` (processes `pids`, started at `started`),
+/// reported as `name`.
+async fn measure_open_on(
+    name: &str,
+    targets: &[Arc<load::Target>],
+    pids: &[u32],
+    started: Instant,
+    workload: &Arc<Workload>,
+    cfg: &OpenLoop,
+    stop: &Arc<AtomicBool>,
+) -> anyhow::Result<Latency> {
+    let running = load::start_open(targets, workload, cfg, stop)?;
     let (start, end) = (running.start, running.end);
-    let cpu = cpu_over(c.process.pid(), start, end).await;
+    let cpu = cpu_over(pids, start, end).await;
     let mut counts = Counts::default();
     let mut samples = Vec::new();
     let mut behind = 0;
@@ -494,17 +616,16 @@ async fn measure_open(
     let slowest = stalls
         .iter()
         .map(|(at, took)| report::Stall {
-            at_s: round3(at.saturating_duration_since(c.started).as_secs_f64()),
+            at_s: round3(at.saturating_duration_since(started).as_secs_f64()),
             ms: round3(took.as_secs_f64() * 1e3),
         })
         .collect();
-    c.process.check_alive()?;
     let summary = LatencySummary::of(&mut samples);
     let achieved = counts.ok as f64 / cfg.duration.as_secs_f64();
     eprintln!(
         "{:<12} {:<17} latency at {:.0}/s: p50 {} us, p99 {} us ({achieved:.0}/s achieved, {} \
          not ok)",
-        c.name,
+        name,
         cfg.mode.label(),
         cfg.rate,
         summary.map_or("-".into(), |s| format!("{:.0}", s.p50_us)),
@@ -512,7 +633,7 @@ async fn measure_open(
         counts.not_ok()
     );
     Ok(Latency {
-        contender: c.name.to_owned(),
+        contender: name.to_owned(),
         mode: cfg.mode,
         target_rate: cfg.rate,
         achieved_rate: achieved,
@@ -525,10 +646,11 @@ async fn measure_open(
     })
 }
 
-/// CPU use over the counted window `[start, end)` (waits for the window to pass).
-async fn cpu_over(pid: u32, start: Instant, end: Instant) -> Option<cpu::CpuUse> {
+/// CPU use of `pids` (the trackers) over the counted window `[start, end)` (waits for the
+/// window to pass).
+async fn cpu_over(pids: &[u32], start: Instant, end: Instant) -> Option<cpu::CpuUse> {
     tokio::time::sleep_until(start.into()).await;
-    let a = cpu::snapshot(pid);
+    let a = cpu::snapshot(pids);
     tokio::time::sleep_until(end.into()).await;
-    cpu::between(a, cpu::snapshot(pid))
+    cpu::between(a, cpu::snapshot(pids))
 }

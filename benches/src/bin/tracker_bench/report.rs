@@ -1,4 +1,5 @@
-//! The benchmark's output: a JSON document and a short table.
+//! The benchmark's output: a JSON document and a short table (one kind for the opentracker
+//! comparison, one for `--replicas`).
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -9,6 +10,8 @@ use serde::Serialize;
 use crate::contenders::Setup;
 use crate::cpu::CpuUse;
 use crate::load::{Counts, Mode};
+use crate::redis::RedisSetup;
+use crate::replicas::{TARGET_RESOLVES_PER_REPLICA, TARGET_SHARE_OF_EMBEDDED, per_replica_cell};
 use crate::wrk::WrkResult;
 
 /// BENCHMARKS.md targets.
@@ -295,6 +298,307 @@ fn cpu_cell(cpu: Option<CpuUse>) -> String {
         format!(
             "{:.2}/{:.2}/{:.2}",
             c.tracker_cores, c.generator_cores, c.other_cores
+        )
+    })
+}
+
+/// Everything a `--replicas` run measured.
+#[derive(Debug, Serialize)]
+pub struct ReplicaReport {
+    /// What this is.
+    pub benchmark: &'static str,
+    /// Unix time at the start.
+    pub started_unix: u64,
+    /// The machine.
+    pub machine: Machine,
+    /// The load (announces as in the opentracker comparison).
+    pub load: LoadConfig,
+    /// The one Redis every Redis-backed replica shares.
+    pub redis: RedisSetup,
+    /// The embedded store, then each replica count.
+    pub configs: Vec<ConfigResult>,
+    /// Which of the issue's targets were met.
+    pub targets_met: BTreeMap<String, bool>,
+    /// What a reader of the figures should know.
+    pub notes: Vec<String>,
+}
+
+/// One configuration: the embedded store (one tracker) or N replicas sharing Redis.
+#[derive(Debug, Serialize)]
+pub struct ConfigResult {
+    /// `embedded` or `redis xN`.
+    pub store: String,
+    /// `--peer-store`.
+    pub peer_store: String,
+    /// Tracker processes.
+    pub replicas: usize,
+    /// The first replica's arguments (the others differ only in --listen and --data-dir).
+    pub tracker_args: Vec<String>,
+    /// Closed-loop announces, one per connection mode.
+    pub announces: Vec<Served>,
+    /// Open-loop announce latency, one per connection mode.
+    pub latency: Vec<Latency>,
+    /// Closed-loop resolves (keep-alive).
+    pub resolves: Served,
+}
+
+/// One closed-loop measurement over every replica of a configuration.
+#[derive(Debug, Serialize)]
+pub struct Served {
+    /// Connection use.
+    pub mode: Mode,
+    /// Concurrent connections, spread over the replicas round-robin.
+    pub connections: usize,
+    /// Counted responses per second, all replicas.
+    pub per_sec: f64,
+    /// Counted responses per second of each replica.
+    pub per_replica: Vec<f64>,
+    /// Commands clients sent Redis (EVALSHA and the like; one round trip each) over the
+    /// window, per request of the window. `None` without Redis.
+    pub redis_round_trips_per_request: Option<f64>,
+    /// Every command Redis ran over the window, those inside scripts included, per request.
+    pub redis_commands_per_request: Option<f64>,
+    /// Where Redis's time went (INFO commandstats), busiest first: a script's time includes
+    /// that of the commands it ran, which are listed as well.
+    pub redis_usec_per_request: Vec<RedisTime>,
+    /// What happened to the requests of the window.
+    pub counts: Counts,
+    /// CPU over the window.
+    pub cpu: Option<ReplicaCpu>,
+}
+
+/// One Redis command's share of a window.
+#[derive(Debug, Clone, Serialize)]
+pub struct RedisTime {
+    /// As `INFO commandstats` names it.
+    pub command: String,
+    /// Calls per request of the window.
+    pub calls_per_request: f64,
+    /// Microseconds Redis spent in it per request of the window.
+    pub usec_per_request: f64,
+}
+
+/// Cores busy on average over a window.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct ReplicaCpu {
+    /// The tracker replicas together.
+    pub trackers_cores: f64,
+    /// redis-server.
+    pub redis_cores: f64,
+    /// The load generator.
+    pub generator_cores: f64,
+    /// Everything else on the machine.
+    pub other_cores: f64,
+    /// Cores the machine has.
+    pub machine_cores: usize,
+}
+
+impl ReplicaCpu {
+    /// From the machine's figures and Redis's CPU ticks at both ends of `window`.
+    pub fn of(
+        cpu: Option<CpuUse>,
+        redis_before: Option<u64>,
+        redis_after: Option<u64>,
+        window: std::time::Duration,
+    ) -> Option<Self> {
+        let cpu = cpu?;
+        let secs = window.as_secs_f64().max(1e-3);
+        let redis = match (redis_before, redis_after) {
+            (Some(a), Some(b)) => b.saturating_sub(a) as f64 / crate::cpu::TICKS_PER_SEC / secs,
+            _ => 0.0,
+        };
+        let round2 = |x: f64| (x * 100.0).round() / 100.0;
+        Some(Self {
+            trackers_cores: cpu.tracker_cores,
+            redis_cores: round2(redis),
+            generator_cores: cpu.generator_cores,
+            other_cores: round2((cpu.other_cores - redis).max(0.0)),
+            machine_cores: cpu.machine_cores,
+        })
+    }
+}
+
+/// The issue's targets: a single Redis-backed replica at half the embedded store's
+/// announces/s or more (each connection mode), and every replica resolving 20k/s or more.
+pub fn replica_targets(configs: &[ConfigResult]) -> BTreeMap<String, bool> {
+    let mut met = BTreeMap::new();
+    let embedded = configs.iter().find(|c| c.store == "embedded");
+    for c in configs.iter().filter(|c| c.store != "embedded") {
+        if c.replicas == 1
+            && let Some(e) = embedded
+        {
+            for a in &c.announces {
+                if let Some(base) = e.announces.iter().find(|b| b.mode == a.mode) {
+                    met.insert(
+                        format!(
+                            "{} {} >= {:.1}x embedded",
+                            c.store,
+                            a.mode.label(),
+                            TARGET_SHARE_OF_EMBEDDED
+                        ),
+                        a.per_sec >= TARGET_SHARE_OF_EMBEDDED * base.per_sec,
+                    );
+                }
+            }
+        }
+    }
+    for c in configs {
+        let slowest = c
+            .resolves
+            .per_replica
+            .iter()
+            .copied()
+            .fold(f64::MAX, f64::min);
+        met.insert(
+            format!(
+                "{}: resolves >= {:.0}k/s per replica",
+                c.store,
+                TARGET_RESOLVES_PER_REPLICA / 1000.0
+            ),
+            slowest >= TARGET_RESOLVES_PER_REPLICA,
+        );
+    }
+    met
+}
+
+/// The human table of a `--replicas` run.
+pub fn replica_table(report: &ReplicaReport) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "\nTracker replicas sharing one Redis: {} swarms, compact=1&numwant=50, 1/4 seeders, \
+         {:.0}% with a zone, {} s per measurement, {} cores for everything",
+        report.load.swarms,
+        report.load.zoned_fraction * 100.0,
+        report.load.duration_s,
+        report.machine.cores
+    );
+    let embedded = |mode: Mode| {
+        report
+            .configs
+            .iter()
+            .find(|c| c.store == "embedded")
+            .and_then(|c| c.announces.iter().find(|a| a.mode == mode))
+            .map(|a| a.per_sec)
+            .filter(|r| *r > 0.0)
+    };
+    let _ = writeln!(
+        out,
+        "{:<10} {:<17} {:>5} {:>11} {:>23} {:>7} {:>7} {:>6} {:>6} {:>6} {:>24}",
+        "store",
+        "mode",
+        "conns",
+        "announces/s",
+        "per replica",
+        "not ok",
+        "vs emb",
+        "trips",
+        "cmds",
+        "us",
+        "cpu trk/redis/gen/other"
+    );
+    for c in &report.configs {
+        for a in &c.announces {
+            let f = |v: Option<f64>| v.map_or("-".to_owned(), |v| format!("{v:.2}"));
+            let busiest = a
+                .redis_usec_per_request
+                .first()
+                .map_or("-".to_owned(), |t| format!("{:.0}", t.usec_per_request));
+            let _ = writeln!(
+                out,
+                "{:<10} {:<17} {:>5} {:>11.0} {:>23} {:>7} {:>7} {:>6} {:>6} {:>6} {:>24}",
+                c.store,
+                a.mode.label(),
+                a.connections,
+                a.per_sec,
+                per_replica_cell(&a.per_replica),
+                a.counts.not_ok(),
+                embedded(a.mode).map_or("-".into(), |e| format!("{:.2}x", a.per_sec / e)),
+                f(a.redis_round_trips_per_request),
+                f(a.redis_commands_per_request),
+                busiest,
+                replica_cpu_cell(a.cpu)
+            );
+        }
+    }
+    let _ = writeln!(
+        out,
+        "  trips: Redis round trips per announce (EVALSHA and other commands clients send, from \
+         INFO commandstats); cmds: commands Redis ran per announce, those of announce.lua \
+         included; us: Redis microseconds per announce in its busiest command (the script)"
+    );
+    let _ = writeln!(
+        out,
+        "\nLatency, open loop at half of each configuration's peak:"
+    );
+    let _ = writeln!(
+        out,
+        "{:<10} {:<17} {:>8} {:>10} {:>9} {:>9} {:>9} {:>9} {:>7}",
+        "store", "mode", "rate/s", "achieved/s", "p50 us", "p99 us", "p99.9 us", "max us", "not ok"
+    );
+    for c in &report.configs {
+        for l in &c.latency {
+            let s = l.summary;
+            let f = |v: Option<f64>| v.map_or("-".to_owned(), |v| format!("{v:.0}"));
+            let _ = writeln!(
+                out,
+                "{:<10} {:<17} {:>8.0} {:>10.0} {:>9} {:>9} {:>9} {:>9} {:>7}",
+                c.store,
+                l.mode.label(),
+                l.target_rate,
+                l.achieved_rate,
+                f(s.map(|s| s.p50_us)),
+                f(s.map(|s| s.p99_us)),
+                f(s.map(|s| s.p999_us)),
+                f(s.map(|s| s.max_us)),
+                l.counts.not_ok()
+            );
+        }
+    }
+    let _ = writeln!(
+        out,
+        "\nResolves (GET /api/v1/packages/NAME/SHA256 of a random package, from each replica's \
+         catalog in memory):"
+    );
+    let _ = writeln!(
+        out,
+        "{:<10} {:<17} {:>5} {:>11} {:>23} {:>7} {:>24}",
+        "store", "mode", "conns", "resolves/s", "per replica", "not ok", "cpu trk/redis/gen/other"
+    );
+    for c in &report.configs {
+        let r = &c.resolves;
+        let _ = writeln!(
+            out,
+            "{:<10} {:<17} {:>5} {:>11.0} {:>23} {:>7} {:>24}",
+            c.store,
+            r.mode.label(),
+            r.connections,
+            r.per_sec,
+            per_replica_cell(&r.per_replica),
+            r.counts.not_ok(),
+            replica_cpu_cell(r.cpu)
+        );
+    }
+    let _ = writeln!(out, "\nTargets (tracker issue 11):");
+    for (name, met) in &report.targets_met {
+        let _ = writeln!(
+            out,
+            "  {:<48} {}",
+            name,
+            if *met { "met" } else { "MISSED" }
+        );
+    }
+    for note in &report.notes {
+        let _ = writeln!(out, "  note: {note}");
+    }
+    out
+}
+
+fn replica_cpu_cell(cpu: Option<ReplicaCpu>) -> String {
+    cpu.map_or("-".into(), |c| {
+        format!(
+            "{:.2}/{:.2}/{:.2}/{:.2}",
+            c.trackers_cores, c.redis_cores, c.generator_cores, c.other_cores
         )
     })
 }

@@ -135,5 +135,6 @@ pub fn run(ctx: &Ctx<'_>) -> anyhow::Result<ContenderRun> {
         log_notes: ctx.log_notes(),
         notes: Vec::new(),
         timeline: closed.timeline,
+        packages: None,
     })
 }

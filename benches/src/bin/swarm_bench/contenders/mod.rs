@@ -1,7 +1,8 @@
-//! The contenders: fbpkg-rs, librqbit and an HTTP fan-out, each run the same way — set up,
+//! The contenders: fbpkg-rs, librqbit, aria2 and an HTTP fan-out, each run the same way — set up,
 //! wait until the seed is ready (and listed by the tracker), start every leecher at one
 //! instant, wait for all of them against the deadline, collect, verify, stop everything.
 
+pub mod aria2;
 pub mod fbpkg;
 pub mod http;
 pub mod rollout;
@@ -24,6 +25,8 @@ pub const TRACKER_PORT: u16 = 6969;
 pub const AGENT_PORT: u16 = 6881;
 /// Base port of librqbit sessions.
 pub const RQBIT_PORT: u16 = 7881;
+/// Base port of aria2.
+pub const ARIA2_PORT: u16 = 8881;
 /// Port of the HTTP server.
 pub const HTTP_PORT: u16 = 8080;
 /// The package's name in fbpkg-rs.
@@ -40,6 +43,10 @@ pub enum Which {
     #[value(name = "librqbit")]
     #[serde(rename = "librqbit")]
     Rqbit,
+    /// Debian's aria2c (1.36), DHT, LPD and PEX off.
+    #[value(name = "aria2")]
+    #[serde(rename = "aria2")]
+    Aria2,
     /// Every leecher fetches the file from the seed over HTTP.
     #[value(name = "http")]
     #[serde(rename = "http")]
@@ -52,6 +59,7 @@ impl Which {
         match self {
             Self::Fbpkg => "fbpkg-rs",
             Self::Rqbit => "librqbit",
+            Self::Aria2 => "aria2",
             Self::Http => "http",
         }
     }
@@ -60,6 +68,8 @@ impl Which {
 /// The package every contender distributes.
 #[derive(Debug)]
 pub struct Package {
+    /// Its name in fbpkg-rs (`pkg`; `pkg2` to `pkg4` for B5's other packages).
+    pub name: String,
     /// The file.
     pub path: PathBuf,
     /// Its file name (also the name inside the metainfo).
@@ -83,6 +93,9 @@ pub struct Ctx<'a> {
     pub topo: Option<&'a Topology>,
     /// The package.
     pub pkg: &'a Package,
+    /// The other packages of a many-package scenario (B5), each held by
+    /// `hosts.origins[i]` and asked for with `pkg` by every leecher; empty otherwise.
+    pub more: &'a [Package],
     /// fbpkg-rs release binary.
     pub fbpkg_bin: &'a Path,
     /// This binary (for the nodes).
@@ -171,6 +184,7 @@ impl Ctx<'_> {
             hosts: self.hosts,
             topo: self.topo,
             pkg,
+            more: self.more,
             fbpkg_bin: self.fbpkg_bin,
             self_exe: self.self_exe,
             dir: self.dir.clone(),
@@ -274,10 +288,17 @@ pub fn scaled(base: Duration, size: u64) -> Duration {
 
 /// Run one contender.
 pub fn run(which: Which, ctx: &Ctx<'_>) -> anyhow::Result<ContenderRun> {
+    if !ctx.more.is_empty() && !matches!(which, Which::Fbpkg | Which::Aria2) {
+        bail!(
+            "{} does not run many-package scenarios yet (fbpkg-rs and aria2 do)",
+            which.name()
+        );
+    }
     std::fs::create_dir_all(&ctx.dir)?;
     let result = match which {
         Which::Fbpkg => fbpkg::run(ctx),
         Which::Rqbit => rqbit::run(ctx),
+        Which::Aria2 => aria2::run(ctx),
         Which::Http => http::run(ctx),
     };
     // Free the tmpfs before the next contender: up to N+2 copies of the package.

@@ -196,5 +196,6 @@ pub fn run(ctx: &Ctx<'_>) -> anyhow::Result<ContenderRun> {
         log_notes: ctx.log_notes(),
         notes,
         timeline: closed.timeline,
+        packages: None,
     })
 }

@@ -1,8 +1,9 @@
 //! The programs `swarm_bench` runs inside the namespaces (hidden subcommands of the same
-//! binary): a librqbit node, an HTTP server and client, a tracker probe, and a single TCP flow
-//! for calibrating the caps. They talk to the orchestrator with lines: commands on stdin,
+//! binary): a librqbit node, an HTTP server and client, a tracker probe, a single TCP flow
+//! for calibrating the caps, and a launcher that starts a stock program (aria2) at `go`. They talk to the orchestrator with lines: commands on stdin,
 //! one JSON event per line on stdout.
 
+pub mod exec_on_go;
 pub mod flow;
 pub mod http;
 pub mod rqbit_node;

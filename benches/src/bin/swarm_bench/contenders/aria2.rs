@@ -1,0 +1,377 @@
+//! aria2 (Debian's `aria2c`, 1.36): one `aria2c` per host, the same metainfo as fbpkg-rs,
+//! the fbpkg-rs tracker (with `--allow-unregistered`) as the tracker. The strongest stock
+//! client measured here (BENCHMARKS.md).
+//!
+//! Run as a fleet would run it: DHT, LPD and PEX off (aria2 has no UPnP), every socket on the
+//! host's address, seeding forever once complete (`--seed-ratio=0.0` with no `--seed-time`),
+//! no disk cache (everything is on tmpfs, and a piece aria2 calls complete is then in the
+//! file), no preallocation, logs at `warn`. The seed hashes its copy first
+//! (`--check-integrity`) and counts as ready once the tracker lists it as a seeder.
+//!
+//! A leecher is an `exec-on-go` node (`nodes/exec_on_go.rs`) that becomes `aria2c` at the
+//! start instant. Its time is when aria2 runs its `--on-bt-download-complete` hook, which it
+//! does once every piece has passed its SHA-1 check and before it goes on seeding; the hook
+//! prints a `complete` line on aria2's stdout, which is the bench's pipe. Its file is hashed
+//! afterwards like every contender's.
+//!
+//! Many packages (B5): each origin seeds its own package, and every leecher's one `aria2c`
+//! is given all the torrents (`--force-sequential` makes each its own download; they run at
+//! once, up to `--max-concurrent-downloads`), so aria2 shares its upload slots and
+//! bandwidth across them as it would in a fleet. The hook's path says which one finished.
+
+use std::collections::{BTreeMap, HashMap};
+use std::ffi::OsString;
+use std::os::unix::fs::PermissionsExt as _;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail, ensure};
+use fbpkg_benches::swarm::report::summarize;
+use serde_json::{Value, json};
+
+use super::{ARIA2_PORT, Ctx, Package, scaled};
+use crate::measure::{
+    Accounting, ContenderRun, Done, PackageFinish, Window, combine_verified, outcomes, verify_all,
+};
+use crate::procs::{self, Proc, Spec, Stdout};
+use crate::topology::Endpoint;
+
+/// The binary (Debian package `aria2`).
+pub const BINARY: &str = "aria2c";
+
+/// The hook aria2 runs when a torrent's download is complete (`$1` gid, `$3` first file):
+/// one JSON line on aria2's stdout.
+const HOOK: &str = "#!/bin/sh\n\
+    printf '{\"event\":\"complete\",\"gid\":\"%s\",\"path\":\"%s\"}\\n' \"$1\" \"$3\"\n";
+
+fn event(line: &str, name: &str) -> Option<Value> {
+    let v: Value = serde_json::from_str(line).ok()?;
+    (v["event"] == name).then_some(v)
+}
+
+/// `aria2c --version`'s first line, or why there is none.
+fn version() -> anyhow::Result<String> {
+    let out = std::process::Command::new(BINARY)
+        .arg("--version")
+        .output()
+        .with_context(|| {
+            format!("running {BINARY}: install Debian's aria2 (scripts/interop-deps.sh does)")
+        })?;
+    if !out.status.success() {
+        bail!("{BINARY} --version exited {}", out.status);
+    }
+    Ok(String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .to_owned())
+}
+
+fn torrent_path(ctx: &Ctx<'_>, pkg: &Package) -> PathBuf {
+    ctx.dir.join(format!("{}.torrent", pkg.name))
+}
+
+/// The flags of every `aria2c` here, seed and leechers alike, and the torrents it is given.
+fn flags(
+    ctx: &Ctx<'_>,
+    host: &Endpoint,
+    pkgs: &[&Package],
+    dir: &Path,
+    hook: &Path,
+    log: &Path,
+) -> Vec<OsString> {
+    let port = host.addr(ARIA2_PORT);
+    let port = port.rsplit(':').next().unwrap_or_default();
+    let mut f: Vec<OsString> = [
+        "--no-conf",
+        "--enable-dht=false",
+        "--enable-dht6=false",
+        "--bt-enable-lpd=false",
+        "--enable-peer-exchange=false",
+        "--disable-ipv6=true",
+        "--seed-ratio=0.0",
+        "--disk-cache=0",
+        "--file-allocation=none",
+        "--allow-overwrite=true",
+        "--auto-file-renaming=false",
+        "--auto-save-interval=0",
+        "--log-level=warn",
+        "--console-log-level=error",
+        "--summary-interval=0",
+        "--show-console-readout=false",
+        "--download-result=hide",
+    ]
+    .iter()
+    .map(OsString::from)
+    .collect();
+    f.extend([
+        format!("--interface={}", host.ip).into(),
+        format!("--listen-port={port}").into(),
+        // A bench killed with SIGKILL leaves no aria2 behind.
+        format!("--stop-with-process={}", std::process::id()).into(),
+        format!("--dir={}", dir.display()).into(),
+        format!("--log={}", log.display()).into(),
+        format!("--on-bt-download-complete={}", hook.display()).into(),
+    ]);
+    match pkgs {
+        [one] => f.push(format!("--torrent-file={}", torrent_path(ctx, one).display()).into()),
+        many => {
+            f.push("--force-sequential=true".into());
+            f.push(format!("--max-concurrent-downloads={}", many.len()).into());
+            f.extend(many.iter().map(|p| torrent_path(ctx, p).into()));
+        }
+    }
+    f
+}
+
+/// An origin: `host` seeding `pkg`.
+fn start_seed(ctx: &Ctx<'_>, host: &Endpoint, pkg: &Package, hook: &Path) -> anyhow::Result<Proc> {
+    let dir = ctx.host_dir(host, "aria2")?;
+    std::fs::copy(&pkg.path, dir.join(&pkg.file_name))
+        .context("copying the package into the seed's folder")?;
+    let label = format!("{}-aria2", host.label);
+    let mut argv: Vec<OsString> = vec![BINARY.into()];
+    argv.extend(flags(
+        ctx,
+        host,
+        &[pkg],
+        &dir,
+        hook,
+        &ctx.log(&format!("{label}c")),
+    ));
+    argv.push("--check-integrity=true".into());
+    let mut spec = Spec::new(&label, Some(&host.ns), argv);
+    spec.stdin = true;
+    spec.stdout = Stdout::Lines;
+    spec.stderr = Some(ctx.log(&label));
+    Proc::spawn(spec)
+}
+
+fn start_leecher(
+    ctx: &Ctx<'_>,
+    host: &Endpoint,
+    pkgs: &[&Package],
+    hook: &Path,
+) -> anyhow::Result<Proc> {
+    let dir = ctx.host_dir(host, "aria2")?;
+    let label = format!("{}-aria2", host.label);
+    let aria = flags(ctx, host, pkgs, &dir, hook, &ctx.log(&format!("{label}c")));
+    let aria: Vec<String> = aria
+        .into_iter()
+        .map(|a| {
+            a.into_string()
+                .map_err(|_| anyhow::anyhow!("non-UTF-8 path"))
+        })
+        .collect::<anyhow::Result<_>>()?;
+    let mut args = vec!["exec-on-go", "--", BINARY];
+    args.extend(aria.iter().map(String::as_str));
+    Proc::spawn(ctx.node(&label, host, &args))
+}
+
+/// Send SIGTERM to every process first, then wait for each: aria2 leaves gracefully (a
+/// `stopped` announce), and 49 of them one after the other would take long.
+fn stop_all(procs: &mut [&mut Proc]) {
+    for p in procs.iter_mut() {
+        if p.poll().is_none() {
+            procs::signal(p.pid, "TERM");
+        }
+    }
+    for p in procs.iter_mut() {
+        p.terminate(Duration::from_secs(10));
+    }
+}
+
+/// Run aria2.
+pub fn run(ctx: &Ctx<'_>) -> anyhow::Result<ContenderRun> {
+    let version = version()?;
+    let mut acct = Accounting::default();
+    let mut setup_notes = BTreeMap::new();
+    let mut notes = Vec::new();
+    let pkgs: Vec<&Package> = std::iter::once(ctx.pkg).chain(ctx.more).collect();
+    let per_host = pkgs.len();
+    ensure!(
+        ctx.more.len() == ctx.hosts.origins.len(),
+        "{} packages for {} origins",
+        ctx.more.len(),
+        ctx.hosts.origins.len()
+    );
+    for p in &pkgs {
+        std::fs::write(torrent_path(ctx, p), &p.metainfo)?;
+    }
+    let hook = ctx.dir.join("on-complete.sh");
+    std::fs::write(&hook, HOOK)?;
+    std::fs::set_permissions(&hook, std::fs::Permissions::from_mode(0o755))?;
+
+    let mut tracker = ctx.start_tracker(true, &[])?;
+    let t = Instant::now();
+    let mut seed = start_seed(ctx, &ctx.hosts.seed, ctx.pkg, &hook)?;
+    let mut origins = Vec::new();
+    for (h, p) in ctx.hosts.origins.iter().zip(ctx.more) {
+        origins.push(start_seed(ctx, h, p, &hook)?);
+    }
+    let mut leechers = Vec::new();
+    for h in &ctx.hosts.leechers {
+        leechers.push(start_leecher(ctx, h, &pkgs, &hook)?);
+    }
+    for p in &mut leechers {
+        p.wait_for_line("ready", Instant::now() + Duration::from_secs(30), |l| {
+            event(l, "ready").is_some()
+        })?;
+    }
+    let listed = ctx.wait_seed_listed(
+        &ctx.hosts.seed.addr(ARIA2_PORT),
+        scaled(Duration::from_secs(60), ctx.pkg.size),
+    );
+    if let Err(e) = listed {
+        if let Some(s) = seed.poll() {
+            bail!(
+                "the aria2 seed exited ({s}); see {}",
+                ctx.log(&format!("{}-aria2c", ctx.hosts.seed.label))
+                    .display()
+            );
+        }
+        return Err(e);
+    }
+    for ((h, p), o) in ctx.hosts.origins.iter().zip(ctx.more).zip(&mut origins) {
+        let c = ctx.with_pkg(p);
+        if let Err(e) =
+            c.wait_seed_listed(&h.addr(ARIA2_PORT), scaled(Duration::from_secs(60), p.size))
+        {
+            if let Some(s) = o.poll() {
+                bail!("the aria2 origin {} exited ({s})", h.label);
+            }
+            return Err(e);
+        }
+    }
+    setup_notes.insert(
+        "seed_check_and_listed_secs".into(),
+        t.elapsed().as_secs_f64(),
+    );
+
+    let mut win = Window::open(ctx.topo, &ctx.hosts.seed.ns, ctx.sample_every)?;
+    let deadline = win.t0 + ctx.deadline;
+    for p in &mut leechers {
+        p.send_line("go")?;
+    }
+    // Each leecher's finish of each package (by pid): it is done when it has them all.
+    let t0 = win.t0;
+    let mut finished: HashMap<u32, Vec<Option<f64>>> = HashMap::new();
+    let ended = win.wait_all(&mut leechers, deadline, |p| {
+        let times = finished
+            .entry(p.pid)
+            .or_insert_with(|| vec![None; per_host]);
+        while let Some(line) = p.try_line() {
+            let Some(v) = event(&line, "complete") else {
+                continue;
+            };
+            let path = v["path"].as_str().unwrap_or_default();
+            if let Some(k) = pkgs.iter().position(|pk| path.ends_with(&pk.file_name)) {
+                times[k].get_or_insert(t0.elapsed().as_secs_f64());
+            }
+            if times.iter().all(Option::is_some) {
+                return Some(Done::Line(line));
+            }
+        }
+        p.poll().map(Done::Exited)
+    })?;
+    let closed = win.close()?;
+
+    // VmHWM is a high-water mark and every aria2c is still running (seeding): one reading
+    // now is each one's peak.
+    seed.sample_memory();
+    for p in leechers.iter_mut().chain(origins.iter_mut()) {
+        p.sample_memory();
+    }
+    {
+        let mut all: Vec<&mut Proc> = std::iter::once(&mut seed)
+            .chain(origins.iter_mut())
+            .chain(leechers.iter_mut())
+            .collect();
+        stop_all(&mut all);
+    }
+    acct.record("seed", &ctx.hosts.seed.label, &mut seed);
+    for (p, h) in origins.iter_mut().zip(&ctx.hosts.origins) {
+        acct.record("origin", &h.label, p);
+    }
+    for (p, h) in leechers.iter_mut().zip(&ctx.hosts.leechers) {
+        acct.record("leecher", &h.label, p);
+    }
+    tracker.terminate(Duration::from_secs(10));
+    acct.record("tracker", &ctx.hosts.tracker.label, &mut tracker);
+    if ended.iter().any(Option::is_none) {
+        notes.push("some leechers never ran their completion hook".into());
+    }
+
+    // Host-major: verified[h * per_host + k] is host h's copy of package k.
+    let mut verified = vec![Ok(()); ctx.hosts.leechers.len() * per_host];
+    for (k, p) in pkgs.iter().enumerate() {
+        let files: Vec<_> = ctx
+            .hosts
+            .leechers
+            .iter()
+            .map(|h| Some(ctx.dir.join(&h.label).join("aria2").join(&p.file_name)))
+            .collect();
+        for (h, r) in verify_all(&files, &p.sha256).into_iter().enumerate() {
+            verified[h * per_host + k] = r;
+        }
+    }
+    let labels: Vec<String> = ctx.hosts.leechers.iter().map(|h| h.label.clone()).collect();
+    let packages = (per_host > 1).then(|| {
+        let times = leechers
+            .iter()
+            .zip(verified.chunks(per_host))
+            .map(|(p, v)| {
+                let t = finished.get(&p.pid).cloned().unwrap_or_default();
+                (0..per_host)
+                    .map(|k| t.get(k).copied().flatten().filter(|_| v[k].is_ok()))
+                    .collect()
+            })
+            .collect();
+        let names: Vec<String> = pkgs.iter().map(|p| p.name.clone()).collect();
+        PackageFinish::new(&labels, &names, times)
+    });
+    let verified = combine_verified(&verified, per_host);
+    let outcomes = outcomes(&labels, &ended, &verified, |d| match d {
+        Done::Line(_) => Ok(()),
+        Done::Exited(s) => Err(format!("aria2c exited {s} without completing")),
+    });
+    let summary = ctx.topo.map(|_| {
+        summarize(
+            &outcomes,
+            ctx.t_kr_secs,
+            ctx.pkg.size,
+            closed.seed_tx_bytes.unwrap_or(0),
+            None,
+        )
+    });
+    let mut cpu = acct.cpu();
+    cpu.machine_busy_cores = closed.machine_busy_cores;
+    Ok(ContenderRun {
+        contender: "aria2".into(),
+        setup: json!({
+            "version": version,
+            "flags": "--no-conf --enable-dht=false --enable-dht6=false --bt-enable-lpd=false \
+                      --enable-peer-exchange=false --disable-ipv6=true --seed-ratio=0.0 \
+                      --disk-cache=0 --file-allocation=none --allow-overwrite=true \
+                      --interface=<host> --listen-port=8881 --torrent-file=<same metainfo> \
+                      --on-bt-download-complete=<hook>; the seed adds --check-integrity=true",
+            "leechers_seed_after_completion": true,
+        }),
+        summary,
+        stalls: closed.stalls(&outcomes),
+        hosts_wire: closed.hosts_wire(),
+        leechers: outcomes,
+        seed_wire_tx_bytes: closed.seed_tx_bytes,
+        seed_tbf_bytes: closed.seed_tbf_bytes,
+        seed_payload_bytes: None,
+        payload: json!({}),
+        window_secs: closed.secs,
+        setup_notes,
+        cpu,
+        processes: acct.records,
+        log_notes: ctx.log_notes(),
+        notes,
+        timeline: closed.timeline,
+        packages,
+    })
+}
