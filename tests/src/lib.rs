@@ -39,8 +39,8 @@ pub use inprocess::{Staged, embedded_tracker, engine, seed_from_cache, stop_trac
 pub use librqbit_session::{add_torrent, loopback_session};
 pub use postgres_process::{PostgresServer, postgres_bin_dir};
 pub use raw_peer::{
-    Raw, accept_handshake, admitted, announce_as_seeder, handshake_from, random_peer_id,
-    real_block, wait_message,
+    Raw, accept_handshake, admitted, announce_as_seeder, handshake_as, handshake_from,
+    random_peer_id, real_block, wait_message,
 };
 pub use redis_process::{RedisServer, redis_server_binary};
 pub use tracker_process::TrackerProcess;

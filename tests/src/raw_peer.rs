@@ -41,12 +41,25 @@ pub fn random_peer_id(tag: &[u8; 8]) -> PeerId {
 ///
 /// Panics when `from` cannot be bound.
 pub async fn handshake_from(from: Ipv4Addr, to: SocketAddr, meta: &Metainfo) -> Option<Raw> {
+    handshake_as(from, to, meta, random_peer_id(b"-XX0001-")).await
+}
+
+/// [`handshake_from`] with the peer id `peer_id` (an agent's, `-FB0100-`, to be treated as
+/// one).
+///
+/// Panics when `from` cannot be bound.
+pub async fn handshake_as(
+    from: Ipv4Addr,
+    to: SocketAddr,
+    meta: &Metainfo,
+    peer_id: PeerId,
+) -> Option<Raw> {
     let sock = TcpSocket::new_v4().expect("a TCP socket");
     sock.bind(SocketAddr::new(IpAddr::V4(from), 0))
         .unwrap_or_else(|e| panic!("binding {from}: {e}"));
     let mut stream = sock.connect(to).await.ok()?;
     let mut out = BytesMut::new();
-    Handshake::new(meta.info_hash, random_peer_id(b"-XX0001-")).encode(&mut out);
+    Handshake::new(meta.info_hash, peer_id).encode(&mut out);
     stream.write_all(&out).await.ok()?;
     let mut buf = BytesMut::new();
     loop {

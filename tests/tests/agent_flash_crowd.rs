@@ -14,12 +14,16 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use fbpkg_common::metainfo::BLOCK_SIZE;
 use fbpkg_common::metainfo::Metainfo;
 use fbpkg_common::pkgref::PackageName;
+use fbpkg_common::wire::{BlockRef, DEFAULT_MAX_MESSAGE, Message};
 use fbpkg_peer::engine::{Engine, Phase, Torrent};
 use fbpkg_tests::{
-    Staged, embedded_tracker, engine, random_package, seed_from_cache, stop_tracker,
+    Raw, Staged, embedded_tracker, engine, handshake_as, random_package, random_peer_id,
+    seed_from_cache, stop_tracker,
 };
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -245,6 +249,101 @@ async fn a_leecher_holding_most_pieces_gets_the_rest_from_a_super_seed() {
     assert_eq!(t.downloaded(), u64::from(meta.piece_size(n - 1)));
     assert_eq!(seeding.uploaded(), u64::from(meta.piece_size(n - 1)));
 
+    cancel.cancel();
+    for e in [&leecher, &seed] {
+        e.shutdown().await;
+    }
+    stop_tracker(st.tracker).await.unwrap();
+}
+
+/// A peer that starts a super-seed's offers and never finishes them does not hold the crowd
+/// back: once its offers are stale, the seed offers them to a leecher with nothing else to
+/// take. It asks for one block of each piece it is offered and no more, as a prefetch capped
+/// far below the crowd's rate nearly does (one capped at 16 KiB/s kept a rollout's hosts
+/// waiting 48 s for the seed's last pieces); before, the leecher here waited for ever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn offers_a_peer_never_finishes_go_to_another_leecher() {
+    let st = Staged::new("hoarded", 1 << 20).await;
+    let (base, url, cancel) = (st.base(), &st.url, &st.cancel);
+    let (name, meta, bytes) = (&st.name, &st.meta, &st.bytes[..]);
+    assert!(
+        meta.piece_length > u64::from(BLOCK_SIZE),
+        "a piece of one block cannot be left half requested"
+    );
+
+    let seed = engine(&base.join("seed"), url, cancel, |_| {}).await;
+    let seeding = seed_from_cache(&seed, name, meta, bytes, base);
+    seed.tracker().publish(name, meta).await.unwrap();
+
+    // The hoarder, with an agent's peer id so that the seed rations it.
+    let Raw {
+        mut stream,
+        mut buf,
+    } = handshake_as(
+        std::net::Ipv4Addr::new(127, 0, 0, 2),
+        seed.listen_addr(),
+        meta,
+        random_peer_id(b"-FB0100-"),
+    )
+    .await
+    .expect("the seed answers the handshake");
+    let mut out = bytes::BytesMut::new();
+    Message::Interested.encode(&mut out);
+    stream.write_all(&out).await.unwrap();
+    let mut hoarded = Vec::new();
+    let deadline = Instant::now() + DOWNLOAD_TIMEOUT;
+    while hoarded.len() < 2 {
+        while let Some(m) = Message::decode(&mut buf, DEFAULT_MAX_MESSAGE).unwrap() {
+            if let Message::Have(index) = m {
+                let mut out = bytes::BytesMut::new();
+                Message::Request(BlockRef {
+                    index,
+                    begin: 0,
+                    length: BLOCK_SIZE,
+                })
+                .encode(&mut out);
+                stream.write_all(&out).await.unwrap();
+                hoarded.push(index);
+            }
+        }
+        let n = tokio::time::timeout_at(deadline, stream.read_buf(&mut buf))
+            .await
+            .expect("the seed offered the hoarder two pieces")
+            .unwrap();
+        assert!(n > 0, "the seed closed the hoarder's connection");
+    }
+    // From now on it only reads, so that the seed is never blocked writing to it.
+    let hoarder = tokio::spawn(async move {
+        let mut sink = vec![0u8; 64 << 10];
+        while matches!(stream.read(&mut sink).await, Ok(n) if n > 0) {}
+    });
+
+    let leecher = engine(&base.join("leecher"), url, cancel, |_| {}).await;
+    let t = leecher.download(name.clone(), meta.clone()).await.unwrap();
+    let entry = loop {
+        match t.current_phase() {
+            Phase::Seeding(entry) => break entry,
+            Phase::Failed { .. } => panic!("the download failed: {:?}", t.status()),
+            _ => {}
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the pieces offered to the hoarder ({hoarded:?}) never came: {:?}",
+            t.status()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(std::fs::read(&entry.launch_path).unwrap() == bytes);
+    // The package went out once, and one block of each hoarded piece besides.
+    let most = bytes.len() as u64 + hoarded.len() as u64 * u64::from(BLOCK_SIZE);
+    assert!(
+        seeding.uploaded() <= most,
+        "the seed uploaded {} bytes for a package of {}",
+        seeding.uploaded(),
+        bytes.len()
+    );
+
+    hoarder.abort();
     cancel.cancel();
     for e in [&leecher, &seed] {
         e.shutdown().await;

@@ -387,7 +387,7 @@ impl Conn {
             // `have` arrives, and would crawl; they get everything advertised.
             Some(planner) if seeding && self.ours => {
                 self.super_seeding = true;
-                Some(planner.offers(self.id, GREETING_OFFERS))
+                Some(planner.offers(self.id, GREETING_OFFERS, Instant::now()))
             }
             _ => None,
         };
@@ -735,7 +735,7 @@ impl Conn {
             && let Some(planner) = st.planner.as_mut()
         {
             planner.requested(self.id, b.index);
-            offers = planner.offers(self.id, self.keep_open());
+            offers = planner.offers(self.id, self.keep_open(), Instant::now());
         }
         drop(st);
         self.advertise(&offers);
@@ -766,7 +766,7 @@ impl Conn {
             (true, true) => return,
         };
         let offers = match self.t.state().planner.as_mut() {
-            Some(planner) => planner.offers(self.id, keep),
+            Some(planner) => planner.offers(self.id, keep, Instant::now()),
             None => return,
         };
         self.advertise(&offers);
@@ -1103,6 +1103,8 @@ impl Conn {
             }
         }
         self.apply_origin_budget();
+        // Offers that went stale with a slow leecher come back to the ones waiting for them.
+        self.top_up_offers();
         let moved = self.down_tick > 0 || self.up_tick > 0;
         self.moved_data |= moved;
         if self.down_tick > 0 {

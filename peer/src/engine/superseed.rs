@@ -8,12 +8,19 @@
 //! offered more; how many are kept in hand scales with how fast that leecher downloads, so a
 //! lone fast leecher is not starved.
 //!
-//! A piece is never offered twice while super-seeding lasts: at 48 leechers, offering the least
-//! copied piece once every piece was out (a piece already held, or on its way to someone else)
-//! made the seed upload a third of the package twice before the last first copies left, and
-//! the whole crowd waited for those. Instead, an offer nobody has started on goes back to the
-//! pool when its leecher is choked or leaves ([`SeedPlanner::release`]), and leechers still
+//! A piece is offered twice only when its first offer went stale: at 48 leechers, offering the
+//! least copied piece once every piece was out (a piece already held, or on its way to someone
+//! else) made the seed upload a third of the package twice before the last first copies left,
+//! and the whole crowd waited for those. Instead, an offer nobody has started on goes back to
+//! the pool when its leecher is choked or leaves ([`SeedPlanner::release`]), and leechers still
 //! unchoked are topped up from it.
+//!
+//! An offer its leecher started but has not finished after [`SeedPlanner::stale_after`] may go
+//! to one more leecher that has nothing else to take. Without that, one slow leecher holds the
+//! crowd back: a prefetch capped at 16 KiB/s spent its budget on pieces from other leechers and
+//! left the seed's offers for 48 s, while every other host waited for those pieces, the only
+//! ones it could not get elsewhere; a peer that asks for one block of each offer and never more
+//! would hold them for ever.
 //!
 //! Only fbpkg-rs agents are rationed (peer id `-FB…`): they request an advertised piece the
 //! moment its `have` arrives. Stock clients get everything advertised, because some (librqbit 9)
@@ -21,6 +28,9 @@
 //! Pure state, no I/O: the peer tasks call it under the torrent lock.
 
 use std::collections::HashMap;
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use fbpkg_common::bitfield::Bitfield;
 use fbpkg_common::metainfo::BLOCK_SIZE;
@@ -47,8 +57,19 @@ pub struct SeedPlanner {
     copies: Vec<u32>,
     /// Offers made and not yet turned into a copy.
     pending: Vec<u32>,
+    /// When each piece was last offered.
+    offered_at: Vec<Option<Instant>>,
+    stale_after: Duration,
     peers: HashMap<ConnId, Leecher>,
 }
+
+/// The shortest time an offer is left with one leecher: five seconds is many times what a
+/// piece of up to 1 MiB takes at the rates a crowd shares a seed's uplink at (a 32 KiB piece
+/// of B3's 64 MiB package takes 0.3 s at 1 Mbit/s).
+const MIN_STALE: Duration = Duration::from_secs(5);
+/// Larger pieces are given the time they take at this rate (2 Mbit/s) before they count as
+/// stale: 64 s for 16 MiB.
+const STALE_RATE: u64 = 256 << 10;
 
 impl SeedPlanner {
     /// A planner for `num_pieces` pieces of `piece_length` bytes (the last one `length` rest).
@@ -65,8 +86,16 @@ impl SeedPlanner {
             blocks,
             copies: vec![0; n],
             pending: vec![0; n],
+            offered_at: vec![None; n],
+            stale_after: MIN_STALE.max(Duration::from_secs(piece_length / STALE_RATE)),
             peers: HashMap::new(),
         }
+    }
+
+    /// How long an offer stays its leecher's alone: after that, if no peer holds the piece
+    /// yet, it may be offered to one more leecher.
+    pub fn stale_after(&self) -> Duration {
+        self.stale_after
     }
 
     fn n(&self) -> u32 {
@@ -161,9 +190,11 @@ impl SeedPlanner {
     }
 
     /// Pieces to advertise to `conn` now so it keeps `keep_open` offered pieces it has not
-    /// fully requested yet: pieces no peer holds and none has been offered, at random. Empty
-    /// when there are none left (the peer trades with the others until some come back).
-    pub fn offers(&mut self, conn: ConnId, keep_open: usize) -> Vec<u32> {
+    /// fully requested yet: pieces no peer holds and none has been offered, at random; when
+    /// those run short, pieces no peer holds whose last offer is [stale](Self::stale_after)
+    /// at `now`, oldest first. Empty when there are none (the peer trades with the others
+    /// until some come back).
+    pub fn offers(&mut self, conn: ConnId, keep_open: usize, now: Instant) -> Vec<u32> {
         let Some(p) = self.peers.get(&conn) else {
             return Vec::new();
         };
@@ -187,8 +218,20 @@ impl SeedPlanner {
             let i = free.swap_remove(rng.random_range(0..free.len()));
             out.push(i);
         }
+        if out.len() < room {
+            let mut stale: Vec<(Instant, u32)> = (0..self.n())
+                .filter(|&i| self.copies[i as usize] == 0 && !p.has.get(i) && !p.pending.get(i))
+                .filter_map(|i| {
+                    let at = self.offered_at[i as usize]?;
+                    (now.saturating_duration_since(at) >= self.stale_after).then_some((at, i))
+                })
+                .collect();
+            stale.sort_unstable();
+            out.extend(stale.iter().map(|&(_, i)| i).take(room - out.len()));
+        }
         if let Some(p) = self.peers.get_mut(&conn) {
             for &i in &out {
+                self.offered_at[i as usize] = Some(now);
                 self.pending[i as usize] += 1;
                 p.pending.set(i);
                 p.advertised.set(i);
@@ -219,6 +262,7 @@ mod tests {
 
     #[test]
     fn leechers_get_disjoint_pieces_and_none_twice() {
+        let t0 = Instant::now();
         let n = 32u32;
         let mut s = SeedPlanner::new(PL * u64::from(n), PL);
         for c in 0..4 {
@@ -229,7 +273,7 @@ mod tests {
         // Round robin: each leecher takes 2 offers, requests all their blocks, gets more.
         for _round in 0..4 {
             for c in 0..4 {
-                for i in s.offers(c, 2) {
+                for i in s.offers(c, 2, t0) {
                     assert!(seen.set(i), "piece {i} offered twice");
                     request_all(&mut s, c, i);
                     if c == 1 {
@@ -245,10 +289,10 @@ mod tests {
         for c in 1..4 {
             s.peer_has(c, spread);
         }
-        assert!(s.offers(0, 8).is_empty());
+        assert!(s.offers(0, 8, t0).is_empty());
         // A leecher that leaves gives back what it did not receive; those go out once more.
         s.remove_peer(1);
-        let again = s.offers(0, 8);
+        let again = s.offers(0, 8, t0);
         let expected: Vec<u32> = offered_to_1
             .iter()
             .copied()
@@ -257,22 +301,23 @@ mod tests {
         assert_eq!(again.len(), expected.len());
         assert!(again.iter().all(|i| expected.contains(i)), "{again:?}");
         assert!(
-            s.offers(2, 8).is_empty(),
+            s.offers(2, 8, t0).is_empty(),
             "each given-back piece went out once"
         );
     }
 
     #[test]
     fn a_choked_leecher_gives_back_only_what_it_has_not_started() {
+        let t0 = Instant::now();
         let mut s = SeedPlanner::new(PL * 4, PL);
         s.add_peer(1, &Bitfield::new(4));
         s.add_peer(2, &Bitfield::new(4));
-        let first = s.offers(1, 4);
+        let first = s.offers(1, 4, t0);
         assert_eq!(first.len(), 4);
         assert!(s.requested(1, first[0]), "one block of one piece");
-        assert!(s.offers(2, 4).is_empty(), "all four are leecher 1's");
+        assert!(s.offers(2, 4, t0).is_empty(), "all four are leecher 1's");
         assert!(s.release(1));
-        let moved = s.offers(2, 4);
+        let moved = s.offers(2, 4, t0);
         assert_eq!(moved.len(), 3);
         assert!(
             !moved.contains(&first[0]),
@@ -284,7 +329,7 @@ mod tests {
         s.remove_peer(2);
         assert!(s.requested(1, moved[0]));
         s.add_peer(3, &Bitfield::new(4));
-        let to_3 = s.offers(3, 4);
+        let to_3 = s.offers(3, 4, t0);
         assert!(
             !to_3.contains(&moved[0]) && !to_3.contains(&first[0]),
             "{to_3:?}"
@@ -294,18 +339,19 @@ mod tests {
 
     #[test]
     fn keeps_the_requested_number_open_and_counts_copies() {
+        let t0 = Instant::now();
         let mut s = SeedPlanner::new(PL * 8, PL);
         let mut has = Bitfield::new(8);
         has.set(0);
         s.add_peer(1, &has);
         s.add_peer(2, &Bitfield::new(8));
-        let first = s.offers(2, 3);
+        let first = s.offers(2, 3, t0);
         assert_eq!(first.len(), 3);
         assert!(!first.contains(&0), "the piece peer 1 holds is not offered");
-        assert!(s.offers(2, 3).is_empty(), "still three open");
+        assert!(s.offers(2, 3, t0).is_empty(), "still three open");
         request_all(&mut s, 2, first[0]);
         assert_eq!(
-            s.offers(2, 3).len(),
+            s.offers(2, 3, t0).len(),
             1,
             "one fully requested, one more offered"
         );
@@ -318,5 +364,51 @@ mod tests {
         assert!(s.distributed());
         s.remove_peer(2);
         assert!(!s.distributed());
+    }
+
+    #[test]
+    fn an_offer_left_unfinished_goes_to_one_more_leecher_once_stale() {
+        let t0 = Instant::now();
+        let mut s = SeedPlanner::new(PL * 4, PL);
+        let stale = s.stale_after();
+        assert_eq!(stale, MIN_STALE);
+        for c in 1..=3 {
+            s.add_peer(c, &Bitfield::new(4));
+        }
+        // A slow leecher takes two offers and starts them; a fast one takes and finishes the
+        // other two.
+        let slow = s.offers(1, 2, t0);
+        for &i in &slow {
+            assert!(s.requested(1, i));
+        }
+        for i in s.offers(2, 2, t0) {
+            request_all(&mut s, 2, i);
+            s.peer_has(2, i);
+        }
+        let just_before = t0 + stale - Duration::from_millis(1);
+        assert!(s.offers(2, 2, just_before).is_empty(), "not stale yet");
+        // Stale: the fast leecher gets them, oldest first; nobody gets them a third time until
+        // they go stale again.
+        let mut again = s.offers(2, 2, t0 + stale);
+        again.sort_unstable();
+        let mut expected = slow.clone();
+        expected.sort_unstable();
+        assert_eq!(again, expected);
+        assert!(
+            s.offers(3, 2, t0 + stale).is_empty(),
+            "offered twice at most"
+        );
+        assert!(
+            s.offers(1, 4, t0 + stale * 3).is_empty(),
+            "its own offers are not offered back to it"
+        );
+        assert_eq!(s.offers(3, 2, t0 + stale * 2).len(), 2);
+        // Once a copy exists, the piece is not offered again, however old its offer.
+        for i in slow {
+            s.peer_has(2, i);
+        }
+        assert!(s.distributed());
+        s.add_peer(4, &Bitfield::new(4));
+        assert!(s.offers(4, 4, t0 + stale * 10).is_empty());
     }
 }
