@@ -191,7 +191,7 @@ impl Plan {
                 Role::Leecher(i),
                 Ipv4Addr::new(198, 18, 0, last),
                 Some(scenario.leecher_up_bps(i)),
-                Some(c.leecher_down_bps),
+                Some(scenario.leecher_down_bps(i)),
             ));
         }
         for k in 2..=scenario.packages {

@@ -145,12 +145,20 @@ pub fn scenario_header(s: &Scenario, t_kr_secs: f64, deadline_secs: f64) -> Stri
         ),
         None => String::new(),
     };
+    let straggling = match s.stragglers {
+        Some(d) => format!(
+            " ({} of them at {})",
+            (1..=s.leechers).filter(|&i| s.is_straggler(i)).count(),
+            mbit(d.down_bps)
+        ),
+        None => String::new(),
+    };
     let f = match s.packages {
         0 | 1 => size(s.package_bytes),
         p => format!("{p} x {} from {p} origins", size(s.package_bytes)),
     };
     format!(
-        "{}: N={} F={f} seed up {} Mbit/s, leecher up {}{slow} Mbit/s, leecher down {} Mbit/s; \
+        "{}: N={} F={f} seed up {} Mbit/s, leecher up {}{slow} Mbit/s, leecher down {}{straggling} Mbit/s; \
          T_KR {:.1} s; deadline {:.0} s",
         s.name,
         s.leechers,
@@ -160,6 +168,41 @@ pub fn scenario_header(s: &Scenario, t_kr_secs: f64, deadline_secs: f64) -> Stri
         t_kr_secs,
         deadline_secs
     )
+}
+
+/// Issue 12's straggler figures, for a scenario with stragglers: the other hosts' eta_last
+/// against T_KR (target 0.90: the stragglers do not hold them back), and each straggler's own
+/// bound over its time (target 1 / 1.1: it finishes within 1.1x of what its downlink allows).
+/// `leechers` in host order; `None` without stragglers.
+pub fn stragglers_line(
+    s: &Scenario,
+    leechers: &[LeecherOutcome],
+    t_kr_secs: f64,
+) -> Option<String> {
+    s.stragglers?;
+    let mut others = Some(0.0f64);
+    let mut cells = Vec::new();
+    for (k, l) in leechers.iter().enumerate() {
+        let i = k + 1;
+        let t = l.verified_secs();
+        if s.is_straggler(i) {
+            let own = s.own_bound_secs(i);
+            cells.push(match t {
+                Some(t) => format!("{} {t:.1} s of {own:.1} s (eta {:.2})", l.host, own / t),
+                None => format!("{} not verified", l.host),
+            });
+        } else {
+            others = others.zip(t).map(|(a, b)| a.max(b));
+        }
+    }
+    let others = match others {
+        Some(t) if t > 0.0 => format!("T_last {t:.1} s, eta_last {:.2}", t_kr_secs / t),
+        _ => "not all verified".to_owned(),
+    };
+    Some(format!(
+        "stragglers: {} (target eta >= 0.91); the others: {others} (target >= 0.90)",
+        cells.join(", ")
+    ))
 }
 
 /// A markdown table of one scenario, every contender side by side, then each leecher's time.
@@ -248,6 +291,33 @@ mod tests {
             exit_code: Some(0),
             error: None,
         }
+    }
+
+    #[test]
+    fn stragglers_are_judged_by_their_own_bound_and_the_others_by_t_kr() {
+        let s = Scenario::preset("stragglers").unwrap();
+        let kr = s.kumar_ross().t_kr_secs;
+        let times = [28.0, 27.0, 29.0, 57.0, 28.5, 27.5, 28.2, 60.0];
+        let ls: Vec<LeecherOutcome> = times
+            .iter()
+            .enumerate()
+            .map(|(k, &t)| ok(&format!("l{:03}", k + 1), t))
+            .collect();
+        let line = stragglers_line(&s, &ls, kr).unwrap();
+        assert!(line.contains("l004 57.0 s of 53.7 s (eta 0.94)"), "{line}");
+        assert!(line.contains("l008 60.0 s of 53.7 s (eta 0.89)"), "{line}");
+        assert!(
+            line.contains(&format!("T_last 29.0 s, eta_last {:.2}", kr / 29.0)),
+            "{line}"
+        );
+        let mut lost = ls.clone();
+        lost[0].verified = false;
+        assert!(
+            stragglers_line(&s, &lost, kr)
+                .unwrap()
+                .contains("the others: not all verified")
+        );
+        assert!(stragglers_line(&Scenario::preset("b1").unwrap(), &ls, kr).is_none());
     }
 
     #[test]

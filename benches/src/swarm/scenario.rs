@@ -35,6 +35,19 @@ pub struct Scenario {
     /// Leechers whose uplink is thinner than `caps.leecher_up_bps` (B3), if any.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub slow_uplinks: Option<SlowUplinks>,
+    /// Leechers whose downlink is thinner than `caps.leecher_down_bps` (stragglers), if any.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stragglers: Option<Stragglers>,
+}
+
+/// Some leechers download slower than the rest: hosts that would hold a crowd back if it
+/// waited for them. Spread like [`SlowUplinks`]: N / `one_in` of the leechers, evenly.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct Stragglers {
+    /// One leecher in this many is a straggler.
+    pub one_in: usize,
+    /// Their download cap, bit/s.
+    pub down_bps: u64,
 }
 
 /// Some leechers' uplinks are thinner than the rest: the fleet's thin racks.
@@ -73,7 +86,9 @@ impl Scenario {
     /// 4 leechers, 32 MiB: a run of all contenders in about a minute) or `rollout` (issue 9's
     /// bench: 16 hosts following a tag, B1's caps, 64 MiB, so one distribution takes about 7 s:
     /// a flash crowd of the new version, then a phased rollout to it with prefetch on and
-    /// off; see [`Scenario::is_rollout`]).
+    /// off; see [`Scenario::is_rollout`]). Issue 12's: `b3` (48 leechers, a third of them on
+    /// thin uplinks), `b5` (4 packages from 4 origins) and `stragglers` (B1 with two of the
+    /// eight leechers at a quarter of the download rate).
     pub fn preset(name: &str) -> Option<Self> {
         let b1 = Caps {
             seed_up_bps: mbit(80),
@@ -114,6 +129,7 @@ impl Scenario {
                         one_in: 3,
                         up_bps: mbit(5),
                     }),
+                    stragglers: None,
                 });
             }
             "b5" => {
@@ -124,6 +140,21 @@ impl Scenario {
                     caps: b1,
                     packages: 4,
                     slow_uplinks: None,
+                    stragglers: None,
+                });
+            }
+            "stragglers" => {
+                return Some(Self {
+                    name: name.to_owned(),
+                    leechers: 8,
+                    package_bytes: 256 * MIB,
+                    caps: b1,
+                    packages: 1,
+                    slow_uplinks: None,
+                    stragglers: Some(Stragglers {
+                        one_in: 4,
+                        down_bps: mbit(40),
+                    }),
                 });
             }
             "smoke" => (4, 32 * MIB, b1),
@@ -137,20 +168,36 @@ impl Scenario {
             caps,
             packages: 1,
             slow_uplinks: None,
+            stragglers: None,
         })
     }
 
-    /// Whether leecher `i` (1 to N) has a slow uplink: leecher i is slow when the running
-    /// share of slow hosts, `i * k / N` rounded down, steps up at i.
+    /// Whether leecher `i` (1 to N) has a slow uplink.
     pub fn is_slow(&self, i: usize) -> bool {
-        let n = self.leechers;
-        match self.slow_uplinks {
-            Some(s) if (1..=n).contains(&i) => {
-                let k = n / s.one_in.max(1);
-                i * k / n > (i - 1) * k / n
-            }
-            _ => false,
+        self.slow_uplinks
+            .is_some_and(|s| one_in(i, self.leechers, s.one_in))
+    }
+
+    /// Whether leecher `i` (1 to N) is a straggler (a slow downlink).
+    pub fn is_straggler(&self, i: usize) -> bool {
+        self.stragglers
+            .is_some_and(|s| one_in(i, self.leechers, s.one_in))
+    }
+
+    /// Download cap of leecher `i` (1 to N), bit/s.
+    pub fn leecher_down_bps(&self, i: usize) -> u64 {
+        match self.stragglers {
+            Some(s) if self.is_straggler(i) => s.down_bps,
+            _ => self.caps.leecher_down_bps,
         }
+    }
+
+    /// Leecher `i`'s own bound: T_KR, or the time its own downlink takes if that is longer
+    /// (`max(T_KR, P F / d_i)`; T_KR counts the other hosts' downlinks).
+    pub fn own_bound_secs(&self, i: usize) -> f64 {
+        let bits = self.package_bytes as f64 * 8.0 * self.packages.max(1) as f64;
+        let own = bits / self.leecher_down_bps(i) as f64;
+        self.kumar_ross().t_kr_secs.max(own)
     }
 
     /// Upload cap of leecher `i` (1 to N), bit/s.
@@ -174,7 +221,8 @@ impl Scenario {
     }
 
     /// `T_KR = max(F/u_s, F/d, N F/(u_s + sum u_i))`, F in bits (with equal uplinks the
-    /// sum is N u). With P packages from P origins of u_s each, for the total bytes:
+    /// sum is N u). d is the hosts' common downlink: stragglers have their own bound
+    /// ([`Scenario::own_bound_secs`]). With P packages from P origins of u_s each, for the total bytes:
     /// `max(F/u_s, P F/d, N P F/(P u_s + sum u_i))`.
     pub fn kumar_ross(&self) -> KumarRoss {
         let bits = self.package_bytes as f64 * 8.0;
@@ -225,9 +273,16 @@ impl Scenario {
         }
         let c = &self.caps;
         let slow = self.slow_uplinks.map_or(c.leecher_up_bps, |s| s.up_bps);
-        if [c.seed_up_bps, c.leecher_up_bps, c.leecher_down_bps, slow]
-            .iter()
-            .any(|&r| r < 100_000)
+        let straggling = self.stragglers.map_or(c.leecher_down_bps, |s| s.down_bps);
+        if [
+            c.seed_up_bps,
+            c.leecher_up_bps,
+            c.leecher_down_bps,
+            slow,
+            straggling,
+        ]
+        .iter()
+        .any(|&r| r < 100_000)
         {
             return Err(format!(
                 "{}: every cap must be at least 0.1 Mbit/s",
@@ -236,6 +291,17 @@ impl Scenario {
         }
         Ok(())
     }
+}
+
+/// Whether leecher `i` (1 to `n`) is one of the `n / one_in` spread evenly among them: the
+/// running share, `i * k / n` rounded down, steps up at i (every third host when a third are
+/// chosen, not bunched at the end, so they are not also the last to announce).
+fn one_in(i: usize, n: usize, one_in: usize) -> bool {
+    if !(1..=n).contains(&i) {
+        return false;
+    }
+    let k = n / one_in.max(1);
+    i * k / n > (i - 1) * k / n
 }
 
 /// Most leecher hosts: 198.18.0.2 up to .250 (.1 is the seed, .251 to .253 the other
@@ -317,6 +383,23 @@ mod tests {
     }
 
     #[test]
+    fn stragglers_have_their_own_bound_and_leave_the_crowds_alone() {
+        // BENCHMARKS.md: B1 with two of the eight leechers at 40 Mbit/s down. The others keep
+        // B1's bound (26.8 s); a straggler's own is F / 40 Mbit/s = 53.7 s.
+        let s = Scenario::preset("stragglers").unwrap();
+        assert!(s.validate().is_ok());
+        let stragglers: Vec<usize> = (1..=8).filter(|&i| s.is_straggler(i)).collect();
+        assert_eq!(stragglers, vec![4, 8]);
+        assert!(!s.is_slow(4), "their uplinks are B1's");
+        assert_eq!(s.leecher_down_bps(4), mbit(40));
+        assert_eq!(s.leecher_down_bps(3), mbit(160));
+        assert!(close(s.kumar_ross().t_kr_secs, 26.8));
+        assert!(close(s.own_bound_secs(3), 26.8));
+        assert!(close(s.own_bound_secs(8), 53.7), "{}", s.own_bound_secs(8));
+        assert!(Scenario::preset("b1").unwrap().stragglers.is_none());
+    }
+
+    #[test]
     fn b5_is_bound_for_the_total_bytes() {
         // 24 leechers fetch 4 x 64 MiB from 4 origins of 80 Mbit/s each, B1's leecher caps:
         // N P F / (P u_s + N u) = 24 * 4 * 536.9 Mbit / (320 + 1920) = 23.0 s.
@@ -345,6 +428,7 @@ mod tests {
             },
             packages: 1,
             slow_uplinks: None,
+            stragglers: None,
         };
         let kr = s.kumar_ross();
         assert_eq!(kr.t_kr_secs, kr.download_secs);

@@ -133,6 +133,10 @@ pub fn run(
     if let Some(other) = l.iter().find(|h| h.up_bps < l[0].up_bps) {
         pairs.insert(2, (other, &l[0]));
     }
+    // Stragglers: one flow into the first leecher whose downlink is thinner than l001's.
+    if let Some(straggler) = l.iter().find(|h| h.down_bps < l[0].down_bps) {
+        pairs.push((plan.seed(), straggler));
+    }
     pairs
         .into_iter()
         .map(|(from, to)| flow(topo, self_exe, logs, from, to, secs))

@@ -14,7 +14,9 @@
 //! Issue 12's scenarios: `b3` gives every third leecher a thin uplink (per-host caps, the
 //! bound with the sum of the real uplinks); `b5` adds origin hosts `o2..o4` holding packages
 //! `pkg2..pkg4`, every leecher asks for all of them at once, and each contender reports each
-//! package's finish per host (fbpkg-rs and aria2 only so far). aria2 is Debian's `aria2c`.
+//! package's finish per host (fbpkg-rs and aria2 only so far); `stragglers` gives two of B1's
+//! eight leechers a quarter of the download rate and reports the others' eta_last against
+//! T_KR and each straggler's time against its own bound. aria2 is Debian's `aria2c`.
 //!
 //! Per scenario: remove leftovers of a crashed run; build N+2 host namespaces and a switch
 //! namespace (see `fbpkg_benches::swarm::netplan`); calibrate one TCP flow through the caps;
@@ -88,7 +90,8 @@ pub struct Args {
     /// Scenarios, comma-separated: b1 (seed-bound), b2 (upload-bound), b1-48 (48 leechers,
     /// 64 MiB, 20/20/40 Mbit/s), b3 (48 leechers, 64 MiB, seed up 40, every third leecher
     /// 5 Mbit/s up and the rest 20, all 40 down), b5 (24 leechers fetch 4 packages of 64 MiB
-    /// from 4 origins at once, B1's caps; fbpkg-rs and aria2 only), smoke (N=4, 32 MiB), rollout (16 hosts following a tag, 64
+    /// from 4 origins at once, B1's caps; fbpkg-rs and aria2 only), stragglers (B1 with two of
+    /// the eight leechers at 40 Mbit/s down), smoke (N=4, 32 MiB), rollout (16 hosts following a tag, 64
     /// MiB, B1's caps: the contenders' flash crowd of v2, then a phased rollout from v1 to v2
     /// with prefetch on and off; N must be a multiple of 4).
     #[arg(long, value_delimiter = ',', default_value = "b1,b2")]
@@ -120,7 +123,7 @@ pub struct Args {
     #[arg(long, value_parser = parse_rate)]
     leecher_up: Option<u64>,
 
-    /// Override the leechers' download cap.
+    /// Override the leechers' download cap (in stragglers: of the leechers that are not).
     #[arg(long, value_parser = parse_rate)]
     leecher_down: Option<u64>,
 
@@ -252,7 +255,7 @@ impl Args {
                 continue;
             }
             let mut s = Scenario::preset(&name).with_context(|| {
-                format!("unknown scenario {name:?} (b1, b2, b1-48, b3, b5, smoke, rollout, none)")
+                format!("unknown scenario {name:?} (b1, b2, b1-48, b3, b5, stragglers, smoke, rollout, none)")
             })?;
             if let Some(n) = self.leechers {
                 s.leechers = n;

@@ -425,6 +425,11 @@ fn scenario_table(s: &Scenario, kr: &KumarRoss, deadline: Duration, entries: &[E
     );
     for e in entries {
         if let Some(run) = &e.run
+            && let Some(line) = report::stragglers_line(s, &run.leechers, kr.t_kr_secs)
+        {
+            t.push_str(&format!("{}: {line}\n", e.contender));
+        }
+        if let Some(run) = &e.run
             && let Some(line) = rss_line(run)
         {
             t.push_str(&format!("{}: {line}\n", e.contender));
