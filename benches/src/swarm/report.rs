@@ -205,6 +205,96 @@ pub fn stragglers_line(
     ))
 }
 
+/// A host B4 killed: what it held when it was killed and what it fetched once back.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Restarted {
+    /// Host label.
+    pub host: String,
+    /// Seconds from the start to the kill.
+    pub killed_at_secs: f64,
+    /// Bytes of verified pieces it held when killed (its agent's last word).
+    pub had_bytes: u64,
+    /// Seconds from the start to the restart (its new agent answering).
+    pub restarted_at_secs: Option<f64>,
+    /// Payload bytes its restarted agent downloaded, when it could be asked.
+    pub downloaded_after_bytes: Option<u64>,
+}
+
+impl Restarted {
+    /// Bytes it fetched again: what its restarted agent downloaded beyond what it lacked.
+    pub fn refetched_bytes(&self, package_bytes: u64) -> Option<u64> {
+        let lacked = package_bytes.saturating_sub(self.had_bytes);
+        self.downloaded_after_bytes
+            .map(|d| d.saturating_sub(lacked))
+    }
+}
+
+/// Issue 12's churn figures (B4): eta_last over the hosts that were there from the start and
+/// never killed (target 0.85), the late joiners' time from when they joined, and for the
+/// hosts killed at half their progress, whether they ended verified and how much of what they
+/// had they fetched again (target under 10%). `leechers` in host order; `None` without churn.
+pub fn churn_line(
+    s: &Scenario,
+    leechers: &[LeecherOutcome],
+    t_kr_secs: f64,
+    join_at_secs: f64,
+    restarted: &[Restarted],
+) -> Option<String> {
+    s.churn?;
+    let mut steady = Some(0.0f64);
+    let mut steady_n = 0;
+    let mut joined = Some(0.0f64);
+    for (k, l) in leechers.iter().enumerate() {
+        let i = k + 1;
+        let t = l.verified_secs();
+        if s.is_joiner(i) {
+            joined = joined.zip(t).map(|(a, b)| a.max(b - join_at_secs));
+        } else if !s.is_killed(i) {
+            steady_n += 1;
+            steady = steady.zip(t).map(|(a, b)| a.max(b));
+        }
+    }
+    let steady = match steady {
+        Some(t) if t > 0.0 => format!("T_last {t:.1} s, eta_last {:.2}", t_kr_secs / t),
+        _ => "not all verified".to_owned(),
+    };
+    let joined = match joined {
+        Some(t) => format!("done {t:.1} s after joining at {join_at_secs:.1} s at the latest"),
+        None => "not all verified".to_owned(),
+    };
+    let verified = restarted
+        .iter()
+        .filter(|r| {
+            leechers
+                .iter()
+                .any(|l| l.host == r.host && l.verified_secs().is_some())
+        })
+        .count();
+    let shares: Vec<f64> = restarted
+        .iter()
+        .filter_map(|r| {
+            let again = r.refetched_bytes(s.package_bytes)?;
+            Some(again as f64 / r.had_bytes.max(1) as f64)
+        })
+        .collect();
+    let worst = match shares.iter().copied().reduce(f64::max) {
+        Some(w) if shares.len() == restarted.len() => format!("{:.1}%", w * 100.0),
+        Some(w) => format!(
+            "{:.1}% ({} of {} known)",
+            w * 100.0,
+            shares.len(),
+            restarted.len()
+        ),
+        None => "unknown".to_owned(),
+    };
+    Some(format!(
+        "churn: never killed ({steady_n}): {steady} (target >= 0.85); joiners: {joined}; \
+         killed and restarted: {verified}/{} verified, fetched again at most {worst} of what \
+         they had (target < 10%)",
+        restarted.len()
+    ))
+}
+
 /// A markdown table of one scenario, every contender side by side, then each leecher's time.
 pub fn scenario_table(rows: &[Row<'_>]) -> String {
     let mut out = String::from(
@@ -291,6 +381,51 @@ mod tests {
             exit_code: Some(0),
             error: None,
         }
+    }
+
+    #[test]
+    fn churn_judges_the_steady_hosts_the_joiners_and_what_the_restarted_fetched_again() {
+        let mut s = Scenario::preset("b4").unwrap();
+        // Killed: 4 (one in four of the first 4); joiners: 5 to 8.
+        s.leechers = 8;
+        assert!(s.is_killed(4) && s.is_joiner(5));
+        let times = [14.0, 15.0, 14.5, 30.0, 20.0, 21.0, 22.0, 19.0];
+        let ls: Vec<LeecherOutcome> = times
+            .iter()
+            .enumerate()
+            .map(|(k, &t)| ok(&format!("l{:03}", k + 1), t))
+            .collect();
+        let r = Restarted {
+            host: "l004".into(),
+            killed_at_secs: 7.0,
+            had_bytes: 64 * MIB,
+            restarted_at_secs: Some(12.0),
+            downloaded_after_bytes: Some(64 * MIB + 3 * MIB),
+        };
+        assert_eq!(r.refetched_bytes(128 * MIB), Some(3 * MIB));
+        let line = churn_line(&s, &ls, 13.4, 6.7, std::slice::from_ref(&r)).unwrap();
+        assert!(
+            line.contains("never killed (3): T_last 15.0 s, eta_last 0.89"),
+            "{line}"
+        );
+        assert!(
+            line.contains("done 15.3 s after joining at 6.7 s"),
+            "{line}"
+        );
+        assert!(
+            line.contains("1/1 verified, fetched again at most 4.7%"),
+            "{line}"
+        );
+        let unknown = Restarted {
+            downloaded_after_bytes: None,
+            ..r
+        };
+        assert!(
+            churn_line(&s, &ls, 13.4, 6.7, &[unknown])
+                .unwrap()
+                .contains("at most unknown")
+        );
+        assert!(churn_line(&Scenario::preset("b1").unwrap(), &ls, 26.8, 0.0, &[]).is_none());
     }
 
     #[test]

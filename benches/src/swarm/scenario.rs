@@ -38,6 +38,23 @@ pub struct Scenario {
     /// Leechers whose downlink is thinner than `caps.leecher_down_bps` (stragglers), if any.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub stragglers: Option<Stragglers>,
+    /// Hosts killed and restarted during the crowd, and hosts that join late (B4), if any.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub churn: Option<Churn>,
+}
+
+/// B4: hosts die and come back during a push, and others join late. The last `joiners` of
+/// the N leechers start at T_KR / 2; of the others, one in `killed_one_in` (spread evenly) is
+/// killed with SIGKILL, agent and client, at half its progress, and started again on the same
+/// disk `restart_after_secs` later.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct Churn {
+    /// One leecher in this many (of those there at the start) is killed.
+    pub killed_one_in: usize,
+    /// Leechers that join at T_KR / 2 (the last ones).
+    pub joiners: usize,
+    /// Seconds between a kill and the restart.
+    pub restart_after_secs: f64,
 }
 
 /// Some leechers download slower than the rest: hosts that would hold a crowd back if it
@@ -130,6 +147,7 @@ impl Scenario {
                         up_bps: mbit(5),
                     }),
                     stragglers: None,
+                    churn: None,
                 });
             }
             "b5" => {
@@ -141,6 +159,23 @@ impl Scenario {
                     packages: 4,
                     slow_uplinks: None,
                     stragglers: None,
+                    churn: None,
+                });
+            }
+            "b4" => {
+                return Some(Self {
+                    name: name.to_owned(),
+                    leechers: 36,
+                    package_bytes: 128 * MIB,
+                    caps: b1,
+                    packages: 1,
+                    slow_uplinks: None,
+                    stragglers: None,
+                    churn: Some(Churn {
+                        killed_one_in: 4,
+                        joiners: 4,
+                        restart_after_secs: 5.0,
+                    }),
                 });
             }
             "stragglers" => {
@@ -155,6 +190,7 @@ impl Scenario {
                         one_in: 4,
                         down_bps: mbit(40),
                     }),
+                    churn: None,
                 });
             }
             "smoke" => (4, 32 * MIB, b1),
@@ -169,6 +205,7 @@ impl Scenario {
             packages: 1,
             slow_uplinks: None,
             stragglers: None,
+            churn: None,
         })
     }
 
@@ -182,6 +219,20 @@ impl Scenario {
     pub fn is_straggler(&self, i: usize) -> bool {
         self.stragglers
             .is_some_and(|s| one_in(i, self.leechers, s.one_in))
+    }
+
+    /// Whether leecher `i` (1 to N) joins late (B4's last hosts).
+    pub fn is_joiner(&self, i: usize) -> bool {
+        self.churn
+            .is_some_and(|c| i <= self.leechers && i + c.joiners > self.leechers)
+    }
+
+    /// Whether leecher `i` (1 to N) is killed at half its progress and restarted (B4).
+    pub fn is_killed(&self, i: usize) -> bool {
+        self.churn.is_some_and(|c| {
+            let first = self.leechers.saturating_sub(c.joiners);
+            one_in(i, first, c.killed_one_in)
+        })
     }
 
     /// Download cap of leecher `i` (1 to N), bit/s.
@@ -268,6 +319,14 @@ impl Scenario {
                 self.name
             ));
         }
+        if let Some(c) = self.churn
+            && c.joiners >= self.leechers
+        {
+            return Err(format!(
+                "{}: {} joiners leave no leecher at the start",
+                self.name, c.joiners
+            ));
+        }
         if self.package_bytes == 0 {
             return Err(format!("{}: the package cannot be empty", self.name));
         }
@@ -352,7 +411,7 @@ mod tests {
         let b48 = Scenario::preset("b1-48").unwrap();
         assert_eq!(b48.leechers, 48);
         assert!(close(b48.kumar_ross().t_kr_secs, 26.8), "{b48:?}");
-        assert!(Scenario::preset("b4").is_none());
+        assert!(Scenario::preset("b6").is_none());
         // The rollout scenario: B1's caps, 16 hosts, 64 MiB, seed-bound at 6.7 s.
         let r = Scenario::preset("rollout").unwrap();
         assert!(r.is_rollout() && !b48.is_rollout());
@@ -380,6 +439,29 @@ mod tests {
         assert_eq!(slow, vec![3, 6]);
         small.leechers = 2;
         assert!(!small.is_slow(1) && !small.is_slow(2));
+    }
+
+    #[test]
+    fn b4_kills_a_quarter_of_the_first_hosts_and_adds_four_late() {
+        // BENCHMARKS.md: 32 leechers (+4), 128 MiB, B1's rates: seed-bound at F / u_s = 13.4 s
+        // (36 hosts through every uplink: 13.1 s).
+        let s = Scenario::preset("b4").unwrap();
+        assert!(s.validate().is_ok());
+        assert_eq!(s.leechers, 36);
+        let killed: Vec<usize> = (1..=36).filter(|&i| s.is_killed(i)).collect();
+        assert_eq!(killed, vec![4, 8, 12, 16, 20, 24, 28, 32]);
+        let joiners: Vec<usize> = (1..=36).filter(|&i| s.is_joiner(i)).collect();
+        assert_eq!(joiners, vec![33, 34, 35, 36]);
+        assert!(
+            close(s.kumar_ross().t_kr_secs, 13.4),
+            "{:?}",
+            s.kumar_ross()
+        );
+        let b1 = Scenario::preset("b1").unwrap();
+        assert!(!(1..=8).any(|i| b1.is_killed(i) || b1.is_joiner(i)));
+        let mut bad = s.clone();
+        bad.leechers = 4;
+        assert!(bad.validate().is_err());
     }
 
     #[test]
@@ -429,6 +511,7 @@ mod tests {
             packages: 1,
             slow_uplinks: None,
             stragglers: None,
+            churn: None,
         };
         let kr = s.kumar_ross();
         assert_eq!(kr.t_kr_secs, kr.download_secs);

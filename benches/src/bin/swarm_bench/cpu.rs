@@ -162,6 +162,7 @@ pub fn run(s: &CpuSettings<'_>) -> anyhow::Result<CpuReport> {
             sample_every: Duration::from_secs(1),
             rqbit_linger: false,
             agent_args: &[],
+            churn: None,
         };
         let result = contenders::run(which, &ctx);
         crate::procs::check_cancelled()?;

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 use fbpkg_benches::swarm::logscan::Notable;
 use fbpkg_benches::swarm::procfs;
-use fbpkg_benches::swarm::report::{LeecherOutcome, Summary};
+use fbpkg_benches::swarm::report::{LeecherOutcome, Restarted, Summary};
 use fbpkg_benches::swarm::timeline::{Stall, Timeline};
 use serde::Serialize;
 use sha2::{Digest, Sha256};
@@ -147,6 +147,8 @@ pub struct ContenderRun {
     pub timeline: Option<Timeline>,
     /// Many-package scenarios (B5): when each package finished on each host.
     pub packages: Option<PackageFinish>,
+    /// Churn (B4): the hosts killed and restarted.
+    pub restarted: Option<Vec<Restarted>>,
 }
 
 /// When each package finished on each host, in a many-package scenario (B5), and how fair

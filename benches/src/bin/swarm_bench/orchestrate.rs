@@ -16,7 +16,7 @@ use serde::Serialize;
 
 use crate::calibrate::{self, Calibration};
 use crate::cleanup::{self, WorkDir};
-use crate::contenders::{self, Ctx, PACKAGE_NAME, Package, TRACKER_PORT, Which};
+use crate::contenders::{self, Ctx, PACKAGE_NAME, Package, TRACKER_PORT, Which, churn};
 use crate::cpu::{self, CpuReport, CpuSettings};
 use crate::measure::ContenderRun;
 use crate::procs;
@@ -222,6 +222,7 @@ fn run_scenario(c: &Common<'_>, s: &Scenario) -> anyhow::Result<ScenarioReport> 
     } else {
         None
     };
+    let churn = churn::Plan::new(s, kr.t_kr_secs);
     let mut entries = Vec::new();
     for &which in &c.args.contenders {
         procs::check_cancelled()?;
@@ -241,6 +242,7 @@ fn run_scenario(c: &Common<'_>, s: &Scenario) -> anyhow::Result<ScenarioReport> 
             sample_every: Duration::from_millis(c.args.sample_ms),
             rqbit_linger: c.args.rqbit_linger,
             agent_args: &c.args.fbpkg_agent_arg,
+            churn: churn.as_ref(),
         };
         let entry = match contenders::run(which, &ctx) {
             Ok(run) => {
@@ -295,6 +297,7 @@ fn run_scenario(c: &Common<'_>, s: &Scenario) -> anyhow::Result<ScenarioReport> 
                 sample_every: Duration::from_millis(c.args.sample_ms),
                 rqbit_linger: c.args.rqbit_linger,
                 agent_args: &c.args.fbpkg_agent_arg,
+                churn: None,
             };
             Some(run_rollouts(&ctx, s, old)?)
         }
@@ -426,6 +429,18 @@ fn scenario_table(s: &Scenario, kr: &KumarRoss, deadline: Duration, entries: &[E
     for e in entries {
         if let Some(run) = &e.run
             && let Some(line) = report::stragglers_line(s, &run.leechers, kr.t_kr_secs)
+        {
+            t.push_str(&format!("{}: {line}\n", e.contender));
+        }
+        if let Some(run) = &e.run
+            && let Some(restarted) = &run.restarted
+            && let Some(line) = report::churn_line(
+                s,
+                &run.leechers,
+                kr.t_kr_secs,
+                kr.t_kr_secs / 2.0,
+                restarted,
+            )
         {
             t.push_str(&format!("{}: {line}\n", e.contender));
         }

@@ -373,5 +373,6 @@ pub fn run(ctx: &Ctx<'_>) -> anyhow::Result<ContenderRun> {
         notes,
         timeline: closed.timeline,
         packages,
+        restarted: None,
     })
 }

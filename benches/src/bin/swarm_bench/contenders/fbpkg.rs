@@ -12,6 +12,7 @@ use anyhow::{Context as _, bail, ensure};
 use fbpkg_benches::swarm::report::summarize;
 use serde_json::{Value, json};
 
+use super::churn::Churner;
 use super::{AGENT_PORT, Ctx, Package, scaled};
 use crate::measure::{
     Accounting, ContenderRun, Done, PackageFinish, Window, combine_ended, combine_verified,
@@ -45,7 +46,7 @@ pub(super) fn fbpkg(ctx: &Ctx<'_>, cmd: &str, rest: Vec<OsString>) -> Vec<OsStri
     argv
 }
 
-fn start_agent(ctx: &Ctx<'_>, host: &Endpoint) -> anyhow::Result<Agent> {
+pub(super) fn start_agent(ctx: &Ctx<'_>, host: &Endpoint) -> anyhow::Result<Agent> {
     start_agent_with(ctx, host, Vec::new())
 }
 
@@ -164,12 +165,7 @@ pub(super) fn publish_with(
 /// Spawning through `ip netns exec` after the clock put the spawns in the measurement: 8.5 s
 /// for B5's 96 gets on a busy 2-core machine.
 fn start_get(ctx: &Ctx<'_>, a: &Agent) -> anyhow::Result<Proc> {
-    let mut rest: Vec<OsString> = vec![
-        format!("{}:{}", ctx.pkg.name, ctx.pkg.sha256).into(),
-        "--json".into(),
-    ];
-    rest.extend(host_flags(ctx, &a.state, &a.cache));
-    let argv: Vec<String> = fbpkg(ctx, "get", rest)
+    let argv: Vec<String> = get_argv(ctx, a)
         .into_iter()
         .map(|a| {
             a.into_string()
@@ -179,6 +175,16 @@ fn start_get(ctx: &Ctx<'_>, a: &Agent) -> anyhow::Result<Proc> {
     let mut args = vec!["exec-on-go", "--"];
     args.extend(argv.iter().map(String::as_str));
     Proc::spawn(ctx.node(&format!("{}-get", a.host.label), &a.host, &args))
+}
+
+/// `fbpkg-rs get <pkg>:<sha256> --json` on `a`'s host.
+pub(super) fn get_argv(ctx: &Ctx<'_>, a: &Agent) -> Vec<OsString> {
+    let mut rest: Vec<OsString> = vec![
+        format!("{}:{}", ctx.pkg.name, ctx.pkg.sha256).into(),
+        "--json".into(),
+    ];
+    rest.extend(host_flags(ctx, &a.state, &a.cache));
+    fbpkg(ctx, "get", rest)
 }
 
 /// Run fbpkg-rs.
@@ -239,20 +245,43 @@ pub fn run(ctx: &Ctx<'_>) -> anyhow::Result<ContenderRun> {
             l.contains("\"ready\"")
         })?;
     }
+    ensure!(
+        ctx.churn.is_none() || per_host == 1,
+        "churn with many packages is not a scenario"
+    );
     let mut win = Window::open(ctx.topo, &ctx.hosts.seed.ns, ctx.sample_every)?;
     let deadline = win.t0 + ctx.deadline;
-    for g in &mut gets {
-        g.send_line("go")?;
+    let mut churn = ctx
+        .churn
+        .map(|plan| Churner::new(plan, ctx.hosts.leechers.len(), win.t0));
+    for (k, g) in gets.iter_mut().enumerate() {
+        if !ctx.churn.is_some_and(|plan| plan.joins_late(k)) {
+            g.send_line("go")?;
+        }
     }
     let spawned_secs = win.secs(Instant::now());
     let mut next_rss = Instant::now();
+    let leecher_of: BTreeMap<String, usize> = gets
+        .iter()
+        .enumerate()
+        .map(|(k, g)| (g.label.clone(), k))
+        .collect();
     let ended = {
         let agents = &mut agents;
+        let acct = &mut acct;
+        let notes = &mut notes;
         win.wait_all(&mut gets, deadline, |p| {
             if Instant::now() >= next_rss {
                 next_rss = Instant::now() + Duration::from_millis(200);
                 for a in agents.iter_mut() {
                     a.proc.sample_memory();
+                }
+            }
+            if let (Some(c), Some(&k)) = (churn.as_mut(), leecher_of.get(&p.label)) {
+                match c.step(ctx, k, p, &mut agents[1 + k], acct) {
+                    Ok(true) => {}
+                    Ok(false) => return None,
+                    Err(e) => notes.push(format!("churn on {}: {e:#}", p.label)),
                 }
             }
             p.poll().map(Done::Exited)
@@ -281,6 +310,15 @@ pub fn run(ctx: &Ctx<'_>) -> anyhow::Result<ContenderRun> {
             .filter_map(|h| per_agent.get(&h.label)?[field].as_u64())
             .sum()
     };
+    let restarted = churn.map(|c| {
+        let mut r = c.restarted;
+        for h in &mut r {
+            h.downloaded_after_bytes = per_agent
+                .get(&h.host)
+                .and_then(|s| s["downloaded"].as_u64());
+        }
+        r
+    });
     let payload = json!({
         "seed_uploaded": seed_payload,
         "leechers_uploaded": sum("uploaded"),
@@ -392,5 +430,6 @@ pub fn run(ctx: &Ctx<'_>) -> anyhow::Result<ContenderRun> {
         notes,
         timeline: closed.timeline,
         packages,
+        restarted,
     })
 }

@@ -136,5 +136,6 @@ pub fn run(ctx: &Ctx<'_>) -> anyhow::Result<ContenderRun> {
         notes: Vec::new(),
         timeline: closed.timeline,
         packages: None,
+        restarted: None,
     })
 }

@@ -3,6 +3,7 @@
 //! instant, wait for all of them against the deadline, collect, verify, stop everything.
 
 pub mod aria2;
+pub mod churn;
 pub mod fbpkg;
 pub mod http;
 pub mod rollout;
@@ -116,6 +117,8 @@ pub struct Ctx<'a> {
     pub rqbit_linger: bool,
     /// Extra flags for every `fbpkg-rs agent` (e.g. `--origin-budget=1.1`).
     pub agent_args: &'a [String],
+    /// B4: which leechers die and come back, which join late (fbpkg-rs only).
+    pub churn: Option<&'a churn::Plan>,
 }
 
 impl Ctx<'_> {
@@ -195,6 +198,7 @@ impl Ctx<'_> {
             sample_every: self.sample_every,
             rqbit_linger: self.rqbit_linger,
             agent_args: self.agent_args,
+            churn: self.churn,
         }
     }
 
@@ -291,6 +295,12 @@ pub fn run(which: Which, ctx: &Ctx<'_>) -> anyhow::Result<ContenderRun> {
     if !ctx.more.is_empty() && !matches!(which, Which::Fbpkg | Which::Aria2) {
         bail!(
             "{} does not run many-package scenarios yet (fbpkg-rs and aria2 do)",
+            which.name()
+        );
+    }
+    if ctx.churn.is_some() && !matches!(which, Which::Fbpkg) {
+        bail!(
+            "{} does not run the churn scenario yet (fbpkg-rs does)",
             which.name()
         );
     }

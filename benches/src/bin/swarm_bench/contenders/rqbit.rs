@@ -197,5 +197,6 @@ pub fn run(ctx: &Ctx<'_>) -> anyhow::Result<ContenderRun> {
         notes,
         timeline: closed.timeline,
         packages: None,
+        restarted: None,
     })
 }
