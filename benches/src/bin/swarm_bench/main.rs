@@ -154,6 +154,12 @@ pub struct Args {
     #[arg(long, default_value_t = 500)]
     sample_ms: u64,
 
+    /// Run a churn scenario's crowd (b4) without its kills and late starts: every leecher
+    /// starts at once and none dies. The baseline that tells what the churn costs from what
+    /// the machine costs.
+    #[arg(long)]
+    no_churn: bool,
+
     /// Seconds of each single-flow calibration (0: skip calibration).
     #[arg(long, default_value_t = 3.0)]
     calibrate_secs: f64,

@@ -222,7 +222,7 @@ fn run_scenario(c: &Common<'_>, s: &Scenario) -> anyhow::Result<ScenarioReport> 
     } else {
         None
     };
-    let churn = churn::Plan::new(s, kr.t_kr_secs);
+    let churn = churn::Plan::new(s, kr.t_kr_secs).filter(|_| !c.args.no_churn);
     let mut entries = Vec::new();
     for &which in &c.args.contenders {
         procs::check_cancelled()?;

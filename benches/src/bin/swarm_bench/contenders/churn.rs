@@ -152,6 +152,7 @@ impl<'p> Churner<'p> {
                     killed_at_secs: secs(now),
                     had_bytes: had,
                     restarted_at_secs: None,
+                    resumed_bytes: None,
                     downloaded_after_bytes: None,
                 });
                 self.states[k] = State::Down {
@@ -168,9 +169,10 @@ impl<'p> Churner<'p> {
                 Ok(false)
             }
             State::Restarting { report } => {
-                if status(&agent.state).is_err() {
+                let Ok(answer) = status(&agent.state) else {
                     return Ok(false);
-                }
+                };
+                self.restarted[report].resumed_bytes = package_bytes_have(&answer, &ctx.pkg.sha256);
                 let label = get.label.clone();
                 let mut spec = Spec::new(&label, Some(&agent.host.ns), get_argv(ctx, agent));
                 spec.stdout = Stdout::Lines;
@@ -198,7 +200,12 @@ fn status(state: &Path) -> anyhow::Result<Value> {
 
 /// Bytes of verified pieces the agent holds of package `sha256`, if it lists it.
 fn bytes_have(state: &Path, sha256: &str) -> Option<u64> {
-    status(state).ok()?["torrents"]
+    package_bytes_have(&status(state).ok()?, sha256)
+}
+
+/// `bytes_have` of package `sha256` in a `status` answer, if it lists it.
+fn package_bytes_have(status: &Value, sha256: &str) -> Option<u64> {
+    status["torrents"]
         .as_array()?
         .iter()
         .find(|t| t["sha256"] == sha256)?["bytes_have"]
