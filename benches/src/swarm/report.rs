@@ -216,9 +216,6 @@ pub struct Restarted {
     pub had_bytes: u64,
     /// Seconds from the start to the restart (its new agent answering).
     pub restarted_at_secs: Option<f64>,
-    /// Bytes of verified pieces its restarted agent held when it first answered (pieces that
-    /// were on disk but not yet verified at the kill count here and not in `had_bytes`).
-    pub resumed_bytes: Option<u64>,
     /// Payload bytes its restarted agent downloaded, when it could be asked.
     pub downloaded_after_bytes: Option<u64>,
 }
@@ -403,7 +400,6 @@ mod tests {
             killed_at_secs: 7.0,
             had_bytes: 64 * MIB,
             restarted_at_secs: Some(12.0),
-            resumed_bytes: Some(65 * MIB),
             downloaded_after_bytes: Some(64 * MIB + 3 * MIB),
         };
         assert_eq!(r.refetched_bytes(128 * MIB), Some(3 * MIB));

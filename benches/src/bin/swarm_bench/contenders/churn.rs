@@ -152,7 +152,6 @@ impl<'p> Churner<'p> {
                     killed_at_secs: secs(now),
                     had_bytes: had,
                     restarted_at_secs: None,
-                    resumed_bytes: None,
                     downloaded_after_bytes: None,
                 });
                 self.states[k] = State::Down {
@@ -169,10 +168,9 @@ impl<'p> Churner<'p> {
                 Ok(false)
             }
             State::Restarting { report } => {
-                let Ok(answer) = status(&agent.state) else {
+                if status(&agent.state).is_err() {
                     return Ok(false);
-                };
-                self.restarted[report].resumed_bytes = package_bytes_have(&answer, &ctx.pkg.sha256);
+                }
                 let label = get.label.clone();
                 let mut spec = Spec::new(&label, Some(&agent.host.ns), get_argv(ctx, agent));
                 spec.stdout = Stdout::Lines;
@@ -198,14 +196,11 @@ fn status(state: &Path) -> anyhow::Result<Value> {
     serde_json::from_str(&line).context("the agent's status")
 }
 
-/// Bytes of verified pieces the agent holds of package `sha256`, if it lists it.
+/// Bytes of verified pieces the agent holds of package `sha256`, if it lists it. Pieces
+/// received but not yet verified do not count: a restarted agent finds them on disk, so it may
+/// download less than the package minus this.
 fn bytes_have(state: &Path, sha256: &str) -> Option<u64> {
-    package_bytes_have(&status(state).ok()?, sha256)
-}
-
-/// `bytes_have` of package `sha256` in a `status` answer, if it lists it.
-fn package_bytes_have(status: &Value, sha256: &str) -> Option<u64> {
-    status["torrents"]
+    status(state).ok()?["torrents"]
         .as_array()?
         .iter()
         .find(|t| t["sha256"] == sha256)?["bytes_have"]
