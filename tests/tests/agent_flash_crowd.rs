@@ -18,6 +18,7 @@ use fbpkg_common::metainfo::BLOCK_SIZE;
 use fbpkg_common::metainfo::Metainfo;
 use fbpkg_common::pkgref::PackageName;
 use fbpkg_common::wire::{BlockRef, DEFAULT_MAX_MESSAGE, Message};
+use fbpkg_peer::cache::CachedPackage;
 use fbpkg_peer::engine::{Engine, Phase, Torrent};
 use fbpkg_tests::{
     Raw, Staged, embedded_tracker, engine, handshake_as, random_package, random_peer_id,
@@ -71,6 +72,20 @@ fn sample(t: &Torrent, entry_dir: &Path, meta: &Metainfo, bytes: &[u8], w: &mut 
             data.len()
         );
         w.entry_checked = true;
+    }
+}
+
+/// Wait until `t` is seeding, and return its cache entry; panics if it fails, or with `why`
+/// if `deadline` passes first.
+async fn seeding_before(t: &Torrent, deadline: Instant, why: &str) -> CachedPackage {
+    loop {
+        match t.current_phase() {
+            Phase::Seeding(entry) => return entry,
+            Phase::Failed { .. } => panic!("the download failed: {:?}", t.status()),
+            _ => {}
+        }
+        assert!(Instant::now() < deadline, "{why}: {:?}", t.status());
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 
@@ -232,19 +247,7 @@ async fn a_leecher_holding_most_pieces_gets_the_rest_from_a_super_seed() {
     );
 
     let deadline = Instant::now() + DOWNLOAD_TIMEOUT;
-    let entry = loop {
-        match t.current_phase() {
-            Phase::Seeding(entry) => break entry,
-            Phase::Failed { .. } => panic!("the download failed: {:?}", t.status()),
-            _ => {}
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the last piece never came: {:?}",
-            t.status()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    let entry = seeding_before(&t, deadline, "the last piece never came").await;
     assert!(std::fs::read(&entry.launch_path).unwrap() == bytes);
     assert_eq!(t.downloaded(), u64::from(meta.piece_size(n - 1)));
     assert_eq!(seeding.uploaded(), u64::from(meta.piece_size(n - 1)));
@@ -320,19 +323,8 @@ async fn offers_a_peer_never_finishes_go_to_another_leecher() {
 
     let leecher = engine(&base.join("leecher"), url, cancel, |_| {}).await;
     let t = leecher.download(name.clone(), meta.clone()).await.unwrap();
-    let entry = loop {
-        match t.current_phase() {
-            Phase::Seeding(entry) => break entry,
-            Phase::Failed { .. } => panic!("the download failed: {:?}", t.status()),
-            _ => {}
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the pieces offered to the hoarder ({hoarded:?}) never came: {:?}",
-            t.status()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    let why = format!("the pieces offered to the hoarder ({hoarded:?}) never came");
+    let entry = seeding_before(&t, deadline, &why).await;
     assert!(std::fs::read(&entry.launch_path).unwrap() == bytes);
     // The package went out once, and one block of each hoarded piece besides.
     let most = bytes.len() as u64 + hoarded.len() as u64 * u64::from(BLOCK_SIZE);
