@@ -220,7 +220,14 @@ impl SeedPlanner {
         }
         if out.len() < room {
             let mut stale: Vec<(Instant, u32)> = (0..self.n())
-                .filter(|&i| self.copies[i as usize] == 0 && !p.has.get(i) && !p.pending.get(i))
+                .filter(|&i| {
+                    // Offered to another leecher and not held by any: a piece given back
+                    // (pending 0) is among the free ones already.
+                    self.copies[i as usize] == 0
+                        && self.pending[i as usize] > 0
+                        && !p.has.get(i)
+                        && !p.pending.get(i)
+                })
                 .filter_map(|i| {
                     let at = self.offered_at[i as usize]?;
                     (now.saturating_duration_since(at) >= self.stale_after).then_some((at, i))
@@ -403,6 +410,17 @@ mod tests {
             "its own offers are not offered back to it"
         );
         assert_eq!(s.offers(3, 2, t0 + stale * 2).len(), 2);
+        // A stale offer given back (its leecher choked before starting it) is a free piece
+        // again: offered once, not also as stale.
+        let mut t = SeedPlanner::new(PL * 2, PL);
+        t.add_peer(1, &Bitfield::new(2));
+        t.add_peer(2, &Bitfield::new(2));
+        assert_eq!(t.offers(1, 2, t0).len(), 2);
+        assert!(t.release(1));
+        let mut given_back = t.offers(2, 4, t0 + stale * 2);
+        given_back.sort_unstable();
+        assert_eq!(given_back, vec![0, 1]);
+        assert_eq!(t.pending, vec![1, 1], "each counted once");
         // Once a copy exists, the piece is not offered again, however old its offer.
         for i in slow {
             s.peer_has(2, i);
