@@ -3,7 +3,9 @@
 
 use std::fs::{self, File};
 use std::io::{self, Write};
-use std::path::Path;
+use std::path::{Path, PathBuf};
+
+use crate::error::TrackerError;
 
 /// `create_dir_all`, then fsync the parent of every directory it created: a new directory is
 /// an entry in its parent, and without this a power cut could lose a new package's directory
@@ -22,6 +24,14 @@ pub(crate) fn create_dir_durable(dir: &Path) -> io::Result<()> {
         }
     }
     Ok(())
+}
+
+/// The root of a file store, `<data_dir>/<what>/v1`, created durably if needed.
+pub(crate) fn store_root(data_dir: &Path, what: &str) -> Result<PathBuf, TrackerError> {
+    let root = data_dir.join(what).join("v1");
+    create_dir_durable(&root)
+        .map_err(|e| TrackerError::storage(format!("creating {}", root.display()), e))?;
+    Ok(root)
 }
 
 /// Write `bytes` to `path` so that `path` holds either its old content or all of `bytes`.

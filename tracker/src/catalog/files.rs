@@ -25,7 +25,7 @@ use fbpkg_common::metainfo::Metainfo;
 use fbpkg_common::pkgref::{PackageName, Tag};
 
 use super::{CatalogStore, Package, Version};
-use crate::durable::{create_dir_durable, write_atomic};
+use crate::durable::{store_root, write_atomic};
 use crate::error::TrackerError;
 
 /// Files under `<data>/catalog/v1`.
@@ -37,10 +37,9 @@ pub struct FileStore {
 impl FileStore {
     /// Open (creating if needed) the store under `data_dir`.
     pub fn open(data_dir: &Path) -> Result<Self, TrackerError> {
-        let root = data_dir.join("catalog").join("v1");
-        create_dir_durable(&root)
-            .map_err(|e| TrackerError::storage(format!("creating {}", root.display()), e))?;
-        Ok(Self { root })
+        Ok(Self {
+            root: store_root(data_dir, "catalog")?,
+        })
     }
 
     fn load_package_dir(dir: &Path, name: &PackageName) -> Result<Package, TrackerError> {

@@ -18,7 +18,7 @@ use fbpkg_common::api::Rollout;
 use fbpkg_common::pkgref::{PackageName, Tag};
 use serde::{Deserialize, Serialize};
 
-use crate::durable::{create_dir_durable, write_atomic};
+use crate::durable::{store_root, write_atomic};
 use crate::error::TrackerError;
 use crate::postgres::{Pg, ROLLOUT_CHANNEL};
 
@@ -67,10 +67,9 @@ pub struct FileStore {
 impl FileStore {
     /// Open (creating if needed) the store under `data_dir`.
     pub fn open(data_dir: &Path) -> Result<Self, TrackerError> {
-        let root = data_dir.join("rollouts").join("v1");
-        create_dir_durable(&root)
-            .map_err(|e| TrackerError::storage(format!("creating {}", root.display()), e))?;
-        Ok(Self { root })
+        Ok(Self {
+            root: store_root(data_dir, "rollouts")?,
+        })
     }
 
     fn path(&self, name: &PackageName, tag: &Tag) -> PathBuf {
