@@ -141,15 +141,17 @@ fn put_back(file: &Path, data: &Path, mode: u32) {
 
 /// The package names among `dir`'s entries (dot-directories and strays are not names).
 fn names_in(dir: &Path) -> Vec<PackageName> {
+    entries_named(dir, |s| PackageName::new(s).ok())
+}
+
+/// `dir`'s entries whose names `parse` accepts, parsed, in no order; none if `dir` cannot be
+/// read.
+fn entries_named<T>(dir: &Path, parse: impl Fn(&str) -> Option<T>) -> Vec<T> {
     let Ok(rd) = fs::read_dir(dir) else {
         return Vec::new();
     };
     rd.flatten()
-        .filter_map(|e| {
-            e.file_name()
-                .to_str()
-                .and_then(|s| PackageName::new(s).ok())
-        })
+        .filter_map(|e| e.file_name().to_str().and_then(&parse))
         .collect()
 }
 
@@ -168,16 +170,7 @@ fn versions_in(dir: &Path) -> Vec<(PackageName, Sha256Hash)> {
 /// The hashes named by `dir`'s entries (one package's directory), in no order; strays are
 /// not hashes.
 fn hashes_in(dir: &Path) -> Vec<Sha256Hash> {
-    let Ok(rd) = fs::read_dir(dir) else {
-        return Vec::new();
-    };
-    rd.flatten()
-        .filter_map(|e| {
-            e.file_name()
-                .to_str()
-                .and_then(|s| Sha256Hash::from_hex(s).ok())
-        })
-        .collect()
+    entries_named(dir, |s| Sha256Hash::from_hex(s).ok())
 }
 
 /// Remove a tree that may be read-only (a failed staging entry, an evicted package).
