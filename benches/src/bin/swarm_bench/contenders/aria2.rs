@@ -26,7 +26,6 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail, ensure};
-use fbpkg_benches::swarm::report::summarize;
 use serde_json::{Value, json};
 
 use super::{ARIA2_PORT, Ctx, Package, scaled};
@@ -335,19 +334,7 @@ pub fn run(ctx: &Ctx<'_>) -> anyhow::Result<ContenderRun> {
         Done::Line(_) => Ok(()),
         Done::Exited(s) => Err(format!("aria2c exited {s} without completing")),
     });
-    let summary = ctx.topo.map(|_| {
-        summarize(
-            &outcomes,
-            ctx.t_kr_secs,
-            ctx.pkg.size,
-            closed.seed_tx_bytes.unwrap_or(0),
-            None,
-        )
-    });
-    let mut cpu = acct.cpu();
-    cpu.machine_busy_cores = closed.machine_busy_cores;
     Ok(ContenderRun {
-        contender: "aria2".into(),
         setup: json!({
             "version": version,
             "flags": "--no-conf --enable-dht=false --enable-dht6=false --bt-enable-lpd=false \
@@ -357,22 +344,9 @@ pub fn run(ctx: &Ctx<'_>) -> anyhow::Result<ContenderRun> {
                       --on-bt-download-complete=<hook>; the seed adds --check-integrity=true",
             "leechers_seed_after_completion": true,
         }),
-        summary,
-        stalls: closed.stalls(&outcomes),
-        hosts_wire: closed.hosts_wire(),
-        leechers: outcomes,
-        seed_wire_tx_bytes: closed.seed_tx_bytes,
-        seed_tbf_bytes: closed.seed_tbf_bytes,
-        seed_payload_bytes: None,
-        payload: json!({}),
-        window_secs: closed.secs,
         setup_notes,
-        cpu,
-        processes: acct.records,
-        log_notes: ctx.log_notes(),
         notes,
-        timeline: closed.timeline,
         packages,
-        restarted: None,
+        ..ctx.report("aria2", closed, acct, outcomes, None)
     })
 }

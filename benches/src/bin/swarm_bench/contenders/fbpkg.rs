@@ -9,7 +9,6 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail, ensure};
-use fbpkg_benches::swarm::report::summarize;
 use serde_json::{Value, json};
 
 use super::churn::Churner;
@@ -395,41 +394,18 @@ pub fn run(ctx: &Ctx<'_>) -> anyhow::Result<ContenderRun> {
         Done::Exited(s) => Err(format!("get exited {s}")),
         Done::Line(_) => Ok(()),
     });
-    let summary = ctx.topo.map(|_| {
-        summarize(
-            &leechers,
-            ctx.t_kr_secs,
-            ctx.pkg.size,
-            closed.seed_tx_bytes.unwrap_or(0),
-            seed_payload,
-        )
-    });
-    let mut cpu = acct.cpu();
-    cpu.machine_busy_cores = closed.machine_busy_cores;
     Ok(ContenderRun {
-        contender: "fbpkg-rs".into(),
         setup: json!({
             "binary": ctx.fbpkg_bin,
             "agent_flags": "--listen <host>:6881 --tracker ... --state-dir ... --cache-dir ... (defaults otherwise)",
             "published": published,
             "same_torrent_as_tracker": same_torrent,
         }),
-        summary,
-        stalls: closed.stalls(&leechers),
-        hosts_wire: closed.hosts_wire(),
-        leechers,
-        seed_wire_tx_bytes: closed.seed_tx_bytes,
-        seed_tbf_bytes: closed.seed_tbf_bytes,
-        seed_payload_bytes: seed_payload,
         payload,
-        window_secs: closed.secs,
         setup_notes,
-        cpu,
-        processes: acct.records,
-        log_notes: ctx.log_notes(),
         notes,
-        timeline: closed.timeline,
         packages,
         restarted,
+        ..ctx.report("fbpkg-rs", closed, acct, leechers, seed_payload)
     })
 }

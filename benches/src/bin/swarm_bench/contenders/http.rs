@@ -3,11 +3,9 @@
 //! Clients are started and waiting before the start instant; `go` makes them connect. A
 //! leecher's time is when its client has the whole body and its SHA-256 matched.
 
-use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
-use fbpkg_benches::swarm::report::summarize;
 use serde_json::{Value, json};
 
 use super::{Ctx, HTTP_PORT};
@@ -103,39 +101,12 @@ pub fn run(ctx: &Ctx<'_>) -> anyhow::Result<ContenderRun> {
         Done::Line(_) => Err("the client's SHA-256 did not match".into()),
         Done::Exited(s) => Err(format!("client exited {s} without completing")),
     });
-    let summary = ctx.topo.map(|_| {
-        summarize(
-            &outcomes,
-            ctx.t_kr_secs,
-            ctx.pkg.size,
-            closed.seed_tx_bytes.unwrap_or(0),
-            served,
-        )
-    });
-    let mut cpu = acct.cpu();
-    cpu.machine_busy_cores = closed.machine_busy_cores;
     Ok(ContenderRun {
-        contender: "http".into(),
         setup: json!({
             "server": "swarm_bench http-serve: a thread per connection, sendfile(2) via io::copy",
             "client": "swarm_bench http-get: one GET, SHA-256 while writing",
         }),
-        summary,
-        stalls: closed.stalls(&outcomes),
-        hosts_wire: closed.hosts_wire(),
-        leechers: outcomes,
-        seed_wire_tx_bytes: closed.seed_tx_bytes,
-        seed_tbf_bytes: closed.seed_tbf_bytes,
-        seed_payload_bytes: served,
         payload: json!({"served_bytes": served}),
-        window_secs: closed.secs,
-        setup_notes: BTreeMap::new(),
-        cpu,
-        processes: acct.records,
-        log_notes: ctx.log_notes(),
-        notes: Vec::new(),
-        timeline: closed.timeline,
-        packages: None,
-        restarted: None,
+        ..ctx.report("http", closed, acct, outcomes, served)
     })
 }

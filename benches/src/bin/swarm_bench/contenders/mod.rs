@@ -9,6 +9,7 @@ pub mod http;
 pub mod rollout;
 pub mod rqbit;
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -16,7 +17,9 @@ use anyhow::{Context as _, bail};
 use fbpkg_benches::swarm::logscan::{self, Notable};
 use serde::Serialize;
 
-use crate::measure::ContenderRun;
+use fbpkg_benches::swarm::report::{LeecherOutcome, summarize};
+
+use crate::measure::{Accounting, Closed, ContenderRun};
 use crate::procs::{self, Proc, Spec, Stdout};
 use crate::topology::{Endpoint, Hosts, Topology};
 
@@ -199,6 +202,51 @@ impl Ctx<'_> {
             rqbit_linger: self.rqbit_linger,
             agent_args: self.agent_args,
             churn: self.churn,
+        }
+    }
+
+    /// What every contender reports of its run: the figures from `leechers` and the closed
+    /// window, the CPU and processes from `acct`, the logs' notes. How it was set up, its own
+    /// counters, notes and per-scenario parts are left empty for the contender to fill in.
+    pub fn report(
+        &self,
+        contender: &str,
+        closed: Closed,
+        acct: Accounting,
+        leechers: Vec<LeecherOutcome>,
+        seed_payload_bytes: Option<u64>,
+    ) -> ContenderRun {
+        let summary = self.topo.map(|_| {
+            summarize(
+                &leechers,
+                self.t_kr_secs,
+                self.pkg.size,
+                closed.seed_tx_bytes.unwrap_or(0),
+                seed_payload_bytes,
+            )
+        });
+        let mut cpu = acct.cpu();
+        cpu.machine_busy_cores = closed.machine_busy_cores;
+        ContenderRun {
+            contender: contender.into(),
+            setup: serde_json::json!({}),
+            summary,
+            stalls: closed.stalls(&leechers),
+            hosts_wire: closed.hosts_wire(),
+            leechers,
+            seed_wire_tx_bytes: closed.seed_tx_bytes,
+            seed_tbf_bytes: closed.seed_tbf_bytes,
+            seed_payload_bytes,
+            payload: serde_json::json!({}),
+            window_secs: closed.secs,
+            setup_notes: BTreeMap::new(),
+            cpu,
+            processes: acct.records,
+            log_notes: self.log_notes(),
+            notes: Vec::new(),
+            timeline: closed.timeline,
+            packages: None,
+            restarted: None,
         }
     }
 

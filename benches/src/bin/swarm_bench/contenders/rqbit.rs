@@ -9,7 +9,6 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
-use fbpkg_benches::swarm::report::summarize;
 use serde_json::{Value, json};
 
 use super::{Ctx, RQBIT_PORT, scaled};
@@ -157,19 +156,7 @@ pub fn run(ctx: &Ctx<'_>) -> anyhow::Result<ContenderRun> {
         Done::Line(_) => Ok(()),
         Done::Exited(s) => Err(format!("exited {s} without completing")),
     });
-    let summary = ctx.topo.map(|_| {
-        summarize(
-            &outcomes,
-            ctx.t_kr_secs,
-            ctx.pkg.size,
-            closed.seed_tx_bytes.unwrap_or(0),
-            seed_payload,
-        )
-    });
-    let mut cpu = acct.cpu();
-    cpu.machine_busy_cores = closed.machine_busy_cores;
     Ok(ContenderRun {
-        contender: "librqbit".into(),
         setup: json!({
             "version": "9.1.0",
             "session": "SessionOptions::default() except dht: None, disable_local_service_discovery, \
@@ -177,26 +164,13 @@ pub fn run(ctx: &Ctx<'_>) -> anyhow::Result<ContenderRun> {
                         with announce_port, no UPnP",
             "leechers_exit_on_completion": !ctx.rqbit_linger,
         }),
-        summary,
-        stalls: closed.stalls(&outcomes),
-        hosts_wire: closed.hosts_wire(),
-        leechers: outcomes,
-        seed_wire_tx_bytes: closed.seed_tx_bytes,
-        seed_tbf_bytes: closed.seed_tbf_bytes,
-        seed_payload_bytes: seed_payload,
         payload: json!({
             "seed_uploaded": seed_payload,
             "leechers_uploaded": leechers_uploaded,
             "completions": completes,
         }),
-        window_secs: closed.secs,
         setup_notes,
-        cpu,
-        processes: acct.records,
-        log_notes: ctx.log_notes(),
         notes,
-        timeline: closed.timeline,
-        packages: None,
-        restarted: None,
+        ..ctx.report("librqbit", closed, acct, outcomes, seed_payload)
     })
 }
