@@ -390,6 +390,22 @@ fn peers_of(r: TrackerReply<AnnounceResponse>) -> Result<HashSet<u8>, String> {
     }
 }
 
+/// `announce`, which must be answered with a peer list; panics saying `what` otherwise.
+async fn peers(
+    base: &str,
+    hash: InfoHash,
+    id: u8,
+    ip: [u8; 4],
+    left: u64,
+    event: Event,
+    what: &str,
+) -> HashSet<u8> {
+    let r = announce(base, hash, id, ip, left, event)
+        .await
+        .unwrap_or_else(|e| panic!("{what}: {e}"));
+    peers_of(r).unwrap_or_else(|e| panic!("{what}: {e}"))
+}
+
 fn replicas(redis: &RedisServer, dirs: &[tempfile::TempDir; 2]) -> [TrackerProcess; 2] {
     let url = redis.url();
     let args = [
@@ -417,18 +433,26 @@ async fn replicas_share_peers_limits_and_expiry() {
     let (b1, b2) = (one.base_url(), two.base_url());
     let hash = InfoHash([7; 20]);
     let seed = [127, 0, 0, 21];
-    peers_of(
-        announce(&b1, hash, 1, seed, 0, Event::Started)
-            .await
-            .expect("answer"),
+    peers(
+        &b1,
+        hash,
+        1,
+        seed,
+        0,
+        Event::Started,
+        "the seed is recorded",
     )
-    .expect("the seed is recorded");
-    let got = peers_of(
-        announce(&b2, hash, 2, [127, 0, 0, 22], 9, Event::Started)
-            .await
-            .expect("answer"),
+    .await;
+    let got = peers(
+        &b2,
+        hash,
+        2,
+        [127, 0, 0, 22],
+        9,
+        Event::Started,
+        "the leecher is recorded",
     )
-    .expect("the leecher is recorded");
+    .await;
     assert_eq!(
         got,
         HashSet::from([1]),
@@ -464,34 +488,14 @@ async fn replicas_share_peers_limits_and_expiry() {
     }
 
     // Stopped on two removes it for one.
-    peers_of(
-        announce(&b2, hash, 1, seed, 0, Event::Stopped)
-            .await
-            .expect("answer"),
-    )
-    .expect("stopped is served");
-    let got = peers_of(
-        announce(&b1, hash, 2, [127, 0, 0, 22], 9, Event::None)
-            .await
-            .expect("answer"),
-    )
-    .expect("served");
+    peers(&b2, hash, 1, seed, 0, Event::Stopped, "stopped is served").await;
+    let got = peers(&b1, hash, 2, [127, 0, 0, 22], 9, Event::None, "served").await;
     assert!(got.is_empty(), "the stopped seed is gone: {got:?}");
 
     // The per-address limit (2) counts peers from both replicas.
     let many = [127, 0, 0, 23];
-    peers_of(
-        announce(&b1, hash, 3, many, 9, Event::Started)
-            .await
-            .expect("answer"),
-    )
-    .expect("first");
-    peers_of(
-        announce(&b2, hash, 4, many, 9, Event::Started)
-            .await
-            .expect("answer"),
-    )
-    .expect("second");
+    peers(&b1, hash, 3, many, 9, Event::Started, "first").await;
+    peers(&b2, hash, 4, many, 9, Event::Started, "second").await;
     match announce(&b1, hash, 5, many, 9, Event::Started)
         .await
         .expect("answer")
@@ -526,12 +530,16 @@ async fn redis_outage_fails_fast_and_heals_by_itself() {
     let [one, two] = replicas(&redis, &dirs);
     let (b1, b2) = (one.base_url(), two.base_url());
     let hash = InfoHash([8; 20]);
-    peers_of(
-        announce(&b1, hash, 1, [127, 0, 0, 31], 0, Event::Started)
-            .await
-            .expect("answer"),
+    peers(
+        &b1,
+        hash,
+        1,
+        [127, 0, 0, 31],
+        0,
+        Event::Started,
+        "served while Redis is up",
     )
-    .expect("served while Redis is up");
+    .await;
     let ready = reqwest::get(format!("{b1}/readyz")).await.expect("readyz");
     assert_eq!(ready.status(), reqwest::StatusCode::OK);
     let body = ready.text().await.expect("body");
@@ -599,12 +607,7 @@ async fn redis_outage_fails_fast_and_heals_by_itself() {
         .await;
         assert!(ready.is_ok(), "{ready:?}");
     }
-    let got = peers_of(
-        announce(&b2, hash, 4, [127, 0, 0, 34], 0, Event::Started)
-            .await
-            .expect("answer"),
-    )
-    .expect("served");
+    let got = peers(&b2, hash, 4, [127, 0, 0, 34], 0, Event::Started, "served").await;
     assert_eq!(
         got,
         (10..20).chain([3]).collect::<HashSet<u8>>(),
