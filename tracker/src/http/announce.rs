@@ -218,10 +218,7 @@ pub fn serve_announce(
     let recorded = swarm.record(record, req.event, &config.swarm_limits());
     if let Some((outcome, reason)) = refusal(recorded, ip, config) {
         drop(swarm);
-        refused(&req, ip, outcome, &reason);
-        let mut body = Vec::new();
-        encode_failure(&reason, &mut body);
-        return (body, outcome);
+        return refused(&req, ip, outcome, &reason);
     }
     let numwant = numwant(config, &req);
     let peers = if numwant == 0 {
@@ -280,19 +277,17 @@ async fn serve_announce_redis(
         zone: req.zone.clone(),
         numwant: numwant(config, &req),
     };
-    let mut body = Vec::new();
     let answer = match store.announce(&announce, wall_ms()).await {
         Ok(a) => a,
         Err(e) => {
             tracing::debug!(info_hash = %req.info_hash, peer = %ip, error = %e, "announce failed: peer store");
+            let mut body = Vec::new();
             encode_failure(STORE_UNAVAILABLE, &mut body);
             return (body, AnnounceOutcome::StoreUnavailable);
         }
     };
     if let Some((outcome, reason)) = refusal(answer.recorded, ip, config) {
-        refused(&req, ip, outcome, &reason);
-        encode_failure(&reason, &mut body);
-        return (body, outcome);
+        return refused(&req, ip, outcome, &reason);
     }
     let body = encode_answer(
         config,
@@ -304,8 +299,13 @@ async fn serve_announce_redis(
     (body, AnnounceOutcome::Ok)
 }
 
-/// The log line of a refused announce.
-fn refused(req: &AnnounceRequest, ip: IpAddr, outcome: AnnounceOutcome, reason: &str) {
+/// A refused announce: its log line, and the failure answer.
+fn refused(
+    req: &AnnounceRequest,
+    ip: IpAddr,
+    outcome: AnnounceOutcome,
+    reason: &str,
+) -> (Vec<u8>, AnnounceOutcome) {
     tracing::debug!(
         info_hash = %req.info_hash,
         peer = %ip,
@@ -314,6 +314,9 @@ fn refused(req: &AnnounceRequest, ip: IpAddr, outcome: AnnounceOutcome, reason: 
         reason,
         "announce refused"
     );
+    let mut body = Vec::new();
+    encode_failure(reason, &mut body);
+    (body, outcome)
 }
 
 pub(super) async fn scrape(
