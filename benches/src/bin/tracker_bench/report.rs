@@ -246,18 +246,13 @@ pub fn table(report: &Report) -> String {
             "tracker", "mode", "achieved/s", "p50 us", "p99 us", "p99.9 us", "max us", "not ok"
         );
         for l in &report.latency {
-            let s = l.summary;
-            let f = |v: Option<f64>| v.map_or("-".to_owned(), |v| format!("{v:.0}"));
+            let [p50, p99, p999, max] = latency_cells(l.summary);
             let _ = writeln!(
                 out,
-                "{:<12} {:<17} {:>10.0} {:>9} {:>9} {:>9} {:>9} {:>7}",
+                "{:<12} {:<17} {:>10.0} {p50:>9} {p99:>9} {p999:>9} {max:>9} {:>7}",
                 l.contender,
                 l.mode.label(),
                 l.achieved_rate,
-                f(s.map(|s| s.p50_us)),
-                f(s.map(|s| s.p99_us)),
-                f(s.map(|s| s.p999_us)),
-                f(s.map(|s| s.max_us)),
                 l.counts.not_ok()
             );
         }
@@ -538,19 +533,14 @@ pub fn replica_table(report: &ReplicaReport) -> String {
     );
     for c in &report.configs {
         for l in &c.latency {
-            let s = l.summary;
-            let f = |v: Option<f64>| v.map_or("-".to_owned(), |v| format!("{v:.0}"));
+            let [p50, p99, p999, max] = latency_cells(l.summary);
             let _ = writeln!(
                 out,
-                "{:<10} {:<17} {:>8.0} {:>10.0} {:>9} {:>9} {:>9} {:>9} {:>7}",
+                "{:<10} {:<17} {:>8.0} {:>10.0} {p50:>9} {p99:>9} {p999:>9} {max:>9} {:>7}",
                 c.store,
                 l.mode.label(),
                 l.target_rate,
                 l.achieved_rate,
-                f(s.map(|s| s.p50_us)),
-                f(s.map(|s| s.p99_us)),
-                f(s.map(|s| s.p999_us)),
-                f(s.map(|s| s.max_us)),
                 l.counts.not_ok()
             );
         }
@@ -601,4 +591,18 @@ fn replica_cpu_cell(cpu: Option<ReplicaCpu>) -> String {
             c.trackers_cores, c.redis_cores, c.generator_cores, c.other_cores
         )
     })
+}
+
+/// p50, p99, p99.9 and max in whole microseconds, or `-` each without counted responses.
+fn latency_cells(s: Option<LatencySummary>) -> [String; 4] {
+    let us = |f: fn(&LatencySummary) -> f64| {
+        s.as_ref()
+            .map_or("-".to_owned(), |s| format!("{:.0}", f(s)))
+    };
+    [
+        us(|s| s.p50_us),
+        us(|s| s.p99_us),
+        us(|s| s.p999_us),
+        us(|s| s.max_us),
+    ]
 }
