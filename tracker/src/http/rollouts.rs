@@ -19,11 +19,16 @@ use fbpkg_common::pkgref::{PackageName, Tag};
 use serde::de::DeserializeOwned;
 
 use super::SharedState;
+
 use super::api::{authorize, blocking};
 use crate::error::TrackerError;
 use crate::rollout::{Action, wall_ms};
 
 type ApiResult<T> = Result<T, TrackerError>;
+
+/// How long a report from a host this replica has not seen waits for the replica it resolved
+/// through to share its address (replicas see each other's writes within a second).
+const HOST_ADDR_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// JSON bodies parsed here rather than by axum's extractor, so a bad body gets the API's own
 /// error JSON with serde's precise message.
@@ -113,14 +118,24 @@ pub(super) async fn report(
     let mut rep: Report = json(&body)?;
     rep.detail = rep.detail.map(|d| tail(d, Report::MAX_DETAIL));
     tracing::debug!(package = %rep.name, sha256 = %rep.hash, host = %rep.host, peer = %remote, state = ?rep.state, "report");
-    // With replicas, the host may have resolved through another one.
+    // With replicas, the host may have resolved through another one, which pushes the
+    // host's address a moment after its first resolve: a report that follows that resolve at
+    // once may arrive first, so look again for up to a second before refusing.
     if let Some(pg) = &state.pg
         && !state.rollouts.knows_host(&rep.host)
     {
-        let (pg, host) = (pg.clone(), rep.host.clone());
-        let found = blocking(move || crate::rollout::shared::host_addr(&pg, &host)).await;
-        if let Ok(Some(ip)) = found {
-            state.rollouts.learn_host(rep.host.clone(), ip);
+        let give_up = tokio::time::Instant::now() + HOST_ADDR_WAIT;
+        loop {
+            let (pg, host) = (pg.clone(), rep.host.clone());
+            let found = blocking(move || crate::rollout::shared::host_addr(&pg, &host)).await;
+            if let Ok(Some(ip)) = found {
+                state.rollouts.learn_host(rep.host.clone(), ip);
+                break;
+            }
+            if tokio::time::Instant::now() >= give_up {
+                break;
+            }
+            tokio::time::sleep(HOST_ADDR_WAIT / 4).await;
         }
     }
     Ok(Json(state.rollouts.report(rep, remote.ip())?))
