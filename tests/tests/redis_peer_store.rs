@@ -407,6 +407,15 @@ async fn peers(
 }
 
 fn replicas(redis: &RedisServer, dirs: &[tempfile::TempDir; 2]) -> [TrackerProcess; 2] {
+    replicas_every(redis, dirs, "1s")
+}
+
+/// Two replicas on `redis` whose peers live two `interval`s.
+fn replicas_every(
+    redis: &RedisServer,
+    dirs: &[tempfile::TempDir; 2],
+    interval: &str,
+) -> [TrackerProcess; 2] {
     let url = redis.url();
     let args = [
         "--allow-unregistered",
@@ -415,7 +424,7 @@ fn replicas(redis: &RedisServer, dirs: &[tempfile::TempDir; 2]) -> [TrackerProce
         "--max-peers-per-address",
         "2",
         "--announce-interval",
-        "1s",
+        interval,
         "--min-announce-interval",
         "1s",
         "--peer-store",
@@ -487,10 +496,17 @@ async fn replicas_share_peers_limits_and_expiry() {
         );
     }
 
-    // Stopped on two removes it for one.
+    // Stopped on two removes it for one (published to one's copy within milliseconds).
     peers(&b2, hash, 1, seed, 0, Event::Stopped, "stopped is served").await;
-    let got = peers(&b1, hash, 2, [127, 0, 0, 22], 9, Event::None, "served").await;
-    assert!(got.is_empty(), "the stopped seed is gone: {got:?}");
+    answers_settle(
+        &b1,
+        hash,
+        2,
+        [127, 0, 0, 22],
+        "the stopped seed to leave",
+        |got| got.is_empty(),
+    )
+    .await;
 
     // The per-address limit (2) counts peers from both replicas.
     let many = [127, 0, 0, 23];
@@ -517,6 +533,106 @@ async fn replicas_share_peers_limits_and_expiry() {
                 } else {
                     Ok(())
                 }
+            }
+        },
+    )
+    .await;
+}
+
+/// Re-announce leecher `id` at `ip` to `base` until its answer satisfies `ok` (changes made
+/// through another replica reach this one's copy of the swarm within milliseconds, not at
+/// once); panics after 10 s.
+async fn answers_settle(
+    base: &str,
+    hash: InfoHash,
+    id: u8,
+    ip: [u8; 4],
+    what: &str,
+    ok: impl Fn(&HashSet<u8>) -> bool,
+) {
+    let ok = &ok;
+    wait_for(what, Duration::from_secs(10), || async move {
+        let got = peers_of(announce(base, hash, id, ip, 9, Event::None).await?)?;
+        if ok(&got) {
+            Ok(())
+        } else {
+            Err(format!("answered {got:?}"))
+        }
+    })
+    .await;
+}
+
+/// `fbpkg_tracker_redis_answers_total{from=...}` on `base`.
+async fn answered_from(base: &str, from: &str) -> u64 {
+    let metrics = text(&format!("{base}/metrics")).await;
+    let prefix = format!("fbpkg_tracker_redis_answers_total{{from=\"{from}\"}} ");
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(&prefix)?.parse().ok())
+        .unwrap_or_else(|| panic!("no {prefix:?} in:\n{metrics}"))
+}
+
+/// Each replica answers from its own copy of the swarm, loaded by its first announce there and
+/// kept current by what the other publishes: a peer joining or leaving through one replica
+/// shows up in the other's answers while every peer still has ten minutes to live (so no
+/// expiry can explain it). After a Redis restart the copies are dropped and loaded again.
+#[tokio::test]
+async fn a_replica_answers_from_a_copy_the_other_keeps_current() {
+    let mut redis = redis_or_skip!();
+    let dirs = [(); 2].map(|()| tempfile::tempdir().expect("tempdir"));
+    let [one, two] = replicas_every(&redis, &dirs, "300s");
+    let (b1, b2) = (one.base_url(), two.base_url());
+    let hash = InfoHash([9; 20]);
+    let (seed, a, b) = ([127, 0, 0, 41], [127, 0, 0, 42], [127, 0, 0, 43]);
+    peers(&b1, hash, 1, seed, 0, Event::Started, "the seed").await;
+    let got = peers(&b1, hash, 2, a, 9, Event::Started, "leecher 2 on one").await;
+    assert_eq!(got, HashSet::from([1]));
+    // Two's first announce loads its copy from Redis: everything one recorded is in it.
+    let got = peers(&b2, hash, 3, b, 9, Event::Started, "leecher 3 on two").await;
+    assert_eq!(got, HashSet::from([1, 2]));
+    answers_settle(&b1, hash, 2, a, "one to hear of leecher 3", |got| {
+        *got == HashSet::from([1, 3])
+    })
+    .await;
+    peers(&b2, hash, 3, b, 9, Event::Stopped, "leecher 3 leaves").await;
+    answers_settle(&b1, hash, 2, a, "one to hear leecher 3 left", |got| {
+        *got == HashSet::from([1])
+    })
+    .await;
+    assert_eq!(
+        answered_from(&b1, "load").await,
+        1,
+        "one loaded its copy once"
+    );
+    assert!(
+        answered_from(&b1, "copy").await >= 2,
+        "and answered from it"
+    );
+    assert_eq!(
+        answered_from(&b1, "draw").await,
+        0,
+        "nothing was drawn in Redis"
+    );
+
+    // A restart empties Redis and breaks the subscriptions: what each copy held is void.
+    redis.restart().expect("restart redis-server");
+    wait_for("two to serve again", Duration::from_secs(30), || async {
+        peers_of(announce(&b2, hash, 1, seed, 0, Event::Started).await?).map(|_| ())
+    })
+    .await;
+    // One answers by draws in Redis until it has subscribed again; then it loads a fresh
+    // copy, holding the seed (announced again) and not leecher 2 (which has not), though the
+    // old copy had ten minutes left to keep it.
+    wait_for(
+        "one to answer from a new copy",
+        Duration::from_secs(30),
+        || async {
+            let got = peers_of(announce(&b1, hash, 4, b, 9, Event::None).await?)?;
+            let loads = answered_from(&b1, "load").await;
+            if loads >= 2 && got == HashSet::from([1]) {
+                Ok(())
+            } else {
+                Err(format!("{loads} loads, answered {got:?}"))
             }
         },
     )

@@ -119,10 +119,34 @@ struct Histogram {
     sum_us: AtomicU64,
 }
 
+/// Where a replica on Redis took an announce's peers from (`peer_store::mirror`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AnsweredFrom {
+    /// Its copy of the swarm.
+    Copy,
+    /// Its copy, loaded by this announce.
+    Load,
+    /// A draw in Redis (no copy yet, or no subscription).
+    Draw,
+}
+
+impl AnsweredFrom {
+    const ALL: [AnsweredFrom; 3] = [AnsweredFrom::Copy, AnsweredFrom::Load, AnsweredFrom::Draw];
+
+    fn label(self) -> &'static str {
+        match self {
+            AnsweredFrom::Copy => "copy",
+            AnsweredFrom::Load => "load",
+            AnsweredFrom::Draw => "draw",
+        }
+    }
+}
+
 /// The tracker's metrics.
 #[derive(Debug, Default)]
 pub struct Metrics {
     announces: [AtomicU64; AnnounceOutcome::ALL.len()],
+    answered_from: [AtomicU64; AnsweredFrom::ALL.len()],
     cutoffs: [AtomicU64; Cutoff::ALL.len()],
     scrapes: AtomicU64,
     publishes: AtomicU64,
@@ -133,6 +157,16 @@ impl Metrics {
     /// Count one announce.
     pub fn announce(&self, outcome: AnnounceOutcome) {
         self.announces[outcome as usize].fetch_add(1, Relaxed);
+    }
+
+    /// Count where a replica on Redis took one answer's peers from.
+    pub fn answered_from(&self, from: AnsweredFrom) {
+        self.answered_from[from as usize].fetch_add(1, Relaxed);
+    }
+
+    /// Answers taken from `from` so far.
+    pub fn answers_from(&self, from: AnsweredFrom) -> u64 {
+        self.answered_from[from as usize].load(Relaxed)
     }
 
     /// Count one connection closed by the front.
@@ -182,6 +216,19 @@ impl Metrics {
                 "fbpkg_tracker_announces_total{{outcome=\"{}\"}} {}",
                 o.label(),
                 self.announces(o)
+            );
+        }
+        out.push_str(
+            "# HELP fbpkg_tracker_redis_answers_total With --peer-store redis: where announces' \
+             peers came from (this replica's copy of the swarm, the copy's load, or a draw in \
+             Redis).\n# TYPE fbpkg_tracker_redis_answers_total counter\n",
+        );
+        for f in AnsweredFrom::ALL {
+            let _ = writeln!(
+                out,
+                "fbpkg_tracker_redis_answers_total{{from=\"{}\"}} {}",
+                f.label(),
+                self.answers_from(f)
             );
         }
         out.push_str(

@@ -74,7 +74,8 @@ pub fn bind(addr: SocketAddr, threads: usize) -> Result<Listeners, TrackerError>
 /// Serve until `shutdown` is cancelled, then let open connections finish (at most 10 s).
 ///
 /// Also runs, on the caller's runtime, the sweeper that forgets peers silent for two announce
-/// intervals.
+/// intervals, and with Redis the follower that keeps this replica's copy of the swarms
+/// (`peer_store::mirror`).
 pub async fn run(
     listeners: Listeners,
     state: SharedState,
@@ -109,6 +110,17 @@ pub async fn run(
         tokio::spawn(
             share_hosts(state.clone(), pg, shutdown.clone())
                 .instrument(tracing::info_span!("host_votes")),
+        )
+    });
+    let mirror = state.peers.redis().is_some().then(|| {
+        let (state, shutdown) = (state.clone(), shutdown.clone());
+        tokio::spawn(
+            async move {
+                if let Some(store) = state.peers.redis() {
+                    crate::peer_store::mirror::follow(store, &state.swarms, shutdown).await;
+                }
+            }
+            .instrument(tracing::info_span!("mirror")),
         )
     });
     let router = app(state.clone());
@@ -152,7 +164,7 @@ pub async fn run(
     shutdown.cancel();
     let _ = sweeper.await;
     let _ = controller.await;
-    for task in [follower, sharer].into_iter().flatten() {
+    for task in [follower, sharer, mirror].into_iter().flatten() {
         let _ = task.await;
     }
     tracing::info!(%addr, "tracker stopped");

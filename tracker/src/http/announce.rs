@@ -16,8 +16,9 @@ use fbpkg_common::tracker_proto::{
 use tokio::time::Instant;
 
 use super::SharedState;
-use crate::metrics::AnnounceOutcome;
-use crate::peer_store::{Announce, RedisStore, wall_ms};
+use crate::metrics::{AnnounceOutcome, AnsweredFrom};
+use crate::peer_store::mirror::Change;
+use crate::peer_store::{Announce, Record, RedisStore, Want, wall_ms};
 use crate::swarm::{PeerKey, PeerRecord, Recorded};
 
 /// Full scrapes (no info_hash) are answered only up to this many swarms.
@@ -266,6 +267,7 @@ async fn serve_announce_redis(
     if !known {
         return unknown_swarm(config, &req, ip);
     }
+    let numwant = numwant(config, &req);
     let announce = Announce {
         info_hash: req.info_hash,
         peer_id: req.peer_id,
@@ -275,27 +277,74 @@ async fn serve_announce_redis(
         downloaded: req.downloaded,
         left: req.left,
         zone: req.zone.clone(),
-        numwant: numwant(config, &req),
+        numwant,
     };
-    let answer = match store.announce(&announce, wall_ms()).await {
+    // The answer comes from this replica's copy of the swarm when it has one (mirror.rs); the
+    // first announce to a swarm here loads the copy along with its write; while that is on
+    // its way, answers are drawn in Redis.
+    let mirror = store.mirror();
+    let h = req.info_hash;
+    let (want, load) = if mirror.is_warm(&h) {
+        (Want::Nothing, None)
+    } else if let Some(generation) = mirror.claim(&h) {
+        (Want::All, Some(generation))
+    } else if numwant == 0 {
+        (Want::Nothing, None)
+    } else {
+        (Want::Draw, None)
+    };
+    let now_ms = wall_ms();
+    let answer = match store.announce_wanting(&announce, now_ms, want).await {
         Ok(a) => a,
         Err(e) => {
-            tracing::debug!(info_hash = %req.info_hash, peer = %ip, error = %e, "announce failed: peer store");
+            if let Some(generation) = load {
+                mirror.abandon(&h, generation);
+            }
+            tracing::debug!(info_hash = %h, peer = %ip, error = %e, "announce failed: peer store");
             let mut body = Vec::new();
             encode_failure(STORE_UNAVAILABLE, &mut body);
             return (body, AnnounceOutcome::StoreUnavailable);
         }
     };
+    let ttl = store.peer_ttl();
+    if let Some(generation) = load {
+        // Only a recorded peer's answer carries the swarm (a refusal or a leave does not).
+        if answer.recorded == Recorded::Present {
+            mirror.loaded(&state.swarms, &h, generation, answer.seq, &answer.all, ttl);
+        } else {
+            mirror.abandon(&h, generation);
+        }
+    } else if answer.seq > 0 {
+        let change = Change {
+            seq: answer.seq,
+            present: answer.recorded == Recorded::Present,
+            at_ms: now_ms,
+            record: Record::of(&announce),
+        };
+        mirror.apply(&state.swarms, &h, change, ttl);
+    }
     if let Some((outcome, reason)) = refusal(answer.recorded, ip, config) {
         return refused(&req, ip, outcome, &reason);
     }
-    let body = encode_answer(
-        config,
-        &req,
-        answer.peers,
-        answer.complete,
-        answer.incomplete,
-    );
+    if numwant > 0 {
+        state.metrics.answered_from(match want {
+            Want::Draw => AnsweredFrom::Draw,
+            Want::All => AnsweredFrom::Load,
+            Want::Nothing => AnsweredFrom::Copy,
+        });
+    }
+    let peers = if want == Want::Draw || numwant == 0 {
+        answer.peers
+    } else {
+        let asker = PeerKey {
+            peer_id: req.peer_id,
+            ip,
+        };
+        state.swarms.get(&h).map_or_else(Vec::new, |s| {
+            s.sample(&asker, req.left == 0, req.zone.as_ref(), numwant)
+        })
+    };
+    let body = encode_answer(config, &req, peers, answer.complete, answer.incomplete);
     (body, AnnounceOutcome::Ok)
 }
 

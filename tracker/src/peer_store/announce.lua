@@ -5,9 +5,17 @@
 -- ARGV: 1 zone key prefix, 2 member (peer id hex '@' ip), 3 ip, 4 event ('stopped',
 -- 'completed' or ''), 5 role ('S' or 'L'), 6 zone ('' for none), 7 record, 8 now (ms),
 -- 9 peer ttl (ms), 10 max peers, 11 max per address, 12 numwant, 13 most peers expired per
--- role in one call, 14 meta ttl (ms).
--- Returns {status} when refused, else {status, seeders, leechers, record...}; status 0 present,
--- 1 removed, 2 swarm full, 3 address full.
+-- role in one call, 14 meta ttl (ms), 15 channel the change is published on ('' for none),
+-- 16 publisher (the replica's id), 17 info-hash (hex), 18 answer: 'draw' (numwant records
+-- drawn here), 'none', or 'all' (every live peer, as score, record pairs: a replica's mirror
+-- loads the swarm from it).
+-- Returns {status} when refused, else {status, seeders, leechers, seq, ...}; status 0 present,
+-- 1 removed, 2 swarm full, 3 address full; seq numbers the swarm's changes (0: none made).
+--
+-- Every change (a peer recorded or leaving; not an expiry, which each mirror applies by
+-- itself) is published as 'publisher|info-hash|seq|U or D|now|record'. Redis runs scripts one
+-- at a time and delivers a channel's messages in order, so a mirror that loaded the swarm at
+-- seq S applies exactly the messages numbered above S.
 --
 -- Zone bucket keys are built here from ARGV[1]: they carry the swarm's hash tag, so they are
 -- in the same cluster slot as KEYS (Redis Cluster serves that; it cannot be declared ahead).
@@ -17,6 +25,7 @@ local role, zone, rec = ARGV[5], ARGV[6], ARGV[7]
 local now, ttl = tonumber(ARGV[8]), tonumber(ARGV[9])
 local max_peers, max_per_addr = tonumber(ARGV[10]), tonumber(ARGV[11])
 local numwant, batch, meta_ttl = tonumber(ARGV[12]), tonumber(ARGV[13]), tonumber(ARGV[14])
+local channel, publisher, hash, answer = ARGV[15], ARGV[16], ARGV[17], ARGV[18]
 
 local function role_key(r)
   if r == 'S' then return seeders end
@@ -58,7 +67,7 @@ local state = redis.call('HMGET', meta, 'touched', 'swept')
 local touched, swept = tonumber(state[1] or '0'), tonumber(state[2] or '0')
 local old = redis.call('HGET', peers, member)
 -- Leaving a swarm one is not in changes nothing (and makes no key).
-if event == 'stopped' and not old then return {1, count.S, count.L} end
+if event == 'stopped' and not old then return {1, count.S, count.L, 0} end
 
 -- Forget a peer entirely (record, buckets, address count, its role's set).
 local function forget(m, prev)
@@ -144,10 +153,34 @@ if chores then
   redis.call('HSET', meta, 'touched', now)
   redis.call('PEXPIRE', meta, meta_ttl)
 end
-if event == 'stopped' then return {1, count.S, count.L} end
+local seq = redis.call('HINCRBY', meta, 'seq', 1)
+if channel ~= '' then
+  local op = 'U'
+  if event == 'stopped' then op = 'D' end
+  redis.call('PUBLISH', channel,
+    publisher .. '|' .. hash .. '|' .. seq .. '|' .. op .. '|' .. now .. '|' .. rec)
+end
+if event == 'stopped' then return {1, count.S, count.L, seq} end
 
-local out = {0, count.S, count.L}
-if numwant <= 0 then return out end
+local out = {0, count.S, count.L, seq}
+if answer == 'all' then
+  -- Silent peers past the cutoff that the sweep has not reached yet are left out.
+  local seen_at = {}
+  for _, r in ipairs({'S', 'L'}) do
+    local live = redis.call('ZRANGE', role_key(r), now - ttl, '+inf', 'BYSCORE', 'WITHSCORES')
+    for i = 1, #live, 2 do seen_at[live[i]] = live[i + 1] end
+  end
+  local all = redis.call('HGETALL', peers)
+  for i = 1, #all, 2 do
+    local at = seen_at[all[i]]
+    if at then
+      out[#out + 1] = at
+      out[#out + 1] = all[i + 1]
+    end
+  end
+  return out
+end
+if answer ~= 'draw' or numwant <= 0 then return out end
 -- The answer: see sample.rs for the policy. When everyone the asker may get fits in numwant
 -- (its own entry aside; a seeder gets leechers only), the answer is all of them, in any order,
 -- read with one HVALS instead of a draw per level and role.
@@ -155,7 +188,7 @@ local others = count.L
 if role == 'L' then others = count.S + count.L - 1 end
 if others <= numwant then
   for _, r in ipairs(redis.call('HVALS', peers)) do
-    if #out - 3 >= numwant then break end
+    if #out - 4 >= numwant then break end
     if r ~= rec and (role == 'L' or string.byte(r, 1) == 76) then out[#out + 1] = r end
   end
   return out

@@ -12,9 +12,12 @@
 //! benches/ tracker_bench); only the Redis store needs `async`, and it is served on the
 //! connection's task.
 
+pub mod mirror;
 mod redis_store;
 
-pub use self::redis_store::{Announce, Answer, Counts, Listed, RedisStore, StoreError};
+pub use self::redis_store::{
+    Announce, Answer, Counts, Listed, Record, RedisStore, StoreError, Want,
+};
 use crate::config::{Config, PeerStoreKind};
 use crate::error::TrackerError;
 

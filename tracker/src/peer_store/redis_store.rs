@@ -14,8 +14,10 @@
 //!
 //! One announce is one `EVALSHA` of `announce.lua` (loaded again on `NOSCRIPT`): expire the
 //! swarm's silent peers (score older than two intervals; at most once a second per swarm),
-//! apply the limits, record or remove, draw the answer (all of them, read with one `HVALS`,
-//! when they fit in `numwant`). Role counts are read once and kept in step by the script. Keys get a TTL of two and a half intervals, refreshed every half interval
+//! apply the limits, record or remove, number the change (`meta.seq`) and publish it on
+//! `fbpkg:peers` for the replicas' copies (`mirror.rs`), then answer with what the caller
+//! wants ([`Want`]): nothing (its copy answers), every live peer (to load the copy), or a
+//! draw (all of them, read with one `HVALS`, when they fit in `numwant`). Role counts are read once and kept in step by the script. Keys get a TTL of two and a half intervals, refreshed every half interval
 //! by an announce (zone buckets by each of their announces), so a swarm nobody announces to
 //! disappears by itself: there is no sweeper and never a scan of the keyspace.
 //! Scrape, `/metrics` and the dashboard ask about the swarms this replica knows (see
@@ -46,6 +48,7 @@ use fbpkg_common::{InfoHash, PeerId};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{Script, Value};
 
+use super::mirror::Mirror;
 use crate::swarm::{Limits, Recorded};
 
 /// Most silent peers one announce expires per role (the next announces take the rest).
@@ -58,6 +61,8 @@ const COUNTS_PER_TRIP: usize = 1000;
 const META_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
 /// At most one warning per this period when Redis fails (the others are counted).
 const WARN_EVERY: Duration = Duration::from_secs(10);
+/// The channel changes to swarms are published on (see `mirror.rs`).
+const CHANNEL: &str = "fbpkg:peers";
 
 /// Redis could not be used; the announce is answered with a failure reason.
 #[derive(Debug, thiserror::Error)]
@@ -105,8 +110,58 @@ pub struct Answer {
     pub complete: u32,
     /// Leechers after the announce.
     pub incomplete: u32,
-    /// The sample.
+    /// The sample ([`Want::Draw`]).
     pub peers: Vec<PeerEntry>,
+    /// The swarm's change number after the announce (0: it changed nothing).
+    pub seq: u64,
+    /// Every live peer with its last announce in ms ([`Want::All`]).
+    pub all: Vec<(u64, Record)>,
+}
+
+/// What an announce asks the store to answer with, besides the counts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Want {
+    /// `numwant` peers drawn in Redis.
+    Draw,
+    /// No peers (the replica's mirror answers, or none were asked for).
+    Nothing,
+    /// Every live peer, to load the swarm into the replica's mirror.
+    All,
+}
+
+impl Record {
+    /// The record an announce makes.
+    pub fn of(a: &Announce) -> Self {
+        Self {
+            peer_id: a.peer_id,
+            listed: Listed {
+                addr: a.addr,
+                zone: a.zone.as_ref().map(|z| z.as_str().to_owned()),
+                uploaded: a.uploaded,
+                downloaded: a.downloaded,
+                left: a.left,
+            },
+        }
+    }
+}
+
+impl Want {
+    fn arg(self) -> &'static str {
+        match self {
+            Want::Draw => "draw",
+            Want::Nothing => "none",
+            Want::All => "all",
+        }
+    }
+}
+
+/// One peer as Redis records it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Record {
+    /// Its id.
+    pub peer_id: PeerId,
+    /// The rest, as the dashboard shows it.
+    pub listed: Listed,
 }
 
 /// One peer as the dashboard shows it.
@@ -142,6 +197,10 @@ pub struct RedisStore {
     shown: String,
     conns: DashMap<ThreadId, ConnectionManager>,
     script: Script,
+    /// Where changes are published for the replicas' mirrors, and this replica's id there.
+    channel: String,
+    publisher: String,
+    mirror: Mirror,
     timeout: Duration,
     peer_ttl: Duration,
     limits: Limits,
@@ -178,6 +237,9 @@ impl RedisStore {
             shown,
             conns: DashMap::default(),
             script: Script::new(include_str!("announce.lua")),
+            channel: CHANNEL.to_owned(),
+            publisher: format!("{:016x}", rand::random::<u64>()),
+            mirror: Mirror::default(),
             timeout,
             peer_ttl,
             limits,
@@ -193,6 +255,35 @@ impl RedisStore {
     /// The deadline of every call.
     pub fn timeout(&self) -> Duration {
         self.timeout
+    }
+
+    /// The channel every change is published on.
+    pub fn channel(&self) -> &str {
+        &self.channel
+    }
+
+    /// This replica's id in what it publishes (so its mirror can skip its own changes).
+    pub fn publisher(&self) -> &str {
+        &self.publisher
+    }
+
+    /// The copy of the swarms this replica answers from.
+    pub fn mirror(&self) -> &Mirror {
+        &self.mirror
+    }
+
+    /// How long a silent peer stays.
+    pub fn peer_ttl(&self) -> Duration {
+        self.peer_ttl
+    }
+
+    /// A connection for a subscription of its own (not shared: a subscribed connection can
+    /// do nothing else).
+    pub async fn pubsub(&self) -> Result<redis::aio::PubSub, StoreError> {
+        match tokio::time::timeout(self.timeout, self.client.get_async_pubsub()).await {
+            Ok(r) => Ok(r?),
+            Err(_) => Err(StoreError::Timeout(self.timeout)),
+        }
     }
 
     /// This thread's connection (created lazily: it connects on first use, and again by
@@ -259,6 +350,16 @@ impl RedisStore {
     /// Record one announce and draw its answer, in one round trip. `now_ms` is the wall clock
     /// in ms since the Unix epoch.
     pub async fn announce(&self, a: &Announce, now_ms: u64) -> Result<Answer, StoreError> {
+        self.announce_wanting(a, now_ms, Want::Draw).await
+    }
+
+    /// Record one announce, in one round trip, and answer with what `want` says.
+    pub async fn announce_wanting(
+        &self,
+        a: &Announce,
+        now_ms: u64,
+        want: Want,
+    ) -> Result<Answer, StoreError> {
         let ip = a.addr.ip();
         let member = format!("{}@{ip}", a.peer_id.to_hex());
         let role = if a.left == 0 { "S" } else { "L" };
@@ -296,14 +397,18 @@ impl RedisStore {
             .arg(self.limits.max_per_address)
             .arg(a.numwant)
             .arg(EXPIRE_BATCH)
-            .arg(ms(META_TTL));
+            .arg(ms(META_TTL))
+            .arg(&self.channel)
+            .arg(&self.publisher)
+            .arg(h.to_string())
+            .arg(want.arg());
         let v: Vec<Value> = self
             .call(|mut c: ConnectionManager| {
                 let inv = &inv;
                 async move { inv.invoke_async(&mut c).await }
             })
             .await?;
-        parse_answer(&v)
+        parse_answer(&v, want)
     }
 
     /// Counts of each swarm, in one pipelined round trip.
@@ -420,7 +525,7 @@ fn opt_int(v: &Value) -> Result<Option<u64>, StoreError> {
     }
 }
 
-fn parse_answer(v: &[Value]) -> Result<Answer, StoreError> {
+fn parse_answer(v: &[Value], want: Want) -> Result<Answer, StoreError> {
     let status = v
         .first()
         .map(int)
@@ -440,19 +545,36 @@ fn parse_answer(v: &[Value]) -> Result<Answer, StoreError> {
             .map(|n| u32::try_from(n.unwrap_or(0)).unwrap_or(u32::MAX))
     };
     let (complete, incomplete) = (count(1)?, count(2)?);
-    let peers = v
-        .iter()
-        .skip(3)
-        .filter_map(|r| match r {
-            Value::BulkString(b) => parse_record(b),
-            _ => None,
-        })
-        .collect();
+    let seq = v.get(3).map(int).transpose()?.unwrap_or(0);
+    let rest = v.get(4..).unwrap_or_default();
+    let bulk = |r: &Value| match r {
+        Value::BulkString(b) => Some(b.clone()),
+        _ => None,
+    };
+    let (peers, all) = if want == Want::All {
+        // score, record pairs; a pair this version cannot read is left out.
+        let all = rest
+            .chunks_exact(2)
+            .filter_map(|p| {
+                let at = std::str::from_utf8(&bulk(&p[0])?).ok()?.parse().ok()?;
+                Some((at, parse_full(&bulk(&p[1])?)?))
+            })
+            .collect();
+        (Vec::new(), all)
+    } else {
+        let peers = rest
+            .iter()
+            .filter_map(|r| parse_record(&bulk(r)?))
+            .collect();
+        (peers, Vec::new())
+    };
     Ok(Answer {
         recorded,
         complete,
         incomplete,
         peers,
+        seq,
+        all,
     })
 }
 
@@ -472,17 +594,27 @@ fn parse_record(b: &[u8]) -> Option<PeerEntry> {
 
 /// A whole record (`role|zone|addr|peer-id-hex|uploaded|downloaded|left`) for the dashboard.
 fn parse_listed(b: &[u8]) -> Option<Listed> {
+    parse_full(b).map(|r| r.listed)
+}
+
+/// A whole record, id included; `None` for one this version cannot read.
+pub(crate) fn parse_full(b: &[u8]) -> Option<Record> {
     let s = std::str::from_utf8(b).ok()?;
-    let f: Vec<&str> = s.split('|').collect();
-    let [_role, zone, addr, _id, up, down, left] = f.as_slice() else {
+    let mut f = s.split('|');
+    let (_role, zone, addr, id) = (f.next()?, f.next()?, f.next()?, f.next()?);
+    let (up, down, left) = (f.next()?, f.next()?, f.next()?);
+    if f.next().is_some() {
         return None;
-    };
-    Some(Listed {
-        addr: addr.parse().ok()?,
-        zone: (!zone.is_empty()).then(|| (*zone).to_owned()),
-        uploaded: up.parse().ok()?,
-        downloaded: down.parse().ok()?,
-        left: left.parse().ok()?,
+    }
+    Some(Record {
+        peer_id: PeerId::from_hex(id).ok()?,
+        listed: Listed {
+            addr: addr.parse().ok()?,
+            zone: (!zone.is_empty()).then(|| zone.to_owned()),
+            uploaded: up.parse().ok()?,
+            downloaded: down.parse().ok()?,
+            left: left.parse().ok()?,
+        },
     })
 }
 
@@ -504,19 +636,40 @@ mod tests {
             parse_listed(b"L||127.0.0.1:1|00|0|0").is_none(),
             "a field short"
         );
-        let a = parse_answer(&[
-            Value::Int(0),
-            Value::Int(1),
-            Value::Int(2),
-            Value::BulkString(rec.into_bytes()),
-            Value::BulkString(b"junk".to_vec()),
-        ])
+        let a = parse_answer(
+            &[
+                Value::Int(0),
+                Value::Int(1),
+                Value::Int(2),
+                Value::Int(7),
+                Value::BulkString(rec.clone().into_bytes()),
+                Value::BulkString(b"junk".to_vec()),
+            ],
+            Want::Draw,
+        )
         .expect("answer");
         assert_eq!(
-            (a.recorded, a.complete, a.incomplete),
-            (Recorded::Present, 1, 2)
+            (a.recorded, a.complete, a.incomplete, a.seq),
+            (Recorded::Present, 1, 2, 7)
         );
         assert_eq!(a.peers.len(), 1);
-        assert!(parse_answer(&[Value::Int(9)]).is_err());
+        let all = parse_answer(
+            &[
+                Value::Int(0),
+                Value::Int(1),
+                Value::Int(2),
+                Value::Int(7),
+                Value::BulkString(b"1700000000123".to_vec()),
+                Value::BulkString(rec.into_bytes()),
+                Value::BulkString(b"not a time".to_vec()),
+                Value::BulkString(b"junk".to_vec()),
+            ],
+            Want::All,
+        )
+        .expect("answer");
+        assert_eq!(all.all.len(), 1, "the unreadable pair is left out");
+        assert_eq!(all.all[0].0, 1_700_000_000_123);
+        assert_eq!(all.all[0].1.peer_id, id);
+        assert!(parse_answer(&[Value::Int(9)], Want::Draw).is_err());
     }
 }

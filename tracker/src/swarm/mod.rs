@@ -260,6 +260,15 @@ impl Swarm {
         Recorded::Present
     }
 
+    /// Forget every peer (the package and the completed count stay).
+    pub fn clear_peers(&mut self) {
+        *self = Self {
+            package: self.package.take(),
+            completed: self.completed,
+            ..Self::default()
+        };
+    }
+
     /// Drop peers not seen since `cutoff`; returns how many.
     pub fn expire(&mut self, cutoff: Instant) -> usize {
         let stale: Vec<PeerKey> = self

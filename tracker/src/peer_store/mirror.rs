@@ -1,0 +1,470 @@
+//! A replica's copy of the Redis swarms it serves, so it answers announces from memory.
+//!
+//! Redis stays the record: every announce still writes there, in one round trip, under the
+//! swarm's limits. What changes is where the answer comes from. Drawing `numwant` peers in the
+//! script cost Redis ~60% of its time per announce (`tracker_bench --replicas`); here each
+//! replica keeps the peers of the swarms announced to it in its own [`Swarms`], and answers
+//! with the same sampling, zones included, as the embedded store.
+//!
+//! How the copy stays right:
+//! - every change the script makes (a peer recorded or leaving) is numbered per swarm (`seq`)
+//!   and published on one channel; a replica subscribes at start and applies the others'
+//!   changes, and its own from the script's reply;
+//! - a swarm is *cold* until its first announce here, which asks the script for every live
+//!   peer along with its write (`Want::All`): the swarm is loaded at that `seq`, and changes
+//!   numbered up to it, buffered meanwhile, are already in what was loaded;
+//! - announces to a swarm that is cold or loading are answered by a draw in Redis, as before;
+//! - expiry needs no message: every copy forgets a peer two intervals after its last announce,
+//!   by the same clock the script uses;
+//! - when the subscription drops, whatever was published meanwhile is lost, so every swarm
+//!   turns cold (a generation count voids loads in flight) until its next announce loads it
+//!   again; until the subscription is back, answers are drawn in Redis.
+//!
+//! A change reaches the other replicas a few milliseconds after it is made: an announce may
+//! miss a peer that joined through another replica within that time, as it would had it come
+//! a little earlier; the next one finds it.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use dashmap::DashMap;
+use fbpkg_common::InfoHash;
+use fbpkg_common::tracker_proto::{Event, Zone};
+use futures_util::StreamExt as _;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use super::redis_store::{Record, parse_full};
+use super::{RedisStore, wall_ms};
+use crate::swarm::{Limits, PeerRecord, Swarms};
+
+/// Longest wait between two tries to subscribe.
+const RESUBSCRIBE_MAX: Duration = Duration::from_secs(5);
+
+/// One change to a swarm, as the script made it.
+#[derive(Debug, Clone)]
+pub struct Change {
+    /// Its number in the swarm.
+    pub seq: u64,
+    /// Recorded (`false`: the peer left).
+    pub present: bool,
+    /// The script's clock at the change, ms since the Unix epoch.
+    pub at_ms: u64,
+    /// The peer.
+    pub record: Record,
+}
+
+#[derive(Debug)]
+enum Copy {
+    /// Its peers are on the way, as of the generation that asked; changes wait here.
+    Loading {
+        generation: u64,
+        pending: Vec<Change>,
+    },
+    /// Its peers are in [`Swarms`] and kept up to date.
+    Warm,
+}
+
+/// Which swarms this replica holds a copy of (their peers are in the [`Swarms`] passed in).
+#[derive(Debug, Default)]
+pub struct Mirror {
+    copies: DashMap<InfoHash, Copy, foldhash::fast::RandomState>,
+    /// Bumped whenever the subscription is made or lost: loads asked for before are void.
+    generation: AtomicU64,
+    subscribed: AtomicBool,
+}
+
+impl Mirror {
+    /// The swarm's copy is complete: answer from it.
+    pub fn is_warm(&self, h: &InfoHash) -> bool {
+        self.copies.get(h).is_some_and(|c| matches!(*c, Copy::Warm))
+    }
+
+    /// Claim the load of a cold swarm: the generation to pass to [`Mirror::loaded`] when this
+    /// caller should ask for every peer, `None` when the swarm is warm, being loaded, or the
+    /// changes cannot be followed (no subscription).
+    pub fn claim(&self, h: &InfoHash) -> Option<u64> {
+        if !self.subscribed.load(Ordering::Acquire) {
+            return None;
+        }
+        let generation = self.generation.load(Ordering::Acquire);
+        match self.copies.entry(*h) {
+            dashmap::Entry::Occupied(_) => None,
+            dashmap::Entry::Vacant(v) => {
+                v.insert(Copy::Loading {
+                    generation,
+                    pending: Vec::new(),
+                });
+                Some(generation)
+            }
+        }
+    }
+
+    /// A claimed load failed: the swarm is cold again.
+    pub fn abandon(&self, h: &InfoHash, generation: u64) {
+        self.copies.remove_if(
+            h,
+            |_, c| matches!(c, Copy::Loading { generation: g, .. } if *g == generation),
+        );
+    }
+
+    /// The peers of a claimed load arrived, as of change `seq`: replace the swarm's peers with
+    /// them, apply the changes numbered after it, and keep the copy from now on. A load voided
+    /// meanwhile (the subscription dropped) is dropped.
+    pub fn loaded(
+        &self,
+        swarms: &Swarms,
+        h: &InfoHash,
+        generation: u64,
+        seq: u64,
+        peers: &[(u64, Record)],
+        ttl: Duration,
+    ) {
+        let Some(mut copy) = self.copies.get_mut(h) else {
+            return;
+        };
+        let pending = match &mut *copy {
+            Copy::Loading {
+                generation: g,
+                pending,
+            } if *g == generation => std::mem::take(pending),
+            _ => return,
+        };
+        let Some(mut swarm) = swarms.get(h) else {
+            drop(copy);
+            self.copies.remove(h);
+            return;
+        };
+        let clock = Clock::now();
+        swarm.clear_peers();
+        for (at_ms, r) in peers {
+            if let Some(rec) = clock.record(r, *at_ms, ttl) {
+                swarm.record(rec, Event::None, &Limits::NONE);
+            }
+        }
+        let mut pending = pending;
+        pending.sort_by_key(|c| c.seq);
+        for c in pending.iter().filter(|c| c.seq > seq) {
+            clock.apply(&mut swarm, c, ttl);
+        }
+        drop(swarm);
+        *copy = Copy::Warm;
+    }
+
+    /// Apply one change, made here or published by another replica: to a warm copy now, to
+    /// one loading once it has loaded; a cold swarm ignores it.
+    pub fn apply(&self, swarms: &Swarms, h: &InfoHash, change: Change, ttl: Duration) {
+        let Some(mut copy) = self.copies.get_mut(h) else {
+            return;
+        };
+        match &mut *copy {
+            Copy::Loading { pending, .. } => pending.push(change),
+            Copy::Warm => match swarms.get(h) {
+                Some(mut swarm) => Clock::now().apply(&mut swarm, &change, ttl),
+                // The sweeper dropped the swarm (unregistered, left empty): the change would
+                // be lost, so the copy goes and the next announce loads it again.
+                None => {
+                    drop(copy);
+                    self.copies.remove(h);
+                }
+            },
+        }
+    }
+
+    /// The subscription is made (`true`) or lost (`false`): either way what was published
+    /// before is not known here, so every copy is dropped and loads in flight are void.
+    pub fn set_subscribed(&self, on: bool) {
+        self.generation.fetch_add(1, Ordering::AcqRel);
+        self.subscribed.store(on, Ordering::Release);
+        self.copies.clear();
+    }
+
+    /// Swarms with a copy (warm or loading).
+    pub fn len(&self) -> usize {
+        self.copies.len()
+    }
+
+    /// No copies.
+    pub fn is_empty(&self) -> bool {
+        self.copies.is_empty()
+    }
+}
+
+/// The wall clock and the monotonic one read together, to turn the script's ms into the
+/// `Instant`s [`Swarms`] expires peers by.
+#[derive(Clone, Copy)]
+struct Clock {
+    now: Instant,
+    now_ms: u64,
+}
+
+impl Clock {
+    fn now() -> Self {
+        Self {
+            now: Instant::now(),
+            now_ms: wall_ms(),
+        }
+    }
+
+    /// The peer as [`Swarms`] keeps it; `None` when already silent for `ttl` (a replica's
+    /// clock ahead of the one that recorded it). A time ahead of ours counts as now.
+    fn record(self, r: &Record, at_ms: u64, ttl: Duration) -> Option<PeerRecord> {
+        let ago = Duration::from_millis(self.now_ms.saturating_sub(at_ms));
+        if ago >= ttl {
+            return None;
+        }
+        let zone = r.listed.zone.as_deref().and_then(|z| Zone::new(z).ok());
+        Some(PeerRecord {
+            peer_id: r.peer_id,
+            addr: r.listed.addr,
+            uploaded: r.listed.uploaded,
+            downloaded: r.listed.downloaded,
+            left: r.listed.left,
+            zone,
+            last_seen: self.now.checked_sub(ago).unwrap_or(self.now),
+        })
+    }
+
+    fn apply(self, swarm: &mut crate::swarm::Swarm, c: &Change, ttl: Duration) {
+        let event = if c.present {
+            Event::None
+        } else {
+            Event::Stopped
+        };
+        // A leaving peer is removed whatever its age; a stale record is not added.
+        let rec = match self.record(&c.record, c.at_ms, ttl) {
+            Some(rec) => rec,
+            None if !c.present => PeerRecord {
+                peer_id: c.record.peer_id,
+                addr: c.record.listed.addr,
+                uploaded: 0,
+                downloaded: 0,
+                left: 0,
+                zone: None,
+                last_seen: self.now,
+            },
+            None => return,
+        };
+        swarm.record(rec, event, &Limits::NONE);
+    }
+}
+
+/// A published change: `publisher|info-hash hex|seq|U or D|ms|record`.
+pub fn parse_message(payload: &[u8]) -> Option<(&[u8], InfoHash, Change)> {
+    let mut f = payload.splitn(6, |&b| b == b'|');
+    let publisher = f.next()?;
+    let h: InfoHash = std::str::from_utf8(f.next()?).ok()?.parse().ok()?;
+    let num = |b: &[u8]| std::str::from_utf8(b).ok()?.parse::<u64>().ok();
+    let seq = num(f.next()?)?;
+    let present = match f.next()? {
+        b"U" => true,
+        b"D" => false,
+        _ => return None,
+    };
+    let at_ms = num(f.next()?)?;
+    let record = parse_full(f.next()?)?;
+    Some((
+        publisher,
+        h,
+        Change {
+            seq,
+            present,
+            at_ms,
+            record,
+        },
+    ))
+}
+
+/// Follow the changes other replicas publish until `shutdown`: subscribe (again after any
+/// failure, backing off up to [`RESUBSCRIBE_MAX`]), apply each message to the mirror.
+pub async fn follow(store: &RedisStore, swarms: &Swarms, shutdown: CancellationToken) {
+    let mirror = store.mirror();
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        let subscribed = async {
+            let mut ps = store.pubsub().await?;
+            ps.subscribe(store.channel()).await?;
+            Ok::<_, super::StoreError>(ps)
+        };
+        let mut pubsub = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            r = subscribed => match r {
+                Ok(p) => p,
+                Err(e) => {
+                    tracing::debug!(error = %e, "mirror: cannot subscribe; answers are drawn in Redis");
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return,
+                        _ = tokio::time::sleep(backoff) => {}
+                    }
+                    backoff = (backoff * 2).min(RESUBSCRIBE_MAX);
+                    continue;
+                }
+            },
+        };
+        backoff = Duration::from_millis(100);
+        mirror.set_subscribed(true);
+        tracing::debug!(channel = store.channel(), "mirror: following changes");
+        let ours = store.publisher().as_bytes();
+        let mut messages = pubsub.on_message();
+        loop {
+            let msg = tokio::select! {
+                _ = shutdown.cancelled() => {
+                    mirror.set_subscribed(false);
+                    return;
+                }
+                m = messages.next() => m,
+            };
+            let Some(msg) = msg else { break };
+            match parse_message(msg.get_payload_bytes()) {
+                Some((from, _, _)) if from == ours => {}
+                Some((_, h, change)) => mirror.apply(swarms, &h, change, store.peer_ttl()),
+                None => tracing::debug!("mirror: a message this version cannot read"),
+            }
+        }
+        mirror.set_subscribed(false);
+        tracing::warn!(
+            store = store.shown(),
+            "mirror: subscription lost; answers are drawn in Redis until it is back"
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::swarm::PackageLabel;
+    use fbpkg_common::{PeerId, Sha256Hash};
+
+    fn record(n: u8, left: u64) -> Record {
+        let line = format!(
+            "L||127.0.0.{n}:6881|{}|0|0|{left}",
+            PeerId([n; 20]).to_hex()
+        );
+        parse_full(line.as_bytes()).expect("record")
+    }
+
+    fn change(seq: u64, n: u8, present: bool) -> Change {
+        Change {
+            seq,
+            present,
+            at_ms: wall_ms(),
+            record: record(n, 5),
+        }
+    }
+
+    fn setup() -> (Mirror, Swarms, InfoHash) {
+        let swarms = Swarms::default();
+        let h = InfoHash([3; 20]);
+        swarms.register(
+            h,
+            PackageLabel {
+                name: "app".parse().expect("name"),
+                sha256: Sha256Hash([0; 32]),
+                size: 1,
+            },
+        );
+        let m = Mirror::default();
+        m.set_subscribed(true);
+        (m, swarms, h)
+    }
+
+    fn ids(swarms: &Swarms, h: &InfoHash) -> Vec<u8> {
+        let s = swarms.get(h).expect("swarm");
+        let mut v: Vec<u8> = s
+            .seeders()
+            .iter()
+            .chain(s.leechers())
+            .map(|p| p.peer_id.0[0])
+            .collect();
+        v.sort_unstable();
+        v
+    }
+
+    const TTL: Duration = Duration::from_secs(60);
+
+    #[tokio::test]
+    async fn a_load_keeps_only_the_changes_made_after_it() {
+        let (m, swarms, h) = setup();
+        assert!(!m.is_warm(&h));
+        let g = m.claim(&h).expect("cold: this caller loads it");
+        assert_eq!(m.claim(&h), None, "one load at a time");
+        // Published while the load was on its way: 5 is in the load already, 6 and 7 not.
+        m.apply(&swarms, &h, change(5, 1, true), TTL);
+        m.apply(&swarms, &h, change(7, 2, false), TTL);
+        m.apply(&swarms, &h, change(6, 2, true), TTL);
+        assert!(!m.is_warm(&h));
+        let now = wall_ms();
+        m.loaded(
+            &swarms,
+            &h,
+            g,
+            5,
+            &[(now, record(1, 5)), (now, record(9, 0))],
+            TTL,
+        );
+        assert!(m.is_warm(&h));
+        // 2 joined (6) and left (7): applied in order, not in arrival order.
+        assert_eq!(ids(&swarms, &h), vec![1, 9]);
+        m.apply(&swarms, &h, change(8, 4, true), TTL);
+        assert_eq!(ids(&swarms, &h), vec![1, 4, 9]);
+        m.apply(&swarms, &h, change(9, 1, false), TTL);
+        assert_eq!(ids(&swarms, &h), vec![4, 9]);
+    }
+
+    #[tokio::test]
+    async fn a_lost_subscription_voids_copies_and_loads_in_flight() {
+        let (m, swarms, h) = setup();
+        let g = m.claim(&h).expect("claim");
+        m.set_subscribed(false);
+        assert_eq!(m.claim(&h), None, "no subscription, no copy");
+        m.loaded(&swarms, &h, g, 1, &[(wall_ms(), record(1, 5))], TTL);
+        assert!(!m.is_warm(&h), "a load from before the drop is void");
+        m.set_subscribed(true);
+        let g2 = m.claim(&h).expect("cold again");
+        m.loaded(&swarms, &h, g, 1, &[(wall_ms(), record(1, 5))], TTL);
+        assert!(!m.is_warm(&h), "an old generation's load is void");
+        m.loaded(&swarms, &h, g2, 1, &[(wall_ms(), record(2, 5))], TTL);
+        assert!(m.is_warm(&h));
+        assert_eq!(ids(&swarms, &h), vec![2], "a load replaces what was there");
+        m.abandon(&h, g2);
+        assert!(m.is_warm(&h), "abandon touches only its own load");
+    }
+
+    #[tokio::test]
+    async fn stale_records_are_not_loaded_and_times_carry_over() {
+        let (m, swarms, h) = setup();
+        let g = m.claim(&h).expect("claim");
+        let now = wall_ms();
+        m.loaded(
+            &swarms,
+            &h,
+            g,
+            1,
+            &[(now - 61_000, record(1, 5)), (now - 30_000, record(2, 5))],
+            TTL,
+        );
+        assert_eq!(ids(&swarms, &h), vec![2]);
+        let s = swarms.get(&h).expect("swarm");
+        let age = s.leechers()[0].last_seen.elapsed();
+        assert!((29..=31).contains(&age.as_secs()), "{age:?}");
+    }
+
+    #[test]
+    fn messages_parse_and_bad_ones_do_not() {
+        let h = InfoHash([3; 20]);
+        let rec = format!("S|dc1|10.0.0.1:6881|{}|1|2|0", PeerId([4; 20]).to_hex());
+        let msg = format!("abc|{h}|12|U|1700000000000|{rec}");
+        let (from, got, c) = parse_message(msg.as_bytes()).expect("message");
+        assert_eq!((from, got, c.seq, c.present), (&b"abc"[..], h, 12, true));
+        assert_eq!(c.record.listed.addr, "10.0.0.1:6881".parse().expect("addr"));
+        for bad in [
+            format!("abc|{h}|12|X|1|{rec}"),
+            format!("abc|nothex|12|U|1|{rec}"),
+            format!("abc|{h}|-1|U|1|{rec}"),
+            format!("abc|{h}|12|U|1|S|dc1|nonsense"),
+            "abc".to_owned(),
+        ] {
+            assert!(parse_message(bad.as_bytes()).is_none(), "{bad}");
+        }
+    }
+}
