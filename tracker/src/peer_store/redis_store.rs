@@ -47,6 +47,7 @@ use fbpkg_common::tracker_proto::{Event, PeerEntry, Zone};
 use fbpkg_common::{InfoHash, PeerId};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{Script, Value};
+use tokio::sync::{mpsc, oneshot};
 
 use super::mirror::Mirror;
 use crate::swarm::{Limits, Recorded};
@@ -196,6 +197,7 @@ pub struct RedisStore {
     /// Where it points, without credentials (for logs and `/readyz`).
     shown: String,
     conns: DashMap<ThreadId, ConnectionManager>,
+    batchers: DashMap<ThreadId, mpsc::UnboundedSender<Job>>,
     script: Script,
     /// Where changes are published for the replicas' mirrors, and this replica's id there.
     channel: String,
@@ -236,6 +238,7 @@ impl RedisStore {
             client,
             shown,
             conns: DashMap::default(),
+            batchers: DashMap::default(),
             script: Script::new(include_str!("announce.lua")),
             channel: CHANNEL.to_owned(),
             publisher: format!("{:016x}", rand::random::<u64>()),
@@ -353,7 +356,8 @@ impl RedisStore {
         self.announce_wanting(a, now_ms, Want::Draw).await
     }
 
-    /// Record one announce, in one round trip, and answer with what `want` says.
+    /// Record one announce and answer with what `want` says. Announces made on one thread
+    /// meanwhile go to Redis together, in one script call (see [`Batcher`]).
     pub async fn announce_wanting(
         &self,
         a: &Announce,
@@ -361,54 +365,82 @@ impl RedisStore {
         want: Want,
     ) -> Result<Answer, StoreError> {
         let ip = a.addr.ip();
-        let member = format!("{}@{ip}", a.peer_id.to_hex());
+        let id = a.peer_id.to_hex();
         let role = if a.left == 0 { "S" } else { "L" };
         let zone = a.zone.as_ref().map_or("", Zone::as_str);
         let record = format!(
-            "{role}|{zone}|{}|{}|{}|{}|{}",
-            a.addr,
-            a.peer_id.to_hex(),
-            a.uploaded,
-            a.downloaded,
-            a.left
+            "{role}|{zone}|{}|{id}|{}|{}|{}",
+            a.addr, a.uploaded, a.downloaded, a.left
         );
         let event = match a.event {
             Event::Stopped => "stopped",
             Event::Completed => "completed",
             _ => "",
         };
-        let h = &a.info_hash;
-        let mut inv = self.script.prepare_invoke();
-        inv.key(key(h, "seeders"))
-            .key(key(h, "leechers"))
-            .key(key(h, "peers"))
-            .key(key(h, "addr"))
-            .key(key(h, "meta"))
-            .arg(key(h, "z:"))
-            .arg(member)
-            .arg(ip.to_string())
-            .arg(event)
-            .arg(role)
-            .arg(zone)
-            .arg(record)
-            .arg(now_ms)
-            .arg(ms(self.peer_ttl))
-            .arg(self.limits.max_peers)
-            .arg(self.limits.max_per_address)
-            .arg(a.numwant)
-            .arg(EXPIRE_BATCH)
-            .arg(ms(META_TTL))
-            .arg(&self.channel)
-            .arg(&self.publisher)
-            .arg(h.to_string())
-            .arg(want.arg());
-        let v: Vec<Value> = self
-            .call(|mut c: ConnectionManager| {
-                let inv = &inv;
-                async move { inv.invoke_async(&mut c).await }
-            })
-            .await?;
-        parse_answer(&v, want)
+        let args = [
+            a.info_hash.to_string(),
+            format!("{id}@{ip}"),
+            ip.to_string(),
+            event.to_owned(),
+            role.to_owned(),
+            zone.to_owned(),
+            record,
+            now_ms.to_string(),
+            a.numwant.to_string(),
+            want.arg().to_owned(),
+        ];
+        let (done, answer) = oneshot::channel();
+        let mut job = Job { args, want, done };
+        // A batcher whose runtime has gone (a test's) is replaced once.
+        for _ in 0..2 {
+            match self.batcher()?.send(job) {
+                Ok(()) => break,
+                Err(mpsc::error::SendError(back)) => {
+                    self.batchers.remove(&std::thread::current().id());
+                    job = back;
+                }
+            }
+        }
+        let r = match tokio::time::timeout(self.timeout, answer).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(_)) => Err(StoreError::Protocol("announce dropped by its batch".into())),
+            Err(_) => Err(StoreError::Timeout(self.timeout)),
+        };
+        if let Err(e) = &r {
+            self.warn(e);
+        }
+        r
+    }
+
+    /// This thread's batcher (started on this thread's runtime on first use).
+    fn batcher(&self) -> Result<mpsc::UnboundedSender<Job>, StoreError> {
+        let id = std::thread::current().id();
+        if let Some(b) = self.batchers.get(&id) {
+            return Ok(b.clone());
+        }
+        let (tx, rx) = mpsc::unbounded_channel();
+        let batcher = Batcher {
+            conn: self.conn()?,
+            script: self.script.clone(),
+            common: self.common_args(),
+            timeout: self.timeout,
+        };
+        tokio::spawn(batcher.run(rx));
+        self.batchers.insert(id, tx.clone());
+        Ok(tx)
+    }
+
+    /// The arguments every announce of a call shares (`announce.lua`'s ARGV 1 to 7).
+    fn common_args(&self) -> Vec<String> {
+        vec![
+            ms(self.peer_ttl).to_string(),
+            self.limits.max_peers.to_string(),
+            self.limits.max_per_address.to_string(),
+            EXPIRE_BATCH.to_string(),
+            ms(META_TTL).to_string(),
+            self.channel.clone(),
+            self.publisher.clone(),
+        ]
     }
 
     /// Counts of each swarm, in one pipelined round trip.
@@ -498,6 +530,102 @@ impl RedisStore {
             })
             .await?;
         Ok(())
+    }
+}
+
+/// One announce waiting for its batch.
+struct Job {
+    /// Its ten arguments to `announce.lua`.
+    args: [String; 10],
+    want: Want,
+    done: oneshot::Sender<Result<Answer, StoreError>>,
+}
+
+/// Sends the announces of one serving thread to Redis, many per script call.
+///
+/// One `EVALSHA` per announce cost Redis a parse, a Lua call and a reply each, and the replica
+/// a command, a request and a reply each. Here announces queue while the thread's calls in
+/// flight ([`BATCHES_IN_FLIGHT`]) are out, and the next call takes all that queued (up to
+/// [`MAX_BATCH`]): alone, an announce goes at once; under load, calls grow instead of queues.
+struct Batcher {
+    conn: ConnectionManager,
+    script: Script,
+    common: Vec<String>,
+    timeout: Duration,
+}
+
+/// Most announces in one script call.
+const MAX_BATCH: usize = 64;
+/// Script calls one serving thread has out at once.
+const BATCHES_IN_FLIGHT: usize = 2;
+
+impl Batcher {
+    async fn run(self, mut jobs: mpsc::UnboundedReceiver<Job>) {
+        let this = std::sync::Arc::new(self);
+        let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(BATCHES_IN_FLIGHT));
+        while let Some(first) = jobs.recv().await {
+            let Ok(slot) = slots.clone().acquire_owned().await else {
+                return;
+            };
+            let mut batch = vec![first];
+            while batch.len() < MAX_BATCH {
+                match jobs.try_recv() {
+                    Ok(j) => batch.push(j),
+                    Err(_) => break,
+                }
+            }
+            let this = this.clone();
+            tokio::spawn(async move {
+                this.send(batch).await;
+                drop(slot);
+            });
+        }
+    }
+
+    /// One script call for `batch`; every job gets its answer or the call's error. A broken
+    /// connection (Redis restarted, say) is tried once more, within the deadline: its manager
+    /// is reconnecting already. (Should the lost answer have been of a call that ran, the
+    /// retry records the same peers again; at worst `completed` counts a download twice.)
+    async fn send(&self, batch: Vec<Job>) {
+        let mut inv = self.script.prepare_invoke();
+        for a in &self.common {
+            inv.arg(a);
+        }
+        inv.arg(batch.len());
+        for j in &batch {
+            for a in &j.args {
+                inv.arg(a);
+            }
+        }
+        let call = async {
+            let mut conn = self.conn.clone();
+            match inv.invoke_async::<Vec<Value>>(&mut conn).await {
+                Err(e) if e.is_connection_dropped() || e.is_io_error() => {
+                    inv.invoke_async(&mut conn).await
+                }
+                r => r,
+            }
+        };
+        let replies = match tokio::time::timeout(self.timeout, call).await {
+            Ok(Ok(r)) if r.len() == batch.len() => r,
+            Ok(Ok(_)) => return fail(batch, || StoreError::Protocol("short batch answer".into())),
+            Ok(Err(e)) => return fail(batch, || StoreError::Redis(e.clone())),
+            Err(_) => return fail(batch, || StoreError::Timeout(self.timeout)),
+        };
+        for (j, v) in batch.into_iter().zip(replies) {
+            let answer = match v {
+                Value::Array(items) => parse_answer(&items, j.want),
+                other => Err(StoreError::Protocol(format!("{other:?}"))),
+            };
+            // The caller may have given up (its deadline): nothing to do then.
+            let _ = j.done.send(answer);
+        }
+    }
+}
+
+fn fail(batch: Vec<Job>, e: impl Fn() -> StoreError) {
+    for j in batch {
+        let _ = j.done.send(Err(e()));
     }
 }
 
