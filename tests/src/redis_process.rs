@@ -94,30 +94,34 @@ impl RedisServer {
         }
     }
 
-    /// `DBSIZE`: how many keys it holds.
-    pub fn dbsize(&self) -> io::Result<u64> {
+    /// One inline command (`DEL key`, say); its first reply line, `\r\n` removed.
+    pub fn command(&self, line: &str) -> io::Result<String> {
         let mut s = TcpStream::connect((Ipv4Addr::LOCALHOST, self.port))?;
         s.set_read_timeout(Some(Duration::from_secs(2)))?;
-        s.write_all(b"DBSIZE\r\n")?;
-        let mut buf = [0u8; 32];
-        let n = s.read(&mut buf)?;
-        let line = std::str::from_utf8(&buf[..n]).map_err(io::Error::other)?;
+        s.write_all(format!("{line}\r\n").as_bytes())?;
+        let mut buf = Vec::new();
+        let mut byte = [0u8; 1];
+        while !buf.ends_with(b"\r\n") {
+            s.read_exact(&mut byte)?;
+            buf.push(byte[0]);
+        }
+        buf.truncate(buf.len() - 2);
+        String::from_utf8(buf).map_err(io::Error::other)
+    }
+
+    /// `DBSIZE`: how many keys it holds.
+    pub fn dbsize(&self) -> io::Result<u64> {
+        let line = self.command("DBSIZE")?;
         line.strip_prefix(':')
-            .and_then(|l| l.trim_end().parse().ok())
+            .and_then(|l| l.parse().ok())
             .ok_or_else(|| io::Error::other(format!("DBSIZE answered {line:?}")))
     }
 
     /// One `PING`, answered `+PONG`.
     pub fn ping(&self) -> io::Result<()> {
-        let mut s = TcpStream::connect((Ipv4Addr::LOCALHOST, self.port))?;
-        s.set_read_timeout(Some(Duration::from_secs(2)))?;
-        s.write_all(b"PING\r\n")?;
-        let mut buf = [0u8; 7];
-        s.read_exact(&mut buf)?;
-        if &buf == b"+PONG\r\n" {
-            Ok(())
-        } else {
-            Err(io::Error::other(format!("PING answered {buf:?}")))
+        match self.command("PING")?.as_str() {
+            "+PONG" => Ok(()),
+            other => Err(io::Error::other(format!("PING answered {other:?}"))),
         }
     }
 }

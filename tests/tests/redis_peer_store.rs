@@ -188,6 +188,71 @@ async fn limits_refuse_new_peers_and_keep_known_ones() {
     assert_eq!((fourth.complete, fourth.incomplete), (0, 3));
 }
 
+/// Role counts live in the swarm's meta, kept in step with every change the script makes: a
+/// sweep that comes before a refusal is counted too, and a set changed behind the script's
+/// back (evicted, deleted by an operator) is counted again within a quarter of a TTL.
+#[tokio::test]
+async fn counts_kept_with_the_swarm_stay_right() {
+    let redis = redis_or_skip!();
+    // An 8 s TTL: the script sweeps at most once a second and counts the sets again every
+    // 2 s, so a sweep can come without a recount.
+    let ttl = 8_000;
+    let s = RedisStore::open(
+        &redis.url(),
+        Duration::from_secs(2),
+        Duration::from_millis(ttl),
+        Limits {
+            max_peers: 10,
+            max_per_address: 2,
+        },
+    )
+    .expect("a valid Redis URL");
+    let counts = |r: &fbpkg_tracker::peer_store::Answer| (r.complete, r.incomplete);
+    let t0 = 30_000_000;
+    for n in 1..=3 {
+        s.announce(&peer(n, [127, 0, 0, n], 10), t0)
+            .await
+            .expect("announce");
+    }
+    let x = [127, 0, 0, 50];
+    for n in 5..=6 {
+        s.announce(&peer(n, x, 10), t0 + 1_000)
+            .await
+            .expect("announce");
+    }
+    // A recount (more than 2 s since the last), 1.5 s before the first three expire.
+    let recounted = s
+        .announce(&peer(5, x, 10), t0 + ttl - 1_500)
+        .await
+        .expect("announce");
+    assert_eq!(counts(&recounted), (0, 5));
+    // Past the first three's TTL: the sweep drops them, then a third peer from x is refused;
+    // the refusal keeps what the sweep counted, with no recount to mend it.
+    let t2 = t0 + ttl + 1;
+    let refused = s.announce(&peer(7, x, 10), t2).await.expect("announce");
+    assert_eq!(refused.recorded, Recorded::AddressFull);
+    let known = s.announce(&peer(5, x, 10), t2).await.expect("announce");
+    assert_eq!(
+        (known.recorded, counts(&known)),
+        (Recorded::Present, (0, 2))
+    );
+    // The leechers' set goes behind the script's back: until the next recount the kept counts
+    // are off (5 is added to the new set and counted on top), then the set is counted again.
+    let key = format!("fbpkg:swarm:{{{}}}:leechers", InfoHash([0; 20]));
+    assert_eq!(redis.command(&format!("DEL {key}")).expect("DEL"), ":1");
+    let soon = s.announce(&peer(5, x, 10), t2 + 1).await.expect("announce");
+    assert_eq!(counts(&soon), (0, 3), "kept counts, before the recount");
+    let later = s
+        .announce(&peer(5, x, 10), t0 + ttl + 500)
+        .await
+        .expect("announce");
+    assert_eq!(
+        counts(&later),
+        (0, 1),
+        "counted again: peer 5, just re-added"
+    );
+}
+
 #[tokio::test]
 async fn answers_follow_roles_and_zones() {
     let redis = redis_or_skip!();

@@ -62,9 +62,29 @@ local function announce(hash, member, ip, event, role, zone, rec, now, numwant, 
     for _, p in ipairs(prefixes(z)) do redis.call('SREM', zone_key(r, p), m) end
   end
 
-  local count = {S = redis.call('ZCARD', seeders), L = redis.call('ZCARD', leechers)}
-  local state = redis.call('HMGET', meta, 'touched', 'swept')
+  -- The keys' TTLs are refreshed once every quarter of a peer's TTL per swarm ("chores"), not
+  -- on every announce, where they were 5 of its 16 commands (tracker_bench --replicas). They
+  -- are set that quarter longer than a peer lives, so no key expires before the last peer it
+  -- holds would; an abandoned swarm still disappears by itself. Keys are made only when the
+  -- swarm is empty (chores then give every key its TTL) or a role's first peer arrives (its set
+  -- gets its TTL there), and zone buckets get theirs on each of their announces.
+  local every = math.floor(ttl / 4)
+  local keep = ttl + every
+  local state = redis.call('HMGET', meta, 'touched', 'swept', 'seq', 'seeders', 'leechers')
   local touched, swept = tonumber(state[1] or '0'), tonumber(state[2] or '0')
+  local seq = tonumber(state[3] or '0')
+  local chores = now - touched >= every or now < touched
+  -- Role counts live in meta, kept in step by every change this script makes; chores count
+  -- the sets again, so keys expired or evicted behind its back are caught within a quarter
+  -- of a TTL.
+  local count
+  if chores or not state[4] or not state[5] then
+    count = {S = redis.call('ZCARD', seeders), L = redis.call('ZCARD', leechers)}
+    chores = true
+  else
+    count = {S = tonumber(state[4]), L = tonumber(state[5])}
+  end
+  if count.S + count.L == 0 then chores = true end
   local old = redis.call('HGET', peers, member)
   -- Leaving a swarm one is not in changes nothing (and makes no key).
   if event == 'stopped' and not old then return {1, count.S, count.L, 0} end
@@ -102,23 +122,49 @@ local function announce(hash, member, ip, event, role, zone, rec, now, numwant, 
     end
   end
 
-  -- The keys' TTLs are refreshed once every quarter of a peer's TTL per swarm ("chores"), not
-  -- on every announce, where they were 5 of its 16 commands (tracker_bench --replicas). They
-  -- are set that quarter longer than a peer lives, so no key expires before the last peer it
-  -- holds would; an abandoned swarm still disappears by itself. Keys are made only when the
-  -- swarm is empty (chores then give every key its TTL) or a role's first peer arrives (its set
-  -- gets its TTL there), and zone buckets get theirs on each of their announces.
-  local every = math.floor(ttl / 4)
-  local keep = ttl + every
-  local chores = now - touched >= every or now < touched or count.S + count.L == 0
+  -- Write back what meta keeps (counts, change number, sweep and chore marks) in one command.
+  -- A swarm nobody announces to disappears by itself: no sweeper, no scan. A meta made here
+  -- gets its TTL from the chores that a swarm without `touched` always does.
+  local function save(changed)
+    local f = {'seeders', count.S, 'leechers', count.L}
+    local function put(k, v)
+      f[#f + 1] = k
+      f[#f + 1] = v
+    end
+    if changed then
+      seq = seq + 1
+      put('seq', seq)
+    end
+    if sweep then put('swept', now) end
+    if chores then
+      put('touched', now)
+      for _, k in ipairs({seeders, leechers, peers, addrs}) do redis.call('PEXPIRE', k, keep) end
+    end
+    redis.call('HSET', meta, unpack(f))
+    if chores then redis.call('PEXPIRE', meta, meta_ttl) end
+  end
 
   if event == 'stopped' then
     forget(member, old)
   else
     if not old then
-      if tonumber(redis.call('HGET', addrs, ip) or '0') >= max_per_addr then return {3} end
-      if count.S + count.L >= max_peers then return {2} end
-      redis.call('HINCRBY', addrs, ip, 1)
+      -- Counted first and taken back if refused: one command for the peer that joins.
+      local n = redis.call('HINCRBY', addrs, ip, 1)
+      local refused = nil
+      if n > max_per_addr then
+        refused = 3
+      elseif count.S + count.L >= max_peers then
+        refused = 2
+      end
+      if refused then
+        if n <= 1 then
+          redis.call('HDEL', addrs, ip)
+        else
+          redis.call('HINCRBY', addrs, ip, -1)
+        end
+        save(false)
+        return {refused}
+      end
     end
     local was, old_zone = nil, nil
     if old then was, old_zone = parse(old) end
@@ -145,15 +191,7 @@ local function announce(hash, member, ip, event, role, zone, rec, now, numwant, 
     end
   end
 
-  -- A swarm nobody announces to disappears by itself: no sweeper, no scan. A meta made by
-  -- the sweep's mark gets its TTL from the chores that a swarm without `touched` always does.
-  if sweep then redis.call('HSET', meta, 'swept', now) end
-  if chores then
-    for _, k in ipairs({seeders, leechers, peers, addrs}) do redis.call('PEXPIRE', k, keep) end
-    redis.call('HSET', meta, 'touched', now)
-    redis.call('PEXPIRE', meta, meta_ttl)
-  end
-  local seq = redis.call('HINCRBY', meta, 'seq', 1)
+  save(true)
   if channel ~= '' then
     local op = 'U'
     if event == 'stopped' then op = 'D' end

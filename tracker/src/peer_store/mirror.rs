@@ -276,7 +276,7 @@ pub fn parse_message(payload: &[u8]) -> Option<(&[u8], InfoHash, Change)> {
 }
 
 /// Follow the changes other replicas publish until `shutdown`: subscribe (again after any
-/// failure, backing off up to [`RESUBSCRIBE_MAX`]), apply each message to the mirror.
+/// failure, backing off up to `RESUBSCRIBE_MAX`), apply each message to the mirror.
 pub async fn follow(store: &RedisStore, swarms: &Swarms, shutdown: CancellationToken) {
     let mirror = store.mirror();
     let mut backoff = Duration::from_millis(100);

@@ -1,25 +1,29 @@
 //! Peers kept in Redis, shared by tracker replicas.
 //!
 //! Layout, per swarm (hex info-hash `H`; the `{H}` hash tag puts a swarm's keys in one cluster
-//! slot, so its script runs on one node):
+//! slot; a batch spans swarms, so Redis Cluster would need one batch per slot):
 //!
 //! - `fbpkg:swarm:{H}:seeders`, `...:leechers`: sorted sets, member `peer-id-hex@ip` (a peer
 //!   is who *and* where it is, as in memory), score = last announce in ms since the Unix epoch
 //!   (the tracker's wall clock, passed in: replicas share it, tests control it);
 //! - `...:peers`: hash, member -> `role|zone|addr|peer-id-hex|uploaded|downloaded|left`;
 //! - `...:addr`: hash, ip -> peers recorded under it (the per-address limit);
-//! - `...:meta`: hash, `completed`, and `touched` (when the keys' TTLs were last refreshed: once
+//! - `...:meta`: hash, `completed`; `seeders` and `leechers` (the role counts, kept in step by
+//!   the script and counted again from the sets with every `touched`); `seq` (the swarm's
+//!   change number); `swept`; and `touched` (when the keys' TTLs were last refreshed: once
 //!   every quarter of a peer's TTL, to a TTL that much longer than a peer's);
 //! - `...:z:<role>:<zone prefix>`: sets, the zone buckets (`zones.rs`) of each role.
 //!
-//! One announce is one `EVALSHA` of `announce.lua` (loaded again on `NOSCRIPT`): expire the
-//! swarm's silent peers (score older than two intervals; at most once a second per swarm),
-//! apply the limits, record or remove, number the change (`meta.seq`) and publish it on
-//! `fbpkg:peers` for the replicas' copies (`mirror.rs`), then answer with what the caller
-//! wants ([`Want`]): nothing (its copy answers), every live peer (to load the copy), or a
-//! draw (all of them, read with one `HVALS`, when they fit in `numwant`). Role counts are read once and kept in step by the script. Keys get a TTL of two and a half intervals, refreshed every half interval
-//! by an announce (zone buckets by each of their announces), so a swarm nobody announces to
-//! disappears by itself: there is no sweeper and never a scan of the keyspace.
+//! Announces go to Redis in batches, one `EVALSHA` of `announce.lua` per batch (loaded again
+//! on `NOSCRIPT`; see [`Batcher`]). For each announce the script expires the swarm's silent
+//! peers (score older than two intervals; at most once a second per swarm), applies the
+//! limits, records or removes, numbers the change (`meta.seq`) and publishes it on
+//! `fbpkg:peers` for the replicas' copies (`mirror.rs`), then answers with what the caller
+//! wants ([`Want`]): nothing (its copy answers), every live peer (to load the copy), or a draw
+//! (all of them, read with one `HVALS`, when they fit in `numwant`). Keys get a TTL of two and
+//! a half intervals, refreshed every half interval by an announce (zone buckets by each of
+//! their announces), so a swarm nobody announces to disappears by itself: there is no sweeper
+//! and never a scan of the keyspace.
 //! Scrape, `/metrics` and the dashboard ask about the swarms this replica knows (see
 //! `mod.rs`), in bounded pipelines: `ZCOUNT`s for counts, `list.lua` for peer listings.
 //!
@@ -357,7 +361,7 @@ impl RedisStore {
     }
 
     /// Record one announce and answer with what `want` says. Announces made on one thread
-    /// meanwhile go to Redis together, in one script call (see [`Batcher`]).
+    /// meanwhile go to Redis together, in one script call (see `Batcher`).
     pub async fn announce_wanting(
         &self,
         a: &Announce,
@@ -557,7 +561,7 @@ struct Batcher {
 /// Most announces in one script call.
 const MAX_BATCH: usize = 64;
 /// Script calls one serving thread has out at once.
-const BATCHES_IN_FLIGHT: usize = 2;
+const BATCHES_IN_FLIGHT: usize = 4;
 
 impl Batcher {
     async fn run(self, mut jobs: mpsc::UnboundedReceiver<Job>) {
