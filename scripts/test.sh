@@ -40,6 +40,12 @@ if ! command -v redis-server >/dev/null 2>&1; then
     fi
 fi
 
+# The Redis-over-TLS test makes its CA and certificate with the openssl tool; it skips,
+# saying so, without it.
+if ! command -v openssl >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openssl >/dev/null || true
+fi
+
 # The replica tests create their own PostgreSQL cluster (initdb in a temporary directory, a
 # free port; as the `postgres` user when run as root); they skip, saying so, without it.
 if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then

@@ -125,7 +125,10 @@ def check_rendering(where, objs):
             )
         else:
             check(replicas == 3, f"{where}: {replicas} tracker replicas, not 3")
-            check(peer_store.startswith("redis://"), f"{where}: peer store {peer_store} is not Redis")
+            check(
+                peer_store.startswith(("redis://", "rediss://")),
+                f"{where}: peer store {peer_store} is not Redis",
+            )
             check(
                 catalog is not None and catalog.startswith("postgres://"),
                 f"{where}: catalog {catalog} is not PostgreSQL",

@@ -18,6 +18,8 @@ pub struct RedisServer {
     child: Option<Child>,
     port: u16,
     dir: tempfile::TempDir,
+    /// Also serving TLS on this port, with a certificate for 127.0.0.1 from a CA of its own.
+    tls_port: Option<u16>,
 }
 
 /// Where Debian's package puts the server, or `None` (the caller skips, saying so).
@@ -45,9 +47,88 @@ impl RedisServer {
             child: None,
             port: free_loopback_port()?,
             dir: tempfile::tempdir()?,
+            tls_port: None,
         };
         s.restart()?;
         Ok(Some(s))
+    }
+
+    /// Like [`Self::start`], also serving TLS ([`Self::tls_url`]) with a certificate for
+    /// 127.0.0.1 signed by a throwaway CA ([`Self::ca_file`]), made with the `openssl` tool;
+    /// `Ok(None)` when either program is missing.
+    pub fn start_tls() -> io::Result<Option<Self>> {
+        if Command::new("openssl").arg("version").output().is_err() {
+            eprintln!("SKIPPED: openssl is not installed (apt-get install openssl)");
+            return Ok(None);
+        }
+        if redis_server_binary().is_none() {
+            return Self::start();
+        }
+        let mut s = Self {
+            child: None,
+            port: free_loopback_port()?,
+            dir: tempfile::tempdir()?,
+            tls_port: Some(free_loopback_port()?),
+        };
+        let dir = s.dir.path();
+        std::fs::write(dir.join("san.ext"), "subjectAltName=IP:127.0.0.1\n")?;
+        let ec = [
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+        ];
+        for args in [
+            &[
+                &["req", "-x509"][..],
+                &ec,
+                &["-keyout", "ca.key", "-out", "ca.pem"],
+            ][..],
+            &[
+                &["req"][..],
+                &ec,
+                &["-keyout", "server.key", "-out", "server.csr"],
+            ][..],
+        ] {
+            let mut cmd = Command::new("openssl");
+            for part in args {
+                cmd.args(*part);
+            }
+            openssl(cmd.args(["-days", "2", "-subj", "/CN=fbpkg-test"]), dir)?;
+        }
+        openssl(
+            Command::new("openssl").args([
+                "x509",
+                "-req",
+                "-in",
+                "server.csr",
+                "-CA",
+                "ca.pem",
+                "-CAkey",
+                "ca.key",
+                "-CAcreateserial",
+                "-out",
+                "server.pem",
+                "-days",
+                "2",
+                "-extfile",
+                "san.ext",
+            ]),
+            dir,
+        )?;
+        s.restart()?;
+        Ok(Some(s))
+    }
+
+    /// `rediss://127.0.0.1:TLS_PORT/0` (after [`Self::start_tls`]).
+    pub fn tls_url(&self) -> Option<String> {
+        self.tls_port.map(|p| format!("rediss://127.0.0.1:{p}/0"))
+    }
+
+    /// The PEM of the CA that signed the TLS certificate (after [`Self::start_tls`]).
+    pub fn ca_file(&self) -> PathBuf {
+        self.dir.path().join("ca.pem")
     }
 
     /// `redis://127.0.0.1:PORT/0`.
@@ -74,6 +155,21 @@ impl RedisServer {
             .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
             .arg("--dir")
             .arg(self.dir.path())
+            .args(self.tls_port.iter().flat_map(|p| {
+                [
+                    "--tls-port".to_owned(),
+                    p.to_string(),
+                    "--tls-cert-file".to_owned(),
+                    "server.pem".to_owned(),
+                    "--tls-key-file".to_owned(),
+                    "server.key".to_owned(),
+                    "--tls-ca-cert-file".to_owned(),
+                    "ca.pem".to_owned(),
+                    "--tls-auth-clients".to_owned(),
+                    "no".to_owned(),
+                ]
+            }))
+            .current_dir(self.dir.path())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -123,6 +219,19 @@ impl RedisServer {
             "+PONG" => Ok(()),
             other => Err(io::Error::other(format!("PING answered {other:?}"))),
         }
+    }
+}
+
+/// Run one `openssl` command in `dir`; its stderr in the error when it fails.
+fn openssl(cmd: &mut Command, dir: &std::path::Path) -> io::Result<()> {
+    let out = cmd.current_dir(dir).output()?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(io::Error::other(format!(
+            "{cmd:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        )))
     }
 }
 

@@ -2,8 +2,13 @@
 //!
 //! - the store itself, with a clock the test controls: expiry after two intervals, the
 //!   per-address and per-swarm limits, `stopped`, roles and zones in answers;
+//! - role counts kept in the swarm's meta stay right through sweeps, refusals and sets
+//!   changed behind the script's back;
 //! - two tracker processes on one Redis: a peer announced to one is returned by the other,
 //!   `stopped` on one removes it from both, the per-address limit counts across replicas;
+//! - each replica's copy of a swarm follows the other's changes (published, not expired) and
+//!   is loaded again after a Redis restart;
+//! - `rediss://`: TLS with the CA given, refused without it;
 //! - Redis killed: announces get a failure reason promptly and `/readyz` says the store is not
 //!   ready; Redis back: the same tracker processes serve again, without a restart;
 //! - end to end: a seed agent announcing to replica A, a leecher agent on replica B, and A
@@ -702,6 +707,87 @@ async fn a_replica_answers_from_a_copy_the_other_keeps_current() {
         },
     )
     .await;
+}
+
+/// `rediss://`: replicas reach Redis over TLS, trusting the CA given with `--peer-store-ca`,
+/// and find each other's peers there. A replica that does not trust that CA (the system's
+/// roots do not know it) gets no connection: its announces get the store's failure reason and
+/// `/readyz` says why. `--peer-store-ca` with a plain `redis://` is refused at start.
+#[tokio::test]
+async fn replicas_reach_redis_over_tls_with_the_ca_they_are_given() {
+    let Some(redis) = RedisServer::start_tls().expect("starting redis-server with TLS") else {
+        return;
+    };
+    let Some(url) = redis.tls_url() else {
+        return;
+    };
+    let ca = redis.ca_file();
+    let ca = ca.to_str().expect("a UTF-8 path");
+    let dirs = [(); 3].map(|()| tempfile::tempdir().expect("tempdir"));
+    let common = ["--allow-unregistered", "--trusted-networks", "127.0.0.0/8"];
+    let trusting = |d: &tempfile::TempDir| {
+        let args = [&common[..], &["--peer-store", &url, "--peer-store-ca", ca]].concat();
+        TrackerProcess::start_with_args(d.path(), &args).expect("tracker starts")
+    };
+    let (one, two) = (trusting(&dirs[0]), trusting(&dirs[1]));
+    let hash = InfoHash([10; 20]);
+    if let Err(e) = announce(&one.base_url(), hash, 1, [127, 0, 0, 61], 0, Event::Started)
+        .await
+        .and_then(peers_of)
+    {
+        panic!("the seed: {e}; tracker log:\n{}", one.log_tail());
+    }
+    let got = peers(
+        &two.base_url(),
+        hash,
+        2,
+        [127, 0, 0, 62],
+        9,
+        Event::Started,
+        "a leecher on the other replica",
+    )
+    .await;
+    assert_eq!(got, HashSet::from([1]), "the seed, through Redis over TLS");
+    let ready = reqwest::get(format!("{}/readyz", one.base_url()))
+        .await
+        .expect("readyz");
+    let body = ready.text().await.expect("body");
+    assert!(body.contains("peer store: rediss://127.0.0.1:"), "{body}");
+
+    let args = [&common[..], &["--peer-store", &url]].concat();
+    let blind = TrackerProcess::start_with_args(dirs[2].path(), &args).expect("tracker starts");
+    match announce(
+        &blind.base_url(),
+        hash,
+        3,
+        [127, 0, 0, 63],
+        9,
+        Event::Started,
+    )
+    .await
+    {
+        Ok(TrackerReply::Failure(f)) => assert_eq!(f, "peer store unavailable, try again"),
+        other => panic!("a replica that cannot verify Redis answered {other:?}"),
+    }
+    let ready = reqwest::get(format!("{}/readyz", blind.base_url()))
+        .await
+        .expect("readyz");
+    assert_eq!(ready.status(), reqwest::StatusCode::SERVICE_UNAVAILABLE);
+    let body = ready.text().await.expect("body");
+    assert!(body.to_lowercase().contains("certificate"), "{body}");
+
+    let plain = redis.url();
+    let args = [
+        &common[..],
+        &["--peer-store", &plain, "--peer-store-ca", ca],
+    ]
+    .concat();
+    let data = dirs[2].path().to_str().expect("a UTF-8 path");
+    let args = [&["tracker", "--data-dir", data][..], &args].concat();
+    let refused = fbpkg_rs(args, Duration::from_secs(30)).await;
+    assert!(!refused.success(), "{refused:?}");
+    let err = &refused.stderr;
+    assert!(err.contains("--peer-store-ca is for a rediss://"), "{err}");
 }
 
 #[tokio::test]

@@ -120,6 +120,12 @@ pub struct TrackerArgs {
     )]
     pub peer_store: String,
 
+    /// For `rediss://` (Redis over TLS): a PEM file of the certificate authorities to trust
+    /// for the server's certificate, instead of the system's (a private CA, a managed Redis's
+    /// own). The server's name or IP must be in its certificate.
+    #[arg(long, env = "FBPKG_TRACKER_PEER_STORE_CA", value_name = "PEM")]
+    pub peer_store_ca: Option<PathBuf>,
+
     /// Deadline of every peer-store call: past it the announce gets a failure reason ("peer
     /// store unavailable") rather than waiting.
     #[arg(long, env = "FBPKG_TRACKER_PEER_STORE_TIMEOUT", default_value = "1s", value_parser = humantime::parse_duration)]
@@ -175,7 +181,7 @@ pub enum PeerStoreKind {
     /// In this process.
     #[default]
     Memory,
-    /// Redis at this URL (`redis://HOST:PORT/DB`; may hold a password).
+    /// Redis at this URL (`redis://HOST:PORT/DB`, `rediss://` over TLS; may hold a password).
     Redis(String),
 }
 
@@ -185,7 +191,8 @@ impl PeerStoreKind {
         if s == "memory" {
             return Ok(Self::Memory);
         }
-        if s.starts_with("redis://") || s.starts_with("redis+unix://") {
+        if s.starts_with("redis://") || s.starts_with("rediss://") || s.starts_with("redis+unix://")
+        {
             redis::Client::open(s).map_err(|e| {
                 TrackerError::Config(format!("--peer-store: not a usable Redis URL: {e}"))
             })?;
@@ -258,6 +265,9 @@ pub struct Config {
     /// Where peers are kept (default memory). Not serialized: the URL may hold a password.
     #[serde(skip)]
     pub peer_store: PeerStoreKind,
+    /// Certificate authorities (PEM file) trusted for `rediss://`, instead of the system's.
+    #[serde(default)]
+    pub peer_store_ca: Option<PathBuf>,
     /// Deadline of every peer-store call (default 1 s).
     #[serde(with = "humantime_serde_compat")]
     pub peer_store_timeout: Duration,
@@ -317,6 +327,7 @@ impl Default for Config {
             dashboard_refresh_secs: 5,
             threads: 0,
             peer_store: PeerStoreKind::Memory,
+            peer_store_ca: None,
             peer_store_timeout: Duration::from_secs(1),
             catalog: CatalogKind::Files,
             catalog_timeout: Duration::from_secs(2),
@@ -349,6 +360,7 @@ impl TrackerArgs {
             dashboard_refresh_secs: self.dashboard_refresh_secs,
             threads: self.threads,
             peer_store: PeerStoreKind::parse(&self.peer_store)?,
+            peer_store_ca: self.peer_store_ca,
             peer_store_timeout: self.peer_store_timeout,
             catalog: CatalogKind::parse(&self.catalog)?,
             catalog_timeout: self.catalog_timeout,
@@ -405,6 +417,11 @@ impl Config {
             if d.is_zero() {
                 return bad(format!("{flag} must be more than 0"));
             }
+        }
+        if self.peer_store_ca.is_some()
+            && !matches!(&self.peer_store, PeerStoreKind::Redis(u) if u.starts_with("rediss://"))
+        {
+            return bad("--peer-store-ca is for a rediss:// --peer-store (Redis over TLS)".into());
         }
         if self.peer_store_timeout.is_zero() {
             return bad("--peer-store-timeout must be more than 0".into());

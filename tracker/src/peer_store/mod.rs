@@ -36,14 +36,26 @@ impl PeerStore {
     pub fn open(config: &Config) -> Result<Self, TrackerError> {
         match &config.peer_store {
             PeerStoreKind::Memory => Ok(PeerStore::Memory),
-            PeerStoreKind::Redis(url) => RedisStore::open(
-                url,
-                config.peer_store_timeout,
-                config.announce_interval * 2,
-                config.swarm_limits(),
-            )
-            .map(|r| PeerStore::Redis(Box::new(r)))
-            .map_err(|e| TrackerError::Config(format!("--peer-store: {e}"))),
+            PeerStoreKind::Redis(url) => {
+                let ca = match &config.peer_store_ca {
+                    Some(path) => Some(std::fs::read(path).map_err(|e| {
+                        TrackerError::Config(format!(
+                            "--peer-store-ca {}: cannot read it: {e}",
+                            path.display()
+                        ))
+                    })?),
+                    None => None,
+                };
+                RedisStore::open_with_ca(
+                    url,
+                    ca,
+                    config.peer_store_timeout,
+                    config.announce_interval * 2,
+                    config.swarm_limits(),
+                )
+                .map(|r| PeerStore::Redis(Box::new(r)))
+                .map_err(|e| TrackerError::Config(format!("--peer-store: {e}")))
+            }
         }
     }
 

@@ -235,9 +235,37 @@ impl RedisStore {
         peer_ttl: Duration,
         limits: Limits,
     ) -> Result<Self, redis::RedisError> {
-        let client = redis::Client::open(url)?;
+        Self::open_with_ca(url, None, timeout, peer_ttl, limits)
+    }
+
+    /// [`RedisStore::open`], trusting the certificate authorities in `ca` (PEM) rather than
+    /// the system's for a `rediss://` URL.
+    pub fn open_with_ca(
+        url: &str,
+        ca: Option<Vec<u8>>,
+        timeout: Duration,
+        peer_ttl: Duration,
+        limits: Limits,
+    ) -> Result<Self, redis::RedisError> {
+        let tls = url.starts_with("rediss://");
+        if tls {
+            // Two crypto providers are linked in (other crates bring ring); rustls must be
+            // told which. An error means one is installed already, which is as good.
+            let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+        }
+        let client = match ca {
+            Some(root_cert) if tls => redis::Client::build_with_tls(
+                url,
+                redis::TlsCertificates {
+                    client_tls: None,
+                    root_cert: Some(root_cert),
+                },
+            )?,
+            _ => redis::Client::open(url)?,
+        };
         let info = client.get_connection_info();
-        let shown = format!("redis://{}/{}", info.addr(), info.redis_settings().db());
+        let scheme = if tls { "rediss" } else { "redis" };
+        let shown = format!("{scheme}://{}/{}", info.addr(), info.redis_settings().db());
         Ok(Self {
             client,
             shown,
