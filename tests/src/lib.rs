@@ -27,6 +27,7 @@ mod logged_child;
 mod postgres_process;
 mod raw_peer;
 mod redis_process;
+mod tls_certs;
 mod tracker_process;
 
 pub use agent_process::{AgentProcess, free_loopback_port, log_field};

@@ -57,8 +57,7 @@ impl RedisServer {
     /// 127.0.0.1 signed by a throwaway CA ([`Self::ca_file`]), made with the `openssl` tool;
     /// `Ok(None)` when either program is missing.
     pub fn start_tls() -> io::Result<Option<Self>> {
-        if Command::new("openssl").arg("version").output().is_err() {
-            eprintln!("SKIPPED: openssl is not installed (apt-get install openssl)");
+        if !crate::tls_certs::openssl_available() {
             return Ok(None);
         }
         if redis_server_binary().is_none() {
@@ -70,53 +69,7 @@ impl RedisServer {
             dir: tempfile::tempdir()?,
             tls_port: Some(free_loopback_port()?),
         };
-        let dir = s.dir.path();
-        std::fs::write(dir.join("san.ext"), "subjectAltName=IP:127.0.0.1\n")?;
-        let ec = [
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:prime256v1",
-            "-nodes",
-        ];
-        for args in [
-            &[
-                &["req", "-x509"][..],
-                &ec,
-                &["-keyout", "ca.key", "-out", "ca.pem"],
-            ][..],
-            &[
-                &["req"][..],
-                &ec,
-                &["-keyout", "server.key", "-out", "server.csr"],
-            ][..],
-        ] {
-            let mut cmd = Command::new("openssl");
-            for part in args {
-                cmd.args(*part);
-            }
-            openssl(cmd.args(["-days", "2", "-subj", "/CN=fbpkg-test"]), dir)?;
-        }
-        openssl(
-            Command::new("openssl").args([
-                "x509",
-                "-req",
-                "-in",
-                "server.csr",
-                "-CA",
-                "ca.pem",
-                "-CAkey",
-                "ca.key",
-                "-CAcreateserial",
-                "-out",
-                "server.pem",
-                "-days",
-                "2",
-                "-extfile",
-                "san.ext",
-            ]),
-            dir,
-        )?;
+        crate::tls_certs::make(s.dir.path())?;
         s.restart()?;
         Ok(Some(s))
     }
@@ -219,19 +172,6 @@ impl RedisServer {
             "+PONG" => Ok(()),
             other => Err(io::Error::other(format!("PING answered {other:?}"))),
         }
-    }
-}
-
-/// Run one `openssl` command in `dir`; its stderr in the error when it fails.
-fn openssl(cmd: &mut Command, dir: &std::path::Path) -> io::Result<()> {
-    let out = cmd.current_dir(dir).output()?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(io::Error::other(format!(
-            "{cmd:?} failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        )))
     }
 }
 

@@ -36,6 +36,7 @@ pub mod postgres;
 pub mod rollout;
 mod server;
 pub mod swarm;
+mod tls;
 
 pub use config::{Config, PeerStoreKind, TrackerArgs, default_data_dir};
 pub use error::TrackerError;

@@ -249,9 +249,7 @@ impl RedisStore {
     ) -> Result<Self, redis::RedisError> {
         let tls = url.starts_with("rediss://");
         if tls {
-            // Two crypto providers are linked in (other crates bring ring); rustls must be
-            // told which. An error means one is installed already, which is as good.
-            let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+            crate::tls::install_provider();
         }
         let client = match ca {
             Some(root_cert) if tls => redis::Client::build_with_tls(
