@@ -258,6 +258,37 @@ async fn counts_kept_with_the_swarm_stay_right() {
     );
 }
 
+/// A peer silent past its TTL that then says `stopped`: the sweep in the same call takes its
+/// entry first, and the stop is answered, not failed (nor the announces batched with it).
+#[tokio::test]
+async fn a_stop_from_a_peer_already_expired_is_answered() {
+    let redis = redis_or_skip!();
+    let s = store(&redis, Limits::NONE);
+    let t0 = 40_000_000;
+    let sleeper = peer(1, [127, 0, 0, 2], 10);
+    s.announce(&sleeper, t0).await.expect("announce");
+    let mut stop = sleeper.clone();
+    stop.event = Event::Stopped;
+    let r = s.announce(&stop, t0 + TTL_MS + 1).await.expect("an answer");
+    assert_eq!(
+        (r.recorded, r.complete, r.incomplete),
+        (Recorded::Removed, 0, 0)
+    );
+    // A bad announce fails alone: a key of the wrong type under one swarm's name.
+    let mut other = peer(2, [127, 0, 0, 3], 10);
+    other.info_hash = InfoHash([5; 20]);
+    let key = format!("fbpkg:swarm:{{{}}}:meta", other.info_hash);
+    assert_eq!(redis.command(&format!("SET {key} x")).expect("SET"), "+OK");
+    let good = peer(3, [127, 0, 0, 4], 10);
+    let (bad, fine) = tokio::join!(s.announce(&other, t0 + 1), s.announce(&good, t0 + 1));
+    let err = bad.expect_err("an announce to a swarm whose meta is not a hash");
+    assert!(err.to_string().contains("announce script"), "{err}");
+    assert_eq!(
+        fine.expect("the other announce").recorded,
+        Recorded::Present
+    );
+}
+
 #[tokio::test]
 async fn answers_follow_roles_and_zones() {
     let redis = redis_or_skip!();
@@ -652,6 +683,26 @@ async fn a_replica_answers_from_a_copy_the_other_keeps_current() {
     let dirs = [(); 2].map(|()| tempfile::tempdir().expect("tempdir"));
     let [one, two] = replicas_every(&redis, &dirs, "300s");
     let (b1, b2) = (one.base_url(), two.base_url());
+    // Each replica subscribes to the changes just after it starts listening; until then it
+    // draws answers in Redis.
+    for base in [&b1, &b2] {
+        wait_for(
+            "the replica to follow changes",
+            Duration::from_secs(30),
+            || async move {
+                let metrics = text(&format!("{base}/metrics")).await;
+                if metrics
+                    .lines()
+                    .any(|l| l == "fbpkg_tracker_redis_following 1")
+                {
+                    Ok(())
+                } else {
+                    Err("not following yet".to_owned())
+                }
+            },
+        )
+        .await;
+    }
     let hash = InfoHash([9; 20]);
     let (seed, a, b) = ([127, 0, 0, 41], [127, 0, 0, 42], [127, 0, 0, 43]);
     peers(&b1, hash, 1, seed, 0, Event::Started, "the seed").await;

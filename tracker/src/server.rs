@@ -266,9 +266,16 @@ async fn sweep(state: SharedState, shutdown: CancellationToken) {
         };
         let s = state.clone();
         // Off the async workers: a sweep of a large tracker takes a while.
-        let dropped = tokio::task::spawn_blocking(move || s.swarms.sweep(cutoff))
-            .await
-            .unwrap_or(0);
+        let dropped = tokio::task::spawn_blocking(move || {
+            let dropped = s.swarms.sweep(cutoff);
+            // Copies of swarms the sweep dropped (unregistered, left empty) go too.
+            if let Some(store) = s.peers.redis() {
+                store.mirror().retain(|h| s.swarms.get(h).is_some());
+            }
+            dropped
+        })
+        .await
+        .unwrap_or(0);
         if dropped > 0 {
             tracing::debug!(dropped, "expired silent peers");
         }

@@ -17,8 +17,7 @@ use tokio::time::Instant;
 
 use super::SharedState;
 use crate::metrics::{AnnounceOutcome, AnsweredFrom};
-use crate::peer_store::mirror::Change;
-use crate::peer_store::{Announce, Record, RedisStore, Want, wall_ms};
+use crate::peer_store::{Announce, RedisStore, Want, wall_ms};
 use crate::swarm::{PeerKey, PeerRecord, Recorded};
 
 /// Full scrapes (no info_hash) are answered only up to this many swarms.
@@ -286,42 +285,29 @@ async fn serve_announce_redis(
     let h = req.info_hash;
     let (want, load) = if mirror.is_warm(&h) {
         (Want::Nothing, None)
-    } else if let Some(generation) = mirror.claim(&h) {
-        (Want::All, Some(generation))
+    } else if let Some(claim) = mirror.claim(&h) {
+        (Want::All, Some(claim))
     } else if numwant == 0 {
         (Want::Nothing, None)
     } else {
         (Want::Draw, None)
     };
-    let now_ms = wall_ms();
-    let answer = match store.announce_wanting(&announce, now_ms, want).await {
+    // A claim not used (an error below, or this future dropped) is given back on drop.
+    let answer = match store.announce_wanting(&announce, wall_ms(), want).await {
         Ok(a) => a,
         Err(e) => {
-            if let Some(generation) = load {
-                mirror.abandon(&h, generation);
-            }
             tracing::debug!(info_hash = %h, peer = %ip, error = %e, "announce failed: peer store");
             let mut body = Vec::new();
             encode_failure(STORE_UNAVAILABLE, &mut body);
             return (body, AnnounceOutcome::StoreUnavailable);
         }
     };
-    let ttl = store.peer_ttl();
-    if let Some(generation) = load {
-        // Only a recorded peer's answer carries the swarm (a refusal or a leave does not).
-        if answer.recorded == Recorded::Present {
-            mirror.loaded(&state.swarms, &h, generation, answer.seq, &answer.all, ttl);
-        } else {
-            mirror.abandon(&h, generation);
-        }
-    } else if answer.seq > 0 {
-        let change = Change {
-            seq: answer.seq,
-            present: answer.recorded == Recorded::Present,
-            at_ms: now_ms,
-            record: Record::of(&announce),
-        };
-        mirror.apply(&state.swarms, &h, change, ttl);
+    // Only a recorded peer's answer carries the swarm (a refusal or a leave does not). This
+    // announce's own change reaches the copy as published, in order with everyone's.
+    if let Some(claim) = load
+        && answer.recorded == Recorded::Present
+    {
+        claim.loaded(&state.swarms, answer.seq, &answer.all, store.peer_ttl());
     }
     if let Some((outcome, reason)) = refusal(answer.recorded, ip, config) {
         return refused(&req, ip, outcome, &reason);

@@ -1,5 +1,7 @@
 //! `/metrics`, `/healthz`, `/readyz`.
 
+use std::fmt::Write as _;
+
 use axum::extract::State;
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -35,6 +37,19 @@ pub(super) async fn metrics(State(state): State<SharedState>) -> Response {
         });
     }
     let mut body = state.metrics.render(&g);
+    if let Some(store) = state.peers.redis() {
+        let m = store.mirror();
+        let _ = write!(
+            body,
+            "# HELP fbpkg_tracker_redis_following With --peer-store redis: 1 while this replica \
+             follows the changes published by all (its copies of swarms are kept), else 0.\n\
+             # TYPE fbpkg_tracker_redis_following gauge\nfbpkg_tracker_redis_following {}\n\
+             # HELP fbpkg_tracker_redis_copies Swarms this replica keeps a copy of.\n\
+             # TYPE fbpkg_tracker_redis_copies gauge\nfbpkg_tracker_redis_copies {}\n",
+            u8::from(m.is_subscribed()),
+            m.len()
+        );
+    }
     render_rollouts(&mut body, &state.rollouts.active());
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body).into_response()
 }

@@ -145,6 +145,11 @@ local function announce(hash, member, ip, event, role, zone, rec, now, numwant, 
   end
 
   if event == 'stopped' then
+    -- Its own entry may have gone with the sweep just now (silent past its TTL).
+    if not old then
+      save(false)
+      return {1, count.S, count.L, 0}
+    end
     forget(member, old)
   else
     if not old then
@@ -272,10 +277,20 @@ local function announce(hash, member, ip, event, role, zone, rec, now, numwant, 
   return out
 end
 
+-- One announce that fails (a bug, a key of the wrong type) answers {-1, why} and does not
+-- fail the others of the call: Redis does not undo what they wrote, so they must be answered.
 local out = {}
 for i = 0, tonumber(ARGV[8]) - 1 do
   local a = 8 + i * 10
-  out[#out + 1] = announce(ARGV[a + 1], ARGV[a + 2], ARGV[a + 3], ARGV[a + 4], ARGV[a + 5],
-    ARGV[a + 6], ARGV[a + 7], tonumber(ARGV[a + 8]), tonumber(ARGV[a + 9]), ARGV[a + 10])
+  local ok, r = pcall(announce, ARGV[a + 1], ARGV[a + 2], ARGV[a + 3], ARGV[a + 4],
+    ARGV[a + 5], ARGV[a + 6], ARGV[a + 7], tonumber(ARGV[a + 8]), tonumber(ARGV[a + 9]),
+    ARGV[a + 10])
+  if ok then
+    out[#out + 1] = r
+  elseif type(r) == 'table' and r.err then
+    out[#out + 1] = {-1, r.err}
+  else
+    out[#out + 1] = {-1, tostring(r)}
+  end
 end
 return out

@@ -8,17 +8,20 @@
 //!
 //! How the copy stays right:
 //! - every change the script makes (a peer recorded or leaving) is numbered per swarm (`seq`)
-//!   and published on one channel; a replica subscribes at start and applies the others'
-//!   changes, and its own from the script's reply;
+//!   and published on one channel; a replica subscribes at start and applies every change in
+//!   the order Redis made them, its own included (not from the script's replies: they come on
+//!   other connections, in another order);
 //! - a swarm is *cold* until its first announce here, which asks the script for every live
 //!   peer along with its write (`Want::All`): the swarm is loaded at that `seq`, and changes
-//!   numbered up to it, buffered meanwhile, are already in what was loaded;
+//!   numbered up to it, buffered meanwhile or arriving late, are already in what was loaded
+//!   (a copy drops any change numbered at or below the last it holds);
 //! - announces to a swarm that is cold or loading are answered by a draw in Redis, as before;
 //! - expiry needs no message: every copy forgets a peer two intervals after its last announce,
 //!   by the same clock the script uses;
 //! - when the subscription drops, whatever was published meanwhile is lost, so every swarm
 //!   turns cold (a generation count voids loads in flight) until its next announce loads it
-//!   again; until the subscription is back, answers are drawn in Redis.
+//!   again; until the subscription is back, answers are drawn in Redis. The subscription is
+//!   pinged every [`PING_EVERY`]: one cut silently (a NAT's idle timeout) counts as lost.
 //!
 //! A change reaches the other replicas a few milliseconds after it is made: an announce may
 //! miss a peer that joined through another replica within that time, as it would had it come
@@ -31,6 +34,7 @@ use dashmap::DashMap;
 use fbpkg_common::InfoHash;
 use fbpkg_common::tracker_proto::{Event, Zone};
 use futures_util::StreamExt as _;
+use redis::Value;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -40,6 +44,11 @@ use crate::swarm::{Limits, PeerRecord, Swarms};
 
 /// Longest wait between two tries to subscribe.
 const RESUBSCRIBE_MAX: Duration = Duration::from_secs(5);
+/// How often the subscription is checked with a `PING` (answered within the store's deadline).
+pub const PING_EVERY: Duration = Duration::from_secs(5);
+/// Most changes one loading copy buffers; past it the load is given up (the swarm stays cold
+/// and the next announce tries again): a load that never completes must not grow without end.
+const MOST_PENDING: usize = 100_000;
 
 /// One change to a swarm, as the script made it.
 #[derive(Debug, Clone)]
@@ -61,8 +70,8 @@ enum Copy {
         generation: u64,
         pending: Vec<Change>,
     },
-    /// Its peers are in [`Swarms`] and kept up to date.
-    Warm,
+    /// Its peers are in [`Swarms`] and kept up to date, up to change `seq`.
+    Warm { seq: u64 },
 }
 
 /// Which swarms this replica holds a copy of (their peers are in the [`Swarms`] passed in).
@@ -77,31 +86,47 @@ pub struct Mirror {
 impl Mirror {
     /// The swarm's copy is complete: answer from it.
     pub fn is_warm(&self, h: &InfoHash) -> bool {
-        self.copies.get(h).is_some_and(|c| matches!(*c, Copy::Warm))
+        self.copies
+            .get(h)
+            .is_some_and(|c| matches!(*c, Copy::Warm { .. }))
     }
 
     /// Claim the load of a cold swarm: the generation to pass to [`Mirror::loaded`] when this
     /// caller should ask for every peer, `None` when the swarm is warm, being loaded, or the
     /// changes cannot be followed (no subscription).
-    pub fn claim(&self, h: &InfoHash) -> Option<u64> {
+    ///
+    /// The claim is given back when dropped unless [`Claim::loaded`] was called: an announce
+    /// cancelled while it waits (its client went away) leaves the swarm cold, not loading.
+    pub fn claim(&self, h: &InfoHash) -> Option<Claim<'_>> {
+        let generation = self.generation.load(Ordering::Acquire);
         if !self.subscribed.load(Ordering::Acquire) {
             return None;
         }
-        let generation = self.generation.load(Ordering::Acquire);
         match self.copies.entry(*h) {
-            dashmap::Entry::Occupied(_) => None,
+            dashmap::Entry::Occupied(_) => return None,
             dashmap::Entry::Vacant(v) => {
                 v.insert(Copy::Loading {
                     generation,
                     pending: Vec::new(),
                 });
-                Some(generation)
             }
         }
+        let claim = Claim {
+            mirror: self,
+            h: *h,
+            generation,
+            armed: true,
+        };
+        // The subscription may have dropped (and the copies been cleared) between the check
+        // and the insert: then this load is void already.
+        if self.generation.load(Ordering::Acquire) != generation {
+            return None;
+        }
+        Some(claim)
     }
 
     /// A claimed load failed: the swarm is cold again.
-    pub fn abandon(&self, h: &InfoHash, generation: u64) {
+    fn abandon(&self, h: &InfoHash, generation: u64) {
         self.copies.remove_if(
             h,
             |_, c| matches!(c, Copy::Loading { generation: g, .. } if *g == generation),
@@ -111,7 +136,7 @@ impl Mirror {
     /// The peers of a claimed load arrived, as of change `seq`: replace the swarm's peers with
     /// them, apply the changes numbered after it, and keep the copy from now on. A load voided
     /// meanwhile (the subscription dropped) is dropped.
-    pub fn loaded(
+    fn loaded(
         &self,
         swarms: &Swarms,
         h: &InfoHash,
@@ -120,6 +145,11 @@ impl Mirror {
         peers: &[(u64, Record)],
         ttl: Duration,
     ) {
+        if self.generation.load(Ordering::Acquire) != generation
+            || !self.subscribed.load(Ordering::Acquire)
+        {
+            return;
+        }
         let Some(mut copy) = self.copies.get_mut(h) else {
             return;
         };
@@ -144,23 +174,33 @@ impl Mirror {
         }
         let mut pending = pending;
         pending.sort_by_key(|c| c.seq);
+        let mut last = seq;
         for c in pending.iter().filter(|c| c.seq > seq) {
             clock.apply(&mut swarm, c, ttl);
+            last = c.seq;
         }
         drop(swarm);
-        *copy = Copy::Warm;
+        *copy = Copy::Warm { seq: last };
     }
 
-    /// Apply one change, made here or published by another replica: to a warm copy now, to
-    /// one loading once it has loaded; a cold swarm ignores it.
+    /// Apply one published change: to a warm copy now (unless it holds it already), to one
+    /// loading once it has loaded; a cold swarm ignores it.
     pub fn apply(&self, swarms: &Swarms, h: &InfoHash, change: Change, ttl: Duration) {
         let Some(mut copy) = self.copies.get_mut(h) else {
             return;
         };
         match &mut *copy {
-            Copy::Loading { pending, .. } => pending.push(change),
-            Copy::Warm => match swarms.get(h) {
-                Some(mut swarm) => Clock::now().apply(&mut swarm, &change, ttl),
+            Copy::Loading { pending, .. } if pending.len() < MOST_PENDING => pending.push(change),
+            Copy::Loading { .. } => {
+                drop(copy);
+                self.copies.remove(h);
+            }
+            Copy::Warm { seq } if change.seq <= *seq => {}
+            Copy::Warm { seq } => match swarms.get(h) {
+                Some(mut swarm) => {
+                    Clock::now().apply(&mut swarm, &change, ttl);
+                    *seq = change.seq;
+                }
                 // The sweeper dropped the swarm (unregistered, left empty): the change would
                 // be lost, so the copy goes and the next announce loads it again.
                 None => {
@@ -174,9 +214,19 @@ impl Mirror {
     /// The subscription is made (`true`) or lost (`false`): either way what was published
     /// before is not known here, so every copy is dropped and loads in flight are void.
     pub fn set_subscribed(&self, on: bool) {
-        self.generation.fetch_add(1, Ordering::AcqRel);
         self.subscribed.store(on, Ordering::Release);
+        self.generation.fetch_add(1, Ordering::AcqRel);
         self.copies.clear();
+    }
+
+    /// Forget the copies of swarms `keep` says are gone (the sweeper dropped them).
+    pub fn retain(&self, keep: impl Fn(&InfoHash) -> bool) {
+        self.copies.retain(|h, _| keep(h));
+    }
+
+    /// Following the published changes now.
+    pub fn is_subscribed(&self) -> bool {
+        self.subscribed.load(Ordering::Acquire)
     }
 
     /// Swarms with a copy (warm or loading).
@@ -187,6 +237,34 @@ impl Mirror {
     /// No copies.
     pub fn is_empty(&self) -> bool {
         self.copies.is_empty()
+    }
+}
+
+/// The right to load one cold swarm ([`Mirror::claim`]); given back on drop unless used.
+#[derive(Debug)]
+pub struct Claim<'a> {
+    mirror: &'a Mirror,
+    h: InfoHash,
+    generation: u64,
+    armed: bool,
+}
+
+impl Claim<'_> {
+    /// The swarm's live peers arrived, as of change `seq`: replace the copy's peers with them,
+    /// apply the changes numbered after it, and keep the copy from now on. A load voided
+    /// meanwhile (the subscription dropped) is dropped.
+    pub fn loaded(mut self, swarms: &Swarms, seq: u64, peers: &[(u64, Record)], ttl: Duration) {
+        self.armed = false;
+        self.mirror
+            .loaded(swarms, &self.h, self.generation, seq, peers, ttl);
+    }
+}
+
+impl Drop for Claim<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            self.mirror.abandon(&self.h, self.generation);
+        }
     }
 }
 
@@ -286,7 +364,7 @@ pub async fn follow(store: &RedisStore, swarms: &Swarms, shutdown: CancellationT
             ps.subscribe(store.channel()).await?;
             Ok::<_, super::StoreError>(ps)
         };
-        let mut pubsub = tokio::select! {
+        let pubsub = tokio::select! {
             _ = shutdown.cancelled() => return,
             r = subscribed => match r {
                 Ok(p) => p,
@@ -304,21 +382,39 @@ pub async fn follow(store: &RedisStore, swarms: &Swarms, shutdown: CancellationT
         backoff = Duration::from_millis(100);
         mirror.set_subscribed(true);
         tracing::debug!(channel = store.channel(), "mirror: following changes");
-        let ours = store.publisher().as_bytes();
-        let mut messages = pubsub.on_message();
+        let (mut sink, mut messages) = pubsub.split();
+        let mut ping = tokio::time::interval(PING_EVERY);
+        let mut warned = false;
+        ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let msg = tokio::select! {
                 _ = shutdown.cancelled() => {
                     mirror.set_subscribed(false);
                     return;
                 }
+                _ = ping.tick() => {
+                    let pong = tokio::time::timeout(store.timeout(), sink.ping::<Value>()).await;
+                    if matches!(pong, Ok(Ok(_))) {
+                        continue;
+                    }
+                    break;
+                }
                 m = messages.next() => m,
             };
             let Some(msg) = msg else { break };
             match parse_message(msg.get_payload_bytes()) {
-                Some((from, _, _)) if from == ours => {}
                 Some((_, h, change)) => mirror.apply(swarms, &h, change, store.peer_ttl()),
-                None => tracing::debug!("mirror: a message this version cannot read"),
+                // Another version's message: what it changed cannot be followed, so the
+                // copies go (answers are drawn until each swarm's next announce loads it).
+                None => {
+                    if !std::mem::replace(&mut warned, true) {
+                        tracing::warn!(
+                            "mirror: a message this version cannot read (another \
+                             version publishing?); its copies are dropped on each one"
+                        );
+                    }
+                    mirror.set_subscribed(true);
+                }
             }
         }
         mirror.set_subscribed(false);
@@ -386,26 +482,24 @@ mod tests {
     async fn a_load_keeps_only_the_changes_made_after_it() {
         let (m, swarms, h) = setup();
         assert!(!m.is_warm(&h));
-        let g = m.claim(&h).expect("cold: this caller loads it");
-        assert_eq!(m.claim(&h), None, "one load at a time");
+        let claim = m.claim(&h).expect("cold: this caller loads it");
+        assert!(m.claim(&h).is_none(), "one load at a time");
         // Published while the load was on its way: 5 is in the load already, 6 and 7 not.
         m.apply(&swarms, &h, change(5, 1, true), TTL);
         m.apply(&swarms, &h, change(7, 2, false), TTL);
         m.apply(&swarms, &h, change(6, 2, true), TTL);
         assert!(!m.is_warm(&h));
         let now = wall_ms();
-        m.loaded(
-            &swarms,
-            &h,
-            g,
-            5,
-            &[(now, record(1, 5)), (now, record(9, 0))],
-            TTL,
-        );
+        claim.loaded(&swarms, 5, &[(now, record(1, 5)), (now, record(9, 0))], TTL);
         assert!(m.is_warm(&h));
         // 2 joined (6) and left (7): applied in order, not in arrival order.
         assert_eq!(ids(&swarms, &h), vec![1, 9]);
         m.apply(&swarms, &h, change(8, 4, true), TTL);
+        assert_eq!(ids(&swarms, &h), vec![1, 4, 9]);
+        // A change the copy holds already, arriving late (a lagging follower), is dropped:
+        // applied, this one would take 9 out.
+        m.apply(&swarms, &h, change(4, 9, false), TTL);
+        m.apply(&swarms, &h, change(8, 9, false), TTL);
         assert_eq!(ids(&swarms, &h), vec![1, 4, 9]);
         m.apply(&swarms, &h, change(9, 1, false), TTL);
         assert_eq!(ids(&swarms, &h), vec![4, 9]);
@@ -414,31 +508,43 @@ mod tests {
     #[tokio::test]
     async fn a_lost_subscription_voids_copies_and_loads_in_flight() {
         let (m, swarms, h) = setup();
-        let g = m.claim(&h).expect("claim");
+        let claim = m.claim(&h).expect("claim");
         m.set_subscribed(false);
-        assert_eq!(m.claim(&h), None, "no subscription, no copy");
-        m.loaded(&swarms, &h, g, 1, &[(wall_ms(), record(1, 5))], TTL);
+        assert!(m.claim(&h).is_none(), "no subscription, no copy");
+        claim.loaded(&swarms, 1, &[(wall_ms(), record(1, 5))], TTL);
         assert!(!m.is_warm(&h), "a load from before the drop is void");
         m.set_subscribed(true);
-        let g2 = m.claim(&h).expect("cold again");
-        m.loaded(&swarms, &h, g, 1, &[(wall_ms(), record(1, 5))], TTL);
+        let stale = m.claim(&h).expect("cold again");
+        m.set_subscribed(true);
+        let fresh = m.claim(&h).expect("cold again, after another resubscribe");
+        stale.loaded(&swarms, 1, &[(wall_ms(), record(1, 5))], TTL);
         assert!(!m.is_warm(&h), "an old generation's load is void");
-        m.loaded(&swarms, &h, g2, 1, &[(wall_ms(), record(2, 5))], TTL);
+        fresh.loaded(&swarms, 1, &[(wall_ms(), record(2, 5))], TTL);
         assert!(m.is_warm(&h));
         assert_eq!(ids(&swarms, &h), vec![2], "a load replaces what was there");
-        m.abandon(&h, g2);
-        assert!(m.is_warm(&h), "abandon touches only its own load");
+    }
+
+    #[tokio::test]
+    async fn a_claim_dropped_unused_leaves_the_swarm_cold() {
+        let (m, swarms, h) = setup();
+        let claim = m.claim(&h).expect("claim");
+        // The announce that claimed it is cancelled (its client went away) mid-load.
+        drop(claim);
+        let claim = m.claim(&h).expect("cold, not loading for ever");
+        claim.loaded(&swarms, 3, &[(wall_ms(), record(1, 5))], TTL);
+        assert!(m.is_warm(&h));
+        // Swarms the sweeper dropped lose their copies.
+        m.retain(|_| false);
+        assert!(!m.is_warm(&h));
     }
 
     #[tokio::test]
     async fn stale_records_are_not_loaded_and_times_carry_over() {
         let (m, swarms, h) = setup();
-        let g = m.claim(&h).expect("claim");
+        let claim = m.claim(&h).expect("claim");
         let now = wall_ms();
-        m.loaded(
+        claim.loaded(
             &swarms,
-            &h,
-            g,
             1,
             &[(now - 61_000, record(1, 5)), (now - 30_000, record(2, 5))],
             TTL,

@@ -134,22 +134,6 @@ pub enum Want {
     All,
 }
 
-impl Record {
-    /// The record an announce makes.
-    pub fn of(a: &Announce) -> Self {
-        Self {
-            peer_id: a.peer_id,
-            listed: Listed {
-                addr: a.addr,
-                zone: a.zone.as_ref().map(|z| z.as_str().to_owned()),
-                uploaded: a.uploaded,
-                downloaded: a.downloaded,
-                left: a.left,
-            },
-        }
-    }
-}
-
 impl Want {
     fn arg(self) -> &'static str {
         match self {
@@ -201,7 +185,7 @@ pub struct RedisStore {
     /// Where it points, without credentials (for logs and `/readyz`).
     shown: String,
     conns: DashMap<ThreadId, ConnectionManager>,
-    batchers: DashMap<ThreadId, mpsc::UnboundedSender<Job>>,
+    batchers: DashMap<ThreadId, mpsc::Sender<Job>>,
     script: Script,
     /// Where changes are published for the replicas' mirrors, and this replica's id there.
     channel: String,
@@ -421,11 +405,17 @@ impl RedisStore {
         ];
         let (done, answer) = oneshot::channel();
         let mut job = Job { args, want, done };
-        // A batcher whose runtime has gone (a test's) is replaced once.
+        // A batcher whose runtime has gone (a test's) is replaced once. A full queue (Redis
+        // far behind) refuses at once: the client retries at its next interval.
         for _ in 0..2 {
-            match self.batcher()?.send(job) {
+            match self.batcher()?.try_send(job) {
                 Ok(()) => break,
-                Err(mpsc::error::SendError(back)) => {
+                Err(mpsc::error::TrySendError::Full(_)) => {
+                    let e = StoreError::Protocol("peer store queue full".into());
+                    self.warn(&e);
+                    return Err(e);
+                }
+                Err(mpsc::error::TrySendError::Closed(back)) => {
                     self.batchers.remove(&std::thread::current().id());
                     job = back;
                 }
@@ -443,12 +433,12 @@ impl RedisStore {
     }
 
     /// This thread's batcher (started on this thread's runtime on first use).
-    fn batcher(&self) -> Result<mpsc::UnboundedSender<Job>, StoreError> {
+    fn batcher(&self) -> Result<mpsc::Sender<Job>, StoreError> {
         let id = std::thread::current().id();
         if let Some(b) = self.batchers.get(&id) {
             return Ok(b.clone());
         }
-        let (tx, rx) = mpsc::unbounded_channel();
+        let (tx, rx) = mpsc::channel(MOST_QUEUED);
         let batcher = Batcher {
             conn: self.conn()?,
             script: self.script.clone(),
@@ -586,23 +576,33 @@ struct Batcher {
 
 /// Most announces in one script call.
 const MAX_BATCH: usize = 64;
+/// Most announces one serving thread queues for Redis.
+const MOST_QUEUED: usize = 4096;
 /// Script calls one serving thread has out at once.
 const BATCHES_IN_FLIGHT: usize = 4;
 
 impl Batcher {
-    async fn run(self, mut jobs: mpsc::UnboundedReceiver<Job>) {
+    async fn run(self, mut jobs: mpsc::Receiver<Job>) {
         let this = std::sync::Arc::new(self);
         let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(BATCHES_IN_FLIGHT));
         while let Some(first) = jobs.recv().await {
             let Ok(slot) = slots.clone().acquire_owned().await else {
                 return;
             };
-            let mut batch = vec![first];
+            // Announces whose callers gave up meanwhile (their deadline) are not sent.
+            let mut batch: Vec<Job> = Some(first)
+                .into_iter()
+                .filter(|j| !j.done.is_closed())
+                .collect();
             while batch.len() < MAX_BATCH {
                 match jobs.try_recv() {
+                    Ok(j) if j.done.is_closed() => {}
                     Ok(j) => batch.push(j),
                     Err(_) => break,
                 }
+            }
+            if batch.is_empty() {
+                continue;
             }
             let this = this.clone();
             tokio::spawn(async move {
@@ -684,6 +684,13 @@ fn opt_int(v: &Value) -> Result<Option<u64>, StoreError> {
 }
 
 fn parse_answer(v: &[Value], want: Want) -> Result<Answer, StoreError> {
+    // The script's own failure for this announce alone: {-1, message}.
+    if let (Some(Value::Int(-1)), Some(Value::BulkString(why))) = (v.first(), v.get(1)) {
+        return Err(StoreError::Protocol(format!(
+            "announce script: {}",
+            String::from_utf8_lossy(why)
+        )));
+    }
     let status = v
         .first()
         .map(int)
@@ -714,7 +721,9 @@ fn parse_answer(v: &[Value], want: Want) -> Result<Answer, StoreError> {
         let all = rest
             .chunks_exact(2)
             .filter_map(|p| {
-                let at = std::str::from_utf8(&bulk(&p[0])?).ok()?.parse().ok()?;
+                // A score is a double: Redis may write it with an exponent.
+                let at: f64 = std::str::from_utf8(&bulk(&p[0])?).ok()?.parse().ok()?;
+                let at = (at.is_finite() && at >= 0.0).then_some(at as u64)?;
                 Some((at, parse_full(&bulk(&p[1])?)?))
             })
             .collect();
