@@ -7,6 +7,7 @@
 
 use std::io;
 use std::net::{Ipv4Addr, TcpStream};
+use std::os::unix::fs::PermissionsExt as _;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -26,6 +27,8 @@ pub struct PostgresServer {
     port: u16,
     bin: PathBuf,
     dir: tempfile::TempDir,
+    /// Serving TLS too (`ssl=on`), with a certificate for 127.0.0.1 from a CA of its own.
+    tls: bool,
 }
 
 /// Debian's server binaries (`/usr/lib/postgresql/<major>/bin`, the newest), or `None` (the
@@ -69,6 +72,25 @@ impl PostgresServer {
     /// Create a cluster and start it, or `Ok(None)` when PostgreSQL is not installed
     /// (`apt-get install postgresql`; scripts/test.sh does it as root).
     pub fn start() -> io::Result<Option<Self>> {
+        Self::start_with(false)
+    }
+
+    /// Like [`Self::start`], also accepting TLS (`ssl=on`) with a certificate for 127.0.0.1
+    /// signed by a throwaway CA ([`Self::ca_file`]); `Ok(None)` when PostgreSQL or openssl is
+    /// missing.
+    pub fn start_tls() -> io::Result<Option<Self>> {
+        if !crate::tls_certs::openssl_available() {
+            return Ok(None);
+        }
+        Self::start_with(true)
+    }
+
+    /// The PEM of the CA that signed the TLS certificate (after [`Self::start_tls`]).
+    pub fn ca_file(&self) -> PathBuf {
+        self.dir.path().join("ca.pem")
+    }
+
+    fn start_with(tls: bool) -> io::Result<Option<Self>> {
         let Some(bin) = postgres_bin_dir() else {
             eprintln!(
                 "SKIPPED: PostgreSQL is not installed (apt-get install postgresql; \
@@ -98,11 +120,28 @@ impl PostgresServer {
                 String::from_utf8_lossy(&out.stderr)
             )));
         }
+        if tls {
+            crate::tls_certs::make(dir.path())?;
+            let key = dir.path().join("server.key");
+            std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600))?;
+            // The server refuses a key anyone else may read, and must own it.
+            if is_root() {
+                let chowned = Command::new("chown")
+                    .arg("postgres:postgres")
+                    .arg(&key)
+                    .arg(dir.path().join("server.pem"))
+                    .status()?;
+                if !chowned.success() {
+                    return Err(io::Error::other("chown of the server's key failed"));
+                }
+            }
+        }
         let mut s = Self {
             child: None,
             port: free_loopback_port()?,
             bin,
             dir,
+            tls,
         };
         s.restart()?;
         Ok(Some(s))
@@ -171,6 +210,24 @@ impl PostgresServer {
             // `synchronous_commit=off` would, and a restart test would see tables vanish.
             .args(["-c", "fsync=off", "-c", "full_page_writes=off"])
             .args(["-c", "max_connections=200"])
+            .args(if self.tls {
+                vec![
+                    "-c".to_owned(),
+                    "ssl=on".to_owned(),
+                    "-c".to_owned(),
+                    format!(
+                        "ssl_cert_file={}",
+                        self.dir.path().join("server.pem").display()
+                    ),
+                    "-c".to_owned(),
+                    format!(
+                        "ssl_key_file={}",
+                        self.dir.path().join("server.key").display()
+                    ),
+                ]
+            } else {
+                Vec::new()
+            })
             .process_group(0)
             .stdin(Stdio::null())
             .stdout(Stdio::null())

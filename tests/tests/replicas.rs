@@ -560,3 +560,50 @@ async fn agents_on_different_replicas_share_a_package_through_the_stores() {
         .expect("the version on a new replica");
     assert_eq!(v.sha256.to_hex(), sha);
 }
+
+/// `sslmode=require`: every catalog connection to PostgreSQL is TLS, the server's certificate
+/// verified against `--catalog-ca`; without that CA (the system's roots do not know it) the
+/// replica does not start, and says why. Redis over TLS: `redis_peer_store.rs`.
+#[tokio::test]
+async fn the_catalog_reaches_postgres_over_tls_with_the_ca_it_is_given() {
+    let Some(pg) = PostgresServer::start_tls().expect("starting PostgreSQL with TLS") else {
+        return;
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let url = format!("{}?sslmode=require", pg.url());
+    let ca = pg.ca_file();
+    let ca = ca.to_str().expect("a UTF-8 path");
+    let tracker = TrackerProcess::start_with_args(
+        &dir.path().join("a"),
+        &["--catalog", &url, "--catalog-ca", ca],
+    )
+    .expect("a replica given the CA starts");
+    let (status, body) = readyz(&tracker.base_url()).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert!(!body.contains("degraded"), "{body}");
+    let v1 = package(1, &tracker.announce_url());
+    let st = publish(&http_client(), &tracker.base_url(), "app", &v1)
+        .await
+        .expect("publish");
+    assert_eq!(st, StatusCode::CREATED);
+    let count = |ssl: bool| {
+        let sql = format!(
+            "SELECT count(*) FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid) \
+             WHERE a.usename = 'fbpkg' AND a.pid <> pg_backend_pid() AND s.ssl = {ssl}"
+        );
+        pg.psql(&sql)
+            .expect("psql")
+            .trim()
+            .parse::<u32>()
+            .expect("a count")
+    };
+    assert!(count(true) >= 1, "the replica's connections are TLS");
+    assert_eq!(count(false), 0, "and none is not");
+
+    let blind = TrackerProcess::start_with_args(&dir.path().join("b"), &["--catalog", &url]);
+    let err = blind.expect_err("a replica that cannot verify the server does not start");
+    assert!(
+        err.to_string().to_lowercase().contains("certificate"),
+        "{err}"
+    );
+}

@@ -143,6 +143,13 @@ pub struct TrackerArgs {
     )]
     pub catalog: String,
 
+    /// For a catalog URL with `sslmode=require` (PostgreSQL over TLS; `disable` and the
+    /// default `prefer` do not use TLS): a PEM file of the certificate authorities to trust
+    /// for the server's certificate, instead of the system's. The host in the URL must be in
+    /// the server's certificate.
+    #[arg(long, env = "FBPKG_TRACKER_CATALOG_CA", value_name = "PEM")]
+    pub catalog_ca: Option<PathBuf>,
+
     /// Deadline of every catalog database call: past it a write answers 503 (reads are served
     /// from memory and never wait).
     #[arg(long, env = "FBPKG_TRACKER_CATALOG_TIMEOUT", default_value = "2s", value_parser = humantime::parse_duration)]
@@ -274,6 +281,9 @@ pub struct Config {
     /// Where the catalog is kept (default files). Not serialized: the URL may hold a password.
     #[serde(skip)]
     pub catalog: CatalogKind,
+    /// Certificate authorities (PEM file) trusted for a catalog URL with `sslmode=require`.
+    #[serde(default)]
+    pub catalog_ca: Option<PathBuf>,
     /// Deadline of every catalog database call (default 2 s).
     #[serde(with = "humantime_serde_compat")]
     pub catalog_timeout: Duration,
@@ -330,6 +340,7 @@ impl Default for Config {
             peer_store_ca: None,
             peer_store_timeout: Duration::from_secs(1),
             catalog: CatalogKind::Files,
+            catalog_ca: None,
             catalog_timeout: Duration::from_secs(2),
         }
     }
@@ -363,6 +374,7 @@ impl TrackerArgs {
             peer_store_ca: self.peer_store_ca,
             peer_store_timeout: self.peer_store_timeout,
             catalog: CatalogKind::parse(&self.catalog)?,
+            catalog_ca: self.catalog_ca,
             catalog_timeout: self.catalog_timeout,
             ..Config::default()
         };
@@ -422,6 +434,9 @@ impl Config {
             && !matches!(&self.peer_store, PeerStoreKind::Redis(u) if u.starts_with("rediss://"))
         {
             return bad("--peer-store-ca is for a rediss:// --peer-store (Redis over TLS)".into());
+        }
+        if self.catalog_ca.is_some() && matches!(self.catalog, CatalogKind::Files) {
+            return bad("--catalog-ca is for a postgres:// --catalog with sslmode=require".into());
         }
         if self.peer_store_timeout.is_zero() {
             return bad("--peer-store-timeout must be more than 0".into());

@@ -70,7 +70,16 @@ impl AppState {
                 (catalog, rollouts, None, None)
             }
             CatalogKind::Postgres(url) => {
-                let (pg, notices) = Pg::open(url, config.catalog_timeout)?;
+                let ca = match &config.catalog_ca {
+                    Some(path) => Some(std::fs::read(path).map_err(|e| {
+                        crate::TrackerError::Config(format!(
+                            "--catalog-ca {}: cannot read it: {e}",
+                            path.display()
+                        ))
+                    })?),
+                    None => None,
+                };
+                let (pg, notices) = Pg::open(url, ca.as_deref(), config.catalog_timeout)?;
                 let catalog = Catalog::with_store(Box::new(
                     crate::catalog::postgres::PgStore::new(pg.clone()),
                 ))?;

@@ -31,7 +31,10 @@ use std::time::Duration;
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
 use tokio::sync::mpsc;
-use tokio_postgres::{AsyncMessage, NoTls};
+use tokio_postgres::config::SslMode;
+use tokio_postgres::tls::MakeTlsConnect;
+use tokio_postgres::{AsyncMessage, NoTls, Socket};
+use tokio_postgres_rustls::MakeRustlsConnect;
 
 pub use self::lease::Lease;
 use crate::error::TrackerError;
@@ -110,27 +113,43 @@ impl Pg {
     /// the notices (the first one is a [`Notice::Resync`] once the listener is up).
     ///
     /// Blocks (connecting, migrating); safe to call from inside an async runtime.
+    ///
+    /// With `sslmode=require` in the URL the connections use TLS, and the server's certificate
+    /// must verify against `ca` (PEM), or the system's CAs when `None`.
     pub fn open(
         url: &str,
+        ca: Option<&[u8]>,
         timeout: Duration,
     ) -> Result<(Arc<Self>, mpsc::UnboundedReceiver<Notice>), TrackerError> {
         let mut config = parse_url(url)?;
         config.connect_timeout(timeout);
+        let tls = match config.get_ssl_mode() {
+            SslMode::Require => Some(MakeRustlsConnect::new(crate::tls::client_config(
+                ca,
+                "--catalog-ca",
+            )?)),
+            _ if ca.is_some() => {
+                return Err(TrackerError::Config(
+                    "--catalog-ca is for a catalog URL with sslmode=require".into(),
+                ));
+            }
+            _ => None,
+        };
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .thread_name("postgres")
             .enable_all()
             .build()
             .map_err(|e| TrackerError::storage("starting the PostgreSQL runtime", e))?;
-        let manager = Manager::from_config(
-            config.clone(),
-            NoTls,
-            ManagerConfig {
-                // A connection that survived a database restart only in our pool is found out
-                // before use, not by the write it was lent for.
-                recycling_method: RecyclingMethod::Verified,
-            },
-        );
+        // A connection that survived a database restart only in our pool is found out before
+        // use, not by the write it was lent for.
+        let recycling = || ManagerConfig {
+            recycling_method: RecyclingMethod::Verified,
+        };
+        let manager = match &tls {
+            Some(tls) => Manager::from_config(config.clone(), tls.clone(), recycling()),
+            None => Manager::from_config(config.clone(), NoTls, recycling()),
+        };
         let pool = Pool::builder(manager)
             .max_size(POOL_SIZE)
             .runtime(deadpool_postgres::Runtime::Tokio1)
@@ -148,7 +167,10 @@ impl Pg {
         });
         pg.run("applying the schema migrations", migrate)?;
         let (tx, rx) = mpsc::unbounded_channel();
-        pg.rt().spawn(listen(pg.config.clone(), tx));
+        match tls {
+            Some(tls) => pg.rt().spawn(listen(pg.config.clone(), tls, tx)),
+            None => pg.rt().spawn(listen(pg.config.clone(), NoTls, tx)),
+        };
         tracing::info!(database = %pg.shown, "catalog in PostgreSQL; schema up to date");
         Ok((pg, rx))
     }
@@ -210,7 +232,7 @@ impl Pg {
                 Err(_) => Err(unavailable(
                     &self.shown,
                     what,
-                    &format!("no answer within {timeout:?}"),
+                    &std::io::Error::other(format!("no answer within {timeout:?}")),
                 )),
             }
         })
@@ -253,9 +275,17 @@ impl Drop for Pg {
     }
 }
 
-fn unavailable(shown: &str, what: &str, e: &dyn std::fmt::Display) -> TrackerError {
+fn unavailable(shown: &str, what: &str, e: &dyn std::error::Error) -> TrackerError {
+    // The causes too: "error performing TLS handshake" alone does not say which certificate.
+    let mut why = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        why.push_str(": ");
+        why.push_str(&c.to_string());
+        cause = c.source();
+    }
     TrackerError::Unavailable(format!(
-        "catalog database {shown} unavailable ({what}): {e}"
+        "catalog database {shown} unavailable ({what}): {why}"
     ))
 }
 
@@ -306,10 +336,14 @@ async fn migrate(mut client: deadpool_postgres::Object) -> Result<(), tokio_post
 
 /// Keep a connection that `LISTEN`s on both channels, and forward what arrives; reconnect
 /// after a second when it breaks. Ends when the tracker drops the receiver.
-async fn listen(config: tokio_postgres::Config, tx: mpsc::UnboundedSender<Notice>) {
+async fn listen<T>(config: tokio_postgres::Config, tls: T, tx: mpsc::UnboundedSender<Notice>)
+where
+    T: MakeTlsConnect<Socket> + Clone,
+    T::Stream: Send + 'static,
+{
     let mut warned = false;
     while !tx.is_closed() {
-        match config.connect(NoTls).await {
+        match config.connect(tls.clone()).await {
             Ok((client, mut connection)) => {
                 let (msg_tx, mut msg_rx) = mpsc::unbounded_channel();
                 // The connection is driven here, forwarding notifications, until it closes.
