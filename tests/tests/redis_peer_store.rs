@@ -841,6 +841,54 @@ async fn replicas_reach_redis_over_tls_with_the_ca_they_are_given() {
     assert!(err.contains("--peer-store-ca is for a rediss://"), "{err}");
 }
 
+/// `--no-peer-copies`: the way back to drawing every answer in Redis. The replica follows no
+/// changes, keeps no copy, and still finds the peers another replica recorded.
+#[tokio::test]
+async fn without_copies_every_answer_is_drawn_in_redis() {
+    let redis = redis_or_skip!();
+    let dirs = [(); 2].map(|()| tempfile::tempdir().expect("tempdir"));
+    let url = redis.url();
+    let common = ["--allow-unregistered", "--trusted-networks", "127.0.0.0/8"];
+    let with = TrackerProcess::start_with_args(
+        dirs[0].path(),
+        &[&common[..], &["--peer-store", &url]].concat(),
+    )
+    .expect("tracker starts");
+    let without = TrackerProcess::start_with_args(
+        dirs[1].path(),
+        &[&common[..], &["--peer-store", &url, "--no-peer-copies"]].concat(),
+    )
+    .expect("tracker starts");
+    let hash = InfoHash([11; 20]);
+    let b = without.base_url();
+    peers(
+        &with.base_url(),
+        hash,
+        1,
+        [127, 0, 0, 71],
+        0,
+        Event::Started,
+        "the seed",
+    )
+    .await;
+    for _ in 0..3 {
+        let got = peers(&b, hash, 2, [127, 0, 0, 72], 9, Event::Started, "a leecher").await;
+        assert_eq!(got, HashSet::from([1]));
+    }
+    assert_eq!(answered_from(&b, "draw").await, 3);
+    assert_eq!(
+        answered_from(&b, "load").await + answered_from(&b, "copy").await,
+        0
+    );
+    let metrics = text(&format!("{b}/metrics")).await;
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l == "fbpkg_tracker_redis_following 0"),
+        "{metrics}"
+    );
+}
+
 #[tokio::test]
 async fn redis_outage_fails_fast_and_heals_by_itself() {
     let mut redis = redis_or_skip!();

@@ -126,6 +126,12 @@ pub struct TrackerArgs {
     #[arg(long, env = "FBPKG_TRACKER_PEER_STORE_CA", value_name = "PEM")]
     pub peer_store_ca: Option<PathBuf>,
 
+    /// With Redis: do not keep copies of the swarms (answers are then drawn in Redis on every
+    /// announce, about half the announces/s). A way back should the copies misbehave, or while
+    /// replicas of versions that publish changes differently run side by side.
+    #[arg(long, env = "FBPKG_TRACKER_NO_PEER_COPIES")]
+    pub no_peer_copies: bool,
+
     /// Deadline of every peer-store call: past it the announce gets a failure reason ("peer
     /// store unavailable") rather than waiting.
     #[arg(long, env = "FBPKG_TRACKER_PEER_STORE_TIMEOUT", default_value = "1s", value_parser = humantime::parse_duration)]
@@ -275,6 +281,9 @@ pub struct Config {
     /// Certificate authorities (PEM file) trusted for `rediss://`, instead of the system's.
     #[serde(default)]
     pub peer_store_ca: Option<PathBuf>,
+    /// With Redis: answer every announce by a draw in Redis, keeping no copies of swarms.
+    #[serde(default)]
+    pub no_peer_copies: bool,
     /// Deadline of every peer-store call (default 1 s).
     #[serde(with = "humantime_serde_compat")]
     pub peer_store_timeout: Duration,
@@ -338,6 +347,7 @@ impl Default for Config {
             threads: 0,
             peer_store: PeerStoreKind::Memory,
             peer_store_ca: None,
+            no_peer_copies: false,
             peer_store_timeout: Duration::from_secs(1),
             catalog: CatalogKind::Files,
             catalog_ca: None,
@@ -372,6 +382,7 @@ impl TrackerArgs {
             threads: self.threads,
             peer_store: PeerStoreKind::parse(&self.peer_store)?,
             peer_store_ca: self.peer_store_ca,
+            no_peer_copies: self.no_peer_copies,
             peer_store_timeout: self.peer_store_timeout,
             catalog: CatalogKind::parse(&self.catalog)?,
             catalog_ca: self.catalog_ca,

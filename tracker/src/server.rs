@@ -112,7 +112,8 @@ pub async fn run(
                 .instrument(tracing::info_span!("host_votes")),
         )
     });
-    let mirror = state.peers.redis().is_some().then(|| {
+    let copies = state.peers.redis().is_some() && !state.config.no_peer_copies;
+    let mirror = copies.then(|| {
         let (state, shutdown) = (state.clone(), shutdown.clone());
         tokio::spawn(
             async move {
