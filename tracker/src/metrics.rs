@@ -309,6 +309,21 @@ impl Metrics {
             "Sum of version sizes.",
             gauges.catalog_bytes,
         );
+        if let Some((following, copies)) = gauges.copies {
+            gauge(
+                &mut out,
+                "fbpkg_tracker_redis_following",
+                "With --peer-store redis: 1 while this replica follows the changes published by \
+                 all (its copies of swarms are kept), else 0.",
+                u64::from(following),
+            );
+            gauge(
+                &mut out,
+                "fbpkg_tracker_redis_copies",
+                "Swarms this replica keeps a copy of.",
+                copies,
+            );
+        }
         out.push_str("# HELP fbpkg_tracker_request_duration_seconds Request latency by route.\n");
         out.push_str("# TYPE fbpkg_tracker_request_duration_seconds histogram\n");
         for r in Route::ALL {
@@ -354,6 +369,9 @@ pub struct Gauges {
     pub catalog_bytes: u64,
     /// Open connections.
     pub connections: u64,
+    /// With Redis: whether this replica follows the published changes, and the swarms it
+    /// keeps a copy of.
+    pub copies: Option<(bool, u64)>,
 }
 
 /// The `state` label of a rollout (and what the dashboard shows).

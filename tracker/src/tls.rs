@@ -1,5 +1,7 @@
 //! TLS to the stores a tracker's replicas share, with rustls.
 
+use std::path::Path;
+
 use rustls::pki_types::CertificateDer;
 use rustls::pki_types::pem::PemObject as _;
 
@@ -9,6 +11,16 @@ use crate::error::TrackerError;
 /// ring), and rustls refuses to guess. An error means one is installed already, as good.
 pub fn install_provider() {
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+}
+
+/// The PEM file a `--...-ca` flag names, read at start; `None` without the flag.
+pub fn read_ca(path: Option<&Path>, flag: &str) -> Result<Option<Vec<u8>>, TrackerError> {
+    path.map(|p| {
+        std::fs::read(p).map_err(|e| {
+            TrackerError::Config(format!("{flag} {}: cannot read it: {e}", p.display()))
+        })
+    })
+    .transpose()
 }
 
 /// A client configuration trusting the certificates in `ca` (PEM), or the system's when

@@ -70,15 +70,7 @@ impl AppState {
                 (catalog, rollouts, None, None)
             }
             CatalogKind::Postgres(url) => {
-                let ca = match &config.catalog_ca {
-                    Some(path) => Some(std::fs::read(path).map_err(|e| {
-                        crate::TrackerError::Config(format!(
-                            "--catalog-ca {}: cannot read it: {e}",
-                            path.display()
-                        ))
-                    })?),
-                    None => None,
-                };
+                let ca = crate::tls::read_ca(config.catalog_ca.as_deref(), "--catalog-ca")?;
                 let (pg, notices) = Pg::open(url, ca.as_deref(), config.catalog_timeout)?;
                 let catalog = Catalog::with_store(Box::new(
                     crate::catalog::postgres::PgStore::new(pg.clone()),

@@ -1,7 +1,5 @@
 //! `/metrics`, `/healthz`, `/readyz`.
 
-use std::fmt::Write as _;
-
 use axum::extract::State;
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -20,6 +18,8 @@ pub(super) async fn metrics(State(state): State<SharedState>) -> Response {
         ..Gauges::default()
     };
     if let Some(store) = state.peers.redis() {
+        let m = store.mirror();
+        g.copies = Some((m.is_subscribed(), m.len() as u64));
         let mut hashes = Vec::new();
         state.swarms.for_each(|h, _| hashes.push(*h));
         // While Redis is down the peer gauges read 0; `/readyz` and the
@@ -37,19 +37,6 @@ pub(super) async fn metrics(State(state): State<SharedState>) -> Response {
         });
     }
     let mut body = state.metrics.render(&g);
-    if let Some(store) = state.peers.redis() {
-        let m = store.mirror();
-        let _ = write!(
-            body,
-            "# HELP fbpkg_tracker_redis_following With --peer-store redis: 1 while this replica \
-             follows the changes published by all (its copies of swarms are kept), else 0.\n\
-             # TYPE fbpkg_tracker_redis_following gauge\nfbpkg_tracker_redis_following {}\n\
-             # HELP fbpkg_tracker_redis_copies Swarms this replica keeps a copy of.\n\
-             # TYPE fbpkg_tracker_redis_copies gauge\nfbpkg_tracker_redis_copies {}\n",
-            u8::from(m.is_subscribed()),
-            m.len()
-        );
-    }
     render_rollouts(&mut body, &state.rollouts.active());
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body).into_response()
 }

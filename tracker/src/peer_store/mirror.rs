@@ -327,10 +327,11 @@ impl Clock {
     }
 }
 
-/// A published change: `publisher|info-hash hex|seq|U or D|ms|record`.
-pub fn parse_message(payload: &[u8]) -> Option<(&[u8], InfoHash, Change)> {
+/// A published change: `publisher|info-hash hex|seq|U or D|ms|record`. The publisher (the
+/// replica that made it) is for whoever watches the channel; copies apply every change.
+pub fn parse_message(payload: &[u8]) -> Option<(InfoHash, Change)> {
     let mut f = payload.splitn(6, |&b| b == b'|');
-    let publisher = f.next()?;
+    let _publisher = f.next()?;
     let h: InfoHash = std::str::from_utf8(f.next()?).ok()?.parse().ok()?;
     let num = |b: &[u8]| std::str::from_utf8(b).ok()?.parse::<u64>().ok();
     let seq = num(f.next()?)?;
@@ -342,7 +343,6 @@ pub fn parse_message(payload: &[u8]) -> Option<(&[u8], InfoHash, Change)> {
     let at_ms = num(f.next()?)?;
     let record = parse_full(f.next()?)?;
     Some((
-        publisher,
         h,
         Change {
             seq,
@@ -353,8 +353,9 @@ pub fn parse_message(payload: &[u8]) -> Option<(&[u8], InfoHash, Change)> {
     ))
 }
 
-/// Follow the changes other replicas publish until `shutdown`: subscribe (again after any
-/// failure, backing off up to `RESUBSCRIBE_MAX`), apply each message to the mirror.
+/// Follow the changes every replica publishes, this one's included, until `shutdown`:
+/// subscribe (again after any failure, backing off up to `RESUBSCRIBE_MAX`), apply each
+/// message to the mirror.
 pub async fn follow(store: &RedisStore, swarms: &Swarms, shutdown: CancellationToken) {
     let mirror = store.mirror();
     let mut backoff = Duration::from_millis(100);
@@ -403,7 +404,7 @@ pub async fn follow(store: &RedisStore, swarms: &Swarms, shutdown: CancellationT
             };
             let Some(msg) = msg else { break };
             match parse_message(msg.get_payload_bytes()) {
-                Some((_, h, change)) => mirror.apply(swarms, &h, change, store.peer_ttl()),
+                Some((h, change)) => mirror.apply(swarms, &h, change, store.peer_ttl()),
                 // Another version's message: what it changed cannot be followed, so the
                 // copies go (answers are drawn until each swarm's next announce loads it).
                 None => {
@@ -560,8 +561,8 @@ mod tests {
         let h = InfoHash([3; 20]);
         let rec = format!("S|dc1|10.0.0.1:6881|{}|1|2|0", PeerId([4; 20]).to_hex());
         let msg = format!("abc|{h}|12|U|1700000000000|{rec}");
-        let (from, got, c) = parse_message(msg.as_bytes()).expect("message");
-        assert_eq!((from, got, c.seq, c.present), (&b"abc"[..], h, 12, true));
+        let (got, c) = parse_message(msg.as_bytes()).expect("message");
+        assert_eq!((got, c.seq, c.present), (h, 12, true));
         assert_eq!(c.record.listed.addr, "10.0.0.1:6881".parse().expect("addr"));
         for bad in [
             format!("abc|{h}|12|X|1|{rec}"),

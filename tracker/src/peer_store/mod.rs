@@ -37,15 +37,7 @@ impl PeerStore {
         match &config.peer_store {
             PeerStoreKind::Memory => Ok(PeerStore::Memory),
             PeerStoreKind::Redis(url) => {
-                let ca = match &config.peer_store_ca {
-                    Some(path) => Some(std::fs::read(path).map_err(|e| {
-                        TrackerError::Config(format!(
-                            "--peer-store-ca {}: cannot read it: {e}",
-                            path.display()
-                        ))
-                    })?),
-                    None => None,
-                };
+                let ca = crate::tls::read_ca(config.peer_store_ca.as_deref(), "--peer-store-ca")?;
                 RedisStore::open_with_ca(
                     url,
                     ca,

@@ -279,11 +279,6 @@ impl RedisStore {
         &self.channel
     }
 
-    /// This replica's id in what it publishes (so its mirror can skip its own changes).
-    pub fn publisher(&self) -> &str {
-        &self.publisher
-    }
-
     /// The copy of the swarms this replica answers from.
     pub fn mirror(&self) -> &Mirror {
         &self.mirror
@@ -322,22 +317,13 @@ impl RedisStore {
         Ok(c)
     }
 
-    /// Run `f` on this thread's connection within the deadline. A connection found broken
-    /// (Redis restarted, say) is tried once more, still within the deadline: its manager is
-    /// reconnecting already, and the first request on each thread after an outage should not
-    /// fail for that. (Should the lost answer have been of a script that ran, the retry
-    /// records the same peer again; at worst `completed` counts one download twice.)
+    /// Run `f` on this thread's connection within the deadline, [`retried`] once on a broken
+    /// connection.
     async fn call<T, Fut>(&self, f: impl Fn(ConnectionManager) -> Fut) -> Result<T, StoreError>
     where
         Fut: Future<Output = redis::RedisResult<T>>,
     {
-        let attempts = async {
-            let conn = self.conn()?;
-            match f(conn.clone()).await {
-                Err(e) if e.is_connection_dropped() || e.is_io_error() => Ok(f(conn).await?),
-                r => Ok(r?),
-            }
-        };
+        let attempts = async { Ok(retried(self.conn()?, &f).await?) };
         let r = match tokio::time::timeout(self.timeout, attempts).await {
             Ok(r) => r,
             Err(_) => Err(StoreError::Timeout(self.timeout)),
@@ -612,10 +598,8 @@ impl Batcher {
         }
     }
 
-    /// One script call for `batch`; every job gets its answer or the call's error. A broken
-    /// connection (Redis restarted, say) is tried once more, within the deadline: its manager
-    /// is reconnecting already. (Should the lost answer have been of a call that ran, the
-    /// retry records the same peers again; at worst `completed` counts a download twice.)
+    /// One script call for `batch` (tried again on a broken connection, as [`retried`] says);
+    /// every job gets its answer or the call's error.
     async fn send(&self, batch: Vec<Job>) {
         let mut inv = self.script.prepare_invoke();
         for a in &self.common {
@@ -627,15 +611,10 @@ impl Batcher {
                 inv.arg(a);
             }
         }
-        let call = async {
-            let mut conn = self.conn.clone();
-            match inv.invoke_async::<Vec<Value>>(&mut conn).await {
-                Err(e) if e.is_connection_dropped() || e.is_io_error() => {
-                    inv.invoke_async(&mut conn).await
-                }
-                r => r,
-            }
-        };
+        let call = retried(self.conn.clone(), |mut c: ConnectionManager| {
+            let inv = &inv;
+            async move { inv.invoke_async::<Vec<Value>>(&mut c).await }
+        });
         let replies = match tokio::time::timeout(self.timeout, call).await {
             Ok(Ok(r)) if r.len() == batch.len() => r,
             Ok(Ok(_)) => return fail(batch, || StoreError::Protocol("short batch answer".into())),
@@ -650,6 +629,24 @@ impl Batcher {
             // The caller may have given up (its deadline): nothing to do then.
             let _ = j.done.send(answer);
         }
+    }
+}
+
+/// `f` on `conn`, and once more when the connection was found broken (Redis restarted, say):
+/// its manager is reconnecting already, and the first request on each thread after an outage
+/// should not fail for that. (Should the lost answer have been of a script that ran, the
+/// retry records the same peers again; at worst `completed` counts a download twice.) The
+/// caller bounds both tries with its deadline.
+async fn retried<T, Fut>(
+    conn: ConnectionManager,
+    f: impl Fn(ConnectionManager) -> Fut,
+) -> redis::RedisResult<T>
+where
+    Fut: Future<Output = redis::RedisResult<T>>,
+{
+    match f(conn.clone()).await {
+        Err(e) if e.is_connection_dropped() || e.is_io_error() => f(conn).await,
+        r => r,
     }
 }
 
@@ -712,27 +709,26 @@ fn parse_answer(v: &[Value], want: Want) -> Result<Answer, StoreError> {
     let (complete, incomplete) = (count(1)?, count(2)?);
     let seq = v.get(3).map(int).transpose()?.unwrap_or(0);
     let rest = v.get(4..).unwrap_or_default();
-    let bulk = |r: &Value| match r {
-        Value::BulkString(b) => Some(b.clone()),
-        _ => None,
-    };
+    fn bulk(r: &Value) -> Option<&[u8]> {
+        match r {
+            Value::BulkString(b) => Some(b),
+            _ => None,
+        }
+    }
     let (peers, all) = if want == Want::All {
         // score, record pairs; a pair this version cannot read is left out.
         let all = rest
             .chunks_exact(2)
             .filter_map(|p| {
                 // A score is a double: Redis may write it with an exponent.
-                let at: f64 = std::str::from_utf8(&bulk(&p[0])?).ok()?.parse().ok()?;
+                let at: f64 = std::str::from_utf8(bulk(&p[0])?).ok()?.parse().ok()?;
                 let at = (at.is_finite() && at >= 0.0).then_some(at as u64)?;
-                Some((at, parse_full(&bulk(&p[1])?)?))
+                Some((at, parse_full(bulk(&p[1])?)?))
             })
             .collect();
         (Vec::new(), all)
     } else {
-        let peers = rest
-            .iter()
-            .filter_map(|r| parse_record(&bulk(r)?))
-            .collect();
+        let peers = rest.iter().filter_map(|r| parse_record(bulk(r)?)).collect();
         (peers, Vec::new())
     };
     Ok(Answer {
