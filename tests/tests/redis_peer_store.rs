@@ -41,13 +41,23 @@ const TTL_MS: u64 = 2_000;
 const ANSWER_WITHIN: Duration = Duration::from_secs(10);
 
 fn store(redis: &RedisServer, limits: Limits) -> RedisStore {
+    store_living(redis, limits, TTL_MS)
+}
+
+/// A store whose peers live `ttl_ms`.
+fn store_living(redis: &RedisServer, limits: Limits, ttl_ms: u64) -> RedisStore {
     RedisStore::open(
         &redis.url(),
         Duration::from_secs(2),
-        Duration::from_millis(TTL_MS),
+        Duration::from_millis(ttl_ms),
         limits,
     )
     .expect("a valid Redis URL")
+}
+
+/// Seeders and leechers an answer counts.
+fn counts(r: &fbpkg_tracker::peer_store::Answer) -> (u32, u32) {
+    (r.complete, r.incomplete)
 }
 
 fn peer(n: u8, ip: [u8; 4], left: u64) -> Announce {
@@ -202,17 +212,14 @@ async fn counts_kept_with_the_swarm_stay_right() {
     // An 8 s TTL: the script sweeps at most once a second and counts the sets again every
     // 2 s, so a sweep can come without a recount.
     let ttl = 8_000;
-    let s = RedisStore::open(
-        &redis.url(),
-        Duration::from_secs(2),
-        Duration::from_millis(ttl),
+    let s = store_living(
+        &redis,
         Limits {
             max_peers: 10,
             max_per_address: 2,
         },
-    )
-    .expect("a valid Redis URL");
-    let counts = |r: &fbpkg_tracker::peer_store::Answer| (r.complete, r.incomplete);
+        ttl,
+    );
     let t0 = 30_000_000;
     for n in 1..=3 {
         s.announce(&peer(n, [127, 0, 0, n], 10), t0)
@@ -357,7 +364,6 @@ async fn counts_follow_completions_stops_and_expiry() {
     let redis = redis_or_skip!();
     let s = store(&redis, Limits::NONE);
     let t0 = 20_000_000;
-    let counts = |r: &fbpkg_tracker::peer_store::Answer| (r.complete, r.incomplete);
     let seed = peer(1, [127, 0, 0, 2], 0);
     let mut b = peer(2, [127, 0, 0, 3], 10);
     assert_eq!(counts(&s.announce(&seed, t0).await.expect("seed")), (1, 0));
@@ -519,9 +525,6 @@ fn replicas_every(
 ) -> [TrackerProcess; 2] {
     let url = redis.url();
     let args = [
-        "--allow-unregistered",
-        "--trusted-networks",
-        "127.0.0.0/8",
         "--max-peers-per-address",
         "2",
         "--announce-interval",
@@ -531,8 +534,17 @@ fn replicas_every(
         "--peer-store",
         &url,
     ];
-    dirs.each_ref()
-        .map(|d| TrackerProcess::start_with_args(d.path(), &args).expect("tracker starts"))
+    dirs.each_ref().map(|d| replica(d, &args))
+}
+
+/// A tracker in `dir` serving any swarm, trusting loopback's `ip=`, with `extra` arguments.
+fn replica(dir: &tempfile::TempDir, extra: &[&str]) -> TrackerProcess {
+    let args = [
+        &["--allow-unregistered", "--trusted-networks", "127.0.0.0/8"][..],
+        extra,
+    ]
+    .concat();
+    TrackerProcess::start_with_args(dir.path(), &args).expect("tracker starts")
 }
 
 #[tokio::test]
@@ -775,11 +787,7 @@ async fn replicas_reach_redis_over_tls_with_the_ca_they_are_given() {
     let ca = redis.ca_file();
     let ca = ca.to_str().expect("a UTF-8 path");
     let dirs = [(); 3].map(|()| tempfile::tempdir().expect("tempdir"));
-    let common = ["--allow-unregistered", "--trusted-networks", "127.0.0.0/8"];
-    let trusting = |d: &tempfile::TempDir| {
-        let args = [&common[..], &["--peer-store", &url, "--peer-store-ca", ca]].concat();
-        TrackerProcess::start_with_args(d.path(), &args).expect("tracker starts")
-    };
+    let trusting = |d| replica(d, &["--peer-store", &url, "--peer-store-ca", ca]);
     let (one, two) = (trusting(&dirs[0]), trusting(&dirs[1]));
     let hash = InfoHash([10; 20]);
     if let Err(e) = announce(&one.base_url(), hash, 1, [127, 0, 0, 61], 0, Event::Started)
@@ -805,8 +813,7 @@ async fn replicas_reach_redis_over_tls_with_the_ca_they_are_given() {
     let body = ready.text().await.expect("body");
     assert!(body.contains("peer store: rediss://127.0.0.1:"), "{body}");
 
-    let args = [&common[..], &["--peer-store", &url]].concat();
-    let blind = TrackerProcess::start_with_args(dirs[2].path(), &args).expect("tracker starts");
+    let blind = replica(&dirs[2], &["--peer-store", &url]);
     match announce(
         &blind.base_url(),
         hash,
@@ -828,13 +835,16 @@ async fn replicas_reach_redis_over_tls_with_the_ca_they_are_given() {
     assert!(body.to_lowercase().contains("certificate"), "{body}");
 
     let plain = redis.url();
-    let args = [
-        &common[..],
-        &["--peer-store", &plain, "--peer-store-ca", ca],
-    ]
-    .concat();
     let data = dirs[2].path().to_str().expect("a UTF-8 path");
-    let args = [&["tracker", "--data-dir", data][..], &args].concat();
+    let args = [
+        "tracker",
+        "--data-dir",
+        data,
+        "--peer-store",
+        &plain,
+        "--peer-store-ca",
+        ca,
+    ];
     let refused = fbpkg_rs(args, Duration::from_secs(30)).await;
     assert!(!refused.success(), "{refused:?}");
     let err = &refused.stderr;
@@ -848,17 +858,8 @@ async fn without_copies_every_answer_is_drawn_in_redis() {
     let redis = redis_or_skip!();
     let dirs = [(); 2].map(|()| tempfile::tempdir().expect("tempdir"));
     let url = redis.url();
-    let common = ["--allow-unregistered", "--trusted-networks", "127.0.0.0/8"];
-    let with = TrackerProcess::start_with_args(
-        dirs[0].path(),
-        &[&common[..], &["--peer-store", &url]].concat(),
-    )
-    .expect("tracker starts");
-    let without = TrackerProcess::start_with_args(
-        dirs[1].path(),
-        &[&common[..], &["--peer-store", &url, "--no-peer-copies"]].concat(),
-    )
-    .expect("tracker starts");
+    let with = replica(&dirs[0], &["--peer-store", &url]);
+    let without = replica(&dirs[1], &["--peer-store", &url, "--no-peer-copies"]);
     let hash = InfoHash([11; 20]);
     let b = without.base_url();
     peers(
