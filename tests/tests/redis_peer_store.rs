@@ -125,7 +125,7 @@ async fn silent_peers_expire_after_two_intervals() {
 
 /// Keys carry TTLs however announces fall between the refreshes (at most one a second per
 /// swarm): a swarm left alone disappears from Redis by itself, but for its `meta` (downloads
-/// completed, kept a week).
+/// completed, kept a week; made by the first).
 #[tokio::test]
 async fn an_abandoned_swarm_leaves_nothing_but_its_counts() {
     let redis = redis_or_skip!();
@@ -136,9 +136,12 @@ async fn an_abandoned_swarm_leaves_nothing_but_its_counts() {
     s.announce(&a, now).await.expect("a");
     // Within the same second: new keys (a seeders set, another zone's buckets) and new
     // members of old ones, none of which refreshes TTLs.
-    let mut b = peer(2, [127, 0, 0, 3], 0);
+    let mut b = peer(2, [127, 0, 0, 3], 10);
     b.zone = Some(Zone::new("dc2/rack9").expect("zone"));
     s.announce(&b, now + 10).await.expect("b");
+    // b completes: the download counted is what stays.
+    b.left = 0;
+    s.announce(&b, now + 15).await.expect("b completes");
     s.announce(&peer(3, [127, 0, 0, 4], 10), now + 20)
         .await
         .expect("c");
@@ -157,6 +160,14 @@ async fn an_abandoned_swarm_leaves_nothing_but_its_counts() {
         },
     )
     .await;
+    let meta = format!("fbpkg:v2:{{{}}}:meta", a.info_hash);
+    assert_eq!(
+        redis
+            .command(&format!("HINCRBY {meta} completed 0"))
+            .expect("HINCRBY"),
+        ":1",
+        "the completed count outlives the swarm"
+    );
 }
 
 #[tokio::test]
@@ -250,7 +261,7 @@ async fn counts_kept_with_the_swarm_stay_right() {
     );
     // The leechers' set goes behind the script's back: until the next recount the kept counts
     // are off (5 is added to the new set and counted on top), then the set is counted again.
-    let key = format!("fbpkg:swarm:{{{}}}:leechers", InfoHash([0; 20]));
+    let key = format!("fbpkg:v2:{{{}}}:leechers", InfoHash([0; 20]));
     assert_eq!(redis.command(&format!("DEL {key}")).expect("DEL"), ":1");
     let soon = s.announce(&peer(5, x, 10), t2 + 1).await.expect("announce");
     assert_eq!(counts(&soon), (0, 3), "kept counts, before the recount");
@@ -284,11 +295,11 @@ async fn a_stop_from_a_peer_already_expired_is_answered() {
     // A bad announce fails alone: a key of the wrong type under one swarm's name.
     let mut other = peer(2, [127, 0, 0, 3], 10);
     other.info_hash = InfoHash([5; 20]);
-    let key = format!("fbpkg:swarm:{{{}}}:meta", other.info_hash);
+    let key = format!("fbpkg:v2:{{{}}}:swarm", other.info_hash);
     assert_eq!(redis.command(&format!("SET {key} x")).expect("SET"), "+OK");
     let good = peer(3, [127, 0, 0, 4], 10);
     let (bad, fine) = tokio::join!(s.announce(&other, t0 + 1), s.announce(&good, t0 + 1));
-    let err = bad.expect_err("an announce to a swarm whose meta is not a hash");
+    let err = bad.expect_err("an announce to a swarm whose hash is not a hash");
     assert!(err.to_string().contains("announce script"), "{err}");
     assert_eq!(
         fine.expect("the other announce").recorded,

@@ -16,11 +16,28 @@
 -- at a time and delivers a channel's messages in order, so a mirror that loaded the swarm at
 -- seq S applies exactly the messages numbered above S.
 --
--- Keys are built here from the info-hash, `fbpkg:swarm:{<hex>}:<what>`: one call serves many
+-- Keys are built here from the info-hash, `fbpkg:v2:{<hex>}:<what>`: one call serves many
 -- swarms, so it cannot declare them (Redis Cluster would need one call per slot).
+--
+-- What one swarm's announce reads and writes of its hash (`swarm`: records, address counts
+-- and the swarm's own state) goes in one HMGET first and one HSET (and an HDEL when anything
+-- leaves) last, so a peer that joins costs four commands: HMGET, ZADD, HSET, PUBLISH (zone
+-- buckets, sweeps and chores aside). Each was a command of its own before (8.4 per announce,
+-- tracker_bench --replicas).
 local ttl, max_peers, max_per_addr = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
 local batch, meta_ttl = tonumber(ARGV[4]), tonumber(ARGV[5])
 local channel, publisher = ARGV[6], ARGV[7]
+
+-- The keys' TTLs are refreshed once every quarter of a peer's TTL per swarm ("chores"), not on
+-- every announce. They are set that quarter longer than a peer lives, so no key expires before
+-- the last peer it holds would; an abandoned swarm still disappears by itself. Keys are made
+-- only when the swarm is empty (chores then give every key its TTL) or a role's first peer
+-- arrives (its set gets its TTL there), and zone buckets get theirs on each of their announces.
+local every = math.floor(ttl / 4)
+local keep = ttl + every
+-- Peers silent since the cutoff go at most once a second per swarm (so a peer outlives its TTL
+-- by under a second), a bounded batch per role.
+local sweep_every = math.min(1000, every)
 
 -- 'dc1/rack7' -> {'dc1', 'dc1/rack7'}: shortest first, whole segments.
 local function prefixes(z)
@@ -46,179 +63,238 @@ local function parse(old)
   return r, z
 end
 
-local function announce(hash, member, ip, event, role, zone, rec, now, numwant, answer)
-  local base = 'fbpkg:swarm:{' .. hash .. '}:'
-  local seeders, leechers, peers = base .. 'seeders', base .. 'leechers', base .. 'peers'
-  local addrs, meta, zprefix = base .. 'addr', base .. 'meta', base .. 'z:'
+-- Each Lua allocation costs about a third of a microsecond in redis-server here, and made most
+-- of the script's time (tracker_bench --replicas), so the common path (a peer announcing again
+-- or joining) allocates little: keys are built when used, tables are sized where they are
+-- made, and the state of the announce being served lives in these locals, which the
+-- functions below share (made once per call, not once per announce).
+local base, hkey      -- the swarm's key prefix and its hash's key
+local nS, nL          -- its role counts
+local pending         -- other peers' fields the hash gets at the end (field -> value, or false
+                      -- for one that goes): made by a sweep or a leave only
+local addrs           -- address counts read so far (ip -> peers)
+local now_s, touched_s, swept_s  -- now (ms, as given), and the marks to save
 
-  local function role_key(r)
-    if r == 'S' then return seeders end
-    return leechers
+local function role_key(r)
+  if r == 'S' then return base .. 'seeders' end
+  return base .. 'leechers'
+end
+
+local function counted(r)
+  if r == 'S' then return nS end
+  return nL
+end
+
+local function recount(r, d)
+  if r == 'S' then nS = nS + d else nL = nL + d end
+end
+
+local function zone_key(r, p) return base .. 'z:' .. r .. ':' .. p end
+
+local function unzone(m, r, z)
+  if z == nil or z == '' then return end
+  for _, p in ipairs(prefixes(z)) do redis.call('SREM', zone_key(r, p), m) end
+end
+
+local function address(m) return string.match(m, '@(.*)$') end
+
+local function put(f, v)
+  if not pending then pending = {} end
+  pending[f] = v
+end
+
+-- Forget a peer entirely (record, buckets, address count, its role's set); the count of its
+-- address has been read.
+local function forget(m, prev)
+  local r, z = parse(prev)
+  unzone(m, r, z)
+  if redis.call('ZREM', role_key(r), m) == 1 then recount(r, -1) end
+  local a = address(m)
+  if a then
+    local n = (addrs[a] or 1) - 1
+    addrs[a] = n
+    put('a:' .. a, n > 0 and n or false)
   end
+  put('p:' .. m, false)
+end
 
-  local function zone_key(r, p) return zprefix .. r .. ':' .. p end
-
-  local function unzone(m, r, z)
-    for _, p in ipairs(prefixes(z)) do redis.call('SREM', zone_key(r, p), m) end
+-- Expire the silent peers of role `r`; true when a full batch was taken (the next announce
+-- takes the rest).
+local function sweep_role(r, cutoff)
+  local k = role_key(r)
+  local stale = redis.call('ZRANGEBYSCORE', k, '-inf', '(' .. cutoff, 'LIMIT', 0, batch)
+  if #stale == 0 then return false end
+  -- Their records and the counts of their addresses not read yet, in one HMGET.
+  local fields, wanted = {}, {}
+  for i, m in ipairs(stale) do fields[i] = 'p:' .. m end
+  for _, m in ipairs(stale) do
+    local a = address(m)
+    if a and addrs[a] == nil and not wanted[a] then
+      wanted[a] = true
+      fields[#fields + 1] = 'a:' .. a
+    end
   end
+  local got = redis.call('HMGET', hkey, unpack(fields))
+  for i = #stale + 1, #fields do addrs[string.sub(fields[i], 3)] = tonumber(got[i] or '0') end
+  for i, m in ipairs(stale) do
+    if got[i] then
+      forget(m, got[i])
+    elseif redis.call('ZREM', k, m) == 1 then
+      recount(r, -1)
+    end
+  end
+  return #stale == batch
+end
 
-  -- The keys' TTLs are refreshed once every quarter of a peer's TTL per swarm ("chores"), not
-  -- on every announce, where they were 5 of its 16 commands (tracker_bench --replicas). They
-  -- are set that quarter longer than a peer lives, so no key expires before the last peer it
-  -- holds would; an abandoned swarm still disappears by itself. Keys are made only when the
-  -- swarm is empty (chores then give every key its TTL) or a role's first peer arrives (its set
-  -- gets its TTL there), and zone buckets get theirs on each of their announces.
-  local every = math.floor(ttl / 4)
-  local keep = ttl + every
-  local state = redis.call('HMGET', meta, 'touched', 'swept', 'seq', 'seeders', 'leechers')
-  local touched, swept = tonumber(state[1] or '0'), tonumber(state[2] or '0')
+-- Write back what the announce changed: first what leaves or changes for other peers
+-- (`pending`: one HDEL, one HSET), then in one HSET the counts, the marks and `...` (the
+-- announcer's own fields and the change number, which win). Chores then refresh the keys'
+-- TTLs (after the writes: a key made by them gets its TTL too). Every mark is written each
+-- time, changed or not: one fixed HSET costs less than building its arguments.
+local function save(chores, ...)
+  if pending then
+    local set, del = {}, {}
+    for f, v in pairs(pending) do
+      if v then
+        set[#set + 1] = f
+        set[#set + 1] = v
+      else
+        del[#del + 1] = f
+      end
+    end
+    if #del > 0 then redis.call('HDEL', hkey, unpack(del)) end
+    if #set > 0 then redis.call('HSET', hkey, unpack(set)) end
+  end
+  if chores then touched_s = now_s end
+  redis.call('HSET', hkey, 'S', nS, 'L', nL, 'touched', touched_s, 'swept', swept_s, ...)
+  if chores then
+    redis.call('PEXPIRE', base .. 'seeders', keep)
+    redis.call('PEXPIRE', base .. 'leechers', keep)
+    redis.call('PEXPIRE', hkey, keep)
+    redis.call('PEXPIRE', base .. 'meta', meta_ttl)
+  end
+end
+
+local function announce(hash, member, ip, event, role, zone, rec, at, numwant, answer)
+  now_s = at
+  local now = tonumber(at)
+  base = 'fbpkg:v2:{' .. hash .. '}:'
+  hkey = base .. 'swarm'
+  pending, addrs = nil, {}
+  local own, af = 'p:' .. member, 'a:' .. ip
+
+  local state = redis.call('HMGET', hkey, 'touched', 'swept', 'seq', 'S', 'L', own, af)
+  touched_s, swept_s = state[1] or '0', state[2] or '0'
+  local touched, swept = tonumber(touched_s), tonumber(swept_s)
   local seq = tonumber(state[3] or '0')
+  local old = state[6]
+  addrs[ip] = tonumber(state[7] or '0')
   local chores = now - touched >= every or now < touched
-  -- Role counts live in meta, kept in step by every change this script makes; chores count
-  -- the sets again, so keys expired or evicted behind its back are caught within a quarter
-  -- of a TTL.
-  local count
+  -- Role counts live in the hash, kept in step by every change this script makes; chores
+  -- count the sets again, so keys expired or evicted behind its back are caught within a
+  -- quarter of a TTL.
   if chores or not state[4] or not state[5] then
-    count = {S = redis.call('ZCARD', seeders), L = redis.call('ZCARD', leechers)}
+    nS, nL = redis.call('ZCARD', base .. 'seeders'), redis.call('ZCARD', base .. 'leechers')
     chores = true
   else
-    count = {S = tonumber(state[4]), L = tonumber(state[5])}
+    nS, nL = tonumber(state[4]), tonumber(state[5])
   end
-  if count.S + count.L == 0 then chores = true end
-  local old = redis.call('HGET', peers, member)
+  if nS + nL == 0 then chores = true end
   -- Leaving a swarm one is not in changes nothing (and makes no key).
-  if event == 'stopped' and not old then return {1, count.S, count.L, 0} end
+  if event == 'stopped' and not old then return {1, nS, nL, 0} end
 
-  -- Forget a peer entirely (record, buckets, address count, its role's set).
-  local function forget(m, prev)
-    local r, z = parse(prev)
-    unzone(m, r, z)
-    if redis.call('ZREM', role_key(r), m) == 1 then count[r] = count[r] - 1 end
-    local a = string.match(m, '@(.*)$')
-    if a and redis.call('HINCRBY', addrs, a, -1) <= 0 then redis.call('HDEL', addrs, a) end
-    redis.call('HDEL', peers, m)
-  end
-
-  -- Peers silent since the cutoff go, at most once a second per swarm (so a peer outlives its
-  -- TTL by under a second) and a bounded batch per role, so one announce to a swarm left alone
-  -- for long never does unbounded work; a full batch leaves the rest to the next announce.
-  local sweep_every = math.min(1000, math.floor(ttl / 4))
   local sweep = now - swept >= sweep_every or now < swept
   if sweep then
     local cutoff = now - ttl
-    for _, r in ipairs({'S', 'L'}) do
-      local k = role_key(r)
-      local stale = redis.call('ZRANGEBYSCORE', k, '-inf', '(' .. cutoff, 'LIMIT', 0, batch)
-      if #stale == batch then sweep = false end
-      for _, m in ipairs(stale) do
-        local prev = redis.call('HGET', peers, m)
-        if m == member then old = nil end
-        if prev then
-          forget(m, prev)
-        elseif redis.call('ZREM', k, m) == 1 then
-          count[r] = count[r] - 1
-        end
-      end
-    end
+    local full_s = sweep_role('S', cutoff)
+    local full_l = sweep_role('L', cutoff)
+    -- Its own entry may have gone with the sweep (silent past its TTL): it is new again.
+    if pending and pending[own] == false then old = false end
+    -- After a full batch the next announce sweeps again.
+    if full_s or full_l then sweep = false end
   end
-
-  -- Write back what meta keeps (counts, change number, sweep and chore marks) in one command.
-  -- A swarm nobody announces to disappears by itself: no sweeper, no scan. A meta made here
-  -- gets its TTL from the chores that a swarm without `touched` always does.
-  local function save(changed)
-    local f = {'seeders', count.S, 'leechers', count.L}
-    local function put(k, v)
-      f[#f + 1] = k
-      f[#f + 1] = v
-    end
-    if changed then
-      seq = seq + 1
-      put('seq', seq)
-    end
-    if sweep then put('swept', now) end
-    if chores then
-      put('touched', now)
-      for _, k in ipairs({seeders, leechers, peers, addrs}) do redis.call('PEXPIRE', k, keep) end
-    end
-    redis.call('HSET', meta, unpack(f))
-    if chores then redis.call('PEXPIRE', meta, meta_ttl) end
-  end
+  if sweep then swept_s = now_s end
 
   if event == 'stopped' then
-    -- Its own entry may have gone with the sweep just now (silent past its TTL).
     if not old then
-      save(false)
-      return {1, count.S, count.L, 0}
+      save(chores)
+      return {1, nS, nL, 0}
     end
     forget(member, old)
+    seq = seq + 1
+    save(chores, 'seq', seq)
   else
+    local joined = nil
     if not old then
-      -- Counted first and taken back if refused: one command for the peer that joins.
-      local n = redis.call('HINCRBY', addrs, ip, 1)
+      -- Limits apply to a peer that joins.
+      joined = addrs[ip] + 1
       local refused = nil
-      if n > max_per_addr then
+      if joined > max_per_addr then
         refused = 3
-      elseif count.S + count.L >= max_peers then
+      elseif nS + nL >= max_peers then
         refused = 2
       end
       if refused then
-        if n <= 1 then
-          redis.call('HDEL', addrs, ip)
-        else
-          redis.call('HINCRBY', addrs, ip, -1)
-        end
-        save(false)
+        save(chores)
         return {refused}
       end
     end
     local was, old_zone = nil, nil
     if old then was, old_zone = parse(old) end
     if (role == 'S' and event == 'completed') or (was == 'L' and role == 'S') then
-      redis.call('HINCRBY', meta, 'completed', 1)
+      redis.call('HINCRBY', base .. 'meta', 'completed', 1)
       chores = true
     end
     if old and (was ~= role or old_zone ~= zone) then
       unzone(member, was, old_zone)
-      if was ~= role and redis.call('ZREM', role_key(was), member) == 1 then
-        count[was] = count[was] - 1
+      if was ~= role and redis.call('ZREM', role_key(was), member) == 1 then recount(was, -1) end
+    end
+    local first = counted(role) == 0
+    local k = role_key(role)
+    if redis.call('ZADD', k, now_s, member) == 1 then
+      recount(role, 1)
+      if first then redis.call('PEXPIRE', k, keep) end
+    end
+    if zone ~= '' then
+      for _, p in ipairs(prefixes(zone)) do
+        local zk = zone_key(role, p)
+        redis.call('SADD', zk, member)
+        redis.call('PEXPIRE', zk, keep)
       end
     end
-    redis.call('HSET', peers, member, rec)
-    local first = count[role] == 0
-    if redis.call('ZADD', role_key(role), now, member) == 1 then
-      count[role] = count[role] + 1
-      if first then redis.call('PEXPIRE', role_key(role), keep) end
-    end
-    for _, p in ipairs(prefixes(zone)) do
-      local k = zone_key(role, p)
-      redis.call('SADD', k, member)
-      redis.call('PEXPIRE', k, keep)
+    seq = seq + 1
+    if joined then
+      save(chores, 'seq', seq, own, rec, af, joined)
+    else
+      save(chores, 'seq', seq, own, rec)
     end
   end
 
-  save(true)
   if channel ~= '' then
     local op = 'U'
     if event == 'stopped' then op = 'D' end
     redis.call('PUBLISH', channel,
-      publisher .. '|' .. hash .. '|' .. seq .. '|' .. op .. '|' .. now .. '|' .. rec)
+      publisher .. '|' .. hash .. '|' .. seq .. '|' .. op .. '|' .. now_s .. '|' .. rec)
   end
-  if event == 'stopped' then return {1, count.S, count.L, seq} end
+  if event == 'stopped' then return {1, nS, nL, seq} end
 
-  local out = {0, count.S, count.L, seq}
+  local out = {0, nS, nL, seq}
   if answer == 'all' then
     -- Silent peers past the cutoff that the sweep has not reached yet are left out.
-    local seen_at = {}
+    local at, fields = {}, {}
     for _, r in ipairs({'S', 'L'}) do
       local live = redis.call('ZRANGE', role_key(r), now - ttl, '+inf', 'BYSCORE', 'WITHSCORES')
-      for i = 1, #live, 2 do seen_at[live[i]] = live[i + 1] end
+      for i = 1, #live, 2 do
+        fields[#fields + 1] = 'p:' .. live[i]
+        at[#at + 1] = live[i + 1]
+      end
     end
-    local all = redis.call('HGETALL', peers)
-    for i = 1, #all, 2 do
-      local at = seen_at[all[i]]
-      if at then
-        out[#out + 1] = at
-        out[#out + 1] = all[i + 1]
+    if #fields == 0 then return out end
+    local recs = redis.call('HMGET', hkey, unpack(fields))
+    for i = 1, #fields do
+      if recs[i] then
+        out[#out + 1] = at[i]
+        out[#out + 1] = recs[i]
       end
     end
     return out
@@ -226,13 +302,19 @@ local function announce(hash, member, ip, event, role, zone, rec, now, numwant, 
   if answer ~= 'draw' or numwant <= 0 then return out end
   -- The answer: see sample.rs for the policy. When everyone the asker may get fits in numwant
   -- (its own entry aside; a seeder gets leechers only), the answer is all of them, in any order,
-  -- read with one HVALS instead of a draw per level and role.
-  local others = count.L
-  if role == 'L' then others = count.S + count.L - 1 end
+  -- read with one HGETALL instead of a draw per level and role.
+  local others = nL
+  if role == 'L' then others = nS + nL - 1 end
   if others <= numwant then
-    for _, r in ipairs(redis.call('HVALS', peers)) do
+    local all = redis.call('HGETALL', hkey)
+    for i = 1, #all, 2 do
       if #out - 4 >= numwant then break end
-      if r ~= rec and (role == 'L' or string.byte(r, 1) == 76) then out[#out + 1] = r end
+      local f, r = all[i], all[i + 1]
+      -- Records only ('p:' fields), not the asker's, and leechers only for a seeder.
+      if string.byte(f, 1) == 112 and string.byte(f, 2) == 58 and f ~= own
+        and (role == 'L' or string.byte(r, 1) == 76) then
+        out[#out + 1] = r
+      end
     end
     return out
   end
@@ -255,7 +337,7 @@ local function announce(hash, member, ip, event, role, zone, rec, now, numwant, 
       for _, m in ipairs(got) do
         if not seen[m] and #picked < upto then
           seen[m] = true
-          picked[#picked + 1] = m
+          picked[#picked + 1] = 'p:' .. m
           of_role[r] = of_role[r] + 1
         end
       end
@@ -269,7 +351,7 @@ local function announce(hash, member, ip, event, role, zone, rec, now, numwant, 
     fill('S', numwant)
   end
   if #picked > 0 then
-    local recs = redis.call('HMGET', peers, unpack(picked))
+    local recs = redis.call('HMGET', hkey, unpack(picked))
     for _, r in ipairs(recs) do
       if r then out[#out + 1] = r end
     end
@@ -283,7 +365,7 @@ local out = {}
 for i = 0, tonumber(ARGV[8]) - 1 do
   local a = 8 + i * 10
   local ok, r = pcall(announce, ARGV[a + 1], ARGV[a + 2], ARGV[a + 3], ARGV[a + 4],
-    ARGV[a + 5], ARGV[a + 6], ARGV[a + 7], tonumber(ARGV[a + 8]), tonumber(ARGV[a + 9]),
+    ARGV[a + 5], ARGV[a + 6], ARGV[a + 7], ARGV[a + 8], tonumber(ARGV[a + 9]),
     ARGV[a + 10])
   if ok then
     out[#out + 1] = r
