@@ -26,7 +26,7 @@
 //! limits, records or removes, numbers the change (`seq`) and publishes it on
 //! `fbpkg:v2:peers` for the replicas' copies (`mirror.rs`), then answers with what the caller
 //! wants ([`Want`]): nothing (its copy answers), every live peer (to load the copy), or a draw
-//! (all of them, read with one `HGETALL`, when they fit in `numwant`). Keys get a TTL of two and
+//! (all of them, read with one `HVALS`, when they fit in `numwant`). Keys get a TTL of two and
 //! a half intervals, refreshed every half interval by an announce (zone buckets by each of
 //! their announces), so a swarm nobody announces to disappears by itself: there is no sweeper
 //! and never a scan of the keyspace.
