@@ -20,6 +20,8 @@ pub struct RedisServer {
     dir: tempfile::TempDir,
     /// Also serving TLS on this port, with a certificate for 127.0.0.1 from a CA of its own.
     tls_port: Option<u16>,
+    /// Over TLS, clients must show a certificate signed by that CA.
+    client_auth: bool,
 }
 
 /// Where Debian's package puts the server, or `None` (the caller skips, saying so).
@@ -48,6 +50,7 @@ impl RedisServer {
             port: free_loopback_port()?,
             dir: tempfile::tempdir()?,
             tls_port: None,
+            client_auth: false,
         };
         s.restart()?;
         Ok(Some(s))
@@ -57,6 +60,16 @@ impl RedisServer {
     /// 127.0.0.1 signed by a throwaway CA ([`Self::ca_file`]), made with the `openssl` tool;
     /// `Ok(None)` when either program is missing.
     pub fn start_tls() -> io::Result<Option<Self>> {
+        Self::start_tls_with(false)
+    }
+
+    /// Like [`Self::start_tls`], and over TLS every client must show a certificate the CA
+    /// signed ([`Self::client_cert_file`], `tls-auth-clients yes`).
+    pub fn start_mtls() -> io::Result<Option<Self>> {
+        Self::start_tls_with(true)
+    }
+
+    fn start_tls_with(client_auth: bool) -> io::Result<Option<Self>> {
         if !crate::tls_certs::openssl_available() {
             return Ok(None);
         }
@@ -68,6 +81,7 @@ impl RedisServer {
             port: free_loopback_port()?,
             dir: tempfile::tempdir()?,
             tls_port: Some(free_loopback_port()?),
+            client_auth,
         };
         crate::tls_certs::make(s.dir.path())?;
         s.restart()?;
@@ -82,6 +96,12 @@ impl RedisServer {
     /// The PEM of the CA that signed the TLS certificate (after [`Self::start_tls`]).
     pub fn ca_file(&self) -> PathBuf {
         self.dir.path().join("ca.pem")
+    }
+
+    /// A client certificate the CA signed, and its key (after [`Self::start_tls`]).
+    pub fn client_cert_file(&self) -> (PathBuf, PathBuf) {
+        let d = self.dir.path();
+        (d.join("client.pem"), d.join("client.key"))
     }
 
     /// `redis://127.0.0.1:PORT/0`.
@@ -119,7 +139,7 @@ impl RedisServer {
                     "--tls-ca-cert-file".to_owned(),
                     "ca.pem".to_owned(),
                     "--tls-auth-clients".to_owned(),
-                    "no".to_owned(),
+                    if self.client_auth { "yes" } else { "no" }.to_owned(),
                 ]
             }))
             .current_dir(self.dir.path())

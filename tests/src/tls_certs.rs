@@ -1,5 +1,5 @@
-//! A throwaway certificate authority and a server certificate for 127.0.0.1, made with the
-//! `openssl` tool, for the tests of TLS to Redis and PostgreSQL.
+//! A throwaway certificate authority, a server certificate for 127.0.0.1 and a client
+//! certificate, made with the `openssl` tool, for the tests of TLS to Redis and PostgreSQL.
 
 use std::io;
 use std::path::Path;
@@ -14,8 +14,9 @@ pub fn openssl_available() -> bool {
     ok
 }
 
-/// Write `ca.pem` (the CA), `server.pem` and `server.key` (for IP 127.0.0.1, signed by the
-/// CA, valid two days) into `dir`.
+/// Write `ca.pem` (the CA), `server.pem` and `server.key` (for IP 127.0.0.1), and
+/// `client.pem` and `client.key` (CN `fbpkg`, for servers that ask clients for a
+/// certificate), both signed by the CA and valid two days, into `dir`.
 pub fn make(dir: &Path) -> io::Result<()> {
     std::fs::write(dir.join("san.ext"), "subjectAltName=IP:127.0.0.1\n")?;
     let ec = [
@@ -59,6 +60,35 @@ pub fn make(dir: &Path) -> io::Result<()> {
             "2",
             "-extfile",
             "san.ext",
+        ]),
+        dir,
+    )?;
+    run(
+        Command::new("openssl")
+            .arg("req")
+            .args(ec)
+            .args(["-keyout", "client.key", "-out", "client.csr"])
+            .args(["-days", "2", "-subj", "/CN=fbpkg"]),
+        dir,
+    )?;
+    std::fs::write(dir.join("client.ext"), "extendedKeyUsage=clientAuth\n")?;
+    run(
+        Command::new("openssl").args([
+            "x509",
+            "-req",
+            "-in",
+            "client.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            "client.pem",
+            "-days",
+            "2",
+            "-extfile",
+            "client.ext",
         ]),
         dir,
     )

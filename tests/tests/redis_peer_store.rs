@@ -862,6 +862,117 @@ async fn replicas_reach_redis_over_tls_with_the_ca_they_are_given() {
     assert!(err.contains("--peer-store-ca is for a rediss://"), "{err}");
 }
 
+/// A Redis that asks clients for a certificate (`tls-auth-clients yes`): replicas showing
+/// theirs (`--peer-store-cert`, `--peer-store-key`) share peers; one without is answered
+/// "unavailable" and not ready; a certificate without its key is refused at start.
+#[tokio::test]
+async fn replicas_show_redis_their_client_certificate_when_it_asks() {
+    let Some(redis) = RedisServer::start_mtls().expect("starting redis-server with TLS") else {
+        return;
+    };
+    let Some(url) = redis.tls_url() else {
+        return;
+    };
+    let ca = redis.ca_file();
+    let (cert, key) = redis.client_cert_file();
+    let [ca, cert, key] = [&ca, &cert, &key].map(|p| p.to_str().expect("a UTF-8 path"));
+    let dirs = [(); 3].map(|()| tempfile::tempdir().expect("tempdir"));
+    let showing = |d| {
+        replica(
+            d,
+            &[
+                "--peer-store",
+                &url,
+                "--peer-store-ca",
+                ca,
+                "--peer-store-cert",
+                cert,
+                "--peer-store-key",
+                key,
+            ],
+        )
+    };
+    let (one, two) = (showing(&dirs[0]), showing(&dirs[1]));
+    let hash = InfoHash([11; 20]);
+    if let Err(e) = announce(&one.base_url(), hash, 1, [127, 0, 0, 71], 0, Event::Started)
+        .await
+        .and_then(peers_of)
+    {
+        panic!("the seed: {e}; tracker log:\n{}", one.log_tail());
+    }
+    let got = peers(
+        &two.base_url(),
+        hash,
+        2,
+        [127, 0, 0, 72],
+        9,
+        Event::Started,
+        "a leecher on the other replica",
+    )
+    .await;
+    assert_eq!(
+        got,
+        HashSet::from([1]),
+        "the seed, through Redis over mutual TLS"
+    );
+
+    let anonymous = replica(&dirs[2], &["--peer-store", &url, "--peer-store-ca", ca]);
+    match announce(
+        &anonymous.base_url(),
+        hash,
+        3,
+        [127, 0, 0, 73],
+        9,
+        Event::Started,
+    )
+    .await
+    {
+        Ok(TrackerReply::Failure(f)) => assert_eq!(f, "peer store unavailable, try again"),
+        other => panic!("a replica without a client certificate answered {other:?}"),
+    }
+    let ready = reqwest::get(format!("{}/readyz", anonymous.base_url()))
+        .await
+        .expect("readyz");
+    assert_eq!(ready.status(), reqwest::StatusCode::SERVICE_UNAVAILABLE);
+
+    let data = dirs[2].path().to_str().expect("a UTF-8 path");
+    let args = [
+        "tracker",
+        "--data-dir",
+        data,
+        "--peer-store",
+        &url,
+        "--peer-store-cert",
+        cert,
+    ];
+    let refused = fbpkg_rs(args, Duration::from_secs(30)).await;
+    assert!(!refused.success(), "{refused:?}");
+    let err = &refused.stderr;
+    assert!(
+        err.contains("--peer-store-cert and --peer-store-key go together"),
+        "{err}"
+    );
+    // The key file named as the certificate: refused at start, naming the flag.
+    let args = [
+        "tracker",
+        "--data-dir",
+        data,
+        "--peer-store",
+        &url,
+        "--peer-store-cert",
+        key,
+        "--peer-store-key",
+        key,
+    ];
+    let refused = fbpkg_rs(args, Duration::from_secs(30)).await;
+    assert!(!refused.success(), "{refused:?}");
+    assert!(
+        refused.stderr.contains("--peer-store-cert"),
+        "{}",
+        refused.stderr
+    );
+}
+
 /// `--no-peer-copies`: the way back to drawing every answer in Redis. The replica follows no
 /// changes, keeps no copy, and still finds the peers another replica recorded.
 #[tokio::test]

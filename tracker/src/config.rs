@@ -126,6 +126,15 @@ pub struct TrackerArgs {
     #[arg(long, env = "FBPKG_TRACKER_PEER_STORE_CA", value_name = "PEM")]
     pub peer_store_ca: Option<PathBuf>,
 
+    /// For `rediss://` to a Redis that asks clients for a certificate (`tls-auth-clients`):
+    /// this replica's certificate (PEM; the chain, leaf first). Needs --peer-store-key.
+    #[arg(long, env = "FBPKG_TRACKER_PEER_STORE_CERT", value_name = "PEM")]
+    pub peer_store_cert: Option<PathBuf>,
+
+    /// The private key (PEM) of --peer-store-cert.
+    #[arg(long, env = "FBPKG_TRACKER_PEER_STORE_KEY", value_name = "PEM")]
+    pub peer_store_key: Option<PathBuf>,
+
     /// With Redis: do not keep copies of the swarms (answers are then drawn in Redis on every
     /// announce, about half the announces/s). A way back should the copies misbehave, or while
     /// replicas of versions that publish changes differently run side by side.
@@ -155,6 +164,16 @@ pub struct TrackerArgs {
     /// the server's certificate.
     #[arg(long, env = "FBPKG_TRACKER_CATALOG_CA", value_name = "PEM")]
     pub catalog_ca: Option<PathBuf>,
+
+    /// For `sslmode=require` to a PostgreSQL that asks clients for a certificate (`hostssl ...
+    /// clientcert=verify-ca` or the `cert` method in pg_hba.conf): this replica's certificate
+    /// (PEM; the chain, leaf first). Needs --catalog-key.
+    #[arg(long, env = "FBPKG_TRACKER_CATALOG_CERT", value_name = "PEM")]
+    pub catalog_cert: Option<PathBuf>,
+
+    /// The private key (PEM) of --catalog-cert.
+    #[arg(long, env = "FBPKG_TRACKER_CATALOG_KEY", value_name = "PEM")]
+    pub catalog_key: Option<PathBuf>,
 
     /// Deadline of every catalog database call: past it a write answers 503 (reads are served
     /// from memory and never wait).
@@ -281,6 +300,12 @@ pub struct Config {
     /// Certificate authorities (PEM file) trusted for `rediss://`, instead of the system's.
     #[serde(default)]
     pub peer_store_ca: Option<PathBuf>,
+    /// Client certificate (PEM) shown to a Redis that asks for one.
+    #[serde(default)]
+    pub peer_store_cert: Option<PathBuf>,
+    /// Private key (PEM) of `peer_store_cert`.
+    #[serde(default)]
+    pub peer_store_key: Option<PathBuf>,
     /// With Redis: answer every announce by a draw in Redis, keeping no copies of swarms.
     #[serde(default)]
     pub no_peer_copies: bool,
@@ -293,6 +318,12 @@ pub struct Config {
     /// Certificate authorities (PEM file) trusted for a catalog URL with `sslmode=require`.
     #[serde(default)]
     pub catalog_ca: Option<PathBuf>,
+    /// Client certificate (PEM) shown to a PostgreSQL that asks for one.
+    #[serde(default)]
+    pub catalog_cert: Option<PathBuf>,
+    /// Private key (PEM) of `catalog_cert`.
+    #[serde(default)]
+    pub catalog_key: Option<PathBuf>,
     /// Deadline of every catalog database call (default 2 s).
     #[serde(with = "humantime_serde_compat")]
     pub catalog_timeout: Duration,
@@ -347,10 +378,14 @@ impl Default for Config {
             threads: 0,
             peer_store: PeerStoreKind::Memory,
             peer_store_ca: None,
+            peer_store_cert: None,
+            peer_store_key: None,
             no_peer_copies: false,
             peer_store_timeout: Duration::from_secs(1),
             catalog: CatalogKind::Files,
             catalog_ca: None,
+            catalog_cert: None,
+            catalog_key: None,
             catalog_timeout: Duration::from_secs(2),
         }
     }
@@ -382,10 +417,14 @@ impl TrackerArgs {
             threads: self.threads,
             peer_store: PeerStoreKind::parse(&self.peer_store)?,
             peer_store_ca: self.peer_store_ca,
+            peer_store_cert: self.peer_store_cert,
+            peer_store_key: self.peer_store_key,
             no_peer_copies: self.no_peer_copies,
             peer_store_timeout: self.peer_store_timeout,
             catalog: CatalogKind::parse(&self.catalog)?,
             catalog_ca: self.catalog_ca,
+            catalog_cert: self.catalog_cert,
+            catalog_key: self.catalog_key,
             catalog_timeout: self.catalog_timeout,
             ..Config::default()
         };
@@ -441,13 +480,39 @@ impl Config {
                 return bad(format!("{flag} must be more than 0"));
             }
         }
-        if self.peer_store_ca.is_some()
-            && !matches!(&self.peer_store, PeerStoreKind::Redis(u) if u.starts_with("rediss://"))
-        {
-            return bad("--peer-store-ca is for a rediss:// --peer-store (Redis over TLS)".into());
+        let rediss =
+            matches!(&self.peer_store, PeerStoreKind::Redis(u) if u.starts_with("rediss://"));
+        for (flag, given) in [
+            ("--peer-store-ca", self.peer_store_ca.is_some()),
+            ("--peer-store-cert", self.peer_store_cert.is_some()),
+            ("--peer-store-key", self.peer_store_key.is_some()),
+        ] {
+            if given && !rediss {
+                return bad(format!(
+                    "{flag} is for a rediss:// --peer-store (Redis over TLS)"
+                ));
+            }
         }
-        if self.catalog_ca.is_some() && matches!(self.catalog, CatalogKind::Files) {
-            return bad("--catalog-ca is for a postgres:// --catalog with sslmode=require".into());
+        for (flag, given) in [
+            ("--catalog-ca", self.catalog_ca.is_some()),
+            ("--catalog-cert", self.catalog_cert.is_some()),
+            ("--catalog-key", self.catalog_key.is_some()),
+        ] {
+            if given && matches!(self.catalog, CatalogKind::Files) {
+                return bad(format!(
+                    "{flag} is for a postgres:// --catalog with sslmode=require"
+                ));
+            }
+        }
+        for (cert, key, store) in [
+            (&self.peer_store_cert, &self.peer_store_key, "--peer-store"),
+            (&self.catalog_cert, &self.catalog_key, "--catalog"),
+        ] {
+            if cert.is_some() != key.is_some() {
+                return bad(format!(
+                    "{store}-cert and {store}-key go together: a client certificate and its key"
+                ));
+            }
         }
         if self.peer_store_timeout.is_zero() {
             return bad("--peer-store-timeout must be more than 0".into());
@@ -499,6 +564,47 @@ mod tests {
             let e = PeerStoreKind::parse(bad).expect_err(bad).to_string();
             assert!(e.contains("--peer-store"), "{bad}: {e}");
         }
+    }
+
+    #[test]
+    fn client_certificates_need_their_key_and_a_tls_store() {
+        let tls = Config {
+            peer_store: PeerStoreKind::Redis("rediss://127.0.0.1:6380/0".into()),
+            catalog: CatalogKind::Postgres("postgres://u@127.0.0.1/db?sslmode=require".into()),
+            peer_store_cert: Some("c.pem".into()),
+            peer_store_key: Some("k.pem".into()),
+            catalog_cert: Some("c.pem".into()),
+            catalog_key: Some("k.pem".into()),
+            ..Config::default()
+        };
+        assert!(tls.validate(false).is_ok());
+        let refused = |c: Config| c.validate(false).expect_err("refused").to_string();
+        let e = refused(Config {
+            peer_store_key: None,
+            ..tls.clone()
+        });
+        assert!(
+            e.contains("--peer-store-cert and --peer-store-key go together"),
+            "{e}"
+        );
+        let e = refused(Config {
+            catalog_cert: None,
+            ..tls.clone()
+        });
+        assert!(
+            e.contains("--catalog-cert and --catalog-key go together"),
+            "{e}"
+        );
+        let e = refused(Config {
+            peer_store: PeerStoreKind::Redis("redis://127.0.0.1:6379/0".into()),
+            ..tls.clone()
+        });
+        assert!(e.contains("--peer-store-cert is for a rediss://"), "{e}");
+        let e = refused(Config {
+            catalog: CatalogKind::Files,
+            ..tls
+        });
+        assert!(e.contains("--catalog-cert is for a postgres://"), "{e}");
     }
 
     #[test]

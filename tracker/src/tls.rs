@@ -2,8 +2,8 @@
 
 use std::path::Path;
 
-use rustls::pki_types::CertificateDer;
 use rustls::pki_types::pem::PemObject as _;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 
 use crate::error::TrackerError;
 
@@ -13,8 +13,85 @@ pub fn install_provider() {
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
 }
 
-/// The PEM file a `--...-ca` flag names, read at start; `None` without the flag.
-pub fn read_ca(path: Option<&Path>, flag: &str) -> Result<Option<Vec<u8>>, TrackerError> {
+/// What TLS to one store trusts and shows, read from its flags at start
+/// (`--peer-store-ca/-cert/-key`, `--catalog-ca/-cert/-key`).
+#[derive(Clone, Default)]
+pub struct TlsFiles {
+    /// PEM of the certificate authorities to trust; `None`: the system's.
+    pub ca: Option<Vec<u8>>,
+    /// PEM of the client certificate (chain) and of its private key, for a server that asks
+    /// clients for one (mutual TLS).
+    pub identity: Option<(Vec<u8>, Vec<u8>)>,
+    /// The flags' common prefix, for errors (`--catalog`).
+    pub flags: &'static str,
+}
+
+impl std::fmt::Debug for TlsFiles {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the key.
+        f.debug_struct("TlsFiles")
+            .field("ca", &self.ca.is_some())
+            .field("identity", &self.identity.is_some())
+            .field("flags", &self.flags)
+            .finish()
+    }
+}
+
+impl TlsFiles {
+    /// Read the files `{flags}-ca`, `{flags}-cert` and `{flags}-key` name (cert and key go
+    /// together: the configuration checks that), and check the certificate and key parse, so
+    /// a bad file stops the start rather than every connection.
+    pub fn read(
+        flags: &'static str,
+        ca: Option<&Path>,
+        cert: Option<&Path>,
+        key: Option<&Path>,
+    ) -> Result<Self, TrackerError> {
+        let files = Self {
+            ca: read_file(ca, &format!("{flags}-ca"))?,
+            identity: match (
+                read_file(cert, &format!("{flags}-cert"))?,
+                read_file(key, &format!("{flags}-key"))?,
+            ) {
+                (Some(c), Some(k)) => Some((c, k)),
+                _ => None,
+            },
+            flags,
+        };
+        files.client_identity()?;
+        Ok(files)
+    }
+
+    /// Nothing given: plain defaults (the system's CAs, no client certificate).
+    pub fn is_empty(&self) -> bool {
+        self.ca.is_none() && self.identity.is_none()
+    }
+
+    /// The client certificate chain and key, parsed.
+    fn client_identity(
+        &self,
+    ) -> Result<Option<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)>, TrackerError> {
+        let Some((cert, key)) = &self.identity else {
+            return Ok(None);
+        };
+        let flags = self.flags;
+        let chain = CertificateDer::pem_slice_iter(cert)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| TrackerError::Config(format!("{flags}-cert: not a PEM file: {e}")))?;
+        if chain.is_empty() {
+            return Err(TrackerError::Config(format!(
+                "{flags}-cert: no certificate in it"
+            )));
+        }
+        let key = PrivateKeyDer::from_pem_slice(key).map_err(|e| {
+            TrackerError::Config(format!("{flags}-key: no private key read from it: {e}"))
+        })?;
+        Ok(Some((chain, key)))
+    }
+}
+
+/// The file a flag names, read at start; `None` without the flag.
+fn read_file(path: Option<&Path>, flag: &str) -> Result<Option<Vec<u8>>, TrackerError> {
     path.map(|p| {
         std::fs::read(p).map_err(|e| {
             TrackerError::Config(format!("{flag} {}: cannot read it: {e}", p.display()))
@@ -23,12 +100,13 @@ pub fn read_ca(path: Option<&Path>, flag: &str) -> Result<Option<Vec<u8>>, Track
     .transpose()
 }
 
-/// A client configuration trusting the certificates in `ca` (PEM), or the system's when
-/// `None`. `what` names the flag for errors (`--catalog-ca`).
-pub fn client_config(ca: Option<&[u8]>, what: &str) -> Result<rustls::ClientConfig, TrackerError> {
+/// A client configuration trusting `files.ca` (or the system's certificate authorities), and
+/// showing `files.identity` when a server asks for a client certificate.
+pub fn client_config(files: &TlsFiles) -> Result<rustls::ClientConfig, TrackerError> {
     install_provider();
+    let what = format!("{}-ca", files.flags);
     let mut roots = rustls::RootCertStore::empty();
-    match ca {
+    match files.ca.as_deref() {
         Some(pem) => {
             let certs = CertificateDer::pem_slice_iter(pem)
                 .collect::<Result<Vec<_>, _>>()
@@ -55,7 +133,14 @@ pub fn client_config(ca: Option<&[u8]>, what: &str) -> Result<rustls::ClientConf
             }
         }
     }
-    Ok(rustls::ClientConfig::builder()
-        .with_root_certificates(roots)
-        .with_no_client_auth())
+    let builder = rustls::ClientConfig::builder().with_root_certificates(roots);
+    match files.client_identity()? {
+        Some((chain, key)) => builder.with_client_auth_cert(chain, key).map_err(|e| {
+            TrackerError::Config(format!(
+                "{}-cert and {}-key: rustls refuses them: {e}",
+                files.flags, files.flags
+            ))
+        }),
+        None => Ok(builder.with_no_client_auth()),
+    }
 }

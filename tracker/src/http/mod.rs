@@ -70,8 +70,13 @@ impl AppState {
                 (catalog, rollouts, None, None)
             }
             CatalogKind::Postgres(url) => {
-                let ca = crate::tls::read_ca(config.catalog_ca.as_deref(), "--catalog-ca")?;
-                let (pg, notices) = Pg::open(url, ca.as_deref(), config.catalog_timeout)?;
+                let tls = crate::tls::TlsFiles::read(
+                    "--catalog",
+                    config.catalog_ca.as_deref(),
+                    config.catalog_cert.as_deref(),
+                    config.catalog_key.as_deref(),
+                )?;
+                let (pg, notices) = Pg::open(url, &tls, config.catalog_timeout)?;
                 let catalog = Catalog::with_store(Box::new(
                     crate::catalog::postgres::PgStore::new(pg.clone()),
                 ))?;

@@ -37,10 +37,15 @@ impl PeerStore {
         match &config.peer_store {
             PeerStoreKind::Memory => Ok(PeerStore::Memory),
             PeerStoreKind::Redis(url) => {
-                let ca = crate::tls::read_ca(config.peer_store_ca.as_deref(), "--peer-store-ca")?;
-                RedisStore::open_with_ca(
+                let tls = crate::tls::TlsFiles::read(
+                    "--peer-store",
+                    config.peer_store_ca.as_deref(),
+                    config.peer_store_cert.as_deref(),
+                    config.peer_store_key.as_deref(),
+                )?;
+                RedisStore::open_with_tls(
                     url,
-                    ca,
+                    tls,
                     config.peer_store_timeout,
                     config.announce_interval * 2,
                     config.swarm_limits(),

@@ -229,14 +229,21 @@ impl RedisStore {
         peer_ttl: Duration,
         limits: Limits,
     ) -> Result<Self, redis::RedisError> {
-        Self::open_with_ca(url, None, timeout, peer_ttl, limits)
+        Self::open_with_tls(
+            url,
+            crate::tls::TlsFiles::default(),
+            timeout,
+            peer_ttl,
+            limits,
+        )
     }
 
-    /// [`RedisStore::open`], trusting the certificate authorities in `ca` (PEM) rather than
-    /// the system's for a `rediss://` URL.
-    pub fn open_with_ca(
+    /// [`RedisStore::open`], for a `rediss://` URL trusting `tls.ca` (PEM) rather than the
+    /// system's certificate authorities, and showing `tls.identity` to a server that asks for
+    /// a client certificate.
+    pub fn open_with_tls(
         url: &str,
-        ca: Option<Vec<u8>>,
+        tls_files: crate::tls::TlsFiles,
         timeout: Duration,
         peer_ttl: Duration,
         limits: Limits,
@@ -245,15 +252,21 @@ impl RedisStore {
         if tls {
             crate::tls::install_provider();
         }
-        let client = match ca {
-            Some(root_cert) if tls => redis::Client::build_with_tls(
+        let client = if tls && !tls_files.is_empty() {
+            redis::Client::build_with_tls(
                 url,
                 redis::TlsCertificates {
-                    client_tls: None,
-                    root_cert: Some(root_cert),
+                    client_tls: tls_files.identity.map(|(client_cert, client_key)| {
+                        redis::ClientTlsConfig {
+                            client_cert,
+                            client_key,
+                        }
+                    }),
+                    root_cert: tls_files.ca,
                 },
-            )?,
-            _ => redis::Client::open(url)?,
+            )?
+        } else {
+            redis::Client::open(url)?
         };
         let info = client.get_connection_info();
         let scheme = if tls { "rediss" } else { "redis" };

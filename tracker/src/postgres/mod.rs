@@ -114,24 +114,23 @@ impl Pg {
     ///
     /// Blocks (connecting, migrating); safe to call from inside an async runtime.
     ///
-    /// With `sslmode=require` in the URL the connections use TLS, and the server's certificate
-    /// must verify against `ca` (PEM), or the system's CAs when `None`.
+    /// With `sslmode=require` in the URL the connections use TLS: the server's certificate
+    /// must verify against `tls.ca` (or the system's CAs), and `tls.identity` is shown to a
+    /// server that asks for a client certificate.
     pub fn open(
         url: &str,
-        ca: Option<&[u8]>,
+        tls: &crate::tls::TlsFiles,
         timeout: Duration,
     ) -> Result<(Arc<Self>, mpsc::UnboundedReceiver<Notice>), TrackerError> {
         let mut config = parse_url(url)?;
         config.connect_timeout(timeout);
         let tls = match config.get_ssl_mode() {
-            SslMode::Require => Some(MakeRustlsConnect::new(crate::tls::client_config(
-                ca,
-                "--catalog-ca",
-            )?)),
-            _ if ca.is_some() => {
-                return Err(TrackerError::Config(
-                    "--catalog-ca is for a catalog URL with sslmode=require".into(),
-                ));
+            SslMode::Require => Some(MakeRustlsConnect::new(crate::tls::client_config(tls)?)),
+            _ if !tls.is_empty() => {
+                return Err(TrackerError::Config(format!(
+                    "{}-ca, -cert and -key are for a catalog URL with sslmode=require",
+                    tls.flags
+                )));
             }
             _ => None,
         };
