@@ -19,6 +19,8 @@ use crate::free_loopback_port;
 const START_TIMEOUT: Duration = Duration::from_secs(30);
 /// The role the tests connect as.
 const USER: &str = "fbpkg";
+/// With TLS, a role that must show a client certificate (see [`PostgresServer::mtls_url`]).
+const MTLS_USER: &str = "fbpkg_mtls";
 
 /// A running `postgres -D <tmp>/data -p PORT -h 127.0.0.1`.
 #[derive(Debug)]
@@ -90,6 +92,19 @@ impl PostgresServer {
         self.dir.path().join("ca.pem")
     }
 
+    /// A client certificate the CA signed, and its key (after [`Self::start_tls`]).
+    pub fn client_cert_file(&self) -> (PathBuf, PathBuf) {
+        let d = self.dir.path();
+        (d.join("client.pem"), d.join("client.key"))
+    }
+
+    /// `postgres://fbpkg_mtls@127.0.0.1:PORT/postgres` (after [`Self::start_tls`]): a role the
+    /// server lets in only over TLS and with a client certificate the CA signed
+    /// ([`Self::client_cert_file`]).
+    pub fn mtls_url(&self) -> String {
+        format!("postgres://{MTLS_USER}@127.0.0.1:{}/postgres", self.port)
+    }
+
     fn start_with(tls: bool) -> io::Result<Option<Self>> {
         let Some(bin) = postgres_bin_dir() else {
             eprintln!(
@@ -136,6 +151,19 @@ impl PostgresServer {
                 }
             }
         }
+        if tls {
+            // Ahead of initdb's lines (the first that matches wins): the mTLS role over TLS
+            // with a client certificate the CA signed, and not otherwise.
+            let hba = dir.path().join("data").join("pg_hba.conf");
+            let rest = std::fs::read_to_string(&hba)?;
+            std::fs::write(
+                &hba,
+                format!(
+                    "hostssl all {MTLS_USER} 127.0.0.1/32 trust clientcert=verify-ca\n\
+                     host all {MTLS_USER} 127.0.0.1/32 reject\n{rest}"
+                ),
+            )?;
+        }
         let mut s = Self {
             child: None,
             port: free_loopback_port()?,
@@ -144,6 +172,9 @@ impl PostgresServer {
             tls,
         };
         s.restart()?;
+        if tls {
+            s.psql(&format!("CREATE ROLE {MTLS_USER} LOGIN SUPERUSER"))?;
+        }
         Ok(Some(s))
     }
 
@@ -224,6 +255,9 @@ impl PostgresServer {
                         "ssl_key_file={}",
                         self.dir.path().join("server.key").display()
                     ),
+                    // Client certificates are checked against it (pg_hba asks for one).
+                    "-c".to_owned(),
+                    format!("ssl_ca_file={}", self.dir.path().join("ca.pem").display()),
                 ]
             } else {
                 Vec::new()

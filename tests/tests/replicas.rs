@@ -607,3 +607,49 @@ async fn the_catalog_reaches_postgres_over_tls_with_the_ca_it_is_given() {
         "{err}"
     );
 }
+
+/// A PostgreSQL that lets the replica's role in only with a client certificate: a replica
+/// showing one (`--catalog-cert`, `--catalog-key`) starts and publishes; one without does
+/// not start, and says why.
+#[tokio::test]
+async fn the_catalog_shows_postgres_its_client_certificate_when_it_asks() {
+    let Some(pg) = PostgresServer::start_tls().expect("starting PostgreSQL with TLS") else {
+        return;
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let url = format!("{}?sslmode=require", pg.mtls_url());
+    let ca = pg.ca_file();
+    let (cert, key) = pg.client_cert_file();
+    let [ca, cert, key] = [&ca, &cert, &key].map(|p| p.to_str().expect("a UTF-8 path"));
+    let tracker = TrackerProcess::start_with_args(
+        &dir.path().join("a"),
+        &[
+            "--catalog",
+            &url,
+            "--catalog-ca",
+            ca,
+            "--catalog-cert",
+            cert,
+            "--catalog-key",
+            key,
+        ],
+    )
+    .expect("a replica showing its certificate starts");
+    let (status, body) = readyz(&tracker.base_url()).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let v1 = package(1, &tracker.announce_url());
+    let st = publish(&http_client(), &tracker.base_url(), "app", &v1)
+        .await
+        .expect("publish");
+    assert_eq!(st, StatusCode::CREATED);
+
+    let anonymous = TrackerProcess::start_with_args(
+        &dir.path().join("b"),
+        &["--catalog", &url, "--catalog-ca", ca],
+    );
+    let err = anonymous.expect_err("a replica without a client certificate does not start");
+    assert!(
+        err.to_string().to_lowercase().contains("certificate"),
+        "{err}"
+    );
+}
