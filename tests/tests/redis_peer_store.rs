@@ -32,7 +32,7 @@ use fbpkg_common::{InfoHash, PeerId};
 use fbpkg_tests::{
     AgentProcess, RedisServer, TrackerProcess, fbpkg_rs, http_client, poll, wait_for,
 };
-use fbpkg_tracker::peer_store::{Announce, RedisStore};
+use fbpkg_tracker::peer_store::{Announce, RedisStore, Want};
 use fbpkg_tracker::swarm::{Limits, Recorded};
 
 /// Two announce intervals of the store under test, in ms.
@@ -305,6 +305,83 @@ async fn a_stop_from_a_peer_already_expired_is_answered() {
         fine.expect("the other announce").recorded,
         Recorded::Present
     );
+}
+
+/// An announce that fails after its sweep (a zone bucket of the wrong type) leaves the sweep
+/// whole: the expired peers' records and address counts go with them, so an address they
+/// held takes a new peer at once.
+#[tokio::test]
+async fn a_failed_announce_keeps_what_its_sweep_did() {
+    let redis = redis_or_skip!();
+    let s = store(
+        &redis,
+        Limits {
+            max_peers: 10,
+            max_per_address: 1,
+        },
+    );
+    let t0 = 50_000_000;
+    let x = [10, 0, 0, 1];
+    s.announce(&peer(1, x, 10), t0).await.expect("announce");
+    s.announce(&peer(2, [10, 0, 0, 2], 10), t0)
+        .await
+        .expect("announce");
+    let bucket = format!("fbpkg:v2:{{{}}}:z:L:dcx", InfoHash([0; 20]));
+    assert_eq!(
+        redis.command(&format!("SET {bucket} x")).expect("SET"),
+        "+OK"
+    );
+    let mut zoned = peer(3, [10, 0, 0, 3], 10);
+    zoned.zone = Some(Zone::new("dcx").expect("zone"));
+    let later = t0 + TTL_MS + 1_000;
+    let err = s
+        .announce(&zoned, later)
+        .await
+        .expect_err("a bucket that is not a set");
+    assert!(err.to_string().contains("announce script"), "{err}");
+    // 1 expired with that sweep: x is free.
+    let from_x = s.announce(&peer(4, x, 10), later).await.expect("announce");
+    assert_eq!(from_x.recorded, Recorded::Present);
+    // And the all-fit answer holds no expired record: 4 only (3 failed before its record
+    // was written; its entry in the leechers' set expires with it).
+    let got: HashSet<u8> = s
+        .announce(&peer(5, [10, 0, 0, 5], 10), later)
+        .await
+        .expect("announce")
+        .peers
+        .iter()
+        .filter_map(|p| p.peer_id.map(|id| id.0[0]))
+        .collect();
+    assert_eq!(got, HashSet::from([4]));
+}
+
+/// Loading a swarm of more peers than Lua's `unpack` takes at once (8000) still answers them
+/// all.
+#[tokio::test]
+async fn a_swarm_of_ten_thousand_peers_loads_whole() {
+    let redis = redis_or_skip!();
+    let s = store(&redis, Limits::NONE);
+    let now = 60_000_000;
+    let n: u32 = 10_000;
+    let mut calls = Vec::new();
+    for i in 0..n {
+        let mut a = peer(0, [10, 1, 0, 0], 10);
+        a.peer_id = PeerId([0; 20]);
+        a.peer_id.0[..4].copy_from_slice(&i.to_be_bytes());
+        a.addr = SocketAddr::new(IpAddr::V4(Ipv4Addr::from(0x0a00_0000 + i)), 6881);
+        a.numwant = 0;
+        calls.push(a);
+    }
+    for a in &calls {
+        let r = s.announce_wanting(a, now, Want::Nothing).await;
+        assert_eq!(r.expect("announce").recorded, Recorded::Present);
+    }
+    let last = peer(1, [10, 2, 0, 0], 10);
+    let loaded = s
+        .announce_wanting(&last, now, Want::All)
+        .await
+        .expect("the load answers");
+    assert_eq!(loaded.all.len(), n as usize + 1);
 }
 
 #[tokio::test]

@@ -103,6 +103,38 @@ local function put(f, v)
   pending[f] = v
 end
 
+-- `cmd` on the swarm's hash with `args` spread over calls of at most 1000 (Lua's unpack stops
+-- at 8000), the replies of all in one table.
+local function chunked(cmd, args)
+  local out = {}
+  for from = 1, #args, 1000 do
+    local part = redis.call(cmd, hkey, unpack(args, from, math.min(from + 999, #args)))
+    if type(part) == 'table' then
+      for _, v in ipairs(part) do out[#out + 1] = v end
+    end
+  end
+  return out
+end
+
+-- Write what leaves or changes for other peers (`pending`) now: a sweep's writes must not
+-- wait for the end of an announce that may yet fail (a key of the wrong type), or the
+-- records of peers taken out of their role's set would stay for ever.
+local function flush()
+  if not pending then return end
+  local set, del = {}, {}
+  for f, v in pairs(pending) do
+    if v then
+      set[#set + 1] = f
+      set[#set + 1] = v
+    else
+      del[#del + 1] = f
+    end
+  end
+  pending = nil
+  if #del > 0 then chunked('HDEL', del) end
+  if #set > 0 then chunked('HSET', set) end
+end
+
 -- Forget a peer entirely (record, buckets, address count, its role's set); the count of its
 -- address has been read.
 local function forget(m, prev)
@@ -118,12 +150,13 @@ local function forget(m, prev)
   put('p:' .. m, false)
 end
 
--- Expire the silent peers of role `r`; true when a full batch was taken (the next announce
--- takes the rest).
-local function sweep_role(r, cutoff)
+-- Expire the silent peers of role `r`; returns whether a full batch was taken (the next
+-- announce takes the rest), and whether `member` was among them. Written at once (`flush`):
+-- a peer in both sets (a state only a failure leaves) is not forgotten twice.
+local function sweep_role(r, cutoff, member)
   local k = role_key(r)
   local stale = redis.call('ZRANGEBYSCORE', k, '-inf', '(' .. cutoff, 'LIMIT', 0, batch)
-  if #stale == 0 then return false end
+  if #stale == 0 then return false, false end
   -- Their records and the counts of their addresses not read yet, in one HMGET.
   local fields, wanted = {}, {}
   for i, m in ipairs(stale) do fields[i] = 'p:' .. m end
@@ -134,37 +167,28 @@ local function sweep_role(r, cutoff)
       fields[#fields + 1] = 'a:' .. a
     end
   end
-  local got = redis.call('HMGET', hkey, unpack(fields))
+  local got = chunked('HMGET', fields)
   for i = #stale + 1, #fields do addrs[string.sub(fields[i], 3)] = tonumber(got[i] or '0') end
+  local gone = false
   for i, m in ipairs(stale) do
+    if m == member then gone = true end
     if got[i] then
       forget(m, got[i])
     elseif redis.call('ZREM', k, m) == 1 then
       recount(r, -1)
     end
   end
-  return #stale == batch
+  flush()
+  return #stale == batch, gone
 end
 
 -- Write back what the announce changed: first what leaves or changes for other peers
--- (`pending`: one HDEL, one HSET), then in one HSET the counts, the marks and `...` (the
+-- (`pending`, see `flush`), then in one HSET the counts, the marks and `...` (the
 -- announcer's own fields and the change number, which win). Chores then refresh the keys'
 -- TTLs (after the writes: a key made by them gets its TTL too). Every mark is written each
 -- time, changed or not: one fixed HSET costs less than building its arguments.
 local function save(chores, ...)
-  if pending then
-    local set, del = {}, {}
-    for f, v in pairs(pending) do
-      if v then
-        set[#set + 1] = f
-        set[#set + 1] = v
-      else
-        del[#del + 1] = f
-      end
-    end
-    if #del > 0 then redis.call('HDEL', hkey, unpack(del)) end
-    if #set > 0 then redis.call('HSET', hkey, unpack(set)) end
-  end
+  flush()
   if chores then touched_s = now_s end
   redis.call('HSET', hkey, 'S', nS, 'L', nL, 'touched', touched_s, 'swept', swept_s, ...)
   if chores then
@@ -206,10 +230,10 @@ local function announce(hash, member, ip, event, role, zone, rec, at, numwant, a
   local sweep = now - swept >= sweep_every or now < swept
   if sweep then
     local cutoff = now - ttl
-    local full_s = sweep_role('S', cutoff)
-    local full_l = sweep_role('L', cutoff)
+    local full_s, gone_s = sweep_role('S', cutoff, member)
+    local full_l, gone_l = sweep_role('L', cutoff, member)
     -- Its own entry may have gone with the sweep (silent past its TTL): it is new again.
-    if pending and pending[own] == false then old = false end
+    if gone_s or gone_l then old = false end
     -- After a full batch the next announce sweeps again.
     if full_s or full_l then sweep = false end
   end
@@ -290,7 +314,7 @@ local function announce(hash, member, ip, event, role, zone, rec, at, numwant, a
       end
     end
     if #fields == 0 then return out end
-    local recs = redis.call('HMGET', hkey, unpack(fields))
+    local recs = chunked('HMGET', fields)
     for i = 1, #fields do
       if recs[i] then
         out[#out + 1] = at[i]
@@ -349,7 +373,7 @@ local function announce(hash, member, ip, event, role, zone, rec, at, numwant, a
     fill('S', numwant)
   end
   if #picked > 0 then
-    local recs = redis.call('HMGET', hkey, unpack(picked))
+    local recs = chunked('HMGET', picked)
     for _, r in ipairs(recs) do
       if r then out[#out + 1] = r end
     end

@@ -70,8 +70,9 @@ enum Copy {
         generation: u64,
         pending: Vec<Change>,
     },
-    /// Its peers are in [`Swarms`] and kept up to date, up to change `seq`.
-    Warm { seq: u64 },
+    /// Its peers are in [`Swarms`] and kept up to date, up to change `seq`, made at `at_ms`
+    /// (for a load, this replica's clock when it loaded).
+    Warm { seq: u64, at_ms: u64 },
 }
 
 /// Which swarms this replica holds a copy of (their peers are in the [`Swarms`] passed in).
@@ -180,11 +181,21 @@ impl Mirror {
             last = c.seq;
         }
         drop(swarm);
-        *copy = Copy::Warm { seq: last };
+        let at_ms = pending
+            .iter()
+            .filter(|c| c.seq > seq)
+            .map(|c| c.at_ms)
+            .fold(wall_ms(), u64::max);
+        *copy = Copy::Warm { seq: last, at_ms };
     }
 
     /// Apply one published change: to a warm copy now (unless it holds it already), to one
     /// loading once it has loaded; a cold swarm ignores it.
+    ///
+    /// A change made more than a peer's TTL after the copy's last one drops the copy: the
+    /// swarm's keys may have expired in Redis meanwhile (they do a TTL after its last
+    /// announce), and its changes be numbered from 1 again, below what the copy holds. Every
+    /// peer of such a copy has expired anyway; the next announce loads the swarm again.
     pub fn apply(&self, swarms: &Swarms, h: &InfoHash, change: Change, ttl: Duration) {
         let Some(mut copy) = self.copies.get_mut(h) else {
             return;
@@ -195,11 +206,19 @@ impl Mirror {
                 drop(copy);
                 self.copies.remove(h);
             }
-            Copy::Warm { seq } if change.seq <= *seq => {}
-            Copy::Warm { seq } => match swarms.get(h) {
+            Copy::Warm { at_ms, .. }
+                if change.at_ms
+                    > at_ms.saturating_add(u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX)) =>
+            {
+                drop(copy);
+                self.copies.remove(h);
+            }
+            Copy::Warm { seq, .. } if change.seq <= *seq => {}
+            Copy::Warm { seq, at_ms } => match swarms.get(h) {
                 Some(mut swarm) => {
                     Clock::now().apply(&mut swarm, &change, ttl);
                     *seq = change.seq;
+                    *at_ms = change.at_ms.max(*at_ms);
                 }
                 // The sweeper dropped the swarm (unregistered, left empty): the change would
                 // be lost, so the copy goes and the next announce loads it again.
@@ -478,6 +497,29 @@ mod tests {
     }
 
     const TTL: Duration = Duration::from_secs(60);
+
+    /// The swarm's keys expired in Redis after a TTL without announces, and its changes are
+    /// numbered from 1 again: the first of them drops the copy, which would have ignored
+    /// every one numbered at or below what it held.
+    #[tokio::test]
+    async fn a_change_after_a_silence_longer_than_a_ttl_drops_the_copy() {
+        let (m, swarms, h) = setup();
+        let claim = m.claim(&h).expect("cold");
+        claim.loaded(&swarms, 40, &[(wall_ms(), record(1, 5))], TTL);
+        let mut soon = change(41, 2, true);
+        soon.at_ms = wall_ms() + 1_000;
+        m.apply(&swarms, &h, soon, TTL);
+        assert!(m.is_warm(&h), "a change within a TTL is applied");
+        assert_eq!(ids(&swarms, &h), vec![1, 2]);
+        let mut again = change(1, 3, true);
+        again.at_ms = wall_ms() + 1_000 + 60_001;
+        m.apply(&swarms, &h, again, TTL);
+        assert!(!m.is_warm(&h), "the copy is dropped");
+        assert!(
+            m.claim(&h).is_some(),
+            "and the next announce loads the swarm again"
+        );
+    }
 
     #[tokio::test]
     async fn a_load_keeps_only_the_changes_made_after_it() {
