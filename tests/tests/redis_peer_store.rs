@@ -860,6 +860,75 @@ async fn a_replica_answers_from_a_copy_the_other_keeps_current() {
     .await;
 }
 
+/// A seed announced to `one` (peer 1 at 127.0.0.`octet`) is what a leecher on `two` is
+/// answered with: the two share Redis `how`.
+async fn seed_found_across(
+    one: &TrackerProcess,
+    two: &TrackerProcess,
+    hash: InfoHash,
+    octet: u8,
+    how: &str,
+) {
+    if let Err(e) = announce(
+        &one.base_url(),
+        hash,
+        1,
+        [127, 0, 0, octet],
+        0,
+        Event::Started,
+    )
+    .await
+    .and_then(peers_of)
+    {
+        panic!("the seed: {e}; tracker log:\n{}", one.log_tail());
+    }
+    let got = peers(
+        &two.base_url(),
+        hash,
+        2,
+        [127, 0, 0, octet + 1],
+        9,
+        Event::Started,
+        "a leecher on the other replica",
+    )
+    .await;
+    assert_eq!(got, HashSet::from([1]), "the seed, through Redis {how}");
+}
+
+/// `fbpkg-rs tracker --data-dir DIR ARGS...` does not start, and its error says `says`.
+async fn refused_start(dir: &tempfile::TempDir, args: &[&str], says: &str) {
+    let data = dir.path().to_str().expect("a UTF-8 path");
+    let all = ["tracker", "--data-dir", data]
+        .into_iter()
+        .chain(args.iter().copied());
+    let refused = fbpkg_rs(all, Duration::from_secs(30)).await;
+    assert!(!refused.success(), "{refused:?}");
+    assert!(refused.stderr.contains(says), "{}", refused.stderr);
+}
+
+/// A replica that cannot use its Redis answers an announce "unavailable" and is not ready;
+/// returns what `/readyz` says.
+async fn unusable(r: &TrackerProcess, hash: InfoHash, octet: u8) -> String {
+    match announce(
+        &r.base_url(),
+        hash,
+        3,
+        [127, 0, 0, octet],
+        9,
+        Event::Started,
+    )
+    .await
+    {
+        Ok(TrackerReply::Failure(f)) => assert_eq!(f, "peer store unavailable, try again"),
+        other => panic!("a replica that cannot use Redis answered {other:?}"),
+    }
+    let ready = reqwest::get(format!("{}/readyz", r.base_url()))
+        .await
+        .expect("readyz");
+    assert_eq!(ready.status(), reqwest::StatusCode::SERVICE_UNAVAILABLE);
+    ready.text().await.expect("body")
+}
+
 /// `rediss://`: replicas reach Redis over TLS, trusting the CA given with `--peer-store-ca`,
 /// and find each other's peers there. A replica that does not trust that CA (the system's
 /// roots do not know it) gets no connection: its announces get the store's failure reason and
@@ -878,23 +947,7 @@ async fn replicas_reach_redis_over_tls_with_the_ca_they_are_given() {
     let trusting = |d| replica(d, &["--peer-store", &url, "--peer-store-ca", ca]);
     let (one, two) = (trusting(&dirs[0]), trusting(&dirs[1]));
     let hash = InfoHash([10; 20]);
-    if let Err(e) = announce(&one.base_url(), hash, 1, [127, 0, 0, 61], 0, Event::Started)
-        .await
-        .and_then(peers_of)
-    {
-        panic!("the seed: {e}; tracker log:\n{}", one.log_tail());
-    }
-    let got = peers(
-        &two.base_url(),
-        hash,
-        2,
-        [127, 0, 0, 62],
-        9,
-        Event::Started,
-        "a leecher on the other replica",
-    )
-    .await;
-    assert_eq!(got, HashSet::from([1]), "the seed, through Redis over TLS");
+    seed_found_across(&one, &two, hash, 61, "over TLS").await;
     let ready = reqwest::get(format!("{}/readyz", one.base_url()))
         .await
         .expect("readyz");
@@ -902,41 +955,16 @@ async fn replicas_reach_redis_over_tls_with_the_ca_they_are_given() {
     assert!(body.contains("peer store: rediss://127.0.0.1:"), "{body}");
 
     let blind = replica(&dirs[2], &["--peer-store", &url]);
-    match announce(
-        &blind.base_url(),
-        hash,
-        3,
-        [127, 0, 0, 63],
-        9,
-        Event::Started,
-    )
-    .await
-    {
-        Ok(TrackerReply::Failure(f)) => assert_eq!(f, "peer store unavailable, try again"),
-        other => panic!("a replica that cannot verify Redis answered {other:?}"),
-    }
-    let ready = reqwest::get(format!("{}/readyz", blind.base_url()))
-        .await
-        .expect("readyz");
-    assert_eq!(ready.status(), reqwest::StatusCode::SERVICE_UNAVAILABLE);
-    let body = ready.text().await.expect("body");
+    let body = unusable(&blind, hash, 63).await;
     assert!(body.to_lowercase().contains("certificate"), "{body}");
 
     let plain = redis.url();
-    let data = dirs[2].path().to_str().expect("a UTF-8 path");
-    let args = [
-        "tracker",
-        "--data-dir",
-        data,
-        "--peer-store",
-        &plain,
-        "--peer-store-ca",
-        ca,
-    ];
-    let refused = fbpkg_rs(args, Duration::from_secs(30)).await;
-    assert!(!refused.success(), "{refused:?}");
-    let err = &refused.stderr;
-    assert!(err.contains("--peer-store-ca is for a rediss://"), "{err}");
+    refused_start(
+        &dirs[2],
+        &["--peer-store", &plain, "--peer-store-ca", ca],
+        "--peer-store-ca is for a rediss://",
+    )
+    .await;
 }
 
 /// A Redis that asks clients for a certificate (`tls-auth-clients yes`): replicas showing
@@ -971,83 +999,31 @@ async fn replicas_show_redis_their_client_certificate_when_it_asks() {
     };
     let (one, two) = (showing(&dirs[0]), showing(&dirs[1]));
     let hash = InfoHash([11; 20]);
-    if let Err(e) = announce(&one.base_url(), hash, 1, [127, 0, 0, 71], 0, Event::Started)
-        .await
-        .and_then(peers_of)
-    {
-        panic!("the seed: {e}; tracker log:\n{}", one.log_tail());
-    }
-    let got = peers(
-        &two.base_url(),
-        hash,
-        2,
-        [127, 0, 0, 72],
-        9,
-        Event::Started,
-        "a leecher on the other replica",
-    )
-    .await;
-    assert_eq!(
-        got,
-        HashSet::from([1]),
-        "the seed, through Redis over mutual TLS"
-    );
+    seed_found_across(&one, &two, hash, 71, "over mutual TLS").await;
 
     let anonymous = replica(&dirs[2], &["--peer-store", &url, "--peer-store-ca", ca]);
-    match announce(
-        &anonymous.base_url(),
-        hash,
-        3,
-        [127, 0, 0, 73],
-        9,
-        Event::Started,
-    )
-    .await
-    {
-        Ok(TrackerReply::Failure(f)) => assert_eq!(f, "peer store unavailable, try again"),
-        other => panic!("a replica without a client certificate answered {other:?}"),
-    }
-    let ready = reqwest::get(format!("{}/readyz", anonymous.base_url()))
-        .await
-        .expect("readyz");
-    assert_eq!(ready.status(), reqwest::StatusCode::SERVICE_UNAVAILABLE);
+    unusable(&anonymous, hash, 73).await;
 
-    let data = dirs[2].path().to_str().expect("a UTF-8 path");
-    let args = [
-        "tracker",
-        "--data-dir",
-        data,
-        "--peer-store",
-        &url,
-        "--peer-store-cert",
-        cert,
-    ];
-    let refused = fbpkg_rs(args, Duration::from_secs(30)).await;
-    assert!(!refused.success(), "{refused:?}");
-    let err = &refused.stderr;
-    assert!(
-        err.contains("--peer-store-cert and --peer-store-key go together"),
-        "{err}"
-    );
+    refused_start(
+        &dirs[2],
+        &["--peer-store", &url, "--peer-store-cert", cert],
+        "--peer-store-cert and --peer-store-key go together",
+    )
+    .await;
     // The key file named as the certificate: refused at start, naming the flag.
-    let args = [
-        "tracker",
-        "--data-dir",
-        data,
-        "--peer-store",
-        &url,
-        "--peer-store-cert",
-        key,
-        "--peer-store-key",
-        key,
-    ];
-    let refused = fbpkg_rs(args, Duration::from_secs(30)).await;
-    assert!(!refused.success(), "{refused:?}");
-    assert!(
-        refused.stderr.contains("--peer-store-cert"),
-        "{}",
-        refused.stderr
-    );
+    refused_start(
+        &dirs[2],
+        &[
+            "--peer-store",
+            &url,
+            "--peer-store-cert",
+            key,
+            "--peer-store-key",
+            key,
+        ],
+        "--peer-store-cert: no certificate in it",
+    )
+    .await;
 }
 
 /// `--no-peer-copies`: the way back to drawing every answer in Redis. The replica follows no
