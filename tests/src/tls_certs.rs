@@ -18,78 +18,63 @@ pub fn openssl_available() -> bool {
 /// `client.pem` and `client.key` (CN `fbpkg`, for servers that ask clients for a
 /// certificate), both signed by the CA and valid two days, into `dir`.
 pub fn make(dir: &Path) -> io::Result<()> {
-    std::fs::write(dir.join("san.ext"), "subjectAltName=IP:127.0.0.1\n")?;
-    let ec = [
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:prime256v1",
-        "-nodes",
-    ];
-    let subject = ["-days", "2", "-subj", "/CN=fbpkg-test"];
     run(
         Command::new("openssl")
             .args(["req", "-x509"])
-            .args(ec)
+            .args(EC_KEY)
             .args(["-keyout", "ca.key", "-out", "ca.pem"])
-            .args(subject),
+            .args(["-days", "2", "-subj", "/CN=fbpkg-test"]),
+        dir,
+    )?;
+    signed(
+        dir,
+        "server",
+        "/CN=fbpkg-test",
+        "subjectAltName=IP:127.0.0.1",
+    )?;
+    signed(dir, "client", "/CN=fbpkg", "extendedKeyUsage=clientAuth")
+}
+
+/// A new P-256 key, unencrypted.
+const EC_KEY: [&str; 5] = [
+    "-newkey",
+    "ec",
+    "-pkeyopt",
+    "ec_paramgen_curve:prime256v1",
+    "-nodes",
+];
+
+/// `<name>.key` and `<name>.pem`: a key, and its certificate for `subject` with the extension
+/// `ext`, signed by the CA in `dir` and valid two days.
+fn signed(dir: &Path, name: &str, subject: &str, ext: &str) -> io::Result<()> {
+    let (key, csr, pem, extfile) = (
+        format!("{name}.key"),
+        format!("{name}.csr"),
+        format!("{name}.pem"),
+        format!("{name}.ext"),
+    );
+    std::fs::write(dir.join(&extfile), format!("{ext}\n"))?;
+    run(
+        Command::new("openssl")
+            .arg("req")
+            .args(EC_KEY)
+            .args(["-keyout", &key, "-out", &csr, "-subj", subject]),
         dir,
     )?;
     run(
         Command::new("openssl")
-            .arg("req")
-            .args(ec)
-            .args(["-keyout", "server.key", "-out", "server.csr"])
-            .args(subject),
-        dir,
-    )?;
-    run(
-        Command::new("openssl").args([
-            "x509",
-            "-req",
-            "-in",
-            "server.csr",
-            "-CA",
-            "ca.pem",
-            "-CAkey",
-            "ca.key",
-            "-CAcreateserial",
-            "-out",
-            "server.pem",
-            "-days",
-            "2",
-            "-extfile",
-            "san.ext",
-        ]),
-        dir,
-    )?;
-    run(
-        Command::new("openssl")
-            .arg("req")
-            .args(ec)
-            .args(["-keyout", "client.key", "-out", "client.csr"])
-            .args(["-days", "2", "-subj", "/CN=fbpkg"]),
-        dir,
-    )?;
-    std::fs::write(dir.join("client.ext"), "extendedKeyUsage=clientAuth\n")?;
-    run(
-        Command::new("openssl").args([
-            "x509",
-            "-req",
-            "-in",
-            "client.csr",
-            "-CA",
-            "ca.pem",
-            "-CAkey",
-            "ca.key",
-            "-CAcreateserial",
-            "-out",
-            "client.pem",
-            "-days",
-            "2",
-            "-extfile",
-            "client.ext",
-        ]),
+            .args([
+                "x509", "-req", "-in", &csr, "-CA", "ca.pem", "-CAkey", "ca.key",
+            ])
+            .args([
+                "-CAcreateserial",
+                "-out",
+                &pem,
+                "-days",
+                "2",
+                "-extfile",
+                &extfile,
+            ]),
         dir,
     )
 }
