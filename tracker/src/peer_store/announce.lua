@@ -36,7 +36,10 @@ local channel, publisher = ARGV[6], ARGV[7]
 local every = math.floor(ttl / 4)
 local keep = ttl + every
 -- Peers silent since the cutoff go at most once a second per swarm (so a peer outlives its TTL
--- by under a second), a bounded batch per role.
+-- by under a second), a bounded batch per role, and only when one may be due: the hash keeps
+-- `oldest`, at or below the oldest score in either role's set (a peer announcing again only
+-- raises the true minimum). Without it every announce to a swarm announced to less than once
+-- a second (most swarms of a fleet) paid two ZRANGEBYSCOREs that found nothing.
 local sweep_every = math.min(1000, every)
 
 -- 'dc1/rack7' -> {'dc1', 'dc1/rack7'}: shortest first, whole segments.
@@ -74,6 +77,7 @@ local pending         -- other peers' fields the hash gets at the end (field -> 
                       -- for one that goes): made by a sweep or a leave only
 local addrs           -- address counts read so far (ip -> peers)
 local now_s, touched_s, swept_s  -- now (ms, as given), and the marks to save
+local oldest          -- a bound at or below every score in the swarm's sets (ms)
 
 local function role_key(r)
   if r == 'S' then return base .. 'seeders' end
@@ -190,7 +194,8 @@ end
 local function save(chores, ...)
   flush()
   if chores then touched_s = now_s end
-  redis.call('HSET', hkey, 'S', nS, 'L', nL, 'touched', touched_s, 'swept', swept_s, ...)
+  redis.call('HSET', hkey, 'S', nS, 'L', nL, 'touched', touched_s, 'swept', swept_s,
+    'oldest', oldest, ...)
   if chores then
     redis.call('PEXPIRE', base .. 'seeders', keep)
     redis.call('PEXPIRE', base .. 'leechers', keep)
@@ -207,7 +212,8 @@ local function announce(hash, member, ip, event, role, zone, rec, at, numwant, a
   pending, addrs = nil, {}
   local own, af = 'p:' .. member, 'a:' .. ip
 
-  local state = redis.call('HMGET', hkey, 'touched', 'swept', 'seq', 'S', 'L', own, af)
+  local state = redis.call('HMGET', hkey, 'touched', 'swept', 'seq', 'S', 'L', own, af,
+    'oldest')
   touched_s, swept_s = state[1] or '0', state[2] or '0'
   local touched, swept = tonumber(touched_s), tonumber(swept_s)
   local seq = tonumber(state[3] or '0')
@@ -227,17 +233,27 @@ local function announce(hash, member, ip, event, role, zone, rec, at, numwant, a
   -- Leaving a swarm one is not in changes nothing (and makes no key).
   if event == 'stopped' and not old then return {1, nS, nL, 0} end
 
-  local sweep = now - swept >= sweep_every or now < swept
+  -- A swarm without `oldest` (new, or its hash expired) sweeps, and learns it.
+  oldest = tonumber(state[8] or '0')
+  local cutoff = now - ttl
+  local sweep = (now - swept >= sweep_every or now < swept) and oldest < cutoff
   if sweep then
-    local cutoff = now - ttl
     local full_s, gone_s = sweep_role('S', cutoff, member)
     local full_l, gone_l = sweep_role('L', cutoff, member)
     -- Its own entry may have gone with the sweep (silent past its TTL): it is new again.
     if gone_s or gone_l then old = false end
-    -- After a full batch the next announce sweeps again.
+    -- The oldest score left (stale still after a full batch: the next announce sweeps
+    -- again, as it does when `swept` is not moved).
+    oldest = now
+    for _, r in ipairs({'S', 'L'}) do
+      local first = redis.call('ZRANGE', role_key(r), 0, 0, 'WITHSCORES')
+      if first[2] then oldest = math.min(oldest, tonumber(first[2])) end
+    end
     if full_s or full_l then sweep = false end
   end
   if sweep then swept_s = now_s end
+  -- This announce's score is `now`: a replica whose clock is behind lowers the bound.
+  oldest = math.min(oldest, now)
 
   if event == 'stopped' then
     if not old then
