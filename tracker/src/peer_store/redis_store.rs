@@ -11,7 +11,8 @@
 //!   `role|zone|addr|peer-id-hex|uploaded|downloaded|left`; `a:<ip>` -> peers recorded under
 //!   that address (the per-address limit); `S` and `L`, the role counts (kept in step by the
 //!   script and counted again from the sets with every `touched`); `seq`, the swarm's change
-//!   number; `swept`; and `touched` (when the keys' TTLs were last refreshed: once every
+//!   number; `oldest`, a bound at or below every score in its sets (a sweep runs only once it
+//!   falls behind the cutoff); `swept`; and `touched` (when the keys' TTLs were last refreshed: once every
 //!   quarter of a peer's TTL, to a TTL that much longer than a peer's);
 //! - `...:meta`: hash, `completed` (made by the first download completed; kept a week);
 //! - `...:z:<role>:<zone prefix>`: sets, the zone buckets (`zones.rs`) of each role.
@@ -22,14 +23,14 @@
 //!
 //! Announces go to Redis in batches, one `EVALSHA` of `announce.lua` per batch (loaded again
 //! on `NOSCRIPT`; see [`Batcher`]). For each announce the script expires the swarm's silent
-//! peers (score older than two intervals; at most once a second per swarm), applies the
-//! limits, records or removes, numbers the change (`seq`) and publishes it on
-//! `fbpkg:v2:peers` for the replicas' copies (`mirror.rs`), then answers with what the caller
-//! wants ([`Want`]): nothing (its copy answers), every live peer (to load the copy), or a draw
-//! (all of them, read with one `HVALS`, when they fit in `numwant`). Keys get a TTL of two and
-//! a half intervals, refreshed every half interval by an announce (zone buckets by each of
-//! their announces), so a swarm nobody announces to disappears by itself: there is no sweeper
-//! and never a scan of the keyspace.
+//! peers (score older than two intervals; at most once a second per swarm, and only when one
+//! may be due), applies the limits, records or removes, numbers the change (`seq`) and
+//! publishes it on `fbpkg:v2:peers` for the replicas' copies (`mirror.rs`), then answers with
+//! what the caller wants ([`Want`]): nothing (its copy answers), every live peer (to load the
+//! copy), or a draw (all of them, read with one `HVALS`, when they fit in `numwant`). Keys get
+//! a TTL of two and a half intervals, refreshed every half interval by an announce (zone
+//! buckets by each of their announces), so a swarm nobody announces to disappears by itself:
+//! there is no sweeper and never a scan of the keyspace.
 //! Scrape, `/metrics` and the dashboard ask about the swarms this replica knows (see
 //! `mod.rs`), in bounded pipelines: `ZCOUNT`s for counts, `list.lua` for peer listings.
 //!
