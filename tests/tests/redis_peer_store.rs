@@ -355,6 +355,71 @@ async fn a_failed_announce_keeps_what_its_sweep_did() {
     assert_eq!(got, HashSet::from([4]));
 }
 
+/// Sweeps run only once the swarm's bound on its oldest score is past the cutoff. A replica
+/// whose clock is behind adds a score under that bound, and lowers it first: even when its
+/// announce then fails (a zone bucket of the wrong type), its entry expires on time.
+#[tokio::test]
+async fn a_score_from_a_clock_behind_still_expires_on_time() {
+    let redis = redis_or_skip!();
+    let s = store(&redis, Limits::NONE);
+    let t0 = 70_000_000;
+    let mut h = peer(1, [10, 0, 1, 1], 10);
+    h.info_hash = InfoHash([7; 20]);
+    s.announce(&h, t0).await.expect("announce");
+    let bucket = format!("fbpkg:v2:{{{}}}:z:L:dcy", h.info_hash);
+    assert_eq!(
+        redis.command(&format!("SET {bucket} x")).expect("SET"),
+        "+OK"
+    );
+    let mut behind = peer(2, [10, 0, 1, 2], 10);
+    behind.info_hash = h.info_hash;
+    behind.zone = Some(Zone::new("dcy").expect("zone"));
+    s.announce(&behind, t0 - 1_000)
+        .await
+        .expect_err("a bucket that is not a set");
+    // 2's score (t0 - 1 s) is past its TTL here, 1's (t0) is not.
+    let mut third = peer(3, [10, 0, 1, 3], 10);
+    third.info_hash = h.info_hash;
+    let r = s
+        .announce(&third, t0 - 1_000 + TTL_MS + 500)
+        .await
+        .expect("announce");
+    assert_eq!(counts(&r), (0, 2), "1 and 3; 2 expired");
+}
+
+/// An expired peer whose zone bucket was replaced by a key of another type (an operator's
+/// doing) is still swept: its address takes a new peer.
+#[tokio::test]
+async fn a_broken_zone_bucket_does_not_stop_a_sweep() {
+    let redis = redis_or_skip!();
+    let s = store(
+        &redis,
+        Limits {
+            max_peers: 10,
+            max_per_address: 1,
+        },
+    );
+    let t0 = 80_000_000;
+    let x = [10, 0, 2, 1];
+    let mut a = peer(1, x, 10);
+    a.info_hash = InfoHash([8; 20]);
+    a.zone = Some(Zone::new("dcz").expect("zone"));
+    s.announce(&a, t0).await.expect("announce");
+    let bucket = format!("fbpkg:v2:{{{}}}:z:L:dcz", a.info_hash);
+    assert_eq!(
+        redis.command(&format!("SET {bucket} x")).expect("SET"),
+        "+OK"
+    );
+    let mut b = peer(2, x, 10);
+    b.info_hash = a.info_hash;
+    let r = s.announce(&b, t0 + TTL_MS + 1_000).await.expect("announce");
+    assert_eq!(
+        r.recorded,
+        Recorded::Present,
+        "1 expired, its address is free"
+    );
+}
+
 /// Loading a swarm of more peers than Lua's `unpack` takes at once (8000) still answers them
 /// all.
 #[tokio::test]

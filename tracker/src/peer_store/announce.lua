@@ -95,9 +95,11 @@ end
 
 local function zone_key(r, p) return base .. 'z:' .. r .. ':' .. p end
 
+-- A bucket of the wrong type (an operator's doing) cannot hold the member: its error is
+-- ignored, so a sweep or a leave is not cut short by it.
 local function unzone(m, r, z)
   if z == nil or z == '' then return end
-  for _, p in ipairs(prefixes(z)) do redis.call('SREM', zone_key(r, p), m) end
+  for _, p in ipairs(prefixes(z)) do redis.pcall('SREM', zone_key(r, p), m) end
 end
 
 local function address(m) return string.match(m, '@(.*)$') end
@@ -252,8 +254,12 @@ local function announce(hash, member, ip, event, role, zone, rec, at, numwant, a
     if full_s or full_l then sweep = false end
   end
   if sweep then swept_s = now_s end
-  -- This announce's score is `now`: a replica whose clock is behind lowers the bound.
-  oldest = math.min(oldest, now)
+  -- This announce's score is `now`: a replica whose clock is behind lowers the bound, and
+  -- writes it before the score (an error between the two must not leave it too high).
+  if now < oldest then
+    oldest = now
+    redis.call('HSET', hkey, 'oldest', oldest)
+  end
 
   if event == 'stopped' then
     if not old then
