@@ -75,19 +75,25 @@ impl TlsFiles {
             return Ok(None);
         };
         let flags = self.flags;
-        let chain = CertificateDer::pem_slice_iter(cert)
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| TrackerError::Config(format!("{flags}-cert: not a PEM file: {e}")))?;
-        if chain.is_empty() {
-            return Err(TrackerError::Config(format!(
-                "{flags}-cert: no certificate in it"
-            )));
-        }
+        let chain = certificates(cert, &format!("{flags}-cert"))?;
         let key = PrivateKeyDer::from_pem_slice(key).map_err(|e| {
             TrackerError::Config(format!("{flags}-key: no private key read from it: {e}"))
         })?;
         Ok(Some((chain, key)))
     }
+}
+
+/// The certificates in the PEM file `flag` names: at least one.
+fn certificates(pem: &[u8], flag: &str) -> Result<Vec<CertificateDer<'static>>, TrackerError> {
+    let certs = CertificateDer::pem_slice_iter(pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| TrackerError::Config(format!("{flag}: not a PEM file: {e}")))?;
+    if certs.is_empty() {
+        return Err(TrackerError::Config(format!(
+            "{flag}: no certificate in it"
+        )));
+    }
+    Ok(certs)
 }
 
 /// The file a flag names, read at start; `None` without the flag.
@@ -108,15 +114,7 @@ pub fn client_config(files: &TlsFiles) -> Result<rustls::ClientConfig, TrackerEr
     let mut roots = rustls::RootCertStore::empty();
     match files.ca.as_deref() {
         Some(pem) => {
-            let certs = CertificateDer::pem_slice_iter(pem)
-                .collect::<Result<Vec<_>, _>>()
-                .map_err(|e| TrackerError::Config(format!("{what}: not a PEM file: {e}")))?;
-            if certs.is_empty() {
-                return Err(TrackerError::Config(format!(
-                    "{what}: no certificate in it"
-                )));
-            }
-            for c in certs {
+            for c in certificates(pem, &what)? {
                 roots.add(c).map_err(|e| {
                     TrackerError::Config(format!("{what}: a certificate rustls refuses: {e}"))
                 })?;

@@ -73,8 +73,8 @@ end
 -- functions below share (made once per call, not once per announce).
 local base, hkey      -- the swarm's key prefix and its hash's key
 local nS, nL          -- its role counts
-local pending         -- other peers' fields the hash gets at the end (field -> value, or false
-                      -- for one that goes): made by a sweep or a leave only
+local pending         -- other peers' fields the hash is to get (field -> value, or false for
+                      -- one that goes), written by `flush`: made by a sweep or a leave only
 local addrs           -- address counts read so far (ip -> peers)
 local now_s, touched_s, swept_s  -- now (ms, as given), and the marks to save
 local oldest          -- a bound at or below every score in the swarm's sets (ms)
@@ -329,7 +329,7 @@ local function announce(hash, member, ip, event, role, zone, rec, at, numwant, a
     -- Silent peers past the cutoff that the sweep has not reached yet are left out.
     local at, fields = {}, {}
     for _, r in ipairs({'S', 'L'}) do
-      local live = redis.call('ZRANGE', role_key(r), now - ttl, '+inf', 'BYSCORE', 'WITHSCORES')
+      local live = redis.call('ZRANGE', role_key(r), cutoff, '+inf', 'BYSCORE', 'WITHSCORES')
       for i = 1, #live, 2 do
         fields[#fields + 1] = 'p:' .. live[i]
         at[#at + 1] = live[i + 1]

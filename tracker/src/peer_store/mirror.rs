@@ -175,17 +175,13 @@ impl Mirror {
         }
         let mut pending = pending;
         pending.sort_by_key(|c| c.seq);
-        let mut last = seq;
+        let (mut last, mut at_ms) = (seq, clock.now_ms);
         for c in pending.iter().filter(|c| c.seq > seq) {
             clock.apply(&mut swarm, c, ttl);
             last = c.seq;
+            at_ms = at_ms.max(c.at_ms);
         }
         drop(swarm);
-        let at_ms = pending
-            .iter()
-            .filter(|c| c.seq > seq)
-            .map(|c| c.at_ms)
-            .fold(wall_ms(), u64::max);
         *copy = Copy::Warm { seq: last, at_ms };
     }
 
@@ -207,8 +203,7 @@ impl Mirror {
                 self.copies.remove(h);
             }
             Copy::Warm { at_ms, .. }
-                if change.at_ms
-                    > at_ms.saturating_add(u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX)) =>
+                if Duration::from_millis(change.at_ms.saturating_sub(*at_ms)) > ttl =>
             {
                 drop(copy);
                 self.copies.remove(h);

@@ -12,8 +12,8 @@
 //!   that address (the per-address limit); `S` and `L`, the role counts (kept in step by the
 //!   script and counted again from the sets with every `touched`); `seq`, the swarm's change
 //!   number; `oldest`, a bound at or below every score in its sets (a sweep runs only once it
-//!   falls behind the cutoff); `swept`; and `touched` (when the keys' TTLs were last refreshed: once every
-//!   quarter of a peer's TTL, to a TTL that much longer than a peer's);
+//!   falls behind the cutoff); `swept`; and `touched` (when the keys' TTLs were last
+//!   refreshed: once every quarter of a peer's TTL, to a TTL that much longer than a peer's);
 //! - `...:meta`: hash, `completed` (made by the first download completed; kept a week);
 //! - `...:z:<role>:<zone prefix>`: sets, the zone buckets (`zones.rs`) of each role.
 //!
