@@ -55,6 +55,29 @@ fn store_living(redis: &RedisServer, limits: Limits, ttl_ms: u64) -> RedisStore 
     .expect("a valid Redis URL")
 }
 
+/// A store that takes one peer per address (and ten per swarm).
+fn one_per_address(redis: &RedisServer) -> RedisStore {
+    store(
+        redis,
+        Limits {
+            max_peers: 10,
+            max_per_address: 1,
+        },
+    )
+}
+
+/// The Redis key `what` of swarm `h` (`redis_store.rs` has the layout).
+fn swarm_key(h: &InfoHash, what: &str) -> String {
+    format!("fbpkg:v2:{{{h}}}:{what}")
+}
+
+/// Replace key `what` of swarm `h` by a string: a key of the wrong type, as an operator's
+/// mistake would leave.
+fn plant_string(redis: &RedisServer, h: &InfoHash, what: &str) {
+    let key = swarm_key(h, what);
+    assert_eq!(redis.command(&format!("SET {key} x")).expect("SET"), "+OK");
+}
+
 /// Seeders and leechers an answer counts.
 fn counts(r: &fbpkg_tracker::peer_store::Answer) -> (u32, u32) {
     (r.complete, r.incomplete)
@@ -109,13 +132,7 @@ async fn silent_peers_expire_after_two_intervals() {
     assert!(seen.peers.is_empty(), "a expired: {:?}", seen.peers);
     assert_eq!((seen.complete, seen.incomplete), (0, 1));
     // Its address count went with it: the address may add a peer again under a limit of 1.
-    let one = store(
-        &redis,
-        Limits {
-            max_peers: 10,
-            max_per_address: 1,
-        },
-    );
+    let one = one_per_address(&redis);
     let again = one
         .announce(&a, t0 + TTL_MS + sweep_every)
         .await
@@ -160,7 +177,7 @@ async fn an_abandoned_swarm_leaves_nothing_but_its_counts() {
         },
     )
     .await;
-    let meta = format!("fbpkg:v2:{{{}}}:meta", a.info_hash);
+    let meta = swarm_key(&a.info_hash, "meta");
     assert_eq!(
         redis
             .command(&format!("HINCRBY {meta} completed 0"))
@@ -261,7 +278,7 @@ async fn counts_kept_with_the_swarm_stay_right() {
     );
     // The leechers' set goes behind the script's back: until the next recount the kept counts
     // are off (5 is added to the new set and counted on top), then the set is counted again.
-    let key = format!("fbpkg:v2:{{{}}}:leechers", InfoHash([0; 20]));
+    let key = swarm_key(&InfoHash([0; 20]), "leechers");
     assert_eq!(redis.command(&format!("DEL {key}")).expect("DEL"), ":1");
     let soon = s.announce(&peer(5, x, 10), t2 + 1).await.expect("announce");
     assert_eq!(counts(&soon), (0, 3), "kept counts, before the recount");
@@ -295,8 +312,7 @@ async fn a_stop_from_a_peer_already_expired_is_answered() {
     // A bad announce fails alone: a key of the wrong type under one swarm's name.
     let mut other = peer(2, [127, 0, 0, 3], 10);
     other.info_hash = InfoHash([5; 20]);
-    let key = format!("fbpkg:v2:{{{}}}:swarm", other.info_hash);
-    assert_eq!(redis.command(&format!("SET {key} x")).expect("SET"), "+OK");
+    plant_string(&redis, &other.info_hash, "swarm");
     let good = peer(3, [127, 0, 0, 4], 10);
     let (bad, fine) = tokio::join!(s.announce(&other, t0 + 1), s.announce(&good, t0 + 1));
     let err = bad.expect_err("an announce to a swarm whose hash is not a hash");
@@ -313,24 +329,14 @@ async fn a_stop_from_a_peer_already_expired_is_answered() {
 #[tokio::test]
 async fn a_failed_announce_keeps_what_its_sweep_did() {
     let redis = redis_or_skip!();
-    let s = store(
-        &redis,
-        Limits {
-            max_peers: 10,
-            max_per_address: 1,
-        },
-    );
+    let s = one_per_address(&redis);
     let t0 = 50_000_000;
     let x = [10, 0, 0, 1];
     s.announce(&peer(1, x, 10), t0).await.expect("announce");
     s.announce(&peer(2, [10, 0, 0, 2], 10), t0)
         .await
         .expect("announce");
-    let bucket = format!("fbpkg:v2:{{{}}}:z:L:dcx", InfoHash([0; 20]));
-    assert_eq!(
-        redis.command(&format!("SET {bucket} x")).expect("SET"),
-        "+OK"
-    );
+    plant_string(&redis, &InfoHash([0; 20]), "z:L:dcx");
     let mut zoned = peer(3, [10, 0, 0, 3], 10);
     zoned.zone = Some(Zone::new("dcx").expect("zone"));
     let later = t0 + TTL_MS + 1_000;
@@ -366,11 +372,7 @@ async fn a_score_from_a_clock_behind_still_expires_on_time() {
     let mut h = peer(1, [10, 0, 1, 1], 10);
     h.info_hash = InfoHash([7; 20]);
     s.announce(&h, t0).await.expect("announce");
-    let bucket = format!("fbpkg:v2:{{{}}}:z:L:dcy", h.info_hash);
-    assert_eq!(
-        redis.command(&format!("SET {bucket} x")).expect("SET"),
-        "+OK"
-    );
+    plant_string(&redis, &h.info_hash, "z:L:dcy");
     let mut behind = peer(2, [10, 0, 1, 2], 10);
     behind.info_hash = h.info_hash;
     behind.zone = Some(Zone::new("dcy").expect("zone"));
@@ -392,24 +394,14 @@ async fn a_score_from_a_clock_behind_still_expires_on_time() {
 #[tokio::test]
 async fn a_broken_zone_bucket_does_not_stop_a_sweep() {
     let redis = redis_or_skip!();
-    let s = store(
-        &redis,
-        Limits {
-            max_peers: 10,
-            max_per_address: 1,
-        },
-    );
+    let s = one_per_address(&redis);
     let t0 = 80_000_000;
     let x = [10, 0, 2, 1];
     let mut a = peer(1, x, 10);
     a.info_hash = InfoHash([8; 20]);
     a.zone = Some(Zone::new("dcz").expect("zone"));
     s.announce(&a, t0).await.expect("announce");
-    let bucket = format!("fbpkg:v2:{{{}}}:z:L:dcz", a.info_hash);
-    assert_eq!(
-        redis.command(&format!("SET {bucket} x")).expect("SET"),
-        "+OK"
-    );
+    plant_string(&redis, &a.info_hash, "z:L:dcz");
     let mut b = peer(2, x, 10);
     b.info_hash = a.info_hash;
     let r = s.announce(&b, t0 + TTL_MS + 1_000).await.expect("announce");
