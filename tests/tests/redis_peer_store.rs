@@ -68,7 +68,7 @@ fn one_per_address(redis: &RedisServer) -> RedisStore {
 
 /// The Redis key `what` of swarm `h` (`redis_store.rs` has the layout).
 fn swarm_key(h: &InfoHash, what: &str) -> String {
-    format!("fbpkg:v2:{{{h}}}:{what}")
+    format!("fbpkg:v3:{{{h}}}:{what}")
 }
 
 /// Replace key `what` of swarm `h` by a string: a key of the wrong type, as an operator's
@@ -291,6 +291,20 @@ async fn counts_kept_with_the_swarm_stay_right() {
         (0, 1),
         "counted again: peer 5, just re-added"
     );
+    // A state field the script cannot read (an operator's edit, another layout's) is read as
+    // none: the sets are counted again, and the announce is answered.
+    let hash = swarm_key(&InfoHash([0; 20]), "swarm");
+    assert_eq!(
+        redis
+            .command(&format!("HSET {hash} st not-a-state"))
+            .expect("HSET"),
+        ":0"
+    );
+    let mended = s
+        .announce(&peer(5, x, 10), t0 + ttl + 600)
+        .await
+        .expect("announce");
+    assert_eq!((mended.recorded, counts(&mended)), (Recorded::Present, (0, 1)));
 }
 
 /// A peer silent past its TTL that then says `stopped`: the sweep in the same call takes its

@@ -12,18 +12,24 @@
 -- swarm's changes (0: none made).
 --
 -- Every change (a peer recorded or leaving; not an expiry, which each mirror applies by
--- itself) is published as 'publisher|info-hash|seq|U or D|now|record'. Redis runs scripts one
--- at a time and delivers a channel's messages in order, so a mirror that loaded the swarm at
--- seq S applies exactly the messages numbered above S.
+-- itself) is a line 'publisher|info-hash|seq|U or D|now|record', and a call publishes its
+-- changes' lines in one message, in the order it made them ('\n' between lines: neither
+-- records nor zones hold one). Redis runs scripts one at a time and delivers a channel's
+-- messages in order, so a mirror that loaded the swarm at seq S applies exactly the changes
+-- numbered above S. One message per call, not per change, because PUBLISH and each message a
+-- replica decodes cost more than the line itself.
 --
--- Keys are built here from the info-hash, `fbpkg:v2:{<hex>}:<what>`: one call serves many
+-- Keys are built here from the info-hash, `fbpkg:v3:{<hex>}:<what>`: one call serves many
 -- swarms, so it cannot declare them (Redis Cluster would need one call per slot).
 --
 -- What one swarm's announce reads and writes of its hash (`swarm`: records, address counts
 -- and the swarm's own state) goes in one HMGET first and one HSET (and an HDEL when anything
--- leaves) last, so a peer that joins costs four commands: HMGET, ZADD, HSET, PUBLISH (zone
--- buckets, sweeps and chores aside). Each was a command of its own before (8.4 per announce,
--- tracker_bench --replicas).
+-- leaves) last, so a peer that joins costs three commands: HMGET, ZADD, HSET (zone buckets,
+-- sweeps and chores aside), and a call one PUBLISH. Each was a command of its own before (8.4
+-- per announce, tracker_bench --replicas). The swarm's own state is one field, `st`:
+-- 'touched swept seq S L oldest'. The hash of a busy swarm is a hashtable too big for the
+-- CPU's caches, so each field an announce reads first is a few cache misses: HMGET was a
+-- quarter of Redis's time while the state took six fields.
 local ttl, max_peers, max_per_addr = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
 local batch, meta_ttl = tonumber(ARGV[4]), tonumber(ARGV[5])
 local channel, publisher = ARGV[6], ARGV[7]
@@ -34,6 +40,8 @@ local channel, publisher = ARGV[6], ARGV[7]
 -- only when the swarm is empty (chores then give every key its TTL) or a role's first peer
 -- arrives (its set gets its TTL there), and zone buckets get theirs on each of their announces.
 local every = math.floor(ttl / 4)
+-- This call's change lines, published together at its end.
+local changes = {}
 local keep = ttl + every
 -- Peers silent since the cutoff go at most once a second per swarm (so a peer outlives its TTL
 -- by under a second), a bounded batch per role, and only when one may be due: the hash keeps
@@ -78,6 +86,12 @@ local pending         -- other peers' fields the hash is to get (field -> value,
 local addrs           -- address counts read so far (ip -> peers)
 local now_s, touched_s, swept_s  -- now (ms, as given), and the marks to save
 local oldest          -- a bound at or below every score in the swarm's sets (ms)
+local seq             -- the swarm's change number
+
+-- The swarm's state field, as read back by `announce`.
+local function state()
+  return touched_s .. ' ' .. swept_s .. ' ' .. seq .. ' ' .. nS .. ' ' .. nL .. ' ' .. oldest
+end
 
 local function role_key(r)
   if r == 'S' then return base .. 'seeders' end
@@ -189,15 +203,13 @@ local function sweep_role(r, cutoff, member)
 end
 
 -- Write back what the announce changed: first what leaves or changes for other peers
--- (`pending`, see `flush`), then in one HSET the counts, the marks and `...` (the
--- announcer's own fields and the change number, which win). Chores then refresh the keys'
--- TTLs (after the writes: a key made by them gets its TTL too). Every mark is written each
--- time, changed or not: one fixed HSET costs less than building its arguments.
+-- (`pending`, see `flush`), then in one HSET the state and `...` (the announcer's own
+-- fields). Chores then refresh the keys' TTLs (after the writes: a key made by them gets its
+-- TTL too).
 local function save(chores, ...)
   flush()
   if chores then touched_s = now_s end
-  redis.call('HSET', hkey, 'S', nS, 'L', nL, 'touched', touched_s, 'swept', swept_s,
-    'oldest', oldest, ...)
+  redis.call('HSET', hkey, 'st', state(), ...)
   if chores then
     redis.call('PEXPIRE', base .. 'seeders', keep)
     redis.call('PEXPIRE', base .. 'leechers', keep)
@@ -209,34 +221,42 @@ end
 local function announce(hash, member, ip, event, role, zone, rec, at, numwant, answer)
   now_s = at
   local now = tonumber(at)
-  base = 'fbpkg:v2:{' .. hash .. '}:'
+  base = 'fbpkg:v3:{' .. hash .. '}:'
   hkey = base .. 'swarm'
   pending, addrs = nil, {}
   local own, af = 'p:' .. member, 'a:' .. ip
 
-  local state = redis.call('HMGET', hkey, 'touched', 'swept', 'seq', 'S', 'L', own, af,
-    'oldest')
-  touched_s, swept_s = state[1] or '0', state[2] or '0'
+  local got = redis.call('HMGET', hkey, 'st', own, af)
+  local s_S, s_L, s_oldest
+  -- A swarm without its state (new, its hash expired, or a state this script cannot read)
+  -- counts its sets, sweeps and numbers its changes from 0 again (its copies drop then; see
+  -- mirror.rs).
+  touched_s = nil
+  if got[1] then
+    touched_s, swept_s, seq, s_S, s_L, s_oldest =
+      string.match(got[1], '^(%d+) (%d+) (%d+) (%d+) (%d+) (%d+)$')
+  end
+  if not touched_s then touched_s, swept_s, seq, s_S, s_L, s_oldest = '0', '0', '0' end
   local touched, swept = tonumber(touched_s), tonumber(swept_s)
-  local seq = tonumber(state[3] or '0')
-  local old = state[6]
-  addrs[ip] = tonumber(state[7] or '0')
+  seq = tonumber(seq)
+  local old = got[2]
+  addrs[ip] = tonumber(got[3] or '0')
   local chores = now - touched >= every or now < touched
   -- Role counts live in the hash, kept in step by every change this script makes; chores
   -- count the sets again, so keys expired or evicted behind its back are caught within a
   -- quarter of a TTL.
-  if chores or not state[4] or not state[5] then
+  if chores or not s_S then
     nS, nL = redis.call('ZCARD', base .. 'seeders'), redis.call('ZCARD', base .. 'leechers')
     chores = true
   else
-    nS, nL = tonumber(state[4]), tonumber(state[5])
+    nS, nL = tonumber(s_S), tonumber(s_L)
   end
   if nS + nL == 0 then chores = true end
   -- Leaving a swarm one is not in changes nothing (and makes no key).
   if event == 'stopped' and not old then return {1, nS, nL, 0} end
 
-  -- A swarm without `oldest` (new, or its hash expired) sweeps, and learns it.
-  oldest = tonumber(state[8] or '0')
+  -- A swarm without a bound (new, or its hash expired) sweeps, and learns it.
+  oldest = tonumber(s_oldest or '0')
   local cutoff = now - ttl
   local sweep = (now - swept >= sweep_every or now < swept) and oldest < cutoff
   if sweep then
@@ -258,7 +278,7 @@ local function announce(hash, member, ip, event, role, zone, rec, at, numwant, a
   -- writes it before the score (an error between the two must not leave it too high).
   if now < oldest then
     oldest = now
-    redis.call('HSET', hkey, 'oldest', oldest)
+    redis.call('HSET', hkey, 'st', state())
   end
 
   if event == 'stopped' then
@@ -268,7 +288,7 @@ local function announce(hash, member, ip, event, role, zone, rec, at, numwant, a
     end
     forget(member, old)
     seq = seq + 1
-    save(chores, 'seq', seq)
+    save(chores)
   else
     local joined = nil
     if not old then
@@ -310,17 +330,17 @@ local function announce(hash, member, ip, event, role, zone, rec, at, numwant, a
     end
     seq = seq + 1
     if joined then
-      save(chores, 'seq', seq, own, rec, af, joined)
+      save(chores, own, rec, af, joined)
     else
-      save(chores, 'seq', seq, own, rec)
+      save(chores, own, rec)
     end
   end
 
   if channel ~= '' then
     local op = 'U'
     if event == 'stopped' then op = 'D' end
-    redis.call('PUBLISH', channel,
-      publisher .. '|' .. hash .. '|' .. seq .. '|' .. op .. '|' .. now_s .. '|' .. rec)
+    changes[#changes + 1] =
+      publisher .. '|' .. hash .. '|' .. seq .. '|' .. op .. '|' .. now_s .. '|' .. rec
   end
   if event == 'stopped' then return {1, nS, nL, seq} end
 
@@ -349,8 +369,9 @@ local function announce(hash, member, ip, event, role, zone, rec, at, numwant, a
   -- The answer: see sample.rs for the policy. When everyone the asker may get fits in numwant
   -- (its own entry aside; a seeder gets leechers only), the answer is all of them, in any order,
   -- read with one HVALS instead of a draw per level and role. The hash's values are records
-  -- ('S|...' or 'L|...') and numbers (counts, marks): the second byte tells them apart, and
-  -- reading values alone allocates half what HGETALL's fields and values would.
+  -- ('S|...' or 'L|...'), address counts and the state (digits and spaces): the second byte
+  -- tells them apart, and reading values alone allocates half what HGETALL's fields and values
+  -- would.
   local others = nL
   if role == 'L' then others = nS + nL - 1 end
   if others <= numwant then
@@ -419,4 +440,5 @@ for i = 0, tonumber(ARGV[8]) - 1 do
     out[#out + 1] = {-1, tostring(r)}
   end
 end
+if #changes > 0 then redis.call('PUBLISH', channel, table.concat(changes, '\n')) end
 return out

@@ -8,9 +8,10 @@
 //!
 //! How the copy stays right:
 //! - every change the script makes (a peer recorded or leaving) is numbered per swarm (`seq`)
-//!   and published on one channel; a replica subscribes at start and applies every change in
-//!   the order Redis made them, its own included (not from the script's replies: they come on
-//!   other connections, in another order);
+//!   and published on one channel, a message per script call holding its changes one per
+//!   line; a replica subscribes at start and applies every change in the order Redis made
+//!   them, its own included (not from the script's replies: they come on other connections,
+//!   in another order);
 //! - a swarm is *cold* until its first announce here, which asks the script for every live
 //!   peer along with its write (`Want::All`): the swarm is loaded at that `seq`, and changes
 //!   numbered up to it, buffered meanwhile or arriving late, are already in what was loaded
@@ -341,9 +342,15 @@ impl Clock {
     }
 }
 
+/// The changes of one published message, one per line (a script call's, in the order it made
+/// them); `None` for the first line this version cannot read.
+pub fn parse_message(payload: &[u8]) -> impl Iterator<Item = Option<(InfoHash, Change)>> + '_ {
+    payload.split(|&b| b == b'\n').map(parse_change)
+}
+
 /// A published change: `publisher|info-hash hex|seq|U or D|ms|record`. The publisher (the
 /// replica that made it) is for whoever watches the channel; copies apply every change.
-pub fn parse_message(payload: &[u8]) -> Option<(InfoHash, Change)> {
+fn parse_change(payload: &[u8]) -> Option<(InfoHash, Change)> {
     let mut f = payload.splitn(6, |&b| b == b'|');
     let _publisher = f.next()?;
     let h: InfoHash = std::str::from_utf8(f.next()?).ok()?.parse().ok()?;
@@ -417,18 +424,22 @@ pub async fn follow(store: &RedisStore, swarms: &Swarms, shutdown: CancellationT
                 m = messages.next() => m,
             };
             let Some(msg) = msg else { break };
-            match parse_message(msg.get_payload_bytes()) {
-                Some((h, change)) => mirror.apply(swarms, &h, change, store.peer_ttl()),
-                // Another version's message: what it changed cannot be followed, so the
-                // copies go (answers are drawn until each swarm's next announce loads it).
-                None => {
-                    if !std::mem::replace(&mut warned, true) {
-                        tracing::warn!(
-                            "mirror: a message this version cannot read (another \
-                             version publishing?); its copies are dropped on each one"
-                        );
+            for change in parse_message(msg.get_payload_bytes()) {
+                match change {
+                    Some((h, change)) => mirror.apply(swarms, &h, change, store.peer_ttl()),
+                    // Another version's message: what it changed cannot be followed, so the
+                    // copies go (answers are drawn until each swarm's next announce loads
+                    // it), and what follows it in the message with them.
+                    None => {
+                        if !std::mem::replace(&mut warned, true) {
+                            tracing::warn!(
+                                "mirror: a message this version cannot read (another \
+                                 version publishing?); its copies are dropped on each one"
+                            );
+                        }
+                        mirror.set_subscribed(true);
+                        break;
                     }
-                    mirror.set_subscribed(true);
                 }
             }
         }
@@ -597,18 +608,25 @@ mod tests {
     fn messages_parse_and_bad_ones_do_not() {
         let h = InfoHash([3; 20]);
         let rec = format!("S|dc1|10.0.0.1:6881|{}|1|2|0", PeerId([4; 20]).to_hex());
-        let msg = format!("abc|{h}|12|U|1700000000000|{rec}");
-        let (got, c) = parse_message(msg.as_bytes()).expect("message");
-        assert_eq!((got, c.seq, c.present), (h, 12, true));
-        assert_eq!(c.record.listed.addr, "10.0.0.1:6881".parse().expect("addr"));
+        let msg = format!("abc|{h}|12|U|1700000000000|{rec}\nabc|{h}|13|D|1700000000001|{rec}");
+        let got: Vec<_> = parse_message(msg.as_bytes())
+            .map(|c| c.map(|(h, c)| (h, c.seq, c.present, c.record.listed.addr)))
+            .collect();
+        let addr = "10.0.0.1:6881".parse().expect("addr");
+        assert_eq!(
+            got,
+            vec![Some((h, 12, true, addr)), Some((h, 13, false, addr))]
+        );
         for bad in [
             format!("abc|{h}|12|X|1|{rec}"),
             format!("abc|nothex|12|U|1|{rec}"),
             format!("abc|{h}|-1|U|1|{rec}"),
             format!("abc|{h}|12|U|1|S|dc1|nonsense"),
             "abc".to_owned(),
+            format!("abc|{h}|12|U|1|{rec}\n"),
         ] {
-            assert!(parse_message(bad.as_bytes()).is_none(), "{bad}");
+            let last = parse_message(bad.as_bytes()).last().expect("a line");
+            assert!(last.is_none(), "{bad}");
         }
     }
 }

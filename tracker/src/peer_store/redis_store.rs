@@ -3,29 +3,31 @@
 //! Layout, per swarm (hex info-hash `H`; the `{H}` hash tag puts a swarm's keys in one cluster
 //! slot; a batch spans swarms, so Redis Cluster would need one batch per slot):
 //!
-//! - `fbpkg:v2:{H}:seeders`, `...:leechers`: sorted sets, member `peer-id-hex@ip` (a peer is
+//! - `fbpkg:v3:{H}:seeders`, `...:leechers`: sorted sets, member `peer-id-hex@ip` (a peer is
 //!   who *and* where it is, as in memory), score = last announce in ms since the Unix epoch
 //!   (the tracker's wall clock, passed in: replicas share it, tests control it);
 //! - `...:swarm`: hash, everything one announce reads and writes but its role's set, so it
 //!   reads it with one `HMGET` and writes it with one `HSET`: `p:<member>` -> the record
 //!   `role|zone|addr|peer-id-hex|uploaded|downloaded|left`; `a:<ip>` -> peers recorded under
-//!   that address (the per-address limit); `S` and `L`, the role counts (kept in step by the
-//!   script and counted again from the sets with every `touched`); `seq`, the swarm's change
-//!   number; `oldest`, a bound at or below every score in its sets (a sweep runs only once it
-//!   falls behind the cutoff); `swept`; and `touched` (when the keys' TTLs were last
-//!   refreshed: once every quarter of a peer's TTL, to a TTL that much longer than a peer's);
+//!   that address (the per-address limit); and `st`, the swarm's state in one field,
+//!   `touched swept seq S L oldest`: `touched`, when the keys' TTLs were last refreshed (once
+//!   every quarter of a peer's TTL, to a TTL that much longer than a peer's); `swept`, the
+//!   last sweep; `seq`, the swarm's change number; `S` and `L`, the role counts (kept in step
+//!   by the script and counted again from the sets with every `touched`); `oldest`, a bound at
+//!   or below every score in its sets (a sweep runs only once it falls behind the cutoff);
 //! - `...:meta`: hash, `completed` (made by the first download completed; kept a week);
 //! - `...:z:<role>:<zone prefix>`: sets, the zone buckets (`zones.rs`) of each role.
 //!
-//! `v2` since the hash took in what were four keys of their own (`fbpkg:swarm:{H}:*`, with
-//! changes on `fbpkg:peers`): replicas of either layout do not see each other's peers, and
-//! the old keys expire by themselves.
+//! `v3` since the state went into one field (`v2` kept six: `touched`, `swept`, `seq`, `S`,
+//! `L`, `oldest`) and a call's changes into one message; `v2` since the hash took in what
+//! were four keys of their own (`fbpkg:swarm:{H}:*`, with changes on `fbpkg:peers`). Replicas
+//! of different layouts do not see each other's peers, and the old keys expire by themselves.
 //!
 //! Announces go to Redis in batches, one `EVALSHA` of `announce.lua` per batch (loaded again
 //! on `NOSCRIPT`; see [`Batcher`]). For each announce the script expires the swarm's silent
 //! peers (score older than two intervals; at most once a second per swarm, and only when one
 //! may be due), applies the limits, records or removes, numbers the change (`seq`) and
-//! publishes it on `fbpkg:v2:peers` for the replicas' copies (`mirror.rs`), then answers with
+//! publishes it on `fbpkg:v3:peers` for the replicas' copies (`mirror.rs`), then answers with
 //! what the caller wants ([`Want`]): nothing (its copy answers), every live peer (to load the
 //! copy), or a draw (all of them, read with one `HVALS`, when they fit in `numwant`). Keys get
 //! a TTL of two and a half intervals, refreshed every half interval by an announce (zone
@@ -74,11 +76,11 @@ const META_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
 /// At most one warning per this period when Redis fails (the others are counted).
 const WARN_EVERY: Duration = Duration::from_secs(10);
 /// The channel changes to swarms are published on (see `mirror.rs`).
-const CHANNEL: &str = "fbpkg:v2:peers";
-/// Every key starts so (`announce.lua` builds the same names). `v2`: one hash per swarm for
-/// records, address counts and state; the layout before it (`fbpkg:swarm:`, with the channel
-/// `fbpkg:peers`) is left alone, and its keys expire by themselves.
-const KEY_PREFIX: &str = "fbpkg:v2:";
+const CHANNEL: &str = "fbpkg:v3:peers";
+/// Every key starts so (`announce.lua` builds the same names). `v3`: the swarm's state in one
+/// field of its hash, a call's changes in one message; the layouts before it (`fbpkg:v2:`,
+/// `fbpkg:swarm:`) are left alone, and their keys expire by themselves.
+const KEY_PREFIX: &str = "fbpkg:v3:";
 
 /// Redis could not be used; the announce is answered with a failure reason.
 #[derive(Debug, thiserror::Error)]
