@@ -343,6 +343,34 @@ impl Cache {
         handoff: Handoff,
         limits: &ExtractLimits,
     ) -> Result<CachedPackage> {
+        self.install_inner(name, metainfo, data, handoff, limits, &[])
+    }
+
+    /// [`Cache::install`] of a tree download ([`Handoff::Move`]) whose files at `known`
+    /// (indices in the metainfo's files, in order) are checked for their length only, not read
+    /// again: files a cached version held (its install checked their SHA-256, the one the new
+    /// metainfo names) whose every piece matched the new version's SHA-1 when the download
+    /// started, so nothing was written to them since ([`Cache::reuse_into`]).
+    pub fn install_reusing(
+        &self,
+        name: &PackageName,
+        metainfo: &Metainfo,
+        data: &Path,
+        limits: &ExtractLimits,
+        known: &[usize],
+    ) -> Result<CachedPackage> {
+        self.install_inner(name, metainfo, data, Handoff::Move, limits, known)
+    }
+
+    fn install_inner(
+        &self,
+        name: &PackageName,
+        metainfo: &Metainfo,
+        data: &Path,
+        handoff: Handoff,
+        limits: &ExtractLimits,
+        known: &[usize],
+    ) -> Result<CachedPackage> {
         let file_name = metainfo.name.as_str();
         if metainfo.format != Format::Tree
             && (file_name.starts_with(".fbpkg")
@@ -368,7 +396,14 @@ impl Cache {
         ));
         fs::create_dir(&staging).map_err(PeerError::io("creating", &staging))?;
         let mut moved = None;
-        let result = self.assemble(&staging, name, metainfo, data, handoff, limits, &mut moved);
+        let result = self.assemble(
+            &staging,
+            (name, metainfo),
+            data,
+            (handoff, known),
+            limits,
+            &mut moved,
+        );
         if result.is_err() {
             if metainfo.format == Format::Tree {
                 if moved.is_some() {
@@ -386,21 +421,19 @@ impl Cache {
 
     /// Build the entry in `staging` and rename it into place. `moved` is set to `data`'s mode
     /// once `data` has been renamed into `staging`.
-    #[allow(clippy::too_many_arguments)]
     fn assemble(
         &self,
         staging: &Path,
-        name: &PackageName,
-        metainfo: &Metainfo,
+        (name, metainfo): (&PackageName, &Metainfo),
         data: &Path,
-        handoff: Handoff,
+        (handoff, known): (Handoff, &[usize]),
         limits: &ExtractLimits,
         moved: &mut Option<u32>,
     ) -> Result<CachedPackage> {
         if metainfo.format == Format::Tree {
             let tree = staging.join(TREE_DIR);
             let mut tree_moved = false;
-            let placed = tree::place(metainfo, data, handoff, &tree, &mut tree_moved);
+            let placed = tree::place(metainfo, data, (handoff, known), &tree, &mut tree_moved);
             if tree_moved {
                 *moved = Some(0);
             }

@@ -304,7 +304,10 @@ async fn counts_kept_with_the_swarm_stay_right() {
         .announce(&peer(5, x, 10), t0 + ttl + 600)
         .await
         .expect("announce");
-    assert_eq!((mended.recorded, counts(&mended)), (Recorded::Present, (0, 1)));
+    assert_eq!(
+        (mended.recorded, counts(&mended)),
+        (Recorded::Present, (0, 1))
+    );
 }
 
 /// A peer silent past its TTL that then says `stopped`: the sweep in the same call takes its

@@ -21,7 +21,7 @@ use std::os::unix::fs::{MetadataExt, PermissionsExt, symlink};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use fbpkg_tests::{AgentProcess, CliOutput, TrackerProcess, fbpkg_rs, fbpkg_rs_then};
+use fbpkg_tests::{AgentProcess, CliOutput, TrackerProcess, fbpkg_rs, fbpkg_rs_then, log_field};
 
 /// Longest one client command may take (a few MiB through a loopback swarm).
 const CLI_TIMEOUT: Duration = Duration::from_secs(90);
@@ -354,6 +354,19 @@ async fn a_new_version_fetches_only_what_changed() {
         let ok = cli(&["verify", v], &b.host_args()).await;
         assert!(ok.success(), "verify {v}: {ok}");
     }
+    // Files reused whole (every piece verified at the start) are not read again at install:
+    // none for version 1; for version 2 big.so (the configs share the piece of 042.conf,
+    // which was fetched again).
+    let reused_whole = |sha: &str| {
+        b.log_lines()
+            .iter()
+            .filter(|l| l.contains("verified and in the cache") && l.contains(sha))
+            .find_map(|l| log_field(l, "reused_whole")?.parse::<usize>().ok())
+            .unwrap_or_else(|| panic!("no install line for {sha}:\n{}", b.log_tail()))
+    };
+    assert_eq!(reused_whole(v1.strip_prefix("app:").unwrap()), 0);
+    let whole = reused_whole(sha2);
+    assert!(whole >= 1, "{whole} files reused whole");
 }
 
 /// A tree of thousands of files has a metainfo of MiBs (the agent's control line once held

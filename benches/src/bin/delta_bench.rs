@@ -52,7 +52,9 @@ struct Args {
     #[arg(long, default_value_t = 5.0)]
     changed_percent: f64,
 
-    /// Where the packages and the hosts' caches go (about 2 + 2 x hosts times the size).
+    /// Where the packages and the hosts' caches go (about 2 + 2 x hosts times the size; made
+    /// if missing). On a disk, each host's install waits for its fsync and the times follow
+    /// the disk's writeback; a tmpfs (`/dev/shm/...`) leaves the agents' own work.
     #[arg(long, env = "FBPKG_BENCH_WORK_DIR")]
     work_dir: Option<PathBuf>,
 
@@ -397,7 +399,10 @@ fn main() -> anyhow::Result<()> {
     );
     let bin = fbpkg_binary::release_binary(args.fbpkg_bin.clone())?;
     let work = match &args.work_dir {
-        Some(dir) => tempfile::tempdir_in(dir)?,
+        Some(dir) => {
+            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+            tempfile::tempdir_in(dir)?
+        }
         None => tempfile::tempdir()?,
     };
     let base = work.path();

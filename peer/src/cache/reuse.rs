@@ -4,8 +4,12 @@
 //! file of a cached version of the same package is put in the download's tree. The download
 //! then resumes as after a restart: every piece is checked against the new metainfo's SHA-1
 //! and only the pieces that fail are fetched. So version N+1 costs the pieces that changed,
-//! and nothing reused is trusted before it matched the new version's hashes (its pieces here,
-//! every file's SHA-256 again at install).
+//! and nothing reused is trusted before it matched the new version's hashes: its pieces here.
+//! A reused file ([`Reused::files_at`]) whose every piece verified then is not read again at
+//! install ([`Cache::install_reusing`]): its SHA-256 was checked when the cached version was
+//! installed, the new metainfo names the same one, and its pieces have just matched the new
+//! version's SHA-1s; a second pass over it would cost a delta what a full fetch's install
+//! costs.
 //!
 //! A file that owns its pieces (at least one piece long, so laid out on piece boundaries with
 //! padding after it) and keeps its mode is **hard-linked**: all its pieces verify, so nothing
@@ -25,8 +29,10 @@ use fbpkg_common::pkgref::PackageName;
 use super::{Cache, METAINFO_FILE, TREE_DIR};
 
 /// What [`Cache::reuse_into`] put in a download's tree.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Reused {
+    /// Their indices in the new metainfo's files, in order.
+    pub files_at: Vec<usize>,
     /// Files hard-linked from a cached version.
     pub linked: usize,
     /// Files copied from a cached version.
@@ -85,7 +91,7 @@ impl Cache {
         if held.is_empty() {
             return done;
         }
-        for f in &meta.files {
+        for (at, f) in meta.files.iter().enumerate() {
             let FileKind::Regular { sha256, mode } = f.kind else {
                 continue;
             };
@@ -102,6 +108,7 @@ impl Cache {
             if owns_pieces && *old_mode == mode && fs::hard_link(from, &to).is_ok() {
                 done.linked += 1;
                 done.bytes += f.length;
+                done.files_at.push(at);
                 continue;
             }
             let copied = fs::copy(from, &to)
@@ -110,6 +117,7 @@ impl Cache {
                 Ok(()) => {
                     done.copied += 1;
                     done.bytes += f.length;
+                    done.files_at.push(at);
                 }
                 Err(e) => {
                     tracing::debug!(from = %from.display(), error = %e, "cannot reuse a cached file");

@@ -64,19 +64,21 @@ fn dir_mode(mode: u32) -> u32 {
 }
 
 /// Put `meta`'s regular files at `tree` (which must not exist): `data` is a download's tree
-/// (moved, then checked where it lies) or a publisher's directory (copied, checked as it is
-/// copied). `moved` is set as soon as `data` is at `tree`, before its check, so a failed
-/// install gives back a tree that failed its check too ([`give_back`]).
+/// (moved, then checked where it lies, but for its files at `known`: see
+/// [`Cache::install_reusing`](super::Cache::install_reusing)) or a publisher's directory
+/// (copied, checked as it is copied). `moved` is set as soon as `data` is at `tree`, before
+/// its check, so a failed install gives back a tree that failed its check too
+/// ([`give_back`]).
 pub(super) fn place(
     meta: &Metainfo,
     data: &Path,
-    handoff: Handoff,
+    (handoff, known): (Handoff, &[usize]),
     tree: &Path,
     moved: &mut bool,
 ) -> Result<()> {
     if handoff == Handoff::Move && fs::rename(data, tree).is_ok() {
         *moved = true;
-        return check_files(meta, tree);
+        return check_files(meta, tree, known);
     }
     fs::create_dir(tree).map_err(PeerError::io("creating", tree))?;
     for f in meta.files.iter().filter(|f| f.is_regular()) {
@@ -115,10 +117,27 @@ fn owner_writable(path: &Path) -> io::Result<()> {
     Ok(())
 }
 
-/// Each regular file's length and SHA-256, read where it lies.
-fn check_files(meta: &Metainfo, tree: &Path) -> Result<()> {
-    for f in meta.files.iter().filter(|f| f.is_regular()) {
+/// Each regular file's length and SHA-256, read where it lies; the files at `known` (indices
+/// in `meta.files`, in order), their length only.
+fn check_files(meta: &Metainfo, tree: &Path, known: &[usize]) -> Result<()> {
+    for (at, f) in meta
+        .files
+        .iter()
+        .enumerate()
+        .filter(|(_, f)| f.is_regular())
+    {
         let path = join(tree, &f.path);
+        if known.binary_search(&at).is_ok() {
+            let md = fs::symlink_metadata(&path).map_err(PeerError::io("reading", &path))?;
+            if !md.is_file() || md.len() != f.length {
+                return Err(HashError::Mismatch(format!(
+                    "a reused file that is no longer {} bytes long",
+                    f.length
+                ))
+                .into_error(&path, &path, None));
+            }
+            continue;
+        }
         let file = File::open(&path).map_err(PeerError::io("opening", &path))?;
         hash_into(file, &mut io::sink(), f).map_err(|e| e.into_error(&path, &path, None))?;
     }
@@ -378,7 +397,7 @@ mod tests {
     use fbpkg_common::metainfo::TreeItem;
     use fbpkg_common::pkgref::PackageName;
 
-    use super::super::{Cache, STAGING};
+    use super::super::{Cache, STAGING, TREE_DIR};
     use super::*;
     use crate::archive::ExtractLimits;
 
@@ -465,6 +484,44 @@ mod tests {
             0o700,
             "the tree's root"
         );
+    }
+
+    /// Files a download reused whole are checked for their length only: their bytes matched
+    /// the new version's pieces when it started (here, `f` changed after that with its length
+    /// kept, and is installed as it is; the test proves it was not read). Every other file is
+    /// still read, and a known file of the wrong length is refused.
+    #[test]
+    fn files_reused_whole_are_checked_for_their_length_only() {
+        let (dir, meta, data) = download();
+        let at = |name: &str| meta.files.iter().position(|x| x.path == p(name));
+        let (f_at, g_at) = (at("f").expect("f"), at("g").expect("g"));
+        let name = PackageName::new("app").expect("name");
+        let limits = ExtractLimits::default();
+        let mut f = fs::read(data.join("f")).expect("read f");
+        f[100] ^= 0xff;
+        fs::write(data.join("f"), &f).expect("change f");
+
+        // g changed too: it is not known, so it is read and refused.
+        fs::write(data.join("g"), b"abd").expect("change g");
+        let cache = Cache::new(dir.path().join("cache"));
+        let err = cache
+            .install_reusing(&name, &meta, &data, &limits, &[f_at])
+            .expect_err("g is read");
+        assert!(matches!(err, PeerError::Verification(_)), "{err}");
+        fs::write(data.join("g"), b"abc").expect("g as published");
+
+        // f one byte short: refused, known or not.
+        fs::write(data.join("f"), &f[1..]).expect("shorten f");
+        let err = cache
+            .install_reusing(&name, &meta, &data, &limits, &[f_at, g_at])
+            .expect_err("f is too short");
+        assert!(matches!(err, PeerError::Verification(_)), "{err}");
+        fs::write(data.join("f"), &f).expect("f at its length");
+
+        let entry = cache
+            .install_reusing(&name, &meta, &data, &limits, &[f_at])
+            .expect("installed");
+        assert_eq!(fs::read(entry.dir.join(TREE_DIR).join("f")).expect("f"), f);
     }
 
     #[test]

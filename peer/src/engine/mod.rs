@@ -348,6 +348,7 @@ impl Engine {
             have,
             phase: Phase::Seeding(entry),
             work_dir: None,
+            known: Vec::new(),
         }))
     }
 
@@ -396,20 +397,24 @@ impl Engine {
         let (m, d, n) = (meta.clone(), dir.clone(), name.clone());
         let cache = self.ctx.cache.clone();
         // Disk work off the reactor: re-hashing a large partial file takes seconds.
-        let (storage, have) = tokio::task::spawn_blocking(move || {
+        let (storage, have, known) = tokio::task::spawn_blocking(move || {
             std::fs::create_dir_all(&d).map_err(PeerError::io("creating", &d))?;
             let meta_path = d.join("metainfo.torrent");
             std::fs::write(&meta_path, m.as_bytes())
                 .map_err(PeerError::io("writing", &meta_path))?;
             std::fs::write(d.join("package"), n.as_str()).map_err(PeerError::io("writing", &d))?;
             let tree = d.join(storage::TREE_DIR);
+            let mut reused = Vec::new();
             if m.format == Format::Tree && !tree.exists() {
-                let reused = cache.reuse_into(&n, &m, &tree);
-                if reused.files() > 0 {
-                    tracing::info!(package = %n, files = reused.files(), linked = reused.linked, bytes = reused.bytes, "starting from files of cached versions");
+                let r = cache.reuse_into(&n, &m, &tree);
+                if r.files() > 0 {
+                    tracing::info!(package = %n, files = r.files(), linked = r.linked, bytes = r.bytes, "starting from files of cached versions");
                 }
+                reused = r.files_at;
             }
-            resume(&d, &m)
+            let (storage, have) = resume(&d, &m)?;
+            let known = whole_files(&m, &have, reused);
+            Ok::<_, PeerError>((storage, have, known))
         })
         .await
         .map_err(|e| PeerError::Agent(format!("resume task: {e}")))??;
@@ -424,6 +429,7 @@ impl Engine {
             have,
             phase: Phase::Downloading,
             work_dir: Some(dir),
+            known,
         });
         if complete {
             spawn_finish(t.clone());
@@ -699,6 +705,34 @@ fn resume(dir: &Path, meta: &Metainfo) -> Result<(PackageData, Bitfield)> {
     Ok((storage, have))
 }
 
+/// Of the files at `candidates` (indices in `meta.files`, in order), those whose every piece
+/// is in `have`: no byte of them is written again by this download.
+fn whole_files(meta: &Metainfo, have: &Bitfield, candidates: Vec<usize>) -> Vec<usize> {
+    if candidates.is_empty() {
+        return candidates;
+    }
+    let mut offset = 0u64;
+    let mut starts = Vec::with_capacity(meta.files.len());
+    for f in &meta.files {
+        starts.push(offset);
+        offset += f.length;
+    }
+    candidates
+        .into_iter()
+        .filter(|&at| {
+            let (Some(&start), Some(f)) = (starts.get(at), meta.files.get(at)) else {
+                return false;
+            };
+            if f.length == 0 {
+                return true;
+            }
+            let first = start / meta.piece_length;
+            let last = (start + f.length - 1) / meta.piece_length;
+            (first..=last).all(|i| u32::try_from(i).is_ok_and(|i| have.get(i)))
+        })
+        .collect()
+}
+
 /// What reading a piece back says about it.
 #[derive(Debug)]
 enum PieceVerdict {
@@ -772,9 +806,15 @@ fn spawn_finish(t: Arc<Torrent>) {
         let (cache, name, meta) = (t.ctx.cache.clone(), t.name.clone(), t.meta.clone());
         let limits = t.ctx.config.extract_limits;
         let part = storage.path().to_owned();
+        let known = t.known.clone();
+        let reused_whole = known.len();
         let installed = tokio::task::spawn_blocking(move || {
             storage.sync().map_err(PeerError::io("fsync", storage.path()))?;
-            let entry = cache.install(&name, &meta, &part, Handoff::Move, &limits)?;
+            let entry = if known.is_empty() {
+                cache.install(&name, &meta, &part, Handoff::Move, &limits)?
+            } else {
+                cache.install_reusing(&name, &meta, &part, &limits, &known)?
+            };
             let seeding = PackageData::open_complete(&entry.dir, &meta).map_err(PeerError::io("reopening", &entry.dir))?;
             Ok::<_, PeerError>((entry, seeding))
         })
@@ -784,7 +824,7 @@ fn spawn_finish(t: Arc<Torrent>) {
             Ok((entry, seeding)) => {
                 t.replace_storage(seeding);
                 t.remove_work_dir();
-                tracing::info!(package = %t.name, sha256 = %t.meta.sha256, path = %entry.launch_path.display(), "verified and in the cache; seeding");
+                tracing::info!(package = %t.name, sha256 = %t.meta.sha256, path = %entry.launch_path.display(), reused_whole, "verified and in the cache; seeding");
                 t.set_phase(Phase::Seeding(entry));
                 let _ = t.ctx.installed.send((t.name.clone(), t.meta.sha256));
             }
@@ -834,6 +874,48 @@ mod tests {
         for i in 0..meta.num_pieces() {
             assert_eq!(have.get(i), i != skipped, "piece {i}");
         }
+    }
+
+    /// Only reused files whose every piece verified skip the install's read: a piece that
+    /// failed is fetched and written again, over any file it overlaps.
+    #[test]
+    fn reused_files_are_known_whole_only_when_all_their_pieces_verified() {
+        let big: Vec<u8> = (0..100_000u32).map(|i| (i % 249) as u8).collect();
+        let meta = storage::flat_tree(&[("a", b"small"), ("big", &big), ("z", b"tail")]);
+        let at = |name: &str| {
+            meta.files
+                .iter()
+                .position(|f| f.path == [name])
+                .expect("file")
+        };
+        let (a, b, z) = (at("a"), at("big"), at("z"));
+        let mut start = 0;
+        let mut pieces_of = Vec::new();
+        for f in &meta.files {
+            if f.is_regular() {
+                let first = start / meta.piece_length;
+                pieces_of.push((first, (start + f.length - 1) / meta.piece_length));
+            }
+            start += f.length;
+        }
+        assert_eq!(
+            pieces_of,
+            vec![(0, 0), (1, 4), (5, 5)],
+            "the layout this test assumes"
+        );
+        let all_but = |missing: Option<u32>| {
+            let mut have = Bitfield::new(meta.num_pieces());
+            for i in (0..meta.num_pieces()).filter(|&i| Some(i) != missing) {
+                have.set(i);
+            }
+            have
+        };
+        let whole = |have: &Bitfield, candidates: Vec<usize>| whole_files(&meta, have, candidates);
+        assert_eq!(whole(&all_but(None), vec![a, b, z]), vec![a, b, z]);
+        assert_eq!(whole(&all_but(Some(3)), vec![a, b, z]), vec![a, z]);
+        assert_eq!(whole(&all_but(Some(0)), vec![a, b, z]), vec![b, z]);
+        assert_eq!(whole(&all_but(Some(5)), vec![b]), vec![b]);
+        assert_eq!(whole(&all_but(None), vec![]), Vec::<usize>::new());
     }
 
     #[test]

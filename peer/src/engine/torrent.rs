@@ -154,6 +154,9 @@ pub struct Torrent {
     pub cancel: CancellationToken,
     /// Where the partial download lives while downloading.
     pub(crate) work_dir: Option<PathBuf>,
+    /// Files of a tree download reused from cached versions and whole when it started: its
+    /// install checks their length, not their bytes again (`Cache::install_reusing`).
+    pub(crate) known: Vec<usize>,
     /// Woken when the torrent wants more connections (new candidates, a peer left).
     pub(crate) want_peers: Notify,
     /// Woken to announce now (completion, too few peers).
@@ -244,6 +247,8 @@ pub(crate) struct TorrentInit {
     pub phase: Phase,
     /// The partial download's directory (none when seeding from the cache).
     pub work_dir: Option<PathBuf>,
+    /// Files reused from cached versions and whole at the start (see `Cache::install_reusing`).
+    pub known: Vec<usize>,
 }
 
 impl Torrent {
@@ -259,6 +264,7 @@ impl Torrent {
             have,
             phase,
             work_dir,
+            known,
         } = init;
         let num_pieces = meta.num_pieces();
         let picker = Picker::new(meta.length, meta.piece_length, have);
@@ -288,6 +294,7 @@ impl Torrent {
             phase,
             cancel,
             work_dir,
+            known,
             want_peers: Notify::new(),
             announce_now: Notify::new(),
             uploaded: AtomicU64::new(0),
@@ -877,6 +884,7 @@ mod tests {
             meta: Arc::new(meta),
             phase: Phase::Downloading,
             work_dir: None,
+            known: Vec::new(),
         };
         Torrent::new(ctx, init, CancellationToken::new())
     }
