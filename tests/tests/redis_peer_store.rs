@@ -308,6 +308,39 @@ async fn counts_kept_with_the_swarm_stay_right() {
         (mended.recorded, counts(&mended)),
         (Recorded::Present, (0, 1))
     );
+    // Its changes are numbered on above the ones before: a replica's copy ignores a change
+    // numbered at or below the last it applied.
+    assert!(mended.seq > later.seq, "{} after {}", mended.seq, later.seq);
+}
+
+/// A count the script kept goes wrong when an announce fails between its writes (here a zone
+/// bucket of the wrong type, after the peer's score is in): it never goes below zero, and the
+/// swarm's changes are numbered on, so replicas' copies keep following them.
+#[tokio::test]
+async fn a_count_gone_wrong_keeps_the_change_numbers() {
+    let redis = redis_or_skip!();
+    let s = store(&redis, Limits::NONE);
+    let t0 = 50_000_000;
+    let y = s.announce(&peer(1, [10, 0, 0, 1], 10), t0).await.expect("y");
+    plant_string(&redis, &InfoHash([0; 20]), "z:S:dc1");
+    let mut x = peer(2, [10, 0, 0, 2], 0);
+    x.zone = Some(Zone::new("dc1").expect("zone"));
+    s.announce(&x, t0 + 1)
+        .await
+        .expect_err("the zone bucket is not a set");
+    x.zone = None;
+    s.announce(&x, t0 + 2).await.expect("x again");
+    x.event = Event::Stopped;
+    let stopped = s.announce(&x, t0 + 3).await.expect("x stops");
+    assert_eq!(counts(&stopped), (0, 1), "the seeders' count stays at 0");
+    let again = s.announce(&peer(1, [10, 0, 0, 1], 10), t0 + 4).await.expect("y again");
+    assert!(
+        again.seq > stopped.seq && stopped.seq > y.seq,
+        "change numbers {} {} {}",
+        y.seq,
+        stopped.seq,
+        again.seq
+    );
 }
 
 /// A peer silent past its TTL that then says `stopped`: the sweep in the same call takes its

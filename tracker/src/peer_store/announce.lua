@@ -103,8 +103,10 @@ local function counted(r)
   return nL
 end
 
+-- Never below 0: a count drifts only through an announce that failed between its writes
+-- (chores count the sets again), and the state field holds digits only.
 local function recount(r, d)
-  if r == 'S' then nS = nS + d else nL = nL + d end
+  if r == 'S' then nS = math.max(0, nS + d) else nL = math.max(0, nL + d) end
 end
 
 local function zone_key(r, p) return base .. 'z:' .. r .. ':' .. p end
@@ -228,15 +230,18 @@ local function announce(hash, member, ip, event, role, zone, rec, at, numwant, a
 
   local got = redis.call('HMGET', hkey, 'st', own, af)
   local s_S, s_L, s_oldest
-  -- A swarm without its state (new, its hash expired, or a state this script cannot read)
-  -- counts its sets, sweeps and numbers its changes from 0 again (its copies drop then; see
-  -- mirror.rs).
   touched_s = nil
   if got[1] then
     touched_s, swept_s, seq, s_S, s_L, s_oldest =
       string.match(got[1], '^(%d+) (%d+) (%d+) (%d+) (%d+) (%d+)$')
   end
-  if not touched_s then touched_s, swept_s, seq, s_S, s_L, s_oldest = '0', '0', '0' end
+  -- A swarm without its state (new, its hash expired, or a state this script cannot read: an
+  -- operator's edit) counts its sets, sweeps, and numbers its changes on from now (ms): above
+  -- any number a copy of it holds (numbers grow by one a change, and a state goes only after a
+  -- TTL of silence), so no copy takes the new changes for ones it has (mirror.rs).
+  if not touched_s then
+    touched_s, swept_s, seq, s_S, s_L, s_oldest = '0', '0', now_s
+  end
   local touched, swept = tonumber(touched_s), tonumber(swept_s)
   seq = tonumber(seq)
   local old = got[2]

@@ -191,8 +191,10 @@ impl Mirror {
     ///
     /// A change made more than a peer's TTL after the copy's last one drops the copy: the
     /// swarm's keys may have expired in Redis meanwhile (they do a TTL after its last
-    /// announce), and its changes be numbered from 1 again, below what the copy holds. Every
-    /// peer of such a copy has expired anyway; the next announce loads the swarm again.
+    /// announce). The script numbers a swarm made again from the time it was made (ms), above
+    /// anything a copy holds, so this is a second guard, for numbers from another version's
+    /// script (from 1 again, as they once were). Every peer of such a copy has expired anyway;
+    /// the next announce loads the swarm again.
     pub fn apply(&self, swarms: &Swarms, h: &InfoHash, change: Change, ttl: Duration) {
         let Some(mut copy) = self.copies.get_mut(h) else {
             return;
@@ -505,8 +507,8 @@ mod tests {
     const TTL: Duration = Duration::from_secs(60);
 
     /// The swarm's keys expired in Redis after a TTL without announces, and its changes are
-    /// numbered from 1 again: the first of them drops the copy, which would have ignored
-    /// every one numbered at or below what it held.
+    /// numbered from 1 again (as an earlier script did): the first of them drops the copy,
+    /// which would have ignored every one numbered at or below what it held.
     #[tokio::test]
     async fn a_change_after_a_silence_longer_than_a_ttl_drops_the_copy() {
         let (m, swarms, h) = setup();
