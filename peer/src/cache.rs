@@ -46,6 +46,7 @@ pub use budget::{Budget, KeepReason, Protected, SweepReport, Version};
 pub use inuse::{Claim, InUse, USE_DIR};
 pub use pins::PINS_DIR;
 pub use reuse::Reused;
+pub use tree::Unchanged;
 pub use verify::{QUARANTINE, QUARANTINE_KEEP, SEAL_FILE, Seal, VerifyReport};
 
 /// Metainfo kept in each entry.
@@ -347,17 +348,19 @@ impl Cache {
     }
 
     /// [`Cache::install`] of a tree download ([`Handoff::Move`]) whose files at `known`
-    /// (indices in the metainfo's files, in order) are checked for their length only, not read
-    /// again: files a cached version held (its install checked their SHA-256, the one the new
-    /// metainfo names) whose every piece matched the new version's SHA-1 when the download
-    /// started, so nothing was written to them since ([`Cache::reuse_into`]).
+    /// (indices in the metainfo's files, in order, each with how it was then) are not read
+    /// again when they are still as they were: files a cached version held (its install checked
+    /// their SHA-256, the one the new metainfo names) whose every piece matched the new
+    /// version's SHA-1 when the download started ([`Cache::reuse_into`]). A hard-linked one
+    /// shares its inode with the cached version's file, so a write there since (as root: the
+    /// entry is read-only) changes it here too: such a file is read as any other.
     pub fn install_reusing(
         &self,
         name: &PackageName,
         metainfo: &Metainfo,
         data: &Path,
         limits: &ExtractLimits,
-        known: &[usize],
+        known: &[(usize, Unchanged)],
     ) -> Result<CachedPackage> {
         self.install_inner(name, metainfo, data, Handoff::Move, limits, known)
     }
@@ -369,7 +372,7 @@ impl Cache {
         data: &Path,
         handoff: Handoff,
         limits: &ExtractLimits,
-        known: &[usize],
+        known: &[(usize, Unchanged)],
     ) -> Result<CachedPackage> {
         let file_name = metainfo.name.as_str();
         if metainfo.format != Format::Tree
@@ -426,7 +429,7 @@ impl Cache {
         staging: &Path,
         (name, metainfo): (&PackageName, &Metainfo),
         data: &Path,
-        (handoff, known): (Handoff, &[usize]),
+        (handoff, known): (Handoff, &[(usize, Unchanged)]),
         limits: &ExtractLimits,
         moved: &mut Option<u32>,
     ) -> Result<CachedPackage> {

@@ -16,7 +16,7 @@
 use std::collections::HashSet;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Write};
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use fbpkg_common::Sha256Hash;
@@ -64,7 +64,7 @@ fn dir_mode(mode: u32) -> u32 {
 }
 
 /// Put `meta`'s regular files at `tree` (which must not exist): `data` is a download's tree
-/// (moved, then checked where it lies, but for its files at `known`: see
+/// (moved, then checked where it lies, but for its files at `known` that are unchanged: see
 /// [`Cache::install_reusing`](super::Cache::install_reusing)) or a publisher's directory
 /// (copied, checked as it is copied). `moved` is set as soon as `data` is at `tree`, before
 /// its check, so a failed install gives back a tree that failed its check too
@@ -72,7 +72,7 @@ fn dir_mode(mode: u32) -> u32 {
 pub(super) fn place(
     meta: &Metainfo,
     data: &Path,
-    (handoff, known): (Handoff, &[usize]),
+    (handoff, known): (Handoff, &[(usize, Unchanged)]),
     tree: &Path,
     moved: &mut bool,
 ) -> Result<()> {
@@ -117,9 +117,40 @@ fn owner_writable(path: &Path) -> io::Result<()> {
     Ok(())
 }
 
+/// A file as it was when it was last read and found right: the same inode, and not changed
+/// since. Every write moves a file's change time (so does a new link to it, or a `chmod`), so a
+/// file whose length, modification and change times are the same is the file that was read,
+/// up to the clock's granularity: a write in the same tick as the look after the read could go
+/// unseen (git's "racy" case).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Unchanged {
+    dev: u64,
+    ino: u64,
+    len: u64,
+    mtime: (i64, i64),
+    ctime: (i64, i64),
+}
+
+impl Unchanged {
+    /// How the regular file at `path` is now (links are not followed).
+    pub fn of(path: &Path) -> io::Result<Self> {
+        let md = fs::symlink_metadata(path)?;
+        if !md.is_file() {
+            return Err(io::Error::other("not a regular file"));
+        }
+        Ok(Self {
+            dev: md.dev(),
+            ino: md.ino(),
+            len: md.len(),
+            mtime: (md.mtime(), md.mtime_nsec()),
+            ctime: (md.ctime(), md.ctime_nsec()),
+        })
+    }
+}
+
 /// Each regular file's length and SHA-256, read where it lies; the files at `known` (indices
-/// in `meta.files`, in order), their length only.
-fn check_files(meta: &Metainfo, tree: &Path, known: &[usize]) -> Result<()> {
+/// in `meta.files`, in order) that are still as they were then are not read again.
+fn check_files(meta: &Metainfo, tree: &Path, known: &[(usize, Unchanged)]) -> Result<()> {
     for (at, f) in meta
         .files
         .iter()
@@ -127,15 +158,9 @@ fn check_files(meta: &Metainfo, tree: &Path, known: &[usize]) -> Result<()> {
         .filter(|(_, f)| f.is_regular())
     {
         let path = join(tree, &f.path);
-        if known.binary_search(&at).is_ok() {
-            let md = fs::symlink_metadata(&path).map_err(PeerError::io("reading", &path))?;
-            if !md.is_file() || md.len() != f.length {
-                return Err(HashError::Mismatch(format!(
-                    "a reused file that is no longer {} bytes long",
-                    f.length
-                ))
-                .into_error(&path, &path, None));
-            }
+        if let Ok(k) = known.binary_search_by_key(&at, |&(i, _)| i)
+            && Unchanged::of(&path).is_ok_and(|now| now == known[k].1 && now.len == f.length)
+        {
             continue;
         }
         let file = File::open(&path).map_err(PeerError::io("opening", &path))?;
@@ -486,40 +511,51 @@ mod tests {
         );
     }
 
-    /// Files a download reused whole are checked for their length only: their bytes matched
-    /// the new version's pieces when it started (here, `f` changed after that with its length
-    /// kept, and is installed as it is; the test proves it was not read). Every other file is
-    /// still read, and a known file of the wrong length is refused.
+    /// Files a download reused whole are not read again at install while they are as they
+    /// were when their pieces were checked. Here `f` is changed before its stamp is taken and
+    /// installed as it is: it was not read. Written again after its stamp (as a write through
+    /// the cached version's hard link would), it is read, and refused; so is `g`, not known.
     #[test]
-    fn files_reused_whole_are_checked_for_their_length_only() {
+    fn files_reused_whole_are_read_again_only_when_changed_since() {
         let (dir, meta, data) = download();
         let at = |name: &str| meta.files.iter().position(|x| x.path == p(name));
-        let (f_at, g_at) = (at("f").expect("f"), at("g").expect("g"));
+        let f_at = at("f").expect("f");
         let name = PackageName::new("app").expect("name");
         let limits = ExtractLimits::default();
+        let cache = Cache::new(dir.path().join("cache"));
         let mut f = fs::read(data.join("f")).expect("read f");
         f[100] ^= 0xff;
         fs::write(data.join("f"), &f).expect("change f");
+        let stamp = Unchanged::of(&data.join("f")).expect("stamp");
 
-        // g changed too: it is not known, so it is read and refused.
-        fs::write(data.join("g"), b"abd").expect("change g");
-        let cache = Cache::new(dir.path().join("cache"));
+        // The same bytes written again: its change time moves (the clock's tick may need a
+        // few tries to pass).
+        let mut moved = false;
+        for _ in 0..1000 {
+            fs::write(data.join("f"), &f).expect("write f again");
+            if Unchanged::of(&data.join("f")).expect("stamp") != stamp {
+                moved = true;
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        assert!(moved, "a write never moved f's change time");
         let err = cache
-            .install_reusing(&name, &meta, &data, &limits, &[f_at])
+            .install_reusing(&name, &meta, &data, &limits, &[(f_at, stamp)])
+            .expect_err("f changed after its stamp");
+        assert!(matches!(err, PeerError::Verification(_)), "{err}");
+
+        // g changed, and not known: read and refused.
+        let stamp = Unchanged::of(&data.join("f")).expect("stamp");
+        fs::write(data.join("g"), b"abd").expect("change g");
+        let err = cache
+            .install_reusing(&name, &meta, &data, &limits, &[(f_at, stamp)])
             .expect_err("g is read");
         assert!(matches!(err, PeerError::Verification(_)), "{err}");
         fs::write(data.join("g"), b"abc").expect("g as published");
 
-        // f one byte short: refused, known or not.
-        fs::write(data.join("f"), &f[1..]).expect("shorten f");
-        let err = cache
-            .install_reusing(&name, &meta, &data, &limits, &[f_at, g_at])
-            .expect_err("f is too short");
-        assert!(matches!(err, PeerError::Verification(_)), "{err}");
-        fs::write(data.join("f"), &f).expect("f at its length");
-
         let entry = cache
-            .install_reusing(&name, &meta, &data, &limits, &[f_at])
+            .install_reusing(&name, &meta, &data, &limits, &[(f_at, stamp)])
             .expect("installed");
         assert_eq!(fs::read(entry.dir.join(TREE_DIR).join("f")).expect("f"), f);
     }

@@ -413,7 +413,16 @@ impl Engine {
                 reused = r.files_at;
             }
             let (storage, have) = resume(&d, &m)?;
-            let known = whole_files(&m, &have, reused);
+            // How each file reused whole is now that its pieces were read: install reads
+            // again any that changed after this.
+            let known: Vec<_> = whole_files(&m, &have, reused)
+                .into_iter()
+                .filter_map(|at| {
+                    let f = m.files.get(at)?;
+                    let path = f.path.iter().fold(tree.clone(), |p, c| p.join(c));
+                    Some((at, crate::cache::Unchanged::of(&path).ok()?))
+                })
+                .collect();
             Ok::<_, PeerError>((storage, have, known))
         })
         .await

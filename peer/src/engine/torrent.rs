@@ -154,9 +154,10 @@ pub struct Torrent {
     pub cancel: CancellationToken,
     /// Where the partial download lives while downloading.
     pub(crate) work_dir: Option<PathBuf>,
-    /// Files of a tree download reused from cached versions and whole when it started: its
-    /// install checks their length, not their bytes again (`Cache::install_reusing`).
-    pub(crate) known: Vec<usize>,
+    /// Files of a tree download reused from cached versions and whole when it started, with how
+    /// each was then: its install does not read again those still so
+    /// (`Cache::install_reusing`).
+    pub(crate) known: Vec<(usize, crate::cache::Unchanged)>,
     /// Woken when the torrent wants more connections (new candidates, a peer left).
     pub(crate) want_peers: Notify,
     /// Woken to announce now (completion, too few peers).
@@ -247,8 +248,9 @@ pub(crate) struct TorrentInit {
     pub phase: Phase,
     /// The partial download's directory (none when seeding from the cache).
     pub work_dir: Option<PathBuf>,
-    /// Files reused from cached versions and whole at the start (see `Cache::install_reusing`).
-    pub known: Vec<usize>,
+    /// Files reused from cached versions and whole at the start, with how each was then (see
+    /// `Cache::install_reusing`).
+    pub known: Vec<(usize, crate::cache::Unchanged)>,
 }
 
 impl Torrent {
