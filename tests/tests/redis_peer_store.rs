@@ -321,7 +321,10 @@ async fn a_count_gone_wrong_keeps_the_change_numbers() {
     let redis = redis_or_skip!();
     let s = store(&redis, Limits::NONE);
     let t0 = 50_000_000;
-    let y = s.announce(&peer(1, [10, 0, 0, 1], 10), t0).await.expect("y");
+    let y = s
+        .announce(&peer(1, [10, 0, 0, 1], 10), t0)
+        .await
+        .expect("y");
     plant_string(&redis, &InfoHash([0; 20]), "z:S:dc1");
     let mut x = peer(2, [10, 0, 0, 2], 0);
     x.zone = Some(Zone::new("dc1").expect("zone"));
@@ -333,7 +336,10 @@ async fn a_count_gone_wrong_keeps_the_change_numbers() {
     x.event = Event::Stopped;
     let stopped = s.announce(&x, t0 + 3).await.expect("x stops");
     assert_eq!(counts(&stopped), (0, 1), "the seeders' count stays at 0");
-    let again = s.announce(&peer(1, [10, 0, 0, 1], 10), t0 + 4).await.expect("y again");
+    let again = s
+        .announce(&peer(1, [10, 0, 0, 1], 10), t0 + 4)
+        .await
+        .expect("y again");
     assert!(
         again.seq > stopped.seq && stopped.seq > y.seq,
         "change numbers {} {} {}",
