@@ -12,7 +12,8 @@
 //!   that address (the per-address limit); and `st`, the swarm's state in one field,
 //!   `touched swept seq S L oldest`: `touched`, when the keys' TTLs were last refreshed (once
 //!   every quarter of a peer's TTL, to a TTL that much longer than a peer's); `swept`, the
-//!   last sweep; `seq`, the swarm's change number; `S` and `L`, the role counts (kept in step
+//!   last sweep; `seq`, the swarm's change number (from the time in ms when its state was
+//!   made, so a swarm made again numbers on above any copy); `S` and `L`, the role counts (kept in step
 //!   by the script and counted again from the sets with every `touched`); `oldest`, a bound at
 //!   or below every score in its sets (a sweep runs only once it falls behind the cutoff);
 //! - `...:meta`: hash, `completed` (made by the first download completed; kept a week);
@@ -26,12 +27,13 @@
 //! Announces go to Redis in batches, one `EVALSHA` of `announce.lua` per batch (loaded again
 //! on `NOSCRIPT`; see [`Batcher`]). For each announce the script expires the swarm's silent
 //! peers (score older than two intervals; at most once a second per swarm, and only when one
-//! may be due), applies the limits, records or removes, numbers the change (`seq`) and
-//! publishes it on `fbpkg:v3:peers` for the replicas' copies (`mirror.rs`), then answers with
-//! what the caller wants ([`Want`]): nothing (its copy answers), every live peer (to load the
-//! copy), or a draw (all of them, read with one `HVALS`, when they fit in `numwant`). Keys get
-//! a TTL of two and a half intervals, refreshed every half interval by an announce (zone
-//! buckets by each of their announces), so a swarm nobody announces to disappears by itself:
+//! may be due), applies the limits, records or removes, numbers the change (`seq`), then
+//! answers with what the caller wants ([`Want`]): nothing (its copy answers), every live peer
+//! (to load the copy), or a draw (all of them, read with one `HVALS`, when they fit in
+//! `numwant`). The changes of one call go out together, one message on `fbpkg:v3:peers`, for
+//! the replicas' copies (`mirror.rs`). Keys get a TTL of two and a half intervals, refreshed
+//! every half interval by an announce (zone buckets by each of their announces), so a swarm
+//! nobody announces to disappears by itself:
 //! there is no sweeper and never a scan of the keyspace.
 //! Scrape, `/metrics` and the dashboard ask about the swarms this replica knows (see
 //! `mod.rs`), in bounded pipelines: `ZCOUNT`s for counts, `list.lua` for peer listings.
