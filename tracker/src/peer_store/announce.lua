@@ -237,8 +237,9 @@ local function announce(hash, member, ip, event, role, zone, rec, at, numwant, a
   end
   -- A swarm without its state (new, its hash expired, or a state this script cannot read: an
   -- operator's edit) counts its sets, sweeps, and numbers its changes on from now (ms): above
-  -- any number a copy of it holds (numbers grow by one a change, and a state goes only after a
-  -- TTL of silence), so no copy takes the new changes for ones it has (mirror.rs).
+  -- any number a copy of it holds, as numbers grow by one a change, far fewer than one a
+  -- millisecond over a swarm's life, so no copy takes the new changes for ones it has
+  -- (mirror.rs).
   if not touched_s then
     touched_s, swept_s, seq, s_S, s_L, s_oldest = '0', '0', now_s
   end
