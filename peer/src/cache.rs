@@ -353,7 +353,8 @@ impl Cache {
     /// their SHA-256, the one the new metainfo names) whose every piece matched the new
     /// version's SHA-1 when the download started ([`Cache::reuse_into`]). A hard-linked one
     /// shares its inode with the cached version's file, so a write there since (as root: the
-    /// entry is read-only) changes it here too: such a file is read as any other.
+    /// entry is read-only) changes it here too: such a file is read as any other. With no
+    /// `known` files, this is `install` with [`Handoff::Move`].
     pub fn install_reusing(
         &self,
         name: &PackageName,

@@ -328,7 +328,8 @@ impl PackageData {
     }
 }
 
-fn join(root: &Path, components: &[String]) -> PathBuf {
+/// `root` with a tree file's path components under it.
+pub(crate) fn join(root: &Path, components: &[String]) -> PathBuf {
     let mut p = root.to_path_buf();
     p.extend(components);
     p

@@ -27,6 +27,7 @@ use fbpkg_common::metainfo::{FileKind, Format, Metainfo};
 use fbpkg_common::pkgref::PackageName;
 
 use super::{Cache, METAINFO_FILE, TREE_DIR};
+use crate::storage::join;
 
 /// What [`Cache::reuse_into`] put in a download's tree.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -46,12 +47,6 @@ impl Reused {
     pub fn files(&self) -> usize {
         self.linked + self.copied
     }
-}
-
-fn join(root: &Path, components: &[String]) -> PathBuf {
-    let mut p = root.to_path_buf();
-    p.extend(components);
-    p
 }
 
 impl Cache {

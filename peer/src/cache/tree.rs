@@ -26,16 +26,11 @@ use sha2::{Digest, Sha256};
 use super::Handoff;
 use crate::archive::TreeCheck;
 use crate::error::{PeerError, Result};
+use crate::storage::join;
 
 /// Problems listed one by one in a [`TreeCheck`]; beyond this, counted.
 const MAX_LISTED: usize = 20;
 const CHUNK: usize = 1 << 20;
-
-fn join(root: &Path, components: &[String]) -> PathBuf {
-    let mut p = root.to_path_buf();
-    p.extend(components);
-    p
-}
 
 /// What a link at `path` holds for a target given from the root: the shortest relative path,
 /// so a link published as `tool -> real-tool` reads the same in the cache.

@@ -36,7 +36,7 @@ use tracing::Instrument;
 pub use torrent::{Phase, Torrent, TorrentStatus};
 
 use crate::archive::ExtractLimits;
-use crate::cache::{Cache, Handoff};
+use crate::cache::Cache;
 use crate::error::{PeerError, Result};
 use crate::storage::{self, PackageData};
 use crate::tracker_client::TrackerClient;
@@ -419,7 +419,7 @@ impl Engine {
                 .into_iter()
                 .filter_map(|at| {
                     let f = m.files.get(at)?;
-                    let path = f.path.iter().fold(tree.clone(), |p, c| p.join(c));
+                    let path = storage::join(&tree, &f.path);
                     Some((at, crate::cache::Unchanged::of(&path).ok()?))
                 })
                 .collect();
@@ -819,11 +819,7 @@ fn spawn_finish(t: Arc<Torrent>) {
         let reused_whole = known.len();
         let installed = tokio::task::spawn_blocking(move || {
             storage.sync().map_err(PeerError::io("fsync", storage.path()))?;
-            let entry = if known.is_empty() {
-                cache.install(&name, &meta, &part, Handoff::Move, &limits)?
-            } else {
-                cache.install_reusing(&name, &meta, &part, &limits, &known)?
-            };
+            let entry = cache.install_reusing(&name, &meta, &part, &limits, &known)?;
             let seeding = PackageData::open_complete(&entry.dir, &meta).map_err(PeerError::io("reopening", &entry.dir))?;
             Ok::<_, PeerError>((entry, seeding))
         })
