@@ -40,8 +40,6 @@ local channel, publisher = ARGV[6], ARGV[7]
 -- only when the swarm is empty (chores then give every key its TTL) or a role's first peer
 -- arrives (its set gets its TTL there), and zone buckets get theirs on each of their announces.
 local every = math.floor(ttl / 4)
--- This call's change lines, published together at its end.
-local changes = {}
 local keep = ttl + every
 -- Peers silent since the cutoff go at most once a second per swarm (so a peer outlives its TTL
 -- by under a second), a bounded batch per role, and only when one may be due: the hash keeps
@@ -49,6 +47,8 @@ local keep = ttl + every
 -- raises the true minimum). Without it every announce to a swarm announced to less than once
 -- a second (most swarms of a fleet) paid two ZRANGEBYSCOREs that found nothing.
 local sweep_every = math.min(1000, every)
+-- This call's change lines, published together at its end.
+local changes = {}
 
 -- 'dc1/rack7' -> {'dc1', 'dc1/rack7'}: shortest first, whole segments.
 local function prefixes(z)
