@@ -28,6 +28,7 @@
 //! Criterion micro-benches (`cargo bench -p fbpkg-benches --bench NAME`): `verify`, piece
 //! verification throughput per core.
 
+pub mod delta_tree;
 pub mod fbpkg_binary;
 pub mod http1;
 pub mod latency;

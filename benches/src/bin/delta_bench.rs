@@ -6,11 +6,10 @@
 //! cargo run --release -p fbpkg-benches --bin delta_bench -- --size-mib 64 --hosts 2
 //! ```
 //!
-//! The package is made up here, deterministically: four large files of random bytes (40%,
-//! 25%, 10% of the size, and one of the changed share less a quarter percent: "binaries") and
-//! thousands of small text files of 1–48 KiB (the rest). Version N+1 replaces the smallest large
-//! file with new bytes, edits ten small files and adds one: about `--changed-percent` of the
-//! bytes, in a handful of files, as a rebuild of one library and a few configs would.
+//! The package is made up by `fbpkg_benches::delta_tree`, deterministically: four large files of
+//! random bytes and thousands of small text files; version N+1 replaces the smallest large
+//! file, edits ten small files and adds one: about `--changed-percent` of the bytes, in a
+//! handful of files, as a rebuild of one library and a few configs would.
 //!
 //! One tracker and an origin agent that publishes both versions; `--hosts` agents fetch N (not
 //! timed), then all fetch N+1 at once (the delta run). Then as many fresh agents, holding
@@ -18,15 +17,15 @@
 //! the wire (agents send each other blocks zstd-compressed), and the time of its `get`; for the
 //! origin, what it sent of N+1, per copy delivered. Everything shares one machine and loopback:
 //! times compare the two runs with each other, not with a network. The swarm bench's `delta`
-//! scenario (16 hosts on shaped links, with aria2) is not built yet.
+//! scenario runs the same trees on shaped links, 16 hosts, beside aria2.
 
-use std::io::{BufWriter, Write as _};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail, ensure};
 use clap::Parser;
+use fbpkg_benches::delta_tree;
 use fbpkg_benches::fbpkg_binary::{self, KillOnDrop};
 use fbpkg_peer::cache::METAINFO_FILE;
 use serde::Serialize;
@@ -65,120 +64,6 @@ struct Args {
     /// Also write the results as JSON here.
     #[arg(long, env = "FBPKG_BENCH_JSON")]
     json: Option<PathBuf>,
-}
-
-/// Version N+1's changes, from version N.
-const EDITED_SMALL_FILES: usize = 10;
-
-/// xorshift64*: fast, deterministic filler for the made-up files.
-struct Filler(u64);
-
-impl Filler {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-
-    /// `len` random bytes into `path`, in 1 MiB writes.
-    fn random_file(&mut self, path: &Path, len: u64) -> anyhow::Result<()> {
-        let mut out = BufWriter::new(std::fs::File::create(path)?);
-        let mut left = len;
-        let mut buf = vec![0u8; 1 << 20];
-        while left > 0 {
-            let n = left.min(buf.len() as u64) as usize;
-            for chunk in buf[..n].chunks_mut(8) {
-                let v = self.next().to_le_bytes();
-                chunk.copy_from_slice(&v[..chunk.len()]);
-            }
-            out.write_all(&buf[..n])?;
-            left -= n as u64;
-        }
-        out.flush()?;
-        Ok(())
-    }
-
-    /// Config-like text of about `len` bytes.
-    fn text(&mut self, len: usize) -> Vec<u8> {
-        let mut out = Vec::with_capacity(len + 32);
-        while out.len() < len {
-            let v = self.next();
-            out.extend_from_slice(format!("key_{} = {}\n", v % 997, v >> 40).as_bytes());
-        }
-        out.truncate(len);
-        out
-    }
-}
-
-/// Version N under `root`; returns the small files' paths and the changed large file's.
-fn make_tree(
-    root: &Path,
-    size: u64,
-    changed_share: f64,
-) -> anyhow::Result<(Vec<PathBuf>, PathBuf)> {
-    let mut fill = Filler(0x9e37_79b9_7f4a_7c15);
-    std::fs::create_dir_all(root.join("bin"))?;
-    std::fs::create_dir_all(root.join("lib"))?;
-    let large_shares = [0.40, 0.25, 0.10, changed_share - 0.0025];
-    let mut large = Vec::new();
-    for (i, share) in large_shares.iter().enumerate() {
-        let dir = if i < 2 { "bin" } else { "lib" };
-        let path = root.join(dir).join(format!("part{i}.bin"));
-        fill.random_file(&path, (size as f64 * share) as u64)?;
-        large.push(path);
-    }
-    let small_total = size - large.iter().map(|p| len(p)).sum::<u64>();
-    let mut small = Vec::new();
-    let mut written = 0u64;
-    while written < small_total {
-        let n = small.len();
-        let dir = root.join(format!("share/d{:02}", n % 64));
-        std::fs::create_dir_all(&dir)?;
-        let path = dir.join(format!("f{n:05}.conf"));
-        let want = (1024 + fill.next() % (47 * 1024)).min(small_total - written);
-        std::fs::write(&path, fill.text(want as usize))?;
-        written += want;
-        small.push(path);
-    }
-    let changed = large.pop().context("no large file")?;
-    Ok((small, changed))
-}
-
-fn len(path: &Path) -> u64 {
-    std::fs::metadata(path).map_or(0, |m| m.len())
-}
-
-/// Replace `path` by `bytes` through a new inode (the cache may share the old one's blocks).
-fn replace(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
-    let tmp = path.with_extension("new");
-    std::fs::write(&tmp, bytes)?;
-    std::fs::rename(&tmp, path)?;
-    Ok(())
-}
-
-/// Turn version N under `root` into N+1; returns the bytes of the files that changed or
-/// appeared.
-fn make_next(small: &[PathBuf], large: &Path) -> anyhow::Result<u64> {
-    let mut fill = Filler(0x1234_5678_9abc_def1);
-    let tmp = large.with_extension("new");
-    fill.random_file(&tmp, len(large))?;
-    std::fs::rename(&tmp, large)?;
-    let mut changed = len(large);
-    let step = (small.len() / EDITED_SMALL_FILES).max(1);
-    for path in small.iter().step_by(step).take(EDITED_SMALL_FILES) {
-        let mut bytes = std::fs::read(path)?;
-        bytes.extend_from_slice(b"added_in_next = true\n");
-        replace(path, &bytes)?;
-        changed += bytes.len() as u64;
-    }
-    let added = small
-        .first()
-        .context("no small files")?
-        .with_file_name("added.conf");
-    let bytes = fill.text(8 * 1024);
-    std::fs::write(&added, &bytes)?;
-    Ok(changed + bytes.len() as u64)
 }
 
 /// The processes of one run: a tracker and agents on loopback.
@@ -409,8 +294,7 @@ fn main() -> anyhow::Result<()> {
     let size = args.size_mib << 20;
     let src = base.join("src");
     eprintln!("making a {} MiB tree", args.size_mib);
-    let (small, large) = make_tree(&src, size, args.changed_percent / 100.0)?;
-    let files = small.len() + 4;
+    let tree = delta_tree::make_tree(&src, size, args.changed_percent / 100.0)?;
 
     let mut net = Net::start(&bin, base)?;
     net.agent("origin")?;
@@ -422,11 +306,11 @@ fn main() -> anyhow::Result<()> {
     eprintln!("{} hosts fetch {v1}", args.hosts);
     net.get_all(&holders, &v1, args.get_timeout)?;
 
-    let changed_bytes = make_next(&small, &large)?;
+    let changed_bytes = delta_tree::make_next(&src, &tree)?;
     let v2 = net.publish("origin", &src)?;
     let metainfo_bytes = {
         let sha = v2.split_once(':').map_or("", |(_, s)| s);
-        len(&base.join("origin/cache/app").join(sha).join(METAINFO_FILE))
+        file_len(&base.join("origin/cache/app").join(sha).join(METAINFO_FILE))
     };
     eprintln!("delta: {} hosts holding {v1} fetch {v2}", args.hosts);
     let delta = measure(&net, &holders, &v2, args.get_timeout, "delta")?;
@@ -441,8 +325,8 @@ fn main() -> anyhow::Result<()> {
     let full = measure(&net, &fresh, &v2, args.get_timeout, "full")?;
 
     let report = Report {
-        size: len_tree(&src)?,
-        files: files + 1,
+        size: delta_tree::tree_bytes(&src)?,
+        files: tree.files + 1,
         changed_bytes,
         metainfo_bytes,
         runs: vec![delta, full],
@@ -452,23 +336,6 @@ fn main() -> anyhow::Result<()> {
         std::fs::write(path, serde_json::to_vec_pretty(&report)?)?;
     }
     Ok(())
-}
-
-fn len_tree(root: &Path) -> anyhow::Result<u64> {
-    let mut total = 0;
-    let mut dirs = vec![root.to_owned()];
-    while let Some(dir) = dirs.pop() {
-        for e in std::fs::read_dir(&dir)? {
-            let e = e?;
-            let meta = e.metadata()?;
-            if meta.is_dir() {
-                dirs.push(e.path());
-            } else {
-                total += meta.len();
-            }
-        }
-    }
-    Ok(total)
 }
 
 fn print(r: &Report, hosts: usize) {
@@ -520,4 +387,8 @@ fn print(r: &Report, hosts: usize) {
         limit / f64::from(1 << 20),
         if met { "met" } else { "MISSED" }
     );
+}
+
+fn file_len(path: &Path) -> u64 {
+    std::fs::metadata(path).map_or(0, |m| m.len())
 }
