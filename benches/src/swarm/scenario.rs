@@ -97,6 +97,9 @@ const fn mbit(n: u64) -> u64 {
     n * 1_000_000
 }
 
+/// The share of the `delta` scenario's bytes that version N+1 changes.
+pub const DELTA_CHANGED_SHARE: f64 = 0.05;
+
 impl Scenario {
     /// A scenario of BENCHMARKS.md by name: `b1` (seed-bound), `b2` (upload-bound), `b1-48`
     /// (a fleet-scale flash crowd: 48 leechers, 64 MiB, 20/20/40 Mbit/s), `smoke` (B1's caps,
@@ -105,7 +108,8 @@ impl Scenario {
     /// a flash crowd of the new version, then a phased rollout to it with prefetch on and
     /// off; see [`Scenario::is_rollout`]). Issue 12's: `b3` (48 leechers, a third of them on
     /// thin uplinks), `b5` (4 packages from 4 origins) and `stragglers` (B1 with two of the
-    /// eight leechers at a quarter of the download rate).
+    /// eight leechers at a quarter of the download rate). Issue 13's: `delta` (16 hosts, B1's
+    /// caps, a 512 MiB directory package; see [`Scenario::is_delta`]).
     pub fn preset(name: &str) -> Option<Self> {
         let b1 = Caps {
             seed_up_bps: mbit(80),
@@ -195,6 +199,7 @@ impl Scenario {
             }
             "smoke" => (4, 32 * MIB, b1),
             "rollout" => (16, 64 * MIB, b1),
+            "delta" => (16, 512 * MIB, b1),
             _ => return None,
         };
         Some(Self {
@@ -269,6 +274,14 @@ impl Scenario {
     /// ([`super::rollout`]).
     pub fn is_rollout(&self) -> bool {
         self.name == "rollout"
+    }
+
+    /// The `delta` scenario (issue 13): the package is a directory (a tree package) of F
+    /// bytes, version N+1 of a version N that changes [`DELTA_CHANGED_SHARE`] of its bytes.
+    /// The contenders' flash crowds distribute N+1 to hosts holding nothing; then fbpkg-rs's
+    /// hosts fetch N first (not timed) and N+1 from there.
+    pub fn is_delta(&self) -> bool {
+        self.name == "delta"
     }
 
     /// `T_KR = max(F/u_s, F/d, N F/(u_s + sum u_i))`, F in bits (with equal uplinks the
@@ -416,6 +429,13 @@ mod tests {
         let r = Scenario::preset("rollout").unwrap();
         assert!(r.is_rollout() && !b48.is_rollout());
         assert!(close(r.kumar_ross().t_kr_secs, 6.71), "{r:?}");
+        // BENCHMARKS.md "Swarm at fleet scale": delta, 16 hosts, a 512 MiB directory, B1's
+        // caps; a full fetch is seed-bound at 53.7 s.
+        let d = Scenario::preset("delta").unwrap();
+        assert!(d.is_delta() && !r.is_delta());
+        assert_eq!((d.leechers, d.package_bytes), (16, 512 * MIB));
+        assert_eq!(d.caps, Scenario::preset("b1").unwrap().caps);
+        assert!(close(d.kumar_ross().t_kr_secs, 53.69), "{d:?}");
     }
 
     #[test]

@@ -163,6 +163,7 @@ pub fn run(s: &CpuSettings<'_>) -> anyhow::Result<CpuReport> {
             rqbit_linger: false,
             agent_args: &[],
             churn: None,
+            hold: None,
         };
         let result = contenders::run(which, &ctx);
         crate::procs::check_cancelled()?;

@@ -53,6 +53,25 @@
 //! each quarter of the buckets: each phase adds exactly four hosts (the table lists them).
 //! `--leechers` may change N to another multiple of 4. Every wait has a deadline (v1 within
 //! the scenario's deadline plus 30 s, v2 within twice the deadline).
+//!
+//! # The `delta` scenario (issue 13, "Bench")
+//!
+//! ```text
+//! sudo target/release/swarm_bench --scenario delta --contenders fbpkg-rs,aria2 \
+//!     --fbpkg-bin target/release/fbpkg-rs --json delta.json
+//! ```
+//!
+//! 16 hosts, B1's caps, a 512 MiB directory made by `fbpkg_benches::delta_tree` (four large
+//! random files and thousands of small text files); version N+1 replaces one large file
+//! (4.75% of the bytes), edits ten small files and adds one. First the contenders' flash
+//! crowds of N+1 to hosts holding nothing (fbpkg-rs publishes the directory as a tree
+//! package; aria2 seeds the same metainfo from a copy with its BEP 47 padding written out as
+//! files). Then fbpkg-rs from fresh agents: the seed publishes N, every host fetches it (not
+//! timed), the seed publishes N+1 and every host fetches it at one instant. Reported: T_last,
+//! piece bytes received per host (fbpkg-rs's own count), bytes on the wire per host, and the
+//! origin's egress per copy, for the three runs side by side; and the issue's target, at most
+//! 1.2x the changed bytes plus the metainfo per host and per copy. Copies are checked file by
+//! file against the source tree (permission bits and `.pad/` aside).
 
 mod calibrate;
 mod cleanup;
@@ -98,7 +117,9 @@ pub struct Args {
     /// started again 5 s later; fbpkg-rs only), stragglers (B1 with two of
     /// the eight leechers at 40 Mbit/s down), smoke (N=4, 32 MiB), rollout (16 hosts following a tag, 64
     /// MiB, B1's caps: the contenders' flash crowd of v2, then a phased rollout from v1 to v2
-    /// with prefetch on and off; N must be a multiple of 4).
+    /// with prefetch on and off; N must be a multiple of 4), delta (16 hosts, B1's caps, a
+    /// 512 MiB directory: the contenders' flash crowd of version N+1, then fbpkg-rs's hosts
+    /// holding N fetch N+1; fbpkg-rs and aria2 only).
     #[arg(long, value_delimiter = ',', default_value = "b1,b2")]
     scenario: Vec<String>,
 
@@ -266,7 +287,7 @@ impl Args {
                 continue;
             }
             let mut s = Scenario::preset(&name).with_context(|| {
-                format!("unknown scenario {name:?} (b1, b2, b1-48, b3, b4, b5, stragglers, smoke, rollout, none)")
+                format!("unknown scenario {name:?} (b1, b2, b1-48, b3, b4, b5, stragglers, smoke, rollout, delta, none)")
             })?;
             if let Some(n) = self.leechers {
                 s.leechers = n;

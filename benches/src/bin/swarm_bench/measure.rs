@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::io::Read as _;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::ExitStatus;
 use std::time::{Duration, Instant};
 
@@ -15,6 +15,7 @@ use fbpkg_benches::swarm::timeline::{Stall, Timeline};
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
+use crate::contenders::Package;
 use crate::procs::{self, POLL, Proc};
 use crate::topology::Topology;
 
@@ -460,22 +461,13 @@ pub fn sha256_file(path: &Path) -> anyhow::Result<String> {
 
 /// Check each leecher's file against `sha256` (two at a time: the machine has two cores).
 /// `files[i]` is `None` when leecher i produced no file to check.
-pub fn verify_all(files: &[Option<std::path::PathBuf>], sha256: &str) -> Vec<Result<(), String>> {
+pub fn verify_all(files: &[Option<PathBuf>], pkg: &Package) -> Vec<Result<(), String>> {
     let mut out = Vec::with_capacity(files.len());
     for pair in files.chunks(2) {
         let results: Vec<Result<(), String>> = std::thread::scope(|s| {
             let handles: Vec<_> = pair
                 .iter()
-                .map(|f| {
-                    s.spawn(move || match f {
-                        None => Err("no file".to_owned()),
-                        Some(p) => match sha256_file(p) {
-                            Ok(h) if h == sha256 => Ok(()),
-                            Ok(h) => Err(format!("SHA-256 {h} differs from the package's")),
-                            Err(e) => Err(format!("{e:#}")),
-                        },
-                    })
-                })
+                .map(|f| s.spawn(move || verify(f.as_deref(), pkg)))
                 .collect();
             handles
                 .into_iter()
@@ -485,6 +477,58 @@ pub fn verify_all(files: &[Option<std::path::PathBuf>], sha256: &str) -> Vec<Res
         out.extend(results);
     }
     out
+}
+
+/// Whether `copy` holds `pkg`: a file with its SHA-256, or a directory with exactly its files
+/// (by content: permission bits are the client's business, and a stock client's BEP 47 padding
+/// files under `.pad/` are left out).
+fn verify(copy: Option<&Path>, pkg: &Package) -> Result<(), String> {
+    let copy = copy.ok_or("no file")?;
+    let Some(want) = &pkg.tree else {
+        return match sha256_file(copy) {
+            Ok(h) if h == pkg.sha256 => Ok(()),
+            Ok(h) => Err(format!("SHA-256 {h} differs from the package's")),
+            Err(e) => Err(format!("{e:#}")),
+        };
+    };
+    let have = tree_digests(copy, true).map_err(|e| format!("{e:#}"))?;
+    for (rel, sha) in want {
+        match have.get(rel) {
+            None => return Err(format!("{} is missing", rel.display())),
+            Some(h) if h != sha => return Err(format!("{} differs", rel.display())),
+            Some(_) => {}
+        }
+    }
+    match have.keys().find(|rel| !want.contains_key(*rel)) {
+        Some(extra) => Err(format!("{} is not in the package", extra.display())),
+        None => Ok(()),
+    }
+}
+
+/// Each regular file's SHA-256 (hex) under `root`, by its path from the root; a top-level
+/// `.pad` directory left out when `skip_padding`. Links and other entries are errors: the
+/// bench's trees have none.
+pub fn tree_digests(root: &Path, skip_padding: bool) -> anyhow::Result<BTreeMap<PathBuf, String>> {
+    let mut out = BTreeMap::new();
+    let mut dirs = vec![PathBuf::new()];
+    while let Some(rel) = dirs.pop() {
+        let dir = root.join(&rel);
+        for e in std::fs::read_dir(&dir).with_context(|| format!("reading {}", dir.display()))? {
+            let e = e?;
+            let (t, name) = (e.file_type()?, rel.join(e.file_name()));
+            if t.is_dir() {
+                if !(skip_padding && name == Path::new(".pad")) {
+                    dirs.push(name);
+                }
+            } else if t.is_file() {
+                let sha = sha256_file(&e.path())?;
+                out.insert(name, sha);
+            } else {
+                anyhow::bail!("{} is neither a file nor a directory", e.path().display());
+            }
+        }
+    }
+    Ok(out)
 }
 
 /// Build each leecher's outcome from when it ended, how, and whether its file verified.
@@ -582,5 +626,47 @@ mod tests {
         let partial = PackageFinish::new(&labels[..1], &names, vec![vec![Some(1.0), None]]);
         assert_eq!(partial.worst_ratio, None);
         assert_eq!(partial.mean_secs, vec![Some(1.0), None]);
+    }
+
+    #[test]
+    fn a_tree_copy_verifies_by_content_padding_aside() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (src, copy) = (dir.path().join("src"), dir.path().join("copy"));
+        for root in [&src, &copy] {
+            std::fs::create_dir_all(root.join("lib")).expect("mkdir");
+            std::fs::write(root.join("lib/a.so"), b"library").expect("write");
+            std::fs::write(root.join("b.conf"), b"config").expect("write");
+        }
+        let pkg = Package {
+            name: "pkg".into(),
+            path: src.clone(),
+            file_name: "pkg".into(),
+            size: 13,
+            sha256: String::new(),
+            metainfo: Vec::new(),
+            info_hash: String::new(),
+            tree: Some(tree_digests(&src, false).expect("digests")),
+        };
+        // A stock client's padding files, and other permission bits, are not the package's.
+        std::fs::create_dir_all(copy.join(".pad")).expect("mkdir");
+        std::fs::write(copy.join(".pad/0"), [0u8; 7]).expect("write");
+        std::fs::set_permissions(
+            copy.join("b.conf"),
+            std::os::unix::fs::PermissionsExt::from_mode(0o444),
+        )
+        .expect("chmod");
+        assert_eq!(verify(Some(&copy), &pkg), Ok(()));
+        assert_eq!(verify(None, &pkg), Err("no file".into()));
+        // A changed byte, a missing file and an extra one are each found.
+        std::fs::write(copy.join("lib/a.so"), b"librarz").expect("write");
+        assert_eq!(verify(Some(&copy), &pkg), Err("lib/a.so differs".into()));
+        std::fs::remove_file(copy.join("lib/a.so")).expect("rm");
+        assert_eq!(verify(Some(&copy), &pkg), Err("lib/a.so is missing".into()));
+        std::fs::write(copy.join("lib/a.so"), b"library").expect("write");
+        std::fs::write(copy.join("lib/extra"), b"").expect("write");
+        assert_eq!(
+            verify(Some(&copy), &pkg),
+            Err("lib/extra is not in the package".into())
+        );
     }
 }

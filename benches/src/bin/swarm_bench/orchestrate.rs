@@ -1,15 +1,16 @@
 //! The run: scenarios one after the other, every contender in each, then the report.
 
+use std::collections::BTreeMap;
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
 use anyhow::{Context as _, ensure};
-use fbpkg_benches::fbpkg_binary;
 use fbpkg_benches::swarm::netplan::{Plan, Tbf};
 use fbpkg_benches::swarm::report::{self, Row, Summary};
 use fbpkg_benches::swarm::rollout::{self as rollout_report, PHASES, PickedHost, RolloutRun};
-use fbpkg_benches::swarm::scenario::{KumarRoss, Scenario};
+use fbpkg_benches::swarm::scenario::{DELTA_CHANGED_SHARE, KumarRoss, Scenario};
+use fbpkg_benches::{delta_tree, fbpkg_binary};
 use fbpkg_common::metainfo::{Format, Metainfo};
 use rand::Rng as _;
 use serde::Serialize;
@@ -18,9 +19,9 @@ use crate::calibrate::{self, Calibration};
 use crate::cleanup::{self, WorkDir};
 use crate::contenders::{self, Ctx, PACKAGE_NAME, Package, TRACKER_PORT, Which, churn};
 use crate::cpu::{self, CpuReport, CpuSettings};
-use crate::measure::ContenderRun;
+use crate::measure::{ContenderRun, tree_digests};
 use crate::procs;
-use crate::topology::{Topology, sysctl_in};
+use crate::topology::{Endpoint, Topology, sysctl_in};
 use crate::{Args, is_root};
 
 /// One contender's slot in a scenario.
@@ -53,6 +54,8 @@ pub struct ScenarioReport {
     pub contenders: Vec<Entry>,
     /// The `rollout` scenario's rollouts (prefetch on and off), after the flash crowds.
     pub rollout: Option<RolloutReport>,
+    /// The `delta` scenario's run of fbpkg-rs hosts holding version N, after the flash crowds.
+    pub delta: Option<DeltaReport>,
     /// The tables.
     pub table: String,
 }
@@ -68,6 +71,36 @@ pub struct RolloutReport {
     pub runs: Vec<RolloutRun>,
     /// Runs that failed, and why.
     pub errors: Vec<String>,
+}
+
+/// The `delta` scenario's versions, and fbpkg-rs's run from N to N+1.
+#[derive(Debug, Serialize)]
+pub struct DeltaReport {
+    /// What was run.
+    pub how: String,
+    /// Files in version N+1.
+    pub files: usize,
+    /// Bytes of the files N+1 changed or added.
+    pub changed_bytes: u64,
+    /// N+1's metainfo.
+    pub metainfo_bytes: u64,
+    /// Most bytes a host may receive, and the origin send per copy (issue 13: 1.2 x the
+    /// changed bytes, plus the metainfo).
+    pub target_bytes: u64,
+    /// The run, when it ran.
+    pub run: Option<ContenderRun>,
+    /// Why it did not.
+    pub error: Option<String>,
+}
+
+/// Versions N and N+1 of the `delta` scenario's tree, as made.
+struct DeltaMade {
+    /// Version N.
+    old: Package,
+    /// Bytes of the files N+1 changed or added.
+    changed_bytes: u64,
+    /// Files in N+1.
+    files: usize,
 }
 
 /// The machine.
@@ -150,7 +183,198 @@ fn make_package(dir: &Path, name: &str, size: u64, tracker: &str) -> anyhow::Res
         sha256: meta.sha256.to_hex(),
         metainfo: meta.as_bytes().to_vec(),
         info_hash: meta.info_hash.to_hex(),
+        tree: None,
     })
+}
+
+/// The `delta` scenario's two versions of a tree of `size` bytes (`fbpkg_benches::delta_tree`)
+/// under `dir`: N+1 (returned first, what the flash crowds distribute) shares the blocks of
+/// every file it does not change with N.
+fn make_delta(dir: &Path, size: u64, tracker: &str) -> anyhow::Result<(Package, DeltaMade)> {
+    let old_root = dir.join("n").join(PACKAGE_NAME);
+    let new_root = dir.join("n+1").join(PACKAGE_NAME);
+    let tree = delta_tree::make_tree(&old_root, size, DELTA_CHANGED_SHARE)?;
+    delta_tree::link_copy(&old_root, &new_root)?;
+    let changed_bytes = delta_tree::make_next(&new_root, &tree)?;
+    let new = tree_package(&new_root, PACKAGE_NAME, tracker)?;
+    let made = DeltaMade {
+        old: tree_package(&old_root, PACKAGE_NAME, tracker)?,
+        changed_bytes,
+        files: new.tree.as_ref().map_or(0, BTreeMap::len),
+    };
+    Ok((new, made))
+}
+
+/// The directory `root` as the tree package `fbpkg-rs publish NAME ROOT` makes of it with this
+/// tracker (the same metainfo), and each file's SHA-256 to check copies against.
+fn tree_package(root: &Path, name: &str, tracker: &str) -> anyhow::Result<Package> {
+    let items = fbpkg_peer::archive::tree_items(root)
+        .with_context(|| format!("walking {}", root.display()))?;
+    let open = |path: &[String]| {
+        let mut p = root.to_owned();
+        p.extend(path);
+        std::fs::File::open(&p).map(|f| std::io::BufReader::with_capacity(1 << 20, f))
+    };
+    let announce = format!("{tracker}/announce");
+    let meta = Metainfo::build_tree(items, open, name, &announce)?;
+    Ok(Package {
+        name: name.to_owned(),
+        path: root.to_owned(),
+        file_name: name.to_owned(),
+        size: delta_tree::tree_bytes(root)?,
+        sha256: meta.sha256.to_hex(),
+        metainfo: meta.as_bytes().to_vec(),
+        info_hash: meta.info_hash.to_hex(),
+        tree: Some(tree_digests(root, false)?),
+    })
+}
+
+/// The `delta` scenario after its flash crowds: fbpkg-rs from fresh agents that first fetch
+/// version N (not timed), then N+1 at one instant.
+fn run_delta(ctx: &Ctx<'_>, s: &Scenario, made: &DeltaMade) -> anyhow::Result<DeltaReport> {
+    procs::check_cancelled()?;
+    log_progress(&format!("{}: fbpkg-rs, hosts holding N fetch N+1", s.name));
+    let metainfo_bytes = ctx.pkg.metainfo.len() as u64;
+    let target_bytes = (1.2 * made.changed_bytes as f64) as u64 + metainfo_bytes;
+    let result = contenders::run(Which::Fbpkg, ctx);
+    procs::check_cancelled()?;
+    let (run, error) = match result {
+        Ok(run) => {
+            let received = received_per_host(&run, &ctx.hosts.leechers);
+            log_progress(&format!(
+                "{}: fbpkg-rs from N: T_last {} received per host {} (target {})",
+                s.name,
+                run.summary
+                    .as_ref()
+                    .and_then(|sm| sm.t_last_secs)
+                    .map_or_else(|| "-".into(), |t| format!("{t:.1} s")),
+                span_mib(&received),
+                report::size(target_bytes)
+            ));
+            (Some(run), None)
+        }
+        Err(e) => {
+            log_progress(&format!("{}: fbpkg-rs from N failed: {e:#}", s.name));
+            (None, Some(format!("{e:#}")))
+        }
+    };
+    Ok(DeltaReport {
+        how: format!(
+            "{} fresh fbpkg-rs hosts fetch version N ({} files; not timed), then N+1 at one \
+             instant; N+1 changes {} of {} ({:.1}%): one large file replaced, ten small ones \
+             edited, one added",
+            s.leechers,
+            made.files.saturating_sub(1),
+            report::size(made.changed_bytes),
+            report::size(ctx.pkg.size),
+            100.0 * made.changed_bytes as f64 / ctx.pkg.size.max(1) as f64
+        ),
+        files: made.files,
+        changed_bytes: made.changed_bytes,
+        metainfo_bytes,
+        target_bytes,
+        run,
+        error,
+    })
+}
+
+/// Piece bytes each leecher's agent says it received of the package (fbpkg-rs runs only).
+fn received_per_host(run: &ContenderRun, leechers: &[Endpoint]) -> Vec<u64> {
+    leechers
+        .iter()
+        .filter_map(|h| run.payload["per_agent"][&h.label]["downloaded"].as_u64())
+        .collect()
+}
+
+/// `lo–hi MiB` of `bytes`, or `-` when empty.
+fn span_mib(bytes: &[u64]) -> String {
+    let (Some(lo), Some(hi)) = (bytes.iter().min(), bytes.iter().max()) else {
+        return "-".into();
+    };
+    let mib = |b: u64| b as f64 / f64::from(1 << 20);
+    format!("{:.1}–{:.1} MiB", mib(*lo), mib(*hi))
+}
+
+/// The `delta` scenario's table: fbpkg-rs from N beside every contender's full fetch of N+1.
+fn delta_table(d: &DeltaReport, entries: &[Entry], n: usize) -> String {
+    let mut t = format!(
+        "\ndelta: {}\n{:<28} {:>9} {:>9} {:>22} {:>22} {:>24}\n",
+        d.how,
+        "run",
+        "T_last",
+        "verified",
+        "received/host",
+        "on the wire/host",
+        "origin sent/copy (wire)"
+    );
+    let rows = std::iter::once(("fbpkg-rs, hosts hold N".to_owned(), d.run.as_ref())).chain(
+        entries
+            .iter()
+            .map(|e| (format!("{}, full", e.contender), e.run.as_ref())),
+    );
+    let per_copy = |b: Option<u64>| {
+        b.map_or_else(
+            || "-".into(),
+            |b| format!("{:.1} MiB", b as f64 / n.max(1) as f64 / f64::from(1 << 20)),
+        )
+    };
+    for (name, run) in rows {
+        let Some(run) = run else { continue };
+        let leechers: Vec<&str> = run.leechers.iter().map(|l| l.host.as_str()).collect();
+        let received: Vec<u64> = leechers
+            .iter()
+            .filter_map(|h| run.payload["per_agent"][*h]["downloaded"].as_u64())
+            .collect();
+        let wire: Vec<u64> = leechers
+            .iter()
+            .filter_map(|h| run.hosts_wire.get(*h).map(|w| w.down))
+            .collect();
+        let sm = run.summary.as_ref();
+        t.push_str(&format!(
+            "{:<28} {:>9} {:>9} {:>22} {:>22} {:>24}\n",
+            name,
+            sm.and_then(|s| s.t_last_secs)
+                .map_or_else(|| "-".into(), |v| format!("{v:.1} s")),
+            sm.map_or_else(|| "-".into(), |s| format!("{}/{}", s.verified, s.n)),
+            span_mib(&received),
+            span_mib(&wire),
+            format!(
+                "{} ({})",
+                per_copy(run.seed_payload_bytes),
+                per_copy(run.seed_wire_tx_bytes)
+            ),
+        ));
+    }
+    let verdict = match &d.run {
+        Some(run) => {
+            let received = run
+                .leechers
+                .iter()
+                .map(|l| run.payload["per_agent"][&l.host]["downloaded"].as_u64());
+            let hosts_ok = received
+                .into_iter()
+                .all(|r| r.is_some_and(|r| r <= d.target_bytes));
+            let origin_ok = run
+                .seed_payload_bytes
+                .is_some_and(|b| b / n.max(1) as u64 <= d.target_bytes);
+            let all_verified = run.summary.as_ref().is_some_and(|s| s.verified == s.n);
+            if hosts_ok && origin_ok && all_verified {
+                "met"
+            } else {
+                "MISSED"
+            }
+        }
+        None => "not run",
+    };
+    t.push_str(&format!(
+        "target (issue 13): every host verified, received per host and origin sent per copy <= \
+         1.2 x changed + metainfo ({}): {verdict}\n",
+        report::size(d.target_bytes)
+    ));
+    if let Some(e) = &d.error {
+        t.push_str(&format!("fbpkg-rs, hosts hold N: error: {e}\n"));
+    }
+    t
 }
 
 fn log_progress(msg: &str) {
@@ -197,7 +421,13 @@ fn run_scenario(c: &Common<'_>, s: &Scenario) -> anyhow::Result<ScenarioReport> 
         "generating the package ({})",
         report::size(s.package_bytes)
     ));
-    let pkg = make_package(&pkg_dir, PACKAGE_NAME, s.package_bytes, &tracker_url)?;
+    let (pkg, delta_made) = if s.is_delta() {
+        let (new, made) = make_delta(&pkg_dir, s.package_bytes, &tracker_url)?;
+        (new, Some(made))
+    } else {
+        let pkg = make_package(&pkg_dir, PACKAGE_NAME, s.package_bytes, &tracker_url)?;
+        (pkg, None)
+    };
     // B5's other packages, one per origin: `pkg2`, `pkg3`, ...
     let more = (2..=s.packages)
         .map(|k| {
@@ -243,6 +473,7 @@ fn run_scenario(c: &Common<'_>, s: &Scenario) -> anyhow::Result<ScenarioReport> 
             rqbit_linger: c.args.rqbit_linger,
             agent_args: &c.args.fbpkg_agent_arg,
             churn: churn.as_ref(),
+            hold: None,
         };
         let entry = match contenders::run(which, &ctx) {
             Ok(run) => {
@@ -298,8 +529,33 @@ fn run_scenario(c: &Common<'_>, s: &Scenario) -> anyhow::Result<ScenarioReport> 
                 rqbit_linger: c.args.rqbit_linger,
                 agent_args: &c.args.fbpkg_agent_arg,
                 churn: None,
+                hold: None,
             };
             Some(run_rollouts(&ctx, s, old)?)
+        }
+        None => None,
+    };
+    let delta = match &delta_made {
+        Some(made) => {
+            let ctx = Ctx {
+                hosts: &hosts,
+                topo: Some(&topo),
+                pkg: &pkg,
+                more: &[],
+                fbpkg_bin: c.fbpkg_bin,
+                self_exe: c.self_exe,
+                dir: c.work.path.join(format!("{}-held", s.name)),
+                logs: c.work.logs(),
+                log_prefix: format!("{}-held", s.name),
+                deadline,
+                t_kr_secs: kr.t_kr_secs,
+                sample_every: Duration::from_millis(c.args.sample_ms),
+                rqbit_linger: c.args.rqbit_linger,
+                agent_args: &c.args.fbpkg_agent_arg,
+                churn: None,
+                hold: Some(&made.old),
+            };
+            Some(run_delta(&ctx, s, made)?)
         }
         None => None,
     };
@@ -314,6 +570,9 @@ fn run_scenario(c: &Common<'_>, s: &Scenario) -> anyhow::Result<ScenarioReport> 
     if let Some(r) = &rollout {
         table.push_str(&rollout_table(r, &entries));
     }
+    if let Some(d) = &delta {
+        table.push_str(&delta_table(d, &entries, s.leechers));
+    }
     Ok(ScenarioReport {
         scenario: s.clone(),
         kumar_ross: kr,
@@ -323,6 +582,7 @@ fn run_scenario(c: &Common<'_>, s: &Scenario) -> anyhow::Result<ScenarioReport> 
         calibration,
         contenders: entries,
         rollout,
+        delta,
         table,
     })
 }

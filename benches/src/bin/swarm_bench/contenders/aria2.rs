@@ -34,6 +34,7 @@ use crate::measure::{
 };
 use crate::procs::{self, Proc, Spec, Stdout};
 use crate::topology::Endpoint;
+use fbpkg_common::metainfo::{FileKind, Metainfo};
 
 /// The binary (Debian package `aria2`).
 pub const BINARY: &str = "aria2c";
@@ -126,8 +127,12 @@ fn flags(
 /// An origin: `host` seeding `pkg`.
 fn start_seed(ctx: &Ctx<'_>, host: &Endpoint, pkg: &Package, hook: &Path) -> anyhow::Result<Proc> {
     let dir = ctx.host_dir(host, "aria2")?;
-    std::fs::copy(&pkg.path, dir.join(&pkg.file_name))
-        .context("copying the package into the seed's folder")?;
+    if pkg.tree.is_some() {
+        seed_tree(pkg, &dir.join(&pkg.file_name))?;
+    } else {
+        std::fs::copy(&pkg.path, dir.join(&pkg.file_name))
+            .context("copying the package into the seed's folder")?;
+    }
     let label = format!("{}-aria2", host.label);
     let mut argv: Vec<OsString> = vec![BINARY.into()];
     argv.extend(flags(
@@ -144,6 +149,42 @@ fn start_seed(ctx: &Ctx<'_>, host: &Endpoint, pkg: &Package, hook: &Path) -> any
     spec.stdout = Stdout::Lines;
     spec.stderr = Some(ctx.log(&label));
     Proc::spawn(spec)
+}
+
+/// A seed's copy of a directory package at `to`: its files, and its BEP 47 padding as files
+/// of zeros where the metainfo names them (`.pad/N`). aria2 does not know padding: it reads
+/// it from files like any other, and would find the pieces that hold some missing.
+fn seed_tree(pkg: &Package, to: &Path) -> anyhow::Result<()> {
+    let meta = Metainfo::parse(&pkg.metainfo).context("the package's metainfo")?;
+    let files = pkg.tree.as_ref().context("not a directory package")?;
+    for rel in files.keys() {
+        let (from, dest) = (pkg.path.join(rel), to.join(rel));
+        if let Some(parent) = dest.parent() {
+            std::fs::create_dir_all(parent)
+                .with_context(|| format!("creating {}", parent.display()))?;
+        }
+        std::fs::copy(&from, &dest).with_context(|| format!("copying {}", from.display()))?;
+    }
+    for pad in meta.files.iter().filter(|f| f.kind == FileKind::Pad) {
+        let path = to.join(pad.path.iter().collect::<PathBuf>());
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent)?;
+        }
+        let zeros =
+            std::fs::File::create(&path).with_context(|| format!("creating {}", path.display()))?;
+        zeros.set_len(pad.length)?;
+    }
+    Ok(())
+}
+
+/// Whether aria2's hook path (a torrent's first file) belongs to `pkg`: its file, or a file
+/// in its directory.
+fn hook_names(path: &str, pkg: &Package) -> bool {
+    if pkg.tree.is_some() {
+        path.contains(&format!("/{}/", pkg.file_name))
+    } else {
+        path.ends_with(&pkg.file_name)
+    }
 }
 
 fn start_leecher(
@@ -264,7 +305,7 @@ pub fn run(ctx: &Ctx<'_>) -> anyhow::Result<ContenderRun> {
                 continue;
             };
             let path = v["path"].as_str().unwrap_or_default();
-            if let Some(k) = pkgs.iter().position(|pk| path.ends_with(&pk.file_name)) {
+            if let Some(k) = pkgs.iter().position(|pk| hook_names(path, pk)) {
                 times[k].get_or_insert(t0.elapsed().as_secs_f64());
             }
             if times.iter().all(Option::is_some) {
@@ -310,7 +351,7 @@ pub fn run(ctx: &Ctx<'_>) -> anyhow::Result<ContenderRun> {
             .iter()
             .map(|h| Some(ctx.dir.join(&h.label).join("aria2").join(&p.file_name)))
             .collect();
-        for (h, r) in verify_all(&files, &p.sha256).into_iter().enumerate() {
+        for (h, r) in verify_all(&files, p).into_iter().enumerate() {
             verified[h * per_host + k] = r;
         }
     }

@@ -186,6 +186,48 @@ pub(super) fn get_argv(ctx: &Ctx<'_>, a: &Agent) -> Vec<OsString> {
     fbpkg(ctx, "get", rest)
 }
 
+/// The `delta` scenario's setup: the seed publishes `ctx.pkg` (version N) and every leecher
+/// fetches it, all at once, before the clock; returns how long the leechers took. Its
+/// processes' CPU is not the run's.
+fn fetch_held(ctx: &Ctx<'_>, agents: &mut [Agent]) -> anyhow::Result<f64> {
+    let mut setup = Accounting::default();
+    publish(ctx, &agents[0], &mut setup)?;
+    ctx.wait_seed_listed(&ctx.hosts.seed.addr(AGENT_PORT), Duration::from_secs(120))?;
+    let mut gets = Vec::new();
+    for a in &agents[1..] {
+        gets.push(start_get(ctx, a)?);
+    }
+    for g in &mut gets {
+        g.wait_for_line("ready", Instant::now() + Duration::from_secs(30), |l| {
+            l.contains("\"ready\"")
+        })?;
+    }
+    let start = Instant::now();
+    for g in &mut gets {
+        g.send_line("go")?;
+    }
+    let deadline = start + ctx.deadline;
+    for (g, a) in gets.iter_mut().zip(&agents[1..]) {
+        match g.wait_until(deadline)? {
+            Some(s) if s.success() => {}
+            Some(s) => bail!(
+                "{}'s get of version N exited {s}; see {}",
+                a.host.label,
+                ctx.log(&format!("{}-get", a.host.label)).display()
+            ),
+            None => {
+                g.kill();
+                bail!(
+                    "{}'s get of version N took longer than {:?}",
+                    a.host.label,
+                    ctx.deadline
+                )
+            }
+        }
+    }
+    Ok(start.elapsed().as_secs_f64())
+}
+
 /// Run fbpkg-rs.
 pub fn run(ctx: &Ctx<'_>) -> anyhow::Result<ContenderRun> {
     let mut acct = Accounting::default();
@@ -209,6 +251,10 @@ pub fn run(ctx: &Ctx<'_>) -> anyhow::Result<ContenderRun> {
     }
     wait_ready(ctx, &mut agents, Duration::from_secs(30))?;
     wait_ready(ctx, &mut origins, Duration::from_secs(30))?;
+    if let Some(old) = ctx.hold {
+        let secs = fetch_held(&ctx.with_pkg(old), &mut agents)?;
+        setup_notes.insert("held_version_fetched_secs".into(), secs);
+    }
     let published = publish(ctx, &agents[0], &mut acct)?;
     let served = ctx.tracker_get(
         &format!(
@@ -363,7 +409,7 @@ pub fn run(ctx: &Ctx<'_>) -> anyhow::Result<ContenderRun> {
     let mut verified = vec![Ok(()); paths.len()];
     for (k, p) in pkgs.iter().enumerate() {
         let files: Vec<_> = paths.iter().skip(k).step_by(per_host).cloned().collect();
-        for (h, r) in verify_all(&files, &p.sha256).into_iter().enumerate() {
+        for (h, r) in verify_all(&files, p).into_iter().enumerate() {
             verified[h * per_host + k] = r;
         }
     }

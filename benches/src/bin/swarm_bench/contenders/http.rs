@@ -94,7 +94,7 @@ pub fn run(ctx: &Ctx<'_>) -> anyhow::Result<ContenderRun> {
         acct.record("client", &h.label, c);
     }
 
-    let verified = verify_all(&files, &ctx.pkg.sha256);
+    let verified = verify_all(&files, ctx.pkg);
     let labels: Vec<String> = ctx.hosts.leechers.iter().map(|h| h.label.clone()).collect();
     let outcomes = outcomes(&labels, &ended, &verified, |d| match d {
         Done::Line(l) if event(l, "complete").is_some_and(|v| v["sha256_ok"] == true) => Ok(()),

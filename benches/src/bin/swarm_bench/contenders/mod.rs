@@ -86,6 +86,9 @@ pub struct Package {
     pub metainfo: Vec<u8>,
     /// Its info-hash, hex.
     pub info_hash: String,
+    /// A directory package (the `delta` scenario): each regular file's SHA-256 (hex) by its
+    /// path under the root, what a copy is checked against. `None` for a file.
+    pub tree: Option<BTreeMap<PathBuf, String>>,
 }
 
 /// What a contender run needs.
@@ -122,6 +125,9 @@ pub struct Ctx<'a> {
     pub agent_args: &'a [String],
     /// B4: which leechers die and come back, which join late (fbpkg-rs only).
     pub churn: Option<&'a churn::Plan>,
+    /// The `delta` scenario's version N: every leecher fetches it (not timed) before the
+    /// measured fetch of `pkg` (fbpkg-rs only).
+    pub hold: Option<&'a Package>,
 }
 
 impl Ctx<'_> {
@@ -202,6 +208,7 @@ impl Ctx<'_> {
             rqbit_linger: self.rqbit_linger,
             agent_args: self.agent_args,
             churn: self.churn,
+            hold: self.hold,
         }
     }
 
@@ -343,6 +350,18 @@ pub fn run(which: Which, ctx: &Ctx<'_>) -> anyhow::Result<ContenderRun> {
     if !ctx.more.is_empty() && !matches!(which, Which::Fbpkg | Which::Aria2) {
         bail!(
             "{} does not run many-package scenarios yet (fbpkg-rs and aria2 do)",
+            which.name()
+        );
+    }
+    if ctx.pkg.tree.is_some() && !matches!(which, Which::Fbpkg | Which::Aria2) {
+        bail!(
+            "{} does not run directory packages yet (fbpkg-rs and aria2 do)",
+            which.name()
+        );
+    }
+    if ctx.hold.is_some() && !matches!(which, Which::Fbpkg) {
+        bail!(
+            "{} does not run hosts holding a previous version (fbpkg-rs does)",
             which.name()
         );
     }

@@ -150,7 +150,7 @@ pub fn run(ctx: &Ctx<'_>) -> anyhow::Result<ContenderRun> {
             )
         })
         .collect();
-    let verified = verify_all(&files, &ctx.pkg.sha256);
+    let verified = verify_all(&files, ctx.pkg);
     let labels: Vec<String> = ctx.hosts.leechers.iter().map(|h| h.label.clone()).collect();
     let outcomes = outcomes(&labels, &ended, &verified, |d| match d {
         Done::Line(_) => Ok(()),
