@@ -15,11 +15,18 @@
 //! finished download's tree is renamed into the cache while peers are still served from it,
 //! and the handle follows the directory where a path would not (or would meet files made
 //! read-only by then, so reads open read-only).
+//!
+//! A download's tree may start with files hard-linked from a cached version of the package
+//! (`cache/reuse.rs`): they are found at open (a file already there, at its length, with more
+//! than one link), and are **copy on write**. A block for such a file that holds the bytes
+//! already there is not written (the file's piece shares bytes with a neighbour that
+//! changed, say); one that differs (a corrupt cached copy, or a peer's bad block) first gives
+//! the file an inode of its own, a copy, so the cached version keeps its bytes whatever comes.
 
 use std::fs::{self, File, OpenOptions};
 use std::io;
 use std::os::fd::OwnedFd;
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
@@ -41,9 +48,13 @@ struct Segment {
     len: u64,
     /// `None` for padding; a tree's files from its root.
     path: Option<PathBuf>,
-    /// Kept open once used, for the largest files.
+    /// Kept open once used, for the largest files (never for a shared one, whose inode may
+    /// change).
     keep: bool,
     file: OnceLock<File>,
+    /// Found with other links at open (a file reused from a cached version): written copy on
+    /// write ([`PackageData::write_shared`]).
+    shared: bool,
 }
 
 /// One package's bytes, being downloaded (read-write) or seeded from the cache (read-only).
@@ -57,6 +68,9 @@ pub struct PackageData {
     root: Option<OwnedFd>,
     /// Byte ranges with bytes, in torrent order (zero-length entries left out).
     segments: Vec<Segment>,
+    /// Held while a shared file is compared, copied or written: two writers of one file must
+    /// not both copy it (rare: only blocks for shared files take it).
+    unsharing: std::sync::Mutex<()>,
 }
 
 impl PackageData {
@@ -79,12 +93,21 @@ impl PackageData {
         let root = dir.join(TREE_DIR);
         fs::create_dir_all(&root)?;
         let mut at = 0u64;
-        for f in &meta.files {
+        let mut shared = Vec::new();
+        for (i, f) in meta.files.iter().enumerate() {
             if let FileKind::Regular { .. } = f.kind {
                 let path = join(&root, &f.path);
                 // Already there at its length (a restart, or a file reused from a cached
-                // version, which may be a read-only hard link): opened only if written to.
-                if fs::symlink_metadata(&path).is_ok_and(|m| m.is_file() && m.len() == f.length) {
+                // version, which may be a read-only hard link): opened only if written to,
+                // and copy on write if linked elsewhere.
+                let there = fs::symlink_metadata(&path);
+                if let Ok(m) = there.as_ref()
+                    && m.is_file()
+                    && m.len() == f.length
+                {
+                    if m.nlink() > 1 {
+                        shared.push(i);
+                    }
                     at += f.length;
                     continue;
                 }
@@ -103,7 +126,7 @@ impl PackageData {
             at += f.length;
         }
         debug_assert_eq!(at, meta.length);
-        Self::tree(root, meta, true)
+        Self::tree(root, meta, true, &shared)
     }
 
     /// Open a complete package read-only for seeding: `entry`'s file named in the metainfo,
@@ -115,7 +138,7 @@ impl PackageData {
             check_len(&path, file.metadata()?.len(), meta.length)?;
             return Ok(Self::single(path, meta.length, file, false));
         }
-        let data = Self::tree(entry.join(TREE_DIR), meta, false)?;
+        let data = Self::tree(entry.join(TREE_DIR), meta, false, &[])?;
         for s in &data.segments {
             if let Some(rel) = &s.path {
                 let path = data.path.join(rel);
@@ -132,6 +155,7 @@ impl PackageData {
             path: Some(path.clone()),
             keep: true,
             file: OnceLock::from(file),
+            shared: false,
         };
         Self {
             path,
@@ -139,10 +163,12 @@ impl PackageData {
             writable,
             root: None,
             segments: vec![segment],
+            unsharing: std::sync::Mutex::new(()),
         }
     }
 
-    fn tree(root: PathBuf, meta: &Metainfo, writable: bool) -> io::Result<Self> {
+    /// A tree at `root`; `shared` are the indices in `meta.files` of files linked elsewhere.
+    fn tree(root: PathBuf, meta: &Metainfo, writable: bool, shared: &[usize]) -> io::Result<Self> {
         use rustix::fs::{Mode, OFlags};
         let dir = rustix::fs::open(
             &root,
@@ -151,7 +177,7 @@ impl PackageData {
         )?;
         let mut segments = Vec::with_capacity(meta.files.len());
         let mut at = 0u64;
-        for f in &meta.files {
+        for (i, f) in meta.files.iter().enumerate() {
             if f.length > 0 {
                 segments.push(Segment {
                     start: at,
@@ -159,12 +185,13 @@ impl PackageData {
                     path: f.is_regular().then(|| f.path.iter().collect()),
                     keep: false,
                     file: OnceLock::new(),
+                    shared: shared.binary_search(&i).is_ok(),
                 });
             }
             at += f.length;
         }
         let mut by_size: Vec<usize> = (0..segments.len())
-            .filter(|&i| segments[i].path.is_some())
+            .filter(|&i| segments[i].path.is_some() && !segments[i].shared)
             .collect();
         by_size.sort_by_key(|&i| std::cmp::Reverse(segments[i].len));
         for &i in by_size.iter().take(OPEN_FILES) {
@@ -176,6 +203,7 @@ impl PackageData {
             writable,
             root: Some(dir),
             segments,
+            unsharing: std::sync::Mutex::new(()),
         })
     }
 
@@ -239,28 +267,7 @@ impl PackageData {
         if let Some(file) = s.file.get() {
             return f(file);
         }
-        let open = |rw: bool| -> io::Result<File> {
-            match &self.root {
-                Some(root) => {
-                    use rustix::fs::{Mode, OFlags};
-                    let mode = if rw { OFlags::RDWR } else { OFlags::RDONLY };
-                    let fd = rustix::fs::openat(
-                        root,
-                        path,
-                        mode | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-                        Mode::empty(),
-                    )
-                    .map_err(|e| {
-                        io::Error::new(
-                            io::Error::from(e).kind(),
-                            format!("{}: {e}", self.path.join(path).display()),
-                        )
-                    })?;
-                    Ok(File::from(fd))
-                }
-                None => OpenOptions::new().read(true).write(rw).open(path),
-            }
-        };
+        let open = |rw: bool| self.open(path, rw);
         // A kept handle of a download is opened for writing up front, except where the file is
         // read-only: one reused from a cached version (a hard link), whose pieces all verify.
         let file = match open(self.writable && (write || s.keep)) {
@@ -277,13 +284,89 @@ impl PackageData {
         }
     }
 
+    /// Open `path` (a tree's file from its root, or the single file), read-write or read-only.
+    fn open(&self, path: &Path, rw: bool) -> io::Result<File> {
+        match &self.root {
+            Some(root) => {
+                use rustix::fs::{Mode, OFlags};
+                let mode = if rw { OFlags::RDWR } else { OFlags::RDONLY };
+                let fd = rustix::fs::openat(
+                    root,
+                    path,
+                    mode | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                    Mode::empty(),
+                )
+                .map_err(|e| self.error(path, e.into()))?;
+                Ok(File::from(fd))
+            }
+            None => OpenOptions::new().read(true).write(rw).open(path),
+        }
+    }
+
+    /// `e` about the tree file `path`, named in full.
+    fn error(&self, path: &Path, e: io::Error) -> io::Error {
+        io::Error::new(e.kind(), format!("{}: {e}", self.path.join(path).display()))
+    }
+
     /// Write a block at `offset` (what falls in padding is dropped).
     pub fn write_at(&self, offset: u64, data: &[u8]) -> io::Result<()> {
         self.check(offset, data.len())?;
         for (s, at, range) in self.spans(offset, data.len()) {
-            if s.path.is_some() {
+            if s.shared {
+                self.write_shared(s, at, &data[range])?;
+            } else if s.path.is_some() {
                 self.with_file(s, true, |file| file.write_all_at(&data[range], at))?;
             }
+        }
+        Ok(())
+    }
+
+    /// Write `data` at `at` in a file that was linked elsewhere at open: nothing when it holds
+    /// those bytes already; otherwise, while it still has other links, the file first becomes
+    /// a copy of its own.
+    fn write_shared(&self, s: &Segment, at: u64, data: &[u8]) -> io::Result<()> {
+        let Some(path) = &s.path else {
+            return Ok(());
+        };
+        let _one = self
+            .unsharing
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let file = self.open(path, false)?;
+        if file.metadata()?.nlink() > 1 {
+            let mut there = vec![0u8; data.len()];
+            if file.read_exact_at(&mut there, at).is_ok() && there == data {
+                return Ok(());
+            }
+            self.unshare(path, &file)?;
+        }
+        self.open(path, true)?.write_all_at(data, at)
+    }
+
+    /// Replace the tree file `path` (open as `file`) by a copy of it: a new inode with the
+    /// same bytes, writable, renamed over it.
+    fn unshare(&self, path: &Path, file: &File) -> io::Result<()> {
+        use rustix::fs::{Mode, OFlags};
+        let Some(root) = &self.root else {
+            return Err(io::Error::other("only a tree's files are shared"));
+        };
+        let name = path.file_name().map(|n| n.to_string_lossy()).unwrap_or_default();
+        let tmp = path.with_file_name(format!(".{name}.fbpkg-unshare"));
+        // Left by a crash in the middle of this.
+        let _ = rustix::fs::unlinkat(root, &tmp, rustix::fs::AtFlags::empty());
+        let fd = rustix::fs::openat(
+            root,
+            &tmp,
+            OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::from_raw_mode(0o644),
+        )
+        .map_err(|e| self.error(&tmp, e.into()))?;
+        let mut copy = File::from(fd);
+        let copied = io::copy(&mut &*file, &mut copy)
+            .and_then(|_| rustix::fs::renameat(root, &tmp, root, path).map_err(io::Error::from));
+        if let Err(e) = copied {
+            let _ = rustix::fs::unlinkat(root, &tmp, rustix::fs::AtFlags::empty());
+            return Err(self.error(path, e));
         }
         Ok(())
     }
@@ -475,6 +558,60 @@ mod tests {
             PackageData::open_complete(entry, &m).is_err(),
             "a file of the wrong size"
         );
+    }
+
+    /// Files hard-linked from a cached version are copy on write: the same bytes leave the
+    /// link alone, other bytes never reach the cached copy.
+    #[test]
+    fn a_file_linked_from_a_cached_version_is_written_copy_on_write() {
+        use std::os::unix::fs::MetadataExt as _;
+        let (m, contents) = tree_meta();
+        let cached = tempfile::tempdir().unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let tree = dir.path().join(TREE_DIR);
+        fs::create_dir_all(&tree).unwrap();
+        for (n, d) in &contents {
+            fs::write(cached.path().join(n), d).unwrap();
+        }
+        for n in ["a", "b", "c"] {
+            fs::hard_link(cached.path().join(n), tree.join(n)).unwrap();
+        }
+        let ino = |p: &Path| fs::metadata(p).unwrap().ino();
+        let data = PackageData::open_partial(dir.path(), &m).unwrap();
+        let c_at = m.length - 5;
+        // A piece fetched again because a neighbour changed: blocks for linked files that hold
+        // their bytes are not written, and the files stay shared.
+        data.write_at(0, b"abc").unwrap();
+        data.write_at(c_at, b"hello").unwrap();
+        for n in ["a", "c"] {
+            assert_eq!(ino(&tree.join(n)), ino(&cached.path().join(n)), "{n}");
+        }
+        // Other bytes (a bad block, or a cached copy gone bad): the download's file gets an
+        // inode of its own first; the cached version keeps its bytes.
+        data.write_at(c_at + 1, b"ELP").unwrap();
+        assert_eq!(fs::read(cached.path().join("c")).unwrap(), b"hello");
+        assert_eq!(fs::read(tree.join("c")).unwrap(), b"hELPo");
+        assert_ne!(ino(&tree.join("c")), ino(&cached.path().join("c")));
+        assert_eq!(fs::metadata(cached.path().join("c")).unwrap().nlink(), 1);
+        // From then on it is the download's own file, written in place.
+        data.write_at(c_at, b"hello").unwrap();
+        let mut back = [0u8; 5];
+        data.read_at(c_at, &mut back).unwrap();
+        assert_eq!(&back, b"hello");
+        // A large one too (a kept handle would have held the cached inode).
+        let b_at = m.piece_length;
+        data.write_at(b_at, b"\xff\xff").unwrap();
+        assert_eq!(fs::read(cached.path().join("b")).unwrap(), contents[1].1);
+        let mut two = [0u8; 2];
+        data.read_at(b_at, &mut two).unwrap();
+        assert_eq!(two, [0xff, 0xff]);
+        // Nothing is left beside the files.
+        let mut names: Vec<_> = fs::read_dir(&tree)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        names.sort();
+        assert_eq!(names, ["a", "b", "c", "e"]);
     }
 
     /// A finished download's tree is renamed into the cache while peers are still served from

@@ -239,6 +239,9 @@ struct Report {
     files: usize,
     changed_bytes: u64,
     metainfo_bytes: u64,
+    /// Disk a delta host's cache takes holding both versions (each inode counted once, as
+    /// `du` counts), per host.
+    cache_disk_bytes: Vec<u64>,
     runs: Vec<Run>,
 }
 
@@ -314,6 +317,10 @@ fn main() -> anyhow::Result<()> {
     };
     eprintln!("delta: {} hosts holding {v1} fetch {v2}", args.hosts);
     let delta = measure(&net, &holders, &v2, args.get_timeout, "delta")?;
+    let cache_disk_bytes = holders
+        .iter()
+        .map(|h| disk_bytes(&base.join(h).join("cache")))
+        .collect::<anyhow::Result<_>>()?;
     for h in &holders {
         net.stop(h);
     }
@@ -329,6 +336,7 @@ fn main() -> anyhow::Result<()> {
         files: tree.files + 1,
         changed_bytes,
         metainfo_bytes,
+        cache_disk_bytes,
         runs: vec![delta, full],
     };
     print(&report, args.hosts);
@@ -351,6 +359,17 @@ fn print(r: &Report, hosts: usize) {
     println!(
         "{:<6} {:>20} {:>20} {:>16} {:>22}",
         "run", "received/host MiB", "on the wire MiB", "time s", "origin sent/copy MiB"
+    );
+    let (lo, hi) = (
+        r.cache_disk_bytes.iter().min().copied().unwrap_or(0),
+        r.cache_disk_bytes.iter().max().copied().unwrap_or(0),
+    );
+    println!(
+        "cache on disk per delta host, N and N+1: {:.1}–{:.1} MiB ({:.2}–{:.2}x one version's files)",
+        mib(lo),
+        mib(hi),
+        lo as f64 / r.size as f64,
+        hi as f64 / r.size as f64
     );
     let limit = 1.2 * r.changed_bytes as f64 + r.metainfo_bytes as f64;
     let mut met = true;
@@ -391,4 +410,25 @@ fn print(r: &Report, hosts: usize) {
 
 fn file_len(path: &Path) -> u64 {
     std::fs::metadata(path).map_or(0, |m| m.len())
+}
+
+/// Bytes of disk the files under `root` take, each inode once (as `du` counts hard links).
+fn disk_bytes(root: &Path) -> anyhow::Result<u64> {
+    use std::os::unix::fs::MetadataExt as _;
+    let mut seen = std::collections::HashSet::new();
+    let mut total = 0;
+    let mut dirs = vec![root.to_owned()];
+    while let Some(dir) = dirs.pop() {
+        for e in std::fs::read_dir(&dir).with_context(|| format!("reading {}", dir.display()))? {
+            let e = e?;
+            let meta = e.path().symlink_metadata()?;
+            if meta.is_dir() {
+                dirs.push(e.path());
+            }
+            if seen.insert((meta.dev(), meta.ino())) {
+                total += meta.blocks() * 512;
+            }
+        }
+    }
+    Ok(total)
 }

@@ -11,11 +11,13 @@
 //! version's SHA-1s; a second pass over it would cost a delta what a full fetch's install
 //! costs.
 //!
-//! A file that owns its pieces (at least one piece long, so laid out on piece boundaries with
-//! padding after it) and keeps its mode is **hard-linked**: all its pieces verify, so nothing
-//! is ever written to it, and the two versions share its blocks on disk. Smaller files share
-//! pieces with their neighbours, which may change and be rewritten in place, so they are
-//! copied. A version whose metainfo cannot be read is skipped; reuse never fails a download.
+//! A file that keeps its mode is **hard-linked**, so the two versions share its blocks on
+//! disk; one whose mode changed is copied. A linked file is copy on write in the download
+//! (`storage.rs`): small files share pieces with their neighbours, and when a neighbour
+//! changed, that piece is fetched again, but the blocks for the linked file hold the bytes it
+//! has and are not written; a block that differs (a cached copy gone bad, a peer's bad block)
+//! first gives the file an inode of its own, so the cached version is never written through
+//! the link. A version whose metainfo cannot be read is skipped; reuse never fails a download.
 
 use std::collections::HashMap;
 use std::fs;
@@ -99,8 +101,7 @@ impl Cache {
             {
                 continue;
             }
-            let owns_pieces = f.length >= meta.piece_length;
-            if owns_pieces && *old_mode == mode && fs::hard_link(from, &to).is_ok() {
+            if *old_mode == mode && fs::hard_link(from, &to).is_ok() {
                 done.linked += 1;
                 done.bytes += f.length;
                 done.files_at.push(at);
