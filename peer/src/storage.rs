@@ -350,7 +350,10 @@ impl PackageData {
         let Some(root) = &self.root else {
             return Err(io::Error::other("only a tree's files are shared"));
         };
-        let name = path.file_name().map(|n| n.to_string_lossy()).unwrap_or_default();
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy())
+            .unwrap_or_default();
         let tmp = path.with_file_name(format!(".{name}.fbpkg-unshare"));
         // Left by a crash in the middle of this.
         let _ = rustix::fs::unlinkat(root, &tmp, rustix::fs::AtFlags::empty());

@@ -370,6 +370,17 @@ async fn a_new_version_fetches_only_what_changed() {
     assert_eq!(reused_whole(v1.strip_prefix("app:").unwrap()), 0);
     let whole = reused_whole(sha2);
     assert!(whole >= 1, "{whole} files reused whole");
+    // big.so is as version 1's install left it, and owns its pieces: they were trusted
+    // without being read (3 MiB in 32 KiB pieces).
+    let trusted = b
+        .log_lines()
+        .iter()
+        .find_map(|l| {
+            l.contains("starting from files of cached versions")
+                .then(|| log_field(l, "trusted_pieces")?.parse::<usize>().ok())?
+        })
+        .unwrap_or_else(|| panic!("no reuse line:\n{}", b.log_tail()));
+    assert_eq!(trusted, 96, "pieces of big.so trusted");
 }
 
 /// A tree of thousands of files has a metainfo of MiBs (the agent's control line once held

@@ -61,6 +61,11 @@ struct Args {
     #[arg(long, default_value_t = 600)]
     get_timeout: u64,
 
+    /// Keep the work directory (trees, caches, agents' logs) instead of removing it at the
+    /// end; its path is printed.
+    #[arg(long)]
+    keep_work_dir: bool,
+
     /// Also write the results as JSON here.
     #[arg(long, env = "FBPKG_BENCH_JSON")]
     json: Option<PathBuf>,
@@ -111,7 +116,8 @@ impl Net {
         let port = fbpkg_binary::free_loopback_port()?.port();
         let log = std::fs::File::create(self.base.join(format!("{name}.log")))?;
         let mut cmd = Command::new(&self.bin);
-        cmd.args(["--log", "warn", "agent", "--listen"])
+        let level = std::env::var("FBPKG_BENCH_AGENT_LOG").unwrap_or_else(|_| "warn".into());
+        cmd.args(["--log", level.as_str(), "agent", "--listen"])
             .arg(format!("127.0.0.1:{port}"))
             .args(self.host_args(name))
             .stdin(Stdio::null())
@@ -293,13 +299,21 @@ fn main() -> anyhow::Result<()> {
         }
         None => tempfile::tempdir()?,
     };
-    let base = work.path();
+    if args.keep_work_dir {
+        let kept = work.keep();
+        eprintln!("work directory kept: {}", kept.display());
+        return run(&args, &bin, &kept);
+    }
+    run(&args, &bin, work.path())
+}
+
+fn run(args: &Args, bin: &Path, base: &Path) -> anyhow::Result<()> {
     let size = args.size_mib << 20;
     let src = base.join("src");
     eprintln!("making a {} MiB tree", args.size_mib);
     let tree = delta_tree::make_tree(&src, size, args.changed_percent / 100.0)?;
 
-    let mut net = Net::start(&bin, base)?;
+    let mut net = Net::start(bin, base)?;
     net.agent("origin")?;
     let v1 = net.publish("origin", &src)?;
     let holders: Vec<String> = (0..args.hosts).map(|i| format!("holder{i}")).collect();

@@ -11,6 +11,18 @@
 //! version's SHA-1s; a second pass over it would cost a delta what a full fetch's install
 //! costs.
 //!
+//! A reused file of a piece or more owns its pieces (it starts on a piece boundary, padding
+//! after it). When the cached version's seal recorded the file (`verify.rs`) and it is still
+//! that file (same inode, length, modification and change times: nothing wrote to it since
+//! install checked its SHA-256), its pieces in the new version are **trusted**
+//! ([`Reused::trusted`]): the download counts them as verified without reading them. Its bytes
+//! are the ones install checked against the SHA-256 the new version names too, and a piece of
+//! it is those bytes and padding; so this holds when the two versions' piece lengths differ (a
+//! package near a power-of-two size). Reading them again would cost a delta a read of every
+//! unchanged large file, as much disk as a full fetch writes. What the seal cannot vouch for
+//! (bit rot since install) it could not for the cached version either, which launches without
+//! a read; `fbpkg-rs verify` reads everything.
+//!
 //! A file that keeps its mode is **hard-linked**, so the two versions share its blocks on
 //! disk; one whose mode changed is copied. A linked file is copy on write in the download
 //! (`storage.rs`): small files share pieces with their neighbours, and when a neighbour
@@ -28,7 +40,7 @@ use fbpkg_common::Sha256Hash;
 use fbpkg_common::metainfo::{FileKind, Format, Metainfo};
 use fbpkg_common::pkgref::PackageName;
 
-use super::{Cache, METAINFO_FILE, TREE_DIR};
+use super::{Cache, METAINFO_FILE, TREE_DIR, Unchanged};
 use crate::storage::join;
 
 /// What [`Cache::reuse_into`] put in a download's tree.
@@ -42,6 +54,41 @@ pub struct Reused {
     pub copied: usize,
     /// Their bytes.
     pub bytes: u64,
+    /// Pieces of the new version that hold only bytes of reused files as the cached version
+    /// verified them (see the module doc), in order.
+    pub trusted: Vec<u32>,
+}
+
+/// Where a cached version holds a file.
+struct Held {
+    path: PathBuf,
+    mode: u32,
+    /// It is as its version's seal recorded it.
+    sealed: bool,
+}
+
+/// Each file's offset in the torrent.
+fn starts(meta: &Metainfo) -> Vec<u64> {
+    let mut at = 0u64;
+    meta.files
+        .iter()
+        .map(|f| {
+            let start = at;
+            at += f.length;
+            start
+        })
+        .collect()
+}
+
+/// The pieces of the file at `start` of `len` bytes when it owns them (a piece long or more,
+/// so on a piece boundary with padding after it): their indices.
+fn own_pieces(meta: &Metainfo, start: u64, len: u64) -> Option<std::ops::RangeInclusive<u32>> {
+    if len < meta.piece_length || !start.is_multiple_of(meta.piece_length) {
+        return None;
+    }
+    let first = u32::try_from(start / meta.piece_length).ok()?;
+    let last = u32::try_from((start + len - 1) / meta.piece_length).ok()?;
+    (last < meta.num_pieces()).then_some(first..=last)
 }
 
 impl Reused {
@@ -60,8 +107,9 @@ impl Cache {
         if meta.format != Format::Tree {
             return done;
         }
-        // SHA-256 and length of a file -> where a cached version holds it, with its mode.
-        let mut held: HashMap<(Sha256Hash, u64), (PathBuf, u32)> = HashMap::new();
+        // SHA-256 and length of a file -> where a cached version holds it, one whose pieces
+        // can be trusted first.
+        let mut held: HashMap<(Sha256Hash, u64), Held> = HashMap::new();
         for sha in super::hashes_in(&self.root.join(name.as_str())) {
             if sha == meta.sha256 {
                 continue;
@@ -76,23 +124,41 @@ impl Cache {
             if old.format != Format::Tree || old.sha256 != sha {
                 continue;
             }
-            for f in &old.files {
-                if let FileKind::Regular { sha256, mode } = f.kind
-                    && f.length > 0
-                {
-                    held.entry((sha256, f.length))
-                        .or_insert_with(|| (join(&dir.join(TREE_DIR), &f.path), mode));
+            let sealed: HashMap<usize, Unchanged> =
+                super::verify::sealed_files(&dir).into_iter().collect();
+            for (j, f) in old.files.iter().enumerate() {
+                let FileKind::Regular { sha256, mode } = f.kind else {
+                    continue;
+                };
+                if f.length == 0 {
+                    continue;
                 }
+                let key = (sha256, f.length);
+                if held.get(&key).is_some_and(|h| h.sealed) {
+                    continue;
+                }
+                let path = join(&dir.join(TREE_DIR), &f.path);
+                // Looked at before any link is made to it (a link moves its change time).
+                let sealed = sealed
+                    .get(&j)
+                    .is_some_and(|&stamp| Unchanged::of(&path).is_ok_and(|now| now == stamp));
+                held.insert(key, Held { path, mode, sealed });
             }
         }
         if held.is_empty() {
             return done;
         }
+        let new_at = starts(meta);
         for (at, f) in meta.files.iter().enumerate() {
             let FileKind::Regular { sha256, mode } = f.kind else {
                 continue;
             };
-            let Some((from, old_mode)) = held.get(&(sha256, f.length)) else {
+            let Some(Held {
+                path: from,
+                mode: old_mode,
+                sealed,
+            }) = held.get(&(sha256, f.length))
+            else {
                 continue;
             };
             let to = join(tree, &f.path);
@@ -105,6 +171,9 @@ impl Cache {
                 done.linked += 1;
                 done.bytes += f.length;
                 done.files_at.push(at);
+                if *sealed && let Some(range) = own_pieces(meta, new_at[at], f.length) {
+                    done.trusted.extend(range);
+                }
                 continue;
             }
             let copied = fs::copy(from, &to)
@@ -122,5 +191,85 @@ impl Cache {
             }
         }
         done
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::fs::File;
+
+    use fbpkg_common::metainfo::TreeItem;
+
+    use super::*;
+    use crate::archive::ExtractLimits;
+    use crate::cache::Handoff;
+
+    /// A tree of a large file `big` (several pieces) and a small one, `small`.
+    fn version(dir: &Path, small: &[u8]) -> Metainfo {
+        let big: Vec<u8> = (0..200_000u32).map(|i| (i % 241) as u8).collect();
+        fs::create_dir_all(dir).expect("dir");
+        fs::write(dir.join("big"), &big).expect("big");
+        fs::write(dir.join("small"), small).expect("small");
+        let items = ["big", "small"]
+            .iter()
+            .map(|n| TreeItem::File {
+                path: vec![(*n).to_owned()],
+                length: fs::metadata(dir.join(n)).expect("len").len(),
+                mode: 0o644,
+            })
+            .collect();
+        Metainfo::build_tree(
+            items,
+            |p| File::open(join(dir, p)),
+            "app",
+            "http://127.0.0.1:1/announce",
+        )
+        .expect("metainfo")
+    }
+
+    #[test]
+    fn pieces_of_files_unchanged_since_install_are_trusted_and_others_are_not() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let name = PackageName::new("app").expect("name");
+        let install_v1 = |cache: &str| {
+            let cache = Cache::new(tmp.path().join(cache));
+            let src = tmp.path().join(format!("v1-{}", rand::random::<u32>()));
+            let v1 = version(&src, b"one");
+            let entry = cache
+                .install(&name, &v1, &src, Handoff::Move, &ExtractLimits::default())
+                .expect("install v1");
+            (cache, entry.dir.join(TREE_DIR).join("big"))
+        };
+        let v2 = version(&tmp.path().join("v2"), b"two!");
+        let big_at = v2
+            .files
+            .iter()
+            .position(|f| f.path == ["big"])
+            .expect("big");
+        let big = own_pieces(&v2, starts(&v2)[big_at], 200_000).expect("big owns its pieces");
+        assert!(big.clone().count() > 1, "{big:?}");
+
+        // As installed: linked, and its pieces trusted; small changed, so not reused.
+        let (cache, _) = install_v1("a");
+        let r = cache.reuse_into(&name, &v2, &tmp.path().join("a-work1/tree"));
+        assert_eq!((r.linked, r.copied), (1, 0));
+        assert_eq!(r.trusted, big.clone().collect::<Vec<_>>());
+
+        // Changed since install (a chmod here; a write likewise): linked, read, not trusted.
+        // (The clock's tick may need a few tries to pass.)
+        let (cache, cached_big) = install_v1("b");
+        let stamp = Unchanged::of(&cached_big).expect("stamp");
+        let moved = (0..1000).any(|_| {
+            fs::set_permissions(&cached_big, fs::Permissions::from_mode(0o444)).expect("chmod");
+            let now = Unchanged::of(&cached_big).expect("stamp");
+            now != stamp || {
+                std::thread::sleep(std::time::Duration::from_millis(1));
+                false
+            }
+        });
+        assert!(moved, "a chmod never moved the change time");
+        let r = cache.reuse_into(&name, &v2, &tmp.path().join("b-work/tree"));
+        assert_eq!(r.linked, 1);
+        assert!(r.trusted.is_empty(), "{:?}", r.trusted);
     }
 }

@@ -117,7 +117,7 @@ fn owner_writable(path: &Path) -> io::Result<()> {
 /// file whose length, modification and change times are the same is the file that was read,
 /// up to the clock's granularity: a write in the same tick as the look after the read could go
 /// unseen (git's "racy" case).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Unchanged {
     dev: u64,
     ino: u64,

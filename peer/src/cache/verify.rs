@@ -34,9 +34,12 @@ use fbpkg_common::pkgref::PackageName;
 use serde::{Deserialize, Serialize};
 
 use super::check::{self, StreamError};
-use super::{Cache, CachedPackage, METAINFO_FILE, TREE_DIR, make_read_only, remove_tree, set_mode};
+use super::{
+    Cache, CachedPackage, METAINFO_FILE, TREE_DIR, Unchanged, make_read_only, remove_tree, set_mode,
+};
 use crate::archive::{self, ExtractLimits};
 use crate::error::{PeerError, Result};
+use crate::storage::join;
 
 /// The seal in each entry: the archive's size and mtime at install.
 pub const SEAL_FILE: &str = ".fbpkg.stamp";
@@ -62,6 +65,12 @@ struct SealData {
     /// the metainfo unchanged (this) and the bytes unchanged (the SHA-256), they still match:
     /// verify need not hash every piece again, which halves its cost.
     info_hash: String,
+    /// A tree package's files of a piece or more (so each owns its pieces) as they were when
+    /// sealed, by index in the metainfo's files: a new version of the package that reuses
+    /// one still as it was trusts its pieces that hash the same in both versions without
+    /// reading them (`reuse.rs`). Absent in seals of files, and of trees sealed before.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    files: Vec<(usize, Unchanged)>,
 }
 
 /// What [`Cache::check_seal`] found.
@@ -120,6 +129,18 @@ pub(super) fn write_seal(dir: &Path, metainfo: &Metainfo) -> Result<()> {
     let path = dir.join(file);
     let meta = fs::symlink_metadata(&path).map_err(PeerError::io("reading metadata", &path))?;
     let (mtime_s, mtime_ns) = mtime(&meta);
+    let mut files = Vec::new();
+    if metainfo.format == Format::Tree {
+        for (at, f) in metainfo.files.iter().enumerate() {
+            if f.is_regular() && f.length >= metainfo.piece_length {
+                let file = join(&path, &f.path);
+                files.push((
+                    at,
+                    Unchanged::of(&file).map_err(PeerError::io("reading metadata", &file))?,
+                ));
+            }
+        }
+    }
     let seal = SealData {
         file: file.to_owned(),
         dir: metainfo.format == Format::Tree,
@@ -127,12 +148,22 @@ pub(super) fn write_seal(dir: &Path, metainfo: &Metainfo) -> Result<()> {
         mtime_s,
         mtime_ns,
         info_hash: metainfo.info_hash.to_hex(),
+        files,
     };
     let bytes = serde_json::to_vec(&seal).map_err(|e| PeerError::BadInput(e.to_string()))?;
     let tmp = dir.join(SEAL_TMP);
     let dest = dir.join(SEAL_FILE);
     fs::write(&tmp, bytes).map_err(PeerError::io("writing", &tmp))?;
     fs::rename(&tmp, &dest).map_err(PeerError::io("writing", &dest))
+}
+
+/// The files of the tree package in entry `dir` as its seal recorded them (see
+/// [`SealData::files`]); none when there is no seal, or it cannot be read.
+pub(super) fn sealed_files(dir: &Path) -> Vec<(usize, Unchanged)> {
+    match read_seal(dir) {
+        Ok(Some(seal)) if seal.dir => seal.files,
+        _ => Vec::new(),
+    }
 }
 
 fn read_seal(dir: &Path) -> io::Result<Option<SealData>> {

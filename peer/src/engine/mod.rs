@@ -404,15 +404,15 @@ impl Engine {
                 .map_err(PeerError::io("writing", &meta_path))?;
             std::fs::write(d.join("package"), n.as_str()).map_err(PeerError::io("writing", &d))?;
             let tree = d.join(storage::TREE_DIR);
-            let mut reused = Vec::new();
+            let (mut reused, mut trusted) = (Vec::new(), Vec::new());
             if m.format == Format::Tree && !tree.exists() {
                 let r = cache.reuse_into(&n, &m, &tree);
                 if r.files() > 0 {
-                    tracing::info!(package = %n, files = r.files(), linked = r.linked, bytes = r.bytes, "starting from files of cached versions");
+                    tracing::info!(package = %n, files = r.files(), linked = r.linked, bytes = r.bytes, trusted_pieces = r.trusted.len(), "starting from files of cached versions");
                 }
-                reused = r.files_at;
+                (reused, trusted) = (r.files_at, r.trusted);
             }
-            let (storage, have) = resume(&d, &m)?;
+            let (storage, have) = resume(&d, &m, &trusted)?;
             // How each file reused whole is now that its pieces were read: install reads
             // again any that changed after this.
             let known: Vec<_> = whole_files(&m, &have, reused)
@@ -693,9 +693,11 @@ async fn dial(t: &Torrent, addr: SocketAddr) -> Option<(TcpStream, Handshake, By
     Some((stream, theirs, buf))
 }
 
-/// Verify every piece already in a partial download in the work directory `dir`; missing or
-/// corrupt ones are fetched again.
-fn resume(dir: &Path, meta: &Metainfo) -> Result<(PackageData, Bitfield)> {
+/// Verify every piece already in a partial download in the work directory `dir`, but the
+/// `trusted` ones (in order: pieces of files reused from a cached version that verified them,
+/// see `cache/reuse.rs`), which count as verified unread; missing or corrupt ones are fetched
+/// again.
+fn resume(dir: &Path, meta: &Metainfo, trusted: &[u32]) -> Result<(PackageData, Bitfield)> {
     let existed = dir.join(storage::PART_FILE).exists() || dir.join(storage::TREE_DIR).exists();
     let storage = PackageData::open_partial(dir, meta)
         .map_err(PeerError::io("opening a download in", dir))?;
@@ -703,6 +705,10 @@ fn resume(dir: &Path, meta: &Metainfo) -> Result<(PackageData, Bitfield)> {
     let mut have = Bitfield::new(meta.num_pieces());
     if existed {
         for i in 0..meta.num_pieces() {
+            if trusted.binary_search(&i).is_ok() {
+                have.set(i);
+                continue;
+            }
             let h = storage
                 .sha1_of(meta.piece_offset(i), u64::from(meta.piece_size(i)))
                 .map_err(PeerError::io("verifying", &part))?;
@@ -856,7 +862,7 @@ mod tests {
         let files: Vec<(&str, &[u8])> = contents.iter().map(|(n, d)| (*n, &d[..])).collect();
         let meta = storage::flat_tree(&files);
         let dir = tempfile::tempdir().expect("temp dir");
-        let (storage, have) = resume(dir.path(), &meta).expect("fresh download");
+        let (storage, have) = resume(dir.path(), &meta, &[]).expect("fresh download");
         assert_eq!(have.count(), 0);
         // The torrent's bytes: files at their offsets, zeros between.
         let mut torrent = Vec::new();
@@ -875,7 +881,7 @@ mod tests {
                 .expect("write");
         }
         drop(storage);
-        let (_, have) = resume(dir.path(), &meta).expect("resumed download");
+        let (_, have) = resume(dir.path(), &meta, &[]).expect("resumed download");
         for i in 0..meta.num_pieces() {
             assert_eq!(have.get(i), i != skipped, "piece {i}");
         }
