@@ -26,7 +26,7 @@
 use std::fs::{self, File, OpenOptions};
 use std::io;
 use std::os::fd::OwnedFd;
-use std::os::unix::fs::{FileExt, MetadataExt};
+use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
@@ -323,7 +323,8 @@ impl PackageData {
 
     /// Write `data` at `at` in a file that was linked elsewhere at open: nothing when it holds
     /// those bytes already; otherwise, while it still has other links, the file first becomes
-    /// a copy of its own.
+    /// a copy of its own. (One whose other links are gone, a cached version evicted, may keep
+    /// that version's read-only mode: it is copied too rather than fail the write.)
     fn write_shared(&self, s: &Segment, at: u64, data: &[u8]) -> io::Result<()> {
         let Some(path) = &s.path else {
             return Ok(());
@@ -338,37 +339,38 @@ impl PackageData {
             if file.read_exact_at(&mut there, at).is_ok() && there == data {
                 return Ok(());
             }
-            self.unshare(path, &file)?;
+        } else {
+            match self.open(path, true) {
+                Ok(own) => return own.write_all_at(data, at),
+                Err(e) if e.kind() == io::ErrorKind::PermissionDenied => {}
+                Err(e) => return Err(e),
+            }
         }
+        self.unshare(path, &file)?;
         self.open(path, true)?.write_all_at(data, at)
     }
 
     /// Replace the tree file `path` (open as `file`) by a copy of it: a new inode with the
-    /// same bytes, writable, renamed over it.
+    /// same bytes, writable, renamed over it. The copy is made beside the tree, in the
+    /// download's work directory (removed with it), so a crash midway leaves nothing in the
+    /// tree and no name in it is taken.
     fn unshare(&self, path: &Path, file: &File) -> io::Result<()> {
-        use rustix::fs::{Mode, OFlags};
         let Some(root) = &self.root else {
             return Err(io::Error::other("only a tree's files are shared"));
         };
-        let name = path
-            .file_name()
-            .map(|n| n.to_string_lossy())
-            .unwrap_or_default();
-        let tmp = path.with_file_name(format!(".{name}.fbpkg-unshare"));
-        // Left by a crash in the middle of this.
-        let _ = rustix::fs::unlinkat(root, &tmp, rustix::fs::AtFlags::empty());
-        let fd = rustix::fs::openat(
-            root,
-            &tmp,
-            OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-            Mode::from_raw_mode(0o644),
-        )
-        .map_err(|e| self.error(&tmp, e.into()))?;
-        let mut copy = File::from(fd);
-        let copied = io::copy(&mut &*file, &mut copy)
-            .and_then(|_| rustix::fs::renameat(root, &tmp, root, path).map_err(io::Error::from));
+        let work = self.path.parent().unwrap_or(&self.path);
+        let tmp = work.join(format!(".unshare-{:016x}", rand::random::<u64>()));
+        let copied = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o644)
+            .open(&tmp)
+            .and_then(|mut copy| io::copy(&mut &*file, &mut copy))
+            .and_then(|_| {
+                rustix::fs::renameat(rustix::fs::CWD, &tmp, root, path).map_err(io::Error::from)
+            });
         if let Err(e) = copied {
-            let _ = rustix::fs::unlinkat(root, &tmp, rustix::fs::AtFlags::empty());
+            let _ = fs::remove_file(&tmp);
             return Err(self.error(path, e));
         }
         Ok(())
@@ -615,6 +617,8 @@ mod tests {
             .collect();
         names.sort();
         assert_eq!(names, ["a", "b", "c", "e"]);
+        let work: Vec<_> = fs::read_dir(dir.path()).unwrap().collect();
+        assert_eq!(work.len(), 1, "only the tree in the work directory");
     }
 
     /// A finished download's tree is renamed into the cache while peers are still served from

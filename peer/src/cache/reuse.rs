@@ -13,8 +13,9 @@
 //!
 //! A reused file of a piece or more owns its pieces (it starts on a piece boundary, padding
 //! after it). When the cached version's seal recorded the file (`verify.rs`) and it is still
-//! that file (same inode, length, modification and change times: nothing wrote to it since
-//! install checked its SHA-256), its pieces in the new version are **trusted**
+//! that file (same inode, length and modification time: nothing wrote to it since install
+//! checked its SHA-256; the change time also moves on a link made or removed, so it is left
+//! out), its pieces in the new version are **trusted**
 //! ([`Reused::trusted`]): the download counts them as verified without reading them. Its bytes
 //! are the ones install checked against the SHA-256 the new version names too, and a piece of
 //! it is those bytes and padding; so this holds when the two versions' piece lengths differ (a
@@ -57,14 +58,18 @@ pub struct Reused {
     /// Pieces of the new version that hold only bytes of reused files as the cached version
     /// verified them (see the module doc), in order.
     pub trusted: Vec<u32>,
+    /// The files those pieces are of (indices in the new metainfo's files, in order), each
+    /// with its stamp from the cached version's seal: a file whose bytes moved since (a
+    /// write after the link) is read at install after all.
+    pub trusted_files: Vec<(usize, Unchanged)>,
 }
 
 /// Where a cached version holds a file.
 struct Held {
     path: PathBuf,
     mode: u32,
-    /// It is as its version's seal recorded it.
-    sealed: bool,
+    /// Its version's seal's stamp of it, when it is still as the seal recorded it.
+    sealed: Option<Unchanged>,
 }
 
 /// Each file's offset in the torrent.
@@ -80,14 +85,34 @@ fn starts(meta: &Metainfo) -> Vec<u64> {
         .collect()
 }
 
-/// The pieces of the file at `start` of `len` bytes when it owns them (a piece long or more,
-/// so on a piece boundary with padding after it): their indices.
-fn own_pieces(meta: &Metainfo, start: u64, len: u64) -> Option<std::ops::RangeInclusive<u32>> {
-    if len < meta.piece_length || !start.is_multiple_of(meta.piece_length) {
+/// The pieces of the file at index `at` when it owns them: their indices. It must be a piece
+/// long or more, start on a piece boundary, and be followed by padding (and empty files) up
+/// to the next one, or the end: the layout `publish` makes, checked here rather than assumed,
+/// since a metainfo's piece hashes and padding are not covered by the package's SHA-256.
+fn own_pieces(meta: &Metainfo, starts: &[u64], at: usize) -> Option<std::ops::RangeInclusive<u32>> {
+    let (start, len) = (*starts.get(at)?, meta.files.get(at)?.length);
+    let pl = meta.piece_length;
+    if len < pl || !start.is_multiple_of(pl) {
         return None;
     }
-    let first = u32::try_from(start / meta.piece_length).ok()?;
-    let last = u32::try_from((start + len - 1) / meta.piece_length).ok()?;
+    let end = start + len;
+    let boundary = end.next_multiple_of(pl).min(meta.length);
+    let mut to = end;
+    for f in &meta.files[at + 1..] {
+        if to >= boundary {
+            break;
+        }
+        match f.kind {
+            _ if f.length == 0 => {}
+            FileKind::Pad => to += f.length,
+            _ => return None,
+        }
+    }
+    if to != boundary {
+        return None;
+    }
+    let first = u32::try_from(start / pl).ok()?;
+    let last = u32::try_from((end - 1) / pl).ok()?;
     (last < meta.num_pieces()).then_some(first..=last)
 }
 
@@ -134,14 +159,14 @@ impl Cache {
                     continue;
                 }
                 let key = (sha256, f.length);
-                if held.get(&key).is_some_and(|h| h.sealed) {
+                if held.get(&key).is_some_and(|h| h.sealed.is_some()) {
                     continue;
                 }
                 let path = join(&dir.join(TREE_DIR), &f.path);
-                // Looked at before any link is made to it (a link moves its change time).
                 let sealed = sealed
                     .get(&j)
-                    .is_some_and(|&stamp| Unchanged::of(&path).is_ok_and(|now| now == stamp));
+                    .copied()
+                    .filter(|stamp| Unchanged::of(&path).is_ok_and(|now| now.same_bytes_as(stamp)));
                 held.insert(key, Held { path, mode, sealed });
             }
         }
@@ -171,8 +196,14 @@ impl Cache {
                 done.linked += 1;
                 done.bytes += f.length;
                 done.files_at.push(at);
-                if *sealed && let Some(range) = own_pieces(meta, new_at[at], f.length) {
+                // The link is the file the seal stamped (nothing replaced or wrote to it
+                // since it was looked at), and owns its pieces here.
+                if let Some(stamp) = sealed
+                    && Unchanged::of(&to).is_ok_and(|now| now.same_bytes_as(stamp))
+                    && let Some(range) = own_pieces(meta, &new_at, at)
+                {
                     done.trusted.extend(range);
+                    done.trusted_files.push((at, *stamp));
                 }
                 continue;
             }
@@ -241,13 +272,19 @@ mod tests {
             (cache, entry.dir.join(TREE_DIR).join("big"))
         };
         let v2 = version(&tmp.path().join("v2"), b"two!");
-        let big_at = v2
+        // 32 KiB pieces: big (200,000 bytes) is pieces 0 to 6, padding after it, then small.
+        assert_eq!(v2.piece_length, 32 << 10);
+        let big = 0..=6u32;
+        let small_at = v2
             .files
             .iter()
-            .position(|f| f.path == ["big"])
-            .expect("big");
-        let big = own_pieces(&v2, starts(&v2)[big_at], 200_000).expect("big owns its pieces");
-        assert!(big.clone().count() > 1, "{big:?}");
+            .position(|f| f.path == ["small"])
+            .expect("small");
+        assert_eq!(
+            own_pieces(&v2, &starts(&v2), small_at),
+            None,
+            "small is packed"
+        );
 
         // As installed: linked, and its pieces trusted; small changed, so not reused.
         let (cache, _) = install_v1("a");
@@ -255,20 +292,29 @@ mod tests {
         assert_eq!((r.linked, r.copied), (1, 0));
         assert_eq!(r.trusted, big.clone().collect::<Vec<_>>());
 
-        // Changed since install (a chmod here; a write likewise): linked, read, not trusted.
-        // (The clock's tick may need a few tries to pass.)
+        // A link made and removed moves its change time, not its bytes: still trusted.
         let (cache, cached_big) = install_v1("b");
+        fs::hard_link(&cached_big, tmp.path().join("b-link")).expect("link");
+        fs::remove_file(tmp.path().join("b-link")).expect("unlink");
+        let r = cache.reuse_into(&name, &v2, &tmp.path().join("b-work1/tree"));
+        assert_eq!(r.trusted, big.clone().collect::<Vec<_>>());
+
+        // Written since install (the same bytes, even): linked, read, not trusted. (The
+        // clock's tick may need a few tries to pass.)
+        let (cache, cached_big) = install_v1("c");
+        fs::set_permissions(&cached_big, fs::Permissions::from_mode(0o644)).expect("chmod");
         let stamp = Unchanged::of(&cached_big).expect("stamp");
+        let bytes = fs::read(&cached_big).expect("read");
         let moved = (0..1000).any(|_| {
-            fs::set_permissions(&cached_big, fs::Permissions::from_mode(0o444)).expect("chmod");
+            fs::write(&cached_big, &bytes).expect("write");
             let now = Unchanged::of(&cached_big).expect("stamp");
-            now != stamp || {
+            !now.same_bytes_as(&stamp) || {
                 std::thread::sleep(std::time::Duration::from_millis(1));
                 false
             }
         });
-        assert!(moved, "a chmod never moved the change time");
-        let r = cache.reuse_into(&name, &v2, &tmp.path().join("b-work/tree"));
+        assert!(moved, "a write never moved the modification time");
+        let r = cache.reuse_into(&name, &v2, &tmp.path().join("c-work/tree"));
         assert_eq!(r.linked, 1);
         assert!(r.trusted.is_empty(), "{:?}", r.trusted);
     }

@@ -106,7 +106,9 @@ fn owner_writable(path: &Path) -> io::Result<()> {
         for e in fs::read_dir(path)? {
             owner_writable(&e?.path())?;
         }
-    } else if md.is_file() && mode & 0o200 == 0 {
+    } else if md.is_file() && mode & 0o200 == 0 && md.nlink() == 1 {
+        // A file linked from a cached version keeps that version's modes: the download
+        // writes it copy on write (`storage.rs`), so it needs no write bit.
         fs::set_permissions(path, fs::Permissions::from_mode(mode | 0o200))?;
     }
     Ok(())
@@ -140,6 +142,14 @@ impl Unchanged {
             mtime: (md.mtime(), md.mtime_nsec()),
             ctime: (md.ctime(), md.ctime_nsec()),
         })
+    }
+
+    /// The same file with the same bytes, change time aside: what a seal's stamp can vouch
+    /// for across the cache's life. A write moves the modification time; the change time
+    /// also moves on a new link to the file, or one removed (a version evicted), which leave
+    /// its bytes alone.
+    pub fn same_bytes_as(&self, other: &Self) -> bool {
+        (self.dev, self.ino, self.len, self.mtime) == (other.dev, other.ino, other.len, other.mtime)
     }
 }
 

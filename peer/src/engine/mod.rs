@@ -404,23 +404,27 @@ impl Engine {
                 .map_err(PeerError::io("writing", &meta_path))?;
             std::fs::write(d.join("package"), n.as_str()).map_err(PeerError::io("writing", &d))?;
             let tree = d.join(storage::TREE_DIR);
-            let (mut reused, mut trusted) = (Vec::new(), Vec::new());
+            let mut r = crate::cache::Reused::default();
             if m.format == Format::Tree && !tree.exists() {
-                let r = cache.reuse_into(&n, &m, &tree);
+                r = cache.reuse_into(&n, &m, &tree);
                 if r.files() > 0 {
                     tracing::info!(package = %n, files = r.files(), linked = r.linked, bytes = r.bytes, trusted_pieces = r.trusted.len(), "starting from files of cached versions");
                 }
-                (reused, trusted) = (r.files_at, r.trusted);
             }
-            let (storage, have) = resume(&d, &m, &trusted)?;
-            // How each file reused whole is now that its pieces were read: install reads
-            // again any that changed after this.
-            let known: Vec<_> = whole_files(&m, &have, reused)
+            let (storage, have) = resume(&d, &m, &r.trusted)?;
+            // How each file reused whole is now that its pieces were read (or trusted): install
+            // reads again any that changed after this, and a trusted one whose bytes moved
+            // since its seal's stamp (written between the link and now).
+            let known: Vec<_> = whole_files(&m, &have, r.files_at)
                 .into_iter()
                 .filter_map(|at| {
                     let f = m.files.get(at)?;
-                    let path = storage::join(&tree, &f.path);
-                    Some((at, crate::cache::Unchanged::of(&path).ok()?))
+                    let now = crate::cache::Unchanged::of(&storage::join(&tree, &f.path)).ok()?;
+                    let moved = r
+                        .trusted_files
+                        .binary_search_by_key(&at, |&(i, _)| i)
+                        .is_ok_and(|k| !now.same_bytes_as(&r.trusted_files[k].1));
+                    (!moved).then_some((at, now))
                 })
                 .collect();
             Ok::<_, PeerError>((storage, have, known))
@@ -885,6 +889,10 @@ mod tests {
         for i in 0..meta.num_pieces() {
             assert_eq!(have.get(i), i != skipped, "piece {i}");
         }
+        // A trusted piece (of a file reused from a cached version) counts unread, whatever
+        // is on disk: the missing one here.
+        let (_, have) = resume(dir.path(), &meta, &[skipped]).expect("resumed download");
+        assert!(have.is_complete());
     }
 
     /// Only reused files whose every piece verified skip the install's read: a piece that
