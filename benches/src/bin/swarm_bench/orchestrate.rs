@@ -453,27 +453,34 @@ fn run_scenario(c: &Common<'_>, s: &Scenario) -> anyhow::Result<ScenarioReport> 
         None
     };
     let churn = churn::Plan::new(s, kr.t_kr_secs).filter(|_| !c.args.no_churn);
+    // A run of this scenario named `label` (its directory and log prefix), one package, no
+    // churn, hosts holding nothing.
+    let ctx_named = |label: String| Ctx {
+        hosts: &hosts,
+        topo: Some(&topo),
+        pkg: &pkg,
+        more: &[],
+        fbpkg_bin: c.fbpkg_bin,
+        self_exe: c.self_exe,
+        dir: c.work.path.join(&label),
+        logs: c.work.logs(),
+        log_prefix: label,
+        deadline,
+        t_kr_secs: kr.t_kr_secs,
+        sample_every: Duration::from_millis(c.args.sample_ms),
+        rqbit_linger: c.args.rqbit_linger,
+        agent_args: &c.args.fbpkg_agent_arg,
+        churn: None,
+        hold: None,
+    };
     let mut entries = Vec::new();
     for &which in &c.args.contenders {
         procs::check_cancelled()?;
         log_progress(&format!("{}: {}", s.name, which.name()));
         let ctx = Ctx {
-            hosts: &hosts,
-            topo: Some(&topo),
-            pkg: &pkg,
             more: &more,
-            fbpkg_bin: c.fbpkg_bin,
-            self_exe: c.self_exe,
-            dir: c.work.path.join(format!("{}-{}", s.name, which.name())),
-            logs: c.work.logs(),
-            log_prefix: format!("{}-{}", s.name, which.name()),
-            deadline,
-            t_kr_secs: kr.t_kr_secs,
-            sample_every: Duration::from_millis(c.args.sample_ms),
-            rqbit_linger: c.args.rqbit_linger,
-            agent_args: &c.args.fbpkg_agent_arg,
             churn: churn.as_ref(),
-            hold: None,
+            ..ctx_named(format!("{}-{}", s.name, which.name()))
         };
         let entry = match contenders::run(which, &ctx) {
             Ok(run) => {
@@ -513,24 +520,7 @@ fn run_scenario(c: &Common<'_>, s: &Scenario) -> anyhow::Result<ScenarioReport> 
     }
     let rollout = match &old {
         Some(old) => {
-            let ctx = Ctx {
-                hosts: &hosts,
-                topo: Some(&topo),
-                pkg: &pkg,
-                more: &[],
-                fbpkg_bin: c.fbpkg_bin,
-                self_exe: c.self_exe,
-                dir: c.work.path.join(format!("{}-rollout", s.name)),
-                logs: c.work.logs(),
-                log_prefix: format!("{}-rollout", s.name),
-                deadline,
-                t_kr_secs: kr.t_kr_secs,
-                sample_every: Duration::from_millis(c.args.sample_ms),
-                rqbit_linger: c.args.rqbit_linger,
-                agent_args: &c.args.fbpkg_agent_arg,
-                churn: None,
-                hold: None,
-            };
+            let ctx = ctx_named(format!("{}-rollout", s.name));
             Some(run_rollouts(&ctx, s, old)?)
         }
         None => None,
@@ -538,22 +528,8 @@ fn run_scenario(c: &Common<'_>, s: &Scenario) -> anyhow::Result<ScenarioReport> 
     let delta = match &delta_made {
         Some(made) => {
             let ctx = Ctx {
-                hosts: &hosts,
-                topo: Some(&topo),
-                pkg: &pkg,
-                more: &[],
-                fbpkg_bin: c.fbpkg_bin,
-                self_exe: c.self_exe,
-                dir: c.work.path.join(format!("{}-held", s.name)),
-                logs: c.work.logs(),
-                log_prefix: format!("{}-held", s.name),
-                deadline,
-                t_kr_secs: kr.t_kr_secs,
-                sample_every: Duration::from_millis(c.args.sample_ms),
-                rqbit_linger: c.args.rqbit_linger,
-                agent_args: &c.args.fbpkg_agent_arg,
-                churn: None,
                 hold: Some(&made.old),
+                ..ctx_named(format!("{}-held", s.name))
             };
             Some(run_delta(&ctx, s, made)?)
         }
