@@ -11,18 +11,18 @@
 //! version's SHA-1s; a second pass over it would cost a delta what a full fetch's install
 //! costs.
 //!
-//! Install records each file of a tree as it left it (`verify.rs`, beside the seal). A reused
-//! file that is still that file (same inode, length and modification time: nothing wrote to
-//! it since install checked its SHA-256; the change time also moves on a link made or
-//! removed, so it is left out), before and after it is linked, is **trusted**: its bytes are
-//! the ones install checked against the SHA-256 the new version names too. A piece of the
-//! new version whose every byte is padding or a trusted file's is counted verified without
-//! being read ([`Reused::trusted`]): a large unchanged file's pieces, and the pieces of small
-//! files packed together when none of them changed. Reading them again would cost a delta a
-//! read of the whole tree, as much disk as a full fetch writes. This holds whatever the two
-//! versions' piece lengths (a package near a power-of-two size has two). What the stamps
-//! cannot vouch for (bit rot since install) they could not for the cached version either,
-//! which launches without a read; `fbpkg-rs verify` reads everything.
+//! A reused file of a piece or more owns its pieces (it starts on a piece boundary, padding
+//! after it). When the cached version's seal recorded the file (`verify.rs`) and it is still
+//! that file (same inode, length and modification time: nothing wrote to it since install
+//! checked its SHA-256; the change time also moves on a link made or removed, so it is left
+//! out), its pieces in the new version are **trusted**
+//! ([`Reused::trusted`]): the download counts them as verified without reading them. Its bytes
+//! are the ones install checked against the SHA-256 the new version names too, and a piece of
+//! it is those bytes and padding; so this holds when the two versions' piece lengths differ (a
+//! package near a power-of-two size). Reading them again would cost a delta a read of every
+//! unchanged large file, as much disk as a full fetch writes. What the seal cannot vouch for
+//! (bit rot since install) it could not for the cached version either, which launches without
+//! a read; `fbpkg-rs verify` reads everything.
 //!
 //! A file that keeps its mode is **hard-linked**, so the two versions share its blocks on
 //! disk; one whose mode changed is copied. A linked file is copy on write in the download
@@ -55,12 +55,12 @@ pub struct Reused {
     pub copied: usize,
     /// Their bytes.
     pub bytes: u64,
-    /// Pieces of the new version that hold only padding and bytes of trusted files (see the
-    /// module doc), in order.
+    /// Pieces of the new version that hold only bytes of reused files as the cached version
+    /// verified them (see the module doc), in order.
     pub trusted: Vec<u32>,
-    /// The trusted files (indices in the new metainfo's files, in order), each with its
-    /// stamp from the cached version's install: a file whose bytes moved since (a write after
-    /// the link) is read at install after all.
+    /// The files those pieces are of (indices in the new metainfo's files, in order), each
+    /// with its stamp from the cached version's seal: a file whose bytes moved since (a
+    /// write after the link) is read at install after all.
     pub trusted_files: Vec<(usize, Unchanged)>,
 }
 
@@ -85,27 +85,35 @@ fn starts(meta: &Metainfo) -> Vec<u64> {
         .collect()
 }
 
-/// The pieces of `meta` whose every byte is padding or a byte of a file at `trusted`
-/// (indices in `meta.files`, in order), in order. None when no file is trusted.
-fn trusted_pieces(meta: &Metainfo, trusted: &[(usize, Unchanged)]) -> Vec<u32> {
-    if trusted.is_empty() {
-        return Vec::new();
-    }
-    let mut ok = vec![true; meta.num_pieces() as usize];
+/// The pieces of the file at index `at` when it owns them: their indices. It must be a piece
+/// long or more, start on a piece boundary, and be followed by padding (and empty files) up
+/// to the next one, or the end: the layout `publish` makes, checked here rather than assumed,
+/// since a metainfo's piece hashes and padding are not covered by the package's SHA-256.
+fn own_pieces(meta: &Metainfo, starts: &[u64], at: usize) -> Option<std::ops::RangeInclusive<u32>> {
+    let (start, len) = (*starts.get(at)?, meta.files.get(at)?.length);
     let pl = meta.piece_length;
-    for ((at, f), start) in meta.files.iter().enumerate().zip(starts(meta)) {
-        let trusted = || trusted.binary_search_by_key(&at, |&(i, _)| i).is_ok();
-        if f.length == 0 || f.kind == FileKind::Pad || trusted() {
-            continue;
+    if len < pl || !start.is_multiple_of(pl) {
+        return None;
+    }
+    let end = start + len;
+    let boundary = end.next_multiple_of(pl).min(meta.length);
+    let mut to = end;
+    for f in &meta.files[at + 1..] {
+        if to >= boundary {
+            break;
         }
-        let (first, last) = (start / pl, (start + f.length - 1) / pl);
-        for p in first..=last {
-            if let Some(p) = usize::try_from(p).ok().and_then(|p| ok.get_mut(p)) {
-                *p = false;
-            }
+        match f.kind {
+            _ if f.length == 0 => {}
+            FileKind::Pad => to += f.length,
+            _ => return None,
         }
     }
-    (0..meta.num_pieces()).filter(|&i| ok[i as usize]).collect()
+    if to != boundary {
+        return None;
+    }
+    let first = u32::try_from(start / pl).ok()?;
+    let last = u32::try_from((end - 1) / pl).ok()?;
+    (last < meta.num_pieces()).then_some(first..=last)
 }
 
 impl Reused {
@@ -165,6 +173,7 @@ impl Cache {
         if held.is_empty() {
             return done;
         }
+        let new_at = starts(meta);
         for (at, f) in meta.files.iter().enumerate() {
             let FileKind::Regular { sha256, mode } = f.kind else {
                 continue;
@@ -187,11 +196,13 @@ impl Cache {
                 done.linked += 1;
                 done.bytes += f.length;
                 done.files_at.push(at);
-                // The link is the file install stamped (nothing replaced or wrote to it since
-                // it was looked at).
+                // The link is the file the seal stamped (nothing replaced or wrote to it
+                // since it was looked at), and owns its pieces here.
                 if let Some(stamp) = sealed
                     && Unchanged::of(&to).is_ok_and(|now| now.same_bytes_as(stamp))
+                    && let Some(range) = own_pieces(meta, &new_at, at)
                 {
+                    done.trusted.extend(range);
                     done.trusted_files.push((at, *stamp));
                 }
                 continue;
@@ -210,7 +221,6 @@ impl Cache {
                 }
             }
         }
-        done.trusted = trusted_pieces(meta, &done.trusted_files);
         done
     }
 }
@@ -225,19 +235,13 @@ mod tests {
     use crate::archive::ExtractLimits;
     use crate::cache::Handoff;
 
-    /// A tree of a large file `big` (several pieces), a small one, `small`, and with `zz`
-    /// a second large file after them (so `small` and padding make a piece).
-    fn version(dir: &Path, small: &[u8], zz: bool) -> Metainfo {
+    /// A tree of a large file `big` (several pieces) and a small one, `small`.
+    fn version(dir: &Path, small: &[u8]) -> Metainfo {
         let big: Vec<u8> = (0..200_000u32).map(|i| (i % 241) as u8).collect();
         fs::create_dir_all(dir).expect("dir");
         fs::write(dir.join("big"), &big).expect("big");
         fs::write(dir.join("small"), small).expect("small");
-        let mut names = vec!["big", "small"];
-        if zz {
-            fs::write(dir.join("zz"), vec![7u8; 40_000]).expect("zz");
-            names.push("zz");
-        }
-        let items = names
+        let items = ["big", "small"]
             .iter()
             .map(|n| TreeItem::File {
                 path: vec![(*n).to_owned()],
@@ -261,33 +265,32 @@ mod tests {
         let install_v1 = |cache: &str| {
             let cache = Cache::new(tmp.path().join(cache));
             let src = tmp.path().join(format!("v1-{}", rand::random::<u32>()));
-            let v1 = version(&src, b"one", false);
+            let v1 = version(&src, b"one");
             let entry = cache
                 .install(&name, &v1, &src, Handoff::Move, &ExtractLimits::default())
                 .expect("install v1");
             (cache, entry.dir.join(TREE_DIR).join("big"))
         };
-        let v2 = version(&tmp.path().join("v2"), b"two!", false);
-        // 32 KiB pieces: big (200,000 bytes) is pieces 0 to 6, padding after it, then small
-        // in piece 7.
-        assert_eq!((v2.piece_length, v2.num_pieces()), (32 << 10, 8));
+        let v2 = version(&tmp.path().join("v2"), b"two!");
+        // 32 KiB pieces: big (200,000 bytes) is pieces 0 to 6, padding after it, then small.
+        assert_eq!(v2.piece_length, 32 << 10);
         let big = 0..=6u32;
+        let small_at = v2
+            .files
+            .iter()
+            .position(|f| f.path == ["small"])
+            .expect("small");
+        assert_eq!(
+            own_pieces(&v2, &starts(&v2), small_at),
+            None,
+            "small is packed"
+        );
 
-        // As installed: linked, and its pieces trusted; small changed, so not reused, and
-        // its piece is read.
+        // As installed: linked, and its pieces trusted; small changed, so not reused.
         let (cache, _) = install_v1("a");
         let r = cache.reuse_into(&name, &v2, &tmp.path().join("a-work1/tree"));
         assert_eq!((r.linked, r.copied), (1, 0));
         assert_eq!(r.trusted, big.clone().collect::<Vec<_>>());
-
-        // small unchanged and a new large file after it: small's piece (small and padding)
-        // is trusted too, the new file's are not.
-        let v3 = version(&tmp.path().join("v3"), b"one", true);
-        assert_eq!(v3.num_pieces(), 10);
-        let (cache, _) = install_v1("z");
-        let r = cache.reuse_into(&name, &v3, &tmp.path().join("z-work/tree"));
-        assert_eq!((r.linked, r.trusted_files.len()), (2, 2));
-        assert_eq!(r.trusted, (0..=7).collect::<Vec<_>>());
 
         // A link made and removed moves its change time, not its bytes: still trusted.
         let (cache, cached_big) = install_v1("b");

@@ -44,11 +44,6 @@ use crate::storage::join;
 /// The seal in each entry: the archive's size and mtime at install.
 pub const SEAL_FILE: &str = ".fbpkg.stamp";
 const SEAL_TMP: &str = ".fbpkg.stamp.tmp";
-/// A tree package's files as install left them (inode, length, times), for a new version
-/// that reuses them (`reuse.rs`). Apart from the seal, which every launch reads: a tree of
-/// thousands of files makes this hundreds of KiB.
-const STAMPS_FILE: &str = ".fbpkg.files";
-const STAMPS_TMP: &str = ".fbpkg.files.tmp";
 /// Where corrupt entries go, under the cache root.
 pub const QUARANTINE: &str = ".quarantine";
 /// Quarantined entries kept by default: enough to compare a few incidents, bounded because
@@ -70,6 +65,12 @@ struct SealData {
     /// the metainfo unchanged (this) and the bytes unchanged (the SHA-256), they still match:
     /// verify need not hash every piece again, which halves its cost.
     info_hash: String,
+    /// A tree package's files of a piece or more (so each owns its pieces) as they were when
+    /// sealed, by index in the metainfo's files: a new version of the package that reuses
+    /// one still as it was trusts its pieces that hash the same in both versions without
+    /// reading them (`reuse.rs`). Absent in seals of files, and of trees sealed before.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    files: Vec<(usize, Unchanged)>,
 }
 
 /// What [`Cache::check_seal`] found.
@@ -128,8 +129,17 @@ pub(super) fn write_seal(dir: &Path, metainfo: &Metainfo) -> Result<()> {
     let path = dir.join(file);
     let meta = fs::symlink_metadata(&path).map_err(PeerError::io("reading metadata", &path))?;
     let (mtime_s, mtime_ns) = mtime(&meta);
+    let mut files = Vec::new();
     if metainfo.format == Format::Tree {
-        write_stamps(dir, metainfo)?;
+        for (at, f) in metainfo.files.iter().enumerate() {
+            if f.is_regular() && f.length >= metainfo.piece_length {
+                let file = join(&path, &f.path);
+                files.push((
+                    at,
+                    Unchanged::of(&file).map_err(PeerError::io("reading metadata", &file))?,
+                ));
+            }
+        }
     }
     let seal = SealData {
         file: file.to_owned(),
@@ -138,6 +148,7 @@ pub(super) fn write_seal(dir: &Path, metainfo: &Metainfo) -> Result<()> {
         mtime_s,
         mtime_ns,
         info_hash: metainfo.info_hash.to_hex(),
+        files,
     };
     let bytes = serde_json::to_vec(&seal).map_err(|e| PeerError::BadInput(e.to_string()))?;
     let tmp = dir.join(SEAL_TMP);
@@ -146,32 +157,13 @@ pub(super) fn write_seal(dir: &Path, metainfo: &Metainfo) -> Result<()> {
     fs::rename(&tmp, &dest).map_err(PeerError::io("writing", &dest))
 }
 
-/// Record in entry `dir` each regular file of the tree package as it is now, by index in
-/// the metainfo's files ([`STAMPS_FILE`]). Written with the seal, after the tree's modes are
-/// set, and read by [`sealed_files`].
-fn write_stamps(dir: &Path, metainfo: &Metainfo) -> Result<()> {
-    let tree = dir.join(TREE_DIR);
-    let mut files = Vec::new();
-    for (at, f) in metainfo.files.iter().enumerate() {
-        if f.is_regular() && f.length > 0 {
-            let file = join(&tree, &f.path);
-            let stamp = Unchanged::of(&file).map_err(PeerError::io("reading metadata", &file))?;
-            files.push((at, stamp));
-        }
-    }
-    let bytes = serde_json::to_vec(&files).map_err(|e| PeerError::BadInput(e.to_string()))?;
-    let (tmp, dest) = (dir.join(STAMPS_TMP), dir.join(STAMPS_FILE));
-    fs::write(&tmp, bytes).map_err(PeerError::io("writing", &tmp))?;
-    fs::rename(&tmp, &dest).map_err(PeerError::io("writing", &dest))
-}
-
-/// The files of the tree package in entry `dir` as install left them (see
-/// [`STAMPS_FILE`]), in order; none when they were not recorded, or cannot be read.
+/// The files of the tree package in entry `dir` as its seal recorded them (see
+/// [`SealData::files`]); none when there is no seal, or it cannot be read.
 pub(super) fn sealed_files(dir: &Path) -> Vec<(usize, Unchanged)> {
-    fs::read(dir.join(STAMPS_FILE))
-        .ok()
-        .and_then(|b| serde_json::from_slice(&b).ok())
-        .unwrap_or_default()
+    match read_seal(dir) {
+        Ok(Some(seal)) if seal.dir => seal.files,
+        _ => Vec::new(),
+    }
 }
 
 fn read_seal(dir: &Path) -> io::Result<Option<SealData>> {
@@ -370,7 +362,6 @@ impl Cache {
                 || name == METAINFO_FILE
                 || name == SEAL_FILE
                 || name == SEAL_TMP
-                || (meta.format == Format::Tree && (name == STAMPS_FILE || name == STAMPS_TMP))
                 || (name == TREE_DIR && meta.format.is_directory());
             if !expected {
                 report.problems.push(format!(
