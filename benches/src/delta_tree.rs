@@ -185,7 +185,8 @@ pub fn tree_bytes(root: &Path) -> anyhow::Result<u64> {
     Ok(total)
 }
 
-fn file_len(path: &Path) -> u64 {
+/// `path`'s length, 0 when it cannot be read.
+pub fn file_len(path: &Path) -> u64 {
     std::fs::metadata(path).map_or(0, |m| m.len())
 }
 

@@ -269,7 +269,8 @@ impl PackageData {
         }
         let open = |rw: bool| self.open(path, rw);
         // A kept handle of a download is opened for writing up front, except where the file is
-        // read-only: one reused from a cached version (a hard link), whose pieces all verify.
+        // read-only: one reused from a cached version whose other links were gone at open (a
+        // file still linked elsewhere is written copy on write, and never kept).
         let file = match open(self.writable && (write || s.keep)) {
             Err(e) if !write && s.keep && e.kind() == io::ErrorKind::PermissionDenied => {
                 open(false)?
@@ -414,6 +415,19 @@ impl PackageData {
         }
         Ok(())
     }
+}
+
+/// Each of `meta`'s files' offset in the torrent, in order.
+pub(crate) fn file_starts(meta: &Metainfo) -> Vec<u64> {
+    let mut at = 0u64;
+    meta.files
+        .iter()
+        .map(|f| {
+            let start = at;
+            at += f.length;
+            start
+        })
+        .collect()
 }
 
 /// `root` with a tree file's path components under it.

@@ -327,7 +327,7 @@ fn run(args: &Args, bin: &Path, base: &Path) -> anyhow::Result<()> {
     let v2 = net.publish("origin", &src)?;
     let metainfo_bytes = {
         let sha = v2.split_once(':').map_or("", |(_, s)| s);
-        file_len(&base.join("origin/cache/app").join(sha).join(METAINFO_FILE))
+        delta_tree::file_len(&base.join("origin/cache/app").join(sha).join(METAINFO_FILE))
     };
     eprintln!("delta: {} hosts holding {v1} fetch {v2}", args.hosts);
     let delta = measure(&net, &holders, &v2, args.get_timeout, "delta")?;
@@ -420,10 +420,6 @@ fn print(r: &Report, hosts: usize) {
         limit / f64::from(1 << 20),
         if met { "met" } else { "MISSED" }
     );
-}
-
-fn file_len(path: &Path) -> u64 {
-    std::fs::metadata(path).map_or(0, |m| m.len())
 }
 
 /// Bytes of disk the files under `root` take, each inode once (as `du` counts hard links).

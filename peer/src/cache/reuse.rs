@@ -42,7 +42,7 @@ use fbpkg_common::metainfo::{FileKind, Format, Metainfo};
 use fbpkg_common::pkgref::PackageName;
 
 use super::{Cache, METAINFO_FILE, TREE_DIR, Unchanged};
-use crate::storage::join;
+use crate::storage::{file_starts, join};
 
 /// What [`Cache::reuse_into`] put in a download's tree.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -70,19 +70,6 @@ struct Held {
     mode: u32,
     /// Its version's seal's stamp of it, when it is still as the seal recorded it.
     sealed: Option<Unchanged>,
-}
-
-/// Each file's offset in the torrent.
-fn starts(meta: &Metainfo) -> Vec<u64> {
-    let mut at = 0u64;
-    meta.files
-        .iter()
-        .map(|f| {
-            let start = at;
-            at += f.length;
-            start
-        })
-        .collect()
 }
 
 /// The pieces of the file at index `at` when it owns them: their indices. It must be a piece
@@ -173,7 +160,7 @@ impl Cache {
         if held.is_empty() {
             return done;
         }
-        let new_at = starts(meta);
+        let new_at = file_starts(meta);
         for (at, f) in meta.files.iter().enumerate() {
             let FileKind::Regular { sha256, mode } = f.kind else {
                 continue;
@@ -281,7 +268,7 @@ mod tests {
             .position(|f| f.path == ["small"])
             .expect("small");
         assert_eq!(
-            own_pieces(&v2, &starts(&v2), small_at),
+            own_pieces(&v2, &file_starts(&v2), small_at),
             None,
             "small is packed"
         );

@@ -67,8 +67,8 @@ struct SealData {
     info_hash: String,
     /// A tree package's files of a piece or more (so each owns its pieces) as they were when
     /// sealed, by index in the metainfo's files: a new version of the package that reuses
-    /// one still as it was trusts its pieces that hash the same in both versions without
-    /// reading them (`reuse.rs`). Absent in seals of files, and of trees sealed before.
+    /// one still as it was trusts the pieces the file owns there without reading them
+    /// (`reuse.rs`). Absent in seals of files, and of trees sealed before.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     files: Vec<(usize, Unchanged)>,
 }

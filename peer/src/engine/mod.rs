@@ -730,12 +730,7 @@ fn whole_files(meta: &Metainfo, have: &Bitfield, candidates: Vec<usize>) -> Vec<
     if candidates.is_empty() {
         return candidates;
     }
-    let mut offset = 0u64;
-    let mut starts = Vec::with_capacity(meta.files.len());
-    for f in &meta.files {
-        starts.push(offset);
-        offset += f.length;
-    }
+    let starts = storage::file_starts(meta);
     candidates
         .into_iter()
         .filter(|&at| {

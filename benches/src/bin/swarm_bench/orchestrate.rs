@@ -21,7 +21,7 @@ use crate::contenders::{self, Ctx, PACKAGE_NAME, Package, TRACKER_PORT, Which, c
 use crate::cpu::{self, CpuReport, CpuSettings};
 use crate::measure::{ContenderRun, tree_digests};
 use crate::procs;
-use crate::topology::{Endpoint, Topology, sysctl_in};
+use crate::topology::{Topology, sysctl_in};
 use crate::{Args, is_root};
 
 /// One contender's slot in a scenario.
@@ -240,7 +240,7 @@ fn run_delta(ctx: &Ctx<'_>, s: &Scenario, made: &DeltaMade) -> anyhow::Result<De
     procs::check_cancelled()?;
     let (run, error) = match result {
         Ok(run) => {
-            let received = received_per_host(&run, &ctx.hosts.leechers);
+            let received = received_per_host(&run);
             log_progress(&format!(
                 "{}: fbpkg-rs from N: T_last {} received per host {} (target {})",
                 s.name,
@@ -279,11 +279,16 @@ fn run_delta(ctx: &Ctx<'_>, s: &Scenario, made: &DeltaMade) -> anyhow::Result<De
 }
 
 /// Piece bytes each leecher's agent says it received of the package (fbpkg-rs runs only).
-fn received_per_host(run: &ContenderRun, leechers: &[Endpoint]) -> Vec<u64> {
-    leechers
+fn received_per_host(run: &ContenderRun) -> Vec<u64> {
+    run.leechers
         .iter()
-        .filter_map(|h| run.payload["per_agent"][&h.label]["downloaded"].as_u64())
+        .filter_map(|l| received(run, &l.host))
         .collect()
+}
+
+/// Piece bytes host `label`'s agent says it received of the package (fbpkg-rs runs only).
+fn received(run: &ContenderRun, label: &str) -> Option<u64> {
+    run.payload["per_agent"][label]["downloaded"].as_u64()
 }
 
 /// `lo–hi MiB` of `bytes`, or `-` when empty.
@@ -320,14 +325,11 @@ fn delta_table(d: &DeltaReport, entries: &[Entry], n: usize) -> String {
     };
     for (name, run) in rows {
         let Some(run) = run else { continue };
-        let leechers: Vec<&str> = run.leechers.iter().map(|l| l.host.as_str()).collect();
-        let received: Vec<u64> = leechers
+        let received = received_per_host(run);
+        let wire: Vec<u64> = run
+            .leechers
             .iter()
-            .filter_map(|h| run.payload["per_agent"][*h]["downloaded"].as_u64())
-            .collect();
-        let wire: Vec<u64> = leechers
-            .iter()
-            .filter_map(|h| run.hosts_wire.get(*h).map(|w| w.down))
+            .filter_map(|l| run.hosts_wire.get(&l.host).map(|w| w.down))
             .collect();
         let sm = run.summary.as_ref();
         t.push_str(&format!(
@@ -347,13 +349,10 @@ fn delta_table(d: &DeltaReport, entries: &[Entry], n: usize) -> String {
     }
     let verdict = match &d.run {
         Some(run) => {
-            let received = run
+            let hosts_ok = run
                 .leechers
                 .iter()
-                .map(|l| run.payload["per_agent"][&l.host]["downloaded"].as_u64());
-            let hosts_ok = received
-                .into_iter()
-                .all(|r| r.is_some_and(|r| r <= d.target_bytes));
+                .all(|l| received(run, &l.host).is_some_and(|r| r <= d.target_bytes));
             let origin_ok = run
                 .seed_payload_bytes
                 .is_some_and(|b| b / n.max(1) as u64 <= d.target_bytes);
