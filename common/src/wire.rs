@@ -367,11 +367,20 @@ pub mod ext {
     /// Largest `reqq` believed: more is a peer's boast, not a queue.
     pub const MAX_REQQ: u32 = 4096;
 
-    /// Our extension handshake: `{m: {fbpkg_zblock: 1}, reqq, v}`.
-    pub fn handshake(reqq: u32, version: &str) -> Vec<u8> {
-        let mut w = Writer::with_capacity(64);
-        w.dict()
-            .bytes(b"m")
+    /// Key of the extension handshake naming the compression dictionary (its zstd id) the
+    /// sender holds for this torrent, from the metainfo's `x-fbpkg-zdict`: a peer that holds
+    /// the same one may compress blocks for us with it.
+    pub const ZDICT: &str = "fbpkg_zdict";
+
+    /// Our extension handshake: `{fbpkg_zdict, m: {fbpkg_zblock: 1}, reqq, v}`, the first key
+    /// only with a dictionary.
+    pub fn handshake(reqq: u32, version: &str, zdict: Option<u32>) -> Vec<u8> {
+        let mut w = Writer::with_capacity(80);
+        w.dict();
+        if let Some(id) = zdict {
+            w.key_int(ZDICT, i64::from(id));
+        }
+        w.bytes(b"m")
             .dict()
             .key_int(ZBLOCK, i64::from(ZBLOCK_ID))
             .end()
@@ -388,6 +397,14 @@ pub mod ext {
         let Value::Dict(d) = top else { return None };
         let n = bencode::get(&d, "reqq")?.as_int()?;
         u32::try_from(n).ok().filter(|n| (1..=MAX_REQQ).contains(n))
+    }
+
+    /// The compression dictionary a peer's extension handshake says it holds ([`ZDICT`]).
+    pub fn zdict_id(payload: &[u8]) -> Option<u32> {
+        let top = bencode::decode(payload, &LIMITS).ok()?;
+        let Value::Dict(d) = top else { return None };
+        let id = bencode::get(&d, ZDICT)?.as_int()?;
+        u32::try_from(id).ok().filter(|&id| id != 0)
     }
 
     /// The id a peer's extension handshake gives [`ZBLOCK`], if it offers it (1 to 255; 0
@@ -442,8 +459,17 @@ pub mod ext {
 
         #[test]
         fn zblock_is_offered_and_round_trips() {
-            let ours = handshake(512, "fbpkg-rs 0.1");
+            let ours = handshake(512, "fbpkg-rs 0.1", None);
             assert_eq!(zblock_id(&ours), Some(ZBLOCK_ID));
+            assert_eq!(zdict_id(&ours), None);
+            let with = handshake(512, "fbpkg-rs 0.1", Some(0x8000_0001));
+            assert_eq!(
+                (zblock_id(&with), zdict_id(&with), reqq(&with)),
+                (Some(ZBLOCK_ID), Some(0x8000_0001), Some(512))
+            );
+            assert_eq!(zdict_id(b"d11:fbpkg_zdicti0ee"), None, "no dictionary");
+            assert_eq!(zdict_id(b"d11:fbpkg_zdicti-4ee"), None, "not an id");
+            assert_eq!(zdict_id(b"d11:fbpkg_zdict3:abce"), None, "not an id");
             assert_eq!(
                 zblock_id(b"d1:md6:ut_pexi1ee4:reqqi250ee"),
                 None,
@@ -470,7 +496,7 @@ pub mod ext {
 
         #[test]
         fn reqq_round_trips_and_nonsense_is_none() {
-            let ours = handshake(512, "fbpkg-rs 0.1");
+            let ours = handshake(512, "fbpkg-rs 0.1", None);
             assert_eq!(
                 ours,
                 b"d1:md12:fbpkg_zblocki1ee4:reqqi512e1:v12:fbpkg-rs 0.1e"

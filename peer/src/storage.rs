@@ -129,6 +129,12 @@ impl PackageData {
         Self::tree(root, meta, true, &shared)
     }
 
+    /// Open the tree at `root` read-only, as `meta` lays it out (a tree package being
+    /// published, before it is in the cache).
+    pub fn open_tree_at(root: &Path, meta: &Metainfo) -> io::Result<Self> {
+        Self::tree(root.to_path_buf(), meta, false, &[])
+    }
+
     /// Open a complete package read-only for seeding: `entry`'s file named in the metainfo,
     /// or its tree. Every file must have its length.
     pub fn open_complete(entry: &Path, meta: &Metainfo) -> io::Result<Self> {

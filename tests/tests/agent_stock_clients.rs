@@ -385,7 +385,7 @@ async fn a_seeds_reqq_caps_the_requests_outstanding() {
     Message::HaveAll.encode(&mut out);
     Message::Extended {
         id: ext::HANDSHAKE_ID,
-        payload: ext::handshake(REQQ as u32, "fake 1.0").into(),
+        payload: ext::handshake(REQQ as u32, "fake 1.0", None).into(),
     }
     .encode(&mut out);
     Message::Unchoke.encode(&mut out);

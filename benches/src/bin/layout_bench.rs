@@ -16,7 +16,8 @@
 //! whole), what it takes between fbpkg-rs agents, which send blocks zstd-compressed (read
 //! here through the engine's storage from the cache entry and compressed by the engine's own
 //! encoder, a piece per batch), its padding and metainfo, and the cache entry (tree +
-//! metainfo). Both entries are
+//! metainfo). The tree's metainfo carries the compression dictionary `publish` trains (its
+//! training time is given), and the row says what agents would send without it. Both entries are
 //! made by `Cache::install` into a scratch cache, as a publish on that host would, and measured
 //! in blocks. Publishing costs (read, hash, compress) are timed too, single-threaded, from the
 //! page cache after a first read.
@@ -32,7 +33,7 @@ use fbpkg_common::pkgref::PackageName;
 use fbpkg_common::wire::BlockRef;
 use fbpkg_peer::archive::{self, ExtractLimits};
 use fbpkg_peer::cache::{Cache, Handoff};
-use fbpkg_peer::engine::zstream::BatchEncoder;
+use fbpkg_peer::engine::zstream::{self, BatchEncoder};
 use fbpkg_peer::storage::PackageData;
 use serde::Serialize;
 
@@ -63,8 +64,15 @@ struct Row {
     tar_zst_secs: f64,
     tar_entry_disk: u64,
     tree_torrent_bytes: u64,
-    /// The torrent as agents send it to each other: blocks compressed when smaller.
+    /// The torrent as agents send it to each other: blocks compressed when smaller, with the
+    /// metainfo's dictionary if publish trained one.
     tree_agent_wire_bytes: u64,
+    /// The same without a dictionary (as before there were any).
+    tree_agent_wire_plain_bytes: u64,
+    /// The compression dictionary in the metainfo (compressed), 0 when none paid.
+    tree_dict_bytes: u64,
+    /// Time to train it.
+    tree_dict_secs: f64,
     tree_pad_bytes: u64,
     tree_metainfo_bytes: u64,
     tree_pieces: u32,
@@ -153,9 +161,21 @@ fn measure(source: &Path) -> anyhow::Result<Row> {
     let started = Instant::now();
     let tree = Metainfo::build_tree(items, open, "bench", announce)?;
     let tree_secs = started.elapsed().as_secs_f64();
+    // What publish adds: the compression dictionary, when it pays.
+    let started = Instant::now();
+    let published = PackageData::open_tree_at(dir, &tree)?;
+    let trained = zstream::train(&tree, |at, buf| published.read_at(at, buf))?;
+    let tree_dict_secs = started.elapsed().as_secs_f64();
+    let tree_dict_bytes = trained.as_ref().map_or(0, |t| t.zdict.len() as u64);
+    let tree = match trained {
+        Some(t) => tree.with_zdict(t.zdict)?,
+        None => tree,
+    };
     let entry = cache.install(&name, &tree, dir, Handoff::Copy, &ExtractLimits::default())?;
     let tree_entry_disk = disk(&entry.dir)?;
-    let tree_agent_wire_bytes = agent_wire(&entry.dir, &tree)?;
+    let dict = zstream::Dictionary::of(&tree).map_err(anyhow::Error::msg)?;
+    let tree_agent_wire_bytes = agent_wire(&entry.dir, &tree, dict.as_ref())?;
+    let tree_agent_wire_plain_bytes = agent_wire(&entry.dir, &tree, None)?;
     let regular: Vec<_> = tree.files.iter().filter(|f| f.is_regular()).collect();
     let pad: u64 = tree
         .files
@@ -198,6 +218,9 @@ fn measure(source: &Path) -> anyhow::Result<Row> {
         tar_entry_disk,
         tree_torrent_bytes: tree.length,
         tree_agent_wire_bytes,
+        tree_agent_wire_plain_bytes,
+        tree_dict_bytes,
+        tree_dict_secs,
         tree_pad_bytes: pad,
         tree_metainfo_bytes: tree.as_bytes().len() as u64,
         tree_pieces: tree.num_pieces(),
@@ -210,7 +233,11 @@ fn measure(source: &Path) -> anyhow::Result<Row> {
 /// Block bytes an agent sends another for the whole package, each piece's blocks as one
 /// compressed batch the way the engine sends them (`fbpkg_peer::engine::zstream`; in a swarm a
 /// batch is whatever a peer has queued, mostly the blocks of a piece or two).
-fn agent_wire(entry: &Path, meta: &Metainfo) -> anyhow::Result<u64> {
+fn agent_wire(
+    entry: &Path,
+    meta: &Metainfo,
+    dict: Option<&zstream::Dictionary>,
+) -> anyhow::Result<u64> {
     let data = PackageData::open_complete(entry, meta)?;
     let block = u64::from(fbpkg_common::metainfo::BLOCK_SIZE);
     let mut buf = vec![0u8; block as usize];
@@ -218,7 +245,7 @@ fn agent_wire(entry: &Path, meta: &Metainfo) -> anyhow::Result<u64> {
     let mut wire = 0u64;
     for i in 0..meta.num_pieces() {
         let (start, len) = (meta.piece_offset(i), u64::from(meta.piece_size(i)));
-        let mut enc = BatchEncoder::new()?;
+        let mut enc = BatchEncoder::new(dict)?;
         let mut at = 0;
         while at < len {
             let n = (len - at).min(block);
@@ -261,6 +288,14 @@ fn print_row(r: &Row) {
         mib(r.tree_entry_disk),
         r.tree_entry_disk as f64 / r.tree_disk as f64,
         r.tree_secs
+    );
+    println!(
+        "           compression dictionary {:.2} MiB in the metainfo (trained in {:.2} s); without it {:.1} MiB between agents ({:.2}x the tar.zst)",
+        mib(r.tree_dict_bytes),
+        r.tree_dict_secs,
+        mib(r.tree_agent_wire_plain_bytes + r.tree_metainfo_bytes - r.tree_dict_bytes),
+        (r.tree_agent_wire_plain_bytes + r.tree_metainfo_bytes - r.tree_dict_bytes) as f64
+            / r.tar_zst_bytes as f64,
     );
     println!(
         "  tar.zst: network {:.1} MiB ({:.2}x the files), cache entry {:.1} MiB ({:.2}x the tree on disk), publish {:.2} s",

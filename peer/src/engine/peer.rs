@@ -34,7 +34,7 @@ use tokio::time::Instant;
 use super::EngineConfig;
 use super::picker::{Arrival, ConnId};
 use super::torrent::{Cmd, Phase, Refusal, Torrent, grant_next_slot};
-use super::zstream::{BatchEncoder, StreamDecoder};
+use super::zstream::{BatchEncoder, Dictionary, StreamDecoder};
 
 /// Stop filling the write buffer from storage beyond this many bytes.
 const WRITE_HIGH_WATER: usize = 96 << 10;
@@ -101,6 +101,9 @@ struct Conn {
     zblock: Option<u8>,
     /// The compressed batch this peer is sending us, if one is open.
     zin: StreamDecoder,
+    /// The package's compression dictionary, when the peer said it holds it too: batches for
+    /// it are compressed with it.
+    zdict: Option<Arc<Dictionary>>,
     /// The peer is an fbpkg-rs agent (peer id prefix `-FB`).
     /// A stock peer that speaks BEP 10: it gets our extension handshake and may send its
     /// `reqq`. Our own agents skip it: they know each other's queue, and in B1 the extra
@@ -199,6 +202,7 @@ pub(crate) async fn run(
         extended: theirs.supports_extended(),
         zblock: None,
         zin: StreamDecoder::default(),
+        zdict: None,
         ours,
         wbuf: BytesMut::with_capacity(WRITE_HIGH_WATER + (32 << 10)),
         peer_choking: true,
@@ -418,7 +422,13 @@ impl Conn {
             // After the bitfield, as libtorrent does: some clients want that first.
             self.send(&Message::Extended {
                 id: ext::HANDSHAKE_ID,
-                payload: ext::handshake(MAX_QUEUED_UPLOADS as u32, EXT_VERSION).into(),
+                payload: ext::handshake(
+                    MAX_QUEUED_UPLOADS as u32,
+                    EXT_VERSION,
+                    // Stock clients have no use for it, and need not make us prepare it.
+                    self.t.zdict().filter(|_| self.ours).map(|d| d.id()),
+                )
+                .into(),
             });
         }
     }
@@ -582,7 +592,7 @@ impl Conn {
                 }
                 let data = self
                     .zin
-                    .block(frame, length as usize)
+                    .block(frame, length as usize, self.t.zdict())
                     .map_err(End::Protocol)?;
                 self.t.count_wire(frame.len() as u64, 0);
                 self.on_block(index, begin, data.into())?
@@ -600,6 +610,8 @@ impl Conn {
                     self.peer_queue = reqq as usize;
                 }
                 self.zblock = ext::zblock_id(&payload);
+                self.zdict = ext::zdict_id(&payload)
+                    .and_then(|id| self.t.zdict().filter(|d| d.id() == id).cloned());
             }
             Message::Extended { .. } | Message::Unknown { .. } => {}
         }
@@ -833,6 +845,7 @@ impl Conn {
         check.dedup();
         let meta = self.t.meta.clone();
         let zblock = self.zblock.filter(|_| self.t.try_compress());
+        let zdict = self.zdict.clone();
         self.reading = Some(tokio::task::spawn_blocking(move || {
             for &i in &check {
                 let len = u64::from(meta.piece_size(i));
@@ -863,7 +876,8 @@ impl Conn {
             let mut wire = 0u64;
             let mut raw = Vec::new();
             // One zstd frame for the batch (see `zstream`); plain blocks if it cannot start.
-            let mut frame = zblock.and_then(|id| BatchEncoder::new().ok().map(|e| (id, e)));
+            let mut frame =
+                zblock.and_then(|id| BatchEncoder::new(zdict.as_deref()).ok().map(|e| (id, e)));
             for (k, b) in blocks.iter().enumerate() {
                 let offset = meta.piece_offset(b.index) + u64::from(b.begin);
                 let last = k + 1 == blocks.len();

@@ -21,6 +21,7 @@ use super::EngineCtx;
 use super::picker::{ConnId, Picker};
 use super::ratelimit::RateLimiter;
 use super::superseed::SeedPlanner;
+use super::zstream::Dictionary;
 use crate::cache::CachedPackage;
 use crate::error::ErrorKind;
 use crate::storage::PackageData;
@@ -169,6 +170,8 @@ pub struct Torrent {
     downloaded_wire: AtomicU64,
     /// Whether this package's blocks compress: see [`Torrent::try_compress`].
     zstats: Compressibility,
+    /// The metainfo's compression dictionary, prepared when first needed ([`Torrent::zdict`]).
+    zdict: std::sync::OnceLock<Option<Arc<Dictionary>>>,
     reported_corrupt: std::sync::atomic::AtomicBool,
     wasted: AtomicU64,
     started: Instant,
@@ -304,6 +307,7 @@ impl Torrent {
             uploaded_wire: AtomicU64::new(0),
             downloaded_wire: AtomicU64::new(0),
             zstats: Compressibility::default(),
+            zdict: std::sync::OnceLock::new(),
             reported_corrupt: std::sync::atomic::AtomicBool::new(false),
             wasted: AtomicU64::new(0),
             started: Instant::now(),
@@ -385,6 +389,21 @@ impl Torrent {
     pub(crate) fn count_wire(&self, down: u64, up: u64) {
         self.downloaded_wire.fetch_add(down, Relaxed);
         self.uploaded_wire.fetch_add(up, Relaxed);
+    }
+
+    /// The compression dictionary the metainfo carries (`zstream`), ready for use; `None`
+    /// when it has none, or one that cannot be used (said once in the log: blocks then travel
+    /// compressed without it).
+    pub(crate) fn zdict(&self) -> Option<&Arc<Dictionary>> {
+        self.zdict
+            .get_or_init(|| match Dictionary::of(&self.meta) {
+                Ok(d) => d.map(Arc::new),
+                Err(e) => {
+                    tracing::warn!(package = %self.name, "{e}; sending blocks without it");
+                    None
+                }
+            })
+            .as_ref()
     }
 
     /// Whether to compress the next batch of blocks for a peer that takes them compressed.
