@@ -367,9 +367,10 @@ pub mod ext {
     /// Largest `reqq` believed: more is a peer's boast, not a queue.
     pub const MAX_REQQ: u32 = 4096;
 
-    /// Key of the extension handshake naming the compression dictionary (its zstd id) the
-    /// sender holds for this torrent, from the metainfo's `x-fbpkg-zdict`: a peer that holds
-    /// the same one may compress blocks for us with it.
+    /// Key of the extension handshake naming the compression dictionary the sender holds for
+    /// this torrent, from the metainfo's `x-fbpkg-zdict` (by a fingerprint: the first four
+    /// bytes of its SHA-256, never 0): a peer that holds the same one may compress blocks for
+    /// us with it.
     pub const ZDICT: &str = "fbpkg_zdict";
 
     /// Our extension handshake: `{fbpkg_zdict, m: {fbpkg_zblock: 1}, reqq, v}`, the first key

@@ -5,7 +5,8 @@
 //! Our tracker runs embedded on loopback; the package is published through the catalog API.
 //! Two librqbit sessions listen on 127.0.0.1 only, with DHT, local service discovery, UPnP and
 //! persistence off, and the metainfo is private (no PEX), so the tracker's peer list is the only
-//! way B can learn of A. A seeds the file it already has; B must end up with the same bytes,
+//! way B can learn of A. The metainfo carries a compression dictionary (`x-fbpkg-zdict`, a
+//! top-level key of ours). A seeds the file it already has; B must end up with the same bytes,
 //! A must have uploaded them, and the tracker must have seen both peers, B turning seeder.
 
 use std::time::Duration;
@@ -45,6 +46,9 @@ async fn librqbit_downloads_from_librqbit_through_our_tracker() {
         FILE_NAME,
         &tracker.announce_url(),
     );
+    // With a compression dictionary, as `publish` adds to tree packages: a top-level key
+    // stock clients must pass over (the bytes are opaque to them, and to this test).
+    let metainfo = metainfo.with_zdict(vec![0x5a; 200 << 10]).unwrap();
     assert_eq!(
         publish(&client, &base, "interop", &metainfo).await.unwrap(),
         StatusCode::CREATED

@@ -179,15 +179,25 @@ fn prepare(
     })
 }
 
-/// `meta` with a compression dictionary trained on the tree at `root`, when one pays.
-fn with_dictionary(meta: Metainfo, root: &Path) -> anyhow::Result<Metainfo> {
-    let data = PackageData::open_tree_at(root, &meta)
-        .with_context(|| format!("cannot read {}", root.display()))?;
-    let trained = crate::engine::zstream::train(&meta, |at, buf| data.read_at(at, buf))
-        .with_context(|| format!("training a compression dictionary on {}", root.display()))?;
-    let Some(t) = trained else {
-        tracing::debug!("no compression dictionary: it would not pay for itself");
-        return Ok(meta);
+/// `meta` with a compression dictionary trained on the tree at `root`, when one pays. The
+/// dictionary is optional: when it cannot be made (a file changed under us, a metainfo that
+/// would grow too large), the package is published without it, with a warning.
+fn with_dictionary(meta: Metainfo, root: &Path) -> Metainfo {
+    let trained = PackageData::open_tree_at(root, &meta)
+        .and_then(|data| crate::engine::zstream::train(&meta, |at, buf| data.read_at(at, buf)));
+    let t = match trained {
+        Ok(Some(t)) => t,
+        Ok(None) => {
+            tracing::debug!("no compression dictionary: it would not pay for itself");
+            return meta;
+        }
+        Err(e) => {
+            eprintln!(
+                "fbpkg-rs: warning: publishing without a compression dictionary: reading {}: {e}",
+                root.display()
+            );
+            return meta;
+        }
     };
     let [raw, plain, with] = t.probe;
     tracing::info!(
@@ -197,7 +207,13 @@ fn with_dictionary(meta: Metainfo, root: &Path) -> anyhow::Result<Metainfo> {
         with as f64 / raw as f64,
         plain as f64 / raw as f64,
     );
-    Ok(meta.with_zdict(t.zdict)?)
+    match meta.clone().with_zdict(t.zdict) {
+        Ok(m) => m,
+        Err(e) => {
+            eprintln!("fbpkg-rs: warning: publishing without a compression dictionary: {e}");
+            meta
+        }
+    }
 }
 
 /// Read what `prepared` names once, into its metainfo.
@@ -269,7 +285,7 @@ pub(super) fn run(args: PublishArgs) -> anyhow::Result<ExitCode> {
             None => meta,
         };
         let meta = if meta.format == Format::Tree && !args.no_dictionary {
-            with_dictionary(meta, &prepared.file)?
+            with_dictionary(meta, &prepared.file)
         } else {
             meta
         };

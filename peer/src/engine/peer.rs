@@ -101,9 +101,11 @@ struct Conn {
     zblock: Option<u8>,
     /// The compressed batch this peer is sending us, if one is open.
     zin: StreamDecoder,
-    /// The package's compression dictionary, when the peer said it holds it too: batches for
-    /// it are compressed with it.
+    /// The package's compression dictionary, offered to a peer that is one of our agents
+    /// (its frames may then need it), and whether that peer said it holds the same one
+    /// (batches for it are then compressed with it).
     zdict: Option<Arc<Dictionary>>,
+    zdict_shared: bool,
     /// The peer is an fbpkg-rs agent (peer id prefix `-FB`).
     /// A stock peer that speaks BEP 10: it gets our extension handshake and may send its
     /// `reqq`. Our own agents skip it: they know each other's queue, and in B1 the extra
@@ -202,7 +204,9 @@ pub(crate) async fn run(
         extended: theirs.supports_extended(),
         zblock: None,
         zin: StreamDecoder::default(),
-        zdict: None,
+        // Stock clients have no use for it, and need not make us prepare it.
+        zdict: if ours { t.zdict() } else { None },
+        zdict_shared: false,
         ours,
         wbuf: BytesMut::with_capacity(WRITE_HIGH_WATER + (32 << 10)),
         peer_choking: true,
@@ -425,8 +429,7 @@ impl Conn {
                 payload: ext::handshake(
                     MAX_QUEUED_UPLOADS as u32,
                     EXT_VERSION,
-                    // Stock clients have no use for it, and need not make us prepare it.
-                    self.t.zdict().filter(|_| self.ours).map(|d| d.id()),
+                    self.zdict.as_ref().map(|d| d.fingerprint()),
                 )
                 .into(),
             });
@@ -592,7 +595,7 @@ impl Conn {
                 }
                 let data = self
                     .zin
-                    .block(frame, length as usize, self.t.zdict())
+                    .block(frame, length as usize, self.zdict.as_ref())
                     .map_err(End::Protocol)?;
                 self.t.count_wire(frame.len() as u64, 0);
                 self.on_block(index, begin, data.into())?
@@ -610,8 +613,9 @@ impl Conn {
                     self.peer_queue = reqq as usize;
                 }
                 self.zblock = ext::zblock_id(&payload);
-                self.zdict = ext::zdict_id(&payload)
-                    .and_then(|id| self.t.zdict().filter(|d| d.id() == id).cloned());
+                self.zdict_shared = self.zdict.as_ref().map(|d| d.fingerprint())
+                    == ext::zdict_id(&payload)
+                    && self.zdict.is_some();
             }
             Message::Extended { .. } | Message::Unknown { .. } => {}
         }
@@ -845,7 +849,7 @@ impl Conn {
         check.dedup();
         let meta = self.t.meta.clone();
         let zblock = self.zblock.filter(|_| self.t.try_compress());
-        let zdict = self.zdict.clone();
+        let zdict = self.zdict.clone().filter(|_| self.zdict_shared);
         self.reading = Some(tokio::task::spawn_blocking(move || {
             for &i in &check {
                 let len = u64::from(meta.piece_size(i));

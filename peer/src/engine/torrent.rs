@@ -170,13 +170,23 @@ pub struct Torrent {
     downloaded_wire: AtomicU64,
     /// Whether this package's blocks compress: see [`Torrent::try_compress`].
     zstats: Compressibility,
-    /// The metainfo's compression dictionary, prepared when first needed ([`Torrent::zdict`]).
-    zdict: std::sync::OnceLock<Option<Arc<Dictionary>>>,
+    /// The metainfo's compression dictionary, while connections hold it ([`Torrent::zdict`]).
+    zdict: Mutex<Zdict>,
     reported_corrupt: std::sync::atomic::AtomicBool,
     wasted: AtomicU64,
     started: Instant,
     /// Caps this download's request rate (a prefetch); lifted when someone needs it now.
     download_limit: RwLock<Option<Arc<RateLimiter>>>,
+}
+
+/// Where a torrent stands with its metainfo's compression dictionary.
+enum Zdict {
+    /// Not looked at yet.
+    Unread,
+    /// None, or one that cannot be used.
+    Absent,
+    /// Made, and alive while a connection holds it.
+    Held(std::sync::Weak<Dictionary>),
 }
 
 impl std::fmt::Debug for Torrent {
@@ -307,7 +317,7 @@ impl Torrent {
             uploaded_wire: AtomicU64::new(0),
             downloaded_wire: AtomicU64::new(0),
             zstats: Compressibility::default(),
-            zdict: std::sync::OnceLock::new(),
+            zdict: Mutex::new(Zdict::Unread),
             reported_corrupt: std::sync::atomic::AtomicBool::new(false),
             wasted: AtomicU64::new(0),
             started: Instant::now(),
@@ -393,17 +403,39 @@ impl Torrent {
 
     /// The compression dictionary the metainfo carries (`zstream`), ready for use; `None`
     /// when it has none, or one that cannot be used (said once in the log: blocks then travel
-    /// compressed without it).
-    pub(crate) fn zdict(&self) -> Option<&Arc<Dictionary>> {
-        self.zdict
-            .get_or_init(|| match Dictionary::of(&self.meta) {
-                Ok(d) => d.map(Arc::new),
-                Err(e) => {
-                    tracing::warn!(package = %self.name, "{e}; sending blocks without it");
-                    None
+    /// compressed without it). Connections to our agents hold it; once none does, it is
+    /// dropped (a seeding agent keeps many packages, each dictionary a few MiB once prepared)
+    /// and made again from the metainfo by the next one.
+    pub(crate) fn zdict(&self) -> Option<Arc<Dictionary>> {
+        let mut slot = self
+            .zdict
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        match &*slot {
+            Zdict::Absent => return None,
+            Zdict::Held(held) => {
+                if let Some(d) = held.upgrade() {
+                    return Some(d);
                 }
-            })
-            .as_ref()
+            }
+            Zdict::Unread => {}
+        }
+        match Dictionary::of(&self.meta) {
+            Ok(Some(d)) => {
+                let d = Arc::new(d);
+                *slot = Zdict::Held(Arc::downgrade(&d));
+                Some(d)
+            }
+            Ok(None) => {
+                *slot = Zdict::Absent;
+                None
+            }
+            Err(e) => {
+                tracing::warn!(package = %self.name, "{e}; sending blocks without it");
+                *slot = Zdict::Absent;
+                None
+            }
+        }
     }
 
     /// Whether to compress the next batch of blocks for a peer that takes them compressed.

@@ -16,19 +16,20 @@
 //! one batch (`/usr/lib/python3`: 1.26x its tar.zst between agents). So [`train`] builds a
 //! dictionary from samples of the package when it is published, and the metainfo carries it
 //! (`x-fbpkg-zdict`, outside the info-hash); two agents that both hold it (the extension
-//! handshake names its id) compress every batch with it, at [`DICT_LEVEL`]. Measured on
+//! handshake names it) compress every batch with it, at [`DICT_LEVEL`]. Measured on
 //! `/usr/lib/python3`'s 32 KiB pieces, each compressed alone against its tar.zst: 1.33x at
 //! level 3 without one, 1.15x with a 512 KiB dictionary at level 4, 1.06x at level 6, 1.05x
-//! at level 9; 1.11x at level 6 with 256 KiB. A frame names the dictionary it needs; a block
-//! inflated with the wrong one fails its piece's SHA-1 like any corrupt block.
+//! at level 9; 1.11x at level 6 with 256 KiB. A frame names the dictionary it needs: one
+//! we do not hold ends the connection, like any message we cannot read.
 
 use std::io;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use bytes::BytesMut;
 use fbpkg_common::metainfo::{FileKind, MAX_ZDICT_LEN, Metainfo};
 use fbpkg_common::wire::BlockRef;
 use fbpkg_common::wire::ext;
+use sha2::{Digest, Sha256};
 use zstd::dict::EncoderDictionary;
 use zstd::stream::raw::{CParameter, DParameter, Decoder, Encoder, InBuffer, Operation, OutBuffer};
 
@@ -40,7 +41,8 @@ pub const DICT_LEVEL: i32 = 6;
 /// History kept while compressing: 256 KiB, a piece or so of a typical package.
 const WINDOW_LOG: u32 = 18;
 /// Largest window a peer's frame may ask of us: what we ask of peers. A decoder lives while a
-/// frame is open, so this bounds what a connection can make us hold (~300 KiB).
+/// frame is open, so this bounds what a connection can make us hold (~300 KiB; ~900 KiB with
+/// a dictionary, which each decoder holds a copy of).
 pub(crate) const MAX_WINDOW_LOG: u32 = WINDOW_LOG;
 /// Largest dictionary trained, and accepted from a metainfo once inflated.
 pub const MAX_DICT_LEN: usize = 512 << 10;
@@ -51,13 +53,21 @@ const MOST_SAMPLED: u64 = 32 << 20;
 /// Packages smaller than this get no dictionary: it would cost about what it saves.
 const LEAST_TRAINED: u64 = 1 << 20;
 /// Decoders with the dictionary loaded (each a copy of it) kept for the next frames.
-const POOLED_DECODERS: usize = 4;
+const POOLED_DECODERS: usize = 2;
 
-/// A package's compression dictionary, ready for both directions.
+/// A package's compression dictionary, ready for both directions. A torrent keeps it only
+/// while connections use it (`Torrent::zdict`): prepared for compressing, it holds level 6's
+/// tables (a few MiB) besides its pooled decoders.
 pub struct Dictionary {
+    /// zstd's id for it, which frames compressed with it carry.
     id: u32,
+    /// What peers compare in their extension handshakes: the first bytes of its SHA-256, so
+    /// two dictionaries with one zstd id (which hashes only their content part) never pass
+    /// for each other.
+    fingerprint: u32,
     raw: Vec<u8>,
-    enc: EncoderDictionary<'static>,
+    /// Prepared for compressing when a batch first needs it (most of its memory).
+    enc: OnceLock<Result<EncoderDictionary<'static>, String>>,
     /// Decoders with `raw` loaded, between frames.
     pool: Mutex<Vec<Decoder<'static>>>,
 }
@@ -88,19 +98,30 @@ impl Dictionary {
         let id = zstd::zstd_safe::get_dict_id(&raw)
             .ok_or("compression dictionary without an id")?
             .get();
-        let enc = EncoderDictionary::try_copy(&raw, DICT_LEVEL)
-            .map_err(|e| format!("compression dictionary: {e}"))?;
+        let digest = Sha256::digest(&raw);
+        let fingerprint = u32::from_be_bytes([digest[0], digest[1], digest[2], digest[3]]);
         Ok(Self {
             id,
+            fingerprint: fingerprint.max(1),
             raw,
-            enc,
+            enc: OnceLock::new(),
             pool: Mutex::new(Vec::new()),
         })
     }
 
-    /// Its id, as frames and the extension handshake name it.
-    pub fn id(&self) -> u32 {
-        self.id
+    /// What the extension handshake names it by (never 0).
+    pub fn fingerprint(&self) -> u32 {
+        self.fingerprint
+    }
+
+    fn for_encoding(&self) -> io::Result<&EncoderDictionary<'static>> {
+        self.enc
+            .get_or_init(|| {
+                EncoderDictionary::try_copy(&self.raw, DICT_LEVEL)
+                    .map_err(|e| format!("compression dictionary: {e}"))
+            })
+            .as_ref()
+            .map_err(|e| io::Error::other(e.clone()))
     }
 
     fn decoder(&self) -> io::Result<Decoder<'static>> {
@@ -113,6 +134,7 @@ impl Dictionary {
         Ok(d)
     }
 
+    /// A decoder whose frame ended: reset (its dictionary and window limit stay) for the next.
     fn give_back(&self, mut d: Decoder<'static>) {
         if d.reinit().is_ok()
             && let Ok(mut pool) = self.pool.lock()
@@ -246,7 +268,7 @@ pub fn train(
     };
     let mut plain = zstd::bulk::Compressor::new(LEVEL)?;
     plain.set_parameter(CParameter::WindowLog(WINDOW_LOG))?;
-    let mut with = zstd::bulk::Compressor::with_prepared_dictionary(&dict.enc)?;
+    let mut with = zstd::bulk::Compressor::with_prepared_dictionary(dict.for_encoding()?)?;
     with.set_parameter(CParameter::WindowLog(WINDOW_LOG))?;
     let mut sums = [0u64; 3];
     for s in &probe {
@@ -285,7 +307,7 @@ impl<'d> BatchEncoder<'d> {
     /// A new frame, with `dict` if given (the peer holds the same one).
     pub fn new(dict: Option<&'d Dictionary>) -> io::Result<Self> {
         let mut enc = match dict {
-            Some(d) => Encoder::with_prepared_dictionary(&d.enc)?,
+            Some(d) => Encoder::with_prepared_dictionary(d.for_encoding()?)?,
             None => Encoder::new(LEVEL)?,
         };
         enc.set_parameter(CParameter::WindowLog(WINDOW_LOG))?;
