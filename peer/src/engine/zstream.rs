@@ -50,6 +50,8 @@ pub const MAX_DICT_LEN: usize = 512 << 10;
 const SAMPLE_LEN: usize = 32 << 10;
 /// Most bytes sampled from a package to train on (~3 s of one core at 32 MiB).
 const MOST_SAMPLED: u64 = 32 << 20;
+/// Zeros in a row left out of training samples ([`without_zero_runs`]).
+const ZERO_RUN: usize = 32;
 /// Packages smaller than this get no dictionary: it would cost about what it saves.
 const LEAST_TRAINED: u64 = 1 << 20;
 /// Decoders with the dictionary loaded (each a copy of it) kept for the next frames.
@@ -176,6 +178,29 @@ fn inflate_bounded(packed: &[u8], most: usize) -> Result<Vec<u8>, String> {
     Ok(out)
 }
 
+/// `s` without its runs of [`ZERO_RUN`] zeros or more: binaries hold many (sections'
+/// alignment), and the trainer, given them, returns a dictionary of a few KiB, as it does
+/// for padding. Zeros cost next to nothing compressed, with or without a dictionary.
+fn without_zero_runs(s: Vec<u8>) -> Vec<u8> {
+    let mut out = Vec::with_capacity(s.len());
+    let mut zeros = 0;
+    for &b in &s {
+        if b == 0 {
+            zeros += 1;
+            continue;
+        }
+        if zeros > 0 && zeros < ZERO_RUN {
+            out.resize(out.len() + zeros, 0);
+        }
+        zeros = 0;
+        out.push(b);
+    }
+    if zeros > 0 && zeros < ZERO_RUN {
+        out.resize(out.len() + zeros, 0);
+    }
+    out
+}
+
 /// Where `meta`'s torrent holds file bytes, not padding: (offset, length), in order.
 fn content(meta: &Metainfo) -> Vec<(u64, u64)> {
     if meta.files.is_empty() {
@@ -251,7 +276,10 @@ pub fn train(
         if i % 4 == 3 {
             probe.push(s);
         } else {
-            learn.push(s);
+            let s = without_zero_runs(s);
+            if !s.is_empty() {
+                learn.push(s);
+            }
         }
     }
     let learned: usize = learn.iter().map(Vec::len).sum();
@@ -660,5 +688,21 @@ mod tests {
             assert!(Dictionary::of(&meta).is_err());
         }
         assert!(Dictionary::of(&package(&bytes)).unwrap().is_none());
+    }
+
+    #[test]
+    fn long_runs_of_zeros_are_left_out_of_training_samples() {
+        let mut s = b"ab".to_vec();
+        s.extend([0; ZERO_RUN - 1]);
+        s.extend(b"cd");
+        s.extend([0; ZERO_RUN]);
+        s.extend(b"e");
+        s.extend([0; 100]);
+        let mut want = b"ab".to_vec();
+        want.extend([0; ZERO_RUN - 1]);
+        want.extend(b"cde");
+        assert_eq!(without_zero_runs(s), want);
+        assert_eq!(without_zero_runs(vec![0; 5]), vec![0; 5]);
+        assert!(without_zero_runs(vec![0; 5000]).is_empty());
     }
 }
