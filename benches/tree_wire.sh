@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# What a tree package's first fetch costs on the wire in a real swarm (issue 13, Must 2):
+# a tracker and three agents on loopback; A publishes DIR, B and C fetch it at once; each
+# fetcher's bytes received on the wire (blocks as sent, compressed between agents) plus the
+# metainfo every host fetches, against DIR's tar.zst as `publish --format tar.zst` makes it.
+#
+#   benches/tree_wire.sh /usr/lib/python3 [extra publish flags, e.g. --no-dictionary]
+#
+# Needs target/release/fbpkg-rs (cargo build --release -p fbpkg-peer). Loopback only; every
+# process is stopped on exit.
+set -euo pipefail
+dir=${1:?usage: $0 DIR [publish flags]}
+shift
+bin=${FBPKG_BIN:-$(dirname "$0")/../target/release/fbpkg-rs}
+work=$(mktemp -d /tmp/tree-wire.XXXXXX)
+pids=()
+cleanup() { kill "${pids[@]}" 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$work"; }
+trap cleanup EXIT
+port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+tracker=http://127.0.0.1:$port
+host() { echo --tracker "$tracker" --state-dir "$work/$1/state" --cache-dir "$work/$1/cache"; }
+"$bin" tracker --listen "127.0.0.1:$port" --data-dir "$work/tracker" >"$work/tracker.log" 2>&1 &
+pids+=($!)
+for h in a b c; do
+    # shellcheck disable=SC2046
+    "$bin" agent $(host $h) --listen 127.0.0.1:0 >"$work/$h.log" 2>&1 &
+    pids+=($!)
+done
+for _ in $(seq 100); do
+    curl -sf "$tracker/healthz" >/dev/null && break
+    sleep 0.1
+done
+# shellcheck disable=SC2046
+ref=$("$bin" publish pkg "$dir" "$@" $(host a))
+# shellcheck disable=SC2046
+"$bin" get "$ref" $(host b) >/dev/null &
+getb=$!
+# shellcheck disable=SC2046
+"$bin" get "$ref" $(host c) >/dev/null
+wait $getb
+sha=${ref#pkg:}
+meta=$(stat -c %s "$work/a/cache/pkg/$sha/.fbpkg.torrent")
+"$bin" publish tarpkg "$dir" --format tar.zst $(host a) >/dev/null
+tar=$(find "$work/a/cache/tarpkg" -name '*.tar.zst' -printf '%s\n' | head -1)
+for h in b c; do
+    # shellcheck disable=SC2046
+    "$bin" status --json $(host $h) | python3 -c "
+import json, sys
+meta, tar = $meta, $tar
+for t in json.load(sys.stdin):
+    if t['name'] != 'pkg':
+        continue
+    wire = t['downloaded_wire'] + meta
+    print(f\"$h: {t['downloaded']} bytes of pieces took {t['downloaded_wire']} on the wire, \"
+          f\"+ {meta} of metainfo = {wire / 2**20:.2f} MiB, {wire / tar:.3f}x the tar.zst ({tar / 2**20:.2f} MiB)\")"
+done
