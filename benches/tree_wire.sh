@@ -14,7 +14,11 @@ shift
 bin=${FBPKG_BIN:-$(dirname "$0")/../target/release/fbpkg-rs}
 work=$(mktemp -d /tmp/tree-wire.XXXXXX)
 pids=()
-cleanup() { kill "${pids[@]}" 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$work"; }
+cleanup() {
+    [ ${#pids[@]} -eq 0 ] || kill "${pids[@]}" 2>/dev/null || true
+    wait 2>/dev/null || true
+    rm -rf "$work"
+}
 trap cleanup EXIT
 port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
 tracker=http://127.0.0.1:$port
@@ -26,15 +30,27 @@ for h in a b c; do
     "$bin" agent $(host $h) --listen 127.0.0.1:0 >"$work/$h.log" 2>&1 &
     pids+=($!)
 done
-for _ in $(seq 100); do
-    curl -sf "$tracker/healthz" >/dev/null && break
-    sleep 0.1
+# Every service up before the publish: a publish with no agent on its host, or a get with
+# none on its own, would not measure a swarm.
+ready() {
+    for _ in $(seq 100); do
+        "$@" >/dev/null 2>&1 && return 0
+        sleep 0.1
+    done
+    echo "$0: not ready after 10 s: $*" >&2
+    return 1
+}
+ready curl -sf "$tracker/healthz"
+for h in a b c; do
+    # shellcheck disable=SC2046
+    ready "$bin" status $(host $h)
 done
 # shellcheck disable=SC2046
 ref=$("$bin" publish pkg "$dir" "$@" $(host a))
 # shellcheck disable=SC2046
 "$bin" get "$ref" $(host b) >/dev/null &
 getb=$!
+pids+=("$getb")
 # shellcheck disable=SC2046
 "$bin" get "$ref" $(host c) >/dev/null
 wait $getb
@@ -42,6 +58,7 @@ sha=${ref#pkg:}
 meta=$(stat -c %s "$work/a/cache/pkg/$sha/.fbpkg.torrent")
 "$bin" publish tarpkg "$dir" --format tar.zst $(host a) >/dev/null
 tar=$(find "$work/a/cache/tarpkg" -name '*.tar.zst' -printf '%s\n' | head -1)
+[ -n "$tar" ] || { echo "$0: no tar.zst in the cache after publish --format tar.zst" >&2; exit 1; }
 for h in b c; do
     # shellcheck disable=SC2046
     "$bin" status --json $(host $h) | python3 -c "

@@ -887,8 +887,14 @@ impl Conn {
             let mut wire = 0u64;
             let mut raw = Vec::new();
             // One zstd frame for the batch (see `zstream`); plain blocks if it cannot start.
-            let mut frame =
-                zblock.and_then(|id| BatchEncoder::new(zdict.as_deref()).ok().map(|e| (id, e)));
+            let mut frame = zblock.and_then(|id| {
+                // A dictionary that loads for decoding but not for compressing (corrupt
+                // tables) costs the peer its gain, not compression altogether.
+                BatchEncoder::new(zdict.as_deref())
+                    .or_else(|_| BatchEncoder::new(None))
+                    .ok()
+                    .map(|e| (id, e))
+            });
             for (k, b) in blocks.iter().enumerate() {
                 let offset = meta.piece_offset(b.index) + u64::from(b.begin);
                 let last = k + 1 == blocks.len();

@@ -113,12 +113,20 @@ impl Dictionary {
             .get();
         let digest = Sha256::digest(&raw);
         let fingerprint = u32::from_be_bytes([digest[0], digest[1], digest[2], digest[3]]);
+        // Loading it checks its tables: one that cannot be loaded is never offered to peers.
+        // The decoder is the pool's first.
+        let first = Decoder::with_dictionary(&raw)
+            .and_then(|mut d| {
+                d.set_parameter(DParameter::WindowLogMax(MAX_WINDOW_LOG))?;
+                Ok(d)
+            })
+            .map_err(|e| format!("compression dictionary: {e}"))?;
         Ok(Self {
             id,
             fingerprint: fingerprint.max(1),
             raw,
             enc: OnceLock::new(),
-            pool: Mutex::new(Vec::new()),
+            pool: Mutex::new(vec![first]),
         })
     }
 
@@ -699,6 +707,22 @@ mod tests {
             assert!(Dictionary::of(&meta).is_err());
         }
         assert!(Dictionary::of(&package(&bytes)).unwrap().is_none());
+        // Magic and id intact, tables broken: refused before it is ever offered to peers.
+        let good = zstd::dict::from_samples(
+            &bytes
+                .chunks(32 << 10)
+                .map(<[u8]>::to_vec)
+                .collect::<Vec<_>>(),
+            32 << 10,
+        )
+        .unwrap();
+        assert!(Dictionary::from_raw(good.clone()).is_ok());
+        let mut broken = good;
+        broken[8..40].fill(0xff);
+        let meta = package(&bytes)
+            .with_zdict(zstd::bulk::compress(&broken, 3).unwrap())
+            .unwrap();
+        assert!(Dictionary::of(&meta).is_err());
     }
 
     #[test]
