@@ -34,7 +34,7 @@ use tokio::time::Instant;
 use super::EngineConfig;
 use super::picker::{Arrival, ConnId};
 use super::torrent::{Cmd, Phase, Refusal, Torrent, grant_next_slot};
-use super::zstream::{self, BatchEncoder, Dictionary, StreamDecoder};
+use super::zstream::{BatchEncoder, Dictionary, StreamDecoder};
 
 /// Stop filling the write buffer from storage beyond this many bytes.
 const WRITE_HIGH_WATER: usize = 96 << 10;
@@ -837,26 +837,19 @@ impl Conn {
         if blocks.is_empty() {
             return Ok(());
         }
-        let (mut check, uploading): (Vec<u32>, f64) = {
-            let st = self.t.state();
-            let check = match &st.served_ok {
-                Some(ok) => blocks
-                    .iter()
-                    .map(|b| b.index)
-                    .filter(|&i| !ok.get(i))
-                    .collect(),
-                None => Vec::new(),
-            };
-            (check, st.peers.values().map(|p| p.up_rate).sum())
+        let mut check: Vec<u32> = match &self.t.state().served_ok {
+            Some(ok) => blocks
+                .iter()
+                .map(|b| b.index)
+                .filter(|&i| !ok.get(i))
+                .collect(),
+            None => Vec::new(),
         };
         check.sort_unstable();
         check.dedup();
         let meta = self.t.meta.clone();
         let zblock = self.zblock.filter(|_| self.t.try_compress());
-        let zdict = self
-            .zdict
-            .clone()
-            .filter(|_| self.zdict_shared && zstream::dictionary_pays(uploading));
+        let zdict = self.zdict.clone().filter(|_| self.zdict_shared);
         self.reading = Some(tokio::task::spawn_blocking(move || {
             for &i in &check {
                 let len = u64::from(meta.piece_size(i));

@@ -57,17 +57,6 @@ const LEAST_TRAINED: u64 = 1 << 20;
 /// Decoders with the dictionary loaded (each a copy of it) kept for the next frames.
 const POOLED_DECODERS: usize = 2;
 
-/// Upload rate (bytes/s, one torrent's) above which batches go out without the dictionary,
-/// at [`LEVEL`]: with it, compressing takes about half a core there (45–86 MB/s per core,
-/// against 159–288 without, `layout_bench`), and a host uploading that fast is more likely
-/// short of CPU than of network.
-pub const DICT_MOST_RATE: f64 = 24e6;
-
-/// Whether to compress with the dictionary while uploading `rate` bytes/s.
-pub fn dictionary_pays(rate: f64) -> bool {
-    rate < DICT_MOST_RATE
-}
-
 /// A package's compression dictionary, ready for both directions. A torrent keeps it only
 /// while connections use it (`Torrent::zdict`): prepared for compressing, it holds level 6's
 /// tables (a few MiB) besides its pooled decoders.
