@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # What a tree package's first fetch costs on the wire in a real swarm (issue 13, Must 2):
 # a tracker and three agents on loopback; A publishes DIR, B and C fetch it at once; each
-# fetcher's bytes received on the wire (blocks as sent, compressed between agents) plus the
-# metainfo every host fetches, against DIR's tar.zst as `publish --format tar.zst` makes it.
+# fetcher's bytes received on the wire (blocks as sent, compressed between agents, and the
+# blocks the endgame asked of two peers) plus the metainfo every host fetches, against DIR's
+# tar.zst as `publish --format tar.zst` makes it, and against that tar.zst package fetched
+# the same way (its endgame too).
 #
 #   benches/tree_wire.sh /usr/lib/python3 [extra publish flags, e.g. --no-dictionary]
 #
@@ -56,18 +58,31 @@ pids+=("$getb")
 wait $getb
 sha=${ref#pkg:}
 meta=$(stat -c %s "$work/a/cache/pkg/$sha/.fbpkg.torrent")
-"$bin" publish tarpkg "$dir" --format tar.zst $(host a) >/dev/null
+# The same directory as a tar.zst package, fetched by the same two hosts the same way: its
+# endgame asks some blocks of two peers too, so the two fetches compare like with like.
+# shellcheck disable=SC2046
+tref=$("$bin" publish tarpkg "$dir" --format tar.zst $(host a))
 tar=$(find "$work/a/cache/tarpkg" -name '*.tar.zst' -printf '%s\n' | head -1)
 [ -n "$tar" ] || { echo "$0: no tar.zst in the cache after publish --format tar.zst" >&2; exit 1; }
+tmeta=$(stat -c %s "$work/a/cache/tarpkg/${tref#tarpkg:}/.fbpkg.torrent")
+# shellcheck disable=SC2046
+"$bin" get "$tref" $(host b) >/dev/null &
+getb=$!
+pids+=("$getb")
+# shellcheck disable=SC2046
+"$bin" get "$tref" $(host c) >/dev/null
+wait $getb
 for h in b c; do
     # shellcheck disable=SC2046
     "$bin" status --json $(host $h) | python3 -c "
 import json, sys
-meta, tar = $meta, $tar
-for t in json.load(sys.stdin):
-    if t['name'] != 'pkg':
-        continue
-    wire = t['downloaded_wire'] + meta
-    print(f\"$h: {t['downloaded']} bytes of pieces took {t['downloaded_wire']} on the wire, \"
-          f\"+ {meta} of metainfo = {wire / 2**20:.2f} MiB, {wire / tar:.3f}x the tar.zst ({tar / 2**20:.2f} MiB)\")"
+meta, tmeta, tar = $meta, $tmeta, $tar
+got = {t['name']: t for t in json.load(sys.stdin)}
+t, z = got['pkg'], got['tarpkg']
+wire = t['downloaded_wire'] + meta
+twire = z['downloaded_wire'] + tmeta
+print(f\"$h: tree {t['downloaded']} bytes of pieces ({t.get('wasted', 0)} more not needed) took \"
+      f\"{wire / 2**20:.2f} MiB on the wire with its metainfo, {wire / tar:.3f}x the tar.zst's \"
+      f\"{tar / 2**20:.2f} MiB; the tar.zst package took {twire / 2**20:.2f} MiB \"
+      f\"({z.get('wasted', 0)} not needed): tree {wire / twire:.3f}x\")"
 done

@@ -229,9 +229,14 @@ pub struct TorrentStatus {
     pub downloaded: u64,
     /// Piece bytes sent in total.
     pub uploaded: u64,
-    /// What `downloaded` took on the wire: less when peers sent blocks compressed.
+    /// What `downloaded` took on the wire: less when peers sent blocks compressed, more by
+    /// the blocks in `wasted`.
     #[serde(default)]
     pub downloaded_wire: u64,
+    /// Block bytes received but not needed (asked of two peers in the endgame, or cancelled
+    /// too late): on the wire, not in `downloaded`.
+    #[serde(default)]
+    pub wasted: u64,
     /// What `uploaded` took on the wire.
     #[serde(default)]
     pub uploaded_wire: u64,
@@ -823,6 +828,7 @@ impl Torrent {
             downloaded: self.downloaded(),
             uploaded: self.uploaded(),
             downloaded_wire: self.downloaded_wire.load(Relaxed),
+            wasted: self.wasted.load(Relaxed),
             uploaded_wire: self.uploaded_wire.load(Relaxed),
             age_secs: self.started.elapsed().as_secs_f64(),
             path,
