@@ -243,9 +243,8 @@ pub struct Trained {
 
 /// Train a compression dictionary for `meta`'s torrent, reading samples with `read_at`
 /// (offset, buffer). Samples of [`SAMPLE_LEN`] evenly spread over the files' bytes,
-/// [`MOST_SAMPLED`] in all; a
-/// quarter is held out to measure what the dictionary saves against what it costs each host
-/// to download. `Ok(None)`: the package is too small, does not compress, or the dictionary
+/// [`MOST_SAMPLED`] in all; a quarter is held out to measure what the dictionary saves
+/// against what it costs each host to download. `Ok(None)`: the package is too small, does not compress, or the dictionary
 /// would not save twice its own size.
 pub fn train(
     meta: &Metainfo,
