@@ -144,7 +144,7 @@ impl PackageData {
             check_len(&path, file.metadata()?.len(), meta.length)?;
             return Ok(Self::single(path, meta.length, file, false));
         }
-        let data = Self::tree(entry.join(TREE_DIR), meta, false, &[])?;
+        let data = Self::open_tree_at(&entry.join(TREE_DIR), meta)?;
         for s in &data.segments {
             if let Some(rel) = &s.path {
                 let path = data.path.join(rel);

@@ -613,9 +613,10 @@ impl Conn {
                     self.peer_queue = reqq as usize;
                 }
                 self.zblock = ext::zblock_id(&payload);
-                self.zdict_shared = self.zdict.as_ref().map(|d| d.fingerprint())
-                    == ext::zdict_id(&payload)
-                    && self.zdict.is_some();
+                self.zdict_shared = self
+                    .zdict
+                    .as_ref()
+                    .is_some_and(|d| ext::zdict_id(&payload) == Some(d.fingerprint()));
             }
             Message::Extended { .. } | Message::Unknown { .. } => {}
         }

@@ -31,6 +31,8 @@ use fbpkg_common::wire::BlockRef;
 use fbpkg_common::wire::ext;
 use sha2::{Digest, Sha256};
 use zstd::dict::EncoderDictionary;
+
+use crate::storage::file_starts;
 use zstd::stream::raw::{CParameter, DParameter, Decoder, Encoder, InBuffer, Operation, OutBuffer};
 
 /// zstd level: 3 compresses a stream at ~130 MB/s per core (measured on 16 KiB flushes), so a
@@ -104,12 +106,7 @@ impl Dictionary {
         let fingerprint = u32::from_be_bytes([digest[0], digest[1], digest[2], digest[3]]);
         // Loading it checks its tables: one that cannot be loaded is never offered to peers.
         // The decoder is the pool's first.
-        let first = Decoder::with_dictionary(&raw)
-            .and_then(|mut d| {
-                d.set_parameter(DParameter::WindowLogMax(MAX_WINDOW_LOG))?;
-                Ok(d)
-            })
-            .map_err(|e| format!("compression dictionary: {e}"))?;
+        let first = frame_decoder(&raw).map_err(|e| format!("compression dictionary: {e}"))?;
         Ok(Self {
             id,
             fingerprint: fingerprint.max(1),
@@ -139,9 +136,7 @@ impl Dictionary {
         if let Some(d) = pooled {
             return Ok(d);
         }
-        let mut d = Decoder::with_dictionary(&self.raw)?;
-        d.set_parameter(DParameter::WindowLogMax(MAX_WINDOW_LOG))?;
-        Ok(d)
+        frame_decoder(&self.raw)
     }
 
     /// A decoder whose frame ended: reset (its dictionary and window limit stay) for the next.
@@ -153,6 +148,14 @@ impl Dictionary {
             pool.push(d);
         }
     }
+}
+
+/// A decoder for peers' frames with `dict` loaded (none when empty), refusing windows over
+/// [`MAX_WINDOW_LOG`].
+fn frame_decoder(dict: &[u8]) -> io::Result<Decoder<'static>> {
+    let mut d = Decoder::with_dictionary(dict)?;
+    d.set_parameter(DParameter::WindowLogMax(MAX_WINDOW_LOG))?;
+    Ok(d)
 }
 
 /// `packed`, one zstd frame, inflated to at most `most` bytes.
@@ -215,15 +218,13 @@ fn content(meta: &Metainfo) -> Vec<(u64, u64)> {
         return vec![(0, meta.length)];
     }
     let mut out: Vec<(u64, u64)> = Vec::new();
-    let mut at = 0;
-    for f in &meta.files {
+    for (f, at) in meta.files.iter().zip(file_starts(meta)) {
         if f.length > 0 && f.kind != FileKind::Pad {
             match out.last_mut() {
                 Some(last) if last.0 + last.1 == at => last.1 += f.length,
                 _ => out.push((at, f.length)),
             }
         }
-        at += f.length;
     }
     out
 }
@@ -244,8 +245,8 @@ pub struct Trained {
 /// Train a compression dictionary for `meta`'s torrent, reading samples with `read_at`
 /// (offset, buffer). Samples of [`SAMPLE_LEN`] evenly spread over the files' bytes,
 /// [`MOST_SAMPLED`] in all; a quarter is held out to measure what the dictionary saves
-/// against what it costs each host to download. `Ok(None)`: the package is too small, does not compress, or the dictionary
-/// would not save twice its own size.
+/// against what it costs each host to download. `Ok(None)`: the package is too small, does
+/// not compress, or the dictionary would not save twice its own size.
 pub fn train(
     meta: &Metainfo,
     mut read_at: impl FnMut(u64, &mut [u8]) -> io::Result<()>,
@@ -410,12 +411,7 @@ impl StreamDecoder {
             None => {
                 let wanted = zstd::zstd_safe::get_dict_id_from_frame(chunk).map(|id| id.get());
                 let opened = match (wanted, dict) {
-                    (None, _) => {
-                        let mut d = Decoder::new().map_err(|e| e.to_string())?;
-                        d.set_parameter(DParameter::WindowLogMax(MAX_WINDOW_LOG))
-                            .map_err(|e| e.to_string())?;
-                        (d, None)
-                    }
+                    (None, _) => (frame_decoder(&[]).map_err(|e| e.to_string())?, None),
                     (Some(id), Some(dict)) if dict.id == id => (
                         dict.decoder().map_err(|e| e.to_string())?,
                         Some(dict.clone()),
