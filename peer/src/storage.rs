@@ -399,8 +399,13 @@ impl PackageData {
 
     /// SHA-1 of `len` bytes at `offset`, read back from disk.
     pub fn sha1_of(&self, offset: u64, len: u64) -> io::Result<[u8; 20]> {
-        let mut hasher = Sha1::new();
-        let mut buf = vec![0u8; 64 << 10];
+        self.sha1_from(Sha1::new(), offset, len)
+    }
+
+    /// `hasher`, which has taken the bytes before `offset`, finished with the `len` bytes at
+    /// `offset` read back from disk.
+    pub fn sha1_from(&self, mut hasher: Sha1, offset: u64, len: u64) -> io::Result<[u8; 20]> {
+        let mut buf = vec![0u8; usize::try_from(len.min(64 << 10)).unwrap_or(64 << 10)];
         let mut done = 0u64;
         while done < len {
             let n = usize::try_from((len - done).min(buf.len() as u64)).unwrap_or(buf.len());

@@ -980,6 +980,7 @@ impl Conn {
             return Err(End::Told("the download failed"));
         };
         let batch = std::mem::take(&mut self.to_write);
+        let t = self.t.clone();
         self.writes.spawn_blocking(move || {
             batch
                 .into_iter()
@@ -987,6 +988,9 @@ impl Conn {
                     let r = storage.write_at(offset, &data).map_err(|e| {
                         io::Error::new(e.kind(), format!("{}: {e}", storage.path().display()))
                     });
+                    if r.is_ok() {
+                        t.hashes.written(b.index, b.begin, &data);
+                    }
                     (b, r)
                 })
                 .collect()

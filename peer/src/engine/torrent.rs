@@ -18,6 +18,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::EngineCtx;
+use super::hashing::PieceHashes;
 use super::picker::{ConnId, Picker};
 use super::ratelimit::RateLimiter;
 use super::superseed::SeedPlanner;
@@ -174,6 +175,8 @@ pub struct Torrent {
     zdict: Mutex<Zdict>,
     reported_corrupt: std::sync::atomic::AtomicBool,
     wasted: AtomicU64,
+    /// SHA-1s of pieces being downloaded, fed as their blocks are written.
+    pub(crate) hashes: PieceHashes,
     started: Instant,
     /// Caps this download's request rate (a prefetch); lifted when someone needs it now.
     download_limit: RwLock<Option<Arc<RateLimiter>>>,
@@ -325,6 +328,7 @@ impl Torrent {
             zdict: Mutex::new(Zdict::Unread),
             reported_corrupt: std::sync::atomic::AtomicBool::new(false),
             wasted: AtomicU64::new(0),
+            hashes: PieceHashes::default(),
             started: Instant::now(),
             download_limit: RwLock::new(None),
         })
