@@ -2,54 +2,102 @@
 //!
 //! Clients are started and waiting before the start instant; `go` makes them connect. A
 //! leecher's time is when its client has the whole body and its SHA-256 matched.
+//!
+//! Many packages (B5): each origin serves its own package the same way, and every leecher's
+//! client fetches all of them at once, a connection each; it is done when it has them all.
 
+use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use anyhow::Context as _;
+use anyhow::{Context as _, ensure};
 use serde_json::{Value, json};
 
-use super::{Ctx, HTTP_PORT};
-use crate::measure::{Accounting, ContenderRun, Done, Window, outcomes, verify_all};
+use super::{Ctx, HTTP_PORT, Package};
+use crate::measure::{
+    Accounting, ContenderRun, Done, PackageFinish, Window, combine_verified, outcomes, verify_all,
+};
 use crate::procs::Proc;
+use crate::topology::Endpoint;
 
 fn event(line: &str, name: &str) -> Option<Value> {
     let v: Value = serde_json::from_str(line).ok()?;
     (v["event"] == name).then_some(v)
 }
 
-/// Run the HTTP fan-out.
-pub fn run(ctx: &Ctx<'_>) -> anyhow::Result<ContenderRun> {
-    let mut acct = Accounting::default();
-    let seed_host = &ctx.hosts.seed;
-    let listen = seed_host.addr(HTTP_PORT);
-    let file = ctx.pkg.path.to_str().context("non-UTF-8 path")?;
+/// A server on `host` for `pkg`, ready; and the URL it answers on.
+fn start_server(ctx: &Ctx<'_>, host: &Endpoint, pkg: &Package) -> anyhow::Result<(Proc, String)> {
+    let listen = host.addr(HTTP_PORT);
+    let file = pkg.path.to_str().context("non-UTF-8 path")?;
     let mut server = Proc::spawn(ctx.node(
-        "seed-http",
-        seed_host,
+        &format!("{}-http", host.label),
+        host,
         &["http-serve", "--listen", &listen, "--file", file],
     ))?;
     server.wait_for_line("ready", Instant::now() + Duration::from_secs(20), |l| {
         event(l, "ready").is_some()
     })?;
-    let url = format!("http://{listen}/{}", ctx.pkg.file_name);
+    Ok((server, format!("http://{listen}/{}", pkg.file_name)))
+}
+
+/// Close a server's stdin and read the bytes it says it served.
+fn stop_server(server: &mut Proc) -> anyhow::Result<Option<u64>> {
+    server.close_stdin();
+    let mut served = None;
+    let stop_by = Instant::now() + Duration::from_secs(10);
+    while let Ok(Some(line)) = server.line(stop_by) {
+        if let Some(v) = event(&line, "exit") {
+            served = v["served_bytes"].as_u64();
+        }
+    }
+    if server.wait_until(stop_by)?.is_none() {
+        server.kill();
+    }
+    Ok(served)
+}
+
+/// Run the HTTP fan-out.
+pub fn run(ctx: &Ctx<'_>) -> anyhow::Result<ContenderRun> {
+    let mut acct = Accounting::default();
+    let seed_host = &ctx.hosts.seed;
+    let pkgs: Vec<&Package> = std::iter::once(ctx.pkg).chain(ctx.more).collect();
+    let per_host = pkgs.len();
+    ensure!(
+        ctx.more.len() == ctx.hosts.origins.len(),
+        "{} packages for {} origins",
+        ctx.more.len(),
+        ctx.hosts.origins.len()
+    );
+    let (mut server, url) = start_server(ctx, seed_host, ctx.pkg)?;
+    let mut urls = vec![url];
+    let mut origins = Vec::new();
+    for (h, p) in ctx.hosts.origins.iter().zip(ctx.more) {
+        let (o, url) = start_server(ctx, h, p)?;
+        origins.push(o);
+        urls.push(url);
+    }
     let mut clients = Vec::new();
+    // Host-major: files[h * per_host + k] is host h's copy of package k.
     let mut files = Vec::new();
     for h in &ctx.hosts.leechers {
-        let out = ctx.host_dir(h, "http")?.join(&ctx.pkg.file_name);
-        let out_s = out.to_str().context("non-UTF-8 path")?.to_owned();
-        files.push(Some(out));
+        let dir = ctx.host_dir(h, "http")?;
+        let mut args = vec!["http-get".to_owned()];
+        for (p, url) in pkgs.iter().zip(&urls) {
+            let out = dir.join(&p.file_name);
+            args.extend([
+                "--url".to_owned(),
+                url.clone(),
+                "--out".to_owned(),
+                out.to_str().context("non-UTF-8 path")?.to_owned(),
+                "--sha256".to_owned(),
+                p.sha256.clone(),
+            ]);
+            files.push(Some(out));
+        }
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
         clients.push(Proc::spawn(ctx.node(
             &format!("{}-http", h.label),
             h,
-            &[
-                "http-get",
-                "--url",
-                &url,
-                "--out",
-                &out_s,
-                "--sha256",
-                &ctx.pkg.sha256,
-            ],
+            &args,
         ))?);
     }
     for c in &mut clients {
@@ -63,8 +111,20 @@ pub fn run(ctx: &Ctx<'_>) -> anyhow::Result<ContenderRun> {
     for c in &mut clients {
         c.send_line("go")?;
     }
+    // Each client's finish of each package (by pid), from its `done` lines.
+    let t0 = win.t0;
+    let mut finished: HashMap<u32, Vec<Option<f64>>> = HashMap::new();
     let ended = win.wait_all(&mut clients, deadline, |p| {
+        let times = finished
+            .entry(p.pid)
+            .or_insert_with(|| vec![None; per_host]);
         while let Some(line) = p.try_line() {
+            if let Some(v) = event(&line, "done") {
+                let k = v["index"].as_u64().and_then(|k| usize::try_from(k).ok());
+                if let Some(t) = k.and_then(|k| times.get_mut(k)) {
+                    t.get_or_insert(t0.elapsed().as_secs_f64());
+                }
+            }
             if event(&line, "complete").is_some() {
                 return Some(Done::Line(line));
             }
@@ -73,18 +133,12 @@ pub fn run(ctx: &Ctx<'_>) -> anyhow::Result<ContenderRun> {
     })?;
     let closed = win.close()?;
 
-    server.close_stdin();
-    let mut served = None;
-    let stop_by = Instant::now() + Duration::from_secs(10);
-    while let Ok(Some(line)) = server.line(stop_by) {
-        if let Some(v) = event(&line, "exit") {
-            served = v["served_bytes"].as_u64();
-        }
-    }
-    if server.wait_until(stop_by)?.is_none() {
-        server.kill();
-    }
+    let served = stop_server(&mut server)?;
     acct.record("seed", &seed_host.label, &mut server);
+    for (o, h) in origins.iter_mut().zip(&ctx.hosts.origins) {
+        stop_server(o)?;
+        acct.record("origin", &h.label, o);
+    }
     for (c, h) in clients.iter_mut().zip(&ctx.hosts.leechers) {
         if c.wait_until(Instant::now() + Duration::from_secs(5))?
             .is_none()
@@ -94,8 +148,29 @@ pub fn run(ctx: &Ctx<'_>) -> anyhow::Result<ContenderRun> {
         acct.record("client", &h.label, c);
     }
 
-    let verified = verify_all(&files, ctx.pkg);
+    let mut verified = vec![Ok(()); files.len()];
+    for (k, p) in pkgs.iter().enumerate() {
+        let of_k: Vec<_> = files.iter().skip(k).step_by(per_host).cloned().collect();
+        for (h, r) in verify_all(&of_k, p).into_iter().enumerate() {
+            verified[h * per_host + k] = r;
+        }
+    }
     let labels: Vec<String> = ctx.hosts.leechers.iter().map(|h| h.label.clone()).collect();
+    let packages = (per_host > 1).then(|| {
+        let times = clients
+            .iter()
+            .zip(verified.chunks(per_host))
+            .map(|(p, v)| {
+                let t = finished.get(&p.pid).cloned().unwrap_or_default();
+                (0..per_host)
+                    .map(|k| t.get(k).copied().flatten().filter(|_| v[k].is_ok()))
+                    .collect()
+            })
+            .collect();
+        let names: Vec<String> = pkgs.iter().map(|p| p.name.clone()).collect();
+        PackageFinish::new(&labels, &names, times)
+    });
+    let verified = combine_verified(&verified, per_host);
     let outcomes = outcomes(&labels, &ended, &verified, |d| match d {
         Done::Line(l) if event(l, "complete").is_some_and(|v| v["sha256_ok"] == true) => Ok(()),
         Done::Line(_) => Err("the client's SHA-256 did not match".into()),
@@ -104,9 +179,10 @@ pub fn run(ctx: &Ctx<'_>) -> anyhow::Result<ContenderRun> {
     Ok(ContenderRun {
         setup: json!({
             "server": "swarm_bench http-serve: a thread per connection, sendfile(2) via io::copy",
-            "client": "swarm_bench http-get: one GET, SHA-256 while writing",
+            "client": "swarm_bench http-get: one GET per package (all at once), SHA-256 while writing",
         }),
         payload: json!({"served_bytes": served}),
+        packages,
         ..ctx.report("http", closed, acct, outcomes, served)
     })
 }

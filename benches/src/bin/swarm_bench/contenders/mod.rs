@@ -347,12 +347,6 @@ pub fn scaled(base: Duration, size: u64) -> Duration {
 
 /// Run one contender.
 pub fn run(which: Which, ctx: &Ctx<'_>) -> anyhow::Result<ContenderRun> {
-    if !ctx.more.is_empty() && !matches!(which, Which::Fbpkg | Which::Aria2) {
-        bail!(
-            "{} does not run many-package scenarios yet (fbpkg-rs and aria2 do)",
-            which.name()
-        );
-    }
     if ctx.pkg.tree.is_some() && !matches!(which, Which::Fbpkg | Which::Aria2) {
         bail!(
             "{} does not run directory packages yet (fbpkg-rs and aria2 do)",

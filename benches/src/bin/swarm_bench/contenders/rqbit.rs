@@ -4,15 +4,21 @@
 //! Leecher sessions are started and listening before the start instant; `go` makes them add
 //! the torrent. A leecher's time is when it reports every piece verified (librqbit checks
 //! SHA-1 per piece); its file is hashed afterwards.
+//!
+//! Many packages (B5): each origin seeds its own package, and every leecher's one session is
+//! given all the torrents at `go`; it reports each as it completes (`done`), and is done when
+//! it has them all.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
 
-use anyhow::Context as _;
+use anyhow::{Context as _, ensure};
 use serde_json::{Value, json};
 
-use super::{Ctx, RQBIT_PORT, scaled};
-use crate::measure::{Accounting, ContenderRun, Done, Window, outcomes, verify_all};
+use super::{Ctx, Package, RQBIT_PORT, scaled};
+use crate::measure::{
+    Accounting, ContenderRun, Done, PackageFinish, Window, combine_verified, outcomes, verify_all,
+};
 use crate::procs::Proc;
 use crate::topology::Endpoint;
 
@@ -21,27 +27,48 @@ fn event(line: &str, name: &str) -> Option<Value> {
     (v["event"] == name).then_some(v)
 }
 
-fn start_node(ctx: &Ctx<'_>, host: &Endpoint, role: &str) -> anyhow::Result<Proc> {
+fn torrent_path(ctx: &Ctx<'_>, pkg: &Package) -> std::path::PathBuf {
+    ctx.dir.join(format!("{}.torrent", pkg.name))
+}
+
+/// A node on `host` with `pkgs`' torrents; a seed gets their files copied into its folder.
+fn start_node(
+    ctx: &Ctx<'_>,
+    host: &Endpoint,
+    role: &str,
+    pkgs: &[&Package],
+) -> anyhow::Result<Proc> {
     let dir = ctx.host_dir(host, "rqbit")?;
-    let torrent = ctx.dir.join("pkg.torrent");
     let listen = host.addr(RQBIT_PORT);
+    let torrents = pkgs
+        .iter()
+        .map(|p| {
+            torrent_path(ctx, p)
+                .to_str()
+                .map(str::to_owned)
+                .context("non-UTF-8 path")
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
     let mut args = vec![
         "rqbit-node",
         "--role",
         role,
-        "--torrent",
-        torrent.to_str().context("non-UTF-8 path")?,
         "--dir",
         dir.to_str().context("non-UTF-8 path")?,
         "--listen",
         listen.as_str(),
     ];
+    for t in &torrents {
+        args.extend(["--torrent", t.as_str()]);
+    }
     if ctx.rqbit_linger && role == "leech" {
         args.push("--linger");
     }
     if role == "seed" {
-        std::fs::copy(&ctx.pkg.path, dir.join(&ctx.pkg.file_name))
-            .context("copying the package into the seed's folder")?;
+        for p in pkgs {
+            std::fs::copy(&p.path, dir.join(&p.file_name))
+                .context("copying the package into the seed's folder")?;
+        }
     }
     Proc::spawn(ctx.node(&format!("{}-rqbit", host.label), host, &args))
 }
@@ -67,19 +94,35 @@ pub fn run(ctx: &Ctx<'_>) -> anyhow::Result<ContenderRun> {
     let mut acct = Accounting::default();
     let mut setup_notes = BTreeMap::new();
     let mut notes = Vec::new();
-    std::fs::write(ctx.dir.join("pkg.torrent"), &ctx.pkg.metainfo)?;
+    let pkgs: Vec<&Package> = std::iter::once(ctx.pkg).chain(ctx.more).collect();
+    let per_host = pkgs.len();
+    ensure!(
+        ctx.more.len() == ctx.hosts.origins.len(),
+        "{} packages for {} origins",
+        ctx.more.len(),
+        ctx.hosts.origins.len()
+    );
+    for p in &pkgs {
+        std::fs::write(torrent_path(ctx, p), &p.metainfo)?;
+    }
     let mut tracker = ctx.start_tracker(true, &[])?;
-    let mut seed = start_node(ctx, &ctx.hosts.seed, "seed")?;
+    let mut seed = start_node(ctx, &ctx.hosts.seed, "seed", &[ctx.pkg])?;
+    let mut origins = Vec::new();
+    for (h, p) in ctx.hosts.origins.iter().zip(ctx.more) {
+        origins.push(start_node(ctx, h, "seed", &[p])?);
+    }
     let t = Instant::now();
-    seed.wait_for_line(
-        "its check of the package",
-        Instant::now() + scaled(Duration::from_secs(60), ctx.pkg.size),
-        |l| event(l, "ready").is_some(),
-    )?;
+    for s in std::iter::once(&mut seed).chain(origins.iter_mut()) {
+        s.wait_for_line(
+            "its check of the package",
+            Instant::now() + scaled(Duration::from_secs(60), ctx.pkg.size),
+            |l| event(l, "ready").is_some(),
+        )?;
+    }
     setup_notes.insert("seed_check_secs".into(), t.elapsed().as_secs_f64());
     let mut leechers = Vec::new();
     for h in &ctx.hosts.leechers {
-        leechers.push(start_node(ctx, h, "leech")?);
+        leechers.push(start_node(ctx, h, "leech", &pkgs)?);
     }
     for p in &mut leechers {
         p.wait_for_line("ready", Instant::now() + Duration::from_secs(30), |l| {
@@ -88,6 +131,10 @@ pub fn run(ctx: &Ctx<'_>) -> anyhow::Result<ContenderRun> {
     }
     let listed =
         ctx.wait_seed_listed(&ctx.hosts.seed.addr(RQBIT_PORT), Duration::from_secs(120))?;
+    for (h, p) in ctx.hosts.origins.iter().zip(ctx.more) {
+        ctx.with_pkg(p)
+            .wait_seed_listed(&h.addr(RQBIT_PORT), Duration::from_secs(120))?;
+    }
     setup_notes.insert("seed_listed_after_ready_secs".into(), listed);
 
     let mut win = Window::open(ctx.topo, &ctx.hosts.seed.ns, ctx.sample_every)?;
@@ -95,8 +142,20 @@ pub fn run(ctx: &Ctx<'_>) -> anyhow::Result<ContenderRun> {
     for p in &mut leechers {
         p.send_line("go")?;
     }
+    // Each leecher's finish of each package (by pid), from its `done` lines.
+    let t0 = win.t0;
+    let mut finished: HashMap<u32, Vec<Option<f64>>> = HashMap::new();
     let ended = win.wait_all(&mut leechers, deadline, |p| {
+        let times = finished
+            .entry(p.pid)
+            .or_insert_with(|| vec![None; per_host]);
         while let Some(line) = p.try_line() {
+            if let Some(v) = event(&line, "done") {
+                let k = v["index"].as_u64().and_then(|k| usize::try_from(k).ok());
+                if let Some(t) = k.and_then(|k| times.get_mut(k)) {
+                    t.get_or_insert(t0.elapsed().as_secs_f64());
+                }
+            }
             if event(&line, "complete").is_some() {
                 return Some(Done::Line(line));
             }
@@ -108,6 +167,11 @@ pub fn run(ctx: &Ctx<'_>) -> anyhow::Result<ContenderRun> {
     let seed_exit = stop(&mut seed);
     acct.record("seed", &ctx.hosts.seed.label, &mut seed);
     acct.set_reported_rss(seed_exit.as_ref());
+    for (p, h) in origins.iter_mut().zip(&ctx.hosts.origins) {
+        let exit = stop(p);
+        acct.record("origin", &h.label, p);
+        acct.set_reported_rss(exit.as_ref());
+    }
     let seed_payload = seed_exit
         .as_ref()
         .and_then(|v| v["stats"]["uploaded_bytes"].as_u64());
@@ -137,21 +201,35 @@ pub fn run(ctx: &Ctx<'_>) -> anyhow::Result<ContenderRun> {
         notes.push("some leechers never reported completion".into());
     }
 
-    let files: Vec<_> = ctx
-        .hosts
-        .leechers
-        .iter()
-        .map(|h| {
-            Some(
-                ctx.dir
-                    .join(&h.label)
-                    .join("rqbit")
-                    .join(&ctx.pkg.file_name),
-            )
-        })
-        .collect();
-    let verified = verify_all(&files, ctx.pkg);
+    // Host-major: verified[h * per_host + k] is host h's copy of package k.
+    let mut verified = vec![Ok(()); ctx.hosts.leechers.len() * per_host];
+    for (k, p) in pkgs.iter().enumerate() {
+        let files: Vec<_> = ctx
+            .hosts
+            .leechers
+            .iter()
+            .map(|h| Some(ctx.dir.join(&h.label).join("rqbit").join(&p.file_name)))
+            .collect();
+        for (h, r) in verify_all(&files, p).into_iter().enumerate() {
+            verified[h * per_host + k] = r;
+        }
+    }
     let labels: Vec<String> = ctx.hosts.leechers.iter().map(|h| h.label.clone()).collect();
+    let packages = (per_host > 1).then(|| {
+        let times = leechers
+            .iter()
+            .zip(verified.chunks(per_host))
+            .map(|(p, v)| {
+                let t = finished.get(&p.pid).cloned().unwrap_or_default();
+                (0..per_host)
+                    .map(|k| t.get(k).copied().flatten().filter(|_| v[k].is_ok()))
+                    .collect()
+            })
+            .collect();
+        let names: Vec<String> = pkgs.iter().map(|p| p.name.clone()).collect();
+        PackageFinish::new(&labels, &names, times)
+    });
+    let verified = combine_verified(&verified, per_host);
     let outcomes = outcomes(&labels, &ended, &verified, |d| match d {
         Done::Line(_) => Ok(()),
         Done::Exited(s) => Err(format!("exited {s} without completing")),
@@ -171,6 +249,7 @@ pub fn run(ctx: &Ctx<'_>) -> anyhow::Result<ContenderRun> {
         }),
         setup_notes,
         notes,
+        packages,
         ..ctx.report("librqbit", closed, acct, outcomes, seed_payload)
     })
 }

@@ -32,18 +32,19 @@ pub struct ServeArgs {
     file: PathBuf,
 }
 
-/// `http-get` flags.
+/// `http-get` flags. Several `--url`s (each with its `--out` and `--sha256`, in the same order)
+/// are fetched at once, a connection each (the many-package scenario, B5).
 #[derive(Debug, clap::Args)]
 pub struct GetArgs {
     /// `http://host:port/path`.
-    #[arg(long)]
-    url: String,
+    #[arg(long, required = true)]
+    url: Vec<String>,
     /// Where to write the body.
-    #[arg(long)]
-    out: PathBuf,
+    #[arg(long, required = true)]
+    out: Vec<PathBuf>,
     /// Expected SHA-256 of the body (hex).
-    #[arg(long)]
-    sha256: String,
+    #[arg(long, required = true)]
+    sha256: Vec<String>,
 }
 
 /// `http-probe` flags.
@@ -231,15 +232,62 @@ pub fn probe(args: ProbeArgs) -> anyhow::Result<()> {
     }
 }
 
-/// Download once `go` arrives; exits 0 only with the expected bytes.
+/// Download once `go` arrives: every URL at once, a `done` line for each as it is whole and
+/// checked, then `complete`. Exits 0 only with the expected bytes of every one.
 pub fn get(args: GetArgs) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        args.url.len() == args.out.len() && args.url.len() == args.sha256.len(),
+        "give each --url its --out and --sha256"
+    );
     emit(json!({"event": "ready"}));
     wait_for_go()?;
     let start = Instant::now();
-    let (mut stream, head, first) = request(&args.url, Some(Duration::from_secs(60)))?;
+    let fetches: Vec<_> = (0..args.url.len())
+        .map(|k| {
+            let (url, out, sha) = (
+                args.url[k].clone(),
+                args.out[k].clone(),
+                args.sha256[k].clone(),
+            );
+            std::thread::spawn(move || {
+                let r = fetch(&url, &out, &sha);
+                if let Ok((_, ok)) = &r {
+                    emit(json!({
+                        "event": "done",
+                        "index": k,
+                        "secs": start.elapsed().as_secs_f64(),
+                        "sha256_ok": ok,
+                    }));
+                }
+                r
+            })
+        })
+        .collect();
+    let (mut bytes, mut all_ok) = (0u64, true);
+    for f in fetches {
+        let (got, ok) = f
+            .join()
+            .map_err(|_| anyhow::anyhow!("a fetch panicked"))??;
+        bytes += got;
+        all_ok &= ok;
+    }
+    emit(json!({
+        "event": "complete",
+        "secs": start.elapsed().as_secs_f64(),
+        "bytes": bytes,
+        "sha256_ok": all_ok,
+        "usage": self_usage(),
+    }));
+    anyhow::ensure!(all_ok, "SHA-256 mismatch");
+    Ok(())
+}
+
+/// One GET of `url` into `out`: the bytes received, and whether their SHA-256 is `sha256`.
+fn fetch(url: &str, out: &std::path::Path, sha256: &str) -> anyhow::Result<(u64, bool)> {
+    let (mut stream, head, first) = request(url, Some(Duration::from_secs(60)))?;
     anyhow::ensure!(head.status == 200, "status {}", head.status);
     let expected = head.content_length.context("no Content-Length")?;
-    let mut out = BufWriter::with_capacity(1 << 20, std::fs::File::create(&args.out)?);
+    let mut out = BufWriter::with_capacity(1 << 20, std::fs::File::create(out)?);
     let mut hasher = Sha256::new();
     let mut got = first.len() as u64;
     hasher.update(&first);
@@ -255,16 +303,10 @@ pub fn get(args: GetArgs) -> anyhow::Result<()> {
         got += n as u64;
     }
     out.flush()?;
-    let ok = hex::encode(hasher.finalize()) == args.sha256.to_ascii_lowercase();
-    emit(json!({
-        "event": "complete",
-        "secs": start.elapsed().as_secs_f64(),
-        "bytes": got,
-        "sha256_ok": ok,
-        "usage": self_usage(),
-    }));
-    anyhow::ensure!(ok, "SHA-256 mismatch");
-    Ok(())
+    Ok((
+        got,
+        hex::encode(hasher.finalize()) == sha256.to_ascii_lowercase(),
+    ))
 }
 
 #[cfg(test)]

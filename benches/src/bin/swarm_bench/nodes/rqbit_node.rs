@@ -5,11 +5,15 @@
 //! since librqbit otherwise announces 4240). Peers come only from the tracker in the metainfo.
 //!
 //! Protocol on stdin/stdout (one JSON object per stdout line):
-//! - seed: adds the torrent over the file already in `--dir`, prints `ready` once its check
+//! - seed: adds its torrents over the files already in `--dir`, prints `ready` once its check
 //!   found every piece; then serves until stdin closes, prints `exit` with its stats.
-//! - leech: prints `ready` once the session listens, waits for a `go` line, adds the torrent,
-//!   prints `complete` when every piece is verified, then exits (with `--linger`, keeps
-//!   serving until stdin closes).
+//! - leech: prints `ready` once the session listens, waits for a `go` line, adds every
+//!   torrent, prints `done` with the torrent's index as each one has every piece verified and
+//!   `complete` once all have, then exits (with `--linger`, keeps serving until stdin closes).
+//!
+//! Several `--torrent`s (the many-package scenario, B5) share one session, as they would on a
+//! host: one listening port, librqbit's own sharing of peers and bandwidth between them.
+//! `exit`'s `stats` add the torrents up; `torrents` has each one's.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -31,9 +35,9 @@ pub struct RqbitArgs {
     /// `seed` or `leech`.
     #[arg(long)]
     role: String,
-    /// The .torrent.
-    #[arg(long)]
-    torrent: PathBuf,
+    /// A .torrent (repeat for several, all in the one session).
+    #[arg(long, required = true)]
+    torrent: Vec<PathBuf>,
     /// Output folder (for a seed: holds the file already).
     #[arg(long)]
     dir: PathBuf,
@@ -98,6 +102,42 @@ fn stats(handle: &ManagedTorrent) -> serde_json::Value {
     })
 }
 
+/// Every torrent's stats, added up (errors listed).
+fn total(handles: &[Arc<ManagedTorrent>]) -> serde_json::Value {
+    let (mut up, mut progress, mut size, mut finished) = (0u64, 0u64, 0u64, true);
+    let mut errors = Vec::new();
+    for h in handles {
+        let s = h.stats();
+        up += s.uploaded_bytes;
+        progress += s.progress_bytes;
+        size += s.total_bytes;
+        finished &= s.finished;
+        errors.extend(s.error);
+    }
+    json!({
+        "uploaded_bytes": up,
+        "progress_bytes": progress,
+        "total_bytes": size,
+        "finished": finished,
+        "error": (!errors.is_empty()).then(|| errors.join("; ")),
+    })
+}
+
+/// Wait until every torrent has all its pieces, printing `done` for each as it does.
+async fn all_completed(handles: &[Arc<ManagedTorrent>], start: Instant) -> anyhow::Result<()> {
+    let mut waits = tokio::task::JoinSet::new();
+    for (k, h) in handles.iter().enumerate() {
+        let h = h.clone();
+        waits.spawn(async move { (k, h.wait_until_completed().await) });
+    }
+    while let Some(joined) = waits.join_next().await {
+        let (k, r) = joined.context("a completion wait panicked")?;
+        r?;
+        emit(json!({"event": "done", "index": k, "secs": start.elapsed().as_secs_f64()}));
+    }
+    Ok(())
+}
+
 /// Lines from stdin (read by a thread); the channel closes with stdin.
 type Stdin = tokio::sync::mpsc::UnboundedReceiver<String>;
 
@@ -124,17 +164,22 @@ pub fn main(args: RqbitArgs) -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     rt.block_on(async move {
-        let torrent = std::fs::read(&args.torrent)
-            .with_context(|| format!("reading {}", args.torrent.display()))?;
+        let torrents = args
+            .torrent
+            .iter()
+            .map(|t| std::fs::read(t).with_context(|| format!("reading {}", t.display())))
+            .collect::<anyhow::Result<Vec<_>>>()?;
         let mut stdin = stdin_lines();
         let session = session(&args).await?;
-        let handle = match args.role.as_str() {
+        let mut handles = Vec::new();
+        match args.role.as_str() {
             "seed" => {
-                let handle = add(&session, torrent, &args.dir).await?;
-                handle.wait_until_completed().await?;
-                emit(json!({"event": "ready", "stats": stats(&handle)}));
+                for t in torrents {
+                    handles.push(add(&session, t, &args.dir).await?);
+                }
+                all_completed(&handles, Instant::now()).await?;
+                emit(json!({"event": "ready", "stats": total(&handles)}));
                 while next_line(&mut stdin).await.is_some() {}
-                handle
             }
             "leech" => {
                 emit(json!({"event": "ready"}));
@@ -143,29 +188,33 @@ pub fn main(args: RqbitArgs) -> anyhow::Result<()> {
                     other => anyhow::bail!("expected `go`, got {other:?}"),
                 }
                 let start = Instant::now();
-                let handle = add(&session, torrent, &args.dir).await?;
+                for t in torrents {
+                    handles.push(add(&session, t, &args.dir).await?);
+                }
                 // Stdin closing before completion means "give up" (the deadline passed).
                 let completed = tokio::select! {
-                    r = handle.wait_until_completed() => { r?; true }
+                    r = all_completed(&handles, start) => { r?; true }
                     () = async { while next_line(&mut stdin).await.is_some() {} } => false,
                 };
                 if completed {
                     emit(json!({
                         "event": "complete",
                         "secs": start.elapsed().as_secs_f64(),
-                        "stats": stats(&handle),
+                        "stats": total(&handles),
                     }));
                     if args.linger {
                         while next_line(&mut stdin).await.is_some() {}
                     }
                 }
-                handle
             }
             other => anyhow::bail!("--role must be seed or leech, not {other:?}"),
-        };
-        let final_stats = stats(&handle);
+        }
+        let final_stats = total(&handles);
+        let each: Vec<_> = handles.iter().map(|h| stats(h)).collect();
         let _ = tokio::time::timeout(Duration::from_secs(5), session.stop()).await;
-        emit(json!({"event": "exit", "stats": final_stats, "usage": self_usage()}));
+        emit(
+            json!({"event": "exit", "stats": final_stats, "torrents": each, "usage": self_usage()}),
+        );
         Ok(())
     })
 }
