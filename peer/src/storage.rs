@@ -1,15 +1,15 @@
 //! The bytes of one package on disk, addressed by piece and block.
 //!
 //! Blocks are written at their offsets as they arrive (`pwrite`), so memory does not grow with
-//! the package: nothing is buffered beyond the socket buffers. A piece is verified by reading
-//! it back from disk in 64 KiB chunks through SHA-1 — the bytes checked are the bytes that
-//! will be served and handed to the cache, not a copy in memory.
+//! the package: nothing is buffered beyond the socket buffers. A piece is verified against the
+//! bytes written: those its blocks' writes hashed in order as they succeeded
+//! (`engine/hashing.rs`), and the rest read back from disk in 64 KiB chunks.
 //!
 //! A package is one file (an archive, or a file as published) or, for a tree package, the
 //! tree's regular files at their offsets in the torrent. Padding between them is never on
-//! disk: it reads as zeros, and what a peer sends for it is dropped (a piece is checked as it
-//! reads back, so with zeros). Links and empty directories take no bytes; the cache makes
-//! them at install.
+//! disk: it reads as zeros, and what a peer sends for it is dropped (a piece is checked with
+//! zeros there, read back or hashed through [`PackageData::as_stored`]). Links and empty
+//! directories take no bytes; the cache makes them at install.
 //!
 //! A tree's files are opened relative to a handle on its root directory, not by path: a
 //! finished download's tree is renamed into the cache while peers are still served from it,
@@ -315,6 +315,19 @@ impl PackageData {
         io::Error::new(e.kind(), format!("{}: {e}", self.path.join(path).display()))
     }
 
+    /// `data`, to be written at `offset`, as it will read back: what falls in padding as zeros.
+    /// A running hash of written blocks (`engine/hashing.rs`) takes these bytes, not the
+    /// peer's, so a peer's garbage in padding makes no piece fail.
+    pub fn as_stored<'a>(&self, offset: u64, data: &'a [u8]) -> std::borrow::Cow<'a, [u8]> {
+        let mut out = std::borrow::Cow::Borrowed(data);
+        for (s, _, range) in self.spans(offset, data.len()) {
+            if s.path.is_none() && data[range.clone()].iter().any(|&b| b != 0) {
+                out.to_mut()[range].fill(0);
+            }
+        }
+        out
+    }
+
     /// Write a block at `offset` (what falls in padding is dropped).
     pub fn write_at(&self, offset: u64, data: &[u8]) -> io::Result<()> {
         self.check(offset, data.len())?;
@@ -570,6 +583,21 @@ mod tests {
         let mut back = vec![1u8; torrent.len()];
         data.read_at(0, &mut back).unwrap();
         assert_eq!(back, torrent);
+        // What a running hash takes of the blocks sent: the same bytes, padding as zeros.
+        for chunk in (0..sent.len()).step_by(7000) {
+            let end = (chunk + 7000).min(sent.len());
+            assert_eq!(
+                &data.as_stored(chunk as u64, &sent[chunk..end])[..],
+                &torrent[chunk..end]
+            );
+        }
+        assert!(
+            matches!(
+                data.as_stored(20 << 10, &sent[20 << 10..24 << 10]),
+                std::borrow::Cow::Borrowed(_)
+            ),
+            "no copy of a block without padding"
+        );
         data.sync().unwrap();
         // On disk: the files themselves, nothing for padding; the empty file exists.
         for (n, d) in &contents {

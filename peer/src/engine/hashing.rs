@@ -7,11 +7,19 @@
 //! out of order, or whose batch was overtaken by the next one. Reading every piece back was
 //! about 5% of a downloading agent's CPU (`swarm_bench --scenario none --cpu`, `perf`).
 //!
-//! Why the verdict is on the bytes on disk either way: a running hash covers exactly the bytes
-//! last written at `[0, next)`. Every write to the piece is reported here once it has
-//! succeeded, and a write that lands inside `[0, next)` again (a block fetched twice) empties
-//! the hash, so verification reads the whole piece back. The piece is verified only once
-//! every block is stored, so no write of it is in flight then.
+//! Why the verdict is on the bytes on disk either way:
+//! - the picker lets a block be written once per attempt at its piece (its claim: a second
+//!   copy from another peer, or one that comes after its request was given up, is dropped
+//!   unwritten), and a write that fails fails the whole download;
+//! - a block's write task reports it here after its write succeeded, with padding as the zeros
+//!   it reads back as ([`PackageData::as_stored`](crate::storage::PackageData::as_stored));
+//! - the piece is verified only once every block is stored (its write task joined), and the
+//!   hash is taken before a failed piece's blocks can be fetched again, so a new attempt
+//!   starts a new hash.
+//!
+//! So a running hash covers exactly the bytes on disk at `[0, next)`. As a guard, a block
+//! reported inside `[0, next)` again (which the picker does not do) empties the hash, and the
+//! whole piece is read back.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -76,8 +84,8 @@ impl PieceHashes {
         // Past `next`: a gap, read back from disk at verification.
     }
 
-    /// The running hash of piece `index`, taken out: it is being verified (or it failed and
-    /// its blocks are fetched again, which starts a new one).
+    /// The running hash of piece `index`, taken out to verify the piece (its blocks, should
+    /// it fail, are fetched again into a new one).
     pub(crate) fn take(&self, index: u32) -> Option<Running> {
         self.shard(index).remove(&index)
     }

@@ -989,7 +989,8 @@ impl Conn {
                         io::Error::new(e.kind(), format!("{}: {e}", storage.path().display()))
                     });
                     if r.is_ok() {
-                        t.hashes.written(b.index, b.begin, &data);
+                        t.hashes
+                            .written(b.index, b.begin, &storage.as_stored(offset, &data));
                     }
                     (b, r)
                 })
