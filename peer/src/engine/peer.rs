@@ -59,6 +59,13 @@ const MAX_REQUEST: u32 = 128 << 10;
 const IDLE_TIMEOUT: Duration = Duration::from_secs(180);
 /// Send a keep-alive when we have written nothing for this long.
 const KEEPALIVE: Duration = Duration::from_secs(60);
+/// Longest a `have` for a piece we verified waits to go out with others (or with any other
+/// message sent meanwhile). Sent alone, each was a write and a packet of its own: in B5 (24
+/// hosts, 4 packages) nine in ten of an agent's `sendto`s were 9 to 18 bytes, about 78,000 a
+/// second on the machine, and the network's per-packet work was most of the agents' CPU.
+const HAVE_DELAY: Duration = Duration::from_millis(25);
+/// Pending `have`s that go out at once, without waiting for [`HAVE_DELAY`].
+const HAVES_AT_ONCE: usize = 64;
 
 /// Why a connection ended.
 #[derive(Debug)]
@@ -113,6 +120,8 @@ struct Conn {
     extended: bool,
     ours: bool,
     wbuf: BytesMut,
+    /// `have`s of pieces we verified, not yet in `wbuf`.
+    haves: PendingHaves,
     peer_choking: bool,
     am_interested: bool,
     am_choking: bool,
@@ -155,6 +164,37 @@ struct Conn {
     reading: Option<JoinHandle<UploadBatch>>,
     /// The last time the write buffer was empty or a byte of it was sent.
     write_progress: Instant,
+}
+
+/// `have`s of pieces we verified, waiting to go out together: with the next other message, once
+/// [`HAVES_AT_ONCE`] wait, or [`HAVE_DELAY`] after the first.
+#[derive(Debug, Default)]
+struct PendingHaves {
+    buf: BytesMut,
+    count: usize,
+    /// When they go out at the latest.
+    due: Option<Instant>,
+}
+
+impl PendingHaves {
+    fn push(&mut self, i: u32, now: Instant) {
+        Message::Have(i).encode(&mut self.buf);
+        self.count += 1;
+        self.due.get_or_insert(now + HAVE_DELAY);
+    }
+
+    /// Whether they go out now, `other` bytes being about to be written or not (once due,
+    /// the connection's timer sends them).
+    fn go_with(&self, other: bool) -> bool {
+        self.count > 0 && (other || self.count >= HAVES_AT_ONCE)
+    }
+
+    fn drain_into(&mut self, wbuf: &mut BytesMut) {
+        wbuf.extend_from_slice(&self.buf);
+        self.buf.clear();
+        self.count = 0;
+        self.due = None;
+    }
 }
 
 /// Blocks read for upload: the encoded `piece` messages, or the read error.
@@ -209,6 +249,7 @@ pub(crate) async fn run(
         zdict_shared: false,
         ours,
         wbuf: BytesMut::with_capacity(WRITE_HIGH_WATER + (32 << 10)),
+        haves: PendingHaves::default(),
         peer_choking: true,
         am_interested: false,
         am_choking: true,
@@ -333,6 +374,10 @@ impl Conn {
             if let Err(e) = self.pump_uploads() {
                 return e;
             }
+            // Pending `have`s ride with whatever else goes out now.
+            if self.haves.go_with(!self.wbuf.is_empty()) {
+                self.haves.drain_into(&mut self.wbuf);
+            }
             if rbuf.capacity() - rbuf.len() < 16 << 10 {
                 rbuf.reserve(64 << 10);
             }
@@ -372,6 +417,9 @@ impl Conn {
                 _ = sleep_until_some(self.throttled_until), if self.throttled_until.is_some() => {
                     self.throttled_until = None;
                 }
+                _ = sleep_until_some(self.haves.due), if self.haves.due.is_some() => {
+                    self.haves.drain_into(&mut self.wbuf);
+                }
                 _ = sleep_until_some(self.requests_throttled_until), if self.requests_throttled_until.is_some() => {
                     self.requests_throttled_until = None;
                     self.fill_requests();
@@ -382,6 +430,15 @@ impl Conn {
 
     fn send(&mut self, m: &Message) {
         m.encode(&mut self.wbuf);
+    }
+
+    /// Tell the peer we have piece `i`, with the next message that goes out, or within
+    /// [`HAVE_DELAY`]. (Super-seeding offers are `have`s too, but they go at once: a peer
+    /// waits for them.)
+    fn have_later(&mut self, i: u32) {
+        if self.advertised.set(i) {
+            self.haves.push(i, Instant::now());
+        }
     }
 
     /// First messages: what we have, or (super-seeding) a first few offers.
@@ -448,7 +505,7 @@ impl Conn {
         match cmd {
             Cmd::Have(i) => {
                 if !self.super_seeding {
-                    self.advertise(&[i]);
+                    self.have_later(i);
                 }
                 self.update_interest();
             }
@@ -1205,6 +1262,33 @@ mod tests {
 
     fn config() -> EngineConfig {
         EngineConfig::new("/nonexistent".into())
+    }
+
+    /// `have`s wait for other bytes, for a full batch, or for their delay from the first.
+    #[test]
+    fn haves_go_out_together() {
+        let t0 = Instant::now();
+        let mut h = PendingHaves::default();
+        assert!(!h.go_with(true), "nothing to send");
+        h.push(3, t0);
+        h.push(9, t0 + Duration::from_millis(20));
+        assert!(!h.go_with(false), "alone, they wait");
+        assert_eq!(h.due, Some(t0 + HAVE_DELAY), "counted from the first");
+        assert!(h.go_with(true), "other bytes take them along");
+        let mut wbuf = BytesMut::from(&b"x"[..]);
+        h.drain_into(&mut wbuf);
+        assert_eq!((h.count, h.due), (0, None));
+        let mut wire = wbuf.split_off(1);
+        let mut got = Vec::new();
+        while let Some(m) = Message::decode(&mut wire, 1 << 20).expect("decodes") {
+            got.push(m);
+        }
+        assert_eq!(got, vec![Message::Have(3), Message::Have(9)], "in order");
+        for i in 0..HAVES_AT_ONCE as u32 {
+            assert!(!h.go_with(false), "{i} wait");
+            h.push(i, t0);
+        }
+        assert!(h.go_with(false), "a full batch goes at once");
     }
 
     #[test]
