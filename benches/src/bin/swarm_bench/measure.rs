@@ -246,6 +246,51 @@ pub fn combine_ended(ended: &[Ended], per_host: usize, ok: impl Fn(&Done) -> boo
         .collect()
 }
 
+/// Every host's copy of every package checked: host-major, `[h * pkgs.len() + k]` is host h's
+/// copy of package k, found at `copy(h, k)`.
+pub fn verify_each(
+    hosts: usize,
+    pkgs: &[&Package],
+    copy: impl Fn(usize, &Package) -> PathBuf,
+) -> Vec<Result<(), String>> {
+    let per_host = pkgs.len();
+    let mut verified = vec![Ok(()); hosts * per_host];
+    for (k, p) in pkgs.iter().enumerate() {
+        let files: Vec<_> = (0..hosts).map(|h| Some(copy(h, p))).collect();
+        for (h, r) in verify_all(&files, p).into_iter().enumerate() {
+            verified[h * per_host + k] = r;
+        }
+    }
+    verified
+}
+
+/// B5's finishes: each host's (by its client's `pid`, in host order) time for each package
+/// from `finished`, kept only where its copy verified (`verified` as [`verify_each`] makes
+/// it). `None` with a single package.
+pub fn package_finish(
+    labels: &[String],
+    pkgs: &[&Package],
+    pids: &[u32],
+    finished: &std::collections::HashMap<u32, Vec<Option<f64>>>,
+    verified: &[Result<(), String>],
+) -> Option<PackageFinish> {
+    let per_host = pkgs.len();
+    (per_host > 1).then(|| {
+        let times = pids
+            .iter()
+            .zip(verified.chunks(per_host))
+            .map(|(pid, v)| {
+                let t = finished.get(pid).cloned().unwrap_or_default();
+                (0..per_host)
+                    .map(|k| t.get(k).copied().flatten().filter(|_| v[k].is_ok()))
+                    .collect()
+            })
+            .collect();
+        let names: Vec<String> = pkgs.iter().map(|p| p.name.clone()).collect();
+        PackageFinish::new(labels, &names, times)
+    })
+}
+
 /// A host's verification from its `per_host` files' (the first error, if any).
 pub fn combine_verified(
     verified: &[Result<(), String>],

@@ -14,7 +14,7 @@ use serde_json::{Value, json};
 
 use super::{Ctx, HTTP_PORT, Package};
 use crate::measure::{
-    Accounting, ContenderRun, Done, PackageFinish, Window, combine_verified, outcomes, verify_all,
+    Accounting, ContenderRun, Done, Window, combine_verified, outcomes, package_finish, verify_each,
 };
 use crate::procs::Proc;
 use crate::topology::Endpoint;
@@ -76,8 +76,6 @@ pub fn run(ctx: &Ctx<'_>) -> anyhow::Result<ContenderRun> {
         urls.push(url);
     }
     let mut clients = Vec::new();
-    // Host-major: files[h * per_host + k] is host h's copy of package k.
-    let mut files = Vec::new();
     for h in &ctx.hosts.leechers {
         let dir = ctx.host_dir(h, "http")?;
         let mut args = vec!["http-get".to_owned()];
@@ -91,7 +89,6 @@ pub fn run(ctx: &Ctx<'_>) -> anyhow::Result<ContenderRun> {
                 "--sha256".to_owned(),
                 p.sha256.clone(),
             ]);
-            files.push(Some(out));
         }
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         clients.push(Proc::spawn(ctx.node(
@@ -148,28 +145,15 @@ pub fn run(ctx: &Ctx<'_>) -> anyhow::Result<ContenderRun> {
         acct.record("client", &h.label, c);
     }
 
-    let mut verified = vec![Ok(()); files.len()];
-    for (k, p) in pkgs.iter().enumerate() {
-        let of_k: Vec<_> = files.iter().skip(k).step_by(per_host).cloned().collect();
-        for (h, r) in verify_all(&of_k, p).into_iter().enumerate() {
-            verified[h * per_host + k] = r;
-        }
-    }
-    let labels: Vec<String> = ctx.hosts.leechers.iter().map(|h| h.label.clone()).collect();
-    let packages = (per_host > 1).then(|| {
-        let times = clients
-            .iter()
-            .zip(verified.chunks(per_host))
-            .map(|(p, v)| {
-                let t = finished.get(&p.pid).cloned().unwrap_or_default();
-                (0..per_host)
-                    .map(|k| t.get(k).copied().flatten().filter(|_| v[k].is_ok()))
-                    .collect()
-            })
-            .collect();
-        let names: Vec<String> = pkgs.iter().map(|p| p.name.clone()).collect();
-        PackageFinish::new(&labels, &names, times)
+    let verified = verify_each(ctx.hosts.leechers.len(), &pkgs, |h, p| {
+        ctx.dir
+            .join(&ctx.hosts.leechers[h].label)
+            .join("http")
+            .join(&p.file_name)
     });
+    let labels: Vec<String> = ctx.hosts.leechers.iter().map(|h| h.label.clone()).collect();
+    let pids: Vec<u32> = clients.iter().map(|p| p.pid).collect();
+    let packages = package_finish(&labels, &pkgs, &pids, &finished, &verified);
     let verified = combine_verified(&verified, per_host);
     let outcomes = outcomes(&labels, &ended, &verified, |d| match d {
         Done::Line(l) if event(l, "complete").is_some_and(|v| v["sha256_ok"] == true) => Ok(()),

@@ -17,7 +17,7 @@ use serde_json::{Value, json};
 
 use super::{Ctx, Package, RQBIT_PORT, scaled};
 use crate::measure::{
-    Accounting, ContenderRun, Done, PackageFinish, Window, combine_verified, outcomes, verify_all,
+    Accounting, ContenderRun, Done, Window, combine_verified, outcomes, package_finish, verify_each,
 };
 use crate::procs::Proc;
 use crate::topology::Endpoint;
@@ -201,34 +201,15 @@ pub fn run(ctx: &Ctx<'_>) -> anyhow::Result<ContenderRun> {
         notes.push("some leechers never reported completion".into());
     }
 
-    // Host-major: verified[h * per_host + k] is host h's copy of package k.
-    let mut verified = vec![Ok(()); ctx.hosts.leechers.len() * per_host];
-    for (k, p) in pkgs.iter().enumerate() {
-        let files: Vec<_> = ctx
-            .hosts
-            .leechers
-            .iter()
-            .map(|h| Some(ctx.dir.join(&h.label).join("rqbit").join(&p.file_name)))
-            .collect();
-        for (h, r) in verify_all(&files, p).into_iter().enumerate() {
-            verified[h * per_host + k] = r;
-        }
-    }
-    let labels: Vec<String> = ctx.hosts.leechers.iter().map(|h| h.label.clone()).collect();
-    let packages = (per_host > 1).then(|| {
-        let times = leechers
-            .iter()
-            .zip(verified.chunks(per_host))
-            .map(|(p, v)| {
-                let t = finished.get(&p.pid).cloned().unwrap_or_default();
-                (0..per_host)
-                    .map(|k| t.get(k).copied().flatten().filter(|_| v[k].is_ok()))
-                    .collect()
-            })
-            .collect();
-        let names: Vec<String> = pkgs.iter().map(|p| p.name.clone()).collect();
-        PackageFinish::new(&labels, &names, times)
+    let verified = verify_each(ctx.hosts.leechers.len(), &pkgs, |h, p| {
+        ctx.dir
+            .join(&ctx.hosts.leechers[h].label)
+            .join("rqbit")
+            .join(&p.file_name)
     });
+    let labels: Vec<String> = ctx.hosts.leechers.iter().map(|h| h.label.clone()).collect();
+    let pids: Vec<u32> = leechers.iter().map(|p| p.pid).collect();
+    let packages = package_finish(&labels, &pkgs, &pids, &finished, &verified);
     let verified = combine_verified(&verified, per_host);
     let outcomes = outcomes(&labels, &ended, &verified, |d| match d {
         Done::Line(_) => Ok(()),
