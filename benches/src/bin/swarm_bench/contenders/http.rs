@@ -9,7 +9,7 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context as _, ensure};
+use anyhow::Context as _;
 use serde_json::{Value, json};
 
 use super::{Ctx, HTTP_PORT, Package};
@@ -59,14 +59,8 @@ fn stop_server(server: &mut Proc) -> anyhow::Result<Option<u64>> {
 pub fn run(ctx: &Ctx<'_>) -> anyhow::Result<ContenderRun> {
     let mut acct = Accounting::default();
     let seed_host = &ctx.hosts.seed;
-    let pkgs: Vec<&Package> = std::iter::once(ctx.pkg).chain(ctx.more).collect();
+    let pkgs = ctx.packages()?;
     let per_host = pkgs.len();
-    ensure!(
-        ctx.more.len() == ctx.hosts.origins.len(),
-        "{} packages for {} origins",
-        ctx.more.len(),
-        ctx.hosts.origins.len()
-    );
     let (mut server, url) = start_server(ctx, seed_host, ctx.pkg)?;
     let mut urls = vec![url];
     let mut origins = Vec::new();

@@ -190,6 +190,17 @@ impl Ctx<'_> {
         Ok(body)
     }
 
+    /// `pkg`, then a many-package scenario's others (each held by its origin), in order.
+    pub fn packages(&self) -> anyhow::Result<Vec<&Package>> {
+        anyhow::ensure!(
+            self.more.len() == self.hosts.origins.len(),
+            "{} packages for {} origins",
+            self.more.len(),
+            self.hosts.origins.len()
+        );
+        Ok(std::iter::once(self.pkg).chain(self.more).collect())
+    }
+
     /// The same run with another package (the rollout scenario distributes two versions).
     pub fn with_pkg<'b>(&'b self, pkg: &'b Package) -> Ctx<'b> {
         Ctx {

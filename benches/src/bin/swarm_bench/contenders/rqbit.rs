@@ -12,7 +12,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context as _, ensure};
+use anyhow::Context as _;
 use serde_json::{Value, json};
 
 use super::{Ctx, Package, RQBIT_PORT, scaled};
@@ -94,14 +94,8 @@ pub fn run(ctx: &Ctx<'_>) -> anyhow::Result<ContenderRun> {
     let mut acct = Accounting::default();
     let mut setup_notes = BTreeMap::new();
     let mut notes = Vec::new();
-    let pkgs: Vec<&Package> = std::iter::once(ctx.pkg).chain(ctx.more).collect();
+    let pkgs = ctx.packages()?;
     let per_host = pkgs.len();
-    ensure!(
-        ctx.more.len() == ctx.hosts.origins.len(),
-        "{} packages for {} origins",
-        ctx.more.len(),
-        ctx.hosts.origins.len()
-    );
     for p in &pkgs {
         std::fs::write(torrent_path(ctx, p), &p.metainfo)?;
     }
