@@ -67,7 +67,7 @@ const KEEPALIVE: Duration = Duration::from_secs(60);
 /// most of the agents' CPU. Holding every `have` for 25 ms instead cost B1 half a second
 /// (30.1 s against 29.4 s over three alternating runs): a piece's news reaches the crowd later.
 const HAVE_SPACING: Duration = Duration::from_millis(25);
-/// Pending `have`s that go out at once, without waiting for [`HAVE_DELAY`].
+/// Pending `have`s that go out at once, without waiting for [`HAVE_SPACING`].
 const HAVES_AT_ONCE: usize = 64;
 
 /// Why a connection ended.
