@@ -264,6 +264,9 @@ pub fn verify_each(
     verified
 }
 
+/// Each client's (by pid) finish of each of its packages, in seconds from the start.
+pub type PackageTimes = std::collections::HashMap<u32, Vec<Option<f64>>>;
+
 /// B5's finishes: each host's (by its client's `pid`, in host order) time for each package
 /// from `finished`, kept only where its copy verified (`verified` as [`verify_each`] makes
 /// it). `None` with a single package.
@@ -271,7 +274,7 @@ pub fn package_finish(
     labels: &[String],
     pkgs: &[&Package],
     pids: &[u32],
-    finished: &std::collections::HashMap<u32, Vec<Option<f64>>>,
+    finished: &PackageTimes,
     verified: &[Result<(), String>],
 ) -> Option<PackageFinish> {
     let per_host = pkgs.len();
@@ -421,6 +424,40 @@ impl<'a> Window<'a> {
             procs::check_cancelled()?;
             std::thread::sleep(POLL);
         }
+    }
+
+    /// [`Window::wait_all`] for nodes that print a `done` line with a package's index as each
+    /// package completes and `complete` once all have (`rqbit-node`, `http-get`). Also returns
+    /// each one's finish of each of its `per_host` packages (by pid), in seconds from `t0`.
+    pub fn wait_all_packages(
+        &mut self,
+        procs: &mut [Proc],
+        deadline: Instant,
+        per_host: usize,
+    ) -> anyhow::Result<(Vec<Ended>, PackageTimes)> {
+        let t0 = self.t0;
+        let mut finished = PackageTimes::new();
+        let ended = self.wait_all(procs, deadline, |p| {
+            let times = finished
+                .entry(p.pid)
+                .or_insert_with(|| vec![None; per_host]);
+            while let Some(line) = p.try_line() {
+                let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) else {
+                    continue;
+                };
+                if v["event"] == "done" {
+                    let k = v["index"].as_u64().and_then(|k| usize::try_from(k).ok());
+                    if let Some(t) = k.and_then(|k| times.get_mut(k)) {
+                        t.get_or_insert(t0.elapsed().as_secs_f64());
+                    }
+                }
+                if v["event"] == "complete" {
+                    return Some(Done::Line(line));
+                }
+            }
+            p.poll().map(Done::Exited)
+        })?;
+        Ok((ended, finished))
     }
 
     /// Stop the clock: read the seed's counter again and take a last sample.

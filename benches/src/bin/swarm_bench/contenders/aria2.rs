@@ -19,7 +19,7 @@
 //! once, up to `--max-concurrent-downloads`), so aria2 shares its upload slots and
 //! bandwidth across them as it would in a fleet. The hook's path says which one finished.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::ffi::OsString;
 use std::os::unix::fs::PermissionsExt as _;
 use std::path::{Path, PathBuf};
@@ -30,7 +30,8 @@ use serde_json::{Value, json};
 
 use super::{ARIA2_PORT, Ctx, Package, scaled};
 use crate::measure::{
-    Accounting, ContenderRun, Done, Window, combine_verified, outcomes, package_finish, verify_each,
+    Accounting, ContenderRun, Done, PackageTimes, Window, combine_verified, outcomes,
+    package_finish, verify_each,
 };
 use crate::procs::{self, Proc, Spec, Stdout};
 use crate::topology::Endpoint;
@@ -289,7 +290,7 @@ pub fn run(ctx: &Ctx<'_>) -> anyhow::Result<ContenderRun> {
     }
     // Each leecher's finish of each package (by pid): it is done when it has them all.
     let t0 = win.t0;
-    let mut finished: HashMap<u32, Vec<Option<f64>>> = HashMap::new();
+    let mut finished = PackageTimes::new();
     let ended = win.wait_all(&mut leechers, deadline, |p| {
         let times = finished
             .entry(p.pid)

@@ -6,7 +6,6 @@
 //! Many packages (B5): each origin serves its own package the same way, and every leecher's
 //! client fetches all of them at once, a connection each; it is done when it has them all.
 
-use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
@@ -102,26 +101,7 @@ pub fn run(ctx: &Ctx<'_>) -> anyhow::Result<ContenderRun> {
     for c in &mut clients {
         c.send_line("go")?;
     }
-    // Each client's finish of each package (by pid), from its `done` lines.
-    let t0 = win.t0;
-    let mut finished: HashMap<u32, Vec<Option<f64>>> = HashMap::new();
-    let ended = win.wait_all(&mut clients, deadline, |p| {
-        let times = finished
-            .entry(p.pid)
-            .or_insert_with(|| vec![None; per_host]);
-        while let Some(line) = p.try_line() {
-            if let Some(v) = event(&line, "done") {
-                let k = v["index"].as_u64().and_then(|k| usize::try_from(k).ok());
-                if let Some(t) = k.and_then(|k| times.get_mut(k)) {
-                    t.get_or_insert(t0.elapsed().as_secs_f64());
-                }
-            }
-            if event(&line, "complete").is_some() {
-                return Some(Done::Line(line));
-            }
-        }
-        p.poll().map(Done::Exited)
-    })?;
+    let (ended, finished) = win.wait_all_packages(&mut clients, deadline, per_host)?;
     let closed = win.close()?;
 
     let served = stop_server(&mut server)?;

@@ -9,7 +9,7 @@
 //! given all the torrents at `go`; it reports each as it completes (`done`), and is done when
 //! it has them all.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
@@ -136,26 +136,7 @@ pub fn run(ctx: &Ctx<'_>) -> anyhow::Result<ContenderRun> {
     for p in &mut leechers {
         p.send_line("go")?;
     }
-    // Each leecher's finish of each package (by pid), from its `done` lines.
-    let t0 = win.t0;
-    let mut finished: HashMap<u32, Vec<Option<f64>>> = HashMap::new();
-    let ended = win.wait_all(&mut leechers, deadline, |p| {
-        let times = finished
-            .entry(p.pid)
-            .or_insert_with(|| vec![None; per_host]);
-        while let Some(line) = p.try_line() {
-            if let Some(v) = event(&line, "done") {
-                let k = v["index"].as_u64().and_then(|k| usize::try_from(k).ok());
-                if let Some(t) = k.and_then(|k| times.get_mut(k)) {
-                    t.get_or_insert(t0.elapsed().as_secs_f64());
-                }
-            }
-            if event(&line, "complete").is_some() {
-                return Some(Done::Line(line));
-            }
-        }
-        p.poll().map(Done::Exited)
-    })?;
+    let (ended, finished) = win.wait_all_packages(&mut leechers, deadline, per_host)?;
     let closed = win.close()?;
 
     let seed_exit = stop(&mut seed);
