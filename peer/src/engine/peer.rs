@@ -786,7 +786,8 @@ impl Conn {
             let Some(slot) = st.peers.get(&self.id) else {
                 return;
             };
-            st.picker.pick(self.id, &slot.bitfield, want, now)
+            st.picker
+                .pick(self.id, &slot.bitfield, (want, self.in_flight.len()), now)
         };
         if let Some(l) = &limit {
             l.give_back(u64::from(BLOCK_SIZE) * (want - picked.len().min(want)) as u64);

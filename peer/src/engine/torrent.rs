@@ -177,7 +177,7 @@ pub struct Torrent {
     wasted: AtomicU64,
     /// SHA-1s of pieces being downloaded, fed as their blocks are written.
     pub(crate) hashes: PieceHashes,
-    started: Instant,
+    pub(crate) started: Instant,
     /// Caps this download's request rate (a prefetch); lifted when someone needs it now.
     download_limit: RwLock<Option<Arc<RateLimiter>>>,
 }
@@ -468,6 +468,11 @@ impl Torrent {
 
     pub(crate) fn count_wasted(&self, n: u64) {
         self.wasted.fetch_add(n, Relaxed);
+    }
+
+    /// Block bytes received but not needed (see [`TorrentStatus::wasted`]).
+    pub(crate) fn wasted(&self) -> u64 {
+        self.wasted.load(Relaxed)
     }
 
     /// Piece bytes sent.
