@@ -14,7 +14,7 @@
 //! Issue 12's scenarios: `b3` gives every third leecher a thin uplink (per-host caps, the
 //! bound with the sum of the real uplinks); `b5` adds origin hosts `o2..o4` holding packages
 //! `pkg2..pkg4`, every leecher asks for all of them at once, and each contender reports each
-//! package's finish per host (fbpkg-rs and aria2 only so far); `stragglers` gives two of B1's
+//! package's finish per host (every contender); `stragglers` gives two of B1's
 //! eight leechers a quarter of the download rate and reports the others' eta_last against
 //! T_KR and each straggler's time against its own bound; `b4` (fbpkg-rs only) kills a quarter of
 //! the leechers, agent and `get`, at half their progress and starts them again 5 s later on the
@@ -112,7 +112,7 @@ pub struct Args {
     /// Scenarios, comma-separated: b1 (seed-bound), b2 (upload-bound), b1-48 (48 leechers,
     /// 64 MiB, 20/20/40 Mbit/s), b3 (48 leechers, 64 MiB, seed up 40, every third leecher
     /// 5 Mbit/s up and the rest 20, all 40 down), b5 (24 leechers fetch 4 packages of 64 MiB
-    /// from 4 origins at once, B1's caps; fbpkg-rs and aria2 only), b4 (32 leechers and 4 that
+    /// from 4 origins at once, B1's caps), b4 (32 leechers and 4 that
     /// join at T_KR / 2, 128 MiB, B1's caps; 8 killed with SIGKILL at half their progress and
     /// started again 5 s later; fbpkg-rs only), stragglers (B1 with two of
     /// the eight leechers at 40 Mbit/s down), smoke (N=4, 32 MiB), rollout (16 hosts following a tag, 64
