@@ -375,15 +375,7 @@ impl Cache {
         limits: &ExtractLimits,
         known: &[(usize, Unchanged)],
     ) -> Result<CachedPackage> {
-        let file_name = metainfo.name.as_str();
-        if metainfo.format != Format::Tree
-            && (file_name.starts_with(".fbpkg")
-                || (file_name == TREE_DIR && metainfo.format == Format::TarZst))
-        {
-            return Err(PeerError::BadInput(format!(
-                "file name {file_name:?} is reserved in the launcher cache"
-            )));
-        }
+        check_name_free(metainfo)?;
         if handoff == Handoff::Move && metainfo.format != Format::Tree {
             check::file_matches(data, metainfo, false)?;
         }
@@ -446,6 +438,17 @@ impl Cache {
         } else {
             self.place_file(staging, metainfo, data, handoff, limits, moved)?;
         }
+        self.commit(staging, name, metainfo)
+    }
+
+    /// Write the metainfo and the seal into `staging`, which holds the package, and rename it
+    /// into place.
+    fn commit(
+        &self,
+        staging: &Path,
+        name: &PackageName,
+        metainfo: &Metainfo,
+    ) -> Result<CachedPackage> {
         let meta_path = staging.join(METAINFO_FILE);
         fs::write(&meta_path, metainfo.as_bytes()).map_err(PeerError::io("writing", &meta_path))?;
         verify::write_seal(staging, metainfo)?;
@@ -495,15 +498,78 @@ impl Cache {
             // The user's file, or another file system: copy, checking what is written.
             _ => check::copy_checked(data, &file, metainfo)?,
         }
-        if metainfo.format == Format::TarZst {
-            archive::extract(&file, &staging.join(TREE_DIR), limits)?;
+        finish_file(staging, metainfo, limits)
+    }
+
+    /// Publish the user's single file `data` (a copy, as [`Handoff::Copy`]) in one read:
+    /// `build` makes its metainfo from a reader over it, and each byte it reads is written
+    /// into the new entry on the way, so the bytes the metainfo describes are the bytes kept,
+    /// and `data` is read once instead of twice (a metainfo built first, then a checked
+    /// copy). `build` must read to the end; [`Metainfo::build`] fails when the file is not
+    /// the size it was told, so a file that changes while it is read is not published.
+    ///
+    /// Returns the entry, its metainfo, and whether the entry is new (false: that version was
+    /// in the cache already, and is left as it was). On error nothing is left in the cache or
+    /// its staging directory. Tree packages go through [`Cache::install`].
+    pub fn install_built(
+        &self,
+        name: &PackageName,
+        data: &Path,
+        limits: &ExtractLimits,
+        build: impl FnOnce(&mut dyn Read) -> io::Result<Metainfo>,
+    ) -> Result<(CachedPackage, Metainfo, bool)> {
+        let staging_root = self.root.join(STAGING);
+        fs::create_dir_all(&staging_root).map_err(PeerError::io("creating", &staging_root))?;
+        let staging = staging_root.join(format!(
+            "publish-{}-{}",
+            std::process::id(),
+            rand::random::<u32>()
+        ));
+        fs::create_dir(&staging).map_err(PeerError::io("creating", &staging))?;
+        let result = self.build_into(&staging, name, data, limits, build);
+        // A new entry took the staging directory with it; anything else leaves it behind.
+        if !matches!(result, Ok((_, _, true)))
+            && let Err(e) = remove_tree(&staging)
+        {
+            tracing::warn!(path = %staging.display(), error = %e, "cannot remove a publish's staging directory");
         }
-        let mode = if metainfo.format == Format::Executable {
-            0o555
-        } else {
-            0o444
+        result
+    }
+
+    fn build_into(
+        &self,
+        staging: &Path,
+        name: &PackageName,
+        data: &Path,
+        limits: &ExtractLimits,
+        build: impl FnOnce(&mut dyn Read) -> io::Result<Metainfo>,
+    ) -> Result<(CachedPackage, Metainfo, bool)> {
+        // The metainfo's name is not known before the bytes are read: the copy goes under a
+        // name no package may have (`check_name_free`), and is renamed once it is.
+        let building = staging.join(".fbpkg-building");
+        let metainfo = {
+            let from = File::open(data).map_err(PeerError::io("opening", data))?;
+            let mut to = check::create_copy(&building)?;
+            let mut tee = check::Tee::new(from, &mut to);
+            build(&mut tee).map_err(|e| match tee.write_error() {
+                Some(w) => PeerError::io("copying into the cache", &building)(w),
+                None => PeerError::io("reading", data)(e),
+            })?
         };
-        set_mode(&file, mode)
+        if metainfo.format == Format::Tree {
+            return Err(PeerError::BadInput(
+                "a tree package is published with `Cache::install`".into(),
+            ));
+        }
+        check_name_free(&metainfo)?;
+        if let Some(existing) = self.lookup(name, &metainfo.sha256) {
+            return Ok((existing, metainfo, false));
+        }
+        let file = staging.join(&metainfo.name);
+        fs::rename(&building, &file).map_err(PeerError::io("renaming", &building))?;
+        finish_file(staging, &metainfo, limits)?;
+        let entry = self.commit(staging, name, &metainfo)?;
+        Ok((entry, metainfo, true))
     }
 
     /// Remember what a tag resolved to, for when the tracker cannot be reached.
@@ -525,6 +591,35 @@ impl Cache {
             fs::read_to_string(self.root.join(TAGS).join(name.as_str()).join(tag.as_str())).ok()?;
         Sha256Hash::from_hex(text.trim()).ok()
     }
+}
+
+/// A single-file package's file in `staging` (named as in its metainfo): its tree extracted
+/// beside it for an archive, and made read-only (and executable for an executable).
+fn finish_file(staging: &Path, metainfo: &Metainfo, limits: &ExtractLimits) -> Result<()> {
+    let file = staging.join(&metainfo.name);
+    if metainfo.format == Format::TarZst {
+        archive::extract(&file, &staging.join(TREE_DIR), limits)?;
+    }
+    let mode = if metainfo.format == Format::Executable {
+        0o555
+    } else {
+        0o444
+    };
+    set_mode(&file, mode)
+}
+
+/// A single-file package may not take a name the entry's own files use.
+fn check_name_free(metainfo: &Metainfo) -> Result<()> {
+    let file_name = metainfo.name.as_str();
+    if metainfo.format != Format::Tree
+        && (file_name.starts_with(".fbpkg")
+            || (file_name == TREE_DIR && metainfo.format == Format::TarZst))
+    {
+        return Err(PeerError::BadInput(format!(
+            "file name {file_name:?} is reserved in the launcher cache"
+        )));
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -759,6 +854,18 @@ pub(crate) mod tests {
         assert_eq!(disk.available(), free, "space held after a failed copy");
         assert!(staging_is_empty(&cache));
 
+        // The same, published in one pass (the metainfo built as it is copied).
+        let bytes = noise(2 << 20);
+        fs::write(&user, &bytes).unwrap();
+        let err = cache
+            .install_built(&name, &user, &ExtractLimits::default(), |r| {
+                Metainfo::build(r, 2 << 20, "big.bin", "http://127.0.0.1:1/a", Format::File)
+            })
+            .unwrap_err();
+        assert!(is_enospc(&err), "{err}");
+        assert_eq!(disk.available(), free, "space held after a failed publish");
+        assert!(staging_is_empty(&cache));
+
         // Nearly all of the disk: fits only if nothing of the failures is left.
         let bytes = noise(900 << 10);
         let m = meta(&bytes, "fits.bin", Format::File);
@@ -767,6 +874,90 @@ pub(crate) mod tests {
             .install(&name, &m, &user, Handoff::Copy, &ExtractLimits::default())
             .unwrap();
         assert_eq!(fs::read(entry.launch_path).unwrap(), bytes);
+    }
+
+    #[test]
+    fn a_publish_builds_the_metainfo_from_the_bytes_it_copies() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = Cache::new(dir.path().join("cache"));
+        let name = PackageName::new("tool").unwrap();
+        let bytes = noise(300 << 10);
+        let user = dir.path().join("tool.bin");
+        fs::write(&user, &bytes).unwrap();
+        let len = bytes.len() as u64;
+        let build = |size: u64, file_name: &'static str| {
+            move |r: &mut dyn Read| {
+                Metainfo::build(
+                    r,
+                    size,
+                    file_name,
+                    "http://127.0.0.1:1/announce",
+                    Format::Executable,
+                )
+            }
+        };
+
+        let (entry, m, fresh) = cache
+            .install_built(&name, &user, &ExtractLimits::default(), build(len, "tool"))
+            .unwrap();
+        assert!(fresh);
+        assert_eq!(
+            m,
+            meta(&bytes, "tool", Format::Executable),
+            "the metainfo of the bytes"
+        );
+        assert_eq!(
+            fs::read(&entry.launch_path).unwrap(),
+            bytes,
+            "the bytes kept"
+        );
+        assert_eq!(
+            fs::metadata(&entry.launch_path).unwrap().mode() & 0o777,
+            0o555
+        );
+        assert_eq!(
+            cache.lookup_checked(&name, &m.sha256).unwrap(),
+            Some(entry.clone())
+        );
+        assert!(staging_is_empty(&cache));
+        assert_eq!(
+            fs::read(&user).unwrap(),
+            bytes,
+            "the user's file is left alone"
+        );
+
+        let (again, m2, fresh) = cache
+            .install_built(&name, &user, &ExtractLimits::default(), build(len, "tool"))
+            .unwrap();
+        assert_eq!(
+            (again, m2, fresh),
+            (entry, m, false),
+            "published before: left as it was"
+        );
+        assert!(staging_is_empty(&cache));
+
+        // The file is not the size it had when the publish began (it changed meanwhile).
+        let err = cache
+            .install_built(
+                &name,
+                &user,
+                &ExtractLimits::default(),
+                build(len - 1, "tool"),
+            )
+            .unwrap_err();
+        assert!(err.to_string().contains("grew while it was read"), "{err}");
+        assert!(staging_is_empty(&cache));
+        let err = cache
+            .install_built(
+                &name,
+                &user,
+                &ExtractLimits::default(),
+                build(len, ".fbpkg-x"),
+            )
+            .unwrap_err();
+        assert!(matches!(err, PeerError::BadInput(_)), "{err}");
+        assert!(staging_is_empty(&cache));
+        assert_eq!(cache.entries().len(), 1, "nothing else went into the cache");
     }
 
     #[test]

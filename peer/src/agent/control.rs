@@ -12,6 +12,8 @@ use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixStream;
 
+use fbpkg_common::metainfo::Format;
+
 use crate::engine::TorrentStatus;
 use crate::error::{ErrorKind, PeerError, Result};
 
@@ -49,6 +51,25 @@ pub enum Request {
         /// The agent may move the file instead of copying it.
         #[serde(default)]
         take: bool,
+    },
+    /// Publish the single file at `path`: into the cache and seeded, its metainfo built from
+    /// the bytes as they are copied in (one read of the file; see
+    /// [`crate::cache::Cache::install_built`]). Answered with `published`. Agents before this
+    /// request answer "bad control request", and the client falls back to `add`.
+    Publish {
+        /// Package name.
+        name: String,
+        /// Absolute path of the file (the user's: copied, never moved).
+        path: PathBuf,
+        /// The metainfo's file name.
+        file_name: String,
+        /// The announce URL the metainfo names.
+        announce: String,
+        /// `file`, `executable` or `tar.zst` ([`format_name`]).
+        format: String,
+        /// A directory package's entry point.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        entrypoint: Option<String>,
     },
     /// What the agent holds, fetches and serves.
     Status,
@@ -103,6 +124,17 @@ pub enum Event {
         /// The cache entry directory.
         dir: PathBuf,
     },
+    /// Answer to `publish`: the package is in the cache and seeded.
+    Published {
+        /// Launch path.
+        path: PathBuf,
+        /// The cache entry directory.
+        dir: PathBuf,
+        /// The metainfo built, hex-encoded: what the client lists with the tracker.
+        metainfo_hex: String,
+        /// False when this version was in the cache already.
+        fresh: bool,
+    },
     /// Everything the agent has.
     Status {
         /// One per package.
@@ -130,6 +162,28 @@ pub enum Event {
         /// What happened.
         message: String,
     },
+}
+
+/// A single-file format's name in a `publish` request.
+pub fn format_name(format: Format) -> &'static str {
+    match format {
+        Format::File => "file",
+        Format::Executable => "executable",
+        Format::TarZst => "tar.zst",
+        Format::Tree => "tree",
+    }
+}
+
+/// The format a `publish` request names; a tree is published with `add`.
+pub fn parse_format(name: &str) -> Result<Format> {
+    [Format::File, Format::Executable, Format::TarZst]
+        .into_iter()
+        .find(|&f| format_name(f) == name)
+        .ok_or_else(|| {
+            PeerError::BadInput(format!(
+                "publish: format {name:?} is not file, executable or tar.zst"
+            ))
+        })
 }
 
 impl Event {
@@ -323,6 +377,35 @@ mod tests {
                 path: "/x".into(),
                 take: false,
             }
+        );
+    }
+
+    #[test]
+    fn publish_names_the_single_file_formats() {
+        for f in [Format::File, Format::Executable, Format::TarZst] {
+            assert_eq!(parse_format(format_name(f)).unwrap(), f);
+        }
+        assert!(
+            parse_format("tree").is_err(),
+            "a tree is published with add"
+        );
+        assert!(parse_format("zip").is_err());
+        let r = Request::Publish {
+            name: "p".into(),
+            path: "/x/p.bin".into(),
+            file_name: "p.bin".into(),
+            announce: "http://127.0.0.1:1/announce".into(),
+            format: "file".into(),
+            entrypoint: None,
+        };
+        let line = serde_json::to_string(&r).unwrap();
+        assert_eq!(parse_request_line(line.as_bytes()).unwrap(), r);
+        // What an agent from before `publish` answers: the client falls back on it.
+        let old = serde_json::from_str::<Request>(&line.replace("publish", "publish2"));
+        assert!(
+            old.unwrap_err()
+                .to_string()
+                .contains("unknown variant `publish2`")
         );
     }
 

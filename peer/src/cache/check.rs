@@ -167,6 +167,40 @@ pub(crate) fn copy_checked(src: &Path, dst: &Path, meta: &Metainfo) -> Result<()
     }
 }
 
+/// A reader that writes each byte it hands out to `to` first: a copy made by whatever reads
+/// through it, of exactly what it read ([`crate::cache::Cache::install_built`]).
+pub(crate) struct Tee<'a, R> {
+    from: R,
+    to: &'a mut File,
+    write_error: Option<io::Error>,
+}
+
+impl<'a, R: Read> Tee<'a, R> {
+    pub(crate) fn new(from: R, to: &'a mut File) -> Self {
+        Self {
+            from,
+            to,
+            write_error: None,
+        }
+    }
+
+    /// Why the copy failed, when it did: the reader saw it as a read error.
+    pub(crate) fn write_error(&mut self) -> Option<io::Error> {
+        self.write_error.take()
+    }
+}
+
+impl<R: Read> Read for Tee<'_, R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.from.read(buf)?;
+        if let Err(e) = self.to.write_all(&buf[..n]) {
+            self.write_error = Some(e);
+            return Err(io::Error::other("writing the copy failed"));
+        }
+        Ok(n)
+    }
+}
+
 /// A new file for a copy into staging, private until the entry is made read-only; never an
 /// existing one (nor through a link).
 pub(crate) fn create_copy(dst: &Path) -> Result<File> {

@@ -13,7 +13,7 @@ use fbpkg_common::pkgref::{PackageName, Tag};
 use serde::Serialize;
 
 use super::HostArgs;
-use crate::agent::control::{AgentClient, Event, Request};
+use crate::agent::control::{self, AgentClient, Event, Request};
 use crate::cache::{Handoff, remove_tree};
 use crate::error::PeerError;
 use crate::launch::resolve_entrypoint;
@@ -278,44 +278,72 @@ pub(super) fn run(args: PublishArgs) -> anyhow::Result<ExitCode> {
     )?;
     let result = (|| -> anyhow::Result<ExitCode> {
         let announce = format!("{}/announce", tracker.base());
-        let meta = build_metainfo(&prepared, &announce)
-            .with_context(|| format!("cannot read {}", prepared.file.display()))?;
-        let meta = match entrypoint {
-            Some(e) => meta.with_entrypoint(e)?,
-            None => meta,
-        };
-        let meta = if meta.format == Format::Tree && !args.no_dictionary {
-            with_dictionary(meta, &prepared.file)
-        } else {
-            meta
-        };
         let abs = fs::canonicalize(&prepared.file)?;
-        let was_cached = cache.lookup(&name, &meta.sha256).is_some();
         super::runtime()?.block_on(async {
             // 1. Into this host's cache, seeded by the agent when there is one.
-            let seeded_by_agent = match AgentClient::connect(&state_dir).await? {
-                Some(agent) => {
-                    let req = Request::Add {
-                        name: name.to_string(),
-                        metainfo_hex: hex::encode(meta.as_bytes()),
-                        path: abs.clone(),
-                        take: prepared.temporary,
-                    };
-                    match agent.call(&req).await? {
-                        Event::Done { .. } => true,
-                        other => anyhow::bail!("unexpected agent answer {other:?}"),
-                    }
-                }
+            let Placed {
+                meta,
+                seeded_by_agent,
+                was_cached,
+            } = match one_pass(
+                &prepared,
+                &abs,
+                &name,
+                &announce,
+                entrypoint.as_ref(),
+                &state_dir,
+                &cache,
+            )
+            .await?
+            {
+                Some(placed) => placed,
                 None => {
-                    let handoff = if prepared.temporary { Handoff::Move } else { Handoff::Copy };
-                    let (c, n, m, p) = (cache.clone(), name.clone(), meta.clone(), abs.clone());
-                    tokio::task::spawn_blocking(move || c.install(&n, &m, &p, handoff, &Default::default())).await??;
-                    eprintln!(
-                        "fbpkg-rs: warning: no agent is running here ({}): {name} is in this host's cache \
-                         but nobody seeds it until `fbpkg-rs agent` starts",
-                        crate::agent::control::socket_path(&state_dir).display()
-                    );
-                    false
+                    let meta = build_metainfo(&prepared, &announce)
+                        .with_context(|| format!("cannot read {}", prepared.file.display()))?;
+                    let meta = match entrypoint.clone() {
+                        Some(e) => meta.with_entrypoint(e)?,
+                        None => meta,
+                    };
+                    let meta = if meta.format == Format::Tree && !args.no_dictionary {
+                        with_dictionary(meta, &prepared.file)
+                    } else {
+                        meta
+                    };
+                    let was_cached = cache.lookup(&name, &meta.sha256).is_some();
+                    let seeded_by_agent = match AgentClient::connect(&state_dir).await? {
+                        Some(agent) => {
+                            let req = Request::Add {
+                                name: name.to_string(),
+                                metainfo_hex: hex::encode(meta.as_bytes()),
+                                path: abs.clone(),
+                                take: prepared.temporary,
+                            };
+                            match agent.call(&req).await? {
+                                Event::Done { .. } => true,
+                                other => anyhow::bail!("unexpected agent answer {other:?}"),
+                            }
+                        }
+                        None => {
+                            let handoff = if prepared.temporary {
+                                Handoff::Move
+                            } else {
+                                Handoff::Copy
+                            };
+                            let (c, n, m, p) =
+                                (cache.clone(), name.clone(), meta.clone(), abs.clone());
+                            tokio::task::spawn_blocking(move || {
+                                c.install(&n, &m, &p, handoff, &Default::default())
+                            })
+                            .await??;
+                            warn_no_agent(&name, &state_dir);
+                            false
+                        }
+                    };
+                    Placed {
+                        meta,
+                        seeded_by_agent,
+                        was_cached,
+                    }
                 }
             };
             // 2. Listed by the tracker; the agent announces right away instead of waiting
@@ -332,7 +360,9 @@ pub(super) fn run(args: PublishArgs) -> anyhow::Result<ExitCode> {
                 }
             };
             if seeded_by_agent && let Some(agent) = AgentClient::connect(&state_dir).await? {
-                let poke = Request::Announce { info_hash: meta.info_hash.to_hex() };
+                let poke = Request::Announce {
+                    info_hash: meta.info_hash.to_hex(),
+                };
                 if let Err(e) = agent.call(&poke).await {
                     tracing::debug!(error = %e, "could not ask the agent to announce now");
                 }
@@ -364,6 +394,101 @@ pub(super) fn run(args: PublishArgs) -> anyhow::Result<ExitCode> {
         let _ = remove_tree(&prepared.file);
     }
     result
+}
+
+/// A version put in this host's cache by step 1 of a publish.
+struct Placed {
+    meta: Metainfo,
+    seeded_by_agent: bool,
+    /// It was there before this publish (a failed listing must not remove it).
+    was_cached: bool,
+}
+
+fn warn_no_agent(name: &PackageName, state_dir: &Path) {
+    eprintln!(
+        "fbpkg-rs: warning: no agent is running here ({}): {name} is in this host's cache \
+         but nobody seeds it until `fbpkg-rs agent` starts",
+        control::socket_path(state_dir).display()
+    );
+}
+
+/// Step 1 for the user's single file, in one read: the metainfo is built from the bytes as
+/// they are copied into the cache (by the agent, which then seeds it, or here when no agent
+/// runs), instead of reading the file once for the metainfo and again for the checked copy.
+/// `None` for what goes the two-read way: a tree (its files are read for the metainfo and,
+/// by default, again for a compression dictionary), an archive made here (moved, not
+/// copied), or an agent too old to know `publish`.
+async fn one_pass(
+    prepared: &Prepared,
+    abs: &Path,
+    name: &PackageName,
+    announce: &str,
+    entrypoint: Option<&Entrypoint>,
+    state_dir: &Path,
+    cache: &crate::cache::Cache,
+) -> anyhow::Result<Option<Placed>> {
+    if prepared.format == Format::Tree || prepared.temporary {
+        return Ok(None);
+    }
+    let Some(agent) = AgentClient::connect(state_dir).await? else {
+        let size = fs::metadata(abs)
+            .with_context(|| format!("cannot read {}", abs.display()))?
+            .len();
+        let (c, n, p) = (cache.clone(), name.clone(), abs.to_owned());
+        let (file_name, announce, format) = (
+            prepared.file_name.clone(),
+            announce.to_owned(),
+            prepared.format,
+        );
+        let entrypoint = entrypoint.cloned();
+        let (_, meta, fresh) = tokio::task::spawn_blocking(move || {
+            c.install_built(&n, &p, &Default::default(), |r| {
+                let m = Metainfo::build(r, size, &file_name, &announce, format)?;
+                match entrypoint {
+                    Some(e) => m
+                        .with_entrypoint(e)
+                        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e)),
+                    None => Ok(m),
+                }
+            })
+        })
+        .await??;
+        warn_no_agent(name, state_dir);
+        return Ok(Some(Placed {
+            meta,
+            seeded_by_agent: false,
+            was_cached: !fresh,
+        }));
+    };
+    let req = Request::Publish {
+        name: name.to_string(),
+        path: abs.to_owned(),
+        file_name: prepared.file_name.clone(),
+        announce: announce.to_owned(),
+        format: control::format_name(prepared.format).to_owned(),
+        entrypoint: entrypoint.map(|e| e.as_str().to_owned()),
+    };
+    match agent.call(&req).await {
+        Ok(Event::Published {
+            metainfo_hex,
+            fresh,
+            ..
+        }) => {
+            let bytes = hex::decode(&metainfo_hex).context("the agent's metainfo")?;
+            let meta = Metainfo::parse(&bytes).context("the agent's metainfo")?;
+            Ok(Some(Placed {
+                meta,
+                seeded_by_agent: true,
+                was_cached: !fresh,
+            }))
+        }
+        Ok(other) => anyhow::bail!("unexpected agent answer {other:?}"),
+        Err(PeerError::Remote { message, .. }) if message.contains("unknown variant `publish`") => {
+            tracing::debug!(%message, "the agent predates `publish`; building the metainfo here");
+            Ok(None)
+        }
+        Err(e) => Err(e.into()),
+    }
 }
 
 /// Undo step 1 of a publish: through the agent (it stops seeding first), or in the cache.
