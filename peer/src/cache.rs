@@ -438,17 +438,18 @@ impl Cache {
         } else {
             self.place_file(staging, metainfo, data, handoff, limits, moved)?;
         }
-        self.commit(staging, name, metainfo)
+        self.commit(staging, name, metainfo).map(|(entry, _)| entry)
     }
 
     /// Write the metainfo and the seal into `staging`, which holds the package, and rename it
-    /// into place.
+    /// into place. Also says whether this rename made the entry (false: a concurrent install
+    /// of the same version got there first, and `staging` is gone).
     fn commit(
         &self,
         staging: &Path,
         name: &PackageName,
         metainfo: &Metainfo,
-    ) -> Result<CachedPackage> {
+    ) -> Result<(CachedPackage, bool)> {
         let meta_path = staging.join(METAINFO_FILE);
         fs::write(&meta_path, metainfo.as_bytes()).map_err(PeerError::io("writing", &meta_path))?;
         verify::write_seal(staging, metainfo)?;
@@ -459,7 +460,7 @@ impl Cache {
         if let Err(e) = fs::rename(staging, &dest) {
             if let Some(existing) = self.lookup(name, &metainfo.sha256) {
                 let _ = remove_tree(staging);
-                return Ok(existing);
+                return Ok((existing, false));
             }
             return Err(PeerError::io("moving into the cache", &dest)(e));
         }
@@ -469,6 +470,7 @@ impl Cache {
             tracing::warn!(path = %parent.display(), error = %e, "cannot fsync the cache directory; the new entry may not survive a power cut");
         }
         self.lookup(name, &metainfo.sha256)
+            .map(|entry| (entry, true))
             .ok_or_else(|| PeerError::Io {
                 context: "reading back the new entry",
                 path: dest,
@@ -527,8 +529,8 @@ impl Cache {
         ));
         fs::create_dir(&staging).map_err(PeerError::io("creating", &staging))?;
         let result = self.build_into(&staging, name, data, limits, build);
-        // A new entry took the staging directory with it; anything else leaves it behind.
-        if !matches!(result, Ok((_, _, true)))
+        // A new entry took the staging directory with it; anything else may leave it behind.
+        if staging.exists()
             && let Err(e) = remove_tree(&staging)
         {
             tracing::warn!(path = %staging.display(), error = %e, "cannot remove a publish's staging directory");
@@ -547,29 +549,39 @@ impl Cache {
         // The metainfo's name is not known before the bytes are read: the copy goes under a
         // name no package may have (`check_name_free`), and is renamed once it is.
         let building = staging.join(".fbpkg-building");
-        let metainfo = {
+        let (built, copy_failed) = {
             let from = File::open(data).map_err(PeerError::io("opening", data))?;
             let mut to = check::create_copy(&building)?;
             let mut tee = check::Tee::new(from, &mut to);
-            build(&mut tee).map_err(|e| match tee.write_error() {
-                Some(w) => PeerError::io("copying into the cache", &building)(w),
-                None => PeerError::io("reading", data)(e),
-            })?
+            let built = build(&mut tee);
+            (built, tee.write_error())
         };
+        let metainfo = built.map_err(|e| match e.kind() {
+            io::ErrorKind::InvalidInput => PeerError::BadInput(e.to_string()),
+            io::ErrorKind::InvalidData => PeerError::Verification(format!(
+                "{} changed while it was published: {e}",
+                data.display()
+            )),
+            _ => PeerError::io("reading", data)(e),
+        })?;
         if metainfo.format == Format::Tree {
             return Err(PeerError::BadInput(
                 "a tree package is published with `Cache::install`".into(),
             ));
         }
         check_name_free(&metainfo)?;
+        // A version already here needs no copy: one that failed (a full disk) does not fail it.
         if let Some(existing) = self.lookup(name, &metainfo.sha256) {
             return Ok((existing, metainfo, false));
+        }
+        if let Some(e) = copy_failed {
+            return Err(PeerError::io("copying into the cache", &building)(e));
         }
         let file = staging.join(&metainfo.name);
         fs::rename(&building, &file).map_err(PeerError::io("renaming", &building))?;
         finish_file(staging, &metainfo, limits)?;
-        let entry = self.commit(staging, name, &metainfo)?;
-        Ok((entry, metainfo, true))
+        let (entry, made) = self.commit(staging, name, &metainfo)?;
+        Ok((entry, metainfo, made))
     }
 
     /// Remember what a tag resolved to, for when the tracker cannot be reached.
@@ -873,7 +885,24 @@ pub(crate) mod tests {
         let entry = cache
             .install(&name, &m, &user, Handoff::Copy, &ExtractLimits::default())
             .unwrap();
-        assert_eq!(fs::read(entry.launch_path).unwrap(), bytes);
+        assert_eq!(fs::read(&entry.launch_path).unwrap(), bytes);
+
+        // Published again: no room for a second copy, and none needed.
+        let free = disk.available();
+        let (again, m2, fresh) = cache
+            .install_built(&name, &user, &ExtractLimits::default(), |r| {
+                Metainfo::build(
+                    r,
+                    900 << 10,
+                    "fits.bin",
+                    "http://127.0.0.1:1/announce",
+                    Format::File,
+                )
+            })
+            .unwrap();
+        assert_eq!((again, m2, fresh), (entry, m, false));
+        assert_eq!(disk.available(), free);
+        assert!(staging_is_empty(&cache));
     }
 
     #[test]
@@ -946,7 +975,15 @@ pub(crate) mod tests {
             )
             .unwrap_err();
         assert!(err.to_string().contains("grew while it was read"), "{err}");
+        assert!(matches!(err, PeerError::Verification(_)), "{err}");
         assert!(staging_is_empty(&cache));
+        let err = cache
+            .install_built(&name, &user, &ExtractLimits::default(), build(len, "a/b"))
+            .unwrap_err();
+        assert!(
+            matches!(err, PeerError::BadInput(_)),
+            "an unsafe file name: {err}"
+        );
         let err = cache
             .install_built(
                 &name,

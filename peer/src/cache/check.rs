@@ -168,7 +168,10 @@ pub(crate) fn copy_checked(src: &Path, dst: &Path, meta: &Metainfo) -> Result<()
 }
 
 /// A reader that writes each byte it hands out to `to` first: a copy made by whatever reads
-/// through it, of exactly what it read ([`crate::cache::Cache::install_built`]).
+/// through it, of exactly what it read ([`crate::cache::Cache::install_built`]). Once a write
+/// fails it writes no more but goes on reading, so the reader still learns what the bytes
+/// are (a version already in the cache needs no copy); the copy is then short, and
+/// [`Tee::write_error`] says why.
 pub(crate) struct Tee<'a, R> {
     from: R,
     to: &'a mut File,
@@ -184,18 +187,19 @@ impl<'a, R: Read> Tee<'a, R> {
         }
     }
 
-    /// Why the copy failed, when it did: the reader saw it as a read error.
-    pub(crate) fn write_error(&mut self) -> Option<io::Error> {
-        self.write_error.take()
+    /// Why the copy is incomplete, if it is.
+    pub(crate) fn write_error(self) -> Option<io::Error> {
+        self.write_error
     }
 }
 
 impl<R: Read> Read for Tee<'_, R> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         let n = self.from.read(buf)?;
-        if let Err(e) = self.to.write_all(&buf[..n]) {
+        if self.write_error.is_none()
+            && let Err(e) = self.to.write_all(&buf[..n])
+        {
             self.write_error = Some(e);
-            return Err(io::Error::other("writing the copy failed"));
         }
         Ok(n)
     }

@@ -535,6 +535,9 @@ impl Conn {
             Cmd::Cancel(b) => {
                 if self.in_flight.remove(&(b.index, b.begin)).is_some() {
                     self.send(&Message::Cancel(b));
+                    // An endgame duplicate that lost its race: ask for more now rather than at
+                    // the next block or tick (a queue of lost duplicates gets neither).
+                    self.fill_requests();
                 }
             }
             Cmd::Unchoke => {

@@ -83,6 +83,8 @@ impl Requesters {
         let n = usize::from(self.n);
         if let Some(k) = self.ids[..n].iter().position(|&c| c == conn) {
             self.ids.copy_within(k + 1..n, k);
+            // Unused slots stay 0, so equal sets compare equal.
+            self.ids[n - 1] = 0;
             self.n -= 1;
         }
     }
