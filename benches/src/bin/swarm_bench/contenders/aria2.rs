@@ -29,10 +29,7 @@ use anyhow::{Context as _, bail};
 use serde_json::{Value, json};
 
 use super::{ARIA2_PORT, Ctx, Package, scaled};
-use crate::measure::{
-    Accounting, ContenderRun, Done, PackageTimes, Window, combine_verified, outcomes,
-    package_finish, verify_each,
-};
+use crate::measure::{Accounting, ContenderRun, Done, PackageTimes, Window, outcomes};
 use crate::procs::{self, Proc, Spec, Stdout};
 use crate::topology::Endpoint;
 use fbpkg_common::metainfo::{FileKind, Metainfo};
@@ -337,16 +334,8 @@ pub fn run(ctx: &Ctx<'_>) -> anyhow::Result<ContenderRun> {
         notes.push("some leechers never ran their completion hook".into());
     }
 
-    let verified = verify_each(ctx.hosts.leechers.len(), &pkgs, |h, p| {
-        ctx.dir
-            .join(&ctx.hosts.leechers[h].label)
-            .join("aria2")
-            .join(&p.file_name)
-    });
-    let labels: Vec<String> = ctx.hosts.leechers.iter().map(|h| h.label.clone()).collect();
     let pids: Vec<u32> = leechers.iter().map(|p| p.pid).collect();
-    let packages = package_finish(&labels, &pkgs, &pids, &finished, &verified);
-    let verified = combine_verified(&verified, per_host);
+    let (labels, packages, verified) = ctx.verify_leechers("aria2", &pkgs, &pids, &finished);
     let outcomes = outcomes(&labels, &ended, &verified, |d| match d {
         Done::Line(_) => Ok(()),
         Done::Exited(s) => Err(format!("aria2c exited {s} without completing")),

@@ -12,9 +12,7 @@ use anyhow::Context as _;
 use serde_json::{Value, json};
 
 use super::{Ctx, HTTP_PORT, Package};
-use crate::measure::{
-    Accounting, ContenderRun, Done, Window, combine_verified, outcomes, package_finish, verify_each,
-};
+use crate::measure::{Accounting, ContenderRun, Done, Window, outcomes};
 use crate::procs::Proc;
 use crate::topology::Endpoint;
 
@@ -119,16 +117,8 @@ pub fn run(ctx: &Ctx<'_>) -> anyhow::Result<ContenderRun> {
         acct.record("client", &h.label, c);
     }
 
-    let verified = verify_each(ctx.hosts.leechers.len(), &pkgs, |h, p| {
-        ctx.dir
-            .join(&ctx.hosts.leechers[h].label)
-            .join("http")
-            .join(&p.file_name)
-    });
-    let labels: Vec<String> = ctx.hosts.leechers.iter().map(|h| h.label.clone()).collect();
     let pids: Vec<u32> = clients.iter().map(|p| p.pid).collect();
-    let packages = package_finish(&labels, &pkgs, &pids, &finished, &verified);
-    let verified = combine_verified(&verified, per_host);
+    let (labels, packages, verified) = ctx.verify_leechers("http", &pkgs, &pids, &finished);
     let outcomes = outcomes(&labels, &ended, &verified, |d| match d {
         Done::Line(l) if event(l, "complete").is_some_and(|v| v["sha256_ok"] == true) => Ok(()),
         Done::Line(_) => Err("the client's SHA-256 did not match".into()),

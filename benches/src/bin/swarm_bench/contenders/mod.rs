@@ -19,7 +19,10 @@ use serde::Serialize;
 
 use fbpkg_benches::swarm::report::{LeecherOutcome, summarize};
 
-use crate::measure::{Accounting, Closed, ContenderRun};
+use crate::measure::{
+    Accounting, Closed, ContenderRun, PackageFinish, PackageTimes, combine_verified,
+    package_finish, verify_each,
+};
 use crate::procs::{self, Proc, Spec, Stdout};
 use crate::topology::{Endpoint, Hosts, Topology};
 
@@ -199,6 +202,30 @@ impl Ctx<'_> {
             self.hosts.origins.len()
         );
         Ok(std::iter::once(self.pkg).chain(self.more).collect())
+    }
+
+    /// Check every leecher's copy of every package in `pkgs`, each at
+    /// `<dir>/<host>/<client_dir>/<file name>`, for a client whose processes are `pids` (one
+    /// per leecher) and reported `finished`. Returns the leechers' labels, each package's
+    /// finish per host (a many-package run), and each host's verdict over its packages.
+    pub fn verify_leechers(
+        &self,
+        client_dir: &str,
+        pkgs: &[&Package],
+        pids: &[u32],
+        finished: &PackageTimes,
+    ) -> (Vec<String>, Option<PackageFinish>, Vec<Result<(), String>>) {
+        let leechers = &self.hosts.leechers;
+        let verified = verify_each(leechers.len(), pkgs, |h, p| {
+            self.dir
+                .join(&leechers[h].label)
+                .join(client_dir)
+                .join(&p.file_name)
+        });
+        let labels: Vec<String> = leechers.iter().map(|h| h.label.clone()).collect();
+        let packages = package_finish(&labels, pkgs, pids, finished, &verified);
+        let verified = combine_verified(&verified, pkgs.len());
+        (labels, packages, verified)
     }
 
     /// The same run with another package (the rollout scenario distributes two versions).

@@ -16,9 +16,7 @@ use anyhow::Context as _;
 use serde_json::{Value, json};
 
 use super::{Ctx, Package, RQBIT_PORT, scaled};
-use crate::measure::{
-    Accounting, ContenderRun, Done, Window, combine_verified, outcomes, package_finish, verify_each,
-};
+use crate::measure::{Accounting, ContenderRun, Done, Window, outcomes};
 use crate::procs::Proc;
 use crate::topology::Endpoint;
 
@@ -176,16 +174,8 @@ pub fn run(ctx: &Ctx<'_>) -> anyhow::Result<ContenderRun> {
         notes.push("some leechers never reported completion".into());
     }
 
-    let verified = verify_each(ctx.hosts.leechers.len(), &pkgs, |h, p| {
-        ctx.dir
-            .join(&ctx.hosts.leechers[h].label)
-            .join("rqbit")
-            .join(&p.file_name)
-    });
-    let labels: Vec<String> = ctx.hosts.leechers.iter().map(|h| h.label.clone()).collect();
     let pids: Vec<u32> = leechers.iter().map(|p| p.pid).collect();
-    let packages = package_finish(&labels, &pkgs, &pids, &finished, &verified);
-    let verified = combine_verified(&verified, per_host);
+    let (labels, packages, verified) = ctx.verify_leechers("rqbit", &pkgs, &pids, &finished);
     let outcomes = outcomes(&labels, &ended, &verified, |d| match d {
         Done::Line(_) => Ok(()),
         Done::Exited(s) => Err(format!("exited {s} without completing")),
