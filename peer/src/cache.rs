@@ -503,6 +503,23 @@ impl Cache {
         finish_file(staging, metainfo, limits)
     }
 
+    /// Publish the user's single file `data` as `file_name` in `format` (never a tree), its
+    /// metainfo naming `announce`: [`Cache::install_built`] with [`Metainfo::build`] told the
+    /// size the file has now.
+    pub fn install_file(
+        &self,
+        name: &PackageName,
+        data: &Path,
+        (file_name, announce, format): (&str, &str, Format),
+    ) -> Result<(CachedPackage, Metainfo, bool)> {
+        let size = fs::metadata(data)
+            .map_err(PeerError::io("reading", data))?
+            .len();
+        self.install_built(name, data, &ExtractLimits::default(), |r| {
+            Metainfo::build(r, size, file_name, announce, format)
+        })
+    }
+
     /// Publish the user's single file `data` (a copy, as [`Handoff::Copy`]) in one read:
     /// `build` makes its metainfo from a reader over it, and each byte it reads is written
     /// into the new entry on the way, so the bytes the metainfo describes are the bytes kept,
@@ -513,7 +530,7 @@ impl Cache {
     /// Returns the entry, its metainfo, and whether the entry is new (false: that version was
     /// in the cache already, and is left as it was). On error nothing is left in the cache or
     /// its staging directory. Tree packages go through [`Cache::install`].
-    pub fn install_built(
+    fn install_built(
         &self,
         name: &PackageName,
         data: &Path,

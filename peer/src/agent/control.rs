@@ -67,9 +67,6 @@ pub enum Request {
         announce: String,
         /// `file`, `executable` or `tar.zst` ([`format_name`]).
         format: String,
-        /// A directory package's entry point.
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        entrypoint: Option<String>,
     },
     /// What the agent holds, fetches and serves.
     Status,
@@ -396,7 +393,6 @@ mod tests {
             file_name: "p.bin".into(),
             announce: "http://127.0.0.1:1/announce".into(),
             format: "file".into(),
-            entrypoint: None,
         };
         let line = serde_json::to_string(&r).unwrap();
         assert_eq!(parse_request_line(line.as_bytes()).unwrap(), r);

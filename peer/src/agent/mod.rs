@@ -7,13 +7,11 @@ pub mod follow;
 pub mod follow_state;
 
 use std::fs;
-use std::io;
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use fbpkg_common::entrypoint::Entrypoint;
 use fbpkg_common::metainfo::Metainfo;
 use fbpkg_common::pkgref::PackageName;
 use fbpkg_common::{InfoHash, Sha256Hash};
@@ -294,10 +292,9 @@ impl Agent {
                 file_name,
                 announce,
                 format,
-                entrypoint,
             } => {
                 let r = self
-                    .publish(&name, &path, (&file_name, &announce, &format), entrypoint)
+                    .publish(&name, &path, (&file_name, &announce, &format))
                     .await;
                 let e = match r {
                     Ok((entry, meta, fresh)) => Event::Published {
@@ -448,9 +445,7 @@ impl Agent {
         self.engine.note_installed(name, meta.sha256);
         Ok((entry.launch_path, entry.dir))
     }
-}
 
-impl Agent {
     /// `publish`: the user's file into the cache in one read, its metainfo built on the way,
     /// then seeded.
     async fn publish(
@@ -458,40 +453,17 @@ impl Agent {
         name: &str,
         path: &Path,
         (file_name, announce, format): (&str, &str, &str),
-        entrypoint: Option<String>,
     ) -> Result<(CachedPackage, Arc<Metainfo>, bool)> {
         let name = PackageName::new(name).map_err(|e| PeerError::BadInput(e.to_string()))?;
         if !path.is_absolute() {
             return Err(PeerError::BadInput("publish needs an absolute path".into()));
         }
         let format = control::parse_format(format)?;
-        let entrypoint = entrypoint
-            .as_deref()
-            .map(Entrypoint::new)
-            .transpose()
-            .map_err(|e| PeerError::BadInput(e.to_string()))?;
-        if entrypoint.is_some() && !format.is_directory() {
-            return Err(PeerError::BadInput(
-                "an entry point is for a directory package; a file package runs the file itself"
-                    .into(),
-            ));
-        }
         let cache = self.engine.cache().clone();
         let (n, p) = (name.clone(), path.to_owned());
         let (file_name, announce) = (file_name.to_owned(), announce.to_owned());
         let (entry, meta, fresh) = tokio::task::spawn_blocking(move || {
-            let size = fs::metadata(&p)
-                .map_err(PeerError::io("reading", &p))?
-                .len();
-            cache.install_built(&n, &p, &Default::default(), |r| {
-                let m = Metainfo::build(r, size, &file_name, &announce, format)?;
-                match entrypoint {
-                    Some(e) => m
-                        .with_entrypoint(e)
-                        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e)),
-                    None => Ok(m),
-                }
-            })
+            cache.install_file(&n, &p, (&file_name, &announce, format))
         })
         .await
         .map_err(|e| PeerError::Agent(format!("publish task: {e}")))??;

@@ -285,17 +285,7 @@ pub(super) fn run(args: PublishArgs) -> anyhow::Result<ExitCode> {
                 meta,
                 seeded_by_agent,
                 was_cached,
-            } = match one_pass(
-                &prepared,
-                &abs,
-                &name,
-                &announce,
-                entrypoint.as_ref(),
-                &state_dir,
-                &cache,
-            )
-            .await?
-            {
+            } = match one_pass(&prepared, &abs, &name, &announce, &state_dir, &cache).await? {
                 Some(placed) => placed,
                 None => {
                     let meta = build_metainfo(&prepared, &announce)
@@ -417,13 +407,13 @@ fn warn_no_agent(name: &PackageName, state_dir: &Path) {
 /// runs), instead of reading the file once for the metainfo and again for the checked copy.
 /// `None` for what goes the two-read way: a tree (its files are read for the metainfo and,
 /// by default, again for a compression dictionary), an archive made here (moved, not
-/// copied), or an agent too old to know `publish`.
+/// copied), or an agent too old to know `publish`. A user's single file has no entry point
+/// (`prepare` refuses one), so none is sent.
 async fn one_pass(
     prepared: &Prepared,
     abs: &Path,
     name: &PackageName,
     announce: &str,
-    entrypoint: Option<&Entrypoint>,
     state_dir: &Path,
     cache: &crate::cache::Cache,
 ) -> anyhow::Result<Option<Placed>> {
@@ -431,26 +421,14 @@ async fn one_pass(
         return Ok(None);
     }
     let Some(agent) = AgentClient::connect(state_dir).await? else {
-        let size = fs::metadata(abs)
-            .with_context(|| format!("cannot read {}", abs.display()))?
-            .len();
         let (c, n, p) = (cache.clone(), name.clone(), abs.to_owned());
         let (file_name, announce, format) = (
             prepared.file_name.clone(),
             announce.to_owned(),
             prepared.format,
         );
-        let entrypoint = entrypoint.cloned();
         let (_, meta, fresh) = tokio::task::spawn_blocking(move || {
-            c.install_built(&n, &p, &Default::default(), |r| {
-                let m = Metainfo::build(r, size, &file_name, &announce, format)?;
-                match entrypoint {
-                    Some(e) => m
-                        .with_entrypoint(e)
-                        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e)),
-                    None => Ok(m),
-                }
-            })
+            c.install_file(&n, &p, (&file_name, &announce, format))
         })
         .await??;
         warn_no_agent(name, state_dir);
@@ -466,7 +444,6 @@ async fn one_pass(
         file_name: prepared.file_name.clone(),
         announce: announce.to_owned(),
         format: control::format_name(prepared.format).to_owned(),
-        entrypoint: entrypoint.map(|e| e.as_str().to_owned()),
     };
     match agent.call(&req).await {
         Ok(Event::Published {
