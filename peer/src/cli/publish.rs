@@ -288,52 +288,8 @@ pub(super) fn run(args: PublishArgs) -> anyhow::Result<ExitCode> {
             } = match one_pass(&prepared, &abs, &name, &announce, &state_dir, &cache).await? {
                 Some(placed) => placed,
                 None => {
-                    let meta = build_metainfo(&prepared, &announce)
-                        .with_context(|| format!("cannot read {}", prepared.file.display()))?;
-                    let meta = match entrypoint.clone() {
-                        Some(e) => meta.with_entrypoint(e)?,
-                        None => meta,
-                    };
-                    let meta = if meta.format == Format::Tree && !args.no_dictionary {
-                        with_dictionary(meta, &prepared.file)
-                    } else {
-                        meta
-                    };
-                    let was_cached = cache.lookup(&name, &meta.sha256).is_some();
-                    let seeded_by_agent = match AgentClient::connect(&state_dir).await? {
-                        Some(agent) => {
-                            let req = Request::Add {
-                                name: name.to_string(),
-                                metainfo_hex: hex::encode(meta.as_bytes()),
-                                path: abs.clone(),
-                                take: prepared.temporary,
-                            };
-                            match agent.call(&req).await? {
-                                Event::Done { .. } => true,
-                                other => anyhow::bail!("unexpected agent answer {other:?}"),
-                            }
-                        }
-                        None => {
-                            let handoff = if prepared.temporary {
-                                Handoff::Move
-                            } else {
-                                Handoff::Copy
-                            };
-                            let (c, n, m, p) =
-                                (cache.clone(), name.clone(), meta.clone(), abs.clone());
-                            tokio::task::spawn_blocking(move || {
-                                c.install(&n, &m, &p, handoff, &Default::default())
-                            })
-                            .await??;
-                            warn_no_agent(&name, &state_dir);
-                            false
-                        }
-                    };
-                    Placed {
-                        meta,
-                        seeded_by_agent,
-                        was_cached,
-                    }
+                    let build = (entrypoint.clone(), !args.no_dictionary);
+                    two_reads(&prepared, &abs, &name, &announce, build, &state_dir, &cache).await?
                 }
             };
             // 2. Listed by the tracker; the agent announces right away instead of waiting
@@ -466,6 +422,65 @@ async fn one_pass(
         }
         Err(e) => Err(e.into()),
     }
+}
+
+/// Step 1 the two-read way (see [`one_pass`]): the metainfo built here (with `entrypoint`,
+/// and for a tree a compression dictionary when `dictionary`), then the file put in the cache
+/// by the agent's checked copy or move, or here when no agent runs.
+async fn two_reads(
+    prepared: &Prepared,
+    abs: &Path,
+    name: &PackageName,
+    announce: &str,
+    (entrypoint, dictionary): (Option<Entrypoint>, bool),
+    state_dir: &Path,
+    cache: &crate::cache::Cache,
+) -> anyhow::Result<Placed> {
+    let meta = build_metainfo(prepared, announce)
+        .with_context(|| format!("cannot read {}", prepared.file.display()))?;
+    let meta = match entrypoint {
+        Some(e) => meta.with_entrypoint(e)?,
+        None => meta,
+    };
+    let meta = if meta.format == Format::Tree && dictionary {
+        with_dictionary(meta, &prepared.file)
+    } else {
+        meta
+    };
+    let was_cached = cache.lookup(name, &meta.sha256).is_some();
+    let seeded_by_agent = match AgentClient::connect(state_dir).await? {
+        Some(agent) => {
+            let req = Request::Add {
+                name: name.to_string(),
+                metainfo_hex: hex::encode(meta.as_bytes()),
+                path: abs.to_owned(),
+                take: prepared.temporary,
+            };
+            match agent.call(&req).await? {
+                Event::Done { .. } => true,
+                other => anyhow::bail!("unexpected agent answer {other:?}"),
+            }
+        }
+        None => {
+            let handoff = if prepared.temporary {
+                Handoff::Move
+            } else {
+                Handoff::Copy
+            };
+            let (c, n, m, p) = (cache.clone(), name.clone(), meta.clone(), abs.to_owned());
+            tokio::task::spawn_blocking(move || {
+                c.install(&n, &m, &p, handoff, &Default::default())
+            })
+            .await??;
+            warn_no_agent(name, state_dir);
+            false
+        }
+    };
+    Ok(Placed {
+        meta,
+        seeded_by_agent,
+        was_cached,
+    })
 }
 
 /// Undo step 1 of a publish: through the agent (it stops seeding first), or in the cache.

@@ -837,7 +837,7 @@ impl Torrent {
             downloaded: self.downloaded(),
             uploaded: self.uploaded(),
             downloaded_wire: self.downloaded_wire.load(Relaxed),
-            wasted: self.wasted.load(Relaxed),
+            wasted: self.wasted(),
             uploaded_wire: self.uploaded_wire.load(Relaxed),
             age_secs: self.started.elapsed().as_secs_f64(),
             path,
