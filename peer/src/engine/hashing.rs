@@ -1,19 +1,20 @@
 //! Pieces hashed as their blocks are written, so that verifying a piece seldom reads it back.
 //!
 //! A piece's SHA-1 takes its bytes in order. Blocks of one piece mostly come from one peer, in
-//! order, and a connection's blocking task writes them. After each successful write, a block
+//! order, and the download's writer (`writer.rs`) writes them in the order they came. After
+//! each successful write, a block
 //! that starts where its piece's running hash has got to is fed to it, from the buffer just
 //! written. Verification then reads back from disk only the rest of the piece: blocks written
-//! out of order, or whose batch was overtaken by the next one. Reading every piece back was
+//! out of order (from another peer, or after a failed attempt). Reading every piece back was
 //! about 5% of a downloading agent's CPU (`swarm_bench --scenario none --cpu`, `perf`).
 //!
 //! Why the verdict is on the bytes on disk either way:
 //! - the picker lets a block be written once per attempt at its piece (its claim: a second
 //!   copy from another peer, or one that comes after its request was given up, is dropped
 //!   unwritten), and a write that fails fails the whole download;
-//! - a block's write task reports it here after its write succeeded, with padding as the zeros
+//! - the writer reports a block here after its write succeeded, with padding as the zeros
 //!   it reads back as ([`PackageData::as_stored`](crate::storage::PackageData::as_stored));
-//! - the piece is verified only once every block is stored (its write task joined), and the
+//! - the piece is verified only once every block is stored (its write answered), and the
 //!   hash is taken before a failed piece's blocks can be fetched again, so a new attempt
 //!   starts a new hash.
 //!
@@ -26,8 +27,8 @@ use std::sync::Mutex;
 
 use sha1::{Digest, Sha1};
 
-/// Locks the running hashes are spread over, so blocking tasks writing different pieces
-/// seldom wait for each other.
+/// Locks the running hashes are spread over, so the writer and the verification of other
+/// pieces seldom wait for each other.
 const SHARDS: usize = 16;
 
 /// The running hashes of the pieces being downloaded.

@@ -12,6 +12,7 @@ pub mod picker;
 pub mod ratelimit;
 pub mod superseed;
 mod torrent;
+mod writer;
 pub mod zstream;
 
 use std::collections::HashMap;

@@ -5,9 +5,10 @@
 //! Uploads are read from storage only as the write buffer drains, so a peer asking for many
 //! blocks costs a queue of 12-byte requests, not memory for the data.
 //!
-//! Disk I/O never runs on the reactor: the blocks of one socket read are written together by
-//! one blocking-pool task (at most [`MAX_PENDING_WRITES`] such batches per connection; past
-//! that the socket is not read; a task per block cost 60% more CPU per GiB), and
+//! Disk I/O never runs on the reactor: the blocks of one socket read go together, as one batch,
+//! to the download's writer (`writer.rs`: one blocking task at a time per file; at most
+//! [`MAX_PENDING_WRITES`] batches queued per connection, past that the socket is not read; a
+//! task per block cost 60% more CPU per GiB), and
 //! uploads are read in one batch at a time, also on the blocking pool. A connection that ends
 //! waits for its writes, so a block is never left half-claimed.
 //!
@@ -25,15 +26,18 @@ use bytes::BytesMut;
 use fbpkg_common::bitfield::Bitfield;
 use fbpkg_common::metainfo::BLOCK_SIZE;
 use fbpkg_common::wire::{BlockRef, DEFAULT_MAX_MESSAGE, Handshake, Message, ext};
+use futures_util::StreamExt as _;
+use futures_util::stream::FuturesUnordered;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::sync::mpsc;
-use tokio::task::{JoinError, JoinHandle, JoinSet};
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::{JoinError, JoinHandle};
 use tokio::time::Instant;
 
 use super::EngineConfig;
 use super::picker::{Arrival, ConnId};
 use super::torrent::{Cmd, Phase, Refusal, Torrent, grant_next_slot};
+use super::writer::{Blocks, Writer, Written};
 use super::zstream::{BatchEncoder, Dictionary, StreamDecoder};
 
 /// Stop filling the write buffer from storage beyond this many bytes.
@@ -159,10 +163,10 @@ struct Conn {
     throttled_until: Option<Instant>,
     /// A capped download waits for budget to request more.
     requests_throttled_until: Option<Instant>,
-    /// Received blocks being written to disk.
-    writes: JoinSet<Vec<(BlockRef, io::Result<()>)>>,
+    /// Batches of received blocks queued for the download's writer.
+    writes: FuturesUnordered<oneshot::Receiver<Written>>,
     /// Blocks received in this read, written together once it is decoded.
-    to_write: Vec<(BlockRef, u64, bytes::Bytes)>,
+    to_write: Blocks,
     /// The batch of uploads being read from disk, if any.
     reading: Option<JoinHandle<UploadBatch>>,
     /// The last time the write buffer was empty or a byte of it was sent.
@@ -290,7 +294,7 @@ pub(crate) async fn run(
         last_send: now,
         throttled_until: None,
         requests_throttled_until: None,
-        writes: JoinSet::new(),
+        writes: FuturesUnordered::new(),
         to_write: Vec::new(),
         reading: None,
         write_progress: now,
@@ -299,7 +303,7 @@ pub(crate) async fn run(
     let end = c.drive(&mut stream, &mut rx, leftover).await;
     // Blocks claimed by this connection are written before it lets go of them.
     let _ = c.write_blocks();
-    while let Some(done) = c.writes.join_next().await {
+    while let Some(done) = c.writes.next().await {
         let _ = c.on_written(done);
     }
     match &end {
@@ -415,7 +419,7 @@ impl Conn {
                     }
                     Err(e) => return End::Io(e),
                 },
-                Some(done) = self.writes.join_next(), if !self.writes.is_empty() => {
+                Some(done) = self.writes.next(), if !self.writes.is_empty() => {
                     if let Err(e) = self.on_written(done) {
                         return e;
                     }
@@ -1049,7 +1053,7 @@ impl Conn {
         self.pump_uploads()
     }
 
-    /// Hand the blocks of this read to one blocking task.
+    /// Queue the blocks of this read for the download's writer.
     fn write_blocks(&mut self) -> Result<(), End> {
         if self.to_write.is_empty() {
             return Ok(());
@@ -1058,31 +1062,15 @@ impl Conn {
             return Err(End::Told("the download failed"));
         };
         let batch = std::mem::take(&mut self.to_write);
-        let t = self.t.clone();
-        self.writes.spawn_blocking(move || {
-            batch
-                .into_iter()
-                .map(|(b, offset, data)| {
-                    let r = storage.write_at(offset, &data).map_err(|e| {
-                        io::Error::new(e.kind(), format!("{}: {e}", storage.path().display()))
-                    });
-                    if r.is_ok() {
-                        t.hashes
-                            .written(b.index, b.begin, &storage.as_stored(offset, &data));
-                    }
-                    (b, r)
-                })
-                .collect()
-        });
+        self.writes.push(Writer::submit(&self.t, storage, batch));
         Ok(())
     }
 
     /// Received blocks reached the disk (or could not).
-    fn on_written(
-        &mut self,
-        done: Result<Vec<(BlockRef, io::Result<()>)>, JoinError>,
-    ) -> Result<(), End> {
-        let batch = done.map_err(|e| End::Io(io::Error::other(e)))?;
+    fn on_written(&mut self, done: Result<Written, oneshot::error::RecvError>) -> Result<(), End> {
+        // Dropped unwritten (the writer panicked): this connection ends, as it did when its
+        // own write task panicked.
+        let batch = done.map_err(|_| End::Io(io::Error::other("the download's writer stopped")))?;
         let mut verify = Vec::new();
         let mut failed = None;
         {

@@ -177,6 +177,8 @@ pub struct Torrent {
     wasted: AtomicU64,
     /// SHA-1s of pieces being downloaded, fed as their blocks are written.
     pub(crate) hashes: PieceHashes,
+    /// Writes received blocks to the file, one batch at a time.
+    pub(crate) writer: super::writer::Writer,
     pub(crate) started: Instant,
     /// Caps this download's request rate (a prefetch); lifted when someone needs it now.
     download_limit: RwLock<Option<Arc<RateLimiter>>>,
@@ -329,6 +331,7 @@ impl Torrent {
             reported_corrupt: std::sync::atomic::AtomicBool::new(false),
             wasted: AtomicU64::new(0),
             hashes: PieceHashes::default(),
+            writer: super::writer::Writer::default(),
             started: Instant::now(),
             download_limit: RwLock::new(None),
         })
@@ -918,7 +921,7 @@ pub(crate) fn grant_next_slot(st: &mut State) {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::cache::Cache;
     use crate::engine::EngineConfig;
@@ -926,7 +929,10 @@ mod tests {
     use fbpkg_common::metainfo::Format;
 
     /// A torrent of a 1 MiB package in `Downloading`, holding the pieces in `have`.
-    fn torrent(dir: &std::path::Path, have: impl FnOnce(u32) -> Bitfield) -> Arc<Torrent> {
+    pub(crate) fn torrent(
+        dir: &std::path::Path,
+        have: impl FnOnce(u32) -> Bitfield,
+    ) -> Arc<Torrent> {
         let len = 1u64 << 20;
         let bytes = vec![7u8; len as usize];
         let meta =
