@@ -142,6 +142,14 @@ struct Args {
     #[arg(long, value_enum, default_value_t = LatencyModes::KeepAlive)]
     replica_modes: LatencyModes,
 
+    /// Keep-alive connections of the `--replicas` announce measurements, comma-separated: each
+    /// store is measured at each count and compared at its own peak. A replica adds a round
+    /// trip to Redis to every announce, so it needs more announces in flight than the
+    /// embedded store to keep both cores busy; one count would measure the load, not the
+    /// store.
+    #[arg(long, value_delimiter = ',', default_values_t = [128, 256, 512])]
+    replica_connections: Vec<usize>,
+
     /// Open-loop rate of the `--replicas` latency measurement, announces/s over all replicas
     /// [default: half of each configuration's own closed-loop peak].
     #[arg(long)]
@@ -228,8 +236,14 @@ async fn bench(args: Args, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
         "--swarms must be 1 to 1,000,000"
     );
     ensure!(
-        args.conn_concurrency >= 1 && args.keepalive_connections >= 1,
-        "connection counts must be at least 1"
+        args.conn_concurrency >= 1
+            && args.keepalive_connections >= 1
+            && !args.replica_connections.is_empty()
+            && args
+                .replica_connections
+                .iter()
+                .all(|&n| (1..=4096).contains(&n)),
+        "connection counts must be at least 1 (--replica-connections: 1 to 4096 each)"
     );
     ensure!(
         (1..=64).contains(&args.threads) && (1..=1024).contains(&args.latency_threads),

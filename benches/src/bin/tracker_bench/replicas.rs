@@ -2,14 +2,16 @@
 //! against the embedded store, in one run (the tracker's issue 11).
 //!
 //! One redis-server on loopback (free port, scratch directory, no persistence) serves the whole
-//! run. Then, for the embedded store and for each replica count N in turn: `FLUSHALL`; start N
-//! trackers (one for the embedded store), each with a data directory of its own, and publish
-//! every package to each (a replica's catalog is its own: `--data-dir` holds a lock-free
-//! in-process index, not something two processes may share); fill the swarms through the
-//! replicas round-robin; then measure, with every connection of the load going to the replicas
-//! round-robin:
+//! run. Then, for the embedded store and for each replica count N in turn, every measurement
+//! starts from the same state (`fresh`): `FLUSHALL`; start N trackers (one for the embedded
+//! store), each with a data directory of its own, and publish every package to each (a
+//! replica's catalog is its own: `--data-dir` holds a lock-free in-process index, not
+//! something two processes may share); fill the swarms through the replicas round-robin; then
+//! measure, with every connection of the load going to the replicas round-robin:
 //!
-//! - announces/s, closed loop, per replica and in total, with the Redis round trips per
+//! - announces/s, closed loop, at each of `--replica-connections` keep-alive connections (a
+//!   configuration is compared at its own peak: see `report::peak`), per replica and in total,
+//!   with the Redis round trips per
 //!   announce (`INFO commandstats` around the counted window: calls of the commands a client
 //!   sends itself, `EVALSHA` and the like, divided by the announces of the window) and the
 //!   commands Redis ran per announce, those inside `announce.lua` included;
@@ -131,19 +133,41 @@ pub async fn run(
     Ok((configs, redis.setup.clone()))
 }
 
-/// One configuration, from a flushed Redis to its trackers stopped.
-async fn measure(
+/// A configuration's closed loop in `mode` (keep-alive at `args.keepalive_connections` unless
+/// said otherwise).
+fn closed_loop(run: &Run<'_>, mode: Mode) -> ClosedLoop {
+    ClosedLoop {
+        mode,
+        connections: match mode {
+            Mode::ConnPerRequest => run.args.conn_concurrency,
+            Mode::KeepAlive => run.args.keepalive_connections,
+        },
+        threads: run.args.threads,
+        warmup: run.timing.warmup,
+        duration: run.timing.duration,
+        op_timeout: run.timing.op_timeout,
+    }
+}
+
+/// A configuration started from nothing: Redis flushed, its trackers started (those of an
+/// earlier start stopped first), the packages published and the swarms prefilled. Every
+/// measurement starts so: every announce of the load is a new peer, so swarms grow through a
+/// measurement, and one measured after another would serve bigger swarms (in one run with 128,
+/// 256 and 512 connections measured in turn on the same trackers, both stores lost 10-15%
+/// from the first to the last, whatever the order of the counts).
+async fn fresh(
     run: &Run<'_>,
     store: Store,
     redis: &mut RedisServer,
-) -> anyhow::Result<ConfigResult> {
+    replicas: &mut Vec<Contender>,
+) -> anyhow::Result<()> {
     let label = store.label();
+    replicas.clear();
     redis.flushall().await?;
     let extra = match store {
         Store::Embedded => Vec::new(),
         Store::Redis(_) => vec!["--peer-store".to_owned(), redis.url()],
     };
-    let mut replicas = Vec::with_capacity(store.replicas());
     for _ in 0..store.replicas() {
         replicas.push(
             contenders::start_fbpkg(
@@ -156,7 +180,7 @@ async fn measure(
             .with_context(|| format!("{label}: starting a tracker"))?,
         );
     }
-    for c in &replicas {
+    for c in replicas.iter() {
         eprintln!(
             "{label}: tracker pid {} on {}, refuses unknown swarms: {}",
             c.process.pid(),
@@ -165,25 +189,13 @@ async fn measure(
         );
     }
     let targets: Vec<Arc<Target>> = replicas.iter().map(|c| c.target.clone()).collect();
-    let keep_alive = |mode: Mode| ClosedLoop {
-        mode,
-        connections: match mode {
-            Mode::ConnPerRequest => run.args.conn_concurrency,
-            Mode::KeepAlive => run.args.keepalive_connections,
-        },
-        threads: run.args.threads,
-        warmup: run.timing.warmup,
-        duration: run.timing.duration,
-        op_timeout: run.timing.op_timeout,
-    };
-
     let prefill = run.args.prefill_per_swarm * run.packages.len() as u64;
     if prefill > 0 {
         let started = Instant::now();
         let cfg = ClosedLoop {
             warmup: Duration::ZERO,
             duration: Duration::from_secs(300),
-            ..keep_alive(Mode::KeepAlive)
+            ..closed_loop(run, Mode::KeepAlive)
         };
         let counts = sum(load::per_target(
             load::start_closed(
@@ -197,7 +209,7 @@ async fn measure(
             .await?,
             targets.len(),
         ));
-        alive(&mut replicas, redis)?;
+        alive(replicas, redis)?;
         ensure!(
             counts.ok == prefill,
             "{label}: prefill answered {} of {prefill} announces: {:?}",
@@ -209,32 +221,53 @@ async fn measure(
             started.elapsed().as_secs_f64()
         );
     }
+    Ok(())
+}
 
+/// One configuration: each closed-loop announce measurement, then the latency and the
+/// resolves, each from a fresh start ([`fresh`]).
+async fn measure(
+    run: &Run<'_>,
+    store: Store,
+    redis: &mut RedisServer,
+) -> anyhow::Result<ConfigResult> {
+    let label = store.label();
+    let mut replicas = Vec::with_capacity(store.replicas());
     let redis_backed = matches!(store, Store::Redis(_));
     let mut announces = Vec::new();
     for mode in run.args.replica_modes.modes() {
-        let cfg = keep_alive(mode);
-        let served = closed(
-            run,
-            &mut replicas,
-            redis,
-            redis_backed,
-            &cfg,
-            Source::Random,
-        )
-        .await?;
-        eprintln!(
-            "{label:<12} {:<17} {:>9.0} announces/s  per replica {}  ({} not ok, {} Redis \
-             round trips per announce)",
-            mode.label(),
-            served.per_sec,
-            per_replica_cell(&served.per_replica),
-            served.counts.not_ok(),
-            served
-                .redis_round_trips_per_request
-                .map_or("-".into(), |r| format!("{r:.2}")),
-        );
-        announces.push(served);
+        let counts = match mode {
+            Mode::ConnPerRequest => vec![run.args.conn_concurrency],
+            Mode::KeepAlive => run.args.replica_connections.clone(),
+        };
+        for connections in counts {
+            fresh(run, store, redis, &mut replicas).await?;
+            let cfg = ClosedLoop {
+                connections,
+                ..closed_loop(run, mode)
+            };
+            let served = closed(
+                run,
+                &mut replicas,
+                redis,
+                redis_backed,
+                &cfg,
+                Source::Random,
+            )
+            .await?;
+            eprintln!(
+                "{label:<12} {:<17} {connections:>5} conns {:>9.0} announces/s  per replica {}  \
+                 ({} not ok, {} Redis round trips per announce)",
+                mode.label(),
+                served.per_sec,
+                per_replica_cell(&served.per_replica),
+                served.counts.not_ok(),
+                served
+                    .redis_round_trips_per_request
+                    .map_or("-".into(), |r| format!("{r:.2}")),
+            );
+            announces.push(served);
+        }
     }
 
     let peak = announces.iter().map(|a| a.per_sec).fold(0.0, f64::max);
@@ -243,6 +276,8 @@ async fn measure(
         rate > 0.0,
         "{label}: no announce was answered; cannot set the latency rate"
     );
+    fresh(run, store, redis, &mut replicas).await?;
+    let targets: Vec<Arc<Target>> = replicas.iter().map(|c| c.target.clone()).collect();
     let pids: Vec<u32> = replicas.iter().map(|c| c.process.pid()).collect();
     let mut latency = Vec::new();
     for mode in run.args.replica_modes.modes() {
@@ -274,7 +309,7 @@ async fn measure(
         &mut replicas,
         redis,
         false,
-        &keep_alive(Mode::KeepAlive),
+        &closed_loop(run, Mode::KeepAlive),
         Source::Resolve {
             paths: run.resolve_paths.clone(),
         },

@@ -329,7 +329,7 @@ pub struct ConfigResult {
     pub replicas: usize,
     /// The first replica's arguments (the others differ only in --listen and --data-dir).
     pub tracker_args: Vec<String>,
-    /// Closed-loop announces, one per connection mode.
+    /// Closed-loop announces, one per connection mode and connection count.
     pub announces: Vec<Served>,
     /// Open-loop announce latency, one per connection mode.
     pub latency: Vec<Latency>,
@@ -413,8 +413,19 @@ impl ReplicaCpu {
     }
 }
 
+/// A configuration's best closed-loop measurement in `mode`, over the connection counts it was
+/// measured at: a store is compared with another at its own peak, as each needs a different
+/// number of announces in flight to keep the machine busy.
+pub fn peak(c: &ConfigResult, mode: Mode) -> Option<&Served> {
+    c.announces
+        .iter()
+        .filter(|a| a.mode == mode)
+        .max_by(|a, b| a.per_sec.total_cmp(&b.per_sec))
+}
+
 /// The issue's targets: a single Redis-backed replica at half the embedded store's
-/// announces/s or more (each connection mode), and every replica resolving 20k/s or more.
+/// announces/s or more (each connection mode, each at its peak), and every replica resolving
+/// 20k/s or more.
 pub fn replica_targets(configs: &[ConfigResult]) -> BTreeMap<String, bool> {
     let mut met = BTreeMap::new();
     let embedded = configs.iter().find(|c| c.store == "embedded");
@@ -422,13 +433,13 @@ pub fn replica_targets(configs: &[ConfigResult]) -> BTreeMap<String, bool> {
         if c.replicas == 1
             && let Some(e) = embedded
         {
-            for a in &c.announces {
-                if let Some(base) = e.announces.iter().find(|b| b.mode == a.mode) {
+            for mode in [Mode::KeepAlive, Mode::ConnPerRequest] {
+                if let (Some(a), Some(base)) = (peak(c, mode), peak(e, mode)) {
                     met.insert(
                         format!(
-                            "{} {} >= {:.1}x embedded",
+                            "{} {} peak >= {:.1}x embedded's",
                             c.store,
-                            a.mode.label(),
+                            mode.label(),
                             TARGET_SHARE_OF_EMBEDDED
                         ),
                         a.per_sec >= TARGET_SHARE_OF_EMBEDDED * base.per_sec,
@@ -473,7 +484,7 @@ pub fn replica_table(report: &ReplicaReport) -> String {
             .configs
             .iter()
             .find(|c| c.store == "embedded")
-            .and_then(|c| c.announces.iter().find(|a| a.mode == mode))
+            .and_then(|c| peak(c, mode))
             .map(|a| a.per_sec)
             .filter(|r| *r > 0.0)
     };
@@ -495,17 +506,18 @@ pub fn replica_table(report: &ReplicaReport) -> String {
     for c in &report.configs {
         for a in &c.announces {
             let f = |v: Option<f64>| v.map_or("-".to_owned(), |v| format!("{v:.2}"));
+            let at_peak = peak(c, a.mode).is_some_and(|p| std::ptr::eq(p, a));
             let busiest = a
                 .redis_usec_per_request
                 .first()
                 .map_or("-".to_owned(), |t| format!("{:.0}", t.usec_per_request));
             let _ = writeln!(
                 out,
-                "{:<10} {:<17} {:>5} {:>11.0} {:>23} {:>7} {:>7} {:>6} {:>6} {:>6} {:>24}",
+                "{:<10} {:<17} {:>5} {:>11} {:>23} {:>7} {:>7} {:>6} {:>6} {:>6} {:>24}",
                 c.store,
                 a.mode.label(),
                 a.connections,
-                a.per_sec,
+                format!("{:.0}{}", a.per_sec, if at_peak { "*" } else { " " }),
                 per_replica_cell(&a.per_replica),
                 a.counts.not_ok(),
                 embedded(a.mode).map_or("-".into(), |e| format!("{:.2}x", a.per_sec / e)),
@@ -518,7 +530,8 @@ pub fn replica_table(report: &ReplicaReport) -> String {
     }
     let _ = writeln!(
         out,
-        "  trips: Redis round trips per announce (EVALSHA and other commands clients send, from \
+        "  *: the configuration's peak in that mode, which the targets compare; vs emb: against \
+         the embedded store's peak in that mode\n  trips: Redis round trips per announce (EVALSHA and other commands clients send, from \
          INFO commandstats); cmds: commands Redis ran per announce, those of announce.lua \
          included; us: Redis microseconds per announce in its busiest command (the script)"
     );
