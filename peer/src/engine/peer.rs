@@ -1068,9 +1068,17 @@ impl Conn {
 
     /// Received blocks reached the disk (or could not).
     fn on_written(&mut self, done: Result<Written, oneshot::error::RecvError>) -> Result<(), End> {
-        // Dropped unwritten (the writer panicked): this connection ends, as it did when its
-        // own write task panicked.
-        let batch = done.map_err(|_| End::Io(io::Error::other("the download's writer stopped")))?;
+        let Ok(batch) = done else {
+            // Dropped unwritten (the writer panicked): its blocks stay `Writing`, which nothing
+            // else resolves, so the download could never finish. It fails instead, and the
+            // next `get` starts it again.
+            let e = io::Error::other("the download's writer stopped");
+            self.t.fail(
+                crate::error::io_kind(&e),
+                format!("cannot write a block: {e}"),
+            );
+            return Err(End::Io(e));
+        };
         let mut verify = Vec::new();
         let mut failed = None;
         {
