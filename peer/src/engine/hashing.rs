@@ -2,11 +2,11 @@
 //!
 //! A piece's SHA-1 takes its bytes in order. Blocks of one piece mostly come from one peer, in
 //! order, and the download's writer (`writer.rs`) writes them in the order they came. After
-//! each successful write, a block
-//! that starts where its piece's running hash has got to is fed to it, from the buffer just
-//! written. Verification then reads back from disk only the rest of the piece: blocks written
-//! out of order (from another peer, or after a failed attempt). Reading every piece back was
-//! about 5% of a downloading agent's CPU (`swarm_bench --scenario none --cpu`, `perf`).
+//! each successful write, a block that starts where its piece's running hash has got to is fed
+//! to it, from the buffer just written. Verification then reads back from disk only the rest
+//! of the piece: blocks written out of order (from another peer, or after a failed attempt).
+//! Reading every piece back was about 5% of a downloading agent's CPU (`swarm_bench --scenario
+//! none --cpu`, `perf`).
 //!
 //! Why the verdict is on the bytes on disk either way:
 //! - the picker lets a block be written once per attempt at its piece (its claim: a second

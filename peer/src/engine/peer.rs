@@ -8,9 +8,9 @@
 //! Disk I/O never runs on the reactor: the blocks of one socket read go together, as one batch,
 //! to the download's writer (`writer.rs`: one blocking task at a time per file; at most
 //! [`MAX_PENDING_WRITES`] batches queued per connection, past that the socket is not read; a
-//! task per block cost 60% more CPU per GiB), and
-//! uploads are read in one batch at a time, also on the blocking pool. A connection that ends
-//! waits for its writes, so a block is never left half-claimed.
+//! task per block cost 60% more CPU per GiB), and uploads are read in one batch at a time,
+//! also on the blocking pool. A connection that ends waits for its writes, so a block is never
+//! left half-claimed.
 //!
 //! Bounded by construction: the write buffer past [`READ_PAUSE`] stops reading (a peer that
 //! requests and never reads cannot make us queue answers without bound), and a write buffer

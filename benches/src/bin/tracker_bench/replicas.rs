@@ -11,10 +11,10 @@
 //!
 //! - announces/s, closed loop, at each of `--replica-connections` keep-alive connections (a
 //!   configuration is compared at its own peak: see `report::peak`), per replica and in total,
-//!   with the Redis round trips per
-//!   announce (`INFO commandstats` around the counted window: calls of the commands a client
-//!   sends itself, `EVALSHA` and the like, divided by the announces of the window) and the
-//!   commands Redis ran per announce, those inside `announce.lua` included;
+//!   with the Redis round trips per announce (`INFO commandstats` around the counted window:
+//!   calls of the commands a client sends itself, `EVALSHA` and the like, divided by the
+//!   announces of the window) and the commands Redis ran per announce, those inside
+//!   `announce.lua` included;
 //! - p50/p99, open loop at half the configuration's own peak (or `--replica-latency-rate`);
 //! - resolves/s (`GET /api/v1/packages/NAME/SHA256`, answered from the catalog in memory),
 //!   per replica and in total.
