@@ -125,6 +125,7 @@ pub(crate) async fn run(t: Arc<Torrent>, mut tier: Tier) {
     let mut completed_sent = t.is_seeding();
     loop {
         let req = request(&t, event);
+        let asked_at = tokio::time::Instant::now();
         let result = tier.client(&t).announce(&req).await;
         if result.is_err() {
             tier.failed();
@@ -134,6 +135,9 @@ pub(crate) async fn run(t: Arc<Torrent>, mut tier: Tier) {
                 backoff = FIRST_BACKOFF;
                 event = Event::None;
                 tracing::debug!(package = %t.name, peers = resp.peers.len(), seeders = resp.complete, leechers = resp.incomplete, "announced");
+                // The tracker counts us among its seeds when we announced as one.
+                let others = resp.complete.saturating_sub(u32::from(req.left == 0));
+                t.state().tracker_seeds = Some((others, asked_at));
                 t.add_candidates(resp.peers.into_iter().map(|p| (p.addr, p.peer_id)));
                 let interval = Duration::from_secs(u64::from(resp.interval.max(1)));
                 let min = Duration::from_secs(u64::from(resp.min_interval.unwrap_or(5)));

@@ -1153,7 +1153,8 @@ impl Conn {
     }
 
     /// An origin over its budget chokes leechers that can get everything elsewhere, and
-    /// unchokes them again when some piece has no other copy among connected peers.
+    /// unchokes them again when some piece has no other copy among connected peers and no
+    /// other seed is known ([`super::torrent::State::seed_elsewhere`]).
     fn apply_origin_budget(&mut self) {
         let Some(budget) = self.t.ctx.config.origin_budget else {
             return;
@@ -1166,7 +1167,11 @@ impl Conn {
             return; // the first copy of every piece still has to go out
         }
         let over = self.t.uploaded() as f64 >= budget * self.t.meta.length as f64;
-        let orphan = (0..self.t.meta.num_pieces()).any(|i| st.picker.availability(i) == 0);
+        // A seed we parted from, or one the tracker knows, holds every piece: without this,
+        // the first leecher to finish (and leave, both ends being seeds) left pieces only it
+        // had, and the origin served up to another copy while the crowd fetched them from it.
+        let orphan = !st.seed_elsewhere()
+            && (0..self.t.meta.num_pieces()).any(|i| st.picker.availability(i) == 0);
         let hold = over && !orphan;
         if hold && !self.am_choking {
             if let Some(slot) = st.peers.get_mut(&self.id) {

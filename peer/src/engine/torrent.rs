@@ -134,7 +134,29 @@ pub(crate) struct State {
     /// Each piece is checked the first time it is uploaded, so a file altered at rest (bit
     /// rot, a stray write) is caught before a peer gets a byte of it.
     pub served_ok: Option<Bitfield>,
+    /// When a connection to a peer holding the whole package last ended. Two seeds part
+    /// ("both ends are seeds") though both go on seeding, so its copies leave our view of the
+    /// swarm, not the swarm: see [`State::seed_elsewhere`].
+    pub seed_left_at: Option<Instant>,
+    /// Seeds besides us in the tracker's last answer, and when it was asked.
+    pub tracker_seeds: Option<(u32, Instant)>,
     next_conn: ConnId,
+}
+
+impl State {
+    /// Whether some other host most likely holds the whole package, connected to us or not:
+    /// a seed we parted from counts until the tracker answers a later announce; then the tracker's
+    /// count of seeds besides us decides. A seed that died stays in that count until the
+    /// tracker expires it (two announce intervals).
+    pub(crate) fn seed_elsewhere(&self) -> bool {
+        let asked_at = self.tracker_seeds.map(|(_, at)| at);
+        let parted_since_answer = match (self.seed_left_at, asked_at) {
+            (Some(left), Some(asked)) => left >= asked,
+            (Some(_), None) => true,
+            (None, _) => false,
+        };
+        parted_since_answer || self.tracker_seeds.is_some_and(|(n, _)| n > 0)
+    }
 }
 
 /// One package in the engine.
@@ -314,6 +336,8 @@ impl Torrent {
                 banned_addrs: HashSet::new(),
                 strikes: HashMap::new(),
                 served_ok: origin.then(|| Bitfield::new(num_pieces)),
+                seed_left_at: None,
+                tracker_seeds: None,
                 next_conn: 1,
             }),
             phase,
@@ -890,6 +914,9 @@ fn drop_slot(st: &mut State, conn: ConnId) {
     let Some(slot) = st.peers.remove(&conn) else {
         return;
     };
+    if slot.bitfield.is_complete() {
+        st.seed_left_at = Some(Instant::now());
+    }
     st.picker.remove_availability(&slot.bitfield);
     st.picker.release_conn(conn);
     if let Some(p) = st.planner.as_mut() {
@@ -965,6 +992,45 @@ pub(crate) mod tests {
 
     fn peer(n: u8) -> SocketAddr {
         SocketAddr::from(([127, 0, 0, n], 6881))
+    }
+
+    /// A seed that leaves our connections counts as holding everything until the tracker
+    /// answers an announce made after it left; then the tracker's seed count decides.
+    #[tokio::test(start_paused = true)]
+    async fn a_seed_that_left_counts_until_the_tracker_answers() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = torrent(dir.path(), Bitfield::new);
+        let (tx, _rx) = mpsc::unbounded_channel();
+        let leecher = t
+            .register(PeerId([2; 20]), peer(2), true, tx.clone())
+            .unwrap();
+        let seed = t.register(PeerId([3; 20]), peer(3), true, tx).unwrap();
+        t.state().peers.get_mut(&seed).unwrap().bitfield = Bitfield::full(t.meta.num_pieces());
+        assert!(!t.state().seed_elsewhere(), "nobody has left yet");
+
+        t.unregister(leecher);
+        assert!(
+            !t.state().seed_elsewhere(),
+            "a leecher leaving says nothing"
+        );
+        tokio::time::advance(Duration::from_secs(1)).await;
+        t.unregister(seed);
+        assert!(t.state().seed_elsewhere(), "the seed that left still seeds");
+
+        let before = Instant::now() - Duration::from_millis(500);
+        t.state().tracker_seeds = Some((0, before));
+        assert!(
+            t.state().seed_elsewhere(),
+            "an answer to an announce made before the seed left is stale"
+        );
+        tokio::time::advance(Duration::from_secs(1)).await;
+        t.state().tracker_seeds = Some((0, Instant::now()));
+        assert!(
+            !t.state().seed_elsewhere(),
+            "the tracker knows no other seed"
+        );
+        t.state().tracker_seeds = Some((1, Instant::now()));
+        assert!(t.state().seed_elsewhere(), "the tracker knows one");
     }
 
     /// Between the last piece and the end of the SHA-256 pass the torrent is not `Seeding`
