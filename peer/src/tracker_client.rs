@@ -659,13 +659,15 @@ mod tests {
 
     #[tokio::test]
     async fn a_refused_first_connection_is_retried() {
-        let probe = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = probe.local_addr().unwrap();
-        drop(probe);
+        // Bound but not listening: connections are refused, and no other test can take the
+        // port meanwhile (dropping a listener and binding again raced with them).
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let addr = socket.local_addr().unwrap();
         let server = tokio::spawn(async move {
             // Up a moment after the client's first attempt was refused.
             tokio::time::sleep(Duration::from_millis(300)).await;
-            serve(TcpListener::bind(addr).await.unwrap(), |_| NOT_FOUND).await
+            serve(socket.listen(16).unwrap(), |_| NOT_FOUND).await
         });
         let err = client(addr, Duration::from_secs(20))
             .resolve(&tag_ref())
