@@ -41,16 +41,18 @@ pub fn status_kib_field(text: &str, field: &str) -> Option<u64> {
     })
 }
 
-/// Byte counters of one interface.
+/// Counters of one interface.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct DevBytes {
-    /// Received.
+    /// Bytes received.
     pub rx: u64,
-    /// Transmitted.
+    /// Bytes transmitted.
     pub tx: u64,
+    /// Packets transmitted (a GSO super-packet counts once on a veth).
+    pub tx_packets: u64,
 }
 
-/// Parse `/proc/net/dev` (of some process's namespace): interface -> byte counters.
+/// Parse `/proc/net/dev` (of some process's namespace): interface -> counters.
 pub fn parse_net_dev(text: &str) -> BTreeMap<String, DevBytes> {
     text.lines()
         .filter_map(|l| {
@@ -65,6 +67,7 @@ pub fn parse_net_dev(text: &str) -> BTreeMap<String, DevBytes> {
                 DevBytes {
                     rx: *v.first()?,
                     tx: *v.get(8)?,
+                    tx_packets: *v.get(9)?,
                 },
             ))
         })
@@ -121,7 +124,8 @@ mod tests {
             m["s-seed"],
             DevBytes {
                 rx: 1000,
-                tx: 999_999
+                tx: 999_999,
+                tx_packets: 70,
             }
         );
     }

@@ -140,7 +140,11 @@ mod tests {
 
     #[test]
     fn timeline_is_relative_to_its_start() {
-        let dev = |rx, tx| DevBytes { rx, tx };
+        let dev = |rx, tx| DevBytes {
+            rx,
+            tx,
+            tx_packets: 0,
+        };
         let base = BTreeMap::from([("s-l001".to_owned(), dev(10, 1000))]);
         let labels = [("l001".to_owned(), "s-l001".to_owned())];
         let mut tl = Timeline::new(base);
