@@ -26,8 +26,33 @@ pub struct Timeline {
     pub t: Vec<f64>,
     /// By host label.
     pub hosts: BTreeMap<String, HostSeries>,
+    /// What all the switch's interfaces sent from the start to the last sample.
+    pub switch_tx: Option<SwitchTx>,
     #[serde(skip)]
     base: BTreeMap<String, DevBytes>,
+}
+
+/// What the switch's interfaces sent over a run, all hosts together: each byte between two
+/// hosts is counted once, on the way out of the switch to its receiver.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct SwitchTx {
+    /// Packets (a GSO super-packet counts once: the emulation's per-packet work is per
+    /// super-packet, so fewer, larger packets cost the kernel less for the same bytes).
+    pub packets: u64,
+    /// Bytes.
+    pub bytes: u64,
+}
+
+impl SwitchTx {
+    /// The report's line.
+    pub fn line(&self) -> String {
+        format!(
+            "the switch forwarded {:.0}k packets, {:.2} GB, {} bytes per packet",
+            self.packets as f64 / 1e3,
+            self.bytes as f64 / 1e9,
+            self.bytes.checked_div(self.packets).unwrap_or(0)
+        )
+    }
 }
 
 /// A time a leecher received (almost) nothing while it still lacked bytes.
@@ -60,6 +85,13 @@ impl Timeline {
             series.down.push(cur.tx.saturating_sub(zero.tx));
             series.up.push(cur.rx.saturating_sub(zero.rx));
         }
+        let mut sent = SwitchTx::default();
+        for (dev, cur) in now {
+            let zero = self.base.get(dev).copied().unwrap_or_default();
+            sent.packets += cur.tx_packets.saturating_sub(zero.tx_packets);
+            sent.bytes += cur.tx.saturating_sub(zero.tx);
+        }
+        self.switch_tx = Some(sent);
     }
 
     /// Stalls of `label` before `until` seconds: at least `min_secs` of sample intervals in
@@ -140,21 +172,29 @@ mod tests {
 
     #[test]
     fn timeline_is_relative_to_its_start() {
-        let dev = |rx, tx| DevBytes {
-            rx,
-            tx,
-            tx_packets: 0,
-        };
-        let base = BTreeMap::from([("s-l001".to_owned(), dev(10, 1000))]);
+        let dev = |rx, tx, tx_packets| DevBytes { rx, tx, tx_packets };
+        let base = BTreeMap::from([("s-l001".to_owned(), dev(10, 1000, 3))]);
         let labels = [("l001".to_owned(), "s-l001".to_owned())];
         let mut tl = Timeline::new(base);
+        assert_eq!(tl.switch_tx, None, "no sample yet");
         tl.push(
             1.0,
             &labels,
-            &BTreeMap::from([("s-l001".to_owned(), dev(15, 5000))]),
+            &BTreeMap::from([
+                ("s-l001".to_owned(), dev(15, 5000, 7)),
+                // An interface made after the start counts from zero.
+                ("s-l002".to_owned(), dev(0, 600, 2)),
+            ]),
         );
         assert_eq!(tl.hosts["l001"].down, vec![4000]);
         assert_eq!(tl.hosts["l001"].up, vec![5]);
+        assert_eq!(
+            tl.switch_tx,
+            Some(SwitchTx {
+                packets: 6,
+                bytes: 4600
+            })
+        );
         assert!(tl.stalls("l001", 10.0, 0.5, 1).is_empty());
         assert!(tl.stalls("nobody", 10.0, 0.5, 1).is_empty());
     }

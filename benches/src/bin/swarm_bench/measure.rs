@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use fbpkg_benches::swarm::logscan::Notable;
-use fbpkg_benches::swarm::procfs::{self, DevBytes};
+use fbpkg_benches::swarm::procfs;
 use fbpkg_benches::swarm::report::{LeecherOutcome, Restarted, Summary};
 use fbpkg_benches::swarm::timeline::{Stall, Timeline};
 use serde::Serialize;
@@ -124,8 +124,6 @@ pub struct ContenderRun {
     pub seed_wire_tx_bytes: Option<u64>,
     /// Seed egress as its upload `tbf` counted it (every segment's headers included).
     pub seed_tbf_bytes: Option<u64>,
-    /// What the switch forwarded over the window, all hosts together.
-    pub switch_tx: Option<SwitchTx>,
     /// Piece bytes the seed says it sent, where the contender tells.
     pub seed_payload_bytes: Option<u64>,
     /// Other counters the contender exposes.
@@ -329,8 +327,6 @@ pub struct Window<'a> {
     seed_tx0: Option<u64>,
     seed_tbf0: Option<u64>,
     machine0: Option<(u64, u64)>,
-    /// The switch's counters at the start.
-    switch0: Option<BTreeMap<String, DevBytes>>,
     timeline: Option<Timeline>,
     labels: Vec<(String, String)>,
     every: Duration,
@@ -339,47 +335,6 @@ pub struct Window<'a> {
 
 fn machine_ticks() -> Option<(u64, u64)> {
     procfs::parse_machine_ticks(&std::fs::read_to_string("/proc/stat").ok()?)
-}
-
-/// What the switch's interfaces sent over a window, all hosts together: each byte between two
-/// hosts is counted once, on the way out of the switch to its receiver.
-#[derive(Debug, Clone, Copy, Serialize)]
-pub struct SwitchTx {
-    /// Packets (a GSO super-packet counts once: the emulation's per-packet work is per
-    /// super-packet, so fewer, larger packets cost the kernel less for the same bytes).
-    pub packets: u64,
-    /// Bytes.
-    pub bytes: u64,
-}
-
-impl SwitchTx {
-    /// The increase from `before` to `after`, over the interfaces in both.
-    pub fn between(
-        before: &BTreeMap<String, DevBytes>,
-        after: &BTreeMap<String, DevBytes>,
-    ) -> Self {
-        let mut sum = SwitchTx {
-            packets: 0,
-            bytes: 0,
-        };
-        for (name, a) in after {
-            if let Some(b) = before.get(name) {
-                sum.packets += a.tx_packets.saturating_sub(b.tx_packets);
-                sum.bytes += a.tx.saturating_sub(b.tx);
-            }
-        }
-        sum
-    }
-
-    /// The report's line.
-    pub fn line(&self) -> String {
-        format!(
-            "the switch forwarded {:.0}k packets, {:.2} GB, {} bytes per packet",
-            self.packets as f64 / 1e3,
-            self.bytes as f64 / 1e9,
-            self.bytes.checked_div(self.packets).unwrap_or(0)
-        )
-    }
 }
 
 /// What the window measured.
@@ -391,8 +346,6 @@ pub struct Closed {
     pub seed_tbf_bytes: Option<u64>,
     /// Machine busy cores on average.
     pub machine_busy_cores: Option<f64>,
-    /// What the switch forwarded, when there is a topology.
-    pub switch_tx: Option<SwitchTx>,
     /// Counters over time.
     pub timeline: Option<Timeline>,
     /// Window length.
@@ -408,8 +361,9 @@ impl<'a> Window<'a> {
     ) -> anyhow::Result<Self> {
         let seed_tx0 = topo.map(|t| t.host_tx_bytes(seed_ns)).transpose()?;
         let seed_tbf0 = topo.map(|t| t.host_tbf_bytes(seed_ns)).transpose()?;
-        let switch0 = topo.map(Topology::switch_counters).transpose()?;
-        let timeline = switch0.clone().map(Timeline::new);
+        let timeline = topo
+            .map(|t| t.switch_counters().map(Timeline::new))
+            .transpose()?;
         let labels = topo.map(Topology::labels).unwrap_or_default();
         let t0 = Instant::now();
         Ok(Self {
@@ -419,7 +373,6 @@ impl<'a> Window<'a> {
             seed_tx0,
             seed_tbf0,
             machine0: machine_ticks(),
-            switch0,
             timeline,
             labels,
             every,
@@ -527,14 +480,9 @@ impl<'a> Window<'a> {
             }
             _ => None,
         };
-        let switch_tx = match (self.topo, &self.switch0) {
-            (Some(t), Some(before)) => Some(SwitchTx::between(before, &t.switch_counters()?)),
-            _ => None,
-        };
         Ok(Closed {
             seed_tx_bytes,
             seed_tbf_bytes,
-            switch_tx,
             machine_busy_cores,
             secs: self.secs(end),
             timeline: self.timeline,

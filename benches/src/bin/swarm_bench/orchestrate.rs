@@ -684,7 +684,7 @@ fn scenario_table(s: &Scenario, kr: &KumarRoss, deadline: Duration, entries: &[E
         {
             t.push_str(&format!("{}: {line}\n", e.contender));
         }
-        if let Some(tx) = e.run.as_ref().and_then(|r| r.switch_tx) {
+        if let Some(tx) = e.run.as_ref().and_then(|r| r.timeline.as_ref()?.switch_tx) {
             t.push_str(&format!("{}: {}\n", e.contender, tx.line()));
         }
         if let Some(p) = e.run.as_ref().and_then(|r| r.packages.as_ref()) {

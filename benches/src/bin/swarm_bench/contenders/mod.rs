@@ -281,7 +281,6 @@ impl Ctx<'_> {
             leechers,
             seed_wire_tx_bytes: closed.seed_tx_bytes,
             seed_tbf_bytes: closed.seed_tbf_bytes,
-            switch_tx: closed.switch_tx,
             seed_payload_bytes,
             payload: serde_json::json!({}),
             window_secs: closed.secs,
