@@ -68,7 +68,7 @@ fn one_per_address(redis: &RedisServer) -> RedisStore {
 
 /// The Redis key `what` of swarm `h` (`redis_store.rs` has the layout).
 fn swarm_key(h: &InfoHash, what: &str) -> String {
-    format!("fbpkg:v3:{{{h}}}:{what}")
+    format!("fbpkg:v4:{{{h}}}:{what}")
 }
 
 /// Replace key `what` of swarm `h` by a string: a key of the wrong type, as an operator's

@@ -19,7 +19,7 @@
 -- numbered above S. One message per call, not per change, because PUBLISH and each message a
 -- replica decodes cost more than the line itself.
 --
--- Keys are built here from the info-hash, `fbpkg:v3:{<hex>}:<what>`: one call serves many
+-- Keys are built here from the info-hash, `fbpkg:v4:{<hex>}:<what>`: one call serves many
 -- swarms, so it cannot declare them (Redis Cluster would need one call per slot).
 --
 -- What one swarm's announce reads and writes of its hash (`swarm`: records, address counts
@@ -31,7 +31,7 @@
 -- CPU's caches, so each field an announce reads first is a few cache misses: HMGET was a
 -- quarter of Redis's time while the state took six fields.
 local ttl, max_peers, max_per_addr = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
-local batch, meta_ttl = tonumber(ARGV[4]), tonumber(ARGV[5])
+local batch, meta_ttl = tonumber(ARGV[4]), ARGV[5]
 local channel, publisher = ARGV[6], ARGV[7]
 
 -- The keys' TTLs are refreshed once every quarter of a peer's TTL per swarm ("chores"), not on
@@ -41,6 +41,9 @@ local channel, publisher = ARGV[6], ARGV[7]
 -- arrives (its set gets its TTL there), and zone buckets get theirs on each of their announces.
 local every = math.floor(ttl / 4)
 local keep = ttl + every
+-- Numbers go to redis.call as strings written here: Redis writes a Lua number with '%.17g',
+-- which took a few percent of its time.
+local keep_s = string.format('%d', keep)
 -- Peers silent since the cutoff go at most once a second per swarm (so a peer outlives its TTL
 -- by under a second), a bounded batch per role, and only when one may be due: the hash keeps
 -- `oldest`, at or below the oldest score in either role's set (a peer announcing again only
@@ -79,23 +82,35 @@ end
 -- or joining) allocates little: keys are built when used, tables are sized where they are
 -- made, and the state of the announce being served lives in these locals, which the
 -- functions below share (made once per call, not once per announce).
-local base, hkey      -- the swarm's key prefix and its hash's key
+local swarm, hkey     -- the swarm's info-hash (hex) and its hash's key
 local nS, nL          -- its role counts
 local pending         -- other peers' fields the hash is to get (field -> value, or false for
                       -- one that goes), written by `flush`: made by a sweep or a leave only
-local addrs           -- address counts read so far (ip -> peers)
-local now_s, touched_s, swept_s  -- now (ms, as given), and the marks to save
+local addrs           -- address counts read so far (ip -> peers), made by a sweep or a leave
+local ip, ip_n        -- the announcer's address and its count, read by every announce
+local now_s, now      -- now (ms, as given, and as a number)
+local touched, swept  -- the marks to save (ms)
 local oldest          -- a bound at or below every score in the swarm's sets (ms)
 local seq             -- the swarm's change number
 
--- The swarm's state field, as read back by `announce`.
+-- The state field: '##' (a record's second byte is '|', an address count's a digit, so a draw
+-- reading the hash's values tells them apart), then touched, swept, seq, S, L and oldest as
+-- doubles (exact for these integers). Packed rather than written in digits: parsing six
+-- numbers out of text and writing them back made eleven Lua strings per announce.
+local STATE, STATE_LEN = '<BBdddddd', 50
 local function state()
-  return touched_s .. ' ' .. swept_s .. ' ' .. seq .. ' ' .. nS .. ' ' .. nL .. ' ' .. oldest
+  return struct.pack(STATE, 35, 35, touched, swept, seq, nS, nL, oldest)
+end
+
+-- The address counts, made when a sweep or a leave first needs them.
+local function counts_of_addrs()
+  if not addrs then addrs = {[ip] = ip_n} end
+  return addrs
 end
 
 local function role_key(r)
-  if r == 'S' then return base .. 'seeders' end
-  return base .. 'leechers'
+  if r == 'S' then return 'fbpkg:v4:{' .. swarm .. '}:seeders' end
+  return 'fbpkg:v4:{' .. swarm .. '}:leechers'
 end
 
 local function counted(r)
@@ -104,12 +119,12 @@ local function counted(r)
 end
 
 -- Never below 0: a count drifts only through an announce that failed between its writes
--- (chores count the sets again), and the state field holds digits only.
+-- (chores count the sets again).
 local function recount(r, d)
   if r == 'S' then nS = math.max(0, nS + d) else nL = math.max(0, nL + d) end
 end
 
-local function zone_key(r, p) return base .. 'z:' .. r .. ':' .. p end
+local function zone_key(r, p) return 'fbpkg:v4:{' .. swarm .. '}:z:' .. r .. ':' .. p end
 
 -- A bucket of the wrong type (an operator's doing) cannot hold the member: its error is
 -- ignored, so a sweep or a leave is not cut short by it.
@@ -165,8 +180,9 @@ local function forget(m, prev)
   if redis.call('ZREM', role_key(r), m) == 1 then recount(r, -1) end
   local a = address(m)
   if a then
-    local n = (addrs[a] or 1) - 1
-    addrs[a] = n
+    local counts = counts_of_addrs()
+    local n = (counts[a] or 1) - 1
+    counts[a] = n
     put('a:' .. a, n > 0 and n or false)
   end
   put('p:' .. m, false)
@@ -180,17 +196,17 @@ local function sweep_role(r, cutoff, member)
   local stale = redis.call('ZRANGEBYSCORE', k, '-inf', '(' .. cutoff, 'LIMIT', 0, batch)
   if #stale == 0 then return false, false end
   -- Their records and the counts of their addresses not read yet, in one HMGET.
-  local fields, wanted = {}, {}
+  local fields, wanted, counts = {}, {}, counts_of_addrs()
   for i, m in ipairs(stale) do fields[i] = 'p:' .. m end
   for _, m in ipairs(stale) do
     local a = address(m)
-    if a and addrs[a] == nil and not wanted[a] then
+    if a and counts[a] == nil and not wanted[a] then
       wanted[a] = true
       fields[#fields + 1] = 'a:' .. a
     end
   end
   local got = chunked('HMGET', fields)
-  for i = #stale + 1, #fields do addrs[string.sub(fields[i], 3)] = tonumber(got[i] or '0') end
+  for i = #stale + 1, #fields do counts[string.sub(fields[i], 3)] = tonumber(got[i] or '0') end
   local gone = false
   for i, m in ipairs(stale) do
     if m == member then gone = true end
@@ -210,59 +226,53 @@ end
 -- TTL too).
 local function save(chores, ...)
   flush()
-  if chores then touched_s = now_s end
+  if chores then touched = now end
   redis.call('HSET', hkey, 'st', state(), ...)
   if chores then
-    redis.call('PEXPIRE', base .. 'seeders', keep)
-    redis.call('PEXPIRE', base .. 'leechers', keep)
-    redis.call('PEXPIRE', hkey, keep)
-    redis.call('PEXPIRE', base .. 'meta', meta_ttl)
+    redis.call('PEXPIRE', role_key('S'), keep_s)
+    redis.call('PEXPIRE', role_key('L'), keep_s)
+    redis.call('PEXPIRE', hkey, keep_s)
+    redis.call('PEXPIRE', 'fbpkg:v4:{' .. swarm .. '}:meta', meta_ttl)
   end
 end
 
-local function announce(hash, member, ip, event, role, zone, rec, at, numwant, answer)
-  now_s = at
-  local now = tonumber(at)
-  base = 'fbpkg:v3:{' .. hash .. '}:'
-  hkey = base .. 'swarm'
-  pending, addrs = nil, {}
+local function announce(hash, member, at_ip, event, role, zone, rec, at, numwant, answer)
+  now_s, now = at, tonumber(at)
+  swarm = hash
+  hkey = 'fbpkg:v4:{' .. hash .. '}:swarm'
+  pending, addrs, ip = nil, nil, at_ip
   local own, af = 'p:' .. member, 'a:' .. ip
 
   local got = redis.call('HMGET', hkey, 'st', own, af)
-  local s_S, s_L, s_oldest
-  touched_s = nil
-  if got[1] then
-    touched_s, swept_s, seq, s_S, s_L, s_oldest =
-      string.match(got[1], '^(%d+) (%d+) (%d+) (%d+) (%d+) (%d+)$')
-  end
+  local st, s_S, s_L = got[1], nil, nil
   -- A swarm without its state (new, its hash expired, or a state this script cannot read: an
   -- operator's edit) counts its sets, sweeps, and numbers its changes on from now (ms): above
   -- any number a copy of it holds, as numbers grow by one a change, far fewer than one a
   -- millisecond over a swarm's life, so no copy takes the new changes for ones it has
   -- (mirror.rs).
-  if not touched_s then
-    touched_s, swept_s, seq, s_S, s_L, s_oldest = '0', '0', now_s
+  if st and #st == STATE_LEN and string.byte(st, 1) == 35 and string.byte(st, 2) == 35 then
+    local _
+    _, _, touched, swept, seq, s_S, s_L, oldest = struct.unpack(STATE, st)
+  else
+    touched, swept, seq, oldest = 0, 0, now, 0
   end
-  local touched, swept = tonumber(touched_s), tonumber(swept_s)
-  seq = tonumber(seq)
   local old = got[2]
-  addrs[ip] = tonumber(got[3] or '0')
+  ip_n = tonumber(got[3] or '0')
   local chores = now - touched >= every or now < touched
   -- Role counts live in the hash, kept in step by every change this script makes; chores
   -- count the sets again, so keys expired or evicted behind its back are caught within a
   -- quarter of a TTL.
   if chores or not s_S then
-    nS, nL = redis.call('ZCARD', base .. 'seeders'), redis.call('ZCARD', base .. 'leechers')
+    nS, nL = redis.call('ZCARD', role_key('S')), redis.call('ZCARD', role_key('L'))
     chores = true
   else
-    nS, nL = tonumber(s_S), tonumber(s_L)
+    nS, nL = s_S, s_L
   end
   if nS + nL == 0 then chores = true end
   -- Leaving a swarm one is not in changes nothing (and makes no key).
   if event == 'stopped' and not old then return {1, nS, nL, 0} end
 
-  -- A swarm without a bound (new, or its hash expired) sweeps, and learns it.
-  oldest = tonumber(s_oldest or '0')
+  -- A swarm without a bound (new, or its hash expired: `oldest` is 0) sweeps, and learns it.
   local cutoff = now - ttl
   local sweep = (now - swept >= sweep_every or now < swept) and oldest < cutoff
   if sweep then
@@ -279,7 +289,7 @@ local function announce(hash, member, ip, event, role, zone, rec, at, numwant, a
     end
     if full_s or full_l then sweep = false end
   end
-  if sweep then swept_s = now_s end
+  if sweep then swept = now end
   -- This announce's score is `now`: a replica whose clock is behind lowers the bound, and
   -- writes it before the score (an error between the two must not leave it too high).
   if now < oldest then
@@ -299,7 +309,7 @@ local function announce(hash, member, ip, event, role, zone, rec, at, numwant, a
     local joined = nil
     if not old then
       -- Limits apply to a peer that joins.
-      joined = addrs[ip] + 1
+      joined = (addrs and addrs[ip] or ip_n) + 1
       local refused = nil
       if joined > max_per_addr then
         refused = 3
@@ -314,7 +324,7 @@ local function announce(hash, member, ip, event, role, zone, rec, at, numwant, a
     local was, old_zone = nil, nil
     if old then was, old_zone = parse(old) end
     if (role == 'S' and event == 'completed') or (was == 'L' and role == 'S') then
-      redis.call('HINCRBY', base .. 'meta', 'completed', 1)
+      redis.call('HINCRBY', 'fbpkg:v4:{' .. hash .. '}:meta', 'completed', '1')
       chores = true
     end
     if old and (was ~= role or old_zone ~= zone) then
@@ -325,18 +335,18 @@ local function announce(hash, member, ip, event, role, zone, rec, at, numwant, a
     local k = role_key(role)
     if redis.call('ZADD', k, now_s, member) == 1 then
       recount(role, 1)
-      if first then redis.call('PEXPIRE', k, keep) end
+      if first then redis.call('PEXPIRE', k, keep_s) end
     end
     if zone ~= '' then
       for _, p in ipairs(prefixes(zone)) do
         local zk = zone_key(role, p)
         redis.call('SADD', zk, member)
-        redis.call('PEXPIRE', zk, keep)
+        redis.call('PEXPIRE', zk, keep_s)
       end
     end
     seq = seq + 1
     if joined then
-      save(chores, own, rec, af, joined)
+      save(chores, own, rec, af, string.format('%d', joined))
     else
       save(chores, own, rec)
     end
@@ -346,7 +356,7 @@ local function announce(hash, member, ip, event, role, zone, rec, at, numwant, a
     local op = 'U'
     if event == 'stopped' then op = 'D' end
     changes[#changes + 1] =
-      publisher .. '|' .. hash .. '|' .. seq .. '|' .. op .. '|' .. now_s .. '|' .. rec
+      string.format('%s|%s|%d|%s|%s|%s', publisher, hash, seq, op, now_s, rec)
   end
   if event == 'stopped' then return {1, nS, nL, seq} end
 
@@ -375,7 +385,7 @@ local function announce(hash, member, ip, event, role, zone, rec, at, numwant, a
   -- The answer: see sample.rs for the policy. When everyone the asker may get fits in numwant
   -- (its own entry aside; a seeder gets leechers only), the answer is all of them, in any order,
   -- read with one HVALS instead of a draw per level and role. The hash's values are records
-  -- ('S|...' or 'L|...'), address counts and the state (digits and spaces): the second byte
+  -- ('S|...' or 'L|...'), address counts (digits) and the state ('##...', see `state`): the second byte
   -- tells them apart, and reading values alone allocates half what HGETALL's fields and values
   -- would.
   local others = nL
