@@ -577,9 +577,13 @@ impl Args {
         hex_into(&mut buf, &a.info_hash.0);
         end(&mut buf, 0);
         hex_into(&mut buf, &a.peer_id.0);
-        let _ = write!(buf, "@{ip}");
-        end(&mut buf, 1);
+        buf.push(b'@');
+        // The address is written once and copied where it is needed again.
+        let ip_from = buf.len();
         let _ = write!(buf, "{ip}");
+        let ip_to = buf.len();
+        end(&mut buf, 1);
+        buf.extend_from_within(ip_from..ip_to);
         end(&mut buf, 2);
         buf.extend_from_slice(event);
         end(&mut buf, 3);
@@ -591,7 +595,16 @@ impl Args {
         buf.extend_from_slice(role);
         buf.push(b'|');
         buf.extend_from_slice(zone);
-        let _ = write!(buf, "|{}|", a.addr);
+        match a.addr {
+            SocketAddr::V4(v4) => {
+                buf.push(b'|');
+                buf.extend_from_within(ip_from..ip_to);
+                let _ = write!(buf, ":{}|", v4.port());
+            }
+            SocketAddr::V6(_) => {
+                let _ = write!(buf, "|{}|", a.addr);
+            }
+        }
         hex_into(&mut buf, &a.peer_id.0);
         let _ = write!(buf, "|{}|{}|{}", a.uploaded, a.downloaded, a.left);
         end(&mut buf, 6);
@@ -917,11 +930,13 @@ mod tests {
         );
         let listed = parse_listed(record.as_bytes()).expect("the record reads back");
         assert_eq!((listed.zone.as_deref(), listed.left), (Some("dc1/r2"), 0));
-        // No zone, no event: empty arguments, not missing ones.
+        // No zone, no event: empty arguments, not missing ones. An IPv4 address is written
+        // once and copied into the ip and the record.
         let plain = Announce {
             zone: None,
             event: Event::None,
             left: 5,
+            addr: "198.18.0.7:7000".parse().expect("addr"),
             ..a
         };
         let args = Args::new(&plain, 1, Want::Draw);
@@ -930,6 +945,15 @@ mod tests {
         assert_eq!(
             (got[3], got[4], got[5], got[9]),
             (&b""[..], &b"L"[..], &b""[..], &b"draw"[..])
+        );
+        let record = format!("L||198.18.0.7:7000|{id}|10|20|5");
+        assert_eq!(
+            (got[1], got[2], got[6]),
+            (
+                format!("{id}@198.18.0.7").as_bytes(),
+                &b"198.18.0.7"[..],
+                record.as_bytes()
+            )
         );
     }
 
