@@ -311,6 +311,29 @@ async fn counts_kept_with_the_swarm_stay_right() {
     // Its changes are numbered on above the ones before: a replica's copy ignores a change
     // numbered at or below the last it applied.
     assert!(mended.seq > later.seq, "{} after {}", mended.seq, later.seq);
+    // So is a field of the packed state's shape holding numbers no state has ('z' bytes
+    // unpack to ~1e282: a change number there would stop growing).
+    let garbage = format!("##{}", "z".repeat(48));
+    assert_eq!(
+        redis
+            .command(&format!("HSET {hash} st {garbage}"))
+            .expect("HSET"),
+        ":0"
+    );
+    let mended_again = s
+        .announce(&peer(5, x, 10), t0 + ttl + 700)
+        .await
+        .expect("announce");
+    assert_eq!(
+        (mended_again.recorded, counts(&mended_again)),
+        (Recorded::Present, (0, 1))
+    );
+    assert!(
+        mended_again.seq > mended.seq && mended_again.seq < 1 << 53,
+        "{} after {}",
+        mended_again.seq,
+        mended.seq
+    );
 }
 
 /// A count the script kept goes wrong when an announce fails between its writes (here a zone

@@ -102,6 +102,13 @@ local function state()
   return struct.pack(STATE, 35, 35, touched, swept, seq, nS, nL, oldest)
 end
 
+-- Whether a number unpacked from a state field can be one: whole, not negative, exact in a
+-- double (an operator's edit could pack anything; a change number past 2^53 would stop
+-- growing, and copies would drop every change after it).
+local function whole(x)
+  return x >= 0 and x < 9007199254740992 and x == math.floor(x)
+end
+
 -- The address counts, made when a sweep or a leave first needs them.
 local function counts_of_addrs()
   if not addrs then addrs = {[ip] = ip_n} end
@@ -250,11 +257,15 @@ local function announce(hash, member, at_ip, event, role, zone, rec, at, numwant
   -- any number a copy of it holds, as numbers grow by one a change, far fewer than one a
   -- millisecond over a swarm's life, so no copy takes the new changes for ones it has
   -- (mirror.rs).
+  local readable = false
   if st and #st == STATE_LEN and string.byte(st, 1) == 35 and string.byte(st, 2) == 35 then
     local _
     _, _, touched, swept, seq, s_S, s_L, oldest = struct.unpack(STATE, st)
-  else
-    touched, swept, seq, oldest = 0, 0, now, 0
+    readable = whole(touched) and whole(swept) and whole(seq) and whole(s_S) and whole(s_L)
+      and whole(oldest)
+  end
+  if not readable then
+    touched, swept, seq, s_S, s_L, oldest = 0, 0, now, nil, nil, 0
   end
   local old = got[2]
   ip_n = tonumber(got[3] or '0')
