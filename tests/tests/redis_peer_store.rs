@@ -292,38 +292,19 @@ async fn counts_kept_with_the_swarm_stay_right() {
         "counted again: peer 5, just re-added"
     );
     // A state field the script cannot read (an operator's edit, another layout's) is read as
-    // none: the sets are counted again, and the announce is answered.
-    let hash = swarm_key(&InfoHash([0; 20]), "swarm");
-    assert_eq!(
-        redis
-            .command(&format!("HSET {hash} st not-a-state"))
-            .expect("HSET"),
-        ":0"
-    );
-    let mended = s
-        .announce(&peer(5, x, 10), t0 + ttl + 600)
-        .await
-        .expect("announce");
+    // none: the sets are counted again, and the announce is answered. Its changes are
+    // numbered on above the ones before: a replica's copy ignores a change numbered at or
+    // below the last it applied.
+    let mended = over_state(&redis, &s, "not-a-state", peer(5, x, 10), t0 + ttl + 600).await;
     assert_eq!(
         (mended.recorded, counts(&mended)),
         (Recorded::Present, (0, 1))
     );
-    // Its changes are numbered on above the ones before: a replica's copy ignores a change
-    // numbered at or below the last it applied.
     assert!(mended.seq > later.seq, "{} after {}", mended.seq, later.seq);
     // So is a field of the packed state's shape holding numbers no state has ('z' bytes
     // unpack to ~1e282: a change number there would stop growing).
     let garbage = format!("##{}", "z".repeat(48));
-    assert_eq!(
-        redis
-            .command(&format!("HSET {hash} st {garbage}"))
-            .expect("HSET"),
-        ":0"
-    );
-    let mended_again = s
-        .announce(&peer(5, x, 10), t0 + ttl + 700)
-        .await
-        .expect("announce");
+    let mended_again = over_state(&redis, &s, &garbage, peer(5, x, 10), t0 + ttl + 700).await;
     assert_eq!(
         (mended_again.recorded, counts(&mended_again)),
         (Recorded::Present, (0, 1))
@@ -334,6 +315,26 @@ async fn counts_kept_with_the_swarm_stay_right() {
         mended_again.seq,
         mended.seq
     );
+}
+
+/// The answer to `a` at `at` after swarm 0's state field is set to `state` behind the
+/// script's back.
+async fn over_state(
+    redis: &RedisServer,
+    s: &RedisStore,
+    state: &str,
+    a: Announce,
+    at: u64,
+) -> fbpkg_tracker::peer_store::Answer {
+    let hash = swarm_key(&InfoHash([0; 20]), "swarm");
+    assert_eq!(
+        redis
+            .command(&format!("HSET {hash} st {state}"))
+            .expect("HSET"),
+        ":0",
+        "the field was there"
+    );
+    s.announce(&a, at).await.expect("announce")
 }
 
 /// A count the script kept goes wrong when an announce fails between its writes (here a zone
