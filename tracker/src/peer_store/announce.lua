@@ -115,10 +115,16 @@ local function counts_of_addrs()
   return addrs
 end
 
+-- Every key starts so, then `swarm` and '}:' (redis_store.rs's KEY_PREFIX). Keys are one
+-- concatenation each, not a prefix string then a key: that made a string per announce.
+local PREFIX = 'fbpkg:v4:{'
+
 local function role_key(r)
-  if r == 'S' then return 'fbpkg:v4:{' .. swarm .. '}:seeders' end
-  return 'fbpkg:v4:{' .. swarm .. '}:leechers'
+  if r == 'S' then return PREFIX .. swarm .. '}:seeders' end
+  return PREFIX .. swarm .. '}:leechers'
 end
+
+local function meta_key() return PREFIX .. swarm .. '}:meta' end
 
 local function counted(r)
   if r == 'S' then return nS end
@@ -131,7 +137,7 @@ local function recount(r, d)
   if r == 'S' then nS = math.max(0, nS + d) else nL = math.max(0, nL + d) end
 end
 
-local function zone_key(r, p) return 'fbpkg:v4:{' .. swarm .. '}:z:' .. r .. ':' .. p end
+local function zone_key(r, p) return PREFIX .. swarm .. '}:z:' .. r .. ':' .. p end
 
 -- A bucket of the wrong type (an operator's doing) cannot hold the member: its error is
 -- ignored, so a sweep or a leave is not cut short by it.
@@ -239,14 +245,14 @@ local function save(chores, ...)
     redis.call('PEXPIRE', role_key('S'), keep_s)
     redis.call('PEXPIRE', role_key('L'), keep_s)
     redis.call('PEXPIRE', hkey, keep_s)
-    redis.call('PEXPIRE', 'fbpkg:v4:{' .. swarm .. '}:meta', meta_ttl)
+    redis.call('PEXPIRE', meta_key(), meta_ttl)
   end
 end
 
 local function announce(hash, member, at_ip, event, role, zone, rec, at, numwant, answer)
   now_s, now = at, tonumber(at)
   swarm = hash
-  hkey = 'fbpkg:v4:{' .. hash .. '}:swarm'
+  hkey = PREFIX .. hash .. '}:swarm'
   pending, addrs, ip = nil, nil, at_ip
   local own, af = 'p:' .. member, 'a:' .. ip
 
@@ -335,7 +341,7 @@ local function announce(hash, member, at_ip, event, role, zone, rec, at, numwant
     local was, old_zone = nil, nil
     if old then was, old_zone = parse(old) end
     if (role == 'S' and event == 'completed') or (was == 'L' and role == 'S') then
-      redis.call('HINCRBY', 'fbpkg:v4:{' .. hash .. '}:meta', 'completed', '1')
+      redis.call('HINCRBY', meta_key(), 'completed', '1')
       chores = true
     end
     if old and (was ~= role or old_zone ~= zone) then
@@ -396,9 +402,9 @@ local function announce(hash, member, at_ip, event, role, zone, rec, at, numwant
   -- The answer: see sample.rs for the policy. When everyone the asker may get fits in numwant
   -- (its own entry aside; a seeder gets leechers only), the answer is all of them, in any order,
   -- read with one HVALS instead of a draw per level and role. The hash's values are records
-  -- ('S|...' or 'L|...'), address counts (digits) and the state ('##...', see `state`): the second byte
-  -- tells them apart, and reading values alone allocates half what HGETALL's fields and values
-  -- would.
+  -- ('S|...' or 'L|...'), address counts (digits) and the state ('##...', see `state`): the
+  -- second byte tells them apart, and reading values alone allocates half what HGETALL's
+  -- fields and values would.
   local others = nL
   if role == 'L' then others = nS + nL - 1 end
   if others <= numwant then

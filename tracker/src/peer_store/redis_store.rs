@@ -11,12 +11,13 @@
 //!   `role|zone|addr|peer-id-hex|uploaded|downloaded|left`; `a:<ip>` -> peers recorded under
 //!   that address (the per-address limit); and `st`, the swarm's state in one field, `##`
 //!   then six little-endian doubles (Lua's `struct.pack('<BBdddddd')`: exact for these
-//!   integers), `touched swept seq S L oldest`: `touched`, when the keys' TTLs were last refreshed (once
-//!   every quarter of a peer's TTL, to a TTL that much longer than a peer's); `swept`, the
-//!   last sweep; `seq`, the swarm's change number (from the time in ms when its state was
-//!   made, so a swarm made again numbers on above any copy); `S` and `L`, the role counts (kept in step
-//!   by the script and counted again from the sets with every `touched`); `oldest`, a bound at
-//!   or below every score in its sets (a sweep runs only once it falls behind the cutoff);
+//!   integers), `touched swept seq S L oldest`: `touched`, when the keys' TTLs were last
+//!   refreshed (once every quarter of a peer's TTL, to a TTL that much longer than a peer's);
+//!   `swept`, the last sweep; `seq`, the swarm's change number (from the time in ms when its
+//!   state was made, so a swarm made again numbers on above any copy); `S` and `L`, the role
+//!   counts (kept in step by the script and counted again from the sets with every
+//!   `touched`); `oldest`, a bound at or below every score in its sets (a sweep runs only once
+//!   it falls behind the cutoff);
 //! - `...:meta`: hash, `completed` (made by the first download completed; kept a week);
 //! - `...:z:<role>:<zone prefix>`: sets, the zone buckets (`zones.rs`) of each role.
 //!
