@@ -178,6 +178,30 @@ impl RedisServer {
         String::from_utf8(buf).map_err(io::Error::other)
     }
 
+    /// One inline command answered with a bulk string (`HGET key field`, say): the string,
+    /// `None` for nil.
+    pub fn bulk(&self, line: &str) -> io::Result<Option<String>> {
+        let mut s = TcpStream::connect((Ipv4Addr::LOCALHOST, self.port))?;
+        s.set_read_timeout(Some(Duration::from_secs(2)))?;
+        s.write_all(format!("{line}\r\n").as_bytes())?;
+        let mut head = Vec::new();
+        let mut byte = [0u8; 1];
+        while !head.ends_with(b"\r\n") {
+            s.read_exact(&mut byte)?;
+            head.push(byte[0]);
+        }
+        let head = String::from_utf8_lossy(&head[..head.len() - 2]).into_owned();
+        let len = match head.strip_prefix('$').map(str::parse::<i64>) {
+            Some(Ok(-1)) => return Ok(None),
+            Some(Ok(n)) => usize::try_from(n).map_err(io::Error::other)?,
+            _ => return Err(io::Error::other(format!("{line} answered {head:?}"))),
+        };
+        let mut body = vec![0u8; len + 2];
+        s.read_exact(&mut body)?;
+        body.truncate(len);
+        String::from_utf8(body).map(Some).map_err(io::Error::other)
+    }
+
     /// `DBSIZE`: how many keys it holds.
     pub fn dbsize(&self) -> io::Result<u64> {
         let line = self.command("DBSIZE")?;

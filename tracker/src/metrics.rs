@@ -142,11 +142,33 @@ impl AnsweredFrom {
     }
 }
 
+/// How a replica on Redis wrote an announce (`peer_store::redis_store`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WrittenBy {
+    /// Plain commands, in a `MULTI` (a swarm with a copy, the peer known or well under the
+    /// limits).
+    Plain,
+    /// `announce.lua`.
+    Script,
+}
+
+impl WrittenBy {
+    const ALL: [WrittenBy; 2] = [WrittenBy::Plain, WrittenBy::Script];
+
+    fn label(self) -> &'static str {
+        match self {
+            WrittenBy::Plain => "plain",
+            WrittenBy::Script => "script",
+        }
+    }
+}
+
 /// The tracker's metrics.
 #[derive(Debug, Default)]
 pub struct Metrics {
     announces: [AtomicU64; AnnounceOutcome::ALL.len()],
     answered_from: [AtomicU64; AnsweredFrom::ALL.len()],
+    written_by: [AtomicU64; WrittenBy::ALL.len()],
     cutoffs: [AtomicU64; Cutoff::ALL.len()],
     scrapes: AtomicU64,
     publishes: AtomicU64,
@@ -167,6 +189,16 @@ impl Metrics {
     /// Answers taken from `from` so far.
     pub fn answers_from(&self, from: AnsweredFrom) -> u64 {
         self.answered_from[from as usize].load(Relaxed)
+    }
+
+    /// Count one announce a replica on Redis wrote `by`.
+    pub fn written_by(&self, by: WrittenBy) {
+        self.written_by[by as usize].fetch_add(1, Relaxed);
+    }
+
+    /// Announces written `by` so far.
+    pub fn writes_by(&self, by: WrittenBy) -> u64 {
+        self.written_by[by as usize].load(Relaxed)
     }
 
     /// Count one connection closed by the front.
@@ -229,6 +261,19 @@ impl Metrics {
                 "fbpkg_tracker_redis_answers_total{{from=\"{}\"}} {}",
                 f.label(),
                 self.answers_from(f)
+            );
+        }
+        out.push_str(
+            "# HELP fbpkg_tracker_redis_writes_total With --peer-store redis: how announces were \
+             written (plain commands for a swarm this replica holds a copy of, or the announce \
+             script).\n# TYPE fbpkg_tracker_redis_writes_total counter\n",
+        );
+        for b in WrittenBy::ALL {
+            let _ = writeln!(
+                out,
+                "fbpkg_tracker_redis_writes_total{{by=\"{}\"}} {}",
+                b.label(),
+                self.writes_by(b)
             );
         }
         out.push_str(

@@ -16,9 +16,10 @@ use fbpkg_common::tracker_proto::{
 use tokio::time::Instant;
 
 use super::SharedState;
-use crate::metrics::{AnnounceOutcome, AnsweredFrom};
+use crate::metrics::{AnnounceOutcome, AnsweredFrom, WrittenBy};
+use crate::peer_store::mirror::{Loaded, Route};
 use crate::peer_store::{Announce, RedisStore, Want, wall_ms};
-use crate::swarm::{PeerKey, PeerRecord, Recorded};
+use crate::swarm::{Limits, PeerKey, PeerRecord, Recorded};
 
 /// Full scrapes (no info_hash) are answered only up to this many swarms.
 const MAX_FULL_SCRAPE: usize = 1000;
@@ -280,10 +281,18 @@ async fn serve_announce_redis(
     };
     // The answer comes from this replica's copy of the swarm when it has one (mirror.rs); the
     // first announce to a swarm here loads the copy along with its write; while that is on
-    // its way, answers are drawn in Redis.
+    // its way, answers are drawn in Redis. With a copy, most announces are written without
+    // the script.
     let mirror = store.mirror();
     let h = req.info_hash;
-    let (want, load) = if mirror.is_warm(&h) {
+    let now_ms = wall_ms();
+    let route = mirror.route(&h, now_ms, store.peer_ttl());
+    if route == Route::Plain
+        && let Some(served) = serve_plain(state, store, &req, &announce, now_ms).await
+    {
+        return served;
+    }
+    let (want, load) = if route != Route::Cold {
         (Want::Nothing, None)
     } else if let Some(claim) = mirror.claim(&h) {
         (Want::All, Some(claim))
@@ -293,7 +302,7 @@ async fn serve_announce_redis(
         (Want::Draw, None)
     };
     // A claim not used (an error below, or this future dropped) is given back on drop.
-    let answer = match store.announce_wanting(&announce, wall_ms(), want).await {
+    let answer = match store.announce_wanting(&announce, now_ms, want).await {
         Ok(a) => a,
         Err(e) => {
             tracing::debug!(info_hash = %h, peer = %ip, error = %e, "announce failed: peer store");
@@ -302,12 +311,20 @@ async fn serve_announce_redis(
             return (body, AnnounceOutcome::StoreUnavailable);
         }
     };
+    state.metrics.written_by(WrittenBy::Script);
     // Only a recorded peer's answer carries the swarm (a refusal or a leave does not). This
     // announce's own change reaches the copy as published, in order with everyone's.
     if let Some(claim) = load
         && answer.recorded == Recorded::Present
     {
-        claim.loaded(&state.swarms, answer.seq, &answer.all, store.peer_ttl());
+        let at = Loaded {
+            seq: answer.seq,
+            oldest_ms: answer.oldest_ms,
+            peers: &answer.all,
+        };
+        claim.loaded(&state.swarms, at, store.peer_ttl());
+    } else if route != Route::Cold {
+        mirror.scripted(&h, now_ms, answer.oldest_ms);
     }
     if let Some((outcome, reason)) = refusal(answer.recorded, ip, config) {
         return refused(&req, ip, outcome, &reason);
@@ -332,6 +349,89 @@ async fn serve_announce_redis(
     };
     let body = encode_answer(config, &req, peers, answer.complete, answer.incomplete);
     (body, AnnounceOutcome::Ok)
+}
+
+/// Serve an announce to a swarm this replica holds a copy of by a plain write
+/// ([`RedisStore::write_plain`]): the copy records the peer at once and answers. `None` when
+/// the announce needs the script: a stop, a completion, a new role or zone; a join at or over
+/// half a limit (the script counts those in Redis: the copy may be milliseconds behind), or
+/// to a role the copy holds nobody in (the script gives the role's new set its TTL).
+async fn serve_plain(
+    state: &super::AppState,
+    store: &RedisStore,
+    req: &AnnounceRequest,
+    announce: &Announce,
+    now_ms: u64,
+) -> Option<(Vec<u8>, AnnounceOutcome)> {
+    if matches!(req.event, Event::Stopped | Event::Completed) {
+        return None;
+    }
+    let config = &state.config;
+    let limits = config.swarm_limits();
+    let ip = announce.addr.ip();
+    let asker = PeerKey {
+        peer_id: req.peer_id,
+        ip,
+    };
+    let seeder = req.left == 0;
+    let (join, complete, incomplete) = {
+        let mut swarm = state.swarms.get(&req.info_hash)?;
+        let join = match swarm.peer(&asker) {
+            Some(p) if (p.left == 0) == seeder && p.zone == req.zone => false,
+            Some(_) => return None,
+            None => {
+                let under_half = |n: usize, most: usize| (n + 1).saturating_mul(2) <= most;
+                let of_role = if seeder {
+                    swarm.seeders().len()
+                } else {
+                    swarm.leechers().len()
+                };
+                if of_role == 0
+                    || !under_half(swarm.from_address(ip), limits.max_per_address)
+                    || !under_half(swarm.len(), limits.max_peers)
+                {
+                    return None;
+                }
+                true
+            }
+        };
+        let rec = PeerRecord {
+            peer_id: req.peer_id,
+            addr: announce.addr,
+            uploaded: req.uploaded,
+            downloaded: req.downloaded,
+            left: req.left,
+            zone: req.zone.clone(),
+            last_seen: Instant::now(),
+        };
+        swarm.record(rec, Event::None, &Limits::NONE);
+        let count = |n: usize| u32::try_from(n).unwrap_or(u32::MAX);
+        (
+            join,
+            count(swarm.seeders().len()),
+            count(swarm.leechers().len()),
+        )
+    };
+    if let Err(e) = store.write_plain(announce, now_ms, join).await {
+        // What Redis holds of the swarm is not known now: the copy goes, and is loaded again.
+        store.mirror().forget(&req.info_hash);
+        tracing::debug!(info_hash = %req.info_hash, peer = %ip, error = %e, "announce failed: peer store");
+        let mut body = Vec::new();
+        encode_failure(STORE_UNAVAILABLE, &mut body);
+        return Some((body, AnnounceOutcome::StoreUnavailable));
+    }
+    state.metrics.written_by(WrittenBy::Plain);
+    let numwant = announce.numwant;
+    let peers = if numwant == 0 {
+        Vec::new()
+    } else {
+        state.metrics.answered_from(AnsweredFrom::Copy);
+        state.swarms.get(&req.info_hash).map_or_else(Vec::new, |s| {
+            s.sample(&asker, seeder, req.zone.as_ref(), numwant)
+        })
+    };
+    let body = encode_answer(config, req, peers, complete, incomplete);
+    Some((body, AnnounceOutcome::Ok))
 }
 
 /// A refused announce: its log line, and the failure answer.

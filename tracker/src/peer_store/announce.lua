@@ -8,18 +8,24 @@
 -- for none), record, now (ms), numwant, answer: 'draw' (numwant records drawn here), 'none',
 -- or 'all' (every live peer, as score, record pairs: a replica's mirror loads the swarm).
 -- Returns one reply per announce: {status} when refused, else {status, seeders, leechers,
--- seq, ...}; status 0 present, 1 removed, 2 swarm full, 3 address full; seq numbers the
--- swarm's changes (0: none made).
+-- seq, oldest, ...}; status 0 present, 1 removed, 2 swarm full, 3 address full; seq numbers
+-- the swarm's changes (0: none made); oldest is a bound (ms) at or below every score left in
+-- the swarm's sets (a replica writing without this script calls it again once a peer may be
+-- stale: redis_store.rs, `plain`).
 --
 -- Every change (a peer recorded or leaving; not an expiry, which each mirror applies by
 -- itself) is a line 'publisher|info-hash|seq|U or D|now|record', and a call publishes its
 -- changes' lines in one message, in the order it made them ('\n' between lines: neither
--- records nor zones hold one). Redis runs scripts one at a time and delivers a channel's
--- messages in order, so a mirror that loaded the swarm at seq S applies exactly the changes
--- numbered above S. One message per call, not per change, because PUBLISH and each message a
--- replica decodes cost more than the line itself.
+-- records nor zones hold one). Redis runs scripts (and transactions) one at a time and
+-- delivers a channel's messages in order, so a mirror that loaded the swarm with the change
+-- numbered S applies exactly what follows that change's line on the channel. One message
+-- per call, not per change, because PUBLISH and each message a replica decodes cost more
+-- than the line itself. Replicas also write peers that announce again, or join below half
+-- the limits, without this script, in a MULTI that publishes lines numbered 0
+-- (redis_store.rs, `plain`): so the script counts the role sets (ZCARD) rather than keep
+-- counts those writes would not move.
 --
--- Keys are built here from the info-hash, `fbpkg:v4:{<hex>}:<what>`: one call serves many
+-- Keys are built here from the info-hash, `fbpkg:v5:{<hex>}:<what>`: one call serves many
 -- swarms, so it cannot declare them (Redis Cluster would need one call per slot).
 --
 -- What one swarm's announce reads and writes of its hash (`swarm`: records, address counts
@@ -27,7 +33,7 @@
 -- leaves) last, so a peer that joins costs three commands: HMGET, ZADD, HSET (zone buckets,
 -- sweeps and chores aside), and a call one PUBLISH. Each was a command of its own before (8.4
 -- per announce, tracker_bench --replicas). The swarm's own state is one field, `st`:
--- 'touched swept seq S L oldest'. The hash of a busy swarm is a hashtable too big for the
+-- 'touched swept seq oldest'. The hash of a busy swarm is a hashtable too big for the
 -- CPU's caches, so each field an announce reads first is a few cache misses: HMGET was a
 -- quarter of Redis's time while the state took six fields.
 local ttl, max_peers, max_per_addr = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
@@ -94,12 +100,12 @@ local oldest          -- a bound at or below every score in the swarm's sets (ms
 local seq             -- the swarm's change number
 
 -- The state field: '##' (a record's second byte is '|', an address count's a digit, so a draw
--- reading the hash's values tells them apart), then touched, swept, seq, S, L and oldest as
--- doubles (exact for these integers). Packed rather than written in digits: parsing six
--- numbers out of text and writing them back made eleven Lua strings per announce.
-local STATE, STATE_LEN = '<BBdddddd', 50
+-- reading the hash's values tells them apart), then touched, swept, seq and oldest as
+-- doubles (exact for these integers). Packed rather than written in digits: parsing the
+-- numbers out of text and writing them back made a Lua string each per announce.
+local STATE, STATE_LEN = '<BBdddd', 34
 local function state()
-  return struct.pack(STATE, 35, 35, touched, swept, seq, nS, nL, oldest)
+  return struct.pack(STATE, 35, 35, touched, swept, seq, oldest)
 end
 
 -- Whether a number unpacked from a state field can be one: whole, not negative, exact in a
@@ -117,7 +123,7 @@ end
 
 -- Every key starts so, then `swarm` and '}:' (redis_store.rs's KEY_PREFIX). Keys are one
 -- concatenation each, not a prefix string then a key: that made a string per announce.
-local PREFIX = 'fbpkg:v4:{'
+local PREFIX = 'fbpkg:v5:{'
 
 local function role_key(r)
   if r == 'S' then return PREFIX .. swarm .. '}:seeders' end
@@ -131,8 +137,7 @@ local function counted(r)
   return nL
 end
 
--- Never below 0: a count drifts only through an announce that failed between its writes
--- (chores count the sets again).
+-- The counts as this announce changes the sets (counted from them as it starts).
 local function recount(r, d)
   if r == 'S' then nS = math.max(0, nS + d) else nL = math.max(0, nL + d) end
 end
@@ -257,37 +262,28 @@ local function announce(hash, member, at_ip, event, role, zone, rec, at, numwant
   local own, af = 'p:' .. member, 'a:' .. ip
 
   local got = redis.call('HMGET', hkey, 'st', own, af)
-  local st, s_S, s_L = got[1], nil, nil
+  local st = got[1]
   -- A swarm without its state (new, its hash expired, or a state this script cannot read: an
-  -- operator's edit) counts its sets, sweeps, and numbers its changes on from now (ms): above
+  -- operator's edit) does its chores, sweeps, and numbers its changes on from now (ms): above
   -- any number a copy of it holds, as numbers grow by one a change, far fewer than one a
   -- millisecond over a swarm's life, so no copy takes the new changes for ones it has
   -- (mirror.rs).
   local readable = false
   if st and #st == STATE_LEN and string.byte(st, 1) == 35 and string.byte(st, 2) == 35 then
     local _
-    _, _, touched, swept, seq, s_S, s_L, oldest = struct.unpack(STATE, st)
-    readable = whole(touched) and whole(swept) and whole(seq) and whole(s_S) and whole(s_L)
-      and whole(oldest)
+    _, _, touched, swept, seq, oldest = struct.unpack(STATE, st)
+    readable = whole(touched) and whole(swept) and whole(seq) and whole(oldest)
   end
-  if not readable then
-    touched, swept, seq, s_S, s_L, oldest = 0, 0, now, nil, nil, 0
-  end
+  local chores = not readable
+  if not readable then touched, swept, seq, oldest = 0, 0, now, 0 end
   local old = got[2]
   ip_n = tonumber(got[3] or '0')
-  local chores = now - touched >= every or now < touched
-  -- Role counts live in the hash, kept in step by every change this script makes; chores
-  -- count the sets again, so keys expired or evicted behind its back are caught within a
-  -- quarter of a TTL.
-  if chores or not s_S then
-    nS, nL = redis.call('ZCARD', role_key('S')), redis.call('ZCARD', role_key('L'))
-    chores = true
-  else
-    nS, nL = s_S, s_L
-  end
+  if now - touched >= every or now < touched then chores = true end
+  -- The role counts are the sets' own: replicas add peers to them without this script.
+  nS, nL = redis.call('ZCARD', role_key('S')), redis.call('ZCARD', role_key('L'))
   if nS + nL == 0 then chores = true end
   -- Leaving a swarm one is not in changes nothing (and makes no key).
-  if event == 'stopped' and not old then return {1, nS, nL, 0} end
+  if event == 'stopped' and not old then return {1, nS, nL, 0, oldest} end
 
   -- A swarm without a bound (new, or its hash expired: `oldest` is 0) sweeps, and learns it.
   local cutoff = now - ttl
@@ -317,7 +313,7 @@ local function announce(hash, member, at_ip, event, role, zone, rec, at, numwant
   if event == 'stopped' then
     if not old then
       save(chores)
-      return {1, nS, nL, 0}
+      return {1, nS, nL, 0, oldest}
     end
     forget(member, old)
     seq = seq + 1
@@ -375,9 +371,9 @@ local function announce(hash, member, at_ip, event, role, zone, rec, at, numwant
     changes[#changes + 1] =
       string.format('%s|%s|%d|%s|%s|%s', publisher, hash, seq, op, now_s, rec)
   end
-  if event == 'stopped' then return {1, nS, nL, seq} end
+  if event == 'stopped' then return {1, nS, nL, seq, oldest} end
 
-  local out = {0, nS, nL, seq}
+  local out = {0, nS, nL, seq, oldest}
   if answer == 'all' then
     -- Silent peers past the cutoff that the sweep has not reached yet are left out.
     local at, fields = {}, {}
@@ -409,7 +405,7 @@ local function announce(hash, member, at_ip, event, role, zone, rec, at, numwant
   if role == 'L' then others = nS + nL - 1 end
   if others <= numwant then
     for _, r in ipairs(redis.call('HVALS', hkey)) do
-      if #out - 4 >= numwant then break end
+      if #out - 5 >= numwant then break end
       if string.byte(r, 2) == 124 and r ~= rec and (role == 'L' or string.byte(r, 1) == 76) then
         out[#out + 1] = r
       end

@@ -3,25 +3,24 @@
 //! Layout, per swarm (hex info-hash `H`; the `{H}` hash tag puts a swarm's keys in one cluster
 //! slot; a batch spans swarms, so Redis Cluster would need one batch per slot):
 //!
-//! - `fbpkg:v4:{H}:seeders`, `...:leechers`: sorted sets, member `peer-id-hex@ip` (a peer is
+//! - `fbpkg:v5:{H}:seeders`, `...:leechers`: sorted sets, member `peer-id-hex@ip` (a peer is
 //!   who *and* where it is, as in memory), score = last announce in ms since the Unix epoch
 //!   (the tracker's wall clock, passed in: replicas share it, tests control it);
 //! - `...:swarm`: hash, everything one announce reads and writes but its role's set, so it
 //!   reads it with one `HMGET` and writes it with one `HSET`: `p:<member>` -> the record
 //!   `role|zone|addr|peer-id-hex|uploaded|downloaded|left`; `a:<ip>` -> peers recorded under
 //!   that address (the per-address limit); and `st`, the swarm's state in one field, `##`
-//!   then six little-endian doubles (Lua's `struct.pack('<BBdddddd')`: exact for these
-//!   integers), `touched swept seq S L oldest`: `touched`, when the keys' TTLs were last
+//!   then four little-endian doubles (Lua's `struct.pack('<BBdddd')`: exact for these
+//!   integers), `touched swept seq oldest`: `touched`, when the keys' TTLs were last
 //!   refreshed (once every quarter of a peer's TTL, to a TTL that much longer than a peer's);
 //!   `swept`, the last sweep; `seq`, the swarm's change number (from the time in ms when its
-//!   state was made, so a swarm made again numbers on above any copy); `S` and `L`, the role
-//!   counts (kept in step by the script and counted again from the sets with every
-//!   `touched`); `oldest`, a bound at or below every score in its sets (a sweep runs only once
-//!   it falls behind the cutoff);
+//!   state was made, so a swarm made again numbers on above any copy); `oldest`, a bound at
+//!   or below every score in its sets (a sweep runs only once it falls behind the cutoff);
 //! - `...:meta`: hash, `completed` (made by the first download completed; kept a week);
 //! - `...:z:<role>:<zone prefix>`: sets, the zone buckets (`zones.rs`) of each role.
 //!
-//! `v4` since the state is packed rather than written in digits (parsing it and writing it
+//! `v5` since the role counts are the sets' own (`ZCARD`), as replicas write without the
+//! script (below); `v4` since the state is packed rather than written in digits (parsing it and writing it
 //! back made eleven Lua strings per announce; Redis spends about 15% less time per announce
 //! without them, `tracker_bench --replicas 1`); `v3` since the state went into one field (`v2`
 //! kept six: `touched`, `swept`, `seq`, `S`, `L`, `oldest`) and a call's changes into one
@@ -35,8 +34,19 @@
 //! may be due), applies the limits, records or removes, numbers the change (`seq`), then
 //! answers with what the caller wants ([`Want`]): nothing (its copy answers), every live peer
 //! (to load the copy), or a draw (all of them, read with one `HVALS`, when they fit in
-//! `numwant`). The changes of one call go out together, one message on `fbpkg:v4:peers`, for
-//! the replicas' copies (`mirror.rs`). Keys get a TTL of two and a half intervals, refreshed
+//! `numwant`). The changes of one call go out together, one message on `fbpkg:v5:peers`, for
+//! the replicas' copies (`mirror.rs`).
+//!
+//! Most announces to a swarm a replica holds a copy of need none of that: a peer announcing
+//! again with its role and zone unchanged, or joining while its address and the swarm are
+//! under half their limits as the copy counts them, is written without the script, by plain
+//! commands in one `MULTI` per batch ([`Batcher::send_plain`]), and answered from the copy.
+//! The script's own work was most of Redis's time per announce. Half the limits: the copy is
+//! a few milliseconds behind the other replicas, so joins it admits could overrun a limit
+//! only if more than half of it arrived elsewhere within those milliseconds; above half,
+//! joins go through the script, which counts in Redis. The replica still sends an announce
+//! through the script once a sweep may be due (the `oldest` the script answers with is a
+//! TTL old), and every eighth of a TTL for the keys' TTLs (`mirror.rs`, `Mirror::route`). Keys get a TTL of two and a half intervals, refreshed
 //! every half interval by an announce (zone buckets by each of their announces), so a swarm
 //! nobody announces to disappears by itself:
 //! there is no sweeper and never a scan of the keyspace.
@@ -83,12 +93,12 @@ const META_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
 /// At most one warning per this period when Redis fails (the others are counted).
 const WARN_EVERY: Duration = Duration::from_secs(10);
 /// The channel changes to swarms are published on (see `mirror.rs`).
-const CHANNEL: &str = "fbpkg:v4:peers";
-/// Every key starts so (`announce.lua` builds the same names). `v4`: the swarm's state packed
-/// in one field of its hash, a call's changes in one message; the layouts before it
-/// (`fbpkg:v3:`, `fbpkg:v2:`, `fbpkg:swarm:`) are left alone, and their keys expire by
-/// themselves.
-const KEY_PREFIX: &str = "fbpkg:v4:";
+const CHANNEL: &str = "fbpkg:v5:peers";
+/// Every key starts so (`announce.lua` builds the same names). `v5`: the role counts are the
+/// sets' own, not kept in the swarm's state, since replicas write peers without the script;
+/// the layouts before it (`fbpkg:v4:`, `fbpkg:v3:`, `fbpkg:v2:`, `fbpkg:swarm:`) are left
+/// alone, and their keys expire by themselves.
+const KEY_PREFIX: &str = "fbpkg:v5:";
 
 /// Redis could not be used; the announce is answered with a failure reason.
 #[derive(Debug, thiserror::Error)]
@@ -140,6 +150,9 @@ pub struct Answer {
     pub peers: Vec<PeerEntry>,
     /// The swarm's change number after the announce (0: it changed nothing).
     pub seq: u64,
+    /// A bound (ms since the Unix epoch) at or below the last announce of every peer left in
+    /// the swarm's sets after the announce: a sweep is due once it is a TTL ago.
+    pub oldest_ms: u64,
     /// Every live peer with its last announce in ms ([`Want::All`]).
     pub all: Vec<(u64, Record)>,
 }
@@ -313,6 +326,11 @@ impl RedisStore {
         &self.channel
     }
 
+    /// This replica's id on the channel (each line's first field).
+    pub fn publisher(&self) -> &str {
+        &self.publisher
+    }
+
     /// The copy of the swarms this replica answers from.
     pub fn mirror(&self) -> &Mirror {
         &self.mirror
@@ -400,12 +418,39 @@ impl RedisStore {
     ) -> Result<Answer, StoreError> {
         let args = Args::new(a, now_ms, want);
         let (done, answer) = oneshot::channel();
-        let mut job = Job { args, want, done };
-        // A batcher whose runtime has gone (a test's) is replaced once. A full queue (Redis
-        // far behind) refuses at once: the client retries at its next interval.
+        self.queue(Job {
+            args,
+            kind: Kind::Script { want, done },
+        })?;
+        self.wait(answer).await
+    }
+
+    /// Write an announce without the script (see [`Batcher::send_plain`]): the peer is in
+    /// this replica's copy of the swarm already (`join` false, same role and zone), or joins
+    /// it under half the limits, as the copy counts (`join` true). Nothing is answered but
+    /// whether it was written; the caller answers from its copy.
+    pub async fn write_plain(
+        &self,
+        a: &Announce,
+        now_ms: u64,
+        join: bool,
+    ) -> Result<(), StoreError> {
+        let args = Args::new(a, now_ms, Want::Nothing);
+        let (done, answer) = oneshot::channel();
+        self.queue(Job {
+            args,
+            kind: Kind::Plain { join, done },
+        })?;
+        self.wait(answer).await
+    }
+
+    /// Hand `job` to this thread's batcher. A batcher whose runtime has gone (a test's) is
+    /// replaced once. A full queue (Redis far behind) refuses at once: the client retries at
+    /// its next interval.
+    fn queue(&self, mut job: Job) -> Result<(), StoreError> {
         for _ in 0..2 {
             match self.batcher()?.try_send(job) {
-                Ok(()) => break,
+                Ok(()) => return Ok(()),
                 Err(mpsc::error::TrySendError::Full(_)) => {
                     let e = StoreError::Protocol("peer store queue full".into());
                     self.warn(&e);
@@ -417,6 +462,14 @@ impl RedisStore {
                 }
             }
         }
+        Err(StoreError::Protocol("peer store batcher gone".into()))
+    }
+
+    /// The answer of a queued job, within the deadline.
+    async fn wait<T>(
+        &self,
+        answer: oneshot::Receiver<Result<T, StoreError>>,
+    ) -> Result<T, StoreError> {
         let r = match tokio::time::timeout(self.timeout, answer).await {
             Ok(Ok(r)) => r,
             Ok(Err(_)) => Err(StoreError::Protocol("announce dropped by its batch".into())),
@@ -439,6 +492,9 @@ impl RedisStore {
             conn: self.conn()?,
             script: self.script.clone(),
             common: self.common_args(),
+            channel: self.channel.clone(),
+            publisher: self.publisher.clone(),
+            keep_ms: ms(self.peer_ttl + self.peer_ttl / 4),
             timeout: self.timeout,
         };
         tokio::spawn(batcher.run(rx));
@@ -622,6 +678,12 @@ impl Args {
         let starts = std::iter::once(0).chain(self.ends);
         starts.zip(self.ends).map(|(from, to)| &self.buf[from..to])
     }
+
+    /// Argument `i` (0 to 9, in `new`'s order).
+    fn get(&self, i: usize) -> &[u8] {
+        let from = if i == 0 { 0 } else { self.ends[i - 1] };
+        &self.buf[from..self.ends[i]]
+    }
 }
 
 /// Lowercase hex of `bytes`, appended to `buf`.
@@ -636,8 +698,38 @@ fn hex_into(buf: &mut Vec<u8>, bytes: &[u8]) {
 /// One announce waiting for its batch.
 struct Job {
     args: Args,
-    want: Want,
-    done: oneshot::Sender<Result<Answer, StoreError>>,
+    kind: Kind,
+}
+
+/// How a job is written, and where its answer goes.
+enum Kind {
+    /// By `announce.lua`, answering with what `want` says.
+    Script {
+        want: Want,
+        done: oneshot::Sender<Result<Answer, StoreError>>,
+    },
+    /// Without it ([`Batcher::send_plain`]); `join`: the peer is new to the swarm.
+    Plain {
+        join: bool,
+        done: oneshot::Sender<Result<(), StoreError>>,
+    },
+}
+
+impl Job {
+    /// Commands a plain write of it takes: `HSET`, `HINCRBY` when it joins, `ZADD`, and
+    /// `SADD` and `PEXPIRE` per zone bucket.
+    fn plain_commands(&self) -> usize {
+        let join = matches!(self.kind, Kind::Plain { join: true, .. });
+        2 + usize::from(join) + 2 * zone_prefixes(self.args.get(5)).count()
+    }
+
+    /// Its caller gave up (its deadline): not worth sending.
+    fn abandoned(&self) -> bool {
+        match &self.kind {
+            Kind::Script { done, .. } => done.is_closed(),
+            Kind::Plain { done, .. } => done.is_closed(),
+        }
+    }
 }
 
 /// Sends the announces of one serving thread to Redis, many per script call.
@@ -650,6 +742,11 @@ struct Batcher {
     conn: ConnectionManager,
     script: Script,
     common: Vec<String>,
+    /// Where plain writes publish their lines, and as whom.
+    channel: String,
+    publisher: String,
+    /// The TTL zone buckets get (`announce.lua`'s `keep`).
+    keep_ms: u64,
     timeout: Duration,
 }
 
@@ -669,13 +766,10 @@ impl Batcher {
                 return;
             };
             // Announces whose callers gave up meanwhile (their deadline) are not sent.
-            let mut batch: Vec<Job> = Some(first)
-                .into_iter()
-                .filter(|j| !j.done.is_closed())
-                .collect();
+            let mut batch: Vec<Job> = Some(first).into_iter().filter(|j| !j.abandoned()).collect();
             while batch.len() < MAX_BATCH {
                 match jobs.try_recv() {
-                    Ok(j) if j.done.is_closed() => {}
+                    Ok(j) if j.abandoned() => {}
                     Ok(j) => batch.push(j),
                     Err(_) => break,
                 }
@@ -683,9 +777,12 @@ impl Batcher {
             if batch.is_empty() {
                 continue;
             }
+            let (plain, script): (Vec<Job>, Vec<Job>) = batch
+                .into_iter()
+                .partition(|j| matches!(j.kind, Kind::Plain { .. }));
             let this = this.clone();
             tokio::spawn(async move {
-                this.send(batch).await;
+                tokio::join!(this.send(script), this.send_plain(plain));
                 drop(slot);
             });
         }
@@ -694,6 +791,9 @@ impl Batcher {
     /// One script call for `batch` (tried again on a broken connection, as [`retried`] says);
     /// every job gets its answer or the call's error.
     async fn send(&self, batch: Vec<Job>) {
+        if batch.is_empty() {
+            return;
+        }
         // EVALSHA written here rather than through `Script::prepare_invoke`, which holds each
         // argument in a buffer of its own before copying it into the command.
         let mut cmd = redis::cmd("EVALSHA");
@@ -730,14 +830,178 @@ impl Batcher {
             Err(_) => return fail(batch, || StoreError::Timeout(self.timeout)),
         };
         for (j, v) in batch.into_iter().zip(replies) {
+            let Kind::Script { want, done } = j.kind else {
+                continue;
+            };
             let answer = match v {
-                Value::Array(items) => parse_answer(&items, j.want),
+                Value::Array(items) => parse_answer(&items, want),
                 other => Err(StoreError::Protocol(format!("{other:?}"))),
             };
             // The caller may have given up (its deadline): nothing to do then.
-            let _ = j.done.send(answer);
+            let _ = done.send(answer);
         }
     }
+
+    /// Write `batch` without the script, in one `MULTI`: for each announce the record
+    /// (`HSET p:<member>`), the address count when it joins (`HINCRBY a:<ip> 1`), its score
+    /// (`ZADD`) and its zone buckets (`SADD`, `PEXPIRE`); then one `PUBLISH` of the lines,
+    /// numbered 0. A transaction runs whole between two scripts, so its lines are on the
+    /// channel exactly where its writes are in Redis's order, which is what a copy loading
+    /// the swarm needs (`mirror.rs`). Redis spends about half the time on these commands that
+    /// it spends on the script doing the same (the script's own work is most of its cost;
+    /// tracker_bench --replicas).
+    ///
+    /// The caller's copy said whether the peer is new; `ZADD`'s reply says whether it was, in
+    /// Redis. When they differ (the copy a few milliseconds behind another replica, or a peer
+    /// that the copy has expired and Redis not yet), the address count is put right by as
+    /// much, in a second call.
+    async fn send_plain(&self, batch: Vec<Job>) {
+        if batch.is_empty() {
+            return;
+        }
+        let pipe = self.plain_pipeline(&batch);
+        let call = retried(self.conn.clone(), |mut c: ConnectionManager| {
+            let pipe = &pipe;
+            async move {
+                pipe.query_async::<Vec<redis::RedisResult<Value>>>(&mut c)
+                    .await
+            }
+        });
+        let expected = batch.iter().map(Job::plain_commands).sum::<usize>() + 1;
+        let replies = match tokio::time::timeout(self.timeout, call).await {
+            Ok(Ok(r)) if r.len() == expected => r,
+            Ok(Ok(_)) => {
+                return fail_plain(batch, || StoreError::Protocol("short batch answer".into()));
+            }
+            Ok(Err(e)) => return fail_plain(batch, || StoreError::Redis(e.clone())),
+            Err(_) => return fail_plain(batch, || StoreError::Timeout(self.timeout)),
+        };
+        let mut fixes = redis::pipe();
+        let mut at = 0;
+        for j in batch {
+            // HSET's reply and ZADD's (after HINCRBY's for a join); the zone buckets' are not
+            // looked at (the script, too, lets a bucket of the wrong type be).
+            let n = j.plain_commands();
+            let Kind::Plain { join, done } = j.kind else {
+                continue;
+            };
+            let r = [&replies[at], &replies[at + 1 + usize::from(join)]];
+            at += n;
+            let written = match r {
+                [Ok(_), Ok(Value::Int(added @ (0 | 1)))] => {
+                    let off = added - i64::from(join);
+                    if off != 0 {
+                        let mut field = b"a:".to_vec();
+                        field.extend_from_slice(j.args.get(2));
+                        fixes
+                            .cmd("HINCRBY")
+                            .arg(swarm_key(j.args.get(0), b"swarm"))
+                            .arg(field)
+                            .arg(off)
+                            .ignore();
+                    }
+                    Ok(())
+                }
+                [Err(e), _] | [_, Err(e)] => Err(StoreError::Redis(e.clone())),
+                other => Err(StoreError::Protocol(format!("{other:?}"))),
+            };
+            let _ = done.send(written);
+        }
+        if !fixes.is_empty() {
+            let call = retried(self.conn.clone(), |mut c: ConnectionManager| {
+                let fixes = &fixes;
+                async move { fixes.query_async::<()>(&mut c).await }
+            });
+            if let Ok(Err(e)) | Err(e) = tokio::time::timeout(self.timeout, call)
+                .await
+                .map_err(|_| StoreError::Timeout(self.timeout))
+                .map(|r| r.map_err(StoreError::Redis))
+            {
+                tracing::debug!(error = %e, "an address count was not put right");
+            }
+        }
+    }
+
+    /// The `MULTI` of [`Batcher::send_plain`]: [`Job::plain_commands`] commands per job, in
+    /// this order, then the `PUBLISH`. No command is `ignore`d: redis-rs keeps those in a
+    /// hash set it looks every reply up in.
+    fn plain_pipeline(&self, batch: &[Job]) -> redis::Pipeline {
+        let mut pipe = redis::Pipeline::with_capacity(3 * batch.len() + 1);
+        pipe.atomic().ignore_errors();
+        let mut lines = Vec::with_capacity(batch.len() * 160);
+        let mut field = Vec::with_capacity(80);
+        for j in batch {
+            let Kind::Plain { join, .. } = j.kind else {
+                continue;
+            };
+            let (hash, member, ip) = (j.args.get(0), j.args.get(1), j.args.get(2));
+            let (role, zone, rec, now) =
+                (j.args.get(4), j.args.get(5), j.args.get(6), j.args.get(7));
+            let hkey = swarm_key(hash, b"swarm");
+            field.clear();
+            field.extend_from_slice(b"p:");
+            field.extend_from_slice(member);
+            pipe.cmd("HSET").arg(&hkey).arg(&field).arg(rec);
+            if join {
+                field.clear();
+                field.extend_from_slice(b"a:");
+                field.extend_from_slice(ip);
+                pipe.cmd("HINCRBY").arg(&hkey).arg(&field).arg(1);
+            }
+            let set: &[u8] = if role == b"S" {
+                b"seeders"
+            } else {
+                b"leechers"
+            };
+            pipe.cmd("ZADD")
+                .arg(swarm_key(hash, set))
+                .arg(now)
+                .arg(member);
+            for prefix in zone_prefixes(zone) {
+                field.clear();
+                field.extend_from_slice(b"z:");
+                field.extend_from_slice(role);
+                field.push(b':');
+                field.extend_from_slice(prefix);
+                let zkey = swarm_key(hash, &field);
+                pipe.cmd("SADD").arg(&zkey).arg(member);
+                pipe.cmd("PEXPIRE").arg(&zkey).arg(self.keep_ms);
+            }
+            if !lines.is_empty() {
+                lines.push(b'\n');
+            }
+            for part in [self.publisher.as_bytes(), hash, b"0", b"U", now] {
+                lines.extend_from_slice(part);
+                lines.push(b'|');
+            }
+            lines.extend_from_slice(rec);
+        }
+        pipe.cmd("PUBLISH").arg(&self.channel).arg(lines);
+        pipe
+    }
+}
+
+/// `fbpkg:v5:{<hash hex>}:<what>`, as `announce.lua` names keys.
+fn swarm_key(hash_hex: &[u8], what: &[u8]) -> Vec<u8> {
+    let mut k = Vec::with_capacity(KEY_PREFIX.len() + hash_hex.len() + 3 + what.len());
+    k.extend_from_slice(KEY_PREFIX.as_bytes());
+    k.push(b'{');
+    k.extend_from_slice(hash_hex);
+    k.extend_from_slice(b"}:");
+    k.extend_from_slice(what);
+    k
+}
+
+/// `dc1/rack7` -> `dc1`, `dc1/rack7`: the zone buckets a peer is in (`announce.lua`'s
+/// `prefixes`); none without a zone.
+fn zone_prefixes(zone: &[u8]) -> impl Iterator<Item = &[u8]> {
+    let cuts = zone
+        .iter()
+        .enumerate()
+        .filter(|&(_, &b)| b == b'/')
+        .map(|(i, _)| i);
+    let whole = (!zone.is_empty()).then_some(zone.len());
+    cuts.chain(whole).map(move |i| &zone[..i])
 }
 
 /// `f` on `conn`, and once more when the connection was found broken (Redis restarted, say):
@@ -760,7 +1024,17 @@ where
 
 fn fail(batch: Vec<Job>, e: impl Fn() -> StoreError) {
     for j in batch {
-        let _ = j.done.send(Err(e()));
+        if let Kind::Script { done, .. } = j.kind {
+            let _ = done.send(Err(e()));
+        }
+    }
+}
+
+fn fail_plain(batch: Vec<Job>, e: impl Fn() -> StoreError) {
+    for j in batch {
+        if let Kind::Plain { done, .. } = j.kind {
+            let _ = done.send(Err(e()));
+        }
     }
 }
 
@@ -816,7 +1090,8 @@ fn parse_answer(v: &[Value], want: Want) -> Result<Answer, StoreError> {
     };
     let (complete, incomplete) = (count(1)?, count(2)?);
     let seq = v.get(3).map(int).transpose()?.unwrap_or(0);
-    let rest = v.get(4..).unwrap_or_default();
+    let oldest_ms = v.get(4).map(int).transpose()?.unwrap_or(0);
+    let rest = v.get(5..).unwrap_or_default();
     fn bulk(r: &Value) -> Option<&[u8]> {
         match r {
             Value::BulkString(b) => Some(b),
@@ -845,6 +1120,7 @@ fn parse_answer(v: &[Value], want: Want) -> Result<Answer, StoreError> {
         incomplete,
         peers,
         seq,
+        oldest_ms,
         all,
     })
 }
@@ -978,6 +1254,7 @@ mod tests {
                 Value::Int(1),
                 Value::Int(2),
                 Value::Int(7),
+                Value::Int(1_700_000_000_000),
                 Value::BulkString(rec.clone().into_bytes()),
                 Value::BulkString(b"junk".to_vec()),
             ],
@@ -985,8 +1262,8 @@ mod tests {
         )
         .expect("answer");
         assert_eq!(
-            (a.recorded, a.complete, a.incomplete, a.seq),
-            (Recorded::Present, 1, 2, 7)
+            (a.recorded, a.complete, a.incomplete, a.seq, a.oldest_ms),
+            (Recorded::Present, 1, 2, 7, 1_700_000_000_000)
         );
         assert_eq!(a.peers.len(), 1);
         let all = parse_answer(
@@ -995,6 +1272,7 @@ mod tests {
                 Value::Int(1),
                 Value::Int(2),
                 Value::Int(7),
+                Value::Int(1_700_000_000_000),
                 Value::BulkString(b"1700000000123".to_vec()),
                 Value::BulkString(rec.into_bytes()),
                 Value::BulkString(b"not a time".to_vec()),
@@ -1007,5 +1285,37 @@ mod tests {
         assert_eq!(all.all[0].0, 1_700_000_000_123);
         assert_eq!(all.all[0].1.peer_id, id);
         assert!(parse_answer(&[Value::Int(9)], Want::Draw).is_err());
+    }
+
+    /// Plain writes name keys and zone buckets as `announce.lua` does.
+    #[test]
+    fn plain_writes_name_keys_as_the_script_does() {
+        let h = "ab".repeat(20);
+        assert_eq!(
+            swarm_key(h.as_bytes(), b"z:L:dc1"),
+            format!("fbpkg:v5:{{{h}}}:z:L:dc1").into_bytes()
+        );
+        assert_eq!(
+            swarm_key(h.as_bytes(), b"seeders"),
+            key(&InfoHash([0xab; 20]), "seeders").into_bytes()
+        );
+        let got: Vec<&[u8]> = zone_prefixes(b"dc1/r2/h3").collect();
+        assert_eq!(got, [&b"dc1"[..], b"dc1/r2", b"dc1/r2/h3"]);
+        assert_eq!(zone_prefixes(b"dc1").collect::<Vec<_>>(), [&b"dc1"[..]]);
+        assert_eq!(zone_prefixes(b"").count(), 0);
+        let a = Announce {
+            info_hash: InfoHash([0xab; 20]),
+            peer_id: PeerId([0x01; 20]),
+            addr: "198.18.0.7:7000".parse().expect("addr"),
+            event: Event::None,
+            uploaded: 1,
+            downloaded: 2,
+            left: 3,
+            zone: None,
+            numwant: 0,
+        };
+        let args = Args::new(&a, 5, Want::Nothing);
+        let all: Vec<&[u8]> = args.iter().collect();
+        assert_eq!((0..10).map(|i| args.get(i)).collect::<Vec<_>>(), all);
     }
 }

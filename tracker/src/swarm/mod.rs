@@ -183,6 +183,12 @@ impl Swarm {
         self.index.is_empty()
     }
 
+    /// The peer recorded under `key`.
+    pub fn peer(&self, key: &PeerKey) -> Option<&PeerRecord> {
+        let &(role, i) = self.index.get(key)?;
+        self.group(role).as_slice().get(i)
+    }
+
     /// Peers recorded under `ip`.
     pub fn from_address(&self, ip: IpAddr) -> usize {
         self.per_address.get(&ip).copied().unwrap_or(0)
