@@ -28,8 +28,11 @@ pub const EXTRA_ARGS_ENV: &str = "FBPKG_BENCH_REDIS_ARGS";
 const MAX_REPLY: usize = 1 << 20;
 
 /// Commands a client sends on its own, as opposed to those `announce.lua` runs inside Redis:
-/// one of these is one round trip. `INFO` is left out: only the bench sends it.
+/// one of these is one round trip. `INFO` is left out: only the bench sends it. A transaction
+/// (a replica's plain writes: `MULTI`, the commands, `EXEC`, written at once) is one round
+/// trip, counted by its `EXEC`; the commands in it count as commands Redis ran.
 const TOP_LEVEL: &[&str] = &[
+    "exec",
     "evalsha",
     "eval",
     "evalsha_ro",
@@ -328,6 +331,12 @@ mod tests {
         );
         assert_eq!(after.round_trips_since(&before), 22);
         assert_eq!(after.commands_since(&before), 52);
+        // A transaction is one round trip: its EXEC.
+        let multi = CommandCalls::parse(
+            "# Commandstats\r\ncmdstat_multi:calls=3,usec=1\r\ncmdstat_exec:calls=3,usec=60\r\n\
+             cmdstat_zadd:calls=12,usec=12\r\n",
+        );
+        assert_eq!(multi.round_trips_since(&before), 3);
         assert_eq!(
             after.busiest_since(&before),
             vec![

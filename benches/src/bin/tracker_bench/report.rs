@@ -532,8 +532,10 @@ pub fn replica_table(report: &ReplicaReport) -> String {
         out,
         "  *: the configuration's peak in that mode, which the targets compare; vs emb: against \
          the embedded store's peak in that mode\n  trips: Redis round trips per announce \
-         (EVALSHA and other commands clients send, from INFO commandstats); cmds: commands Redis ran per announce, those of announce.lua \
-         included; us: Redis microseconds per announce in its busiest command (the script)"
+         (EVALSHA, EXEC and other commands clients send, from INFO commandstats); cmds: \
+         commands Redis ran per announce, those of announce.lua and of transactions included; \
+         us: Redis microseconds per announce in its busiest command (the script, or EXEC for \
+         replicas' plain writes)"
     );
     let _ = writeln!(
         out,
