@@ -165,6 +165,12 @@ impl RedisServer {
 
     /// One inline command (`DEL key`, say); its first reply line, `\r\n` removed.
     pub fn command(&self, line: &str) -> io::Result<String> {
+        self.send(line).map(|(_, head)| head)
+    }
+
+    /// Send one inline command on a new connection: the connection, to read the rest of the
+    /// reply from, and the reply's first line, `\r\n` removed.
+    fn send(&self, line: &str) -> io::Result<(TcpStream, String)> {
         let mut s = TcpStream::connect((Ipv4Addr::LOCALHOST, self.port))?;
         s.set_read_timeout(Some(Duration::from_secs(2)))?;
         s.write_all(format!("{line}\r\n").as_bytes())?;
@@ -175,22 +181,14 @@ impl RedisServer {
             buf.push(byte[0]);
         }
         buf.truncate(buf.len() - 2);
-        String::from_utf8(buf).map_err(io::Error::other)
+        let head = String::from_utf8(buf).map_err(io::Error::other)?;
+        Ok((s, head))
     }
 
     /// One inline command answered with a bulk string (`HGET key field`, say): the string,
     /// `None` for nil.
     pub fn bulk(&self, line: &str) -> io::Result<Option<String>> {
-        let mut s = TcpStream::connect((Ipv4Addr::LOCALHOST, self.port))?;
-        s.set_read_timeout(Some(Duration::from_secs(2)))?;
-        s.write_all(format!("{line}\r\n").as_bytes())?;
-        let mut head = Vec::new();
-        let mut byte = [0u8; 1];
-        while !head.ends_with(b"\r\n") {
-            s.read_exact(&mut byte)?;
-            head.push(byte[0]);
-        }
-        let head = String::from_utf8_lossy(&head[..head.len() - 2]).into_owned();
+        let (mut s, head) = self.send(line)?;
         let len = match head.strip_prefix('$').map(str::parse::<i64>) {
             Some(Ok(-1)) => return Ok(None),
             Some(Ok(n)) => usize::try_from(n).map_err(io::Error::other)?,

@@ -1169,10 +1169,9 @@ pub(crate) fn parse_full(b: &[u8]) -> Option<Record> {
 mod tests {
     use super::*;
 
-    /// The arguments as `announce.lua` reads them, and a record `parse_listed` reads back.
-    #[test]
-    fn an_announce_is_written_as_the_script_reads_it() {
-        let a = Announce {
+    /// A seeder completing, at `[::1]:6881` in zone `dc1/r2`.
+    fn completing() -> Announce {
+        Announce {
             info_hash: InfoHash([0xab; 20]),
             peer_id: PeerId([0x01; 20]),
             addr: "[::1]:6881".parse().expect("addr"),
@@ -1182,7 +1181,13 @@ mod tests {
             left: 0,
             zone: Some(Zone::new("dc1/r2").expect("zone")),
             numwant: 50,
-        };
+        }
+    }
+
+    /// The arguments as `announce.lua` reads them, and a record `parse_listed` reads back.
+    #[test]
+    fn an_announce_is_written_as_the_script_reads_it() {
+        let a = completing();
         let args = Args::new(&a, 1_700_000_000_123, Want::Nothing);
         let got: Vec<String> = args
             .iter()
@@ -1303,18 +1308,7 @@ mod tests {
         assert_eq!(got, [&b"dc1"[..], b"dc1/r2", b"dc1/r2/h3"]);
         assert_eq!(zone_prefixes(b"dc1").collect::<Vec<_>>(), [&b"dc1"[..]]);
         assert_eq!(zone_prefixes(b"").count(), 0);
-        let a = Announce {
-            info_hash: InfoHash([0xab; 20]),
-            peer_id: PeerId([0x01; 20]),
-            addr: "198.18.0.7:7000".parse().expect("addr"),
-            event: Event::None,
-            uploaded: 1,
-            downloaded: 2,
-            left: 3,
-            zone: None,
-            numwant: 0,
-        };
-        let args = Args::new(&a, 5, Want::Nothing);
+        let args = Args::new(&completing(), 5, Want::Nothing);
         let all: Vec<&[u8]> = args.iter().collect();
         assert_eq!((0..10).map(|i| args.get(i)).collect::<Vec<_>>(), all);
     }
