@@ -1072,6 +1072,21 @@ async fn plain_writes_leave_redis_as_the_script_would() {
     }
     peers(&b1, hash, 2, [127, 0, 0, 52], 9, Event::None, "2 on one").await;
     assert_eq!(written_by(&b1, "plain").await, 3, "both written plain");
+    // The leechers' set went behind one's back (its last peer swept a moment ago, say): a
+    // plain join makes it again, with a TTL, so an abandoned swarm still disappears.
+    assert_eq!(
+        redis.command(&format!("DEL {leechers}")).expect("DEL"),
+        ":1"
+    );
+    peers(&b1, hash, 5, [127, 0, 0, 55], 9, Event::None, "5 on one").await;
+    assert_eq!(written_by(&b1, "plain").await, 4, "written plain");
+    let ttl = redis.command(&format!("PTTL {leechers}")).expect("PTTL");
+    assert!(
+        ttl.strip_prefix(':')
+            .and_then(|t| t.parse::<i64>().ok())
+            .is_some_and(|t| t > 0),
+        "PTTL {ttl}"
+    );
     wait_for(
         "the counts to be put right",
         Duration::from_secs(10),

@@ -412,14 +412,20 @@ async fn serve_plain(
             count(swarm.leechers().len()),
         )
     };
+    // Until the write is done, the copy holds a peer Redis may not: should it fail, or this
+    // future be dropped (its client gone), the copy goes, and is loaded again.
+    let unsure = Unsure {
+        mirror: store.mirror(),
+        h: req.info_hash,
+    };
     if let Err(e) = store.write_plain(announce, now_ms, join).await {
-        // What Redis holds of the swarm is not known now: the copy goes, and is loaded again.
-        store.mirror().forget(&req.info_hash);
+        drop(unsure);
         tracing::debug!(info_hash = %req.info_hash, peer = %ip, error = %e, "announce failed: peer store");
         let mut body = Vec::new();
         encode_failure(STORE_UNAVAILABLE, &mut body);
         return Some((body, AnnounceOutcome::StoreUnavailable));
     }
+    std::mem::forget(unsure);
     state.metrics.written_by(WrittenBy::Plain);
     let numwant = announce.numwant;
     let peers = if numwant == 0 {
@@ -432,6 +438,18 @@ async fn serve_plain(
     };
     let body = encode_answer(config, req, peers, complete, incomplete);
     Some((body, AnnounceOutcome::Ok))
+}
+
+/// A swarm whose copy may hold what Redis does not: its copy is dropped with this.
+struct Unsure<'a> {
+    mirror: &'a crate::peer_store::mirror::Mirror,
+    h: fbpkg_common::InfoHash,
+}
+
+impl Drop for Unsure<'_> {
+    fn drop(&mut self) {
+        self.mirror.forget(&self.h);
+    }
 }
 
 /// A refused announce: its log line, and the failure answer.

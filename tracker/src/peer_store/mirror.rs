@@ -97,6 +97,9 @@ struct Warm {
     /// A bound at or below the score of every peer in Redis's sets: the script's answer
     /// ([`Answer::oldest_ms`](super::Answer::oldest_ms)), lowered by older changes.
     oldest_ms: u64,
+    /// This replica's clock when the copy was loaded: its own plain writes from after it are
+    /// in the copy already ([`Mirror::holds_own`]).
+    loaded_ms: u64,
 }
 
 /// How an announce to a swarm is written ([`Mirror::route`]).
@@ -155,12 +158,23 @@ impl Mirror {
         }
     }
 
-    /// An announce to `h` went through the script at `now_ms`; it answered `oldest_ms`.
+    /// An announce to `h` went through the script at `now_ms`; it answered `oldest_ms` (0: a
+    /// refusal, which does not say).
     pub fn scripted(&self, h: &InfoHash, now_ms: u64, oldest_ms: u64) {
         if let Some(Copy::Warm(w)) = self.copies.get_mut(h).as_deref_mut() {
             w.scripted_ms = w.scripted_ms.max(now_ms);
-            w.oldest_ms = oldest_ms;
+            if oldest_ms > 0 {
+                w.oldest_ms = oldest_ms;
+            }
         }
+    }
+
+    /// Whether this replica's own plain write to `h`, made at `at_ms` (its clock), is in the
+    /// copy already: it records one in the copy as it sends it, so a copy loaded before then
+    /// holds it. One loaded since (the copy dropped and loaded again while the write was on
+    /// its way) may not, and applies it as it comes.
+    pub fn holds_own(&self, h: &InfoHash, at_ms: u64) -> bool {
+        matches!(self.copies.get(h).as_deref(), Some(Copy::Warm(w)) if at_ms > w.loaded_ms)
     }
 
     /// Drop the copy of `h` (a plain write to it failed: what Redis holds is not known); the
@@ -269,6 +283,7 @@ impl Mirror {
             awaiting: after == pending.len() && !pending.iter().any(|c| c.seq >= seq),
             scripted_ms: clock.now_ms,
             oldest_ms,
+            loaded_ms: clock.now_ms,
         };
         for c in &pending[after..] {
             warm.take(&mut swarm, c, clock, ttl);
@@ -473,21 +488,20 @@ pub fn parse_message(payload: &[u8]) -> impl Iterator<Item = Option<(InfoHash, C
     payload.split(|&b| b == b'\n').map(parse_change)
 }
 
-/// Whether `line` is a plain write (numbered 0) published by `publisher`: its replica
-/// recorded it in its copy when it wrote it. Skipping it saves parsing and applying again
-/// what is there; should another replica's change to the same peer come between the two
-/// (the peer announcing to both within milliseconds), that copy keeps the other's until the
-/// peer's next announce.
-fn own_plain(line: &[u8], publisher: &[u8]) -> bool {
-    let Some(rest) = line
-        .strip_prefix(publisher)
-        .and_then(|r| r.strip_prefix(b"|"))
-    else {
-        return false;
-    };
-    rest.iter()
-        .position(|&b| b == b'|')
-        .is_some_and(|i| rest[i + 1..].starts_with(b"0|"))
+/// The swarm and time of `line` when it is a plain write (numbered 0) published by
+/// `publisher`: its replica recorded it in its copy when it wrote it ([`Mirror::holds_own`]).
+/// Skipping it saves parsing and applying again what is there; should another replica's
+/// change to the same peer come between the two (the peer announcing to both within
+/// milliseconds), that copy keeps the other's until the peer's next announce.
+fn own_plain(line: &[u8], publisher: &[u8]) -> Option<(InfoHash, u64)> {
+    let rest = line.strip_prefix(publisher)?.strip_prefix(b"|")?;
+    let mut f = rest.splitn(5, |&b| b == b'|');
+    let h = std::str::from_utf8(f.next()?).ok()?.parse().ok()?;
+    if f.next()? != b"0" || f.next()? != b"U" {
+        return None;
+    }
+    let at_ms = std::str::from_utf8(f.next()?).ok()?.parse().ok()?;
+    Some((h, at_ms))
 }
 
 /// A published change: `publisher|info-hash hex|seq|U or D|ms|record` (seq 0: a plain
@@ -569,9 +583,10 @@ pub async fn follow(store: &RedisStore, swarms: &Swarms, shutdown: CancellationT
             let Some(msg) = msg else { break };
             let payload = msg.get_payload_bytes();
             // This replica's own plain writes are in its copies already (see `Mirror::route`).
-            let theirs = payload
-                .split(|&b| b == b'\n')
-                .filter(|line| !own_plain(line, store.publisher().as_bytes()));
+            let theirs = payload.split(|&b| b == b'\n').filter(|line| {
+                own_plain(line, store.publisher().as_bytes())
+                    .is_none_or(|(h, at_ms)| !mirror.holds_own(&h, at_ms))
+            });
             for change in theirs.map(parse_change) {
                 match change {
                     Some((h, change)) => mirror.apply(swarms, &h, change, store.peer_ttl()),
@@ -775,6 +790,19 @@ mod tests {
         assert_eq!(m.route(&h, stale + 2_500, TTL), Route::Cold);
     }
 
+    /// This replica's own plain writes are in its copy, unless the copy was loaded again after
+    /// one was made: that one may not be in the new load, and is applied as it comes.
+    #[tokio::test]
+    async fn own_writes_from_before_a_load_are_applied() {
+        let (m, swarms, h) = setup();
+        assert!(!m.holds_own(&h, wall_ms()), "no copy");
+        let before = wall_ms() - 1;
+        let claim = m.claim(&h).expect("cold");
+        claim.loaded(&swarms, at(1, &[(wall_ms(), record(1, 5))]), TTL);
+        assert!(!m.holds_own(&h, before), "made before the load");
+        assert!(m.holds_own(&h, wall_ms() + 1), "made since");
+    }
+
     #[tokio::test]
     async fn a_lost_subscription_voids_copies_and_loads_in_flight() {
         let (m, swarms, h) = setup();
@@ -831,7 +859,10 @@ mod tests {
     fn only_this_replicas_own_plain_lines_are_skipped() {
         let h = InfoHash([3; 20]);
         let rec = format!("S|dc1|10.0.0.1:6881|{}|1|2|0", PeerId([4; 20]).to_hex());
-        assert!(own_plain(format!("abc|{h}|0|U|1|{rec}").as_bytes(), b"abc"));
+        assert_eq!(
+            own_plain(format!("abc|{h}|0|U|17|{rec}").as_bytes(), b"abc"),
+            Some((h, 17))
+        );
         for theirs in [
             format!("abc|{h}|12|U|1|{rec}"),
             format!("abd|{h}|0|U|1|{rec}"),
@@ -839,7 +870,7 @@ mod tests {
             format!("abc|{h}|01|U|1|{rec}"),
             "abc".to_owned(),
         ] {
-            assert!(!own_plain(theirs.as_bytes(), b"abc"), "{theirs}");
+            assert!(own_plain(theirs.as_bytes(), b"abc").is_none(), "{theirs}");
         }
     }
 
