@@ -304,12 +304,7 @@ async fn serve_announce_redis(
     // A claim not used (an error below, or this future dropped) is given back on drop.
     let answer = match store.announce_wanting(&announce, now_ms, want).await {
         Ok(a) => a,
-        Err(e) => {
-            tracing::debug!(info_hash = %h, peer = %ip, error = %e, "announce failed: peer store");
-            let mut body = Vec::new();
-            encode_failure(STORE_UNAVAILABLE, &mut body);
-            return (body, AnnounceOutcome::StoreUnavailable);
-        }
+        Err(e) => return store_failed(&h, ip, &e),
     };
     state.metrics.written_by(WrittenBy::Script);
     // Only a recorded peer's answer carries the swarm (a refusal or a leave does not). This
@@ -339,13 +334,7 @@ async fn serve_announce_redis(
     let peers = if want == Want::Draw || numwant == 0 {
         answer.peers
     } else {
-        let asker = PeerKey {
-            peer_id: req.peer_id,
-            ip,
-        };
-        state.swarms.get(&h).map_or_else(Vec::new, |s| {
-            s.sample(&asker, req.left == 0, req.zone.as_ref(), numwant)
-        })
+        from_copy(state, &req, ip, numwant)
     };
     let body = encode_answer(config, &req, peers, answer.complete, answer.incomplete);
     (body, AnnounceOutcome::Ok)
@@ -420,10 +409,7 @@ async fn serve_plain(
     };
     if let Err(e) = store.write_plain(announce, now_ms, join).await {
         drop(unsure);
-        tracing::debug!(info_hash = %req.info_hash, peer = %ip, error = %e, "announce failed: peer store");
-        let mut body = Vec::new();
-        encode_failure(STORE_UNAVAILABLE, &mut body);
-        return Some((body, AnnounceOutcome::StoreUnavailable));
+        return Some(store_failed(&req.info_hash, ip, &e));
     }
     std::mem::forget(unsure);
     state.metrics.written_by(WrittenBy::Plain);
@@ -432,12 +418,39 @@ async fn serve_plain(
         Vec::new()
     } else {
         state.metrics.answered_from(AnsweredFrom::Copy);
-        state.swarms.get(&req.info_hash).map_or_else(Vec::new, |s| {
-            s.sample(&asker, seeder, req.zone.as_ref(), numwant)
-        })
+        from_copy(state, req, ip, numwant)
     };
     let body = encode_answer(config, req, peers, complete, incomplete);
     Some((body, AnnounceOutcome::Ok))
+}
+
+/// `numwant` peers for the announcer (recorded under `ip`) from this replica's copy of the
+/// swarm, drawn as the embedded store draws them.
+fn from_copy(
+    state: &super::AppState,
+    req: &AnnounceRequest,
+    ip: IpAddr,
+    numwant: usize,
+) -> Vec<PeerEntry> {
+    let asker = PeerKey {
+        peer_id: req.peer_id,
+        ip,
+    };
+    state.swarms.get(&req.info_hash).map_or_else(Vec::new, |s| {
+        s.sample(&asker, req.left == 0, req.zone.as_ref(), numwant)
+    })
+}
+
+/// The answer to an announce the peer store failed (Redis down, or past its deadline).
+fn store_failed(
+    h: &fbpkg_common::InfoHash,
+    ip: IpAddr,
+    e: &crate::peer_store::StoreError,
+) -> (Vec<u8>, AnnounceOutcome) {
+    tracing::debug!(info_hash = %h, peer = %ip, error = %e, "announce failed: peer store");
+    let mut body = Vec::new();
+    encode_failure(STORE_UNAVAILABLE, &mut body);
+    (body, AnnounceOutcome::StoreUnavailable)
 }
 
 /// A swarm whose copy may hold what Redis does not: its copy is dropped with this.

@@ -45,7 +45,7 @@ use redis::Value;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::redis_store::{Record, parse_full};
+use super::redis_store::{Record, ms, parse_full};
 use super::{RedisStore, wall_ms};
 use crate::swarm::{Limits, PeerRecord, Swarms};
 
@@ -419,10 +419,6 @@ impl Drop for Claim<'_> {
     }
 }
 
-fn ms(d: Duration) -> u64 {
-    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
-}
-
 /// The wall clock and the monotonic one read together, to turn the script's ms into the
 /// `Instant`s [`Swarms`] expires peers by.
 #[derive(Clone, Copy)]
@@ -480,12 +476,6 @@ impl Clock {
         };
         swarm.record(rec, event, &Limits::NONE);
     }
-}
-
-/// The changes of one published message, one per line (a script call's, in the order it made
-/// them); `None` for the first line this version cannot read.
-pub fn parse_message(payload: &[u8]) -> impl Iterator<Item = Option<(InfoHash, Change)>> + '_ {
-    payload.split(|&b| b == b'\n').map(parse_change)
 }
 
 /// The swarm and time of `line` when it is a plain write (numbered 0) published by
@@ -879,7 +869,15 @@ mod tests {
         let h = InfoHash([3; 20]);
         let rec = format!("S|dc1|10.0.0.1:6881|{}|1|2|0", PeerId([4; 20]).to_hex());
         let msg = format!("abc|{h}|12|U|1700000000000|{rec}\nabc|{h}|13|D|1700000000001|{rec}");
-        let got: Vec<_> = parse_message(msg.as_bytes())
+        // A message is one change per line.
+        let parse = |m: &str| {
+            m.as_bytes()
+                .split(|&b| b == b'\n')
+                .map(parse_change)
+                .collect::<Vec<_>>()
+        };
+        let got: Vec<_> = parse(&msg)
+            .into_iter()
             .map(|c| c.map(|(h, c)| (h, c.seq, c.present, c.record.listed.addr)))
             .collect();
         let addr = "10.0.0.1:6881".parse().expect("addr");
@@ -895,7 +893,7 @@ mod tests {
             "abc".to_owned(),
             format!("abc|{h}|12|U|1|{rec}\n"),
         ] {
-            let last = parse_message(bad.as_bytes()).last().expect("a line");
+            let last = parse(&bad).pop().expect("a line");
             assert!(last.is_none(), "{bad}");
         }
     }

@@ -20,13 +20,13 @@
 //! - `...:z:<role>:<zone prefix>`: sets, the zone buckets (`zones.rs`) of each role.
 //!
 //! `v5` since the role counts are the sets' own (`ZCARD`), as replicas write without the
-//! script (below); `v4` since the state is packed rather than written in digits (parsing it and writing it
-//! back made eleven Lua strings per announce; Redis spends about 15% less time per announce
-//! without them, `tracker_bench --replicas 1`); `v3` since the state went into one field (`v2`
-//! kept six: `touched`, `swept`, `seq`, `S`, `L`, `oldest`) and a call's changes into one
-//! message; `v2` since the hash took in what were four keys of their own (`fbpkg:swarm:{H}:*`,
-//! with changes on `fbpkg:peers`). Replicas of different layouts do not see each other's
-//! peers, and the old keys expire by themselves.
+//! script (below); `v4` since the state is packed rather than written in digits (parsing it
+//! and writing it back made eleven Lua strings per announce; Redis spends about 15% less time
+//! per announce without them, `tracker_bench --replicas 1`); `v3` since the state went into
+//! one field (`v2` kept six: `touched`, `swept`, `seq`, `S`, `L`, `oldest`) and a call's
+//! changes into one message; `v2` since the hash took in what were four keys of their own
+//! (`fbpkg:swarm:{H}:*`, with changes on `fbpkg:peers`). Replicas of different layouts do not
+//! see each other's peers, and the old keys expire by themselves.
 //!
 //! Announces go to Redis in batches, one `EVALSHA` of `announce.lua` per batch (loaded again
 //! on `NOSCRIPT`; see [`Batcher`]). For each announce the script expires the swarm's silent
@@ -47,12 +47,13 @@
 //! joins go through the script, which counts in Redis. The bound is not strict: R replicas
 //! whose copies have not yet seen each other's joins could admit up to half the limit each
 //! (R/2 times it), were that many joins from one address, or to one swarm, to reach them all
-//! within the same few milliseconds. The replica still sends an announce
-//! through the script once a sweep may be due (the `oldest` the script answers with is a
-//! TTL old), and every eighth of a TTL for the keys' TTLs (`mirror.rs`, `Mirror::route`). Keys get a TTL of two and a half intervals, refreshed
-//! every half interval by an announce (zone buckets by each of their announces), so a swarm
-//! nobody announces to disappears by itself:
-//! there is no sweeper and never a scan of the keyspace.
+//! within the same few milliseconds. The replica still sends an announce through the script
+//! once a sweep may be due (the `oldest` the script answers with is a TTL old), and every
+//! eighth of a TTL for the keys' TTLs (`mirror.rs`, `Mirror::route`).
+//!
+//! Keys get a TTL of two and a half intervals, refreshed every half interval by an announce
+//! (zone buckets by each of their announces), so a swarm nobody announces to disappears by
+//! itself: there is no sweeper and never a scan of the keyspace.
 //! Scrape, `/metrics` and the dashboard ask about the swarms this replica knows (see
 //! `mod.rs`), in bounded pipelines: `ZCOUNT`s for counts, `list.lua` for peer listings.
 //!
@@ -848,12 +849,11 @@ impl Batcher {
     /// Write `batch` without the script, in one `MULTI`: for each announce the record
     /// (`HSET p:<member>`), the address count when it joins (`HINCRBY a:<ip> 1`), its score
     /// (`ZADD`, and its set's TTL when it joins) and its zone buckets (`SADD`, `PEXPIRE`);
-    /// then one `PUBLISH` of the lines,
-    /// numbered 0. A transaction runs whole between two scripts, so its lines are on the
-    /// channel exactly where its writes are in Redis's order, which is what a copy loading
-    /// the swarm needs (`mirror.rs`). Redis spends about half the time on these commands that
-    /// it spends on the script doing the same (the script's own work is most of its cost;
-    /// tracker_bench --replicas).
+    /// then one `PUBLISH` of the lines, numbered 0. A transaction runs whole between two
+    /// scripts, so its lines are on the channel exactly where its writes are in Redis's order,
+    /// which is what a copy loading the swarm needs (`mirror.rs`). Redis spends about half the
+    /// time on these commands that it spends on the script doing the same (the script's own
+    /// work is most of its cost; tracker_bench --replicas).
     ///
     /// The caller's copy said whether the peer is new; `ZADD`'s reply says whether it was, in
     /// Redis. When they differ (the copy a few milliseconds behind another replica, or a peer
@@ -875,10 +875,10 @@ impl Batcher {
         let replies = match tokio::time::timeout(self.timeout, call).await {
             Ok(Ok(r)) if r.len() == expected => r,
             Ok(Ok(_)) => {
-                return fail_plain(batch, || StoreError::Protocol("short batch answer".into()));
+                return fail(batch, || StoreError::Protocol("short batch answer".into()));
             }
-            Ok(Err(e)) => return fail_plain(batch, || StoreError::Redis(e.clone())),
-            Err(_) => return fail_plain(batch, || StoreError::Timeout(self.timeout)),
+            Ok(Err(e)) => return fail(batch, || StoreError::Redis(e.clone())),
+            Err(_) => return fail(batch, || StoreError::Timeout(self.timeout)),
         };
         let mut fixes = redis::pipe();
         let mut at = 0;
@@ -1058,23 +1058,17 @@ where
     }
 }
 
+/// Every job of `batch` is answered with the error `e` makes.
 fn fail(batch: Vec<Job>, e: impl Fn() -> StoreError) {
     for j in batch {
-        if let Kind::Script { done, .. } = j.kind {
-            let _ = done.send(Err(e()));
-        }
+        let _ = match j.kind {
+            Kind::Script { done, .. } => done.send(Err(e())).is_ok(),
+            Kind::Plain { done, .. } => done.send(Err(e())).is_ok(),
+        };
     }
 }
 
-fn fail_plain(batch: Vec<Job>, e: impl Fn() -> StoreError) {
-    for j in batch {
-        if let Kind::Plain { done, .. } = j.kind {
-            let _ = done.send(Err(e()));
-        }
-    }
-}
-
-fn ms(d: Duration) -> u64 {
+pub(super) fn ms(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
