@@ -50,9 +50,16 @@ pub(crate) struct AgentArgs {
     #[arg(long, env = "FBPKG_AGENT_MAX_CONNECTIONS", default_value_t = 1024)]
     max_connections: usize,
 
-    /// Peers uploaded to at once, per package.
+    /// Most peers uploaded to at once, per package.
     #[arg(long, env = "FBPKG_UPLOAD_SLOTS", default_value_t = 32)]
     upload_slots: usize,
+
+    /// Upload rate each peer uploaded to should get (e.g. 64K, 256K): a package keeps one
+    /// upload slot per this much of the rate it uploads at, from 8 up to --upload-slots, so a
+    /// thin uplink serves a few peers at a useful rate rather than many at a crawl. "off"
+    /// keeps --upload-slots open whatever the rate.
+    #[arg(long, env = "FBPKG_UPLOAD_SLOT_RATE", default_value = "64K", value_parser = parse_slot_rate)]
+    upload_slot_rate: SlotRate,
 
     /// Advertise everything at once when seeding from the cache, instead of handing a crowd
     /// each piece about once (super-seeding).
@@ -141,6 +148,17 @@ fn parse_host_id(s: &str) -> Result<HostId, String> {
     HostId::new(s).map_err(|e| e.to_string())
 }
 
+/// `--upload-slot-rate`: bytes per second, or `None` for "off".
+#[derive(Debug, Clone, Copy)]
+struct SlotRate(Option<u64>);
+
+fn parse_slot_rate(s: &str) -> Result<SlotRate, String> {
+    match s.trim() {
+        "off" => Ok(SlotRate(None)),
+        s => fbpkg_common::size::parse_bytes(s).map(|r| SlotRate(Some(r))),
+    }
+}
+
 fn parse_follow(s: &str) -> Result<(PackageName, Tag), String> {
     let r: PackageRef = s.trim().parse().map_err(|e| format!("{e}"))?;
     match (r.name, r.selector) {
@@ -179,6 +197,7 @@ pub(super) fn run(args: AgentArgs) -> anyhow::Result<ExitCode> {
     config.max_peers_per_address = args.max_peers_per_address;
     config.max_connections = args.max_connections;
     config.upload_slots = args.upload_slots;
+    config.upload_slot_rate = args.upload_slot_rate.0;
     config.superseed = !args.no_superseed;
     config.request_timeout = args.request_timeout;
     config.max_upload_rate = args.max_upload_rate;

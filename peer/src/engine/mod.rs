@@ -20,6 +20,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
+use tokio::time::Instant;
 
 use bytes::BytesMut;
 use fbpkg_common::bitfield::Bitfield;
@@ -68,8 +69,12 @@ pub struct EngineConfig {
     /// A connection whose queued output has not moved for this long is dropped (default
     /// 30 s): the peer stopped reading.
     pub write_stall: Duration,
-    /// Peers uploaded to at once per package (default 32).
+    /// Most peers uploaded to at once per package (default 32).
     pub upload_slots: usize,
+    /// Upload rate each slot should get (default 64 KiB/s): while a package uploads, it keeps
+    /// one slot per this much of its measured upload rate, between [`MIN_UPLOAD_SLOTS`] and
+    /// `upload_slots`. `None` keeps `upload_slots` open whatever the rate.
+    pub upload_slot_rate: Option<u64>,
     /// While peers wait for an upload slot, a slot held this long goes to one of them
     /// (default 5 s).
     pub slot_rotation: Duration,
@@ -123,6 +128,7 @@ impl EngineConfig {
             useless_after: Duration::from_secs(15),
             write_stall: Duration::from_secs(30),
             upload_slots: 32,
+            upload_slot_rate: Some(64 << 10),
             slot_rotation: Duration::from_secs(5),
             numwant: 50,
             request_timeout: Duration::from_secs(20),
@@ -174,6 +180,9 @@ pub struct Engine {
 /// Azureus-style client tag at the start of our peer ids.
 /// Installs kept for a slow [`Engine::installs`] subscriber.
 const INSTALLED_BACKLOG: usize = 64;
+
+/// Fewest upload slots a package sized by its rate keeps (or `upload_slots`, if fewer).
+pub const MIN_UPLOAD_SLOTS: usize = 8;
 
 pub(crate) const PEER_ID_PREFIX: &[u8] = b"-FB";
 
@@ -661,6 +670,7 @@ async fn dial_loop(t: Arc<Torrent>) {
                 .instrument(tracing::debug_span!("dial", peer = %addr)),
             );
         }
+        t.size_slots(Instant::now());
         t.rotate_slots(t.ctx.config.slot_rotation);
         tokio::select! {
             _ = t.cancel.cancelled() => return,

@@ -593,7 +593,7 @@ impl Conn {
             Message::Interested => {
                 self.peer_interested = true;
                 let mut st = self.t.state();
-                let slots = self.t.ctx.config.upload_slots;
+                let slots = st.slots;
                 let unchoked = st.peers.values().filter(|p| p.unchoked).count();
                 let grant = unchoked < slots;
                 if let Some(s) = st.peers.get_mut(&self.id) {
