@@ -94,7 +94,7 @@ pub struct EngineConfig {
     /// ... but never more than this much time (default 2 s): a peer that pauses for long
     /// gets a deep queue, not requests that wait until they time out.
     pub max_request_window: Duration,
-    /// Fewest requests in flight per peer (default 16).
+    /// Fewest requests in flight per peer (default 4).
     pub min_queue_depth: usize,
     /// Most requests in flight per peer (default 512: what an agent accepts queued; 50 MB/s
     /// over 500 ms batches would need 1,500). A stock client gets at most 250, BEP 10's
@@ -137,7 +137,7 @@ impl EngineConfig {
             max_announce_backoff: Duration::from_secs(60),
             request_window: Duration::from_millis(500),
             max_request_window: Duration::from_secs(2),
-            min_queue_depth: 16,
+            min_queue_depth: 4,
             max_queue_depth: 512,
             superseed: true,
             max_upload_rate: None,

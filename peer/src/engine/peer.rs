@@ -337,6 +337,11 @@ pub(crate) async fn run(
 /// `rate` is the larger of the smoothed rate and the last second's: the smoothed one lags a
 /// window that grows every second (on a seed answering every 500 ms, 16 to 250 requests took
 /// 11 s on the smoothed rate alone, 6 s with the last second's).
+///
+/// The floor, `min_queue_depth`, is 4 blocks. It was 16 (256 KiB) at every peer however
+/// slowly it sent: in `b3`, with 48 connections each, every host was in the endgame with ~12
+/// MB to go, and a block asked of a 5 Mbit/s host waited seconds behind others' requests.
+/// A fast peer's rate lifts its depth within a second or two.
 fn request_depth(cfg: &EngineConfig, rate: f64, latency: f64, peer_queue: usize) -> usize {
     let window = cfg.request_window.as_secs_f64();
     let horizon = (2.0 * latency)
@@ -1345,7 +1350,22 @@ mod tests {
         // The window before latency counted: 10 MB/s for 0.5 s is 305 blocks, plus 4.
         assert_eq!(request_depth(&cfg, 10.0 * MB, 0.0, MAX_QUEUED_UPLOADS), 309);
         assert_eq!(request_depth(&cfg, 10.0 * MB, 0.2, MAX_QUEUED_UPLOADS), 309);
-        assert_eq!(request_depth(&cfg, 0.0, 0.0, MAX_QUEUED_UPLOADS), 16);
+        assert_eq!(request_depth(&cfg, 0.0, 0.0, MAX_QUEUED_UPLOADS), 4);
+    }
+
+    #[test]
+    fn a_slow_peer_gets_what_its_rate_needs() {
+        let cfg = config();
+        // 80 KB/s over 0.5 s is 2 blocks, plus 4.
+        assert_eq!(request_depth(&cfg, 80e3, 0.1, MAX_QUEUED_UPLOADS), 6);
+        // Slow but far (1 s to answer): 2 s of its rate, 9 blocks, plus 4.
+        assert_eq!(request_depth(&cfg, 80e3, 1.0, MAX_QUEUED_UPLOADS), 13);
+        // A floor set higher holds.
+        let cfg = EngineConfig {
+            min_queue_depth: 16,
+            ..config()
+        };
+        assert_eq!(request_depth(&cfg, 80e3, 0.1, MAX_QUEUED_UPLOADS), 16);
     }
 
     #[test]
