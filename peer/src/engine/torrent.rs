@@ -699,12 +699,7 @@ impl Torrent {
             held.sort_unstable();
             let over = held.len() - st.slots;
             for (_, conn) in held.into_iter().take(over) {
-                if let Some(s) = st.peers.get_mut(&conn) {
-                    s.unchoked = false;
-                    s.unchoked_at = None;
-                    let _ = s.tx.send(Cmd::Choke);
-                }
-                st.waiting_for_slot.push_back(conn);
+                take_back_slot(&mut st, conn);
             }
         } else {
             for _ in held.len()..st.slots {
@@ -746,12 +741,7 @@ impl Torrent {
             .collect();
         held.sort_unstable();
         for (_, conn) in held.into_iter().take(waiting) {
-            if let Some(s) = st.peers.get_mut(&conn) {
-                s.unchoked = false;
-                s.unchoked_at = None;
-                let _ = s.tx.send(Cmd::Choke);
-            }
-            st.waiting_for_slot.push_back(conn);
+            take_back_slot(&mut st, conn);
             grant_next_slot(&mut st);
         }
     }
@@ -996,6 +986,16 @@ fn drop_slot(st: &mut State, conn: ConnId) {
     for s in st.peers.values() {
         let _ = s.tx.send(Cmd::Refill);
     }
+}
+
+/// Choke a peer that holds an upload slot and put it at the back of the line for one.
+fn take_back_slot(st: &mut State, conn: ConnId) {
+    if let Some(s) = st.peers.get_mut(&conn) {
+        s.unchoked = false;
+        s.unchoked_at = None;
+        let _ = s.tx.send(Cmd::Choke);
+    }
+    st.waiting_for_slot.push_back(conn);
 }
 
 /// Give a free upload slot to the longest-waiting interested peer.
