@@ -20,7 +20,6 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
-use tokio::time::Instant;
 
 use bytes::BytesMut;
 use fbpkg_common::bitfield::Bitfield;
@@ -670,7 +669,7 @@ async fn dial_loop(t: Arc<Torrent>) {
                 .instrument(tracing::debug_span!("dial", peer = %addr)),
             );
         }
-        t.size_slots(Instant::now());
+        t.size_slots();
         t.rotate_slots(t.ctx.config.slot_rotation);
         tokio::select! {
             _ = t.cancel.cancelled() => return,

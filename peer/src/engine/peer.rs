@@ -598,9 +598,7 @@ impl Conn {
             Message::Interested => {
                 self.peer_interested = true;
                 let mut st = self.t.state();
-                let slots = st.slots;
-                let unchoked = st.peers.values().filter(|p| p.unchoked).count();
-                let grant = unchoked < slots;
+                let grant = st.slot_free();
                 if let Some(s) = st.peers.get_mut(&self.id) {
                     s.interested_in_us = true;
                     if grant {

@@ -669,12 +669,13 @@ impl Torrent {
     /// the highest rate measured instead kept the fleet's mean finish but left the last host
     /// 1-5 s later in `b3` (three runs each), as late in a download fewer, faster flows
     /// get the last blocks out sooner.
-    pub(crate) fn size_slots(&self, now: Instant) {
+    pub(crate) fn size_slots(&self) {
         let cfg = &self.ctx.config;
         let Some(per_slot) = cfg.upload_slot_rate.filter(|&r| r > 0) else {
             return;
         };
         let mut st = self.state();
+        let now = Instant::now();
         let (since, from) = st.slot_meter;
         let secs = now.duration_since(since).as_secs_f64();
         if secs < 2.0 {
@@ -690,24 +691,11 @@ impl Torrent {
         let want = (rate / per_slot as f64).ceil() as usize;
         st.slots = want.clamp(MIN_UPLOAD_SLOTS.min(cfg.upload_slots), cfg.upload_slots);
         // Fewer slots: the longest held go back to waiting. More: the longest waiting get one.
-        let mut held: Vec<(Instant, ConnId)> = st
-            .peers
-            .iter()
-            .filter_map(|(&c, s)| Some((s.unchoked_at.filter(|_| s.unchoked)?, c)))
-            .collect();
-        if held.len() > st.slots {
-            held.sort_unstable();
-            let over = held.len() - st.slots;
-            for (_, conn) in held.into_iter().take(over) {
-                take_back_slot(&mut st, conn);
-            }
-        } else {
-            for _ in held.len()..st.slots {
-                if !grant_next_slot(&mut st) {
-                    break;
-                }
-            }
+        let held = st.held_longest(Duration::ZERO, now);
+        for &conn in held.iter().take(held.len().saturating_sub(st.slots)) {
+            take_back_slot(&mut st, conn);
         }
+        while grant_next_slot(&mut st) {}
     }
 
     /// Give upload slots held for `after` or longer to peers waiting for one, one for one.
@@ -731,16 +719,7 @@ impl Torrent {
         if waiting == 0 {
             return;
         }
-        let mut held: Vec<(Instant, ConnId)> = st
-            .peers
-            .iter()
-            .filter_map(|(&c, s)| {
-                let at = s.unchoked_at.filter(|_| s.unchoked)?;
-                (now.duration_since(at) >= after).then_some((at, c))
-            })
-            .collect();
-        held.sort_unstable();
-        for (_, conn) in held.into_iter().take(waiting) {
+        for conn in st.held_longest(after, now).into_iter().take(waiting) {
             take_back_slot(&mut st, conn);
             grant_next_slot(&mut st);
         }
@@ -965,6 +944,28 @@ impl Torrent {
     }
 }
 
+impl State {
+    /// Whether an upload slot is free.
+    pub(crate) fn slot_free(&self) -> bool {
+        self.peers.values().filter(|p| p.unchoked).count() < self.slots
+    }
+
+    /// The connections that have held their upload slot for `held_for` or longer at `now`,
+    /// longest first.
+    fn held_longest(&self, held_for: Duration, now: Instant) -> Vec<ConnId> {
+        let mut held: Vec<(Instant, ConnId)> = self
+            .peers
+            .iter()
+            .filter_map(|(&c, s)| {
+                let at = s.unchoked_at.filter(|_| s.unchoked)?;
+                (now.duration_since(at) >= held_for).then_some((at, c))
+            })
+            .collect();
+        held.sort_unstable();
+        held.into_iter().map(|(_, c)| c).collect()
+    }
+}
+
 /// Remove a connection's slot and everything that refers to it.
 fn drop_slot(st: &mut State, conn: ConnId) {
     let Some(slot) = st.peers.remove(&conn) else {
@@ -1001,7 +1002,7 @@ fn take_back_slot(st: &mut State, conn: ConnId) {
 /// Give a free upload slot to the longest-waiting interested peer.
 /// Returns whether it gave one (not when the slots are full, or nobody waits).
 pub(crate) fn grant_next_slot(st: &mut State) -> bool {
-    if st.peers.values().filter(|p| p.unchoked).count() >= st.slots {
+    if !st.slot_free() {
         return false;
     }
     while let Some(next) = st.waiting_for_slot.pop_front() {
@@ -1217,12 +1218,12 @@ pub(crate) mod tests {
 
         // Under 2 s since the torrent started: no measure yet.
         t.count_wire(0, 10 * per_slot);
-        t.size_slots(Instant::now());
+        t.size_slots();
         assert_eq!(unchoked(&t).len(), 32);
 
         // 5 slots' worth over the window: down to the floor of 8, the 24 held longest close.
         tokio::time::advance(Duration::from_secs(2)).await;
-        t.size_slots(Instant::now());
+        t.size_slots();
         assert_eq!(t.state().slots, MIN_UPLOAD_SLOTS);
         assert_eq!(unchoked(&t), ids[24..32]);
         let (choked, opened) = told(&mut peers);
@@ -1231,14 +1232,14 @@ pub(crate) mod tests {
 
         // Nothing uploaded since: no measure, no change.
         tokio::time::advance(Duration::from_secs(3)).await;
-        t.size_slots(Instant::now());
+        t.size_slots();
         assert_eq!(t.state().slots, MIN_UPLOAD_SLOTS);
 
         // 20 slots' worth over 2 s: 12 more open, to those who waited longest (the 8 that
         // never had one, then the first closed).
         t.count_wire(0, 40 * per_slot);
         tokio::time::advance(Duration::from_secs(2)).await;
-        t.size_slots(Instant::now());
+        t.size_slots();
         assert_eq!(t.state().slots, 20);
         let (choked, opened) = told(&mut peers);
         assert!(choked.is_empty());
@@ -1260,7 +1261,7 @@ pub(crate) mod tests {
         // Far more than 32 slots' worth: capped at `upload_slots`.
         t.count_wire(0, 1000 * per_slot);
         tokio::time::advance(Duration::from_secs(2)).await;
-        t.size_slots(Instant::now());
+        t.size_slots();
         assert_eq!(t.state().slots, 32);
         assert_eq!(unchoked(&t).len(), 32);
     }
