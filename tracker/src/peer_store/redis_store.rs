@@ -1061,10 +1061,15 @@ where
 /// Every job of `batch` is answered with the error `e` makes.
 fn fail(batch: Vec<Job>, e: impl Fn() -> StoreError) {
     for j in batch {
-        let _ = match j.kind {
-            Kind::Script { done, .. } => done.send(Err(e())).is_ok(),
-            Kind::Plain { done, .. } => done.send(Err(e())).is_ok(),
-        };
+        // The two senders carry different answers, so each arm sends its own.
+        match j.kind {
+            Kind::Script { done, .. } => {
+                let _ = done.send(Err(e()));
+            }
+            Kind::Plain { done, .. } => {
+                let _ = done.send(Err(e()));
+            }
+        }
     }
 }
 
