@@ -50,14 +50,16 @@ pub(crate) struct AgentArgs {
     #[arg(long, env = "FBPKG_AGENT_MAX_CONNECTIONS", default_value_t = 1024)]
     max_connections: usize,
 
-    /// Most peers uploaded to at once, per package.
+    /// Most peers uploaded to at once: the host's upload slots. Packages uploading at once
+    /// share them (four get 8 each), never fewer than 8 each; with --upload-slot-rate off,
+    /// every package has this many.
     #[arg(long, env = "FBPKG_UPLOAD_SLOTS", default_value_t = 32)]
     upload_slots: usize,
 
     /// Upload rate each peer uploaded to should get (e.g. 64K, 256K): a package keeps one
-    /// upload slot per this much of the rate it uploads at, from 8 up to --upload-slots, so a
-    /// thin uplink serves a few peers at a useful rate rather than many at a crawl. "off"
-    /// keeps --upload-slots open whatever the rate.
+    /// upload slot per this much of the rate it uploads at, from 8 up to its share of
+    /// --upload-slots, so a thin uplink serves a few peers at a useful rate rather than many at
+    /// a crawl. "off" keeps --upload-slots open per package whatever the rate.
     #[arg(long, env = "FBPKG_UPLOAD_SLOT_RATE", default_value = "64K", value_parser = parse_slot_rate)]
     upload_slot_rate: SlotRate,
 

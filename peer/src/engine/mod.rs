@@ -68,11 +68,14 @@ pub struct EngineConfig {
     /// A connection whose queued output has not moved for this long is dropped (default
     /// 30 s): the peer stopped reading.
     pub write_stall: Duration,
-    /// Most peers uploaded to at once per package (default 32).
+    /// Most peers uploaded to at once (default 32): the host's, shared by the packages
+    /// uploading at once (see `upload_slot_rate`).
     pub upload_slots: usize,
     /// Upload rate each slot should get (default 64 KiB/s): while a package uploads, it keeps
     /// one slot per this much of its measured upload rate, between [`MIN_UPLOAD_SLOTS`] and
-    /// `upload_slots`. `None` keeps `upload_slots` open whatever the rate.
+    /// its share of `upload_slots` (their number over the packages uploading at once, never
+    /// under [`MIN_UPLOAD_SLOTS`]). `None` keeps `upload_slots` open per package whatever the
+    /// rate.
     pub upload_slot_rate: Option<u64>,
     /// While peers wait for an upload slot, a slot held this long goes to one of them
     /// (default 5 s).
@@ -163,6 +166,8 @@ pub(crate) struct EngineCtx {
     pub corrupt: tokio::sync::mpsc::UnboundedSender<(PackageName, Arc<Metainfo>)>,
     /// Versions just installed in the cache, for the agent's budget sweep.
     pub installed: tokio::sync::broadcast::Sender<(PackageName, Sha256Hash)>,
+    /// Packages uploading now, which share the host's upload slots.
+    pub uploading: torrent::Uploading,
 }
 
 /// The engine: all torrents of one agent (or of one `get` without an agent).
@@ -220,6 +225,7 @@ impl Engine {
             conn_slots,
             corrupt,
             installed: tokio::sync::broadcast::channel(INSTALLED_BACKLOG).0,
+            uploading: torrent::Uploading::default(),
             config,
             peer_id: new_peer_id(),
             listen_addr,
