@@ -50,9 +50,9 @@ pub(crate) struct AgentArgs {
     #[arg(long, env = "FBPKG_AGENT_MAX_CONNECTIONS", default_value_t = 1024)]
     max_connections: usize,
 
-    /// Most peers uploaded to at once: the host's upload slots. Packages uploading at once
-    /// share them (four get 8 each), never fewer than 8 each; with --upload-slot-rate off,
-    /// every package has this many.
+    /// Most peers uploaded to at once: the host's upload slots. Packages busy uploading at
+    /// once share them (four get 8 each), never fewer than 8 each; one served now and then
+    /// takes no share. With --upload-slot-rate off, every package has this many.
     #[arg(long, env = "FBPKG_UPLOAD_SLOTS", default_value_t = 32)]
     upload_slots: usize,
 

@@ -73,8 +73,8 @@ pub struct EngineConfig {
     pub upload_slots: usize,
     /// Upload rate each slot should get (default 64 KiB/s): while a package uploads, it keeps
     /// one slot per this much of its measured upload rate, between [`MIN_UPLOAD_SLOTS`] and
-    /// its share of `upload_slots` (their number over the packages uploading at once, never
-    /// under [`MIN_UPLOAD_SLOTS`]). `None` keeps `upload_slots` open per package whatever the
+    /// its share of `upload_slots` (their number over the packages busy uploading at once,
+    /// never under [`MIN_UPLOAD_SLOTS`]). `None` keeps `upload_slots` open per package whatever the
     /// rate.
     pub upload_slot_rate: Option<u64>,
     /// While peers wait for an upload slot, a slot held this long goes to one of them
@@ -166,7 +166,7 @@ pub(crate) struct EngineCtx {
     pub corrupt: tokio::sync::mpsc::UnboundedSender<(PackageName, Arc<Metainfo>)>,
     /// Versions just installed in the cache, for the agent's budget sweep.
     pub installed: tokio::sync::broadcast::Sender<(PackageName, Sha256Hash)>,
-    /// Packages uploading now, which share the host's upload slots.
+    /// Packages busy uploading now, which share the host's upload slots.
     pub uploading: torrent::Uploading,
 }
 

@@ -164,23 +164,27 @@ impl State {
     }
 }
 
-/// How long after its last upload a package still counts as uploading, for the share of the
-/// host's upload slots (a little over two measures of [`Torrent::size_slots`]).
+/// How long after its last busy measure a package still counts as uploading, for the share
+/// of the host's upload slots (a little over two measures of [`Torrent::size_slots`]).
 pub(crate) const SHARE_WINDOW: Duration = Duration::from_secs(5);
 
-/// The packages of one host that uploaded lately, by info-hash, and when each last did: they
-/// share the host's upload slots ([`Torrent::size_slots`]).
+/// The packages of one host that were busy uploading lately, by info-hash, and when each last
+/// was: they share the host's upload slots ([`Torrent::size_slots`]).
 #[derive(Debug, Default)]
 pub(crate) struct Uploading(Mutex<HashMap<InfoHash, Instant>>);
 
 impl Uploading {
-    /// `who` uploaded (measured at `now`): how many packages, `who` included, uploaded in the
-    /// last [`SHARE_WINDOW`].
-    pub(crate) fn note(&self, who: InfoHash, now: Instant) -> usize {
+    /// Whether `who` is busy uploading (measured at `now`): how many packages were in the last
+    /// [`SHARE_WINDOW`], `who` counted either way (at least 1).
+    pub(crate) fn note(&self, who: InfoHash, busy: bool, now: Instant) -> usize {
         let mut m = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        m.insert(who, now);
+        if busy {
+            m.insert(who, now);
+        } else {
+            m.remove(&who);
+        }
         m.retain(|_, at| now.saturating_duration_since(*at) <= SHARE_WINDOW);
-        m.len()
+        m.len() + usize::from(!busy)
     }
 }
 
@@ -690,9 +694,11 @@ impl Torrent {
     /// 1-5 s later in `b3` (three runs each), as late in a download fewer, faster flows
     /// get the last blocks out sooner.
     ///
-    /// The slots are the host's: packages that uploaded in the last [`SHARE_WINDOW`] split
-    /// `upload_slots` between them (8 each for four). Each with all 32, a host of `b5` kept
-    /// ~100 thin flows, and finished 1.3 s later (36.3, 36.7 s against 35.0, 35.3 s).
+    /// The slots are the host's: packages busy uploading (their rate asks for more than the
+    /// floor) in the last [`SHARE_WINDOW`] split `upload_slots` between them (8 each for
+    /// four); a package that only trickles keeps its floor and takes no share, so old versions
+    /// served now and then do not halve the slots of the one being rolled out. Each with all
+    /// 32, a host of `b5` kept ~100 thin flows, and the last host finished 2.5 s later.
     pub(crate) fn size_slots(&self) {
         let cfg = &self.ctx.config;
         let Some(per_slot) = cfg.upload_slot_rate.filter(|&r| r > 0) else {
@@ -713,9 +719,13 @@ impl Torrent {
             return;
         }
         let floor = MIN_UPLOAD_SLOTS.min(cfg.upload_slots);
-        let sharing = self.ctx.uploading.note(self.meta.info_hash, now);
-        let cap = (cfg.upload_slots / sharing).max(floor);
         let want = (rate / per_slot as f64).ceil() as usize;
+        // Busy: it would fill more than the floor. A trickle does not take a share.
+        let sharing = self
+            .ctx
+            .uploading
+            .note(self.meta.info_hash, want > floor, now);
+        let cap = (cfg.upload_slots / sharing).max(floor);
         st.slots = want.clamp(floor, cap);
         // Fewer slots: the longest held go back to waiting. More: the longest waiting get one.
         let held = st.held_longest(Duration::ZERO, now);
@@ -1294,38 +1304,47 @@ pub(crate) mod tests {
         assert_eq!(unchoked(&t).len(), 32);
     }
 
-    /// Packages uploading at once share the host's slots: two get 16 each, four 8, and never
-    /// fewer than [`MIN_UPLOAD_SLOTS`]; one that stopped uploading leaves its share after
-    /// [`SHARE_WINDOW`].
+    /// Packages busy uploading at once share the host's slots: two get 16 each, four 8, and
+    /// never fewer than [`MIN_UPLOAD_SLOTS`]; one that trickles takes no share, and one that
+    /// stopped leaves its share after [`SHARE_WINDOW`].
     #[tokio::test(start_paused = true)]
-    async fn packages_uploading_at_once_share_the_slots() {
+    async fn packages_busy_at_once_share_the_slots() {
         let dir = tempfile::tempdir().unwrap();
         let t = torrent(dir.path(), Bitfield::new);
         let per_slot = t.ctx.config.upload_slot_rate.unwrap();
         let other = |n: u8| InfoHash([n; 20]);
-        let measure = |others: &[u8]| {
-            for &n in others {
-                t.ctx.uploading.note(other(n), Instant::now());
+        // The others' measures, busy or not, then ours of `slots_worth` over 2 s.
+        let measure = |others: &[(u8, bool)], slots_worth: u64| {
+            for &(n, busy) in others {
+                t.ctx.uploading.note(other(n), busy, Instant::now());
             }
-            // Far more than 32 slots' worth.
-            t.count_wire(0, 1000 * per_slot);
+            t.count_wire(0, 2 * slots_worth * per_slot);
             t.size_slots();
             t.state().slots
         };
-        tokio::time::advance(Duration::from_secs(2)).await;
-        assert_eq!(measure(&[]), 32, "alone: every slot");
-        tokio::time::advance(Duration::from_secs(2)).await;
-        assert_eq!(measure(&[1]), 16, "two packages uploading");
-        tokio::time::advance(Duration::from_secs(2)).await;
-        assert_eq!(measure(&[1, 2, 3]), 8, "four");
-        tokio::time::advance(Duration::from_secs(2)).await;
-        assert_eq!(
-            measure(&[1, 2, 3, 4, 5, 6, 7]),
-            MIN_UPLOAD_SLOTS,
-            "eight: the floor"
-        );
-        // The others stop uploading: their share comes back once the window is over.
+        let busy = |ns: &[u8]| ns.iter().map(|&n| (n, true)).collect::<Vec<_>>();
+        let step = || tokio::time::advance(Duration::from_secs(2));
+        step().await;
+        assert_eq!(measure(&[], 1000), 32, "alone: every slot");
+        step().await;
+        assert_eq!(measure(&busy(&[1]), 1000), 16, "two packages busy");
+        step().await;
+        assert_eq!(measure(&busy(&[1, 2, 3]), 1000), 8, "four");
+        step().await;
+        let eight = busy(&[1, 2, 3, 4, 5, 6, 7]);
+        assert_eq!(measure(&eight, 1000), MIN_UPLOAD_SLOTS, "eight: the floor");
+        // The others trickle now: they give their shares back at once.
+        step().await;
+        let trickles: Vec<(u8, bool)> = (1..=7).map(|n| (n, false)).collect();
+        assert_eq!(measure(&trickles, 1000), 32);
+        // One busy again, then silent: its share comes back once the window is over.
+        step().await;
+        assert_eq!(measure(&busy(&[1]), 1000), 16);
         tokio::time::advance(SHARE_WINDOW + Duration::from_secs(1)).await;
-        assert_eq!(measure(&[]), 32);
+        assert_eq!(measure(&[], 1000), 32);
+        // We trickle (4 slots' worth): the floor, and no share taken from another package.
+        step().await;
+        assert_eq!(measure(&[], 4), MIN_UPLOAD_SLOTS);
+        assert_eq!(t.ctx.uploading.note(other(1), true, Instant::now()), 1);
     }
 }
