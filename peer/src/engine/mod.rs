@@ -68,14 +68,14 @@ pub struct EngineConfig {
     /// A connection whose queued output has not moved for this long is dropped (default
     /// 30 s): the peer stopped reading.
     pub write_stall: Duration,
-    /// Most peers uploaded to at once (default 32): the host's, shared by the packages
+    /// Most peers uploaded to at once (default 32): the host's, shared by the packages busy
     /// uploading at once (see `upload_slot_rate`).
     pub upload_slots: usize,
     /// Upload rate each slot should get (default 64 KiB/s): while a package uploads, it keeps
     /// one slot per this much of its measured upload rate, between [`MIN_UPLOAD_SLOTS`] and
     /// its share of `upload_slots` (their number over the packages busy uploading at once,
-    /// never under [`MIN_UPLOAD_SLOTS`]). `None` keeps `upload_slots` open per package whatever the
-    /// rate.
+    /// never under [`MIN_UPLOAD_SLOTS`]). `None` keeps `upload_slots` open per package,
+    /// whatever the rate.
     pub upload_slot_rate: Option<u64>,
     /// While peers wait for an upload slot, a slot held this long goes to one of them
     /// (default 5 s).
