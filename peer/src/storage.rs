@@ -29,6 +29,7 @@ use std::os::fd::OwnedFd;
 use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 
 use fbpkg_common::metainfo::{FileKind, Format, Metainfo};
 use sha1::{Digest, Sha1};
@@ -71,6 +72,11 @@ pub struct PackageData {
     /// Held while a shared file is compared, copied or written: two writers of one file must
     /// not both copy it (rare: only blocks for shared files take it).
     unsharing: std::sync::Mutex<()>,
+    /// Its files are on a filesystem in memory (tmpfs, ramfs): a read never waits on a
+    /// device. Found from the first file read with [`PackageData::read_cached`].
+    in_memory: OnceLock<bool>,
+    /// `RWF_NOWAIT` reads work on its files (until one says they are not supported).
+    nowait: AtomicBool,
 }
 
 impl PackageData {
@@ -170,6 +176,8 @@ impl PackageData {
             root: None,
             segments: vec![segment],
             unsharing: std::sync::Mutex::new(()),
+            in_memory: OnceLock::new(),
+            nowait: AtomicBool::new(true),
         }
     }
 
@@ -210,6 +218,8 @@ impl PackageData {
             root: Some(dir),
             segments,
             unsharing: std::sync::Mutex::new(()),
+            in_memory: OnceLock::new(),
+            nowait: AtomicBool::new(true),
         })
     }
 
@@ -410,6 +420,58 @@ impl PackageData {
         Ok(())
     }
 
+    /// Read `buf.len()` bytes at `offset` only if that cannot wait on a device, for a caller
+    /// that must not block (an upload on the async runtime): their files are open already, and
+    /// they live in memory (tmpfs, ramfs) or the bytes are in the page cache (`preadv2` with
+    /// `RWF_NOWAIT`). `false`: reading would have waited (or opened a file, or failed), and
+    /// `buf` holds nothing promised; [`read_at`](Self::read_at), off the runtime, reads it
+    /// and says what failed.
+    pub fn read_cached(&self, offset: u64, buf: &mut [u8]) -> bool {
+        if self.check(offset, buf.len()).is_err() {
+            return false;
+        }
+        for (s, at, range) in self.spans(offset, buf.len()) {
+            if s.path.is_none() {
+                buf[range].fill(0);
+                continue;
+            }
+            let Some(file) = s.file.get() else {
+                return false;
+            };
+            if !self.read_without_waiting(file, &mut buf[range], at) {
+                return false;
+            }
+        }
+        true
+    }
+
+    fn read_without_waiting(&self, file: &File, buf: &mut [u8], at: u64) -> bool {
+        use rustix::io::{Errno, ReadWriteFlags, preadv2};
+        if *self.in_memory.get_or_init(|| in_memory(file)) {
+            return file.read_exact_at(buf, at).is_ok();
+        }
+        if !self.nowait.load(Relaxed) {
+            return false;
+        }
+        let mut done = 0;
+        while done < buf.len() {
+            let at = at + done as u64;
+            let mut to = [io::IoSliceMut::new(&mut buf[done..])];
+            match preadv2(file, &mut to, at, ReadWriteFlags::NOWAIT) {
+                Ok(0) => return false,
+                Ok(n) => done += n,
+                Err(Errno::INTR) => {}
+                Err(Errno::OPNOTSUPP) => {
+                    self.nowait.store(false, Relaxed);
+                    return false;
+                }
+                // EAGAIN: not all in the page cache.
+                Err(_) => return false,
+            }
+        }
+        true
+    }
+
     /// SHA-1 of `len` bytes at `offset`, read back from disk.
     pub fn sha1_of(&self, offset: u64, len: u64) -> io::Result<[u8; 20]> {
         self.sha1_from(Sha1::new(), offset, len)
@@ -459,6 +521,17 @@ pub(crate) fn join(root: &Path, components: &[String]) -> PathBuf {
     let mut p = root.to_path_buf();
     p.extend(components);
     p
+}
+
+/// Whether `file` is on a filesystem kept in memory, where a read waits on no device (short of
+/// swap).
+fn in_memory(file: &File) -> bool {
+    const TMPFS_MAGIC: u64 = 0x0102_1994;
+    const RAMFS_MAGIC: u64 = 0x8584_58f6;
+    rustix::fs::fstatfs(file).is_ok_and(|st| {
+        let kind = st.f_type as u64;
+        kind == TMPFS_MAGIC || kind == RAMFS_MAGIC
+    })
 }
 
 fn check_len(path: &Path, actual: u64, expected: u64) -> io::Result<()> {
@@ -551,13 +624,8 @@ mod tests {
         (flat_tree(&files), contents)
     }
 
-    #[test]
-    fn a_tree_is_its_files_at_their_offsets_with_padding_as_zeros() {
-        let (m, contents) = tree_meta();
-        let dir = tempfile::tempdir().unwrap();
-        let data = PackageData::open_partial(dir.path(), &m).unwrap();
-        assert_eq!(data.len(), m.length);
-        // The torrent's bytes, as a stock client would lay them out.
+    /// The torrent's bytes of [`tree_meta`], as a stock client would lay them out.
+    fn torrent_of(m: &Metainfo, contents: &[(&str, Vec<u8>)]) -> Vec<u8> {
         let mut torrent = Vec::new();
         for f in &m.files {
             match &f.kind {
@@ -567,6 +635,16 @@ mod tests {
             }
         }
         assert_eq!(torrent.len() as u64, m.length);
+        torrent
+    }
+
+    #[test]
+    fn a_tree_is_its_files_at_their_offsets_with_padding_as_zeros() {
+        let (m, contents) = tree_meta();
+        let dir = tempfile::tempdir().unwrap();
+        let data = PackageData::open_partial(dir.path(), &m).unwrap();
+        assert_eq!(data.len(), m.length);
+        let torrent = torrent_of(&m, &contents);
         // Pad bytes sent as garbage are dropped; blocks straddle files and padding.
         let mut sent = torrent.clone();
         sent[10] = 0xff; // in the padding after "a" and before "b"
@@ -616,6 +694,70 @@ mod tests {
             PackageData::open_complete(entry, &m).is_err(),
             "a file of the wrong size"
         );
+    }
+
+    /// An upload reads on the async runtime only what cannot wait: files open already, in
+    /// memory or in the page cache. Those reads give what `read_at` gives, padding as zeros.
+    #[test]
+    fn reads_that_cannot_wait_give_what_read_at_gives() {
+        let (m, contents) = tree_meta();
+        let torrent = torrent_of(&m, &contents);
+        let mut dirs = vec![tempfile::tempdir().unwrap()];
+        // Where the machine has a tmpfs, there too: reads there never wait.
+        if let Ok(shm) = File::open("/dev/shm")
+            && in_memory(&shm)
+        {
+            dirs.push(tempfile::tempdir_in("/dev/shm").unwrap());
+        }
+        for dir in &dirs {
+            let work = PackageData::open_partial(dir.path(), &m).unwrap();
+            work.write_at(0, &torrent).unwrap();
+            let seeding = PackageData::open_complete(dir.path(), &m).unwrap();
+            let mut back = vec![1u8; torrent.len()];
+            assert!(
+                !seeding.read_cached(0, &mut back),
+                "files not open yet: opened off the runtime"
+            );
+            seeding.read_at(0, &mut back).unwrap();
+            assert_eq!(back, torrent);
+            let mut cached = vec![1u8; torrent.len()];
+            let read = seeding.read_cached(0, &mut cached);
+            let memory = seeding.in_memory.get() == Some(&true);
+            assert!(
+                read || !(memory || seeding.nowait.load(Relaxed)),
+                "just written, so in memory or the page cache ({})",
+                dir.path().display()
+            );
+            if read {
+                assert_eq!(cached, torrent);
+            }
+            if read && !memory {
+                // Out of the page cache, the bytes would come from the disk: not here.
+                work.sync().unwrap();
+                for (n, _) in &contents {
+                    let f = File::open(dir.path().join(TREE_DIR).join(n)).unwrap();
+                    rustix::fs::fadvise(&f, 0, None, rustix::fs::Advice::DontNeed).unwrap();
+                }
+                assert!(
+                    !seeding.read_cached(0, &mut cached),
+                    "evicted, so it would wait"
+                );
+                seeding.read_at(0, &mut cached).unwrap();
+                assert!(
+                    seeding.read_cached(0, &mut cached),
+                    "read back into the cache"
+                );
+            }
+            let mut tail = [0u8; 5];
+            assert!(
+                !seeding.read_cached(m.length - 2, &mut tail),
+                "past the end"
+            );
+            assert!(seeding.read_cached(m.length - 5, &mut tail) || !read);
+            if read {
+                assert_eq!(&tail, b"hello");
+            }
+        }
     }
 
     /// Files hard-linked from a cached version are copy on write: the same bytes leave the

@@ -5,12 +5,14 @@
 //! Uploads are read from storage only as the write buffer drains, so a peer asking for many
 //! blocks costs a queue of 12-byte requests, not memory for the data.
 //!
-//! Disk I/O never runs on the reactor: the blocks of one socket read go together, as one batch,
-//! to the download's writer (`writer.rs`: one blocking task at a time per file; at most
-//! [`MAX_PENDING_WRITES`] batches queued per connection, past that the socket is not read; a
-//! task per block cost 60% more CPU per GiB), and uploads are read in one batch at a time,
-//! also on the blocking pool. A connection that ends waits for its writes, so a block is never
-//! left half-claimed.
+//! Disk I/O that can wait on a device never runs on the reactor: the blocks of one socket read
+//! go together, as one batch, to the download's writer (`writer.rs`: one blocking task at a time
+//! per file; at most [`MAX_PENDING_WRITES`] batches queued per connection, past that the socket
+//! is not read; a task per block cost 60% more CPU per GiB), and uploads are read one batch at
+//! a time: here when that cannot wait (the files are open and in memory or in the page cache,
+//! `PackageData::read_cached`), otherwise on the blocking pool, as are batches whose pieces
+//! must be checked first or that are compressed. A connection that ends waits for its writes,
+//! so a block is never left half-claimed.
 //!
 //! Bounded by construction: the write buffer past [`READ_PAUSE`] stops reading (a peer that
 //! requests and never reads cannot make us queue answers without bound), and a write buffer
@@ -225,6 +227,15 @@ struct UploadBatch {
     checked: Vec<u32>,
     /// A piece whose bytes on disk do not match its SHA-1.
     corrupt: Option<u32>,
+}
+
+/// Append the header of `b`'s `piece` message to `out`, and room for its bytes (zeros): where
+/// they start.
+fn append_piece(out: &mut BytesMut, b: &BlockRef) -> usize {
+    Message::encode_piece_header(b.index, b.begin, b.length as usize, out);
+    let at = out.len();
+    out.resize(at + b.length as usize, 0);
+    at
 }
 
 /// Run a connection whose handshakes are done. `leftover` holds bytes read past the handshake.
@@ -891,8 +902,12 @@ impl Conn {
         }
     }
 
-    /// Read the next batch of queued uploads from storage (off the reactor) while the write
-    /// buffer has room; one batch at a time.
+    /// Read the next batch of queued uploads from storage while the write buffer has room; one
+    /// batch at a time. Here if no byte of it has to wait on a disk, else on the blocking pool.
+    ///
+    /// Reading here spares each batch a round trip through the blocking pool (a thread woken
+    /// to read, then this task woken by it). In `b5` (CPU-bound on 2 cores, the packages on
+    /// tmpfs) that was 5% of the CPU: 31.4-31.9 s against 32.6-34.3 s, alternating.
     fn pump_uploads(&mut self) -> Result<(), End> {
         if self.reading.is_some()
             || self.uploads.is_empty()
@@ -933,8 +948,26 @@ impl Conn {
         };
         check.sort_unstable();
         check.dedup();
-        let meta = self.t.meta.clone();
         let zblock = self.zblock.filter(|_| self.t.try_compress());
+        if check.is_empty() && zblock.is_none() {
+            let mut out = BytesMut::with_capacity(bytes);
+            let read = blocks.iter().all(|b| {
+                let offset = self.t.meta.piece_offset(b.index) + u64::from(b.begin);
+                let at = append_piece(&mut out, b);
+                storage.read_cached(offset, &mut out[at..])
+            });
+            if read {
+                let wire = blocks.iter().map(|b| u64::from(b.length)).sum();
+                return self.on_read(Ok(UploadBatch {
+                    blocks,
+                    encoded: Ok(out),
+                    wire,
+                    checked: Vec::new(),
+                    corrupt: None,
+                }));
+            }
+        }
+        let meta = self.t.meta.clone();
         let zdict = self.zdict.clone().filter(|_| self.zdict_shared);
         self.reading = Some(tokio::task::spawn_blocking(move || {
             for &i in &check {
@@ -979,11 +1012,9 @@ impl Conn {
                 let last = k + 1 == blocks.len();
                 let read = match &mut frame {
                     None => {
-                        Message::encode_piece_header(b.index, b.begin, b.length as usize, &mut out);
-                        let start = out.len();
-                        out.resize(start + b.length as usize, 0);
+                        let at = append_piece(&mut out, b);
                         wire += u64::from(b.length);
-                        storage.read_at(offset, &mut out[start..])
+                        storage.read_at(offset, &mut out[at..])
                     }
                     Some((id, enc)) => {
                         raw.resize(b.length as usize, 0);
