@@ -38,7 +38,7 @@ use tokio::time::Instant;
 
 use super::EngineConfig;
 use super::picker::{Arrival, ConnId};
-use super::torrent::{Cmd, Phase, Refusal, Torrent, grant_next_slot};
+use super::torrent::{Cmd, Phase, Refusal, Torrent, ask_for_slot, grant_next_slot};
 use super::writer::{Blocks, Writer, Written};
 use super::zstream::{BatchEncoder, Dictionary, StreamDecoder};
 
@@ -608,19 +608,7 @@ impl Conn {
             }
             Message::Interested => {
                 self.peer_interested = true;
-                let mut st = self.t.state();
-                let grant = st.slot_free();
-                if let Some(s) = st.peers.get_mut(&self.id) {
-                    s.interested_in_us = true;
-                    if grant {
-                        s.unchoked = true;
-                        s.unchoked_at = Some(Instant::now());
-                    }
-                }
-                if !grant && !st.waiting_for_slot.contains(&self.id) {
-                    st.waiting_for_slot.push_back(self.id);
-                }
-                drop(st);
+                let grant = ask_for_slot(&mut self.t.state(), self.id);
                 if grant && self.am_choking {
                     self.am_choking = false;
                     self.send(&Message::Unchoke);
@@ -1219,14 +1207,19 @@ impl Conn {
                     self.send(&Message::Reject(b));
                 }
             }
-        } else if !hold && self.am_choking && self.peer_interested {
-            if let Some(slot) = st.peers.get_mut(&self.id) {
-                slot.unchoked = true;
-                slot.unchoked_at = Some(Instant::now());
-            }
+        } else if !hold
+            && self.am_choking
+            && self.peer_interested
+            && st.peers.get(&self.id).is_some_and(|s| !s.unchoked)
+        {
+            // Back in line like any interested peer: the held peers taking their slots back
+            // at once would hold more than the sized slots (`Torrent::size_slots`).
+            let grant = ask_for_slot(&mut st, self.id);
             drop(st);
-            self.am_choking = false;
-            self.send(&Message::Unchoke);
+            if grant {
+                self.am_choking = false;
+                self.send(&Message::Unchoke);
+            }
         }
     }
 

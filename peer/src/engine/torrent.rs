@@ -1036,6 +1036,23 @@ fn take_back_slot(st: &mut State, conn: ConnId) {
     st.waiting_for_slot.push_back(conn);
 }
 
+/// `conn`, interested in us, asks for an upload slot: it takes a free one now, or else waits
+/// in line (once) for [`grant_next_slot`]. Whether it took one.
+pub(crate) fn ask_for_slot(st: &mut State, conn: ConnId) -> bool {
+    let grant = st.slot_free();
+    if let Some(s) = st.peers.get_mut(&conn) {
+        s.interested_in_us = true;
+        if grant {
+            s.unchoked = true;
+            s.unchoked_at = Some(Instant::now());
+        }
+    }
+    if !grant && !st.waiting_for_slot.contains(&conn) {
+        st.waiting_for_slot.push_back(conn);
+    }
+    grant
+}
+
 /// Give a free upload slot to the longest-waiting interested peer.
 /// Returns whether it gave one (not when the slots are full, or nobody waits).
 pub(crate) fn grant_next_slot(st: &mut State) -> bool {
@@ -1196,6 +1213,44 @@ pub(crate) mod tests {
         t.dial_done(a, true);
         t.session_ended(a, false, HANG_UP_WITHIN);
         assert_eq!(t.dial_list(), [a]);
+    }
+
+    /// An interested peer takes a free upload slot at once, or else waits in line, once, for
+    /// the next one freed. The `Interested` handler asks so, and so does a peer an origin held
+    /// back for its budget when the budget lifts (it used to take its slot back at once).
+    #[tokio::test]
+    async fn a_peer_asking_for_a_slot_takes_a_free_one_or_waits_in_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = torrent(dir.path(), Bitfield::new);
+        let mut ids = Vec::new();
+        let mut rxs = Vec::new();
+        for n in 0..3u8 {
+            let (tx, rx) = mpsc::unbounded_channel();
+            ids.push(
+                t.register(PeerId([n + 2; 20]), peer(n + 2), true, tx)
+                    .unwrap(),
+            );
+            rxs.push(rx);
+        }
+        let mut st = t.state();
+        st.slots = 1;
+        assert!(ask_for_slot(&mut st, ids[0]));
+        assert!(!ask_for_slot(&mut st, ids[1]), "the one slot is taken");
+        assert!(!ask_for_slot(&mut st, ids[1]), "asking again");
+        assert!(!ask_for_slot(&mut st, ids[2]));
+        assert_eq!(
+            st.waiting_for_slot.iter().copied().collect::<Vec<_>>(),
+            [ids[1], ids[2]],
+            "in line once each, in order"
+        );
+        assert_eq!(st.peers.values().filter(|p| p.unchoked).count(), 1);
+        assert!(st.peers.values().all(|p| p.interested_in_us));
+        // The slot freed goes to the longest waiting, who hears of it.
+        take_back_slot(&mut st, ids[0]);
+        assert!(grant_next_slot(&mut st));
+        assert!(st.peers[&ids[1]].unchoked && !st.peers[&ids[2]].unchoked);
+        assert!(matches!(rxs[1].try_recv(), Ok(Cmd::Unchoke)));
+        assert!(!grant_next_slot(&mut st), "no slot free");
     }
 
     /// Upload slots follow the rate uploaded, one per `upload_slot_rate`, between
