@@ -6,13 +6,14 @@
 //!    it is whole and verified);
 //! 2. start the rarest piece this peer has (availability counted over connected peers), ties
 //!    broken at random — never in order, so a flash crowd spreads over the package;
-//! 3. endgame: when every missing piece is in progress, ask for blocks already requested from
-//!    someone else (at most [`Picker::MAX_DUPLICATES`] copies, oldest requests first), so a slow
-//!    peer cannot hold up the last piece. The duplicates are cancelled when the block arrives.
-//!    A connection keeps at most [`Picker::ENDGAME_DEPTH`] requests in flight with them, and
-//!    asks again only once half have come back: every missing block is already on its way,
-//!    so a full queue of duplicates mostly races copies that were about to arrive, and each
-//!    copy that loses is a block sent, received and dropped.
+//! 3. endgame: when every missing piece is in progress and at most [`Picker::ENDGAME_BLOCKS`]
+//!    blocks are still to come, ask for blocks already requested from someone else (at most
+//!    [`Picker::MAX_DUPLICATES`] copies, oldest requests first), so a slow peer cannot hold up
+//!    the last piece. The duplicates are cancelled when the block arrives. A connection keeps
+//!    at most [`Picker::ENDGAME_DEPTH`] requests in flight with them, and asks again only once
+//!    half have come back: every missing block is already on its way, so a full queue of
+//!    duplicates mostly races copies that were about to arrive, and each copy that loses is a
+//!    block sent, received and dropped.
 
 use fbpkg_common::bitfield::Bitfield;
 use fbpkg_common::metainfo::BLOCK_SIZE;
@@ -145,6 +146,14 @@ impl Picker {
     /// received as duplicates (`wasted` in the completion log), and 4.4–4.9% with this; B1's
     /// seed sent 1.04–1.07 copies, and 1.02–1.03 with this (`swarm_bench --scenario b1,b5`).
     pub const ENDGAME_DEPTH: usize = 16;
+
+    /// Endgame duplicates wait until at most this many blocks (512 KiB) are still to come.
+    /// They used to start as soon as every missing piece was in progress: with 48 peers each
+    /// holding a few requests, that is megabytes still on their way, and nearly all of it was
+    /// asked for twice. In `b3` the leechers dropped 4.9–5.0% of the block bytes they received
+    /// (`wasted`), a cancel reaching a copy that was already sent; with this, 0.6%
+    /// (`swarm_bench --scenario b3,b5,b1,stragglers`, see the README).
+    pub const ENDGAME_BLOCKS: usize = 32;
 
     /// A picker for a package of `length` bytes in `piece_length` pieces, starting from `have`.
     pub fn new(length: u64, piece_length: u64, have: Bitfield) -> Self {
@@ -285,7 +294,11 @@ impl Picker {
         }
         // 3. Endgame: nothing left to start anywhere.
         let queued = in_flight + out.len();
-        if out.len() < max && queued <= Self::ENDGAME_DEPTH / 2 && self.endgame() {
+        if out.len() < max
+            && queued <= Self::ENDGAME_DEPTH / 2
+            && self.endgame()
+            && self.to_come_at_most(Self::ENDGAME_BLOCKS)
+        {
             let upto = max.min(out.len() + Self::ENDGAME_DEPTH - queued);
             self.take_duplicates(conn, peer_has, upto, &mut out);
         }
@@ -361,6 +374,24 @@ impl Picker {
     /// Every missing piece is in progress or being verified.
     pub fn endgame(&self) -> bool {
         self.busy.is_complete()
+    }
+
+    /// At most `n` blocks are requested and still to come.
+    fn to_come_at_most(&self, n: usize) -> bool {
+        let mut left = n;
+        for i in self.started.ones() {
+            let Some(p) = self.partial(i) else { continue };
+            let requested = p
+                .blocks
+                .iter()
+                .filter(|b| matches!(b, Block::Requested { .. }))
+                .count();
+            match left.checked_sub(requested) {
+                Some(l) => left = l,
+                None => return false,
+            }
+        }
+        true
     }
 
     fn take_duplicates(
@@ -700,19 +731,19 @@ mod tests {
 
     #[test]
     fn endgame_keeps_a_short_queue_of_the_oldest_requests() {
-        let n = 10;
-        let mut p = Picker::new(PL * 10, PL, Bitfield::new(n));
+        let n = 6;
+        let mut p = Picker::new(PL * 6, PL, Bitfield::new(n));
         let t0 = Instant::now();
         let t1 = t0 + std::time::Duration::from_secs(1);
-        let old = p.pick(1, &full(n), (20, 0), t0);
-        let young = p.pick(1, &full(n), (20, 20), t1);
-        assert_eq!((old.len(), young.len()), (20, 20));
+        let old = p.pick(1, &full(n), (12, 0), t0);
+        let young = p.pick(1, &full(n), (12, 12), t1);
+        assert_eq!((old.len(), young.len()), (12, 12));
         assert!(p.endgame());
 
         let dup = p.pick(2, &full(n), (100, 0), t1);
         assert_eq!(dup.len(), Picker::ENDGAME_DEPTH, "a short queue, not `max`");
         assert!(
-            dup.iter().all(|b| old.contains(b)),
+            old.iter().all(|b| dup.contains(b)),
             "the oldest requests first"
         );
         assert!(
@@ -726,16 +757,41 @@ mod tests {
             Picker::ENDGAME_DEPTH / 2,
             "topped up to the depth"
         );
-        let from_old = more.iter().filter(|b| old.contains(b)).count();
-        assert_eq!(
-            (from_old, more.len() - from_old),
-            (4, 4),
-            "the rest of the old ones, then the young"
+        assert!(
+            more.iter().all(|b| young.contains(b)),
+            "the rest of the young ones"
         );
         assert!(
             more.iter().all(|b| !dup.contains(b)),
             "never its own request twice"
         );
+    }
+
+    /// Duplicates wait until few blocks are still to come: before that, each copy mostly
+    /// races one already on its way.
+    #[test]
+    fn endgame_duplicates_wait_for_the_last_blocks() {
+        let n = 10;
+        let mut p = Picker::new(PL * 10, PL, Bitfield::new(n));
+        let t0 = Instant::now();
+        let asked = p.pick(1, &full(n), (40, 0), t0);
+        assert_eq!(asked.len(), 40);
+        assert!(p.endgame(), "every piece is in progress");
+        assert!(
+            p.pick(2, &full(n), (16, 0), t0).is_empty(),
+            "40 blocks still to come: no copies yet"
+        );
+        for b in &asked[..40 - Picker::ENDGAME_BLOCKS] {
+            assert_eq!(p.claim(1, b), ok(vec![]));
+            p.stored(b);
+        }
+        let dup = p.pick(2, &full(n), (16, 0), t0);
+        assert_eq!(
+            dup.len(),
+            Picker::ENDGAME_DEPTH,
+            "32 to come: copies of them"
+        );
+        assert!(dup.iter().all(|b| asked[8..].contains(b)));
     }
 
     #[test]
