@@ -164,8 +164,8 @@ async fn publish_and_get_through_agents_then_offline_from_the_cache() {
         assert!(
             a_status
                 .iter()
-                .any(|t| &t.sha256 == sha && t.phase == "seeding"),
-            "the publishing agent does not seed {sha}: {a_status:#?}"
+                .any(|t| &t.sha256 == sha && t.phase == "seeding" && t.check_secs.is_none()),
+            "the publishing agent does not seed {sha} (with no download's check): {a_status:#?}"
         );
     }
 
@@ -273,6 +273,10 @@ async fn publish_and_get_through_agents_then_offline_from_the_cache() {
         assert_eq!(t.phase, "seeding");
         assert_eq!(t.pieces_have, t.pieces_total);
         assert_eq!(t.path.as_ref(), Some(path));
+        assert!(
+            t.check_secs.is_some_and(|s| s > 0.0 && s < t.age_secs),
+            "a download says how long its final check took: {t:#?}"
+        );
     }
 
     // The tracker is gone. A full hash is answered from the cache, with no network at all:

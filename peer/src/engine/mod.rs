@@ -847,6 +847,9 @@ fn spawn_finish(t: Arc<Torrent>) {
         let part = storage.path().to_owned();
         let known = t.known.clone();
         let reused_whole = known.len();
+        // How long the archive's SHA-256 check and the install took, apart from the download:
+        // every byte read back and hashed once, on a host still serving its peers.
+        let checking = tokio::time::Instant::now();
         let installed = tokio::task::spawn_blocking(move || {
             storage.sync().map_err(PeerError::io("fsync", storage.path()))?;
             let entry = cache.install_reusing(&name, &meta, &part, &limits, &known)?;
@@ -857,9 +860,10 @@ fn spawn_finish(t: Arc<Torrent>) {
         .unwrap_or_else(|e| Err(PeerError::Agent(format!("install task: {e}"))));
         match installed {
             Ok((entry, seeding)) => {
+                t.set_check_secs(checking.elapsed().as_secs_f64());
                 t.replace_storage(seeding);
                 t.remove_work_dir();
-                tracing::info!(package = %t.name, sha256 = %t.meta.sha256, path = %entry.launch_path.display(), reused_whole, downloaded = t.downloaded(), wasted = t.wasted(), secs = t.started.elapsed().as_secs_f64(), "verified and in the cache; seeding");
+                tracing::info!(package = %t.name, sha256 = %t.meta.sha256, path = %entry.launch_path.display(), reused_whole, downloaded = t.downloaded(), wasted = t.wasted(), secs = t.started.elapsed().as_secs_f64(), check_secs = checking.elapsed().as_secs_f64(), "verified and in the cache; seeding");
                 t.set_phase(Phase::Seeding(entry));
                 let _ = t.ctx.installed.send((t.name.clone(), t.meta.sha256));
             }

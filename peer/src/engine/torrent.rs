@@ -219,6 +219,8 @@ pub struct Torrent {
     downloaded: AtomicU64,
     /// Piece bytes as they crossed the wire (compressed blocks at their compressed size).
     uploaded_wire: AtomicU64,
+    /// Seconds the archive's final check and install took (`f64` bits; 0: not done here).
+    check_secs: AtomicU64,
     downloaded_wire: AtomicU64,
     /// Whether this package's blocks compress: see [`Torrent::try_compress`].
     zstats: Compressibility,
@@ -298,6 +300,10 @@ pub struct TorrentStatus {
     pub uploaded_wire: u64,
     /// Seconds since the torrent was added.
     pub age_secs: f64,
+    /// Seconds between the last piece verified and the package in the cache: the archive
+    /// read back and its SHA-256 checked, then installed. Absent until a download here ends.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub check_secs: Option<f64>,
     /// The cache path once seeding.
     pub path: Option<PathBuf>,
     /// The error once failed.
@@ -381,6 +387,7 @@ impl Torrent {
             uploaded: AtomicU64::new(0),
             downloaded: AtomicU64::new(0),
             uploaded_wire: AtomicU64::new(0),
+            check_secs: AtomicU64::new(0),
             downloaded_wire: AtomicU64::new(0),
             zstats: Compressibility::default(),
             zdict: Mutex::new(Zdict::Unread),
@@ -906,6 +913,15 @@ impl Torrent {
     }
 
     /// Snapshot for status output.
+    /// A download's final check and install took `secs` ([`TorrentStatus::check_secs`]).
+    pub(crate) fn set_check_secs(&self, secs: f64) {
+        self.check_secs.store(secs.to_bits(), Relaxed);
+    }
+
+    fn check_secs(&self) -> Option<f64> {
+        Some(f64::from_bits(self.check_secs.load(Relaxed))).filter(|&s| s > 0.0)
+    }
+
     pub fn status(&self) -> TorrentStatus {
         let phase = self.current_phase();
         let st = self.state();
@@ -939,6 +955,7 @@ impl Torrent {
             wasted: self.wasted(),
             uploaded_wire: self.uploaded_wire.load(Relaxed),
             age_secs: self.started.elapsed().as_secs_f64(),
+            check_secs: self.check_secs(),
             path,
             error,
         }

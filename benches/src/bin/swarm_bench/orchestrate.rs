@@ -684,6 +684,9 @@ fn scenario_table(s: &Scenario, kr: &KumarRoss, deadline: Duration, entries: &[E
         {
             t.push_str(&format!("{}: {line}\n", e.contender));
         }
+        if let Some(line) = e.run.as_ref().and_then(check_line) {
+            t.push_str(&format!("{}: {line}\n", e.contender));
+        }
         if let Some(tx) = e.run.as_ref().and_then(|r| r.timeline.as_ref()?.switch_tx) {
             t.push_str(&format!("{}: {}\n", e.contender, tx.line()));
         }
@@ -723,6 +726,35 @@ fn rss_line(run: &ContenderRun) -> Option<String> {
         mib(median),
         mib(max),
         leechers.len()
+    ))
+}
+
+/// fbpkg-rs's final check (the archive read back and its SHA-256 checked, then installed: a
+/// step the other contenders do not take) per download: median and longest, from the agents'
+/// `check_secs`. Part of each host's time; on a machine running every host at once it waits
+/// for a CPU like everything else.
+fn check_line(run: &ContenderRun) -> Option<String> {
+    fn collect(v: &serde_json::Value, out: &mut Vec<f64>) {
+        match v {
+            serde_json::Value::Object(m) => {
+                if let Some(s) = m.get("check_secs").and_then(serde_json::Value::as_f64) {
+                    out.push(s);
+                }
+                m.values().for_each(|v| collect(v, out));
+            }
+            serde_json::Value::Array(a) => a.iter().for_each(|v| collect(v, out)),
+            _ => {}
+        }
+    }
+    let mut secs = Vec::new();
+    collect(run.payload.get("per_agent")?, &mut secs);
+    secs.sort_unstable_by(f64::total_cmp);
+    let median = *secs.get(secs.len() / 2)?;
+    let max = *secs.last()?;
+    Some(format!(
+        "archive check after the last piece (SHA-256 read back, install): median {median:.2} s, \
+         max {max:.2} s over {} downloads",
+        secs.len()
     ))
 }
 
