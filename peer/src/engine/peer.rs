@@ -940,7 +940,7 @@ impl Conn {
         if check.is_empty() && zblock.is_none() {
             let mut out = BytesMut::with_capacity(bytes);
             let read = blocks.iter().all(|b| {
-                let offset = self.t.meta.piece_offset(b.index) + u64::from(b.begin);
+                let offset = self.t.meta.block_offset(b.index, b.begin);
                 let at = append_piece(&mut out, b);
                 storage.read_cached(offset, &mut out[at..])
             });
@@ -996,7 +996,7 @@ impl Conn {
                     .map(|e| (id, e))
             });
             for (k, b) in blocks.iter().enumerate() {
-                let offset = meta.piece_offset(b.index) + u64::from(b.begin);
+                let offset = meta.block_offset(b.index, b.begin);
                 let last = k + 1 == blocks.len();
                 let read = match &mut frame {
                     None => {
@@ -1166,7 +1166,7 @@ impl Conn {
                 // Written outside the lock and off the reactor, with the other blocks of
                 // this read; the claim keeps anyone else off this block and keeps the piece
                 // from verifying until `stored`.
-                let offset = self.t.meta.piece_offset(index) + u64::from(begin);
+                let offset = self.t.meta.block_offset(index, begin);
                 self.to_write.push((b, offset, data));
             }
         }

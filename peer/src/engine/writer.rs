@@ -183,7 +183,7 @@ mod tests {
                     begin,
                     length,
                 };
-                let at = t.meta.piece_offset(index) + u64::from(begin);
+                let at = t.meta.block_offset(index, begin);
                 (b, at, bytes::Bytes::from(vec![fill; length as usize]))
             })
             .collect()
