@@ -860,10 +860,11 @@ fn spawn_finish(t: Arc<Torrent>) {
         .unwrap_or_else(|e| Err(PeerError::Agent(format!("install task: {e}"))));
         match installed {
             Ok((entry, seeding)) => {
-                t.set_check_secs(checking.elapsed().as_secs_f64());
+                let check_secs = checking.elapsed().as_secs_f64();
+                t.set_check_secs(check_secs);
                 t.replace_storage(seeding);
                 t.remove_work_dir();
-                tracing::info!(package = %t.name, sha256 = %t.meta.sha256, path = %entry.launch_path.display(), reused_whole, downloaded = t.downloaded(), wasted = t.wasted(), secs = t.started.elapsed().as_secs_f64(), check_secs = checking.elapsed().as_secs_f64(), "verified and in the cache; seeding");
+                tracing::info!(package = %t.name, sha256 = %t.meta.sha256, path = %entry.launch_path.display(), reused_whole, downloaded = t.downloaded(), wasted = t.wasted(), secs = t.started.elapsed().as_secs_f64(), check_secs, "verified and in the cache; seeding");
                 t.set_phase(Phase::Seeding(entry));
                 let _ = t.ctx.installed.send((t.name.clone(), t.meta.sha256));
             }

@@ -912,7 +912,6 @@ impl Torrent {
         }
     }
 
-    /// Snapshot for status output.
     /// A download's final check and install took `secs` ([`TorrentStatus::check_secs`]).
     pub(crate) fn set_check_secs(&self, secs: f64) {
         self.check_secs.store(secs.to_bits(), Relaxed);
@@ -922,6 +921,7 @@ impl Torrent {
         Some(f64::from_bits(self.check_secs.load(Relaxed))).filter(|&s| s > 0.0)
     }
 
+    /// Snapshot for status output.
     pub fn status(&self) -> TorrentStatus {
         let phase = self.current_phase();
         let st = self.state();
