@@ -746,8 +746,12 @@ fn check_line(run: &ContenderRun) -> Option<String> {
             _ => {}
         }
     }
+    // Every package's download where the run had several (B5), else the one.
+    let agents = ["per_agent_packages", "per_agent"]
+        .iter()
+        .find_map(|k| run.payload.get(k).filter(|v| !v.is_null()))?;
     let mut secs = Vec::new();
-    collect(run.payload.get("per_agent")?, &mut secs);
+    collect(agents, &mut secs);
     secs.sort_unstable_by(f64::total_cmp);
     let median = *secs.get(secs.len() / 2)?;
     let max = *secs.last()?;

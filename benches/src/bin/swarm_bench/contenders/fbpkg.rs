@@ -103,18 +103,13 @@ pub(super) fn wait_ready(
 }
 
 /// `fbpkg-rs status --json` of one agent: this package's entry.
-fn status(ctx: &Ctx<'_>, a: &Agent) -> anyhow::Result<Value> {
+/// The agent's `status --json`: one entry per package it holds.
+fn status_all(ctx: &Ctx<'_>, a: &Agent) -> anyhow::Result<Value> {
     let mut rest = host_flags(ctx, &a.state, &a.cache);
     rest.push("--json".into());
     let spec = Spec::new("status", Some(&a.host.ns), fbpkg(ctx, "status", rest));
     let out = procs::run_ok(spec, Duration::from_secs(15))?;
-    let all: Value = serde_json::from_str(&out).context("status --json")?;
-    all.as_array()
-        .into_iter()
-        .flatten()
-        .find(|t| t["sha256"] == ctx.pkg.sha256.as_str())
-        .cloned()
-        .with_context(|| format!("agent {} does not list the package", a.host.label))
+    serde_json::from_str(&out).context("status --json")
 }
 
 fn publish(ctx: &Ctx<'_>, seed: &Agent, acct: &mut Accounting) -> anyhow::Result<Value> {
@@ -335,14 +330,34 @@ pub fn run(ctx: &Ctx<'_>) -> anyhow::Result<ContenderRun> {
     let closed = win.close()?;
     setup_notes.insert("last_go_sent_at_secs".into(), spawned_secs);
 
-    // What the agents say they moved.
+    // What the agents say they moved: of the scenario's first package in `per_agent`, and,
+    // with several (B5), of each in `per_agent_packages`, in the packages' order.
     let mut per_agent = BTreeMap::new();
+    let mut per_agent_packages = BTreeMap::new();
     for a in &agents {
-        match status(ctx, a) {
-            Ok(s) => {
+        let all = match status_all(ctx, a) {
+            Ok(all) => all,
+            Err(e) => {
+                notes.push(format!("status of {}: {e:#}", a.host.label));
+                continue;
+            }
+        };
+        let of = |p: &Package| {
+            all.as_array()
+                .into_iter()
+                .flatten()
+                .find(|t| t["sha256"] == p.sha256.as_str())
+                .cloned()
+        };
+        match of(ctx.pkg) {
+            Some(s) => {
                 per_agent.insert(a.host.label.clone(), s);
             }
-            Err(e) => notes.push(format!("status of {}: {e:#}", a.host.label)),
+            None => notes.push(format!("agent {} does not list the package", a.host.label)),
+        }
+        if per_host > 1 {
+            let each: Vec<Value> = pkgs.iter().map(|p| of(p).unwrap_or(Value::Null)).collect();
+            per_agent_packages.insert(a.host.label.clone(), each);
         }
     }
     let seed_payload = per_agent
@@ -369,6 +384,7 @@ pub fn run(ctx: &Ctx<'_>) -> anyhow::Result<ContenderRun> {
         "leechers_uploaded": sum("uploaded"),
         "leechers_downloaded": sum("downloaded"),
         "per_agent": per_agent,
+        "per_agent_packages": (per_host > 1).then_some(per_agent_packages),
     });
 
     // Stop everything; keep each process's CPU and peak RSS.
