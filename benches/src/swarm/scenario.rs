@@ -311,6 +311,23 @@ impl Scenario {
         Duration::from_secs_f64(self.kumar_ross().t_kr_secs * factor).max(floor)
     }
 
+    /// Multiply every link cap by `factor`: the seed's and the leechers' caps, B3's thin
+    /// uplinks and the stragglers' downlinks alike, so the Kumar-Ross bound scales by
+    /// 1 / `factor` and a swarm that the links alone limit keeps its eta. On a machine with
+    /// few cores, a run at 0.5 or 0.25 shows whether the CPU or the swarm sets the time.
+    pub fn scale_rates(&mut self, factor: f64) {
+        let scale = |bps: u64| (bps as f64 * factor).round() as u64;
+        self.caps.seed_up_bps = scale(self.caps.seed_up_bps);
+        self.caps.leecher_up_bps = scale(self.caps.leecher_up_bps);
+        self.caps.leecher_down_bps = scale(self.caps.leecher_down_bps);
+        if let Some(s) = self.slow_uplinks.as_mut() {
+            s.up_bps = scale(s.up_bps);
+        }
+        if let Some(s) = self.stragglers.as_mut() {
+            s.down_bps = scale(s.down_bps);
+        }
+    }
+
     /// Check the numbers make a runnable scenario on a /24.
     pub fn validate(&self) -> Result<(), String> {
         if !(1..=MAX_LEECHERS).contains(&self.leechers) {
@@ -407,6 +424,35 @@ mod tests {
 
     fn close(a: f64, b: f64) -> bool {
         (a - b).abs() < 0.05
+    }
+
+    #[test]
+    fn scaling_the_rates_scales_the_bound_and_keeps_the_shape() {
+        for name in ["b1", "b3", "b5", "stragglers"] {
+            let full = Scenario::preset(name).unwrap();
+            let mut half = full.clone();
+            half.scale_rates(0.5);
+            let (kr, kr_half) = (full.kumar_ross(), half.kumar_ross());
+            assert!(
+                (kr_half.t_kr_secs - 2.0 * kr.t_kr_secs).abs() < 1e-6,
+                "{name}: {kr:?} {kr_half:?}"
+            );
+            assert_eq!(half.caps.leecher_up_bps * 2, full.caps.leecher_up_bps);
+            assert_eq!(half.caps.seed_up_bps * 2, full.caps.seed_up_bps);
+            assert_eq!(half.caps.leecher_down_bps * 2, full.caps.leecher_down_bps);
+            assert_eq!(half.leechers, full.leechers);
+            assert_eq!(half.package_bytes, full.package_bytes);
+        }
+        let mut b3 = Scenario::preset("b3").unwrap();
+        b3.scale_rates(0.25);
+        assert_eq!(b3.slow_uplinks.unwrap().up_bps, 1_250_000);
+        let mut s = Scenario::preset("stragglers").unwrap();
+        s.scale_rates(0.5);
+        assert_eq!(s.stragglers.unwrap().down_bps, 20_000_000);
+        // Too slow to run: validate says so rather than shaping links to nothing.
+        let mut tiny = Scenario::preset("b1").unwrap();
+        tiny.scale_rates(0.001);
+        assert!(tiny.validate().is_err());
     }
 
     #[test]

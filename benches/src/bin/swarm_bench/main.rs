@@ -153,6 +153,13 @@ pub struct Args {
     #[arg(long, value_parser = parse_rate)]
     leecher_down: Option<u64>,
 
+    /// Multiply every link cap of the scenario by this (0.01 to 100), after the overrides
+    /// above: B3's thin uplinks and the stragglers' downlinks too, so T_KR scales by its
+    /// inverse. On a machine with few cores, a run at 0.5 or 0.25 tells whether the CPU or
+    /// the swarm sets the time: a swarm that the links alone limit keeps its eta.
+    #[arg(long, default_value_t = 1.0)]
+    rate_scale: f64,
+
     /// tbf bucket size in bytes [default: 32768; 131072 for scenarios of more than 16
     /// leechers, where smaller buckets make the kernel split every GSO packet and the
     /// emulation, not the contenders, sets the time on small machines].
@@ -304,6 +311,11 @@ impl Args {
             if let Some(r) = self.leecher_down {
                 s.caps.leecher_down_bps = r;
             }
+            ensure!(
+                (0.01..=100.0).contains(&self.rate_scale),
+                "--rate-scale must be 0.01 to 100"
+            );
+            s.scale_rates(self.rate_scale);
             s.validate().map_err(anyhow::Error::msg)?;
             out.push(s);
         }
