@@ -311,10 +311,6 @@ impl Args {
             if let Some(r) = self.leecher_down {
                 s.caps.leecher_down_bps = r;
             }
-            ensure!(
-                (0.01..=100.0).contains(&self.rate_scale),
-                "--rate-scale must be 0.01 to 100"
-            );
             s.scale_rates(self.rate_scale);
             s.validate().map_err(anyhow::Error::msg)?;
             out.push(s);
@@ -361,6 +357,10 @@ impl Args {
         ensure!(
             (1..=64).contains(&self.cpu_leechers),
             "--cpu-leechers must be 1 to 64"
+        );
+        ensure!(
+            (0.01..=100.0).contains(&self.rate_scale),
+            "--rate-scale must be 0.01 to 100"
         );
         ensure!(!self.contenders.is_empty(), "no contenders");
         Ok(())
