@@ -205,6 +205,37 @@ pub fn stragglers_line(
     ))
 }
 
+/// B3's two kinds of host side by side, for a scenario with thin uplinks: when each kind was
+/// done, on average and last. Their downlinks are the same, so a schedule that serves every
+/// host alike finishes them together; the thin-uplink hosts coming last says their downloads
+/// were starved. `leechers` in host order; `None` without thin uplinks.
+pub fn uplink_classes_line(s: &Scenario, leechers: &[LeecherOutcome]) -> Option<String> {
+    let thin = s.slow_uplinks?;
+    let class = |want_thin: bool| {
+        let times: Option<Vec<f64>> = leechers
+            .iter()
+            .enumerate()
+            .filter(|(k, _)| s.is_slow(k + 1) == want_thin)
+            .map(|(_, l)| l.verified_secs())
+            .collect();
+        match times {
+            Some(t) if !t.is_empty() => {
+                let last = t.iter().copied().fold(0.0, f64::max);
+                let mean = t.iter().sum::<f64>() / t.len() as f64;
+                format!("{} hosts T_mean {mean:.1} s, T_last {last:.1} s", t.len())
+            }
+            Some(_) => "no hosts".to_owned(),
+            None => "not all verified".to_owned(),
+        }
+    };
+    Some(format!(
+        "uplink {} Mbit/s: {}; the others: {}",
+        mbit(thin.up_bps),
+        class(true),
+        class(false)
+    ))
+}
+
 /// A host B4 killed: what it held when it was killed and what it fetched once back.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Restarted {
@@ -453,6 +484,44 @@ mod tests {
                 .contains("the others: not all verified")
         );
         assert!(stragglers_line(&Scenario::preset("b1").unwrap(), &ls, kr).is_none());
+    }
+
+    #[test]
+    fn thin_uplink_hosts_are_timed_apart_from_the_others() {
+        let s = Scenario::preset("b3").unwrap();
+        let ls: Vec<LeecherOutcome> = (1..=s.leechers)
+            .map(|i| {
+                ok(
+                    &format!("l{i:03}"),
+                    if s.is_slow(i) { 50.0 + i as f64 } else { 40.0 },
+                )
+            })
+            .collect();
+        let thin: Vec<f64> = (1..=s.leechers)
+            .filter(|&i| s.is_slow(i))
+            .map(|i| 50.0 + i as f64)
+            .collect();
+        let mean = thin.iter().sum::<f64>() / thin.len() as f64;
+        let last = thin.iter().copied().fold(0.0, f64::max);
+        let line = uplink_classes_line(&s, &ls).unwrap();
+        assert_eq!(
+            line,
+            format!(
+                "uplink 5 Mbit/s: {} hosts T_mean {mean:.1} s, T_last {last:.1} s; \
+                 the others: {} hosts T_mean 40.0 s, T_last 40.0 s",
+                thin.len(),
+                s.leechers - thin.len()
+            )
+        );
+        let mut lost = ls.clone();
+        let k = (1..=s.leechers).find(|&i| !s.is_slow(i)).unwrap() - 1;
+        lost[k].verified = false;
+        assert!(
+            uplink_classes_line(&s, &lost)
+                .unwrap()
+                .ends_with("the others: not all verified"),
+        );
+        assert!(uplink_classes_line(&Scenario::preset("b1").unwrap(), &ls).is_none());
     }
 
     #[test]

@@ -668,6 +668,11 @@ fn scenario_table(s: &Scenario, kr: &KumarRoss, deadline: Duration, entries: &[E
             t.push_str(&format!("{}: {line}\n", e.contender));
         }
         if let Some(run) = &e.run
+            && let Some(line) = report::uplink_classes_line(s, &run.leechers)
+        {
+            t.push_str(&format!("{}: {line}\n", e.contender));
+        }
+        if let Some(run) = &e.run
             && let Some(restarted) = &run.restarted
             && let Some(line) = report::churn_line(
                 s,
