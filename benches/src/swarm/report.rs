@@ -157,8 +157,13 @@ pub fn scenario_header(s: &Scenario, t_kr_secs: f64, deadline_secs: f64) -> Stri
         0 | 1 => size(s.package_bytes),
         p => format!("{p} x {} from {p} origins", size(s.package_bytes)),
     };
+    let scaled = if s.rate_scale == 1.0 {
+        String::new()
+    } else {
+        format!(" (rates x{})", s.rate_scale)
+    };
     format!(
-        "{}: N={} F={f} seed up {} Mbit/s, leecher up {}{slow} Mbit/s, leecher down {}{straggling} Mbit/s; \
+        "{}{scaled}: N={} F={f} seed up {} Mbit/s, leecher up {}{slow} Mbit/s, leecher down {}{straggling} Mbit/s; \
          T_KR {:.1} s; deadline {:.0} s",
         s.name,
         s.leechers,
@@ -594,6 +599,13 @@ mod tests {
         assert_eq!(
             h,
             "b1: N=8 F=256 MiB seed up 80 Mbit/s, leecher up 80 Mbit/s, leecher down 160 Mbit/s; T_KR 26.8 s; deadline 268 s"
+        );
+        let mut quarter = Scenario::preset("b1").unwrap();
+        quarter.scale_rates(0.25);
+        let h = scenario_header(&quarter, 107.4, 1074.0);
+        assert_eq!(
+            h,
+            "b1 (rates x0.25): N=8 F=256 MiB seed up 20 Mbit/s, leecher up 20 Mbit/s, leecher down 40 Mbit/s; T_KR 107.4 s; deadline 1074 s"
         );
     }
 }

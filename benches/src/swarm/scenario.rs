@@ -41,6 +41,9 @@ pub struct Scenario {
     /// Hosts killed and restarted during the crowd, and hosts that join late (B4), if any.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub churn: Option<Churn>,
+    /// What [`Scenario::scale_rates`] multiplied the preset's caps by (`--rate-scale`; 1 for
+    /// the caps BENCHMARKS.md gives). `caps` hold the scaled rates; this says they are scaled.
+    pub rate_scale: f64,
 }
 
 /// B4: hosts die and come back during a push, and others join late. The last `joiners` of
@@ -152,6 +155,7 @@ impl Scenario {
                     }),
                     stragglers: None,
                     churn: None,
+                    rate_scale: 1.0,
                 });
             }
             "b5" => {
@@ -164,6 +168,7 @@ impl Scenario {
                     slow_uplinks: None,
                     stragglers: None,
                     churn: None,
+                    rate_scale: 1.0,
                 });
             }
             "b4" => {
@@ -180,6 +185,7 @@ impl Scenario {
                         joiners: 4,
                         restart_after_secs: 5.0,
                     }),
+                    rate_scale: 1.0,
                 });
             }
             "stragglers" => {
@@ -195,6 +201,7 @@ impl Scenario {
                         down_bps: mbit(40),
                     }),
                     churn: None,
+                    rate_scale: 1.0,
                 });
             }
             "smoke" => (4, 32 * MIB, b1),
@@ -211,6 +218,7 @@ impl Scenario {
             slow_uplinks: None,
             stragglers: None,
             churn: None,
+            rate_scale: 1.0,
         })
     }
 
@@ -326,6 +334,7 @@ impl Scenario {
         if let Some(s) = self.stragglers.as_mut() {
             s.down_bps = scale(s.down_bps);
         }
+        self.rate_scale *= factor;
     }
 
     /// Check the numbers make a runnable scenario on a /24.
@@ -441,6 +450,7 @@ mod tests {
             assert_eq!(half.caps.seed_up_bps * 2, full.caps.seed_up_bps);
             assert_eq!(half.caps.leecher_down_bps * 2, full.caps.leecher_down_bps);
             assert_eq!(half.leechers, full.leechers);
+            assert_eq!((full.rate_scale, half.rate_scale), (1.0, 0.5), "recorded");
             assert_eq!(half.package_bytes, full.package_bytes);
         }
         let mut b3 = Scenario::preset("b3").unwrap();
@@ -578,6 +588,7 @@ mod tests {
             slow_uplinks: None,
             stragglers: None,
             churn: None,
+            rate_scale: 1.0,
         };
         let kr = s.kumar_ross();
         assert_eq!(kr.t_kr_secs, kr.download_secs);
