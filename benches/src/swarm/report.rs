@@ -111,12 +111,9 @@ fn t_cell(s: &Summary, t: Option<f64>) -> String {
 
 /// Mbit/s as people write it.
 pub fn mbit(bps: u64) -> String {
-    let m = bps as f64 / 1e6;
-    if m.fract() == 0.0 {
-        format!("{m:.0}")
-    } else {
-        format!("{m:.1}")
-    }
+    // Up to kbit/s: a quarter of B3's 5 Mbit/s is 1.25, not 1.2.
+    let m = format!("{:.3}", bps as f64 / 1e6);
+    m.trim_end_matches('0').trim_end_matches('.').to_owned()
 }
 
 /// `256 MiB`, `1 GiB`, `1.5 MiB`, `4096 B`.
@@ -595,6 +592,8 @@ mod tests {
         assert_eq!(size(4096), "4096 B");
         assert_eq!(mbit(80_000_000), "80");
         assert_eq!(mbit(1_500_000), "1.5");
+        assert_eq!(mbit(1_250_000), "1.25");
+        assert_eq!(mbit(100_000), "0.1");
         let h = scenario_header(&Scenario::preset("b1").unwrap(), 26.84, 268.4);
         assert_eq!(
             h,
