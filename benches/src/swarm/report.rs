@@ -66,9 +66,11 @@ pub fn summarize(
         .iter()
         .filter_map(LeecherOutcome::verified_secs)
         .collect();
-    let complete = !leechers.is_empty() && times.len() == leechers.len();
-    let t_last = complete.then(|| times.iter().copied().fold(0.0, f64::max));
-    let t_mean = complete.then(|| times.iter().sum::<f64>() / times.len() as f64);
+    let complete = times.len() == leechers.len();
+    let (t_last, t_mean) = match last_and_mean(&times).filter(|_| complete) {
+        Some((last, mean)) => (Some(last), Some(mean)),
+        None => (None, None),
+    };
     let f = package_bytes as f64;
     Summary {
         n: leechers.len(),
@@ -81,6 +83,14 @@ pub fn summarize(
         seed_amplification_wire: seed_wire_tx_bytes as f64 / f,
         seed_amplification_payload: seed_payload_bytes.map(|b| b as f64 / f),
     }
+}
+
+/// The latest and the mean of `times`; `None` when there are none.
+fn last_and_mean(times: &[f64]) -> Option<(f64, f64)> {
+    (!times.is_empty()).then(|| {
+        let last = times.iter().copied().fold(0.0, f64::max);
+        (last, times.iter().sum::<f64>() / times.len() as f64)
+    })
 }
 
 /// A contender's row in a scenario's table.
@@ -221,12 +231,12 @@ pub fn uplink_classes_line(s: &Scenario, leechers: &[LeecherOutcome]) -> Option<
             .map(|(_, l)| l.verified_secs())
             .collect();
         match times {
-            Some(t) if !t.is_empty() => {
-                let last = t.iter().copied().fold(0.0, f64::max);
-                let mean = t.iter().sum::<f64>() / t.len() as f64;
-                format!("{} hosts T_mean {mean:.1} s, T_last {last:.1} s", t.len())
-            }
-            Some(_) => "no hosts".to_owned(),
+            Some(t) => match last_and_mean(&t) {
+                Some((last, mean)) => {
+                    format!("{} hosts T_mean {mean:.1} s, T_last {last:.1} s", t.len())
+                }
+                None => "no hosts".to_owned(),
+            },
             None => "not all verified".to_owned(),
         }
     };
