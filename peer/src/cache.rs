@@ -53,6 +53,15 @@ pub use verify::{QUARANTINE, QUARANTINE_KEEP, SEAL_FILE, Seal, VerifyReport};
 pub const METAINFO_FILE: &str = ".fbpkg.torrent";
 /// Where a directory package's tree lives inside its entry.
 pub use crate::storage::TREE_DIR;
+
+/// What a download checked already, that its install need not read again.
+#[derive(Debug, Default)]
+struct Checked<'a> {
+    /// Tree files unchanged from a cached version ([`Cache::install_reusing`]).
+    known: &'a [(usize, Unchanged)],
+    /// The SHA-256 of the first bytes ([`Cache::install_download`]).
+    prefix: Option<(Sha256, u64)>,
+}
 const STAGING: &str = ".staging";
 const TAGS: &str = ".tags";
 
@@ -344,7 +353,7 @@ impl Cache {
         handoff: Handoff,
         limits: &ExtractLimits,
     ) -> Result<CachedPackage> {
-        self.install_inner(name, metainfo, data, handoff, limits, &[])
+        self.install_inner(name, metainfo, data, handoff, limits, Checked::default())
     }
 
     /// [`Cache::install`] of a tree download ([`Handoff::Move`]) whose files at `known`
@@ -363,7 +372,31 @@ impl Cache {
         limits: &ExtractLimits,
         known: &[(usize, Unchanged)],
     ) -> Result<CachedPackage> {
-        self.install_inner(name, metainfo, data, Handoff::Move, limits, known)
+        let checked = Checked {
+            known,
+            prefix: None,
+        };
+        self.install_inner(name, metainfo, data, Handoff::Move, limits, checked)
+    }
+
+    /// [`Cache::install_reusing`] of a download whose first bytes were hashed already:
+    /// `prefix` is the SHA-256 state after the first `prefix.1` bytes of `data`, read from
+    /// `data` itself (never written since). Only the rest of a single-file package is read to
+    /// check its SHA-256; a tree package ignores it (each file has its own SHA-256).
+    pub fn install_download(
+        &self,
+        name: &PackageName,
+        metainfo: &Metainfo,
+        data: &Path,
+        limits: &ExtractLimits,
+        known: &[(usize, Unchanged)],
+        prefix: (Sha256, u64),
+    ) -> Result<CachedPackage> {
+        let checked = Checked {
+            known,
+            prefix: Some(prefix),
+        };
+        self.install_inner(name, metainfo, data, Handoff::Move, limits, checked)
     }
 
     fn install_inner(
@@ -373,11 +406,14 @@ impl Cache {
         data: &Path,
         handoff: Handoff,
         limits: &ExtractLimits,
-        known: &[(usize, Unchanged)],
+        Checked { known, prefix }: Checked<'_>,
     ) -> Result<CachedPackage> {
         check_name_free(metainfo)?;
         if handoff == Handoff::Move && metainfo.format != Format::Tree {
-            check::file_matches(data, metainfo, false)?;
+            match prefix {
+                Some(prefix) => check::rest_matches(data, metainfo, prefix)?,
+                None => check::file_matches(data, metainfo, false)?,
+            }
         }
         if let Some(existing) = self.lookup(name, &metainfo.sha256) {
             return Ok(existing);

@@ -7,7 +7,7 @@
 //! an entry once.
 
 use std::fs::{File, OpenOptions};
-use std::io::{self, Read, Write};
+use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 
@@ -47,6 +47,22 @@ impl<'a> ArchiveCheck<'a> {
             index: 0,
             total: 0,
         }
+    }
+
+    /// Checks the length and the SHA-256 (not the pieces) of bytes whose first `offset` were
+    /// fed to `whole` already. Fails if `offset` is past the package's length.
+    pub(crate) fn resume(meta: &'a Metainfo, whole: Sha256, offset: u64) -> Result<Self, String> {
+        if offset > meta.length {
+            return Err(format!(
+                "{offset} bytes hashed of a package of {}",
+                meta.length
+            ));
+        }
+        Ok(Self {
+            whole,
+            total: offset,
+            ..Self::new(meta, false)
+        })
     }
 
     /// Feed the next bytes. Fails at the first piece that differs, or past the length.
@@ -131,8 +147,17 @@ pub(crate) fn stream(
     meta: &Metainfo,
     pieces: bool,
 ) -> Result<u64, StreamError> {
-    let mut src = src.take(meta.length.saturating_add(1));
-    let mut check = ArchiveCheck::new(meta, pieces);
+    stream_into(src, sink, ArchiveCheck::new(meta, pieces))
+}
+
+/// [`stream`] through `check`, which may have been fed the start of the bytes already.
+fn stream_into(
+    src: impl Read,
+    sink: &mut impl Write,
+    mut check: ArchiveCheck<'_>,
+) -> Result<u64, StreamError> {
+    let left = check.meta.length.saturating_sub(check.total());
+    let mut src = src.take(left.saturating_add(1));
     let mut buf = vec![0u8; CHUNK];
     loop {
         let n = match src.read(&mut buf) {
@@ -218,8 +243,30 @@ pub(crate) fn create_copy(dst: &Path) -> Result<File> {
 
 /// Check the file at `path` in place: length and SHA-256 (and pieces with `pieces`).
 pub(crate) fn file_matches(path: &Path, meta: &Metainfo, pieces: bool) -> Result<()> {
-    let f = File::open(path).map_err(PeerError::io("opening", path))?;
-    match stream(f, &mut io::sink(), meta, pieces) {
+    file_check(path, ArchiveCheck::new(meta, pieces))
+}
+
+/// Check the length and SHA-256 of the file at `path`, whose first `offset` bytes were read
+/// from it and fed to `whole` already (while it downloaded): only the rest is read.
+pub(crate) fn rest_matches(
+    path: &Path,
+    meta: &Metainfo,
+    (whole, offset): (Sha256, u64),
+) -> Result<()> {
+    let check = ArchiveCheck::resume(meta, whole, offset).map_err(|why| {
+        PeerError::Verification(format!("the archive is not the one asked for: {why}"))
+    })?;
+    file_check(path, check)
+}
+
+fn file_check(path: &Path, check: ArchiveCheck<'_>) -> Result<()> {
+    let mut f = File::open(path).map_err(PeerError::io("opening", path))?;
+    let offset = check.total();
+    if offset > 0 {
+        f.seek(SeekFrom::Start(offset))
+            .map_err(PeerError::io("hashing", path))?;
+    }
+    match stream_into(f, &mut io::sink(), check) {
         Ok(_) => Ok(()),
         Err(StreamError::Read(e) | StreamError::Write(e)) => Err(PeerError::io("hashing", path)(e)),
         Err(StreamError::Mismatch(why)) => Err(PeerError::Verification(format!(
@@ -291,5 +338,37 @@ mod tests {
         std::fs::write(&src, &bytes).unwrap();
         copy_checked(&src, &dir.path().join("dst2"), &m).unwrap();
         assert_eq!(std::fs::read(dir.path().join("dst2")).unwrap(), bytes);
+    }
+
+    #[test]
+    fn a_file_hashed_in_part_already_is_read_only_from_there() {
+        let bytes: Vec<u8> = (0..300_000u32).map(|i| (i % 253) as u8).collect();
+        let m = meta(&bytes);
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        std::fs::write(&path, &bytes).unwrap();
+        let at = m.piece_length * 2;
+        let prefix = |upto: u64| Sha256::new().chain_update(&bytes[..upto as usize]);
+        rest_matches(&path, &m, (prefix(at), at)).expect("prefix and rest make the archive");
+        rest_matches(&path, &m, (prefix(m.length), m.length)).expect("all hashed already");
+        file_matches(&path, &m, false).expect("and from the start");
+
+        // The prefix is trusted as the file's first bytes; a wrong one fails the SHA-256.
+        let mut other = Sha256::new();
+        other.update(&bytes[1..at as usize + 1]);
+        let err = rest_matches(&path, &m, (other, at))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("SHA-256"), "{err}");
+        // Past the end, or a file longer than the package.
+        let err = rest_matches(&path, &m, (prefix(0), m.length + 1))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("bytes hashed of a package of"), "{err}");
+        std::fs::write(&path, [&bytes[..], b"x"].concat()).unwrap();
+        let err = rest_matches(&path, &m, (prefix(at), at))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("longer than"), "{err}");
     }
 }
