@@ -111,8 +111,8 @@ pub enum Event {
     },
     /// Download progress.
     Progress {
-        /// The torrent's status.
-        status: TorrentStatus,
+        /// The torrent's status (boxed: far larger than the other events).
+        status: Box<TorrentStatus>,
     },
     /// The package is in the cache.
     Done {

@@ -351,7 +351,7 @@ impl Agent {
                         }
                         _ = tick.tick() => {
                             // A client that went away stops the stream, not the download.
-                            if !send(&mut w, Event::Progress { status: t.status() }).await {
+                            if !send(&mut w, Event::Progress { status: Box::new(t.status()) }).await {
                                 return;
                             }
                         }

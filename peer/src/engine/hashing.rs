@@ -21,11 +21,19 @@
 //! So a running hash covers exactly the bytes on disk at `[0, next)`. As a guard, a block
 //! reported inside `[0, next)` again (which the picker does not do) empties the hash, and the
 //! whole piece is read back.
+//!
+//! The archive's SHA-256 ([`ArchivePrefix`]) is taken over its verified pieces in order while
+//! the rest downloads, so that the check after the last piece reads only what follows the
+//! first piece that was still missing. Verified pieces are never written again, so the bytes
+//! it hashed are the bytes the install finds.
 
 use std::collections::HashMap;
+use std::io;
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering::SeqCst};
 
 use sha1::{Digest, Sha1};
+use sha2::Sha256;
 
 /// Locks the running hashes are spread over, so the writer and the verification of other
 /// pieces seldom wait for each other.
@@ -98,6 +106,95 @@ impl PieceHashes {
             .iter()
             .map(|s| s.lock().unwrap_or_else(|p| p.into_inner()).len())
             .sum()
+    }
+}
+
+/// The archive's SHA-256 over its first pieces, those verified in a row from piece 0.
+///
+/// Every piece verified with the one before it hashed lets one blocking task
+/// ([`ArchivePrefix::advance`]) read on: a piece arrives in any order, and the SHA-256 takes
+/// the bytes in order. The install then hashes only the rest
+/// ([`crate::cache::Cache::install_download`]'s `prefix`), and a task still reading on when
+/// the last piece comes does the rest of its part first. Pieces come at random, so the first
+/// missing one stays near the start until the last percent of the download: in `b4` at a
+/// quarter of the rates (2,048 pieces), 3–32% of the archive (median 12–14%) was hashed when
+/// the last piece was verified. What it saves is the part behind the last piece to arrive.
+#[derive(Debug, Default)]
+pub(crate) struct ArchivePrefix {
+    hashed: Mutex<Prefix>,
+    /// `hashed.pieces`, read without the lock.
+    next: AtomicU32,
+    /// A task is advancing (or about to).
+    running: AtomicBool,
+}
+
+#[derive(Debug, Default)]
+struct Prefix {
+    sha: Sha256,
+    pieces: u32,
+    /// Taken by the install: nothing more to hash.
+    taken: bool,
+}
+
+impl ArchivePrefix {
+    /// The first piece not hashed yet.
+    pub(crate) fn next(&self) -> u32 {
+        self.next.load(SeqCst)
+    }
+
+    /// Piece `next()` is verified: true if the caller is to run [`ArchivePrefix::advance`]
+    /// (off the runtime), false if a task doing so will see it. Call it after the piece is
+    /// marked verified where `advance`'s `have` looks.
+    pub(crate) fn claim(&self) -> bool {
+        !self.running.swap(true, SeqCst)
+    }
+
+    /// Hash pieces in order from `next()` while `have` says they are verified; `read` feeds
+    /// piece `i`'s bytes to the hash. Ends when the next piece is missing, on the first read
+    /// error (the install reads the rest anyway, and reports it), or past `pieces`. For the
+    /// task that [`claim`](Self::claim)ed; a piece verified meanwhile is not left behind.
+    pub(crate) fn advance(
+        &self,
+        pieces: u32,
+        have: impl Fn(u32) -> bool,
+        mut read: impl FnMut(u32, &mut Sha256) -> io::Result<()>,
+    ) {
+        loop {
+            {
+                let mut p = self.hashed.lock().unwrap_or_else(|e| e.into_inner());
+                if p.taken {
+                    self.running.store(false, SeqCst);
+                    return;
+                }
+                while p.pieces < pieces && have(p.pieces) {
+                    // A failed read may have fed part of the piece: hash a copy, keep it
+                    // only whole.
+                    let mut sha = p.sha.clone();
+                    if let Err(e) = read(p.pieces, &mut sha) {
+                        tracing::debug!(piece = p.pieces, error = %e, "the archive's SHA-256 stops here until the install");
+                        self.running.store(false, SeqCst);
+                        return;
+                    }
+                    p.sha = sha;
+                    p.pieces += 1;
+                    self.next.store(p.pieces, SeqCst);
+                }
+            }
+            self.running.store(false, SeqCst);
+            // A piece verified after the last look, whose `claim` saw this task running.
+            let next = self.next();
+            if next >= pieces || !have(next) || !self.claim() {
+                return;
+            }
+        }
+    }
+
+    /// The SHA-256 so far and how many pieces it covers. Waits for a task advancing it.
+    /// Once taken, it hashes nothing more.
+    pub(crate) fn take(&self) -> (Sha256, u32) {
+        let mut p = self.hashed.lock().unwrap_or_else(|e| e.into_inner());
+        p.taken = true;
+        (std::mem::take(&mut p.sha), p.pieces)
     }
 }
 
@@ -176,5 +273,95 @@ mod tests {
             digest(h.take(17).expect("17")),
             <[u8; 20]>::from(Sha1::digest(&b))
         );
+    }
+
+    /// Pieces of 4 bytes; `read` feeds piece `i` of `data`.
+    fn feed(data: &[u8]) -> impl FnMut(u32, &mut Sha256) -> io::Result<()> + '_ {
+        |i, sha| {
+            sha.update(&data[i as usize * 4..(i as usize + 1) * 4]);
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn the_archive_hash_takes_verified_pieces_in_order_and_stops_at_a_missing_one() {
+        let data = bytes(24, 6); // 6 pieces
+        let p = ArchivePrefix::default();
+        let have = [true, true, false, true, true, true];
+        assert!(p.claim());
+        p.advance(6, |i| have[i as usize], feed(&data));
+        assert_eq!(p.next(), 2, "stops at the first missing piece");
+        assert!(p.claim(), "the task let go when it stopped");
+
+        // Piece 2 verified: the next task reads on to the end.
+        p.advance(6, |_| true, feed(&data));
+        assert_eq!(p.next(), 6);
+        let (sha, pieces) = p.take();
+        assert_eq!(pieces, 6);
+        assert_eq!(sha.finalize(), Sha256::digest(&data));
+    }
+
+    #[test]
+    fn a_failed_read_keeps_the_hash_of_the_whole_pieces_before_it() {
+        let data = bytes(16, 7);
+        let p = ArchivePrefix::default();
+        let mut read = feed(&data);
+        assert!(p.claim());
+        p.advance(
+            4,
+            |_| true,
+            |i, sha| {
+                if i == 2 {
+                    sha.update(b"half a piece");
+                    return Err(io::Error::other("disk"));
+                }
+                read(i, sha)
+            },
+        );
+        assert_eq!(p.next(), 2);
+        let (sha, pieces) = p.take();
+        assert_eq!(pieces, 2);
+        assert_eq!(
+            sha.finalize(),
+            Sha256::digest(&data[..8]),
+            "nothing of piece 2"
+        );
+    }
+
+    #[test]
+    fn a_piece_verified_while_a_task_advances_is_not_left_behind() {
+        use std::cell::Cell;
+        let data = bytes(12, 8);
+        let p = ArchivePrefix::default();
+        let verified = Cell::new(1u32); // pieces [0, verified) are verified
+        let mut read = feed(&data);
+        assert!(p.claim());
+        p.advance(
+            3,
+            |i| i < verified.get(),
+            |i, sha| {
+                read(i, sha)?;
+                if i == 0 {
+                    // Piece 1 is verified now; its verifier finds the task running.
+                    verified.set(2);
+                    assert!(!p.claim(), "a task is running");
+                }
+                Ok(())
+            },
+        );
+        assert_eq!(p.next(), 2, "the running task hashed piece 1 too");
+        let (sha, _) = p.take();
+        assert_eq!(sha.finalize(), Sha256::digest(&data[..8]));
+    }
+
+    #[test]
+    fn once_taken_nothing_more_is_hashed() {
+        let data = bytes(8, 9);
+        let p = ArchivePrefix::default();
+        let (_, pieces) = p.take();
+        assert_eq!(pieces, 0);
+        assert!(p.claim());
+        p.advance(2, |_| true, feed(&data));
+        assert_eq!(p.next(), 0);
     }
 }

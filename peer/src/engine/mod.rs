@@ -825,6 +825,8 @@ pub(crate) fn spawn_verify(t: Arc<Torrent>, index: u32) {
             t.broadcast(Cmd::Have(index));
             if complete {
                 spawn_finish(t);
+            } else {
+                spawn_prefix(&t);
             }
         } else {
             tracing::warn!(package = %t.name, piece = index, "piece failed verification; fetching it again");
@@ -833,6 +835,50 @@ pub(crate) fn spawn_verify(t: Arc<Torrent>, index: u32) {
         }
     });
 }
+
+/// Hash the archive on from the first piece it has not hashed, if that one is verified now:
+/// one blocking task at a time (`hashing::ArchivePrefix`). Not for tree packages, whose files
+/// are checked one by one at the install.
+fn spawn_prefix(t: &Arc<Torrent>) {
+    if t.meta.format == Format::Tree {
+        return;
+    }
+    let have = |t: &Torrent, i: u32| t.state().picker.have().get(i);
+    if !have(t, t.prefix.next()) || !t.prefix.claim() {
+        return;
+    }
+    let Some(storage) = t.storage() else {
+        return;
+    };
+    let t = t.clone();
+    t.ctx.tasks.clone().spawn(async move {
+        let pieces = t.meta.pieces.len() as u32;
+        let advancing = tokio::task::spawn_blocking(move || {
+            let mut buf = vec![0u8; PREFIX_READ.min(t.meta.piece_length as usize)];
+            t.prefix.advance(
+                pieces,
+                |i| have(&t, i),
+                |i, sha| {
+                    let (mut at, end) = (
+                        t.meta.piece_offset(i),
+                        t.meta.piece_offset(i) + u64::from(t.meta.piece_size(i)),
+                    );
+                    while at < end {
+                        let n = buf.len().min((end - at) as usize);
+                        storage.read_at(at, &mut buf[..n])?;
+                        sha2::Digest::update(sha, &buf[..n]);
+                        at += n as u64;
+                    }
+                    Ok(())
+                },
+            );
+        });
+        let _ = advancing.await;
+    });
+}
+
+/// Read size of the archive's running SHA-256.
+const PREFIX_READ: usize = 256 << 10;
 
 /// Every piece verified: check the archive's SHA-256 and install it in the cache.
 fn spawn_finish(t: Arc<Torrent>) {
@@ -848,11 +894,18 @@ fn spawn_finish(t: Arc<Torrent>) {
         let known = t.known.clone();
         let reused_whole = known.len();
         // How long the archive's SHA-256 check and the install took, apart from the download:
-        // every byte read back and hashed once, on a host still serving its peers.
+        // the bytes after the prefix hashed while downloading (`spawn_prefix`) read back and
+        // hashed, on a host still serving its peers.
         let checking = tokio::time::Instant::now();
+        let prefix_of = t.clone();
+        // Hashed before the last piece: what the check does not wait for.
+        let prehashed = (u64::from(t.prefix.next()) * meta.piece_length).min(meta.length);
         let installed = tokio::task::spawn_blocking(move || {
             storage.sync().map_err(PeerError::io("fsync", storage.path()))?;
-            let entry = cache.install_reusing(&name, &meta, &part, &limits, &known)?;
+            // What was hashed while the rest downloaded (waits for a read under way).
+            let (sha, pieces) = prefix_of.prefix.take();
+            let hashed = (u64::from(pieces) * meta.piece_length).min(meta.length);
+            let entry = cache.install_download(&name, &meta, &part, &limits, &known, (sha, hashed))?;
             let seeding = PackageData::open_complete(&entry.dir, &meta).map_err(PeerError::io("reopening", &entry.dir))?;
             Ok::<_, PeerError>((entry, seeding))
         })
@@ -861,10 +914,10 @@ fn spawn_finish(t: Arc<Torrent>) {
         match installed {
             Ok((entry, seeding)) => {
                 let check_secs = checking.elapsed().as_secs_f64();
-                t.set_check_secs(check_secs);
+                t.set_check(check_secs, prehashed);
                 t.replace_storage(seeding);
                 t.remove_work_dir();
-                tracing::info!(package = %t.name, sha256 = %t.meta.sha256, path = %entry.launch_path.display(), reused_whole, downloaded = t.downloaded(), wasted = t.wasted(), secs = t.started.elapsed().as_secs_f64(), check_secs, "verified and in the cache; seeding");
+                tracing::info!(package = %t.name, sha256 = %t.meta.sha256, path = %entry.launch_path.display(), reused_whole, downloaded = t.downloaded(), wasted = t.wasted(), secs = t.started.elapsed().as_secs_f64(), check_secs, prehashed, "verified and in the cache; seeding");
                 t.set_phase(Phase::Seeding(entry));
                 let _ = t.ctx.installed.send((t.name.clone(), t.meta.sha256));
             }

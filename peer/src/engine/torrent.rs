@@ -17,7 +17,7 @@ use tokio::sync::{Notify, mpsc, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::hashing::PieceHashes;
+use super::hashing::{ArchivePrefix, PieceHashes};
 use super::picker::{ConnId, Picker};
 use super::ratelimit::RateLimiter;
 use super::superseed::SeedPlanner;
@@ -221,6 +221,7 @@ pub struct Torrent {
     uploaded_wire: AtomicU64,
     /// Seconds the archive's final check and install took (`f64` bits; 0: not done here).
     check_secs: AtomicU64,
+    prehashed: AtomicU64,
     downloaded_wire: AtomicU64,
     /// Whether this package's blocks compress: see [`Torrent::try_compress`].
     zstats: Compressibility,
@@ -230,6 +231,8 @@ pub struct Torrent {
     wasted: AtomicU64,
     /// SHA-1s of pieces being downloaded, fed as their blocks are written.
     pub(crate) hashes: PieceHashes,
+    /// The archive's SHA-256 over the pieces verified in a row from the first.
+    pub(crate) prefix: ArchivePrefix,
     /// Writes received blocks to the file, one batch at a time.
     pub(crate) writer: super::writer::Writer,
     pub(crate) started: Instant,
@@ -304,6 +307,10 @@ pub struct TorrentStatus {
     /// read back and its SHA-256 checked, then installed. Absent until a download here ends.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub check_secs: Option<f64>,
+    /// Bytes of the archive whose SHA-256 was taken before its last piece was verified, that
+    /// the final check did not wait for. Absent until a download here ends.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prehashed: Option<u64>,
     /// The cache path once seeding.
     pub path: Option<PathBuf>,
     /// The error once failed.
@@ -388,12 +395,14 @@ impl Torrent {
             downloaded: AtomicU64::new(0),
             uploaded_wire: AtomicU64::new(0),
             check_secs: AtomicU64::new(0),
+            prehashed: AtomicU64::new(0),
             downloaded_wire: AtomicU64::new(0),
             zstats: Compressibility::default(),
             zdict: Mutex::new(Zdict::Unread),
             reported_corrupt: std::sync::atomic::AtomicBool::new(false),
             wasted: AtomicU64::new(0),
             hashes: PieceHashes::default(),
+            prefix: ArchivePrefix::default(),
             writer: super::writer::Writer::default(),
             started: Instant::now(),
             download_limit: RwLock::new(None),
@@ -913,7 +922,9 @@ impl Torrent {
     }
 
     /// A download's final check and install took `secs` ([`TorrentStatus::check_secs`]).
-    pub(crate) fn set_check_secs(&self, secs: f64) {
+    /// `prehashed` bytes of it were hashed while downloading ([`TorrentStatus::prehashed`]).
+    pub(crate) fn set_check(&self, secs: f64, prehashed: u64) {
+        self.prehashed.store(prehashed, Relaxed);
         self.check_secs.store(secs.to_bits(), Relaxed);
     }
 
@@ -956,6 +967,7 @@ impl Torrent {
             uploaded_wire: self.uploaded_wire.load(Relaxed),
             age_secs: self.started.elapsed().as_secs_f64(),
             check_secs: self.check_secs(),
+            prehashed: self.check_secs().map(|_| self.prehashed.load(Relaxed)),
             path,
             error,
         }
