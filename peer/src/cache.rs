@@ -59,7 +59,7 @@ pub use crate::storage::TREE_DIR;
 struct Checked<'a> {
     /// Tree files unchanged from a cached version ([`Cache::install_reusing`]).
     known: &'a [(usize, Unchanged)],
-    /// The SHA-256 of the first bytes ([`Cache::install_download`]).
+    /// The SHA-256 of the first bytes of a single file ([`Cache::install_reusing`]).
     prefix: Option<(Sha256, u64)>,
 }
 const STAGING: &str = ".staging";
@@ -356,14 +356,20 @@ impl Cache {
         self.install_inner(name, metainfo, data, handoff, limits, Checked::default())
     }
 
-    /// [`Cache::install`] of a tree download ([`Handoff::Move`]) whose files at `known`
-    /// (indices in the metainfo's files, in order, each with how it was then) are not read
-    /// again when they are still as they were: files a cached version held (its install checked
-    /// their SHA-256, the one the new metainfo names) whose every piece matched the new
-    /// version's SHA-1 when the download started ([`Cache::reuse_into`]). A hard-linked one
-    /// shares its inode with the cached version's file, so a write there since (as root: the
-    /// entry is read-only) changes it here too: such a file is read as any other. With no
-    /// `known` files, this is `install` with [`Handoff::Move`].
+    /// [`Cache::install`] of a download ([`Handoff::Move`]) with what it checked already.
+    ///
+    /// A tree's files at `known` (indices in the metainfo's files, in order, each with how it
+    /// was then) are not read again when they are still as they were: files a cached version
+    /// held (its install checked their SHA-256, the one the new metainfo names) whose every
+    /// piece matched the new version's SHA-1 when the download started
+    /// ([`Cache::reuse_into`]). A hard-linked one shares its inode with the cached version's
+    /// file, so a write there since (as root: the entry is read-only) changes it here too:
+    /// such a file is read as any other.
+    ///
+    /// A single file's `prefix` is the SHA-256 state after its first `prefix.1` bytes, read
+    /// from `data` itself (never written since): only the rest is read to check it. A tree
+    /// ignores it (each file has its own SHA-256). With neither, this is `install` with
+    /// [`Handoff::Move`].
     pub fn install_reusing(
         &self,
         name: &PackageName,
@@ -371,31 +377,9 @@ impl Cache {
         data: &Path,
         limits: &ExtractLimits,
         known: &[(usize, Unchanged)],
+        prefix: Option<(Sha256, u64)>,
     ) -> Result<CachedPackage> {
-        let checked = Checked {
-            known,
-            prefix: None,
-        };
-        self.install_inner(name, metainfo, data, Handoff::Move, limits, checked)
-    }
-
-    /// [`Cache::install_reusing`] of a download whose first bytes were hashed already:
-    /// `prefix` is the SHA-256 state after the first `prefix.1` bytes of `data`, read from
-    /// `data` itself (never written since). Only the rest of a single-file package is read to
-    /// check its SHA-256; a tree package ignores it (each file has its own SHA-256).
-    pub fn install_download(
-        &self,
-        name: &PackageName,
-        metainfo: &Metainfo,
-        data: &Path,
-        limits: &ExtractLimits,
-        known: &[(usize, Unchanged)],
-        prefix: (Sha256, u64),
-    ) -> Result<CachedPackage> {
-        let checked = Checked {
-            known,
-            prefix: Some(prefix),
-        };
+        let checked = Checked { known, prefix };
         self.install_inner(name, metainfo, data, Handoff::Move, limits, checked)
     }
 

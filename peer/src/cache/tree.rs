@@ -546,7 +546,7 @@ mod tests {
         }
         assert!(moved, "a write never moved f's change time");
         let err = cache
-            .install_reusing(&name, &meta, &data, &limits, &[(f_at, stamp)])
+            .install_reusing(&name, &meta, &data, &limits, &[(f_at, stamp)], None)
             .expect_err("f changed after its stamp");
         assert!(matches!(err, PeerError::Verification(_)), "{err}");
 
@@ -554,13 +554,13 @@ mod tests {
         let stamp = Unchanged::of(&data.join("f")).expect("stamp");
         fs::write(data.join("g"), b"abd").expect("change g");
         let err = cache
-            .install_reusing(&name, &meta, &data, &limits, &[(f_at, stamp)])
+            .install_reusing(&name, &meta, &data, &limits, &[(f_at, stamp)], None)
             .expect_err("g is read");
         assert!(matches!(err, PeerError::Verification(_)), "{err}");
         fs::write(data.join("g"), b"abc").expect("g as published");
 
         let entry = cache
-            .install_reusing(&name, &meta, &data, &limits, &[(f_at, stamp)])
+            .install_reusing(&name, &meta, &data, &limits, &[(f_at, stamp)], None)
             .expect("installed");
         assert_eq!(fs::read(entry.dir.join(TREE_DIR).join("f")).expect("f"), f);
     }

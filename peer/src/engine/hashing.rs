@@ -114,7 +114,7 @@ impl PieceHashes {
 /// Every piece verified with the one before it hashed lets one blocking task
 /// ([`ArchivePrefix::advance`]) read on: a piece arrives in any order, and the SHA-256 takes
 /// the bytes in order. The install then hashes only the rest
-/// ([`crate::cache::Cache::install_download`]'s `prefix`), and a task still reading on when
+/// ([`crate::cache::Cache::install_reusing`]'s `prefix`), and a task still reading on when
 /// the last piece comes does the rest of its part first. Pieces come at random, so the first
 /// missing one stays near the start until the last percent of the download: in `b4` at a
 /// quarter of the rates (2,048 pieces), 3–32% of the archive (median 12–14%) was hashed when

@@ -905,7 +905,8 @@ fn spawn_finish(t: Arc<Torrent>) {
             // What was hashed while the rest downloaded (waits for a read under way).
             let (sha, pieces) = prefix_of.prefix.take();
             let hashed = (u64::from(pieces) * meta.piece_length).min(meta.length);
-            let entry = cache.install_download(&name, &meta, &part, &limits, &known, (sha, hashed))?;
+            let prefix = Some((sha, hashed));
+            let entry = cache.install_reusing(&name, &meta, &part, &limits, &known, prefix)?;
             let seeding = PackageData::open_complete(&entry.dir, &meta).map_err(PeerError::io("reopening", &entry.dir))?;
             Ok::<_, PeerError>((entry, seeding))
         })
