@@ -843,7 +843,9 @@ fn spawn_prefix(t: &Arc<Torrent>) {
     if t.meta.format == Format::Tree {
         return;
     }
-    let have = |t: &Torrent, i: u32| t.state().picker.have().get(i);
+    // Not once the torrent failed or went: its file handle (held here) would keep the
+    // removed partial file's space in use until the task ended.
+    let have = |t: &Torrent, i: u32| !t.cancel.is_cancelled() && t.state().picker.have().get(i);
     if !have(t, t.prefix.next()) || !t.prefix.claim() {
         return;
     }
@@ -1032,5 +1034,83 @@ mod tests {
             piece_verdict(Err(eio), &expected),
             PieceVerdict::LocalError(_)
         ));
+    }
+
+    /// The 1 MiB test package (every byte 7) on disk, all but piece `hole` verified, with
+    /// `flip` changed on disk after the pieces were verified.
+    fn prefix_torrent(dir: &Path, hole: Option<u32>, flip: Option<u64>) -> Arc<Torrent> {
+        let t = torrent::tests::torrent(dir, |n| {
+            let mut have = Bitfield::full(n);
+            if let Some(h) = hole {
+                have.clear(h);
+            }
+            have
+        });
+        let storage = t.storage().expect("storage");
+        let mut bytes = vec![7u8; t.meta.length as usize];
+        if let Some(at) = flip {
+            bytes[at as usize] = 8;
+        }
+        storage.write_at(0, &bytes).expect("write");
+        t
+    }
+
+    /// Every task the torrent spawned has ended.
+    async fn settle(t: &Torrent) {
+        t.ctx.tasks.close();
+        t.ctx.tasks.wait().await;
+        t.ctx.tasks.reopen();
+    }
+
+    #[tokio::test]
+    async fn the_archive_is_hashed_over_the_pieces_verified_in_a_row_and_the_install_reads_the_rest()
+     {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let t = prefix_torrent(dir.path(), Some(3), None);
+        assert!(t.meta.pieces.len() > 4, "several pieces");
+        spawn_prefix(&t);
+        settle(&t).await;
+        assert_eq!(t.prefix.next(), 3, "up to the missing piece");
+
+        // Every piece verified (as `spawn_verify` would say): the task reads on, and the
+        // install checks the rest of the file against the SHA-256.
+        let dir = tempfile::tempdir().expect("temp dir");
+        let t = prefix_torrent(dir.path(), None, None);
+        spawn_prefix(&t);
+        settle(&t).await;
+        spawn_finish(t.clone());
+        settle(&t).await;
+        assert!(
+            matches!(t.current_phase(), Phase::Seeding(_)),
+            "{:?}",
+            t.current_phase()
+        );
+        assert_eq!(t.status().prehashed, Some(t.meta.length));
+    }
+
+    #[tokio::test]
+    async fn a_byte_changed_behind_the_prefix_fails_the_install() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        // Pieces 0 and 1 hashed; the last byte is not what the metainfo says.
+        let t = prefix_torrent(dir.path(), Some(2), Some((1 << 20) - 1));
+        spawn_prefix(&t);
+        settle(&t).await;
+        assert_eq!(t.prefix.next(), 2);
+        spawn_finish(t.clone());
+        settle(&t).await;
+        match t.current_phase() {
+            Phase::Failed { message, .. } => assert!(message.contains("SHA-256"), "{message}"),
+            other => panic!("installed a changed archive: {other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_cancelled_download_hashes_nothing_more() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let t = prefix_torrent(dir.path(), None, None);
+        t.cancel.cancel();
+        spawn_prefix(&t);
+        settle(&t).await;
+        assert_eq!(t.prefix.next(), 0);
     }
 }
