@@ -263,6 +263,14 @@ fn file_check(path: &Path, check: ArchiveCheck<'_>) -> Result<()> {
     let mut f = File::open(path).map_err(PeerError::io("opening", path))?;
     let offset = check.total();
     if offset > 0 {
+        // Bytes hashed already must still be there: reading from past the end finds none.
+        let len = f.metadata().map_err(PeerError::io("hashing", path))?.len();
+        if len < offset {
+            return Err(PeerError::Verification(format!(
+                "the archive is not the one asked for: {len} bytes, not the {} of the package",
+                check.meta.length
+            )));
+        }
         f.seek(SeekFrom::Start(offset))
             .map_err(PeerError::io("hashing", path))?;
     }
@@ -370,5 +378,11 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("longer than"), "{err}");
+        // Shorter than what was hashed of it: not taken on the prefix's word.
+        std::fs::write(&path, &bytes[..at as usize]).unwrap();
+        let err = rest_matches(&path, &m, (prefix(m.length), m.length))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("bytes, not the"), "{err}");
     }
 }
