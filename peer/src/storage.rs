@@ -480,6 +480,13 @@ impl PackageData {
     /// `hasher`, which has taken the bytes before `offset`, finished with the `len` bytes at
     /// `offset` read back from disk.
     pub fn sha1_from(&self, mut hasher: Sha1, offset: u64, len: u64) -> io::Result<[u8; 20]> {
+        self.hash_into(&mut hasher, offset, len)?;
+        Ok(hasher.finalize().into())
+    }
+
+    /// Feed `hasher` the `len` bytes at `offset`, read back from disk. On error it may have
+    /// taken part of them.
+    pub fn hash_into(&self, hasher: &mut impl Digest, offset: u64, len: u64) -> io::Result<()> {
         let mut buf = vec![0u8; usize::try_from(len.min(64 << 10)).unwrap_or(64 << 10)];
         let mut done = 0u64;
         while done < len {
@@ -488,7 +495,7 @@ impl PackageData {
             hasher.update(&buf[..n]);
             done += n as u64;
         }
-        Ok(hasher.finalize().into())
+        Ok(())
     }
 
     /// Flush data and metadata to stable storage: every file. (A tree's directories are

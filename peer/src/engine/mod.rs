@@ -856,22 +856,12 @@ fn spawn_prefix(t: &Arc<Torrent>) {
     t.ctx.tasks.clone().spawn(async move {
         let pieces = t.meta.pieces.len() as u32;
         let advancing = tokio::task::spawn_blocking(move || {
-            let mut buf = vec![0u8; PREFIX_READ.min(t.meta.piece_length as usize)];
             t.prefix.advance(
                 pieces,
                 |i| have(&t, i),
                 |i, sha| {
-                    let (mut at, end) = (
-                        t.meta.piece_offset(i),
-                        t.meta.piece_offset(i) + u64::from(t.meta.piece_size(i)),
-                    );
-                    while at < end {
-                        let n = buf.len().min((end - at) as usize);
-                        storage.read_at(at, &mut buf[..n])?;
-                        sha2::Digest::update(sha, &buf[..n]);
-                        at += n as u64;
-                    }
-                    Ok(())
+                    let len = u64::from(t.meta.piece_size(i));
+                    storage.hash_into(sha, t.meta.piece_offset(i), len)
                 },
             );
         });
@@ -879,8 +869,10 @@ fn spawn_prefix(t: &Arc<Torrent>) {
     });
 }
 
-/// Read size of the archive's running SHA-256.
-const PREFIX_READ: usize = 256 << 10;
+/// Bytes of `meta`'s archive in its first `pieces` pieces.
+fn prefix_bytes(meta: &Metainfo, pieces: u32) -> u64 {
+    (u64::from(pieces) * meta.piece_length).min(meta.length)
+}
 
 /// Every piece verified: check the archive's SHA-256 and install it in the cache.
 fn spawn_finish(t: Arc<Torrent>) {
@@ -901,13 +893,12 @@ fn spawn_finish(t: Arc<Torrent>) {
         let checking = tokio::time::Instant::now();
         let prefix_of = t.clone();
         // Hashed before the last piece: what the check does not wait for.
-        let prehashed = (u64::from(t.prefix.next()) * meta.piece_length).min(meta.length);
+        let prehashed = prefix_bytes(&meta, t.prefix.next());
         let installed = tokio::task::spawn_blocking(move || {
             storage.sync().map_err(PeerError::io("fsync", storage.path()))?;
             // What was hashed while the rest downloaded (waits for a read under way).
             let (sha, pieces) = prefix_of.prefix.take();
-            let hashed = (u64::from(pieces) * meta.piece_length).min(meta.length);
-            let prefix = Some((sha, hashed));
+            let prefix = Some((sha, prefix_bytes(&meta, pieces)));
             let entry = cache.install_reusing(&name, &meta, &part, &limits, &known, prefix)?;
             let seeding = PackageData::open_complete(&entry.dir, &meta).map_err(PeerError::io("reopening", &entry.dir))?;
             Ok::<_, PeerError>((entry, seeding))
