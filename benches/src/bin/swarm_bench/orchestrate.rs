@@ -711,15 +711,14 @@ fn scenario_table(s: &Scenario, kr: &KumarRoss, deadline: Duration, entries: &[E
 /// the seed's; `None` when the contender's processes were not sampled.
 fn rss_line(run: &ContenderRun) -> Option<String> {
     let mib = |b: u64| b as f64 / (1u64 << 20) as f64;
-    let mut leechers: Vec<u64> = run
+    let leechers: Vec<u64> = run
         .processes
         .iter()
         .filter(|p| p.role == "leecher")
         .filter_map(|p| p.peak_rss_bytes)
         .collect();
-    leechers.sort_unstable();
-    let median = *leechers.get(leechers.len() / 2)?;
-    let max = *leechers.last()?;
+    let sampled = leechers.len();
+    let (median, max) = middle_and_max(leechers, Ord::cmp)?;
     let seed = run
         .processes
         .iter()
@@ -730,7 +729,7 @@ fn rss_line(run: &ContenderRun) -> Option<String> {
         "peak RSS per agent: leechers median {:.1} MiB, max {:.1} MiB ({} sampled); seed {seed}",
         mib(median),
         mib(max),
-        leechers.len()
+        sampled
     ))
 }
 
@@ -763,15 +762,11 @@ fn check_line(run: &ContenderRun) -> Option<String> {
         .find_map(|k| run.payload.get(k).filter(|v| !v.is_null()))?;
     let mut checks = Vec::new();
     collect(agents, &mut checks);
-    let mut secs: Vec<f64> = checks.iter().map(|c| c.0).collect();
-    secs.sort_unstable_by(f64::total_cmp);
-    let median = *secs.get(secs.len() / 2)?;
-    let max = *secs.last()?;
-    let mut early: Vec<f64> = checks.iter().filter_map(|c| c.1).collect();
-    early.sort_unstable_by(f64::total_cmp);
-    let early = early
-        .get(early.len() / 2)
-        .map(|m| {
+    let secs: Vec<f64> = checks.iter().map(|c| c.0).collect();
+    let (median, max) = middle_and_max(secs, f64::total_cmp)?;
+    let early: Vec<f64> = checks.iter().filter_map(|c| c.1).collect();
+    let early = middle_and_max(early, f64::total_cmp)
+        .map(|(m, _)| {
             format!(
                 "; hashed while downloading: median {:.0}% of the archive",
                 m * 100.0
@@ -781,8 +776,18 @@ fn check_line(run: &ContenderRun) -> Option<String> {
     Some(format!(
         "archive check after the last piece (SHA-256 of the rest read back, install): median \
          {median:.2} s, max {max:.2} s over {} downloads{early}",
-        secs.len()
+        checks.len()
     ))
+}
+
+/// The median (the upper of the two middles for an even count) and the largest of `v`;
+/// `None` when it is empty.
+fn middle_and_max<T: Copy>(
+    mut v: Vec<T>,
+    cmp: impl Fn(&T, &T) -> std::cmp::Ordering,
+) -> Option<(T, T)> {
+    v.sort_unstable_by(cmp);
+    Some((*v.get(v.len() / 2)?, *v.last()?))
 }
 
 fn summary_table(scenarios: &[ScenarioReport], which: &[Which]) -> String {
@@ -923,4 +928,18 @@ pub fn bench(args: Args) -> anyhow::Result<()> {
         None => print!("{text}"),
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::middle_and_max;
+
+    #[test]
+    fn middle_and_max_takes_the_upper_middle() {
+        assert_eq!(middle_and_max(Vec::<u64>::new(), Ord::cmp), None);
+        assert_eq!(middle_and_max(vec![7u64], Ord::cmp), Some((7, 7)));
+        assert_eq!(middle_and_max(vec![4u64, 1, 3, 2], Ord::cmp), Some((3, 4)));
+        let secs = vec![2.5, 0.5, 9.0, 1.0, 3.0];
+        assert_eq!(middle_and_max(secs, f64::total_cmp), Some((2.5, 9.0)));
+    }
 }
