@@ -112,10 +112,7 @@ impl<'a> ArchiveCheck<'a> {
     /// All bytes fed: check the length, the last piece and the SHA-256.
     pub(crate) fn finish(mut self) -> Result<(), String> {
         if self.total != self.meta.length {
-            return Err(format!(
-                "{} bytes, not the {} of the package",
-                self.total, self.meta.length
-            ));
+            return Err(wrong_length(self.total, self.meta));
         }
         if self.pieces && self.in_piece > 0 {
             self.end_piece()?;
@@ -253,10 +250,18 @@ pub(crate) fn rest_matches(
     meta: &Metainfo,
     (whole, offset): (Sha256, u64),
 ) -> Result<()> {
-    let check = ArchiveCheck::resume(meta, whole, offset).map_err(|why| {
-        PeerError::Verification(format!("the archive is not the one asked for: {why}"))
-    })?;
+    let check = ArchiveCheck::resume(meta, whole, offset).map_err(not_asked_for)?;
     file_check(path, check)
+}
+
+/// A file that is not the package's archive.
+fn not_asked_for(why: String) -> PeerError {
+    PeerError::Verification(format!("the archive is not the one asked for: {why}"))
+}
+
+/// `got` bytes where the package has its length.
+fn wrong_length(got: u64, meta: &Metainfo) -> String {
+    format!("{got} bytes, not the {} of the package", meta.length)
 }
 
 fn file_check(path: &Path, check: ArchiveCheck<'_>) -> Result<()> {
@@ -266,10 +271,7 @@ fn file_check(path: &Path, check: ArchiveCheck<'_>) -> Result<()> {
         // Bytes hashed already must still be there: reading from past the end finds none.
         let len = f.metadata().map_err(PeerError::io("hashing", path))?.len();
         if len < offset {
-            return Err(PeerError::Verification(format!(
-                "the archive is not the one asked for: {len} bytes, not the {} of the package",
-                check.meta.length
-            )));
+            return Err(not_asked_for(wrong_length(len, check.meta)));
         }
         f.seek(SeekFrom::Start(offset))
             .map_err(PeerError::io("hashing", path))?;
@@ -277,9 +279,7 @@ fn file_check(path: &Path, check: ArchiveCheck<'_>) -> Result<()> {
     match stream_into(f, &mut io::sink(), check) {
         Ok(_) => Ok(()),
         Err(StreamError::Read(e) | StreamError::Write(e)) => Err(PeerError::io("hashing", path)(e)),
-        Err(StreamError::Mismatch(why)) => Err(PeerError::Verification(format!(
-            "the archive is not the one asked for: {why}"
-        ))),
+        Err(StreamError::Mismatch(why)) => Err(not_asked_for(why)),
     }
 }
 
