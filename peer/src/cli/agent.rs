@@ -13,7 +13,7 @@ use crate::agent::Agent;
 use crate::agent::budget::{CacheLife, MAX_SWEEP_INTERVAL};
 use crate::agent::follow::{FollowConfig, Prefetch};
 use crate::cache::Budget;
-use crate::engine::EngineConfig;
+use crate::engine::{EngineConfig, MIN_UPLOAD_SLOTS};
 use crate::tracker_client::Asker;
 
 /// How long the agent retries a transient tracker failure while fetching a metainfo for a
@@ -51,17 +51,25 @@ pub(crate) struct AgentArgs {
     max_connections: usize,
 
     /// Most peers uploaded to at once: the host's upload slots. Packages busy uploading at
-    /// once share them (four get 8 each), never fewer than 8 each; one served now and then
-    /// takes no share. With --upload-slot-rate off, every package has this many.
+    /// once share them (four get 8 each), never fewer than --min-upload-slots each; one
+    /// served now and then takes no share. With --upload-slot-rate off, every package has
+    /// this many.
     #[arg(long, env = "FBPKG_UPLOAD_SLOTS", default_value_t = 32)]
     upload_slots: usize,
 
     /// Upload rate each peer uploaded to should get (e.g. 64K, 256K): a package keeps one
-    /// upload slot per this much of the rate it uploads at, from 8 up to its share of
-    /// --upload-slots, so a thin uplink serves a few peers at a useful rate rather than many at
-    /// a crawl. "off" keeps --upload-slots open per package whatever the rate.
+    /// upload slot per this much of the rate it uploads at, from --min-upload-slots up to its
+    /// share of --upload-slots, so a thin uplink serves a few peers at a useful rate rather
+    /// than many at a crawl. "off" keeps --upload-slots open per package whatever the rate.
     #[arg(long, env = "FBPKG_UPLOAD_SLOT_RATE", default_value = "64K", value_parser = parse_slot_rate)]
     upload_slot_rate: SlotRate,
+
+    /// Fewest upload slots a package keeps however slowly it uploads, and its least share of
+    /// --upload-slots (capped at --upload-slots). Fewer lets a thin uplink (under 4 Mbit/s at
+    /// the default 64K per slot) serve fewer peers faster; more spreads pieces to more peers
+    /// at once.
+    #[arg(long, env = "FBPKG_MIN_UPLOAD_SLOTS", default_value_t = MIN_UPLOAD_SLOTS)]
+    min_upload_slots: usize,
 
     /// Advertise everything at once when seeding from the cache, instead of handing a crowd
     /// each piece about once (super-seeding).
@@ -172,11 +180,12 @@ fn parse_follow(s: &str) -> Result<(PackageName, Tag), String> {
 pub(super) fn run(args: AgentArgs) -> anyhow::Result<ExitCode> {
     if args.max_peers == 0
         || args.upload_slots == 0
+        || args.min_upload_slots == 0
         || args.max_peers_per_address == 0
         || args.max_connections == 0
     {
         anyhow::bail!(
-            "--max-peers, --max-peers-per-address, --max-connections and --upload-slots must be at least 1"
+            "--max-peers, --max-peers-per-address, --max-connections, --upload-slots and --min-upload-slots must be at least 1"
         );
     }
     let state_dir = args.host.state_dir();
@@ -200,6 +209,7 @@ pub(super) fn run(args: AgentArgs) -> anyhow::Result<ExitCode> {
     config.max_connections = args.max_connections;
     config.upload_slots = args.upload_slots;
     config.upload_slot_rate = args.upload_slot_rate.0;
+    config.min_upload_slots = args.min_upload_slots;
     config.superseed = !args.no_superseed;
     config.request_timeout = args.request_timeout;
     config.max_upload_rate = args.max_upload_rate;

@@ -72,11 +72,14 @@ pub struct EngineConfig {
     /// uploading at once (see `upload_slot_rate`).
     pub upload_slots: usize,
     /// Upload rate each slot should get (default 64 KiB/s): while a package uploads, it keeps
-    /// one slot per this much of its measured upload rate, between [`MIN_UPLOAD_SLOTS`] and
+    /// one slot per this much of its measured upload rate, between `min_upload_slots` and
     /// its share of `upload_slots` (their number over the packages busy uploading at once,
-    /// never under [`MIN_UPLOAD_SLOTS`]). `None` keeps `upload_slots` open per package,
+    /// never under `min_upload_slots`). `None` keeps `upload_slots` open per package,
     /// whatever the rate.
     pub upload_slot_rate: Option<u64>,
+    /// Fewest upload slots a package sized by its rate keeps, and its least share of
+    /// `upload_slots` (default [`MIN_UPLOAD_SLOTS`]; `upload_slots` if that is fewer).
+    pub min_upload_slots: usize,
     /// While peers wait for an upload slot, a slot held this long goes to one of them
     /// (default 5 s).
     pub slot_rotation: Duration,
@@ -131,6 +134,7 @@ impl EngineConfig {
             write_stall: Duration::from_secs(30),
             upload_slots: 32,
             upload_slot_rate: Some(64 << 10),
+            min_upload_slots: MIN_UPLOAD_SLOTS,
             slot_rotation: Duration::from_secs(5),
             numwant: 50,
             request_timeout: Duration::from_secs(20),
@@ -185,7 +189,13 @@ pub struct Engine {
 /// Installs kept for a slow [`Engine::installs`] subscriber.
 const INSTALLED_BACKLOG: usize = 64;
 
-/// Fewest upload slots a package sized by its rate keeps (or `upload_slots`, if fewer).
+/// Fewest upload slots a package sized by its rate keeps (or `upload_slots`, if fewer): the
+/// default of `min_upload_slots`.
+///
+/// Why not fewer: a floor of 4 let a thin uplink's slots follow its rate further down (4
+/// flows at ~39 KB/s rather than 8 at ~19 KB/s on a 1.25 Mbit/s uplink), and in `b3` at a
+/// quarter of the rates the thin-uplink hosts finished 4-5 s sooner, but the others as much
+/// later, and at full rates `b3` was ~2% slower (README, `b3`).
 pub const MIN_UPLOAD_SLOTS: usize = 8;
 
 pub(crate) const PEER_ID_PREFIX: &[u8] = b"-FB";

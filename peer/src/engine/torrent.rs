@@ -17,12 +17,12 @@ use tokio::sync::{Notify, mpsc, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use super::EngineCtx;
 use super::hashing::{ArchivePrefix, PieceHashes};
 use super::picker::{ConnId, Picker};
 use super::ratelimit::RateLimiter;
 use super::superseed::SeedPlanner;
 use super::zstream::Dictionary;
-use super::{EngineCtx, MIN_UPLOAD_SLOTS};
 use crate::cache::CachedPackage;
 use crate::error::ErrorKind;
 use crate::storage::PackageData;
@@ -698,7 +698,7 @@ impl Torrent {
     }
 
     /// Open one upload slot per `upload_slot_rate` of the upload rate this package has
-    /// reached, between [`MIN_UPLOAD_SLOTS`] and its share of `upload_slots`.
+    /// reached, between `min_upload_slots` (the floor) and its share of `upload_slots`.
     ///
     /// A fixed number of slots splits a thin uplink into flows too slow to move a piece: at
     /// 5 Mbit/s, 32 slots give each peer 20 KB/s, and the blocks it asked for wait seconds in
@@ -734,7 +734,7 @@ impl Torrent {
             // Nothing asked of us: no measure, and nothing to share.
             return;
         }
-        let floor = MIN_UPLOAD_SLOTS.min(cfg.upload_slots);
+        let floor = cfg.min_upload_slots.clamp(1, cfg.upload_slots.max(1));
         let want = (rate / per_slot as f64).ceil() as usize;
         // Busy: it would fill more than the floor. A trickle does not take a share.
         let sharing = self
@@ -1106,7 +1106,7 @@ pub(crate) fn grant_next_slot(st: &mut State) -> bool {
 pub(crate) mod tests {
     use super::*;
     use crate::cache::Cache;
-    use crate::engine::EngineConfig;
+    use crate::engine::{EngineConfig, MIN_UPLOAD_SLOTS};
     use crate::tracker_client::TrackerClient;
     use fbpkg_common::metainfo::Format;
 
@@ -1115,13 +1115,21 @@ pub(crate) mod tests {
         dir: &std::path::Path,
         have: impl FnOnce(u32) -> Bitfield,
     ) -> Arc<Torrent> {
+        torrent_with(dir, have, EngineConfig::new(dir.join("work")))
+    }
+
+    fn torrent_with(
+        dir: &std::path::Path,
+        have: impl FnOnce(u32) -> Bitfield,
+        config: EngineConfig,
+    ) -> Arc<Torrent> {
         let len = 1u64 << 20;
         let bytes = vec![7u8; len as usize];
         let meta =
             Metainfo::build(&bytes[..], len, "t.bin", "http://127.0.0.1:1", Format::File).unwrap();
         let (corrupt, _) = mpsc::unbounded_channel();
         let ctx = Arc::new(EngineCtx {
-            config: EngineConfig::new(dir.join("work")),
+            config,
             peer_id: PeerId([1; 20]),
             listen_addr: SocketAddr::from(([127, 0, 0, 1], 6881)),
             tracker: TrackerClient::new("http://127.0.0.1:1", None, Duration::from_secs(1))
@@ -1430,5 +1438,34 @@ pub(crate) mod tests {
         step().await;
         assert_eq!(measure(&[], 4), MIN_UPLOAD_SLOTS);
         assert_eq!(t.ctx.uploading.note(other(1), true, Instant::now()), 1);
+    }
+
+    /// `min_upload_slots` is the floor: a package uploading 3 slots' worth keeps 4 of them,
+    /// one uploading 6 keeps 6 (under the default floor of 8), and with eight packages busy
+    /// at once each gets its share, 4.
+    #[tokio::test(start_paused = true)]
+    async fn the_floor_is_min_upload_slots() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = EngineConfig::new(dir.path().join("work"));
+        config.min_upload_slots = 4;
+        let t = torrent_with(dir.path(), Bitfield::new, config);
+        let per_slot = t.ctx.config.upload_slot_rate.unwrap();
+        let measure = |slots_worth: u64| {
+            t.count_wire(0, 2 * slots_worth * per_slot);
+            t.size_slots();
+            t.state().slots
+        };
+        let step = || tokio::time::advance(Duration::from_secs(2));
+        step().await;
+        assert_eq!(measure(3), 4, "the floor");
+        step().await;
+        assert_eq!(measure(6), 6, "above the floor");
+        step().await;
+        for n in 1..=7 {
+            t.ctx
+                .uploading
+                .note(InfoHash([n; 20]), true, Instant::now());
+        }
+        assert_eq!(measure(1000), 4, "eight busy: 32 / 8");
     }
 }
