@@ -28,6 +28,32 @@ use rand::RngExt;
 use reqwest::StatusCode;
 use serde_json::Value;
 
+/// A limit of 0 (slots, peers, connections) is refused at start, naming the flags, before the
+/// agent listens or touches its state.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_refuses_a_zero_limit() {
+    for flag in [
+        "--upload-slots",
+        "--min-upload-slots",
+        "--max-peers",
+        "--max-connections",
+    ] {
+        let dirs = tempfile::tempdir().unwrap();
+        let state = dirs.path().join("state");
+        let out = run(
+            &["agent", "--listen", "127.0.0.1:0", flag, "0"],
+            &host_args(&state, &dirs.path().join("cache"), "http://127.0.0.1:9"),
+        )
+        .await;
+        assert_eq!(out.code, Some(1), "{flag} 0: {out}");
+        assert!(
+            out.stderr.contains(flag) && out.stderr.contains("at least 1"),
+            "{flag} 0: {out}"
+        );
+        assert!(!state.exists(), "{flag} 0 created {}", state.display());
+    }
+}
+
 /// Longest one client command may take (a small package through an agent).
 const CLI_TIMEOUT: Duration = Duration::from_secs(60);
 /// Longest wait for an agent's announce to reach the tracker.
