@@ -8,7 +8,8 @@
 #
 # OUT gets one line per sample: unix time, then HOST BYTES PACKETS DROPS for each host. The
 # median is over samples from FROM to TO seconds after the first (env FROM=40 TO=150). Runs the
-# command given after --, as root like the bench; samples stop when it exits (at most 1 hour).
+# command given after --, as root like the bench; samples stop when it exits (at most 1 hour),
+# and the script exits with its status.
 # Reads only the bench's own namespaces.
 set -euo pipefail
 out=${1:?usage: $0 OUT "HOSTS" -- COMMAND...}
@@ -38,7 +39,8 @@ except Exception:
     fi
     sleep 1
 done
-wait "$bench" || true
+status=0
+wait "$bench" || status=$?
 python3 - "$out" "${FROM:-40}" "${TO:-150}" <<'PY'
 import statistics, sys
 path, lo, hi = sys.argv[1], float(sys.argv[2]), float(sys.argv[3])
@@ -56,3 +58,4 @@ for k, h in enumerate(hosts):
     else:
         print(f"{h}: no samples in the window")
 PY
+exit "$status"
