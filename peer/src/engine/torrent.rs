@@ -734,7 +734,7 @@ impl Torrent {
             // Nothing asked of us: no measure, and nothing to share.
             return;
         }
-        let floor = cfg.min_upload_slots.clamp(1, cfg.upload_slots.max(1));
+        let floor = cfg.min_upload_slots.min(cfg.upload_slots).max(1);
         let want = (rate / per_slot as f64).ceil() as usize;
         // Busy: it would fill more than the floor. A trickle does not take a share.
         let sharing = self
