@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The upload queue of some swarm_bench hosts while a scenario runs: once a second, the backlog
 # (bytes, packets) and drops of the upload tbf in each named host's namespace (fbsb-HOST,
-# device eth0), then the median backlog over a window of the run.
+# device eth0: NS_PREFIX and HOST_DEV in benches/src/swarm/netplan.rs, which the bench's own
+# `host_tbf_bytes` reads the same way), then the median backlog over a window of the run.
 #
 #   benches/tbf_backlog.sh OUT "l003 l006 l001 l002" -- \
 #       target/release/swarm_bench --scenario b3 --contenders fbpkg-rs --rate-scale 0.25
