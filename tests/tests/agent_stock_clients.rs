@@ -97,16 +97,19 @@ fn bitfield_message(bits: &Bitfield) -> Message {
 }
 
 /// Serve every request on `raw` with the real bytes, until `done` is cancelled; `Err` says
-/// how the connection ended first (closed by the agent, or an I/O error).
+/// how the connection ended first (closed by the agent, or an I/O error). Every message from
+/// the agent goes to `seen` too.
 async fn serve(
     raw: &mut Raw,
     meta: &Metainfo,
     bytes: &[u8],
     done: &CancellationToken,
+    mut seen: impl FnMut(&Message),
 ) -> Result<(), String> {
     loop {
         let mut out = BytesMut::new();
         while let Some(m) = Message::decode(&mut raw.buf, DEFAULT_MAX_MESSAGE).unwrap() {
+            seen(&m);
             if let Message::Request(b) = m {
                 real_block(meta, bytes, b).encode(&mut out);
             }
@@ -145,7 +148,7 @@ async fn download_after(opening: impl FnOnce(u32) -> Vec<Message>) {
     let (meta, bytes) = (leecher.meta.clone(), leecher.bytes.clone());
     let mut served = {
         let done = done.clone();
-        tokio::spawn(async move { serve(&mut raw, &meta, &bytes, &done).await })
+        tokio::spawn(async move { serve(&mut raw, &meta, &bytes, &done, |_| {}).await })
     };
     tokio::select! {
         () = leecher.finished(&t) => {}
@@ -196,6 +199,65 @@ async fn a_late_have_all_follows_have_none() {
 }
 
 /// A late bitfield with a bit set past the last piece is still a protocol violation.
+/// A seed that serves the whole package hears first that the agent is interested, and once
+/// the agent holds every piece, that it is not any more. (The agent asks itself whether it is
+/// still interested once per run of pieces verified, not after each piece.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_seed_hears_the_agent_lose_interest_when_it_is_done() {
+    let leecher = Leecher::new(2 << 20).await;
+    let t = leecher.start().await;
+    let mut raw = leecher.fake_peer().await;
+    let mut out = BytesMut::new();
+    bitfield_message(&Bitfield::full(leecher.meta.num_pieces())).encode(&mut out);
+    Message::Unchoke.encode(&mut out);
+    raw.stream.write_all(&out).await.unwrap();
+    let interest = Arc::new(Mutex::new(Vec::new()));
+    let done = CancellationToken::new();
+    let (meta, bytes) = (leecher.meta.clone(), leecher.bytes.clone());
+    let served = {
+        let (done, interest) = (done.clone(), interest.clone());
+        tokio::spawn(async move {
+            serve(&mut raw, &meta, &bytes, &done, |m| {
+                if matches!(m, Message::Interested | Message::NotInterested) {
+                    interest.lock().unwrap().push(m.clone());
+                }
+            })
+            .await
+        })
+    };
+    leecher.finished(&t).await;
+    wait_for(
+        "the agent to say it is not interested any more",
+        DOWNLOAD_TIMEOUT,
+        || {
+            let said = interest.lock().unwrap().clone();
+            async move {
+                match said.last() {
+                    Some(Message::NotInterested) => Ok(said),
+                    _ => Err(format!("it said {said:?}")),
+                }
+            }
+        },
+    )
+    .await;
+    let said = interest.lock().unwrap().clone();
+    assert_eq!(
+        said,
+        vec![Message::Interested, Message::NotInterested],
+        "interested once, until done"
+    );
+    done.cancel();
+    // Two seeds have nothing to trade: the agent may hang up first.
+    let ended = served.await.unwrap();
+    assert!(
+        ended
+            .as_ref()
+            .map_or_else(|e| e.contains("closed"), |()| true),
+        "{ended:?}"
+    );
+    leecher.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_malformed_late_bitfield_ends_the_connection() {
     // A short last piece: the bitfield has spare bits.

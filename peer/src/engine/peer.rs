@@ -75,6 +75,9 @@ const KEEPALIVE: Duration = Duration::from_secs(60);
 const HAVE_SPACING: Duration = Duration::from_millis(25);
 /// Pending `have`s that go out at once, without waiting for [`HAVE_SPACING`].
 const HAVES_AT_ONCE: usize = 64;
+/// Commands handled in one turn of a connection's loop: a burst of `have`s (every piece we
+/// verify is one for every connection) goes in one turn rather than one turn each.
+const CMDS_AT_ONCE: usize = 64;
 
 /// Why a connection ended.
 #[derive(Debug)]
@@ -388,6 +391,13 @@ impl Conn {
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let cancel = self.t.cancel.clone();
+        // Made once: made afresh in every turn of the loop, each registered with the torrent's
+        // token (or the timer) when polled and left it again when dropped.
+        let cancelled = cancel.cancelled();
+        tokio::pin!(cancelled);
+        let haves_timer = tokio::time::sleep_until(Instant::now());
+        tokio::pin!(haves_timer);
+        let mut haves_armed: Option<Instant> = None;
         rbuf.reserve(64 << 10);
         loop {
             // Messages already buffered (from the handshake read, or a large read).
@@ -418,9 +428,15 @@ impl Conn {
             if rbuf.capacity() - rbuf.len() < 16 << 10 {
                 rbuf.reserve(64 << 10);
             }
+            if self.haves.due != haves_armed {
+                if let Some(due) = self.haves.due {
+                    haves_timer.as_mut().reset(due);
+                }
+                haves_armed = self.haves.due;
+            }
             let can_read = self.wbuf.len() < READ_PAUSE && self.writes.len() < MAX_PENDING_WRITES;
             tokio::select! {
-                _ = cancel.cancelled() => return End::Cancelled,
+                _ = &mut cancelled => return End::Cancelled,
                 r = rd.read_buf(&mut rbuf), if can_read => match r {
                     Ok(0) => return End::Closed,
                     Ok(_) => self.last_recv = Instant::now(),
@@ -448,13 +464,13 @@ impl Conn {
                 }
                 cmd = rx.recv() => match cmd {
                     None => return End::Cancelled,
-                    Some(cmd) => if let Err(e) = self.on_cmd(cmd) { return e },
+                    Some(cmd) => if let Err(e) = self.on_cmds(cmd, rx) { return e },
                 },
                 _ = tick.tick() => if let Err(e) = self.housekeeping() { return e },
                 _ = sleep_until_some(self.throttled_until), if self.throttled_until.is_some() => {
                     self.throttled_until = None;
                 }
-                _ = sleep_until_some(self.haves.due), if self.haves.due.is_some() => {
+                _ = &mut haves_timer, if self.haves.due.is_some() => {
                     self.haves.drain_into(&mut self.wbuf, Instant::now());
                 }
                 _ = sleep_until_some(self.requests_throttled_until), if self.requests_throttled_until.is_some() => {
@@ -538,13 +554,39 @@ impl Conn {
         }
     }
 
+    /// `first` and the commands queued behind it, up to [`CMDS_AT_ONCE`]. Whether we are still
+    /// interested in the peer is asked once for a run of `have`s, not after each.
+    fn on_cmds(&mut self, first: Cmd, rx: &mut mpsc::UnboundedReceiver<Cmd>) -> Result<(), End> {
+        let mut haves = false;
+        let mut next = Some(first);
+        let mut done = 0;
+        while let Some(cmd) = next {
+            if matches!(cmd, Cmd::Have(_)) {
+                haves = true;
+            } else if std::mem::take(&mut haves) {
+                self.update_interest();
+            }
+            self.on_cmd(cmd)?;
+            done += 1;
+            next = if done < CMDS_AT_ONCE {
+                rx.try_recv().ok()
+            } else {
+                None
+            };
+        }
+        if haves {
+            self.update_interest();
+        }
+        Ok(())
+    }
+
+    /// One command. A `have` leaves asking whether we are still interested to [`Self::on_cmds`].
     fn on_cmd(&mut self, cmd: Cmd) -> Result<(), End> {
         match cmd {
             Cmd::Have(i) => {
                 if !self.super_seeding {
                     self.have_later(i);
                 }
-                self.update_interest();
             }
             Cmd::AdvertiseAll => {
                 self.super_seeding = false;
