@@ -397,7 +397,6 @@ impl Conn {
         tokio::pin!(cancelled);
         let haves_timer = tokio::time::sleep_until(Instant::now());
         tokio::pin!(haves_timer);
-        let mut haves_armed: Option<Instant> = None;
         rbuf.reserve(64 << 10);
         loop {
             // Messages already buffered (from the handshake read, or a large read).
@@ -428,11 +427,11 @@ impl Conn {
             if rbuf.capacity() - rbuf.len() < 16 << 10 {
                 rbuf.reserve(64 << 10);
             }
-            if self.haves.due != haves_armed {
-                if let Some(due) = self.haves.due {
-                    haves_timer.as_mut().reset(due);
-                }
-                haves_armed = self.haves.due;
+            // Re-armed when the deadline moves (each new one is later than the last).
+            if let Some(due) = self.haves.due
+                && haves_timer.deadline() != due
+            {
+                haves_timer.as_mut().reset(due);
             }
             let can_read = self.wbuf.len() < READ_PAUSE && self.writes.len() < MAX_PENDING_WRITES;
             tokio::select! {
