@@ -115,10 +115,13 @@ impl PieceHashes {
 /// ([`ArchivePrefix::advance`]) read on: a piece arrives in any order, and the SHA-256 takes
 /// the bytes in order. The install then hashes only the rest
 /// ([`crate::cache::Cache::install_reusing`]'s `prefix`), and a task still reading on when
-/// the last piece comes does the rest of its part first. Pieces come at random, so the first
-/// missing one stays near the start until the last percent of the download: in `b4` at a
-/// quarter of the rates (2,048 pieces), 3–32% of the archive (median 12–14%) was hashed when
-/// the last piece was verified. What it saves is the part behind the last piece to arrive.
+/// the last piece comes does the rest of its part first. What it saves is the part behind
+/// the first piece still missing when the last one arrives. A lone origin hands pieces out
+/// from the front ([`Order::Sequential`](super::superseed::Order)), so that part is most of
+/// the archive: in `b4` at a quarter of the rates (2,048 pieces), a median 95–97% hashed
+/// when the last piece was verified, against 14–18% when the origin handed them out at
+/// random. Where the pieces are out before the crowd has them (the leechers' uplinks, not the
+/// origin's, set the pace), they come in rarest-first order, and much less is hashed by then.
 #[derive(Debug, Default)]
 pub(crate) struct ArchivePrefix {
     hashed: Mutex<Prefix>,

@@ -498,13 +498,14 @@ impl Conn {
         let seeding = matches!(self.t.current_phase(), Phase::Seeding(_));
         let mut st = self.t.state();
         let have = st.picker.have().clone();
+        let order = st.offer_order();
         let offers = match st.planner.as_mut() {
             // Only our own agents are rationed: they ask for an advertised piece at once. Some
             // stock clients (librqbit 9) only look for new pieces every few seconds when a
             // `have` arrives, and would crawl; they get everything advertised.
             Some(planner) if seeding && self.ours => {
                 self.super_seeding = true;
-                Some(planner.offers(self.id, GREETING_OFFERS, Instant::now()))
+                Some(planner.offers(self.id, GREETING_OFFERS, Instant::now(), order))
             }
             _ => None,
         };
@@ -873,11 +874,12 @@ impl Conn {
             return Ok(());
         }
         let mut offers = Vec::new();
+        let order = st.offer_order();
         if self.super_seeding
             && let Some(planner) = st.planner.as_mut()
         {
             planner.requested(self.id, b.index);
-            offers = planner.offers(self.id, self.keep_open(), Instant::now());
+            offers = planner.offers(self.id, self.keep_open(), Instant::now(), order);
         }
         drop(st);
         self.advertise(&offers);
@@ -907,10 +909,13 @@ impl Conn {
             (true, false) => GREETING_OFFERS,
             (true, true) => return,
         };
-        let offers = match self.t.state().planner.as_mut() {
-            Some(planner) => planner.offers(self.id, keep, Instant::now()),
+        let mut st = self.t.state();
+        let order = st.offer_order();
+        let offers = match st.planner.as_mut() {
+            Some(planner) => planner.offers(self.id, keep, Instant::now(), order),
             None => return,
         };
+        drop(st);
         self.advertise(&offers);
     }
 

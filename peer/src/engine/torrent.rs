@@ -21,7 +21,7 @@ use super::EngineCtx;
 use super::hashing::{ArchivePrefix, PieceHashes};
 use super::picker::{ConnId, Picker};
 use super::ratelimit::RateLimiter;
-use super::superseed::SeedPlanner;
+use super::superseed::{Order, SeedPlanner};
 use super::zstream::Dictionary;
 use crate::cache::CachedPackage;
 use crate::error::ErrorKind;
@@ -161,6 +161,16 @@ impl State {
             (None, _) => false,
         };
         parted_since_answer || self.tracker_seeds.is_some_and(|(n, _)| n > 0)
+    }
+
+    /// The order in which a super-seeding origin hands out new pieces: in sequence while it
+    /// knows of no other seed, so that every host can hash the archive as it arrives.
+    pub(crate) fn offer_order(&self) -> Order {
+        if self.seed_elsewhere() {
+            Order::Random
+        } else {
+            Order::Sequential
+        }
     }
 }
 
@@ -1193,8 +1203,14 @@ pub(crate) mod tests {
             !t.state().seed_elsewhere(),
             "the tracker knows no other seed"
         );
+        assert_eq!(t.state().offer_order(), Order::Sequential);
         t.state().tracker_seeds = Some((1, Instant::now()));
         assert!(t.state().seed_elsewhere(), "the tracker knows one");
+        assert_eq!(
+            t.state().offer_order(),
+            Order::Random,
+            "a seed that may be handing out pieces too: offers at random"
+        );
     }
 
     /// Between the last piece and the end of the SHA-256 pass the torrent is not `Seeding`
