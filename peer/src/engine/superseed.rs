@@ -344,15 +344,20 @@ mod tests {
         }
     }
 
+    /// A planner for `n` pieces with leechers 1 to `leechers`, holding nothing.
+    fn with_leechers(n: u32, leechers: ConnId) -> SeedPlanner {
+        let mut s = SeedPlanner::new(PL * u64::from(n), PL);
+        for c in 1..=leechers {
+            s.add_peer(c, &Bitfield::new(n));
+        }
+        s
+    }
+
     /// A lone seed hands pieces out from the front, each once.
     #[test]
     fn a_lone_seed_hands_out_pieces_in_order() {
         let t0 = Instant::now();
-        let n = 16u32;
-        let mut s = SeedPlanner::new(PL * u64::from(n), PL);
-        for c in 1..=3 {
-            s.add_peer(c, &Bitfield::new(n));
-        }
+        let mut s = with_leechers(16, 3);
         assert_eq!(s.offers(1, 2, t0, Order::Sequential), [0, 1]);
         request_all(&mut s, 1, 0);
         assert_eq!(s.offers(2, 3, t0, Order::Sequential), [2, 3, 4]);
@@ -373,11 +378,7 @@ mod tests {
     #[test]
     fn pieces_given_back_wait_for_the_peer_that_gave_them_back() {
         let t0 = Instant::now();
-        let n = 8u32;
-        let mut s = SeedPlanner::new(PL * u64::from(n), PL);
-        for c in 1..=3 {
-            s.add_peer(c, &Bitfield::new(n));
-        }
+        let mut s = with_leechers(8, 3);
         assert_eq!(s.offers(1, 3, t0, Order::Sequential), [0, 1, 2]);
         assert!(s.release(1), "leecher 1 was choked");
         assert_eq!(s.offers(2, 2, t0, Order::Sequential), [3, 4], "not 0 and 1");
