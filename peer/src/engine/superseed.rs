@@ -283,9 +283,12 @@ impl SeedPlanner {
                     (false, 0) => 1,
                     (false, _) => 2,
                 };
-                // Stable: index order within each rank.
-                free.sort_by_key(|&i| rank(i));
-                out.extend(free.iter().take(room));
+                // One pass per rank, each stopping once there is no room left (this runs for
+                // every request a seed answers; sorting every free piece by rank did not need to).
+                for r in 0..3 {
+                    let left = room - out.len();
+                    out.extend(free.iter().filter(|&&i| rank(i) == r).take(left));
+                }
             }
             Order::Random => {
                 let mut rng = rand::rng();
