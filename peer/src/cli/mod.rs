@@ -4,6 +4,7 @@ mod agent;
 mod cache;
 mod demo;
 mod get;
+mod memory;
 mod progress;
 mod publish;
 mod rollout;
@@ -218,6 +219,7 @@ pub(crate) fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 
 /// Entry point of the binary.
 pub fn main() -> ExitCode {
+    memory::one_arena();
     let cli = Cli::parse();
     let log = cli.log.as_deref();
     let result = match cli.command {
