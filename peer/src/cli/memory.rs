@@ -7,11 +7,13 @@
 //! to what its busiest moment took, so the agent's resident memory is the sum of those peaks.
 //! With one arena, what any thread freed is what the next allocation anywhere takes.
 //!
-//! Measured in `b3` (48 agents, 48 connections each, alternating, two runs each): peak RSS per
-//! leecher median 32.2 MiB (max 35.1) with glibc's default, 28.3 (30.6) with two arenas,
-//! 25.8-26.1 (27.9) with one; the seed 26.7-29.2, 23.1-23.6, 21.2-21.7 MiB. Faults on fresh
-//! pages 442k, 390-396k, 362-367k over the run; time and CPU within the runs' spread (T_last
-//! 39.3-39.4 s, 39.5-39.8, 39.1-39.8; 73.2, 72.9, 72.7-73.6 CPU s). The agent allocates
+//! Measured in `b3` (48 agents, 48 connections each), alternating, two runs each: this call
+//! against glibc's default, peak RSS per leecher median 27.1-27.6 MiB (max 30.3-30.5) against
+//! 33.1-33.3 (35.7-37.1), the seed 21.5-21.9 against 27.7-28.7 MiB, T_last 39.8-40.4 s
+//! against 40.4-40.9, 73.4-73.6 CPU s against 74.9. Set through `GLIBC_TUNABLES` instead (the
+//! build before): one arena 25.8-26.6 MiB, two 28.3, the default 32.2; faults on fresh pages
+//! over a run 362k-367k, 390k-396k and 441k-443k (every process); time and CPU within the
+//! runs' spread. The workspace denies `unsafe`; this one call is allowed. The agent allocates
 //! mostly whole buffers (socket reads, upload batches, 16 KiB blocks), a few hundred thousand
 //! a second at most, which one arena's lock serves on any number of cores; small allocations
 //! do not take it at all (glibc's per-thread cache).
