@@ -31,6 +31,7 @@ use anyhow::{Context as _, bail, ensure};
 use bytes::BytesMut;
 use clap::Parser;
 use fbpkg_common::metainfo::{BLOCK_SIZE, Format, Metainfo};
+use fbpkg_common::size::parse_bytes;
 use fbpkg_common::wire::Message;
 use fbpkg_peer::storage::PackageData;
 use rand::Rng as _;
@@ -39,7 +40,7 @@ use rand::Rng as _;
 #[derive(Parser)]
 struct Args {
     /// Package size (K, M, G suffixes).
-    #[arg(long, default_value = "1G", value_parser = parse_size)]
+    #[arg(long, default_value = "1G", value_parser = parse_bytes)]
     size: u64,
     /// Rounds, each sending the package once each way.
     #[arg(long, default_value_t = 5)]
@@ -53,19 +54,8 @@ struct Args {
     batch: u64,
 }
 
-fn parse_size(s: &str) -> Result<u64, String> {
-    let (num, mult) = match s.char_indices().last() {
-        Some((i, 'K' | 'k')) => (&s[..i], 1u64 << 10),
-        Some((i, 'M' | 'm')) => (&s[..i], 1 << 20),
-        Some((i, 'G' | 'g')) => (&s[..i], 1 << 30),
-        _ => (s, 1),
-    };
-    let n: u64 = num.parse().map_err(|e| format!("{s}: {e}"))?;
-    match n.checked_mul(mult) {
-        Some(v) if v >= u64::from(BLOCK_SIZE) => Ok(v),
-        _ => Err(format!("{s}: between 16K and 2^64 bytes")),
-    }
-}
+/// Bytes of a piece message before its block: length, id, index, begin.
+const HEADER: u64 = 13;
 
 #[derive(Clone, Copy, PartialEq)]
 enum Way {
@@ -108,7 +98,9 @@ fn send(
 ) -> anyhow::Result<()> {
     let block = u64::from(BLOCK_SIZE);
     let blocks = len.div_ceil(block);
-    let mut buf = BytesMut::with_capacity((batch * (block + 13)) as usize);
+    // Block `b`: where it starts in the package, and its length.
+    let span = |b: u64| (b * block, (len - b * block).min(block) as usize);
+    let mut buf = BytesMut::with_capacity((batch * (block + HEADER)) as usize);
     let mut i = 0;
     while i < blocks {
         let blocks_now = i..(i + batch).min(blocks);
@@ -116,8 +108,7 @@ fn send(
             Way::Copy => {
                 buf.clear();
                 for b in blocks_now.clone() {
-                    let offset = b * block;
-                    let n = (len - offset).min(block) as usize;
+                    let (offset, n) = span(b);
                     Message::encode_piece_header(b as u32, 0, n, &mut buf);
                     let at = buf.len();
                     buf.resize(at + n, 0);
@@ -128,8 +119,7 @@ fn send(
             Way::File => {
                 rustix::net::sockopt::set_tcp_cork(&*sock, true)?;
                 for b in blocks_now.clone() {
-                    let offset = b * block;
-                    let n = (len - offset).min(block) as usize;
+                    let (offset, n) = span(b);
                     buf.clear();
                     Message::encode_piece_header(b as u32, 0, n, &mut buf);
                     sock.write_all(&buf)?;
@@ -189,11 +179,11 @@ fn round(way: Way, data: &Arc<Package>, len: u64, batch: u64) -> anyhow::Result<
         .join()
         .map_err(|_| anyhow::anyhow!("reader panicked"))??;
     let blocks = len.div_ceil(u64::from(BLOCK_SIZE));
+    let sent = len + HEADER * blocks;
     ensure!(
-        got == len + 13 * blocks,
-        "{}: the reader got {got} bytes, not {}",
-        way.name(),
-        len + 13 * blocks
+        got == sent,
+        "{}: the reader got {got} bytes, not {sent}",
+        way.name()
     );
     Ok(Run {
         sender_cpu,
