@@ -21,6 +21,9 @@ const EXTENDED_BIT: (usize, u8) = (5, 0x10);
 /// package of up to 1M pieces, whichever is larger.
 pub const DEFAULT_MAX_MESSAGE: usize = (1 << 17) + 16;
 
+/// Bytes of a piece message before its block: length prefix, id, index and begin.
+pub const PIECE_HEADER_LEN: usize = 13;
+
 /// The 68-byte handshake.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Handshake {
@@ -332,10 +335,10 @@ impl Message {
         }
     }
 
-    /// Append the 13-byte header of a piece message whose `len` data bytes the caller writes
-    /// next (straight from the page cache into the socket).
+    /// Append the header ([`PIECE_HEADER_LEN`] bytes) of a piece message whose `len` data
+    /// bytes the caller writes next (straight from the page cache into the socket).
     pub fn encode_piece_header(index: u32, begin: u32, len: usize, out: &mut BytesMut) {
-        out.reserve(13);
+        out.reserve(PIECE_HEADER_LEN);
         out.put_u32((len as u32).saturating_add(9));
         out.put_u8(7);
         out.put_u32(index);

@@ -32,7 +32,7 @@ use bytes::BytesMut;
 use clap::Parser;
 use fbpkg_common::metainfo::{BLOCK_SIZE, Format, Metainfo};
 use fbpkg_common::size::parse_bytes;
-use fbpkg_common::wire::Message;
+use fbpkg_common::wire::{Message, PIECE_HEADER_LEN};
 use fbpkg_peer::storage::PackageData;
 use rand::Rng as _;
 
@@ -54,8 +54,8 @@ struct Args {
     batch: u64,
 }
 
-/// Bytes of a piece message before its block: length, id, index, begin.
-const HEADER: u64 = 13;
+/// Bytes of a piece message before its block.
+const HEADER: u64 = PIECE_HEADER_LEN as u64;
 
 #[derive(Clone, Copy, PartialEq)]
 enum Way {

@@ -27,7 +27,9 @@ use std::time::Duration;
 use bytes::BytesMut;
 use fbpkg_common::bitfield::Bitfield;
 use fbpkg_common::metainfo::BLOCK_SIZE;
-use fbpkg_common::wire::{BlockRef, DEFAULT_MAX_MESSAGE, Handshake, Message, ext};
+use fbpkg_common::wire::{
+    BlockRef, DEFAULT_MAX_MESSAGE, Handshake, Message, PIECE_HEADER_LEN, ext,
+};
 use futures_util::StreamExt as _;
 use futures_util::stream::FuturesUnordered;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -966,7 +968,7 @@ impl Conn {
                 self.throttled_until = Some(Instant::now() + wait);
                 break;
             }
-            bytes += b.length as usize + 13;
+            bytes += b.length as usize + PIECE_HEADER_LEN;
             blocks.push(b);
         }
         if blocks.is_empty() {
