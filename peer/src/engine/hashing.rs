@@ -122,8 +122,9 @@ impl PieceHashes {
 /// when the last piece was verified, against 14–18% when the origin handed them out at
 /// random. Where the pieces are out before the crowd has them (the leechers' uplinks, not the
 /// origin's, set the pace), rarest first alone fetched the most widely held pieces last and
-/// left 75–90% to hash after the last piece (`b3`, `b5`); the picker now starts the first
-/// missing pieces that others hold in order ([`Picker`](super::picker::Picker)'s rule 2).
+/// left 73–89% to hash after the last piece (`b3`, `b5`); while that much lags, the picker
+/// now starts the first missing pieces that others hold in order
+/// ([`Picker`](super::picker::Picker)'s rule 2).
 #[derive(Debug, Default)]
 pub(crate) struct ArchivePrefix {
     hashed: Mutex<Prefix>,

@@ -5,10 +5,9 @@
 //! 1. finish pieces already in progress (fewer partial pieces: a piece can only be shared once
 //!    it is whole and verified);
 //! 2. while at least [`Picker::IN_ORDER_LAG`] of the package is verified past the run of
-//!    pieces verified from the start, start the first missing pieces in order: those in the
-//!    [`Picker::IN_ORDER_SHARE`] of
-//!    the package that follows the last piece verified in a row from the start, held by at
-//!    least [`Picker::IN_ORDER_HOLDERS`] connected peers. The archive's SHA-256 is taken over
+//!    pieces verified in a row from the start, start the first missing pieces in order:
+//!    those in the [`Picker::IN_ORDER_SHARE`] of the package that follows the run, held by
+//!    at least [`Picker::IN_ORDER_HOLDERS`] connected peers. The archive's SHA-256 is taken over
 //!    the pieces verified in a row while the rest downloads (`hashing::ArchivePrefix`), and
 //!    what it has not reached when the last piece comes is read back and hashed before the
 //!    package can launch. Rarest first alone leaves the most widely held pieces for last,
@@ -668,14 +667,11 @@ mod tests {
             let mut p = Picker::new(PL * n as u64, PL, Bitfield::new(n));
             p.add_availability(&full(n));
             p.add_availability(&full(n));
-            // Every piece but 40 has a third holder: 40 is the rarest. The peer has none of
-            // the first 16, which rule 2 would take in order.
+            // Every piece but 40 has a third holder: 40 is the rarest.
             let mut common = full(n);
             common.clear(40);
             p.add_availability(&common);
-            let mut peer = full(n);
-            (0..n / Picker::IN_ORDER_SHARE).for_each(|i| _ = peer.clear(i));
-            let picked = p.pick(1, &peer, (4, 0), Instant::now());
+            let picked = p.pick(1, &full(n), (4, 0), Instant::now());
             assert_eq!(picked[0].index, 40, "rarest first");
             let mut p = Picker::new(PL * n as u64, PL, Bitfield::new(n));
             p.add_availability(&full(n));
