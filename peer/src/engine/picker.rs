@@ -323,17 +323,13 @@ impl Picker {
         } else {
             self.front
         };
-        for i in self.front..end {
-            if out.len() >= max {
-                return out;
-            }
-            if !self.busy.get(i)
-                && peer_has.get(i)
-                && self.availability(i) >= Self::IN_ORDER_HOLDERS
-            {
-                self.start(i);
-                self.take_free(conn, i, max, now, &mut out);
-            }
+        let mut from = self.front;
+        while out.len() < max
+            && let Some(i) = self.next_in_order(peer_has, from, end)
+        {
+            self.start(i);
+            self.take_free(conn, i, max, now, &mut out);
+            from = i + 1;
         }
         // 3. Start rarest pieces, random among equals.
         while out.len() < max {
@@ -418,6 +414,17 @@ impl Picker {
         if p.free == 0 {
             self.open.clear(i);
         }
+    }
+
+    /// Rule 2's next piece: the first in `from..end` that this peer has, not started nor
+    /// verified, held by at least [`Self::IN_ORDER_HOLDERS`] peers. A byte at a time, as
+    /// [`rarest`](Self::rarest) looks.
+    fn next_in_order(&self, peer_has: &Bitfield, from: u32, end: u32) -> Option<u32> {
+        peer_has
+            .difference(&self.busy)
+            .skip_while(|&i| i < from)
+            .take_while(|&i| i < end)
+            .find(|&i| self.availability(i) >= Self::IN_ORDER_HOLDERS)
     }
 
     fn rarest(&self, peer_has: &Bitfield) -> Option<u32> {
