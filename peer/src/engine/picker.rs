@@ -327,10 +327,15 @@ impl Picker {
         } else {
             self.front
         };
-        // 3. Else the rarest, random among equals.
+        // 3. Else the rarest, random among equals. Starting an in-order piece changes no
+        // availability, so the rarest found stays the rarest until it is started itself: one
+        // scan of the peer's pieces per piece taken from it, not per piece taken in order.
         let mut from = self.front;
+        let mut rarest = None;
         while out.len() < max {
-            let rarest = self.rarest(peer_has);
+            if rarest.is_none_or(|r| self.busy.get(r)) {
+                rarest = self.rarest(peer_has);
+            }
             let lone = rarest.filter(|&i| self.availability(i) < Self::IN_ORDER_HOLDERS);
             let in_order = match lone {
                 Some(_) => None,
