@@ -40,6 +40,7 @@ use tokio::time::Instant;
 
 use super::EngineConfig;
 use super::picker::{Arrival, ConnId};
+use super::superseed::{SPREAD, Spread};
 use super::torrent::{Cmd, Phase, Refusal, Torrent, ask_for_slot, grant_next_slot};
 use super::writer::{Blocks, Writer, Written};
 use super::zstream::{BatchEncoder, Dictionary, StreamDecoder};
@@ -764,20 +765,29 @@ impl Conn {
         for &i in &new {
             st.picker.add_one(i);
         }
-        let mut all_out = false;
+        let mut spread = Spread::Rationing;
         if let Some(planner) = st.planner.as_mut() {
             for &i in &new {
                 planner.peer_has(self.id, i);
             }
-            all_out = planner.distributed();
+            spread = planner.spread();
         }
-        if all_out {
-            // Every piece is out in the swarm: stop rationing and advertise everything.
-            st.planner = None;
-            for s in st.peers.values() {
-                let _ = s.tx.send(Cmd::AdvertiseAll);
+        match spread {
+            Spread::Rationing => {}
+            Spread::Raised => {
+                // Offers aim for one more copy of each piece: every rationed peer may take more.
+                for s in st.peers.values() {
+                    let _ = s.tx.send(Cmd::Refill);
+                }
             }
-            tracing::info!(package = %self.t.name, "every piece handed out once; super-seeding ends");
+            Spread::Done => {
+                // Every piece is out in the swarm twice: stop rationing, advertise everything.
+                st.planner = None;
+                for s in st.peers.values() {
+                    let _ = s.tx.send(Cmd::AdvertiseAll);
+                }
+                tracing::info!(package = %self.t.name, copies = SPREAD, "every piece handed out; super-seeding ends");
+            }
         }
         drop(st);
         self.top_up_offers();
@@ -1234,7 +1244,7 @@ impl Conn {
         }
         let mut st = self.t.state();
         if st.planner.is_some() {
-            return; // the first copy of every piece still has to go out
+            return; // still super-seeding: the first copies of every piece are going out
         }
         let over = self.t.uploaded() as f64 >= budget * self.t.meta.length as f64;
         // A seed we parted from, or one the tracker knows, holds every piece: without this,
