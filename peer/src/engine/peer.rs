@@ -1243,8 +1243,8 @@ impl Conn {
             return;
         }
         let mut st = self.t.state();
-        if st.planner.is_some() {
-            return; // still super-seeding: the first copies of every piece are going out
+        if st.planner.as_ref().is_some_and(|p| !p.first_pass_done()) {
+            return; // the first copy of every piece still has to go out
         }
         let over = self.t.uploaded() as f64 >= budget * self.t.meta.length as f64;
         // A seed we parted from, or one the tracker knows, holds every piece: without this,

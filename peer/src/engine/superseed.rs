@@ -374,6 +374,12 @@ impl SeedPlanner {
         out
     }
 
+    /// Every piece has had a copy among the connected peers: what the seed hands out now are
+    /// second copies, which an origin over its `--origin-budget` leaves to the crowd.
+    pub fn first_pass_done(&self) -> bool {
+        self.level > 1
+    }
+
     /// Where the hand-out stands, after copies grew. Once every piece has one copy among the
     /// connected peers, offers aim for a second copy of the pieces that have one (a first copy
     /// of a piece that lost its holder still comes first); once every piece has [`SPREAD`],
@@ -578,10 +584,12 @@ mod tests {
         let unoffered = (0..8).find(|i| !s.peers[&2].advertised.get(*i)).unwrap();
         assert!(!s.requested(2, unoffered), "not advertised to this peer");
         assert_eq!(s.spread(), Spread::Rationing);
+        assert!(!s.first_pass_done());
         for i in 0..8 {
             s.peer_has(2, i);
         }
         assert_eq!(s.spread(), Spread::Raised, "every piece out once");
+        assert!(s.first_pass_done());
         assert_eq!(s.spread(), Spread::Rationing, "raised once");
         for i in 1..8 {
             s.peer_has(1, i);
