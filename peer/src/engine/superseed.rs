@@ -302,7 +302,7 @@ impl SeedPlanner {
         // piece is out, any piece this peer lacks may go to it, the fewest copies first: a
         // seed left with only second copies on their way would otherwise idle while the
         // crowd still downloads, and its uplink is part of what the crowd has.
-        let mut free: Vec<u32> = (0..self.n())
+        let free: Vec<u32> = (0..self.n())
             .filter(|&i| {
                 (self.copies[i as usize] < self.level || self.level >= SPREAD)
                     && self.pending[i as usize] == 0
@@ -311,13 +311,14 @@ impl SeedPlanner {
             })
             .collect();
         // The fewest copies first (a first copy of a piece before a second of any), each group
-        // in index order.
-        free.sort_by_key(|&i| self.copies[i as usize]);
+        // in index order (`free`'s): one pass per copy count, from the lowest, until there is
+        // no room left. This runs for every request a seed answers, and once every piece is
+        // out `free` is every piece the peer lacks; sorting it each time did not need to.
+        let count = |i: &u32| self.copies[*i as usize];
+        let mut least = free.iter().map(count).min();
         let mut out = Vec::with_capacity(room.min(free.len()));
-        for group in free.chunk_by(|&a, &b| self.copies[a as usize] == self.copies[b as usize]) {
-            if out.len() == room {
-                break;
-            }
+        while let Some(c) = least {
+            let group = free.iter().copied().filter(|i| count(i) == c);
             match order {
                 // Pieces this peer gave back come first, and those another peer gave back (and
                 // may take up again) last (see `Order::Sequential`).
@@ -327,15 +328,14 @@ impl SeedPlanner {
                         (false, 0) => 1,
                         (false, _) => 2,
                     };
-                    // One pass per rank, each stopping once there is no room left (this runs
-                    // for every request a seed answers; sorting by rank did not need to).
+                    // One pass per rank, each stopping once there is no room left.
                     for r in 0..3 {
                         let left = room - out.len();
-                        out.extend(group.iter().filter(|&&i| rank(i) == r).take(left));
+                        out.extend(group.clone().filter(|&i| rank(i) == r).take(left));
                     }
                 }
                 Order::Random => {
-                    let mut group = group.to_vec();
+                    let mut group: Vec<u32> = group.collect();
                     let mut rng = rand::rng();
                     while out.len() < room && !group.is_empty() {
                         let i = group.swap_remove(rng.random_range(0..group.len()));
@@ -343,6 +343,10 @@ impl SeedPlanner {
                     }
                 }
             }
+            if out.len() == room {
+                break;
+            }
+            least = free.iter().map(count).filter(|&k| k > c).min();
         }
         if out.len() < room {
             let mut stale: Vec<(Instant, u32)> = (0..self.n())
