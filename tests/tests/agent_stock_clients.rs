@@ -10,6 +10,8 @@
 //!   outstanding to fill a batch, instead of the few that 0.5 s at the measured rate gave.
 //! - a seed gives its upload slots to peers that say they are interested: the agent says it
 //!   is not any more once it holds the package.
+//! - a stock client hears of every piece the agent verifies; one of our own agents only of
+//!   those it lacks, when it is downloading from the agent (then a have-all at the end).
 //!
 //! Fake peers connect from 127.0.0.2 (the agent listens on 127.0.0.1), or listen on 127.0.0.1
 //! and are announced to the tracker as seeders.
@@ -24,8 +26,8 @@ use fbpkg_common::metainfo::Metainfo;
 use fbpkg_common::wire::{BlockRef, DEFAULT_MAX_MESSAGE, Message, ext};
 use fbpkg_peer::engine::{Engine, Phase, Torrent};
 use fbpkg_tests::{
-    Raw, Staged, accept_handshake, announce_as_seeder, engine, handshake_from, random_peer_id,
-    real_block, stop_tracker, wait_for,
+    Raw, Staged, accept_handshake, announce_as_seeder, engine, handshake_as, handshake_from,
+    random_peer_id, real_block, stop_tracker, wait_for,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
@@ -255,6 +257,154 @@ async fn a_seed_hears_the_agent_lose_interest_when_it_is_done() {
             .map_or_else(|e| e.contains("closed"), |()| true),
         "{ended:?}"
     );
+    leecher.stop().await;
+}
+
+/// Three peers that hold the even pieces listen while the agent downloads from a fourth: a
+/// stock client that is interested in the agent, one of our agents that is, and one of our
+/// agents that is not (as a seed would be, or an origin that counts the copies of the pieces
+/// it handed out by the `have`s it hears). The stock client and the uninterested agent hear a
+/// `have` for every piece. The interested agent hears only of the odd pieces, which it
+/// lacks, and then a `have-all`, which tells it the agent is a seed now.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_agent_downloading_hears_only_of_the_pieces_it_lacks() {
+    let leecher = Leecher::new(2 << 20).await;
+    let t = leecher.start().await;
+    let n = leecher.meta.num_pieces();
+    let mut even = Bitfield::new(n);
+    for i in (0..n).step_by(2) {
+        even.set(i);
+    }
+    let done = CancellationToken::new();
+    let mut listeners = Vec::new();
+    for (tag, interested) in [
+        (b"-XX0001-", true),
+        (b"-FB0100-", true),
+        (b"-FB0100-", false),
+    ] {
+        let mut raw = handshake_as(
+            FAKE,
+            leecher.engine.listen_addr(),
+            &leecher.meta,
+            random_peer_id(tag),
+        )
+        .await
+        .expect("the agent answers the handshake");
+        let mut out = BytesMut::new();
+        bitfield_message(&even).encode(&mut out);
+        if interested {
+            Message::Interested.encode(&mut out);
+        }
+        raw.stream.write_all(&out).await.unwrap();
+        let heard = Arc::new(Mutex::new(Vec::new()));
+        let (meta, bytes, done, h) = (
+            leecher.meta.clone(),
+            leecher.bytes.clone(),
+            done.clone(),
+            heard.clone(),
+        );
+        let task = tokio::spawn(async move {
+            serve(&mut raw, &meta, &bytes, &done, |m| {
+                h.lock().unwrap().push(m.clone())
+            })
+            .await
+        });
+        listeners.push((tag, interested, heard, task));
+    }
+    // Nothing is served until the agent has greeted every listener and unchoked those that
+    // are interested: it has read that they are.
+    for (_, interested, heard, _) in &listeners {
+        wait_for("the agent to greet the listener", DOWNLOAD_TIMEOUT, || {
+            let heard = heard.lock().unwrap().clone();
+            async move {
+                let greeted = heard.first() == Some(&Message::HaveNone);
+                if greeted && (!interested || heard.contains(&Message::Unchoke)) {
+                    Ok(())
+                } else {
+                    Err(format!("it said {heard:?}"))
+                }
+            }
+        })
+        .await;
+    }
+    let mut seed = leecher.fake_peer().await;
+    let mut out = BytesMut::new();
+    bitfield_message(&Bitfield::full(n)).encode(&mut out);
+    Message::Unchoke.encode(&mut out);
+    seed.stream.write_all(&out).await.unwrap();
+    let served = {
+        let (meta, bytes, done) = (leecher.meta.clone(), leecher.bytes.clone(), done.clone());
+        tokio::spawn(async move { serve(&mut seed, &meta, &bytes, &done, |_| {}).await })
+    };
+    leecher.finished(&t).await;
+    let haves = |heard: &[Message]| -> Vec<u32> {
+        heard
+            .iter()
+            .filter_map(|m| match m {
+                Message::Have(i) => Some(*i),
+                _ => None,
+            })
+            .collect()
+    };
+    for (tag, interested, heard, _) in &listeners {
+        let who = format!(
+            "{} ({})",
+            String::from_utf8_lossy(*tag),
+            if *interested {
+                "interested"
+            } else {
+                "not interested"
+            }
+        );
+        let withheld = tag.starts_with(b"-FB") && *interested;
+        let heard = wait_for(
+            &format!("{who} to hear of every piece"),
+            DOWNLOAD_TIMEOUT,
+            || {
+                let heard = heard.lock().unwrap().clone();
+                async move {
+                    let all =
+                        heard.contains(&Message::HaveAll) || haves(&heard).len() == n as usize;
+                    if all {
+                        Ok(heard)
+                    } else {
+                        Err(format!("it heard {heard:?}"))
+                    }
+                }
+            },
+        )
+        .await;
+        let mut told = haves(&heard);
+        told.sort_unstable();
+        if withheld {
+            let odd: Vec<u32> = (1..n).step_by(2).collect();
+            assert!(
+                told.iter().all(|i| i % 2 == 1),
+                "{who}: a have for a piece it holds: {told:?}"
+            );
+            assert!(
+                !told.is_empty(),
+                "{who}: no have at all, though it lacks {odd:?}"
+            );
+            assert_eq!(
+                heard.iter().filter(|m| **m == Message::HaveAll).count(),
+                1,
+                "{who}: one have-all"
+            );
+        } else {
+            assert_eq!(
+                told,
+                (0..n).collect::<Vec<_>>(),
+                "{who}: a have for each piece"
+            );
+            assert!(!heard.contains(&Message::HaveAll), "{who}: no have-all");
+        }
+    }
+    done.cancel();
+    for (_, _, _, task) in listeners {
+        let _ = task.await.unwrap();
+    }
+    let _ = served.await.unwrap();
     leecher.stop().await;
 }
 

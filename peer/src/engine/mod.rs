@@ -832,7 +832,7 @@ pub(crate) fn spawn_verify(t: Arc<Torrent>, index: u32) {
             (sources, st.picker.is_complete())
         };
         if ok {
-            t.broadcast(Cmd::Have(index));
+            t.broadcast_have(index, complete);
             if complete {
                 spawn_finish(t);
             } else {

@@ -221,6 +221,13 @@ impl PendingHaves {
         self.due = None;
         self.sent = Some(now);
     }
+
+    /// Drop those waiting: a `have-all` says them all.
+    fn discard(&mut self) {
+        self.buf.clear();
+        self.count = 0;
+        self.due = None;
+    }
 }
 
 /// Blocks read for upload: the encoded `piece` messages, or the read error.
@@ -589,6 +596,21 @@ impl Conn {
             Cmd::Have(i) => {
                 if !self.super_seeding {
                     self.have_later(i);
+                }
+            }
+            Cmd::HaveAll => {
+                // What was withheld from the peer (`Torrent::broadcast_have`), said at once.
+                if !self.super_seeding && !self.advertised.is_complete() {
+                    if self.fast {
+                        self.haves.discard();
+                        self.send(&Message::HaveAll);
+                        self.advertised = Bitfield::full(self.t.meta.num_pieces());
+                    } else {
+                        let have = self.t.state().picker.have().clone();
+                        for i in have.ones() {
+                            self.have_later(i);
+                        }
+                    }
                 }
             }
             Cmd::AdvertiseAll => {

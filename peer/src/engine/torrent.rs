@@ -50,6 +50,8 @@ pub enum Phase {
 pub enum Cmd {
     /// We verified a piece: tell the peer.
     Have(u32),
+    /// We verified the last piece: tell the peer of every piece it has not heard of.
+    HaveAll,
     /// Super-seeding is over: advertise everything not yet advertised.
     AdvertiseAll,
     /// Another connection delivered this block first.
@@ -1016,6 +1018,34 @@ impl Torrent {
     pub(crate) fn broadcast(&self, cmd: Cmd) {
         for slot in self.state().peers.values() {
             let _ = slot.tx.send(cmd.clone());
+        }
+    }
+
+    /// Tell the peers that we verified piece `i`, the last one if `complete`.
+    ///
+    /// Not one of our own agents that holds `i` already and is downloading from us: it cannot
+    /// want the piece, and its picker counts copies only of the pieces it lacks. In a crowd
+    /// that is about half of all `have`s, each a wake-up of the connection here, 9 bytes of
+    /// upload, and a message to decode and take through the picker on the other side. That
+    /// is a piece times every peer: 0.9 MB of each host's upload in `b3`, where a 5 Mbit/s
+    /// host uploads 24 MB in all. Once we hold every piece, a `have-all` tells the peers
+    /// that missed some that we are a seed (two seeds part; the dashboard counts seeds).
+    ///
+    /// Never withheld from a peer that is not interested in us: a seed, and above all an
+    /// origin that counts the copies of the pieces it hands out by the `have`s of the peers
+    /// it handed them to (`superseed`). Nor from a stock client, which may count on them.
+    pub(crate) fn broadcast_have(&self, i: u32, complete: bool) {
+        let st = self.state();
+        for slot in st.peers.values() {
+            let useless = slot.interested_in_us
+                && slot.bitfield.get(i)
+                && slot.peer_id.0.starts_with(super::PEER_ID_PREFIX);
+            if !useless {
+                let _ = slot.tx.send(Cmd::Have(i));
+            }
+            if complete {
+                let _ = slot.tx.send(Cmd::HaveAll);
+            }
         }
     }
 }
