@@ -600,8 +600,10 @@ impl Conn {
             }
             Cmd::HaveAll => {
                 // What was withheld from the peer (`Torrent::broadcast_have`), said at once.
+                // The last `have`s may still be on their way here when this comes: a stock
+                // client (which may take a late `have-all` for a protocol error) gets them.
                 if !self.super_seeding && !self.advertised.is_complete() {
-                    if self.fast {
+                    if self.ours && self.fast {
                         self.haves.discard();
                         self.send(&Message::HaveAll);
                         self.advertised = Bitfield::full(self.t.meta.num_pieces());
