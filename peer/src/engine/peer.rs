@@ -154,7 +154,8 @@ struct Conn {
     /// When the last block we asked for arrived.
     last_block_at: Instant,
     uploads: VecDeque<BlockRef>,
-    /// Pieces advertised to this peer (matters while super-seeding).
+    /// Pieces advertised to this peer: offered, while super-seeding; downloading, those it
+    /// heard of, which a `have-all` completes once we hold every piece (`Cmd::HaveAll`).
     advertised: Bitfield,
     super_seeding: bool,
     down_tick: u64,
