@@ -200,6 +200,13 @@ pub const MIN_UPLOAD_SLOTS: usize = 8;
 
 pub(crate) const PEER_ID_PREFIX: &[u8] = b"-FB";
 
+/// Whether `id` is one of our own agents' (they start with [`PEER_ID_PREFIX`]). Such a peer
+/// shares our compression dictionary, keeps 512 of our requests queued, is rationed by a
+/// super-seeding origin, takes a late `have-all`, and is not told of pieces it holds.
+pub(crate) fn is_ours(id: &PeerId) -> bool {
+    id.0.starts_with(PEER_ID_PREFIX)
+}
+
 fn new_peer_id() -> PeerId {
     let mut id = [0u8; 20];
     id[..8].copy_from_slice(b"-FB0100-");

@@ -128,11 +128,11 @@ struct Conn {
     /// (batches for it are then compressed with it).
     zdict: Option<Arc<Dictionary>>,
     zdict_shared: bool,
-    /// The peer is an fbpkg-rs agent (peer id prefix `-FB`).
     /// A stock peer that speaks BEP 10: it gets our extension handshake and may send its
     /// `reqq`. Our own agents skip it: they know each other's queue, and in B1 the extra
     /// message measured a second slower (eta 0.87–0.90 against 0.90–0.92).
     extended: bool,
+    /// The peer is an fbpkg-rs agent ([`super::is_ours`]).
     ours: bool,
     wbuf: BytesMut,
     /// `have`s of pieces we verified, not yet in `wbuf`.
@@ -278,7 +278,7 @@ pub(crate) async fn run(
     let _ = stream.set_nodelay(true);
     let n = t.meta.num_pieces();
     let now = started;
-    let ours = theirs.peer_id.0.starts_with(super::PEER_ID_PREFIX);
+    let ours = super::is_ours(&theirs.peer_id);
     let mut c = Conn {
         t: t.clone(),
         id,

@@ -1037,9 +1037,8 @@ impl Torrent {
     pub(crate) fn broadcast_have(&self, i: u32, complete: bool) {
         let st = self.state();
         for slot in st.peers.values() {
-            let useless = slot.interested_in_us
-                && slot.bitfield.get(i)
-                && slot.peer_id.0.starts_with(super::PEER_ID_PREFIX);
+            let useless =
+                slot.interested_in_us && slot.bitfield.get(i) && super::is_ours(&slot.peer_id);
             if !useless {
                 let _ = slot.tx.send(Cmd::Have(i));
             }
