@@ -20,6 +20,7 @@ Usage: benches/progress_spread.py out.json [--at 10,20,30] [--last 3] [--window 
 
 import argparse
 import json
+import signal
 import sys
 
 
@@ -69,7 +70,7 @@ def report(name, contender, run, at, last, window):
         print(f"  steady rate {rate * 8 / 1e6:.0f} Mbit/s ({t[a]:.0f}-{t[b]:.0f} s), "
               f"steady end {end:.2f} s")
 
-    for h in sorted(done, key=done.get)[-last:]:
+    for h in sorted(done, key=done.get)[len(done) - last:] if last else []:
         if h not in hosts:
             continue
         v = hosts[h]
@@ -85,26 +86,51 @@ def report(name, contender, run, at, last, window):
         print("    " + " ".join(samples))
 
 
+def seconds_list(text):
+    """`10,30` as [10.0, 30.0]; anything else is a usage error, not a traceback."""
+    try:
+        out = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a comma-separated list of seconds: {text!r}")
+    if not out or any(x < 0 for x in out):
+        raise argparse.ArgumentTypeError(f"want one or more seconds, none negative: {text!r}")
+    return out
+
+
+def window_pair(text):
+    out = seconds_list(text)
+    if len(out) != 2 or out[0] >= out[1]:
+        raise argparse.ArgumentTypeError(f"want two instants, the first earlier: {text!r}")
+    return out
+
+
 def main():
+    # Piped into `head`: stop quietly, as other command-line tools do.
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("report", help="a swarm_bench JSON report")
-    p.add_argument("--at", default="5,10,20,30", help="instants, in seconds")
+    p.add_argument("--at", type=seconds_list, default="5,10,20,30",
+                   help="instants, in seconds, comma-separated")
     p.add_argument("--last", type=int, default=3, help="how many of the last hosts to show")
-    p.add_argument("--window", default="10,25",
+    p.add_argument("--window", type=window_pair, default="10,25",
                    help="the window, in seconds, whose rate is the crowd's steady rate")
     args = p.parse_args()
+    if args.last < 0:
+        p.error("--last cannot be negative")
     try:
         with open(args.report) as f:
             doc = json.load(f)
     except (OSError, ValueError) as e:
         sys.exit(f"cannot read {args.report}: {e}")
-    at = [float(x) for x in args.at.split(",") if x]
-    window = [float(x) for x in args.window.split(",")][:2]
-    for sc in doc.get("scenarios", []):
-        for c in sc.get("contenders", []):
-            run = c.get("run")
-            if run:
-                report(sc["scenario"]["name"], c["contender"], run, at, args.last, window)
+    at, window = args.at, args.window
+    try:
+        for sc in doc["scenarios"]:
+            for c in sc["contenders"]:
+                if c.get("run"):
+                    report(sc["scenario"]["name"], c["contender"], c["run"], at, args.last,
+                           window)
+    except (KeyError, TypeError, IndexError, ValueError) as e:
+        sys.exit(f"{args.report} is not a swarm_bench report this reads: {e!r}")
 
 
 if __name__ == "__main__":
