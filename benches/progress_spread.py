@@ -45,6 +45,9 @@ def report(name, contender, run, at, last, window):
         print(f"{name} {contender}: no leecher finished")
         return
     full = max(v["down"][-1] for v in hosts.values())
+    if full <= 0:
+        print(f"{name} {contender}: the leechers received nothing")
+        return
     summary = run.get("summary", {})
     print(f"{name} {contender}: T_last {summary.get('t_last_secs', 0):.2f} s, "
           f"T_mean {summary.get('t_mean_secs', 0):.2f} s")
@@ -63,14 +66,14 @@ def report(name, contender, run, at, last, window):
             ranks.setdefault(h, []).append(rank)
 
     a, b = nearest(t, window[0]), nearest(t, window[1])
-    if b > a:
-        total = lambda i: sum(v["down"][i] for v in hosts.values())
+    total = lambda i: sum(v["down"][i] for v in hosts.values())
+    if t[b] > t[a] and total(b) > total(a):
         rate = (total(b) - total(a)) / (t[b] - t[a])
         end = t[b] + (total(len(t) - 1) - total(b)) / rate
         print(f"  steady rate {rate * 8 / 1e6:.0f} Mbit/s ({t[a]:.0f}-{t[b]:.0f} s), "
               f"steady end {end:.2f} s")
 
-    for h in sorted(done, key=done.get)[len(done) - last:] if last else []:
+    for h in sorted(done, key=done.get)[max(0, len(done) - last):] if last else []:
         if h not in hosts:
             continue
         v = hosts[h]
@@ -79,6 +82,8 @@ def report(name, contender, run, at, last, window):
             if t[i] < done[h] - 5 or t[i] > done[h] + 0.6:
                 continue
             dt = t[i] - t[i - 1]
+            if dt <= 0:
+                continue
             down = (v["down"][i] - v["down"][i - 1]) * 8 / dt / 1e6
             up = (v["up"][i] - v["up"][i - 1]) * 8 / dt / 1e6
             samples.append(f"{t[i]:.1f}:{down:.0f}/{up:.1f}")
