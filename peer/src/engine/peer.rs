@@ -601,8 +601,11 @@ impl Conn {
             }
             Cmd::HaveAll => {
                 // What was withheld from the peer (`Torrent::broadcast_have`), said at once.
-                // The last `have`s may still be on their way here when this comes: a stock
-                // client (which may take a late `have-all` for a protocol error) gets them.
+                // `advertised` counts `have`s still pending here, and the last piece's `Have`
+                // comes before this on the channel, so a peer nothing was withheld from (every
+                // stock client) is complete already and hears nothing more. Only our agents
+                // get a late `have-all`: BEP 6 puts it first, and a stock client may take one
+                // for a protocol error. One without the fast extension gets the `have`s.
                 if !self.super_seeding && !self.advertised.is_complete() {
                     if self.ours && self.fast {
                         self.haves.discard();
