@@ -87,6 +87,10 @@ pub fn delete_namespace(ns: &str) {
     for pid in pids.lines().filter_map(|l| l.trim().parse::<u32>().ok()) {
         procs::signal(pid, "KILL");
     }
+    // After a signal the run's own teardown and the last resort may both get here.
+    if !Path::new("/run/netns").join(ns).exists() {
+        return;
+    }
     if let Err(e) = procs::run_ok(
         Spec::new("ip netns del", None, ["ip", "netns", "del", ns]).uncancellable(),
         Duration::from_secs(10),

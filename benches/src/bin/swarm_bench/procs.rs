@@ -23,7 +23,8 @@ use fbpkg_benches::swarm::procfs::{self, TICKS_PER_SEC};
 
 /// Pids of children not yet reaped, with a label.
 static LIVE: Mutex<BTreeMap<u32, String>> = Mutex::new(BTreeMap::new());
-/// Set when the run is being torn down: no new child may start.
+/// Set when the run is being torn down: no new child may start but teardown commands
+/// ([`Spec::uncancellable`]).
 static CLOSED: AtomicBool = AtomicBool::new(false);
 /// Set by the first SIGINT or SIGTERM.
 static CANCELLED: AtomicBool = AtomicBool::new(false);
@@ -409,7 +410,8 @@ pub fn run(spec: Spec, timeout: Duration) -> anyhow::Result<Output> {
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
     let mut registry = live();
-    if CLOSED.load(Ordering::SeqCst) {
+    // Teardown commands (`ip netns del`) are what the last resort itself runs after closing.
+    if spec.cancellable && (CLOSED.load(Ordering::SeqCst) || cancelled()) {
         bail!("shutting down: not running {label}");
     }
     let mut child = cmd
