@@ -383,6 +383,24 @@ impl Proc {
     }
 }
 
+/// SIGTERM to every process, then one `grace` for all of them to exit, then SIGKILL to those
+/// still running. Each in turn with its own grace, hung agents (a deadlock, a lost signal)
+/// cost the grace once each: minutes for a crowd.
+pub fn terminate_all(procs: &mut [&mut Proc], grace: Duration) {
+    for p in procs.iter_mut() {
+        if p.poll().is_none() {
+            signal(p.pid, "TERM");
+        }
+    }
+    let deadline = Instant::now() + grace;
+    while Instant::now() < deadline && procs.iter_mut().any(|p| p.poll().is_none()) {
+        std::thread::sleep(POLL);
+    }
+    for p in procs.iter_mut() {
+        p.kill();
+    }
+}
+
 impl Drop for Proc {
     fn drop(&mut self) {
         if self.status.is_none() {
@@ -539,5 +557,29 @@ mod tests {
         let mut p = Proc::spawn(Spec::new("sleep", None, ["sleep", "30"])).unwrap();
         let s = p.terminate(Duration::from_secs(5)).unwrap();
         assert!(!s.success());
+    }
+
+    #[test]
+    fn processes_that_ignore_term_share_one_grace_then_are_killed() {
+        let deaf = || {
+            Proc::spawn(Spec::new(
+                "deaf",
+                None,
+                ["sh", "-c", "trap '' TERM; exec sleep 30"],
+            ))
+            .unwrap()
+        };
+        let (mut a, mut b, mut c, mut d) = (deaf(), deaf(), deaf(), deaf());
+        let mut quick = Proc::spawn(Spec::new("sleep", None, ["sleep", "30"])).unwrap();
+        let grace = Duration::from_secs(2);
+        let started = Instant::now();
+        terminate_all(&mut [&mut a, &mut b, &mut quick, &mut c, &mut d], grace);
+        let took = started.elapsed();
+        for p in [&mut a, &mut b, &mut c, &mut d, &mut quick] {
+            let s = p.poll().expect("reaped");
+            assert!(!s.success());
+        }
+        // One grace for all four deaf ones, not four in turn (8 s); generous for a busy machine.
+        assert!(took < grace * 3, "took {took:?}");
     }
 }

@@ -206,19 +206,6 @@ fn start_leecher(
     Proc::spawn(ctx.node(&label, host, &args))
 }
 
-/// Send SIGTERM to every process first, then wait for each: aria2 leaves gracefully (a
-/// `stopped` announce), and 49 of them one after the other would take long.
-fn stop_all(procs: &mut [&mut Proc]) {
-    for p in procs.iter_mut() {
-        if p.poll().is_none() {
-            procs::signal(p.pid, "TERM");
-        }
-    }
-    for p in procs.iter_mut() {
-        p.terminate(Duration::from_secs(10));
-    }
-}
-
 /// Run aria2.
 pub fn run(ctx: &Ctx<'_>) -> anyhow::Result<ContenderRun> {
     let version = version()?;
@@ -319,7 +306,8 @@ pub fn run(ctx: &Ctx<'_>) -> anyhow::Result<ContenderRun> {
             .chain(origins.iter_mut())
             .chain(leechers.iter_mut())
             .collect();
-        stop_all(&mut all);
+        // aria2 leaves gracefully (a `stopped` announce).
+        procs::terminate_all(&mut all, Duration::from_secs(10));
     }
     acct.record("seed", &ctx.hosts.seed.label, &mut seed);
     for (p, h) in origins.iter_mut().zip(&ctx.hosts.origins) {

@@ -102,13 +102,16 @@ pub(super) fn wait_ready(
     Ok(())
 }
 
-/// `fbpkg-rs status --json` of one agent: this package's entry.
-/// The agent's `status --json`: one entry per package it holds.
-fn status_all(ctx: &Ctx<'_>, a: &Agent) -> anyhow::Result<Value> {
+/// The agent's `status --json`: one entry per package it holds. Asked by `by` (at least a
+/// second given): the agents are asked in turn, and ones that hang must not take 15 s each.
+fn status_all(ctx: &Ctx<'_>, a: &Agent, by: Instant) -> anyhow::Result<Value> {
     let mut rest = host_flags(ctx, &a.state, &a.cache);
     rest.push("--json".into());
     let spec = Spec::new("status", Some(&a.host.ns), fbpkg(ctx, "status", rest));
-    let out = procs::run_ok(spec, Duration::from_secs(15))?;
+    let timeout = by
+        .saturating_duration_since(Instant::now())
+        .max(Duration::from_secs(1));
+    let out = procs::run_ok(spec, timeout)?;
     serde_json::from_str(&out).context("status --json")
 }
 
@@ -334,8 +337,9 @@ pub fn run(ctx: &Ctx<'_>) -> anyhow::Result<ContenderRun> {
     // with several (B5), of each in `per_agent_packages`, in the packages' order.
     let mut per_agent = BTreeMap::new();
     let mut per_agent_packages = BTreeMap::new();
+    let status_by = Instant::now() + Duration::from_secs(15);
     for a in &agents {
-        let all = match status_all(ctx, a) {
+        let all = match status_all(ctx, a, status_by) {
             Ok(all) => all,
             Err(e) => {
                 notes.push(format!("status of {}: {e:#}", a.host.label));
@@ -410,13 +414,19 @@ pub fn run(ctx: &Ctx<'_>) -> anyhow::Result<ContenderRun> {
         acct.record("client", &a.host.label, g);
         paths.push(path);
     }
+    {
+        let mut all: Vec<&mut Proc> = agents
+            .iter_mut()
+            .chain(origins.iter_mut())
+            .map(|a| &mut a.proc)
+            .collect();
+        procs::terminate_all(&mut all, Duration::from_secs(10));
+    }
     for (i, a) in agents.iter_mut().enumerate() {
-        a.proc.terminate(Duration::from_secs(10));
         let role = if i == 0 { "seed" } else { "leecher" };
         acct.record(role, &a.host.label, &mut a.proc);
     }
     for o in origins.iter_mut() {
-        o.proc.terminate(Duration::from_secs(10));
         acct.record("origin", &o.host.label, &mut o.proc);
     }
     tracker.terminate(Duration::from_secs(10));

@@ -22,7 +22,7 @@ use serde_json::Value;
 use super::fbpkg::{Agent, fbpkg, publish_with, start_agent_with, wait_ready};
 use super::{AGENT_PORT, Ctx, PACKAGE_NAME, Package};
 use crate::measure::{Accounting, Window};
-use crate::procs::{self, POLL, Spec};
+use crate::procs::{self, POLL, Proc, Spec};
 
 /// The tag the hosts follow.
 pub const TAG: &str = "prod";
@@ -253,8 +253,13 @@ fn run_inner(ctx: &Ctx<'_>, s: &Settings<'_>) -> anyhow::Result<RolloutRun> {
             Value::Null
         });
 
-    for a in agents.iter_mut().chain(seed.iter_mut()) {
-        a.proc.terminate(Duration::from_secs(10));
+    {
+        let mut all: Vec<&mut Proc> = agents
+            .iter_mut()
+            .chain(seed.iter_mut())
+            .map(|a| &mut a.proc)
+            .collect();
+        procs::terminate_all(&mut all, Duration::from_secs(10));
     }
     tracker.terminate(Duration::from_secs(10));
     // The tracker log gathers every run of the scenario; the last start is this run's.
