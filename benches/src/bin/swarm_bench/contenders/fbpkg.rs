@@ -102,6 +102,12 @@ pub(super) fn wait_ready(
     Ok(())
 }
 
+/// Stop agents together: SIGTERM to each, then one grace for all ([`procs::terminate_all`]).
+pub(super) fn stop_agents<'a>(agents: impl IntoIterator<Item = &'a mut Agent>) {
+    let mut all: Vec<&mut Proc> = agents.into_iter().map(|a| &mut a.proc).collect();
+    procs::terminate_all(&mut all, Duration::from_secs(10));
+}
+
 /// The agent's `status --json`: one entry per package it holds. Asked by `by` (at least a
 /// second given): the agents are asked in turn, and ones that hang must not take 15 s each.
 fn status_all(ctx: &Ctx<'_>, a: &Agent, by: Instant) -> anyhow::Result<Value> {
@@ -414,14 +420,7 @@ pub fn run(ctx: &Ctx<'_>) -> anyhow::Result<ContenderRun> {
         acct.record("client", &a.host.label, g);
         paths.push(path);
     }
-    {
-        let mut all: Vec<&mut Proc> = agents
-            .iter_mut()
-            .chain(origins.iter_mut())
-            .map(|a| &mut a.proc)
-            .collect();
-        procs::terminate_all(&mut all, Duration::from_secs(10));
-    }
+    stop_agents(agents.iter_mut().chain(origins.iter_mut()));
     for (i, a) in agents.iter_mut().enumerate() {
         let role = if i == 0 { "seed" } else { "leecher" };
         acct.record(role, &a.host.label, &mut a.proc);

@@ -19,10 +19,10 @@ use fbpkg_benches::swarm::rollout::{
 };
 use serde_json::Value;
 
-use super::fbpkg::{Agent, fbpkg, publish_with, start_agent_with, wait_ready};
+use super::fbpkg::{Agent, fbpkg, publish_with, start_agent_with, stop_agents, wait_ready};
 use super::{AGENT_PORT, Ctx, PACKAGE_NAME, Package};
 use crate::measure::{Accounting, Window};
-use crate::procs::{self, POLL, Proc, Spec};
+use crate::procs::{self, POLL, Spec};
 
 /// The tag the hosts follow.
 pub const TAG: &str = "prod";
@@ -253,14 +253,7 @@ fn run_inner(ctx: &Ctx<'_>, s: &Settings<'_>) -> anyhow::Result<RolloutRun> {
             Value::Null
         });
 
-    {
-        let mut all: Vec<&mut Proc> = agents
-            .iter_mut()
-            .chain(seed.iter_mut())
-            .map(|a| &mut a.proc)
-            .collect();
-        procs::terminate_all(&mut all, Duration::from_secs(10));
-    }
+    stop_agents(agents.iter_mut().chain(seed.iter_mut()));
     tracker.terminate(Duration::from_secs(10));
     // The tracker log gathers every run of the scenario; the last start is this run's.
     let tracker_phase_entered_secs = std::fs::read_to_string(ctx.log("tracker"))
