@@ -357,18 +357,8 @@ impl Proc {
 
     /// Stop it: SIGTERM, then SIGKILL after `grace`. Returns how it ended.
     pub fn terminate(&mut self, grace: Duration) -> Option<ExitStatus> {
-        if let Some(s) = self.poll() {
-            return Some(s);
-        }
-        signal(self.pid, "TERM");
-        let deadline = Instant::now() + grace;
-        while Instant::now() < deadline {
-            if let Some(s) = self.poll() {
-                return Some(s);
-            }
-            std::thread::sleep(POLL);
-        }
-        self.kill()
+        terminate_all(&mut [&mut *self], grace);
+        self.poll()
     }
 
     /// SIGKILL and reap.
