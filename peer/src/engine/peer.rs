@@ -803,6 +803,17 @@ impl Conn {
         match spread {
             Spread::Rationing => {}
             Spread::Raised => {
+                // The first pass's cost: what went out beyond one package went twice (an
+                // offer that went stale, a piece that died with its holder).
+                let uploaded = self.t.uploaded();
+                let packages = uploaded as f64 / self.t.meta.length.max(1) as f64;
+                tracing::info!(
+                    package = %self.t.name,
+                    secs = format_args!("{:.1}", self.t.age().as_secs_f64()),
+                    uploaded,
+                    packages = format_args!("{packages:.3}"),
+                    "every piece has a copy among the peers; handing out second copies"
+                );
                 // Offers aim for one more copy of each piece: every rationed peer may take more.
                 for s in st.peers.values() {
                     let _ = s.tx.send(Cmd::Refill);
