@@ -804,7 +804,8 @@ impl Conn {
             Spread::Rationing => {}
             Spread::Raised => {
                 // The first pass's cost: what went out beyond one package went twice (an
-                // offer that went stale, a piece that died with its holder).
+                // offer that went stale, a piece that died with its holder) or to a stock
+                // client, which is not rationed.
                 let uploaded = self.t.uploaded();
                 let packages = uploaded as f64 / self.t.meta.length.max(1) as f64;
                 tracing::info!(
