@@ -38,14 +38,20 @@ pub const PREFIX_LEN: u8 = 24;
 /// `burst` is the bucket: how many bytes may leave back to back at line rate. It must hold at
 /// least one MTU-sized frame; a few tens of KiB let a TCP flow keep the link busy across timer
 /// granularity without letting through visible bursts (32 KiB is 1.6 ms at 160 Mbit/s).
-/// `latency` bounds the queue: packets that would wait longer are dropped, which is the signal
-/// TCP's congestion control needs; 50 ms is about a bandwidth-delay product of queue for the
-/// rates here.
+/// `latency` sizes the queue behind the bucket: packets that do not fit are dropped, which is
+/// the signal TCP's congestion control needs. `tc` turns it into a byte limit of rate x
+/// latency + burst (iproute2's `q_tbf.c`), so the queue holds 50 ms plus the bucket: 53 ms at
+/// 80 Mbit/s with the 32 KiB bucket, but with [`Tbf::FLEET_BURST`] 76 ms at 40 Mbit/s, 102 ms
+/// at 20 and 260 ms at 5. A limit of rate x latency alone is smaller than one GSO packet at
+/// the thin rates, and a tbf drops such a packet whole: one flow through a 5 Mbit/s cap then
+/// got 4% of it (the README, "A thin uplink's first seconds"). The queue is a FIFO: this
+/// kernel has no fair-queueing qdisc (fq, fq_codel, sfq) to put under the tbf.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 pub struct Tbf {
     /// Bucket size, bytes.
     pub burst_bytes: u32,
-    /// Longest a packet may wait in the queue, milliseconds.
+    /// Queue behind the bucket, in milliseconds at the cap's rate (see above: the bucket's
+    /// bytes queue too).
     pub latency_ms: u32,
 }
 

@@ -166,7 +166,8 @@ pub struct Args {
     #[arg(long)]
     tbf_burst: Option<u32>,
 
-    /// tbf queue limit as latency, in milliseconds.
+    /// tbf queue as latency at the cap's rate, in milliseconds; tc adds the bucket's bytes to
+    /// the limit, so the queue can hold this plus the bucket's time at the rate.
     #[arg(long, default_value_t = Tbf::default().latency_ms)]
     tbf_latency_ms: u32,
 
