@@ -6,6 +6,12 @@
 //! process exists (a zombie still has it), tracker excluded; divided by N x F in GiB. Peak RSS
 //! is VmHWM of each fbpkg-rs agent, sampled every 200 ms and just before it is stopped; for
 //! librqbit each node reports its own VmHWM as it exits.
+//!
+//! With `--cpu-rounds` above 1 every contender runs once per round, the order reversed every
+//! other round, and the report adds each one's mean: what a contender pays to write its
+//! downloads into memory depends on what ran before it on a VM whose host backs memory lazily.
+//! Before the first run the mode writes and frees as much memory as a run writes, so that the
+//! first contender does not start on memory idle for longer than the others' ([`warm_memory`]).
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -14,13 +20,17 @@ use serde::Serialize;
 
 use crate::contenders::{self, Ctx, Package, Which};
 use crate::measure::ContenderRun;
-use crate::topology::LoopbackNs;
+use crate::topology::{Hosts, LoopbackNs};
 
 /// One contender's figures.
 #[derive(Debug, Serialize)]
 pub struct CpuFigures {
     /// Contender.
     pub contender: String,
+    /// Round, from 1.
+    pub round: usize,
+    /// Place in its round's order, from 1.
+    pub position: usize,
     /// CPU seconds of all its processes (tracker excluded).
     pub cpu_secs: f64,
     /// cpu_secs / (N F in GiB).
@@ -57,13 +67,74 @@ pub struct CpuReport {
     pub leechers: usize,
     /// Package bytes.
     pub package_bytes: u64,
-    /// Per contender.
+    /// Rounds.
+    pub rounds: usize,
+    /// Per contender and round, in the order they ran.
     pub contenders: Vec<CpuFigures>,
+    /// Each contender's CPU s/GiB over the rounds it completed.
+    pub means: Vec<CpuMean>,
 }
 
-fn figures(which: Which, run: anyhow::Result<ContenderRun>, n: usize, size: u64) -> CpuFigures {
+/// A contender's CPU seconds per GiB over the rounds.
+#[derive(Debug, Serialize, PartialEq)]
+pub struct CpuMean {
+    /// Contender.
+    pub contender: String,
+    /// Rounds with every leecher verified (the others are left out).
+    pub rounds: usize,
+    /// Mean CPU s/GiB.
+    pub mean: f64,
+    /// Lowest.
+    pub min: f64,
+    /// Highest.
+    pub max: f64,
+}
+
+/// The contenders of round `round` (from 0): as given, reversed in every odd round.
+fn round_order(which: &[Which], round: usize) -> Vec<Which> {
+    let mut order: Vec<Which> = which
+        .iter()
+        .copied()
+        .filter(|&w| w != Which::Http)
+        .collect();
+    if round % 2 == 1 {
+        order.reverse();
+    }
+    order
+}
+
+/// Each contender's mean over its verified rounds, in the order of `which`.
+fn means(which: &[Which], figs: &[CpuFigures]) -> Vec<CpuMean> {
+    which
+        .iter()
+        .filter_map(|w| {
+            let v: Vec<f64> = figs
+                .iter()
+                .filter(|f| f.contender == w.name() && f.all_verified && f.error.is_none())
+                .map(|f| f.cpu_secs_per_gib)
+                .collect();
+            (!v.is_empty()).then(|| CpuMean {
+                contender: w.name().to_owned(),
+                rounds: v.len(),
+                mean: v.iter().sum::<f64>() / v.len() as f64,
+                min: v.iter().copied().fold(f64::INFINITY, f64::min),
+                max: v.iter().copied().fold(f64::NEG_INFINITY, f64::max),
+            })
+        })
+        .collect()
+}
+
+fn figures(
+    which: Which,
+    (round, position): (usize, usize),
+    run: anyhow::Result<ContenderRun>,
+    n: usize,
+    size: u64,
+) -> CpuFigures {
     let mut f = CpuFigures {
         contender: which.name().to_owned(),
+        round,
+        position,
         cpu_secs: 0.0,
         cpu_secs_per_gib: 0.0,
         sys_secs: 0.0,
@@ -135,45 +206,106 @@ pub struct CpuSettings<'a> {
     pub logs: &'a std::path::Path,
     /// Label for log files (`cpu` or `rss`).
     pub label: &'a str,
+    /// Runs of each contender (see the module's doc).
+    pub rounds: usize,
 }
 
 /// Run the CPU mode.
 pub fn run(s: &CpuSettings<'_>) -> anyhow::Result<CpuReport> {
     let ns = LoopbackNs::create()?;
     let hosts = ns.hosts(s.leechers);
+    let footprint = (s.leechers as u64 + 1).saturating_mul(s.pkg.size);
+    let started = std::time::Instant::now();
+    let warmed = warm_memory(s.work, footprint);
+    eprintln!(
+        "swarm_bench: {} mode: {} of memory written and freed before the first run ({:.1} s)",
+        s.label,
+        fbpkg_benches::swarm::report::size(warmed),
+        started.elapsed().as_secs_f64()
+    );
     let mut out = Vec::new();
-    for &which in &s.which {
-        if which == Which::Http {
-            continue;
+    for round in 0..s.rounds {
+        for (i, which) in round_order(&s.which, round).into_iter().enumerate() {
+            out.push(run_one(s, &hosts, which, (round + 1, i + 1))?);
         }
-        eprintln!("swarm_bench: {} mode: {}", s.label, which.name());
-        let ctx = Ctx {
-            hosts: &hosts,
-            topo: None,
-            pkg: s.pkg,
-            more: &[],
-            fbpkg_bin: s.fbpkg_bin,
-            self_exe: s.self_exe,
-            dir: s.work.join(format!("{}-{}", s.label, which.name())),
-            logs: s.logs.to_owned(),
-            log_prefix: format!("{}-{}", s.label, which.name()),
-            deadline: Duration::from_secs(600),
-            t_kr_secs: 0.0,
-            sample_every: Duration::from_secs(1),
-            rqbit_linger: false,
-            agent_args: &[],
-            churn: None,
-            hold: None,
-        };
-        let result = contenders::run(which, &ctx);
-        crate::procs::check_cancelled()?;
-        out.push(figures(which, result, s.leechers, s.pkg.size));
     }
     Ok(CpuReport {
         leechers: s.leechers,
         package_bytes: s.pkg.size,
+        rounds: s.rounds,
+        means: means(&s.which, &out),
         contenders: out,
     })
+}
+
+/// Write up to `bytes` of zeros into a file in `dir` and remove it; how many were written.
+///
+/// A run writes its downloads into new tmpfs pages. On a VM whose host backs guest memory
+/// lazily and takes freed memory back (free page reporting), memory idle for a while costs
+/// many times a copy to write into, and memory just freed does not: without this, the first
+/// contender of a run takes the idle memory and every later one the memory the one before it
+/// freed (`benches/fresh_pages.sh` measures both). The CPU mode and every scenario call it
+/// before their first contender. Stops early, quietly, when the file system is full: what
+/// fits is warmed.
+pub fn warm_memory(dir: &std::path::Path, bytes: u64) -> u64 {
+    use std::io::Write;
+    const CHUNK: usize = 1 << 20;
+    let path = dir.join("warm-memory");
+    let mut written = 0u64;
+    if let Ok(mut f) = std::fs::File::create(&path) {
+        let zeros = vec![0u8; CHUNK];
+        while written < bytes {
+            let n = CHUNK.min(usize::try_from(bytes - written).unwrap_or(CHUNK));
+            if f.write_all(&zeros[..n]).is_err() {
+                break;
+            }
+            written += n as u64;
+        }
+    }
+    let _ = std::fs::remove_file(&path);
+    written
+}
+
+/// One contender's run in one round.
+fn run_one(
+    s: &CpuSettings<'_>,
+    hosts: &Hosts,
+    which: Which,
+    (round, position): (usize, usize),
+) -> anyhow::Result<CpuFigures> {
+    let tag = if s.rounds > 1 {
+        format!("{}-r{round}", which.name())
+    } else {
+        which.name().to_owned()
+    };
+    eprintln!("swarm_bench: {} mode: {tag}", s.label);
+    let ctx = Ctx {
+        hosts,
+        topo: None,
+        pkg: s.pkg,
+        more: &[],
+        fbpkg_bin: s.fbpkg_bin,
+        self_exe: s.self_exe,
+        dir: s.work.join(format!("{}-{tag}", s.label)),
+        logs: s.logs.to_owned(),
+        log_prefix: format!("{}-{tag}", s.label),
+        deadline: Duration::from_secs(600),
+        t_kr_secs: 0.0,
+        sample_every: Duration::from_secs(1),
+        rqbit_linger: false,
+        agent_args: &[],
+        churn: None,
+        hold: None,
+    };
+    let result = contenders::run(which, &ctx);
+    crate::procs::check_cancelled()?;
+    Ok(figures(
+        which,
+        (round, position),
+        result,
+        s.leechers,
+        s.pkg.size,
+    ))
 }
 
 fn mib(b: Option<u64>) -> String {
@@ -191,13 +323,18 @@ pub fn table(r: &CpuReport) -> String {
         fbpkg_benches::swarm::report::size(r.package_bytes)
     );
     for f in &r.contenders {
+        let name = if r.rounds > 1 {
+            format!("{} (round {}, #{})", f.contender, f.round, f.position)
+        } else {
+            f.contender.clone()
+        };
         if let Some(e) = &f.error {
-            t.push_str(&format!("| {} | error: {e} |\n", f.contender));
+            t.push_str(&format!("| {name} | error: {e} |\n"));
             continue;
         }
         t.push_str(&format!(
             "| {} | {:.1} ({:.1}) | {:.2} | {} | {} | {} | {} | {} |\n",
-            f.contender,
+            name,
             f.cpu_secs,
             f.sys_secs,
             f.cpu_secs_per_gib,
@@ -212,5 +349,97 @@ pub fn table(r: &CpuReport) -> String {
                 .unwrap_or_else(|| "-".into()),
         ));
     }
+    if r.rounds > 1 {
+        t.push_str(&format!(
+            "CPU s/GiB over {} rounds, the order reversed every other round: ",
+            r.rounds
+        ));
+        let each: Vec<String> = r
+            .means
+            .iter()
+            .map(|m| {
+                format!(
+                    "{} {:.2} ({:.2}-{:.2}, {} verified)",
+                    m.contender, m.mean, m.min, m.max, m.rounds
+                )
+            })
+            .collect();
+        t.push_str(&each.join(", "));
+        t.push('\n');
+    } else if r.contenders.len() > 1 {
+        t.push_str(
+            "One round: the contender that ran first may have paid more for fresh memory \
+             (--cpu-rounds 2 alternates the order).\n",
+        );
+    }
     t
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fig(which: Which, round: usize, per_gib: f64, verified: bool) -> CpuFigures {
+        let mut f = figures(which, (round, 1), Err(anyhow::anyhow!("x")), 8, 1 << 30);
+        f.error = None;
+        f.cpu_secs_per_gib = per_gib;
+        f.all_verified = verified;
+        f
+    }
+
+    #[test]
+    fn every_other_round_runs_the_contenders_in_reverse() {
+        let which = [Which::Fbpkg, Which::Http, Which::Rqbit, Which::Aria2];
+        let first = [Which::Fbpkg, Which::Rqbit, Which::Aria2];
+        assert_eq!(round_order(&which, 0), first);
+        let mut back = first.to_vec();
+        back.reverse();
+        assert_eq!(round_order(&which, 1), back);
+        assert_eq!(round_order(&which, 2), first);
+    }
+
+    #[test]
+    fn warming_writes_what_it_says_and_leaves_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let bytes = (3 << 20) + 5;
+        assert_eq!(warm_memory(dir.path(), bytes), bytes);
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+        let gone = dir.path().join("no-such-dir");
+        assert_eq!(
+            warm_memory(&gone, bytes),
+            0,
+            "nowhere to write: nothing warmed"
+        );
+    }
+
+    #[test]
+    fn means_leave_out_rounds_not_verified() {
+        let figs = [
+            fig(Which::Fbpkg, 1, 16.0, true),
+            fig(Which::Rqbit, 1, 13.0, true),
+            fig(Which::Rqbit, 2, 15.0, true),
+            fig(Which::Fbpkg, 2, 9.0, true),
+            fig(Which::Fbpkg, 3, 1.0, false),
+        ];
+        let m = means(&[Which::Fbpkg, Which::Rqbit, Which::Aria2], &figs);
+        assert_eq!(
+            m,
+            [
+                CpuMean {
+                    contender: "fbpkg-rs".into(),
+                    rounds: 2,
+                    mean: 12.5,
+                    min: 9.0,
+                    max: 16.0
+                },
+                CpuMean {
+                    contender: "librqbit".into(),
+                    rounds: 2,
+                    mean: 14.0,
+                    min: 13.0,
+                    max: 15.0
+                },
+            ]
+        );
+    }
 }

@@ -3,7 +3,7 @@
 use std::collections::BTreeMap;
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{Context as _, ensure};
 use fbpkg_benches::swarm::netplan::{Plan, Tbf};
@@ -472,6 +472,19 @@ fn run_scenario(c: &Common<'_>, s: &Scenario) -> anyhow::Result<ScenarioReport> 
         churn: None,
         hold: None,
     };
+    // The first contender starts on memory just freed, as every later one does.
+    let packages = s.packages as u64;
+    let footprint = (s.leechers as u64 + 1)
+        .saturating_mul(packages)
+        .saturating_mul(s.package_bytes);
+    let started = Instant::now();
+    let warmed = cpu::warm_memory(&c.work.path, footprint);
+    log_progress(&format!(
+        "{}: {} of memory written and freed before the first contender ({:.1} s)",
+        s.name,
+        report::size(warmed),
+        started.elapsed().as_secs_f64()
+    ));
     let mut entries = Vec::new();
     for &which in &c.args.contenders {
         procs::check_cancelled()?;
@@ -814,7 +827,7 @@ fn summary_table(scenarios: &[ScenarioReport], which: &[Which]) -> String {
     report::cross_table(&names, &rows)
 }
 
-fn cpu_mode(c: &Common<'_>, label: &str, size: u64) -> anyhow::Result<CpuReport> {
+fn cpu_mode(c: &Common<'_>, label: &str, size: u64, rounds: usize) -> anyhow::Result<CpuReport> {
     let dir = c.work.path.join(format!("{label}-package"));
     log_progress(&format!(
         "{label} mode: generating the package ({})",
@@ -835,6 +848,7 @@ fn cpu_mode(c: &Common<'_>, label: &str, size: u64) -> anyhow::Result<CpuReport>
         work: &c.work.path,
         logs: &c.work.logs(),
         label,
+        rounds,
     });
     let _ = std::fs::remove_dir_all(&dir);
     r
@@ -873,12 +887,12 @@ pub fn bench(args: Args) -> anyhow::Result<()> {
         reports.push(r);
     }
     let cpu = if args.cpu {
-        Some(cpu_mode(&common, "cpu", args.cpu_size)?)
+        Some(cpu_mode(&common, "cpu", args.cpu_size, args.cpu_rounds)?)
     } else {
         None
     };
     let rss = if args.rss {
-        Some(cpu_mode(&common, "rss", args.rss_size)?)
+        Some(cpu_mode(&common, "rss", args.rss_size, 1)?)
     } else {
         None
     };
