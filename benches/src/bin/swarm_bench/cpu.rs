@@ -368,8 +368,8 @@ pub fn table(r: &CpuReport) -> String {
         t.push('\n');
     } else if r.contenders.len() > 1 {
         t.push_str(
-            "One round: the contender that ran first may have paid more for fresh memory \
-             (--cpu-rounds 2 alternates the order).\n",
+            "One round, in this order (--cpu-rounds 2 runs each contender again, the order \
+             reversed, and prints each one's mean).\n",
         );
     }
     t

@@ -217,10 +217,10 @@ pub struct Args {
     cpu_size: u64,
 
     /// Runs of each contender in the CPU mode, the contenders' order reversed every other
-    /// round, and each one's mean reported. On a VM whose host backs its memory lazily, the
-    /// contender that runs first writes its downloads into slower memory (the README's
-    /// "Agent" figures: the same build measured 16.1 s/GiB first and 9.1 s/GiB second), so an
-    /// even number of rounds is what compares them fairly.
+    /// round, and each one's mean reported. The mode writes and frees a run's worth of memory
+    /// before its first run: on a VM whose host backs memory lazily, the contender that ran
+    /// first used to pay for memory left idle (16.1 s/GiB first, 9.1 second, the same build);
+    /// alternating the order shows what is left of that.
     #[arg(long, default_value_t = 1)]
     cpu_rounds: usize,
 
