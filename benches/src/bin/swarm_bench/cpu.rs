@@ -208,21 +208,25 @@ pub struct CpuSettings<'a> {
     pub label: &'a str,
     /// Runs of each contender (see the module's doc).
     pub rounds: usize,
+    /// Warm memory before the first run ([`warm_memory`]).
+    pub warm: bool,
 }
 
 /// Run the CPU mode.
 pub fn run(s: &CpuSettings<'_>) -> anyhow::Result<CpuReport> {
     let ns = LoopbackNs::create()?;
     let hosts = ns.hosts(s.leechers);
-    let footprint = (s.leechers as u64 + 1).saturating_mul(s.pkg.size);
-    let started = std::time::Instant::now();
-    let warmed = warm_memory(s.work, footprint);
-    eprintln!(
-        "swarm_bench: {} mode: {} of memory written and freed before the first run ({:.1} s)",
-        s.label,
-        fbpkg_benches::swarm::report::size(warmed),
-        started.elapsed().as_secs_f64()
-    );
+    if s.warm {
+        let footprint = (s.leechers as u64 + 1).saturating_mul(s.pkg.size);
+        let started = std::time::Instant::now();
+        let warmed = warm_memory(s.work, footprint);
+        eprintln!(
+            "swarm_bench: {} mode: {} of memory written and freed before the first run ({:.1} s)",
+            s.label,
+            fbpkg_benches::swarm::report::size(warmed),
+            started.elapsed().as_secs_f64()
+        );
+    }
     let mut out = Vec::new();
     for round in 0..s.rounds {
         for (i, which) in round_order(&s.which, round).into_iter().enumerate() {
@@ -245,7 +249,7 @@ pub fn run(s: &CpuSettings<'_>) -> anyhow::Result<CpuReport> {
 /// many times a copy to write into, and memory just freed does not: without this, the first
 /// contender of a run takes the idle memory and every later one the memory the one before it
 /// freed (`benches/fresh_pages.sh` measures both). The CPU mode and every scenario call it
-/// before their first contender. Stops early, quietly, when the file system is full: what
+/// before their first contender, unless `--no-warm-memory`. Stops early, quietly, when the file system is full: what
 /// fits is warmed.
 pub fn warm_memory(dir: &std::path::Path, bytes: u64) -> u64 {
     use std::io::Write;

@@ -198,6 +198,13 @@ pub struct Args {
     #[arg(long)]
     rqbit_linger: bool,
 
+    /// Skip writing and freeing a run's worth of memory before each scenario's (and the CPU
+    /// mode's) first contender. The warm-up makes the first contender start on memory just
+    /// freed, as the later ones do; on a machine whose memory is slow to back it can take a
+    /// minute, which a series of one contender (each run after the last) does not need.
+    #[arg(long)]
+    no_warm_memory: bool,
+
     /// Also (or, with `--scenario none`, only) measure CPU seconds per GiB delivered, on
     /// loopback, unshaped.
     #[arg(long)]

@@ -473,18 +473,19 @@ fn run_scenario(c: &Common<'_>, s: &Scenario) -> anyhow::Result<ScenarioReport> 
         hold: None,
     };
     // The first contender starts on memory just freed, as every later one does.
-    let packages = s.packages as u64;
-    let footprint = (s.leechers as u64 + 1)
-        .saturating_mul(packages)
-        .saturating_mul(s.package_bytes);
-    let started = Instant::now();
-    let warmed = cpu::warm_memory(&c.work.path, footprint);
-    log_progress(&format!(
-        "{}: {} of memory written and freed before the first contender ({:.1} s)",
-        s.name,
-        report::size(warmed),
-        started.elapsed().as_secs_f64()
-    ));
+    if !c.args.no_warm_memory {
+        let footprint = (s.leechers as u64 + 1)
+            .saturating_mul(s.packages as u64)
+            .saturating_mul(s.package_bytes);
+        let started = Instant::now();
+        let warmed = cpu::warm_memory(&c.work.path, footprint);
+        log_progress(&format!(
+            "{}: {} of memory written and freed before the first contender ({:.1} s)",
+            s.name,
+            report::size(warmed),
+            started.elapsed().as_secs_f64()
+        ));
+    }
     let mut entries = Vec::new();
     for &which in &c.args.contenders {
         procs::check_cancelled()?;
@@ -849,6 +850,7 @@ fn cpu_mode(c: &Common<'_>, label: &str, size: u64, rounds: usize) -> anyhow::Re
         logs: &c.work.logs(),
         label,
         rounds,
+        warm: !c.args.no_warm_memory,
     });
     let _ = std::fs::remove_dir_all(&dir);
     r
