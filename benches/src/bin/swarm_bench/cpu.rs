@@ -218,14 +218,7 @@ pub fn run(s: &CpuSettings<'_>) -> anyhow::Result<CpuReport> {
     let hosts = ns.hosts(s.leechers);
     if s.warm {
         let footprint = (s.leechers as u64 + 1).saturating_mul(s.pkg.size);
-        let started = std::time::Instant::now();
-        let warmed = warm_memory(s.work, footprint);
-        eprintln!(
-            "swarm_bench: {} mode: {} of memory written and freed before the first run ({:.1} s)",
-            s.label,
-            fbpkg_benches::swarm::report::size(warmed),
-            started.elapsed().as_secs_f64()
-        );
+        warm_before_first(s.work, footprint, &format!("{} mode", s.label));
     }
     let mut out = Vec::new();
     for round in 0..s.rounds {
@@ -248,10 +241,9 @@ pub fn run(s: &CpuSettings<'_>) -> anyhow::Result<CpuReport> {
 /// lazily and takes freed memory back (free page reporting), memory idle for a while costs
 /// many times a copy to write into, and memory just freed does not: without this, the first
 /// contender of a run takes the idle memory and every later one the memory the one before it
-/// freed (`benches/fresh_pages.sh` measures both). The CPU mode and every scenario call it
-/// before their first contender, unless `--no-warm-memory`. Stops early, quietly, when the file system is full: what
-/// fits is warmed.
-pub fn warm_memory(dir: &std::path::Path, bytes: u64) -> u64 {
+/// freed (`benches/fresh_pages.sh` measures both). Stops early, quietly, when the file system
+/// is full: what fits is warmed.
+fn warm_memory(dir: &std::path::Path, bytes: u64) -> u64 {
     use std::io::Write;
     const CHUNK: usize = 1 << 20;
     let path = dir.join("warm-memory");
@@ -268,6 +260,20 @@ pub fn warm_memory(dir: &std::path::Path, bytes: u64) -> u64 {
     }
     let _ = std::fs::remove_file(&path);
     written
+}
+
+/// [`warm_memory`] of `bytes` in `dir`, logged with how long it took: what the CPU mode (`what`
+/// = "cpu mode") and every scenario (its name) do before their first contender, unless
+/// `--no-warm-memory`.
+pub fn warm_before_first(dir: &std::path::Path, bytes: u64, what: &str) {
+    let started = std::time::Instant::now();
+    let warmed = warm_memory(dir, bytes);
+    eprintln!(
+        "swarm_bench: {what}: {} of memory written and freed before the first contender \
+         ({:.1} s)",
+        fbpkg_benches::swarm::report::size(warmed),
+        started.elapsed().as_secs_f64()
+    );
 }
 
 /// One contender's run in one round.

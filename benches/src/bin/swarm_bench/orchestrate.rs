@@ -3,7 +3,7 @@
 use std::collections::BTreeMap;
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, SystemTime};
 
 use anyhow::{Context as _, ensure};
 use fbpkg_benches::swarm::netplan::{Plan, Tbf};
@@ -477,14 +477,7 @@ fn run_scenario(c: &Common<'_>, s: &Scenario) -> anyhow::Result<ScenarioReport> 
         let footprint = (s.leechers as u64 + 1)
             .saturating_mul(s.packages as u64)
             .saturating_mul(s.package_bytes);
-        let started = Instant::now();
-        let warmed = cpu::warm_memory(&c.work.path, footprint);
-        log_progress(&format!(
-            "{}: {} of memory written and freed before the first contender ({:.1} s)",
-            s.name,
-            report::size(warmed),
-            started.elapsed().as_secs_f64()
-        ));
+        cpu::warm_before_first(&c.work.path, footprint, &s.name);
     }
     let mut entries = Vec::new();
     for &which in &c.args.contenders {
