@@ -82,6 +82,7 @@ mod nodes;
 mod orchestrate;
 mod procs;
 mod topology;
+mod warm;
 
 use std::path::PathBuf;
 use std::process::ExitCode;

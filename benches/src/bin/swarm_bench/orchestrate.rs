@@ -22,6 +22,7 @@ use crate::cpu::{self, CpuReport, CpuSettings};
 use crate::measure::{ContenderRun, tree_digests};
 use crate::procs;
 use crate::topology::{Topology, sysctl_in};
+use crate::warm;
 use crate::{Args, is_root};
 
 /// One contender's slot in a scenario.
@@ -477,7 +478,7 @@ fn run_scenario(c: &Common<'_>, s: &Scenario) -> anyhow::Result<ScenarioReport> 
         let footprint = (s.leechers as u64 + 1)
             .saturating_mul(s.packages as u64)
             .saturating_mul(s.package_bytes);
-        cpu::warm_before_first(&c.work.path, footprint, &s.name);
+        warm::before_first(&c.work.path, footprint, &s.name);
     }
     let mut entries = Vec::new();
     for &which in &c.args.contenders {
