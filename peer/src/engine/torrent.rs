@@ -1447,8 +1447,8 @@ pub(crate) mod tests {
                 .map(|p| *p.0)
                 .collect()
         };
-        // The median holds 20 (with 6 holding nothing): 2, 3 and 4 are far behind, 2 and 4
-        // furthest, and 2 waited longer.
+        // The median of the seven holds 16: 2 and 4, with 12 each, are far behind (3, with
+        // 16, is not), and 2 waited longer.
         assert_eq!(rotate(ids[0]), [ids[2]]);
         assert!(matches!(rxs[2].try_recv(), Ok(Cmd::Unchoke)));
         // Its slot taken back, 2 is behind 4 in line.
