@@ -1144,7 +1144,7 @@ pub(crate) fn ask_for_slot(st: &mut State, conn: ConnId) -> bool {
 /// at 30 s in seven runs of nine, and finished 0.6-4.6 s after the crowd. Fewest pieces first
 /// for every grant evened `b3` out but slowed an even crowd: every uploader picked the same
 /// few peers, a piece or two behind, whose downlinks filled while uplinks idled (`b5`: the
-/// leechers' uplinks 79-81% busy against 86%). Only a peer far behind goes ahead, and in an
+/// leechers' uplinks 78-81% busy against 85-86%). Only a peer far behind goes ahead, and in an
 /// even crowd there is none: `b3` 38.3-38.9 s over six runs against 38.6-40.2 s alternating,
 /// `b5` and `b1-48` level (README, `b3`).
 pub(crate) fn grant_next_slot(st: &mut State) -> bool {
