@@ -101,6 +101,13 @@ pub(crate) struct PeerSlot {
     pub last_useful: Instant,
 }
 
+impl PeerSlot {
+    /// Whether it still wants an upload slot it does not have: its place in the line counts.
+    fn wants_slot(&self) -> bool {
+        self.interested_in_us && !self.unchoked
+    }
+}
+
 /// A dialled connection that ends this soon after its handshake, having moved no piece data,
 /// counts as a failed dial (see [`Torrent::session_ended`]).
 pub(crate) const HANG_UP_WITHIN: Duration = Duration::from_secs(5);
@@ -783,11 +790,7 @@ impl Torrent {
         let waiting = st
             .waiting_for_slot
             .iter()
-            .filter(|c| {
-                st.peers
-                    .get(c)
-                    .is_some_and(|s| s.interested_in_us && !s.unchoked)
-            })
+            .filter(|c| st.peers.get(c).is_some_and(PeerSlot::wants_slot))
             .count();
         if waiting == 0 {
             return;
@@ -1158,11 +1161,7 @@ pub(crate) fn grant_next_slot(st: &mut State) -> bool {
         ..
     } = st;
     // Those gone, not interested any more, or served meanwhile leave the line.
-    line.retain(|c| {
-        peers
-            .get(c)
-            .is_some_and(|s| s.interested_in_us && !s.unchoked)
-    });
+    line.retain(|c| peers.get(c).is_some_and(PeerSlot::wants_slot));
     let waited = |c: &ConnId| {
         peers
             .get(c)
