@@ -1533,35 +1533,41 @@ pub(crate) mod tests {
         let ids: Vec<ConnId> = peers.iter().map(|p| p.0).collect();
 
         // Under 2 s since the torrent started: no measure yet.
-        t.count_wire(0, 10 * per_slot);
+        t.count_wire(0, per_slot);
         t.size_slots();
         assert_eq!(unchoked(&t).len(), 32);
 
-        // 5 slots' worth over the window: down to the floor of 8, the 24 held longest close.
+        // Under one slot's worth over the window: down to the floor, the longest held close.
+        let floor = MIN_UPLOAD_SLOTS;
         tokio::time::advance(Duration::from_secs(2)).await;
         t.size_slots();
-        assert_eq!(t.state().slots, MIN_UPLOAD_SLOTS);
-        assert_eq!(unchoked(&t), ids[24..32]);
+        assert_eq!(t.state().slots, floor);
+        assert_eq!(unchoked(&t), ids[32 - floor..32]);
         let (choked, opened) = told(&mut peers);
-        assert_eq!(choked, ids[..24]);
+        assert_eq!(choked, ids[..32 - floor]);
         assert!(opened.is_empty());
 
         // Nothing uploaded since: no measure, no change.
         tokio::time::advance(Duration::from_secs(3)).await;
         t.size_slots();
-        assert_eq!(t.state().slots, MIN_UPLOAD_SLOTS);
+        assert_eq!(t.state().slots, floor);
 
-        // 20 slots' worth over 2 s: 12 more open, to those who waited longest (the 8 that
-        // never had one, then the first closed).
+        // 20 slots' worth over 2 s: more open, to those who waited longest (the 8 that never
+        // had one, then the first closed).
         t.count_wire(0, 40 * per_slot);
         tokio::time::advance(Duration::from_secs(2)).await;
         t.size_slots();
         assert_eq!(t.state().slots, 20);
         let (choked, opened) = told(&mut peers);
         assert!(choked.is_empty());
-        let mut want: Vec<ConnId> = ids[..4].iter().chain(&ids[32..40]).copied().collect();
+        let reopened = 20 - floor - 8;
+        let mut want: Vec<ConnId> = ids[..reopened]
+            .iter()
+            .chain(&ids[32..40])
+            .copied()
+            .collect();
         assert_eq!(opened, want);
-        want.extend(&ids[24..32]);
+        want.extend(&ids[32 - floor..32]);
         want.sort_unstable();
         assert_eq!(unchoked(&t), want);
 
@@ -1569,10 +1575,10 @@ pub(crate) mod tests {
         {
             let mut st = t.state();
             assert!(!grant_next_slot(&mut st), "every slot is taken");
-            st.peers.get_mut(&ids[24]).unwrap().unchoked = false;
+            st.peers.get_mut(&ids[32 - floor]).unwrap().unchoked = false;
             assert!(grant_next_slot(&mut st));
         }
-        assert_eq!(told(&mut peers).1, [ids[4]]);
+        assert_eq!(told(&mut peers).1, [ids[reopened]]);
 
         // Far more than 32 slots' worth: capped at `upload_slots`.
         t.count_wire(0, 1000 * per_slot);
@@ -1620,38 +1626,47 @@ pub(crate) mod tests {
         assert_eq!(measure(&busy(&[1]), 1000), 16);
         tokio::time::advance(SHARE_WINDOW + Duration::from_secs(1)).await;
         assert_eq!(measure(&[], 1000), 32);
-        // We trickle (4 slots' worth): the floor, and no share taken from another package.
+        // We trickle (2 slots' worth): the floor, and no share taken from another package.
         step().await;
-        assert_eq!(measure(&[], 4), MIN_UPLOAD_SLOTS);
+        assert_eq!(measure(&[], 2), MIN_UPLOAD_SLOTS);
         assert_eq!(t.ctx.uploading.note(other(1), true, Instant::now()), 1);
     }
 
-    /// `min_upload_slots` is the floor: a package uploading 3 slots' worth keeps 4 of them,
-    /// one uploading 6 keeps 6 (under the default floor of 8), and with eight packages busy
-    /// at once each gets its share, 4.
+    /// `min_upload_slots` is the floor: set to 6, a package uploading 3 slots' worth keeps 6,
+    /// one uploading 9 keeps 9, two busy at once get 16 each, and eight get 6 each, not 32 / 8.
     #[tokio::test(start_paused = true)]
     async fn the_floor_is_min_upload_slots() {
         let dir = tempfile::tempdir().unwrap();
         let mut config = EngineConfig::new(dir.path().join("work"));
-        config.min_upload_slots = 4;
+        assert_ne!(
+            config.min_upload_slots, 6,
+            "the test sets a floor of its own"
+        );
+        config.min_upload_slots = 6;
         let t = torrent_with(dir.path(), Bitfield::new, config);
         let per_slot = t.ctx.config.upload_slot_rate.unwrap();
-        let measure = |slots_worth: u64| {
+        let measure = |slots_worth: u64, busy: &[u8]| {
+            for &n in busy {
+                t.ctx
+                    .uploading
+                    .note(InfoHash([n; 20]), true, Instant::now());
+            }
             t.count_wire(0, 2 * slots_worth * per_slot);
             t.size_slots();
             t.state().slots
         };
         let step = || tokio::time::advance(Duration::from_secs(2));
         step().await;
-        assert_eq!(measure(3), 4, "the floor");
+        assert_eq!(measure(3, &[]), 6, "the floor");
         step().await;
-        assert_eq!(measure(6), 6, "above the floor");
+        assert_eq!(measure(9, &[]), 9, "above the floor");
         step().await;
-        for n in 1..=7 {
-            t.ctx
-                .uploading
-                .note(InfoHash([n; 20]), true, Instant::now());
-        }
-        assert_eq!(measure(1000), 4, "eight busy: 32 / 8");
+        assert_eq!(measure(1000, &[1]), 16, "two busy: 32 / 2");
+        step().await;
+        assert_eq!(
+            measure(1000, &[1, 2, 3, 4, 5, 6, 7]),
+            6,
+            "eight busy: the floor"
+        );
     }
 }
