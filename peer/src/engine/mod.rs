@@ -185,7 +185,6 @@ pub struct Engine {
     cancel: CancellationToken,
 }
 
-/// Azureus-style client tag at the start of our peer ids.
 /// Installs kept for a slow [`Engine::installs`] subscriber.
 const INSTALLED_BACKLOG: usize = 64;
 
@@ -200,6 +199,7 @@ const INSTALLED_BACKLOG: usize = 64;
 /// slower in three pairs of three.
 pub const MIN_UPLOAD_SLOTS: usize = 8;
 
+/// Azureus-style client tag at the start of our peer ids.
 pub(crate) const PEER_ID_PREFIX: &[u8] = b"-FB";
 
 /// Whether `id` is one of our own agents' (they start with [`PEER_ID_PREFIX`]). Such a peer
