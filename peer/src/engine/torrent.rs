@@ -1113,6 +1113,9 @@ fn take_back_slot(st: &mut State, conn: ConnId) {
         s.waiting_since = Some(Instant::now());
         let _ = s.tx.send(Cmd::Choke);
     }
+    // At the back, and only there: a place it left earlier (the line is pruned lazily) would
+    // put it ahead of the peers that waited while it held the slot.
+    st.waiting_for_slot.retain(|&c| c != conn);
     st.waiting_for_slot.push_back(conn);
 }
 
@@ -1126,11 +1129,15 @@ pub(crate) fn ask_for_slot(st: &mut State, conn: ConnId) -> bool {
         if grant {
             s.unchoked = true;
             s.unchoked_at = Some(Instant::now());
+            s.waiting_since = None;
         } else if !queued {
             s.waiting_since = Some(Instant::now());
         }
     }
-    if !grant && !queued {
+    if grant && queued {
+        // A place kept from before (it lost interest while waiting, and is back): served now.
+        st.waiting_for_slot.retain(|&c| c != conn);
+    } else if !grant && !queued {
         st.waiting_for_slot.push_back(conn);
     }
     grant
@@ -1399,6 +1406,56 @@ pub(crate) mod tests {
         assert!(st.peers[&ids[1]].unchoked && !st.peers[&ids[2]].unchoked);
         assert!(matches!(rxs[1].try_recv(), Ok(Cmd::Unchoke)));
         assert!(!grant_next_slot(&mut st), "no slot free");
+    }
+
+    /// A peer that left the line (no longer interested) and asks again when a slot is free
+    /// takes it, and its old place goes: when its slot is taken back it waits behind those
+    /// who waited meanwhile, once. Its old place used to stay, so it went first again, and
+    /// counted twice among the waiting when slots rotated.
+    #[tokio::test]
+    async fn a_slot_taken_back_goes_to_the_back_of_the_line_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = torrent(dir.path(), Bitfield::new);
+        let mut ids = Vec::new();
+        let mut _rxs = Vec::new();
+        for n in 0..3u8 {
+            let (tx, rx) = mpsc::unbounded_channel();
+            _rxs.push(rx);
+            ids.push(
+                t.register(PeerId([n + 2; 20]), peer(n + 2), true, tx)
+                    .unwrap(),
+            );
+        }
+        let (a, b, c) = (ids[0], ids[1], ids[2]);
+        let mut st = t.state();
+        st.slots = 1;
+        assert!(ask_for_slot(&mut st, a));
+        assert!(!ask_for_slot(&mut st, b));
+        // B loses interest while waiting (the `NotInterested` handler), and a slot opens.
+        st.peers.get_mut(&b).unwrap().interested_in_us = false;
+        st.slots = 2;
+        assert!(
+            ask_for_slot(&mut st, b),
+            "B is back and takes the free slot"
+        );
+        assert_eq!(st.peers[&b].waiting_since, None);
+        assert!(!ask_for_slot(&mut st, c));
+        assert_eq!(st.waiting_for_slot.iter().copied().collect::<Vec<_>>(), [c]);
+        take_back_slot(&mut st, b);
+        assert_eq!(
+            st.waiting_for_slot.iter().copied().collect::<Vec<_>>(),
+            [c, b],
+            "B behind C, once"
+        );
+        assert!(grant_next_slot(&mut st));
+        assert!(st.peers[&c].unchoked && !st.peers[&b].unchoked);
+        // Taken back twice over (a rotation racing a resize), it is still in line once.
+        take_back_slot(&mut st, a);
+        take_back_slot(&mut st, a);
+        assert_eq!(
+            st.waiting_for_slot.iter().copied().collect::<Vec<_>>(),
+            [b, a]
+        );
     }
 
     /// A freed slot goes to the longest waiting, unless some waiting peer is far behind the
