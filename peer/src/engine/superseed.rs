@@ -141,8 +141,8 @@ pub const SPREAD: u32 = 2;
 /// hosts of `swarm_bench --scenario stragglers` sat idle for 3.5 s at the end waiting for
 /// pieces the two slow ones held, and finished at 31.4–34.4 s (eta_last 0.78–0.86); at 1 s,
 /// 29.2–30.1 s (0.89–0.92), with the seed's upload the same (A 1.10–1.13 against 1.05–1.15)
-/// and B1 unchanged (29.2–30.0 s against 29.3–29.5 s). In a 48-host crowd whose bound is
-/// the seed's uplink the re-offers are 5–9% of the seed's upload (32 flows of ~78 KB/s: a
+/// and B1 unchanged (29.2–30.0 s against 29.3–29.5 s). In crowds of 36 and 48 hosts whose
+/// bound is the seed's uplink the re-offers are 5–9% of the package (32 flows of ~78 KB/s: a
 /// piece takes 1–3 s to become a copy). A threshold of 1.5 times the 90th percentile of
 /// those times cut them to almost none and left the seed's uplink idle at the end of its
 /// first pass instead: no host came sooner (README, "Where the origin's extra copies come
