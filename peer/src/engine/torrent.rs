@@ -1374,10 +1374,10 @@ pub(crate) mod tests {
     /// queues.
     fn connect(t: &Torrent, n: u8) -> (Vec<ConnId>, Vec<mpsc::UnboundedReceiver<Cmd>>) {
         (0..n)
-            .map(|n| {
+            .map(|i| {
                 let (tx, rx) = mpsc::unbounded_channel();
                 let id = t
-                    .register(PeerId([n + 2; 20]), peer(n + 2), true, tx)
+                    .register(PeerId([i + 2; 20]), peer(i + 2), true, tx)
                     .unwrap();
                 (id, rx)
             })
@@ -1533,12 +1533,8 @@ pub(crate) mod tests {
         let per_slot = t.ctx.config.upload_slot_rate.unwrap();
         assert_eq!(t.ctx.config.upload_slots, 32);
         // 40 interested peers: the first 32 hold slots, got one after another; 8 wait.
-        let mut peers = Vec::new();
-        for n in 0..40u8 {
-            let (tx, rx) = mpsc::unbounded_channel();
-            let id = t
-                .register(PeerId([n + 2; 20]), peer(n + 2), true, tx)
-                .unwrap();
+        let (ids, rxs) = connect(&t, 40);
+        for (n, &id) in ids.iter().enumerate() {
             {
                 let mut st = t.state();
                 let s = st.peers.get_mut(&id).unwrap();
@@ -1550,9 +1546,9 @@ pub(crate) mod tests {
                     st.waiting_for_slot.push_back(id);
                 }
             }
-            peers.push((id, rx));
             tokio::time::advance(Duration::from_millis(10)).await;
         }
+        let mut peers: Vec<_> = ids.into_iter().zip(rxs).collect();
         let unchoked = |t: &Torrent| -> Vec<ConnId> {
             let st = t.state();
             let mut v: Vec<ConnId> = st
