@@ -44,8 +44,8 @@ pub const PREFIX_LEN: u8 = 24;
 /// 80 Mbit/s with the 32 KiB bucket, but with [`Tbf::FLEET_BURST`] 76 ms at 40 Mbit/s, 102 ms
 /// at 20 and 260 ms at 5. A limit of rate x latency alone is smaller than one GSO packet at
 /// the thin rates, and a tbf drops such a packet whole: one flow through a 5 Mbit/s cap then
-/// got 4% of it (the README, "A thin uplink's first seconds"). The queue is a FIFO: this
-/// kernel has no fair-queueing qdisc (fq, fq_codel, sfq) to put under the tbf.
+/// got 4% of it (`benches/FINDINGS.md`, "A thin uplink's first seconds"). The queue is a
+/// FIFO: this kernel has no fair-queueing qdisc (fq, fq_codel, sfq) to put under the tbf.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 pub struct Tbf {
     /// Bucket size, bytes.

@@ -194,9 +194,9 @@ const INSTALLED_BACKLOG: usize = 64;
 /// Why not fewer: a floor of 4 let a thin uplink's slots follow its rate further down (4
 /// flows at ~39 KB/s rather than 8 at ~19 KB/s on a 1.25 Mbit/s uplink), and in `b3` at a
 /// quarter of the rates the thin-uplink hosts finished 4-6 s sooner on average but the others
-/// 8-9 s later, and at full rates `b3` was ~2% slower (README, `b3`). With 128 KiB/s per
-/// slot, a floor of 4 met B4's target at a quarter of the rates but made `b1-48` 0.5 s
-/// slower in three pairs of three.
+/// 8-9 s later, and at full rates `b3` was ~2% slower (`benches/FINDINGS.md`, `b3`). With
+/// 128 KiB/s per slot, a floor of 4 met B4's target at a quarter of the rates but made
+/// `b1-48` 0.5 s slower in three pairs of three.
 pub const MIN_UPLOAD_SLOTS: usize = 8;
 
 /// Azureus-style client tag at the start of our peer ids.

@@ -72,7 +72,7 @@ pub enum Order {
     /// those not handed out yet, and its peer mostly takes it up again first). That holds for
     /// the greeting offers a peer refused a slot gives back too: left in order for the others,
     /// `b1-48`'s origin sent 1.13–1.14 copies against 1.11 (three pairs), and no host finished
-    /// sooner (README, "What held the front of the archive back").
+    /// sooner (`benches/FINDINGS.md`, "What held the front of the archive back").
     Sequential,
     /// At random, when another seed may be handing out pieces too: two seeds that know
     /// nothing of each other's offers would both hand out the same pieces in sequence.
@@ -145,8 +145,8 @@ pub const SPREAD: u32 = 2;
 /// bound is the seed's uplink the re-offers are 5–9% of the package (32 flows of ~78 KB/s: a
 /// piece takes 1–3 s to become a copy). A threshold of 1.5 times the 90th percentile of
 /// those times cut them to almost none and left the seed's uplink idle at the end of its
-/// first pass instead: no host came sooner (README, "Where the origin's extra copies come
-/// from at 48 hosts").
+/// first pass instead: no host came sooner (`benches/FINDINGS.md`, "Where the origin's
+/// extra copies come from at 48 hosts").
 const MIN_STALE: Duration = Duration::from_secs(1);
 /// Larger pieces are given the time they take at this rate (2 Mbit/s) before they count as
 /// stale: 64 s for 16 MiB.
