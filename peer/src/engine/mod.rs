@@ -196,7 +196,8 @@ const INSTALLED_BACKLOG: usize = 64;
 /// quarter of the rates the thin-uplink hosts finished 4-6 s sooner on average but the others
 /// 8-9 s later, and at full rates `b3` was ~2% slower (`benches/FINDINGS.md`, `b3`). With
 /// 128 KiB/s per slot, a floor of 4 met B4's target at a quarter of the rates but made
-/// `b1-48` 0.5 s slower in three pairs of three.
+/// `b1-48` 0.5 s slower in three pairs of three; with today's slot order and origin it no
+/// longer moves `b4` (five pairs at `6110999`'s agent).
 pub const MIN_UPLOAD_SLOTS: usize = 8;
 
 /// Azureus-style client tag at the start of our peer ids.
