@@ -1156,7 +1156,10 @@ pub(crate) fn ask_for_slot(st: &mut State, conn: ConnId) -> bool {
 /// few peers, a piece or two behind, whose downlinks filled while uplinks idled (`b5`: the
 /// leechers' uplinks 78-81% busy against 85-86%). Only a peer far behind goes ahead, and in an
 /// even crowd there is none: `b3` 38.3-38.9 s over six runs against 38.6-40.2 s alternating,
-/// `b5` and `b1-48` level (`benches/FINDINGS.md`, `b3`).
+/// `b5` and `b1-48` level (`benches/FINDINGS.md`, `b3`). In `b4` the far behind are mostly
+/// the joiners, late rather than slow; judged by pace instead (what a peer should hold at the
+/// median peer's pieces per second since it was admitted), the never-killed hosts came later
+/// in four pairs of five (`benches/FINDINGS.md`, "Far behind by its pace, not by its count").
 pub(crate) fn grant_next_slot(st: &mut State) -> bool {
     if !st.slot_free() {
         return false;

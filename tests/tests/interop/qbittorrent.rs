@@ -28,9 +28,33 @@ pub struct Qbittorrent {
     http: reqwest::Client,
 }
 
+/// Starts on fresh ports after the Web UI that answered was not ours, at most this many times.
+const START_ATTEMPTS: usize = 3;
+
 impl Qbittorrent {
     /// Start qbittorrent-nox with its profile in `dir`.
+    ///
+    /// Its ports come from [`free_port`], free a moment before it binds them, and another
+    /// test's client can take one meanwhile: then another qBittorrent's Web UI may answer on
+    /// ours. The preferences must be ours (our peer port and save path), or it is stopped and
+    /// started again on other ports.
     pub async fn start(dir: &Path) -> Result<Self, String> {
+        let mut taken = Vec::new();
+        for _ in 0..START_ATTEMPTS {
+            match Self::start_once(dir).await {
+                Ok(Ok(me)) => return Ok(me),
+                Ok(Err(why)) => taken.push(why),
+                Err(why) => return Err(why),
+            }
+        }
+        Err(format!(
+            "qBittorrent's Web UI answered for another client {START_ATTEMPTS} times:\n{}",
+            taken.join("\n")
+        ))
+    }
+
+    /// `Ok(Err(why))`: the client that answered was not ours (worth a try on other ports).
+    async fn start_once(dir: &Path) -> Result<Result<Self, String>, String> {
         let peer_port = free_port(Ipv4Addr::LOCALHOST).map_err(|e| e.to_string())?;
         let webui_port = free_port(Ipv4Addr::LOCALHOST).map_err(|e| e.to_string())?;
         let profile = dir.join("profile");
@@ -91,15 +115,21 @@ impl Qbittorrent {
         )
         .await
         .map_err(|e| format!("{e}\n{}", me.process.log_tail()))?;
+        let save_path = prefs["save_path"].as_str().unwrap_or_default();
+        if prefs["listen_port"] != peer_port
+            || Path::new(save_path.trim_end_matches('/')) != save.as_path()
+        {
+            return Ok(Err(format!(
+                "the Web UI on {} answered for a client listening on {} and saving to {}",
+                me.webui, prefs["listen_port"], prefs["save_path"]
+            )));
+        }
         for off in ["dht", "pex", "lsd", "upnp"] {
             if prefs[off] != false {
                 return Err(format!("qBittorrent started with {off} = {}", prefs[off]));
             }
         }
-        if prefs["listen_port"] != peer_port {
-            return Err(format!("qBittorrent listens on {}", prefs["listen_port"]));
-        }
-        Ok(me)
+        Ok(Ok(me))
     }
 
     /// Where it accepts peers.

@@ -38,17 +38,55 @@ pub struct Transmission {
     session_id: Mutex<String>,
 }
 
+/// Why a start did not give us a daemon of our own.
+enum StartError {
+    /// A port it was given was taken between [`free_port`] and its bind (by another test's
+    /// client, say): worth another try on other ports.
+    PortTaken(String),
+    Failed(String),
+}
+
+/// Starts on fresh ports after a port was taken, at most this many times in all.
+const START_ATTEMPTS: usize = 3;
+
 impl Transmission {
     /// Start transmission-daemon with its config in `dir`, on `addr`: loopback (`net` None)
     /// or an address inside `net`.
+    ///
+    /// The ports come from [`free_port`], free a moment before the daemon binds them: with
+    /// the tests' clients starting side by side, one can be taken meanwhile. Transmission
+    /// then runs on without it, and another daemon's RPC on the same port would answer for it
+    /// (a test once read a sibling test's seeder as its own). So the daemon must say it is
+    /// ours (its config directory) and must not have logged a failed bind, or it is stopped
+    /// and started again on other ports.
     pub async fn start(dir: &Path, net: Option<&TestNet>, addr: Ipv4Addr) -> Result<Self, String> {
+        let mut taken = Vec::new();
+        for _ in 0..START_ATTEMPTS {
+            match Self::start_once(dir, net, addr).await {
+                Ok(me) => return Ok(me),
+                Err(StartError::PortTaken(why)) => taken.push(why),
+                Err(StartError::Failed(why)) => return Err(why),
+            }
+        }
+        Err(format!(
+            "transmission-daemon found a port taken {START_ATTEMPTS} times:\n{}",
+            taken.join("\n")
+        ))
+    }
+
+    async fn start_once(
+        dir: &Path,
+        net: Option<&TestNet>,
+        addr: Ipv4Addr,
+    ) -> Result<Self, StartError> {
+        use StartError::Failed;
         // A namespace's ports are all free; on loopback ask the kernel.
-        let peer_port = free_port(Ipv4Addr::LOCALHOST).map_err(|e| e.to_string())?;
-        let rpc_port = free_port(Ipv4Addr::LOCALHOST).map_err(|e| e.to_string())?;
+        let peer_port = free_port(Ipv4Addr::LOCALHOST).map_err(|e| Failed(e.to_string()))?;
+        let rpc_port = free_port(Ipv4Addr::LOCALHOST).map_err(|e| Failed(e.to_string()))?;
         let config = dir.join("config");
         let downloads = dir.join("downloads");
         for d in [&config, &downloads] {
-            std::fs::create_dir_all(d).map_err(|e| e.to_string())?;
+            std::fs::create_dir_all(d).map_err(|e| Failed(e.to_string()))?;
         }
         let settings = json!({
             "dht-enabled": false,
@@ -81,8 +119,10 @@ impl Transmission {
             "message-level": 2,
         });
         std::fs::write(config.join("settings.json"), settings.to_string())
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| Failed(e.to_string()))?;
         let log = dir.join("transmission.log");
+        // A log of its own per try: the bind failures looked for below are this try's.
+        let _ = std::fs::remove_file(&log);
         let mut cmd = match net {
             Some(net) => net.command(BINARIES[0]),
             None => Command::new(BINARIES[0]),
@@ -92,8 +132,13 @@ impl Transmission {
             .arg(&config)
             .arg("--logfile")
             .arg(&log);
-        let process = ClientProcess::spawn("transmission-daemon", &mut cmd, dir, &[log])
-            .map_err(|e| e.to_string())?;
+        let process = ClientProcess::spawn(
+            "transmission-daemon",
+            &mut cmd,
+            dir,
+            std::slice::from_ref(&log),
+        )
+        .map_err(|e| Failed(e.to_string()))?;
         let me = Self {
             process,
             rpc_host: format!("{addr}:{rpc_port}"),
@@ -111,7 +156,18 @@ impl Transmission {
             },
         )
         .await
-        .map_err(|e| format!("{e}\n{}", me.process.log_tail()))?;
+        .map_err(|e| Failed(format!("{e}\n{}", me.process.log_tail())))?;
+        let ours = config.display().to_string();
+        if session["config-dir"].as_str() != Some(ours.as_str()) {
+            return Err(StartError::PortTaken(format!(
+                "the RPC on {} answered for config-dir {}, not {ours}",
+                me.rpc_host, session["config-dir"]
+            )));
+        }
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        if let Some(line) = text.lines().find(|l| l.contains("Couldn't bind port")) {
+            return Err(StartError::PortTaken(line.to_owned()));
+        }
         for off in [
             "dht-enabled",
             "lpd-enabled",
@@ -119,10 +175,10 @@ impl Transmission {
             "port-forwarding-enabled",
         ] {
             if session[off] != false {
-                return Err(format!(
+                return Err(Failed(format!(
                     "transmission started with {off} = {}",
                     session[off]
-                ));
+                )));
             }
         }
         Ok(me)
