@@ -96,3 +96,41 @@ impl Drop for ClientProcess {
 pub fn free_port(ip: Ipv4Addr) -> io::Result<u16> {
     Ok(TcpListener::bind((ip, 0))?.local_addr()?.port())
 }
+
+/// Why a client's start did not give the test a client of its own.
+pub enum StartError {
+    /// A port it was given was taken between [`free_port`] and its bind (by another test's
+    /// client, say), and another client may answer on it: worth a try on fresh ports.
+    PortTaken(String),
+    Failed(String),
+}
+
+impl From<String> for StartError {
+    fn from(why: String) -> Self {
+        StartError::Failed(why)
+    }
+}
+
+/// Starts on fresh ports after a port was taken, at most this many times in all.
+const START_ATTEMPTS: usize = 3;
+
+/// Run `start`, which picks its ports with [`free_port`], until it gives a client of its own:
+/// again after [`StartError::PortTaken`], at most [`START_ATTEMPTS`] times.
+pub async fn start_on_free_ports<T, F, Fut>(name: &str, mut start: F) -> Result<T, String>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, StartError>>,
+{
+    let mut taken = Vec::new();
+    for _ in 0..START_ATTEMPTS {
+        match start().await {
+            Ok(client) => return Ok(client),
+            Err(StartError::PortTaken(why)) => taken.push(why),
+            Err(StartError::Failed(why)) => return Err(why),
+        }
+    }
+    Err(format!(
+        "{name} found a port taken {START_ATTEMPTS} times:\n{}",
+        taken.join("\n")
+    ))
+}

@@ -13,7 +13,7 @@ use std::process::Command;
 
 use serde_json::Value;
 
-use super::process::{ClientProcess, free_port};
+use super::process::{ClientProcess, StartError, free_port, start_on_free_ports};
 use super::stock::Status;
 
 /// The binary, for the skip message.
@@ -28,9 +28,6 @@ pub struct Qbittorrent {
     http: reqwest::Client,
 }
 
-/// Starts on fresh ports after the Web UI that answered was not ours, at most this many times.
-const START_ATTEMPTS: usize = 3;
-
 impl Qbittorrent {
     /// Start qbittorrent-nox with its profile in `dir`.
     ///
@@ -39,22 +36,10 @@ impl Qbittorrent {
     /// ours. The preferences must be ours (our peer port and save path), or it is stopped and
     /// started again on other ports.
     pub async fn start(dir: &Path) -> Result<Self, String> {
-        let mut taken = Vec::new();
-        for _ in 0..START_ATTEMPTS {
-            match Self::start_once(dir).await {
-                Ok(Ok(me)) => return Ok(me),
-                Ok(Err(why)) => taken.push(why),
-                Err(why) => return Err(why),
-            }
-        }
-        Err(format!(
-            "qBittorrent's Web UI answered for another client {START_ATTEMPTS} times:\n{}",
-            taken.join("\n")
-        ))
+        start_on_free_ports("qbittorrent-nox", || Self::start_once(dir)).await
     }
 
-    /// `Ok(Err(why))`: the client that answered was not ours (worth a try on other ports).
-    async fn start_once(dir: &Path) -> Result<Result<Self, String>, String> {
+    async fn start_once(dir: &Path) -> Result<Self, StartError> {
         let peer_port = free_port(Ipv4Addr::LOCALHOST).map_err(|e| e.to_string())?;
         let webui_port = free_port(Ipv4Addr::LOCALHOST).map_err(|e| e.to_string())?;
         let profile = dir.join("profile");
@@ -119,17 +104,17 @@ impl Qbittorrent {
         if prefs["listen_port"] != peer_port
             || Path::new(save_path.trim_end_matches('/')) != save.as_path()
         {
-            return Ok(Err(format!(
+            return Err(StartError::PortTaken(format!(
                 "the Web UI on {} answered for a client listening on {} and saving to {}",
                 me.webui, prefs["listen_port"], prefs["save_path"]
             )));
         }
         for off in ["dht", "pex", "lsd", "upnp"] {
             if prefs[off] != false {
-                return Err(format!("qBittorrent started with {off} = {}", prefs[off]));
+                return Err(format!("qBittorrent started with {off} = {}", prefs[off]).into());
             }
         }
-        Ok(Ok(me))
+        Ok(me)
     }
 
     /// Where it accepts peers.

@@ -15,7 +15,7 @@ use std::time::Duration;
 use serde_json::{Value, json};
 
 use super::netns::TestNet;
-use super::process::{ClientProcess, free_port};
+use super::process::{ClientProcess, StartError, free_port, start_on_free_ports};
 use super::stock::{Role, Status};
 
 /// The binaries, for the skip message.
@@ -38,17 +38,6 @@ pub struct Transmission {
     session_id: Mutex<String>,
 }
 
-/// Why a start did not give us a daemon of our own.
-enum StartError {
-    /// A port it was given was taken between [`free_port`] and its bind (by another test's
-    /// client, say): worth another try on other ports.
-    PortTaken(String),
-    Failed(String),
-}
-
-/// Starts on fresh ports after a port was taken, at most this many times in all.
-const START_ATTEMPTS: usize = 3;
-
 impl Transmission {
     /// Start transmission-daemon with its config in `dir`, on `addr`: loopback (`net` None)
     /// or an address inside `net`.
@@ -60,18 +49,7 @@ impl Transmission {
     /// ours (its config directory) and must not have logged a failed bind, or it is stopped
     /// and started again on other ports.
     pub async fn start(dir: &Path, net: Option<&TestNet>, addr: Ipv4Addr) -> Result<Self, String> {
-        let mut taken = Vec::new();
-        for _ in 0..START_ATTEMPTS {
-            match Self::start_once(dir, net, addr).await {
-                Ok(me) => return Ok(me),
-                Err(StartError::PortTaken(why)) => taken.push(why),
-                Err(StartError::Failed(why)) => return Err(why),
-            }
-        }
-        Err(format!(
-            "transmission-daemon found a port taken {START_ATTEMPTS} times:\n{}",
-            taken.join("\n")
-        ))
+        start_on_free_ports("transmission-daemon", || Self::start_once(dir, net, addr)).await
     }
 
     async fn start_once(
@@ -79,14 +57,13 @@ impl Transmission {
         net: Option<&TestNet>,
         addr: Ipv4Addr,
     ) -> Result<Self, StartError> {
-        use StartError::Failed;
         // A namespace's ports are all free; on loopback ask the kernel.
-        let peer_port = free_port(Ipv4Addr::LOCALHOST).map_err(|e| Failed(e.to_string()))?;
-        let rpc_port = free_port(Ipv4Addr::LOCALHOST).map_err(|e| Failed(e.to_string()))?;
+        let peer_port = free_port(Ipv4Addr::LOCALHOST).map_err(|e| e.to_string())?;
+        let rpc_port = free_port(Ipv4Addr::LOCALHOST).map_err(|e| e.to_string())?;
         let config = dir.join("config");
         let downloads = dir.join("downloads");
         for d in [&config, &downloads] {
-            std::fs::create_dir_all(d).map_err(|e| Failed(e.to_string()))?;
+            std::fs::create_dir_all(d).map_err(|e| e.to_string())?;
         }
         let settings = json!({
             "dht-enabled": false,
@@ -119,7 +96,7 @@ impl Transmission {
             "message-level": 2,
         });
         std::fs::write(config.join("settings.json"), settings.to_string())
-            .map_err(|e| Failed(e.to_string()))?;
+            .map_err(|e| e.to_string())?;
         let log = dir.join("transmission.log");
         // A log of its own per try: the bind failures looked for below are this try's.
         let _ = std::fs::remove_file(&log);
@@ -138,7 +115,7 @@ impl Transmission {
             dir,
             std::slice::from_ref(&log),
         )
-        .map_err(|e| Failed(e.to_string()))?;
+        .map_err(|e| e.to_string())?;
         let me = Self {
             process,
             rpc_host: format!("{addr}:{rpc_port}"),
@@ -156,7 +133,7 @@ impl Transmission {
             },
         )
         .await
-        .map_err(|e| Failed(format!("{e}\n{}", me.process.log_tail())))?;
+        .map_err(|e| format!("{e}\n{}", me.process.log_tail()))?;
         let ours = config.display().to_string();
         if session["config-dir"].as_str() != Some(ours.as_str()) {
             return Err(StartError::PortTaken(format!(
@@ -175,10 +152,7 @@ impl Transmission {
             "port-forwarding-enabled",
         ] {
             if session[off] != false {
-                return Err(Failed(format!(
-                    "transmission started with {off} = {}",
-                    session[off]
-                )));
+                return Err(format!("transmission started with {off} = {}", session[off]).into());
             }
         }
         Ok(me)
