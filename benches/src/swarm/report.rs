@@ -255,11 +255,12 @@ pub struct Restarted {
     pub host: String,
     /// Seconds from the start to the kill.
     pub killed_at_secs: f64,
-    /// Bytes of verified pieces it held when killed (its agent's last word).
+    /// Bytes of the package it held when killed: fbpkg-rs's verified pieces (its agent's last
+    /// word), the bytes in aria2's file.
     pub had_bytes: u64,
     /// Seconds from the start to the restart (its new agent answering).
     pub restarted_at_secs: Option<f64>,
-    /// Payload bytes its restarted agent downloaded, when it could be asked.
+    /// Payload bytes it downloaded once restarted, when it says (aria2 does not).
     pub downloaded_after_bytes: Option<u64>,
 }
 

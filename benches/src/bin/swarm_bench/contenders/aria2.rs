@@ -18,16 +18,23 @@
 //! is given all the torrents (`--force-sequential` makes each its own download; they run at
 //! once, up to `--max-concurrent-downloads`), so aria2 shares its upload slots and
 //! bandwidth across them as it would in a fleet. The hook's path says which one finished.
+//!
+//! Churn (B4): a leecher picked to die is killed once its file holds half the package (bytes
+//! written, which aria2 may not all have checked yet) and started again, a plain `aria2c` now,
+//! with `--check-integrity=true`: it hashes what is on disk, keeps every piece that passes and
+//! fetches the rest, as a fleet's restarted host would. aria2 does not say what it downloaded
+//! after the restart, so what it fetched again is not reported.
 
 use std::collections::BTreeMap;
 use std::ffi::OsString;
-use std::os::unix::fs::PermissionsExt as _;
+use std::os::unix::fs::{MetadataExt as _, PermissionsExt as _};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context as _, bail};
+use anyhow::{Context as _, bail, ensure};
 use serde_json::{Value, json};
 
+use super::churn::{Churner, Victim};
 use super::{ARIA2_PORT, Ctx, Package, scaled};
 use crate::measure::{Accounting, ContenderRun, Done, PackageTimes, Window, outcomes};
 use crate::procs::{self, Proc, Spec, Stdout};
@@ -206,6 +213,69 @@ fn start_leecher(
     Proc::spawn(ctx.node(&label, host, &args))
 }
 
+/// A leecher in B4: its `aria2c`.
+struct Leecher<'a, 'c> {
+    ctx: &'a Ctx<'c>,
+    proc: &'a mut Proc,
+    host: &'a Endpoint,
+    pkg: &'a Package,
+    hook: &'a Path,
+}
+
+impl Victim for Leecher<'_, '_> {
+    fn host(&self) -> &str {
+        &self.host.label
+    }
+
+    fn ended(&mut self) -> bool {
+        self.proc.poll().is_some()
+    }
+
+    /// The bytes its file holds on disk (aria2 writes no more than it received: no
+    /// preallocation, and tmpfs allocates what is written).
+    fn bytes_have(&mut self) -> Option<u64> {
+        let dir = self.ctx.host_dir(self.host, "aria2").ok()?;
+        let meta = std::fs::metadata(dir.join(&self.pkg.file_name)).ok()?;
+        Some((meta.blocks() * 512).min(meta.len()))
+    }
+
+    fn kill(&mut self, acct: &mut Accounting) {
+        self.proc.kill();
+        acct.record("leecher", &self.host.label, self.proc);
+    }
+
+    /// A plain `aria2c` (it starts at once) that checks what is on disk before it fetches the
+    /// rest. Same label, so the wait loop knows it; its own logs.
+    fn restart(&mut self) -> anyhow::Result<()> {
+        let dir = self.ctx.host_dir(self.host, "aria2")?;
+        let label = self.proc.label.clone();
+        let log = self.ctx.log(&format!("{label}c-restarted"));
+        let mut argv: Vec<OsString> = vec![BINARY.into()];
+        argv.extend(flags(
+            self.ctx,
+            self.host,
+            &[self.pkg],
+            &dir,
+            self.hook,
+            &log,
+        ));
+        argv.push("--check-integrity=true".into());
+        let mut spec = Spec::new(&label, Some(&self.host.ns), argv);
+        spec.stdout = Stdout::Lines;
+        spec.stderr = Some(self.ctx.log(&format!("{label}-restarted")));
+        *self.proc = Proc::spawn(spec)?;
+        Ok(())
+    }
+
+    fn resume(&mut self) -> anyhow::Result<bool> {
+        Ok(true)
+    }
+
+    fn go(&mut self) -> anyhow::Result<()> {
+        self.proc.send_line("go")
+    }
+}
+
 /// Run aria2.
 pub fn run(ctx: &Ctx<'_>) -> anyhow::Result<ContenderRun> {
     let version = version()?;
@@ -267,15 +337,43 @@ pub fn run(ctx: &Ctx<'_>) -> anyhow::Result<ContenderRun> {
         t.elapsed().as_secs_f64(),
     );
 
+    ensure!(
+        ctx.churn.is_none() || per_host == 1,
+        "churn with many packages is not a scenario"
+    );
     let mut win = Window::open(ctx.topo, &ctx.hosts.seed.ns, ctx.sample_every)?;
     let deadline = win.t0 + ctx.deadline;
-    for p in &mut leechers {
-        p.send_line("go")?;
+    let mut churn = ctx
+        .churn
+        .map(|plan| Churner::new(plan, ctx.hosts.leechers.len(), ctx.pkg.size, win.t0));
+    for (k, p) in leechers.iter_mut().enumerate() {
+        if !ctx.churn.is_some_and(|plan| plan.joins_late(k)) {
+            p.send_line("go")?;
+        }
     }
+    let leecher_of: BTreeMap<String, usize> = leechers
+        .iter()
+        .enumerate()
+        .map(|(k, p)| (p.label.clone(), k))
+        .collect();
     // Each leecher's finish of each package (by pid): it is done when it has them all.
     let t0 = win.t0;
     let mut finished = PackageTimes::new();
     let ended = win.wait_all(&mut leechers, deadline, |p| {
+        if let (Some(c), Some(&k)) = (churn.as_mut(), leecher_of.get(&p.label)) {
+            let mut leecher = Leecher {
+                ctx,
+                proc: p,
+                host: &ctx.hosts.leechers[k],
+                pkg: ctx.pkg,
+                hook: &hook,
+            };
+            match c.step(k, &mut leecher, &mut acct) {
+                Ok(true) => {}
+                Ok(false) => return None,
+                Err(e) => notes.push(format!("churn on {}: {e:#}", p.label)),
+            }
+        }
         let times = finished
             .entry(p.pid)
             .or_insert_with(|| vec![None; per_host]);
@@ -341,6 +439,7 @@ pub fn run(ctx: &Ctx<'_>) -> anyhow::Result<ContenderRun> {
         setup_notes,
         notes,
         packages,
+        restarted: churn.map(|c| c.restarted),
         ..ctx.report("aria2", closed, acct, outcomes, None)
     })
 }

@@ -1,31 +1,39 @@
-//! B4 for fbpkg-rs: hosts die and come back during the push, and others join late.
+//! B4: hosts die and come back during the push, and others join late.
 //!
-//! While the crowd runs, each leecher picked to die is asked for its progress over its agent's
-//! control socket (from this process, no spawn: the socket is a file the namespaces share);
-//! at half the package its agent and its `get` get SIGKILL. After `restart_after` its agent
-//! starts again on the same state and cache directories (it resumes the partial download), and
-//! once it answers, a new `get` asks for the package. The late joiners' `get`s are told to go
-//! at `join_after`. Every leecher's time still counts from the common start.
+//! While the crowd runs, each leecher picked to die is asked how much of the package it holds
+//! ([`Victim::bytes_have`]); at half the package everything of it on the host gets SIGKILL.
+//! After `restart_after` it starts again on the same disk and, once it is ready, asks for the
+//! package again. The late joiners are told to go at `join_after`. Every leecher's time still
+//! counts from the common start. What killing, restarting and resuming mean is each
+//! contender's: fbpkg-rs's agent and `get` (`fbpkg.rs`), aria2's `aria2c` (`aria2.rs`).
 
-use std::io::{BufRead as _, BufReader, Write as _};
-use std::os::unix::net::UnixStream;
-use std::path::Path;
 use std::time::{Duration, Instant};
 
-use anyhow::Context as _;
 use fbpkg_benches::swarm::report::Restarted;
 use fbpkg_benches::swarm::scenario::Scenario;
-use serde_json::Value;
 
-use super::Ctx;
-use super::fbpkg::{Agent, get_argv, start_agent};
 use crate::measure::Accounting;
-use crate::procs::{Proc, Spec, Stdout};
 
 /// How often a leecher picked to die is asked for its progress.
-const PROBE_EVERY: Duration = Duration::from_millis(100);
-/// How long one control-socket exchange may take.
-const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
+pub(super) const PROBE_EVERY: Duration = Duration::from_millis(100);
+
+/// One contender's leecher, as the plan handles it.
+pub(super) trait Victim {
+    /// Its host's label.
+    fn host(&self) -> &str;
+    /// Whether its download has ended (it is not killed then).
+    fn ended(&mut self) -> bool;
+    /// Bytes of the package it holds, when it can say.
+    fn bytes_have(&mut self) -> Option<u64>;
+    /// SIGKILL every process of it, their CPU kept in `acct`.
+    fn kill(&mut self, acct: &mut Accounting);
+    /// Start it again on the same disk.
+    fn restart(&mut self) -> anyhow::Result<()>;
+    /// Once restarted: ask for the package again if it is ready to (`Ok(false)`: not yet).
+    fn resume(&mut self) -> anyhow::Result<bool>;
+    /// Start a late joiner's download.
+    fn go(&mut self) -> anyhow::Result<()>;
+}
 
 /// Which leechers die and which join late, from the scenario.
 #[derive(Debug, Clone)]
@@ -71,9 +79,9 @@ enum State {
     Steady,
     /// To be killed at half its progress; asked again at `next_probe`.
     Watching { next_probe: Instant },
-    /// Killed; its agent starts again at `restart_at`.
+    /// Killed; it starts again at `restart_at`.
     Down { restart_at: Instant, report: usize },
-    /// Its agent was started again; its `get` goes once the agent answers.
+    /// Started again; it asks for the package once it is ready to.
     Restarting { report: usize },
     /// A late joiner not yet told to go.
     Waiting,
@@ -84,14 +92,17 @@ enum State {
 pub struct Churner<'p> {
     plan: &'p Plan,
     t0: Instant,
+    /// Half the package: a leecher picked to die is killed once it holds this much.
+    half: u64,
     states: Vec<State>,
     /// The killed hosts, in the order they died.
     pub restarted: Vec<Restarted>,
 }
 
 impl<'p> Churner<'p> {
-    /// Before the start: `n` leechers, the clock starting at `t0`.
-    pub fn new(plan: &'p Plan, n: usize, t0: Instant) -> Self {
+    /// Before the start: `n` leechers of a package of `size` bytes, the clock starting at
+    /// `t0`.
+    pub fn new(plan: &'p Plan, n: usize, size: u64, t0: Instant) -> Self {
         let states = (0..n)
             .map(|k| {
                 if plan.killed.contains(&k) {
@@ -106,49 +117,54 @@ impl<'p> Churner<'p> {
         Self {
             plan,
             t0,
+            half: size / 2,
             states,
             restarted: Vec::new(),
         }
     }
 
-    /// One step for leecher `k`, whose `get` is `get` and agent `agent`. Returns whether the
-    /// `get`'s exit, if it exited, is the leecher's end (not while it is down or restarting).
+    /// One step for leecher `k`. Returns whether its process's exit, if it exited, is the
+    /// leecher's end (not while it is down or restarting).
     pub(super) fn step(
         &mut self,
-        ctx: &Ctx<'_>,
         k: usize,
-        get: &mut Proc,
-        agent: &mut Agent,
+        v: &mut impl Victim,
         acct: &mut Accounting,
     ) -> anyhow::Result<bool> {
-        let now = Instant::now();
+        self.step_at(Instant::now(), k, v, acct)
+    }
+
+    fn step_at(
+        &mut self,
+        now: Instant,
+        k: usize,
+        v: &mut impl Victim,
+        acct: &mut Accounting,
+    ) -> anyhow::Result<bool> {
         let secs = |t: Instant| t.duration_since(self.t0).as_secs_f64();
         match self.states[k] {
             State::Steady => Ok(true),
             State::Waiting => {
                 if now >= self.t0 + self.plan.join_after {
-                    get.send_line("go")?;
+                    v.go()?;
                     self.states[k] = State::Steady;
                 }
                 Ok(true)
             }
             State::Watching { next_probe } => {
-                if now < next_probe || get.poll().is_some() {
+                if now < next_probe || v.ended() {
                     return Ok(true);
                 }
-                let had = bytes_have(&agent.state, &ctx.pkg.sha256).unwrap_or(0);
-                if had < ctx.pkg.size / 2 {
+                let had = v.bytes_have().unwrap_or(0);
+                if had < self.half {
                     self.states[k] = State::Watching {
                         next_probe: now + PROBE_EVERY,
                     };
                     return Ok(true);
                 }
-                agent.proc.kill();
-                get.kill();
-                acct.record("leecher", &agent.host.label, &mut agent.proc);
-                acct.record("client", &agent.host.label, get);
+                v.kill(acct);
                 self.restarted.push(Restarted {
-                    host: agent.host.label.clone(),
+                    host: v.host().to_owned(),
                     killed_at_secs: secs(now),
                     had_bytes: had,
                     restarted_at_secs: None,
@@ -162,49 +178,20 @@ impl<'p> Churner<'p> {
             }
             State::Down { restart_at, report } => {
                 if now >= restart_at {
-                    *agent = start_agent(ctx, &agent.host.clone())?;
+                    v.restart()?;
                     self.states[k] = State::Restarting { report };
                 }
                 Ok(false)
             }
             State::Restarting { report } => {
-                if status(&agent.state).is_err() {
-                    return Ok(false);
+                if v.resume()? {
+                    self.restarted[report].restarted_at_secs = Some(secs(now));
+                    self.states[k] = State::Steady;
                 }
-                let label = get.label.clone();
-                let mut spec = Spec::new(&label, Some(&agent.host.ns), get_argv(ctx, agent));
-                spec.stdout = Stdout::Lines;
-                spec.stderr = Some(ctx.log(&label));
-                *get = Proc::spawn(spec)?;
-                self.restarted[report].restarted_at_secs = Some(secs(now));
-                self.states[k] = State::Steady;
                 Ok(false)
             }
         }
     }
-}
-
-/// The agent's `status`, over its control socket.
-fn status(state: &Path) -> anyhow::Result<Value> {
-    let sock = state.join(fbpkg_peer::agent::control::SOCKET_NAME);
-    let mut s = UnixStream::connect(&sock).with_context(|| format!("{}", sock.display()))?;
-    s.set_read_timeout(Some(PROBE_TIMEOUT))?;
-    s.set_write_timeout(Some(PROBE_TIMEOUT))?;
-    s.write_all(b"{\"op\":\"status\"}\n")?;
-    let mut line = String::new();
-    BufReader::new(s).read_line(&mut line)?;
-    serde_json::from_str(&line).context("the agent's status")
-}
-
-/// Bytes of verified pieces the agent holds of package `sha256`, if it lists it. Pieces
-/// received but not yet verified do not count: a restarted agent finds them on disk, so it may
-/// download less than the package minus this.
-fn bytes_have(state: &Path, sha256: &str) -> Option<u64> {
-    status(state).ok()?["torrents"]
-        .as_array()?
-        .iter()
-        .find(|t| t["sha256"] == sha256)?["bytes_have"]
-        .as_u64()
 }
 
 #[cfg(test)]
@@ -221,5 +208,132 @@ mod tests {
         assert_eq!(plan.restart_after, Duration::from_secs(5));
         assert_eq!(plan.join_after, Duration::from_secs_f64(6.7));
         assert!(Plan::new(&Scenario::preset("b1").unwrap(), 26.8).is_none());
+    }
+
+    /// A leecher that does what it is told and says what it holds.
+    #[derive(Default)]
+    struct Fake {
+        have: u64,
+        ended: bool,
+        kills: u32,
+        restarts: u32,
+        /// `resume` answers "not yet" this many times after a restart.
+        not_ready: u32,
+        resumed: u32,
+        gone: u32,
+    }
+
+    impl Victim for Fake {
+        fn host(&self) -> &str {
+            "l004"
+        }
+        fn ended(&mut self) -> bool {
+            self.ended
+        }
+        fn bytes_have(&mut self) -> Option<u64> {
+            Some(self.have)
+        }
+        fn kill(&mut self, _: &mut Accounting) {
+            self.kills += 1;
+        }
+        fn restart(&mut self) -> anyhow::Result<()> {
+            self.restarts += 1;
+            Ok(())
+        }
+        fn resume(&mut self) -> anyhow::Result<bool> {
+            if self.not_ready > 0 {
+                self.not_ready -= 1;
+                return Ok(false);
+            }
+            self.resumed += 1;
+            Ok(true)
+        }
+        fn go(&mut self) -> anyhow::Result<()> {
+            self.gone += 1;
+            Ok(())
+        }
+    }
+
+    const SIZE: u64 = 128 << 20;
+
+    fn b4() -> Plan {
+        Plan::new(&Scenario::preset("b4").unwrap(), 13.4).unwrap()
+    }
+
+    #[test]
+    fn a_victim_dies_at_half_the_package_and_comes_back_after_the_pause() {
+        let plan = b4();
+        let t0 = Instant::now();
+        let at = |s: f64| t0 + Duration::from_secs_f64(s);
+        let mut c = Churner::new(&plan, 36, SIZE, t0);
+        let mut acct = Accounting::default();
+        let mut v = Fake {
+            have: SIZE / 2 - 1,
+            not_ready: 2,
+            ..Fake::default()
+        };
+        // Short of half: asked again, not killed, its exit would count.
+        assert!(c.step_at(at(1.0), 3, &mut v, &mut acct).unwrap());
+        assert_eq!(v.kills, 0);
+        // Half reached, but not asked again before the probe interval is up.
+        v.have = SIZE / 2;
+        assert!(c.step_at(at(1.05), 3, &mut v, &mut acct).unwrap());
+        assert_eq!(v.kills, 0);
+        assert!(!c.step_at(at(1.2), 3, &mut v, &mut acct).unwrap());
+        assert_eq!(v.kills, 1);
+        assert_eq!(c.restarted.len(), 1);
+        assert_eq!(c.restarted[0].had_bytes, SIZE / 2);
+        assert!((c.restarted[0].killed_at_secs - 1.2).abs() < 1e-6);
+        // Down for `restart_after`: its exit is not its end, and nothing starts.
+        assert!(!c.step_at(at(6.1), 3, &mut v, &mut acct).unwrap());
+        assert_eq!(v.restarts, 0);
+        assert!(!c.step_at(at(6.2), 3, &mut v, &mut acct).unwrap());
+        assert_eq!(v.restarts, 1);
+        // Asks for the package again once it is ready, and only then counts as restarted.
+        assert!(!c.step_at(at(6.3), 3, &mut v, &mut acct).unwrap());
+        assert!(!c.step_at(at(6.4), 3, &mut v, &mut acct).unwrap());
+        assert_eq!((v.resumed, c.restarted[0].restarted_at_secs), (0, None));
+        assert!(!c.step_at(at(6.5), 3, &mut v, &mut acct).unwrap());
+        assert_eq!(v.resumed, 1);
+        assert!((c.restarted[0].restarted_at_secs.unwrap() - 6.5).abs() < 1e-6);
+        // Then it is like any other: never killed twice.
+        assert!(c.step_at(at(9.0), 3, &mut v, &mut acct).unwrap());
+        assert_eq!((v.kills, v.restarts, v.resumed), (1, 1, 1));
+    }
+
+    #[test]
+    fn a_victim_done_before_half_is_spared_and_the_others_are_left_alone() {
+        let plan = b4();
+        let t0 = Instant::now();
+        let mut c = Churner::new(&plan, 36, SIZE, t0);
+        let mut acct = Accounting::default();
+        let mut done = Fake {
+            have: SIZE,
+            ended: true,
+            ..Fake::default()
+        };
+        assert!(c.step_at(t0, 7, &mut done, &mut acct).unwrap());
+        let mut steady = Fake {
+            have: SIZE,
+            ..Fake::default()
+        };
+        assert!(c.step_at(t0, 0, &mut steady, &mut acct).unwrap());
+        assert_eq!((done.kills, steady.kills, steady.gone), (0, 0, 0));
+        assert!(c.restarted.is_empty());
+    }
+
+    #[test]
+    fn a_joiner_goes_once_at_half_the_bound() {
+        let plan = b4();
+        let t0 = Instant::now();
+        let at = |s: f64| t0 + Duration::from_secs_f64(s);
+        let mut c = Churner::new(&plan, 36, SIZE, t0);
+        let mut acct = Accounting::default();
+        let mut v = Fake::default();
+        assert!(c.step_at(at(6.6), 32, &mut v, &mut acct).unwrap());
+        assert_eq!(v.gone, 0);
+        assert!(c.step_at(at(6.7), 32, &mut v, &mut acct).unwrap());
+        assert!(c.step_at(at(7.0), 32, &mut v, &mut acct).unwrap());
+        assert_eq!((v.gone, v.kills), (1, 0));
     }
 }

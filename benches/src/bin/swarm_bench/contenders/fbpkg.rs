@@ -5,13 +5,15 @@
 
 use std::collections::BTreeMap;
 use std::ffi::OsString;
+use std::io::{BufRead as _, BufReader, Write as _};
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail, ensure};
 use serde_json::{Value, json};
 
-use super::churn::Churner;
+use super::churn::{Churner, Victim};
 use super::{AGENT_PORT, Ctx, Package, scaled};
 use crate::measure::{
     Accounting, ContenderRun, Done, PackageFinish, Window, combine_ended, combine_verified,
@@ -45,7 +47,7 @@ pub(super) fn fbpkg(ctx: &Ctx<'_>, cmd: &str, rest: Vec<OsString>) -> Vec<OsStri
     argv
 }
 
-pub(super) fn start_agent(ctx: &Ctx<'_>, host: &Endpoint) -> anyhow::Result<Agent> {
+fn start_agent(ctx: &Ctx<'_>, host: &Endpoint) -> anyhow::Result<Agent> {
     start_agent_with(ctx, host, Vec::new())
 }
 
@@ -181,7 +183,7 @@ fn start_get(ctx: &Ctx<'_>, a: &Agent) -> anyhow::Result<Proc> {
 }
 
 /// `fbpkg-rs get <pkg>:<sha256> --json` on `a`'s host.
-pub(super) fn get_argv(ctx: &Ctx<'_>, a: &Agent) -> Vec<OsString> {
+fn get_argv(ctx: &Ctx<'_>, a: &Agent) -> Vec<OsString> {
     let mut rest: Vec<OsString> = vec![
         format!("{}:{}", ctx.pkg.name, ctx.pkg.sha256).into(),
         "--json".into(),
@@ -230,6 +232,87 @@ fn fetch_held(ctx: &Ctx<'_>, agents: &mut [Agent]) -> anyhow::Result<f64> {
         }
     }
     Ok(start.elapsed().as_secs_f64())
+}
+
+/// A leecher in B4: its agent and its `get`.
+struct Leecher<'a, 'c> {
+    ctx: &'a Ctx<'c>,
+    get: &'a mut Proc,
+    agent: &'a mut Agent,
+}
+
+impl Victim for Leecher<'_, '_> {
+    fn host(&self) -> &str {
+        &self.agent.host.label
+    }
+
+    fn ended(&mut self) -> bool {
+        self.get.poll().is_some()
+    }
+
+    fn bytes_have(&mut self) -> Option<u64> {
+        bytes_have(&self.agent.state, &self.ctx.pkg.sha256)
+    }
+
+    fn kill(&mut self, acct: &mut Accounting) {
+        self.agent.proc.kill();
+        self.get.kill();
+        acct.record("leecher", &self.agent.host.label, &mut self.agent.proc);
+        acct.record("client", &self.agent.host.label, self.get);
+    }
+
+    /// Its agent, on the same state and cache directories: it resumes the partial download.
+    fn restart(&mut self) -> anyhow::Result<()> {
+        *self.agent = start_agent(self.ctx, &self.agent.host.clone())?;
+        Ok(())
+    }
+
+    /// A new `get`, once the agent answers on its control socket.
+    fn resume(&mut self) -> anyhow::Result<bool> {
+        if status(&self.agent.state).is_err() {
+            return Ok(false);
+        }
+        let label = self.get.label.clone();
+        let mut spec = Spec::new(
+            &label,
+            Some(&self.agent.host.ns),
+            get_argv(self.ctx, self.agent),
+        );
+        spec.stdout = Stdout::Lines;
+        spec.stderr = Some(self.ctx.log(&label));
+        *self.get = Proc::spawn(spec)?;
+        Ok(true)
+    }
+
+    fn go(&mut self) -> anyhow::Result<()> {
+        self.get.send_line("go")
+    }
+}
+
+/// How long one control-socket exchange may take.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// The agent's `status`, over its control socket.
+fn status(state: &Path) -> anyhow::Result<Value> {
+    let sock = state.join(fbpkg_peer::agent::control::SOCKET_NAME);
+    let mut s = UnixStream::connect(&sock).with_context(|| format!("{}", sock.display()))?;
+    s.set_read_timeout(Some(PROBE_TIMEOUT))?;
+    s.set_write_timeout(Some(PROBE_TIMEOUT))?;
+    s.write_all(b"{\"op\":\"status\"}\n")?;
+    let mut line = String::new();
+    BufReader::new(s).read_line(&mut line)?;
+    serde_json::from_str(&line).context("the agent's status")
+}
+
+/// Bytes of verified pieces the agent holds of package `sha256`, if it lists it. Pieces
+/// received but not yet verified do not count: a restarted agent finds them on disk, so it may
+/// download less than the package minus this.
+fn bytes_have(state: &Path, sha256: &str) -> Option<u64> {
+    status(state).ok()?["torrents"]
+        .as_array()?
+        .iter()
+        .find(|t| t["sha256"] == sha256)?["bytes_have"]
+        .as_u64()
 }
 
 /// Run fbpkg-rs.
@@ -302,7 +385,7 @@ pub fn run(ctx: &Ctx<'_>) -> anyhow::Result<ContenderRun> {
     let deadline = win.t0 + ctx.deadline;
     let mut churn = ctx
         .churn
-        .map(|plan| Churner::new(plan, ctx.hosts.leechers.len(), win.t0));
+        .map(|plan| Churner::new(plan, ctx.hosts.leechers.len(), ctx.pkg.size, win.t0));
     for (k, g) in gets.iter_mut().enumerate() {
         if !ctx.churn.is_some_and(|plan| plan.joins_late(k)) {
             g.send_line("go")?;
@@ -327,7 +410,12 @@ pub fn run(ctx: &Ctx<'_>) -> anyhow::Result<ContenderRun> {
                 }
             }
             if let (Some(c), Some(&k)) = (churn.as_mut(), leecher_of.get(&p.label)) {
-                match c.step(ctx, k, p, &mut agents[1 + k], acct) {
+                let mut leecher = Leecher {
+                    ctx,
+                    get: p,
+                    agent: &mut agents[1 + k],
+                };
+                match c.step(k, &mut leecher, acct) {
                     Ok(true) => {}
                     Ok(false) => return None,
                     Err(e) => notes.push(format!("churn on {}: {e:#}", p.label)),
