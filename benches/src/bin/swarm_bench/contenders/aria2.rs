@@ -31,10 +31,10 @@ use std::os::unix::fs::{MetadataExt as _, PermissionsExt as _};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context as _, bail, ensure};
+use anyhow::{Context as _, bail};
 use serde_json::{Value, json};
 
-use super::churn::{Churner, Victim};
+use super::churn::{self, Victim};
 use super::{ARIA2_PORT, Ctx, Package, scaled};
 use crate::measure::{Accounting, ContenderRun, Done, PackageTimes, Window, outcomes};
 use crate::procs::{self, Proc, Spec, Stdout};
@@ -337,30 +337,16 @@ pub fn run(ctx: &Ctx<'_>) -> anyhow::Result<ContenderRun> {
         t.elapsed().as_secs_f64(),
     );
 
-    ensure!(
-        ctx.churn.is_none() || per_host == 1,
-        "churn with many packages is not a scenario"
-    );
     let mut win = Window::open(ctx.topo, &ctx.hosts.seed.ns, ctx.sample_every)?;
     let deadline = win.t0 + ctx.deadline;
-    let mut churn = ctx
-        .churn
-        .map(|plan| Churner::new(plan, ctx.hosts.leechers.len(), ctx.pkg.size, win.t0));
-    for (k, p) in leechers.iter_mut().enumerate() {
-        if !ctx.churn.is_some_and(|plan| plan.joins_late(k)) {
-            p.send_line("go")?;
-        }
-    }
-    let leecher_of: BTreeMap<String, usize> = leechers
-        .iter()
-        .enumerate()
-        .map(|(k, p)| (p.label.clone(), k))
-        .collect();
+    let mut churn = churn::start(ctx, &mut leechers, win.t0)?;
     // Each leecher's finish of each package (by pid): it is done when it has them all.
     let t0 = win.t0;
     let mut finished = PackageTimes::new();
     let ended = win.wait_all(&mut leechers, deadline, |p| {
-        if let (Some(c), Some(&k)) = (churn.as_mut(), leecher_of.get(&p.label)) {
+        if let Some(c) = churn.as_mut()
+            && let Some(k) = c.leecher(&p.label)
+        {
             let mut leecher = Leecher {
                 ctx,
                 proc: p,

@@ -7,12 +7,16 @@
 //! counts from the common start. What killing, restarting and resuming mean is each
 //! contender's: fbpkg-rs's agent and `get` (`fbpkg.rs`), aria2's `aria2c` (`aria2.rs`).
 
+use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
+use anyhow::ensure;
 use fbpkg_benches::swarm::report::Restarted;
 use fbpkg_benches::swarm::scenario::Scenario;
 
+use super::Ctx;
 use crate::measure::Accounting;
+use crate::procs::Proc;
 
 /// How often a leecher picked to die is asked for its progress.
 pub(super) const PROBE_EVERY: Duration = Duration::from_millis(100);
@@ -95,8 +99,38 @@ pub struct Churner<'p> {
     /// Half the package: a leecher picked to die is killed once it holds this much.
     half: u64,
     states: Vec<State>,
+    /// Each leecher's process label, to its index.
+    index: BTreeMap<String, usize>,
     /// The killed hosts, in the order they died.
     pub restarted: Vec<Restarted>,
+}
+
+/// At the start instant `t0`: tell every leecher but the plan's late joiners to go, and make
+/// the plan's churner (none when the scenario has no churn). `leechers` are the processes the
+/// crowd's wait loop watches, one per leecher, in host order.
+pub(super) fn start<'p>(
+    ctx: &Ctx<'p>,
+    leechers: &mut [Proc],
+    t0: Instant,
+) -> anyhow::Result<Option<Churner<'p>>> {
+    ensure!(
+        ctx.churn.is_none() || ctx.more.is_empty(),
+        "churn with many packages is not a scenario"
+    );
+    for (k, p) in leechers.iter_mut().enumerate() {
+        if !ctx.churn.is_some_and(|plan| plan.joins_late(k)) {
+            p.send_line("go")?;
+        }
+    }
+    Ok(ctx.churn.map(|plan| {
+        let mut c = Churner::new(plan, leechers.len(), ctx.pkg.size, t0);
+        c.index = leechers
+            .iter()
+            .enumerate()
+            .map(|(k, p)| (p.label.clone(), k))
+            .collect();
+        c
+    }))
 }
 
 impl<'p> Churner<'p> {
@@ -119,8 +153,14 @@ impl<'p> Churner<'p> {
             t0,
             half: size / 2,
             states,
+            index: BTreeMap::new(),
             restarted: Vec::new(),
         }
+    }
+
+    /// Which leecher the process labelled `label` is, if one.
+    pub fn leecher(&self, label: &str) -> Option<usize> {
+        self.index.get(label).copied()
     }
 
     /// One step for leecher `k`. Returns whether its process's exit, if it exited, is the

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, bail, ensure};
 use serde_json::{Value, json};
 
-use super::churn::{Churner, Victim};
+use super::churn::{self, Victim};
 use super::{AGENT_PORT, Ctx, Package, scaled};
 use crate::measure::{
     Accounting, ContenderRun, Done, PackageFinish, Window, combine_ended, combine_verified,
@@ -377,27 +377,12 @@ pub fn run(ctx: &Ctx<'_>) -> anyhow::Result<ContenderRun> {
             l.contains("\"ready\"")
         })?;
     }
-    ensure!(
-        ctx.churn.is_none() || per_host == 1,
-        "churn with many packages is not a scenario"
-    );
     let mut win = Window::open(ctx.topo, &ctx.hosts.seed.ns, ctx.sample_every)?;
     let deadline = win.t0 + ctx.deadline;
-    let mut churn = ctx
-        .churn
-        .map(|plan| Churner::new(plan, ctx.hosts.leechers.len(), ctx.pkg.size, win.t0));
-    for (k, g) in gets.iter_mut().enumerate() {
-        if !ctx.churn.is_some_and(|plan| plan.joins_late(k)) {
-            g.send_line("go")?;
-        }
-    }
+    // One `get` per leecher when there is churn (one package), so `gets` is in host order.
+    let mut churn = churn::start(ctx, &mut gets, win.t0)?;
     let spawned_secs = win.secs(Instant::now());
     let mut next_rss = Instant::now();
-    let leecher_of: BTreeMap<String, usize> = gets
-        .iter()
-        .enumerate()
-        .map(|(k, g)| (g.label.clone(), k))
-        .collect();
     let ended = {
         let agents = &mut agents;
         let acct = &mut acct;
@@ -409,7 +394,9 @@ pub fn run(ctx: &Ctx<'_>) -> anyhow::Result<ContenderRun> {
                     a.proc.sample_memory();
                 }
             }
-            if let (Some(c), Some(&k)) = (churn.as_mut(), leecher_of.get(&p.label)) {
+            if let Some(c) = churn.as_mut()
+                && let Some(k) = c.leecher(&p.label)
+            {
                 let mut leecher = Leecher {
                     ctx,
                     get: p,
