@@ -19,7 +19,7 @@ use crate::measure::Accounting;
 use crate::procs::Proc;
 
 /// How often a leecher picked to die is asked for its progress.
-pub(super) const PROBE_EVERY: Duration = Duration::from_millis(100);
+const PROBE_EVERY: Duration = Duration::from_millis(100);
 
 /// One contender's leecher, as the plan handles it.
 pub(super) trait Victim {
@@ -44,7 +44,7 @@ pub(super) trait Victim {
 pub struct Plan {
     /// Leechers (0-based, host order) killed at half their progress and restarted.
     pub killed: Vec<usize>,
-    /// Leechers (0-based) whose `get` starts late.
+    /// Leechers (0-based) whose download starts late.
     pub joiners: Vec<usize>,
     /// From a kill to the restart.
     pub restart_after: Duration,
