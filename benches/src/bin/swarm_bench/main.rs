@@ -16,10 +16,10 @@
 //! `pkg2..pkg4`, every leecher asks for all of them at once, and each contender reports each
 //! package's finish per host (every contender); `stragglers` gives two of B1's
 //! eight leechers a quarter of the download rate and reports the others' eta_last against
-//! T_KR and each straggler's time against its own bound; `b4` (fbpkg-rs and aria2) kills a
-//! quarter of the leechers (fbpkg-rs's agent and `get`, aria2's `aria2c`) at half their progress
-//! and starts them again 5 s later on the same disk, and starts 4 more hosts at T_KR / 2 (see
-//! `contenders::churn`). aria2 is Debian's `aria2c`.
+//! T_KR and each straggler's time against its own bound; `b4` (every contender but the
+//! fan-out) kills a quarter of the leechers (fbpkg-rs's agent and `get`, aria2's `aria2c`,
+//! librqbit's node) at half their progress and starts them again 5 s later on the same disk,
+//! and starts 4 more hosts at T_KR / 2 (see `contenders::churn`). aria2 is Debian's `aria2c`.
 //!
 //! Per scenario: remove leftovers of a crashed run; build N+2 host namespaces and a switch
 //! namespace (see `fbpkg_benches::swarm::netplan`); calibrate one TCP flow through the caps;
@@ -115,7 +115,7 @@ pub struct Args {
     /// 5 Mbit/s up and the rest 20, all 40 down), b5 (24 leechers fetch 4 packages of 64 MiB
     /// from 4 origins at once, B1's caps), b4 (32 leechers and 4 that
     /// join at T_KR / 2, 128 MiB, B1's caps; 8 killed with SIGKILL at half their progress and
-    /// started again 5 s later; fbpkg-rs and aria2), stragglers (B1 with two of
+    /// started again 5 s later; not the fan-out), stragglers (B1 with two of
     /// the eight leechers at 40 Mbit/s down), smoke (N=4, 32 MiB), rollout (16 hosts following a tag, 64
     /// MiB, B1's caps: the contenders' flash crowd of v2, then a phased rollout from v1 to v2
     /// with prefetch on and off; N must be a multiple of 4), delta (16 hosts, B1's caps, a

@@ -429,15 +429,21 @@ impl<'a> Window<'a> {
     /// [`Window::wait_all`] for nodes that print a `done` line with a package's index as each
     /// package completes and `complete` once all have (`rqbit-node`, `http-get`). Also returns
     /// each one's finish of each of its `per_host` packages (by pid), in seconds from `t0`.
+    /// `step` runs first for each process in each turn; when it says `false` (a host the churn
+    /// plan has down), the process is not read that turn.
     pub fn wait_all_packages(
         &mut self,
         procs: &mut [Proc],
         deadline: Instant,
         per_host: usize,
+        mut step: impl FnMut(&mut Proc) -> bool,
     ) -> anyhow::Result<(Vec<Ended>, PackageTimes)> {
         let t0 = self.t0;
         let mut finished = PackageTimes::new();
         let ended = self.wait_all(procs, deadline, |p| {
+            if !step(p) {
+                return None;
+            }
             let times = finished
                 .entry(p.pid)
                 .or_insert_with(|| vec![None; per_host]);

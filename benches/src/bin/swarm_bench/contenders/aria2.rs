@@ -27,14 +27,14 @@
 
 use std::collections::BTreeMap;
 use std::ffi::OsString;
-use std::os::unix::fs::{MetadataExt as _, PermissionsExt as _};
+use std::os::unix::fs::PermissionsExt as _;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
 use serde_json::{Value, json};
 
-use super::churn::{self, Victim};
+use super::churn;
 use super::{ARIA2_PORT, Ctx, Package, scaled};
 use crate::measure::{Accounting, ContenderRun, Done, PackageTimes, Window, outcomes};
 use crate::procs::{self, Proc, Spec, Stdout};
@@ -213,67 +213,19 @@ fn start_leecher(
     Proc::spawn(ctx.node(&label, host, &args))
 }
 
-/// A leecher in B4: its `aria2c`.
-struct Leecher<'a, 'c> {
-    ctx: &'a Ctx<'c>,
-    proc: &'a mut Proc,
-    host: &'a Endpoint,
-    pkg: &'a Package,
-    hook: &'a Path,
-}
-
-impl Victim for Leecher<'_, '_> {
-    fn host(&self) -> &str {
-        &self.host.label
-    }
-
-    fn ended(&mut self) -> bool {
-        self.proc.poll().is_some()
-    }
-
-    /// The bytes its file holds on disk (aria2 writes no more than it received: no
-    /// preallocation, and tmpfs allocates what is written).
-    fn bytes_have(&mut self) -> Option<u64> {
-        let dir = self.ctx.host_dir(self.host, "aria2").ok()?;
-        let meta = std::fs::metadata(dir.join(&self.pkg.file_name)).ok()?;
-        Some((meta.blocks() * 512).min(meta.len()))
-    }
-
-    fn kill(&mut self, acct: &mut Accounting) {
-        self.proc.kill();
-        acct.record("leecher", &self.host.label, self.proc);
-    }
-
-    /// A plain `aria2c` (it starts at once) that checks what is on disk before it fetches the
-    /// rest. Same label, so the wait loop knows it; its own logs.
-    fn restart(&mut self) -> anyhow::Result<()> {
-        let dir = self.ctx.host_dir(self.host, "aria2")?;
-        let label = self.proc.label.clone();
-        let log = self.ctx.log(&format!("{label}c-restarted"));
-        let mut argv: Vec<OsString> = vec![BINARY.into()];
-        argv.extend(flags(
-            self.ctx,
-            self.host,
-            &[self.pkg],
-            &dir,
-            self.hook,
-            &log,
-        ));
-        argv.push("--check-integrity=true".into());
-        let mut spec = Spec::new(&label, Some(&self.host.ns), argv);
-        spec.stdout = Stdout::Lines;
-        spec.stderr = Some(self.ctx.log(&format!("{label}-restarted")));
-        *self.proc = Proc::spawn(spec)?;
-        Ok(())
-    }
-
-    fn resume(&mut self) -> anyhow::Result<bool> {
-        Ok(true)
-    }
-
-    fn go(&mut self) -> anyhow::Result<()> {
-        self.proc.send_line("go")
-    }
+/// A killed leecher's new `aria2c`: a plain one (it starts at once) that checks what is on
+/// disk before it fetches the rest. Same label, so the wait loop knows it; its own logs.
+fn restart_leecher(ctx: &Ctx<'_>, host: &Endpoint, hook: &Path) -> anyhow::Result<Proc> {
+    let dir = ctx.host_dir(host, "aria2")?;
+    let label = format!("{}-aria2", host.label);
+    let log = ctx.log(&format!("{label}c-restarted"));
+    let mut argv: Vec<OsString> = vec![BINARY.into()];
+    argv.extend(flags(ctx, host, &[ctx.pkg], &dir, hook, &log));
+    argv.push("--check-integrity=true".into());
+    let mut spec = Spec::new(&label, Some(&host.ns), argv);
+    spec.stdout = Stdout::Lines;
+    spec.stderr = Some(ctx.log(&format!("{label}-restarted")));
+    Proc::spawn(spec)
 }
 
 /// Run aria2.
@@ -337,6 +289,8 @@ pub fn run(ctx: &Ctx<'_>) -> anyhow::Result<ContenderRun> {
         t.elapsed().as_secs_f64(),
     );
 
+    let restart = |h: &Endpoint| restart_leecher(ctx, h, &hook);
+    let files = churn::files(ctx, "aria2")?;
     let mut win = Window::open(ctx.topo, &ctx.hosts.seed.ns, ctx.sample_every)?;
     let deadline = win.t0 + ctx.deadline;
     let mut churn = churn::start(ctx, &mut leechers, win.t0)?;
@@ -347,12 +301,13 @@ pub fn run(ctx: &Ctx<'_>) -> anyhow::Result<ContenderRun> {
         if let Some(c) = churn.as_mut()
             && let Some(k) = c.leecher(&p.label)
         {
-            let mut leecher = Leecher {
-                ctx,
+            let host = &ctx.hosts.leechers[k];
+            let mut leecher = churn::Client {
                 proc: p,
-                host: &ctx.hosts.leechers[k],
-                pkg: ctx.pkg,
-                hook: &hook,
+                host,
+                file: files[k].clone(),
+                restart: &restart,
+                resume: |_| Ok(true),
             };
             match c.step(k, &mut leecher, &mut acct) {
                 Ok(true) => {}

@@ -5,9 +5,12 @@
 //! After `restart_after` it starts again on the same disk and, once it is ready, asks for the
 //! package again. The late joiners are told to go at `join_after`. Every leecher's time still
 //! counts from the common start. What killing, restarting and resuming mean is each
-//! contender's: fbpkg-rs's agent and `get` (`fbpkg.rs`), aria2's `aria2c` (`aria2.rs`).
+//! contender's: fbpkg-rs's agent and `get` (`fbpkg.rs`), aria2's `aria2c` (`aria2.rs`),
+//! librqbit's node (`rqbit.rs`). The fan-out's client does not resume a download yet.
 
 use std::collections::BTreeMap;
+use std::os::unix::fs::MetadataExt as _;
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::ensure;
@@ -17,6 +20,7 @@ use fbpkg_benches::swarm::scenario::Scenario;
 use super::Ctx;
 use crate::measure::Accounting;
 use crate::procs::Proc;
+use crate::topology::Endpoint;
 
 /// How often a leecher picked to die is asked for its progress.
 const PROBE_EVERY: Duration = Duration::from_millis(100);
@@ -37,6 +41,63 @@ pub(super) trait Victim {
     fn resume(&mut self) -> anyhow::Result<bool>;
     /// Start a late joiner's download.
     fn go(&mut self) -> anyhow::Result<()>;
+}
+
+/// A stock client's leecher: one process on its host that writes the package into one file
+/// without preallocating it (aria2, librqbit), so the file's allocated bytes are what it holds.
+pub(super) struct Client<'a> {
+    pub proc: &'a mut Proc,
+    pub host: &'a Endpoint,
+    /// The package's file on the host.
+    pub file: PathBuf,
+    /// Starts the client again on the same folder.
+    pub restart: &'a dyn Fn(&Endpoint) -> anyhow::Result<Proc>,
+    /// Once restarted: whether it is ready, and then told to go.
+    pub resume: fn(&mut Proc) -> anyhow::Result<bool>,
+}
+
+impl Victim for Client<'_> {
+    fn host(&self) -> &str {
+        &self.host.label
+    }
+
+    fn ended(&mut self) -> bool {
+        self.proc.poll().is_some()
+    }
+
+    /// The bytes allocated to its file (tmpfs allocates what is written), at most its length.
+    fn bytes_have(&mut self) -> Option<u64> {
+        let meta = std::fs::metadata(&self.file).ok()?;
+        Some((meta.blocks() * 512).min(meta.len()))
+    }
+
+    fn kill(&mut self, acct: &mut Accounting) {
+        self.proc.kill();
+        acct.record("leecher", &self.host.label, self.proc);
+    }
+
+    fn restart(&mut self) -> anyhow::Result<()> {
+        *self.proc = (self.restart)(self.host)?;
+        Ok(())
+    }
+
+    fn resume(&mut self) -> anyhow::Result<bool> {
+        (self.resume)(self.proc)
+    }
+
+    fn go(&mut self) -> anyhow::Result<()> {
+        self.proc.send_line("go")
+    }
+}
+
+/// Each leecher's package file, in host order, for a client that keeps its files in the
+/// folder `sub` of each host's.
+pub(super) fn files(ctx: &Ctx<'_>, sub: &str) -> anyhow::Result<Vec<PathBuf>> {
+    ctx.hosts
+        .leechers
+        .iter()
+        .map(|h| Ok(ctx.host_dir(h, sub)?.join(&ctx.pkg.file_name)))
+        .collect()
 }
 
 /// Which leechers die and which join late, from the scenario.

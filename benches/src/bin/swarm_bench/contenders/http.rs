@@ -99,7 +99,7 @@ pub fn run(ctx: &Ctx<'_>) -> anyhow::Result<ContenderRun> {
     for c in &mut clients {
         c.send_line("go")?;
     }
-    let (ended, finished) = win.wait_all_packages(&mut clients, deadline, per_host)?;
+    let (ended, finished) = win.wait_all_packages(&mut clients, deadline, per_host, |_| true)?;
     let closed = win.close()?;
 
     let served = stop_server(&mut server)?;

@@ -126,7 +126,7 @@ pub struct Ctx<'a> {
     pub rqbit_linger: bool,
     /// Extra flags for every `fbpkg-rs agent` (e.g. `--origin-budget=1.1`).
     pub agent_args: &'a [String],
-    /// B4: which leechers die and come back, which join late (fbpkg-rs and aria2).
+    /// B4: which leechers die and come back, which join late (not the fan-out).
     pub churn: Option<&'a churn::Plan>,
     /// The `delta` scenario's version N: every leecher fetches it (not timed) before the
     /// measured fetch of `pkg` (fbpkg-rs only).
@@ -397,9 +397,9 @@ pub fn run(which: Which, ctx: &Ctx<'_>) -> anyhow::Result<ContenderRun> {
             which.name()
         );
     }
-    if ctx.churn.is_some() && !matches!(which, Which::Fbpkg | Which::Aria2) {
+    if ctx.churn.is_some() && matches!(which, Which::Http) {
         bail!(
-            "{} does not run the churn scenario yet (fbpkg-rs and aria2 do)",
+            "{} does not run the churn scenario yet (fbpkg-rs, aria2 and librqbit do)",
             which.name()
         );
     }

@@ -8,6 +8,11 @@
 //! Many packages (B5): each origin seeds its own package, and every leecher's one session is
 //! given all the torrents at `go`; it reports each as it completes (`done`), and is done when
 //! it has them all.
+//!
+//! Churn (B4): a leecher picked to die is killed once its file holds half the package
+//! (librqbit sizes the file sparse and writes what it receives) and a new node starts on the
+//! same folder; told to go, it checks what is on disk, keeps the pieces that pass and fetches
+//! the rest. What it fetched after the restart is its `complete` line's `fetched_bytes`.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -15,6 +20,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 use serde_json::{Value, json};
 
+use super::churn;
 use super::{Ctx, Package, RQBIT_PORT, scaled};
 use crate::measure::{Accounting, ContenderRun, Done, Window, outcomes};
 use crate::procs::Proc;
@@ -87,6 +93,17 @@ fn stop(p: &mut Proc) -> Option<Value> {
     exit
 }
 
+/// A restarted node's turn to go: once it said `ready`.
+fn ready_then_go(p: &mut Proc) -> anyhow::Result<bool> {
+    while let Some(line) = p.try_line() {
+        if event(&line, "ready").is_some() {
+            p.send_line("go")?;
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
+
 /// Run librqbit.
 pub fn run(ctx: &Ctx<'_>) -> anyhow::Result<ContenderRun> {
     let mut acct = Accounting::default();
@@ -129,12 +146,31 @@ pub fn run(ctx: &Ctx<'_>) -> anyhow::Result<ContenderRun> {
     }
     setup_notes.insert("seed_listed_after_ready_secs".into(), listed);
 
+    // A killed leecher's new node on the same folder checks the file when it adds the torrent.
+    let restart = |h: &Endpoint| start_node(ctx, h, "leech", &[ctx.pkg]);
+    let files = churn::files(ctx, "rqbit")?;
     let mut win = Window::open(ctx.topo, &ctx.hosts.seed.ns, ctx.sample_every)?;
     let deadline = win.t0 + ctx.deadline;
-    for p in &mut leechers {
-        p.send_line("go")?;
-    }
-    let (ended, finished) = win.wait_all_packages(&mut leechers, deadline, per_host)?;
+    let mut churn = churn::start(ctx, &mut leechers, win.t0)?;
+    let (ended, finished) = win.wait_all_packages(&mut leechers, deadline, per_host, |p| {
+        let Some(c) = churn.as_mut() else {
+            return true;
+        };
+        let Some(k) = c.leecher(&p.label) else {
+            return true;
+        };
+        let mut leecher = churn::Client {
+            proc: p,
+            host: &ctx.hosts.leechers[k],
+            file: files[k].clone(),
+            restart: &restart,
+            resume: ready_then_go,
+        };
+        c.step(k, &mut leecher, &mut acct).unwrap_or_else(|e| {
+            notes.push(format!("churn on {}: {e:#}", p.label));
+            true
+        })
+    })?;
     let closed = win.close()?;
 
     let seed_exit = stop(&mut seed);
@@ -174,6 +210,17 @@ pub fn run(ctx: &Ctx<'_>) -> anyhow::Result<ContenderRun> {
         notes.push("some leechers never reported completion".into());
     }
 
+    // What each restarted node fetched: its `complete` line's count (it started from zero).
+    let restarted = churn.map(|c| {
+        let mut r = c.restarted;
+        for h in &mut r {
+            let k = ctx.hosts.leechers.iter().position(|l| l.label == h.host);
+            h.downloaded_after_bytes = k
+                .and_then(|k| completes[k].as_ref())
+                .and_then(|v| v["stats"]["fetched_bytes"].as_u64());
+        }
+        r
+    });
     let pids: Vec<u32> = leechers.iter().map(|p| p.pid).collect();
     let (labels, packages, verified) = ctx.verify_leechers("rqbit", &pkgs, &pids, &finished);
     let outcomes = outcomes(&labels, &ended, &verified, |d| match d {
@@ -196,6 +243,7 @@ pub fn run(ctx: &Ctx<'_>) -> anyhow::Result<ContenderRun> {
         setup_notes,
         notes,
         packages,
+        restarted,
         ..ctx.report("librqbit", closed, acct, outcomes, seed_payload)
     })
 }

@@ -91,10 +91,16 @@ async fn add(
         .context("librqbit listed the torrent without managing it")
 }
 
+/// Payload bytes this session fetched from peers (not what it found on disk at the start).
+fn fetched(s: &librqbit::TorrentStats) -> u64 {
+    s.live.as_ref().map_or(0, |l| l.snapshot.fetched_bytes)
+}
+
 fn stats(handle: &ManagedTorrent) -> serde_json::Value {
     let s = handle.stats();
     json!({
         "uploaded_bytes": s.uploaded_bytes,
+        "fetched_bytes": fetched(&s),
         "progress_bytes": s.progress_bytes,
         "total_bytes": s.total_bytes,
         "finished": s.finished,
@@ -105,10 +111,12 @@ fn stats(handle: &ManagedTorrent) -> serde_json::Value {
 /// Every torrent's stats, added up (errors listed).
 fn total(handles: &[Arc<ManagedTorrent>]) -> serde_json::Value {
     let (mut up, mut progress, mut size, mut finished) = (0u64, 0u64, 0u64, true);
+    let mut fetched_bytes = 0u64;
     let mut errors = Vec::new();
     for h in handles {
         let s = h.stats();
         up += s.uploaded_bytes;
+        fetched_bytes += fetched(&s);
         progress += s.progress_bytes;
         size += s.total_bytes;
         finished &= s.finished;
@@ -116,6 +124,7 @@ fn total(handles: &[Arc<ManagedTorrent>]) -> serde_json::Value {
     }
     json!({
         "uploaded_bytes": up,
+        "fetched_bytes": fetched_bytes,
         "progress_bytes": progress,
         "total_bytes": size,
         "finished": finished,
