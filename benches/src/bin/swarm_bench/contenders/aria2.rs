@@ -301,18 +301,15 @@ pub fn run(ctx: &Ctx<'_>) -> anyhow::Result<ContenderRun> {
         if let Some(c) = churn.as_mut()
             && let Some(k) = c.leecher(&p.label)
         {
-            let host = &ctx.hosts.leechers[k];
             let mut leecher = churn::Client {
                 proc: p,
-                host,
-                file: files[k].clone(),
+                host: &ctx.hosts.leechers[k],
+                file: &files[k],
                 restart: &restart,
                 resume: |_| Ok(true),
             };
-            match c.step(k, &mut leecher, &mut acct) {
-                Ok(true) => {}
-                Ok(false) => return None,
-                Err(e) => notes.push(format!("churn on {}: {e:#}", p.label)),
+            if !c.step_noting(k, &mut leecher, &mut acct, &mut notes) {
+                return None;
             }
         }
         let times = finished

@@ -10,7 +10,7 @@
 
 use std::collections::BTreeMap;
 use std::os::unix::fs::MetadataExt as _;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::ensure;
@@ -49,7 +49,7 @@ pub(super) struct Client<'a> {
     pub proc: &'a mut Proc,
     pub host: &'a Endpoint,
     /// The package's file on the host.
-    pub file: PathBuf,
+    pub file: &'a Path,
     /// Starts the client again on the same folder.
     pub restart: &'a dyn Fn(&Endpoint) -> anyhow::Result<Proc>,
     /// Once restarted: whether it is ready, and then told to go.
@@ -67,7 +67,7 @@ impl Victim for Client<'_> {
 
     /// The bytes allocated to its file (tmpfs allocates what is written), at most its length.
     fn bytes_have(&mut self) -> Option<u64> {
-        let meta = std::fs::metadata(&self.file).ok()?;
+        let meta = std::fs::metadata(self.file).ok()?;
         Some((meta.blocks() * 512).min(meta.len()))
     }
 
@@ -183,14 +183,13 @@ pub(super) fn start<'p>(
             p.send_line("go")?;
         }
     }
-    Ok(ctx.churn.map(|plan| {
-        let mut c = Churner::new(plan, leechers.len(), ctx.pkg.size, t0);
-        c.index = leechers
+    Ok(ctx.churn.map(|plan| Churner {
+        index: leechers
             .iter()
             .enumerate()
             .map(|(k, p)| (p.label.clone(), k))
-            .collect();
-        c
+            .collect(),
+        ..Churner::new(plan, leechers.len(), ctx.pkg.size, t0)
     }))
 }
 
@@ -233,6 +232,21 @@ impl<'p> Churner<'p> {
         acct: &mut Accounting,
     ) -> anyhow::Result<bool> {
         self.step_at(Instant::now(), k, v, acct)
+    }
+
+    /// [`Churner::step`] from a crowd's wait loop: an error goes into `notes` and the leecher
+    /// counts as steady for this turn. Returns whether its process's exit is its end.
+    pub(super) fn step_noting(
+        &mut self,
+        k: usize,
+        v: &mut impl Victim,
+        acct: &mut Accounting,
+        notes: &mut Vec<String>,
+    ) -> bool {
+        self.step(k, v, acct).unwrap_or_else(|e| {
+            notes.push(format!("churn on {}: {e:#}", v.host()));
+            true
+        })
     }
 
     fn step_at(

@@ -402,10 +402,8 @@ pub fn run(ctx: &Ctx<'_>) -> anyhow::Result<ContenderRun> {
                     get: p,
                     agent: &mut agents[1 + k],
                 };
-                match c.step(k, &mut leecher, acct) {
-                    Ok(true) => {}
-                    Ok(false) => return None,
-                    Err(e) => notes.push(format!("churn on {}: {e:#}", p.label)),
+                if !c.step_noting(k, &mut leecher, acct, notes) {
+                    return None;
                 }
             }
             p.poll().map(Done::Exited)

@@ -162,14 +162,11 @@ pub fn run(ctx: &Ctx<'_>) -> anyhow::Result<ContenderRun> {
         let mut leecher = churn::Client {
             proc: p,
             host: &ctx.hosts.leechers[k],
-            file: files[k].clone(),
+            file: &files[k],
             restart: &restart,
             resume: ready_then_go,
         };
-        c.step(k, &mut leecher, &mut acct).unwrap_or_else(|e| {
-            notes.push(format!("churn on {}: {e:#}", p.label));
-            true
-        })
+        c.step_noting(k, &mut leecher, &mut acct, &mut notes)
     })?;
     let closed = win.close()?;
 
