@@ -115,7 +115,7 @@ pub struct Args {
     /// 5 Mbit/s up and the rest 20, all 40 down), b5 (24 leechers fetch 4 packages of 64 MiB
     /// from 4 origins at once, B1's caps), b4 (32 leechers and 4 that
     /// join at T_KR / 2, 128 MiB, B1's caps; 8 killed with SIGKILL at half their progress and
-    /// started again 5 s later; not the fan-out), stragglers (B1 with two of
+    /// started again 5 s later), stragglers (B1 with two of
     /// the eight leechers at 40 Mbit/s down), smoke (N=4, 32 MiB), rollout (16 hosts following a tag, 64
     /// MiB, B1's caps: the contenders' flash crowd of v2, then a phased rollout from v1 to v2
     /// with prefetch on and off; N must be a multiple of 4), delta (16 hosts, B1's caps, a

@@ -32,10 +32,10 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
-use serde_json::{Value, json};
+use serde_json::json;
 
 use super::churn;
-use super::{ARIA2_PORT, Ctx, Package, scaled};
+use super::{ARIA2_PORT, Ctx, Package, event, scaled};
 use crate::measure::{Accounting, ContenderRun, Done, PackageTimes, Window, outcomes};
 use crate::procs::{self, Proc, Spec, Stdout};
 use crate::topology::Endpoint;
@@ -48,11 +48,6 @@ pub const BINARY: &str = "aria2c";
 /// one JSON line on aria2's stdout.
 const HOOK: &str = "#!/bin/sh\n\
     printf '{\"event\":\"complete\",\"gid\":\"%s\",\"path\":\"%s\"}\\n' \"$1\" \"$3\"\n";
-
-fn event(line: &str, name: &str) -> Option<Value> {
-    let v: Value = serde_json::from_str(line).ok()?;
-    (v["event"] == name).then_some(v)
-}
 
 /// `aria2c --version`'s first line, or why there is none.
 fn version() -> anyhow::Result<String> {

@@ -90,6 +90,18 @@ impl Victim for Client<'_> {
     }
 }
 
+/// A restarted client's turn to go, for one that says `ready` when it is (`rqbit-node`,
+/// `http-get`): `go` once it has.
+pub(super) fn ready_then_go(p: &mut Proc) -> anyhow::Result<bool> {
+    while let Some(line) = p.try_line() {
+        if super::event(&line, "ready").is_some() {
+            p.send_line("go")?;
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
+
 /// Each leecher's package file, in host order, for a client that keeps its files in the
 /// folder `sub` of each host's.
 pub(super) fn files(ctx: &Ctx<'_>, sub: &str) -> anyhow::Result<Vec<PathBuf>> {

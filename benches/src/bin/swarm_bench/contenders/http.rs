@@ -5,21 +5,20 @@
 //!
 //! Many packages (B5): each origin serves its own package the same way, and every leecher's
 //! client fetches all of them at once, a connection each; it is done when it has them all.
+//!
+//! Churn (B4): a client picked to die is killed once its file holds half the package, and a
+//! new one on the same file asks for the rest (`Range: bytes=N-`), hashing what it kept
+//! first. What it fetched after the restart is its `complete` line's `bytes`.
 
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
-use serde_json::{Value, json};
+use serde_json::json;
 
-use super::{Ctx, HTTP_PORT, Package};
+use super::{Ctx, HTTP_PORT, Package, churn, event};
 use crate::measure::{Accounting, ContenderRun, Done, Window, outcomes};
 use crate::procs::Proc;
 use crate::topology::Endpoint;
-
-fn event(line: &str, name: &str) -> Option<Value> {
-    let v: Value = serde_json::from_str(line).ok()?;
-    (v["event"] == name).then_some(v)
-}
 
 /// A server on `host` for `pkg`, ready; and the URL it answers on.
 fn start_server(ctx: &Ctx<'_>, host: &Endpoint, pkg: &Package) -> anyhow::Result<(Proc, String)> {
@@ -34,6 +33,35 @@ fn start_server(ctx: &Ctx<'_>, host: &Endpoint, pkg: &Package) -> anyhow::Result
         event(l, "ready").is_some()
     })?;
     Ok((server, format!("http://{listen}/{}", pkg.file_name)))
+}
+
+/// A host's client for every package, started and waiting for `go`; with `resume`, it keeps
+/// what its files hold and asks for the rest.
+fn start_client(
+    ctx: &Ctx<'_>,
+    host: &Endpoint,
+    pkgs: &[&Package],
+    urls: &[String],
+    resume: bool,
+) -> anyhow::Result<Proc> {
+    let dir = ctx.host_dir(host, "http")?;
+    let mut args = vec!["http-get".to_owned()];
+    for (p, url) in pkgs.iter().zip(urls) {
+        let out = dir.join(&p.file_name);
+        args.extend([
+            "--url".to_owned(),
+            url.clone(),
+            "--out".to_owned(),
+            out.to_str().context("non-UTF-8 path")?.to_owned(),
+            "--sha256".to_owned(),
+            p.sha256.clone(),
+        ]);
+    }
+    if resume {
+        args.push("--resume".to_owned());
+    }
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    Proc::spawn(ctx.node(&format!("{}-http", host.label), host, &args))
 }
 
 /// Close a server's stdin and read the bytes it says it served.
@@ -68,25 +96,7 @@ pub fn run(ctx: &Ctx<'_>) -> anyhow::Result<ContenderRun> {
     }
     let mut clients = Vec::new();
     for h in &ctx.hosts.leechers {
-        let dir = ctx.host_dir(h, "http")?;
-        let mut args = vec!["http-get".to_owned()];
-        for (p, url) in pkgs.iter().zip(&urls) {
-            let out = dir.join(&p.file_name);
-            args.extend([
-                "--url".to_owned(),
-                url.clone(),
-                "--out".to_owned(),
-                out.to_str().context("non-UTF-8 path")?.to_owned(),
-                "--sha256".to_owned(),
-                p.sha256.clone(),
-            ]);
-        }
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        clients.push(Proc::spawn(ctx.node(
-            &format!("{}-http", h.label),
-            h,
-            &args,
-        ))?);
+        clients.push(start_client(ctx, h, &pkgs, &urls, false)?);
     }
     for c in &mut clients {
         c.wait_for_line("ready", Instant::now() + Duration::from_secs(20), |l| {
@@ -94,12 +104,29 @@ pub fn run(ctx: &Ctx<'_>) -> anyhow::Result<ContenderRun> {
         })?;
     }
 
+    // A killed client's successor asks for what its file lacks.
+    let restart = |h: &Endpoint| start_client(ctx, h, &pkgs, &urls, true);
+    let files = churn::files(ctx, "http")?;
+    let mut notes = Vec::new();
     let mut win = Window::open(ctx.topo, &seed_host.ns, ctx.sample_every)?;
     let deadline = win.t0 + ctx.deadline;
-    for c in &mut clients {
-        c.send_line("go")?;
-    }
-    let (ended, finished) = win.wait_all_packages(&mut clients, deadline, per_host, |_| true)?;
+    let mut churn = churn::start(ctx, &mut clients, win.t0)?;
+    let (ended, finished) = win.wait_all_packages(&mut clients, deadline, per_host, |p| {
+        let Some(c) = churn.as_mut() else {
+            return true;
+        };
+        let Some(k) = c.leecher(&p.label) else {
+            return true;
+        };
+        let mut leecher = churn::Client {
+            proc: p,
+            host: &ctx.hosts.leechers[k],
+            file: &files[k],
+            restart: &restart,
+            resume: churn::ready_then_go,
+        };
+        c.step_noting(k, &mut leecher, &mut acct, &mut notes)
+    })?;
     let closed = win.close()?;
 
     let served = stop_server(&mut server)?;
@@ -114,9 +141,23 @@ pub fn run(ctx: &Ctx<'_>) -> anyhow::Result<ContenderRun> {
         {
             c.kill();
         }
-        acct.record("client", &h.label, c);
+        acct.record("leecher", &h.label, c);
     }
 
+    // What each restarted client fetched: its `complete` line's body bytes.
+    let restarted = churn.map(|c| {
+        let mut r = c.restarted;
+        for h in &mut r {
+            let k = ctx.hosts.leechers.iter().position(|l| l.label == h.host);
+            h.downloaded_after_bytes = k
+                .and_then(|k| match &ended[k] {
+                    Some((_, Done::Line(l))) => event(l, "complete"),
+                    _ => None,
+                })
+                .and_then(|v| v["bytes"].as_u64());
+        }
+        r
+    });
     let pids: Vec<u32> = clients.iter().map(|p| p.pid).collect();
     let (labels, packages, verified) = ctx.verify_leechers("http", &pkgs, &pids, &finished);
     let outcomes = outcomes(&labels, &ended, &verified, |d| match d {
@@ -130,7 +171,9 @@ pub fn run(ctx: &Ctx<'_>) -> anyhow::Result<ContenderRun> {
             "client": "swarm_bench http-get: one GET per package (all at once), SHA-256 while writing",
         }),
         payload: json!({"served_bytes": served}),
+        notes,
         packages,
+        restarted,
         ..ctx.report("http", closed, acct, outcomes, served)
     })
 }

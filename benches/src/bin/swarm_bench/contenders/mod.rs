@@ -39,6 +39,12 @@ pub const HTTP_PORT: u16 = 8080;
 /// The package's name in fbpkg-rs.
 pub const PACKAGE_NAME: &str = "pkg";
 
+/// The JSON of an event line named `name` (the nodes' and hooks' stdout), or `None`.
+fn event(line: &str, name: &str) -> Option<serde_json::Value> {
+    let v: serde_json::Value = serde_json::from_str(line).ok()?;
+    (v["event"] == name).then_some(v)
+}
+
 /// A contender by name.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
 pub enum Which {
@@ -394,12 +400,6 @@ pub fn run(which: Which, ctx: &Ctx<'_>) -> anyhow::Result<ContenderRun> {
     if ctx.hold.is_some() && !matches!(which, Which::Fbpkg) {
         bail!(
             "{} does not run hosts holding a previous version (fbpkg-rs does)",
-            which.name()
-        );
-    }
-    if ctx.churn.is_some() && matches!(which, Which::Http) {
-        bail!(
-            "{} does not run the churn scenario yet (fbpkg-rs, aria2 and librqbit do)",
             which.name()
         );
     }

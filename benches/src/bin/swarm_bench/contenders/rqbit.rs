@@ -21,15 +21,10 @@ use anyhow::Context as _;
 use serde_json::{Value, json};
 
 use super::churn;
-use super::{Ctx, Package, RQBIT_PORT, scaled};
+use super::{Ctx, Package, RQBIT_PORT, event, scaled};
 use crate::measure::{Accounting, ContenderRun, Done, Window, outcomes};
 use crate::procs::Proc;
 use crate::topology::Endpoint;
-
-fn event(line: &str, name: &str) -> Option<Value> {
-    let v: Value = serde_json::from_str(line).ok()?;
-    (v["event"] == name).then_some(v)
-}
 
 fn torrent_path(ctx: &Ctx<'_>, pkg: &Package) -> std::path::PathBuf {
     ctx.dir.join(format!("{}.torrent", pkg.name))
@@ -93,17 +88,6 @@ fn stop(p: &mut Proc) -> Option<Value> {
     exit
 }
 
-/// A restarted node's turn to go: once it said `ready`.
-fn ready_then_go(p: &mut Proc) -> anyhow::Result<bool> {
-    while let Some(line) = p.try_line() {
-        if event(&line, "ready").is_some() {
-            p.send_line("go")?;
-            return Ok(true);
-        }
-    }
-    Ok(false)
-}
-
 /// Run librqbit.
 pub fn run(ctx: &Ctx<'_>) -> anyhow::Result<ContenderRun> {
     let mut acct = Accounting::default();
@@ -164,7 +148,7 @@ pub fn run(ctx: &Ctx<'_>) -> anyhow::Result<ContenderRun> {
             host: &ctx.hosts.leechers[k],
             file: &files[k],
             restart: &restart,
-            resume: ready_then_go,
+            resume: churn::ready_then_go,
         };
         c.step_noting(k, &mut leecher, &mut acct, &mut notes)
     })?;
