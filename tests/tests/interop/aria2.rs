@@ -9,11 +9,12 @@
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::Path;
 use std::process::Command;
+use std::sync::OnceLock;
 
 use base64::Engine as _;
 use serde_json::{Value, json};
 
-use super::process::{ClientProcess, free_port};
+use super::process::{ClientProcess, StartError, free_port, start_on_free_ports};
 use super::stock::{Role, Status};
 
 /// The binary, for the skip message.
@@ -24,22 +25,49 @@ pub const BINARY: &str = "aria2c";
 pub struct Aria2 {
     process: ClientProcess,
     rpc: String,
-    peer_addr: SocketAddr,
+    /// The ports it may listen for peers on, in the order it tries them.
+    peer_ports: Vec<u16>,
+    /// The one it bound, read from its log once the first torrent is added.
+    peer_port: OnceLock<u16>,
     http: reqwest::Client,
 }
 
+/// Free ports offered to aria2 for peers: it binds the first one it can when the first torrent
+/// is added, seconds after they were picked, so one taken meanwhile leaves it the others.
+const PEER_PORT_CHOICES: usize = 4;
+
+/// What aria2 logs when it has bound its peer port (1.36).
+const PEER_LISTENING: &str = "IPv4 BitTorrent: listening on TCP port ";
+
 impl Aria2 {
-    /// Start aria2 with its files in `dir`, listening for peers and RPC on free loopback ports.
+    /// Start aria2 with its files in `dir`, listening for RPC on a free loopback port.
+    ///
+    /// The RPC port comes from [`free_port`], free a moment before aria2 binds it: when
+    /// another test's client took it meanwhile, aria2 logs the failed bind and runs on without
+    /// it (and another aria2 may answer there), so it must have bound it and the RPC must
+    /// answer with our `dir`, or it is started again on another port.
     pub async fn start(dir: &Path) -> Result<Self, String> {
-        let peer_port = free_port(Ipv4Addr::LOCALHOST).map_err(|e| e.to_string())?;
+        start_on_free_ports("aria2c", || Self::start_once(dir)).await
+    }
+
+    async fn start_once(dir: &Path) -> Result<Self, StartError> {
         let rpc_port = free_port(Ipv4Addr::LOCALHOST).map_err(|e| e.to_string())?;
+        let peer_ports = (0..PEER_PORT_CHOICES)
+            .map(|_| free_port(Ipv4Addr::LOCALHOST))
+            .collect::<Result<Vec<u16>, _>>()
+            .map_err(|e| e.to_string())?;
+        let listen: Vec<String> = peer_ports.iter().map(u16::to_string).collect();
         let log = dir.join("aria2.log");
+        // Its logs of its own per try: the bind failure looked for below is this try's.
+        for old in [&log, &dir.join("aria2c.out")] {
+            let _ = std::fs::remove_file(old);
+        }
         let mut cmd = Command::new(BINARY);
         cmd.arg("--no-conf")
             .arg("--enable-rpc")
             .arg(format!("--rpc-listen-port={rpc_port}"))
             .arg("--rpc-listen-all=false")
-            .arg(format!("--listen-port={peer_port}"))
+            .arg(format!("--listen-port={}", listen.join(",")))
             .args(["--interface=127.0.0.1", "--disable-ipv6=true"])
             .args(["--enable-dht=false", "--enable-dht6=false"])
             .args(["--bt-enable-lpd=false", "--enable-peer-exchange=false"])
@@ -56,26 +84,39 @@ impl Aria2 {
         let me = Self {
             process,
             rpc: format!("http://127.0.0.1:{rpc_port}/jsonrpc"),
-            peer_addr: SocketAddr::from((Ipv4Addr::LOCALHOST, peer_port)),
+            peer_ports,
+            peer_port: OnceLock::new(),
             http: fbpkg_tests::http_client(),
         };
         let m = &me;
-        super::poll(
+        let options = super::poll(
             "aria2's RPC to answer",
             super::START_TIMEOUT,
             || async move {
+                if let Some(line) = m.process.logged("RPC: failed to bind") {
+                    return Ok(Err(StartError::PortTaken(line)));
+                }
                 m.process.check_alive()?;
-                m.call("aria2.getVersion", json!([])).await.map(drop)
+                m.call("aria2.getGlobalOption", json!([])).await.map(Ok)
             },
         )
         .await
-        .map_err(|e| format!("{e}\n{}", me.process.log_tail()))?;
+        .map_err(|e| format!("{e}\n{}", me.process.log_tail()))??;
+        let ours = dir.display().to_string();
+        if options["dir"].as_str() != Some(ours.as_str()) {
+            return Err(StartError::PortTaken(format!(
+                "the RPC on {} answered for dir {}, not {ours}",
+                me.rpc, options["dir"]
+            )));
+        }
         Ok(me)
     }
 
-    /// Where it accepts peers (what our tracker lists for it).
+    /// Where it accepts peers (what our tracker lists for it): known once a torrent was
+    /// added ([`Aria2::add`]); before that, the first port it will try.
     pub fn peer_addr(&self) -> SocketAddr {
-        self.peer_addr
+        let port = self.peer_port.get().unwrap_or(&self.peer_ports[0]);
+        SocketAddr::from((Ipv4Addr::LOCALHOST, *port))
     }
 
     /// Add `torrent`, its file in (or to be downloaded to) `dir`. Returns the download's gid.
@@ -90,9 +131,42 @@ impl Aria2 {
         let gid = self
             .call("aria2.addTorrent", json!([encoded, [], options]))
             .await?;
+        if self.peer_port.get().is_none() {
+            let port = self.bound_peer_port().await?;
+            let _ = self.peer_port.set(port);
+        }
         gid.as_str()
             .map(str::to_owned)
             .ok_or_else(|| format!("addTorrent answered {gid}"))
+    }
+
+    /// The peer port it bound at its first torrent, from its log.
+    async fn bound_peer_port(&self) -> Result<u16, String> {
+        let bound = super::poll(
+            "aria2 to bind a peer port",
+            super::START_TIMEOUT,
+            || async move {
+                if let Some(line) = self.process.logged("Errors occurred while binding port") {
+                    return Ok(Err(format!(
+                        "aria2 found every port of {:?} taken: {line}",
+                        self.peer_ports
+                    )));
+                }
+                self.process.check_alive()?;
+                let line = self
+                    .process
+                    .logged(PEER_LISTENING)
+                    .ok_or("not in its log yet")?;
+                Ok(line
+                    .split(PEER_LISTENING)
+                    .nth(1)
+                    .and_then(|p| p.trim().parse::<u16>().ok())
+                    .filter(|p| self.peer_ports.contains(p))
+                    .ok_or_else(|| format!("{line:?} names none of {:?}", self.peer_ports)))
+            },
+        )
+        .await;
+        bound.map_err(|e| format!("{e}\n{}", self.process.log_tail()))?
     }
 
     /// Where the download `gid` stands.

@@ -13,7 +13,7 @@ use std::process::Command;
 use fbpkg_common::InfoHash;
 use fbpkg_common::bencode::{self, Limits};
 
-use super::process::{ClientProcess, free_port};
+use super::process::{ClientProcess, StartError, free_port, start_on_free_ports};
 
 /// The binary, for the skip message.
 pub const BINARY: &str = "opentracker";
@@ -28,7 +28,15 @@ pub struct Opentracker {
 
 impl Opentracker {
     /// Start opentracker in `dir` serving exactly `hashes`, and return once it admits them.
+    ///
+    /// Its port comes from [`free_port`], free a moment before opentracker binds it; when
+    /// another test's client took it meanwhile, opentracker exits saying so, and it is
+    /// started again on another.
     pub async fn start(dir: &Path, hashes: &[InfoHash]) -> Result<Self, String> {
+        start_on_free_ports("opentracker", || Self::start_once(dir, hashes)).await
+    }
+
+    async fn start_once(dir: &Path, hashes: &[InfoHash]) -> Result<Self, StartError> {
         let port = free_port(Ipv4Addr::LOCALHOST).map_err(|e| e.to_string())?;
         let root = dir.join("opentracker");
         std::fs::create_dir_all(&root).map_err(|e| e.to_string())?;
@@ -51,6 +59,8 @@ impl Opentracker {
             .arg(&root)
             .args(["-w", "whitelist.txt"])
             .current_dir(&root);
+        // Its output of its own per try: the bind failure looked for below is this try's.
+        let _ = std::fs::remove_file(dir.join("opentracker.out"));
         let process =
             ClientProcess::spawn("opentracker", &mut cmd, dir, &[]).map_err(|e| e.to_string())?;
         let me = Self {
@@ -72,17 +82,20 @@ impl Opentracker {
                 "opentracker to admit the whitelisted hash",
                 super::START_TIMEOUT,
                 || async move {
+                    if let Some(line) = m.process.logged("Address already in use") {
+                        return Ok(Err(StartError::PortTaken(line)));
+                    }
                     m.process.check_alive()?;
                     let body = m.get(probe.clone()).await?;
                     if body.windows(7).any(|w| w == b"failure") {
                         Err(String::from_utf8_lossy(&body).into_owned())
                     } else {
-                        Ok(())
+                        Ok(Ok(()))
                     }
                 },
             )
             .await
-            .map_err(|e| format!("{e}\n{}", me.process.log_tail()))?;
+            .map_err(|e| format!("{e}\n{}", me.process.log_tail()))??;
         }
         Ok(me)
     }

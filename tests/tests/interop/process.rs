@@ -63,6 +63,17 @@ impl ClientProcess {
         }
     }
 
+    /// The first line of its logs (its output first) that contains `needle`, if one does.
+    pub fn logged(&self, needle: &str) -> Option<String> {
+        self.logs.iter().find_map(|path| {
+            let text = std::fs::read(path).ok()?;
+            String::from_utf8_lossy(&text)
+                .lines()
+                .find(|l| l.contains(needle))
+                .map(str::to_owned)
+        })
+    }
+
     /// The last lines of each of its logs, for failure messages.
     pub fn log_tail(&self) -> String {
         let mut out = String::new();
