@@ -285,7 +285,8 @@ pub fn run(ctx: &Ctx<'_>) -> anyhow::Result<ContenderRun> {
     );
 
     let restart = |h: &Endpoint| restart_leecher(ctx, h, &hook);
-    let files = churn::files(ctx, "aria2")?;
+    // Started again, aria2c runs at once (not through the launcher that waits for `go`).
+    let victims = churn::Clients::new(ctx, "aria2", &restart, |_| Ok(true))?;
     let mut win = Window::open(ctx.topo, &ctx.hosts.seed.ns, ctx.sample_every)?;
     let deadline = win.t0 + ctx.deadline;
     let mut churn = churn::start(ctx, &mut leechers, win.t0)?;
@@ -293,19 +294,8 @@ pub fn run(ctx: &Ctx<'_>) -> anyhow::Result<ContenderRun> {
     let t0 = win.t0;
     let mut finished = PackageTimes::new();
     let ended = win.wait_all(&mut leechers, deadline, |p| {
-        if let Some(c) = churn.as_mut()
-            && let Some(k) = c.leecher(&p.label)
-        {
-            let mut leecher = churn::Client {
-                proc: p,
-                host: &ctx.hosts.leechers[k],
-                file: &files[k],
-                restart: &restart,
-                resume: |_| Ok(true),
-            };
-            if !c.step_noting(k, &mut leecher, &mut acct, &mut notes) {
-                return None;
-            }
+        if !victims.step(churn.as_mut(), p, &mut acct, &mut notes) {
+            return None;
         }
         let times = finished
             .entry(p.pid)

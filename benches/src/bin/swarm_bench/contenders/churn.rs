@@ -44,16 +44,17 @@ pub(super) trait Victim {
 }
 
 /// A stock client's leecher: one process on its host that writes the package into one file
-/// without preallocating it (aria2, librqbit), so the file's allocated bytes are what it holds.
-pub(super) struct Client<'a> {
-    pub proc: &'a mut Proc,
-    pub host: &'a Endpoint,
+/// without preallocating it (aria2, librqbit, the fan-out's client), so the file's allocated
+/// bytes are what it holds.
+struct Client<'a> {
+    proc: &'a mut Proc,
+    host: &'a Endpoint,
     /// The package's file on the host.
-    pub file: &'a Path,
+    file: &'a Path,
     /// Starts the client again on the same folder.
-    pub restart: &'a dyn Fn(&Endpoint) -> anyhow::Result<Proc>,
+    restart: &'a dyn Fn(&Endpoint) -> anyhow::Result<Proc>,
     /// Once restarted: whether it is ready, and then told to go.
-    pub resume: fn(&mut Proc) -> anyhow::Result<bool>,
+    resume: fn(&mut Proc) -> anyhow::Result<bool>,
 }
 
 impl Victim for Client<'_> {
@@ -102,14 +103,63 @@ pub(super) fn ready_then_go(p: &mut Proc) -> anyhow::Result<bool> {
     Ok(false)
 }
 
-/// Each leecher's package file, in host order, for a client that keeps its files in the
-/// folder `sub` of each host's.
-pub(super) fn files(ctx: &Ctx<'_>, sub: &str) -> anyhow::Result<Vec<PathBuf>> {
-    ctx.hosts
-        .leechers
-        .iter()
-        .map(|h| Ok(ctx.host_dir(h, sub)?.join(&ctx.pkg.file_name)))
-        .collect()
+/// A contender's stock clients as the plan handles them, one per leecher in host order.
+pub(super) struct Clients<'a> {
+    hosts: &'a [Endpoint],
+    /// Each one's package file.
+    files: Vec<PathBuf>,
+    restart: &'a dyn Fn(&Endpoint) -> anyhow::Result<Proc>,
+    resume: fn(&mut Proc) -> anyhow::Result<bool>,
+}
+
+impl<'a> Clients<'a> {
+    /// Clients that keep the package in the folder `sub` of each host's; a killed one is
+    /// started again with `restart` and, once `resume` says it is ready, told to go.
+    pub fn new(
+        ctx: &'a Ctx<'_>,
+        sub: &str,
+        restart: &'a dyn Fn(&Endpoint) -> anyhow::Result<Proc>,
+        resume: fn(&mut Proc) -> anyhow::Result<bool>,
+    ) -> anyhow::Result<Self> {
+        let files = ctx
+            .hosts
+            .leechers
+            .iter()
+            .map(|h| Ok(ctx.host_dir(h, sub)?.join(&ctx.pkg.file_name)))
+            .collect::<anyhow::Result<_>>()?;
+        Ok(Self {
+            hosts: &ctx.hosts.leechers,
+            files,
+            restart,
+            resume,
+        })
+    }
+
+    /// The plan's step (none without churn) for the process `p` of the crowd's wait loop, an
+    /// error noted in `notes`. Returns whether `p` is to be read this turn (not while its host
+    /// is down or restarting).
+    pub fn step(
+        &self,
+        churn: Option<&mut Churner<'_>>,
+        p: &mut Proc,
+        acct: &mut Accounting,
+        notes: &mut Vec<String>,
+    ) -> bool {
+        let Some(c) = churn else {
+            return true;
+        };
+        let Some(k) = c.leecher(&p.label) else {
+            return true;
+        };
+        let mut leecher = Client {
+            proc: p,
+            host: &self.hosts[k],
+            file: &self.files[k],
+            restart: self.restart,
+            resume: self.resume,
+        };
+        c.step_noting(k, &mut leecher, acct, notes)
+    }
 }
 
 /// Which leechers die and which join late, from the scenario.

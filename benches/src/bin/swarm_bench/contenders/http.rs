@@ -106,26 +106,13 @@ pub fn run(ctx: &Ctx<'_>) -> anyhow::Result<ContenderRun> {
 
     // A killed client's successor asks for what its file lacks.
     let restart = |h: &Endpoint| start_client(ctx, h, &pkgs, &urls, true);
-    let files = churn::files(ctx, "http")?;
+    let victims = churn::Clients::new(ctx, "http", &restart, churn::ready_then_go)?;
     let mut notes = Vec::new();
     let mut win = Window::open(ctx.topo, &seed_host.ns, ctx.sample_every)?;
     let deadline = win.t0 + ctx.deadline;
     let mut churn = churn::start(ctx, &mut clients, win.t0)?;
     let (ended, finished) = win.wait_all_packages(&mut clients, deadline, per_host, |p| {
-        let Some(c) = churn.as_mut() else {
-            return true;
-        };
-        let Some(k) = c.leecher(&p.label) else {
-            return true;
-        };
-        let mut leecher = churn::Client {
-            proc: p,
-            host: &ctx.hosts.leechers[k],
-            file: &files[k],
-            restart: &restart,
-            resume: churn::ready_then_go,
-        };
-        c.step_noting(k, &mut leecher, &mut acct, &mut notes)
+        victims.step(churn.as_mut(), p, &mut acct, &mut notes)
     })?;
     let closed = win.close()?;
 

@@ -132,25 +132,12 @@ pub fn run(ctx: &Ctx<'_>) -> anyhow::Result<ContenderRun> {
 
     // A killed leecher's new node on the same folder checks the file when it adds the torrent.
     let restart = |h: &Endpoint| start_node(ctx, h, "leech", &[ctx.pkg]);
-    let files = churn::files(ctx, "rqbit")?;
+    let victims = churn::Clients::new(ctx, "rqbit", &restart, churn::ready_then_go)?;
     let mut win = Window::open(ctx.topo, &ctx.hosts.seed.ns, ctx.sample_every)?;
     let deadline = win.t0 + ctx.deadline;
     let mut churn = churn::start(ctx, &mut leechers, win.t0)?;
     let (ended, finished) = win.wait_all_packages(&mut leechers, deadline, per_host, |p| {
-        let Some(c) = churn.as_mut() else {
-            return true;
-        };
-        let Some(k) = c.leecher(&p.label) else {
-            return true;
-        };
-        let mut leecher = churn::Client {
-            proc: p,
-            host: &ctx.hosts.leechers[k],
-            file: &files[k],
-            restart: &restart,
-            resume: churn::ready_then_go,
-        };
-        c.step_noting(k, &mut leecher, &mut acct, &mut notes)
+        victims.step(churn.as_mut(), p, &mut acct, &mut notes)
     })?;
     let closed = win.close()?;
 
