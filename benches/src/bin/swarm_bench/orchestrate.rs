@@ -700,6 +700,9 @@ fn scenario_table(s: &Scenario, kr: &KumarRoss, deadline: Duration, entries: &[E
         if let Some(line) = e.run.as_ref().and_then(check_line) {
             t.push_str(&format!("{}: {line}\n", e.contender));
         }
+        if let Some(line) = e.run.as_ref().and_then(kept_line) {
+            t.push_str(&format!("{}: {line}\n", e.contender));
+        }
         if let Some(tx) = e.run.as_ref().and_then(|r| r.timeline.as_ref()?.switch_tx) {
             t.push_str(&format!("{}: {}\n", e.contender, tx.line()));
         }
@@ -739,6 +742,67 @@ fn rss_line(run: &ContenderRun) -> Option<String> {
         mib(max),
         sampled
     ))
+}
+
+/// librqbit's leechers when the crowd's wait ended: the payload they fetched from peers
+/// against what they hold verified. Its `fetched_bytes` counts every block received but those
+/// it had cancelled, so blocks it throws away count too (of a piece given to another peer
+/// meanwhile: its "steal"). Hosts killed and restarted are left out (a new node counts from
+/// its restart and holds what it found on disk too).
+fn kept_line(run: &ContenderRun) -> Option<String> {
+    let restarted: Vec<&str> = run
+        .restarted
+        .iter()
+        .flatten()
+        .map(|r| r.host.as_str())
+        .collect();
+    kept(run.payload.get("leechers")?.as_object()?, &restarted)
+}
+
+/// [`kept_line`] from each leecher's exit stats, by host, and the hosts restarted.
+fn kept(
+    leechers: &serde_json::Map<String, serde_json::Value>,
+    restarted: &[&str],
+) -> Option<String> {
+    let counted: Vec<_> = leechers
+        .iter()
+        .filter(|(h, _)| !restarted.contains(&h.as_str()))
+        .map(|(_, s)| s)
+        .collect();
+    let sum = |k: &str| -> u64 { counted.iter().filter_map(|s| s.get(k)?.as_u64()).sum() };
+    let (fetched, held) = (sum("fetched_bytes"), sum("progress_bytes"));
+    let mib = |b: u64| b as f64 / f64::from(1 << 20);
+    // What each one not done lacked.
+    let lacked: Vec<u64> = counted
+        .iter()
+        .filter(|s| s.get("finished") == Some(&serde_json::Value::Bool(false)))
+        .filter_map(|s| {
+            let size = s.get("total_bytes")?.as_u64()?;
+            Some(size.saturating_sub(s.get("progress_bytes")?.as_u64()?))
+        })
+        .collect();
+    let not_done = match (lacked.iter().min(), lacked.iter().max()) {
+        (Some(lo), Some(hi)) if lo == hi => {
+            format!("; {} not done, lacking {} KiB each", lacked.len(), lo >> 10)
+        }
+        (Some(lo), Some(hi)) => format!(
+            "; {} not done, lacking {}–{} KiB each",
+            lacked.len(),
+            lo >> 10,
+            hi >> 10
+        ),
+        _ => String::new(),
+    };
+    (fetched > 0).then(|| {
+        format!(
+            "leechers never restarted ({}) at the end of the wait: fetched {:.0} MiB from peers, \
+             hold {:.0} MiB verified ({:.0}% of what they fetched){not_done}",
+            counted.len(),
+            mib(fetched),
+            mib(held),
+            100.0 * held as f64 / fetched as f64
+        )
+    })
 }
 
 /// fbpkg-rs's final check (the archive read back and its SHA-256 checked, then installed: a
@@ -942,7 +1006,37 @@ pub fn bench(args: Args) -> anyhow::Result<()> {
 
 #[cfg(test)]
 mod tests {
-    use super::middle_and_max;
+    use super::{kept, middle_and_max};
+    use serde_json::json;
+
+    #[test]
+    fn kept_counts_the_hosts_never_restarted_and_what_those_not_done_lack() {
+        let size = 128u64 << 20;
+        let stats = |fetched: u64, progress: u64| {
+            json!({"fetched_bytes": fetched, "progress_bytes": progress, "total_bytes": size,
+                   "finished": progress == size})
+        };
+        let leechers = json!({
+            "l001": stats(size + (2 << 20), size),
+            "l002": stats(size, size - (64 << 10)),
+            "l004": stats(1 << 20, size - (64 << 10)),
+        });
+        let line = kept(leechers.as_object().unwrap(), &["l004"]).unwrap();
+        assert_eq!(
+            line,
+            "leechers never restarted (2) at the end of the wait: fetched 258 MiB from peers, \
+             hold 256 MiB verified (99% of what they fetched); 1 not done, lacking 64 KiB each"
+        );
+        // Every one done: nothing lacked; none fetched: no line.
+        let done = json!({"l001": stats(size, size)});
+        assert!(
+            !kept(done.as_object().unwrap(), &[])
+                .unwrap()
+                .contains("not done")
+        );
+        let idle = json!({"l001": stats(0, 0)});
+        assert_eq!(kept(idle.as_object().unwrap(), &[]), None);
+    }
 
     #[test]
     fn middle_and_max_takes_the_upper_middle() {

@@ -140,6 +140,11 @@ pub fn run(ctx: &Ctx<'_>) -> anyhow::Result<ContenderRun> {
         victims.step(churn.as_mut(), p, &mut acct, &mut notes)
     })?;
     let closed = win.close()?;
+    // Every leecher gives up at once, so that each one's exit stats say what it held when the
+    // crowd's wait ended, not after the stops before its own.
+    for p in &mut leechers {
+        p.close_stdin();
+    }
 
     let seed_exit = stop(&mut seed);
     acct.record("seed", &ctx.hosts.seed.label, &mut seed);
@@ -207,6 +212,11 @@ pub fn run(ctx: &Ctx<'_>) -> anyhow::Result<ContenderRun> {
             "seed_uploaded": seed_payload,
             "leechers_uploaded": leechers_uploaded,
             "completions": completes,
+            // Each leecher's last word: what it fetched from peers, and what it holds verified.
+            "leechers": leecher_exits
+                .iter()
+                .map(|(h, v)| (h.clone(), v["stats"].clone()))
+                .collect::<BTreeMap<_, _>>(),
         }),
         setup_notes,
         notes,
