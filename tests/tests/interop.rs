@@ -529,6 +529,51 @@ async fn our_agent_fetches_from_transmission_at_transmission_speed() {
     scene.finish().await;
 }
 
+/// A port taken between [`free_port`](interop::process::free_port) and the client's own bind
+/// (by a sibling test's client) is noticed, so the client is started again on another, and not
+/// mistaken for a client of the test's own or for a client that failed: both log the failed
+/// bind and exit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stock_clients_notice_a_port_taken_before_they_bind_it() {
+    use interop::process::StartError;
+    if skip_without(&[interop::opentracker::BINARY, interop::aria2::BINARY]) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    // Whatever holds the port closes each connection at once (the thread, blocked in
+    // `accept`, ends with the test binary).
+    let taken = std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
+    let port = taken.local_addr().unwrap().port();
+    std::thread::spawn(move || taken.incoming().for_each(drop));
+    let said = |r: Result<(), StartError>| match r {
+        Err(StartError::PortTaken(why)) => why,
+        Err(StartError::Failed(why)) => panic!("failed, not noticed as a taken port: {why}"),
+        Ok(()) => panic!("a client on a taken port passed as the test's own"),
+    };
+
+    let aria2_dir = dir.path().join("aria2");
+    std::fs::create_dir_all(&aria2_dir).unwrap();
+    let why = said(
+        interop::aria2::Aria2::start_once(&aria2_dir, port)
+            .await
+            .map(drop),
+    );
+    assert!(
+        why.contains(&format!("failed to bind TCP port {port}")),
+        "{why}"
+    );
+
+    let hash = Package::random("taken", 1 << 10, "http://127.0.0.1:1/announce")
+        .metainfo
+        .info_hash;
+    let why = said(
+        Opentracker::start_once(dir.path(), &[hash], port)
+            .await
+            .map(drop),
+    );
+    assert!(why.contains("Address already in use"), "{why}");
+}
+
 // opentracker
 
 /// The package's metainfo announces to opentracker, which knows only its info-hash; aria2

@@ -43,15 +43,20 @@ impl Aria2 {
     /// Start aria2 with its files in `dir`, listening for RPC on a free loopback port.
     ///
     /// The RPC port comes from [`free_port`], free a moment before aria2 binds it: when
-    /// another test's client took it meanwhile, aria2 logs the failed bind and runs on without
-    /// it (and another aria2 may answer there), so it must have bound it and the RPC must
-    /// answer with our `dir`, or it is started again on another port.
+    /// another test's client took it meanwhile, aria2 logs the failed bind and exits (with
+    /// IPv6 off it has no RPC left), and until it has, the client holding the port (another
+    /// aria2, say) may answer for it. So it must not have logged the failed bind and the RPC
+    /// must answer with our `dir`, or it is started again on another port.
     pub async fn start(dir: &Path) -> Result<Self, String> {
-        start_on_free_ports("aria2c", || Self::start_once(dir)).await
+        start_on_free_ports("aria2c", || async {
+            let rpc_port = free_port(Ipv4Addr::LOCALHOST).map_err(|e| e.to_string())?;
+            Self::start_once(dir, rpc_port).await
+        })
+        .await
     }
 
-    async fn start_once(dir: &Path) -> Result<Self, StartError> {
-        let rpc_port = free_port(Ipv4Addr::LOCALHOST).map_err(|e| e.to_string())?;
+    /// One try of [`Aria2::start`], its RPC on `rpc_port`.
+    pub async fn start_once(dir: &Path, rpc_port: u16) -> Result<Self, StartError> {
         let peer_ports = (0..PEER_PORT_CHOICES)
             .map(|_| free_port(Ipv4Addr::LOCALHOST))
             .collect::<Result<Vec<u16>, _>>()

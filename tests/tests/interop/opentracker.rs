@@ -33,11 +33,19 @@ impl Opentracker {
     /// another test's client took it meanwhile, opentracker exits saying so, and it is
     /// started again on another.
     pub async fn start(dir: &Path, hashes: &[InfoHash]) -> Result<Self, String> {
-        start_on_free_ports("opentracker", || Self::start_once(dir, hashes)).await
+        start_on_free_ports("opentracker", || async {
+            let port = free_port(Ipv4Addr::LOCALHOST).map_err(|e| e.to_string())?;
+            Self::start_once(dir, hashes, port).await
+        })
+        .await
     }
 
-    async fn start_once(dir: &Path, hashes: &[InfoHash]) -> Result<Self, StartError> {
-        let port = free_port(Ipv4Addr::LOCALHOST).map_err(|e| e.to_string())?;
+    /// One try of [`Opentracker::start`], on `port`.
+    pub async fn start_once(
+        dir: &Path,
+        hashes: &[InfoHash],
+        port: u16,
+    ) -> Result<Self, StartError> {
         let root = dir.join("opentracker");
         std::fs::create_dir_all(&root).map_err(|e| e.to_string())?;
         let list: String = hashes.iter().map(|h| format!("{}\n", h.to_hex())).collect();
