@@ -3,7 +3,9 @@
 //!
 //! The server is threaded (a thread per connection) and sends the file with `io::copy`, which
 //! is `sendfile(2)` from a file to a socket on Linux. The client hashes while it writes, so
-//! its `complete` event comes with the bytes verified.
+//! its `complete` event comes with the bytes verified. A client restarted with `--resume`
+//! (the churn scenario, B4) keeps what its file holds and asks for the rest with
+//! `Range: bytes=N-`, which the server answers from that offset.
 
 use std::fs::OpenOptions;
 use std::io::{BufWriter, Read, Seek as _, SeekFrom, Write};
