@@ -260,7 +260,8 @@ pub struct Restarted {
     pub had_bytes: u64,
     /// Seconds from the start to the restart (its new agent answering).
     pub restarted_at_secs: Option<f64>,
-    /// Payload bytes it downloaded once restarted, when it says (aria2 does not).
+    /// Payload bytes it downloaded once restarted, by its own count (aria2: the pieces its log
+    /// says it completed).
     pub downloaded_after_bytes: Option<u64>,
 }
 

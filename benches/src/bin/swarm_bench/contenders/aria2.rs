@@ -151,6 +151,25 @@ fn start_seed(ctx: &Ctx<'_>, host: &Endpoint, pkg: &Package, hook: &Path) -> any
     Proc::spawn(spec)
 }
 
+/// The bytes of the pieces an aria2 log at level info says were completed ("we got new
+/// piece. index=N"; each counted once) of a torrent of `length` bytes in pieces of
+/// `piece_length`.
+fn completed_bytes(log: &str, length: u64, piece_length: u64) -> u64 {
+    const GOT: &str = "we got new piece. index=";
+    let pieces: std::collections::BTreeSet<u64> = log
+        .lines()
+        .filter_map(|l| l.split(GOT).nth(1)?.trim().parse().ok())
+        .collect();
+    pieces
+        .iter()
+        .map(|&i| {
+            length
+                .saturating_sub(i.saturating_mul(piece_length))
+                .min(piece_length)
+        })
+        .sum()
+}
+
 /// A seed's copy of a directory package at `to`: its files, and its BEP 47 padding as files
 /// of zeros where the metainfo names them (`.pad/N`). aria2 does not know padding: it reads
 /// it from files like any other, and would find the pieces that hold some missing.
@@ -210,13 +229,21 @@ fn start_leecher(
 
 /// A killed leecher's new `aria2c`: a plain one (it starts at once) that checks what is on
 /// disk before it fetches the rest. Same label, so the wait loop knows it; its own logs.
+/// The log of the aria2 started again on `host` (the churn scenario).
+fn restarted_log(ctx: &Ctx<'_>, host: &str) -> PathBuf {
+    ctx.log(&format!("{host}-aria2c-restarted"))
+}
+
 fn restart_leecher(ctx: &Ctx<'_>, host: &Endpoint, hook: &Path) -> anyhow::Result<Proc> {
     let dir = ctx.host_dir(host, "aria2")?;
     let label = format!("{}-aria2", host.label);
-    let log = ctx.log(&format!("{label}c-restarted"));
+    let log = restarted_log(ctx, &host.label);
     let mut argv: Vec<OsString> = vec![BINARY.into()];
     argv.extend(flags(ctx, host, &[ctx.pkg], &dir, hook, &log));
     argv.push("--check-integrity=true".into());
+    // Its log then names each piece it completes (the last `--log-level` stands), which is
+    // how the bench learns what it fetched once restarted: aria2 reports no count of its own.
+    argv.push("--log-level=info".into());
     let mut spec = Spec::new(&label, Some(&host.ns), argv);
     spec.stdout = Stdout::Lines;
     spec.stderr = Some(ctx.log(&format!("{label}-restarted")));
@@ -342,6 +369,17 @@ pub fn run(ctx: &Ctx<'_>) -> anyhow::Result<ContenderRun> {
     if ended.iter().any(Option::is_none) {
         notes.push("some leechers never ran their completion hook".into());
     }
+    // What each restarted aria2 fetched: the pieces its log says it completed, whole.
+    let meta = Metainfo::parse(&ctx.pkg.metainfo).context("the package's metainfo")?;
+    let restarted = churn.map(|c| {
+        let mut r = c.restarted;
+        for h in &mut r {
+            h.downloaded_after_bytes = std::fs::read_to_string(restarted_log(ctx, &h.host))
+                .ok()
+                .map(|text| completed_bytes(&text, meta.length, meta.piece_length));
+        }
+        r
+    });
 
     let pids: Vec<u32> = leechers.iter().map(|p| p.pid).collect();
     let (labels, packages, verified) = ctx.verify_leechers("aria2", &pkgs, &pids, &finished);
@@ -362,7 +400,24 @@ pub fn run(ctx: &Ctx<'_>) -> anyhow::Result<ContenderRun> {
         setup_notes,
         notes,
         packages,
-        restarted: churn.map(|c| c.restarted),
+        restarted,
         ..ctx.report("aria2", closed, acct, outcomes, None)
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::completed_bytes;
+
+    #[test]
+    fn a_restarted_aria2s_log_gives_the_bytes_of_the_pieces_it_completed() {
+        let log = "\
+            2026-12-07 12:00:00.1 [INFO] [PieceMessage.cc:300] CUID#7 - we got new piece. index=3\n\
+            2026-12-07 12:00:00.2 [INFO] [BtPieceMessage.cc:280] CUID#9 - we got new piece. index=9\n\
+            2026-12-07 12:00:00.3 [INFO] [PieceMessage.cc:300] CUID#7 - we got new piece. index=3\n\
+            2026-12-07 12:00:00.4 [INFO] [PieceMessage.cc:310] CUID#7 - we got wrong piece. index=4\n";
+        // Pieces 3 (once) and 9, the last, which is 100 bytes long: 10 pieces of 1,000 less 900.
+        assert_eq!(completed_bytes(log, 9_100, 1_000), 1_100);
+        assert_eq!(completed_bytes("nothing completed\n", 9_100, 1_000), 0);
+    }
 }
