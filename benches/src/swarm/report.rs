@@ -256,7 +256,7 @@ pub struct Restarted {
     /// Seconds from the start to the kill.
     pub killed_at_secs: f64,
     /// Bytes of the package it held when killed: fbpkg-rs's verified pieces (its agent's last
-    /// word), the bytes in a stock client's file (aria2, librqbit).
+    /// word), the bytes in a stock client's file (aria2, librqbit, the fan-out's client).
     pub had_bytes: u64,
     /// Seconds from the start to the restart (its new agent answering).
     pub restarted_at_secs: Option<f64>,

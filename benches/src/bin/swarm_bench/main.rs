@@ -16,9 +16,9 @@
 //! `pkg2..pkg4`, every leecher asks for all of them at once, and each contender reports each
 //! package's finish per host (every contender); `stragglers` gives two of B1's
 //! eight leechers a quarter of the download rate and reports the others' eta_last against
-//! T_KR and each straggler's time against its own bound; `b4` (every contender but the
-//! fan-out) kills a quarter of the leechers (fbpkg-rs's agent and `get`, aria2's `aria2c`,
-//! librqbit's node) at half their progress and starts them again 5 s later on the same disk,
+//! T_KR and each straggler's time against its own bound; `b4` kills a quarter of the
+//! leechers (fbpkg-rs's agent and `get`, aria2's `aria2c`, librqbit's node, the fan-out's
+//! client) at half their progress and starts them again 5 s later on the same disk,
 //! and starts 4 more hosts at T_KR / 2 (see `contenders::churn`). aria2 is Debian's `aria2c`.
 //!
 //! Per scenario: remove leftovers of a crashed run; build N+2 host namespaces and a switch

@@ -22,8 +22,9 @@
 //! Churn (B4): a leecher picked to die is killed once its file holds half the package (bytes
 //! written, which aria2 may not all have checked yet) and started again, a plain `aria2c` now,
 //! with `--check-integrity=true`: it hashes what is on disk, keeps every piece that passes and
-//! fetches the rest, as a fleet's restarted host would. aria2 does not say what it downloaded
-//! after the restart, so what it fetched again is not reported.
+//! fetches the rest, as a fleet's restarted host would. aria2 keeps no count of what it
+//! downloads; what it fetched after the restart is the pieces its log (at level info) says it
+//! completed.
 
 use std::collections::BTreeMap;
 use std::ffi::OsString;
@@ -227,13 +228,13 @@ fn start_leecher(
     Proc::spawn(ctx.node(&label, host, &args))
 }
 
-/// A killed leecher's new `aria2c`: a plain one (it starts at once) that checks what is on
-/// disk before it fetches the rest. Same label, so the wait loop knows it; its own logs.
 /// The log of the aria2 started again on `host` (the churn scenario).
 fn restarted_log(ctx: &Ctx<'_>, host: &str) -> PathBuf {
     ctx.log(&format!("{host}-aria2c-restarted"))
 }
 
+/// A killed leecher's new `aria2c`: a plain one (it starts at once) that checks what is on
+/// disk before it fetches the rest. Same label, so the wait loop knows it; its own logs.
 fn restart_leecher(ctx: &Ctx<'_>, host: &Endpoint, hook: &Path) -> anyhow::Result<Proc> {
     let dir = ctx.host_dir(host, "aria2")?;
     let label = format!("{}-aria2", host.label);

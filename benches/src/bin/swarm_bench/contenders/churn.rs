@@ -6,7 +6,7 @@
 //! package again. The late joiners are told to go at `join_after`. Every leecher's time still
 //! counts from the common start. What killing, restarting and resuming mean is each
 //! contender's: fbpkg-rs's agent and `get` (`fbpkg.rs`), aria2's `aria2c` (`aria2.rs`),
-//! librqbit's node (`rqbit.rs`). The fan-out's client does not resume a download yet.
+//! librqbit's node (`rqbit.rs`), the fan-out's client (`http.rs`).
 
 use std::collections::BTreeMap;
 use std::os::unix::fs::MetadataExt as _;

@@ -132,7 +132,7 @@ pub struct Ctx<'a> {
     pub rqbit_linger: bool,
     /// Extra flags for every `fbpkg-rs agent` (e.g. `--origin-budget=1.1`).
     pub agent_args: &'a [String],
-    /// B4: which leechers die and come back, which join late (not the fan-out).
+    /// B4: which leechers die and come back, which join late.
     pub churn: Option<&'a churn::Plan>,
     /// The `delta` scenario's version N: every leecher fetches it (not timed) before the
     /// measured fetch of `pkg` (fbpkg-rs only).
