@@ -373,13 +373,10 @@ pub fn run(ctx: &Ctx<'_>) -> anyhow::Result<ContenderRun> {
     // What each restarted aria2 fetched: the pieces its log says it completed, whole.
     let meta = Metainfo::parse(&ctx.pkg.metainfo).context("the package's metainfo")?;
     let restarted = churn.map(|c| {
-        let mut r = c.restarted;
-        for h in &mut r {
-            h.downloaded_after_bytes = std::fs::read_to_string(restarted_log(ctx, &h.host))
-                .ok()
-                .map(|text| completed_bytes(&text, meta.length, meta.piece_length));
-        }
-        r
+        c.into_restarted(|_, host| {
+            let text = std::fs::read_to_string(restarted_log(ctx, host)).ok()?;
+            Some(completed_bytes(&text, meta.length, meta.piece_length))
+        })
     });
 
     let pids: Vec<u32> = leechers.iter().map(|p| p.pid).collect();

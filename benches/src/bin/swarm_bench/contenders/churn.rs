@@ -226,6 +226,8 @@ pub struct Churner<'p> {
     index: BTreeMap<String, usize>,
     /// The killed hosts, in the order they died.
     pub restarted: Vec<Restarted>,
+    /// Which leecher each of `restarted` is.
+    killed: Vec<usize>,
 }
 
 /// At the start instant `t0`: tell every leecher but the plan's late joiners to go, and make
@@ -277,7 +279,24 @@ impl<'p> Churner<'p> {
             states,
             index: BTreeMap::new(),
             restarted: Vec::new(),
+            killed: Vec::new(),
         }
+    }
+
+    /// The killed hosts, each with what it downloaded once restarted: `fetched(k, host)` for
+    /// leecher `k` on `host`, where the contender can say.
+    pub fn into_restarted(
+        self,
+        mut fetched: impl FnMut(usize, &str) -> Option<u64>,
+    ) -> Vec<Restarted> {
+        self.restarted
+            .into_iter()
+            .zip(self.killed)
+            .map(|(mut r, k)| {
+                r.downloaded_after_bytes = fetched(k, &r.host);
+                r
+            })
+            .collect()
     }
 
     /// Which leecher the process labelled `label` is, if one.
@@ -347,6 +366,7 @@ impl<'p> Churner<'p> {
                     restarted_at_secs: None,
                     downloaded_after_bytes: None,
                 });
+                self.killed.push(k);
                 self.states[k] = State::Down {
                     restart_at: now + self.plan.restart_after,
                     report: self.restarted.len() - 1,
@@ -476,6 +496,9 @@ mod tests {
         // Then it is like any other: never killed twice.
         assert!(c.step_at(at(9.0), 3, &mut v, &mut acct).unwrap());
         assert_eq!((v.kills, v.restarts, v.resumed), (1, 1, 1));
+        // What it fetched once back is asked of the contender by leecher and host.
+        let r = c.into_restarted(|k, host| (k == 3 && host == "l004").then_some(42));
+        assert_eq!(r[0].downloaded_after_bytes, Some(42));
     }
 
     #[test]

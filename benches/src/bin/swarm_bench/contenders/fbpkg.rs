@@ -454,13 +454,7 @@ pub fn run(ctx: &Ctx<'_>) -> anyhow::Result<ContenderRun> {
             .sum()
     };
     let restarted = churn.map(|c| {
-        let mut r = c.restarted;
-        for h in &mut r {
-            h.downloaded_after_bytes = per_agent
-                .get(&h.host)
-                .and_then(|s| s["downloaded"].as_u64());
-        }
-        r
+        c.into_restarted(|_, host| per_agent.get(host).and_then(|s| s["downloaded"].as_u64()))
     });
     let payload = json!({
         "seed_uploaded": seed_payload,

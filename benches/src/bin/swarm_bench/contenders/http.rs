@@ -133,17 +133,10 @@ pub fn run(ctx: &Ctx<'_>) -> anyhow::Result<ContenderRun> {
 
     // What each restarted client fetched: its `complete` line's body bytes.
     let restarted = churn.map(|c| {
-        let mut r = c.restarted;
-        for h in &mut r {
-            let k = ctx.hosts.leechers.iter().position(|l| l.label == h.host);
-            h.downloaded_after_bytes = k
-                .and_then(|k| match &ended[k] {
-                    Some((_, Done::Line(l))) => event(l, "complete"),
-                    _ => None,
-                })
-                .and_then(|v| v["bytes"].as_u64());
-        }
-        r
+        c.into_restarted(|k, _| match &ended[k] {
+            Some((_, Done::Line(l))) => event(l, "complete")?["bytes"].as_u64(),
+            _ => None,
+        })
     });
     let pids: Vec<u32> = clients.iter().map(|p| p.pid).collect();
     let (labels, packages, verified) = ctx.verify_leechers("http", &pkgs, &pids, &finished);

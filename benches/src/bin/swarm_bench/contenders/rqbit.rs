@@ -185,14 +185,7 @@ pub fn run(ctx: &Ctx<'_>) -> anyhow::Result<ContenderRun> {
 
     // What each restarted node fetched: its `complete` line's count (it started from zero).
     let restarted = churn.map(|c| {
-        let mut r = c.restarted;
-        for h in &mut r {
-            let k = ctx.hosts.leechers.iter().position(|l| l.label == h.host);
-            h.downloaded_after_bytes = k
-                .and_then(|k| completes[k].as_ref())
-                .and_then(|v| v["stats"]["fetched_bytes"].as_u64());
-        }
-        r
+        c.into_restarted(|k, _| completes[k].as_ref()?["stats"]["fetched_bytes"].as_u64())
     });
     let pids: Vec<u32> = leechers.iter().map(|p| p.pid).collect();
     let (labels, packages, verified) = ctx.verify_leechers("rqbit", &pkgs, &pids, &finished);
