@@ -45,7 +45,7 @@ pub const PREFIX_LEN: u8 = 24;
 /// at 20 and 260 ms at 5. A limit of rate x latency alone is smaller than one GSO packet at
 /// the thin rates, and a tbf drops such a packet whole: one flow through a 5 Mbit/s cap then
 /// got 4% of it (`benches/FINDINGS.md`, "A thin uplink's first seconds"). The queue is a
-/// FIFO: this kernel has no fair-queueing qdisc (fq, fq_codel, sfq) to put under the tbf.
+/// FIFO ([`Queue::Fifo`]) unless [`Queue::SmallFirst`] says otherwise.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 pub struct Tbf {
     /// Bucket size, bytes.
@@ -53,6 +53,8 @@ pub struct Tbf {
     /// Queue behind the bucket, in milliseconds at the cap's rate (see above: the bucket's
     /// bytes queue too).
     pub latency_ms: u32,
+    /// What order the queue behind the cap sends in.
+    pub queue: Queue,
 }
 
 impl Default for Tbf {
@@ -60,9 +62,38 @@ impl Default for Tbf {
         Self {
             burst_bytes: 32 << 10,
             latency_ms: 50,
+            queue: Queue::Fifo,
         }
     }
 }
+
+/// The order in which a cap's queue sends.
+///
+/// BENCHMARKS.md's links are a `tbf` with a FIFO behind it, and there a host's downloads pay
+/// for its uploads: the ACKs of what it receives, and its requests, wait behind everything it
+/// is uploading (up to 260 ms at a 5 Mbit/s uplink; `benches/FINDINGS.md`, "A thin uplink's
+/// first seconds"). A stock Linux host queues in `fq_codel` or `fq`, where such sparse flows go
+/// first; this kernel has neither (nor `sfq` or `prio`), but it has `htb` and the `u32`
+/// classifier, which can send small packets first at the same rate. Measured in `b3`, it gave
+/// the thin-uplink hosts nothing back: at a quarter of the rates they came later with it
+/// (a mean of 170.5 and 172.7 s against 163.7–165.2 s), the bulk queues dropped four times
+/// as many packets, and the mean host did not move (`benches/FINDINGS.md`, "Small packets
+/// first").
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum Queue {
+    /// One FIFO behind a `tbf` (BENCHMARKS.md's links).
+    Fifo,
+    /// An `htb` cap with two FIFOs of the tbf's size behind it: IPv4 packets under 128 bytes
+    /// (pure ACKs, requests, `have`s) are sent before the rest, the way a fair queue sends a
+    /// sparse flow's packets first. Not BENCHMARKS.md's topology: it says what the FIFO costs.
+    SmallFirst,
+}
+
+/// Packets shorter than this (IPv4 total length) go first under [`Queue::SmallFirst`]: a pure
+/// ACK with timestamps is 52 bytes, with SACK blocks up to 84; a `have` or a request with its
+/// headers 61–69.
+pub const SMALL_PACKET: u16 = 128;
 
 impl Tbf {
     /// Bucket of the fleet-scale scenarios (more than [`Tbf::FLEET_LEECHERS`] leechers).
@@ -88,6 +119,7 @@ impl Tbf {
         Self {
             burst_bytes,
             latency_ms,
+            queue: Queue::Fifo,
         }
     }
 }
@@ -179,6 +211,61 @@ pub fn tbf_command(ns: &str, dev: &str, rate_bps: u64, tbf: Tbf) -> Vec<String> 
         "latency".into(),
         format!("{}ms", tbf.latency_ms),
     ]
+}
+
+/// The commands that cap what leaves `dev` in `ns` at `rate_bps`, with `tbf`'s bucket and
+/// queue: one `tbf` ([`tbf_command`]) for [`Queue::Fifo`]; for [`Queue::SmallFirst`], an
+/// `htb` class at the rate over two leaf classes, small packets (prio 0) and the rest (prio
+/// 1), each with a byte FIFO as long as the tbf's (rate x latency + bucket).
+pub fn cap_commands(ns: &str, dev: &str, rate_bps: u64, tbf: Tbf) -> Vec<Vec<String>> {
+    match tbf.queue {
+        Queue::Fifo => vec![tbf_command(ns, dev, rate_bps, tbf)],
+        Queue::SmallFirst => {
+            // Every argument is one word: `ns` and `dev` are interface and namespace names.
+            let tc = |args: String| -> Vec<String> {
+                ["tc", "-n", ns]
+                    .into_iter()
+                    .chain(args.split_whitespace())
+                    .map(str::to_owned)
+                    .collect()
+            };
+            // The small packets' guaranteed share; they borrow up to the whole rate first.
+            let small = rate_bps / 10;
+            let bulk = rate_bps - small;
+            let burst = tbf.burst_bytes;
+            let limit = rate_bps * u64::from(tbf.latency_ms) / 8_000 + u64::from(burst);
+            let leaf = |id: u32, rate: u64, prio: u32| {
+                tc(format!(
+                    "class add dev {dev} parent 1:1 classid 1:{id} htb rate {rate}bit \
+                     ceil {rate_bps}bit burst {burst} cburst {burst} prio {prio} quantum 1514"
+                ))
+            };
+            let fifo = |id: u32| {
+                tc(format!(
+                    "qdisc add dev {dev} parent 1:{id} handle {id}: bfifo limit {limit}"
+                ))
+            };
+            vec![
+                tc(format!(
+                    "qdisc replace dev {dev} root handle 1: htb default 20"
+                )),
+                tc(format!(
+                    "class add dev {dev} parent 1: classid 1:1 htb rate {rate_bps}bit \
+                     ceil {rate_bps}bit burst {burst} cburst {burst}"
+                )),
+                leaf(10, small, 0),
+                leaf(20, bulk, 1),
+                fifo(10),
+                fifo(20),
+                // The IPv4 total length (bytes 2-3 of the header) under SMALL_PACKET.
+                tc(format!(
+                    "filter add dev {dev} parent 1: protocol ip prio 1 u32 \
+                     match u16 0x0000 {:#06x} at 2 flowid 1:10",
+                    !(SMALL_PACKET - 1)
+                )),
+            ]
+        }
+    }
 }
 
 impl Plan {
@@ -304,10 +391,10 @@ impl Plan {
                 argv(&["ip", "-n", ns, "link", "set", HOST_DEV, "up"]),
             ]);
             if let Some(up) = h.up_bps {
-                cmds.push(tbf_command(ns, HOST_DEV, up, self.tbf));
+                cmds.extend(cap_commands(ns, HOST_DEV, up, self.tbf));
             }
             if let Some(down) = h.down_bps {
-                cmds.push(tbf_command(sw, sdev, down, self.tbf));
+                cmds.extend(cap_commands(sw, sdev, down, self.tbf));
             }
         }
         cmds
@@ -422,6 +509,56 @@ mod tests {
             &"tc -n fbsb-seed qdisc replace dev eth0 root tbf rate 20000000bit burst 131072 latency 50ms"
                 .to_owned()
         ));
+    }
+
+    #[test]
+    fn small_first_caps_at_the_same_rate_and_sends_small_packets_first() {
+        let tbf = Tbf {
+            queue: Queue::SmallFirst,
+            ..Tbf::for_leechers(48, 50)
+        };
+        let cmds: Vec<String> = cap_commands("fbsb-l003", "eth0", 5_000_000, tbf)
+            .iter()
+            .map(|c| joined(c))
+            .collect();
+        let tc = "tc -n fbsb-l003";
+        assert_eq!(
+            cmds,
+            [
+                format!("{tc} qdisc replace dev eth0 root handle 1: htb default 20"),
+                format!(
+                    "{tc} class add dev eth0 parent 1: classid 1:1 htb rate 5000000bit \
+                     ceil 5000000bit burst 131072 cburst 131072"
+                ),
+                format!(
+                    "{tc} class add dev eth0 parent 1:1 classid 1:10 htb rate 500000bit \
+                     ceil 5000000bit burst 131072 cburst 131072 prio 0 quantum 1514"
+                ),
+                format!(
+                    "{tc} class add dev eth0 parent 1:1 classid 1:20 htb rate 4500000bit \
+                     ceil 5000000bit burst 131072 cburst 131072 prio 1 quantum 1514"
+                ),
+                // 50 ms at 5 Mbit/s plus the bucket, as tc sizes the tbf's queue.
+                format!("{tc} qdisc add dev eth0 parent 1:10 handle 10: bfifo limit 162322"),
+                format!("{tc} qdisc add dev eth0 parent 1:20 handle 20: bfifo limit 162322"),
+                format!(
+                    "{tc} filter add dev eth0 parent 1: protocol ip prio 1 u32 \
+                     match u16 0x0000 0xff80 at 2 flowid 1:10"
+                ),
+            ]
+        );
+        // The default class is the bulk one: whatever the filter does not match waits there.
+        assert!(cmds[0].ends_with("default 20") && cmds[3].contains("classid 1:20"));
+        // FIFO is the one tbf, as before.
+        assert_eq!(
+            cap_commands("fbsb-l003", "eth0", 5_000_000, Tbf::for_leechers(48, 50)),
+            vec![tbf_command(
+                "fbsb-l003",
+                "eth0",
+                5_000_000,
+                Tbf::for_leechers(48, 50)
+            )]
+        );
     }
 
     #[test]

@@ -90,7 +90,7 @@ use std::time::Duration;
 
 use anyhow::{Context as _, ensure};
 use clap::{Parser, Subcommand};
-use fbpkg_benches::swarm::netplan::Tbf;
+use fbpkg_benches::swarm::netplan::{Queue, Tbf};
 use fbpkg_benches::swarm::scenario::{Scenario, parse_rate};
 use fbpkg_common::size::parse_bytes as parse_size;
 
@@ -171,6 +171,13 @@ pub struct Args {
     /// the limit, so the queue can hold this plus the bucket's time at the rate.
     #[arg(long, default_value_t = Tbf::default().latency_ms)]
     tbf_latency_ms: u32,
+
+    /// The order a cap's queue sends in: `fifo` (BENCHMARKS.md's links: one tbf, one FIFO) or
+    /// `small-first` (an htb cap at the same rate that sends packets under 128 bytes, pure ACKs
+    /// and requests, before the rest, as a host's fair queue would; not the targets'
+    /// topology: it tells what the FIFO costs a host whose uplink is full).
+    #[arg(long, value_enum, default_value_t = Queue::Fifo)]
+    queue: Queue,
 
     /// A contender's leechers not done after this many times T_KR count as timed out.
     #[arg(long, default_value_t = 10.0)]
@@ -347,6 +354,7 @@ impl Args {
             "--tbf-latency-ms must be 1 to 10000"
         );
         let mut tbf = Tbf::for_leechers(leechers, self.tbf_latency_ms);
+        tbf.queue = self.queue;
         if let Some(b) = self.tbf_burst {
             tbf.burst_bytes = b;
         }

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
 use anyhow::{Context as _, ensure};
-use fbpkg_benches::swarm::netplan::{Plan, Tbf};
+use fbpkg_benches::swarm::netplan::{Plan, Queue, Tbf};
 use fbpkg_benches::swarm::report::{self, Row, Summary};
 use fbpkg_benches::swarm::rollout::{self as rollout_report, PHASES, PickedHost, RolloutRun};
 use fbpkg_benches::swarm::scenario::{DELTA_CHANGED_SHARE, KumarRoss, Scenario};
@@ -398,8 +398,13 @@ fn run_scenario(c: &Common<'_>, s: &Scenario) -> anyhow::Result<ScenarioReport> 
     ));
     let tbf = c.args.tbf(s.leechers)?;
     log_progress(&format!(
-        "tbf burst {} bytes, latency {} ms",
-        tbf.burst_bytes, tbf.latency_ms
+        "tbf burst {} bytes, latency {} ms{}",
+        tbf.burst_bytes,
+        tbf.latency_ms,
+        match tbf.queue {
+            Queue::Fifo => "",
+            Queue::SmallFirst => ", small packets first (htb; not BENCHMARKS.md's links)",
+        }
     ));
     let topo = Topology::create(Plan::new(s, tbf))?;
     let cc = sysctl_in(

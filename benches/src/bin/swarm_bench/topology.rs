@@ -132,9 +132,10 @@ impl Topology {
             .with_context(|| format!("tx_bytes of {ns}: {out:?}"))
     }
 
-    /// Bytes the upload `tbf` of the host in `ns` has sent. Unlike the veth's `tx_bytes`, which
-    /// counts a GSO super-packet's headers once, the qdisc counts every segment's headers:
-    /// these are the bytes the cap was applied to.
+    /// Bytes the upload cap of the host in `ns` has sent (its `tbf`, or the root `htb` of
+    /// `--queue small-first`). Unlike the veth's `tx_bytes`, which counts a GSO super-packet's
+    /// headers once, the qdisc counts every segment's headers: these are the bytes the cap
+    /// was applied to.
     pub fn host_tbf_bytes(&self, ns: &str) -> anyhow::Result<u64> {
         let out = procs::run_ok(
             Spec::new(
@@ -148,9 +149,9 @@ impl Topology {
         v.as_array()
             .into_iter()
             .flatten()
-            .find(|q| q["kind"] == "tbf")
+            .find(|q| q["kind"] == "tbf" || (q["kind"] == "htb" && q["root"] == true))
             .and_then(|q| q["bytes"].as_u64())
-            .with_context(|| format!("no tbf on {ns}: {out}"))
+            .with_context(|| format!("no cap on {ns}: {out}"))
     }
 
     /// `tc -s qdisc` of every namespace (drops, overlimits), for the logs.
