@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The upload queue of some swarm_bench hosts while a scenario runs: once a second, the backlog
-# (bytes, packets) and drops of the upload tbf in each named host's namespace (fbsb-HOST,
+# (bytes, packets) and drops of the upload tbf (or, with `--queue small-first`, the root htb,
+# which sums its two queues) in each named host's namespace (fbsb-HOST,
 # device eth0: NS_PREFIX and HOST_DEV in benches/src/swarm/netplan.rs, which the bench's own
 # `host_tbf_bytes` reads the same way), then the median backlog over a window of the run.
 #
@@ -30,7 +31,8 @@ for _ in $(seq 1 3600); do
             q=$(tc -n "fbsb-$h" -s -j qdisc show dev eth0 2>/dev/null | python3 -c '
 import json, sys
 try:
-    q = [q for q in json.load(sys.stdin) if q["kind"] == "tbf"][0]
+    q = [q for q in json.load(sys.stdin)
+         if q["kind"] == "tbf" or (q["kind"] == "htb" and q.get("root"))][0]
     print(q["backlog"], q["qlen"], q["drops"])
 except Exception:
     print("- - -")') || q="- - -"

@@ -77,8 +77,9 @@ impl Default for Tbf {
 /// classifier, which can send small packets first at the same rate. Measured in `b3`, it gave
 /// the thin-uplink hosts nothing back: at a quarter of the rates they came later with it
 /// (a mean of 170.5 and 172.7 s against 163.7–165.2 s), the bulk queues dropped four times
-/// as many packets, and the mean host did not move (`benches/FINDINGS.md`, "Small packets
-/// first").
+/// as many packets, and the mean host did not move. Pure ACKs alone first (an experiment
+/// build) gave the thin hosts 1–3 s and cost the others 8 (`benches/FINDINGS.md`, "Small
+/// packets first").
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
 #[serde(rename_all = "kebab-case")]
 pub enum Queue {
