@@ -86,14 +86,16 @@ pub enum Queue {
     /// One FIFO behind a `tbf` (BENCHMARKS.md's links).
     Fifo,
     /// An `htb` cap with two FIFOs of the tbf's size behind it: IPv4 packets under 128 bytes
-    /// (pure ACKs, requests, `have`s) are sent before the rest, the way a fair queue sends a
-    /// sparse flow's packets first. Not BENCHMARKS.md's topology: it says what the FIFO costs.
+    /// (pure ACKs, requests, `have`s) are sent before the rest, as a fair queue sends a sparse
+    /// flow's packets first; unlike one, it also sends a connection's small segment ahead of
+    /// the large ones queued before it. Not BENCHMARKS.md's topology: it says what the FIFO
+    /// costs.
     SmallFirst,
 }
 
 /// Packets shorter than this (IPv4 total length) go first under [`Queue::SmallFirst`]: a pure
-/// ACK with timestamps is 52 bytes, with SACK blocks up to 84; a `have` or a request with its
-/// headers 61–69.
+/// ACK with timestamps is 52 bytes, with three SACK blocks 80; a `have` or a request with its
+/// headers 61 and 69.
 pub const SMALL_PACKET: u16 = 128;
 
 impl Tbf {

@@ -174,8 +174,9 @@ pub struct Args {
 
     /// The order a cap's queue sends in: `fifo` (BENCHMARKS.md's links: one tbf, one FIFO) or
     /// `small-first` (an htb cap at the same rate that sends packets under 128 bytes, pure ACKs
-    /// and requests, before the rest, as a host's fair queue would; not the targets'
-    /// topology: it tells what the FIFO costs a host whose uplink is full).
+    /// and requests, before the rest, somewhat as a host's fair queue would, though it can
+    /// reorder a connection's segments; not the targets' topology: it tells what the FIFO
+    /// costs a host whose uplink is full).
     #[arg(long, value_enum, default_value_t = Queue::Fifo)]
     queue: Queue,
 
