@@ -153,22 +153,14 @@ fn start_seed(ctx: &Ctx<'_>, host: &Endpoint, pkg: &Package, hook: &Path) -> any
 }
 
 /// The bytes of the pieces an aria2 log at level info says were completed ("we got new
-/// piece. index=N"; each counted once) of a torrent of `length` bytes in pieces of
-/// `piece_length`.
-fn completed_bytes(log: &str, length: u64, piece_length: u64) -> u64 {
+/// piece. index=N"; each counted once) of the torrent `meta` describes.
+fn completed_bytes(log: &str, meta: &Metainfo) -> u64 {
     const GOT: &str = "we got new piece. index=";
-    let pieces: std::collections::BTreeSet<u64> = log
+    let pieces: std::collections::BTreeSet<u32> = log
         .lines()
         .filter_map(|l| l.split(GOT).nth(1)?.trim().parse().ok())
         .collect();
-    pieces
-        .iter()
-        .map(|&i| {
-            length
-                .saturating_sub(i.saturating_mul(piece_length))
-                .min(piece_length)
-        })
-        .sum()
+    pieces.iter().map(|&i| u64::from(meta.piece_size(i))).sum()
 }
 
 /// A seed's copy of a directory package at `to`: its files, and its BEP 47 padding as files
@@ -375,7 +367,7 @@ pub fn run(ctx: &Ctx<'_>) -> anyhow::Result<ContenderRun> {
     let restarted = churn.map(|c| {
         c.into_restarted(|_, host| {
             let text = std::fs::read_to_string(restarted_log(ctx, host)).ok()?;
-            Some(completed_bytes(&text, meta.length, meta.piece_length))
+            Some(completed_bytes(&text, &meta))
         })
     });
 
@@ -405,17 +397,24 @@ pub fn run(ctx: &Ctx<'_>) -> anyhow::Result<ContenderRun> {
 
 #[cfg(test)]
 mod tests {
+    use fbpkg_common::metainfo::{Format, Metainfo, piece_length_for};
+
     use super::completed_bytes;
 
     #[test]
     fn a_restarted_aria2s_log_gives_the_bytes_of_the_pieces_it_completed() {
+        // Ten pieces, the last 100 bytes long.
+        let size = 9 * piece_length_for(1 << 20) + 100;
+        let data = vec![0u8; usize::try_from(size).unwrap()];
+        let meta = Metainfo::build(&data[..], size, "p", "http://t/a", Format::File).unwrap();
+        assert_eq!(meta.num_pieces(), 10);
         let log = "\
             2026-12-07 12:00:00.1 [INFO] [PieceMessage.cc:300] CUID#7 - we got new piece. index=3\n\
             2026-12-07 12:00:00.2 [INFO] [BtPieceMessage.cc:280] CUID#9 - we got new piece. index=9\n\
             2026-12-07 12:00:00.3 [INFO] [PieceMessage.cc:300] CUID#7 - we got new piece. index=3\n\
             2026-12-07 12:00:00.4 [INFO] [PieceMessage.cc:310] CUID#7 - we got wrong piece. index=4\n";
-        // Pieces 3 (once) and 9, the last, which is 100 bytes long: 10 pieces of 1,000 less 900.
-        assert_eq!(completed_bytes(log, 9_100, 1_000), 1_100);
-        assert_eq!(completed_bytes("nothing completed\n", 9_100, 1_000), 0);
+        // Pieces 3 (once) and 9, the last, which is 100 bytes long.
+        assert_eq!(completed_bytes(log, &meta), meta.piece_length + 100);
+        assert_eq!(completed_bytes("nothing completed\n", &meta), 0);
     }
 }
