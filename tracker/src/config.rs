@@ -39,7 +39,8 @@ pub struct TrackerArgs {
     #[arg(long, env = "FBPKG_ANNOUNCE_INTERVAL", default_value = "60s", value_parser = humantime::parse_duration)]
     pub announce_interval: Duration,
 
-    /// Advertised as `min interval`: clients should not announce more often than this.
+    /// Advertised as `min interval`: clients should not announce more often than this (sent in
+    /// whole seconds: at least 1s).
     #[arg(long, env = "FBPKG_MIN_ANNOUNCE_INTERVAL", default_value = "5s", value_parser = humantime::parse_duration)]
     pub min_announce_interval: Duration,
 
@@ -449,6 +450,11 @@ impl Config {
         if self.announce_interval < Duration::from_secs(1) {
             return bad("--announce-interval must be at least 1s".into());
         }
+        // Sent in whole seconds: under a second would tell every client `min interval 0`,
+        // and a client short of peers would announce back to back.
+        if self.min_announce_interval < Duration::from_secs(1) {
+            return bad("--min-announce-interval must be at least 1s".into());
+        }
         if self.min_announce_interval > self.announce_interval {
             return bad("--min-announce-interval cannot exceed --announce-interval".into());
         }
@@ -605,6 +611,30 @@ mod tests {
             ..tls
         });
         assert!(e.contains("--catalog-cert is for a postgres://"), "{e}");
+    }
+
+    #[test]
+    fn announce_intervals_are_whole_seconds_the_min_within_the_regular() {
+        let refused = |c: Config| c.validate(false).expect_err("refused").to_string();
+        assert!(Config::default().validate(false).is_ok());
+        let e = refused(Config {
+            min_announce_interval: Duration::from_millis(500),
+            ..Config::default()
+        });
+        assert!(
+            e.contains("--min-announce-interval must be at least 1s"),
+            "{e}"
+        );
+        let e = refused(Config {
+            announce_interval: Duration::from_millis(999),
+            ..Config::default()
+        });
+        assert!(e.contains("--announce-interval must be at least 1s"), "{e}");
+        let e = refused(Config {
+            min_announce_interval: Duration::from_secs(61),
+            ..Config::default()
+        });
+        assert!(e.contains("cannot exceed --announce-interval"), "{e}");
     }
 
     #[test]
