@@ -139,9 +139,7 @@ pub(crate) async fn run(t: Arc<Torrent>, mut tier: Tier) {
                 let others = resp.complete.saturating_sub(u32::from(req.left == 0));
                 t.state().tracker_seeds = Some((others, asked_at));
                 t.add_candidates(resp.peers.into_iter().map(|p| (p.addr, p.peer_id)));
-                let interval = Duration::from_secs(u64::from(resp.interval.max(1)));
-                let min = Duration::from_secs(u64::from(resp.min_interval.unwrap_or(5)));
-                (interval, min)
+                intervals(resp.interval, resp.min_interval)
             }
             Err(e) => {
                 // A version seeded a moment before `publish` lists it is refused once: expected.
@@ -215,6 +213,14 @@ pub(crate) async fn run(t: Arc<Torrent>, mut tier: Tier) {
     }
 }
 
+/// The tracker's `interval` and `min interval` as waits: at least a second each, whatever it
+/// says (`min interval 0` would have a download short of peers announce back to back), and
+/// 5 s when it gives no minimum.
+fn intervals(interval: u32, min_interval: Option<u32>) -> (Duration, Duration) {
+    let secs = |s: u32| Duration::from_secs(u64::from(s.max(1)));
+    (secs(interval), secs(min_interval.unwrap_or(5)))
+}
+
 fn needs_peers(t: &Torrent) -> bool {
     !t.is_seeding() && t.state().peers.len() < FEW_PEERS
 }
@@ -232,6 +238,14 @@ mod tests {
             .map(|t| t.into_iter().map(str::to_owned).collect())
             .collect();
         m
+    }
+
+    #[test]
+    fn a_tracker_cannot_make_us_announce_back_to_back() {
+        let secs = Duration::from_secs;
+        assert_eq!(intervals(0, Some(0)), (secs(1), secs(1)));
+        assert_eq!(intervals(60, None), (secs(60), secs(5)));
+        assert_eq!(intervals(60, Some(30)), (secs(60), secs(30)));
     }
 
     #[test]

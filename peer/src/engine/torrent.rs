@@ -108,6 +108,11 @@ impl PeerSlot {
     }
 }
 
+/// Most peer addresses a package remembers ([`Torrent::add_candidates`]). Connections are
+/// capped far lower (`max_peers`); the cap bounds what a tracker's answers can make the agent
+/// keep and scan at every dial: one answer of a megabyte lists ~175k addresses.
+pub(crate) const MAX_CANDIDATES: usize = 2048;
+
 /// A dialled connection that ends this soon after its handshake, having moved no piece data,
 /// counts as a failed dial (see [`Torrent::session_ended`]).
 pub(crate) const HANG_UP_WITHIN: Duration = Duration::from_secs(5);
@@ -801,19 +806,39 @@ impl Torrent {
         }
     }
 
-    /// Add peers learned from the tracker.
+    /// Add peers learned from the tracker, up to [`MAX_CANDIDATES`] known addresses: past
+    /// that, an address that has failed makes room (the most failures first), and while none
+    /// has, new ones are left out.
     pub(crate) fn add_candidates(
         &self,
         peers: impl IntoIterator<Item = (SocketAddr, Option<PeerId>)>,
     ) {
         let mut st = self.state();
         let now = Instant::now();
-        for (addr, peer_id) in peers {
+        // Addresses that may make room, the most failures last; sorted once, when needed.
+        let mut evictable: Option<Vec<(u32, SocketAddr)>> = None;
+        for (addr, peer_id) in peers.into_iter().take(MAX_CANDIDATES) {
             if addr == self.ctx.listen_addr && peer_id.is_none_or(|p| p == self.ctx.peer_id) {
                 continue;
             }
             if peer_id == Some(self.ctx.peer_id) {
                 continue;
+            }
+            if st.candidates.len() >= MAX_CANDIDATES && !st.candidates.contains_key(&addr) {
+                let room = evictable.get_or_insert_with(|| {
+                    let mut v: Vec<(u32, SocketAddr)> = st
+                        .candidates
+                        .iter()
+                        .filter(|(_, c)| c.failures > 0 && !c.connecting)
+                        .map(|(a, c)| (c.failures, *a))
+                        .collect();
+                    v.sort_unstable();
+                    v
+                });
+                let Some((_, gone)) = room.pop() else {
+                    break;
+                };
+                st.candidates.remove(&gone);
             }
             st.candidates
                 .entry(addr)
@@ -1371,6 +1396,40 @@ pub(crate) mod tests {
         t.dial_done(a, true);
         t.session_ended(a, false, HANG_UP_WITHIN);
         assert_eq!(t.dial_list(), [a]);
+    }
+
+    /// A tracker's answers cannot make a package keep more than [`MAX_CANDIDATES`] addresses;
+    /// past that, addresses that failed make room, the most failures first.
+    #[tokio::test(start_paused = true)]
+    async fn known_addresses_are_capped_and_failed_ones_make_room() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = torrent(dir.path(), Bitfield::new);
+        let addr = |i: usize| SocketAddr::from(([127, 1, (i >> 8) as u8, i as u8], 6881));
+        let known = |i: usize| t.state().candidates.contains_key(&addr(i));
+        t.add_candidates((0..MAX_CANDIDATES + 500).map(|i| (addr(i), None)));
+        assert_eq!(t.state().candidates.len(), MAX_CANDIDATES);
+        assert!(known(0) && known(MAX_CANDIDATES - 1) && !known(MAX_CANDIDATES));
+
+        // Full and nobody failed: a new address is left out.
+        t.add_candidates([(addr(5000), None)]);
+        assert!(!known(5000));
+
+        // Two failed, one of them twice: it makes room first.
+        t.dial_done(addr(1), false);
+        t.dial_done(addr(1), false);
+        t.dial_done(addr(2), false);
+        t.add_candidates([(addr(5001), None)]);
+        assert!(known(5001) && !known(1) && known(2));
+        t.add_candidates([(addr(5002), None), (addr(5003), None)]);
+        assert!(known(5002) && !known(2) && !known(5003));
+        assert_eq!(t.state().candidates.len(), MAX_CANDIDATES);
+
+        // An address already known is still updated when full.
+        t.add_candidates([(addr(3), Some(PeerId([9; 20])))]);
+        assert_eq!(
+            t.state().candidates[&addr(3)].peer_id,
+            Some(PeerId([9; 20]))
+        );
     }
 
     /// `n` peers connected to `t` (outgoing, none holding anything), and their command
