@@ -729,7 +729,15 @@ impl Conn {
                 if !self.fast {
                     return bad("fast-extension message from a peer that did not offer it");
                 }
-                if matches!(m, Message::HaveAll) {
+                // Once the peer holds every piece, another have-all changes nothing: skip the
+                // pass over every piece (a 5-byte message must not cost one each time).
+                let holds_all = || {
+                    let st = self.t.state();
+                    st.peers
+                        .get(&self.id)
+                        .is_some_and(|s| s.bitfield.is_complete())
+                };
+                if matches!(m, Message::HaveAll) && !holds_all() {
                     let all: Vec<u32> = (0..n).collect();
                     self.peer_got(&all);
                 }
