@@ -110,6 +110,38 @@ fn set_mode(path: &Path, mode: u32) -> Result<()> {
         .map_err(PeerError::io("chmod", path))
 }
 
+/// Everything under `dir` read-only ([`make_read_only`]), `dir` itself left as it is: a
+/// directory that moves to another parent must stay writable by its owner until it has moved
+/// (its `..` changes, and for anyone but root that takes write permission on it), so an entry
+/// is staged this way and made read-only itself once in place ([`Cache::commit`]).
+fn make_children_read_only(dir: &Path) -> Result<()> {
+    for e in fs::read_dir(dir).map_err(PeerError::io("reading directory", dir))? {
+        let e = e.map_err(PeerError::io("reading directory", dir))?;
+        make_read_only(&e.path())?;
+    }
+    File::open(dir)
+        .and_then(|f| f.sync_all())
+        .map_err(PeerError::io("fsync", dir))
+}
+
+/// Let the entry directory `dir` move to another parent (out of the cache, or into
+/// quarantine): its owner's write bit back, which the move needs for anyone but root (see
+/// [`make_children_read_only`]). Returns the mode to put back if the move fails; `None` when
+/// nothing changed (already writable, or not there).
+fn let_move(dir: &Path) -> io::Result<Option<u32>> {
+    let meta = match fs::symlink_metadata(dir) {
+        Ok(m) => m,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    let mode = meta.permissions().mode() & 0o7777;
+    if !meta.is_dir() || mode & 0o200 != 0 {
+        return Ok(None);
+    }
+    fs::set_permissions(dir, fs::Permissions::from_mode(mode | 0o200))?;
+    Ok(Some(mode))
+}
+
 /// Make a tree read-only: files lose their write bits, directories too (children first).
 fn make_read_only(path: &Path) -> Result<()> {
     let meta = fs::symlink_metadata(path).map_err(PeerError::io("reading metadata", path))?;
@@ -230,10 +262,16 @@ impl Cache {
         let staging_root = self.root.join(STAGING);
         fs::create_dir_all(&staging_root).map_err(PeerError::io("creating", &staging_root))?;
         let doomed = staging_root.join(format!("removed-{sha256}-{}", rand::random::<u32>()));
+        let was = let_move(&dir).map_err(PeerError::io("chmod", &dir))?;
         match fs::rename(&dir, &doomed) {
             Ok(()) => remove_tree(&doomed).map_err(PeerError::io("removing", &doomed)),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(PeerError::io("moving out of the cache", &dir)(e)),
+            Err(e) => {
+                if let Some(mode) = was {
+                    let _ = fs::set_permissions(&dir, fs::Permissions::from_mode(mode));
+                }
+                Err(PeerError::io("moving out of the cache", &dir)(e))
+            }
         }
     }
 
@@ -473,7 +511,7 @@ impl Cache {
         let meta_path = staging.join(METAINFO_FILE);
         fs::write(&meta_path, metainfo.as_bytes()).map_err(PeerError::io("writing", &meta_path))?;
         verify::write_seal(staging, metainfo)?;
-        make_read_only(staging)?;
+        make_children_read_only(staging)?;
         let parent = self.root.join(name.as_str());
         fs::create_dir_all(&parent).map_err(PeerError::io("creating", &parent))?;
         let dest = parent.join(metainfo.sha256.to_hex());
@@ -485,7 +523,15 @@ impl Cache {
             return Err(PeerError::io("moving into the cache", &dest)(e));
         }
         // The entry is in place and complete: from here on, failing would leave it there while
-        // telling the caller it is not.
+        // telling the caller it is not. Its directory goes read-only now that it has moved.
+        let sealed = fs::symlink_metadata(&dest).and_then(|m| {
+            let mode = m.permissions().mode() & 0o7777;
+            fs::set_permissions(&dest, fs::Permissions::from_mode(mode & 0o555))?;
+            File::open(&dest)?.sync_all()
+        });
+        if let Err(e) = sealed {
+            tracing::warn!(path = %dest.display(), error = %e, "cannot make the new entry's directory read-only");
+        }
         if let Err(e) = File::open(&parent).and_then(|f| f.sync_all()) {
             tracing::warn!(path = %parent.display(), error = %e, "cannot fsync the cache directory; the new entry may not survive a power cut");
         }
@@ -1093,6 +1139,80 @@ pub(crate) mod tests {
         );
         remove_tree(&entry.dir).unwrap();
         assert!(cache.lookup(&name, &m.sha256).is_none());
+    }
+
+    /// Set in the environment of this test binary run again as another user.
+    const AS_NOBODY: &str = "FBPKG_TEST_AS_NOBODY";
+
+    /// An agent that is not root (the DaemonSet's runs as uid 65532) installs, removes and
+    /// quarantines. For anyone but root a directory must be writable to move to another parent
+    /// (its `..` changes): an entry made read-only in staging could not move into the cache,
+    /// nor out of it. As root, the test runs again as `nobody` to see that.
+    #[test]
+    fn an_agent_that_is_not_root_installs_removes_and_quarantines() {
+        let root = std::process::Command::new("id")
+            .arg("-u")
+            .output()
+            .is_ok_and(|o| o.stdout.trim_ascii() == b"0");
+        if root && std::env::var_os(AS_NOBODY).is_none() {
+            let me = std::env::current_exe().unwrap();
+            let run = std::process::Command::new("runuser")
+                .args(["-u", "nobody", "--"])
+                .arg(me)
+                .args([
+                    "cache::tests::an_agent_that_is_not_root_installs_removes_and_quarantines",
+                    "--exact",
+                    "--test-threads=1",
+                ])
+                .env(AS_NOBODY, "1")
+                .output();
+            match run {
+                Ok(out) => {
+                    let text = String::from_utf8_lossy(&out.stdout);
+                    assert!(
+                        out.status.success() && text.contains("1 passed"),
+                        "as nobody: {text}{}",
+                        String::from_utf8_lossy(&out.stderr)
+                    );
+                    return;
+                }
+                Err(e) => eprintln!("runuser: {e}; running as root, where any move works"),
+            }
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let cache = Cache::new(dir.path().join("cache"));
+        let name = PackageName::new("tool").unwrap();
+        let bytes = b"#!/bin/sh\necho ok\n".repeat(100);
+        let m = meta(&bytes, "tool.sh", Format::Executable);
+        let install = || {
+            let download = dir.path().join("download");
+            fs::write(&download, &bytes).unwrap();
+            cache
+                .install(
+                    &name,
+                    &m,
+                    &download,
+                    Handoff::Move,
+                    &ExtractLimits::default(),
+                )
+                .unwrap()
+        };
+
+        let entry = install();
+        assert_eq!(fs::read(&entry.launch_path).unwrap(), bytes);
+        let mode = fs::metadata(&entry.dir).unwrap().mode();
+        assert_eq!(mode & 0o222, 0, "entry dir read-only once in place");
+        cache.remove(&name, &m.sha256).unwrap();
+        assert!(cache.lookup(&name, &m.sha256).is_none());
+        assert!(!entry.dir.exists());
+        assert!(staging_is_empty(&cache));
+
+        let entry = install();
+        let moved = cache.quarantine(&name, &m.sha256).unwrap();
+        assert!(cache.lookup(&name, &m.sha256).is_none());
+        assert_eq!(fs::read(moved.join("tool.sh")).unwrap(), bytes);
+        assert!(!entry.dir.exists());
+        remove_tree(&moved).unwrap();
     }
 
     #[test]
