@@ -25,6 +25,7 @@ use std::fs::{self, File};
 use std::io::{self, Read};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use fbpkg_common::Sha256Hash;
 use fbpkg_common::metainfo::{Format, Metainfo};
@@ -63,6 +64,10 @@ struct Checked<'a> {
     prefix: Option<(Sha256, u64)>,
 }
 const STAGING: &str = ".staging";
+
+/// Staging directories younger than this are never taken for leftovers: a new one is created
+/// a moment before it is locked ([`Cache::new_staging`]).
+const STAGING_GRACE: Duration = Duration::from_secs(60);
 const TAGS: &str = ".tags";
 
 /// Whether [`Cache::install`] may take the data file or must leave it where it is.
@@ -262,6 +267,13 @@ impl Cache {
         let staging_root = self.root.join(STAGING);
         fs::create_dir_all(&staging_root).map_err(PeerError::io("creating", &staging_root))?;
         let doomed = staging_root.join(format!("removed-{sha256}-{}", rand::random::<u32>()));
+        // Locked before it moves, so that it is never in staging unlocked while removed.
+        let busy = match File::open(&dir) {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(PeerError::io("opening", &dir)(e)),
+        };
+        busy.lock().map_err(PeerError::io("locking", &dir))?;
         let was = let_move(&dir).map_err(PeerError::io("chmod", &dir))?;
         match fs::rename(&dir, &doomed) {
             Ok(()) => remove_tree(&doomed).map_err(PeerError::io("removing", &doomed)),
@@ -350,16 +362,53 @@ impl Cache {
         out
     }
 
-    /// Remove staging leftovers of a crashed install.
+    /// Remove staging leftovers of a crashed install: directories no process holds (see
+    /// [`Cache::new_staging`]) and older than [`STAGING_GRACE`]. An install in progress, in a
+    /// CLI while the agent starts, is left alone.
     pub fn clean_staging(&self) {
         let staging = self.root.join(STAGING);
-        if let Ok(rd) = fs::read_dir(&staging) {
-            for e in rd.flatten() {
-                if let Err(err) = remove_tree(&e.path()) {
-                    tracing::warn!(path = %e.path().display(), error = %err, "cannot remove staging leftover");
-                }
+        let Ok(rd) = fs::read_dir(&staging) else {
+            return;
+        };
+        for e in rd.flatten() {
+            let path = e.path();
+            let young = e
+                .metadata()
+                .and_then(|m| m.modified())
+                .is_ok_and(|t| t.elapsed().is_ok_and(|age| age < STAGING_GRACE));
+            if young {
+                continue;
+            }
+            let held = File::open(&path).map(|f| match f.try_lock() {
+                Ok(()) => Some(f),
+                Err(_) => None,
+            });
+            let _lock = match held {
+                Ok(Some(f)) => f,
+                // In use, or gone meanwhile.
+                Ok(None) | Err(_) => continue,
+            };
+            if let Err(err) = remove_tree(&path) {
+                tracing::warn!(path = %path.display(), error = %err, "cannot remove staging leftover");
             }
         }
+    }
+
+    /// A new directory in staging for `what`, and the exclusive `flock` on it that says it is
+    /// in use ([`Cache::clean_staging`] leaves it alone) for as long as the handle lives. The
+    /// lock follows the directory when it is renamed into the cache.
+    fn new_staging(&self, what: &str) -> Result<(PathBuf, File)> {
+        let staging_root = self.root.join(STAGING);
+        fs::create_dir_all(&staging_root).map_err(PeerError::io("creating", &staging_root))?;
+        let staging = staging_root.join(format!(
+            "{what}-{}-{}",
+            std::process::id(),
+            rand::random::<u32>()
+        ));
+        fs::create_dir(&staging).map_err(PeerError::io("creating", &staging))?;
+        let busy = File::open(&staging).map_err(PeerError::io("opening", &staging))?;
+        busy.lock().map_err(PeerError::io("locking", &staging))?;
+        Ok((staging, busy))
     }
 
     /// Install `data`, the complete archive `metainfo` describes, as the entry `name:sha256`.
@@ -440,15 +489,7 @@ impl Cache {
         if let Some(existing) = self.lookup(name, &metainfo.sha256) {
             return Ok(existing);
         }
-        let staging_root = self.root.join(STAGING);
-        fs::create_dir_all(&staging_root).map_err(PeerError::io("creating", &staging_root))?;
-        let staging = staging_root.join(format!(
-            "{}-{}-{}",
-            metainfo.sha256,
-            std::process::id(),
-            rand::random::<u32>()
-        ));
-        fs::create_dir(&staging).map_err(PeerError::io("creating", &staging))?;
+        let (staging, _busy) = self.new_staging(&metainfo.sha256.to_hex())?;
         let mut moved = None;
         let result = self.assemble(
             &staging,
@@ -603,14 +644,7 @@ impl Cache {
         limits: &ExtractLimits,
         build: impl FnOnce(&mut dyn Read) -> io::Result<Metainfo>,
     ) -> Result<(CachedPackage, Metainfo, bool)> {
-        let staging_root = self.root.join(STAGING);
-        fs::create_dir_all(&staging_root).map_err(PeerError::io("creating", &staging_root))?;
-        let staging = staging_root.join(format!(
-            "publish-{}-{}",
-            std::process::id(),
-            rand::random::<u32>()
-        ));
-        fs::create_dir(&staging).map_err(PeerError::io("creating", &staging))?;
+        let (staging, _busy) = self.new_staging("publish")?;
         let result = self.build_into(&staging, name, data, limits, build);
         // A new entry took the staging directory with it; anything else may leave it behind.
         if staging.exists()
@@ -1139,6 +1173,46 @@ pub(crate) mod tests {
         );
         remove_tree(&entry.dir).unwrap();
         assert!(cache.lookup(&name, &m.sha256).is_none());
+    }
+
+    /// An agent starting up removes what a crashed install left in staging, but not an
+    /// install in progress in another process (a CLI's), nor a directory just made.
+    #[test]
+    fn an_agent_starting_removes_leftovers_not_installs_in_progress() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = Cache::new(dir.path().join("cache"));
+        let staging = cache.root().join(STAGING);
+        let old = std::time::SystemTime::now() - STAGING_GRACE * 2;
+        let make = |name: &str| {
+            let d = staging.join(name);
+            fs::create_dir_all(&d).unwrap();
+            fs::write(d.join("part"), b"bytes").unwrap();
+            d
+        };
+        let age = |d: &Path| File::open(d).unwrap().set_modified(old).unwrap();
+
+        let crashed = make("crashed");
+        age(&crashed);
+        let (in_progress, busy) = cache.new_staging("install").unwrap();
+        fs::write(in_progress.join("part"), b"bytes").unwrap();
+        age(&in_progress);
+        let just_made = make("just-made");
+
+        cache.clean_staging();
+        assert!(!crashed.exists(), "a leftover nobody holds is removed");
+        assert!(
+            in_progress.join("part").exists(),
+            "an install in progress is left alone"
+        );
+        assert!(just_made.exists(), "a directory just made is left alone");
+
+        drop(busy);
+        cache.clean_staging();
+        assert!(
+            !in_progress.exists(),
+            "once its install is gone, it is a leftover"
+        );
+        assert!(just_made.exists());
     }
 
     /// Set in the environment of this test binary run again as another user.
