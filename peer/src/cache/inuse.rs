@@ -18,6 +18,7 @@
 use std::fs::{self, File, OpenOptions, TryLockError};
 use std::io::Write;
 use std::os::fd::AsFd;
+use std::os::unix::fs::MetadataExt;
 use std::path::PathBuf;
 use std::time::SystemTime;
 
@@ -93,10 +94,30 @@ impl Cache {
         if self.lookup(name, sha256).is_none() {
             return Ok(None);
         }
-        let file = self.open_use(name, sha256)?;
         let path = self.use_path(name, sha256);
-        file.lock_shared()
-            .map_err(PeerError::io("locking", &path))?;
+        let mut tries = 0;
+        let file = loop {
+            let file = self.open_use(name, sha256)?;
+            file.lock_shared()
+                .map_err(PeerError::io("locking", &path))?;
+            // An eviction unlinks the use file under its claim. A lock on one unlinked while
+            // we waited holds nothing back: the next claim would take a new file at the path,
+            // the version installed again meanwhile, and remove it under the running program.
+            // The lock counts only on the file that is at the path.
+            let current = fs::metadata(&path).map(|m| (m.dev(), m.ino()));
+            let ours = file.metadata().map(|m| (m.dev(), m.ino()));
+            if let (Ok(a), Ok(b)) = (&current, &ours)
+                && a == b
+            {
+                break file;
+            }
+            tries += 1;
+            if tries == 8 {
+                return Err(PeerError::io("locking", &path)(std::io::Error::other(
+                    "the use file keeps being replaced",
+                )));
+            }
+        };
         // An eviction may have renamed the entry out while we waited for the lock.
         let Some(package) = self.lookup(name, sha256) else {
             return Ok(None);
@@ -200,6 +221,64 @@ mod tests {
         assert!(cache.hold(&name, &sha).expect("hold").is_none());
         let other = Sha256Hash([7; 32]);
         assert!(cache.hold(&name, &other).expect("hold").is_none());
+    }
+
+    /// A launcher waits for its lock while an eviction removes the version and its use file,
+    /// and the version is installed again before the eviction ends: the launcher's hold must
+    /// be on the use file there now, or the next eviction would remove the version it runs.
+    #[test]
+    fn a_hold_that_waited_out_an_eviction_holds_the_use_file_there_now() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (cache, name, sha) = cached(dir.path());
+        let use_file = cache.use_path(&name, &sha);
+        let claim = cache.try_claim(&name, &sha).expect("claim").expect("free");
+        let ino = fs::metadata(&use_file).expect("use file").ino();
+        let launcher = std::thread::spawn({
+            let (cache, name) = (cache.clone(), name.clone());
+            move || cache.hold(&name, &sha)
+        });
+        // The launcher waits for its shared lock on the use file (/proc/locks lists it).
+        let waiting = |ino: u64| {
+            fs::read_to_string("/proc/locks").is_ok_and(|l| {
+                l.lines()
+                    .any(|l| l.contains("->") && l.contains(&format!(":{ino} ")))
+            })
+        };
+        let mut polls = 0;
+        while !waiting(ino) {
+            polls += 1;
+            assert!(polls < 2_000, "the launcher never waited for the lock");
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        // The eviction, and an install of the same version before it lets go.
+        cache.remove(&name, &sha).expect("remove");
+        fs::remove_file(&use_file).expect("unlink the use file");
+        let again = dir.path().join("again");
+        fs::write(&again, b"#!/bin/sh\necho hi\n").expect("write");
+        let meta = meta(b"#!/bin/sh\necho hi\n", "tool.bin", Format::Executable);
+        cache
+            .install(
+                &name,
+                &meta,
+                &again,
+                Handoff::Move,
+                &ExtractLimits::default(),
+            )
+            .expect("install again");
+        drop(claim);
+
+        let hold = launcher
+            .join()
+            .expect("launcher")
+            .expect("hold")
+            .expect("cached");
+        assert!(cache.in_use(&name, &sha));
+        assert!(
+            cache.try_claim(&name, &sha).expect("claim").is_none(),
+            "the running version cannot be claimed"
+        );
+        drop(hold);
+        assert!(cache.try_claim(&name, &sha).expect("claim").is_some());
     }
 
     #[test]
