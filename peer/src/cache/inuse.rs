@@ -14,6 +14,8 @@
 //! any program holds the version. Holding the claim, it renames the entry out of the cache;
 //! a launcher that was waiting for its shared lock then finds the entry gone
 //! ([`Cache::hold`] checks after locking) and fetches again instead of running a removed tree.
+//! The eviction also unlinks the use file: a launcher whose lock is on an unlinked file takes
+//! it again on the one at the path, or its hold would protect nothing.
 
 use std::fs::{self, File, OpenOptions, TryLockError};
 use std::io::Write;
