@@ -115,6 +115,38 @@ fn set_mode(path: &Path, mode: u32) -> Result<()> {
         .map_err(PeerError::io("chmod", path))
 }
 
+/// Most bytes of an entry's metainfo file ([`read_own`]): what the metainfo parser accepts.
+pub(crate) const METAINFO_CAP: u64 = fbpkg_common::bencode::Limits::METAINFO.max_len as u64;
+
+/// A small file the cache wrote itself (an entry's metainfo or seal, a tag), read as it was
+/// written: a regular file, not followed through a link, not waited on, at most `cap` bytes.
+/// Anything else there (a FIFO, a link to `/dev/zero`, a file grown past the cap) is an
+/// error like an unreadable file, never a hang or an unbounded read.
+pub(crate) fn read_own(path: &Path, cap: u64) -> io::Result<Vec<u8>> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let invalid = |what: String| io::Error::new(io::ErrorKind::InvalidData, what);
+    let file = fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(path)?;
+    let meta = file.metadata()?;
+    if !meta.is_file() {
+        return Err(invalid("not a regular file".into()));
+    }
+    if meta.len() > cap {
+        return Err(invalid(format!(
+            "{} bytes, over the {cap} allowed",
+            meta.len()
+        )));
+    }
+    let mut bytes = Vec::with_capacity(meta.len() as usize);
+    file.take(cap + 1).read_to_end(&mut bytes)?;
+    if bytes.len() as u64 > cap {
+        return Err(invalid(format!("over the {cap} bytes allowed")));
+    }
+    Ok(bytes)
+}
+
 /// Everything under `dir` read-only ([`make_read_only`]), `dir` itself left as it is: a
 /// directory that moves to another parent must stay writable by its owner until it has moved
 /// (its `..` changes, and for anyone but root that takes write permission on it), so an entry
@@ -345,7 +377,7 @@ impl Cache {
         for name in self.names() {
             for sha in hashes_in(&self.root.join(name.as_str())) {
                 let dir = self.entry_dir(&name, &sha);
-                let parsed = fs::read(dir.join(METAINFO_FILE))
+                let parsed = read_own(&dir.join(METAINFO_FILE), METAINFO_CAP)
                     .map_err(|err| err.to_string())
                     .and_then(|b| Metainfo::parse(&b).map_err(|err| err.to_string()));
                 match parsed {
@@ -716,9 +748,12 @@ impl Cache {
 
     /// The last hash `name:tag` resolved to on this host.
     pub fn recall_tag(&self, name: &PackageName, tag: &Tag) -> Option<Sha256Hash> {
-        let text =
-            fs::read_to_string(self.root.join(TAGS).join(name.as_str()).join(tag.as_str())).ok()?;
-        Sha256Hash::from_hex(text.trim()).ok()
+        let bytes = read_own(
+            &self.root.join(TAGS).join(name.as_str()).join(tag.as_str()),
+            4096,
+        )
+        .ok()?;
+        Sha256Hash::from_hex(std::str::from_utf8(&bytes).ok()?.trim()).ok()
     }
 }
 
@@ -1213,6 +1248,65 @@ pub(crate) mod tests {
             "once its install is gone, it is a leftover"
         );
         assert!(just_made.exists());
+    }
+
+    /// The cache's own small files replaced by what no install writes (a FIFO, a link to
+    /// `/dev/zero`): reading them is an error, handled as an unreadable file, never a hang or
+    /// an endless read. Each call runs on a thread the test waits for, so a regression fails
+    /// rather than hangs.
+    #[test]
+    fn odd_files_in_an_entry_are_unreadable_not_a_hang() {
+        fn within<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+            let (tx, rx) = std::sync::mpsc::channel();
+            std::thread::spawn(move || tx.send(f()));
+            rx.recv_timeout(Duration::from_secs(60))
+                .expect("returned instead of hanging")
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let cache = Cache::new(dir.path().join("cache"));
+        let name = PackageName::new("tool").unwrap();
+        let bytes = b"#!/bin/sh\necho ok\n".repeat(10);
+        let m = meta(&bytes, "tool.sh", Format::Executable);
+        let download = dir.path().join("download");
+        fs::write(&download, &bytes).unwrap();
+        let entry = cache
+            .install(
+                &name,
+                &m,
+                &download,
+                Handoff::Move,
+                &ExtractLimits::default(),
+            )
+            .unwrap();
+        set_mode(&entry.dir, 0o755).unwrap();
+        let torrent = entry.dir.join(METAINFO_FILE);
+        fs::remove_file(&torrent).unwrap();
+        let made = std::process::Command::new("mkfifo").arg(&torrent).status();
+        assert!(made.unwrap().success(), "mkfifo");
+        let seal = entry.dir.join(SEAL_FILE);
+        fs::remove_file(&seal).unwrap();
+        std::os::unix::fs::symlink("/dev/zero", &seal).unwrap();
+        let tag = Tag::new("stable").unwrap();
+        cache.remember_tag(&name, &tag, &m.sha256);
+        let tag_file = cache.root().join(TAGS).join("tool").join("stable");
+        fs::remove_file(&tag_file).unwrap();
+        std::os::unix::fs::symlink("/dev/zero", &tag_file).unwrap();
+
+        assert!(within(move || read_own(&torrent, METAINFO_CAP)).is_err());
+        let c = cache.clone();
+        assert!(
+            within(move || c.entries()).is_empty(),
+            "not seeded, not hung"
+        );
+        let (c, n) = (cache.clone(), name.clone());
+        assert_eq!(within(move || c.recall_tag(&n, &tag)), None);
+        let (c, n, sha) = (cache.clone(), name.clone(), m.sha256);
+        let checked = within(move || c.lookup_checked(&n, &sha));
+        assert!(!matches!(checked, Ok(Some(_))), "not served: {checked:?}");
+        let grown = dir.path().join("grown");
+        fs::write(&grown, vec![b'x'; 5000]).unwrap();
+        assert!(read_own(&grown, 4096).is_err());
+        assert_eq!(read_own(&grown, 5000).unwrap().len(), 5000);
     }
 
     /// Set in the environment of this test binary run again as another user.

@@ -118,7 +118,8 @@ pub struct Launch {
 /// The metainfo kept in a cache entry, checked to be the version's.
 pub fn entry_metainfo(entry: &CachedPackage, sha256: &Sha256Hash) -> Result<Metainfo> {
     let path = entry.dir.join(METAINFO_FILE);
-    let bytes = fs::read(&path).map_err(PeerError::io("reading", &path))?;
+    let bytes = crate::cache::read_own(&path, crate::cache::METAINFO_CAP)
+        .map_err(PeerError::io("reading", &path))?;
     let meta = Metainfo::parse(&bytes)
         .map_err(|e| PeerError::Verification(format!("{}: {e}", path.display())))?;
     if meta.sha256 != *sha256 {

@@ -374,7 +374,8 @@ impl Agent {
             .await
             .map_err(|e| PeerError::Agent(format!("cache lookup task: {e}")))??;
         if let Some(entry) = cached {
-            let meta = fs::read(entry.dir.join(crate::cache::METAINFO_FILE))
+            let path = entry.dir.join(crate::cache::METAINFO_FILE);
+            let meta = crate::cache::read_own(&path, crate::cache::METAINFO_CAP)
                 .ok()
                 .and_then(|b| Metainfo::parse(&b).ok());
             if let Some(m) = meta {

@@ -127,7 +127,7 @@ impl Cache {
                 continue;
             }
             let dir = self.entry_dir(name, &sha);
-            let Ok(old) = fs::read(dir.join(METAINFO_FILE))
+            let Ok(old) = super::read_own(&dir.join(METAINFO_FILE), super::METAINFO_CAP)
                 .map_err(|_| ())
                 .and_then(|b| Metainfo::parse(&b).map_err(|_| ()))
             else {

@@ -35,7 +35,8 @@ use serde::{Deserialize, Serialize};
 
 use super::check::{self, StreamError};
 use super::{
-    Cache, CachedPackage, METAINFO_FILE, TREE_DIR, Unchanged, make_read_only, remove_tree, set_mode,
+    Cache, CachedPackage, METAINFO_CAP, METAINFO_FILE, TREE_DIR, Unchanged, make_read_only,
+    read_own, remove_tree, set_mode,
 };
 use crate::archive::{self, ExtractLimits};
 use crate::error::{PeerError, Result};
@@ -44,6 +45,8 @@ use crate::storage::join;
 /// The seal in each entry: the archive's size and mtime at install.
 pub const SEAL_FILE: &str = ".fbpkg.stamp";
 const SEAL_TMP: &str = ".fbpkg.stamp.tmp";
+/// Most bytes of a seal: a few hundred are written.
+const SEAL_CAP: u64 = 64 << 10;
 /// Where corrupt entries go, under the cache root.
 pub const QUARANTINE: &str = ".quarantine";
 /// Quarantined entries kept by default: enough to compare a few incidents, bounded because
@@ -167,7 +170,7 @@ pub(super) fn sealed_files(dir: &Path) -> Vec<(usize, Unchanged)> {
 }
 
 fn read_seal(dir: &Path) -> io::Result<Option<SealData>> {
-    match fs::read(dir.join(SEAL_FILE)) {
+    match read_own(&dir.join(SEAL_FILE), SEAL_CAP) {
         Ok(b) => serde_json::from_slice(&b)
             .map(Some)
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e)),
@@ -217,7 +220,8 @@ fn drift(dir: &Path, report: &mut VerifyReport) {
 
 fn read_metainfo(dir: &Path) -> std::result::Result<Metainfo, String> {
     let path = dir.join(METAINFO_FILE);
-    let bytes = fs::read(&path).map_err(|e| format!("{METAINFO_FILE} cannot be read: {e}"))?;
+    let bytes = read_own(&path, METAINFO_CAP)
+        .map_err(|e| format!("{METAINFO_FILE} cannot be read: {e}"))?;
     Metainfo::parse(&bytes).map_err(|e| format!("{METAINFO_FILE} is not valid metainfo: {e}"))
 }
 
