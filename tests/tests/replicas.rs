@@ -597,6 +597,17 @@ async fn the_catalog_reaches_postgres_over_tls_with_the_ca_it_is_given() {
             .parse::<u32>()
             .expect("a count")
     };
+    // The controller's lease is a session of its own, made outside the pool: TLS too, or a
+    // TLS-only server refuses it and no replica ever runs the rollout controller.
+    wait_for(
+        "the replica to take the controller's lease",
+        SEEN_WITHIN,
+        || {
+            let log = tracker.log_tail();
+            async move { took_lease(log) }
+        },
+    )
+    .await;
     assert!(count(true) >= 1, "the replica's connections are TLS");
     assert_eq!(count(false), 0, "and none is not");
 

@@ -81,8 +81,19 @@ pub struct Pg {
     rt: Option<tokio::runtime::Runtime>,
     pool: Pool,
     config: tokio_postgres::Config,
+    /// The pool's TLS, for the sessions made outside it (the controller's lease).
+    tls: Tls,
     timeout: Duration,
     shown: String,
+}
+
+/// The connector the pool's sessions use, when the URL asks for TLS.
+struct Tls(Option<MakeRustlsConnect>);
+
+impl std::fmt::Debug for Tls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_some() { "tls" } else { "plain" })
+    }
 }
 
 /// `postgres://` URL parsing, for `--catalog`'s validation.
@@ -162,6 +173,7 @@ impl Pg {
             pool,
             shown: shown(&config),
             config,
+            tls: Tls(tls.clone()),
             timeout,
         });
         pg.run("applying the schema migrations", migrate)?;
@@ -262,7 +274,13 @@ impl Pg {
     /// replica that holds it, and another takes it over when that one dies (its session ends,
     /// PostgreSQL releases the lock).
     pub fn lease(&self, key: i64) -> Lease {
-        Lease::start(self.rt(), self.config.clone(), key)
+        Lease::start(
+            self.rt(),
+            self.config.clone(),
+            self.tls.0.clone(),
+            key,
+            self.timeout,
+        )
     }
 }
 
