@@ -775,10 +775,18 @@ fn finish_file(staging: &Path, metainfo: &Metainfo, limits: &ExtractLimits) -> R
 /// A single-file package may not take a name the entry's own files use.
 fn check_name_free(metainfo: &Metainfo) -> Result<()> {
     let file_name = metainfo.name.as_str();
-    if metainfo.format != Format::Tree
-        && (file_name.starts_with(".fbpkg")
-            || (file_name == TREE_DIR && metainfo.format == Format::TarZst))
-    {
+    if metainfo.format == Format::Tree {
+        return Ok(());
+    }
+    if file_name.starts_with('.') {
+        // The entry's own files are dot files, and a lookup takes the one name that is not:
+        // a package file named so would be installed and then never found.
+        return Err(PeerError::BadInput(format!(
+            "file name {file_name:?}: a single-file package's name cannot start with '.' in \
+             the launcher cache; publish it under another name, or in a directory"
+        )));
+    }
+    if file_name == TREE_DIR && metainfo.format == Format::TarZst {
         return Err(PeerError::BadInput(format!(
             "file name {file_name:?} is reserved in the launcher cache"
         )));
@@ -1307,6 +1315,33 @@ pub(crate) mod tests {
         fs::write(&grown, vec![b'x'; 5000]).unwrap();
         assert!(read_own(&grown, 4096).is_err());
         assert_eq!(read_own(&grown, 5000).unwrap().len(), 5000);
+    }
+
+    /// A single file named with a leading dot would be installed and never found (the
+    /// entry's own files are dot files, which a lookup passes over): refused, before anything
+    /// reaches the cache.
+    #[test]
+    fn a_file_named_with_a_leading_dot_is_refused_not_lost() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = Cache::new(dir.path().join("cache"));
+        let name = PackageName::new("cfg").unwrap();
+        for file in [".env", ".fbpkg.torrent"] {
+            let bytes = b"KEY=value\n".to_vec();
+            let m = meta(&bytes, file, Format::File);
+            let data = dir.path().join("data");
+            fs::write(&data, &bytes).unwrap();
+            let err = cache
+                .install(&name, &m, &data, Handoff::Move, &ExtractLimits::default())
+                .unwrap_err();
+            assert!(matches!(err, PeerError::BadInput(_)), "{err}");
+            assert!(err.to_string().contains("cannot start with '.'"), "{err}");
+            assert!(!cache.entry_dir(&name, &m.sha256).exists());
+            assert_eq!(
+                fs::read(&data).unwrap(),
+                bytes,
+                "the data is left where it was"
+            );
+        }
     }
 
     /// Set in the environment of this test binary run again as another user.
