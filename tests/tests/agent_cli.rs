@@ -378,6 +378,74 @@ async fn publish_and_get_through_agents_then_offline_from_the_cache() {
     assert_eq!(out.code, Some(6), "get {missing_full} via the agent: {out}");
 }
 
+/// A host's cached copy edited behind its agent's back: `get` through the agent finds the
+/// seal broken and quarantines the entry, and the agent fetches the version again from the
+/// publisher, instead of answering with the entry it was seeding, which is gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn get_through_an_agent_fetches_again_what_it_found_changed() {
+    let dirs = tempfile::tempdir().unwrap();
+    let base = dirs.path();
+    let tracker = TrackerProcess::start(&base.join("tracker")).unwrap();
+    let url = tracker.base_url();
+    let a = AgentProcess::start(&base.join("a/state"), &base.join("a/cache"), &url, &[])
+        .await
+        .unwrap();
+    let b = AgentProcess::start(&base.join("b/state"), &base.join("b/cache"), &url, &[])
+        .await
+        .unwrap();
+    let tool = base.join("tool.bin");
+    let bytes: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+    std::fs::write(&tool, &bytes).unwrap();
+    let out = run(
+        &["publish", "toolpkg", tool.to_str().unwrap()],
+        &a.host_args(),
+    )
+    .await;
+    let sha = published_hash(&out, "toolpkg");
+    let reference = format!("toolpkg:{sha}");
+
+    // B fetches it (retrying while the tracker does not list A yet), and seeds it.
+    let b_args = b.host_args();
+    let first = {
+        let (r, args) = (&reference, &b_args);
+        wait_for(
+            "B to get the package from A",
+            START_TIMEOUT * 3,
+            || async move {
+                let out = run(&["get", r], args).await;
+                if out.success() {
+                    Ok(PathBuf::from(out.line()))
+                } else {
+                    Err(out.to_string())
+                }
+            },
+        )
+        .await
+    };
+    assert_eq!(std::fs::read(&first).unwrap(), bytes);
+
+    // A stray edit of B's copy.
+    set_mode(&first, 0o644);
+    let mut changed = bytes.clone();
+    changed[1_000] ^= 1;
+    std::fs::write(&first, &changed).unwrap();
+
+    let out = run(&["get", &reference], &b_args).await;
+    assert!(out.success(), "{out}");
+    let again = PathBuf::from(out.line());
+    assert_eq!(
+        std::fs::read(&again).ok().as_deref(),
+        Some(&bytes[..]),
+        "get printed {} (the copy B seeded was quarantined); B's log:\n{}",
+        again.display(),
+        b.log_tail()
+    );
+    let quarantined = std::fs::read_dir(b.cache_dir().join(".quarantine"))
+        .unwrap()
+        .count();
+    assert_eq!(quarantined, 1, "the changed copy kept as evidence");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn get_exit_codes_without_an_agent() {
     let dirs = tempfile::tempdir().unwrap();

@@ -382,12 +382,22 @@ impl Agent {
                 return self.engine.seed(name, Arc::new(m), &entry.dir);
             }
         }
-        if let Some(t) = self.engine.find(&name, &sha)
-            && !matches!(t.current_phase(), Phase::Failed { .. })
-        {
-            // Someone needs it now: a prefetch's cap no longer applies.
-            t.set_download_limit(None);
-            return Ok(t);
+        if let Some(t) = self.engine.find(&name, &sha) {
+            match t.current_phase() {
+                Phase::Failed { .. } => {}
+                // Seeding an entry the cache no longer holds: a `get` found it changed on disk
+                // and quarantined it (or it was removed behind the agent's back). Answering
+                // with it would hand out a path that is gone: stop seeding it, fetch again.
+                Phase::Seeding(_) => {
+                    tracing::warn!(package = %name, sha256 = %sha, "the cached copy this agent seeded is gone; fetching it again");
+                    self.engine.remove(&t.meta.info_hash);
+                }
+                _ => {
+                    // Someone needs it now: a prefetch's cap no longer applies.
+                    t.set_download_limit(None);
+                    return Ok(t);
+                }
+            }
         }
         // A partial download from a previous run (perhaps being re-hashed right now): its
         // metainfo is on disk, and the tracker may be away.
