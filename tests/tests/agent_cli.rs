@@ -446,6 +446,59 @@ async fn get_through_an_agent_fetches_again_what_it_found_changed() {
     assert_eq!(quarantined, 1, "the changed copy kept as evidence");
 }
 
+/// `Forget` (a refused publish's undo) stops seeding, but leaves a version in the cache while
+/// a running program holds it: its tree is not removed under it. Once it ends, it goes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forget_leaves_a_version_a_program_runs_from() {
+    use fbpkg_peer::agent::control::{AgentClient, Request};
+    let dirs = tempfile::tempdir().unwrap();
+    let base = dirs.path();
+    let tracker = TrackerProcess::start(&base.join("tracker")).unwrap();
+    let a = AgentProcess::start(
+        &base.join("a/state"),
+        &base.join("a/cache"),
+        &tracker.base_url(),
+        &[],
+    )
+    .await
+    .unwrap();
+    let tool = base.join("tool.bin");
+    std::fs::write(&tool, b"#!/bin/sh\nsleep 60\n").unwrap();
+    let out = run(
+        &["publish", "toolpkg", tool.to_str().unwrap()],
+        &a.host_args(),
+    )
+    .await;
+    let sha = published_hash(&out, "toolpkg");
+    let (name, hash) = (
+        fbpkg_common::pkgref::PackageName::new("toolpkg").unwrap(),
+        fbpkg_common::Sha256Hash::from_hex(&sha).unwrap(),
+    );
+    let forget = || async {
+        let agent = AgentClient::connect(a.state_dir()).await.unwrap().unwrap();
+        agent
+            .call(&Request::Forget {
+                name: "toolpkg".into(),
+                sha256: sha.clone(),
+            })
+            .await
+    };
+
+    let running = a.cache().hold(&name, &hash).unwrap().expect("cached");
+    let err = forget().await.expect_err("kept while in use");
+    assert!(err.to_string().contains("stays in the cache"), "{err}");
+    assert!(
+        running.package.launch_path.exists(),
+        "the program's file is still there"
+    );
+    let seeding = a.status().await.unwrap();
+    assert!(!seeding.iter().any(|t| t.sha256 == sha), "{seeding:#?}");
+
+    drop(running);
+    forget().await.expect("forgotten once nothing runs from it");
+    assert!(a.cache().lookup(&name, &hash).is_none());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn get_exit_codes_without_an_agent() {
     let dirs = tempfile::tempdir().unwrap();

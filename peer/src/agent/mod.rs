@@ -425,7 +425,7 @@ impl Agent {
             self.engine.remove(&t.meta.info_hash);
         }
         let cache = self.engine.cache().clone();
-        tokio::task::spawn_blocking(move || cache.remove(&name, &sha))
+        tokio::task::spawn_blocking(move || forget_cached(&cache, &name, &sha))
             .await
             .map_err(|e| PeerError::Agent(format!("forget task: {e}")))?
     }
@@ -530,4 +530,20 @@ async fn restore(engine: &Engine, cache: &Cache) {
         resumed,
         "cache seeded and partial downloads resumed"
     );
+}
+
+/// Take `name:sha256` out of the cache unless a running program holds it or it is pinned
+/// (an eviction's claim and check): a refused publish, or a `Forget`, must not remove a tree
+/// under a program that runs from it. Absent already (quarantined) is done.
+pub(crate) fn forget_cached(cache: &Cache, name: &PackageName, sha: &Sha256Hash) -> Result<()> {
+    if cache.lookup(name, sha).is_none() {
+        return Ok(());
+    }
+    if cache.evict(name, sha, || {})? {
+        Ok(())
+    } else {
+        Err(PeerError::Agent(format!(
+            "{name}:{sha} stays in the cache: a running program holds it, or it is pinned"
+        )))
+    }
 }

@@ -500,11 +500,11 @@ async fn forget(
                 })
                 .await
                 .map(|_| ()),
-            Ok(None) => cache.remove(name, sha256),
+            Ok(None) => crate::agent::forget_cached(cache, name, sha256),
             Err(e) => Err(e),
         }
     } else {
-        cache.remove(name, sha256)
+        crate::agent::forget_cached(cache, name, sha256)
     };
     if let Err(e) = removed {
         eprintln!(
