@@ -21,7 +21,7 @@ use std::fs::{self, File, OpenOptions, TryLockError};
 use std::io::Write;
 use std::os::fd::AsFd;
 use std::os::unix::fs::MetadataExt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
 use fbpkg_common::Sha256Hash;
@@ -69,8 +69,22 @@ impl Cache {
             .join(sha256.to_hex())
     }
 
+    /// The use file of `name:sha256`, made if missing. What it makes (the file, its
+    /// directories) belongs to the cache's owner: a launcher running as root beside an agent
+    /// that is not (the DaemonSet's uid 65532) must not leave files the agent cannot open. A
+    /// use file this process may only read is opened read-only: a `flock` needs no more, and
+    /// the launch is recorded only where it can be.
     fn open_use(&self, name: &PackageName, sha256: &Sha256Hash) -> Result<File> {
         let path = self.use_path(name, sha256);
+        let owner = fs::metadata(&self.root).ok().map(|m| (m.uid(), m.gid()));
+        let give = |p: &Path| {
+            if let Some((uid, gid)) = owner
+                && fs::metadata(p).is_ok_and(|m| m.uid() != uid)
+            {
+                // Only root may, and only root needs to: anyone else makes files as themselves.
+                let _ = std::os::unix::fs::chown(p, Some(uid), Some(gid));
+            }
+        };
         let open = || {
             OpenOptions::new()
                 .read(true)
@@ -78,13 +92,31 @@ impl Cache {
                 .create(true)
                 .open(&path)
         };
-        match open() {
-            Ok(f) => Ok(f),
+        let opened = match open() {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                if let Some(dir) = path.parent() {
-                    fs::create_dir_all(dir).map_err(PeerError::io("creating", dir))?;
+                let dir = self.root.join(USE_DIR);
+                fs::create_dir_all(path.parent().unwrap_or(&dir))
+                    .map_err(PeerError::io("creating", &dir))?;
+                give(&dir);
+                if let Some(d) = path.parent() {
+                    give(d);
                 }
-                open().map_err(PeerError::io("opening", &path))
+                open()
+            }
+            other => other,
+        };
+        match opened {
+            Ok(f) => {
+                give(&path);
+                Ok(f)
+            }
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::PermissionDenied | std::io::ErrorKind::ReadOnlyFilesystem
+                ) =>
+            {
+                File::open(&path).map_err(PeerError::io("opening", &path))
             }
             Err(e) => Err(PeerError::io("opening", &path)(e)),
         }
@@ -176,7 +208,7 @@ mod tests {
     use crate::cache::tests::meta;
     use fbpkg_common::metainfo::Format;
 
-    fn cached(root: &std::path::Path) -> (Cache, PackageName, Sha256Hash) {
+    fn cached(root: &Path) -> (Cache, PackageName, Sha256Hash) {
         let cache = Cache::new(root.join("cache"));
         let data = root.join("tool.bin");
         let bytes = b"#!/bin/sh\necho hi\n";
@@ -281,6 +313,39 @@ mod tests {
         );
         drop(hold);
         assert!(cache.try_claim(&name, &sha).expect("claim").is_some());
+    }
+
+    /// A launcher running as root records its launch in files the cache's owner (an agent
+    /// that is not root) can open later: they are made over to that owner.
+    #[test]
+    fn use_files_a_root_launcher_makes_belong_to_the_cache_owner() {
+        let root = std::process::Command::new("id")
+            .arg("-u")
+            .output()
+            .is_ok_and(|o| o.stdout.trim_ascii() == b"0");
+        if !root {
+            eprintln!("skipped: only root makes files another user owns");
+            return;
+        }
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (cache, name, sha) = cached(dir.path());
+        let nobody = 65534;
+        std::os::unix::fs::chown(cache.root(), Some(nobody), Some(nobody)).expect("chown");
+        drop(cache.hold(&name, &sha).expect("hold").expect("cached"));
+        let use_file = cache.use_path(&name, &sha);
+        for p in [
+            use_file.as_path(),
+            use_file.parent().expect("dir"),
+            &cache.root().join(USE_DIR),
+        ] {
+            assert_eq!(
+                fs::metadata(p).expect("made").uid(),
+                nobody,
+                "{}",
+                p.display()
+            );
+        }
+        assert_eq!(cache.launches(&name, &sha), 1);
     }
 
     #[test]
