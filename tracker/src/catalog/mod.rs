@@ -181,14 +181,7 @@ impl Catalog {
             }
         }
         for (tag, info) in fresh.tags {
-            // A tag's history only grows: keep whichever copy has seen more moves.
-            let newer = pkg
-                .tags
-                .get(&tag)
-                .is_none_or(|old| info.history.len() >= old.history.len());
-            if newer {
-                pkg.tags.insert(tag, info);
-            }
+            keep_newer(&mut pkg.tags, tag, info);
         }
         new
     }
@@ -283,7 +276,9 @@ impl Catalog {
             .map_err(|_| lock_poisoned())?
             .get_mut(name)
         {
-            p.tags.insert(tag.clone(), info.clone());
+            // Another replica's later move may have reached the index (through the listener)
+            // since this one committed: a shorter history does not replace it.
+            keep_newer(&mut p.tags, tag.clone(), info.clone());
         }
         Ok(info)
     }
@@ -487,12 +482,51 @@ fn unique<'a>(
     }
 }
 
+/// Put `info` in `tags` unless the copy there has seen more moves: a tag's history only
+/// grows, so the longer one is the later state, whichever replica's news arrives last.
+fn keep_newer(tags: &mut BTreeMap<Tag, TagInfo>, tag: Tag, info: TagInfo) {
+    if tags
+        .get(&tag)
+        .is_none_or(|old| info.history.len() >= old.history.len())
+    {
+        tags.insert(tag, info);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::fs;
 
     use super::*;
+    use fbpkg_common::api::TagMove;
     use fbpkg_common::metainfo::Format;
+
+    /// Two replicas move a tag; this one commits first, and hears of the other's later move
+    /// before it writes its own into the index: the later state stays, whichever arrives last.
+    #[test]
+    fn a_tag_in_the_index_never_goes_back_to_an_earlier_move() {
+        let tag = Tag::new("prod").unwrap();
+        let info = |moves: &[u8]| {
+            let history: Vec<TagMove> = moves
+                .iter()
+                .map(|&b| TagMove {
+                    sha256: Sha256Hash([b; 32]),
+                    at: u64::from(b),
+                })
+                .collect();
+            TagInfo {
+                sha256: history.last().unwrap().sha256,
+                history,
+            }
+        };
+        let mut tags = BTreeMap::new();
+        keep_newer(&mut tags, tag.clone(), info(&[1]));
+        keep_newer(&mut tags, tag.clone(), info(&[1, 2, 3]));
+        keep_newer(&mut tags, tag.clone(), info(&[1, 2]));
+        assert_eq!(tags[&tag].sha256, Sha256Hash([3; 32]));
+        keep_newer(&mut tags, tag.clone(), info(&[1, 2, 3, 4]));
+        assert_eq!(tags[&tag].sha256, Sha256Hash([4; 32]));
+    }
 
     fn build(seed: u8) -> Metainfo {
         let data = vec![seed; 40_000];
