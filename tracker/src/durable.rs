@@ -35,6 +35,15 @@ pub(crate) fn store_root(data_dir: &Path, what: &str) -> Result<PathBuf, Tracker
 }
 
 /// Write `bytes` to `path` so that `path` holds either its old content or all of `bytes`.
+/// Whether `file`, a name in a directory [`write_atomic`] writes, is a temporary file a write
+/// left before its rename in another process (one that died: it was never acknowledged), to
+/// be removed. This process's own may be a write in progress: readers that load a directory
+/// without the writers' lock (a reload) must leave it.
+pub(crate) fn stale_tmp(file: &str) -> bool {
+    file.strip_prefix(".tmp-")
+        .is_some_and(|rest| !rest.starts_with(&format!("{}-", std::process::id())))
+}
+
 pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
     let dir = path
         .parent()

@@ -25,7 +25,7 @@ use fbpkg_common::metainfo::Metainfo;
 use fbpkg_common::pkgref::{PackageName, Tag};
 
 use super::{CatalogStore, Package, Version};
-use crate::durable::{store_root, write_atomic};
+use crate::durable::{stale_tmp, store_root, write_atomic};
 use crate::error::TrackerError;
 
 /// Files under `<data>/catalog/v1`.
@@ -55,8 +55,11 @@ impl FileStore {
             let path = entry.path();
             let file = entry.file_name().to_string_lossy().into_owned();
             if file.starts_with(".tmp-") {
-                // A write that never reached its rename: it was never acknowledged.
-                let _ = fs::remove_file(&path);
+                // A write that never reached its rename. Ours may be a publish in progress: a
+                // reload runs without the catalog's write lock (`stale_tmp`).
+                if stale_tmp(&file) {
+                    let _ = fs::remove_file(&path);
+                }
                 continue;
             }
             match Self::load_version(&path) {
@@ -75,7 +78,9 @@ impl FileStore {
             let path = entry.path();
             let file = entry.file_name().to_string_lossy().into_owned();
             if file.starts_with(".tmp-") {
-                let _ = fs::remove_file(&path);
+                if stale_tmp(&file) {
+                    let _ = fs::remove_file(&path);
+                }
                 continue;
             }
             let Some(tag) = file.strip_suffix(".json").and_then(|t| Tag::new(t).ok()) else {

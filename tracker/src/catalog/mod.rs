@@ -540,6 +540,32 @@ mod tests {
         .unwrap()
     }
 
+    /// Loading a package's directory removes what a dead process's write left before its
+    /// rename, never this process's: a reload (a rollout naming a version this replica has
+    /// not heard of) runs beside a publish, without the catalog's write lock.
+    #[test]
+    fn a_reload_leaves_a_write_in_progress_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let cat = Catalog::open(dir.path()).unwrap();
+        let name = PackageName::new("app").unwrap();
+        let m = build(1);
+        cat.publish(&name, &m.sha256, m.as_bytes()).unwrap();
+        let versions = dir.path().join("catalog/v1/app/versions");
+        let ours = versions.join(format!(
+            ".tmp-{}-{}.rec",
+            std::process::id(),
+            build(2).sha256
+        ));
+        let dead = versions.join(format!(".tmp-1-{}.rec", build(3).sha256));
+        fs::write(&ours, b"half a record").unwrap();
+        fs::write(&dead, b"half a record").unwrap();
+        let store = files::FileStore::open(dir.path()).unwrap();
+        let pkg = store.load_package(&name).unwrap();
+        assert_eq!(pkg.versions.len(), 1);
+        assert!(ours.exists(), "a write in progress is left alone");
+        assert!(!dead.exists(), "a dead process's leftover is removed");
+    }
+
     #[test]
     fn publish_is_idempotent_and_versions_never_change() {
         let dir = tempfile::tempdir().unwrap();

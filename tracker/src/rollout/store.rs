@@ -101,8 +101,11 @@ impl RolloutStore for FileStore {
                 let path = entry.path();
                 let file = entry.file_name().to_string_lossy().into_owned();
                 if file.starts_with(".tmp-") {
-                    // A write that never reached its rename: it was never acknowledged.
-                    let _ = fs::remove_file(&path);
+                    // A write that never reached its rename: it was never acknowledged. Ours
+                    // may be one in progress (`stale_tmp`).
+                    if crate::durable::stale_tmp(&file) {
+                        let _ = fs::remove_file(&path);
+                    }
                     continue;
                 }
                 let Some(tag) = file.strip_suffix(".json").and_then(|t| Tag::new(t).ok()) else {
