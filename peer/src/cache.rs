@@ -1344,6 +1344,14 @@ pub(crate) mod tests {
         }
     }
 
+    /// Whether this test process runs as root (`id -u`).
+    pub(crate) fn running_as_root() -> bool {
+        std::process::Command::new("id")
+            .arg("-u")
+            .output()
+            .is_ok_and(|o| o.stdout.trim_ascii() == b"0")
+    }
+
     /// Set in the environment of this test binary run again as another user.
     const AS_NOBODY: &str = "FBPKG_TEST_AS_NOBODY";
 
@@ -1353,11 +1361,7 @@ pub(crate) mod tests {
     /// nor out of it. As root, the test runs again as `nobody` to see that.
     #[test]
     fn an_agent_that_is_not_root_installs_removes_and_quarantines() {
-        let root = std::process::Command::new("id")
-            .arg("-u")
-            .output()
-            .is_ok_and(|o| o.stdout.trim_ascii() == b"0");
-        if root && std::env::var_os(AS_NOBODY).is_none() {
+        if running_as_root() && std::env::var_os(AS_NOBODY).is_none() {
             let me = std::env::current_exe().unwrap();
             let run = std::process::Command::new("runuser")
                 .args(["-u", "nobody", "--"])

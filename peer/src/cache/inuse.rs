@@ -319,11 +319,7 @@ mod tests {
     /// that is not root) can open later: they are made over to that owner.
     #[test]
     fn use_files_a_root_launcher_makes_belong_to_the_cache_owner() {
-        let root = std::process::Command::new("id")
-            .arg("-u")
-            .output()
-            .is_ok_and(|o| o.stdout.trim_ascii() == b"0");
-        if !root {
+        if !crate::cache::tests::running_as_root() {
             eprintln!("skipped: only root makes files another user owns");
             return;
         }
