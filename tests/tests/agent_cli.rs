@@ -378,13 +378,8 @@ async fn publish_and_get_through_agents_then_offline_from_the_cache() {
     assert_eq!(out.code, Some(6), "get {missing_full} via the agent: {out}");
 }
 
-/// A host's cached copy edited behind its agent's back: `get` through the agent finds the
-/// seal broken and quarantines the entry, and the agent fetches the version again from the
-/// publisher, instead of answering with the entry it was seeding, which is gone.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn get_through_an_agent_fetches_again_what_it_found_changed() {
-    let dirs = tempfile::tempdir().unwrap();
-    let base = dirs.path();
+/// A tracker and agents A and B under `base`, each with its state and cache directories.
+async fn tracker_and_two_agents(base: &Path) -> (TrackerProcess, AgentProcess, AgentProcess) {
     let tracker = TrackerProcess::start(&base.join("tracker")).unwrap();
     let url = tracker.base_url();
     let a = AgentProcess::start(&base.join("a/state"), &base.join("a/cache"), &url, &[])
@@ -393,6 +388,17 @@ async fn get_through_an_agent_fetches_again_what_it_found_changed() {
     let b = AgentProcess::start(&base.join("b/state"), &base.join("b/cache"), &url, &[])
         .await
         .unwrap();
+    (tracker, a, b)
+}
+
+/// A host's cached copy edited behind its agent's back: `get` through the agent finds the
+/// seal broken and quarantines the entry, and the agent fetches the version again from the
+/// publisher, instead of answering with the entry it was seeding, which is gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn get_through_an_agent_fetches_again_what_it_found_changed() {
+    let dirs = tempfile::tempdir().unwrap();
+    let base = dirs.path();
+    let (_tracker, a, b) = tracker_and_two_agents(base).await;
     let tool = base.join("tool.bin");
     let bytes: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
     std::fs::write(&tool, &bytes).unwrap();
@@ -572,14 +578,7 @@ async fn get_right_after_publish_waits_at_most_one_min_interval() {
     const MIN_INTERVAL: Duration = Duration::from_secs(5); // the tracker's default
     let dirs = tempfile::tempdir().unwrap();
     let base = dirs.path();
-    let tracker = TrackerProcess::start(&base.join("tracker")).unwrap();
-    let url = tracker.base_url();
-    let a = AgentProcess::start(&base.join("a/state"), &base.join("a/cache"), &url, &[])
-        .await
-        .unwrap();
-    let b = AgentProcess::start(&base.join("b/state"), &base.join("b/cache"), &url, &[])
-        .await
-        .unwrap();
+    let (_tracker, a, b) = tracker_and_two_agents(base).await;
     let file = base.join("app.bin");
     let mut bytes = vec![0u8; 700 << 10];
     rand::rng().fill(&mut bytes[..]);
