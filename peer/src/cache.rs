@@ -161,22 +161,24 @@ fn make_children_read_only(dir: &Path) -> Result<()> {
         .map_err(PeerError::io("fsync", dir))
 }
 
-/// Let the entry directory `dir` move to another parent (out of the cache, or into
-/// quarantine): its owner's write bit back, which the move needs for anyone but root (see
-/// [`make_children_read_only`]). Returns the mode to put back if the move fails; `None` when
-/// nothing changed (already writable, or not there).
-fn let_move(dir: &Path) -> io::Result<Option<u32>> {
-    let meta = match fs::symlink_metadata(dir) {
-        Ok(m) => m,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(e),
+/// Rename the entry directory `dir` to `dest`, out of the cache or into quarantine. The move
+/// needs the directory's owner write bit for anyone but root (see
+/// [`make_children_read_only`]): it gets it back first, and its mode is put back if the
+/// rename fails. A `dir` that is not there is the rename's `NotFound`.
+fn move_entry(dir: &Path, dest: &Path) -> io::Result<()> {
+    let was = match fs::symlink_metadata(dir) {
+        Ok(m) if m.is_dir() && m.permissions().mode() & 0o200 == 0 => {
+            let mode = m.permissions().mode() & 0o7777;
+            fs::set_permissions(dir, fs::Permissions::from_mode(mode | 0o200))?;
+            Some(mode)
+        }
+        _ => None,
     };
-    let mode = meta.permissions().mode() & 0o7777;
-    if !meta.is_dir() || mode & 0o200 != 0 {
-        return Ok(None);
-    }
-    fs::set_permissions(dir, fs::Permissions::from_mode(mode | 0o200))?;
-    Ok(Some(mode))
+    fs::rename(dir, dest).inspect_err(|_| {
+        if let Some(mode) = was {
+            let _ = fs::set_permissions(dir, fs::Permissions::from_mode(mode));
+        }
+    })
 }
 
 /// Make a tree read-only: files lose their write bits, directories too (children first).
@@ -306,16 +308,10 @@ impl Cache {
             Err(e) => return Err(PeerError::io("opening", &dir)(e)),
         };
         busy.lock().map_err(PeerError::io("locking", &dir))?;
-        let was = let_move(&dir).map_err(PeerError::io("chmod", &dir))?;
-        match fs::rename(&dir, &doomed) {
+        match move_entry(&dir, &doomed) {
             Ok(()) => remove_tree(&doomed).map_err(PeerError::io("removing", &doomed)),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-            Err(e) => {
-                if let Some(mode) = was {
-                    let _ = fs::set_permissions(&dir, fs::Permissions::from_mode(mode));
-                }
-                Err(PeerError::io("moving out of the cache", &dir)(e))
-            }
+            Err(e) => Err(PeerError::io("moving out of the cache", &dir)(e)),
         }
     }
 
@@ -411,15 +407,13 @@ impl Cache {
             if young {
                 continue;
             }
-            let held = File::open(&path).map(|f| match f.try_lock() {
-                Ok(()) => Some(f),
-                Err(_) => None,
-            });
-            let _lock = match held {
-                Ok(Some(f)) => f,
-                // In use, or gone meanwhile.
-                Ok(None) | Err(_) => continue,
+            // In use (locked), or gone meanwhile: left alone.
+            let Ok(lock) = File::open(&path) else {
+                continue;
             };
+            if lock.try_lock().is_err() {
+                continue;
+            }
             if let Err(err) = remove_tree(&path) {
                 tracing::warn!(path = %path.display(), error = %err, "cannot remove staging leftover");
             }

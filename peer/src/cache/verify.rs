@@ -436,11 +436,7 @@ impl Cache {
             .unwrap_or_default()
             .as_nanos();
         let dest = qroot.join(format!("{name}-{sha256}-{now}"));
-        let was = super::let_move(&dir).map_err(PeerError::io("chmod", &dir))?;
-        fs::rename(&dir, &dest).map_err(|e| {
-            if let Some(mode) = was {
-                let _ = set_mode(&dir, mode);
-            }
+        super::move_entry(&dir, &dest).map_err(|e| {
             if e.kind() == io::ErrorKind::NotFound {
                 PeerError::NotFound(format!("{name}:{sha256} is not in the cache"))
             } else {
