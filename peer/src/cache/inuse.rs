@@ -76,12 +76,16 @@ impl Cache {
     /// the launch is recorded only where it can be.
     fn open_use(&self, name: &PackageName, sha256: &Sha256Hash) -> Result<File> {
         let path = self.use_path(name, sha256);
-        let owner = fs::metadata(&self.root).ok().map(|m| (m.uid(), m.gid()));
+        // Only root may give files away, and only root needs to: anyone else makes them as
+        // themselves. Everyone else's launch pays no `stat` for it.
+        let owner = rustix::process::geteuid()
+            .is_root()
+            .then(|| fs::metadata(&self.root).ok().map(|m| (m.uid(), m.gid())))
+            .flatten();
         let give = |p: &Path| {
             if let Some((uid, gid)) = owner
                 && fs::metadata(p).is_ok_and(|m| m.uid() != uid)
             {
-                // Only root may, and only root needs to: anyone else makes files as themselves.
                 let _ = std::os::unix::fs::chown(p, Some(uid), Some(gid));
             }
         };
