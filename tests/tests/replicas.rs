@@ -13,19 +13,28 @@
 //!   one wrote meanwhile-elsewhere is picked up when its listener reconnects;
 //! - the rollout controller runs on the replica holding the lease and judges hosts that talk
 //!   only to the other replicas (votes shared through the database); kill -9 that replica and
-//!   another takes the lease and finishes the next rollout.
+//!   another takes the lease and finishes the next rollout;
+//! - a rollout aborted or paused on one replica never moves the tag through another whose
+//!   memory has not heard yet: a change reads the record as stored, holding the tag against
+//!   every other replica's change.
 //!
 //! Every test skips, saying so, when PostgreSQL or redis-server is not installed.
 
 use std::ffi::OsString;
 use std::time::{Duration, Instant};
 
-use fbpkg_common::api::{RolloutStatus, TagInfo, VersionInfo};
+use fbpkg_common::api::{
+    Report, RolloutRequest, RolloutState, RolloutStatus, TagInfo, VersionInfo,
+};
 use fbpkg_common::metainfo::Metainfo;
+use fbpkg_common::pkgref::{PackageName, Tag};
+use fbpkg_common::rollout::HostId;
 use fbpkg_tests::{
     AgentProcess, PostgresServer, RedisServer, TrackerProcess, fbpkg_rs, http_client, move_tag,
     poll, publish, random_package, swarm, wait_for,
 };
+use fbpkg_tracker::rollout::{Action, Asker, wall_ms};
+use fbpkg_tracker::{AppState, CatalogKind, Config};
 use reqwest::StatusCode;
 
 /// Long enough for anything on a loaded machine; each wait ends as soon as its condition holds.
@@ -663,4 +672,149 @@ async fn the_catalog_shows_postgres_its_client_certificate_when_it_asks() {
         err.to_string().to_lowercase().contains("certificate"),
         "{err}"
     );
+}
+
+/// Two replicas in this process (no listener running: each one's memory stays as it was until
+/// told to reload), for changes that race.
+fn replica_state(pg: &PostgresServer, dir: &std::path::Path) -> std::sync::Arc<AppState> {
+    AppState::open(Config {
+        data_dir: dir.to_path_buf(),
+        catalog: CatalogKind::Postgres(pg.url()),
+        catalog_timeout: Duration::from_secs(10),
+        ..Config::default()
+    })
+    .expect("a replica's state opens")
+}
+
+fn app_prod() -> (PackageName, Tag) {
+    (
+        PackageName::new("app").expect("a name"),
+        Tag::new("prod").expect("a tag"),
+    )
+}
+
+/// `host-1` resolves app:prod through `r` and reports `to` activated there.
+fn host_activates(r: &AppState, to: &Metainfo) {
+    let (name, tag) = app_prod();
+    let ip: std::net::IpAddr = [127, 0, 0, 1].into();
+    let host = HostId::new("host-1").expect("a host id");
+    let who = Asker {
+        host: host.clone(),
+        zone: None,
+        ip,
+    };
+    assert!(r.rollouts.resolve_for(&name, &tag, &who).is_some());
+    let report: Report = serde_json::from_value(serde_json::json!({"name": "app",
+        "hash": to.sha256.to_hex(), "host": "host-1", "state": "activated"}))
+    .expect("a report");
+    r.rollouts.report(report, ip).expect("the report counts");
+}
+
+/// An operator's abort or pause on one replica and the controller's last step on another:
+/// the controller judges the record as stored, not its own memory of it, and a rollout
+/// aborted or paused elsewhere never moves the tag. Before, the controller moved the tag from
+/// a stale copy, then failed to save (the record had changed): aborted, and moved anyway.
+/// And a change waits while another replica holds the tag's rollouts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rollout_stopped_on_one_replica_never_moves_the_tag_on_another() {
+    let Some(pg) = PostgresServer::start().expect("starting PostgreSQL") else {
+        return;
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (name, tag) = app_prod();
+    let a = replica_state(&pg, &dir.path().join("a"));
+    let vs = [1, 2].map(|n| package(n, "http://127.0.0.1:1/announce"));
+    for v in &vs {
+        a.catalog
+            .publish(&name, &v.sha256, v.as_bytes())
+            .expect("publish");
+    }
+    a.rollouts
+        .move_tag_plain(&a.catalog, &name, &tag, &vs[0].sha256.to_hex(), wall_ms())
+        .expect("tag");
+    let start = || RolloutRequest {
+        name: name.clone(),
+        tag: tag.clone(),
+        to: vs[1].sha256.to_hex(),
+        phases: vec!["100".parse().expect("a phase")],
+        bake_ms: 0,
+        max_failures: "0".parse().expect("a limit"),
+        force: false,
+    };
+    let tag_in_db = || {
+        pg.psql("SELECT sha256 FROM tags WHERE name = 'app' AND tag = 'prod'")
+            .expect("psql")
+            .trim()
+            .to_owned()
+    };
+    let stored = || {
+        pg.psql("SELECT record FROM rollouts WHERE name = 'app' AND tag = 'prod'")
+            .expect("psql")
+    };
+
+    for stop in [Action::Abort, Action::Pause] {
+        a.rollouts
+            .start(&a.catalog, start(), wall_ms())
+            .expect("start");
+        let b = replica_state(&pg, &dir.path().join(format!("b-{stop:?}")));
+        b.rollouts
+            .control(&name, &tag, stop, wall_ms())
+            .expect("B stops it");
+        // A has not heard; its host is done, and the gate passes.
+        host_activates(&a, &vs[1]);
+        a.rollouts
+            .tick(&a.catalog, tokio::time::Instant::now(), wall_ms())
+            .expect("A's tick");
+        assert_eq!(
+            tag_in_db(),
+            vs[0].sha256.to_hex(),
+            "after {stop:?}: {}",
+            stored()
+        );
+        let status = a.rollouts.status(&name, &tag).expect("a record");
+        match stop {
+            Action::Abort => assert!(status.current.is_none(), "{status:?}"),
+            _ => assert_eq!(
+                status.current.expect("active").rollout.state,
+                RolloutState::Paused
+            ),
+        }
+        if stop == Action::Pause {
+            a.rollouts
+                .control(&name, &tag, Action::Abort, wall_ms())
+                .expect("abort");
+        }
+    }
+
+    // While one replica holds the tag's rollouts, another's change waits for it.
+    let held =
+        a.pg.as_ref()
+            .expect("on PostgreSQL")
+            .hold("a test", "fbpkg.rollout", "app:prod")
+            .expect("hold");
+    let b = replica_state(&pg, &dir.path().join("b-waits"));
+    let starting = {
+        let (b, req) = (b.clone(), start());
+        std::thread::spawn(move || b.rollouts.start(&b.catalog, req, wall_ms()))
+    };
+    wait_for("B's start to wait for the lock", SEEN_WITHIN, || {
+        let waiting = pg
+            .psql("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted")
+            .unwrap_or_default();
+        async move {
+            if waiting.trim() == "1" {
+                Ok(())
+            } else {
+                Err(format!("{} waiting", waiting.trim()))
+            }
+        }
+    })
+    .await;
+    assert!(
+        !starting.is_finished(),
+        "B's start went on while A held the lock"
+    );
+    drop(held);
+    let r = starting.join().expect("the thread").expect("B's start");
+    assert_eq!(r.to, vs[1].sha256);
 }

@@ -38,7 +38,7 @@ mod server;
 pub mod swarm;
 mod tls;
 
-pub use config::{Config, PeerStoreKind, TrackerArgs, default_data_dir};
+pub use config::{CatalogKind, Config, PeerStoreKind, TrackerArgs, default_data_dir};
 pub use error::TrackerError;
 pub use http::{AppState, SharedState, app, serve_announce};
 pub use server::{Embedded, Listeners, bind, run};

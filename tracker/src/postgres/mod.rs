@@ -87,6 +87,18 @@ pub struct Pg {
     shown: String,
 }
 
+/// An advisory lock held by a session of its own ([`Pg::hold`]); dropping it ends the
+/// session, which releases the lock.
+pub struct Hold {
+    _session: deadpool_postgres::ClientWrapper,
+}
+
+impl std::fmt::Debug for Hold {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Hold")
+    }
+}
+
 /// The connector the pool's sessions use, when the URL asks for TLS.
 struct Tls(Option<MakeRustlsConnect>);
 
@@ -246,6 +258,26 @@ impl Pg {
                     &std::io::Error::other(format!("no answer within {timeout:?}")),
                 )),
             }
+        })
+    }
+
+    /// Hold the advisory lock `(class, key)` (hashed) on a session of its own until the
+    /// returned [`Hold`] drops: every replica asking for the same pair waits meanwhile (up to
+    /// its deadline). Blocks like [`Pg::run`].
+    pub fn hold(&self, what: &str, class: &str, key: &str) -> Result<Hold, TrackerError> {
+        let (class, key) = (class.to_owned(), key.to_owned());
+        self.run(what, |db| async move {
+            // Out of the pool for good: the session ends when the hold drops, and PostgreSQL
+            // lets go of the lock with it, whatever happened meanwhile (a deadline passed
+            // mid-wait, a query failed). A session back in the pool would keep the lock.
+            let session = deadpool_postgres::Object::take(db);
+            session
+                .execute(
+                    "SELECT pg_advisory_lock(hashtext($1), hashtext($2))",
+                    &[&class, &key],
+                )
+                .await?;
+            Ok(Hold { _session: session })
         })
     }
 

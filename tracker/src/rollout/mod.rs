@@ -262,6 +262,10 @@ impl Rollouts {
     /// One durable change of a tag's record: `f` edits a copy (and may do other durable work,
     /// such as moving the catalog's tag, before the record is saved); the copy is saved, then
     /// replaces the one in memory. Any change restarts the bake clock.
+    ///
+    /// With replicas the copy is the record as stored, read under the store's hold on the tag:
+    /// memory may be a moment behind another replica's change (an abort), and `f` must judge
+    /// what is, not what was, before it moves a tag nobody can take back.
     fn change<T>(
         &self,
         name: &PackageName,
@@ -269,14 +273,20 @@ impl Rollouts {
         f: impl FnOnce(&mut TagRollouts) -> Result<T, TrackerError>,
     ) -> Result<T, TrackerError> {
         let _w = lock(&self.write)?;
-        let mut rec = lock(&self.inner)?
-            .tags
-            .get(&key(name, tag))
-            .map(|e| e.rec.clone())
-            .unwrap_or_default();
+        let held = self.store.hold(name, tag)?;
+        let mut rec = match held {
+            Some(_) => self.store.load(name, tag)?.unwrap_or_default(),
+            None => lock(&self.inner)?
+                .tags
+                .get(&key(name, tag))
+                .map(|e| e.rec.clone())
+                .unwrap_or_default(),
+        };
         let before = rec.clone();
         let out = f(&mut rec)?;
-        self.store.save(name, tag, &before, &rec)?;
+        if rec != before {
+            self.store.save(name, tag, &before, &rec)?;
+        }
         let mut inner = lock(&self.inner)?;
         let entry = inner.tags.entry(key(name, tag)).or_default();
         let id = rec.current.as_ref().map_or(0, |r| r.id);
@@ -289,6 +299,7 @@ impl Rollouts {
         entry.live.passing_since = None;
         entry.rec = rec;
         drop(inner);
+        drop(held);
         self.wake.notify_one();
         Ok(out)
     }
@@ -442,7 +453,8 @@ impl Rollouts {
     pub fn tick(&self, catalog: &Catalog, now: Instant, now_ms: u64) -> Result<(), TrackerError> {
         enum Step {
             Halt(String),
-            Advance,
+            /// Out of this phase.
+            Advance(usize),
         }
         let mut steps = Vec::new();
         {
@@ -467,7 +479,8 @@ impl Rollouts {
                     Verdict::Pass if running => {
                         let since = *entry.live.passing_since.get_or_insert(now);
                         if now.duration_since(since) >= Duration::from_millis(r.bake_ms) {
-                            steps.push((name.clone(), tag.clone(), r.id, Step::Advance));
+                            let step = Step::Advance(r.phase);
+                            steps.push((name.clone(), tag.clone(), r.id, step));
                         }
                     }
                     Verdict::Pass | Verdict::Wait => entry.live.passing_since = None,
@@ -476,23 +489,32 @@ impl Rollouts {
         }
         for (name, tag, id, step) in steps {
             self.change(&name, &tag, |rec| {
-                // Re-checked under the write lock: an operator may have acted meanwhile.
-                let Some(r) = rec.current.as_mut().filter(|r| r.id == id && r.state.is_active()) else {
+                // Judged again on the record as it is: an operator may have acted meanwhile,
+                // here or on another replica. A paused rollout may halt, never advance.
+                let Some(r) = rec.current.as_mut().filter(|r| r.id == id) else {
                     return Ok(());
                 };
+                let still = match (&step, &r.state) {
+                    (Step::Halt(_), RolloutState::Running { .. } | RolloutState::Paused) => true,
+                    (Step::Advance(p), RolloutState::Running { .. }) => *p == r.phase,
+                    _ => false,
+                };
+                if !still {
+                    return Ok(());
+                }
                 match step {
                     Step::Halt(reason) => {
                         tracing::warn!(package = %name, %tag, id, %reason, "rollout halted");
                         r.state = RolloutState::Halted { reason };
                         r.updated_at = now_ms;
                     }
-                    Step::Advance if r.phase + 1 < r.phases.len() => {
+                    Step::Advance(_) if r.phase + 1 < r.phases.len() => {
                         r.phase += 1;
                         r.state = RolloutState::Running { phase_started: now_ms };
                         r.updated_at = now_ms;
                         tracing::info!(package = %name, %tag, id, phase = %r.phases[r.phase], "rollout entered the next phase");
                     }
-                    Step::Advance => {
+                    Step::Advance(_) => {
                         catalog.move_tag(&name, &tag, &r.to.to_hex())?;
                         tracing::info!(package = %name, %tag, id, to = %r.to, "rollout done; tag moved");
                         finish(rec, RolloutState::Done, now_ms);

@@ -33,6 +33,9 @@ pub struct TagRollouts {
     pub history: Vec<Rollout>,
 }
 
+/// What [`RolloutStore::hold`] holds until dropped.
+pub type Held = Box<dyn Send>;
+
 /// Durable storage of rollouts, one record per tag: files ([`FileStore`]) or PostgreSQL
 /// ([`PgStore`]), where replicas share them.
 pub trait RolloutStore: Send + Sync + std::fmt::Debug {
@@ -45,6 +48,14 @@ pub trait RolloutStore: Send + Sync + std::fmt::Debug {
             .into_iter()
             .find(|(n, t, _)| n == name && t == tag)
             .map(|(_, _, r)| r))
+    }
+    /// Keep every other replica from changing `name:tag`'s record until the returned guard
+    /// drops, so one change reads the record as stored, does its other durable work (moving
+    /// the catalog's tag) and saves, with no other change in between. `None` from a store
+    /// only this process writes: the rollouts' write lock is enough, and memory holds the
+    /// record as stored.
+    fn hold(&self, _name: &PackageName, _tag: &Tag) -> Result<Option<Held>, TrackerError> {
+        Ok(None)
     }
     /// Replace one tag's record, which was `before` when this process read it; when this
     /// returns `Ok` the record survives a crash. A store shared by replicas refuses (conflict)
@@ -199,6 +210,17 @@ impl RolloutStore for PgStore {
             .map(|r| r.map(|r| r.get::<_, serde_json::Value>(0)))
         })?;
         Ok(row.and_then(|v| decode(n, t, v)))
+    }
+
+    fn hold(&self, name: &PackageName, tag: &Tag) -> Result<Option<Held>, TrackerError> {
+        // Its own lock class: a tag move takes `fbpkg.tag` on the same pair while this is held.
+        let key = format!("{name}:{tag}");
+        let held = self.pg.hold(
+            "waiting for another replica's change of a rollout",
+            "fbpkg.rollout",
+            &key,
+        )?;
+        Ok(Some(Box::new(held)))
     }
 
     fn save(
