@@ -34,7 +34,6 @@ pub(crate) fn store_root(data_dir: &Path, what: &str) -> Result<PathBuf, Tracker
     Ok(root)
 }
 
-/// Write `bytes` to `path` so that `path` holds either its old content or all of `bytes`.
 /// Whether `file`, a name in a directory [`write_atomic`] writes, is a temporary file a write
 /// left before its rename in another process (one that died: it was never acknowledged), to
 /// be removed. This process's own may be a write in progress: readers that load a directory
@@ -44,6 +43,7 @@ pub(crate) fn stale_tmp(file: &str) -> bool {
         .is_some_and(|rest| !rest.starts_with(&format!("{}-", std::process::id())))
 }
 
+/// Write `bytes` to `path` so that `path` holds either its old content or all of `bytes`.
 pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
     let dir = path
         .parent()
@@ -63,4 +63,43 @@ pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
     }
     fs::rename(&tmp, path)?;
     File::open(dir)?.sync_all()
+}
+
+/// Move `path` out of the way of a write about to replace it, when it holds a record this
+/// process could not read (skipped at load, so the write does not carry it on): it is kept
+/// beside, as `<file>.unreadable-<unix secs>`, for a human, and logged. `None`: no file.
+pub(crate) fn keep_unreadable(path: &Path) -> io::Result<Option<PathBuf>> {
+    let (Some(dir), Some(name)) = (path.parent(), path.file_name()) else {
+        return Ok(None);
+    };
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    for n in 0..100u32 {
+        let suffix = if n == 0 {
+            String::new()
+        } else {
+            format!("-{n}")
+        };
+        let aside = dir.join(format!(
+            "{}.unreadable-{secs}{suffix}",
+            name.to_string_lossy()
+        ));
+        if fs::symlink_metadata(&aside).is_ok() {
+            continue;
+        }
+        return match fs::rename(path, &aside) {
+            Ok(()) => {
+                File::open(dir)?.sync_all()?;
+                tracing::error!(kept = %aside.display(), "an unreadable record was about to be replaced; kept beside it");
+                Ok(Some(aside))
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e),
+        };
+    }
+    Err(io::Error::other(format!(
+        "{}: too many unreadable copies kept already",
+        path.display()
+    )))
 }

@@ -25,7 +25,7 @@ use fbpkg_common::metainfo::Metainfo;
 use fbpkg_common::pkgref::{PackageName, Tag};
 
 use super::{CatalogStore, Package, Version};
-use crate::durable::{stale_tmp, store_root, write_atomic};
+use crate::durable::{keep_unreadable, stale_tmp, store_root, write_atomic};
 use crate::error::TrackerError;
 
 /// Files under `<data>/catalog/v1`.
@@ -70,7 +70,7 @@ impl FileStore {
                     tracing::error!(package = %name, path = %path.display(), "version record does not match its file name; skipped")
                 }
                 Err(e) => {
-                    tracing::error!(package = %name, path = %path.display(), error = %e, "unreadable version record; skipped (left on disk)")
+                    tracing::error!(package = %name, path = %path.display(), error = %e, "unreadable version record; skipped (kept aside if the version is published again)")
                 }
             }
         }
@@ -94,10 +94,10 @@ impl FileStore {
                     pkg.tags.insert(tag, info);
                 }
                 Ok(_) => {
-                    tracing::error!(package = %name, %tag, "tag points at an unknown version; skipped")
+                    tracing::error!(package = %name, %tag, "tag points at an unknown version; skipped (kept aside at the next move)")
                 }
                 Err(e) => {
-                    tracing::error!(package = %name, %tag, error = %e, "unreadable tag file; skipped")
+                    tracing::error!(package = %name, %tag, error = %e, "unreadable tag file; skipped (kept aside at the next move)")
                 }
             }
         }
@@ -175,6 +175,9 @@ impl CatalogStore for FileStore {
         )
         .end();
         let path = self.version_path(name, &version.metainfo.sha256);
+        // A file here was not loaded (unreadable, or not this version's): kept, not replaced.
+        keep_unreadable(&path)
+            .map_err(|e| TrackerError::storage(format!("keeping {}", path.display()), e))?;
         write_atomic(&path, &rec.finish())
             .map_err(|e| TrackerError::storage(format!("writing {}", path.display()), e))?;
         Ok(None)
@@ -201,6 +204,12 @@ impl CatalogStore for FileStore {
             at,
         });
         let path = self.tag_path(name, tag);
+        if known.is_none() {
+            // A tag file the load skipped (unreadable, or naming a version it could not
+            // read) holds a history this move would otherwise write over.
+            keep_unreadable(&path)
+                .map_err(|e| TrackerError::storage(format!("keeping {}", path.display()), e))?;
+        }
         let json = serde_json::to_vec_pretty(&info)
             .map_err(|e| TrackerError::storage("encoding tag", e.into()))?;
         write_atomic(&path, &json)

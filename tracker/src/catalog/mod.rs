@@ -633,6 +633,52 @@ mod tests {
         );
     }
 
+    /// A record the load could not read is skipped, and the write that replaces it keeps it
+    /// beside: a tag's history (and a version record) is never written over unseen.
+    #[test]
+    fn an_unreadable_record_is_kept_aside_not_written_over() {
+        let dir = tempfile::tempdir().unwrap();
+        let name = PackageName::new("app").unwrap();
+        let tag = Tag::new("prod").unwrap();
+        let (a, b) = (build(1), build(2));
+        {
+            let cat = Catalog::open(dir.path()).unwrap();
+            cat.publish(&name, &a.sha256, a.as_bytes()).unwrap();
+            cat.move_tag(&name, &tag, &a.sha256.to_hex()).unwrap();
+        }
+        let pkg = dir.path().join("catalog/v1/app");
+        let tag_file = pkg.join("tags/prod.json");
+        let version_file = pkg.join(format!("versions/{}.rec", b.sha256));
+        fs::write(&tag_file, b"{\"sha256\": \"half a").unwrap();
+        fs::write(&version_file, b"d8:metainfo").unwrap();
+        let cat = Catalog::open(dir.path()).unwrap();
+        assert!(cat.resolve(&name, &Selector::Tag(tag.clone())).is_err());
+        cat.publish(&name, &b.sha256, b.as_bytes()).unwrap();
+        cat.move_tag(&name, &tag, &b.sha256.to_hex()).unwrap();
+        let kept = |dir: &std::path::Path, prefix: &str| -> Vec<Vec<u8>> {
+            fs::read_dir(dir)
+                .unwrap()
+                .flatten()
+                .filter(|e| e.file_name().to_string_lossy().starts_with(prefix))
+                .map(|e| fs::read(e.path()).unwrap())
+                .collect()
+        };
+        assert_eq!(
+            kept(&pkg.join("tags"), "prod.json.unreadable-"),
+            vec![b"{\"sha256\": \"half a".to_vec()]
+        );
+        let rec = format!("{}.rec.unreadable-", b.sha256);
+        assert_eq!(
+            kept(&pkg.join("versions"), &rec),
+            vec![b"d8:metainfo".to_vec()]
+        );
+        // What replaced them loads, and the copies kept aside are not read as records.
+        let cat = Catalog::open(dir.path()).unwrap();
+        let v = cat.resolve(&name, &Selector::Tag(tag)).unwrap();
+        assert_eq!(v.metainfo.sha256, b.sha256);
+        assert_eq!(cat.detail(&name).unwrap().versions.len(), 2);
+    }
+
     #[test]
     fn prefixes_resolve_when_unambiguous() {
         let dir = tempfile::tempdir().unwrap();

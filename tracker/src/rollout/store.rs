@@ -18,7 +18,7 @@ use fbpkg_common::api::Rollout;
 use fbpkg_common::pkgref::{PackageName, Tag};
 use serde::{Deserialize, Serialize};
 
-use crate::durable::{store_root, write_atomic};
+use crate::durable::{keep_unreadable, store_root, write_atomic};
 use crate::error::TrackerError;
 use crate::postgres::{Pg, ROLLOUT_CHANNEL};
 
@@ -130,7 +130,7 @@ impl RolloutStore for FileStore {
                     // Left on disk for a human: refusing to start would take the whole
                     // catalog down for one tag's history.
                     Err(e) => {
-                        tracing::error!(package = %name, %tag, error = %e, "unreadable rollout file; skipped")
+                        tracing::error!(package = %name, %tag, error = %e, "unreadable rollout file; skipped (kept aside at the next change)")
                     }
                 }
             }
@@ -142,11 +142,16 @@ impl RolloutStore for FileStore {
         &self,
         name: &PackageName,
         tag: &Tag,
-        _before: &TagRollouts,
+        before: &TagRollouts,
         rec: &TagRollouts,
     ) -> Result<(), TrackerError> {
         // One process writes here, one change at a time (the rollouts' write lock).
         let path = self.path(name, tag);
+        if *before == TagRollouts::default() {
+            // A file the load skipped (unreadable): its history is kept, not written over.
+            keep_unreadable(&path)
+                .map_err(|e| TrackerError::storage(format!("keeping {}", path.display()), e))?;
+        }
         let json = serde_json::to_vec_pretty(rec)
             .map_err(|e| TrackerError::storage("encoding rollouts", e.into()))?;
         write_atomic(&path, &json)
@@ -274,5 +279,45 @@ impl RolloutStore for PgStore {
                  look again and retry"
             )))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    /// A tag's rollout file the load could not read is skipped, and the first change of that
+    /// tag keeps it beside instead of writing over its history.
+    #[test]
+    fn an_unreadable_record_is_kept_aside_not_written_over() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FileStore::open(dir.path()).unwrap();
+        let (name, tag) = (PackageName::new("app").unwrap(), Tag::new("prod").unwrap());
+        let path = store.path(&name, &tag);
+        fs::create_dir_all(path.parent().unwrap()).unwrap();
+        fs::write(&path, b"{\"last_id\": 7, \"curr").unwrap();
+        assert!(store.load_all().unwrap().is_empty());
+        let rec = TagRollouts {
+            last_id: 1,
+            ..TagRollouts::default()
+        };
+        store
+            .save(&name, &tag, &TagRollouts::default(), &rec)
+            .unwrap();
+        let kept: Vec<Vec<u8>> = fs::read_dir(path.parent().unwrap())
+            .unwrap()
+            .flatten()
+            .filter(|e| {
+                e.file_name()
+                    .to_string_lossy()
+                    .starts_with("prod.json.unreadable-")
+            })
+            .map(|e| fs::read(e.path()).unwrap())
+            .collect();
+        assert_eq!(kept, vec![b"{\"last_id\": 7, \"curr".to_vec()]);
+        let all = store.load_all().unwrap();
+        assert_eq!(all, vec![(name, tag, rec)]);
     }
 }
