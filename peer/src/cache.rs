@@ -693,7 +693,7 @@ impl Cache {
         // name no package may have (`check_name_free`), and is renamed once it is.
         let building = staging.join(".fbpkg-building");
         let (built, copy_failed) = {
-            let from = File::open(data).map_err(PeerError::io("opening", data))?;
+            let from = check::open_source(data)?;
             let mut to = check::create_copy(&building)?;
             let mut tee = check::Tee::new(from, &mut to);
             let built = build(&mut tee);
@@ -1258,12 +1258,6 @@ pub(crate) mod tests {
     /// rather than hangs.
     #[test]
     fn odd_files_in_an_entry_are_unreadable_not_a_hang() {
-        fn within<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
-            let (tx, rx) = std::sync::mpsc::channel();
-            std::thread::spawn(move || tx.send(f()));
-            rx.recv_timeout(Duration::from_secs(60))
-                .expect("returned instead of hanging")
-        }
         let dir = tempfile::tempdir().unwrap();
         let cache = Cache::new(dir.path().join("cache"));
         let name = PackageName::new("tool").unwrap();
@@ -1309,6 +1303,54 @@ pub(crate) mod tests {
         fs::write(&grown, vec![b'x'; 5000]).unwrap();
         assert!(read_own(&grown, 4096).is_err());
         assert_eq!(read_own(&grown, 5000).unwrap().len(), 5000);
+    }
+
+    /// `f()` on a thread of its own: a regression that hangs fails the test instead.
+    fn within<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || tx.send(f()));
+        rx.recv_timeout(Duration::from_secs(60))
+            .expect("returned instead of hanging")
+    }
+
+    /// A FIFO (or any file that is not a regular one) named as what to publish or install is
+    /// refused at once, saying what it is: opening it for reading waited for a writer forever
+    /// (in the agent, a blocking thread and a control connection with it).
+    #[test]
+    fn a_fifo_to_publish_or_install_is_refused_not_a_hang() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = Cache::new(dir.path().join("cache"));
+        let name = PackageName::new("tool").unwrap();
+        let bytes = b"#!/bin/sh\necho ok\n".repeat(10);
+        let m = meta(&bytes, "tool.sh", Format::Executable);
+        let fifo = dir.path().join("fifo");
+        let made = std::process::Command::new("mkfifo").arg(&fifo).status();
+        assert!(made.unwrap().success(), "mkfifo");
+        let (c, n, f) = (cache.clone(), name.clone(), fifo.clone());
+        let published = within(move || {
+            c.install_file(
+                &n,
+                &f,
+                ("tool.sh", "http://127.0.0.1:1/announce", Format::File),
+            )
+        });
+        match published {
+            Err(PeerError::BadInput(why)) => assert!(why.contains("a FIFO"), "{why}"),
+            other => panic!("publish: {other:?}"),
+        }
+        for handoff in [Handoff::Copy, Handoff::Move] {
+            let (c, n, f, m) = (cache.clone(), name.clone(), fifo.clone(), m.clone());
+            let installed =
+                within(move || c.install(&n, &m, &f, handoff, &ExtractLimits::default()));
+            match installed {
+                Err(PeerError::BadInput(why)) => assert!(why.contains("a FIFO"), "{why}"),
+                other => panic!("install ({handoff:?}): {other:?}"),
+            }
+        }
+        assert!(fifo.exists(), "left where it was");
+        assert!(cache.entries().is_empty());
+        let staging = fs::read_dir(cache.root().join(STAGING)).map_or(0, |d| d.count());
+        assert_eq!(staging, 0, "nothing left in staging");
     }
 
     /// A single file named with a leading dot would be installed and never found (the

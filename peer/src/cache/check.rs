@@ -175,7 +175,7 @@ fn stream_into(
 /// way. On error `dst` may hold part of the bytes; the caller removes it with its staging
 /// directory. Every handle is closed on return, whatever happens.
 pub(crate) fn copy_checked(src: &Path, dst: &Path, meta: &Metainfo) -> Result<()> {
-    let from = File::open(src).map_err(PeerError::io("opening", src))?;
+    let from = open_source(src)?;
     let mut to = create_copy(dst)?;
     match stream(from, &mut to, meta, true) {
         Ok(_) => Ok(()),
@@ -227,6 +227,37 @@ impl<R: Read> Read for Tee<'_, R> {
     }
 }
 
+/// Open `path`, a file whose bytes go into the cache, for reading: refused, saying what it
+/// is, unless a regular file. The open does not block, so a FIFO named by mistake is an error
+/// at once, not a reader (in the agent, a thread) waiting for a writer that never comes.
+pub(crate) fn open_source(path: &Path) -> Result<File> {
+    use rustix::fs::{FileType, OFlags};
+    let f = OpenOptions::new()
+        .read(true)
+        .custom_flags(OFlags::NONBLOCK.bits() as i32)
+        .open(path)
+        .map_err(PeerError::io("opening", path))?;
+    let kind = match rustix::fs::fstat(&f).map(|st| FileType::from_raw_mode(st.st_mode)) {
+        Ok(FileType::RegularFile) => None,
+        Ok(FileType::Directory) => Some("a directory"),
+        Ok(FileType::Fifo) => Some("a FIFO"),
+        Ok(FileType::Socket) => Some("a socket"),
+        Ok(FileType::CharacterDevice | FileType::BlockDevice) => Some("a device"),
+        Ok(_) => Some("not a file"),
+        Err(e) => return Err(PeerError::io("reading metadata", path)(e.into())),
+    };
+    if let Some(kind) = kind {
+        return Err(PeerError::BadInput(format!(
+            "{} is {kind}, not a regular file",
+            path.display()
+        )));
+    }
+    // Reads as from any other open (a regular file's reads never block anyway).
+    rustix::fs::fcntl_setfl(&f, OFlags::empty())
+        .map_err(|e| PeerError::io("opening", path)(e.into()))?;
+    Ok(f)
+}
+
 /// A new file for a copy into staging, private until the entry is made read-only; never an
 /// existing one (nor through a link).
 pub(crate) fn create_copy(dst: &Path) -> Result<File> {
@@ -265,7 +296,7 @@ fn wrong_length(got: u64, meta: &Metainfo) -> String {
 }
 
 fn file_check(path: &Path, check: ArchiveCheck<'_>) -> Result<()> {
-    let mut f = File::open(path).map_err(PeerError::io("opening", path))?;
+    let mut f = open_source(path)?;
     let offset = check.total();
     if offset > 0 {
         // Bytes hashed already must still be there: reading from past the end finds none.
