@@ -9,8 +9,9 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixStream;
+use tokio::sync::{Semaphore, SemaphorePermit};
 
 use fbpkg_common::metainfo::Format;
 
@@ -23,6 +24,51 @@ pub const SOCKET_NAME: &str = "agent.sock";
 /// hex-encoded: a tree of thousands of files takes MiBs (about 125 bytes of metainfo a file),
 /// and the tracker takes up to 8 MiB by default (`--max-body-bytes`), twice that in hex.
 pub const MAX_CONTROL_LINE: usize = 20 << 20;
+
+/// A request line up to this long is read by any connection at once. A longer one (only an
+/// `add` is, its metainfo) is read on with one of [`LARGE_CONTROL_LINES`] permits: 256
+/// connections of [`MAX_CONTROL_LINE`] each would be 5 GiB.
+pub const SMALL_CONTROL_LINE: usize = 64 << 10;
+/// Request lines longer than [`SMALL_CONTROL_LINE`] read, and answered, at once.
+pub const LARGE_CONTROL_LINES: usize = 4;
+
+/// Read one request line from `r` within `deadline`. `Ok(None)`: the client closed without
+/// sending one. A line past [`SMALL_CONTROL_LINE`] is read on only with a permit from `large`,
+/// returned with the request and held until it is answered (its metainfo lives as long).
+pub async fn read_request<'a, R: AsyncRead + Unpin>(
+    r: R,
+    large: &'a Semaphore,
+    deadline: Duration,
+) -> Result<Option<(Request, Option<SemaphorePermit<'a>>)>> {
+    let mut reader = BufReader::new(r);
+    let mut line = Vec::new();
+    let mut permit = None;
+    let read = async {
+        (&mut reader)
+            .take(SMALL_CONTROL_LINE as u64)
+            .read_until(b'\n', &mut line)
+            .await?;
+        if line.len() == SMALL_CONTROL_LINE && !line.ends_with(b"\n") {
+            permit = large.acquire().await.ok();
+            // One byte past the limit tells a line that is too long from one that fits.
+            let rest = (MAX_CONTROL_LINE + 1 - SMALL_CONTROL_LINE) as u64;
+            (&mut reader)
+                .take(rest)
+                .read_until(b'\n', &mut line)
+                .await?;
+        }
+        Ok::<_, std::io::Error>(())
+    };
+    match tokio::time::timeout(deadline, read).await {
+        Ok(Ok(())) if line.is_empty() => Ok(None),
+        Ok(Ok(())) => parse_request_line(&line).map(|req| Some((req, permit))),
+        Ok(Err(e)) => Err(PeerError::BadInput(format!("bad control request: {e}"))),
+        Err(_) => Err(PeerError::BadInput(format!(
+            "no request within {} s",
+            deadline.as_secs()
+        ))),
+    }
+}
 
 /// What a client asks.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -343,6 +389,52 @@ mod tests {
         let err = parse_request_line(&long).unwrap_err().to_string();
         assert!(err.contains("request too long"), "{err}");
         assert!(parse_request_line(b"\xff\xfe").is_err());
+    }
+
+    /// A ping padded with `pad` spaces (JSON allows them) to make a line of any length.
+    fn padded_ping(pad: usize) -> Vec<u8> {
+        let mut line = b"{\"op\":\"ping\"".to_vec();
+        line.resize(line.len() + pad, b' ');
+        line.extend_from_slice(b"}\n");
+        line
+    }
+
+    /// What `read_request` makes of `line`, given `permits` for long lines, on the paused
+    /// clock (a wait for a permit ends at the deadline).
+    async fn read_with(line: Vec<u8>, permits: usize) -> (Result<Option<Request>>, usize) {
+        let large = Semaphore::new(permits);
+        let (mut client, server) = tokio::io::duplex(1 << 16);
+        let writer = tokio::spawn(async move { client.write_all(&line).await });
+        let got = read_request(server, &large, Duration::from_secs(10)).await;
+        let held = permits - large.available_permits();
+        drop(writer.await);
+        (got.map(|r| r.map(|(req, _permit)| req)), held)
+    }
+
+    /// Short requests need no permit; a long one (an `add`'s metainfo) waits for one of the
+    /// few, holds it while it is answered, and gives up at the deadline without one; one over
+    /// the limit is refused whatever it holds.
+    #[tokio::test(start_paused = true)]
+    async fn long_request_lines_are_read_a_few_at_a_time() {
+        let short = padded_ping(SMALL_CONTROL_LINE - 100);
+        assert!(short.len() < SMALL_CONTROL_LINE);
+        let (got, held) = read_with(short, 0).await;
+        assert_eq!(got.unwrap(), Some(Request::Ping));
+        assert_eq!(held, 0);
+
+        let long = padded_ping(SMALL_CONTROL_LINE);
+        let (got, held) = read_with(long.clone(), 1).await;
+        assert_eq!(got.unwrap(), Some(Request::Ping));
+        assert_eq!(held, 1, "the permit is held with the request");
+        let (got, _) = read_with(long, 0).await;
+        let err = got.unwrap_err().to_string();
+        assert!(err.contains("no request within"), "{err}");
+
+        let (got, _) = read_with(padded_ping(MAX_CONTROL_LINE), 1).await;
+        let err = got.unwrap_err().to_string();
+        assert!(err.contains("request too long"), "{err}");
+        let (got, _) = read_with(Vec::new(), 0).await;
+        assert!(got.unwrap().is_none(), "closed without a request");
     }
 
     fn bad_input(line: &[u8]) -> String {

@@ -15,7 +15,7 @@ use std::time::Duration;
 use fbpkg_common::metainfo::Metainfo;
 use fbpkg_common::pkgref::PackageName;
 use fbpkg_common::{InfoHash, Sha256Hash};
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::io::AsyncWriteExt;
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
@@ -26,7 +26,7 @@ use crate::cache::{Cache, CachedPackage, Handoff};
 use crate::engine::{Engine, EngineConfig, Phase, Torrent};
 use crate::error::{PeerError, Result};
 use crate::tracker_client::TrackerClient;
-use control::{Event, MAX_CONTROL_LINE, Request};
+use control::{Event, Request};
 
 /// How often `fetch` clients get a progress event.
 const PROGRESS_EVERY: Duration = Duration::from_millis(250);
@@ -35,11 +35,18 @@ const MAX_CONTROL_CONNECTIONS: usize = 256;
 /// A client must send its whole request line within this time.
 const REQUEST_DEADLINE: Duration = Duration::from_secs(10);
 
-/// Write one event line; false when the client has gone.
-async fn send(w: &mut tokio::net::unix::OwnedWriteHalf, e: Event) -> bool {
+/// A client must take each answer line within this time, or it is taken for gone (a client
+/// that stops reading would otherwise hold its connection, and a slot, for ever).
+const ANSWER_DEADLINE: Duration = Duration::from_secs(10);
+
+/// Write one event line; false when the client has gone (or stopped reading).
+async fn send<W: tokio::io::AsyncWrite + Unpin>(w: &mut W, e: Event) -> bool {
     let mut line = serde_json::to_vec(&e).unwrap_or_default();
     line.push(b'\n');
-    w.write_all(&line).await.is_ok()
+    matches!(
+        tokio::time::timeout(ANSWER_DEADLINE, w.write_all(&line)).await,
+        Ok(Ok(()))
+    )
 }
 
 /// Create a private directory (0700) and its parents.
@@ -78,6 +85,8 @@ pub struct Agent {
     state_dir: PathBuf,
     follows: follow::Follows,
     cache_life: budget::CacheLife,
+    /// Permits to read request lines past [`control::SMALL_CONTROL_LINE`].
+    large_requests: Semaphore,
 }
 
 impl Agent {
@@ -112,6 +121,7 @@ impl Agent {
             state_dir: state_dir.clone(),
             follows,
             cache_life,
+            large_requests: Semaphore::new(control::LARGE_CONTROL_LINES),
         });
         // The control socket comes first: a `get` that arrives while partial downloads are
         // still being re-hashed must reach this agent (and wait for the one owner of its
@@ -198,27 +208,15 @@ impl Agent {
 
     async fn serve(&self, stream: UnixStream, shutdown: CancellationToken) {
         let (r, mut w) = stream.into_split();
-        let mut line = Vec::new();
-        // One byte past the limit tells a line that is too long from one that fits exactly.
-        let mut reader = BufReader::new(r).take(MAX_CONTROL_LINE as u64 + 1);
-        let read =
-            tokio::time::timeout(REQUEST_DEADLINE, reader.read_until(b'\n', &mut line)).await;
-        let req = match read {
-            Ok(Ok(0)) => return,
-            Ok(Ok(_)) => control::parse_request_line(&line),
-            Ok(Err(e)) => Err(PeerError::BadInput(format!("bad control request: {e}"))),
-            Err(_) => Err(PeerError::BadInput(format!(
-                "no request within {} s",
-                REQUEST_DEADLINE.as_secs()
-            ))),
-        };
-        let req = match req {
-            Ok(r) => r,
-            Err(e) => {
-                send(&mut w, Event::from_error(&e)).await;
-                return;
-            }
-        };
+        let (req, _large) =
+            match control::read_request(r, &self.large_requests, REQUEST_DEADLINE).await {
+                Ok(Some(r)) => r,
+                Ok(None) => return,
+                Err(e) => {
+                    send(&mut w, Event::from_error(&e)).await;
+                    return;
+                }
+            };
         match req {
             Request::Ping => {
                 let pong = Event::Pong {
@@ -545,5 +543,38 @@ pub(crate) fn forget_cached(cache: &Cache, name: &PackageName, sha: &Sha256Hash)
         Err(PeerError::Agent(format!(
             "{name}:{sha} stays in the cache: a running program holds it, or it is pinned"
         )))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    /// A client that stops reading is taken for gone at the answer deadline, instead of
+    /// holding its connection (and a slot of the 256) for as long as it likes.
+    #[tokio::test(start_paused = true)]
+    async fn a_client_that_stops_reading_is_given_up() {
+        let (mut ours, mut theirs) = tokio::io::duplex(64);
+        let event = || Event::Metrics {
+            text: "x".repeat(1000),
+        };
+        let reader = tokio::spawn(async move {
+            let mut first = vec![0; 1010];
+            tokio::io::AsyncReadExt::read_exact(&mut theirs, &mut first)
+                .await
+                .unwrap();
+            theirs // kept open, never read again
+        });
+        assert!(
+            send(&mut ours, event()).await,
+            "read while the client reads"
+        );
+        let _theirs = reader.await.unwrap();
+        let start = tokio::time::Instant::now();
+        let sent = tokio::time::timeout(ANSWER_DEADLINE * 2, send(&mut ours, event())).await;
+        assert_eq!(sent, Ok(false), "given up, not waiting on");
+        assert_eq!(start.elapsed(), ANSWER_DEADLINE);
     }
 }
