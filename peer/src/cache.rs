@@ -294,12 +294,37 @@ impl Cache {
         &self.root
     }
 
+    /// The cache's owner, when this process is root and the cache is another user's: a `get`
+    /// or `run` as root beside an agent that is not (the DaemonSet's uid 65532) must give
+    /// that owner what it makes, or the agent can neither write beside it nor evict it.
+    /// `None` for everyone else, who makes files as themselves (and pays no `stat` for it).
+    fn foreign_owner(&self) -> Option<(u32, u32)> {
+        use std::os::unix::fs::MetadataExt;
+        if !rustix::process::geteuid().is_root() {
+            return None;
+        }
+        let m = fs::metadata(&self.root).ok()?;
+        (m.uid() != 0).then(|| (m.uid(), m.gid()))
+    }
+
+    /// Give `paths` (links themselves, not what they point at; with `deep`, everything under
+    /// them too) to the cache's owner, when [`Cache::foreign_owner`] says to. A failure is
+    /// logged: what it costs is the agent's later write or eviction, not this operation.
+    pub(crate) fn give_to_owner(&self, paths: &[&Path], deep: bool) {
+        if let Some(owner) = self.foreign_owner() {
+            for p in paths {
+                give(owner, p, deep);
+            }
+        }
+    }
+
     /// Take `name:sha256` out of the cache: renamed into staging first (one atomic step, so
     /// `lookup` sees the whole entry or nothing), then removed. Absent is not an error.
     pub fn remove(&self, name: &PackageName, sha256: &Sha256Hash) -> Result<()> {
         let dir = self.entry_dir(name, sha256);
         let staging_root = self.root.join(STAGING);
         fs::create_dir_all(&staging_root).map_err(PeerError::io("creating", &staging_root))?;
+        self.give_to_owner(&[&staging_root], false);
         let doomed = staging_root.join(format!("removed-{sha256}-{}", rand::random::<u32>()));
         // Locked before it moves, so that it is never in staging unlocked while removed.
         let busy = match File::open(&dir) {
@@ -432,6 +457,7 @@ impl Cache {
             rand::random::<u32>()
         ));
         fs::create_dir(&staging).map_err(PeerError::io("creating", &staging))?;
+        self.give_to_owner(&[&staging_root, &staging], false);
         let busy = File::open(&staging).map_err(PeerError::io("opening", &staging))?;
         busy.lock().map_err(PeerError::io("locking", &staging))?;
         Ok((staging, busy))
@@ -581,6 +607,8 @@ impl Cache {
         make_children_read_only(staging)?;
         let parent = self.root.join(name.as_str());
         fs::create_dir_all(&parent).map_err(PeerError::io("creating", &parent))?;
+        self.give_to_owner(&[&parent], false);
+        self.give_to_owner(&[staging], true);
         let dest = parent.join(metainfo.sha256.to_hex());
         if let Err(e) = fs::rename(staging, &dest) {
             if let Some(existing) = self.lookup(name, &metainfo.sha256) {
@@ -734,7 +762,10 @@ impl Cache {
         let tmp = dir.join(format!(".{tag}.{}", std::process::id()));
         let r = fs::create_dir_all(&dir)
             .and_then(|_| fs::write(&tmp, sha.to_hex()))
-            .and_then(|_| fs::rename(&tmp, &path));
+            .and_then(|_| {
+                self.give_to_owner(&[&self.root.join(TAGS), &dir, &tmp], false);
+                fs::rename(&tmp, &path)
+            });
         if let Err(e) = r {
             tracing::debug!(error = %e, "cannot remember tag");
         }
@@ -764,6 +795,31 @@ fn finish_file(staging: &Path, metainfo: &Metainfo, limits: &ExtractLimits) -> R
         0o444
     };
     set_mode(&file, mode)
+}
+
+fn give((uid, gid): (u32, u32), path: &Path, deep: bool) {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(m) = fs::symlink_metadata(path) else {
+        return;
+    };
+    if m.uid() != uid || m.gid() != gid {
+        match std::os::unix::fs::lchown(path, Some(uid), Some(gid)) {
+            // A change of owner clears set-user-ID and set-group-ID bits, which a tree's
+            // identity covers: put back.
+            Ok(()) if !m.is_symlink() && m.mode() & 0o6000 != 0 => {
+                let _ = fs::set_permissions(path, fs::Permissions::from_mode(m.mode() & 0o7777));
+            }
+            Ok(()) => {}
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = %e, "cannot give a file to the cache's owner");
+            }
+        }
+    }
+    if deep && m.is_dir() {
+        for entry in fs::read_dir(path).into_iter().flatten().flatten() {
+            give((uid, gid), &entry.path(), true);
+        }
+    }
 }
 
 /// A single-file package may not take a name the entry's own files use.
@@ -1456,6 +1512,68 @@ pub(crate) mod tests {
         assert_eq!(fs::read(moved.join("tool.sh")).unwrap(), bytes);
         assert!(!entry.dir.exists());
         remove_tree(&moved).unwrap();
+    }
+
+    /// What root makes in a cache another user owns (a `get` or `run` as root beside the
+    /// DaemonSet's uid-65532 agent) is that user's: entries, their directories, staging,
+    /// tags, pins, launches, quarantine. The agent could otherwise neither evict those
+    /// versions nor write beside them (a tag directory root made refused its tags).
+    #[test]
+    fn what_root_makes_in_a_cache_another_user_owns_is_theirs() {
+        if !running_as_root() {
+            eprintln!("skipped: only root makes files another user owns");
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let cache = Cache::new(dir.path().join("cache"));
+        fs::create_dir_all(cache.root()).unwrap();
+        let nobody = 65534;
+        std::os::unix::fs::chown(cache.root(), Some(nobody), Some(nobody)).unwrap();
+        let src = dir.path().join("src");
+        fs::create_dir_all(src.join("bin")).unwrap();
+        fs::write(src.join("bin/run"), b"run").unwrap();
+        let arc = dir.path().join("app.tar.zst");
+        archive::create(&src, File::create(&arc).unwrap()).unwrap();
+        let m = meta(&fs::read(&arc).unwrap(), "app.tar.zst", Format::TarZst);
+        let name = PackageName::new("app").unwrap();
+        cache
+            .install(&name, &m, &arc, Handoff::Copy, &ExtractLimits::default())
+            .unwrap();
+        cache.remember_tag(&name, &Tag::new("prod").unwrap(), &m.sha256);
+        cache.pin(&name, &m.sha256).unwrap();
+        drop(cache.hold(&name, &m.sha256).unwrap().expect("cached"));
+        let bytes = b"#!/bin/sh\necho ok\n".repeat(10);
+        let other = meta(&bytes, "tool.sh", Format::Executable);
+        let file = dir.path().join("tool.sh");
+        fs::write(&file, &bytes).unwrap();
+        cache
+            .install(
+                &name,
+                &other,
+                &file,
+                Handoff::Move,
+                &ExtractLimits::default(),
+            )
+            .unwrap();
+        cache.quarantine(&name, &other.sha256).unwrap();
+
+        fn walk(p: &Path, out: &mut Vec<(PathBuf, u32)>) {
+            let m = fs::symlink_metadata(p).unwrap();
+            out.push((p.to_owned(), m.uid()));
+            if m.is_dir() {
+                for e in fs::read_dir(p).unwrap() {
+                    walk(&e.unwrap().path(), out);
+                }
+            }
+        }
+        let mut all = Vec::new();
+        walk(cache.root(), &mut all);
+        assert!(all.len() > 15, "{all:?}");
+        let root_owned: Vec<_> = all.iter().filter(|(_, uid)| *uid != nobody).collect();
+        assert!(
+            root_owned.is_empty(),
+            "not the cache owner's: {root_owned:?}"
+        );
     }
 
     #[test]

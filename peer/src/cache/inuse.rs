@@ -21,7 +21,7 @@ use std::fs::{self, File, OpenOptions, TryLockError};
 use std::io::Write;
 use std::os::fd::AsFd;
 use std::os::unix::fs::MetadataExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::SystemTime;
 
 use fbpkg_common::Sha256Hash;
@@ -76,19 +76,6 @@ impl Cache {
     /// the launch is recorded only where it can be.
     fn open_use(&self, name: &PackageName, sha256: &Sha256Hash) -> Result<File> {
         let path = self.use_path(name, sha256);
-        // Only root may give files away, and only root needs to: anyone else makes them as
-        // themselves. Everyone else's launch pays no `stat` for it.
-        let owner = rustix::process::geteuid()
-            .is_root()
-            .then(|| fs::metadata(&self.root).ok().map(|m| (m.uid(), m.gid())))
-            .flatten();
-        let give = |p: &Path| {
-            if let Some((uid, gid)) = owner
-                && fs::metadata(p).is_ok_and(|m| m.uid() != uid)
-            {
-                let _ = std::os::unix::fs::chown(p, Some(uid), Some(gid));
-            }
-        };
         let open = || {
             OpenOptions::new()
                 .read(true)
@@ -101,17 +88,14 @@ impl Cache {
                 let dir = self.root.join(USE_DIR);
                 fs::create_dir_all(path.parent().unwrap_or(&dir))
                     .map_err(PeerError::io("creating", &dir))?;
-                give(&dir);
-                if let Some(d) = path.parent() {
-                    give(d);
-                }
+                self.give_to_owner(&[&dir, path.parent().unwrap_or(&dir)], false);
                 open()
             }
             other => other,
         };
         match opened {
             Ok(f) => {
-                give(&path);
+                self.give_to_owner(&[&path], false);
                 Ok(f)
             }
             Err(e)
@@ -212,7 +196,7 @@ mod tests {
     use crate::cache::tests::meta;
     use fbpkg_common::metainfo::Format;
 
-    fn cached(root: &Path) -> (Cache, PackageName, Sha256Hash) {
+    fn cached(root: &std::path::Path) -> (Cache, PackageName, Sha256Hash) {
         let cache = Cache::new(root.join("cache"));
         let data = root.join("tool.bin");
         let bytes = b"#!/bin/sh\necho hi\n";

@@ -44,6 +44,7 @@ impl Cache {
         fs::create_dir_all(&dir).map_err(PeerError::io("creating", &dir))?;
         match OpenOptions::new().write(true).create_new(true).open(&path) {
             Ok(_) => {
+                self.give_to_owner(&[&self.root().join(PINS_DIR), &dir, &path], false);
                 sync_dir(&dir);
                 Ok(true)
             }

@@ -431,6 +431,7 @@ impl Cache {
         let dir = self.entry_dir(name, sha256);
         let qroot = self.root.join(QUARANTINE);
         fs::create_dir_all(&qroot).map_err(PeerError::io("creating", &qroot))?;
+        self.give_to_owner(&[&qroot], false);
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .unwrap_or_default()
