@@ -27,7 +27,7 @@ use fbpkg_common::api::{
     Report, RolloutRequest, RolloutState, RolloutStatus, TagInfo, VersionInfo,
 };
 use fbpkg_common::metainfo::Metainfo;
-use fbpkg_common::pkgref::{PackageName, Tag};
+use fbpkg_common::pkgref::{PackageName, Selector, Tag};
 use fbpkg_common::rollout::HostId;
 use fbpkg_tests::{
     AgentProcess, PostgresServer, RedisServer, TrackerProcess, fbpkg_rs, http_client, move_tag,
@@ -758,7 +758,7 @@ async fn a_rollout_stopped_on_one_replica_never_moves_the_tag_on_another() {
             .expect("start");
         let b = replica_state(&pg, &dir.path().join(format!("b-{stop:?}")));
         b.rollouts
-            .control(&name, &tag, stop, wall_ms())
+            .control(&b.catalog, &name, &tag, stop, wall_ms())
             .expect("B stops it");
         // A has not heard; its host is done, and the gate passes.
         host_activates(&a, &vs[1]);
@@ -781,7 +781,7 @@ async fn a_rollout_stopped_on_one_replica_never_moves_the_tag_on_another() {
         }
         if stop == Action::Pause {
             a.rollouts
-                .control(&name, &tag, Action::Abort, wall_ms())
+                .control(&a.catalog, &name, &tag, Action::Abort, wall_ms())
                 .expect("abort");
         }
     }
@@ -817,4 +817,99 @@ async fn a_rollout_stopped_on_one_replica_never_moves_the_tag_on_another() {
     drop(held);
     let r = starting.join().expect("the thread").expect("B's start");
     assert_eq!(r.to, vs[1].sha256);
+}
+
+/// What a rollout starts from, and whether its record is done, are judged on where the tag
+/// is in the database, not where this replica's memory says it is:
+///
+/// - a rollout started on a replica that has not heard of a tag move a moment ago starts
+///   from where the tag is (from its stale memory, every host outside the first phase was sent
+///   back to the version before the move);
+/// - a version published elsewhere that a replica first learns of through a write (a start
+///   naming it) has its swarm registered there (its announces were refused as unregistered);
+/// - when the controller's last step moved the tag but its record could not be saved, the
+///   next change of the tag on any replica records the rollout done: an abort then finds no
+///   rollout to abort, instead of recording "aborted" with the tag moved.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rollouts_judge_the_tag_where_it_is_not_where_memory_says() {
+    let Some(pg) = PostgresServer::start().expect("starting PostgreSQL") else {
+        return;
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (name, tag) = app_prod();
+    let a = replica_state(&pg, &dir.path().join("a"));
+    let vs = [1, 2, 3, 4].map(|n| package(n, "http://127.0.0.1:1/announce"));
+    let publish = |v: &Metainfo| {
+        a.catalog
+            .publish(&name, &v.sha256, v.as_bytes())
+            .expect("publish");
+    };
+    vs[..3].iter().for_each(publish);
+    let move_on = |r: &AppState, to: &Metainfo| {
+        r.rollouts
+            .move_tag_plain(&r.catalog, &name, &tag, &to.sha256.to_hex(), wall_ms())
+            .expect("tag")
+    };
+    move_on(&a, &vs[0]);
+    let b = replica_state(&pg, &dir.path().join("b"));
+    move_on(&a, &vs[1]);
+    let req = RolloutRequest {
+        name: name.clone(),
+        tag: tag.clone(),
+        to: vs[2].sha256.to_hex(),
+        phases: vec!["100".parse().expect("a phase")],
+        bake_ms: 0,
+        max_failures: "0".parse().expect("a limit"),
+        force: false,
+    };
+    let r = b
+        .rollouts
+        .start(&b.catalog, req, wall_ms())
+        .expect("B starts a rollout");
+    assert_eq!(r.from, Some(vs[1].sha256), "from where the tag is now");
+    publish(&vs[3]);
+    let fourth = Selector::parse(&vs[3].sha256.to_hex()).expect("a hash");
+    b.catalog
+        .resolve_fresh(&name, &fourth)
+        .expect("B finds it in the database");
+    let swarm = b.swarms.get(&vs[3].info_hash);
+    assert!(
+        swarm.is_some_and(|s| s.package.is_some()),
+        "the swarm of a version B learnt of through a write is registered"
+    );
+
+    // A, the controller, moves the tag; the record's save fails.
+    a.rollouts.reload(&name, &tag).expect("A hears of it");
+    pg.psql(
+        "CREATE FUNCTION refuse() RETURNS trigger LANGUAGE plpgsql AS \
+         $$ BEGIN RAISE EXCEPTION 'refused by the test'; END $$; \
+         CREATE TRIGGER refuse BEFORE UPDATE ON rollouts FOR EACH ROW EXECUTE FUNCTION refuse();",
+    )
+    .expect("psql");
+    host_activates(&a, &vs[2]);
+    let ticked = a
+        .rollouts
+        .tick(&a.catalog, tokio::time::Instant::now(), wall_ms());
+    assert!(ticked.is_err(), "the save failed: {ticked:?}");
+    let tag_in_db = || {
+        pg.psql("SELECT sha256 FROM tags WHERE name = 'app' AND tag = 'prod'")
+            .expect("psql")
+            .trim()
+            .to_owned()
+    };
+    assert_eq!(tag_in_db(), vs[2].sha256.to_hex(), "moved");
+    pg.psql("DROP TRIGGER refuse ON rollouts").expect("psql");
+    let aborted = b
+        .rollouts
+        .control(&b.catalog, &name, &tag, Action::Abort, wall_ms());
+    assert!(aborted.is_err(), "nothing left to abort: {aborted:?}");
+    let status = b.rollouts.status(&name, &tag).expect("a record");
+    assert!(status.current.is_none(), "{status:?}");
+    let last = status.history.last().expect("history");
+    assert_eq!(
+        (last.id, &last.state),
+        (r.id, &RolloutState::Done),
+        "{status:?}"
+    );
+    assert_eq!(tag_in_db(), vs[2].sha256.to_hex());
 }

@@ -71,6 +71,15 @@ pub trait CatalogStore: Send + Sync + std::fmt::Debug {
         at: u64,
         known: Option<&TagInfo>,
     ) -> Result<TagInfo, TrackerError>;
+    /// Shared with other processes (replicas), whose writes this one's memory hears of only
+    /// a moment later? The default, no: this process writes it alone.
+    fn shared(&self) -> bool {
+        false
+    }
+    /// One tag as stored now (for a shared store: as every replica sees it).
+    fn load_tag(&self, name: &PackageName, tag: &Tag) -> Result<Option<TagInfo>, TrackerError> {
+        Ok(self.load_package(name)?.tags.remove(tag))
+    }
     /// Is it usable now? `Err` says why not (for `/readyz`).
     fn check(&self) -> Result<(), String>;
     /// What it is, without credentials (for logs and `/readyz`).
@@ -105,6 +114,19 @@ pub struct Catalog {
     /// Serialises this process's writers so check-then-write is atomic here; readers never
     /// wait on the store.
     write: Mutex<()>,
+    /// Told of every version a reload brings in ([`Catalog::on_new_version`]).
+    new_version: std::sync::OnceLock<NewVersion>,
+}
+
+/// What [`Catalog::on_new_version`] calls.
+type NewVersionFn = dyn Fn(&PackageName, &Version) + Send + Sync;
+
+struct NewVersion(Box<NewVersionFn>);
+
+impl std::fmt::Debug for NewVersion {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("NewVersion")
+    }
 }
 
 fn now_secs() -> u64 {
@@ -135,7 +157,17 @@ impl Catalog {
             store,
             index: RwLock::new(index),
             write: Mutex::new(()),
+            new_version: std::sync::OnceLock::new(),
         })
+    }
+
+    /// Call `f` with every version a reload brings in from the store (published by another
+    /// replica), whoever reloads: the listener, or a write that asked the store for a version
+    /// this process had not heard of yet. The tracker registers their swarms with it: a
+    /// version learnt any other way would be in the catalog with its announces refused. Set
+    /// once; later calls are ignored.
+    pub fn on_new_version(&self, f: impl Fn(&PackageName, &Version) + Send + Sync + 'static) {
+        let _ = self.new_version.set(NewVersion(Box::new(f)));
     }
 
     /// The durable store (for `/readyz`).
@@ -182,6 +214,12 @@ impl Catalog {
         }
         for (tag, info) in fresh.tags {
             keep_newer(&mut pkg.tags, tag, info);
+        }
+        drop(idx);
+        if let Some(hook) = self.new_version.get() {
+            for v in &new {
+                (hook.0)(name, v);
+            }
         }
         new
     }
@@ -281,6 +319,46 @@ impl Catalog {
             keep_newer(&mut p.tags, tag.clone(), info.clone());
         }
         Ok(info)
+    }
+
+    /// The version `name:tag` points at now. From memory, unless the store is shared: then
+    /// from the store, since another replica may have moved the tag a moment ago (memory
+    /// catches up on the way). For a write that depends on where the tag is.
+    pub fn tag_now(
+        &self,
+        name: &PackageName,
+        tag: &Tag,
+    ) -> Result<Option<Sha256Hash>, TrackerError> {
+        let in_memory = || -> Result<Option<Sha256Hash>, TrackerError> {
+            let idx = self.index.read().map_err(|_| lock_poisoned())?;
+            Ok(idx
+                .get(name)
+                .and_then(|p| p.tags.get(tag))
+                .map(|t| t.sha256))
+        };
+        if !self.store.shared() {
+            return in_memory();
+        }
+        let Some(info) = self.store.load_tag(name, tag)? else {
+            return in_memory();
+        };
+        let sha = info.sha256;
+        let known = {
+            let mut idx = self.index.write().map_err(|_| lock_poisoned())?;
+            match idx.get_mut(name) {
+                Some(p) if p.versions.contains_key(&sha) => {
+                    keep_newer(&mut p.tags, tag.clone(), info);
+                    true
+                }
+                _ => false,
+            }
+        };
+        if !known {
+            // A version published elsewhere a moment ago: the whole package, so that its
+            // swarm is registered too.
+            self.reload(name)?;
+        }
+        Ok(Some(sha))
     }
 
     /// [`Self::resolve`], for a write that names a version: one this process has not heard

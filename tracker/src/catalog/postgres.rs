@@ -118,6 +118,23 @@ async fn load(
     Ok(out)
 }
 
+/// A tag from its moves (`sha256`, unix secs), oldest first; `None` without any.
+fn tag_info(moves: Vec<(String, i64)>) -> Option<TagInfo> {
+    let history: Vec<TagMove> = moves
+        .into_iter()
+        .filter_map(|(h, at)| {
+            Some(TagMove {
+                sha256: Sha256Hash::from_hex(&h).ok()?,
+                at: u64::try_from(at).unwrap_or(0),
+            })
+        })
+        .collect();
+    Some(TagInfo {
+        sha256: history.last()?.sha256,
+        history,
+    })
+}
+
 fn secs(at: u64) -> i64 {
     i64::try_from(at).unwrap_or(i64::MAX)
 }
@@ -236,19 +253,31 @@ impl CatalogStore for PgStore {
                 .map(|r| (r.get::<_, String>(0), r.get::<_, i64>(1)))
                 .collect::<Vec<_>>())
         })?;
-        let history = moves
-            .into_iter()
-            .filter_map(|(h, at)| {
-                Some(TagMove {
-                    sha256: Sha256Hash::from_hex(&h).ok()?,
-                    at: u64::try_from(at).unwrap_or(0),
-                })
-            })
-            .collect();
-        Ok(TagInfo {
+        Ok(tag_info(moves).unwrap_or_else(|| TagInfo {
             sha256: *sha256,
-            history,
-        })
+            history: Vec::new(),
+        }))
+    }
+
+    fn shared(&self) -> bool {
+        true
+    }
+
+    fn load_tag(&self, name: &PackageName, tag: &Tag) -> Result<Option<TagInfo>, TrackerError> {
+        let (n, t) = (name.as_str(), tag.as_str());
+        let moves = self.pg.run("reading a tag", |db| async move {
+            let rows = db
+                .query(
+                    "SELECT sha256, at FROM tag_moves WHERE name = $1 AND tag = $2 ORDER BY id",
+                    &[&n, &t],
+                )
+                .await?;
+            Ok(rows
+                .iter()
+                .map(|r| (r.get::<_, String>(0), r.get::<_, i64>(1)))
+                .collect::<Vec<_>>())
+        })?;
+        Ok(tag_info(moves))
     }
 
     fn check(&self) -> Result<(), String> {

@@ -39,7 +39,7 @@ pub struct AppState {
     /// Rollouts of tags: durable records, live host reports.
     pub rollouts: Rollouts,
     /// Soft swarm state: registrations, and the peers when the store is memory.
-    pub swarms: Swarms,
+    pub swarms: Arc<Swarms>,
     /// Where peers are kept.
     pub peers: PeerStore,
     /// Counters.
@@ -91,7 +91,18 @@ impl AppState {
         let rollouts = rollouts.with_host_timeout(config.rollout_host_timeout);
         let controller_lease = pg.as_ref().map(|pg| pg.lease(CONTROLLER_LEASE));
         let peers = PeerStore::open(&config)?;
-        let swarms = Swarms::default();
+        let swarms = Arc::new(Swarms::default());
+        let hook = swarms.clone();
+        catalog.on_new_version(move |name, v| {
+            hook.register(
+                v.metainfo.info_hash,
+                PackageLabel {
+                    name: name.clone(),
+                    sha256: v.metainfo.sha256,
+                    size: v.metainfo.length,
+                },
+            );
+        });
         for (name, m) in catalog.all_versions() {
             swarms.register(
                 m.info_hash,

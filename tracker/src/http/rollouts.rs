@@ -93,7 +93,7 @@ pub(super) async fn control(
     };
     let (n, t) = (PackageName::new(&pkg)?, Tag::new(&tag)?);
     let st = state.clone();
-    let r = blocking(move || st.rollouts.control(&n, &t, action, wall_ms())).await?;
+    let r = blocking(move || st.rollouts.control(&st.catalog, &n, &t, action, wall_ms())).await?;
     tracing::info!(package = %r.name, tag = %r.tag, id = r.id, ?action, "rollout steered");
     Ok(Json(r))
 }

@@ -164,6 +164,43 @@ fn finish(rec: &mut TagRollouts, state: RolloutState, now_ms: u64) {
     }
 }
 
+/// Settle what a crash, or a save that failed after the tag moved, left between a tag's
+/// record and `target`, where the catalog's tag points: an active rollout whose target the
+/// tag points at already is done (its last step moved the tag; only the record was not
+/// saved); a tag that moved with no record of it gets a plain move. Whether `rec` changed.
+fn settle(
+    name: &PackageName,
+    tag: &Tag,
+    rec: &mut TagRollouts,
+    target: Option<Sha256Hash>,
+    now_ms: u64,
+) -> bool {
+    match &rec.current {
+        Some(r) if target == Some(r.to) => {
+            tracing::info!(package = %name, %tag, id = r.id, "rollout had moved the tag before its record said so; recording it done");
+            finish(rec, RolloutState::Done, now_ms);
+            true
+        }
+        Some(_) => false,
+        None => {
+            // Where the record says the tag is: an aborted rollout did not move it.
+            let last = rec
+                .history
+                .iter()
+                .rev()
+                .find(|r| r.state == RolloutState::Done)
+                .map(|r| r.to);
+            let Some(t) = target.filter(|t| last != Some(*t)) else {
+                return false;
+            };
+            rec.last_id += 1;
+            let m = plain_move(name, tag, last, t, rec.last_id, now_ms);
+            push_history(rec, m);
+            true
+        }
+    }
+}
+
 fn current_target(catalog: &Catalog, name: &PackageName, tag: &Tag) -> Option<Sha256Hash> {
     catalog
         .resolve(name, &Selector::Tag(tag.clone()))
@@ -201,27 +238,20 @@ impl Rollouts {
     pub fn open(store: Box<dyn RolloutStore>, catalog: &Catalog) -> Result<Self, TrackerError> {
         let mut tags = BTreeMap::new();
         let now = wall_ms();
+        let mut unsettled = Vec::new();
         for (name, tag, mut rec) in store.load_all()? {
             let before = rec.clone();
             let target = current_target(catalog, &name, &tag);
-            let mut changed = false;
-            match &rec.current {
-                Some(r) if target == Some(r.to) => {
-                    tracing::info!(package = %name, %tag, id = r.id, "rollout had moved the tag before a restart; recording it done");
-                    finish(&mut rec, RolloutState::Done, now);
-                    changed = true;
+            // Shared: this catalog and these records are snapshots another replica may be
+            // changing; settled under the tag's hold, on what is stored then, below.
+            let changed = if store.shared() {
+                if settle(&name, &tag, &mut rec.clone(), target, now) {
+                    unsettled.push((name.clone(), tag.clone()));
                 }
-                Some(_) => {}
-                None => {
-                    let last = rec.history.last().map(|r| r.to);
-                    if let Some(t) = target.filter(|t| last != Some(*t)) {
-                        rec.last_id += 1;
-                        let m = plain_move(&name, &tag, last, t, rec.last_id, now);
-                        push_history(&mut rec, m);
-                        changed = true;
-                    }
-                }
-            }
+                false
+            } else {
+                settle(&name, &tag, &mut rec, target, now)
+            };
             if changed {
                 match store.save(&name, &tag, &before, &rec) {
                     Ok(()) => {}
@@ -238,7 +268,7 @@ impl Rollouts {
             };
             tags.insert((name, tag), Entry { rec, live });
         }
-        Ok(Self {
+        let rollouts = Self {
             store,
             inner: Mutex::new(Inner {
                 tags,
@@ -250,7 +280,12 @@ impl Rollouts {
             host_timeout: DEFAULT_HOST_TIMEOUT,
             sharing: false,
             share_now: tokio::sync::Notify::new(),
-        })
+        };
+        for (name, tag) in unsettled {
+            // A change that changes nothing settles the record on the way.
+            rollouts.change(catalog, &name, &tag, |_, _| Ok(()))?;
+        }
+        Ok(rollouts)
     }
 
     /// Set how long a host that resolved but has not reported holds its phase.
@@ -263,14 +298,17 @@ impl Rollouts {
     /// such as moving the catalog's tag, before the record is saved); the copy is saved, then
     /// replaces the one in memory. Any change restarts the bake clock.
     ///
-    /// With replicas the copy is the record as stored, read under the store's hold on the tag:
-    /// memory may be a moment behind another replica's change (an abort), and `f` must judge
-    /// what is, not what was, before it moves a tag nobody can take back.
+    /// With replicas the copy is the record as stored, read under the store's hold on the tag,
+    /// and `f` is told where the catalog's tag points now, read from the store too: memory
+    /// may be a moment behind another replica's change (an abort, a tag move), and `f` must
+    /// judge what is, not what was, before it moves a tag nobody can take back. The record
+    /// is settled against the tag first (see [`settle`]).
     fn change<T>(
         &self,
+        catalog: &Catalog,
         name: &PackageName,
         tag: &Tag,
-        f: impl FnOnce(&mut TagRollouts) -> Result<T, TrackerError>,
+        f: impl FnOnce(&mut TagRollouts, Option<Sha256Hash>) -> Result<T, TrackerError>,
     ) -> Result<T, TrackerError> {
         let _w = lock(&self.write)?;
         let held = self.store.hold(name, tag)?;
@@ -282,26 +320,24 @@ impl Rollouts {
                 .map(|e| e.rec.clone())
                 .unwrap_or_default(),
         };
-        let before = rec.clone();
-        let out = f(&mut rec)?;
-        if rec != before {
+        let mut before = rec.clone();
+        let target = catalog.tag_now(name, tag)?;
+        if settle(name, tag, &mut rec, target, wall_ms()) {
+            // Saved on its own: it is the truth whatever `f` makes of it, even a refusal.
             self.store.save(name, tag, &before, &rec)?;
+            before = rec.clone();
         }
-        let mut inner = lock(&self.inner)?;
-        let entry = inner.tags.entry(key(name, tag)).or_default();
-        let id = rec.current.as_ref().map_or(0, |r| r.id);
-        if entry.live.rollout_id != id {
-            entry.live = Live {
-                rollout_id: id,
-                ..Live::default()
-            };
-        }
-        entry.live.passing_since = None;
-        entry.rec = rec;
-        drop(inner);
+        let out = f(&mut rec, target).and_then(|out| {
+            if rec != before {
+                self.store.save(name, tag, &before, &rec)?;
+            }
+            Ok(out)
+        });
+        // Memory takes the record as stored, refused change or not: it may have been behind.
+        let stored = if out.is_ok() { rec } else { before };
+        self.replace(name, tag, stored)?;
         drop(held);
-        self.wake.notify_one();
-        Ok(out)
+        out
     }
 
     /// Start a rollout (see [`RolloutRequest`]).
@@ -322,8 +358,8 @@ impl Rollouts {
         };
         let to = catalog.resolve_fresh(&req.name, &sel)?.metainfo.sha256;
         let (name, tag) = (req.name.clone(), req.tag.clone());
-        self.change(&name, &tag, |rec| {
-            let from = current_target(catalog, &name, &tag).ok_or_else(|| {
+        self.change(catalog, &name, &tag, |rec, target| {
+            let from = target.ok_or_else(|| {
                 TrackerError::NotFound(format!(
                     "{name} has no tag {tag}: a rollout moves an existing tag (set it first with PUT /api/v1/packages/{name}/tags/{tag})"
                 ))
@@ -374,12 +410,13 @@ impl Rollouts {
     /// Pause, resume or abort the active rollout of `name:tag`.
     pub fn control(
         &self,
+        catalog: &Catalog,
         name: &PackageName,
         tag: &Tag,
         action: Action,
         now_ms: u64,
     ) -> Result<Rollout, TrackerError> {
-        self.change(name, tag, |rec| {
+        self.change(catalog, name, tag, |rec, _| {
             let Some(r) = rec.current.as_mut() else {
                 return Err(TrackerError::NotFound(format!(
                     "{name}:{tag} has no active rollout"
@@ -430,14 +467,13 @@ impl Rollouts {
         target: &str,
         now_ms: u64,
     ) -> Result<TagInfo, TrackerError> {
-        self.change(name, tag, |rec| {
+        self.change(catalog, name, tag, |rec, from| {
             if let Some(r) = &rec.current {
                 return Err(TrackerError::Conflict(format!(
                     "rollout {} of {name}:{tag} is active; abort it before moving the tag",
                     r.id
                 )));
             }
-            let from = current_target(catalog, name, tag);
             let info = catalog.move_tag(name, tag, target)?;
             if from != Some(info.sha256) {
                 rec.last_id += 1;
@@ -488,7 +524,7 @@ impl Rollouts {
             }
         }
         for (name, tag, id, step) in steps {
-            self.change(&name, &tag, |rec| {
+            self.change(catalog, &name, &tag, |rec, _| {
                 // Judged again on the record as it is: an operator may have acted meanwhile,
                 // here or on another replica. A paused rollout may halt, never advance.
                 let Some(r) = rec.current.as_mut().filter(|r| r.id == id) else {
@@ -554,7 +590,9 @@ impl Rollouts {
         Ok(())
     }
 
-    /// Put `rec` in memory for a tag; host reports stay while the rollout is the same one.
+    /// Put `rec`, as stored, in memory for a tag. Host reports stay while the rollout is the
+    /// same one; any change (here or on another replica: a pause, a phase) restarts the bake
+    /// clock.
     fn replace(&self, name: &PackageName, tag: &Tag, rec: TagRollouts) -> Result<(), TrackerError> {
         let mut inner = lock(&self.inner)?;
         let entry = inner.tags.entry(key(name, tag)).or_default();
@@ -568,6 +606,7 @@ impl Rollouts {
                 ..Live::default()
             };
         }
+        entry.live.passing_since = None;
         entry.rec = rec;
         drop(inner);
         self.wake.notify_one();

@@ -49,6 +49,10 @@ pub trait RolloutStore: Send + Sync + std::fmt::Debug {
             .find(|(n, t, _)| n == name && t == tag)
             .map(|(_, _, r)| r))
     }
+    /// Shared by replicas (each with its own memory of the records, a moment behind)?
+    fn shared(&self) -> bool {
+        false
+    }
     /// Keep every other replica from changing `name:tag`'s record until the returned guard
     /// drops, so one change reads the record as stored, does its other durable work (moving
     /// the catalog's tag) and saves, with no other change in between. `None` from a store
@@ -215,6 +219,10 @@ impl RolloutStore for PgStore {
             .map(|r| r.map(|r| r.get::<_, serde_json::Value>(0)))
         })?;
         Ok(row.and_then(|v| decode(n, t, v)))
+    }
+
+    fn shared(&self) -> bool {
+        true
     }
 
     fn hold(&self, name: &PackageName, tag: &Tag) -> Result<Option<Held>, TrackerError> {
