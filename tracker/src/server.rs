@@ -283,32 +283,81 @@ async fn sweep(state: SharedState, shutdown: CancellationToken) {
     }
 }
 
+/// How long a notice whose reload failed waits before it is applied again.
+const RELOAD_RETRY: Duration = Duration::from_secs(1);
+/// Notices waiting to be applied again; past this many, one full reload stands for them all.
+const MAX_FAILED_NOTICES: usize = 256;
+
 /// Apply what other replicas committed to the shared catalog: reload the package or tag a
-/// notice names (everything after the listener reconnects), and register the swarms of
-/// versions published elsewhere so their announces are accepted here.
+/// notice names (everything after the listener reconnects); the versions published elsewhere
+/// get their swarms on the way, so their announces are accepted here.
 async fn follow_replicas(
     state: SharedState,
-    mut notices: tokio::sync::mpsc::UnboundedReceiver<Notice>,
+    notices: tokio::sync::mpsc::UnboundedReceiver<Notice>,
     shutdown: CancellationToken,
 ) {
+    let apply = move |notice: Notice| {
+        let s = state.clone();
+        async move {
+            match tokio::task::spawn_blocking(move || apply(&s, notice)).await {
+                Ok(r) => r.map_err(|e| e.to_string()),
+                Err(e) => Err(format!("reload task failed: {e}")),
+            }
+        }
+    };
+    apply_notices(notices, shutdown, apply).await;
+}
+
+/// Apply each notice; one that fails (the database away, a deadline passed) is applied again
+/// every [`RELOAD_RETRY`] until it succeeds. Dropped, it would leave this replica's memory
+/// behind until the same package or tag changed again: hosts resolving a rollout another
+/// replica aborted, votes pushed for a rollout that is over.
+async fn apply_notices<F, Fut>(
+    mut notices: tokio::sync::mpsc::UnboundedReceiver<Notice>,
+    shutdown: CancellationToken,
+    apply: F,
+) where
+    F: Fn(Notice) -> Fut,
+    Fut: Future<Output = Result<(), String>>,
+{
+    let mut failed: Vec<Notice> = Vec::new();
+    let retry = tokio::time::sleep(RELOAD_RETRY);
+    tokio::pin!(retry);
     loop {
-        let notice = tokio::select! {
+        let (batch, again) = tokio::select! {
             _ = shutdown.cancelled() => return,
             n = notices.recv() => match n {
-                Some(n) => n,
+                Some(n) => (vec![n], false),
                 None => return,
             },
+            () = &mut retry, if !failed.is_empty() => (std::mem::take(&mut failed), true),
         };
-        let s = state.clone();
-        let applied = tokio::task::spawn_blocking(move || apply(&s, notice)).await;
-        match applied {
-            Ok(Ok(())) => {}
-            // The next notice, or the resync after the listener reconnects, brings it back.
-            Ok(Err(e)) => {
-                tracing::warn!(error = %e, "could not reload a change made on another replica")
+        for notice in batch {
+            if let Err(e) = apply(notice.clone()).await {
+                if failed.is_empty() {
+                    retry.as_mut().reset(Instant::now() + RELOAD_RETRY);
+                }
+                if !again {
+                    tracing::warn!(error = %e, "could not reload a change made on another replica; trying again every second");
+                }
+                keep_for_retry(&mut failed, notice);
             }
-            Err(e) => tracing::error!(error = %e, "reload task failed"),
         }
+        if again && failed.is_empty() {
+            tracing::info!("reloaded the changes made on other replicas that had failed");
+        }
+    }
+}
+
+fn keep_for_retry(failed: &mut Vec<Notice>, notice: Notice) {
+    if failed.contains(&Notice::Resync) || failed.contains(&notice) {
+        return;
+    }
+    if notice == Notice::Resync || failed.len() >= MAX_FAILED_NOTICES {
+        failed.clear();
+        failed.push(Notice::Resync);
+    } else {
+        failed.push(notice);
     }
 }
 
@@ -369,20 +418,17 @@ async fn share_hosts(state: SharedState, pg: Arc<Pg>, shutdown: CancellationToke
 
 fn apply(state: &AppState, notice: Notice) -> Result<(), TrackerError> {
     match notice {
+        // The versions a reload brings in get their swarms through the catalog's hook
+        // (`Catalog::on_new_version`), whoever reloads.
         Notice::Resync => {
-            for (name, v) in state.catalog.reload_all()? {
-                state.register(&name, &v.metainfo);
-            }
+            state.catalog.reload_all()?;
             state.rollouts.reload_all()
         }
         Notice::Changed { channel, payload } if channel == CATALOG_CHANNEL => {
             let Ok(name) = PackageName::new(&payload) else {
                 return Ok(());
             };
-            for v in state.catalog.reload(&name)? {
-                state.register(&name, &v.metainfo);
-            }
-            Ok(())
+            state.catalog.reload(&name).map(drop)
         }
         Notice::Changed { channel, payload } if channel == ROLLOUT_CHANNEL => {
             let Some((name, tag)) = payload
@@ -434,5 +480,73 @@ impl Embedded {
     /// The announce URL peers should use.
     pub fn announce_url(&self) -> String {
         format!("http://{}/announce", self.addr)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use std::sync::Mutex;
+
+    use super::*;
+
+    fn changed(payload: &str) -> Notice {
+        Notice::Changed {
+            channel: ROLLOUT_CHANNEL.into(),
+            payload: payload.into(),
+        }
+    }
+
+    /// A notice whose reload fails is applied again until it succeeds, in order with the
+    /// others; hundreds failing at once become one full reload.
+    #[tokio::test(start_paused = true)]
+    async fn a_reload_that_failed_is_tried_again_until_it_succeeds() {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let shutdown = CancellationToken::new();
+        let calls: Arc<Mutex<Vec<(Notice, bool)>>> = Arc::default();
+        let down = Arc::new(std::sync::atomic::AtomicU32::new(2));
+        let (c, d) = (calls.clone(), down.clone());
+        let apply = move |n: Notice| {
+            let ok = d
+                .fetch_update(
+                    std::sync::atomic::Ordering::Relaxed,
+                    std::sync::atomic::Ordering::Relaxed,
+                    |left| left.checked_sub(1),
+                )
+                .is_err();
+            c.lock().unwrap().push((n, ok));
+            async move {
+                if ok {
+                    Ok(())
+                } else {
+                    Err("database away".into())
+                }
+            }
+        };
+        let task = tokio::spawn(apply_notices(rx, shutdown.clone(), apply));
+        tx.send(changed("app:prod")).unwrap();
+        tokio::time::sleep(RELOAD_RETRY * 5).await;
+        let seen = calls.lock().unwrap().clone();
+        let want = vec![
+            (changed("app:prod"), false),
+            (changed("app:prod"), false),
+            (changed("app:prod"), true),
+        ];
+        assert_eq!(seen, want, "applied again until it succeeded, then no more");
+
+        calls.lock().unwrap().clear();
+        let n = u32::try_from(MAX_FAILED_NOTICES).unwrap() + 1;
+        down.store(n, std::sync::atomic::Ordering::Relaxed);
+        for i in 0..n {
+            tx.send(changed(&format!("app:t{i}"))).unwrap();
+        }
+        tokio::time::sleep(RELOAD_RETRY * 5).await;
+        let seen = calls.lock().unwrap().clone();
+        assert_eq!(seen.len(), MAX_FAILED_NOTICES + 2, "{:?}", &seen[..3]);
+        assert!(seen[..=MAX_FAILED_NOTICES].iter().all(|(_, ok)| !ok));
+        assert_eq!(seen.last().unwrap(), &(Notice::Resync, true));
+        shutdown.cancel();
+        task.await.unwrap();
     }
 }
