@@ -1575,3 +1575,92 @@ async fn a_redis_that_never_answers_costs_one_deadline_not_a_hang() {
     assert!(body.contains("not ready"), "{body}");
     drop(mute);
 }
+
+/// A TCP relay to `to` that can go silent: once `freeze` is set, the connections it relays
+/// stop passing bytes but stay open, as when Redis's node is lost without a reset; new
+/// connections are relayed as before (the address now reaches a live Redis).
+async fn relay(to: SocketAddr) -> (SocketAddr, std::sync::Arc<std::sync::atomic::AtomicBool>) {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let freeze = std::sync::Arc::new(AtomicBool::new(false));
+    let frozen = freeze.clone();
+    tokio::spawn(async move {
+        while let Ok((client, _)) = listener.accept().await {
+            let Ok(server) = tokio::net::TcpStream::connect(to).await else {
+                continue;
+            };
+            // Whatever was frozen stays frozen; a new connection is live.
+            let born_frozen = frozen.load(Ordering::SeqCst);
+            let stop = frozen.clone();
+            let (cr, cw) = client.into_split();
+            let (sr, sw) = server.into_split();
+            let pump = move |mut from: tokio::net::tcp::OwnedReadHalf,
+                             mut to: tokio::net::tcp::OwnedWriteHalf,
+                             stop: std::sync::Arc<AtomicBool>| async move {
+                let mut buf = vec![0; 64 << 10];
+                while let Ok(n) = from.read(&mut buf).await {
+                    if n == 0 {
+                        break;
+                    }
+                    if stop.load(Ordering::SeqCst) && !born_frozen {
+                        // Swallow everything, answer nothing, close nothing.
+                        std::future::pending::<()>().await;
+                    }
+                    if to.write_all(&buf[..n]).await.is_err() {
+                        break;
+                    }
+                }
+                drop((from, to));
+            };
+            tokio::spawn(pump(cr, sw, stop.clone()));
+            tokio::spawn(pump(sr, cw, stop));
+        }
+    });
+    (addr, freeze)
+}
+
+/// A Redis that goes silent without closing its connections (its node lost; the address then
+/// reaches a live one) costs announces seconds, not the ~15 minutes the kernel takes to give
+/// up on a connection: TCP keepalive and a user timeout end the silent connection, and the
+/// store's connection manager makes a new one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_gone_silent_is_left_for_a_live_one_within_seconds() {
+    let redis = redis_or_skip!();
+    let url = redis.url();
+    let real: SocketAddr = url
+        .trim_start_matches("redis://")
+        .split('/')
+        .next()
+        .and_then(|a| a.parse().ok())
+        .expect("host:port in the URL");
+    let (addr, freeze) = relay(real).await;
+    let s = RedisStore::open(
+        &format!("redis://{addr}/"),
+        Duration::from_secs(1),
+        Duration::from_millis(TTL_MS),
+        Limits::NONE,
+    )
+    .expect("a valid Redis URL");
+    let a = peer(1, [127, 0, 0, 2], 0);
+    s.announce(&a, 1_000_000)
+        .await
+        .expect("announce through the relay");
+    freeze.store(true, std::sync::atomic::Ordering::SeqCst);
+    let failed = s.announce(&a, 1_000_100).await;
+    assert!(failed.is_err(), "the frozen connection answers nothing");
+    wait_for(
+        "announces to succeed again",
+        Duration::from_secs(60),
+        || async {
+            s.announce(&a, 1_000_200)
+                .await
+                .map(drop)
+                .map_err(|e| e.to_string())
+        },
+    )
+    .await;
+}

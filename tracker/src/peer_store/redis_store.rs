@@ -386,8 +386,22 @@ impl RedisStore {
         };
         if let Err(e) = &r {
             self.warn(e);
+            if matches!(e, StoreError::Timeout(_)) {
+                self.reconnect();
+            }
         }
         r
+    }
+
+    /// Forget this thread's connection and batcher after a deadline passed; the next call
+    /// connects anew. A connection that answers nothing may lead to a Redis gone without a
+    /// word (a failover moved the address; its node was lost), which the connection manager
+    /// never notices, since nothing failed: announces would time out until the kernel gave
+    /// up on the connection, minutes later.
+    fn reconnect(&self) {
+        let id = std::thread::current().id();
+        self.conns.remove(&id);
+        self.batchers.remove(&id);
     }
 
     /// Warn at most once per [`WARN_EVERY`]: an outage must not flood the logs.
@@ -481,6 +495,9 @@ impl RedisStore {
         };
         if let Err(e) = &r {
             self.warn(e);
+            if matches!(e, StoreError::Timeout(_)) {
+                self.reconnect();
+            }
         }
         r
     }
