@@ -403,6 +403,20 @@ local function announce(hash, member, at_ip, event, role, zone, rec, at, numwant
   -- fields and values would.
   local others = nL
   if role == 'L' then others = nS + nL - 1 end
+  if others <= numwant and role == 'S' then
+    -- A seeder gets leechers only: read just theirs. The hash holds every seeder too, and a
+    -- deployed package's swarm is thousands of seeders and a few leechers, each seeder
+    -- announcing: reading it whole made each announce cost the whole swarm.
+    local ls = redis.call('ZRANGE', role_key('L'), 0, -1)
+    if #ls == 0 then return out end
+    local fields = {}
+    for i = 1, #ls do fields[i] = 'p:' .. ls[i] end
+    for _, r in ipairs(chunked('HMGET', fields)) do
+      if #out - 5 >= numwant then break end
+      if r then out[#out + 1] = r end
+    end
+    return out
+  end
   if others <= numwant then
     for _, r in ipairs(redis.call('HVALS', hkey)) do
       if #out - 5 >= numwant then break end
