@@ -442,3 +442,76 @@ async fn hosts_outside_the_phase_prefetch_and_a_get_counts_as_activated() {
     assert_eq!(follower.activations(), [v1, v2]);
     drop(publisher);
 }
+
+/// A following host that can never fetch the rollout's version (it does not fit the cache
+/// budget beside the version it runs) says so: `unhealthy`, with why, and the rollout halts
+/// naming it. Before, the host only resolved, pass after pass, and the gate waited for ever
+/// with no failed host and no reason.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_host_that_cannot_fetch_the_new_version_fails_the_gate_saying_why() {
+    let dirs = tempfile::tempdir().unwrap();
+    let base = dirs.path();
+    let tracker =
+        TrackerProcess::start_with_args(&base.join("tracker"), &["--publish-token", TOKEN])
+            .unwrap();
+    let url = tracker.base_url();
+    let conn: Vec<OsString> = vec![
+        "--tracker".into(),
+        url.clone().into(),
+        "--publish-token".into(),
+        TOKEN.into(),
+    ];
+    let publisher =
+        AgentProcess::start(&base.join("pub/state"), &base.join("pub/cache"), &url, &[])
+            .await
+            .unwrap();
+    // v2 alone fits the 2 MiB budget; beside v1, which the host runs, it does not.
+    let contents: Vec<Vec<u8>> = [1usize << 20, 3 << 19]
+        .iter()
+        .map(|&len| (0..len).map(|b| (b * 7 % 251) as u8).collect())
+        .collect();
+    let versions = publish_versions(
+        base,
+        "app",
+        &contents,
+        Some("prod"),
+        TOKEN,
+        &publisher.host_args(),
+    )
+    .await;
+    let (v1, v2) = (versions[0].as_str(), versions[1].as_str());
+    let host = Host::start_with(
+        &base.join("host-0"),
+        "host-0",
+        &url,
+        &["--cache-max-size", "2M", "--cache-sweep-interval", "200ms"],
+    )
+    .await;
+    wait_activations(&[&host], &[v1]).await;
+
+    let target = format!("app:{v2}");
+    let start = [
+        "rollout", "start", &target, "--tag", "prod", "--phases", "100", "--bake", "0s",
+    ];
+    let started = run(&start, &conn).await;
+    assert!(started.success(), "{started}");
+    let halted = wait_for("the rollout to halt on the host", WAIT, || async {
+        let s = rollout_status(&conn).await?;
+        if s["current"]["state"] == "halted" {
+            Ok(s)
+        } else {
+            Err(s.to_string())
+        }
+    })
+    .await;
+    let failed = halted["current"]["failed_hosts"].as_array().unwrap();
+    assert_eq!(failed.len(), 1, "{halted}");
+    assert_eq!(failed[0]["host"], "host-0", "{halted}");
+    let detail = failed[0]["detail"].as_str().unwrap();
+    assert!(
+        detail.contains("fetch app:") && detail.contains("no space"),
+        "{halted}"
+    );
+    assert_eq!(host.activations(), [v1], "v1 runs on");
+    drop(publisher);
+}

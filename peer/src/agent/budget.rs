@@ -95,6 +95,12 @@ pub fn protected_from(
         if let Some(s) = f.activated {
             protect(&mut p, (name.clone(), s), KeepReason::FollowedActive);
         }
+        if let Some(s) = f.previous {
+            protect(&mut p, (name.clone(), s), KeepReason::FollowedPrevious);
+        }
+        if let Some(s) = f.next {
+            protect(&mut p, (name.clone(), s), KeepReason::FollowedNext);
+        }
     }
     for t in torrents {
         if matches!(t.phase.as_str(), "downloading" | "verifying")
@@ -353,13 +359,19 @@ pub fn metrics_text(
 mod tests {
     use super::*;
 
+    /// During a rollout the versions a host moves between stay: where the tag resolves, the
+    /// one it runs, the one it ran before (an abort goes back to it: after the switch it is
+    /// neither of the others), and the one it fetches ahead of its phase.
     #[test]
-    fn a_followed_tags_current_and_active_versions_are_protected() {
+    fn a_followed_tags_versions_are_protected() {
         let (cur, old) = (Sha256Hash([1; 32]), Sha256Hash([2; 32]));
+        let (before, next) = (Sha256Hash([4; 32]), Sha256Hash([5; 32]));
         let follow = FollowStatus {
             reference: "app:prod".into(),
             resolved: Some(cur),
             activated: Some(old),
+            previous: Some(before),
+            next: Some(next),
             state: None,
             detail: None,
             resolves: 1,
@@ -377,8 +389,16 @@ mod tests {
             p.get(&(name.clone(), old)),
             Some(&vec![KeepReason::FollowedActive])
         );
+        assert_eq!(
+            p.get(&(name.clone(), before)),
+            Some(&vec![KeepReason::FollowedPrevious])
+        );
+        assert_eq!(
+            p.get(&(name.clone(), next)),
+            Some(&vec![KeepReason::FollowedNext])
+        );
         assert_eq!(p.get(&just), Some(&vec![KeepReason::JustInstalled]));
-        assert_eq!(p.len(), 3);
+        assert_eq!(p.len(), 5);
     }
 
     #[test]

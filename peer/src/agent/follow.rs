@@ -29,8 +29,8 @@
 //! (latest last, at most [`MAX_PENDING`]); nothing here is fatal to the agent.
 //!
 //! Each command runs as `sh -c CMD` in its own process group, with its stdout and stderr in
-//! `<state dir>/follow-logs/NAME-TAG.{on-change,health}.log`, killed (the whole group) when it
-//! outlives `--health-timeout`, which bounds both commands.
+//! `<state dir>/follow-logs/NAME/TAG.{on-change,health}.log`, killed (the whole group) when it
+//! outlives `--health-timeout`, which bounds both commands, or when the agent stops.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::fs;
@@ -51,7 +51,7 @@ use super::Agent;
 use super::follow_state::{Activation, FollowState, key};
 use crate::cache::CachedPackage;
 use crate::engine::Phase;
-use crate::error::{PeerError, Result};
+use crate::error::{ErrorKind, PeerError, Result};
 use crate::tracker_client::{Asker, TrackerClient};
 
 /// Reports kept while the tracker does not take them; older ones are dropped first (the
@@ -114,6 +114,12 @@ pub struct FollowStatus {
     pub resolved: Option<Sha256Hash>,
     /// The version last activated.
     pub activated: Option<Sha256Hash>,
+    /// The version activated before it: where an abort takes this host back.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub previous: Option<Sha256Hash>,
+    /// A rollout's next version, fetched ahead while this host's phase has not come.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next: Option<Sha256Hash>,
     /// The last state recorded for the activated version.
     pub state: Option<HostState>,
     /// Its detail (exit status, last output lines).
@@ -167,6 +173,8 @@ pub fn prepare(state_dir: &Path, config: &FollowConfig) -> Follows {
                 reference: k.clone(),
                 resolved: None,
                 activated: a.map(|a| a.sha256),
+                previous: a.and_then(|a| a.previous),
+                next: None,
                 state: a.map(|a| a.state),
                 detail: a.and_then(|a| a.detail.clone()),
                 resolves: 0,
@@ -210,6 +218,8 @@ pub async fn follow(
             .as_ref()
             .is_some_and(|a| a.state == HostState::Activated);
     let mut fetched_reported: Option<Sha256Hash> = None;
+    // The version whose fetch failed for good, reported unhealthy.
+    let mut fetch_failed: Option<Sha256Hash> = None;
     // The tracker counted the last report sent: a rollout is listening to this host.
     let mut counted = false;
     let mut tick = tokio::time::interval(config.interval);
@@ -225,15 +235,17 @@ pub async fn follow(
                 .await
                 .map_err(|e| format!("resolve: {e}"))?;
             let sha = v.sha256;
+            let next = v.prefetch.filter(|p| *p != sha);
             agent.follows.update(&k, |s| {
                 s.resolved = Some(sha);
+                s.next = next;
                 s.resolves += 1;
             });
             if let Some(again) = restate(&config, &name, active.as_ref(), sha, counted, &pending) {
                 push(&mut pending, again);
             }
             let mut err = flush(&tracker, &mut pending, &mut counted).await;
-            if let Some(next) = v.prefetch.filter(|p| *p != sha)
+            if let Some(next) = next
                 && fetched_reported != Some(next)
                 && agent.prefetch(&name, &next, config.prefetch).await
             {
@@ -243,10 +255,29 @@ pub async fn follow(
                 );
                 fetched_reported = Some(next);
             }
-            let entry = agent
+            let entry = match agent
                 .cached(&name, &sha, config.interval.max(FETCH_WAIT))
                 .await
-                .map_err(|e| format!("fetch {name}:{sha}: {e}"))?;
+            {
+                Ok(entry) => entry,
+                Err(e) => {
+                    let why = format!("fetch {name}:{sha}: {e}");
+                    // A failure no retry mends is this host's answer to the rollout: said
+                    // (again each pass while a rollout counts it), or the gate waits for ever
+                    // on a host that only ever resolves.
+                    if lasting(&e) && (fetch_failed != Some(sha) || counted) {
+                        let detail = Some(why.clone());
+                        push(
+                            &mut pending,
+                            report(&config, &name, sha, HostState::Unhealthy, detail),
+                        );
+                        fetch_failed = Some(sha);
+                        flush(&tracker, &mut pending, &mut counted).await;
+                    }
+                    return Err(why);
+                }
+            };
+            fetch_failed = None;
             let is_active = active.as_ref().is_some_and(|a| a.sha256 == sha);
             if !is_active && fetched_reported != Some(sha) {
                 push(
@@ -256,8 +287,10 @@ pub async fn follow(
                 fetched_reported = Some(sha);
             }
             if !is_active {
+                let previous = active.as_ref().map(|a| a.sha256);
+                let step = (sha, previous);
                 active =
-                    Some(activate(&agent, &config, &name, &tag, sha, &entry, &mut pending).await);
+                    Some(activate(&agent, &config, &name, &tag, step, &entry, &mut pending).await);
             } else if recheck && let Some(a) = active.as_mut() {
                 check_health(&agent, &config, &name, &tag, &entry, a, &mut pending).await;
             }
@@ -352,13 +385,14 @@ async fn flush(
     None
 }
 
-/// Switch to `sha`: run `--on-change`, record the activation, run `--health-cmd`.
+/// Switch to `sha` from `previous`: run `--on-change`, record the activation, run
+/// `--health-cmd`.
 async fn activate(
     agent: &Agent,
     config: &FollowConfig,
     name: &PackageName,
     tag: &Tag,
-    sha: Sha256Hash,
+    (sha, previous): (Sha256Hash, Option<Sha256Hash>),
     entry: &CachedPackage,
     pending: &mut VecDeque<Report>,
 ) -> Activation {
@@ -379,6 +413,7 @@ async fn activate(
         sha256: sha,
         state,
         detail,
+        previous,
     };
     push(
         pending,
@@ -449,6 +484,7 @@ async fn record(agent: &Agent, k: &str, a: &Activation) {
     }
     agent.follows.update(k, |s| {
         s.activated = Some(a.sha256);
+        s.previous = a.previous;
         s.state = Some(a.state);
         s.detail.clone_from(&a.detail);
     });
@@ -464,7 +500,7 @@ async fn run_command(
 ) -> std::result::Result<(), String> {
     let out = open_log(log).map_err(|e| e.to_string())?;
     let err = out.try_clone().map_err(|e| e.to_string())?;
-    let mut child = std::process::Command::new("sh")
+    let child = std::process::Command::new("sh")
         .arg("-c")
         .arg(cmd)
         .envs(env.iter().map(|(k, v)| (k, v)))
@@ -474,20 +510,20 @@ async fn run_command(
         .process_group(0)
         .spawn()
         .map_err(|e| format!("cannot start sh: {e}"))?;
-    let deadline = tokio::time::Instant::now() + timeout;
+    let mut group = Group(Some(child));
+    // A timeout too long to add to now (`--health-timeout 1000000y`) never comes.
+    let deadline = tokio::time::Instant::now().checked_add(timeout);
     let status = loop {
+        let Some(child) = group.0.as_mut() else {
+            break Err("the command's process is gone".to_owned());
+        };
         match child.try_wait() {
-            Ok(Some(s)) => break Ok(s),
-            Ok(None) if tokio::time::Instant::now() >= deadline => {
-                // The whole group: `sh -c` may have started children that hold on. kill(1),
-                // because this crate has no unsafe code to call kill(2) with.
-                let _ = std::process::Command::new("kill")
-                    .args(["-KILL", "--", &format!("-{}", child.id())])
-                    .stdout(Stdio::null())
-                    .stderr(Stdio::null())
-                    .status();
-                let _ = child.kill();
-                let _ = child.wait();
+            Ok(Some(s)) => {
+                group.0 = None;
+                break Ok(s);
+            }
+            Ok(None) if deadline.is_some_and(|d| tokio::time::Instant::now() >= d) => {
+                drop(group);
                 break Err(format!("timed out after {timeout:?} (killed)"));
             }
             Ok(None) => tokio::time::sleep(COMMAND_POLL).await,
@@ -511,6 +547,32 @@ async fn run_command(
     } else {
         format!("{what}; last output:\n{tail}")
     })
+}
+
+/// A command's process group, killed (the whole group: `sh -c` may have started children
+/// that hold on) when dropped before it exits: at its timeout, and when the agent stops in
+/// the middle of it, instead of leaving it running with no deadline.
+struct Group(Option<std::process::Child>);
+
+impl Drop for Group {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.0.take() {
+            let pid = rustix::process::Pid::from_child(&child);
+            let _ = rustix::process::kill_process_group(pid, rustix::process::Signal::KILL);
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// A fetch failure no retry mends: the package cannot fit the cache, or what arrives is not
+/// the package (an archive that fails its hash or is unsafe to unpack), or the disk fails.
+/// Peers away, the tracker away, a download still under way: not lasting.
+fn lasting(e: &PeerError) -> bool {
+    matches!(
+        e.kind(),
+        ErrorKind::NoSpace | ErrorKind::Verification | ErrorKind::UnsafeArchive | ErrorKind::Io
+    )
 }
 
 fn open_log(log: &Path) -> std::io::Result<fs::File> {
@@ -606,11 +668,13 @@ impl Agent {
     }
 }
 
-/// Where a command's log goes (for docs and tests).
+/// Where a command's log goes (for docs and tests): a directory per package, so that no
+/// two tags share a file (`a-b:c` and `a:b-c`) and no name is too long for the file system.
 pub fn log_path(state_dir: &Path, name: &PackageName, tag: &Tag, what: &str) -> PathBuf {
     state_dir
         .join("follow-logs")
-        .join(format!("{name}-{tag}.{what}.log"))
+        .join(name.as_str())
+        .join(format!("{tag}.{what}.log"))
 }
 
 #[cfg(test)]
@@ -667,6 +731,7 @@ mod tests {
             sha256: v2,
             state: HostState::Unhealthy,
             detail: Some("health exited with status 1".into()),
+            previous: None,
         };
         let none = VecDeque::new();
         let again = restate(&config, &name, Some(&unhealthy), v2, true, &none).unwrap();
@@ -713,5 +778,74 @@ mod tests {
         assert!(err.starts_with("timed out"), "{err}");
         assert!(err.contains("started"), "{err}");
         assert!(started.elapsed() < Duration::from_secs(10));
+    }
+
+    /// Whether process `pid` still runs (a zombie waiting for its reaper does not).
+    fn running(pid: u32) -> bool {
+        fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+            stat.rsplit_once(") ")
+                .is_some_and(|(_, rest)| !rest.starts_with('Z'))
+        })
+    }
+
+    /// A command still running when the agent stops (its run is dropped) is killed with its
+    /// whole group, instead of living on past the agent with no deadline.
+    #[tokio::test]
+    async fn a_command_dropped_midway_is_killed_with_its_children() {
+        let dir = tempfile::tempdir().unwrap();
+        let (log, pid_file) = (dir.path().join("x.log"), dir.path().join("pid"));
+        let cmd = format!("sleep 300 & echo $! > {}; wait", pid_file.display());
+        let run =
+            tokio::spawn(
+                async move { run_command(&cmd, &[], Duration::from_secs(600), &log).await },
+            );
+        let mut pid = None;
+        for _ in 0..600 {
+            pid = fs::read_to_string(&pid_file)
+                .ok()
+                .and_then(|p| p.trim().parse::<u32>().ok());
+            if pid.is_some() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let pid = pid.expect("the command started its child");
+        assert!(running(pid));
+        run.abort();
+        assert!(run.await.unwrap_err().is_cancelled());
+        let mut gone = false;
+        for _ in 0..600 {
+            gone = !running(pid);
+            if gone {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert!(gone, "the command's child outlived the agent's stop");
+    }
+
+    /// A timeout too long to add to the clock waits for the command, without a panic.
+    #[tokio::test]
+    async fn a_timeout_past_the_end_of_time_is_no_deadline() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("x.log");
+        run_command("true", &[], Duration::MAX, &log).await.unwrap();
+    }
+
+    #[test]
+    fn no_two_followed_tags_share_a_log() {
+        let dir = Path::new("/state");
+        let at = |n: &str, t: &str| {
+            log_path(
+                dir,
+                &PackageName::new(n).unwrap(),
+                &Tag::new(t).unwrap(),
+                "health",
+            )
+        };
+        assert_ne!(at("a-b", "x"), at("a", "b-x"));
+        let long = "x".repeat(128);
+        let path = at(&long, &long);
+        assert!(path.iter().all(|c| c.len() < 255), "{}", path.display());
     }
 }

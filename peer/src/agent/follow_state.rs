@@ -40,6 +40,9 @@ pub struct Activation {
     /// Its detail (exit status and last output lines), if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub detail: Option<String>,
+    /// The version activated before it (kept in the cache: an abort goes back to it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub previous: Option<Sha256Hash>,
 }
 
 /// Every followed tag's last activation, keyed by `name:tag`.
@@ -120,6 +123,7 @@ mod tests {
                 sha256: seven(),
                 state: HostState::Unhealthy,
                 detail: Some("exit status 1".into()),
+                previous: Some(Sha256Hash([8; 32])),
             },
         );
         s.save(dir.path()).unwrap();

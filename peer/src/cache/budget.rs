@@ -103,6 +103,10 @@ pub enum KeepReason {
     FollowedCurrent,
     /// The version last activated for a followed tag (during a rollout: the one it replaces).
     FollowedActive,
+    /// The version activated before that: where an abort takes the host back.
+    FollowedPrevious,
+    /// A rollout's next version, fetched ahead while the host's phase has not come.
+    FollowedNext,
     /// A download of it is in progress or being installed.
     Installing,
     /// Just installed: a sweep never evicts a version to make room for itself.
@@ -117,6 +121,8 @@ impl KeepReason {
             KeepReason::InUse => "in use",
             KeepReason::FollowedCurrent => "followed current",
             KeepReason::FollowedActive => "followed active",
+            KeepReason::FollowedPrevious => "followed previous",
+            KeepReason::FollowedNext => "followed next",
             KeepReason::Installing => "installing",
             KeepReason::JustInstalled => "just installed",
         }
