@@ -35,6 +35,8 @@ pub const LARGE_CONTROL_LINES: usize = 4;
 /// Read one request line from `r` within `deadline`. `Ok(None)`: the client closed without
 /// sending one. A line past [`SMALL_CONTROL_LINE`] is read on only with a permit from `large`,
 /// returned with the request and held until it is answered (its metainfo lives as long).
+/// The wait for a permit is not counted in the deadline: a large request waits its turn
+/// behind others being installed, which may take minutes, then has `deadline` for the rest.
 pub async fn read_request<'a, R: AsyncRead + Unpin>(
     r: R,
     large: &'a Semaphore,
@@ -42,26 +44,32 @@ pub async fn read_request<'a, R: AsyncRead + Unpin>(
 ) -> Result<Option<(Request, Option<SemaphorePermit<'a>>)>> {
     let mut reader = BufReader::new(r);
     let mut line = Vec::new();
+    let mut small = (&mut reader).take(SMALL_CONTROL_LINE as u64);
+    within(deadline, small.read_until(b'\n', &mut line)).await?;
     let mut permit = None;
-    let read = async {
-        (&mut reader)
-            .take(SMALL_CONTROL_LINE as u64)
-            .read_until(b'\n', &mut line)
-            .await?;
-        if line.len() == SMALL_CONTROL_LINE && !line.ends_with(b"\n") {
-            permit = large.acquire().await.ok();
-            // One byte past the limit tells a line that is too long from one that fits.
-            let rest = (MAX_CONTROL_LINE + 1 - SMALL_CONTROL_LINE) as u64;
-            (&mut reader)
-                .take(rest)
-                .read_until(b'\n', &mut line)
-                .await?;
-        }
-        Ok::<_, std::io::Error>(())
-    };
+    if line.len() == SMALL_CONTROL_LINE && !line.ends_with(b"\n") {
+        permit = large.acquire().await.ok();
+        // One byte past the limit tells a line that is too long from one that fits.
+        let rest = (MAX_CONTROL_LINE + 1 - SMALL_CONTROL_LINE) as u64;
+        within(
+            deadline,
+            (&mut reader).take(rest).read_until(b'\n', &mut line),
+        )
+        .await?;
+    }
+    if line.is_empty() {
+        return Ok(None);
+    }
+    parse_request_line(&line).map(|req| Some((req, permit)))
+}
+
+/// A read of a request within `deadline`, its failures said as the client's.
+async fn within(
+    deadline: Duration,
+    read: impl Future<Output = std::io::Result<usize>>,
+) -> Result<()> {
     match tokio::time::timeout(deadline, read).await {
-        Ok(Ok(())) if line.is_empty() => Ok(None),
-        Ok(Ok(())) => parse_request_line(&line).map(|req| Some((req, permit))),
+        Ok(Ok(_)) => Ok(()),
         Ok(Err(e)) => Err(PeerError::BadInput(format!("bad control request: {e}"))),
         Err(_) => Err(PeerError::BadInput(format!(
             "no request within {} s",
@@ -411,9 +419,9 @@ mod tests {
         (got.map(|r| r.map(|(req, _permit)| req)), held)
     }
 
-    /// Short requests need no permit; a long one (an `add`'s metainfo) waits for one of the
-    /// few, holds it while it is answered, and gives up at the deadline without one; one over
-    /// the limit is refused whatever it holds.
+    /// Short requests need no permit; a long one (an `add`'s metainfo) waits its turn for one
+    /// of the few (an install may hold it for minutes: the wait is not a client's fault), and
+    /// holds it while it is answered; one over the limit is refused whatever it holds.
     #[tokio::test(start_paused = true)]
     async fn long_request_lines_are_read_a_few_at_a_time() {
         let short = padded_ping(SMALL_CONTROL_LINE - 100);
@@ -426,15 +434,23 @@ mod tests {
         let (got, held) = read_with(long.clone(), 1).await;
         assert_eq!(got.unwrap(), Some(Request::Ping));
         assert_eq!(held, 1, "the permit is held with the request");
-        let (got, _) = read_with(long, 0).await;
-        let err = got.unwrap_err().to_string();
-        assert!(err.contains("no request within"), "{err}");
+        let waiting = tokio::time::timeout(Duration::from_secs(3600), read_with(long, 0)).await;
+        assert!(waiting.is_err(), "still waiting for a permit after an hour");
 
         let (got, _) = read_with(padded_ping(MAX_CONTROL_LINE), 1).await;
         let err = got.unwrap_err().to_string();
         assert!(err.contains("request too long"), "{err}");
         let (got, _) = read_with(Vec::new(), 0).await;
         assert!(got.unwrap().is_none(), "closed without a request");
+
+        // Half a line, then nothing: the client's deadline.
+        let none = Semaphore::new(0);
+        let (mut client, server) = tokio::io::duplex(1024);
+        client.write_all(b"{\"op\"").await.unwrap();
+        let got = read_request(server, &none, Duration::from_secs(10)).await;
+        let err = got.map(|r| r.map(|(req, _)| req)).unwrap_err().to_string();
+        assert!(err.contains("no request within 10 s"), "{err}");
+        drop(client);
     }
 
     fn bad_input(line: &[u8]) -> String {
