@@ -1623,10 +1623,10 @@ async fn relay(to: SocketAddr) -> (SocketAddr, std::sync::Arc<std::sync::atomic:
     (addr, freeze)
 }
 
-/// A Redis that goes silent without closing its connections (its node lost; the address then
-/// reaches a live one) costs announces seconds, not the ~15 minutes the kernel takes to give
-/// up on a connection: TCP keepalive and a user timeout end the silent connection, and the
-/// store's connection manager makes a new one.
+/// A Redis that goes silent without closing its connections (a failover moved the address to
+/// a live one; the old one hangs) costs announces a deadline, not the minutes until the
+/// kernel gives up on the connection: a call past its deadline drops the connection it used,
+/// and the next one connects anew.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_redis_gone_silent_is_left_for_a_live_one_within_seconds() {
     let redis = redis_or_skip!();

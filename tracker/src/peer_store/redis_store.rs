@@ -379,6 +379,8 @@ impl RedisStore {
     where
         Fut: Future<Output = redis::RedisResult<T>>,
     {
+        // This thread's connection: the task may resume on another worker.
+        let thread = std::thread::current().id();
         let attempts = async { Ok(retried(self.conn()?, &f).await?) };
         let r = match tokio::time::timeout(self.timeout, attempts).await {
             Ok(r) => r,
@@ -387,21 +389,20 @@ impl RedisStore {
         if let Err(e) = &r {
             self.warn(e);
             if matches!(e, StoreError::Timeout(_)) {
-                self.reconnect();
+                self.reconnect(thread);
             }
         }
         r
     }
 
-    /// Forget this thread's connection and batcher after a deadline passed; the next call
+    /// Forget `thread`'s connection and batcher after a deadline passed on it; the next call
     /// connects anew. A connection that answers nothing may lead to a Redis gone without a
     /// word (a failover moved the address; its node was lost), which the connection manager
     /// never notices, since nothing failed: announces would time out until the kernel gave
     /// up on the connection, minutes later.
-    fn reconnect(&self) {
-        let id = std::thread::current().id();
-        self.conns.remove(&id);
-        self.batchers.remove(&id);
+    fn reconnect(&self, thread: ThreadId) {
+        self.conns.remove(&thread);
+        self.batchers.remove(&thread);
     }
 
     /// Warn at most once per [`WARN_EVERY`]: an outage must not flood the logs.
@@ -436,11 +437,12 @@ impl RedisStore {
     ) -> Result<Answer, StoreError> {
         let args = Args::new(a, now_ms, want);
         let (done, answer) = oneshot::channel();
+        let thread = std::thread::current().id();
         self.queue(Job {
             args,
             kind: Kind::Script { want, done },
         })?;
-        self.wait(answer).await
+        self.wait(answer, thread).await
     }
 
     /// Write an announce without the script (see [`Batcher::send_plain`]): the peer is in
@@ -455,11 +457,12 @@ impl RedisStore {
     ) -> Result<(), StoreError> {
         let args = Args::new(a, now_ms, Want::Nothing);
         let (done, answer) = oneshot::channel();
+        let thread = std::thread::current().id();
         self.queue(Job {
             args,
             kind: Kind::Plain { join, done },
         })?;
-        self.wait(answer).await
+        self.wait(answer, thread).await
     }
 
     /// Hand `job` to this thread's batcher. A batcher whose runtime has gone (a test's) is
@@ -483,10 +486,11 @@ impl RedisStore {
         Err(StoreError::Protocol("peer store batcher gone".into()))
     }
 
-    /// The answer of a queued job, within the deadline.
+    /// The answer of a job queued on `thread`'s batcher, within the deadline.
     async fn wait<T>(
         &self,
         answer: oneshot::Receiver<Result<T, StoreError>>,
+        thread: ThreadId,
     ) -> Result<T, StoreError> {
         let r = match tokio::time::timeout(self.timeout, answer).await {
             Ok(Ok(r)) => r,
@@ -496,7 +500,7 @@ impl RedisStore {
         if let Err(e) = &r {
             self.warn(e);
             if matches!(e, StoreError::Timeout(_)) {
-                self.reconnect();
+                self.reconnect(thread);
             }
         }
         r
