@@ -196,22 +196,6 @@ pub fn lru_order(versions: &mut [Version]) {
         .sort_by(|a, b| (a.last_use, &a.name, &a.sha256).cmp(&(b.last_use, &b.name, &b.sha256)));
 }
 
-/// What a sweep would evict: from `candidates` in LRU order, until `total` is at most `target`.
-/// Returns the chosen versions and the total after them.
-pub fn plan(total: u64, target: u64, mut candidates: Vec<Version>) -> (Vec<Version>, u64) {
-    lru_order(&mut candidates);
-    let mut left = total;
-    let mut out = Vec::new();
-    for v in candidates {
-        if left <= target {
-            break;
-        }
-        left = left.saturating_sub(v.bytes);
-        out.push(v);
-    }
-    (out, left)
-}
-
 /// One version a sweep evicted (or, dry, would evict).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Evicted {
@@ -351,12 +335,14 @@ impl Cache {
             report.target = trigger;
             return Ok(report);
         }
-        let candidates: Vec<Version> = versions
+        let mut candidates: Vec<Version> = versions
             .into_iter()
             .filter(|v| !v.pinned && !v.in_use && !protected.contains_key(&v.key()))
             .collect();
-        let (chosen, _) = plan(total, target, candidates);
-        for v in chosen {
+        // Every candidate in turn, not only those `plan` picks: one pinned or launched since
+        // the walk is passed over, and the next stands in for it.
+        lru_order(&mut candidates);
+        for v in candidates {
             if report.bytes_after <= target {
                 break;
             }
@@ -491,7 +477,7 @@ mod tests {
     }
 
     #[test]
-    fn plan_takes_the_least_recently_used_until_under_target() {
+    fn the_eviction_order_is_unknown_first_then_oldest() {
         let name = PackageName::new("p").expect("name");
         let v = |n: u8, secs: Option<u64>| Version {
             name: name.clone(),
@@ -502,14 +488,10 @@ mod tests {
             pinned: false,
             in_use: false,
         };
-        let vs = vec![v(1, Some(30)), v(2, Some(10)), v(3, None), v(4, Some(20))];
-        let (chosen, left) = plan(40, 15, vs.clone());
-        let order: Vec<u8> = chosen.iter().map(|v| v.sha256.0[0]).collect();
-        assert_eq!(order, [3, 2, 4], "unknown first, then oldest");
-        assert_eq!(left, 10);
-        let (none, left) = plan(40, 40, vs);
-        assert!(none.is_empty());
-        assert_eq!(left, 40);
+        let mut vs = vec![v(1, Some(30)), v(2, Some(10)), v(3, None), v(4, Some(20))];
+        lru_order(&mut vs);
+        let order: Vec<u8> = vs.iter().map(|v| v.sha256.0[0]).collect();
+        assert_eq!(order, [3, 2, 4, 1], "unknown first, then oldest");
     }
 
     #[test]
@@ -559,6 +541,35 @@ mod tests {
             .expect("sweep");
         assert_eq!(r.evicted.len(), 1);
         assert_eq!(cached(&cache, &name, &shas), [false, false, true]);
+    }
+
+    /// A version pinned (or launched) between the cache walk and its eviction is passed over,
+    /// and the next least recently used goes in its place: the sweep still reaches its
+    /// target. Before, it evicted only the versions planned at the walk.
+    #[test]
+    fn a_version_kept_since_the_walk_gives_its_turn_to_the_next() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (cache, name, shas) = three(dir.path());
+        let versions = cache.usage();
+        let one = versions[0].bytes;
+        let total: u64 = versions.iter().map(|v| v.bytes).sum();
+        assert!(
+            cache.pin(&name, &shas[0]).expect("pin"),
+            "pinned after the walk"
+        );
+        let r = cache
+            .sweep_versions(
+                versions,
+                total - one,
+                total - one,
+                &Protected::new(),
+                false,
+                "test",
+                |_, _| {},
+            )
+            .expect("sweep");
+        assert!(r.reached(), "{r:?}");
+        assert_eq!(cached(&cache, &name, &shas), [true, false, true]);
     }
 
     #[test]
