@@ -283,10 +283,14 @@ async fn sweep(state: SharedState, shutdown: CancellationToken) {
     }
 }
 
-/// How long a notice whose reload failed waits before it is applied again.
+/// How long a notice whose reload failed first waits before it is applied again; the wait
+/// doubles while the retries fail, up to [`MAX_RELOAD_RETRY`].
 const RELOAD_RETRY: Duration = Duration::from_secs(1);
-/// Notices waiting to be applied again; past this many, one full reload stands for them all.
-const MAX_FAILED_NOTICES: usize = 256;
+/// The longest wait between two retries (the database away for long).
+const MAX_RELOAD_RETRY: Duration = Duration::from_secs(60);
+/// Notices waiting to be applied again; past this many, one full reload stands for them all
+/// (and new notices do not wait behind a long line of retries, each up to a deadline).
+const MAX_FAILED_NOTICES: usize = 16;
 
 /// Apply what other replicas committed to the shared catalog: reload the package or tag a
 /// notice names (everything after the listener reconnects); the versions published elsewhere
@@ -309,7 +313,7 @@ async fn follow_replicas(
 }
 
 /// Apply each notice; one that fails (the database away, a deadline passed) is applied again
-/// every [`RELOAD_RETRY`] until it succeeds. Dropped, it would leave this replica's memory
+/// after [`RELOAD_RETRY`], then after twice as long, until it succeeds. Dropped, it would leave this replica's memory
 /// behind until the same package or tag changed again: hosts resolving a rollout another
 /// replica aborted, votes pushed for a rollout that is over.
 async fn apply_notices<F, Fut>(
@@ -321,6 +325,7 @@ async fn apply_notices<F, Fut>(
     Fut: Future<Output = Result<(), String>>,
 {
     let mut failed: Vec<Notice> = Vec::new();
+    let mut wait = RELOAD_RETRY;
     let retry = tokio::time::sleep(RELOAD_RETRY);
     tokio::pin!(retry);
     loop {
@@ -335,10 +340,15 @@ async fn apply_notices<F, Fut>(
         for notice in batch {
             if let Err(e) = apply(notice.clone()).await {
                 if failed.is_empty() {
-                    retry.as_mut().reset(Instant::now() + RELOAD_RETRY);
+                    wait = if again {
+                        (wait * 2).min(MAX_RELOAD_RETRY)
+                    } else {
+                        RELOAD_RETRY
+                    };
+                    retry.as_mut().reset(Instant::now() + wait);
                 }
                 if !again {
-                    tracing::warn!(error = %e, "could not reload a change made on another replica; trying again every second");
+                    tracing::warn!(error = %e, "could not reload a change made on another replica; trying again");
                 }
                 keep_for_retry(&mut failed, notice);
             }
@@ -505,6 +515,8 @@ mod tests {
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
         let shutdown = CancellationToken::new();
         let calls: Arc<Mutex<Vec<(Notice, bool)>>> = Arc::default();
+        let times: Arc<Mutex<Vec<Instant>>> = Arc::default();
+        let t = times.clone();
         let down = Arc::new(std::sync::atomic::AtomicU32::new(2));
         let (c, d) = (calls.clone(), down.clone());
         let apply = move |n: Notice| {
@@ -516,6 +528,7 @@ mod tests {
                 )
                 .is_err();
             c.lock().unwrap().push((n, ok));
+            t.lock().unwrap().push(Instant::now());
             async move {
                 if ok {
                     Ok(())
@@ -534,6 +547,13 @@ mod tests {
             (changed("app:prod"), true),
         ];
         assert_eq!(seen, want, "applied again until it succeeded, then no more");
+        let at = times.lock().unwrap().clone();
+        let waits: Vec<Duration> = at.windows(2).map(|w| w[1] - w[0]).collect();
+        assert_eq!(
+            waits,
+            [RELOAD_RETRY, RELOAD_RETRY * 2],
+            "each wait twice the last"
+        );
 
         calls.lock().unwrap().clear();
         let n = u32::try_from(MAX_FAILED_NOTICES).unwrap() + 1;
