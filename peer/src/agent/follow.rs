@@ -120,6 +120,9 @@ pub struct FollowStatus {
     /// A rollout's next version, fetched ahead while this host's phase has not come.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub next: Option<Sha256Hash>,
+    /// A rollout counts this host's reports now (the tracker said so of the last one).
+    #[serde(default)]
+    pub in_rollout: bool,
     /// The last state recorded for the activated version.
     pub state: Option<HostState>,
     /// Its detail (exit status, last output lines).
@@ -175,6 +178,7 @@ pub fn prepare(state_dir: &Path, config: &FollowConfig) -> Follows {
                 activated: a.map(|a| a.sha256),
                 previous: a.and_then(|a| a.previous),
                 next: None,
+                in_rollout: false,
                 state: a.map(|a| a.state),
                 detail: a.and_then(|a| a.detail.clone()),
                 resolves: 0,
@@ -313,6 +317,7 @@ pub async fn follow(
         let n = pending.len();
         agent.follows.update(&k, |s| {
             s.pending_reports = n;
+            s.in_rollout = counted;
             s.error = outcome.err();
         });
     }
@@ -565,13 +570,13 @@ impl Drop for Group {
     }
 }
 
-/// A fetch failure no retry mends: the package cannot fit the cache, or what arrives is not
-/// the package (an archive that fails its hash or is unsafe to unpack), or the disk fails.
-/// Peers away, the tracker away, a download still under way: not lasting.
+/// A fetch failure no retry mends: the package cannot fit the cache (or the disk), or what
+/// arrives is not the package (an archive that fails its hash or is unsafe to unpack). Peers
+/// away, the tracker away, a download still under way, a passing local error: not lasting.
 fn lasting(e: &PeerError) -> bool {
     matches!(
         e.kind(),
-        ErrorKind::NoSpace | ErrorKind::Verification | ErrorKind::UnsafeArchive | ErrorKind::Io
+        ErrorKind::NoSpace | ErrorKind::Verification | ErrorKind::UnsafeArchive
     )
 }
 
