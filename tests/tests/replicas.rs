@@ -680,7 +680,7 @@ fn replica_state(pg: &PostgresServer, dir: &std::path::Path) -> std::sync::Arc<A
     AppState::open(Config {
         data_dir: dir.to_path_buf(),
         catalog: CatalogKind::Postgres(pg.url()),
-        catalog_timeout: Duration::from_secs(10),
+        catalog_timeout: Duration::from_secs(60),
         ..Config::default()
     })
     .expect("a replica's state opens")
@@ -691,6 +691,20 @@ fn app_prod() -> (PackageName, Tag) {
         PackageName::new("app").expect("a name"),
         Tag::new("prod").expect("a tag"),
     )
+}
+
+/// A rollout of app:prod to `to` in one phase, with no bake and no failure allowed.
+fn one_phase_to(to: &Metainfo) -> RolloutRequest {
+    let (name, tag) = app_prod();
+    RolloutRequest {
+        name,
+        tag,
+        to: to.sha256.to_hex(),
+        phases: vec!["100".parse().expect("a phase")],
+        bake_ms: 0,
+        max_failures: "0".parse().expect("a limit"),
+        force: false,
+    }
 }
 
 /// `host-1` resolves app:prod through `r` and reports `to` activated there.
@@ -732,15 +746,7 @@ async fn a_rollout_stopped_on_one_replica_never_moves_the_tag_on_another() {
     a.rollouts
         .move_tag_plain(&a.catalog, &name, &tag, &vs[0].sha256.to_hex(), wall_ms())
         .expect("tag");
-    let start = || RolloutRequest {
-        name: name.clone(),
-        tag: tag.clone(),
-        to: vs[1].sha256.to_hex(),
-        phases: vec!["100".parse().expect("a phase")],
-        bake_ms: 0,
-        max_failures: "0".parse().expect("a limit"),
-        force: false,
-    };
+    let start = || one_phase_to(&vs[1]);
     let tag_in_db = || {
         pg.psql("SELECT sha256 FROM tags WHERE name = 'app' AND tag = 'prod'")
             .expect("psql")
@@ -829,7 +835,9 @@ async fn a_rollout_stopped_on_one_replica_never_moves_the_tag_on_another() {
 ///   naming it) has its swarm registered there (its announces were refused as unregistered);
 /// - when the controller's last step moved the tag but its record could not be saved, the
 ///   next change of the tag on any replica records the rollout done: an abort then finds no
-///   rollout to abort, instead of recording "aborted" with the tag moved.
+///   rollout to abort, instead of recording "aborted" with the tag moved;
+/// - a record the database holds but no replica can read is an error naming it (it was taken
+///   for no record, and every change was refused as a conflict).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rollouts_judge_the_tag_where_it_is_not_where_memory_says() {
     let Some(pg) = PostgresServer::start().expect("starting PostgreSQL") else {
@@ -853,15 +861,7 @@ async fn rollouts_judge_the_tag_where_it_is_not_where_memory_says() {
     move_on(&a, &vs[0]);
     let b = replica_state(&pg, &dir.path().join("b"));
     move_on(&a, &vs[1]);
-    let req = RolloutRequest {
-        name: name.clone(),
-        tag: tag.clone(),
-        to: vs[2].sha256.to_hex(),
-        phases: vec!["100".parse().expect("a phase")],
-        bake_ms: 0,
-        max_failures: "0".parse().expect("a limit"),
-        force: false,
-    };
+    let req = one_phase_to(&vs[2]);
     let r = b
         .rollouts
         .start(&b.catalog, req, wall_ms())
@@ -912,4 +912,17 @@ async fn rollouts_judge_the_tag_where_it_is_not_where_memory_says() {
         "{status:?}"
     );
     assert_eq!(tag_in_db(), vs[2].sha256.to_hex());
+
+    // A record nobody can read is an error that says so, not a conflict for ever.
+    pg.psql("UPDATE rollouts SET record = '{\"last_id\": \"x\"}' WHERE name = 'app'")
+        .expect("psql");
+    let err = b
+        .rollouts
+        .start(&b.catalog, one_phase_to(&vs[1]), wall_ms())
+        .expect_err("unreadable")
+        .to_string();
+    assert!(
+        err.contains("unreadable") && err.contains("app:prod"),
+        "{err}"
+    );
 }

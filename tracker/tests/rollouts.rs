@@ -816,3 +816,32 @@ async fn history_is_bounded_per_tag() {
     assert_eq!(st.history.len(), fbpkg_tracker::rollout::HISTORY_PER_TAG);
     assert_eq!(st.history.last().unwrap().id, 61);
 }
+
+/// A history whose last completed move has been trimmed away (fifty aborted rollouts since)
+/// still says where the tag is: an aborted rollout left it at its `from`. Reading "no move on
+/// record" there made the next change record a plain move that never happened.
+#[tokio::test(start_paused = true)]
+async fn aborted_rollouts_alone_still_say_where_the_tag_is() {
+    let h = Harness::new().await;
+    for _ in 0..fbpkg_tracker::rollout::HISTORY_PER_TAG {
+        h.start(&["100"], 0, "0").await;
+        assert_eq!(h.control("abort").await.0, StatusCode::OK);
+    }
+    let st = h.status().await;
+    assert!(
+        st.history
+            .iter()
+            .all(|r| matches!(r.state, RolloutState::Aborted { .. })),
+        "the plain move that set the tag has been trimmed"
+    );
+    let r = h.start(&["100"], 0, "0").await;
+    assert_eq!(r.from, Some(h.a.sha256));
+    let st = h.status().await;
+    assert!(
+        st.history.iter().all(|r| r.from.is_some()),
+        "no move from nowhere recorded: {:?}",
+        st.history.last()
+    );
+    assert_eq!(st.current.expect("active").rollout.id, r.id);
+    assert_eq!(r.id, fbpkg_tracker::rollout::HISTORY_PER_TAG as u64 + 2);
+}

@@ -54,6 +54,9 @@ impl FileStore {
         for entry in read(&dir.join("versions"))? {
             let path = entry.path();
             let file = entry.file_name().to_string_lossy().into_owned();
+            if file.contains(".unreadable-") {
+                continue; // kept aside for a human (`keep_unreadable`)
+            }
             if file.starts_with(".tmp-") {
                 // A write that never reached its rename. Ours may be a publish in progress: a
                 // reload runs without the catalog's write lock (`stale_tmp`).

@@ -176,7 +176,7 @@ impl Catalog {
     }
 
     /// Read `name` from the store again (another replica changed it). Returns its versions
-    /// this process did not know, for the caller to register their swarms.
+    /// this process did not know (the [`Catalog::on_new_version`] hook has been told).
     pub fn reload(&self, name: &PackageName) -> Result<Vec<Version>, TrackerError> {
         let fresh = self.store.load_package(name)?;
         Ok(self.replace(name, fresh))

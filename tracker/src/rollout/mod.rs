@@ -183,13 +183,13 @@ fn settle(
         }
         Some(_) => false,
         None => {
-            // Where the record says the tag is: an aborted rollout did not move it.
-            let last = rec
-                .history
-                .iter()
-                .rev()
-                .find(|r| r.state == RolloutState::Done)
-                .map(|r| r.to);
+            // Where the record says the tag is: a done rollout (or plain move) left it at its
+            // `to`, an aborted one at its `from`.
+            let last = rec.history.iter().rev().find_map(|r| match r.state {
+                RolloutState::Done => Some(r.to),
+                RolloutState::Aborted { .. } => r.from,
+                _ => None,
+            });
             let Some(t) = target.filter(|t| last != Some(*t)) else {
                 return false;
             };
@@ -282,8 +282,11 @@ impl Rollouts {
             share_now: tokio::sync::Notify::new(),
         };
         for (name, tag) in unsettled {
-            // A change that changes nothing settles the record on the way.
-            rollouts.change(catalog, &name, &tag, |_, _| Ok(()))?;
+            // A change that changes nothing settles the record on the way. Not done now (the
+            // database slow, another replica's change in the way): the next change does it.
+            if let Err(e) = rollouts.change(catalog, &name, &tag, |_, _| Ok(())) {
+                tracing::warn!(package = %name, %tag, error = %e, "cannot settle a rollout record at start; the next change of the tag will");
+            }
         }
         Ok(rollouts)
     }

@@ -218,7 +218,17 @@ impl RolloutStore for PgStore {
             .await
             .map(|r| r.map(|r| r.get::<_, serde_json::Value>(0)))
         })?;
-        Ok(row.and_then(|v| decode(n, t, v)))
+        // Unreadable is an error here, not "no record": a change would start a new record,
+        // and its save would be refused for ever as a conflict with one nobody can read.
+        row.map(|v| {
+            serde_json::from_value(v).map_err(|e| {
+                TrackerError::storage(
+                    format!("the rollout record of {name}:{tag} in the database is unreadable ({e}); repair or delete its row in `rollouts`"),
+                    io::Error::other("unreadable record"),
+                )
+            })
+        })
+        .transpose()
     }
 
     fn shared(&self) -> bool {
