@@ -130,15 +130,10 @@ async fn wait_activations(hosts: &[&Host], want: &[&str]) {
     }
 }
 
-async fn rollout_status(conn: &[OsString]) -> Result<Value, String> {
-    json(&run(&["rollout", "status", "app:prod", "--json"], conn).await)
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn following_agents_carry_a_rollout_halt_on_bad_health_and_remember_across_restarts() {
-    let dirs = tempfile::tempdir().unwrap();
-    let base = dirs.path();
-    let mut tracker =
+/// A tracker taking `TOKEN`, the CLI's arguments to reach it, and the agent of the host that
+/// publishes (it seeds every version).
+async fn tracker_and_publisher(base: &Path) -> (TrackerProcess, Vec<OsString>, AgentProcess) {
+    let tracker =
         TrackerProcess::start_with_args(&base.join("tracker"), &["--publish-token", TOKEN])
             .unwrap();
     let url = tracker.base_url();
@@ -148,11 +143,23 @@ async fn following_agents_carry_a_rollout_halt_on_bad_health_and_remember_across
         "--publish-token".into(),
         TOKEN.into(),
     ];
-    // The publisher's agent seeds every version.
     let publisher =
         AgentProcess::start(&base.join("pub/state"), &base.join("pub/cache"), &url, &[])
             .await
             .unwrap();
+    (tracker, conn, publisher)
+}
+
+async fn rollout_status(conn: &[OsString]) -> Result<Value, String> {
+    json(&run(&["rollout", "status", "app:prod", "--json"], conn).await)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn following_agents_carry_a_rollout_halt_on_bad_health_and_remember_across_restarts() {
+    let dirs = tempfile::tempdir().unwrap();
+    let base = dirs.path();
+    let (mut tracker, conn, publisher) = tracker_and_publisher(base).await;
+    let url = tracker.base_url();
     let contents: Vec<Vec<u8>> = (1..=3)
         .map(|i| format!("version {i}\n").repeat(1000).into_bytes())
         .collect();
@@ -315,20 +322,8 @@ async fn following_agents_carry_a_rollout_halt_on_bad_health_and_remember_across
 async fn hosts_outside_the_phase_prefetch_and_a_get_counts_as_activated() {
     let dirs = tempfile::tempdir().unwrap();
     let base = dirs.path();
-    let tracker =
-        TrackerProcess::start_with_args(&base.join("tracker"), &["--publish-token", TOKEN])
-            .unwrap();
+    let (tracker, conn, publisher) = tracker_and_publisher(base).await;
     let url = tracker.base_url();
-    let conn: Vec<OsString> = vec![
-        "--tracker".into(),
-        url.clone().into(),
-        "--publish-token".into(),
-        TOKEN.into(),
-    ];
-    let publisher =
-        AgentProcess::start(&base.join("pub/state"), &base.join("pub/cache"), &url, &[])
-            .await
-            .unwrap();
     // 4 MiB: over four minutes at the 16 KiB/s prefetch cap below.
     let contents: Vec<Vec<u8>> = (1..=2u8)
         .map(|i| {
@@ -451,20 +446,8 @@ async fn hosts_outside_the_phase_prefetch_and_a_get_counts_as_activated() {
 async fn a_host_that_cannot_fetch_the_new_version_fails_the_gate_saying_why() {
     let dirs = tempfile::tempdir().unwrap();
     let base = dirs.path();
-    let tracker =
-        TrackerProcess::start_with_args(&base.join("tracker"), &["--publish-token", TOKEN])
-            .unwrap();
+    let (tracker, conn, publisher) = tracker_and_publisher(base).await;
     let url = tracker.base_url();
-    let conn: Vec<OsString> = vec![
-        "--tracker".into(),
-        url.clone().into(),
-        "--publish-token".into(),
-        TOKEN.into(),
-    ];
-    let publisher =
-        AgentProcess::start(&base.join("pub/state"), &base.join("pub/cache"), &url, &[])
-            .await
-            .unwrap();
     // v2 alone fits the 2 MiB budget; beside v1, which the host runs, it does not.
     let contents: Vec<Vec<u8>> = [1usize << 20, 3 << 19]
         .iter()
