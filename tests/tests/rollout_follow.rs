@@ -209,6 +209,16 @@ async fn following_agents_carry_a_rollout_halt_on_bad_health_and_remember_across
     .await;
     wait_activations(&all, &[v1, v2]).await;
     for h in &hosts {
+        // The rollout done, nothing will send the host back to v1: the budget may let it go.
+        wait_for(&format!("{} to let v1 go", h.id), WAIT, || async {
+            let f = h.follow().await?;
+            if f["previous"].is_null() {
+                Ok(())
+            } else {
+                Err(f.to_string())
+            }
+        })
+        .await;
         let f = h.follow().await.unwrap();
         assert_eq!(f["reference"], "app:prod", "{f}");
         assert_eq!(f["resolved"], v2, "{}: {f}", h.id);
@@ -435,6 +445,12 @@ async fn hosts_outside_the_phase_prefetch_and_a_get_counts_as_activated() {
     );
     assert_eq!(later.activations(), [v1]);
     assert_eq!(follower.activations(), [v1, v2]);
+    // While the rollout goes on, the cache budget keeps what an abort would need: the version
+    // the follower ran before, and the one the later host fetched ahead.
+    let f = follower.follow().await.unwrap();
+    assert_eq!(f["previous"], v1, "{f}");
+    let f = later.follow().await.unwrap();
+    assert_eq!(f["next"], v2, "{f}");
     drop(publisher);
 }
 

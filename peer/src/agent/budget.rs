@@ -95,11 +95,9 @@ pub fn protected_from(
         if let Some(s) = f.activated {
             protect(&mut p, (name.clone(), s), KeepReason::FollowedActive);
         }
-        // Only while a rollout may still send the host back: afterwards it costs a budget
-        // sized for two versions its room for the next one.
-        if f.in_rollout
-            && let Some(s) = f.previous
-        {
+        // Set only while a rollout may still send the host back (see `FollowStatus`):
+        // afterwards it would cost a budget sized for two versions its room for the next.
+        if let Some(s) = f.previous {
             protect(&mut p, (name.clone(), s), KeepReason::FollowedPrevious);
         }
         if let Some(s) = f.next {
@@ -365,8 +363,7 @@ mod tests {
 
     /// During a rollout the versions a host moves between stay: where the tag resolves, the
     /// one it runs, the one it ran before (an abort goes back to it: after the switch it is
-    /// neither of the others; once the rollout is over it may go), and the one it fetches
-    /// ahead of its phase.
+    /// neither of the others), and the one it fetches ahead of its phase.
     #[test]
     fn a_followed_tags_versions_are_protected() {
         let (cur, old) = (Sha256Hash([1; 32]), Sha256Hash([2; 32]));
@@ -377,7 +374,6 @@ mod tests {
             activated: Some(old),
             previous: Some(before),
             next: Some(next),
-            in_rollout: true,
             state: None,
             detail: None,
             resolves: 1,
@@ -386,7 +382,7 @@ mod tests {
         };
         let name = PackageName::new("app").expect("name");
         let just = (name.clone(), Sha256Hash([3; 32]));
-        let p = protected_from(std::slice::from_ref(&follow), &[], Some(&just));
+        let p = protected_from(&[follow], &[], Some(&just));
         assert_eq!(
             p.get(&(name.clone(), cur)),
             Some(&vec![KeepReason::FollowedCurrent])
@@ -405,13 +401,6 @@ mod tests {
         );
         assert_eq!(p.get(&just), Some(&vec![KeepReason::JustInstalled]));
         assert_eq!(p.len(), 5);
-        // The rollout over, the version before is only a version in the cache.
-        let over = FollowStatus {
-            in_rollout: false,
-            ..follow
-        };
-        let p = protected_from(&[over], &[], None);
-        assert_eq!(p.get(&(name.clone(), before)), None);
     }
 
     #[test]

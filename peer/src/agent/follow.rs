@@ -59,6 +59,8 @@ use crate::tracker_client::{Asker, TrackerClient};
 pub const MAX_PENDING: usize = 8;
 /// Shortest wait for a download within one pass (longer intervals wait an interval).
 const FETCH_WAIT: Duration = Duration::from_secs(5);
+/// Passes in a row a fetch fails on a local I/O error before it counts as lasting.
+const LASTING_IO_FAILURES: u32 = 3;
 /// How often a running command is checked for exit.
 const COMMAND_POLL: Duration = Duration::from_millis(20);
 
@@ -114,15 +116,13 @@ pub struct FollowStatus {
     pub resolved: Option<Sha256Hash>,
     /// The version last activated.
     pub activated: Option<Sha256Hash>,
-    /// The version activated before it: where an abort takes this host back.
+    /// The version activated before it, while a rollout may still send this host back there
+    /// (until the tracker says a report on the active version counts for no rollout).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub previous: Option<Sha256Hash>,
     /// A rollout's next version, fetched ahead while this host's phase has not come.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub next: Option<Sha256Hash>,
-    /// A rollout counts this host's reports now (the tracker said so of the last one).
-    #[serde(default)]
-    pub in_rollout: bool,
     /// The last state recorded for the activated version.
     pub state: Option<HostState>,
     /// Its detail (exit status, last output lines).
@@ -178,7 +178,6 @@ pub fn prepare(state_dir: &Path, config: &FollowConfig) -> Follows {
                 activated: a.map(|a| a.sha256),
                 previous: a.and_then(|a| a.previous),
                 next: None,
-                in_rollout: false,
                 state: a.map(|a| a.state),
                 detail: a.and_then(|a| a.detail.clone()),
                 resolves: 0,
@@ -224,6 +223,8 @@ pub async fn follow(
     let mut fetched_reported: Option<Sha256Hash> = None;
     // The version whose fetch failed for good, reported unhealthy.
     let mut fetch_failed: Option<Sha256Hash> = None;
+    // Passes in a row whose fetch failed on a local I/O error.
+    let mut io_failures = 0u32;
     // The tracker counted the last report sent: a rollout is listening to this host.
     let mut counted = false;
     let mut tick = tokio::time::interval(config.interval);
@@ -248,7 +249,9 @@ pub async fn follow(
             if let Some(again) = restate(&config, &name, active.as_ref(), sha, counted, &pending) {
                 push(&mut pending, again);
             }
-            let mut err = flush(&tracker, &mut pending, &mut counted).await;
+            // A version this host reported on that no rollout counted.
+            let mut uncounted = None;
+            let mut err = flush(&tracker, &mut pending, &mut counted, &mut uncounted).await;
             if let Some(next) = next
                 && fetched_reported != Some(next)
                 && agent.prefetch(&name, &next, config.prefetch).await
@@ -266,22 +269,31 @@ pub async fn follow(
                 Ok(entry) => entry,
                 Err(e) => {
                     let why = format!("fetch {name}:{sha}: {e}");
+                    // A local I/O error may pass (a moment out of file descriptors); one
+                    // that comes back pass after pass (a read-only cache) does not.
+                    io_failures = if e.kind() == ErrorKind::Io {
+                        io_failures + 1
+                    } else {
+                        0
+                    };
+                    let lasting = lasting(&e) || io_failures >= LASTING_IO_FAILURES;
                     // A failure no retry mends is this host's answer to the rollout: said
                     // (again each pass while a rollout counts it), or the gate waits for ever
                     // on a host that only ever resolves.
-                    if lasting(&e) && (fetch_failed != Some(sha) || counted) {
+                    if lasting && (fetch_failed != Some(sha) || counted) {
                         let detail = Some(why.clone());
                         push(
                             &mut pending,
                             report(&config, &name, sha, HostState::Unhealthy, detail),
                         );
                         fetch_failed = Some(sha);
-                        flush(&tracker, &mut pending, &mut counted).await;
+                        flush(&tracker, &mut pending, &mut counted, &mut uncounted).await;
                     }
                     return Err(why);
                 }
             };
             fetch_failed = None;
+            io_failures = 0;
             let is_active = active.as_ref().is_some_and(|a| a.sha256 == sha);
             if !is_active && fetched_reported != Some(sha) {
                 push(
@@ -299,8 +311,17 @@ pub async fn follow(
                 check_health(&agent, &config, &name, &tag, &entry, a, &mut pending).await;
             }
             recheck = false;
-            if let Some(e) = flush(&tracker, &mut pending, &mut counted).await {
+            if let Some(e) = flush(&tracker, &mut pending, &mut counted, &mut uncounted).await {
                 err = Some(e);
+            }
+            if let Some(a) = active.as_mut()
+                && a.previous.is_some()
+                && uncounted == Some(a.sha256)
+            {
+                // No rollout counts the version this host runs: none will send it back, and
+                // the version before may go (the budget kept it until now).
+                a.previous = None;
+                record(&agent, &k, a).await;
             }
             match err {
                 Some(e) => Err(e),
@@ -317,7 +338,6 @@ pub async fn follow(
         let n = pending.len();
         agent.follows.update(&k, |s| {
             s.pending_reports = n;
-            s.in_rollout = counted;
             s.error = outcome.err();
         });
     }
@@ -372,16 +392,21 @@ fn restate(
 }
 
 /// Send pending reports in order; the first failure stops and is returned. `counted` says
-/// whether the tracker counted the last one sent for a rollout.
+/// whether the tracker counted the last one sent for a rollout; `uncounted` is set to the
+/// version of one it counted for none.
 async fn flush(
     tracker: &TrackerClient,
     pending: &mut VecDeque<Report>,
     counted: &mut bool,
+    uncounted: &mut Option<Sha256Hash>,
 ) -> Option<String> {
     while let Some(r) = pending.front() {
         match tracker.report(r).await {
             Ok(ack) => {
                 *counted = !ack.counted_for.is_empty();
+                if !*counted {
+                    *uncounted = Some(r.hash);
+                }
                 pending.pop_front();
             }
             Err(e) => return Some(format!("report {:?}: {e}", r.state)),
@@ -572,7 +597,8 @@ impl Drop for Group {
 
 /// A fetch failure no retry mends: the package cannot fit the cache (or the disk), or what
 /// arrives is not the package (an archive that fails its hash or is unsafe to unpack). Peers
-/// away, the tracker away, a download still under way, a passing local error: not lasting.
+/// away, the tracker away, a download still under way: not lasting; a local I/O error only
+/// when it comes back [`LASTING_IO_FAILURES`] passes in a row.
 fn lasting(e: &PeerError) -> bool {
     matches!(
         e.kind(),

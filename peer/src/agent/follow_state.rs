@@ -40,7 +40,8 @@ pub struct Activation {
     /// Its detail (exit status and last output lines), if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub detail: Option<String>,
-    /// The version activated before it (kept in the cache: an abort goes back to it).
+    /// The version activated before it, while a rollout may still send the host back there
+    /// (kept in the cache until then).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub previous: Option<Sha256Hash>,
 }

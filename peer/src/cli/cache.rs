@@ -228,6 +228,14 @@ fn offline_protected(state_dir: &std::path::Path) -> Protected {
             .split_once(':')
             .and_then(|(n, _)| PackageName::new(n).ok())
         {
+            // Kept while a rollout may send the host back (the agent clears it after).
+            if let Some(previous) = a.previous {
+                protect(
+                    &mut p,
+                    (name.clone(), previous),
+                    KeepReason::FollowedPrevious,
+                );
+            }
             protect(&mut p, (name, a.sha256), KeepReason::FollowedActive);
         }
     }
