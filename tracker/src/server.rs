@@ -338,7 +338,13 @@ async fn apply_notices<F, Fut>(
             () = &mut retry, if !failed.is_empty() => (std::mem::take(&mut failed), true),
         };
         for notice in batch {
-            if let Err(e) = apply(notice.clone()).await {
+            let applied = apply(notice.clone()).await;
+            if applied.is_ok() && !again && !failed.is_empty() {
+                // The database answers again: the ones waiting need not wait out the backoff.
+                wait = RELOAD_RETRY;
+                retry.as_mut().reset(Instant::now());
+            }
+            if let Err(e) = applied {
                 if failed.is_empty() {
                     wait = if again {
                         (wait * 2).min(MAX_RELOAD_RETRY)
@@ -508,8 +514,9 @@ mod tests {
         }
     }
 
-    /// A notice whose reload fails is applied again until it succeeds, in order with the
-    /// others; hundreds failing at once become one full reload.
+    /// A notice whose reload fails is applied again until it succeeds, each wait twice the
+    /// last, and at once when another notice shows the database answers again; more than
+    /// sixteen failing at once become one full reload.
     #[tokio::test(start_paused = true)]
     async fn a_reload_that_failed_is_tried_again_until_it_succeeds() {
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
@@ -566,6 +573,25 @@ mod tests {
         assert_eq!(seen.len(), MAX_FAILED_NOTICES + 2, "{:?}", &seen[..3]);
         assert!(seen[..=MAX_FAILED_NOTICES].iter().all(|(_, ok)| !ok));
         assert_eq!(seen.last().unwrap(), &(Notice::Resync, true));
+
+        // Backing off, and a fresh notice is applied: the database answers; no more waiting.
+        calls.lock().unwrap().clear();
+        times.lock().unwrap().clear();
+        down.store(2, std::sync::atomic::Ordering::Relaxed);
+        tx.send(changed("app:x")).unwrap();
+        tokio::time::sleep(RELOAD_RETRY + RELOAD_RETRY / 2).await;
+        tx.send(changed("app:y")).unwrap();
+        tokio::time::sleep(RELOAD_RETRY / 10).await;
+        let seen = calls.lock().unwrap().clone();
+        let want = vec![
+            (changed("app:x"), false),
+            (changed("app:x"), false),
+            (changed("app:y"), true),
+            (changed("app:x"), true),
+        ];
+        assert_eq!(seen, want);
+        let at = times.lock().unwrap().clone();
+        assert_eq!(at[3], at[2], "retried as soon as the fresh one was applied");
         shutdown.cancel();
         task.await.unwrap();
     }
