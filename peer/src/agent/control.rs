@@ -31,12 +31,16 @@ pub const MAX_CONTROL_LINE: usize = 20 << 20;
 pub const SMALL_CONTROL_LINE: usize = 64 << 10;
 /// Request lines longer than [`SMALL_CONTROL_LINE`] read, and answered, at once.
 pub const LARGE_CONTROL_LINES: usize = 4;
+/// Longest wait of a large request for its turn: past it the agent answers that it is busy
+/// (four installs that do not end must not hold the connections waiting behind them).
+pub const LARGE_CONTROL_WAIT: Duration = Duration::from_secs(300);
 
 /// Read one request line from `r` within `deadline`. `Ok(None)`: the client closed without
 /// sending one. A line past [`SMALL_CONTROL_LINE`] is read on only with a permit from `large`,
 /// returned with the request and held until it is answered (its metainfo lives as long).
 /// The wait for a permit is not counted in the deadline: a large request waits its turn
-/// behind others being installed, which may take minutes, then has `deadline` for the rest.
+/// behind others being installed, which may take minutes (at most [`LARGE_CONTROL_WAIT`]),
+/// then has `deadline` for the rest.
 pub async fn read_request<'a, R: AsyncRead + Unpin>(
     r: R,
     large: &'a Semaphore,
@@ -48,7 +52,16 @@ pub async fn read_request<'a, R: AsyncRead + Unpin>(
     within(deadline, small.read_until(b'\n', &mut line)).await?;
     let mut permit = None;
     if line.len() == SMALL_CONTROL_LINE && !line.ends_with(b"\n") {
-        permit = large.acquire().await.ok();
+        permit = match tokio::time::timeout(LARGE_CONTROL_WAIT, large.acquire()).await {
+            Ok(p) => p.ok(),
+            Err(_) => {
+                return Err(PeerError::Agent(format!(
+                    "the agent is busy with {LARGE_CONTROL_LINES} large requests (adds) that \
+                     have not ended in {} s; try again",
+                    LARGE_CONTROL_WAIT.as_secs()
+                )));
+            }
+        };
         // One byte past the limit tells a line that is too long from one that fits.
         let rest = (MAX_CONTROL_LINE + 1 - SMALL_CONTROL_LINE) as u64;
         within(
@@ -408,7 +421,7 @@ mod tests {
     }
 
     /// What `read_request` makes of `line`, given `permits` for long lines, on the paused
-    /// clock (a wait for a permit ends at the deadline).
+    /// clock (a wait for a permit ends when the agent gives up on it).
     async fn read_with(line: Vec<u8>, permits: usize) -> (Result<Option<Request>>, usize) {
         let large = Semaphore::new(permits);
         let (mut client, server) = tokio::io::duplex(1 << 16);
@@ -434,8 +447,22 @@ mod tests {
         let (got, held) = read_with(long.clone(), 1).await;
         assert_eq!(got.unwrap(), Some(Request::Ping));
         assert_eq!(held, 1, "the permit is held with the request");
-        let waiting = tokio::time::timeout(Duration::from_secs(3600), read_with(long, 0)).await;
-        assert!(waiting.is_err(), "still waiting for a permit after an hour");
+        let waiting = tokio::time::timeout(
+            LARGE_CONTROL_WAIT - Duration::from_secs(1),
+            read_with(long.clone(), 0),
+        )
+        .await;
+        assert!(
+            waiting.is_err(),
+            "waits its turn, not the client's deadline"
+        );
+        let given_up = tokio::time::timeout(LARGE_CONTROL_WAIT * 2, read_with(long, 0)).await;
+        let err = given_up
+            .expect("given up, not waiting on")
+            .0
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("busy"), "{err}");
 
         let (got, _) = read_with(padded_ping(MAX_CONTROL_LINE), 1).await;
         let err = got.unwrap_err().to_string();
