@@ -222,8 +222,12 @@ pub struct RedisStore {
     client: redis::Client,
     /// Where it points, without credentials (for logs and `/readyz`).
     shown: String,
-    conns: DashMap<ThreadId, ConnectionManager>,
-    batchers: DashMap<ThreadId, mpsc::Sender<Job>>,
+    /// Each thread's connection, numbered (see [`RedisStore::reconnect`]).
+    conns: DashMap<ThreadId, (ConnectionManager, u64)>,
+    /// Each thread's batcher, with the number of the connection it uses.
+    batchers: DashMap<ThreadId, (mpsc::Sender<Job>, u64)>,
+    /// The number of the next connection made.
+    made: std::sync::atomic::AtomicU64,
     script: Script,
     /// Where changes are published for the replicas' mirrors, and this replica's id there.
     channel: String,
@@ -304,6 +308,7 @@ impl RedisStore {
             shown,
             conns: DashMap::default(),
             batchers: DashMap::default(),
+            made: std::sync::atomic::AtomicU64::new(0),
             script: Script::new(include_str!("announce.lua")),
             channel: CHANNEL.to_owned(),
             publisher: format!("{:016x}", rand::random::<u64>()),
@@ -354,9 +359,9 @@ impl RedisStore {
         }
     }
 
-    /// This thread's connection (created lazily: it connects on first use, and again by
-    /// itself after a failure).
-    fn conn(&self) -> Result<ConnectionManager, StoreError> {
+    /// This thread's connection and its number (created lazily: it connects on first use,
+    /// and again by itself after a failure).
+    fn conn(&self) -> Result<(ConnectionManager, u64), StoreError> {
         let id = std::thread::current().id();
         if let Some(c) = self.conns.get(&id) {
             return Ok(c.clone());
@@ -369,8 +374,9 @@ impl RedisStore {
             .set_number_of_retries(1)
             .set_max_delay(Duration::from_millis(200));
         let c = ConnectionManager::new_lazy_with_config(self.client.clone(), config)?;
-        self.conns.insert(id, c.clone());
-        Ok(c)
+        let number = self.made.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.conns.insert(id, (c.clone(), number));
+        Ok((c, number))
     }
 
     /// Run `f` on this thread's connection within the deadline, [`retried`] once on a broken
@@ -381,7 +387,8 @@ impl RedisStore {
     {
         // This thread's connection: the task may resume on another worker.
         let thread = std::thread::current().id();
-        let attempts = async { Ok(retried(self.conn()?, &f).await?) };
+        let (conn, number) = self.conn()?;
+        let attempts = async { Ok(retried(conn, &f).await?) };
         let r = match tokio::time::timeout(self.timeout, attempts).await {
             Ok(r) => r,
             Err(_) => Err(StoreError::Timeout(self.timeout)),
@@ -389,20 +396,20 @@ impl RedisStore {
         if let Err(e) = &r {
             self.warn(e);
             if matches!(e, StoreError::Timeout(_)) {
-                self.reconnect(thread);
+                self.reconnect(thread, number);
             }
         }
         r
     }
 
-    /// Forget `thread`'s connection and batcher after a deadline passed on it; the next call
-    /// connects anew. A connection that answers nothing may lead to a Redis gone without a
+    /// Forget `thread`'s connection `number` and its batcher after a deadline passed on it;
+    /// the next call connects anew (one another call made since stays). A connection that answers nothing may lead to a Redis gone without a
     /// word (a failover moved the address; its node was lost), which the connection manager
     /// never notices, since nothing failed: announces would time out until the kernel gave
     /// up on the connection, minutes later.
-    fn reconnect(&self, thread: ThreadId) {
-        self.conns.remove(&thread);
-        self.batchers.remove(&thread);
+    fn reconnect(&self, thread: ThreadId, number: u64) {
+        self.conns.remove_if(&thread, |_, (_, n)| *n == number);
+        self.batchers.remove_if(&thread, |_, (_, n)| *n == number);
     }
 
     /// Warn at most once per [`WARN_EVERY`]: an outage must not flood the logs.
@@ -438,11 +445,11 @@ impl RedisStore {
         let args = Args::new(a, now_ms, want);
         let (done, answer) = oneshot::channel();
         let thread = std::thread::current().id();
-        self.queue(Job {
+        let number = self.queue(Job {
             args,
             kind: Kind::Script { want, done },
         })?;
-        self.wait(answer, thread).await
+        self.wait(answer, (thread, number)).await
     }
 
     /// Write an announce without the script (see [`Batcher::send_plain`]): the peer is in
@@ -458,20 +465,22 @@ impl RedisStore {
         let args = Args::new(a, now_ms, Want::Nothing);
         let (done, answer) = oneshot::channel();
         let thread = std::thread::current().id();
-        self.queue(Job {
+        let number = self.queue(Job {
             args,
             kind: Kind::Plain { join, done },
         })?;
-        self.wait(answer, thread).await
+        self.wait(answer, (thread, number)).await
     }
 
     /// Hand `job` to this thread's batcher. A batcher whose runtime has gone (a test's) is
     /// replaced once. A full queue (Redis far behind) refuses at once: the client retries at
     /// its next interval.
-    fn queue(&self, mut job: Job) -> Result<(), StoreError> {
+    /// Returns the number of the connection the batcher uses.
+    fn queue(&self, mut job: Job) -> Result<u64, StoreError> {
         for _ in 0..2 {
-            match self.batcher()?.try_send(job) {
-                Ok(()) => return Ok(()),
+            let (batcher, number) = self.batcher()?;
+            match batcher.try_send(job) {
+                Ok(()) => return Ok(number),
                 Err(mpsc::error::TrySendError::Full(_)) => {
                     let e = StoreError::Protocol("peer store queue full".into());
                     self.warn(&e);
@@ -486,11 +495,12 @@ impl RedisStore {
         Err(StoreError::Protocol("peer store batcher gone".into()))
     }
 
-    /// The answer of a job queued on `thread`'s batcher, within the deadline.
+    /// The answer of a job queued on `thread`'s batcher (its connection `number`), within
+    /// the deadline.
     async fn wait<T>(
         &self,
         answer: oneshot::Receiver<Result<T, StoreError>>,
-        thread: ThreadId,
+        (thread, number): (ThreadId, u64),
     ) -> Result<T, StoreError> {
         let r = match tokio::time::timeout(self.timeout, answer).await {
             Ok(Ok(r)) => r,
@@ -500,21 +510,23 @@ impl RedisStore {
         if let Err(e) = &r {
             self.warn(e);
             if matches!(e, StoreError::Timeout(_)) {
-                self.reconnect(thread);
+                self.reconnect(thread, number);
             }
         }
         r
     }
 
-    /// This thread's batcher (started on this thread's runtime on first use).
-    fn batcher(&self) -> Result<mpsc::Sender<Job>, StoreError> {
+    /// This thread's batcher and the number of its connection (started on this thread's
+    /// runtime on first use).
+    fn batcher(&self) -> Result<(mpsc::Sender<Job>, u64), StoreError> {
         let id = std::thread::current().id();
         if let Some(b) = self.batchers.get(&id) {
             return Ok(b.clone());
         }
         let (tx, rx) = mpsc::channel(MOST_QUEUED);
+        let (conn, number) = self.conn()?;
         let batcher = Batcher {
-            conn: self.conn()?,
+            conn,
             script: self.script.clone(),
             common: self.common_args(),
             channel: self.channel.clone(),
@@ -523,8 +535,8 @@ impl RedisStore {
             timeout: self.timeout,
         };
         tokio::spawn(batcher.run(rx));
-        self.batchers.insert(id, tx.clone());
-        Ok(tx)
+        self.batchers.insert(id, (tx.clone(), number));
+        Ok((tx, number))
     }
 
     /// The arguments every announce of a call shares (`announce.lua`'s ARGV 1 to 7).
