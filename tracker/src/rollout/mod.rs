@@ -316,7 +316,7 @@ impl Rollouts {
         let _w = lock(&self.write)?;
         let held = self.store.hold(name, tag)?;
         let mut rec = match held {
-            Some(_) => self.store.load(name, tag)?.unwrap_or_default(),
+            Some(_) => self.store.load_for_change(name, tag)?.unwrap_or_default(),
             None => lock(&self.inner)?
                 .tags
                 .get(&key(name, tag))

@@ -49,6 +49,16 @@ pub trait RolloutStore: Send + Sync + std::fmt::Debug {
             .find(|(n, t, _)| n == name && t == tag)
             .map(|(_, _, r)| r))
     }
+    /// One tag's record as stored now, for a change of it: a record that cannot be read is
+    /// an error here (a change would start a new record over it), where [`Self::load`] passes
+    /// it over.
+    fn load_for_change(
+        &self,
+        name: &PackageName,
+        tag: &Tag,
+    ) -> Result<Option<TagRollouts>, TrackerError> {
+        self.load(name, tag)
+    }
     /// Shared by replicas (each with its own memory of the records, a moment behind)?
     fn shared(&self) -> bool {
         false
@@ -188,6 +198,25 @@ fn decode(name: &str, tag: &str, v: serde_json::Value) -> Option<TagRollouts> {
         .ok()
 }
 
+impl PgStore {
+    /// One tag's row as stored, undecoded.
+    fn row(
+        &self,
+        name: &PackageName,
+        tag: &Tag,
+    ) -> Result<Option<serde_json::Value>, TrackerError> {
+        let (n, t) = (name.as_str(), tag.as_str());
+        self.pg.run("loading a rollout", |db| async move {
+            db.query_opt(
+                "SELECT record FROM rollouts WHERE name = $1 AND tag = $2",
+                &[&n, &t],
+            )
+            .await
+            .map(|r| r.map(|r| r.get::<_, serde_json::Value>(0)))
+        })
+    }
+}
+
 impl RolloutStore for PgStore {
     fn load_all(&self) -> Result<Vec<(PackageName, Tag, TagRollouts)>, TrackerError> {
         let rows = self.pg.run("loading rollouts", |db| async move {
@@ -209,26 +238,28 @@ impl RolloutStore for PgStore {
     }
 
     fn load(&self, name: &PackageName, tag: &Tag) -> Result<Option<TagRollouts>, TrackerError> {
-        let (n, t) = (name.as_str(), tag.as_str());
-        let row = self.pg.run("loading a rollout", |db| async move {
-            db.query_opt(
-                "SELECT record FROM rollouts WHERE name = $1 AND tag = $2",
-                &[&n, &t],
-            )
-            .await
-            .map(|r| r.map(|r| r.get::<_, serde_json::Value>(0)))
-        })?;
-        // Unreadable is an error here, not "no record": a change would start a new record,
-        // and its save would be refused for ever as a conflict with one nobody can read.
-        row.map(|v| {
-            serde_json::from_value(v).map_err(|e| {
-                TrackerError::storage(
-                    format!("the rollout record of {name}:{tag} in the database is unreadable ({e}); repair or delete its row in `rollouts`"),
-                    io::Error::other("unreadable record"),
-                )
+        Ok(self
+            .row(name, tag)?
+            .and_then(|v| decode(name.as_str(), tag.as_str(), v)))
+    }
+
+    fn load_for_change(
+        &self,
+        name: &PackageName,
+        tag: &Tag,
+    ) -> Result<Option<TagRollouts>, TrackerError> {
+        // A change would start a new record, and its save would be refused for ever as a
+        // conflict with one nobody can read.
+        self.row(name, tag)?
+            .map(|v| {
+                serde_json::from_value(v).map_err(|e| {
+                    TrackerError::storage(
+                        format!("the rollout record of {name}:{tag} in the database is unreadable ({e}); repair or delete its row in `rollouts`"),
+                        io::Error::other("unreadable record"),
+                    )
+                })
             })
-        })
-        .transpose()
+            .transpose()
     }
 
     fn shared(&self) -> bool {
