@@ -154,6 +154,19 @@ async fn rollout_status(conn: &[OsString]) -> Result<Value, String> {
     json(&run(&["rollout", "status", "app:prod", "--json"], conn).await)
 }
 
+/// Wait for the rollout of app:prod to halt; its status then.
+async fn wait_halted(conn: &[OsString]) -> Value {
+    wait_for("the rollout to halt", WAIT, || async {
+        let s = rollout_status(conn).await?;
+        if s["current"]["state"] == "halted" {
+            Ok(s)
+        } else {
+            Err(s.to_string())
+        }
+    })
+    .await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn following_agents_carry_a_rollout_halt_on_bad_health_and_remember_across_restarts() {
     let dirs = tempfile::tempdir().unwrap();
@@ -242,15 +255,7 @@ async fn following_agents_carry_a_rollout_halt_on_bad_health_and_remember_across
     ];
     let started = run(&start, &conn).await;
     assert!(started.success(), "{started}");
-    let halted = wait_for("the rollout to v3 to halt", WAIT, || async {
-        let s = rollout_status(&conn).await?;
-        if s["current"]["state"] == "halted" {
-            Ok(s)
-        } else {
-            Err(s.to_string())
-        }
-    })
-    .await;
+    let halted = wait_halted(&conn).await;
     let current = &halted["current"];
     assert_eq!(current["phase"], 0, "{halted}");
     let failed = current["failed_hosts"].as_array().unwrap();
@@ -494,15 +499,7 @@ async fn a_host_that_cannot_fetch_the_new_version_fails_the_gate_saying_why() {
     ];
     let started = run(&start, &conn).await;
     assert!(started.success(), "{started}");
-    let halted = wait_for("the rollout to halt on the host", WAIT, || async {
-        let s = rollout_status(&conn).await?;
-        if s["current"]["state"] == "halted" {
-            Ok(s)
-        } else {
-            Err(s.to_string())
-        }
-    })
-    .await;
+    let halted = wait_halted(&conn).await;
     let failed = halted["current"]["failed_hosts"].as_array().unwrap();
     assert_eq!(failed.len(), 1, "{halted}");
     assert_eq!(failed[0]["host"], "host-0", "{halted}");
