@@ -67,10 +67,14 @@ pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
 
 /// Move `path` out of the way of a write about to replace it, when it holds a record this
 /// process could not read (skipped at load, so the write does not carry it on): it is kept
-/// beside, as `<file>.unreadable-<unix secs>`, for a human, and logged. `None`: no file.
-pub(crate) fn keep_unreadable(path: &Path) -> io::Result<Option<PathBuf>> {
+/// beside, as `<file>.unreadable-<unix secs>`, for a human, and logged. No file: nothing done.
+pub(crate) fn keep_unreadable(path: &Path) -> Result<(), TrackerError> {
+    move_aside(path).map_err(|e| TrackerError::storage(format!("keeping {}", path.display()), e))
+}
+
+fn move_aside(path: &Path) -> io::Result<()> {
     let (Some(dir), Some(name)) = (path.parent(), path.file_name()) else {
-        return Ok(None);
+        return Ok(());
     };
     let secs = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -92,9 +96,9 @@ pub(crate) fn keep_unreadable(path: &Path) -> io::Result<Option<PathBuf>> {
             Ok(()) => {
                 File::open(dir)?.sync_all()?;
                 tracing::error!(kept = %aside.display(), "an unreadable record was about to be replaced; kept beside it");
-                Ok(Some(aside))
+                Ok(())
             }
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
             Err(e) => Err(e),
         };
     }

@@ -313,9 +313,9 @@ async fn follow_replicas(
 }
 
 /// Apply each notice; one that fails (the database away, a deadline passed) is applied again
-/// after [`RELOAD_RETRY`], then after twice as long, until it succeeds. Dropped, it would leave this replica's memory
-/// behind until the same package or tag changed again: hosts resolving a rollout another
-/// replica aborted, votes pushed for a rollout that is over.
+/// after [`RELOAD_RETRY`], then after twice as long, until it succeeds. Dropped, it would
+/// leave this replica's memory behind until the same package or tag changed again: hosts
+/// resolving a rollout another replica aborted, votes pushed for a rollout that is over.
 async fn apply_notices<F, Fut>(
     mut notices: tokio::sync::mpsc::UnboundedReceiver<Notice>,
     shutdown: CancellationToken,

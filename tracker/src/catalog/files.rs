@@ -179,8 +179,7 @@ impl CatalogStore for FileStore {
         .end();
         let path = self.version_path(name, &version.metainfo.sha256);
         // A file here was not loaded (unreadable, or not this version's): kept, not replaced.
-        keep_unreadable(&path)
-            .map_err(|e| TrackerError::storage(format!("keeping {}", path.display()), e))?;
+        keep_unreadable(&path)?;
         write_atomic(&path, &rec.finish())
             .map_err(|e| TrackerError::storage(format!("writing {}", path.display()), e))?;
         Ok(None)
@@ -210,8 +209,7 @@ impl CatalogStore for FileStore {
         if known.is_none() {
             // A tag file the load skipped (unreadable, or naming a version it could not
             // read) holds a history this move would otherwise write over.
-            keep_unreadable(&path)
-                .map_err(|e| TrackerError::storage(format!("keeping {}", path.display()), e))?;
+            keep_unreadable(&path)?;
         }
         let json = serde_json::to_vec_pretty(&info)
             .map_err(|e| TrackerError::storage("encoding tag", e.into()))?;

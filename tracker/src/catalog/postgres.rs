@@ -118,6 +118,24 @@ async fn load(
     Ok(out)
 }
 
+/// Every move of `name:tag` (`sha256`, unix secs), oldest first.
+async fn tag_moves(
+    db: &impl GenericClient,
+    name: &str,
+    tag: &str,
+) -> Result<Vec<(String, i64)>, tokio_postgres::Error> {
+    let rows = db
+        .query(
+            "SELECT sha256, at FROM tag_moves WHERE name = $1 AND tag = $2 ORDER BY id",
+            &[&name, &tag],
+        )
+        .await?;
+    Ok(rows
+        .iter()
+        .map(|r| (r.get::<_, String>(0), r.get::<_, i64>(1)))
+        .collect())
+}
+
 /// A tag from its moves (`sha256`, unix secs), oldest first; `None` without any.
 fn tag_info(moves: Vec<(String, i64)>) -> Option<TagInfo> {
     let history: Vec<TagMove> = moves
@@ -241,17 +259,9 @@ impl CatalogStore for PgStore {
                 tx.execute("SELECT pg_notify($1, $2)", &[&CATALOG_CHANNEL, &n])
                     .await?;
             }
-            let rows = tx
-                .query(
-                    "SELECT sha256, at FROM tag_moves WHERE name = $1 AND tag = $2 ORDER BY id",
-                    &[&n, &t],
-                )
-                .await?;
+            let moves = tag_moves(&*tx, n, t).await?;
             tx.commit().await?;
-            Ok(rows
-                .iter()
-                .map(|r| (r.get::<_, String>(0), r.get::<_, i64>(1)))
-                .collect::<Vec<_>>())
+            Ok(moves)
         })?;
         Ok(tag_info(moves).unwrap_or_else(|| TagInfo {
             sha256: *sha256,
@@ -265,18 +275,10 @@ impl CatalogStore for PgStore {
 
     fn load_tag(&self, name: &PackageName, tag: &Tag) -> Result<Option<TagInfo>, TrackerError> {
         let (n, t) = (name.as_str(), tag.as_str());
-        let moves = self.pg.run("reading a tag", |db| async move {
-            let rows = db
-                .query(
-                    "SELECT sha256, at FROM tag_moves WHERE name = $1 AND tag = $2 ORDER BY id",
-                    &[&n, &t],
-                )
-                .await?;
-            Ok(rows
-                .iter()
-                .map(|r| (r.get::<_, String>(0), r.get::<_, i64>(1)))
-                .collect::<Vec<_>>())
-        })?;
+        let moves = self.pg.run(
+            "reading a tag",
+            |db| async move { tag_moves(&**db, n, t).await },
+        )?;
         Ok(tag_info(moves))
     }
 

@@ -25,7 +25,7 @@ use crate::metrics::{Metrics, Route};
 use crate::peer_store::PeerStore;
 use crate::postgres::{Lease, Notice, Pg};
 use crate::rollout::{FileStore, Rollouts};
-use crate::swarm::{PackageLabel, Swarms};
+use crate::swarm::Swarms;
 
 pub use announce::{scrape_any, scrape_body, serve_announce, serve_announce_any};
 
@@ -93,25 +93,9 @@ impl AppState {
         let peers = PeerStore::open(&config)?;
         let swarms = Arc::new(Swarms::default());
         let hook = swarms.clone();
-        catalog.on_new_version(move |name, v| {
-            hook.register(
-                v.metainfo.info_hash,
-                PackageLabel {
-                    name: name.clone(),
-                    sha256: v.metainfo.sha256,
-                    size: v.metainfo.length,
-                },
-            );
-        });
+        catalog.on_new_version(move |name, v| hook.register_version(name, &v.metainfo));
         for (name, m) in catalog.all_versions() {
-            swarms.register(
-                m.info_hash,
-                PackageLabel {
-                    name,
-                    sha256: m.sha256,
-                    size: m.length,
-                },
-            );
+            swarms.register_version(&name, &m);
         }
         // `validate` keeps the cap within what a semaphore holds; an unvalidated config is
         // clamped rather than allowed to panic here.
@@ -139,14 +123,7 @@ impl AppState {
         name: &crate::catalog::PackageName,
         m: &fbpkg_common::metainfo::Metainfo,
     ) {
-        self.swarms.register(
-            m.info_hash,
-            PackageLabel {
-                name: name.clone(),
-                sha256: m.sha256,
-                size: m.length,
-            },
-        );
+        self.swarms.register_version(name, m);
     }
 
     /// May the rollout controller act from this replica now?

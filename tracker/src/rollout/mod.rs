@@ -253,14 +253,9 @@ impl Rollouts {
                 settle(&name, &tag, &mut rec, target, now)
             };
             if changed {
-                match store.save(&name, &tag, &before, &rec) {
-                    Ok(()) => {}
-                    // Another replica starting beside this one settled it first.
-                    Err(TrackerError::Conflict(_)) => {
-                        rec = store.load(&name, &tag)?.unwrap_or(before);
-                    }
-                    Err(e) => return Err(e),
-                }
+                // This process alone writes an unshared store: no other replica to conflict
+                // with (a shared one settles through `change`, below).
+                store.save(&name, &tag, &before, &rec)?;
             }
             let live = Live {
                 rollout_id: rec.current.as_ref().map_or(0, |r| r.id),

@@ -18,7 +18,7 @@ use fbpkg_common::api::Rollout;
 use fbpkg_common::pkgref::{PackageName, Tag};
 use serde::{Deserialize, Serialize};
 
-use crate::durable::{keep_unreadable, store_root, write_atomic};
+use crate::durable::{keep_unreadable, stale_tmp, store_root, write_atomic};
 use crate::error::TrackerError;
 use crate::postgres::{Pg, ROLLOUT_CHANNEL};
 
@@ -128,7 +128,7 @@ impl RolloutStore for FileStore {
                 if file.starts_with(".tmp-") {
                     // A write that never reached its rename: it was never acknowledged. Ours
                     // may be one in progress (`stale_tmp`).
-                    if crate::durable::stale_tmp(&file) {
+                    if stale_tmp(&file) {
                         let _ = fs::remove_file(&path);
                     }
                     continue;
@@ -163,8 +163,7 @@ impl RolloutStore for FileStore {
         let path = self.path(name, tag);
         if *before == TagRollouts::default() {
             // A file the load skipped (unreadable): its history is kept, not written over.
-            keep_unreadable(&path)
-                .map_err(|e| TrackerError::storage(format!("keeping {}", path.display()), e))?;
+            keep_unreadable(&path)?;
         }
         let json = serde_json::to_vec_pretty(rec)
             .map_err(|e| TrackerError::storage("encoding rollouts", e.into()))?;

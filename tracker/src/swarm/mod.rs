@@ -35,6 +35,7 @@ use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 
 use dashmap::DashMap;
+use fbpkg_common::metainfo::Metainfo;
 use fbpkg_common::pkgref::PackageName;
 use fbpkg_common::tracker_proto::{Event, Zone};
 use fbpkg_common::{InfoHash, PeerId, Sha256Hash};
@@ -325,6 +326,18 @@ impl Swarms {
             .entry(info_hash)
             .and_modify(|s| s.package = Some(label.clone()))
             .or_insert_with(|| Swarm::registered(label));
+    }
+
+    /// [`Swarms::register`] the swarm of `name`'s version `m`.
+    pub fn register_version(&self, name: &PackageName, m: &Metainfo) {
+        self.register(
+            m.info_hash,
+            PackageLabel {
+                name: name.clone(),
+                sha256: m.sha256,
+                size: m.length,
+            },
+        );
     }
 
     /// The swarm of `info_hash`, if known.
