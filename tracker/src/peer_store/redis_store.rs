@@ -222,7 +222,7 @@ pub struct RedisStore {
     client: redis::Client,
     /// Where it points, without credentials (for logs and `/readyz`).
     shown: String,
-    /// Each thread's connection, numbered (see [`RedisStore::reconnect`]).
+    /// Each thread's connection, numbered (see [`RedisStore::failed`]).
     conns: DashMap<ThreadId, (ConnectionManager, u64)>,
     /// Each thread's batcher, with the number of the connection it uses.
     batchers: DashMap<ThreadId, (mpsc::Sender<Job>, u64)>,
@@ -394,22 +394,23 @@ impl RedisStore {
             Err(_) => Err(StoreError::Timeout(self.timeout)),
         };
         if let Err(e) = &r {
-            self.warn(e);
-            if matches!(e, StoreError::Timeout(_)) {
-                self.reconnect(thread, number);
-            }
+            self.failed(e, (thread, number));
         }
         r
     }
 
-    /// Forget `thread`'s connection `number` and its batcher after a deadline passed on it;
-    /// the next call connects anew (one another call made since stays). A connection that answers nothing may lead to a Redis gone without a
-    /// word (a failover moved the address; its node was lost), which the connection manager
-    /// never notices, since nothing failed: announces would time out until the kernel gave
-    /// up on the connection, minutes later.
-    fn reconnect(&self, thread: ThreadId, number: u64) {
-        self.conns.remove_if(&thread, |_, (_, n)| *n == number);
-        self.batchers.remove_if(&thread, |_, (_, n)| *n == number);
+    /// A call on `thread`'s connection `number` failed with `e`: warn, and after a deadline
+    /// passed forget that connection and its batcher, so that the next call connects anew
+    /// (one another call made since stays). A connection that answers nothing may lead to a
+    /// Redis gone without a word (a failover moved the address; its node was lost), which
+    /// the connection manager never notices, since nothing failed: announces would time out
+    /// until the kernel gave up on the connection, minutes later.
+    fn failed(&self, e: &StoreError, (thread, number): (ThreadId, u64)) {
+        self.warn(e);
+        if matches!(e, StoreError::Timeout(_)) {
+            self.conns.remove_if(&thread, |_, (_, n)| *n == number);
+            self.batchers.remove_if(&thread, |_, (_, n)| *n == number);
+        }
     }
 
     /// Warn at most once per [`WARN_EVERY`]: an outage must not flood the logs.
@@ -444,12 +445,11 @@ impl RedisStore {
     ) -> Result<Answer, StoreError> {
         let args = Args::new(a, now_ms, want);
         let (done, answer) = oneshot::channel();
-        let thread = std::thread::current().id();
-        let number = self.queue(Job {
+        let on = self.queue(Job {
             args,
             kind: Kind::Script { want, done },
         })?;
-        self.wait(answer, (thread, number)).await
+        self.wait(answer, on).await
     }
 
     /// Write an announce without the script (see [`Batcher::send_plain`]): the peer is in
@@ -464,23 +464,21 @@ impl RedisStore {
     ) -> Result<(), StoreError> {
         let args = Args::new(a, now_ms, Want::Nothing);
         let (done, answer) = oneshot::channel();
-        let thread = std::thread::current().id();
-        let number = self.queue(Job {
+        let on = self.queue(Job {
             args,
             kind: Kind::Plain { join, done },
         })?;
-        self.wait(answer, (thread, number)).await
+        self.wait(answer, on).await
     }
 
     /// Hand `job` to this thread's batcher. A batcher whose runtime has gone (a test's) is
     /// replaced once. A full queue (Redis far behind) refuses at once: the client retries at
-    /// its next interval.
-    /// Returns the number of the connection the batcher uses.
-    fn queue(&self, mut job: Job) -> Result<u64, StoreError> {
+    /// its next interval. Returns this thread and the number of the batcher's connection.
+    fn queue(&self, mut job: Job) -> Result<(ThreadId, u64), StoreError> {
         for _ in 0..2 {
             let (batcher, number) = self.batcher()?;
             match batcher.try_send(job) {
-                Ok(()) => return Ok(number),
+                Ok(()) => return Ok((std::thread::current().id(), number)),
                 Err(mpsc::error::TrySendError::Full(_)) => {
                     let e = StoreError::Protocol("peer store queue full".into());
                     self.warn(&e);
@@ -500,7 +498,7 @@ impl RedisStore {
     async fn wait<T>(
         &self,
         answer: oneshot::Receiver<Result<T, StoreError>>,
-        (thread, number): (ThreadId, u64),
+        on: (ThreadId, u64),
     ) -> Result<T, StoreError> {
         let r = match tokio::time::timeout(self.timeout, answer).await {
             Ok(Ok(r)) => r,
@@ -508,10 +506,7 @@ impl RedisStore {
             Err(_) => Err(StoreError::Timeout(self.timeout)),
         };
         if let Err(e) = &r {
-            self.warn(e);
-            if matches!(e, StoreError::Timeout(_)) {
-                self.reconnect(thread, number);
-            }
+            self.failed(e, on);
         }
         r
     }
