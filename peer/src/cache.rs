@@ -1436,12 +1436,9 @@ pub(crate) mod tests {
         }
     }
 
-    /// Whether this test process runs as root (`id -u`).
+    /// Whether this test process runs as root (its effective uid, as the cache asks).
     pub(crate) fn running_as_root() -> bool {
-        std::process::Command::new("id")
-            .arg("-u")
-            .output()
-            .is_ok_and(|o| o.stdout.trim_ascii() == b"0")
+        rustix::process::geteuid().is_root()
     }
 
     /// Set in the environment of this test binary run again as another user.

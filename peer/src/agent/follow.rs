@@ -540,16 +540,16 @@ async fn run_command(
         .process_group(0)
         .spawn()
         .map_err(|e| format!("cannot start sh: {e}"))?;
-    let mut group = Group(Some(child));
+    let mut group = Group {
+        child,
+        exited: false,
+    };
     // A timeout too long to add to now (`--health-timeout 1000000y`) never comes.
     let deadline = tokio::time::Instant::now().checked_add(timeout);
     let status = loop {
-        let Some(child) = group.0.as_mut() else {
-            break Err("the command's process is gone".to_owned());
-        };
-        match child.try_wait() {
+        match group.child.try_wait() {
             Ok(Some(s)) => {
-                group.0 = None;
+                group.exited = true;
                 break Ok(s);
             }
             Ok(None) if deadline.is_some_and(|d| tokio::time::Instant::now() >= d) => {
@@ -582,15 +582,19 @@ async fn run_command(
 /// A command's process group, killed (the whole group: `sh -c` may have started children
 /// that hold on) when dropped before it exits: at its timeout, and when the agent stops in
 /// the middle of it, instead of leaving it running with no deadline.
-struct Group(Option<std::process::Child>);
+struct Group {
+    child: std::process::Child,
+    /// It exited and was reaped: nothing to kill.
+    exited: bool,
+}
 
 impl Drop for Group {
     fn drop(&mut self) {
-        if let Some(mut child) = self.0.take() {
-            let pid = rustix::process::Pid::from_child(&child);
+        if !self.exited {
+            let pid = rustix::process::Pid::from_child(&self.child);
             let _ = rustix::process::kill_process_group(pid, rustix::process::Signal::KILL);
-            let _ = child.kill();
-            let _ = child.wait();
+            let _ = self.child.kill();
+            let _ = self.child.wait();
         }
     }
 }
