@@ -40,5 +40,5 @@ mod tls;
 
 pub use config::{CatalogKind, Config, PeerStoreKind, TrackerArgs, default_data_dir};
 pub use error::TrackerError;
-pub use http::{AppState, SharedState, app, serve_announce};
+pub use http::{AppState, SharedState, app, serve_announce, serve_announce_any};
 pub use server::{Embedded, Listeners, bind, run};

@@ -401,17 +401,14 @@ async fn serve_plain(
             count(swarm.leechers().len()),
         )
     };
-    // Until the write is done, the copy holds a peer Redis may not: should it fail, or this
-    // future be dropped (its client gone), the copy goes, and is loaded again.
-    let unsure = Unsure {
-        mirror: store.mirror(),
-        h: req.info_hash,
-    };
+    // The copy holds a peer Redis may not yet. The write is queued before this future can be
+    // dropped (its client gone), and is sent whatever becomes of it; should the write fail,
+    // or not be answered in time, the copy goes, and is loaded again (the batcher drops it
+    // too, when nobody waits any more).
     if let Err(e) = store.write_plain(announce, now_ms, join).await {
-        drop(unsure);
+        store.mirror().forget(&req.info_hash);
         return Some(store_failed(&req.info_hash, ip, &e));
     }
-    std::mem::forget(unsure);
     state.metrics.written_by(WrittenBy::Plain);
     let numwant = announce.numwant;
     let peers = if numwant == 0 {
@@ -451,18 +448,6 @@ fn store_failed(
     let mut body = Vec::new();
     encode_failure(STORE_UNAVAILABLE, &mut body);
     (body, AnnounceOutcome::StoreUnavailable)
-}
-
-/// A swarm whose copy may hold what Redis does not: its copy is dropped with this.
-struct Unsure<'a> {
-    mirror: &'a crate::peer_store::mirror::Mirror,
-    h: fbpkg_common::InfoHash,
-}
-
-impl Drop for Unsure<'_> {
-    fn drop(&mut self) {
-        self.mirror.forget(&self.h);
-    }
 }
 
 /// A refused announce: its log line, and the failure answer.

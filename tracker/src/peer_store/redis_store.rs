@@ -232,7 +232,7 @@ pub struct RedisStore {
     /// Where changes are published for the replicas' mirrors, and this replica's id there.
     channel: String,
     publisher: String,
-    mirror: Mirror,
+    mirror: std::sync::Arc<Mirror>,
     timeout: Duration,
     peer_ttl: Duration,
     limits: Limits,
@@ -312,7 +312,7 @@ impl RedisStore {
             script: Script::new(include_str!("announce.lua")),
             channel: CHANNEL.to_owned(),
             publisher: format!("{:016x}", rand::random::<u64>()),
-            mirror: Mirror::default(),
+            mirror: std::sync::Arc::default(),
             timeout,
             peer_ttl,
             limits,
@@ -466,7 +466,11 @@ impl RedisStore {
         let (done, answer) = oneshot::channel();
         let on = self.queue(Job {
             args,
-            kind: Kind::Plain { join, done },
+            kind: Kind::Plain {
+                join,
+                h: a.info_hash,
+                done,
+            },
         })?;
         self.wait(answer, on).await
     }
@@ -526,6 +530,7 @@ impl RedisStore {
             common: self.common_args(),
             channel: self.channel.clone(),
             publisher: self.publisher.clone(),
+            mirror: self.mirror.clone(),
             keep_ms: ms(self.peer_ttl + self.peer_ttl / 4),
             timeout: self.timeout,
         };
@@ -740,9 +745,10 @@ enum Kind {
         want: Want,
         done: oneshot::Sender<Result<Answer, StoreError>>,
     },
-    /// Without it ([`Batcher::send_plain`]); `join`: the peer is new to the swarm.
+    /// Without it ([`Batcher::send_plain`]); `join`: the peer is new to the swarm `h`.
     Plain {
         join: bool,
+        h: InfoHash,
         done: oneshot::Sender<Result<(), StoreError>>,
     },
 }
@@ -755,11 +761,14 @@ impl Job {
         2 + 2 * usize::from(join) + 2 * zone_prefixes(self.args.get(5)).count()
     }
 
-    /// Its caller gave up (its deadline): not worth sending.
+    /// Its caller gave up (its deadline, or its client went): not worth sending. A plain
+    /// write is always sent: the replica's copy of the swarm already holds what it writes,
+    /// and not sending it would leave the copy ahead of Redis (the copy would have to be
+    /// loaded again, a read of the whole swarm for a request of a few hundred bytes).
     fn abandoned(&self) -> bool {
         match &self.kind {
             Kind::Script { done, .. } => done.is_closed(),
-            Kind::Plain { done, .. } => done.is_closed(),
+            Kind::Plain { .. } => false,
         }
     }
 }
@@ -777,6 +786,9 @@ struct Batcher {
     /// Where plain writes publish their lines, and as whom.
     channel: String,
     publisher: String,
+    /// The copies plain writes were recorded in first: one whose write failed is dropped
+    /// here, whether or not its caller still waits ([`Batcher::send_plain`]).
+    mirror: std::sync::Arc<Mirror>,
     /// The TTL zone buckets get (`announce.lua`'s `keep`).
     keep_ms: u64,
     timeout: Duration,
@@ -903,10 +915,17 @@ impl Batcher {
         let replies = match tokio::time::timeout(self.timeout, call).await {
             Ok(Ok(r)) if r.len() == expected => r,
             Ok(Ok(_)) => {
+                self.forget_copies(&batch);
                 return fail(batch, || StoreError::Protocol("short batch answer".into()));
             }
-            Ok(Err(e)) => return fail(batch, || StoreError::Redis(e.clone())),
-            Err(_) => return fail(batch, || StoreError::Timeout(self.timeout)),
+            Ok(Err(e)) => {
+                self.forget_copies(&batch);
+                return fail(batch, || StoreError::Redis(e.clone()));
+            }
+            Err(_) => {
+                self.forget_copies(&batch);
+                return fail(batch, || StoreError::Timeout(self.timeout));
+            }
         };
         let mut fixes = redis::pipe();
         let mut at = 0;
@@ -914,7 +933,7 @@ impl Batcher {
             // HSET's reply and ZADD's (after HINCRBY's for a join); the zone buckets' are not
             // looked at (the script, too, lets a bucket of the wrong type be).
             let n = j.plain_commands();
-            let Kind::Plain { join, done } = j.kind else {
+            let Kind::Plain { join, h, done } = j.kind else {
                 continue;
             };
             let (hset, zadd) = (&replies[at], &replies[at + 1 + usize::from(join)]);
@@ -932,6 +951,9 @@ impl Batcher {
                     -i64::from(counted),
                 ),
             };
+            if written.is_err() {
+                self.mirror.forget(&h);
+            }
             if off != 0 {
                 let mut field = b"a:".to_vec();
                 field.extend_from_slice(j.args.get(2));
@@ -957,6 +979,15 @@ impl Batcher {
                 // Rare (Redis failing between two calls): the count stays off by one or two
                 // until the swarm's keys expire, tightening or loosening that address's limit.
                 tracing::warn!(error = %e, "peer store: an address count was not put right");
+            }
+        }
+    }
+
+    /// Drop the copies of the swarms `batch` wrote to: what Redis holds of them is not known.
+    fn forget_copies(&self, batch: &[Job]) {
+        for j in batch {
+            if let Kind::Plain { h, .. } = &j.kind {
+                self.mirror.forget(h);
             }
         }
     }
