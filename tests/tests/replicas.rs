@@ -34,7 +34,7 @@ use fbpkg_tests::{
     poll, publish, random_package, swarm, wait_for,
 };
 use fbpkg_tracker::rollout::{Action, Asker, wall_ms};
-use fbpkg_tracker::{AppState, CatalogKind, Config};
+use fbpkg_tracker::{AppState, CatalogKind, Config, TrackerError};
 use reqwest::StatusCode;
 
 /// Long enough for anything on a loaded machine; each wait ends as soon as its condition holds.
@@ -728,7 +728,9 @@ fn host_activates(r: &AppState, to: &Metainfo) {
 /// the controller judges the record as stored, not its own memory of it, and a rollout
 /// aborted or paused elsewhere never moves the tag. Before, the controller moved the tag from
 /// a stale copy, then failed to save (the record had changed): aborted, and moved anyway.
-/// And a change waits while another replica holds the tag's rollouts.
+/// And a change waits while another replica holds the tag's rollouts, without holding up
+/// that replica's changes and reloads of other tags (they waited behind it, up to the
+/// catalog's deadline).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rollout_stopped_on_one_replica_never_moves_the_tag_on_another() {
     let Some(pg) = PostgresServer::start().expect("starting PostgreSQL") else {
@@ -816,6 +818,39 @@ async fn a_rollout_stopped_on_one_replica_never_moves_the_tag_on_another() {
         }
     })
     .await;
+    assert!(
+        !starting.is_finished(),
+        "B's start went on while A held the lock"
+    );
+    // Meanwhile B changes and reloads its other tags: only app:prod waits.
+    let elsewhere = {
+        let b = b.clone();
+        std::thread::spawn(move || {
+            let (name, _) = app_prod();
+            let beta = Tag::new("beta").expect("a tag");
+            let control = b
+                .rollouts
+                .control(&b.catalog, &name, &beta, Action::Abort, wall_ms());
+            (control, b.rollouts.reload(&name, &beta))
+        })
+    };
+    wait_for("B's change of another tag", SEEN_WITHIN, || {
+        let done = elsewhere.is_finished();
+        async move {
+            if done {
+                Ok(())
+            } else {
+                Err("still waiting".into())
+            }
+        }
+    })
+    .await;
+    let (control, reload) = elsewhere.join().expect("the thread");
+    assert!(
+        matches!(control, Err(TrackerError::NotFound(_))),
+        "{control:?}"
+    );
+    reload.expect("B's reload");
     assert!(
         !starting.is_finished(),
         "B's start went on while A held the lock"
@@ -926,3 +961,4 @@ async fn rollouts_judge_the_tag_where_it_is_not_where_memory_says() {
         "{err}"
     );
 }
+

@@ -118,6 +118,8 @@ struct Inner {
 pub struct Rollouts {
     store: Box<dyn RolloutStore>,
     inner: Mutex<Inner>,
+    /// Changes and reloads, one at a time in this process (a change takes it after its hold
+    /// on the tag: [`RolloutStore::hold`]).
     write: Mutex<()>,
     wake: tokio::sync::Notify,
     /// How long a host that resolved but has not reported holds its phase.
@@ -308,8 +310,11 @@ impl Rollouts {
         tag: &Tag,
         f: impl FnOnce(&mut TagRollouts, Option<Sha256Hash>) -> Result<T, TrackerError>,
     ) -> Result<T, TrackerError> {
-        let _w = lock(&self.write)?;
+        // The tag's hold first, then this process's write lock: a wait for another replica's
+        // change of this tag (up to the catalog's deadline) must not stop this replica's
+        // changes of other tags, nor its reloads, which take the write lock alone.
         let held = self.store.hold(name, tag)?;
+        let _w = lock(&self.write)?;
         let mut rec = match held {
             Some(_) => self.store.load_for_change(name, tag)?.unwrap_or_default(),
             None => lock(&self.inner)?
