@@ -29,6 +29,12 @@ if ! command -v strace >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-g
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq strace >/dev/null || true
 fi
 
+# Optional: a replica test reads the server's side of PostgreSQL sessions with ss(8).
+if ! command -v ss >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "scripts/test.sh: installing iproute2 (ss, for the locking sessions' keepalives)" >&2
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq iproute2 >/dev/null || true
+fi
+
 # The Redis peer-store tests start their own redis-server (a free port, no persistence); they
 # skip, saying so, without it.
 if ! command -v redis-server >/dev/null 2>&1; then

@@ -962,3 +962,76 @@ async fn rollouts_judge_the_tag_where_it_is_not_where_memory_says() {
     );
 }
 
+/// A replica's sessions that hold an advisory lock (the rollout controller's lease; a tag's
+/// rollouts while they change) ask the server to probe them once idle 20 s: a replica whose
+/// host dies without closing its connections (power lost, a panic, the network cut) lets
+/// its locks go within about 40 s. With the kernel's defaults the server noticed after two
+/// hours and more, and no replica could run the controller, or change that tag, meanwhile.
+/// What is checked is the server's side of each locking session, in the kernel (`ss`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_locking_session_whose_host_is_gone_is_noticed_within_a_minute() {
+    let Some(pg) = PostgresServer::start().expect("starting PostgreSQL") else {
+        return;
+    };
+    if std::process::Command::new("ss").arg("-V").output().is_err() {
+        eprintln!("skipping: ss(8) is not installed (apt-get install iproute2)");
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let a = replica_state(&pg, dir.path());
+    wait_for("A to take the controller's lease", SEEN_WITHIN, || {
+        let held = a.controller_lease.as_ref().is_some_and(|l| l.held());
+        async move { if held { Ok(()) } else { Err("not yet".into()) } }
+    })
+    .await;
+    let pg_port = pg
+        .url()
+        .rsplit(':')
+        .next()
+        .and_then(|p| p.split('/').next())
+        .map(str::to_owned)
+        .expect("a port");
+    let hold =
+        a.pg.as_ref()
+            .expect("on PostgreSQL")
+            .hold("a test", "fbpkg.rollout", "app:prod")
+            .expect("hold");
+    let ports = pg
+        .psql(
+            "SELECT a.client_port FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
+             WHERE l.locktype = 'advisory' AND l.granted",
+        )
+        .expect("the locking sessions");
+    let ports: Vec<&str> = ports.lines().map(str::trim).collect();
+    assert_eq!(ports.len(), 2, "the lease and the hold: {ports:?}");
+    for port in ports {
+        let filter = format!("( sport = :{pg_port} and dport = :{port} )");
+        // `timer:(keepalive,19sec,0)`: the time to the next probe (minutes when the idle time
+        // is the kernel's default). While a reply is out the timer is the retransmission's
+        // (`timer:(on,...)`): asked again.
+        let (next, line) = wait_for("the session's keepalive timer", SEEN_WITHIN, || {
+            let out = std::process::Command::new("ss")
+                .args(["-tnoH", "state", "established", &filter])
+                .output();
+            async move {
+                let line =
+                    String::from_utf8_lossy(&out.map_err(|e| e.to_string())?.stdout).into_owned();
+                let next = line
+                    .split("timer:(keepalive,")
+                    .nth(1)
+                    .and_then(|t| t.split(',').next())
+                    .map(str::to_owned);
+                match next {
+                    Some(next) => Ok((next, line)),
+                    None => Err(format!("no keepalive timer: {line:?}")),
+                }
+            }
+        })
+        .await;
+        assert!(
+            next.ends_with("sec") && !next.contains("min"),
+            "the server probes a locking session after {next}: {line}"
+        );
+    }
+    drop(hold);
+}

@@ -69,6 +69,14 @@ async fn hold<T>(
             Ok((client, connection)) => {
                 warned = false;
                 let driver = tokio::spawn(connection);
+                if tokio::time::timeout(timeout, super::notice_a_dead_client(&client))
+                    .await
+                    .is_err()
+                {
+                    driver.abort();
+                    tokio::time::sleep(RETRY).await;
+                    continue;
+                }
                 loop {
                     let query = async {
                         if held.load(Ordering::Acquire) {

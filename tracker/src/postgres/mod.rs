@@ -271,6 +271,7 @@ impl Pg {
             // lets go of the lock with it, whatever happened meanwhile (a deadline passed
             // mid-wait, a query failed). A session back in the pool would keep the lock.
             let session = deadpool_postgres::Object::take(db);
+            notice_a_dead_client(&session).await;
             session
                 .execute(
                     "SELECT pg_advisory_lock(hashtext($1), hashtext($2))",
@@ -321,6 +322,24 @@ impl Drop for Pg {
         if let Some(rt) = self.rt.take() {
             rt.shutdown_background();
         }
+    }
+}
+
+/// Asked of a session that holds an advisory lock: that the server notice within about 40 s
+/// that its client is gone without closing the connection (its host lost power or panicked,
+/// or the network was cut), where the kernel's default is over two hours, all that time the
+/// lock (the rollout controller's lease, a tag's change) held by nobody.
+const KEEPALIVES: &str =
+    "SET tcp_keepalives_idle = 20; SET tcp_keepalives_interval = 5; SET tcp_keepalives_count = 4";
+
+/// Set [`KEEPALIVES`] on `session`. A server that refuses them (a pooler in the way) leaves
+/// the lock held as the kernel's defaults have it: said, not fatal.
+async fn notice_a_dead_client(session: &tokio_postgres::Client) {
+    if let Err(e) = session.batch_execute(KEEPALIVES).await {
+        tracing::warn!(
+            error = %e,
+            "cannot set TCP keepalives on a locking session: the server may hold its lock for hours after this host is gone"
+        );
     }
 }
 
