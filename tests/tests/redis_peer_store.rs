@@ -596,6 +596,23 @@ async fn counts_follow_completions_stops_and_expiry() {
         "a seeder gets no seeders: {:?}",
         done.peers
     );
+    // b says so again (a client's retry): one download, counted once. A seeder new to the
+    // swarm that says it completed counts.
+    s.announce(&b, t0 + 1).await.expect("b again");
+    let completed = |at: u64| {
+        let s = &s;
+        async move { s.counts(&[InfoHash([0; 20])], at).await.expect("counts")[0].completed }
+    };
+    assert_eq!(completed(t0 + 1).await, 1);
+    let mut elsewhere = peer(5, [127, 0, 0, 6], 0);
+    elsewhere.event = Event::Completed;
+    s.announce(&elsewhere, t0 + 1)
+        .await
+        .expect("a seeder done elsewhere");
+    assert_eq!(completed(t0 + 1).await, 2);
+    let mut gone = elsewhere.clone();
+    gone.event = Event::Stopped;
+    s.announce(&gone, t0 + 1).await.expect("it stops");
     // A stop of a peer the swarm never had changes nothing.
     let mut stranger = peer(3, [127, 0, 0, 4], 10);
     stranger.event = Event::Stopped;

@@ -336,7 +336,8 @@ local function announce(hash, member, at_ip, event, role, zone, rec, at, numwant
     end
     local was, old_zone = nil, nil
     if old then was, old_zone = parse(old) end
-    if (role == 'S' and event == 'completed') or (was == 'L' and role == 'S') then
+    -- Once per download: a seeder already here repeating 'completed' is not another.
+    if (role == 'S' and event == 'completed' and not old) or (was == 'L' and role == 'S') then
       redis.call('HINCRBY', meta_key(), 'completed', '1')
       chores = true
     end

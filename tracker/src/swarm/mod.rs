@@ -151,7 +151,8 @@ pub struct Swarm {
     index: FastMap<PeerKey, (Role, usize)>,
     /// Peers per recorded address; addresses with none are removed.
     per_address: FastMap<IpAddr, usize>,
-    /// Downloads completed (a leecher turning into a seeder, or `completed`).
+    /// Downloads completed (a leecher turning into a seeder, or a peer new to the swarm
+    /// announcing `completed`).
     pub completed: u64,
 }
 
@@ -252,7 +253,9 @@ impl Swarm {
             self.put(rec);
             return Recorded::Present;
         };
-        self.completed += u64::from(completes || (was == Role::Leecher && role == Role::Seeder));
+        // A known peer completes once, turning seeder: a seeder repeating `completed` (a
+        // client's retry, or anyone's loop) is not another download.
+        self.completed += u64::from(was == Role::Leecher && role == Role::Seeder);
         // The steady state of a fleet is peers re-announcing unchanged: update in place.
         let rec = if was == role {
             match self.group_mut(role).refresh(i, rec) {

@@ -89,10 +89,21 @@ fn left_zero_makes_a_seeder_and_counts_a_completion() {
         s.completed, 1,
         "re-announcing as a seeder is not another completion"
     );
+    s.record(rec(1, 0, None), Event::Completed, NO_LIMITS);
     assert_eq!(
-        s.record(rec(1, 0, None), Event::Stopped, NO_LIMITS),
-        Recorded::Removed
+        s.completed, 1,
+        "a seeder repeating `completed` is not another completion"
     );
+    // A seeder new to the swarm that says it completed counts (its download was elsewhere,
+    // or before this tracker started).
+    s.record(rec(2, 0, None), Event::Completed, NO_LIMITS);
+    assert_eq!(s.completed, 2);
+    for id in [1, 2] {
+        assert_eq!(
+            s.record(rec(id, 0, None), Event::Stopped, NO_LIMITS),
+            Recorded::Removed
+        );
+    }
     assert!(s.is_empty());
     s.assert_consistent();
 }
