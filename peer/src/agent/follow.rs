@@ -29,8 +29,9 @@
 //! (latest last, at most [`MAX_PENDING`]); nothing here is fatal to the agent.
 //!
 //! Each command runs as `sh -c CMD` in its own process group, with its stdout and stderr in
-//! `<state dir>/follow-logs/NAME/TAG.{on-change,health}.log`, killed (the whole group) when it
-//! outlives `--health-timeout`, which bounds both commands, or when the agent stops.
+//! `<state dir>/follow-logs/NAME/TAG.{on-change,health}.log` (its last 4 MiB at most), killed
+//! (the whole group) when it outlives `--health-timeout`, which bounds both commands, or when
+//! the agent stops.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::fs;
@@ -63,6 +64,10 @@ const FETCH_WAIT: Duration = Duration::from_secs(5);
 const LASTING_IO_FAILURES: u32 = 3;
 /// How often a running command is checked for exit.
 const COMMAND_POLL: Duration = Duration::from_millis(20);
+/// Most bytes a command's log keeps: past it, the earlier output is dropped (checked every
+/// [`COMMAND_POLL`]), so a health check that prints without end cannot fill the disk before
+/// its timeout.
+const MAX_LOG: u64 = 4 << 20;
 
 /// What to follow and what to run.
 #[derive(Debug, Clone)]
@@ -520,16 +525,29 @@ async fn record(agent: &Agent, k: &str, a: &Activation) {
     });
 }
 
-/// Run `sh -c cmd` in its own process group with `env`, output to `log`, for at most
-/// `timeout`. `Err` says how it failed: exit status or timeout, then the output's last lines.
+/// Run `sh -c cmd` in its own process group with `env`, output to `log` (at most
+/// [`MAX_LOG`] bytes of it kept), for at most `timeout`. `Err` says how it failed: exit
+/// status or timeout, then the output's last lines.
 async fn run_command(
     cmd: &str,
     env: &[(&str, String)],
     timeout: Duration,
     log: &Path,
 ) -> std::result::Result<(), String> {
+    run_command_within(cmd, env, timeout, log, MAX_LOG).await
+}
+
+/// [`run_command`], keeping at most `max_log` bytes of output (and a line that says so).
+async fn run_command_within(
+    cmd: &str,
+    env: &[(&str, String)],
+    timeout: Duration,
+    log: &Path,
+    max_log: u64,
+) -> std::result::Result<(), String> {
     let out = open_log(log).map_err(|e| e.to_string())?;
     let err = out.try_clone().map_err(|e| e.to_string())?;
+    let watched = out.try_clone().map_err(|e| e.to_string())?;
     let child = std::process::Command::new("sh")
         .arg("-c")
         .arg(cmd)
@@ -547,9 +565,11 @@ async fn run_command(
     // A timeout too long to add to now (`--health-timeout 1000000y`) never comes.
     let deadline = tokio::time::Instant::now().checked_add(timeout);
     let status = loop {
+        keep_within(&watched, max_log);
         match group.child.try_wait() {
             Ok(Some(s)) => {
                 group.exited = true;
+                keep_within(&watched, max_log);
                 break Ok(s);
             }
             Ok(None) if deadline.is_some_and(|d| tokio::time::Instant::now() >= d) => {
@@ -610,11 +630,49 @@ fn lasting(e: &PeerError) -> bool {
     )
 }
 
+/// `log`, emptied, for appending: every write of the command lands at the end, wherever
+/// [`keep_within`] has cut it meanwhile.
 fn open_log(log: &Path) -> std::io::Result<fs::File> {
     if let Some(dir) = log.parent() {
         fs::create_dir_all(dir)?;
     }
-    fs::File::create(log)
+    let f = fs::OpenOptions::new()
+        .read(true)
+        .append(true)
+        .create(true)
+        .open(log)?;
+    f.set_len(0)?;
+    Ok(f)
+}
+
+/// What a cut log starts with.
+const LOG_CUT: &[u8] = b"[fbpkg-rs: earlier output dropped: the log keeps its last bytes]\n";
+
+/// When `log` (opened by [`open_log`]) holds more than `max` bytes, keep its last `max / 2`
+/// (from a line's start) after [`LOG_CUT`]. What the command writes while this runs may be
+/// lost: a log, not a record. Failures are left be: the log may grow until the next try.
+fn keep_within(log: &fs::File, max: u64) {
+    use std::io::Write as _;
+    use std::os::unix::fs::FileExt as _;
+    let Ok(len) = log.metadata().map(|m| m.len()) else {
+        return;
+    };
+    if len <= max {
+        return;
+    }
+    let keep = usize::try_from(max / 2).unwrap_or(usize::MAX);
+    let mut tail = vec![0; keep];
+    let Ok(n) = log.read_at(&mut tail, len - keep as u64) else {
+        return;
+    };
+    tail.truncate(n);
+    let from = tail.iter().position(|&b| b == b'\n').map_or(0, |nl| nl + 1);
+    if log.set_len(0).is_ok() {
+        let mut w = log;
+        let _ = w
+            .write_all(LOG_CUT)
+            .and_then(|()| w.write_all(&tail[from..]));
+    }
 }
 
 /// The last whole lines of `log` within `max` bytes.
@@ -857,6 +915,59 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         assert!(gone, "the command's child outlived the agent's stop");
+    }
+
+    /// A command that prints without end keeps only its last output on disk, while it runs
+    /// and when it is done: a health check in a loop filled the state directory's disk until
+    /// its timeout.
+    #[tokio::test]
+    async fn a_command_that_prints_without_end_keeps_its_log_small() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("x.log");
+        let err = run_command_within(
+            "for i in $(seq 1 2000); do echo line $i; done; exit 1",
+            &[],
+            Duration::from_secs(10),
+            &log,
+            4096,
+        )
+        .await
+        .unwrap_err();
+        assert!(err.ends_with("line 2000"), "{err}");
+        let kept = fs::read(&log).unwrap();
+        assert!(kept.len() <= 4096, "{}", kept.len());
+        assert!(kept.starts_with(LOG_CUT), "says what it dropped");
+        assert!(kept.ends_with(b"line 1999\nline 2000\n"));
+        assert!(
+            kept[LOG_CUT.len()..].starts_with(b"line "),
+            "whole lines after the cut"
+        );
+
+        // 1 MiB in one go, then a long wait: cut while the command still runs.
+        let running = {
+            let log = log.clone();
+            tokio::spawn(async move {
+                run_command_within(
+                    "head -c 1048576 /dev/zero | tr '\\0' x; echo; echo done; sleep 600",
+                    &[],
+                    Duration::from_secs(600),
+                    &log,
+                    65536,
+                )
+                .await
+            })
+        };
+        let mut small = false;
+        for _ in 0..600 {
+            let now = fs::read(&log).unwrap_or_default();
+            small = now.ends_with(b"done\n") && now.len() <= 65536;
+            if small {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        running.abort();
+        assert!(small, "{} bytes on disk", fs::metadata(&log).unwrap().len());
     }
 
     /// A timeout too long to add to the clock waits for the command, without a panic.
