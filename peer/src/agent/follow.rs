@@ -228,8 +228,7 @@ pub async fn follow(
     let mut fetched_reported: Option<Sha256Hash> = None;
     // The version whose fetch failed for good, reported unhealthy.
     let mut fetch_failed: Option<Sha256Hash> = None;
-    // Passes in a row whose fetch failed on a local I/O error.
-    let mut io_failures = 0u32;
+    let mut failures = Failures::default();
     // The tracker counted the last report sent: a rollout is listening to this host.
     let mut counted = false;
     let mut tick = tokio::time::interval(config.interval);
@@ -274,14 +273,7 @@ pub async fn follow(
                 Ok(entry) => entry,
                 Err(e) => {
                     let why = format!("fetch {name}:{sha}: {e}");
-                    // A local I/O error may pass (a moment out of file descriptors); one
-                    // that comes back pass after pass (a read-only cache) does not.
-                    io_failures = if e.kind() == ErrorKind::Io {
-                        io_failures + 1
-                    } else {
-                        0
-                    };
-                    let lasting = lasting(&e) || io_failures >= LASTING_IO_FAILURES;
+                    let lasting = failures.lasting(sha, &e);
                     // A failure no retry mends is this host's answer to the rollout: said
                     // (again each pass while a rollout counts it), or the gate waits for ever
                     // on a host that only ever resolves.
@@ -298,7 +290,7 @@ pub async fn follow(
                 }
             };
             fetch_failed = None;
-            io_failures = 0;
+            failures = Failures::default();
             let is_active = active.as_ref().is_some_and(|a| a.sha256 == sha);
             if !is_active && fetched_reported != Some(sha) {
                 push(
@@ -619,15 +611,31 @@ impl Drop for Group {
     }
 }
 
-/// A fetch failure no retry mends: the package cannot fit the cache (or the disk), or what
-/// arrives is not the package (an archive that fails its hash or is unsafe to unpack). Peers
-/// away, the tracker away, a download still under way: not lasting; a local I/O error only
-/// when it comes back [`LASTING_IO_FAILURES`] passes in a row.
-fn lasting(e: &PeerError) -> bool {
-    matches!(
-        e.kind(),
-        ErrorKind::NoSpace | ErrorKind::Verification | ErrorKind::UnsafeArchive
-    )
+/// The failed fetches of one followed tag, pass after pass.
+#[derive(Debug, Default)]
+struct Failures {
+    /// The version, and how many passes in a row its fetch failed on a local I/O error.
+    io: Option<(Sha256Hash, u32)>,
+}
+
+impl Failures {
+    /// Is this pass's failure to fetch `sha` one no retry mends? The package cannot fit the
+    /// cache (or the disk), or what arrives is not the package (an archive that fails its
+    /// hash or is unsafe to unpack). Peers away, the tracker away, a download still under
+    /// way: not lasting. A local I/O error may pass (a moment out of file descriptors); one
+    /// that comes back [`LASTING_IO_FAILURES`] passes in a row for the same version (a
+    /// read-only cache) is.
+    fn lasting(&mut self, sha: Sha256Hash, e: &PeerError) -> bool {
+        self.io = match (e.kind(), self.io) {
+            (ErrorKind::Io, Some((v, n))) if v == sha => Some((v, n + 1)),
+            (ErrorKind::Io, _) => Some((sha, 1)),
+            _ => None,
+        };
+        matches!(
+            e.kind(),
+            ErrorKind::NoSpace | ErrorKind::Verification | ErrorKind::UnsafeArchive
+        ) || self.io.is_some_and(|(_, n)| n >= LASTING_IO_FAILURES)
+    }
 }
 
 /// `log`, emptied, for appending: every write of the command lands at the end, wherever
@@ -968,6 +976,33 @@ mod tests {
         }
         running.abort();
         assert!(small, "{} bytes on disk", fs::metadata(&log).unwrap().len());
+    }
+
+    /// Which failed fetches a rollout hears of at once, which after three passes, and which
+    /// never (they mend by themselves).
+    #[test]
+    fn a_fetch_failure_is_lasting_when_no_retry_mends_it() {
+        let (v1, v2) = (
+            Sha256Hash::from_hex(&"01".repeat(32)).unwrap(),
+            Sha256Hash::from_hex(&"02".repeat(32)).unwrap(),
+        );
+        let io = || PeerError::io("writing a piece", "/cache/x")(std::io::Error::other("EIO"));
+        let no_peers = PeerError::NoPeers("none within 60s".into());
+        let mut f = Failures::default();
+        assert!(f.lasting(v1, &PeerError::NoSpace("budget".into())));
+        assert!(f.lasting(v1, &PeerError::Verification("sha256".into())));
+        assert!(!f.lasting(v1, &no_peers));
+        // Three passes in a row on I/O errors; anything else between starts the count again.
+        assert!(!f.lasting(v1, &io()));
+        assert!(!f.lasting(v1, &io()));
+        assert!(!f.lasting(v1, &no_peers));
+        assert!(!f.lasting(v1, &io()));
+        assert!(!f.lasting(v1, &io()));
+        assert!(f.lasting(v1, &io()));
+        // The tag moved on: the next version's first I/O error is its first.
+        assert!(!f.lasting(v2, &io()));
+        assert!(!f.lasting(v2, &io()));
+        assert!(f.lasting(v2, &io()));
     }
 
     /// A timeout too long to add to the clock waits for the command, without a panic.
