@@ -38,6 +38,15 @@ const PACKAGE_BYTES: usize = 4 << 20;
 const HONEST_RATE: u64 = 1 << 20;
 const DOWNLOAD_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// What the malicious peer sends for a block asked of it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Bad {
+    /// The right length, every byte inverted.
+    Corrupt,
+    /// The right bytes, one short: a block no piece can take.
+    Short,
+}
+
 /// What the malicious peer saw.
 #[derive(Debug, Default)]
 struct Seen {
@@ -58,6 +67,7 @@ async fn malicious_peer(
     bytes: Arc<Vec<u8>>,
     seen: Arc<Mutex<Seen>>,
     peer_id: PeerId,
+    bad: Bad,
     cancel: CancellationToken,
 ) {
     loop {
@@ -74,7 +84,7 @@ async fn malicious_peer(
         tokio::spawn(async move {
             tokio::select! {
                 _ = cancel.cancelled() => {}
-                _ = serve_corrupt(stream, &meta, &bytes, &seen, peer_id) => {}
+                _ = serve_corrupt(stream, &meta, &bytes, &seen, peer_id, bad) => {}
             }
         });
     }
@@ -88,6 +98,7 @@ async fn serve_corrupt(
     bytes: &[u8],
     seen: &Mutex<Seen>,
     peer_id: PeerId,
+    bad: Bad,
 ) {
     // A handshake for another swarm is not answered.
     let Some((
@@ -121,10 +132,13 @@ async fn serve_corrupt(
             if let Message::Request(b) = m {
                 let start =
                     usize::try_from(meta.piece_offset(b.index) + u64::from(b.begin)).unwrap();
-                let data: Vec<u8> = bytes[start..start + b.length as usize]
-                    .iter()
-                    .map(|x| !x)
-                    .collect();
+                let data: Vec<u8> = match bad {
+                    Bad::Corrupt => bytes[start..start + b.length as usize]
+                        .iter()
+                        .map(|x| !x)
+                        .collect(),
+                    Bad::Short => bytes[start..start + b.length as usize - 1].to_vec(),
+                };
                 let mut out = BytesMut::new();
                 Message::Piece {
                     index: b.index,
@@ -178,10 +192,29 @@ impl Upload {
 /// most of its first blocks from the malicious peer.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_peer_serving_corrupt_blocks_is_banned_and_never_reaches_the_cache() {
-    corrupt_peer_beside(Upload {
-        max_rate: Some(HONEST_RATE),
-        superseed: true,
-    })
+    corrupt_peer_beside(
+        Upload {
+            max_rate: Some(HONEST_RATE),
+            superseed: true,
+        },
+        Bad::Corrupt,
+    )
+    .await;
+}
+
+/// A peer that answers every request with a block one byte short is dropped, and the blocks
+/// asked of it go to the honest seed. They were held for ever: the block left the connection's
+/// requests but stayed asked of it in the picker, out of every other peer's reach and out of
+/// the request timeout's, and the download never ended while that peer stayed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_peer_serving_short_blocks_is_dropped_and_holds_nothing_back() {
+    corrupt_peer_beside(
+        Upload {
+            max_rate: Some(HONEST_RATE),
+            superseed: true,
+        },
+        Bad::Short,
+    )
     .await;
 }
 
@@ -191,14 +224,17 @@ async fn a_peer_serving_corrupt_blocks_is_banned_and_never_reaches_the_cache() {
 /// not be banned for it, or the leecher is left with nobody.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_peer_serving_corrupt_blocks_beside_a_full_speed_seed() {
-    corrupt_peer_beside(Upload {
-        max_rate: None,
-        superseed: false,
-    })
+    corrupt_peer_beside(
+        Upload {
+            max_rate: None,
+            superseed: false,
+        },
+        Bad::Corrupt,
+    )
     .await;
 }
 
-async fn corrupt_peer_beside(honest: Upload) {
+async fn corrupt_peer_beside(honest: Upload, bad: Bad) {
     // The leecher re-announces every second, so it is told of the malicious peer again and
     // again while it downloads.
     let staged = Staged::new("target", PACKAGE_BYTES).await;
@@ -221,6 +257,7 @@ async fn corrupt_peer_beside(honest: Upload) {
         bytes.clone(),
         seen.clone(),
         evil_id,
+        bad,
         cancel.clone(),
     ));
     announce_as_seeder(url, meta.info_hash, evil_id, evil_addr.port()).await;
@@ -294,11 +331,15 @@ async fn corrupt_peer_beside(honest: Upload) {
     let first_corrupt = s
         .first_corrupt
         .expect("the leecher never asked the malicious peer for a block: nothing was tested");
-    assert_eq!(
-        s.connections.len(),
-        1,
-        "the leecher connected to the malicious peer again after dropping it"
-    );
+    // A peer whose pieces fail is banned; one that breaks the protocol may be tried again
+    // later, as any broken peer is.
+    if bad == Bad::Corrupt {
+        assert_eq!(
+            s.connections.len(),
+            1,
+            "the leecher connected to the malicious peer again after dropping it"
+        );
+    }
     let (closed_at, blocks_before_close) = *s
         .closed
         .first()

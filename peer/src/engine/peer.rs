@@ -1250,6 +1250,18 @@ impl Conn {
             self.t.count_wasted(u64::from(length));
             return Ok(());
         };
+        // What was asked for, at another length, is no block any piece can take: it was
+        // counted as wasted and the block stayed asked of this peer in the picker, out of the
+        // request timeout's reach (no longer in flight here) and of every other peer's.
+        let asked = u64::from(self.t.meta.piece_size(index))
+            .saturating_sub(u64::from(begin))
+            .min(u64::from(BLOCK_SIZE));
+        if u64::from(length) != asked {
+            self.t.state().picker.release_block(self.id, &b);
+            return Err(End::Protocol(format!(
+                "block {index}:{begin} of {length} bytes where {asked} were asked for"
+            )));
+        }
         // Arrived with the read just made (no clock read per block). The peer answers in
         // order, so a request sent before the previous block arrived waited for it first.
         let at = self.last_recv;
