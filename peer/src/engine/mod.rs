@@ -689,7 +689,7 @@ async fn dial_loop(t: Arc<Torrent>) {
                     t2.dial_done(addr, dialled.is_some());
                     if let Some((stream, theirs, buf)) = dialled {
                         let s = peer::run(t2.clone(), stream, theirs, addr, true, buf).await;
-                        t2.session_ended(addr, s.moved_data, s.lasted);
+                        t2.session_ended(addr, s);
                     }
                 }
                 .instrument(tracing::debug_span!("dial", peer = %addr)),

@@ -66,6 +66,9 @@ const STOCK_REQUEST_QUEUE: usize = 250;
 const MAX_REQUEST: u32 = 128 << 10;
 /// Disconnect a peer that sends nothing for this long (keep-alives count).
 const IDLE_TIMEOUT: Duration = Duration::from_secs(180);
+/// Request timeouts in a row, with no block asked for arriving between them, after which a
+/// peer is let go: it says it has pieces and answers no request for them.
+const MOST_TIMEOUTS: u32 = 3;
 /// Send a keep-alive when we have written nothing for this long.
 const KEEPALIVE: Duration = Duration::from_secs(60);
 /// Least time between two writes of `have`s alone to one peer: a `have` for a piece we
@@ -89,6 +92,8 @@ enum End {
     Io(io::Error),
     Protocol(String),
     Told(&'static str),
+    /// It said it had pieces and answered none of [`MOST_TIMEOUTS`] requests in a row.
+    Unanswered,
     Cancelled,
 }
 
@@ -99,6 +104,7 @@ impl std::fmt::Display for End {
             End::Io(e) => write!(f, "I/O error: {e}"),
             End::Protocol(why) => write!(f, "protocol violation: {why}"),
             End::Told(why) => f.write_str(why),
+            End::Unanswered => f.write_str("answered no request"),
             End::Cancelled => f.write_str("shutting down"),
         }
     }
@@ -109,6 +115,9 @@ impl std::fmt::Display for End {
 pub(crate) struct Session {
     /// Piece data moved either way.
     pub moved_data: bool,
+    /// The peer broke the protocol or answered no request: dialled again only after a
+    /// backoff, however long it lasted or whatever it sent first.
+    pub faulty: bool,
     /// From the handshake to the end.
     pub lasted: Duration,
 }
@@ -145,6 +154,9 @@ struct Conn {
     peer_interested: bool,
     /// Our requests not yet answered, and when each was sent.
     in_flight: HashMap<(u32, u32), Instant>,
+    /// Request timeouts in a row with no block asked for arriving since: while above zero,
+    /// the peer is asked for one block at a time (the blocks that timed out are for others).
+    timeouts: u32,
     /// Most requests this peer takes queued.
     peer_queue: usize,
     /// Smoothed seconds the peer takes to answer a request that is next in line: from the
@@ -273,6 +285,7 @@ pub(crate) async fn run(
             }
             return Session {
                 moved_data: false,
+                faulty: false,
                 lasted: started.elapsed(),
             };
         }
@@ -300,6 +313,7 @@ pub(crate) async fn run(
         am_choking: true,
         peer_interested: false,
         in_flight: HashMap::new(),
+        timeouts: 0,
         peer_queue: if ours {
             MAX_QUEUED_UPLOADS
         } else {
@@ -337,13 +351,14 @@ pub(crate) async fn run(
         End::Closed | End::Cancelled | End::Told(_) => {
             tracing::debug!(package = %t.name, peer = %addr, reason = %end, "peer disconnected")
         }
-        End::Io(_) | End::Protocol(_) => {
+        End::Io(_) | End::Protocol(_) | End::Unanswered => {
             tracing::debug!(package = %t.name, peer = %addr, reason = %end, "peer dropped")
         }
     }
     t.unregister(id);
     Session {
         moved_data: c.moved_data || c.down_tick > 0 || c.up_tick > 0,
+        faulty: matches!(end, End::Protocol(_) | End::Unanswered),
         lasted: started.elapsed(),
     }
 }
@@ -864,6 +879,9 @@ impl Conn {
     }
 
     fn depth(&self) -> usize {
+        if self.timeouts > 0 {
+            return 1;
+        }
         request_depth(
             &self.t.ctx.config,
             self.down_rate.max(self.down_last),
@@ -1262,6 +1280,7 @@ impl Conn {
                 "block {index}:{begin} of {length} bytes where {asked} were asked for"
             )));
         }
+        self.timeouts = 0;
         // Arrived with the read just made (no clock read per block). The peer answers in
         // order, so a request sent before the previous block arrived waited for it first.
         let at = self.last_recv;
@@ -1404,8 +1423,14 @@ impl Conn {
                 self.in_flight.remove(&(b.index, b.begin));
                 self.send(&Message::Cancel(b));
             }
-            // Others may take the released blocks.
+            // Others may take the released blocks: this peer, asked for one block at a time
+            // from now on, does not take them all back at its refill below (silent peers
+            // holding their blocks that way kept the endgame from starting, for ever).
+            self.timeouts += 1;
             self.t.broadcast(Cmd::Refill);
+            if self.timeouts >= MOST_TIMEOUTS {
+                return Err(End::Unanswered);
+            }
         }
         if now.duration_since(self.last_recv) > IDLE_TIMEOUT {
             return Err(End::Told("idle"));

@@ -913,14 +913,16 @@ impl Torrent {
         }
     }
 
-    /// A dialled connection ended after `lasted`. One that moved piece data, or lasted past
+    /// A dialled connection ended. One that moved piece data, or lasted past
     /// [`HANG_UP_WITHIN`], clears the address's failures; one that the peer (or we) closed
     /// at once backs off like a failed dial. Without this, a peer that hangs up right after
-    /// the handshake (full, or a seed meeting a seed) was redialled as fast as it closed.
-    pub(crate) fn session_ended(&self, addr: SocketAddr, moved_data: bool, lasted: Duration) {
+    /// the handshake (full, or a seed meeting a seed) was redialled as fast as it closed. One
+    /// dropped as faulty always backs off: a peer that answers no request was dialled again
+    /// at once, and held its blocks again for another request timeout.
+    pub(crate) fn session_ended(&self, addr: SocketAddr, s: super::peer::Session) {
         let mut st = self.state();
         if let Some(c) = st.candidates.get_mut(&addr) {
-            if moved_data || lasted >= HANG_UP_WITHIN {
+            if !s.faulty && (s.moved_data || s.lasted >= HANG_UP_WITHIN) {
                 c.failures = 0;
             } else {
                 c.back_off();
@@ -1373,6 +1375,11 @@ pub(crate) mod tests {
         let a = peer(2);
         t.add_candidates([(a, None)]);
         let at_once = Duration::from_millis(50);
+        let ended = |moved_data: bool, lasted: Duration| crate::engine::peer::Session {
+            moved_data,
+            faulty: false,
+            lasted,
+        };
         let mut waits = Vec::new();
         for _ in 0..3 {
             let started = Instant::now();
@@ -1381,7 +1388,7 @@ pub(crate) mod tests {
             }
             waits.push(started.elapsed().as_secs());
             t.dial_done(a, true);
-            t.session_ended(a, false, at_once);
+            t.session_ended(a, ended(false, at_once));
         }
         assert_eq!(waits, [0, 2, 4]);
         assert!(t.dial_list().is_empty());
@@ -1390,11 +1397,24 @@ pub(crate) mod tests {
         tokio::time::sleep(Duration::from_secs(8)).await;
         assert_eq!(t.dial_list(), [a]);
         t.dial_done(a, true);
-        t.session_ended(a, true, at_once);
+        t.session_ended(a, ended(true, at_once));
         assert_eq!(t.dial_list(), [a]);
         // So does one that lasted.
         t.dial_done(a, true);
-        t.session_ended(a, false, HANG_UP_WITHIN);
+        t.session_ended(a, ended(false, HANG_UP_WITHIN));
+        assert_eq!(t.dial_list(), [a]);
+        // Not one dropped as faulty (it answered no request, or broke the protocol), however
+        // long it lasted and whatever it moved first.
+        t.dial_done(a, true);
+        t.session_ended(
+            a,
+            crate::engine::peer::Session {
+                faulty: true,
+                ..ended(true, HANG_UP_WITHIN)
+            },
+        );
+        assert!(t.dial_list().is_empty());
+        tokio::time::sleep(Duration::from_secs(2)).await;
         assert_eq!(t.dial_list(), [a]);
     }
 
