@@ -35,6 +35,9 @@ pub enum TrackerError {
     /// Publishing different metainfo under an existing name and hash.
     #[error("{0}")]
     Conflict(String),
+    /// A request body past the tracker's limit.
+    #[error("{0}")]
+    TooLarge(String),
     /// A store the tracker needs does not answer now (the catalog database): try again.
     #[error("{0}")]
     Unavailable(String),
@@ -69,6 +72,7 @@ impl TrackerError {
             TrackerError::Forbidden(_) => StatusCode::FORBIDDEN,
             TrackerError::NotFound(_) => StatusCode::NOT_FOUND,
             TrackerError::Ambiguous { .. } | TrackerError::Conflict(_) => StatusCode::CONFLICT,
+            TrackerError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
         }
     }
 }

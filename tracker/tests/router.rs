@@ -245,6 +245,54 @@ async fn publish_rejections() {
     assert_eq!(h.publish("app", &m).await, StatusCode::PAYLOAD_TOO_LARGE);
 }
 
+/// A tree of tens of thousands of files (a virtualenv, a `node_modules`) has a metainfo of a
+/// few MiB: it publishes within `max_body_bytes` (8 MiB). axum's own 2 MiB default for a body
+/// read whole refused it with a plain-text 413, whatever the limit said.
+#[tokio::test]
+async fn a_metainfo_of_a_few_mib_is_published() {
+    use fbpkg_common::metainfo::TreeItem;
+    let items: Vec<TreeItem> = (0..20_000)
+        .map(|i| TreeItem::File {
+            path: vec![
+                format!("lib-{:03}", i / 1000),
+                format!("module-{i:05}-{}.py", "x".repeat(60)),
+            ],
+            length: 1,
+            mode: 0o644,
+        })
+        .collect();
+    let m = Metainfo::build_tree(
+        items,
+        |_| Ok(std::io::Cursor::new(vec![b'#'])),
+        "venv",
+        "http://127.0.0.1:6969/announce",
+    )
+    .unwrap();
+    let size = m.as_bytes().len();
+    assert!(size > 2 << 20 && size < 8 << 20, "{size} bytes");
+    let h = harness(|_| {});
+    let (s, b) = h
+        .put(
+            &format!("/api/v1/packages/venv/{}", m.sha256),
+            m.as_bytes().to_vec(),
+            None,
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{}", String::from_utf8_lossy(&b));
+    // Past the limit, the refusal says so in the API's own words.
+    let h = harness(|c| c.max_body_bytes = 1 << 20);
+    let (s, b) = h
+        .put(
+            &format!("/api/v1/packages/venv/{}", m.sha256),
+            m.as_bytes().to_vec(),
+            None,
+        )
+        .await;
+    assert_eq!(s, StatusCode::PAYLOAD_TOO_LARGE);
+    let e = json::<ApiError>(&b).error;
+    assert!(e.contains("larger than this tracker takes"), "{e}");
+}
+
 #[tokio::test]
 async fn publishing_needs_the_token_when_one_is_set() {
     let h = harness(|c| c.publish_token = Some("s3cret".into()));

@@ -157,9 +157,19 @@ pub(super) async fn publish(
     State(state): State<SharedState>,
     Path((pkg, hash)): Path<(String, String)>,
     headers: HeaderMap,
-    body: Bytes,
+    body: Result<Bytes, axum::extract::rejection::BytesRejection>,
 ) -> ApiResult<Response> {
     authorize(&state, &headers)?;
+    let body = body.map_err(|e| {
+        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            TrackerError::TooLarge(format!(
+                "the metainfo is larger than this tracker takes ({} bytes at most)",
+                state.config.max_body_bytes
+            ))
+        } else {
+            TrackerError::BadRequest(e.body_text())
+        }
+    })?;
     let n = name(&pkg)?;
     let sha = Sha256Hash::from_hex(&hash).map_err(|e| {
         TrackerError::BadRequest(format!(

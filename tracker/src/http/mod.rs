@@ -180,7 +180,10 @@ pub fn app(state: SharedState) -> Router {
             post(rollouts::control),
         )
         .route("/api/v1/reports", post(rollouts::report))
+        // The limit is `max_body_bytes`, not axum's own 2 MiB for a body read whole (a tree of
+        // tens of thousands of files has a metainfo past it).
         .layer(RequestBodyLimitLayer::new(body_limit))
+        .layer(axum::extract::DefaultBodyLimit::disable())
         .layer(TimeoutLayer::with_status_code(
             StatusCode::REQUEST_TIMEOUT,
             timeout,
