@@ -178,6 +178,24 @@ async fn publish_resolve_and_fetch_metainfo() {
     assert_eq!(json::<VersionInfo>(&b).name.as_str(), "app");
 }
 
+/// A version stored has its swarm registered with it, not by the request after the store: a
+/// publish whose request is dropped once the catalog has it (its client gone, its deadline
+/// passed) left the version listed and every announce for it refused as unregistered, the
+/// publisher's own included, until a restart.
+#[tokio::test]
+async fn a_version_stored_is_announced_to_whatever_became_of_its_request() {
+    let h = harness(|_| {});
+    let m = package(4, 100_000);
+    let app = fbpkg_common::pkgref::PackageName::new("app").unwrap();
+    // What the handler's blocking task does, with nobody left to carry on after it.
+    h.state
+        .catalog
+        .publish(&app, &m.sha256, m.as_bytes())
+        .unwrap();
+    let answer = h.announce("127.0.0.1:1", &announce_req(&m, 1, 0)).await;
+    ok(answer);
+}
+
 #[tokio::test]
 async fn publish_rejections() {
     let h = harness(|_| {});

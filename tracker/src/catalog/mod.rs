@@ -114,7 +114,7 @@ pub struct Catalog {
     /// Serialises this process's writers so check-then-write is atomic here; readers never
     /// wait on the store.
     write: Mutex<()>,
-    /// Told of every version a reload brings in ([`Catalog::on_new_version`]).
+    /// Told of every version a publish or a reload brings in ([`Catalog::on_new_version`]).
     new_version: std::sync::OnceLock<NewVersion>,
 }
 
@@ -161,7 +161,8 @@ impl Catalog {
         })
     }
 
-    /// Call `f` with every version a reload brings in from the store (published by another
+    /// Call `f` with every version this process adds to the catalog after opening it: one
+    /// published here, or one a reload brings in from the store (published by another
     /// replica), whoever reloads: the listener, or a write that asked the store for a version
     /// this process had not heard of yet. The tracker registers their swarms with it: a
     /// version learnt any other way would be in the catalog with its announces refused. Set
@@ -257,6 +258,12 @@ impl Catalog {
                     .or_default()
                     .versions
                     .insert(*sha256, kept.clone());
+                // Told here, with the version in the index, not by the caller after: a publish
+                // whose request was dropped meanwhile (its client gone, its deadline passed)
+                // stored the version and left its swarm unregistered, every announce refused.
+                if let Some(hook) = self.new_version.get() {
+                    (hook.0)(name, &kept);
+                }
                 match stored {
                     None => return Ok((Published::Created, version)),
                     Some(_) => kept,

@@ -179,8 +179,8 @@ pub(super) async fn publish(
     let st = state.clone();
     let n2 = n.clone();
     let (outcome, version) = blocking(move || st.catalog.publish(&n2, &sha, &body)).await?;
+    // Its swarm was registered by the catalog, with the version.
     let m = &version.metainfo;
-    state.register(&n, m);
     let status = match outcome {
         Published::Created => {
             state.metrics.publish();

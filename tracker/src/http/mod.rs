@@ -117,15 +117,6 @@ impl AppState {
         }))
     }
 
-    /// Register the swarm of a version (published here, or seen in the shared catalog).
-    pub fn register(
-        &self,
-        name: &crate::catalog::PackageName,
-        m: &fbpkg_common::metainfo::Metainfo,
-    ) {
-        self.swarms.register_version(name, m);
-    }
-
     /// May the rollout controller act from this replica now?
     pub fn runs_controller(&self) -> bool {
         self.controller_lease.as_ref().is_none_or(Lease::held)
