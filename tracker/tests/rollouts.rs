@@ -845,3 +845,59 @@ async fn aborted_rollouts_alone_still_say_where_the_tag_is() {
     assert_eq!(st.current.expect("active").rollout.id, r.id);
     assert_eq!(r.id, fbpkg_tracker::rollout::HISTORY_PER_TAG as u64 + 2);
 }
+
+/// Each tag's step is taken on its own: one whose record cannot be written (on every tick)
+/// does not keep another tag's rollout from halting on its unhealthy hosts. The first failing
+/// step returned from the gate, and every tag after it in order was never judged again.
+#[tokio::test(start_paused = true)]
+async fn a_tag_whose_step_fails_does_not_hold_up_the_others() {
+    let h = Harness::new().await;
+    let b = h.b.sha256;
+    let (s, _) = h
+        .send(
+            "PUT",
+            "/api/v1/packages/app/tags/alpha",
+            h.a.sha256.to_hex().into_bytes(),
+            Some(TOKEN),
+            "127.0.0.1:1",
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK);
+    for tag in ["alpha", "prod"] {
+        let (s, body) = h
+            .post(
+                "/api/v1/rollouts",
+                json!({"name": "app", "tag": tag, "to": b.to_hex(), "phases": ["100"],
+                       "bake_ms": 0, "max_failures": "0"}),
+            )
+            .await;
+        assert_eq!(s, StatusCode::CREATED, "{}", String::from_utf8_lossy(&body));
+        let (s, body) = h
+            .send(
+                "GET",
+                &format!("/api/v1/packages/app/{tag}?host=host-1"),
+                Vec::new(),
+                None,
+                HOST_IP,
+            )
+            .await;
+        assert_eq!(s, StatusCode::OK, "{}", String::from_utf8_lossy(&body));
+    }
+    let ack = h
+        .report("host-1", HostState::Unhealthy, Some("exit 1"))
+        .await;
+    assert_eq!(ack.counted_for.len(), 2, "{:?}", ack.counted_for);
+    // app:alpha's record can no longer be replaced (a directory where its file goes).
+    let record = h.dir.path().join("rollouts/v1/app/alpha.json");
+    std::fs::remove_file(&record).unwrap();
+    std::fs::create_dir_all(record.join("in-the-way")).unwrap();
+    let failed = h
+        .state
+        .rollouts
+        .tick(&h.state.catalog, Instant::now(), wall_ms());
+    assert!(failed.is_err(), "alpha's step could not be recorded");
+    assert!(
+        matches!(h.current().await.rollout.state, RolloutState::Halted { .. }),
+        "prod halts all the same"
+    );
+}

@@ -526,8 +526,11 @@ impl Rollouts {
                 }
             }
         }
+        // Each tag's step on its own: one that fails on every tick (its store, its version)
+        // must not keep the others from advancing, or from halting on unhealthy hosts.
+        let mut first_failure = None;
         for (name, tag, id, step) in steps {
-            self.change(catalog, &name, &tag, |rec, _| {
+            let done = self.change(catalog, &name, &tag, |rec, _| {
                 // Judged again on the record as it is: an operator may have acted meanwhile,
                 // here or on another replica. A paused rollout may halt, never advance.
                 let Some(r) = rec.current.as_mut().filter(|r| r.id == id) else {
@@ -560,9 +563,13 @@ impl Rollouts {
                     }
                 }
                 Ok(())
-            })?;
+            });
+            if let Err(e) = done {
+                tracing::warn!(package = %name, %tag, error = %e, "a rollout's step could not be recorded; tried again at the next tick");
+                first_failure.get_or_insert(e);
+            }
         }
-        Ok(())
+        first_failure.map_or(Ok(()), Err)
     }
 
     /// Is some rollout running or paused (a gate to run)?
