@@ -222,10 +222,13 @@ impl PeerError {
     }
 }
 
-/// The kind of a local I/O error: a full disk or quota is [`ErrorKind::NoSpace`].
+/// The kind of a local I/O error: a full disk or quota is [`ErrorKind::NoSpace`], by the
+/// OS's number or, for an error made again with more context (which keeps only the kind),
+/// by its kind.
 pub fn io_kind(e: &io::Error) -> ErrorKind {
-    match e.raw_os_error() {
-        Some(libc::ENOSPC | libc::EDQUOT) => ErrorKind::NoSpace,
+    match (e.raw_os_error(), e.kind()) {
+        (Some(libc::ENOSPC | libc::EDQUOT), _)
+        | (_, io::ErrorKind::StorageFull | io::ErrorKind::QuotaExceeded) => ErrorKind::NoSpace,
         _ => ErrorKind::Io,
     }
 }
@@ -253,6 +256,19 @@ mod tests {
             serde_json::from_str::<ErrorKind>("\"from_the_future\"").unwrap(),
             ErrorKind::Other
         );
+    }
+
+    /// A full disk is "no space" whether the error carries the OS's number or only its kind
+    /// (an error made again with the path in its message).
+    #[test]
+    fn a_full_disk_is_no_space_however_its_error_was_wrapped() {
+        let os = io::Error::from_raw_os_error(libc::ENOSPC);
+        let wrapped = io::Error::new(os.kind(), format!("/x/data.part: {os}"));
+        assert_eq!(io_kind(&os), ErrorKind::NoSpace);
+        assert_eq!(io_kind(&wrapped), ErrorKind::NoSpace);
+        let quota = io::Error::new(io::Error::from_raw_os_error(libc::EDQUOT).kind(), "q");
+        assert_eq!(io_kind(&quota), ErrorKind::NoSpace);
+        assert_eq!(io_kind(&io::Error::other("EIO")), ErrorKind::Io);
     }
 
     #[test]

@@ -391,4 +391,13 @@ async fn a_full_disk_leaves_the_cache_as_it_was() {
     assert!(cache.lookup(&app(), &big).is_none());
     assert!(cache.lookup_checked(&app(), &small).unwrap().is_some());
     assert!(staging_empty(&cache));
+
+    // The partial download on the full disk too (the default: the state directory beside
+    // the cache): the disk fills while blocks are written, and that is "no space" as well. It
+    // exited 1, the writer's error having lost the OS's number on the way.
+    let tail = host_args(&disk.0.path().join("state"), &cache_dir, &url);
+    let out = get(&big, &tail).await;
+    assert_eq!(out.code, Some(NO_SPACE), "{out}");
+    assert!(cache.lookup(&app(), &big).is_none());
+    assert!(cache.lookup_checked(&app(), &small).unwrap().is_some());
 }
