@@ -253,14 +253,32 @@ impl Cache {
             Seal::Broken(why) => why,
         };
         tracing::warn!(package = %name, sha256 = %sha256, reason = %why, "cache entry changed since install; verifying it");
-        let report = self.verify(name, sha256)?;
+        // Another caller may verify the same entry at the same time, and quarantine it (or
+        // evict it) first: the entry gone is the answer this caller would have come to, not
+        // an error (every `get` but one failed where a fetch would have mended it).
+        let gone = |e: PeerError| {
+            let absent = fs::symlink_metadata(self.entry_dir(name, sha256))
+                .is_err_and(|m| m.kind() == io::ErrorKind::NotFound);
+            if absent || e.kind() == crate::error::ErrorKind::NotFound {
+                Ok(None)
+            } else {
+                Err(e)
+            }
+        };
+        let report = match self.verify(name, sha256) {
+            Ok(r) => r,
+            Err(e) => return gone(e),
+        };
         if report.is_intact() {
             if let Err(e) = self.reseal(name, sha256) {
                 tracing::warn!(package = %name, sha256 = %sha256, error = %e, "cannot reseal an intact cache entry");
             }
             return Ok(Some(entry));
         }
-        let to = self.quarantine(name, sha256)?;
+        let to = match self.quarantine(name, sha256) {
+            Ok(to) => to,
+            Err(e) => return gone(e),
+        };
         tracing::error!(package = %name, sha256 = %sha256, problems = ?report.problems, quarantine = %to.display(), "cache entry is corrupt; quarantined");
         Ok(None)
     }
@@ -614,6 +632,33 @@ mod tests {
             fs::read_dir(cache.root().join(QUARANTINE)).unwrap().count(),
             1
         );
+    }
+
+    /// Several callers find the same entry's seal broken at once (workers all running `get`):
+    /// each verifies it, one quarantines it, and every one of them is told it is not in the
+    /// cache (to fetch it again), none an error.
+    #[test]
+    fn callers_that_check_a_corrupt_entry_at_once_are_all_told_it_is_gone() {
+        let work = tempfile::tempdir().unwrap();
+        let cache = Cache::new(work.path().join("cache"));
+        let (n, m) = install_file(&cache, work.path(), "busy", &vec![3u8; 16 << 20]);
+        flip(&cache.lookup(&n, &m.sha256).unwrap().launch_path, 16 << 19);
+        let barrier = std::sync::Barrier::new(4);
+        let answers: Vec<_> = std::thread::scope(|s| {
+            let checks: Vec<_> = (0..4)
+                .map(|_| {
+                    s.spawn(|| {
+                        barrier.wait();
+                        cache.lookup_checked(&n, &m.sha256).map(|e| e.is_some())
+                    })
+                })
+                .collect();
+            checks.into_iter().map(|c| c.join().unwrap()).collect()
+        });
+        for a in &answers {
+            assert!(matches!(a, Ok(false)), "{answers:?}");
+        }
+        assert!(cache.lookup(&n, &m.sha256).is_none(), "quarantined");
     }
 
     #[test]
