@@ -168,9 +168,10 @@ impl Follows {
     }
 }
 
-/// Load the durable state and set up one status row per followed tag.
+/// Load the durable state, less the tags no longer followed, and set up one status row per
+/// followed tag.
 pub fn prepare(state_dir: &Path, config: &FollowConfig) -> Follows {
-    let durable = FollowState::load(state_dir);
+    let durable = forget_unfollowed(state_dir, &config.follows);
     let status = config
         .follows
         .iter()
@@ -196,6 +197,25 @@ pub fn prepare(state_dir: &Path, config: &FollowConfig) -> Follows {
         status: Mutex::new(status),
         durable: tokio::sync::Mutex::new(durable),
     }
+}
+
+/// Drop from the durable state every tag not in `follows` (an agent started without
+/// `--follow` passes none), saving it when that changed it, and return what is left. A tag
+/// this host stopped following kept its last activation for ever: `get NAME:TAG` with the
+/// tracker away answered with it over the newer version `get` itself had resolved since, and
+/// the budget kept it.
+pub fn forget_unfollowed(state_dir: &Path, follows: &[(PackageName, Tag)]) -> FollowState {
+    let mut state = FollowState::load(state_dir);
+    let before = state.follows.len();
+    state
+        .follows
+        .retain(|k, _| follows.iter().any(|(n, t)| key(n, t) == *k));
+    if state.follows.len() != before
+        && let Err(e) = state.save(state_dir)
+    {
+        tracing::warn!(error = %e, "cannot forget the tags no longer followed");
+    }
+    state
 }
 
 /// One followed tag's loop; returns at shutdown.
@@ -976,6 +996,32 @@ mod tests {
         }
         running.abort();
         assert!(small, "{} bytes on disk", fs::metadata(&log).unwrap().len());
+    }
+
+    /// An agent started with fewer `--follow`s forgets the others' activations (the offline
+    /// answer for a tag and the budget's protection come from them); one without any forgets
+    /// them all.
+    #[test]
+    fn tags_no_longer_followed_are_forgotten_at_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let app = PackageName::new("app").unwrap();
+        let (prod, old) = (Tag::new("prod").unwrap(), Tag::new("old").unwrap());
+        let activation = Activation {
+            sha256: Sha256Hash::from_hex(&"01".repeat(32)).unwrap(),
+            state: HostState::Healthy,
+            detail: None,
+            previous: None,
+        };
+        let mut state = FollowState::default();
+        for t in [&prod, &old] {
+            state.follows.insert(key(&app, t), activation.clone());
+        }
+        state.save(dir.path()).unwrap();
+        let left = forget_unfollowed(dir.path(), &[(app.clone(), prod.clone())]);
+        assert!(left.get(&app, &prod).is_some() && left.get(&app, &old).is_none());
+        assert_eq!(FollowState::load(dir.path()), left, "saved");
+        assert!(forget_unfollowed(dir.path(), &[]).follows.is_empty());
+        assert!(FollowState::load(dir.path()).follows.is_empty());
     }
 
     /// Which failed fetches a rollout hears of at once, which after three passes, and which

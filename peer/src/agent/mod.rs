@@ -114,7 +114,10 @@ impl Agent {
         .await?;
         let follows = match &follow {
             Some(f) => follow::prepare(&state_dir, f),
-            None => follow::Follows::default(),
+            None => {
+                follow::forget_unfollowed(&state_dir, &[]);
+                follow::Follows::default()
+            }
         };
         let agent = Arc::new(Agent {
             engine: engine.clone(),
