@@ -285,7 +285,10 @@ pub fn extract(archive: &Path, dest: &Path, limits: &ExtractLimits) -> Result<()
                 if copied != entry.size() {
                     return Err(unsafe_archive(format!("{} is truncated", rel.display())));
                 }
-                f.set_permissions(fs::Permissions::from_mode(mode))
+                // Readable by its owner whatever the archive says (as a tree package's files
+                // are): install reads every file back to fsync it, and an agent that is not
+                // root could not open a file archived as 000, so the package never installed.
+                f.set_permissions(fs::Permissions::from_mode(mode | 0o400))
                     .map_err(PeerError::io("chmod", &target))?;
             }
             tar::EntryType::Directory => {
@@ -477,6 +480,32 @@ mod tests {
             b.finish().unwrap();
         }
         zstd::encode_all(&tar_bytes[..], 3).unwrap()
+    }
+
+    /// A file archived with no permission at all is extracted readable by its owner (what
+    /// install and verify need), and the tree compares equal to its archive.
+    #[test]
+    fn a_file_archived_unreadable_is_extracted_readable_by_its_owner() {
+        let mut tar_bytes = Vec::new();
+        {
+            let mut b = tar::Builder::new(&mut tar_bytes);
+            let mut h = tar::Header::new_gnu();
+            h.set_entry_type(tar::EntryType::Regular);
+            h.set_size(5);
+            h.set_mode(0o000);
+            h.set_cksum();
+            b.append_data(&mut h, "secret", &b"hello"[..]).unwrap();
+            b.finish().unwrap();
+        }
+        let work = tempfile::tempdir().unwrap();
+        let arc = work.path().join("a.tar.zst");
+        fs::write(&arc, zstd::encode_all(&tar_bytes[..], 3).unwrap()).unwrap();
+        let out = work.path().join("out");
+        extract(&arc, &out, &ExtractLimits::default()).unwrap();
+        let mode = fs::metadata(out.join("secret")).unwrap().mode() & 0o777;
+        assert_eq!(mode, 0o400);
+        let check = compare_tree(&arc, &out, &ExtractLimits::default()).unwrap();
+        assert!(check.problems.is_empty(), "{:?}", check.problems);
     }
 
     fn extract_err(bytes: &[u8]) -> String {

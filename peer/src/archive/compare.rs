@@ -96,8 +96,15 @@ pub fn compare_tree(archive: &Path, tree: &Path, limits: &ExtractLimits) -> Resu
                     out.problem(&mut extra, format!("{shown} is no longer a regular file"));
                     continue;
                 }
-                // Extraction keeps the archive's bits, install strips write bits.
-                check_mode(&mut out, &mut extra, &shown, mode, header_mode & 0o555);
+                // Extraction keeps the archive's bits, owner-readable; install strips write
+                // bits.
+                check_mode(
+                    &mut out,
+                    &mut extra,
+                    &shown,
+                    mode,
+                    (header_mode & 0o555) | 0o400,
+                );
                 if meta.len() != entry.size() {
                     out.problem(
                         &mut extra,
