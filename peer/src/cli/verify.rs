@@ -184,12 +184,14 @@ pub(super) fn run(args: VerifyArgs) -> anyhow::Result<ExitCode> {
     let mut entries = Vec::with_capacity(selected.len());
     for (name, sha) in &selected {
         let o = check_one(&cache, name, sha, !args.no_quarantine);
+        if o.quarantined.is_some() {
+            forget_quarantined(&args.host, &o);
+        }
         if !args.json {
             print_line(&o);
         }
         entries.push(o);
     }
-    forget_quarantined(&args.host, &entries);
     let count = |s: &str| entries.iter().filter(|o| o.status == s).count();
     let out = Output {
         ok: count("ok"),
@@ -211,29 +213,24 @@ pub(super) fn run(args: VerifyArgs) -> anyhow::Result<ExitCode> {
 
 /// A running agent still holds a quarantined entry's file open and would go on seeding it:
 /// ask it to stop (`forget`; the entry is already out of the cache). The next `get` fetches the
-/// package again.
-fn forget_quarantined(host: &HostArgs, entries: &[Outcome]) {
-    let doomed: Vec<_> = entries.iter().filter(|o| o.quarantined.is_some()).collect();
-    if doomed.is_empty() {
-        return;
-    }
+/// package again. Asked at once, not once every entry is read: a verify of a large cache
+/// takes minutes, and a `forget` sent at its end took out of the cache whatever copy had been
+/// fetched again meanwhile (the path a `get` had just printed).
+fn forget_quarantined(host: &HostArgs, o: &Outcome) {
     let state_dir = host.state_dir();
     let told = super::runtime().map_err(|e| e.to_string()).and_then(|rt| {
         rt.block_on(async {
-            for o in &doomed {
-                let Some(agent) = AgentClient::connect(&state_dir)
-                    .await
-                    .map_err(|e| e.to_string())?
-                else {
-                    return Ok(());
-                };
-                let req = Request::Forget {
-                    name: o.name.to_string(),
-                    sha256: o.sha256.to_hex(),
-                };
-                agent.call(&req).await.map_err(|e| e.to_string())?;
-            }
-            Ok(())
+            let Some(agent) = AgentClient::connect(&state_dir)
+                .await
+                .map_err(|e| e.to_string())?
+            else {
+                return Ok(());
+            };
+            let req = Request::Forget {
+                name: o.name.to_string(),
+                sha256: o.sha256.to_hex(),
+            };
+            agent.call(&req).await.map_err(|e| e.to_string()).map(drop)
         })
     });
     if let Err(e) = told {
