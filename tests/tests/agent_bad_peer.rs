@@ -459,3 +459,72 @@ async fn peers_that_never_answer_hold_back_nothing() {
     seed.shutdown().await;
     let _ = stop_tracker(staged.tracker).await;
 }
+
+/// One host that opens connections and never sends its handshake holds only a few of the
+/// agent's connection slots: the rest of its connections are closed at once, and a leecher
+/// from elsewhere downloads. Before, each such connection held a slot until the handshake
+/// timeout, and twenty of them held all sixteen here: the seed neither accepted nor dialled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn connections_that_never_handshake_hold_few_slots() {
+    const SILENT: usize = 20;
+    let staged = Staged::new("target", PACKAGE_BYTES).await;
+    let (base, url, cancel) = (staged.base(), &staged.url, &staged.cancel);
+    let (name, bytes, meta) = (&staged.name, &staged.bytes, &staged.meta);
+    let seed = engine(&base.join("seed"), url, cancel, |c| {
+        c.max_connections = 16;
+        c.handshake_timeout = Duration::from_secs(300);
+    })
+    .await;
+    seed.tracker().publish(name, meta).await.unwrap();
+    seed_from_cache(&seed, name, meta, bytes, base);
+
+    // From another loopback address than the leecher's.
+    let mut silent = Vec::new();
+    for _ in 0..SILENT {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket
+            .bind((Ipv4Addr::new(127, 0, 0, 9), 0).into())
+            .unwrap();
+        silent.push(socket.connect(seed.listen_addr()).await.unwrap());
+    }
+    let closed = Arc::new(Mutex::new(0usize));
+    for mut s in silent {
+        let closed = closed.clone();
+        tokio::spawn(async move {
+            let mut b = [0u8; 64];
+            // EOF or a reset: the seed let it go.
+            if !matches!(s.read(&mut b).await, Ok(n) if n > 0) {
+                *closed.lock().unwrap() += 1;
+            }
+        });
+    }
+    wait_for(
+        "the seed to close what is past the cap",
+        DOWNLOAD_TIMEOUT,
+        || {
+            let n = *closed.lock().unwrap();
+            async move {
+                if n >= SILENT - fbpkg_peer::engine::HALF_OPEN_PER_ADDRESS as usize {
+                    Ok(())
+                } else {
+                    Err(format!("{n} closed"))
+                }
+            }
+        },
+    )
+    .await;
+
+    let leecher = engine(&base.join("leecher"), url, cancel, |_| {}).await;
+    let t = leecher.download(name.clone(), meta.clone()).await.unwrap();
+    let ended = tokio::time::timeout(DOWNLOAD_TIMEOUT, t.finished())
+        .await
+        .unwrap_or_else(|_| panic!("no end within {DOWNLOAD_TIMEOUT:?}: {:?}", t.status()));
+    let Phase::Seeding(entry) = ended else {
+        panic!("the leecher ended {ended:?}");
+    };
+    assert!(std::fs::read(&entry.launch_path).unwrap() == **bytes);
+    cancel.cancel();
+    leecher.shutdown().await;
+    seed.shutdown().await;
+    let _ = stop_tracker(staged.tracker).await;
+}

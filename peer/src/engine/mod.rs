@@ -179,10 +179,54 @@ pub(crate) struct EngineCtx {
 pub struct Engine {
     ctx: Arc<EngineCtx>,
     torrents: RwLock<HashMap<InfoHash, Arc<Torrent>>>,
+    /// Incoming connections whose handshake has not come yet, per address.
+    half_open: HalfOpen,
     /// One gate per info-hash whose download is being set up: whoever takes it first creates
     /// the torrent; everyone else waits on it and then subscribes to that torrent.
     setting_up: std::sync::Mutex<HashMap<InfoHash, Arc<tokio::sync::Mutex<()>>>>,
     cancel: CancellationToken,
+}
+
+/// Incoming connections from one address that may wait for their handshake at once. Each
+/// holds one of `max_connections` until its handshake or `handshake_timeout`: without a cap,
+/// one host that opened connections and sent nothing (again at every timeout) held them all,
+/// and the agent neither accepted nor dialled anyone for any package. An agent's handshake
+/// follows its connect at once, so a few per address are plenty even for many packages.
+pub const HALF_OPEN_PER_ADDRESS: u32 = 8;
+
+/// Counts of incoming connections waiting for their handshake, per address.
+#[derive(Debug, Default)]
+struct HalfOpen(std::sync::Mutex<HashMap<std::net::IpAddr, u32>>);
+
+impl HalfOpen {
+    /// Count one more from `ip`, unless it has [`HALF_OPEN_PER_ADDRESS`] already.
+    fn enter(&self, ip: std::net::IpAddr) -> Option<HalfOpenGuard<'_>> {
+        let mut m = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let n = m.entry(ip).or_default();
+        if *n >= HALF_OPEN_PER_ADDRESS {
+            return None;
+        }
+        *n += 1;
+        Some(HalfOpenGuard { of: self, ip })
+    }
+}
+
+/// One connection counted in [`HalfOpen`] until dropped.
+struct HalfOpenGuard<'a> {
+    of: &'a HalfOpen,
+    ip: std::net::IpAddr,
+}
+
+impl Drop for HalfOpenGuard<'_> {
+    fn drop(&mut self) {
+        let mut m = self.of.0.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = m.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                m.remove(&self.ip);
+            }
+        }
+    }
 }
 
 /// Installs kept for a slow [`Engine::installs`] subscriber.
@@ -257,6 +301,7 @@ impl Engine {
         let engine = Arc::new(Self {
             ctx: ctx.clone(),
             torrents: RwLock::new(HashMap::new()),
+            half_open: HalfOpen::default(),
             setting_up: std::sync::Mutex::new(HashMap::new()),
             cancel: cancel.clone(),
         });
@@ -628,6 +673,10 @@ impl Engine {
     }
 
     async fn incoming(&self, mut stream: TcpStream, addr: SocketAddr) {
+        let Some(waiting) = self.half_open.enter(addr.ip().to_canonical()) else {
+            tracing::debug!(peer = %addr, "too many connections from one address waiting for their handshake");
+            return;
+        };
         let timeout = self.ctx.config.handshake_timeout;
         let mut buf = BytesMut::with_capacity(1024);
         let theirs =
@@ -639,6 +688,7 @@ impl Engine {
                 }
                 Err(_) => return,
             };
+        drop(waiting);
         let Some(t) = self.torrent(&theirs.info_hash) else {
             tracing::debug!(peer = %addr, info_hash = %theirs.info_hash, "handshake for a package we do not have");
             return;
