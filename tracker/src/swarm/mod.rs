@@ -383,10 +383,16 @@ impl Swarms {
         dropped
     }
 
-    /// Visit every swarm (for the dashboard, scrape-all and metrics).
+    /// Visit every swarm (for the dashboard, `/api/v1/swarms`, scrape-all and metrics), one
+    /// at a time as [`Swarms::sweep`] does: iterating the map held each shard for the visit of
+    /// all its swarms (a view of up to a thousand peers each), and every announce to a swarm
+    /// in that shard waited meanwhile.
     pub fn for_each(&self, mut f: impl FnMut(&InfoHash, &Swarm)) {
-        for r in self.map.iter() {
-            f(r.key(), r.value());
+        let keys: Vec<InfoHash> = self.map.iter().map(|r| *r.key()).collect();
+        for k in keys {
+            if let Some(s) = self.map.get(&k) {
+                f(&k, s.value());
+            }
         }
     }
 
