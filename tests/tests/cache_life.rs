@@ -401,3 +401,43 @@ async fn a_full_disk_leaves_the_cache_as_it_was() {
     assert!(cache.lookup(&app(), &big).is_none());
     assert!(cache.lookup_checked(&app(), &small).unwrap().is_some());
 }
+
+/// A standalone `get` removes what standalone `get`s killed before their end left in the
+/// state directory (a partial download each, that nothing resumed or removed), and leaves
+/// the work of one still running (locked, or its process alive).
+#[tokio::test]
+async fn a_standalone_get_clears_what_killed_ones_left() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path();
+    let tracker = TrackerProcess::start(&base.join("tracker")).unwrap();
+    let url = tracker.base_url();
+    let seeder = AgentProcess::start(&base.join("a/state"), &base.join("a/cache"), &url, &[])
+        .await
+        .unwrap();
+    let sha = publish(base, 1, 64 << 10, None, &seeder.host_args()).await;
+
+    let state = base.join("b/state");
+    let dead_pid = || {
+        let mut c = std::process::Command::new("true").spawn().unwrap();
+        let pid = c.id();
+        c.wait().unwrap();
+        pid
+    };
+    let work = |name: String| {
+        let d = state.join(name).join("a-download");
+        std::fs::create_dir_all(&d).unwrap();
+        std::fs::write(d.join("data.part"), vec![0u8; 1 << 20]).unwrap();
+        d.parent().unwrap().to_owned()
+    };
+    let killed = work(format!("get-{}", dead_pid()));
+    let locked = work(format!("get-{}", dead_pid()));
+    let running = work(format!("get-{}", std::process::id()));
+    let lock = std::fs::File::open(&locked).unwrap();
+    lock.lock().unwrap();
+
+    let out = get(&sha, &host_args(&state, &base.join("b/cache"), &url)).await;
+    assert!(out.success(), "{out}");
+    assert!(!killed.exists(), "the killed get's download is removed");
+    assert!(locked.exists() && running.exists(), "work in use is left");
+    drop(lock);
+}

@@ -459,6 +459,50 @@ async fn via_agent(
     }
 }
 
+/// Make `work` and hold an exclusive `flock` on it until the returned handle drops.
+fn claim_work_dir(work: &Path) -> Result<std::fs::File> {
+    std::fs::create_dir_all(work).map_err(PeerError::io("creating", work))?;
+    let dir = std::fs::File::open(work).map_err(PeerError::io("opening", work))?;
+    dir.lock().map_err(PeerError::io("locking", work))?;
+    Ok(dir)
+}
+
+/// Remove the work directories of standalone `get`s that ended without cleaning up (killed,
+/// the host rebooted): each held a partial download, up to the package's size, that no later
+/// `get` resumed (the name has the pid) and nothing else removed. One still locked is in use,
+/// and so is one whose process still runs (a `get` from before the lock).
+fn clean_abandoned_work(state_dir: &Path, ours: &Path) {
+    let Ok(rd) = std::fs::read_dir(state_dir) else {
+        return;
+    };
+    for e in rd.flatten() {
+        let path = e.path();
+        let Some(pid) = e
+            .file_name()
+            .to_str()
+            .and_then(|n| n.strip_prefix("get-"))
+            .and_then(|p| p.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        // Gone only when the kernel says there is no such process.
+        let running = rustix::process::Pid::from_raw(pid)
+            .is_none_or(|p| rustix::process::test_kill_process(p) != Err(rustix::io::Errno::SRCH));
+        if running || path == ours || !e.file_type().is_ok_and(|t| t.is_dir()) {
+            continue;
+        }
+        let Ok(dir) = std::fs::File::open(&path) else {
+            continue;
+        };
+        if dir.try_lock().is_err() {
+            continue;
+        }
+        if let Err(err) = crate::cache::remove_tree(&path) {
+            tracing::warn!(path = %path.display(), error = %err, "cannot remove an abandoned download");
+        }
+    }
+}
+
 async fn standalone(
     args: &FetchArgs,
     tracker: &TrackerClient,
@@ -471,6 +515,10 @@ async fn standalone(
     let state_dir = args.host.state_dir();
     crate::agent::private_dir(&state_dir)?;
     let work = state_dir.join(format!("get-{}", std::process::id()));
+    // Ours while this lives: a `get` that starts meanwhile leaves it alone.
+    let _in_use = claim_work_dir(&work)?;
+    clean_abandoned_work(&state_dir, &work);
+    cache.clean_staging();
     let mut config = EngineConfig::new(work.clone());
     config.listen = args.listen;
     let cancel = super::shutdown_on_signals();
