@@ -20,7 +20,11 @@
 //!
 //! `a_full_disk_leaves_the_cache_as_it_was` (root only): a cache on a 1 MiB tmpfs holding one
 //! small version; a standalone `get` of a 2 MiB package fails with exit 8, and the small version
-//! is still there, intact, with nothing left in staging.
+//! is still there, intact, with nothing left in staging; then, the state directory on the full
+//! disk too, the disk fills while blocks are written: exit 8 as well.
+//!
+//! `a_standalone_get_clears_what_killed_ones_left`: the work directories of standalone `get`s
+//! that died are removed by the next one; one locked, or whose process runs, is left.
 
 use std::ffi::OsString;
 use std::path::Path;
