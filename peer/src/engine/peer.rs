@@ -157,6 +157,9 @@ struct Conn {
     /// Request timeouts in a row with no block asked for arriving since: while above zero,
     /// the peer is asked for one block at a time (the blocks that timed out are for others).
     timeouts: u32,
+    /// When the last of them was counted: one per `request_timeout` at most, however many
+    /// requests (sent a tick apart) went stale since.
+    last_timeout: Option<Instant>,
     /// Most requests this peer takes queued.
     peer_queue: usize,
     /// Smoothed seconds the peer takes to answer a request that is next in line: from the
@@ -314,6 +317,7 @@ pub(crate) async fn run(
         peer_interested: false,
         in_flight: HashMap::new(),
         timeouts: 0,
+        last_timeout: None,
         peer_queue: if ours {
             MAX_QUEUED_UPLOADS
         } else {
@@ -1426,7 +1430,13 @@ impl Conn {
             // Others may take the released blocks: this peer, asked for one block at a time
             // from now on, does not take them all back at its refill below (silent peers
             // holding their blocks that way kept the endgame from starting, for ever).
-            self.timeouts += 1;
+            if self
+                .last_timeout
+                .is_none_or(|at| now.saturating_duration_since(at) >= timeout)
+            {
+                self.timeouts += 1;
+                self.last_timeout = Some(now);
+            }
             self.t.broadcast(Cmd::Refill);
             if self.timeouts >= MOST_TIMEOUTS {
                 return Err(End::Unanswered);

@@ -918,13 +918,15 @@ impl Torrent {
     /// at once backs off like a failed dial. Without this, a peer that hangs up right after
     /// the handshake (full, or a seed meeting a seed) was redialled as fast as it closed. One
     /// dropped as faulty always backs off: a peer that answers no request was dialled again
-    /// at once, and held its blocks again for another request timeout.
+    /// at once, and held its blocks again for another request timeout. (Once only, if it
+    /// moved data first: a useful peer that stalled once is not kept away longer each time.)
     pub(crate) fn session_ended(&self, addr: SocketAddr, s: super::peer::Session) {
         let mut st = self.state();
         if let Some(c) = st.candidates.get_mut(&addr) {
-            if !s.faulty && (s.moved_data || s.lasted >= HANG_UP_WITHIN) {
+            if s.moved_data || (!s.faulty && s.lasted >= HANG_UP_WITHIN) {
                 c.failures = 0;
-            } else {
+            }
+            if s.faulty || !(s.moved_data || s.lasted >= HANG_UP_WITHIN) {
                 c.back_off();
             }
         }
@@ -1404,15 +1406,27 @@ pub(crate) mod tests {
         t.session_ended(a, ended(false, HANG_UP_WITHIN));
         assert_eq!(t.dial_list(), [a]);
         // Not one dropped as faulty (it answered no request, or broke the protocol), however
-        // long it lasted and whatever it moved first.
+        // long it lasted: it backs off, further each time it moved nothing.
+        let faulty = |moved_data| crate::engine::peer::Session {
+            faulty: true,
+            ..ended(moved_data, HANG_UP_WITHIN)
+        };
         t.dial_done(a, true);
-        t.session_ended(
-            a,
-            crate::engine::peer::Session {
-                faulty: true,
-                ..ended(true, HANG_UP_WITHIN)
-            },
-        );
+        let mut waits = Vec::new();
+        for _ in 0..3 {
+            let started = Instant::now();
+            while t.dial_list().is_empty() {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            waits.push(started.elapsed().as_secs());
+            t.dial_done(a, true);
+            t.session_ended(a, faulty(false));
+        }
+        assert_eq!(waits, [0, 2, 4]);
+        // One that moved data first waits the first step only.
+        tokio::time::sleep(Duration::from_secs(8)).await;
+        t.dial_done(a, true);
+        t.session_ended(a, faulty(true));
         assert!(t.dial_list().is_empty());
         tokio::time::sleep(Duration::from_secs(2)).await;
         assert_eq!(t.dial_list(), [a]);
