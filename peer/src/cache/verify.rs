@@ -249,7 +249,12 @@ impl Cache {
             return Ok(None);
         };
         let why = match self.check_seal(name, sha256) {
-            Seal::Intact | Seal::Unsealed => return Ok(Some(entry)),
+            Seal::Intact => return Ok(Some(entry)),
+            // No seal: an entry from before seals, or one another caller moved out (to
+            // quarantine, or evicted) since the lookup above.
+            Seal::Unsealed => {
+                return Ok(self.lookup(name, sha256));
+            }
             Seal::Broken(why) => why,
         };
         tracing::warn!(package = %name, sha256 = %sha256, reason = %why, "cache entry changed since install; verifying it");
