@@ -506,6 +506,13 @@ mod tests {
         assert_eq!(mode, 0o400);
         let check = compare_tree(&arc, &out, &ExtractLimits::default()).unwrap();
         assert!(check.problems.is_empty(), "{:?}", check.problems);
+        // As an agent before the owner-read bit left it (running as root): still the package.
+        fs::set_permissions(out.join("secret"), fs::Permissions::from_mode(0o000)).unwrap();
+        let check = compare_tree(&arc, &out, &ExtractLimits::default()).unwrap();
+        assert!(check.problems.is_empty(), "{:?}", check.problems);
+        fs::set_permissions(out.join("secret"), fs::Permissions::from_mode(0o500)).unwrap();
+        let check = compare_tree(&arc, &out, &ExtractLimits::default()).unwrap();
+        assert!(!check.problems.is_empty(), "another mode is a problem");
     }
 
     fn extract_err(bytes: &[u8]) -> String {

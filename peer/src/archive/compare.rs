@@ -97,13 +97,16 @@ pub fn compare_tree(archive: &Path, tree: &Path, limits: &ExtractLimits) -> Resu
                     continue;
                 }
                 // Extraction keeps the archive's bits, owner-readable; install strips write
-                // bits.
+                // bits. Versions before the owner-read bit extracted the bits as they were
+                // (a root agent could install such a file): that is the package too.
+                let old = header_mode & 0o555;
+                let want = old | 0o400;
                 check_mode(
                     &mut out,
                     &mut extra,
                     &shown,
-                    mode,
-                    (header_mode & 0o555) | 0o400,
+                    if mode == old { want } else { mode },
+                    want,
                 );
                 if meta.len() != entry.size() {
                     out.problem(
