@@ -402,9 +402,9 @@ async fn serve_plain(
         )
     };
     // The copy holds a peer Redis may not yet. The write is queued before this future can be
-    // dropped (its client gone), and is sent whatever becomes of it; should the write fail,
-    // or not be answered in time, the copy goes, and is loaded again (the batcher drops it
-    // too, when nobody waits any more).
+    // dropped (its client gone), and is sent whether or not anyone waits, until its deadline;
+    // should it fail, or not be answered in time, the copy goes and is loaded again (here,
+    // or in the batcher when nobody waits any more).
     if let Err(e) = store.write_plain(announce, now_ms, join).await {
         store.mirror().forget(&req.info_hash);
         return Some(store_failed(&req.info_hash, ip, &e));

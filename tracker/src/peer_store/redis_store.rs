@@ -82,6 +82,7 @@ use fbpkg_common::{InfoHash, PeerId};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{Script, Value};
 use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
 
 use super::mirror::Mirror;
 use crate::swarm::{Limits, Recorded};
@@ -236,7 +237,7 @@ pub struct RedisStore {
     timeout: Duration,
     peer_ttl: Duration,
     limits: Limits,
-    warned: Mutex<(Option<tokio::time::Instant>, u64)>,
+    warned: Mutex<(Option<Instant>, u64)>,
 }
 
 impl std::fmt::Debug for RedisStore {
@@ -415,7 +416,7 @@ impl RedisStore {
 
     /// Warn at most once per [`WARN_EVERY`]: an outage must not flood the logs.
     fn warn(&self, e: &StoreError) {
-        let now = tokio::time::Instant::now();
+        let now = Instant::now();
         let Ok(mut w) = self.warned.lock() else {
             return;
         };
@@ -469,6 +470,7 @@ impl RedisStore {
             kind: Kind::Plain {
                 join,
                 h: a.info_hash,
+                deadline: Instant::now() + self.timeout,
                 done,
             },
         })?;
@@ -749,6 +751,8 @@ enum Kind {
     Plain {
         join: bool,
         h: InfoHash,
+        /// When its caller's wait ends.
+        deadline: Instant,
         done: oneshot::Sender<Result<(), StoreError>>,
     },
 }
@@ -761,14 +765,16 @@ impl Job {
         2 + 2 * usize::from(join) + 2 * zone_prefixes(self.args.get(5)).count()
     }
 
-    /// Its caller gave up (its deadline, or its client went): not worth sending. A plain
-    /// write is always sent: the replica's copy of the swarm already holds what it writes,
-    /// and not sending it would leave the copy ahead of Redis (the copy would have to be
-    /// loaded again, a read of the whole swarm for a request of a few hundred bytes).
+    /// Not worth sending: its caller gave up (its deadline, or its client went). A plain
+    /// write is sent whether or not its caller still waits, until its deadline: the copy
+    /// of the swarm already holds what it writes, and not sending it leaves the copy ahead of
+    /// Redis (loaded again, a read of the whole swarm for a request of a few hundred bytes).
+    /// Past its deadline it is dropped as the script's are (a Redis that far behind is not
+    /// sent more; the client's retry may have been written since), and its copy with it.
     fn abandoned(&self) -> bool {
         match &self.kind {
             Kind::Script { done, .. } => done.is_closed(),
-            Kind::Plain { .. } => false,
+            Kind::Plain { deadline, .. } => Instant::now() >= *deadline,
         }
     }
 }
@@ -810,10 +816,17 @@ impl Batcher {
                 return;
             };
             // Announces whose callers gave up meanwhile (their deadline) are not sent.
-            let mut batch: Vec<Job> = Some(first).into_iter().filter(|j| !j.abandoned()).collect();
+            let keep = |j: &Job| {
+                let abandoned = j.abandoned();
+                if let (true, Kind::Plain { h, .. }) = (abandoned, &j.kind) {
+                    this.mirror.forget(h);
+                }
+                !abandoned
+            };
+            let mut batch: Vec<Job> = Some(first).into_iter().filter(keep).collect();
             while batch.len() < MAX_BATCH {
                 match jobs.try_recv() {
-                    Ok(j) if j.abandoned() => {}
+                    Ok(j) if !keep(&j) => {}
                     Ok(j) => batch.push(j),
                     Err(_) => break,
                 }
@@ -933,7 +946,7 @@ impl Batcher {
             // HSET's reply and ZADD's (after HINCRBY's for a join); the zone buckets' are not
             // looked at (the script, too, lets a bucket of the wrong type be).
             let n = j.plain_commands();
-            let Kind::Plain { join, h, done } = j.kind else {
+            let Kind::Plain { join, h, done, .. } = j.kind else {
                 continue;
             };
             let (hset, zadd) = (&replies[at], &replies[at + 1 + usize::from(join)]);
