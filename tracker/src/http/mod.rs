@@ -147,9 +147,13 @@ pub fn app(state: SharedState) -> Router {
         .route("/readyz", get(ops::readyz))
         .route("/api/v1/packages", get(api::list_packages))
         .route("/api/v1/packages/{name}", get(api::package_detail))
+        // A metainfo is read whole up to `max_body_bytes`, not axum's own 2 MiB (a tree of
+        // tens of thousands of files has one past it); other bodies keep axum's default.
         .route(
             "/api/v1/packages/{name}/{selector}",
-            get(api::get_version).put(api::publish),
+            get(api::get_version)
+                .put(api::publish)
+                .layer(axum::extract::DefaultBodyLimit::max(body_limit)),
         )
         .route(
             "/api/v1/packages/{name}/{selector}/metainfo",
@@ -171,10 +175,7 @@ pub fn app(state: SharedState) -> Router {
             post(rollouts::control),
         )
         .route("/api/v1/reports", post(rollouts::report))
-        // The limit is `max_body_bytes`, not axum's own 2 MiB for a body read whole (a tree of
-        // tens of thousands of files has a metainfo past it).
         .layer(RequestBodyLimitLayer::new(body_limit))
-        .layer(axum::extract::DefaultBodyLimit::disable())
         .layer(TimeoutLayer::with_status_code(
             StatusCode::REQUEST_TIMEOUT,
             timeout,
@@ -204,5 +205,18 @@ async fn guard_and_measure(State(state): State<SharedState>, req: Request, next:
         next.run(req).await
     };
     state.metrics.observe(route, started.elapsed());
+    // A body past the limit, refused before any handler (its Content-Length said so), is
+    // answered in the API's words like every other refusal: the CLI shows those.
+    let json = resp
+        .headers()
+        .get(axum::http::header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
+    if resp.status() == StatusCode::PAYLOAD_TOO_LARGE && !json {
+        return crate::TrackerError::TooLarge(format!(
+            "the request body is larger than this tracker takes ({} bytes at most)",
+            state.config.max_body_bytes
+        ))
+        .into_response();
+    }
     resp
 }
