@@ -565,6 +565,11 @@ impl Rollouts {
                 Ok(())
             });
             if let Err(e) = done {
+                // The database away is every tag's failure: each would wait out its deadline
+                // in turn, the tick N deadlines long. Tried again at the next tick.
+                if matches!(e, TrackerError::Unavailable(_)) {
+                    return Err(e);
+                }
                 tracing::warn!(package = %name, %tag, error = %e, "a rollout's step could not be recorded; tried again at the next tick");
                 first_failure.get_or_insert(e);
             }
