@@ -459,9 +459,8 @@ async fn via_agent(
     }
 }
 
-/// Make `work` and hold an exclusive `flock` on it until the returned handle drops.
+/// Hold an exclusive `flock` on `work` until the returned handle drops.
 fn claim_work_dir(work: &Path) -> Result<std::fs::File> {
-    std::fs::create_dir_all(work).map_err(PeerError::io("creating", work))?;
     let dir = std::fs::File::open(work).map_err(PeerError::io("opening", work))?;
     dir.lock().map_err(PeerError::io("locking", work))?;
     Ok(dir)
@@ -515,10 +514,20 @@ async fn standalone(
     let state_dir = args.host.state_dir();
     crate::agent::private_dir(&state_dir)?;
     let work = state_dir.join(format!("get-{}", std::process::id()));
-    // Ours while this lives: a `get` that starts meanwhile leaves it alone.
-    let _in_use = claim_work_dir(&work)?;
-    clean_abandoned_work(&state_dir, &work);
-    cache.clean_staging();
+    // Ours while this lives: a `get` that starts meanwhile leaves it alone. Where locks are
+    // not to be had (some network file systems), nothing is cleaned up rather than risk
+    // another's work.
+    std::fs::create_dir_all(&work).map_err(PeerError::io("creating", &work))?;
+    let in_use = claim_work_dir(&work);
+    match &in_use {
+        Ok(_) => {
+            clean_abandoned_work(&state_dir, &work);
+            cache.clean_staging();
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot lock this download's directory; leaving others' leftovers")
+        }
+    }
     let mut config = EngineConfig::new(work.clone());
     config.listen = args.listen;
     let cancel = super::shutdown_on_signals();
