@@ -100,28 +100,13 @@ async fn serve_corrupt(
     peer_id: PeerId,
     bad: Bad,
 ) {
-    // A handshake for another swarm is not answered.
-    let Some((
-        Raw {
-            mut stream,
-            mut buf,
-        },
-        theirs,
-    )) = accept_handshake(stream, meta, peer_id).await
+    let Some(Raw {
+        mut stream,
+        mut buf,
+    }) = greet_as_seed(stream, meta, peer_id).await
     else {
         return;
     };
-    let mut out = BytesMut::new();
-    if theirs.supports_fast() {
-        Message::HaveAll.encode(&mut out);
-    } else {
-        let all = Bitfield::full(meta.num_pieces());
-        Message::Bitfield(Bytes::copy_from_slice(all.as_bytes())).encode(&mut out);
-    }
-    Message::Unchoke.encode(&mut out);
-    if stream.write_all(&out).await.is_err() {
-        return;
-    }
     loop {
         loop {
             let m = match Message::decode(&mut buf, DEFAULT_MAX_MESSAGE) {
@@ -356,13 +341,11 @@ async fn corrupt_peer_beside(honest: Upload, bad: Bad) {
     let _ = stop_tracker(staged.tracker).await;
 }
 
-/// One connection of a silent peer: handshake, "I have everything", unchoke, then nothing
-/// (what it is sent is read and ignored) until the other side closes.
-async fn serve_silence(stream: TcpStream, meta: &Metainfo, peer_id: PeerId) {
-    let Some((Raw { mut stream, .. }, theirs)) = accept_handshake(stream, meta, peer_id).await
-    else {
-        return;
-    };
+/// The handshake answered, "I have everything" (`have all`, or a full bitfield for a peer
+/// without the fast extension) and an unchoke sent: the connection, or `None` for a handshake
+/// of another swarm (not answered) or a write that failed.
+async fn greet_as_seed(stream: TcpStream, meta: &Metainfo, peer_id: PeerId) -> Option<Raw> {
+    let (mut raw, theirs) = accept_handshake(stream, meta, peer_id).await?;
     let mut out = BytesMut::new();
     if theirs.supports_fast() {
         Message::HaveAll.encode(&mut out);
@@ -371,9 +354,16 @@ async fn serve_silence(stream: TcpStream, meta: &Metainfo, peer_id: PeerId) {
         Message::Bitfield(Bytes::copy_from_slice(all.as_bytes())).encode(&mut out);
     }
     Message::Unchoke.encode(&mut out);
-    if stream.write_all(&out).await.is_err() {
+    raw.stream.write_all(&out).await.ok()?;
+    Some(raw)
+}
+
+/// One connection of a silent peer: handshake, "I have everything", unchoke, then nothing
+/// (what it is sent is read and ignored) until the other side closes.
+async fn serve_silence(stream: TcpStream, meta: &Metainfo, peer_id: PeerId) {
+    let Some(Raw { mut stream, .. }) = greet_as_seed(stream, meta, peer_id).await else {
         return;
-    }
+    };
     let mut sink = vec![0; 64 << 10];
     while matches!(stream.read(&mut sink).await, Ok(n) if n > 0) {}
 }
