@@ -353,7 +353,11 @@ async fn a_download_that_fills_the_disk_gives_the_space_back() {
     let Phase::Failed { kind, message } = ended else {
         panic!("an 8 MiB download into 2 MiB ended {ended:?}");
     };
-    assert_eq!(kind, ErrorKind::Io, "{message}");
+    assert_eq!(
+        kind,
+        ErrorKind::NoSpace,
+        "a full disk is no space: {message}"
+    );
     fbpkg_tests::wait_for(
         "the failed download's space to come back",
         Duration::from_secs(10),
