@@ -636,16 +636,16 @@ async fn leecher_answer(s: &RedisStore, a: &Announce, now: u64) -> Vec<PeerEntry
     s.announce(a, now).await.expect("announce").peers
 }
 
-/// One announce over HTTP; `ip` goes in `ip=` (the trackers trust loopback).
-async fn announce(
-    base: &str,
+/// Peer `id`'s announce to swarm `hash` (port 7000 + `id`, 50 peers wanted), claiming `ip`
+/// in `ip=` when given.
+fn request(
     hash: InfoHash,
     id: u8,
-    ip: [u8; 4],
     left: u64,
     event: Event,
-) -> Result<TrackerReply<AnnounceResponse>, String> {
-    let req = AnnounceRequest {
+    ip: Option<[u8; 4]>,
+) -> AnnounceRequest {
+    AnnounceRequest {
         info_hash: hash,
         peer_id: PeerId([id; 20]),
         port: 7000 + u16::from(id),
@@ -657,9 +657,21 @@ async fn announce(
         numwant: Some(50),
         no_peer_id: false,
         key: None,
-        ip: Some(IpAddr::V4(Ipv4Addr::from(ip))),
+        ip: ip.map(|ip| IpAddr::V4(Ipv4Addr::from(ip))),
         zone: None,
-    };
+    }
+}
+
+/// One announce over HTTP; `ip` goes in `ip=` (the trackers trust loopback).
+async fn announce(
+    base: &str,
+    hash: InfoHash,
+    id: u8,
+    ip: [u8; 4],
+    left: u64,
+    event: Event,
+) -> Result<TrackerReply<AnnounceResponse>, String> {
+    let req = request(hash, id, left, event, Some(ip));
     let url = format!("{base}/announce?{}", req.to_query());
     let resp = reqwest::Client::new()
         .get(&url)
@@ -679,21 +691,7 @@ async fn announce_closing(
     ip: [u8; 4],
 ) -> TrackerReply<AnnounceResponse> {
     use std::io::{Read, Write};
-    let req = AnnounceRequest {
-        info_hash: hash,
-        peer_id: PeerId([id; 20]),
-        port: 7000 + u16::from(id),
-        uploaded: 0,
-        downloaded: 0,
-        left: 9,
-        event: Event::None,
-        compact: false,
-        numwant: Some(50),
-        no_peer_id: false,
-        key: None,
-        ip: Some(IpAddr::V4(Ipv4Addr::from(ip))),
-        zone: None,
-    };
+    let req = request(hash, id, 9, Event::None, Some(ip));
     let head = format!(
         "GET /announce?{} HTTP/1.1\r\nHost: tracker\r\nConnection: close\r\n\r\n",
         req.to_query()
@@ -1707,43 +1705,23 @@ async fn a_client_gone_mid_write_leaves_the_copy_and_redis_agreeing() {
         })
     };
     let hash = InfoHash([12; 20]);
-    let query = |n: u8, left: u64, event: Event| {
-        AnnounceRequest {
-            info_hash: hash,
-            peer_id: PeerId([n; 20]),
-            port: 7000 + u16::from(n),
-            uploaded: 0,
-            downloaded: 0,
-            left,
-            event,
-            compact: false,
-            numwant: Some(50),
-            no_peer_id: false,
-            key: None,
-            ip: None,
-            zone: None,
-        }
-        .to_query()
-    };
+    let query = |n: u8, left: u64, event: Event| request(hash, n, left, event, None).to_query();
     let from = |n: u8| IpAddr::V4(Ipv4Addr::new(127, 0, 0, 50 + n));
-    let answered = |body: Vec<u8>| -> Result<HashSet<u8>, String> {
-        match AnnounceResponse::decode(&body).map_err(|e| format!("decode: {e}"))? {
-            TrackerReply::Ok(r) => Ok(ids(&r.peers)),
-            TrackerReply::Failure(f) => Err(f),
+    // Peer `n`'s announce served in process (from 127.0.0.(50 + n)): the peers it is told of.
+    let ask = |n: u8, left: u64, event: Event| {
+        let (state, q) = (&state, query(n, left, event));
+        async move {
+            let (body, _) =
+                fbpkg_tracker::serve_announce_any(state, from(n), &q, tokio::time::Instant::now())
+                    .await;
+            peers_of(AnnounceResponse::decode(&body).map_err(|e| format!("decode: {e}"))?)
         }
     };
     let store = state.peers.redis().expect("a Redis peer store");
     // The seed's announces load the copy once the subscription is up; leecher 2 joins (the
     // script, the copy holding no leecher), and the seed asks until the copy answers with 2.
     wait_for("the copy to be loaded", ANSWER_WITHIN, || async {
-        let (body, _) = fbpkg_tracker::serve_announce_any(
-            &state,
-            from(1),
-            &query(1, 0, Event::Started),
-            tokio::time::Instant::now(),
-        )
-        .await;
-        answered(body)?;
+        ask(1, 0, Event::Started).await?;
         if store.mirror().is_warm(&hash) {
             Ok(())
         } else {
@@ -1751,23 +1729,9 @@ async fn a_client_gone_mid_write_leaves_the_copy_and_redis_agreeing() {
         }
     })
     .await;
-    let (body, _) = fbpkg_tracker::serve_announce_any(
-        &state,
-        from(2),
-        &query(2, 9, Event::Started),
-        tokio::time::Instant::now(),
-    )
-    .await;
-    assert_eq!(answered(body), Ok(HashSet::from([1])));
+    assert_eq!(ask(2, 9, Event::Started).await, Ok(HashSet::from([1])));
     wait_for("the copy to hold 2", ANSWER_WITHIN, || async {
-        let (body, _) = fbpkg_tracker::serve_announce_any(
-            &state,
-            from(1),
-            &query(1, 0, Event::None),
-            tokio::time::Instant::now(),
-        )
-        .await;
-        let got = answered(body)?;
+        let got = ask(1, 0, Event::None).await?;
         if got.contains(&2) {
             Ok(())
         } else {
