@@ -81,6 +81,16 @@ async fn publish(
     Sha256Hash::from_hex(hash).unwrap()
 }
 
+/// A tracker under `base`, its URL, and a seeding agent (host `a`) to publish through.
+async fn tracker_and_seeder(base: &Path) -> (TrackerProcess, String, AgentProcess) {
+    let tracker = TrackerProcess::start(&base.join("tracker")).unwrap();
+    let url = tracker.base_url();
+    let seeder = AgentProcess::start(&base.join("a/state"), &base.join("a/cache"), &url, &[])
+        .await
+        .unwrap();
+    (tracker, url, seeder)
+}
+
 fn app() -> PackageName {
     PackageName::new("app").unwrap()
 }
@@ -125,11 +135,7 @@ async fn budgeted_agent(dir: &Path, tracker: &str, max: &str) -> AgentProcess {
 async fn a_budgeted_agent_keeps_what_must_stay() {
     let dir = tempfile::tempdir().unwrap();
     let base = dir.path();
-    let tracker = TrackerProcess::start(&base.join("tracker")).unwrap();
-    let url = tracker.base_url();
-    let seeder = AgentProcess::start(&base.join("a/state"), &base.join("a/cache"), &url, &[])
-        .await
-        .unwrap();
+    let (_tracker, url, seeder) = tracker_and_seeder(base).await;
     let a = seeder.host_args();
     let v: Vec<Sha256Hash> = vec![
         publish(base, 1, 256 << 10, None, &a).await,
@@ -375,11 +381,7 @@ async fn a_full_disk_leaves_the_cache_as_it_was() {
     };
     let dir = tempfile::tempdir().unwrap();
     let base = dir.path();
-    let tracker = TrackerProcess::start(&base.join("tracker")).unwrap();
-    let url = tracker.base_url();
-    let seeder = AgentProcess::start(&base.join("a/state"), &base.join("a/cache"), &url, &[])
-        .await
-        .unwrap();
+    let (_tracker, url, seeder) = tracker_and_seeder(base).await;
     let small = publish(base, 1, 64 << 10, None, &seeder.host_args()).await;
     let big = publish(base, 2, 2 << 20, None, &seeder.host_args()).await;
 
@@ -413,11 +415,7 @@ async fn a_full_disk_leaves_the_cache_as_it_was() {
 async fn a_standalone_get_clears_what_killed_ones_left() {
     let dir = tempfile::tempdir().unwrap();
     let base = dir.path();
-    let tracker = TrackerProcess::start(&base.join("tracker")).unwrap();
-    let url = tracker.base_url();
-    let seeder = AgentProcess::start(&base.join("a/state"), &base.join("a/cache"), &url, &[])
-        .await
-        .unwrap();
+    let (_tracker, url, seeder) = tracker_and_seeder(base).await;
     let sha = publish(base, 1, 64 << 10, None, &seeder.host_args()).await;
 
     let state = base.join("b/state");
