@@ -24,7 +24,7 @@ use fbpkg_common::PeerId;
 use fbpkg_common::bitfield::Bitfield;
 use fbpkg_common::metainfo::Metainfo;
 use fbpkg_common::wire::{DEFAULT_MAX_MESSAGE, Message};
-use fbpkg_peer::engine::{EngineConfig, Phase};
+use fbpkg_peer::engine::{Engine, EngineConfig, Phase};
 use fbpkg_tests::{
     Raw, Staged, accept_handshake, announce_as_seeder, engine, http_client, seed_from_cache,
     stop_tracker, swarm_peers, wait_for,
@@ -219,6 +219,34 @@ async fn a_peer_serving_corrupt_blocks_beside_a_full_speed_seed() {
     .await;
 }
 
+/// An engine that publishes `staged`'s package and seeds it, set up as `tweak` says.
+async fn honest_seed(staged: &Staged, tweak: impl FnOnce(&mut EngineConfig)) -> Arc<Engine> {
+    let (base, name, meta) = (staged.base(), &staged.name, &staged.meta);
+    let seed = engine(&base.join("seed"), &staged.url, &staged.cancel, tweak).await;
+    seed.tracker().publish(name, meta).await.unwrap();
+    seed_from_cache(&seed, name, meta, &staged.bytes, base);
+    seed
+}
+
+/// `leecher` downloads `staged`'s package within [`DOWNLOAD_TIMEOUT`] and holds its exact
+/// bytes in its cache.
+async fn fetches_whole(leecher: &Engine, staged: &Staged) {
+    let t = leecher
+        .download(staged.name.clone(), staged.meta.clone())
+        .await
+        .unwrap();
+    let ended = tokio::time::timeout(DOWNLOAD_TIMEOUT, t.finished())
+        .await
+        .unwrap_or_else(|_| panic!("no end within {DOWNLOAD_TIMEOUT:?}: {:?}", t.status()));
+    let Phase::Seeding(entry) = ended else {
+        panic!("the leecher ended {ended:?}");
+    };
+    assert!(
+        std::fs::read(&entry.launch_path).unwrap() == **staged.bytes,
+        "the leecher's cached bytes are not the package"
+    );
+}
+
 async fn corrupt_peer_beside(honest: Upload, bad: Bad) {
     // The leecher re-announces every second, so it is told of the malicious peer again and
     // again while it downloads.
@@ -226,10 +254,7 @@ async fn corrupt_peer_beside(honest: Upload, bad: Bad) {
     let (base, url, cancel) = (staged.base(), &staged.url, &staged.cancel);
     let (name, bytes, meta) = (&staged.name, &staged.bytes, &staged.meta);
 
-    // The honest seed.
-    let seed = engine(&base.join("seed"), url, cancel, |c| honest.apply(c)).await;
-    seed.tracker().publish(name, meta).await.unwrap();
-    seed_from_cache(&seed, name, meta, bytes, base);
+    let seed = honest_seed(&staged, |c| honest.apply(c)).await;
 
     // The malicious peer.
     let evil_listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).await.unwrap();
@@ -380,8 +405,8 @@ async fn peers_that_never_answer_hold_back_nothing() {
     const SILENT: u8 = 9;
     let staged = Staged::new("target", PACKAGE_BYTES).await;
     let (base, url, cancel) = (staged.base(), &staged.url, &staged.cancel);
-    let (name, bytes, meta) = (&staged.name, &staged.bytes, &staged.meta);
-    let seed = engine(&base.join("seed"), url, cancel, |c| {
+    let meta = &staged.meta;
+    let seed = honest_seed(&staged, |c| {
         Upload {
             max_rate: Some(HONEST_RATE),
             superseed: true,
@@ -389,8 +414,6 @@ async fn peers_that_never_answer_hold_back_nothing() {
         .apply(c);
     })
     .await;
-    seed.tracker().publish(name, meta).await.unwrap();
-    seed_from_cache(&seed, name, meta, bytes, base);
     for n in 0..SILENT {
         let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).await.unwrap();
         let port = listener.local_addr().unwrap().port();
@@ -420,17 +443,7 @@ async fn peers_that_never_answer_hold_back_nothing() {
         c.request_timeout = Duration::from_secs(2);
     })
     .await;
-    let t = leecher.download(name.clone(), meta.clone()).await.unwrap();
-    let ended = tokio::time::timeout(DOWNLOAD_TIMEOUT, t.finished())
-        .await
-        .unwrap_or_else(|_| panic!("no end within {DOWNLOAD_TIMEOUT:?}: {:?}", t.status()));
-    let Phase::Seeding(entry) = ended else {
-        panic!("the leecher ended {ended:?}");
-    };
-    assert!(
-        std::fs::read(&entry.launch_path).unwrap() == **bytes,
-        "the leecher's cached bytes are not the package"
-    );
+    fetches_whole(&leecher, &staged).await;
     cancel.cancel();
     leecher.shutdown().await;
     seed.shutdown().await;
@@ -446,14 +459,11 @@ async fn connections_that_never_handshake_hold_few_slots() {
     const SILENT: usize = 20;
     let staged = Staged::new("target", PACKAGE_BYTES).await;
     let (base, url, cancel) = (staged.base(), &staged.url, &staged.cancel);
-    let (name, bytes, meta) = (&staged.name, &staged.bytes, &staged.meta);
-    let seed = engine(&base.join("seed"), url, cancel, |c| {
+    let seed = honest_seed(&staged, |c| {
         c.max_connections = 16;
         c.handshake_timeout = Duration::from_secs(300);
     })
     .await;
-    seed.tracker().publish(name, meta).await.unwrap();
-    seed_from_cache(&seed, name, meta, bytes, base);
 
     // From another loopback address than the leecher's.
     let mut silent = Vec::new();
@@ -492,14 +502,7 @@ async fn connections_that_never_handshake_hold_few_slots() {
     .await;
 
     let leecher = engine(&base.join("leecher"), url, cancel, |_| {}).await;
-    let t = leecher.download(name.clone(), meta.clone()).await.unwrap();
-    let ended = tokio::time::timeout(DOWNLOAD_TIMEOUT, t.finished())
-        .await
-        .unwrap_or_else(|_| panic!("no end within {DOWNLOAD_TIMEOUT:?}: {:?}", t.status()));
-    let Phase::Seeding(entry) = ended else {
-        panic!("the leecher ended {ended:?}");
-    };
-    assert!(std::fs::read(&entry.launch_path).unwrap() == **bytes);
+    fetches_whole(&leecher, &staged).await;
     cancel.cancel();
     leecher.shutdown().await;
     seed.shutdown().await;
