@@ -1368,6 +1368,26 @@ pub(crate) mod tests {
         assert!(complete.dial_list().is_empty());
     }
 
+    /// Three sessions with `a` that each end as `session`: the seconds waited before each
+    /// dial.
+    async fn redials(
+        t: &Torrent,
+        a: SocketAddr,
+        session: crate::engine::peer::Session,
+    ) -> Vec<u64> {
+        let mut waits = Vec::new();
+        for _ in 0..3 {
+            let started = Instant::now();
+            while t.dial_list().is_empty() {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            waits.push(started.elapsed().as_secs());
+            t.dial_done(a, true);
+            t.session_ended(a, session);
+        }
+        waits
+    }
+
     /// A peer that closes right after the handshake without sending a block is backed off
     /// like one that cannot be reached: 2 s, then 4 s. One that delivers clears the slate.
     #[tokio::test(start_paused = true)]
@@ -1382,17 +1402,7 @@ pub(crate) mod tests {
             faulty: false,
             lasted,
         };
-        let mut waits = Vec::new();
-        for _ in 0..3 {
-            let started = Instant::now();
-            while t.dial_list().is_empty() {
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-            waits.push(started.elapsed().as_secs());
-            t.dial_done(a, true);
-            t.session_ended(a, ended(false, at_once));
-        }
-        assert_eq!(waits, [0, 2, 4]);
+        assert_eq!(redials(&t, a, ended(false, at_once)).await, [0, 2, 4]);
         assert!(t.dial_list().is_empty());
 
         // A connection that moved data, however short, resets the backoff.
@@ -1412,17 +1422,7 @@ pub(crate) mod tests {
             ..ended(moved_data, HANG_UP_WITHIN)
         };
         t.dial_done(a, true);
-        let mut waits = Vec::new();
-        for _ in 0..3 {
-            let started = Instant::now();
-            while t.dial_list().is_empty() {
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-            waits.push(started.elapsed().as_secs());
-            t.dial_done(a, true);
-            t.session_ended(a, faulty(false));
-        }
-        assert_eq!(waits, [0, 2, 4]);
+        assert_eq!(redials(&t, a, faulty(false)).await, [0, 2, 4]);
         // One that moved data first waits the first step only.
         tokio::time::sleep(Duration::from_secs(8)).await;
         t.dial_done(a, true);
