@@ -162,10 +162,7 @@ pub(super) async fn publish(
     authorize(&state, &headers)?;
     let body = body.map_err(|e| {
         if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            TrackerError::TooLarge(format!(
-                "the metainfo is larger than this tracker takes ({} bytes at most)",
-                state.config.max_body_bytes
-            ))
+            super::body_too_large(&state.config)
         } else {
             TrackerError::BadRequest(e.body_text())
         }

@@ -212,11 +212,20 @@ async fn guard_and_measure(State(state): State<SharedState>, req: Request, next:
         .get(axum::http::header::CONTENT_TYPE)
         .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
     if resp.status() == StatusCode::PAYLOAD_TOO_LARGE && !json {
-        return crate::TrackerError::TooLarge(format!(
-            "the request body is larger than this tracker takes ({} bytes at most)",
-            state.config.max_body_bytes
-        ))
-        .into_response();
+        return body_too_large(&state.config).into_response();
     }
     resp
+}
+
+/// axum's limit on a body read whole, which routes other than publishing keep.
+const AXUM_BODY_LIMIT: usize = 2 << 20;
+
+/// The refusal of a request body past what the tracker takes.
+pub(super) fn body_too_large(config: &Config) -> crate::TrackerError {
+    crate::TrackerError::TooLarge(format!(
+        "the request body is larger than this tracker takes: a metainfo up to {} bytes, any \
+         other body up to {}",
+        config.max_body_bytes,
+        config.max_body_bytes.min(AXUM_BODY_LIMIT)
+    ))
 }
