@@ -518,16 +518,17 @@ async fn standalone(
     // not to be had (some network file systems), nothing is cleaned up rather than risk
     // another's work.
     std::fs::create_dir_all(&work).map_err(PeerError::io("creating", &work))?;
-    let in_use = claim_work_dir(&work);
-    match &in_use {
-        Ok(_) => {
+    let _in_use = match claim_work_dir(&work) {
+        Ok(lock) => {
             clean_abandoned_work(&state_dir, &work);
             cache.clean_staging();
+            Some(lock)
         }
         Err(e) => {
-            tracing::warn!(error = %e, "cannot lock this download's directory; leaving others' leftovers")
+            tracing::warn!(error = %e, "cannot lock this download's directory; leaving others' leftovers");
+            None
         }
-    }
+    };
     let mut config = EngineConfig::new(work.clone());
     config.listen = args.listen;
     let cancel = super::shutdown_on_signals();
